@@ -1,0 +1,1 @@
+"""PEFT prompt adapters + base model in; prompt bank + ONNX graph out."""

@@ -1,0 +1,239 @@
+"""Read what `PeftModel.save_pretrained` writes for prompt-learning adapters.
+
+An adapter directory holds adapter_config.json and adapter_model.safetensors. Each adapter
+becomes one task (or, for Multitask Prompt Tuning, one task per trained task id), in the
+layout the prompt bank stores:
+
+- "prompt" (PROMPT_TUNING, P_TUNING): the input-level virtual tokens [T, d]. For P-tuning PEFT
+  saves the prompt encoder's *output*, so both reparameterizations arrive as plain embeddings.
+- "prefix" (PREFIX_TUNING): per-layer key/value prefixes [L, 2, kv_heads, n, head_dim], the
+  view/permute of PEFT's `get_prompt`.
+- "mpt" (MULTITASK_PROMPT_TUNING): the shared prompt [T, d] and the task's rank-r factors
+  cols [T, r], rows [r, d]; prompt = shared * (cols @ rows).
+
+Only safetensors is read: pickled `.bin` adapters are refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .archs import TASK_TYPE_FOR_FAMILY, ArchSpec, Dims, arch_for, dims_of
+
+KIND_OF_PEFT_TYPE = {
+    "PROMPT_TUNING": "prompt",
+    "P_TUNING": "prompt",
+    "PREFIX_TUNING": "prefix",
+    "MULTITASK_PROMPT_TUNING": "mpt",
+}
+
+LABELS_FILE = "labels.json"  # optional promptmux convention: {"id2label": {"0": "neg", ...}}
+
+
+class AdapterError(ValueError):
+    """An adapter directory cannot be served with this base model; the message says why and what to do."""
+
+
+@dataclass
+class TaskPrompt:
+    """One servable task, in the bank's layout (float32 numpy arrays)."""
+
+    name: str
+    kind: str  # "prompt" | "prefix" | "mpt"
+    peft_type: str
+    num_virtual_tokens: int
+    tensors: dict[str, np.ndarray]  # prompt | prefix | shared, cols, rows
+    head: dict[str, np.ndarray] = field(default_factory=dict)  # "classifier.weight" -> array
+    labels: list[str] | None = None
+    source: str = ""
+
+
+def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.torch import load_file  # torch reader: handles bf16/fp16 files
+
+    return {k: v.float().numpy() for k, v in load_file(str(path)).items()}
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise AdapterError(f"adapter directory {str(adapter_dir)!r} does not exist")
+    cfg_path = adapter_dir / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise AdapterError(
+            f"{str(adapter_dir)!r} has no adapter_config.json; pass the folder that PeftModel.save_pretrained wrote"
+        )
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{cfg_path} is not valid JSON: {e}") from None
+
+
+def _weights_path(adapter_dir: Path) -> Path:
+    st = adapter_dir / "adapter_model.safetensors"
+    if st.is_file():
+        return st
+    if (adapter_dir / "adapter_model.bin").is_file():
+        raise AdapterError(
+            f"{str(adapter_dir)!r} holds adapter_model.bin, a pickle; promptmux loads safetensors only and never "
+            "unpickles files. Re-save the adapter with PeftModel.save_pretrained(dir, safe_serialization=True)."
+        )
+    raise AdapterError(f"{str(adapter_dir)!r} has no adapter_model.safetensors")
+
+
+def _expect(what: str, adapter_value, base_value, adapter_dir: Path) -> None:
+    if adapter_value is not None and adapter_value != base_value:
+        raise AdapterError(
+            f"adapter {str(adapter_dir)!r} does not fit the base model: {what} is {adapter_value} in the adapter "
+            f"but {base_value} in the base model"
+        )
+
+
+def _check_recorded_base(cfg: dict, base_config, adapter_dir: Path) -> None:
+    """If the adapter names a base model folder that exists here, its config must agree with ours."""
+    recorded = cfg.get("base_model_name_or_path")
+    if not recorded:
+        return
+    rec_cfg = Path(recorded) / "config.json"
+    if not rec_cfg.is_file():
+        return  # a hub id or a folder from another machine: nothing to compare against
+    other = json.loads(rec_cfg.read_text())
+    _expect("model type", other.get("model_type"), base_config.model_type, adapter_dir)
+    if other.get("vocab_size") is not None:
+        _expect("vocab size", other["vocab_size"], base_config.vocab_size, adapter_dir)
+
+
+def _head_tensors(
+    weights: dict[str, np.ndarray], spec: ArchSpec, dims: Dims, adapter_dir: Path
+) -> dict[str, np.ndarray]:
+    """The per-task head modules PEFT saved (modules_to_save), keyed like 'classifier.weight'."""
+    head_modules = {layer.module for layer in spec.head}
+    head: dict[str, np.ndarray] = {}
+    for key, value in weights.items():
+        if key in ("prompt_embeddings", "prefix_task_cols", "prefix_task_rows"):
+            continue
+        name = key
+        for prefix in ("base_model.model.", "base_model."):
+            if name.startswith(prefix):
+                name = name[len(prefix) :]
+                break
+        module, _, param = name.rpartition(".")
+        if module not in head_modules or param not in ("weight", "bias"):
+            raise AdapterError(
+                f"adapter {str(adapter_dir)!r} saves {key!r} (modules_to_save), which is not part of this model's "
+                f"classification head ({', '.join(sorted(head_modules)) or 'none'}); promptmux serves one frozen "
+                "backbone for every task, so only the head can differ per task. Retrain without that module in "
+                "modules_to_save."
+            )
+        head[name] = value
+    if head:
+        first = spec.head[0].module + ".weight"
+        if first in head and head[first].shape[1] != dims.hidden_size:
+            _expect("classification head input size", head[first].shape[1], dims.hidden_size, adapter_dir)
+    return head
+
+
+def load_adapter(name: str, adapter_dir: str | Path, base_config) -> list[TaskPrompt]:
+    """Read one PEFT adapter folder and check it against the base model's config."""
+    adapter_dir = Path(adapter_dir)
+    if not name or "/" in name or name.strip() != name:
+        raise AdapterError(f"task name {name!r} is not allowed: use a non-empty name without '/' or surrounding spaces")
+    cfg = read_adapter_config(adapter_dir)
+    peft_type = cfg.get("peft_type")
+    if peft_type not in KIND_OF_PEFT_TYPE:
+        raise AdapterError(
+            f"adapter {str(adapter_dir)!r} is {peft_type}, not a prompt-learning method; promptmux serves "
+            f"{', '.join(KIND_OF_PEFT_TYPE)}"
+        )
+    kind = KIND_OF_PEFT_TYPE[peft_type]
+    spec = arch_for(base_config.model_type)
+    dims = dims_of(base_config)
+
+    expected_task = TASK_TYPE_FOR_FAMILY[spec.family]
+    if cfg.get("task_type") != expected_task:
+        raise AdapterError(
+            f"adapter {str(adapter_dir)!r} has task type {cfg.get('task_type')} but the base model "
+            f"({base_config.model_type}) is exported for {expected_task}"
+        )
+    if kind == "prefix" and not spec.supports_prefix:
+        raise AdapterError(
+            f"adapter {str(adapter_dir)!r} is PREFIX_TUNING, which {base_config.model_type} does not support "
+            "(its attention takes no past key/values); use prompt tuning or P-tuning for this model"
+        )
+    if (cfg.get("num_transformer_submodules") or 1) != 1:
+        raise AdapterError(
+            f"adapter {str(adapter_dir)!r} has num_transformer_submodules={cfg['num_transformer_submodules']}; "
+            "encoder-only and decoder-only models use 1"
+        )
+    _check_recorded_base(cfg, base_config, adapter_dir)
+    _expect("number of layers", cfg.get("num_layers"), dims.num_layers, adapter_dir)
+    if kind == "prefix":
+        # PEFT sizes prefixes by the key/value heads (grouped-query attention: d = head_dim * kv_heads).
+        _expect("number of key/value heads", cfg.get("num_attention_heads"), dims.num_kv_heads, adapter_dir)
+        _expect("prefix token dim (head_dim * kv_heads)", cfg.get("token_dim"), dims.kv_dim, adapter_dir)
+    else:
+        _expect("number of attention heads", cfg.get("num_attention_heads"), dims.num_heads, adapter_dir)
+        _expect("hidden size", cfg.get("token_dim"), dims.hidden_size, adapter_dir)
+
+    weights = _load_safetensors(_weights_path(adapter_dir))
+    n = int(cfg["num_virtual_tokens"])
+    if "prompt_embeddings" not in weights:
+        raise AdapterError(f"adapter {str(adapter_dir)!r} has no 'prompt_embeddings' tensor")
+    emb = weights["prompt_embeddings"]
+    head = _head_tensors(weights, spec, dims, adapter_dir) if spec.family == "encoder" else {}
+    if spec.family == "decoder" and len(weights) > (3 if kind == "mpt" else 1):
+        extra = sorted(set(weights) - {"prompt_embeddings", "prefix_task_cols", "prefix_task_rows"})
+        raise AdapterError(
+            f"adapter {str(adapter_dir)!r} saves {extra} (modules_to_save); promptmux serves one frozen backbone "
+            "for every causal LM task, so retrain without modules_to_save"
+        )
+    labels = _read_labels(adapter_dir, head, spec)
+    common = dict(peft_type=peft_type, num_virtual_tokens=n, head=head, labels=labels, source=str(adapter_dir))
+
+    if kind == "prompt":
+        _expect("prompt_embeddings shape", tuple(emb.shape), (n, dims.hidden_size), adapter_dir)
+        return [TaskPrompt(name, kind, tensors={"prompt": emb}, **common)]
+    if kind == "prefix":
+        width = dims.num_layers * 2 * dims.kv_dim
+        _expect("prefix prompt_embeddings shape", tuple(emb.shape), (n, width), adapter_dir)
+        # PEFT get_prompt: view [n, 2L, H, hd] -> permute [2L, H, n, hd]; layer l uses rows 2l (K), 2l+1 (V).
+        kv = emb.reshape(n, 2 * dims.num_layers, dims.num_kv_heads, dims.head_dim).transpose(1, 2, 0, 3)
+        kv = np.ascontiguousarray(kv.reshape(dims.num_layers, 2, dims.num_kv_heads, n, dims.head_dim))
+        return [TaskPrompt(name, kind, tensors={"prefix": kv}, **common)]
+
+    # Multitask prompt tuning: one task per task id, sharing one prompt.
+    cols, rows = weights.get("prefix_task_cols"), weights.get("prefix_task_rows")
+    if cols is None or rows is None:
+        raise AdapterError(f"MPT adapter {str(adapter_dir)!r} lacks prefix_task_cols / prefix_task_rows")
+    k, r = int(cfg.get("num_tasks") or cols.shape[0]), int(cfg.get("num_ranks") or cols.shape[2])
+    _expect("MPT shared prompt shape", tuple(emb.shape), (n, dims.hidden_size), adapter_dir)
+    _expect("MPT prefix_task_cols shape", tuple(cols.shape), (k, n, r), adapter_dir)
+    _expect("MPT prefix_task_rows shape", tuple(rows.shape), (k, r, dims.hidden_size), adapter_dir)
+    return [
+        TaskPrompt(
+            f"{name}/{t}",
+            kind,
+            tensors={"shared": emb, "cols": np.ascontiguousarray(cols[t]), "rows": np.ascontiguousarray(rows[t])},
+            **common,
+        )
+        for t in range(k)
+    ]
+
+
+def _read_labels(adapter_dir: Path, head: dict[str, np.ndarray], spec: ArchSpec) -> list[str] | None:
+    path = adapter_dir / LABELS_FILE
+    if not path.is_file():
+        return None
+    try:
+        id2label = json.loads(path.read_text())["id2label"]
+        labels = [str(id2label[str(i)]) for i in range(len(id2label))]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise AdapterError(f"{path} must be JSON like {{\"id2label\": {{\"0\": \"neg\", \"1\": \"pos\"}}}}: {e}") from None
+    last = spec.head[-1].module + ".weight" if spec.head else None
+    if last in head and head[last].shape[0] != len(labels):
+        raise AdapterError(f"{path} names {len(labels)} labels but the adapter's head has {head[last].shape[0]} outputs")
+    return labels

@@ -1,0 +1,238 @@
+"""`promptmux export`: base model + PEFT prompt adapters -> a deployment folder.
+
+The folder holds:
+    model.onnx (+ model.onnx.data)   the frozen backbone, every prompt a graph input
+    model_folded.onnx (+ .data)      with --fold TASK: that task's prompt baked in as constants
+    bank.safetensors                 the prompt bank (see runtime/bank.py)
+    manifest.json                    tasks, kinds, shapes, dtypes, base model identity, versions
+    config.json, tokenizer files     what the runtime needs to prepare inputs
+It is written into a temporary folder beside the target and renamed into place at the end,
+so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .adapters import AdapterError, TaskPrompt, load_adapter
+from .archs import arch_for, dims_of, position_offset
+from .graph import PromptedBackbone, input_names
+
+log = logging.getLogger("promptmux.export")
+
+MANIFEST = "manifest.json"
+GRAPH = "model.onnx"
+FOLDED_GRAPH = "model_folded.onnx"
+FORMAT_VERSION = 1
+
+
+def load_base_config(base_dir: str | Path):
+    from transformers import AutoConfig
+
+    base_dir = Path(base_dir)
+    if not (base_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"base model folder {str(base_dir)!r} has no config.json; pass a folder written by save_pretrained"
+        )
+    config = AutoConfig.from_pretrained(str(base_dir))
+    arch_for(config.model_type)  # refuse unsupported families early
+    return config
+
+
+def load_base_model(base_dir: str | Path, config=None) -> torch.nn.Module:
+    """The base model in the head class PEFT uses for its task type, fp32, eval mode."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = config or load_base_config(base_dir)
+    family = arch_for(config.model_type).family
+    cls = AutoModelForSequenceClassification if family == "encoder" else AutoModelForCausalLM
+    model = cls.from_pretrained(str(base_dir), dtype=torch.float32, attn_implementation="sdpa")
+    return model.eval()
+
+
+def config_hash(config) -> str:
+    d = config.to_dict()
+    for volatile in ("transformers_version", "_name_or_path", "architectures", "id2label", "label2id", "num_labels",
+                     "dtype", "torch_dtype", "attn_implementation", "_attn_implementation_autoset"):
+        d.pop(volatile, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def base_head_weights(model, config) -> dict[str, np.ndarray]:
+    spec = arch_for(config.model_type)
+    out = {}
+    for layer in spec.head:
+        module = model.get_submodule(layer.module)
+        out[f"{layer.module}.weight"] = module.weight.detach().float().numpy().copy()
+        if module.bias is not None:
+            out[f"{layer.module}.bias"] = module.bias.detach().float().numpy().copy()
+    return out
+
+
+def read_adapters(adapters: dict[str, str | Path], config) -> list[TaskPrompt]:
+    tasks: list[TaskPrompt] = []
+    for name, adapter_dir in adapters.items():
+        tasks.extend(load_adapter(name, adapter_dir, config))
+    seen = set()
+    for t in tasks:
+        if t.name in seen:
+            raise AdapterError(f"task name {t.name!r} appears twice; give each adapter a distinct NAME")
+        seen.add(t.name)
+    return tasks
+
+
+def _progress(total: int, quiet: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="export", unit="step", disable=quiet, leave=False)
+
+
+def export_deployment(
+    base_dir: str | Path,
+    adapters: dict[str, str | Path],
+    out_dir: str | Path,
+    fold: str | None = None,
+    overwrite: bool = False,
+    optimize: bool = True,
+    tolerance: float = 1e-4,
+    quiet: bool = False,
+) -> Path:
+    """Export the base model once with every adapter's task in the bank. Returns the deployment folder."""
+    from promptmux import __version__
+    from promptmux.runtime.bank import PromptBank
+    from promptmux.runtime.layout import build_layout
+
+    from .onnx_export import export_onnx, fold_task, optimize_onnx
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite")
+    if not adapters:
+        raise AdapterError("no adapters given; pass at least one --adapter NAME=DIR")
+    config = load_base_config(base_dir)
+    spec, dims = arch_for(config.model_type), dims_of(config)
+    tasks = read_adapters(adapters, config)  # validate everything before the slow part
+    if fold is not None and fold not in {t.name for t in tasks}:
+        raise AdapterError(f"--fold {fold!r} names no task; tasks are: {', '.join(t.name for t in tasks)}")
+
+    bar = _progress(6 if fold else 5, quiet)
+    bar.set_postfix_str("loading base model")
+    model = load_base_model(base_dir, config)
+    backbone = PromptedBackbone(model)
+    bank = PromptBank(spec, base_head_weights(model, config) if spec.head else None)
+    bank.add(tasks)
+    bar.update()
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        bar.set_postfix_str("exporting ONNX graph")
+        export_onnx(backbone, config, tmp / GRAPH)
+        bar.update()
+
+        # Check (and optimize) on a mixed batch of every task.
+        feeds = _check_batch(spec, config, dims, bank)
+        with torch.inference_mode():
+            reference = backbone(*[torch.from_numpy(feeds[n]) for n in input_names(config.model_type)]).numpy()
+        bar.set_postfix_str("optimizing with ONNX Runtime")
+        opt_report = optimize_onnx(tmp / GRAPH, feeds, reference, tolerance) if optimize else {"kept": False}
+        bar.update()
+
+        folded = None
+        if fold is not None:
+            bar.set_postfix_str(f"folding task {fold}")
+            one = build_layout(spec, position_offset(config), config.pad_token_id, feeds["input_ids"][:1],
+                               np.ones_like(feeds["input_ids"][:1]), None, [bank.view(fold)], dims)
+            export_onnx(fold_task(backbone, one.feeds), config, tmp / FOLDED_GRAPH, folded=True)
+            folded = {"task": fold, "file": FOLDED_GRAPH}
+            bar.update()
+
+        bar.set_postfix_str("writing bank, tokenizer, manifest")
+        bank.save(tmp)
+        config.save_pretrained(tmp)
+        _copy_tokenizer(base_dir, tmp)
+        manifest = {
+            "format": FORMAT_VERSION,
+            "promptmux_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "base": {
+                "path": str(Path(base_dir).resolve()),
+                "model_type": config.model_type,
+                "config_sha256": config_hash(config),
+                "family": spec.family,
+                "dims": dims.__dict__,
+            },
+            "graph": {"file": GRAPH, "inputs": input_names(config.model_type),
+                      "output": "features" if spec.family == "encoder" else "logits",
+                      "dtype": "float32", "ort_optimization": opt_report},
+            "folded": folded,
+            "tasks": bank.describe(),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        bar.update()
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    return out_dir
+
+
+def _check_batch(spec, config, dims, bank) -> dict[str, np.ndarray]:
+    """A mixed batch over every task (two rows each, one of them padded) for checking the export."""
+    from promptmux.runtime.layout import build_layout
+
+    names = bank.names()
+    rng = np.random.default_rng(0)
+    rows = 2 * len(names)
+    seq = 6
+    low = 5 if dims.vocab_size > 10 else 0
+    ids = rng.integers(low, dims.vocab_size, size=(rows, seq))
+    mask = np.ones_like(ids)
+    mask[1::2, -2:] = 0
+    prompts = [bank.view(n) for n in names for _ in range(2)]
+    return build_layout(spec, position_offset(config), config.pad_token_id, ids, mask, None, prompts, dims).feeds
+
+
+def _copy_tokenizer(base_dir: str | Path, dest: Path) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(base_dir))
+    except (OSError, ValueError, TypeError) as e:
+        log.warning("no tokenizer in %s (%s); the deployment will take token ids only", base_dir, e)
+        return
+    tok.save_pretrained(str(dest))
+
+
+def _replace_dir(src: Path, dest: Path) -> None:
+    """Move a finished folder into place; an existing one is kept until the new one is there."""
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+        os.replace(src, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dest)
+
+
+def write_manifest_tasks(deploy_dir: str | Path, bank) -> None:
+    """Refresh the manifest's task list after a bank change (the bank file is the source of truth)."""
+    path = Path(deploy_dir) / MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest["tasks"] = bank.describe()
+    fd, tmp = tempfile.mkstemp(prefix=".manifest-", dir=deploy_dir)
+    with os.fdopen(fd, "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(tmp, path)

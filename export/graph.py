@@ -1,0 +1,130 @@
+"""The frozen backbone with the prompt mechanism folded in and every prompt an input.
+
+`PromptedBackbone` is what gets exported to ONNX and also what the torch backend runs, so
+both backends compute the same thing. One forward serves a batch whose rows belong to
+different tasks of different kinds:
+
+    token embeddings [B, S, d]
+      <- concat in front: input-level prompts [B, P, d]         (prompt tuning, P-tuning)
+      <- MPTPromptConcat in front: composed MPT prompts [B, Tm, d]
+      -> reorder each row with `order` [B, L] so its real virtual tokens come first, then its
+         tokens, then unused prompt slots (L = Tm + P + S)
+      -> backbone with prefix key/values [layers, B, kv_heads, N, head_dim] (prefix tuning)
+         as the cache, the host-built attention mask [B, N + L] and position ids [B, L]
+
+The host (runtime/layout.py) builds order, mask and position ids so that every row sees
+exactly what PEFT's forward gives that row alone: unused slots are masked out, and position
+ids follow PEFT's rules per kind and architecture.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from promptmux.kernels.mpt_reference import mpt_prompt_concat
+
+from .archs import arch_for
+
+# Graph input names, in forward() order. token_type_ids is present only for families that use it.
+PROMPT_INPUTS = (
+    "prompt_embeds",
+    "mpt_task_ids",
+    "mpt_shared_ids",
+    "mpt_shared",
+    "mpt_cols",
+    "mpt_rows",
+    "prefix_keys",
+    "prefix_values",
+)
+LAYOUT_INPUTS = ("attention_mask", "position_ids", "order")
+PREFIX_INPUTS = ("prefix_keys", "prefix_values")
+
+
+def prompt_inputs(model_type: str) -> list[str]:
+    """Prompt inputs of this family's graph: no prefix key/values where attention takes no cache."""
+    if arch_for(model_type).supports_prefix:
+        return list(PROMPT_INPUTS)
+    return [n for n in PROMPT_INPUTS if n not in PREFIX_INPUTS]
+
+
+def input_names(model_type: str) -> list[str]:
+    names = ["input_ids"]
+    if arch_for(model_type).token_types:
+        names.append("token_type_ids")
+    return names + list(LAYOUT_INPUTS) + prompt_inputs(model_type)
+
+
+def output_name(model_type: str) -> str:
+    return "features" if arch_for(model_type).family == "encoder" else "logits"
+
+
+class PromptedBackbone(nn.Module):
+    """Wraps a transformers *ForSequenceClassification (encoder) or *ForCausalLM (decoder) model."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.eval()
+        self.spec = arch_for(model.config.model_type)
+        self.num_layers = model.config.num_hidden_layers
+        self.embed = model.get_input_embeddings()
+
+    def forward(self, input_ids, *args):
+        if self.spec.token_types:
+            token_type_ids, *args = args
+        else:
+            token_type_ids = None
+        (attention_mask, position_ids, order, prompt_embeds, mpt_task_ids, mpt_shared_ids, mpt_shared,
+         mpt_cols, mpt_rows, *prefix) = args
+
+        tokens = self.embed(input_ids)
+        x = torch.cat([prompt_embeds.to(tokens.dtype), tokens], dim=1)
+        x = mpt_prompt_concat(mpt_task_ids, mpt_shared_ids, mpt_shared, mpt_cols, mpt_rows, x)
+        x = torch.gather(x, 1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+        kwargs = dict(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids)
+        if prefix:  # prefix tuning: the per-row prefixes are the cache the tokens attend to
+            keys, values = prefix
+            kwargs["past_key_values"] = DynamicCache(
+                [(keys[i].to(x.dtype), values[i].to(x.dtype)) for i in range(self.num_layers)],
+                config=self.model.config,
+            )
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+
+        if self.spec.family == "decoder":
+            return self.model(**kwargs, return_dict=True).logits
+        out = self.model.base_model(**kwargs, return_dict=True)
+        if self.spec.feature == "pooler":
+            return out.pooler_output
+        return out.last_hidden_state[:, 0]
+
+
+class FoldedBackbone(nn.Module):
+    """One task's prompt baked in as constants; only the token and layout inputs remain."""
+
+    def __init__(self, backbone: PromptedBackbone, prompt_tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.backbone = backbone
+        self.has_prefix = backbone.spec.supports_prefix
+        for name in prompt_inputs(backbone.model.config.model_type):
+            self.register_buffer(name, prompt_tensors[name], persistent=False)
+
+    def forward(self, input_ids, *layout):
+        batch = input_ids.shape[0]
+
+        def rows(t):  # per-row prompt tensors are stored for batch 1
+            return t.expand(batch, *t.shape[1:])
+
+        prompts = [
+            rows(self.prompt_embeds),
+            self.mpt_task_ids.expand(batch),
+            self.mpt_shared_ids,
+            self.mpt_shared,
+            self.mpt_cols,
+            self.mpt_rows,
+        ]
+        if self.has_prefix:
+            prompts += [self.prefix_keys.expand(-1, batch, -1, -1, -1), self.prefix_values.expand(-1, batch, -1, -1, -1)]
+        return self.backbone(input_ids, *layout, *prompts)

@@ -1,0 +1,179 @@
+"""Export a PromptedBackbone (or a folded one) to ONNX and optimize it with ONNX Runtime."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from . import mpt_function
+from .archs import arch_for, dims_of
+from .graph import PROMPT_INPUTS, FoldedBackbone, PromptedBackbone, input_names, output_name, prompt_inputs
+
+log = logging.getLogger("promptmux.export")
+
+# Readable names for the dynamic axes: (input, axis) -> name.
+AXES = {
+    ("input_ids", 0): "batch",
+    ("input_ids", 1): "tokens",
+    ("token_type_ids", 1): "length",
+    ("attention_mask", 1): "prefix_plus_length",
+    ("position_ids", 1): "length",
+    ("order", 1): "length",
+    ("prompt_embeds", 1): "prompt_tokens",
+    ("mpt_task_ids", 0): "batch",
+    ("mpt_shared_ids", 0): "mpt_tasks",
+    ("mpt_shared", 0): "mpt_shared_prompts",
+    ("mpt_shared", 1): "mpt_tokens",
+    ("mpt_cols", 0): "mpt_tasks",
+    ("mpt_cols", 1): "mpt_tokens",
+    ("mpt_cols", 2): "mpt_rank",
+    ("mpt_rows", 0): "mpt_tasks",
+    ("mpt_rows", 1): "mpt_rank",
+    ("prefix_keys", 1): "batch",
+    ("prefix_keys", 3): "prefix_tokens",
+    ("prefix_values", 1): "batch",
+    ("prefix_values", 3): "prefix_tokens",
+}
+BATCH_AXIS = {"token_type_ids": 0, "attention_mask": 0, "position_ids": 0, "order": 0, "prompt_embeds": 0}
+
+
+def example_inputs(config, tm: int = 5, p: int = 3, n: int = 4) -> dict[str, torch.Tensor]:
+    """Inputs with pairwise different sizes, so the exporter keeps every axis symbolic.
+
+    A folded export passes its constant prompt sizes (tm, p, n) so the layout inputs agree with them.
+    """
+    dims = dims_of(config)
+    b, s, k, a, r = 2, 9, 6, 7, 8
+    if not arch_for(config.model_type).supports_prefix:
+        n = 0  # no prefix slots in the mask
+    length = tm + p + s
+    g = torch.Generator().manual_seed(0)
+    ex = {
+        "input_ids": torch.randint(0, min(dims.vocab_size, 50), (b, s), generator=g),
+        "token_type_ids": torch.zeros(b, length, dtype=torch.long),
+        "attention_mask": torch.ones(b, n + length, dtype=torch.long),
+        "position_ids": torch.arange(length).repeat(b, 1),
+        "order": torch.arange(length).repeat(b, 1),
+        "prompt_embeds": torch.randn(b, p, dims.hidden_size, generator=g),
+        "mpt_task_ids": torch.zeros(b, dtype=torch.long),
+        "mpt_shared_ids": torch.zeros(k, dtype=torch.long),
+        "mpt_shared": torch.randn(a, tm, dims.hidden_size, generator=g),
+        "mpt_cols": torch.randn(k, tm, r, generator=g),
+        "mpt_rows": torch.randn(k, r, dims.hidden_size, generator=g),
+        "prefix_keys": torch.randn(dims.num_layers, b, dims.num_kv_heads, n, dims.head_dim, generator=g),
+        "prefix_values": torch.randn(dims.num_layers, b, dims.num_kv_heads, n, dims.head_dim, generator=g),
+    }
+    return {name: ex[name] for name in input_names(config.model_type)}
+
+
+def _dynamic_shapes(names: list[str]):
+    auto = torch.export.Dim.AUTO
+    shapes = []
+    for name in names:
+        axes = {axis: auto for (inp, axis) in AXES if inp == name}
+        if name in BATCH_AXIS:
+            axes[BATCH_AXIS[name]] = auto
+        shapes.append(axes)
+    # forward(input_ids, *args): the exporter wants the same nesting for the shapes
+    return (shapes[0], tuple(shapes[1:]))
+
+
+def _rename_axes(model: onnx.ModelProto) -> None:
+    """Give the exporter's symbols (s72, ...) the readable names of AXES, everywhere in the graph."""
+    rename = {}
+    for inp in model.graph.input:
+        for axis, dim in enumerate(inp.type.tensor_type.shape.dim):
+            nice = AXES.get((inp.name, axis)) or (("batch" if axis == BATCH_AXIS.get(inp.name) else None))
+            if dim.dim_param and nice:
+                rename.setdefault(dim.dim_param, nice)
+    for vi in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        for dim in vi.type.tensor_type.shape.dim:
+            if dim.dim_param in rename:
+                dim.dim_param = rename[dim.dim_param]
+
+
+def export_onnx(module: torch.nn.Module, config, path: Path, folded: bool = False) -> Path:
+    """torch.onnx (dynamo) export with the MPT op as one node, then attach its function body."""
+    names = input_names(config.model_type)
+    if folded:
+        n = module.prefix_keys.shape[3] if module.has_prefix else 0
+        sizes = dict(tm=module.mpt_shared.shape[1], p=module.prompt_embeds.shape[1], n=n)
+        names = [n for n in names if n not in PROMPT_INPUTS]
+        ex = {n: v for n, v in example_inputs(config, **sizes).items() if n in names}
+    else:
+        ex = example_inputs(config)
+    args = tuple(ex.values())
+    program = torch.onnx.export(
+        module,
+        args,
+        dynamo=True,
+        input_names=names,
+        output_names=[output_name(config.model_type)],
+        dynamic_shapes=_dynamic_shapes(names),
+        custom_translation_table={torch.ops.promptmux.mpt_prompt_concat.default: mpt_function.torch_translation()},
+        optimize=True,
+        verbose=False,
+    )
+    model = program.model_proto
+    if not folded:
+        mpt_function.attach(model)
+    elif any(n.domain == mpt_function.DOMAIN for n in model.graph.node):
+        mpt_function.attach(model)
+    _rename_axes(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(model, path)
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    """Save with the weights in PATH.data beside the graph (external data keeps large models loadable)."""
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)  # save_model appends to an existing data file
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+
+
+def optimize_onnx(path: Path, feeds: dict[str, np.ndarray], reference: np.ndarray, tolerance: float) -> dict:
+    """Apply ONNX Runtime's portable graph optimizations offline and keep them only if outputs still match.
+
+    Level EXTENDED (constant folding, redundant-node elimination, fusions of standard ops) is kept in the
+    file; hardware-specific rewrites (ENABLE_ALL: layout changes) are applied by each session at load.
+    """
+    import onnxruntime as ort
+
+    tmp = path.with_name(path.stem + ".opt.onnx")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp)
+    so.add_session_config_entry("session.optimized_model_external_initializers_file_name", tmp.name + ".data")
+    so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    before = len(onnx.load(str(path), load_external_data=False).graph.node)
+    after = len(onnx.load(str(tmp), load_external_data=False).graph.node)
+    sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    out = sess.run(None, {n: feeds[n] for n in names})[0]
+    diff = float(np.abs(out - reference).max())
+    report = {"level": "extended", "nodes_before": before, "nodes_after": after, "max_abs_diff": diff}
+    report["kept"] = diff <= tolerance
+    if report["kept"]:
+        # Re-save under the graph's own name: the file records where its external data lives.
+        _save(onnx.load(str(tmp)), path)
+    else:
+        log.warning("ORT-optimized graph differs by %.2e (> %.0e); keeping the unoptimized graph", diff, tolerance)
+    for f in (tmp, tmp.with_name(tmp.name + ".data")):
+        f.unlink(missing_ok=True)
+    return report
+
+
+def fold_task(backbone: PromptedBackbone, layout_feeds: dict[str, np.ndarray]) -> FoldedBackbone:
+    """A backbone with one task's prompt tensors (from a batch-1 layout) as constants."""
+    names = prompt_inputs(backbone.model.config.model_type)
+    consts = {n: torch.from_numpy(np.ascontiguousarray(layout_feeds[n])) for n in names}
+    return FoldedBackbone(backbone, consts)

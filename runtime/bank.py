@@ -1,0 +1,198 @@
+"""The prompt bank: every task's prompt (and classification head) in one safetensors file.
+
+Layout of `bank.safetensors`:
+    task/<name>/prompt            [T, d]             prompt tuning, P-tuning
+    task/<name>/prefix            [L, 2, kv, n, hd]  prefix tuning
+    task/<name>/cols, rows        [T, r], [r, d]     MPT factors of one task
+    shared/<digest>               [T, d]             MPT shared prompts, stored once per distinct prompt
+    task/<name>/head/<param>      per-task classification head (PEFT modules_to_save)
+    base/head/<param>             the base model's head, for modules a task did not save
+The task index lives in the file's metadata, so one atomic rename updates tensors and index
+together: a reader sees the old bank or the new one, never half of each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from promptmux.export.adapters import TaskPrompt
+from promptmux.export.archs import ArchSpec
+
+BANK_FILE = "bank.safetensors"
+INDEX_KEY = "promptmux_tasks"
+
+
+class UnknownTaskError(LookupError):
+    """A request named a task the bank does not hold."""
+
+    def __str__(self) -> str:  # LookupError would print the repr of the message
+        return str(self.args[0])
+
+
+@dataclass
+class TaskView:
+    """Everything the runtime needs of one task, as numpy arrays."""
+
+    name: str
+    kind: str
+    peft_type: str
+    num_virtual_tokens: int
+    prompt: np.ndarray | None = None
+    prefix: np.ndarray | None = None
+    shared: np.ndarray | None = None
+    cols: np.ndarray | None = None
+    rows: np.ndarray | None = None
+    head: list[tuple[np.ndarray, np.ndarray | None, str | None]] = field(default_factory=list)
+    labels: list[str] | None = None
+    source: str = ""
+
+
+class PromptBank:
+    def __init__(self, spec: ArchSpec, base_head: dict[str, np.ndarray] | None = None):
+        self.spec = spec
+        self.index: dict[str, dict] = {}
+        self.arrays: dict[str, np.ndarray] = {f"base/head/{k}": v for k, v in (base_head or {}).items()}
+        self._views: dict[str, TaskView] = {}
+
+    # ---- queries -------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self.index)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def view(self, name: str) -> TaskView:
+        if name not in self.index:
+            known = ", ".join(self.index) or "none"
+            raise UnknownTaskError(f"unknown task {name!r}; this deployment serves: {known}")
+        if name not in self._views:
+            self._views[name] = self._make_view(name)
+        return self._views[name]
+
+    def _make_view(self, name: str) -> TaskView:
+        e = self.index[name]
+        arr = {role: self.arrays[key] for role, key in e["tensors"].items()}
+        head = []
+        for layer in self.spec.head:
+            params = []
+            for p in ("weight", "bias"):
+                key = e.get("head", {}).get(f"{layer.module}.{p}", f"base/head/{layer.module}.{p}")
+                params.append(self.arrays.get(key))
+            if params[0] is None:
+                raise ValueError(f"task {name!r}: no weights for head module {layer.module!r}")
+            head.append((params[0], params[1], layer.activation))
+        return TaskView(
+            name=name,
+            kind=e["kind"],
+            peft_type=e["peft_type"],
+            num_virtual_tokens=e["num_virtual_tokens"],
+            head=head,
+            labels=e.get("labels"),
+            source=e.get("source", ""),
+            **arr,
+        )
+
+    def describe(self) -> list[dict]:
+        """One JSON-able row per task (for manifests and `promptmux tasks list`)."""
+        rows = []
+        for name, e in self.index.items():
+            shapes = {role: list(self.arrays[key].shape) for role, key in e["tensors"].items()}
+            row = {"name": name, "kind": e["kind"], "peft_type": e["peft_type"],
+                   "num_virtual_tokens": e["num_virtual_tokens"], "shapes": shapes, "dtype": "float32",
+                   "source": e.get("source", "")}
+            if self.spec.head:
+                view = self.view(name)
+                row["num_labels"] = int(view.head[-1][0].shape[0])
+                row["labels"] = e.get("labels")
+            rows.append(row)
+        return rows
+
+    # ---- changes -------------------------------------------------------------------------
+    def add(self, tasks: list[TaskPrompt], replace: bool = False) -> None:
+        clash = [t.name for t in tasks if t.name in self.index]
+        if clash and not replace:
+            raise ValueError(f"task(s) {', '.join(clash)} already in the bank; remove them first or pass replace")
+        for t in tasks:
+            if t.name in self.index:
+                self.remove(t.name)
+            tensors = {}
+            for role, value in t.tensors.items():
+                value = np.ascontiguousarray(value, dtype=np.float32)
+                if role == "shared":
+                    key = "shared/" + hashlib.sha256(value.tobytes() + str(value.shape).encode()).hexdigest()[:20]
+                else:
+                    key = f"task/{t.name}/{role}"
+                self.arrays[key] = value
+                tensors[role] = key
+            head = {}
+            for param, value in t.head.items():
+                key = f"task/{t.name}/head/{param}"
+                self.arrays[key] = np.ascontiguousarray(value, dtype=np.float32)
+                head[param] = key
+            self.index[t.name] = {
+                "kind": t.kind,
+                "peft_type": t.peft_type,
+                "num_virtual_tokens": t.num_virtual_tokens,
+                "tensors": tensors,
+                "head": head,
+                "labels": t.labels,
+                "source": t.source,
+            }
+            self._views.pop(t.name, None)
+            self.view(t.name)  # fail now, not at the first request, if the head is incomplete
+
+    def remove(self, name: str) -> list[str]:
+        """Remove a task, or every task of an MPT adapter (`NAME` removes `NAME/0` ... `NAME/K-1`)."""
+        names = [name] if name in self.index else [n for n in self.index if n.startswith(name + "/")]
+        if not names:
+            raise UnknownTaskError(f"unknown task {name!r}; this deployment serves: {', '.join(self.index) or 'none'}")
+        for n in names:
+            e = self.index.pop(n)
+            self._views.pop(n, None)
+            for key in list(e["tensors"].values()) + list(e["head"].values()):
+                if key.startswith("task/"):
+                    self.arrays.pop(key, None)
+        live = {k for e in self.index.values() for k in e["tensors"].values()}
+        for key in [k for k in self.arrays if k.startswith("shared/") and k not in live]:
+            del self.arrays[key]
+        return names
+
+    # ---- storage -------------------------------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        target = folder / BANK_FILE
+        fd, tmp = tempfile.mkstemp(prefix=".bank-", suffix=".tmp", dir=folder)
+        os.close(fd)
+        try:
+            save_file(dict(self.arrays), tmp, metadata={INDEX_KEY: json.dumps(self.index)})
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return target
+
+    @classmethod
+    def load(cls, folder: str | Path, spec: ArchSpec) -> "PromptBank":
+        path = Path(folder) / BANK_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: {folder} is not a promptmux deployment (run promptmux export)")
+        bank = cls(spec)
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            if INDEX_KEY not in meta:
+                raise ValueError(f"{path} has no task index; it was not written by promptmux")
+            bank.index = json.loads(meta[INDEX_KEY])
+            bank.arrays = {k: f.get_tensor(k) for k in f.keys()}
+        return bank

@@ -1,0 +1,244 @@
+"""`promptmux.Runtime`: load a deployment and answer mixed-task batches."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from promptmux.export.archs import arch_for, dims_of, position_offset
+from promptmux.export.deploy import FOLDED_GRAPH, GRAPH, MANIFEST, write_manifest_tasks
+
+from .bank import PromptBank, TaskView, UnknownTaskError
+from .layout import build_layout
+
+BACKENDS = ("onnxruntime", "torch")
+
+
+class InputError(ValueError):
+    """A request that cannot be run as given; the message says which argument and why."""
+
+
+def _activation(x: np.ndarray, name: str | None) -> np.ndarray:
+    if name is None:
+        return x
+    if name == "tanh":
+        return np.tanh(x)
+    if name == "relu":
+        return np.maximum(x, 0)
+    raise ValueError(f"unknown head activation {name!r}")
+
+
+def apply_head(view: TaskView, features: np.ndarray) -> np.ndarray:
+    """The task's classification head (a few small linear layers) on backbone features [n, d]."""
+    x = features.astype(np.float32)
+    for weight, bias, act in view.head:
+        x = x @ weight.T
+        if bias is not None:
+            x = x + bias
+        x = _activation(x, act)
+    return x
+
+
+class Runtime:
+    """Serve every task of a deployment folder from one graph.
+
+    backend: "onnxruntime" (the exported graph on the CPU) or "torch" (the same computation in eager
+    PyTorch, the reference; it needs the base model folder recorded at export, or `base=`).
+    """
+
+    def __init__(self, deploy_dir: str | Path, backend: str = "onnxruntime", threads: int | None = None,
+                 base: str | Path | None = None, use_folded: bool = True):
+        self.dir = Path(deploy_dir)
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        manifest_path = self.dir / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{self.dir} is not a promptmux deployment (no {MANIFEST}); run promptmux export")
+        self.manifest = json.loads(manifest_path.read_text())
+        from transformers import AutoConfig
+
+        self.config = AutoConfig.from_pretrained(str(self.dir))
+        self.spec = arch_for(self.config.model_type)
+        self.dims = dims_of(self.config)
+        self.backend = backend
+        self.bank = PromptBank.load(self.dir, self.spec)
+        self._lock = threading.Lock()  # serializes bank swaps, not requests
+        self._tokenizer = None
+        self.max_positions = getattr(self.config, "max_position_embeddings", None) or getattr(
+            self.config, "n_positions", None)
+        folded = self.manifest.get("folded") if use_folded else None
+        self.folded_task = folded["task"] if folded else None
+
+        if backend == "onnxruntime":
+            from .sessions import OrtSession
+
+            self.session = OrtSession(self.dir / GRAPH, threads)
+            self.folded_session = OrtSession(self.dir / FOLDED_GRAPH, threads) if folded else None
+        else:
+            from promptmux.export.deploy import load_base_model
+            from promptmux.export.graph import PromptedBackbone, input_names
+
+            from .sessions import TorchSession
+
+            base = Path(base or self.manifest["base"]["path"])
+            if not (base / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"the torch backend needs the base model; {base} is missing. Pass base=<folder> (CLI: --base)")
+            model = load_base_model(base, self.config)
+            self.session = TorchSession(PromptedBackbone(model), input_names(self.config.model_type), threads)
+            self.folded_session = None
+            self.folded_task = None
+
+    # ---- tasks ---------------------------------------------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        return self.bank.names()
+
+    def add_task(self, name: str, adapter_dir: str | Path, persist: bool = False, replace: bool = False) -> list[str]:
+        """Load a PEFT adapter into the bank of this runtime (and the deployment folder if persist)."""
+        from promptmux.export.adapters import load_adapter
+
+        new = load_adapter(name, adapter_dir, self.config)
+        with self._lock:
+            bank = self._copy_bank()
+            bank.add(new, replace=replace)
+            self._commit(bank, persist)
+        return [t.name for t in new]
+
+    def remove_task(self, name: str, persist: bool = False) -> list[str]:
+        with self._lock:
+            bank = self._copy_bank()
+            removed = bank.remove(name)
+            if self.folded_task in removed:
+                self.folded_task = None  # the folded graph no longer matches a served task
+            self._commit(bank, persist)
+        return removed
+
+    def _copy_bank(self) -> PromptBank:
+        bank = PromptBank(self.spec)
+        bank.index = {k: dict(v) for k, v in self.bank.index.items()}
+        bank.arrays = dict(self.bank.arrays)
+        return bank
+
+    def _commit(self, bank: PromptBank, persist: bool) -> None:
+        if persist:
+            bank.save(self.dir)
+            write_manifest_tasks(self.dir, bank)
+        self.bank = bank  # one reference swap: a request sees the old bank or the new one
+
+    # ---- inference -----------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(str(self.dir))
+            except (OSError, ValueError) as e:
+                raise RuntimeError(f"{self.dir} has no tokenizer ({e}); pass token ids to forward()") from None
+        return self._tokenizer
+
+    def _check_inputs(self, input_ids, attention_mask, tasks, token_type_ids):
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise InputError(f"input_ids must be a non-empty 2-D array [batch, tokens], got shape {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(f"input_ids must be integers, got {ids.dtype}")
+        if ids.min() < 0 or ids.max() >= self.dims.vocab_size:
+            raise InputError(f"input_ids must lie in [0, {self.dims.vocab_size}), got values {ids.min()}..{ids.max()}")
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+        if mask.shape != ids.shape:
+            raise InputError(f"attention_mask has shape {mask.shape} but input_ids has {ids.shape}")
+        if not np.isin(mask, (0, 1)).all():
+            raise InputError("attention_mask must contain only 0 and 1")
+        if (mask.sum(1) == 0).any():
+            raise InputError(f"rows {np.where(mask.sum(1) == 0)[0].tolist()} have no real token (attention_mask all 0)")
+        if isinstance(tasks, str):
+            tasks = [tasks] * ids.shape[0]
+        tasks = list(tasks)
+        if len(tasks) != ids.shape[0]:
+            raise InputError(f"got {len(tasks)} task names for {ids.shape[0]} rows; give one task per row")
+        types = None
+        if token_type_ids is not None:
+            types = np.asarray(token_type_ids)
+            if types.shape != ids.shape:
+                raise InputError(f"token_type_ids has shape {types.shape} but input_ids has {ids.shape}")
+        return ids.astype(np.int64), mask.astype(np.int64), tasks, types
+
+    def forward(self, input_ids, attention_mask=None, tasks: str | Sequence[str] = (), token_type_ids=None
+                ) -> list[np.ndarray]:
+        """Run a batch where row i uses task tasks[i].
+
+        Returns one array per row: classification -> the logits of that task's head [num_labels];
+        causal LM -> logits for the row's real tokens [real_tokens, vocab] (virtual tokens excluded).
+        """
+        ids, mask, tasks, types = self._check_inputs(input_ids, attention_mask, tasks, token_type_ids)
+        bank = self.bank  # one consistent bank for the whole request
+        views = [bank.view(t) for t in tasks]
+        if self.max_positions:
+            for i, v in enumerate(views):
+                need = ids.shape[1] + v.num_virtual_tokens
+                if need > self.max_positions:
+                    raise InputError(
+                        f"row {i}: {ids.shape[1]} tokens + {v.num_virtual_tokens} virtual tokens of task {v.name!r} "
+                        f"exceed the model's {self.max_positions} positions; shorten or truncate the input")
+        layout = build_layout(self.spec, position_offset(self.config), self.config.pad_token_id, ids, mask, types,
+                              views, self.dims)
+        session = self.session
+        if self.folded_session is not None and all(t == self.folded_task for t in tasks):
+            session = self.folded_session
+        out = session.run(layout.feeds)
+        if self.spec.family == "encoder":
+            return self._heads(views, out)
+        results = []
+        for i in range(ids.shape[0]):
+            start = layout.token_start[i]
+            row = out[i, start : start + ids.shape[1]]
+            results.append(row[mask[i].astype(bool)])
+        return results
+
+    def _heads(self, views: list[TaskView], features: np.ndarray) -> list[np.ndarray]:
+        results: list[np.ndarray | None] = [None] * len(views)
+        groups: dict[str, list[int]] = {}
+        for i, v in enumerate(views):
+            groups.setdefault(v.name, []).append(i)
+        for name, rows in groups.items():
+            logits = apply_head(views[rows[0]], features[rows])
+            for j, i in enumerate(rows):
+                results[i] = logits[j]
+        return results
+
+    def encode(self, texts: Sequence[str]):
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
+            raise InputError("texts must be a non-empty list of non-empty strings")
+        limit = (self.max_positions or 512) - max((self.bank.view(t).num_virtual_tokens for t in self.tasks), default=0)
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max(limit, 1), return_tensors="np")
+        return enc
+
+    def classify(self, texts: Sequence[str], tasks: str | Sequence[str]) -> list[dict]:
+        """Text classification: one {task, label, label_id, scores} per text."""
+        if self.spec.family != "encoder":
+            raise InputError("classify() needs a sequence-classification deployment; this one is a causal LM")
+        if isinstance(texts, str):
+            texts = [texts]
+        enc = self.encode(texts)
+        logits = self.forward(enc["input_ids"], enc["attention_mask"], tasks, enc.get("token_type_ids"))
+        names = [tasks] * len(texts) if isinstance(tasks, str) else list(tasks)
+        out = []
+        for name, row in zip(names, logits):
+            scores = np.exp(row - row.max())
+            scores = scores / scores.sum()
+            label_id = int(row.argmax())
+            labels = self.bank.view(name).labels
+            out.append({"task": name, "label": labels[label_id] if labels else str(label_id), "label_id": label_id,
+                        "scores": [float(s) for s in scores]})
+        return out
+
+
+__all__ = ["Runtime", "InputError", "UnknownTaskError", "apply_head"]

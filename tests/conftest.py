@@ -1,0 +1,176 @@
+"""Tiny random base models and PEFT prompt adapters, saved and loaded back the way users do."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+warnings.filterwarnings("ignore")
+
+VOCAB = 120
+
+
+def tiny_config(arch: str):
+    from transformers import BertConfig, DistilBertConfig, GPT2Config, LlamaConfig, RobertaConfig
+
+    if arch == "bert":
+        return BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=37, max_position_embeddings=64, num_labels=3, pad_token_id=0)
+    if arch == "roberta":
+        return RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=37, max_position_embeddings=66, num_labels=3, pad_token_id=1,
+                             bos_token_id=0, eos_token_id=2, type_vocab_size=1)
+    if arch == "distilbert":
+        return DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=37,
+                                max_position_embeddings=64, num_labels=3, pad_token_id=0)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+                          eos_token_id=0)
+    if arch == "llama":  # grouped-query attention: 4 heads, 2 key/value heads
+        return LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=37, max_position_embeddings=64,
+                           bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    raise ValueError(arch)
+
+
+def is_encoder(arch: str) -> bool:
+    return arch in ("bert", "roberta", "distilbert")
+
+
+def base_class(arch: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if is_encoder(arch) else AutoModelForCausalLM
+
+
+def make_base(arch: str, folder: Path) -> Path:
+    torch.manual_seed(0)
+    model = base_class(arch).from_config(tiny_config(arch)).eval()
+    model.save_pretrained(folder)
+    return folder
+
+
+# name -> (factory(task_type, dims) -> PeftConfig). Sizes differ on purpose: mixed batches then
+# hold tasks with different numbers of virtual tokens and ranks.
+def adapter_configs(arch: str) -> dict:
+    from peft import MultitaskPromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+
+    tt = "SEQ_CLS" if is_encoder(arch) else "CAUSAL_LM"
+    # DistilBERT's config uses other attribute names than PEFT looks for: give the sizes explicitly.
+    dims = dict(token_dim=32, num_layers=2, num_attention_heads=4) if arch == "distilbert" else {}
+    cfgs = {
+        "pt": PromptTuningConfig(task_type=tt, num_virtual_tokens=4, **dims),
+        "ptmlp": PromptEncoderConfig(task_type=tt, num_virtual_tokens=3, encoder_hidden_size=16,
+                                     encoder_reparameterization_type="MLP", **dims),
+        "ptlstm": PromptEncoderConfig(task_type=tt, num_virtual_tokens=5, encoder_hidden_size=16,
+                                      encoder_reparameterization_type="LSTM", **dims),
+        "mpt": MultitaskPromptTuningConfig(task_type=tt, num_virtual_tokens=4, num_tasks=3, num_ranks=2, **dims),
+        "mpt1": MultitaskPromptTuningConfig(task_type=tt, num_virtual_tokens=6, num_tasks=1, num_ranks=1, **dims),
+    }
+    if arch != "distilbert":
+        cfgs["prefix"] = PrefixTuningConfig(task_type=tt, num_virtual_tokens=4)
+        cfgs["prefixproj"] = PrefixTuningConfig(task_type=tt, num_virtual_tokens=2, prefix_projection=True,
+                                                encoder_hidden_size=24)
+    return cfgs
+
+
+def make_adapter(arch: str, base_dir: Path, peft_config, folder: Path, seed: int, train_steps: int = 2) -> Path:
+    """Train a few steps, then randomise the trainable weights so every task is clearly distinct."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    base = base_class(arch).from_pretrained(base_dir)
+    model = get_peft_model(base, peft_config)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ids = torch.randint(3, VOCAB, (2, 6))
+    kw = {"task_ids": torch.tensor([0, 0])} if peft_config.peft_type == "MULTITASK_PROMPT_TUNING" else {}
+    labels = torch.tensor([0, 1]) if is_encoder(arch) else ids
+    for _ in range(train_steps):
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, **kw).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.5)
+    model.save_pretrained(folder)
+    return folder
+
+
+def random_batch(arch: str, rows: int, seq: int, seed: int, padding_side: str):
+    """Token ids and a mask with varied padding; pads carry the model's pad id like a tokenizer's output."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, VOCAB, size=(rows, seq))
+    mask = np.ones_like(ids)
+    for i in range(rows):
+        pad = i % min(4, seq - 1)
+        if pad:
+            if padding_side == "left":
+                mask[i, :pad] = 0
+            else:
+                mask[i, -pad:] = 0
+    pad_id = tiny_config(arch).pad_token_id or 0
+    ids = np.where(mask == 1, ids, pad_id)
+    return ids, mask
+
+
+def peft_rows(arch: str, base_dir: Path, adapter_dir: Path, ids: np.ndarray, mask: np.ndarray,
+              mpt_task: int | None = None) -> list[np.ndarray]:
+    """PEFT eager output per row, in the runtime's format (virtual tokens and pads removed for LMs)."""
+    from peft import PeftConfig, PeftModel
+
+    base = base_class(arch).from_pretrained(base_dir).eval()
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    kw = {"task_ids": torch.full((ids.shape[0],), mpt_task)} if mpt_task is not None else {}
+    with torch.inference_mode():
+        logits = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **kw).logits.numpy()
+    if is_encoder(arch):
+        return list(logits)
+    cfg = PeftConfig.from_pretrained(adapter_dir)
+    skip = 0 if cfg.peft_type == "PREFIX_TUNING" else cfg.num_virtual_tokens
+    return [logits[i, skip:][mask[i].astype(bool)] for i in range(ids.shape[0])]
+
+
+class Fixture:
+    def __init__(self, arch: str, root: Path):
+        from promptmux import export_deployment
+
+        self.arch = arch
+        self.base = make_base(arch, root / "base")
+        self.adapters: dict[str, Path] = {}
+        for seed, (name, cfg) in enumerate(adapter_configs(arch).items()):
+            self.adapters[name] = make_adapter(arch, self.base, cfg, root / "adapters" / name, seed=seed + 1)
+        self.deploy = export_deployment(self.base, self.adapters, root / "deploy", quiet=True)
+
+    def task_names(self) -> list[str]:
+        from peft import PeftConfig
+
+        names = []
+        for name, path in self.adapters.items():
+            cfg = PeftConfig.from_pretrained(path)
+            if cfg.peft_type == "MULTITASK_PROMPT_TUNING":
+                names += [f"{name}/{t}" for t in range(cfg.num_tasks)]
+            else:
+                names.append(name)
+        return names
+
+    def reference(self, task: str, ids, mask) -> list[np.ndarray]:
+        adapter, _, t = task.partition("/")
+        return peft_rows(self.arch, self.base, self.adapters[adapter], ids, mask, int(t) if t else None)
+
+
+_FIXTURES: dict[str, Fixture] = {}
+
+
+@pytest.fixture(scope="session")
+def deployment(request, tmp_path_factory):
+    """One exported deployment per architecture, shared by the tests of that architecture."""
+    arch = request.param
+    if arch not in _FIXTURES:
+        _FIXTURES[arch] = Fixture(arch, tmp_path_factory.mktemp(f"fx-{arch}"))
+    return _FIXTURES[arch]
