@@ -85,12 +85,17 @@ def _weights_path(adapter_dir: Path) -> Path:
     raise AdapterError(f"{str(adapter_dir)!r} has no adapter_model.safetensors")
 
 
-def _expect(what: str, adapter_value, base_value, adapter_dir: Path) -> None:
+def _expect(what: str, adapter_value, base_value, adapter_dir: Path, expected_from: str = "the base model") -> None:
     if adapter_value is not None and adapter_value != base_value:
         raise AdapterError(
             f"adapter {str(adapter_dir)!r} does not fit the base model: {what} is {adapter_value} in the adapter "
-            f"but {base_value} in the base model"
+            f"but {base_value} in {expected_from}"
         )
+
+
+def _expect_shape(what: str, tensor: np.ndarray, shape: tuple, adapter_dir: Path) -> None:
+    _expect(f"{what} shape", tuple(tensor.shape), shape, adapter_dir,
+            expected_from="what adapter_config.json and the base model's sizes imply")
 
 
 def _check_recorded_base(cfg: dict, base_config, adapter_dir: Path) -> None:
@@ -195,11 +200,11 @@ def load_adapter(name: str, adapter_dir: str | Path, base_config) -> list[TaskPr
     common = dict(peft_type=peft_type, num_virtual_tokens=n, head=head, labels=labels, source=str(adapter_dir))
 
     if kind == "prompt":
-        _expect("prompt_embeddings shape", tuple(emb.shape), (n, dims.hidden_size), adapter_dir)
+        _expect_shape("prompt_embeddings", emb, (n, dims.hidden_size), adapter_dir)
         return [TaskPrompt(name, kind, tensors={"prompt": emb}, **common)]
     if kind == "prefix":
         width = dims.num_layers * 2 * dims.kv_dim
-        _expect("prefix prompt_embeddings shape", tuple(emb.shape), (n, width), adapter_dir)
+        _expect_shape("prefix prompt_embeddings", emb, (n, width), adapter_dir)
         # PEFT get_prompt: view [n, 2L, H, hd] -> permute [2L, H, n, hd]; layer l uses rows 2l (K), 2l+1 (V).
         kv = emb.reshape(n, 2 * dims.num_layers, dims.num_kv_heads, dims.head_dim).transpose(1, 2, 0, 3)
         kv = np.ascontiguousarray(kv.reshape(dims.num_layers, 2, dims.num_kv_heads, n, dims.head_dim))
@@ -210,9 +215,9 @@ def load_adapter(name: str, adapter_dir: str | Path, base_config) -> list[TaskPr
     if cols is None or rows is None:
         raise AdapterError(f"MPT adapter {str(adapter_dir)!r} lacks prefix_task_cols / prefix_task_rows")
     k, r = int(cfg.get("num_tasks") or cols.shape[0]), int(cfg.get("num_ranks") or cols.shape[2])
-    _expect("MPT shared prompt shape", tuple(emb.shape), (n, dims.hidden_size), adapter_dir)
-    _expect("MPT prefix_task_cols shape", tuple(cols.shape), (k, n, r), adapter_dir)
-    _expect("MPT prefix_task_rows shape", tuple(rows.shape), (k, r, dims.hidden_size), adapter_dir)
+    _expect_shape("MPT shared prompt", emb, (n, dims.hidden_size), adapter_dir)
+    _expect_shape("MPT prefix_task_cols", cols, (k, n, r), adapter_dir)
+    _expect_shape("MPT prefix_task_rows", rows, (k, r, dims.hidden_size), adapter_dir)
     return [
         TaskPrompt(
             f"{name}/{t}",

@@ -69,6 +69,7 @@ class PromptedBackbone(nn.Module):
         self.spec = arch_for(model.config.model_type)
         self.num_layers = model.config.num_hidden_layers
         self.embed = model.get_input_embeddings()
+        self.eval()  # the wrapper itself too: nn.Module starts in training mode
 
     def forward(self, input_ids, *args):
         if self.spec.token_types:
@@ -110,6 +111,7 @@ class FoldedBackbone(nn.Module):
         self.has_prefix = backbone.spec.supports_prefix
         for name in prompt_inputs(backbone.model.config.model_type):
             self.register_buffer(name, prompt_tensors[name], persistent=False)
+        self.eval()
 
     def forward(self, input_ids, *layout):
         batch = input_ids.shape[0]
@@ -126,5 +128,6 @@ class FoldedBackbone(nn.Module):
             self.mpt_rows,
         ]
         if self.has_prefix:
-            prompts += [self.prefix_keys.expand(-1, batch, -1, -1, -1), self.prefix_values.expand(-1, batch, -1, -1, -1)]
+            prompts += [self.prefix_keys.expand(-1, batch, -1, -1, -1),
+                        self.prefix_values.expand(-1, batch, -1, -1, -1)]
         return self.backbone(input_ids, *layout, *prompts)

@@ -1,0 +1,87 @@
+"""`promptmux verify`: the deployment against PEFT eager on the same inputs, task by task.
+
+PEFT runs each adapter on its own (it serves one adapter per batch); the deployment runs one
+mixed batch holding the rows of every task. Rows are compared one by one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .adapters import KIND_OF_PEFT_TYPE, read_adapter_config
+from .deploy import load_base_config
+
+
+def verification_batch(vocab_size: int, pad_id: int, rows: int, seq: int, padding_side: str, seed: int = 0):
+    """Random token ids with varied padding (pads carry the pad id, as a tokenizer writes them)."""
+    rng = np.random.default_rng(seed)
+    low = 5 if vocab_size > 10 else 0
+    ids = rng.integers(low, vocab_size, size=(rows, seq))
+    mask = np.ones_like(ids)
+    for i in range(rows):
+        pad = i % max(1, min(4, seq - 1))
+        if pad:
+            if padding_side == "left":
+                mask[i, :pad] = 0
+            else:
+                mask[i, -pad:] = 0
+    return np.where(mask == 1, ids, pad_id), mask
+
+
+def peft_outputs(base_dir, adapter_dir, ids: np.ndarray, mask: np.ndarray, family: str,
+                 mpt_task: int | None = None) -> list[np.ndarray]:
+    """PEFT eager, per row, in the runtime's output format."""
+    from peft import PeftModel
+
+    from .deploy import load_base_model
+
+    cfg = read_adapter_config(adapter_dir)
+    model = PeftModel.from_pretrained(load_base_model(base_dir), str(adapter_dir)).eval()
+    kwargs = {"task_ids": torch.full((ids.shape[0],), mpt_task)} if mpt_task is not None else {}
+    with torch.inference_mode():
+        logits = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **kwargs).logits
+    logits = logits.float().numpy()
+    if family == "encoder":
+        return list(logits)
+    skip = 0 if KIND_OF_PEFT_TYPE[cfg["peft_type"]] == "prefix" else cfg["num_virtual_tokens"]
+    return [logits[i, skip:][mask[i].astype(bool)] for i in range(ids.shape[0])]
+
+
+def verify(deploy_dir, base_dir, adapters: dict[str, str | Path], backend: str = "onnxruntime",
+           rows_per_task: int = 3, seq: int = 12, quiet: bool = False) -> dict[str, float]:
+    """Max abs difference per task between the deployment (one mixed batch) and PEFT eager."""
+    from tqdm.auto import tqdm
+
+    from promptmux.runtime.runtime import Runtime
+
+    from .archs import arch_for
+
+    rt = Runtime(deploy_dir, backend=backend, base=base_dir)
+    config = load_base_config(base_dir)
+    family = arch_for(config.model_type).family
+    # Which tasks each adapter provides, as named in the deployment.
+    plan: list[tuple[str, str, int | None]] = []  # (task, adapter name, mpt task id)
+    for name, path in adapters.items():
+        cfg = read_adapter_config(path)
+        if cfg.get("peft_type") == "MULTITASK_PROMPT_TUNING":
+            plan += [(f"{name}/{t}", name, t) for t in range(int(cfg["num_tasks"]))]
+        else:
+            plan.append((name, name, None))
+    missing = [t for t, _, _ in plan if t not in rt.tasks]
+    if missing:
+        raise ValueError(f"the deployment has no task(s) {', '.join(missing)}; "
+                         f"it serves {', '.join(rt.tasks)}")
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    ids, mask = verification_batch(config.vocab_size, pad, rows_per_task * len(plan), seq,
+                                   "left" if family == "decoder" else "right")
+    tasks = [plan[i % len(plan)][0] for i in range(ids.shape[0])]
+    got = rt.forward(ids, mask, tasks)
+    worst: dict[str, float] = {}
+    for task, adapter, mpt_task in tqdm(plan, desc="verify", unit="task", disable=quiet, leave=False):
+        rows = [i for i, t in enumerate(tasks) if t == task]
+        want = peft_outputs(base_dir, adapters[adapter], ids[rows], mask[rows], family, mpt_task)
+        worst[task] = max(float(np.abs(got[r] - w).max()) for r, w in zip(rows, want))
+    return worst

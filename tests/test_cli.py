@@ -1,0 +1,108 @@
+"""The command line, run as users run it: `python -m promptmux ...` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import VOCAB, adapter_configs, make_adapter, make_base
+
+
+def promptmux(*args, check=True):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "promptmux", "--quiet", *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from transformers import BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("cli")
+    base = make_base("bert", root / "base")
+    words = ["good", "bad", "film", "plot", "great", "awful", "the", "a", "is", "was"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
+    vocab += [f"w{i}" for i in range(VOCAB - len(vocab))]
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(base)
+    cfgs = adapter_configs("bert")
+    adapters = {name: make_adapter("bert", base, cfgs[name], root / name, seed=i + 1)
+                for i, name in enumerate(["pt", "prefix", "mpt"])}
+    return {"root": root, "base": base, "adapters": adapters}
+
+
+@pytest.fixture(scope="module")
+def deployed(setup):
+    out = setup["root"] / "deploy"
+    proc = promptmux("export", "--base", setup["base"], *sum((["--adapter", f"{n}={p}"]
+                     for n, p in setup["adapters"].items()), []), "--out", out)
+    return out, json.loads(proc.stdout)
+
+
+def test_export_reports_every_task(deployed):
+    out, report = deployed
+    assert report["tasks"] == ["pt", "prefix", "mpt/0", "mpt/1", "mpt/2"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["base"]["model_type"] == "bert" and len(manifest["base"]["config_sha256"]) == 64
+    assert {t["kind"] for t in manifest["tasks"]} == {"prompt", "prefix", "mpt"}
+    assert (out / "model.onnx").is_file() and (out / "model.onnx.data").is_file()
+    assert (out / "tokenizer.json").is_file() or (out / "vocab.txt").is_file()
+
+
+def test_tasks_list_json(deployed):
+    out, _ = deployed
+    rows = json.loads(promptmux("tasks", out, "list", "--json").stdout)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["prefix"]["shapes"]["prefix"] == [2, 2, 4, 4, 8]
+    assert by_name["mpt/1"]["shapes"] == {"shared": [4, 32], "cols": [4, 2], "rows": [2, 32]}
+
+
+def test_run_prints_json_classification(deployed):
+    out, _ = deployed
+    result = json.loads(promptmux("run", out, "--task", "mpt/2", "--text", "the film was great").stdout)
+    assert result["task"] == "mpt/2" and len(result["scores"]) == 3
+    assert abs(sum(result["scores"]) - 1) < 1e-5 and result["label_id"] == max(range(3), key=result["scores"].__getitem__)
+
+
+def test_run_unknown_task_is_a_clear_error(deployed):
+    out, _ = deployed
+    proc = promptmux("run", out, "--task", "nope", "--text", "good", check=False)
+    assert proc.returncode == 2
+    assert "unknown task 'nope'; this deployment serves: pt, prefix, mpt/0, mpt/1, mpt/2" in proc.stderr
+
+
+def test_tasks_add_then_remove_without_reexport(deployed, setup):
+    out, _ = deployed
+    graph_before = (out / "model.onnx").stat().st_mtime_ns
+    assert json.loads(promptmux("tasks", out, "add", f"pt2={setup['adapters']['pt']}").stdout) == {"added": ["pt2"]}
+    assert "pt2" in [r["name"] for r in json.loads(promptmux("tasks", out, "list", "--json").stdout)]
+    assert json.loads(promptmux("tasks", out, "remove", "pt2").stdout) == {"removed": ["pt2"]}
+    assert (out / "model.onnx").stat().st_mtime_ns == graph_before
+
+
+def test_verify_passes_for_the_exported_adapters(deployed, setup):
+    out, _ = deployed
+    proc = promptmux("verify", out, "--base", setup["base"],
+                     *sum((["--adapter", f"{n}={p}"] for n, p in setup["adapters"].items()), []))
+    lines = [line.split("\t") for line in proc.stdout.splitlines() if "\t" in line]
+    assert [name for name, *_ in lines] == ["pt", "prefix", "mpt/0", "mpt/1", "mpt/2"]
+    assert all(float(diff.split("=")[1]) < 1e-4 for _, diff, _ in lines)
+
+
+def test_verify_fails_when_the_deployment_differs(deployed, setup):
+    out, _ = deployed
+    other = make_adapter("bert", setup["base"], adapter_configs("bert")["pt"], setup["root"] / "other", seed=99)
+    proc = promptmux("verify", out, "--base", setup["base"], "--adapter", f"pt={other}", check=False)
+    assert proc.returncode == 1
+    assert "FAIL" in proc.stdout and "differ from PEFT eager by more than 0.0001" in proc.stderr
+
+
+def test_bad_adapter_flag(setup, tmp_path):
+    proc = promptmux("export", "--base", setup["base"], "--adapter", "noequals", "--out", tmp_path / "o", check=False)
+    assert proc.returncode == 2 and "--adapter takes NAME=DIR, got 'noequals'" in proc.stderr

@@ -1,0 +1,191 @@
+"""Every refusal a user can cause says what was wrong (and names both values for mismatches)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import adapter_configs, make_adapter, make_base, random_batch
+
+from promptmux import AdapterError, InputError, Runtime, UnknownTaskError, export_deployment, load_adapter
+from promptmux.export.archs import UnsupportedModelError
+from promptmux.export.deploy import load_base_config
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    root = tmp_path_factory.mktemp("errs")
+    base = make_base("bert", root / "base")
+    pt = make_adapter("bert", base, adapter_configs("bert")["pt"], root / "pt", seed=1, train_steps=0)
+    return {"root": root, "base": base, "pt": pt, "config": load_base_config(base)}
+
+
+def _edit_config(src, dst, **changes):
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_pickled_adapter_is_refused(bert, tmp_path):
+    d = tmp_path / "pickled"
+    shutil.copytree(bert["pt"], d)
+    (d / "adapter_model.safetensors").rename(d / "adapter_model.bin")
+    with pytest.raises(AdapterError, match="adapter_model.bin, a pickle; promptmux loads safetensors only"):
+        load_adapter("x", d, bert["config"])
+
+
+def test_missing_adapter_folder(bert, tmp_path):
+    with pytest.raises(AdapterError, match="does not exist"):
+        load_adapter("x", tmp_path / "nope", bert["config"])
+
+
+def test_folder_without_adapter_config(bert, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterError, match="has no adapter_config.json"):
+        load_adapter("x", tmp_path / "empty", bert["config"])
+
+
+def test_non_prompt_method_is_refused(bert, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from promptmux.export.deploy import load_base_model
+
+    model = get_peft_model(load_base_model(bert["base"]), LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
+    model.save_pretrained(tmp_path / "lora")
+    with pytest.raises(AdapterError, match="is LORA, not a prompt-learning method"):
+        load_adapter("x", tmp_path / "lora", bert["config"])
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("token_dim", 48, "hidden size is 48 in the adapter but 32 in the base model"),
+    ("num_layers", 3, "number of layers is 3 in the adapter but 2 in the base model"),
+    ("num_attention_heads", 8, "number of attention heads is 8 in the adapter but 4 in the base model"),
+    ("task_type", "CAUSAL_LM", "task type CAUSAL_LM but the base model \\(bert\\) is exported for SEQ_CLS"),
+])
+def test_config_mismatch_names_both_values(bert, tmp_path, field, value, message):
+    d = _edit_config(bert["pt"], tmp_path / "bad", **{field: value})
+    with pytest.raises(AdapterError, match=message):
+        load_adapter("x", d, bert["config"])
+
+
+def test_prompt_shape_mismatch_names_both_values(bert, tmp_path):
+    d = _edit_config(bert["pt"], tmp_path / "bad", num_virtual_tokens=7)
+    with pytest.raises(AdapterError, match=r"prompt_embeddings shape is \(4, 32\) in the adapter but \(7, 32\) in what adapter_config"):
+        load_adapter("x", d, bert["config"])
+
+
+def test_model_type_and_vocab_mismatch_via_recorded_base(bert, tmp_path):
+    gpt = make_base("gpt2", tmp_path / "gpt2")
+    d = _edit_config(bert["pt"], tmp_path / "bad", base_model_name_or_path=str(gpt))
+    with pytest.raises(AdapterError, match="model type is gpt2 in the adapter but bert in the base model"):
+        load_adapter("x", d, bert["config"])
+
+
+def test_prefix_mismatch_for_grouped_query_attention(tmp_path):
+    llama = make_base("llama", tmp_path / "llama")
+    cfg = adapter_configs("llama")["prefix"]
+    d = make_adapter("llama", llama, cfg, tmp_path / "prefix", seed=1, train_steps=0)
+    bad = _edit_config(d, tmp_path / "bad", num_attention_heads=4)
+    with pytest.raises(AdapterError, match="number of key/value heads is 4 in the adapter but 2 in the base model"):
+        load_adapter("x", bad, load_base_config(llama))
+
+
+def test_prefix_tuning_refused_for_distilbert(bert, tmp_path):
+    distil = make_base("distilbert", tmp_path / "distil")
+    d = _edit_config(bert["pt"], tmp_path / "prefix", peft_type="PREFIX_TUNING")
+    with pytest.raises(AdapterError, match="PREFIX_TUNING, which distilbert does not support"):
+        load_adapter("x", d, load_base_config(distil))
+
+
+def test_modules_to_save_outside_the_head_is_refused(bert, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "extra"
+    shutil.copytree(bert["pt"], d)
+    w = load_file(str(d / "adapter_model.safetensors"))
+    w["base_model.bert.pooler.dense.weight"] = torch.zeros(32, 32)
+    save_file(w, str(d / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match="'base_model.bert.pooler.dense.weight' .* not part of this model's"):
+        load_adapter("x", d, bert["config"])
+
+
+def test_bad_task_names(bert):
+    with pytest.raises(AdapterError, match="task name 'a/b' is not allowed"):
+        load_adapter("a/b", bert["pt"], bert["config"])
+
+
+def test_unsupported_model_family(tmp_path):
+    from transformers import T5Config
+
+    T5Config(d_model=32, num_layers=1, num_heads=2, d_ff=16, d_kv=16, vocab_size=50).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="model type 't5' is not supported"):
+        load_base_config(tmp_path)
+
+
+def test_export_refuses_nonempty_target_and_duplicate_names(bert, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        export_deployment(bert["base"], {"a": bert["pt"]}, tmp_path / "out", quiet=True)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "user data"
+    with pytest.raises(AdapterError, match="--fold 'zzz' names no task"):
+        export_deployment(bert["base"], {"a": bert["pt"]}, tmp_path / "o2", fold="zzz", quiet=True)
+
+
+def test_failed_export_leaves_no_folder(bert, tmp_path, monkeypatch):
+    from promptmux.export import onnx_export
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated failure during export")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", boom)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        export_deployment(bert["base"], {"a": bert["pt"]}, tmp_path / "out", quiet=True)
+    assert list(tmp_path.iterdir()) == []  # neither the target nor a temp folder
+
+
+@pytest.fixture(scope="module")
+def rt(bert):
+    return Runtime(export_deployment(bert["base"], {"pt": bert["pt"]}, bert["root"] / "deploy", quiet=True))
+
+
+def test_unknown_task_lists_the_served_ones(rt):
+    ids, mask = random_batch("bert", rows=1, seq=5, seed=0, padding_side="right")
+    with pytest.raises(UnknownTaskError, match="unknown task 'nope'; this deployment serves: pt"):
+        rt.forward(ids, mask, ["nope"])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(attention_mask=np.ones((2, 4), int)), r"attention_mask has shape \(2, 4\) but input_ids has \(2, 5\)"),
+    (dict(tasks=["pt"] * 3), "got 3 task names for 2 rows"),
+    (dict(attention_mask=np.full((2, 5), 2)), "attention_mask must contain only 0 and 1"),
+    (dict(attention_mask=np.zeros((2, 5), int)), "have no real token"),
+])
+def test_bad_forward_inputs(rt, kwargs, message):
+    ids, _ = random_batch("bert", rows=2, seq=5, seed=0, padding_side="right")
+    args = dict(attention_mask=np.ones_like(ids), tasks=["pt", "pt"])
+    args.update(kwargs)
+    with pytest.raises(InputError, match=message):
+        rt.forward(ids, **args)
+
+
+def test_out_of_vocab_and_too_long_inputs(rt):
+    with pytest.raises(InputError, match=r"input_ids must lie in \[0, 120\)"):
+        rt.forward(np.array([[1, 500]]), None, "pt")
+    with pytest.raises(InputError, match="exceed the model's 64 positions"):
+        rt.forward(np.ones((1, 61), int), None, "pt")  # 61 tokens + 4 virtual tokens > 64
+
+
+def test_unknown_backend(rt):
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt-llm'"):
+        Runtime(rt.dir, backend="tensorrt-llm")
+
+
+def test_not_a_deployment(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a promptmux deployment"):
+        Runtime(tmp_path)

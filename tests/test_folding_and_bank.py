@@ -1,0 +1,92 @@
+"""--fold deployments, and adding/removing tasks without re-exporting the graph."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import adapter_configs, make_adapter, random_batch
+from safetensors import safe_open
+
+from promptmux import Runtime, UnknownTaskError, export_deployment
+from promptmux.runtime.bank import BANK_FILE
+
+TOL = 1e-4
+
+
+@pytest.mark.parametrize("deployment,task", [("bert", "pt"), ("gpt2", "prefix"), ("llama", "mpt/2")],
+                         indirect=["deployment"])
+def test_folded_deployment_matches_unfolded(deployment, task, tmp_path):
+    folded_dir = export_deployment(deployment.base, deployment.adapters, tmp_path / "folded", fold=task, quiet=True)
+    manifest = json.loads((folded_dir / "manifest.json").read_text())
+    assert manifest["folded"] == {"task": task, "file": "model_folded.onnx"}
+    folded = Runtime(folded_dir)
+    plain = Runtime(deployment.deploy)
+    ids, mask = random_batch(deployment.arch, rows=3, seq=7, seed=8, padding_side="left")
+    got = folded.forward(ids, mask, [task] * 3)
+    want = plain.forward(ids, mask, [task] * 3)
+    assert max(float(np.abs(g - w).max()) for g, w in zip(got, want)) < TOL
+    # The folded graph really is the one that ran: it has no prompt inputs.
+    assert "prompt_embeds" not in folded.folded_session.input_names
+    assert folded.folded_session is not None
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_folded_graph_bakes_the_prompt_as_constant(deployment, tmp_path):
+    import onnx
+
+    d = export_deployment(deployment.base, {"pt": deployment.adapters["pt"]}, tmp_path / "f", fold="pt", quiet=True)
+    graph = onnx.load(str(d / "model_folded.onnx"))
+    assert "prompt_embeds" not in [i.name for i in graph.graph.input]
+    main = onnx.load(str(d / "model.onnx"), load_external_data=False)
+    assert "prompt_embeds" in [i.name for i in main.graph.input]
+
+
+@pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
+def test_add_and_remove_task_on_loaded_runtime(deployment, tmp_path):
+    rt = Runtime(deployment.deploy)
+    extra = make_adapter("gpt2", deployment.base, adapter_configs("gpt2")["pt"], tmp_path / "extra", seed=77)
+    ids, mask = random_batch("gpt2", rows=2, seq=6, seed=3, padding_side="left")
+    with pytest.raises(UnknownTaskError, match="unknown task 'extra'"):
+        rt.forward(ids, mask, ["extra", "pt"])
+    assert rt.add_task("extra", extra) == ["extra"]
+    got = rt.forward(ids, mask, ["extra", "pt"])
+    from conftest import peft_rows
+
+    want = peft_rows("gpt2", deployment.base, extra, ids[:1], mask[:1])
+    assert float(np.abs(got[0] - want[0]).max()) < TOL
+    assert rt.remove_task("extra") == ["extra"]
+    with pytest.raises(UnknownTaskError):
+        rt.forward(ids, mask, ["extra", "pt"])
+    # Not persisted: the folder still has the original tasks.
+    assert "extra" not in Runtime(deployment.deploy).tasks
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_persisted_bank_change_reaches_the_folder(deployment, tmp_path):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(deployment.deploy, folder)
+    rt = Runtime(folder)
+    rt.add_task("pt2", deployment.adapters["pt"], persist=True)
+    assert "pt2" in Runtime(folder).tasks
+    assert "pt2" in [t["name"] for t in json.loads((folder / "manifest.json").read_text())["tasks"]]
+    rt.remove_task("mpt", persist=True)  # an MPT adapter name removes all its tasks
+    again = Runtime(folder)
+    assert not [t for t in again.tasks if t.startswith("mpt/")]
+    assert "mpt1/0" in again.tasks
+    assert not list(folder.glob(".bank-*"))  # no temp files left behind
+
+
+@pytest.mark.parametrize("deployment", ["llama"], indirect=True)
+def test_mpt_tasks_share_one_stored_prompt(deployment):
+    with safe_open(str(deployment.deploy / BANK_FILE), "numpy") as f:
+        keys = list(f.keys())
+    shared = [k for k in keys if k.startswith("shared/")]
+    assert len(shared) == 2  # two MPT adapters: mpt (3 tasks) and mpt1 (1 task)
+    assert len([k for k in keys if k.startswith("task/mpt/") and k.endswith("/cols")]) == 3
+    rt = Runtime(deployment.deploy)
+    view = rt.bank.view("mpt/1")
+    assert view.cols.shape == (4, 2) and view.rows.shape == (2, 32)  # rank-2 factors, not a composed prompt

@@ -1,0 +1,27 @@
+"""A plain (non-editable) `pip install .` imports correctly and installs no top-level export/runtime."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_plain_install_imports_every_subpackage(tmp_path):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(ROOT)], check=True, capture_output=True, timeout=600)
+    top_level = sorted(p.name for p in target.iterdir() if not p.name.endswith(".dist-info"))
+    assert top_level == ["bin", "promptmux"] or top_level == ["promptmux"], top_level
+    code = ("import promptmux, promptmux.export.deploy, promptmux.runtime.runtime, promptmux.kernels, "
+            "promptmux.bench, promptmux.demo, promptmux.cli; print(promptmux.__file__); "
+            "print(sorted(p.name for p in (__import__('pathlib').Path(promptmux.demo.__file__).parent"
+            " / 'adapters').glob('*/adapter_model.safetensors')))")
+    env = dict(os.environ, PYTHONPATH=str(target))
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path,
+                         env=env).stdout.splitlines()
+    assert out[0].startswith(str(target))
+    assert out[1] == "['adapter_model.safetensors', 'adapter_model.safetensors']"  # both demo adapters ship
