@@ -145,7 +145,7 @@ def export_deployment(
         with torch.inference_mode():
             reference = backbone(*[torch.from_numpy(feeds[n]) for n in input_names(config.model_type)]).numpy()
         bar.set_postfix_str("optimizing with ONNX Runtime")
-        opt_report = optimize_onnx(tmp / GRAPH, feeds, reference, tolerance) if optimize else {"kept": False}
+        opt_report = optimize_onnx(tmp / GRAPH, config, feeds, reference, tolerance) if optimize else None
         bar.update()
 
         folded = None
@@ -154,7 +154,7 @@ def export_deployment(
             one = build_layout(spec, position_offset(config), config.pad_token_id, feeds["input_ids"][:1],
                                np.ones_like(feeds["input_ids"][:1]), None, [bank.view(fold)], dims)
             export_onnx(fold_task(backbone, one.feeds), config, tmp / FOLDED_GRAPH, folded=True)
-            folded = {"task": fold, "file": FOLDED_GRAPH}
+            folded = {"task": fold, "file": FOLDED_GRAPH, "digest": bank.digest(fold)}
             bar.update()
 
         bar.set_postfix_str("writing bank, tokenizer, manifest")

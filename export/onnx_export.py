@@ -139,12 +139,57 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
                     location=data.name, size_threshold=1024)
 
 
-def optimize_onnx(path: Path, feeds: dict[str, np.ndarray], reference: np.ndarray, tolerance: float) -> dict:
-    """Apply ONNX Runtime's portable graph optimizations offline and keep them only if outputs still match.
+# ORT's transformer optimizer knows these families under these names.
+TRANSFORMER_OPTIMIZER_TYPES = {"bert": "bert", "roberta": "bert", "distilbert": "bert", "gpt2": "gpt2"}
 
-    Level EXTENDED (constant folding, redundant-node elimination, fusions of standard ops) is kept in the
-    file; hardware-specific rewrites (ENABLE_ALL: layout changes) are applied by each session at load.
+
+def _max_diff(path: Path, feeds: dict[str, np.ndarray], reference: np.ndarray) -> float:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})[0]
+    return float(np.abs(out - reference).max())
+
+
+def optimize_onnx(path: Path, config, feeds: dict[str, np.ndarray], reference: np.ndarray, tolerance: float) -> dict:
+    """Apply ONNX Runtime's graph optimizations offline, keeping each step only if outputs still match.
+
+    1. Level EXTENDED (constant folding, redundant-node elimination, fusions such as SkipLayerNormalization)
+       is kept in the file; hardware-specific rewrites (ENABLE_ALL) are applied by each session at load.
+    2. ORT's transformer optimizer (fusions in Python: attention, Gelu, ...) where it knows the family.
+    Returns a report for the manifest.
     """
+    report = {"extended": _ort_extended(path, feeds, reference, tolerance)}
+    opt_type = TRANSFORMER_OPTIMIZER_TYPES.get(config.model_type)
+    if opt_type:
+        report["transformer_optimizer"] = _transformer_optimizer(path, config, opt_type, feeds, reference, tolerance)
+    return report
+
+
+def _transformer_optimizer(path, config, opt_type, feeds, reference, tolerance) -> dict:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    dims = dims_of(config)
+    tmp = path.with_name(path.stem + ".tf.onnx")
+    try:
+        model = optimize_model(str(path), model_type=opt_type, num_heads=dims.num_heads,
+                               hidden_size=dims.hidden_size, opt_level=0)
+        fused = {k: v for k, v in model.get_fused_operator_statistics().items() if v}
+        _save(model.model, tmp)
+        diff = _max_diff(tmp, feeds, reference)
+    except Exception as e:  # the optimizer is pattern-based; a graph it cannot handle stays as it is
+        log.info("ORT transformer optimizer skipped (no pattern it knows): %s", e)
+        return {"kept": False, "error": str(e)[:300]}
+    report = {"model_type": opt_type, "fusions": fused, "max_abs_diff": diff,
+              "kept": bool(fused) and diff <= tolerance}
+    if report["kept"]:
+        _save(onnx.load(str(tmp)), path)
+    for f in (tmp, tmp.with_name(tmp.name + ".data")):
+        f.unlink(missing_ok=True)
+    return report
+
+
+def _ort_extended(path: Path, feeds, reference, tolerance) -> dict:
     import onnxruntime as ort
 
     tmp = path.with_name(path.stem + ".opt.onnx")
@@ -156,11 +201,8 @@ def optimize_onnx(path: Path, feeds: dict[str, np.ndarray], reference: np.ndarra
     ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     before = len(onnx.load(str(path), load_external_data=False).graph.node)
     after = len(onnx.load(str(tmp), load_external_data=False).graph.node)
-    sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
-    out = sess.run(None, {n: feeds[n] for n in names})[0]
-    diff = float(np.abs(out - reference).max())
-    report = {"level": "extended", "nodes_before": before, "nodes_after": after, "max_abs_diff": diff}
+    diff = _max_diff(tmp, feeds, reference)
+    report = {"nodes_before": before, "nodes_after": after, "max_abs_diff": diff}
     report["kept"] = diff <= tolerance
     if report["kept"]:
         # Re-save under the graph's own name: the file records where its external data lives.

@@ -104,6 +104,15 @@ class PromptBank:
             **arr,
         )
 
+    def digest(self, name: str) -> str:
+        """A fingerprint of one task's prompt and head tensors (detects a task replaced under its name)."""
+        e = self.index[name]
+        h = hashlib.sha256()
+        for key in sorted(list(e["tensors"].values()) + list(e["head"].values())):
+            h.update(key.encode())
+            h.update(np.ascontiguousarray(self.arrays[key]).tobytes())
+        return h.hexdigest()
+
     def describe(self) -> list[dict]:
         """One JSON-able row per task (for manifests and `promptmux tasks list`)."""
         rows = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from pathlib import Path
 from typing import Sequence
@@ -16,6 +17,7 @@ from .bank import PromptBank, TaskView, UnknownTaskError
 from .layout import build_layout
 
 BACKENDS = ("onnxruntime", "torch")
+log = logging.getLogger("promptmux.runtime")
 
 
 class InputError(ValueError):
@@ -71,6 +73,9 @@ class Runtime:
         self.max_positions = getattr(self.config, "max_position_embeddings", None) or getattr(
             self.config, "n_positions", None)
         folded = self.manifest.get("folded") if use_folded else None
+        if folded and (folded["task"] not in self.bank or self.bank.digest(folded["task"]) != folded.get("digest")):
+            log.warning("task %r changed since it was folded; serving it from the main graph", folded["task"])
+            folded = None
         self.folded_task = folded["task"] if folded else None
 
         if backend == "onnxruntime":
@@ -217,8 +222,11 @@ class Runtime:
             texts = [texts]
         if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
             raise InputError("texts must be a non-empty list of non-empty strings")
+        tok = self.tokenizer
+        if tok.pad_token is None:  # GPT-2 style tokenizers: pad with EOS (masked out anyway)
+            tok.pad_token = tok.eos_token
         limit = (self.max_positions or 512) - max((self.bank.view(t).num_virtual_tokens for t in self.tasks), default=0)
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max(limit, 1), return_tensors="np")
+        enc = tok(list(texts), padding=True, truncation=True, max_length=max(limit, 1), return_tensors="np")
         return enc
 
     def classify(self, texts: Sequence[str], tasks: str | Sequence[str]) -> list[dict]:

