@@ -94,7 +94,25 @@ def read_adapters(adapters: dict[str, str | Path], config) -> list[TaskPrompt]:
 def _progress(total: int, quiet: bool):
     from tqdm.auto import tqdm
 
+    _quiet_libraries()
     return tqdm(total=total, desc="export", unit="step", disable=quiet, leave=False)
+
+
+def _quiet_libraries() -> None:
+    """Keep the exporters' internal chatter (missing torchvision ops, pattern-matcher notes) off the terminal."""
+    import warnings
+
+    for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxruntime", "onnxscript", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def export_deployment(
@@ -125,7 +143,7 @@ def export_deployment(
     if fold is not None and fold not in {t.name for t in tasks}:
         raise AdapterError(f"--fold {fold!r} names no task; tasks are: {', '.join(t.name for t in tasks)}")
 
-    bar = _progress(6 if fold else 5, quiet)
+    bar = _progress(5 if fold else 4, quiet)
     bar.set_postfix_str("loading base model")
     model = load_base_model(base_dir, config)
     backbone = PromptedBackbone(model)

@@ -171,6 +171,9 @@ def _transformer_optimizer(path, config, opt_type, feeds, reference, tolerance) 
 
     dims = dims_of(config)
     tmp = path.with_name(path.stem + ".tf.onnx")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its modules log under bare names ("onnx_model", ...) about patterns not found
     try:
         model = optimize_model(str(path), model_type=opt_type, num_heads=dims.num_heads,
                                hidden_size=dims.hidden_size, opt_level=0)
@@ -180,6 +183,8 @@ def _transformer_optimizer(path, config, opt_type, feeds, reference, tolerance) 
     except Exception as e:  # the optimizer is pattern-based; a graph it cannot handle stays as it is
         log.info("ORT transformer optimizer skipped (no pattern it knows): %s", e)
         return {"kept": False, "error": str(e)[:300]}
+    finally:
+        root.setLevel(level)
     report = {"model_type": opt_type, "fusions": fused, "max_abs_diff": diff,
               "kept": bool(fused) and diff <= tolerance}
     if report["kept"]:

@@ -106,3 +106,22 @@ def test_verify_fails_when_the_deployment_differs(deployed, setup):
 def test_bad_adapter_flag(setup, tmp_path):
     proc = promptmux("export", "--base", setup["base"], "--adapter", "noequals", "--out", tmp_path / "o", check=False)
     assert proc.returncode == 2 and "--adapter takes NAME=DIR, got 'noequals'" in proc.stderr
+
+
+def test_run_on_a_causal_lm_prints_next_token_candidates(tmp_path):
+    """GPT-2 style tokenizer without a pad token: the runtime pads with EOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    base = make_base("gpt2", tmp_path / "base")
+    vocab = {"<eos>": 0, "<unk>": 1} | {f"w{i}": i + 2 for i in range(VOCAB - 2)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", unk_token="<unk>").save_pretrained(base)
+    adapter = make_adapter("gpt2", base, adapter_configs("gpt2")["prefix"], tmp_path / "prefix", seed=5)
+    out = tmp_path / "deploy"
+    promptmux("export", "--base", base, "--adapter", f"p={adapter}", "--out", out)
+    result = json.loads(promptmux("run", out, "--task", "p", "--text", "w3 w7 w9").stdout)
+    top = result["next_token"]
+    assert len(top) == 5 and top[0]["logit"] >= top[-1]["logit"]
+    assert all(t["token"] in vocab for t in top)

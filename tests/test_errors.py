@@ -189,3 +189,14 @@ def test_unknown_backend(rt):
 def test_not_a_deployment(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a promptmux deployment"):
         Runtime(tmp_path)
+
+
+def test_vocab_mismatch_via_recorded_base(bert, tmp_path):
+    from transformers import BertConfig
+
+    other = tmp_path / "other-bert"
+    cfg = json.loads((bert["base"] / "config.json").read_text())
+    BertConfig(**{**cfg, "vocab_size": 999}).save_pretrained(other)
+    d = _edit_config(bert["pt"], tmp_path / "bad", base_model_name_or_path=str(other))
+    with pytest.raises(AdapterError, match="vocab size is 999 in the adapter but 120 in the base model"):
+        load_adapter("x", d, bert["config"])
