@@ -32,6 +32,7 @@ log = logging.getLogger("promptmux.export")
 
 MANIFEST = "manifest.json"
 GRAPH = "model.onnx"
+DECODER_GRAPH = "decoder.onnx"  # causal LMs: the cached graph for generation
 FOLDED_GRAPH = "model_folded.onnx"
 FORMAT_VERSION = 1
 
@@ -130,7 +131,8 @@ def export_deployment(
     from promptmux.runtime.bank import PromptBank
     from promptmux.runtime.layout import build_layout
 
-    from .onnx_export import export_onnx, fold_task, optimize_onnx
+    from .graph import PromptedDecoder
+    from .onnx_export import export_decoder_onnx, export_onnx, fold_task, optimize_onnx
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -143,7 +145,7 @@ def export_deployment(
     if fold is not None and fold not in {t.name for t in tasks}:
         raise AdapterError(f"--fold {fold!r} names no task; tasks are: {', '.join(t.name for t in tasks)}")
 
-    bar = _progress(5 if fold else 4, quiet)
+    bar = _progress(4 + bool(fold) + (spec.family == "decoder"), quiet)
     bar.set_postfix_str("loading base model")
     model = load_base_model(base_dir, config)
     backbone = PromptedBackbone(model)
@@ -165,6 +167,13 @@ def export_deployment(
         bar.set_postfix_str("optimizing with ONNX Runtime")
         opt_report = optimize_onnx(tmp / GRAPH, config, feeds, reference, tolerance) if optimize else None
         bar.update()
+
+        decoder = None
+        if spec.family == "decoder":
+            bar.set_postfix_str("exporting cached decoder graph")
+            export_decoder_onnx(PromptedDecoder(model), config, tmp / DECODER_GRAPH)
+            decoder = {"file": DECODER_GRAPH, "cache": "past_key_values.{i}.key/value -> present.{i}.key/value"}
+            bar.update()
 
         folded = None
         if fold is not None:
@@ -194,6 +203,7 @@ def export_deployment(
                       "output": "features" if spec.family == "encoder" else "logits",
                       "dtype": "float32", "ort_optimization": opt_report},
             "folded": folded,
+            "decoder": decoder,
             "tasks": bank.describe(),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))

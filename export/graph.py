@@ -71,6 +71,13 @@ class PromptedBackbone(nn.Module):
         self.embed = model.get_input_embeddings()
         self.eval()  # the wrapper itself too: nn.Module starts in training mode
 
+    def sequence(self, input_ids, order, prompt_embeds, mpt_task_ids, mpt_shared_ids, mpt_shared, mpt_cols, mpt_rows):
+        """Token embeddings with the input-level and MPT prompts in front, each row reordered by `order`."""
+        tokens = self.embed(input_ids)
+        x = torch.cat([prompt_embeds.to(tokens.dtype), tokens], dim=1)
+        x = mpt_prompt_concat(mpt_task_ids, mpt_shared_ids, mpt_shared, mpt_cols, mpt_rows, x)
+        return torch.gather(x, 1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
     def forward(self, input_ids, *args):
         if self.spec.token_types:
             token_type_ids, *args = args
@@ -79,11 +86,7 @@ class PromptedBackbone(nn.Module):
         (attention_mask, position_ids, order, prompt_embeds, mpt_task_ids, mpt_shared_ids, mpt_shared,
          mpt_cols, mpt_rows, *prefix) = args
 
-        tokens = self.embed(input_ids)
-        x = torch.cat([prompt_embeds.to(tokens.dtype), tokens], dim=1)
-        x = mpt_prompt_concat(mpt_task_ids, mpt_shared_ids, mpt_shared, mpt_cols, mpt_rows, x)
-        x = torch.gather(x, 1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
+        x = self.sequence(input_ids, order, prompt_embeds, mpt_task_ids, mpt_shared_ids, mpt_shared, mpt_cols, mpt_rows)
         kwargs = dict(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids)
         if prefix:  # prefix tuning: the per-row prefixes are the cache the tokens attend to
             keys, values = prefix
@@ -131,3 +134,43 @@ class FoldedBackbone(nn.Module):
             prompts += [self.prefix_keys.expand(-1, batch, -1, -1, -1),
                         self.prefix_values.expand(-1, batch, -1, -1, -1)]
         return self.backbone(input_ids, *layout, *prompts)
+
+
+def past_names(num_layers: int) -> list[str]:
+    """Optimum's cache input names."""
+    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def present_names(num_layers: int) -> list[str]:
+    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+DECODER_INPUTS = ("input_ids", "attention_mask", "position_ids", "order", "prompt_embeds", "mpt_task_ids",
+                  "mpt_shared_ids", "mpt_shared", "mpt_cols", "mpt_rows", "logits_index")
+
+
+class PromptedDecoder(PromptedBackbone):
+    """A causal LM for cached generation: one graph for prefill and every decoding step.
+
+    Inputs are those of PromptedBackbone (prompts still inputs) plus `logits_index` [B] (the position
+    whose next-token logits each row needs) and the cache `past_key_values.{i}.key/value`
+    [B, kv_heads, past, head_dim]; outputs `logits` [B, vocab] and `present.{i}.key/value` (past plus
+    this call's positions). The past holds prefix-tuning prefixes, precomputed prompt key/values, or
+    the tokens so far; any of them may be empty.
+    """
+
+    def forward(self, input_ids, attention_mask, position_ids, order, prompt_embeds, mpt_task_ids, mpt_shared_ids,
+                mpt_shared, mpt_cols, mpt_rows, logits_index, *past):
+        x = self.sequence(input_ids, order, prompt_embeds, mpt_task_ids, mpt_shared_ids, mpt_shared, mpt_cols,
+                          mpt_rows)
+        cache = DynamicCache([(past[2 * i].to(x.dtype), past[2 * i + 1].to(x.dtype))
+                              for i in range(self.num_layers)], config=self.model.config)
+        out = self.model.base_model(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids,
+                                    past_key_values=cache, use_cache=True, return_dict=True)
+        hidden = torch.gather(out.last_hidden_state, 1,
+                              logits_index.view(-1, 1, 1).expand(-1, 1, out.last_hidden_state.shape[-1]))
+        logits = self.model.get_output_embeddings()(hidden)[:, 0]
+        presents = []
+        for layer in out.past_key_values.layers:
+            presents += [layer.keys, layer.values]
+        return (logits, *presents)

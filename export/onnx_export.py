@@ -91,6 +91,15 @@ def _rename_axes(model: onnx.ModelProto) -> None:
             nice = AXES.get((inp.name, axis)) or (("batch" if axis == BATCH_AXIS.get(inp.name) else None))
             if dim.dim_param and nice:
                 rename.setdefault(dim.dim_param, nice)
+    for inp in model.graph.input:
+        if inp.name.startswith("past_key_values."):
+            dims = inp.type.tensor_type.shape.dim
+            for axis, nice in ((0, "batch"), (2, "past_length")):
+                if dims[axis].dim_param:
+                    rename.setdefault(dims[axis].dim_param, nice)
+    if "logits_index" in [i.name for i in model.graph.input]:
+        (dim,) = next(i for i in model.graph.input if i.name == "logits_index").type.tensor_type.shape.dim
+        rename.setdefault(dim.dim_param, "batch")
     for vi in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
         for dim in vi.type.tensor_type.shape.dim:
             if dim.dim_param in rename:
@@ -224,3 +233,40 @@ def fold_task(backbone: PromptedBackbone, layout_feeds: dict[str, np.ndarray]) -
     names = prompt_inputs(backbone.model.config.model_type)
     consts = {n: torch.from_numpy(np.ascontiguousarray(layout_feeds[n])) for n in names}
     return FoldedBackbone(backbone, consts)
+
+
+def export_decoder_onnx(module, config, path: Path) -> Path:
+    """Export a PromptedDecoder: prompts as inputs plus Optimum-named cache inputs and outputs."""
+    from .graph import DECODER_INPUTS, past_names, present_names
+
+    dims = dims_of(config)
+    base = example_inputs(config)  # b=2, s=9, p=3, tm=5 (n unused: the cache replaces prefix inputs)
+    b, past = base["input_ids"].shape[0], 4
+    length = base["order"].shape[1]
+    g = torch.Generator().manual_seed(1)
+    ex = {n: base[n] for n in DECODER_INPUTS if n in base}
+    ex["attention_mask"] = torch.ones(b, past + length, dtype=torch.long)
+    ex["logits_index"] = torch.full((b,), length - 1, dtype=torch.long)
+    for name in past_names(dims.num_layers):
+        ex[name] = torch.randn(b, dims.num_kv_heads, past, dims.head_dim, generator=g)
+    names = list(ex)
+    auto = torch.export.Dim.AUTO
+    shapes = {n: {a: auto for (inp, a) in AXES if inp == n} for n in names}
+    for n in ("attention_mask", "position_ids", "order", "prompt_embeds", "logits_index"):
+        shapes[n][0] = auto
+    for n in past_names(dims.num_layers):
+        shapes[n] = {0: auto, 2: auto}
+    program = torch.onnx.export(
+        module, tuple(ex.values()), dynamo=True, input_names=names,
+        output_names=["logits", *present_names(dims.num_layers)],
+        # forward(..., logits_index, *past): the cache shapes nest as one tuple
+        dynamic_shapes=(*(shapes[n] for n in DECODER_INPUTS), tuple(shapes[n] for n in past_names(dims.num_layers))),
+        custom_translation_table={torch.ops.promptmux.mpt_prompt_concat.default: mpt_function.torch_translation()},
+        optimize=True, verbose=False,
+    )
+    model = program.model_proto
+    mpt_function.attach(model)
+    _rename_axes(model)
+    _save(model, path)
+    onnx.checker.check_model(str(path))
+    return path

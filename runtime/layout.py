@@ -39,7 +39,10 @@ def build_layout(
     prompts: list,  # per row: the bank's TaskView
     dims,
     dtype=np.float32,
+    min_slots: int = 1,
 ) -> Layout:
+    """min_slots: the fewest prompt/MPT/prefix slots a batch gets even when no row uses that kind
+    (the full-sequence graph keeps one masked slot; the cached decoder takes zero-length axes)."""
     batch, seq = input_ids.shape
     d = dims.hidden_size
 
@@ -59,7 +62,7 @@ def build_layout(
         shared_ids.append(shared_index[key])
         cols_list.append(p.cols)
         rows_list.append(p.rows)
-    tm = max([s.shape[0] for s in shared_list], default=1)
+    tm = max([s.shape[0] for s in shared_list], default=min_slots)
     rank = max([c.shape[1] for c in cols_list], default=1)
     mpt_shared = np.zeros((max(len(shared_list), 1), tm, d), dtype)
     mpt_cols = np.zeros((max(len(cols_list), 1), tm, rank), dtype)
@@ -70,9 +73,9 @@ def build_layout(
         mpt_cols[i, : c.shape[0], : c.shape[1]] = c
         mpt_rows_t[i, : r.shape[0]] = r
 
-    p_len = max([p.num_virtual_tokens for p in prompts if p.kind == "prompt"], default=1)
+    p_len = max([p.num_virtual_tokens for p in prompts if p.kind == "prompt"], default=min_slots)
     # Prefix slots in front of the mask; families whose attention takes no cache have none.
-    n_len = max([p.num_virtual_tokens for p in prompts if p.kind == "prefix"], default=1) if spec.supports_prefix else 0
+    n_len = max([p.num_virtual_tokens for p in prompts if p.kind == "prefix"], default=min_slots) if spec.supports_prefix else 0
     length = tm + p_len + seq
 
     prompt_embeds = np.zeros((batch, p_len, d), dtype)

@@ -97,6 +97,9 @@ class Runtime:
             self.session = TorchSession(PromptedBackbone(model), input_names(self.config.model_type), threads)
             self.folded_session = None
             self.folded_task = None
+            self._torch_model = model
+        self._threads = threads
+        self._generator = None
 
     # ---- tasks ---------------------------------------------------------------------------
     @property
@@ -205,6 +208,142 @@ class Runtime:
             row = out[i, start : start + ids.shape[1]]
             results.append(row[mask[i].astype(bool)])
         return results
+
+    # ---- generation ----------------------------------------------------------------------
+    @property
+    def generator(self):
+        """The cached-decoding engine (causal LMs), created on first use."""
+        if self._generator is None:
+            from .generate import Generator
+
+            if self.spec.family != "decoder":
+                raise InputError("generation needs a causal LM deployment; this one is sequence classification")
+            if not self.manifest.get("decoder"):
+                raise InputError(f"{self.dir} has no cached decoder graph; re-export it with this promptmux version")
+            if self.backend == "onnxruntime":
+                from .sessions import OrtSession
+
+                session = OrtSession(self.dir / self.manifest["decoder"]["file"], self._threads)
+            else:
+                from promptmux.export.graph import DECODER_INPUTS, PromptedDecoder, past_names
+
+                from .sessions import TorchSession
+
+                session = TorchSession(PromptedDecoder(self._torch_model),
+                                       list(DECODER_INPUTS) + past_names(self.dims.num_layers))
+            self._generator = Generator(self, session)
+        return self._generator
+
+    def _generation_inputs(self, inputs, tasks):
+        """Text (list of str) or token ids (2-D, left padding for batches) -> ids, mask, task names, is_text."""
+        is_text = isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs
+                                              and all(isinstance(x, str) for x in inputs))
+        if is_text:
+            texts = [inputs] if isinstance(inputs, str) else list(inputs)
+            if any(not t.strip() for t in texts):
+                raise InputError("empty prompt: every input text must contain something to continue")
+            tok = self.tokenizer
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+            tok.padding_side = "left"
+            enc = tok(texts, padding=True, return_tensors="np")
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+        elif isinstance(inputs, dict):
+            ids, mask = np.asarray(inputs["input_ids"]), inputs.get("attention_mask")
+        else:
+            ids, mask = np.asarray(inputs), None
+        if ids.ndim == 2 and ids.shape[1] == 0:
+            raise InputError("empty prompt: input_ids has no tokens")
+        ids, mask, tasks, _ = self._check_inputs(ids, mask, tasks, None)
+        return ids, mask, tasks, is_text
+
+    def generate_stream(self, inputs, tasks, max_new_tokens: int = 32, *, do_sample: bool = False,
+                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                        stop: Sequence[str] = (), eos_token_id=None, precompute: bool = True):
+        """Yield {"row", "token_id", "text"} as tokens come (text: the newly decoded piece, text inputs only),
+        then one {"row", "finish_reason"} per row when it finishes ("eos", "stop" or "length")."""
+        from .generate import SamplingParams
+
+        params = SamplingParams(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stop or ()),
+                                eos_token_id=eos_token_id)
+        params.check(self.max_positions)
+        ids, mask, tasks, is_text = self._generation_inputs(inputs, tasks)
+        if stop and not is_text:
+            raise InputError("stop strings need text inputs (token-id inputs stop on EOS or max_new_tokens)")
+        bank = self.bank
+        views = [bank.view(t) for t in tasks]
+        if self.max_positions:
+            for i, v in enumerate(views):
+                need = int(ids.shape[1]) + v.num_virtual_tokens + max_new_tokens
+                if need > self.max_positions:
+                    raise InputError(
+                        f"row {i}: {ids.shape[1]} prompt tokens + {v.num_virtual_tokens} virtual tokens + "
+                        f"max_new_tokens={max_new_tokens} exceed the model's {self.max_positions} positions")
+        yield from self._stream_rows(ids, mask, views, params, precompute, is_text)
+
+    def _stream_rows(self, ids, mask, views, params, precompute, is_text):
+        from .generate import _stop_cut
+
+        eos = set(self.generator._eos(params).tolist())
+        batch = ids.shape[0]
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        shown = [0] * batch  # characters of each row's text already yielded
+        finished = [None] * batch
+        hold = max((len(s) for s in params.stop), default=1) - 1  # text that could start a stop string
+        for step_tokens in self.generator.stream(ids, mask, views, params, precompute):
+            for row, token in enumerate(step_tokens.tolist()):
+                if finished[row]:
+                    continue
+                tokens[row].append(token)
+                event = {"row": row, "token_id": token}
+                if is_text:
+                    text = self.tokenizer.decode(tokens[row], skip_special_tokens=True)
+                    cut = _stop_cut(text, params.stop)
+                    end = cut if cut is not None else max(shown[row], len(text) - hold)
+                    event["text"] = text[shown[row]:end]
+                    shown[row] = end
+                    if cut is not None:
+                        finished[row] = "stop"
+                yield event
+                if token in eos and not finished[row]:
+                    finished[row] = "eos"
+                if finished[row]:
+                    if is_text and finished[row] == "eos":
+                        text = self.tokenizer.decode(tokens[row], skip_special_tokens=True)
+                        if len(text) > shown[row]:
+                            yield {"row": row, "token_id": None, "text": text[shown[row]:]}
+                    yield {"row": row, "finish_reason": finished[row]}
+            if all(finished):
+                return
+        for row in range(batch):
+            if not finished[row]:
+                if is_text:
+                    text = self.tokenizer.decode(tokens[row], skip_special_tokens=True)
+                    if len(text) > shown[row]:
+                        yield {"row": row, "token_id": None, "text": text[shown[row]:]}
+                yield {"row": row, "finish_reason": "length"}
+
+    def generate(self, inputs, tasks, max_new_tokens: int = 32, **kwargs) -> list[dict]:
+        """Generate for a batch where row i uses task tasks[i]. Text in, text out (through the deployment's
+        tokenizer), or token ids in and out. Returns one {"task", "token_ids", "finish_reason"[, "text"]}
+        per row. Keyword arguments: do_sample, temperature, top_k, top_p, seed, stop, eos_token_id,
+        precompute (use each task's precomputed prompt key/values; default True)."""
+        names = [tasks] * (1 if isinstance(inputs, str) else len(inputs)) if isinstance(tasks, str) else list(tasks)
+        rows: dict[int, dict] = {}
+        for event in self.generate_stream(inputs, tasks, max_new_tokens, **kwargs):
+            row = rows.setdefault(event["row"], {"task": names[event["row"]], "token_ids": [], "text": ""})
+            if event.get("token_id") is not None:
+                row["token_ids"].append(event["token_id"])
+            row["text"] += event.get("text", "")
+            if "finish_reason" in event:
+                row["finish_reason"] = event["finish_reason"]
+        text_in = isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and all(isinstance(x, str) for x in inputs))
+        out = [rows[i] for i in sorted(rows)]
+        if not text_in:
+            for r in out:
+                r.pop("text")
+        return out
 
     def _heads(self, views: list[TaskView], features: np.ndarray) -> list[np.ndarray]:
         results: list[np.ndarray | None] = [None] * len(views)

@@ -24,6 +24,9 @@ class OrtSession:
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run([self.output_name], {n: feeds[n] for n in self.input_names})[0]
 
+    def run_all(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, {n: feeds[n] for n in self.input_names})
+
 
 class TorchSession:
     """The same computation in eager PyTorch (the reference backend)."""
@@ -37,7 +40,11 @@ class TorchSession:
         self.input_names = names
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return self.run_all(feeds)[0]
+
+    def run_all(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         import torch
 
         with torch.inference_mode():
-            return self.module(*[torch.from_numpy(feeds[n]) for n in self.input_names]).float().numpy()
+            out = self.module(*[torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names])
+        return [t.float().numpy() for t in (out if isinstance(out, tuple) else (out,))]
