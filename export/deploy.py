@@ -50,14 +50,18 @@ def load_base_config(base_dir: str | Path):
     return config
 
 
-def load_base_model(base_dir: str | Path, config=None) -> torch.nn.Module:
-    """The base model in the head class PEFT uses for its task type, fp32, eval mode."""
+def load_base_model(base_dir: str | Path, config=None, num_labels: int | None = None) -> torch.nn.Module:
+    """The base model in the head class PEFT uses for its task type, fp32, eval mode.
+
+    num_labels: build the classification head with this many outputs (an adapter's saved head must fit).
+    """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = config or load_base_config(base_dir)
     family = arch_for(config.model_type).family
     cls = AutoModelForSequenceClassification if family == "encoder" else AutoModelForCausalLM
-    model = cls.from_pretrained(str(base_dir), dtype=torch.float32, attn_implementation="sdpa")
+    kwargs = {"num_labels": num_labels} if num_labels is not None else {}
+    model = cls.from_pretrained(str(base_dir), dtype=torch.float32, attn_implementation="sdpa", **kwargs)
     return model.eval()
 
 

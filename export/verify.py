@@ -31,6 +31,17 @@ def verification_batch(vocab_size: int, pad_id: int, rows: int, seq: int, paddin
     return np.where(mask == 1, ids, pad_id), mask
 
 
+def adapter_num_labels(adapter_dir) -> int | None:
+    """Outputs of the classification head an adapter saved (modules_to_save), if any."""
+    from safetensors import safe_open
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    with safe_open(str(path), "numpy") as f:
+        keys = [k for k in f.keys() if k.endswith(".weight") and k not in ("prompt_embeddings",)]
+        heads = [k for k in keys if any(h in k for h in ("classifier.weight", "out_proj.weight", "score.weight"))]
+        return int(f.get_slice(heads[0]).get_shape()[0]) if heads else None
+
+
 def peft_outputs(base_dir, adapter_dir, ids: np.ndarray, mask: np.ndarray, family: str,
                  mpt_task: int | None = None) -> list[np.ndarray]:
     """PEFT eager, per row, in the runtime's output format."""
@@ -39,7 +50,8 @@ def peft_outputs(base_dir, adapter_dir, ids: np.ndarray, mask: np.ndarray, famil
     from .deploy import load_base_model
 
     cfg = read_adapter_config(adapter_dir)
-    model = PeftModel.from_pretrained(load_base_model(base_dir), str(adapter_dir)).eval()
+    model = PeftModel.from_pretrained(load_base_model(base_dir, num_labels=adapter_num_labels(adapter_dir)),
+                                      str(adapter_dir)).eval()
     kwargs = {"task_ids": torch.full((ids.shape[0],), mpt_task)} if mpt_task is not None else {}
     with torch.inference_mode():
         logits = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **kwargs).logits

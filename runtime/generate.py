@@ -18,11 +18,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .bank import TaskView
+from .errors import InputError
 from .layout import build_layout
-
-
-class GenerationError(ValueError):
-    """A generation request that cannot be run as given."""
 
 
 @dataclass
@@ -38,16 +35,16 @@ class SamplingParams:
 
     def check(self, max_positions: int | None) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+            raise InputError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if max_positions and self.max_new_tokens > max_positions:
-            raise GenerationError(
+            raise InputError(
                 f"max_new_tokens={self.max_new_tokens} exceeds the model's {max_positions} positions")
         if not self.temperature > 0:
-            raise GenerationError(f"temperature must be > 0, got {self.temperature!r}")
+            raise InputError(f"temperature must be > 0, got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise GenerationError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+            raise InputError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
-            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
 
 
 def _pick(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> np.ndarray:
@@ -63,8 +60,9 @@ def _pick(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> np
     if p.top_p < 1.0:
         order = np.argsort(-probs, axis=-1)
         sorted_p = np.take_along_axis(probs, order, -1)
-        # keep the smallest prefix whose mass reaches top_p (always at least one token)
-        drop_sorted = np.cumsum(sorted_p, -1) - sorted_p >= p.top_p
+        # keep the smallest prefix whose mass reaches top_p (always at least one token);
+        # the tolerance stops rounding in the softmax from admitting one token too many
+        drop_sorted = np.cumsum(sorted_p, -1) - sorted_p >= p.top_p - 1e-6
         drop = np.zeros_like(drop_sorted)
         np.put_along_axis(drop, order, drop_sorted, -1)
         probs = np.where(drop, 0.0, probs)

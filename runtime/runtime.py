@@ -14,14 +14,11 @@ from promptmux.export.archs import arch_for, dims_of, position_offset
 from promptmux.export.deploy import FOLDED_GRAPH, GRAPH, MANIFEST, write_manifest_tasks
 
 from .bank import PromptBank, TaskView, UnknownTaskError
+from .errors import InputError
 from .layout import build_layout
 
 BACKENDS = ("onnxruntime", "torch")
 log = logging.getLogger("promptmux.runtime")
-
-
-class InputError(ValueError):
-    """A request that cannot be run as given; the message says which argument and why."""
 
 
 def _activation(x: np.ndarray, name: str | None) -> np.ndarray:
@@ -329,10 +326,10 @@ class Runtime:
         tokenizer), or token ids in and out. Returns one {"task", "token_ids", "finish_reason"[, "text"]}
         per row. Keyword arguments: do_sample, temperature, top_k, top_p, seed, stop, eos_token_id,
         precompute (use each task's precomputed prompt key/values; default True)."""
-        names = [tasks] * (1 if isinstance(inputs, str) else len(inputs)) if isinstance(tasks, str) else list(tasks)
         rows: dict[int, dict] = {}
         for event in self.generate_stream(inputs, tasks, max_new_tokens, **kwargs):
-            row = rows.setdefault(event["row"], {"task": names[event["row"]], "token_ids": [], "text": ""})
+            name = tasks if isinstance(tasks, str) else tasks[event["row"]]
+            row = rows.setdefault(event["row"], {"task": name, "token_ids": [], "text": ""})
             if event.get("token_id") is not None:
                 row["token_ids"].append(event["token_id"])
             row["text"] += event.get("text", "")

@@ -39,6 +39,7 @@ def test_demo_deployment_matches_peft_on_real_text(demo):
     from promptmux import Runtime
     from promptmux.demo import ADAPTERS, EXAMPLES, base_model_dir
     from promptmux.export.deploy import load_base_model
+    from promptmux.export.verify import adapter_num_labels
 
     rt = Runtime(demo["deployment"])
     tasks, texts = zip(*EXAMPLES)
@@ -46,7 +47,8 @@ def test_demo_deployment_matches_peft_on_real_text(demo):
     got = rt.forward(enc["input_ids"], enc["attention_mask"], list(tasks), enc["token_type_ids"])
     for task in ("sentiment", "topic"):
         rows = [i for i, t in enumerate(tasks) if t == task]
-        model = PeftModel.from_pretrained(load_base_model(base_model_dir()), str(ADAPTERS / task)).eval()
+        base = load_base_model(base_model_dir(), num_labels=adapter_num_labels(ADAPTERS / task))
+        model = PeftModel.from_pretrained(base, str(ADAPTERS / task)).eval()
         with torch.inference_mode():
             want = model(**{k: torch.from_numpy(v[rows]) for k, v in enc.items()}).logits.numpy()
         assert max(float(np.abs(got[i] - w).max()) for i, w in zip(rows, want)) < 1e-4, task
@@ -61,3 +63,13 @@ def test_shipped_metrics_are_the_training_scripts_output():
         assert 0 < m["held_out_accuracy"] <= 1 and m["held_out_examples"] >= 500
         labels = json.loads((ADAPTERS / m["task"] / "labels.json").read_text())["id2label"]
         assert [labels[str(i)] for i in range(len(labels))] == m["labels"]
+
+
+def test_verify_cli_passes_on_the_demo(demo):
+    """`promptmux verify` with real weights and two heads of different sizes (2 and 5 labels)."""
+    from promptmux.cli import main
+    from promptmux.demo import ADAPTERS, base_model_dir
+
+    args = ["--quiet", "verify", demo["deployment"], "--base", str(base_model_dir()),
+            "--adapter", f"sentiment={ADAPTERS / 'sentiment'}", "--adapter", f"topic={ADAPTERS / 'topic'}"]
+    assert main(args) == 0

@@ -1,0 +1,187 @@
+"""Cached generation through the deployment's decoder graph.
+
+Greedy generation must be token-identical to PEFT's `generate` for every prompt kind, in
+single-task and mixed-task batches with left padding and different prompt lengths, with and
+without precomputed prompt key/values. PEFT is run with its defaults (use_cache=True): PEFT's
+prepare_inputs_for_generation handles the virtual tokens in the cache for every kind here, so no
+workaround is needed; eos_token_id=None keeps both sides generating the full length, and
+pad_token_id is given because the tiny configs have none.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import adapter_configs, base_class, random_batch
+
+from promptmux import InputError, Runtime, UnknownTaskError
+
+DECODERS = ["gpt2", "llama"]
+NEW = 7
+
+
+def _runtime(fx, backend="onnxruntime"):
+    key = f"_rt_{backend}"
+    if not hasattr(fx, key):
+        setattr(fx, key, Runtime(fx.deploy, backend=backend))
+    return getattr(fx, key)
+
+
+def peft_generate(fx, task: str, ids: np.ndarray, mask: np.ndarray) -> list[list[int]]:
+    from peft import PeftModel
+
+    adapter, _, t = task.partition("/")
+    base = base_class(fx.arch).from_pretrained(fx.base).eval()
+    model = PeftModel.from_pretrained(base, fx.adapters[adapter]).eval()
+    kw = {"task_ids": torch.full((ids.shape[0],), int(t))} if t else {}
+    with torch.inference_mode():
+        out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                             max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=None, **kw)
+    return out[:, ids.shape[1]:].tolist()
+
+
+def _cases():
+    return [(arch, name) for arch in DECODERS for name in adapter_configs(arch)]
+
+
+@pytest.mark.parametrize("precompute", [True, False], ids=["precomputed-kv", "inline-prompt"])
+@pytest.mark.parametrize("deployment,adapter", _cases(), indirect=["deployment"],
+                         ids=[f"{a}-{n}" for a, n in _cases()])
+def test_single_task_greedy_matches_peft_generate(deployment, adapter, precompute):
+    rt = _runtime(deployment)
+    ids, mask = random_batch(deployment.arch, rows=3, seq=6, seed=21, padding_side="left")
+    for task in [t for t in deployment.task_names() if t == adapter or t.startswith(adapter + "/")]:
+        got = rt.generate({"input_ids": ids, "attention_mask": mask}, task, max_new_tokens=NEW,
+                          eos_token_id=[], precompute=precompute)
+        assert [r["token_ids"] for r in got] == peft_generate(deployment, task, ids, mask), task
+        assert all(r["finish_reason"] == "length" for r in got)
+
+
+@pytest.mark.parametrize("precompute", [True, False], ids=["precomputed-kv", "inline-prompt"])
+@pytest.mark.parametrize("deployment", DECODERS, indirect=True)
+def test_mixed_task_greedy_matches_peft_generate_row_by_row(deployment, precompute):
+    rt = _runtime(deployment)
+    names = deployment.task_names()
+    ids, mask = random_batch(deployment.arch, rows=len(names) + 2, seq=7, seed=4, padding_side="left")
+    tasks = [names[i % len(names)] for i in range(len(ids))][::-1]
+    got = rt.generate({"input_ids": ids, "attention_mask": mask}, tasks, max_new_tokens=NEW, eos_token_id=[],
+                      precompute=precompute)
+    for name in names:
+        rows = [i for i, t in enumerate(tasks) if t == name]
+        assert [got[i]["token_ids"] for i in rows] == peft_generate(deployment, name, ids[rows], mask[rows]), name
+
+
+@pytest.mark.parametrize("deployment", ["llama"], indirect=True)
+def test_torch_backend_generates_the_same_tokens(deployment):
+    names = deployment.task_names()
+    ids, mask = random_batch("llama", rows=len(names), seq=5, seed=8, padding_side="left")
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    a = _runtime(deployment).generate(inputs, names, max_new_tokens=5, eos_token_id=[])
+    b = _runtime(deployment, "torch").generate(inputs, names, max_new_tokens=5, eos_token_id=[])
+    assert [r["token_ids"] for r in a] == [r["token_ids"] for r in b]
+
+
+@pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
+def test_precomputed_prompt_kv_equals_running_the_virtual_tokens(deployment):
+    """The bank's precomputed KV is what the virtual tokens produce at the front of any input."""
+    rt = _runtime(deployment)
+    gen = rt.generator
+    view = rt.bank.view("ptlstm")
+    kv = gen.prompt_kv(view)
+    assert kv.shape == (2, 2, 4, 5, 8)  # layers, key/value, heads, virtual tokens, head dim
+    ids, mask = random_batch("gpt2", rows=1, seq=4, seed=0, padding_side="left")
+    lay = gen._layout(ids, mask, [view])  # inline: virtual tokens run with the text
+    _, presents = gen._run(lay.feeds, np.zeros(1, np.int64))
+    inline = np.stack([np.stack([presents[2 * i][0], presents[2 * i + 1][0]]) for i in range(2)])[:, :, :, :5]
+    assert float(np.abs(inline - kv).max()) < 1e-5
+
+
+@pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
+def test_rows_stop_on_their_own_eos(deployment):
+    rt = _runtime(deployment)
+    ids, mask = random_batch("gpt2", rows=2, seq=5, seed=2, padding_side="left")
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    free = rt.generate(inputs, ["pt", "prefix"], max_new_tokens=6, eos_token_id=[])
+    eos = free[0]["token_ids"][2]  # one of row 0's tokens becomes the EOS
+
+    def until_eos(tokens):  # each row stops at its own first EOS, included
+        return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+    got = rt.generate(inputs, ["pt", "prefix"], max_new_tokens=6, eos_token_id=eos)
+    assert got[0]["token_ids"] == until_eos(free[0]["token_ids"]) and got[0]["finish_reason"] == "eos"
+    assert got[1]["token_ids"] == until_eos(free[1]["token_ids"])
+    assert got[1]["finish_reason"] == ("eos" if eos in free[1]["token_ids"] else "length")
+
+
+@pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
+def test_sampling_is_seeded_and_top_k_1_is_greedy(deployment):
+    rt = _runtime(deployment)
+    ids, mask = random_batch("gpt2", rows=3, seq=5, seed=6, padding_side="left")
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    tasks = ["pt", "mpt/1", "prefix"]
+    kw = dict(max_new_tokens=12, eos_token_id=[], do_sample=True, temperature=1.5, top_p=0.95)
+    a = rt.generate(inputs, tasks, seed=123, **kw)
+    b = rt.generate(inputs, tasks, seed=123, **kw)
+    c = rt.generate(inputs, tasks, seed=124, **kw)
+    assert [r["token_ids"] for r in a] == [r["token_ids"] for r in b]
+    assert [r["token_ids"] for r in a] != [r["token_ids"] for r in c]
+    greedy = rt.generate(inputs, tasks, max_new_tokens=12, eos_token_id=[])
+    top1 = rt.generate(inputs, tasks, max_new_tokens=12, eos_token_id=[], do_sample=True, top_k=1, seed=5)
+    assert [r["token_ids"] for r in greedy] == [r["token_ids"] for r in top1]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    from promptmux.runtime.generate import SamplingParams, _pick
+
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
+    rng = np.random.default_rng(0)
+    picks = {int(_pick(logits, SamplingParams(do_sample=True, top_p=0.8), rng)[0]) for _ in range(300)}
+    assert picks == {0, 1}  # 0.5 + 0.3 reaches 0.8; tokens 2 and 3 are never drawn
+
+
+@pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
+def test_stream_yields_each_rows_tokens_then_finish(deployment):
+    rt = _runtime(deployment)
+    ids, mask = random_batch("gpt2", rows=2, seq=5, seed=2, padding_side="left")
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    events = list(rt.generate_stream(inputs, ["ptmlp", "mpt1/0"], max_new_tokens=4, eos_token_id=[]))
+    full = rt.generate(inputs, ["ptmlp", "mpt1/0"], max_new_tokens=4, eos_token_id=[])
+    for row in (0, 1):
+        mine = [e for e in events if e["row"] == row]
+        assert [e["token_id"] for e in mine[:-1]] == full[row]["token_ids"]
+        assert mine[-1] == {"row": row, "finish_reason": "length"}
+
+
+@pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(tasks=["nope"]), UnknownTaskError, "unknown task 'nope'"),
+    (dict(max_new_tokens=0), InputError, "max_new_tokens must be a positive integer, got 0"),
+    (dict(max_new_tokens=65), InputError, "max_new_tokens=65 exceeds the model's 64 positions"),
+    (dict(max_new_tokens=60), InputError, r"5 prompt tokens \+ 4 virtual tokens \+ max_new_tokens=60 exceed"),
+    (dict(temperature=0.0, do_sample=True), InputError, "temperature must be > 0"),
+    (dict(top_p=1.5), InputError, r"top_p must be in \(0, 1\]"),
+    (dict(stop=["x"]), InputError, "stop strings need text inputs"),
+])
+def test_bad_generation_requests(deployment, kwargs, error, message):
+    rt = _runtime(deployment)
+    ids, mask = random_batch("gpt2", rows=1, seq=5, seed=2, padding_side="left")
+    args = dict(tasks=["pt"], max_new_tokens=4)
+    args.update(kwargs)
+    with pytest.raises(error, match=message):
+        rt.generate({"input_ids": ids, "attention_mask": mask}, **args)
+
+
+@pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
+def test_empty_prompt_is_refused(deployment):
+    rt = _runtime(deployment)
+    with pytest.raises(InputError, match="empty prompt"):
+        rt.generate(np.zeros((1, 0), np.int64), "pt")
+    with pytest.raises(InputError, match="have no real token"):
+        rt.generate({"input_ids": np.ones((1, 3), np.int64), "attention_mask": np.zeros((1, 3), np.int64)}, "pt")
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_generation_needs_a_causal_lm(deployment):
+    with pytest.raises(InputError, match="generation needs a causal LM deployment"):
+        _runtime(deployment).generate(np.ones((1, 3), np.int64), "pt")
