@@ -169,11 +169,20 @@ def load_adapter(name: str, adapter_dir: str | Path, base_config) -> list[TaskPr
             f"adapter {str(adapter_dir)!r} is PREFIX_TUNING, which {base_config.model_type} does not support "
             "(its attention takes no past key/values); use prompt tuning or P-tuning for this model"
         )
-    if (cfg.get("num_transformer_submodules") or 1) != 1:
+    subs = int(cfg.get("num_transformer_submodules") or 1)
+    if spec.family != "seq2seq" and subs != 1:
         raise AdapterError(
-            f"adapter {str(adapter_dir)!r} has num_transformer_submodules={cfg['num_transformer_submodules']}; "
+            f"adapter {str(adapter_dir)!r} has num_transformer_submodules={subs}; "
             "encoder-only and decoder-only models use 1"
         )
+    if spec.family == "seq2seq" and (subs not in (1, 2) or (kind == "prefix" and subs != 2)):
+        raise AdapterError(
+            f"adapter {str(adapter_dir)!r} has num_transformer_submodules={subs}; PEFT builds seq2seq adapters with 2 "
+            "(1 is also accepted for prompt tuning, P-tuning and MPT). Recreate it with PEFT's default"
+        )
+    if spec.family == "seq2seq" and kind == "prefix":
+        _expect("number of layers (decoder)", cfg.get("num_layers"), getattr(base_config, "num_decoder_layers", None),
+                adapter_dir)
     _check_recorded_base(cfg, base_config, adapter_dir)
     _expect("number of layers", cfg.get("num_layers"), dims.num_layers, adapter_dir)
     if kind == "prefix":
@@ -190,33 +199,43 @@ def load_adapter(name: str, adapter_dir: str | Path, base_config) -> list[TaskPr
         raise AdapterError(f"adapter {str(adapter_dir)!r} has no 'prompt_embeddings' tensor")
     emb = weights["prompt_embeddings"]
     head = _head_tensors(weights, spec, dims, adapter_dir) if spec.family == "encoder" else {}
-    if spec.family == "decoder" and len(weights) > (3 if kind == "mpt" else 1):
+    if spec.family != "encoder" and len(weights) > (3 if kind == "mpt" else 1):
         extra = sorted(set(weights) - {"prompt_embeddings", "prefix_task_cols", "prefix_task_rows"})
         raise AdapterError(
             f"adapter {str(adapter_dir)!r} saves {extra} (modules_to_save); promptmux serves one frozen backbone "
-            "for every causal LM task, so retrain without modules_to_save"
+            "for every language-model task, so retrain without modules_to_save"
         )
     labels = _read_labels(adapter_dir, head, spec)
     common = dict(peft_type=peft_type, num_virtual_tokens=n, head=head, labels=labels, source=str(adapter_dir))
 
+    # Seq2seq adapters with num_transformer_submodules=2 hold 2n prompt rows; PEFT's generate puts the first n in
+    # front of the encoder input and never uses the rest (see export/seq2seq.py), so the bank keeps those n.
+    rows_saved = n * subs if kind != "prefix" else n
     if kind == "prompt":
-        _expect_shape("prompt_embeddings", emb, (n, dims.hidden_size), adapter_dir)
-        return [TaskPrompt(name, kind, tensors={"prompt": emb}, **common)]
+        _expect_shape("prompt_embeddings", emb, (rows_saved, dims.hidden_size), adapter_dir)
+        return [TaskPrompt(name, kind, tensors={"prompt": np.ascontiguousarray(emb[:n])}, **common)]
     if kind == "prefix":
         width = dims.num_layers * 2 * dims.kv_dim
         _expect_shape("prefix prompt_embeddings", emb, (n, width), adapter_dir)
-        # PEFT get_prompt: view [n, 2L, H, hd] -> permute [2L, H, n, hd]; layer l uses rows 2l (K), 2l+1 (V).
-        kv = emb.reshape(n, 2 * dims.num_layers, dims.num_kv_heads, dims.head_dim).transpose(1, 2, 0, 3)
-        kv = np.ascontiguousarray(kv.reshape(dims.num_layers, 2, dims.num_kv_heads, n, dims.head_dim))
-        return [TaskPrompt(name, kind, tensors={"prefix": kv}, **common)]
+        per_layer = emb.reshape(n, 2 * dims.num_layers, dims.num_kv_heads, dims.head_dim)
+        if spec.family == "seq2seq":
+            # PEFT get_prompt with 2 submodules: rows doubled [n, 4L, H, hd] -> [4L, H, n, hd], split in chunks of
+            # 4 per decoder layer (self K, self V, cross K, cross V); the cross half is discarded.
+            per_layer = np.concatenate([per_layer, per_layer], axis=1).transpose(1, 2, 0, 3)
+            kv = per_layer.reshape(dims.num_layers, 4, dims.num_kv_heads, n, dims.head_dim)[:, :2]
+        else:
+            # PEFT get_prompt: view [n, 2L, H, hd] -> permute [2L, H, n, hd]; layer l uses rows 2l (K), 2l+1 (V).
+            kv = per_layer.transpose(1, 2, 0, 3).reshape(dims.num_layers, 2, dims.num_kv_heads, n, dims.head_dim)
+        return [TaskPrompt(name, kind, tensors={"prefix": np.ascontiguousarray(kv)}, **common)]
 
     # Multitask prompt tuning: one task per task id, sharing one prompt.
     cols, rows = weights.get("prefix_task_cols"), weights.get("prefix_task_rows")
     if cols is None or rows is None:
         raise AdapterError(f"MPT adapter {str(adapter_dir)!r} lacks prefix_task_cols / prefix_task_rows")
     k, r = int(cfg.get("num_tasks") or cols.shape[0]), int(cfg.get("num_ranks") or cols.shape[2])
-    _expect_shape("MPT shared prompt", emb, (n, dims.hidden_size), adapter_dir)
-    _expect_shape("MPT prefix_task_cols", cols, (k, n, r), adapter_dir)
+    _expect_shape("MPT shared prompt", emb, (rows_saved, dims.hidden_size), adapter_dir)
+    _expect_shape("MPT prefix_task_cols", cols, (k, rows_saved, r), adapter_dir)
+    emb, cols = np.ascontiguousarray(emb[:n]), cols[:, :n]
     _expect_shape("MPT prefix_task_rows", rows, (k, r, dims.hidden_size), adapter_dir)
     return [
         TaskPrompt(

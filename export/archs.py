@@ -27,7 +27,7 @@ class HeadLayer:
 
 @dataclass(frozen=True)
 class ArchSpec:
-    family: str  # "encoder" (sequence classification) or "decoder" (causal LM)
+    family: str  # "encoder" (sequence classification), "decoder" (causal LM) or "seq2seq" (T5-style LM)
     # Added to every position id. RoBERTa counts positions from padding_idx + 1.
     position_offset_from_pad: bool = False
     # How PEFT's prefix-tuning forward positions real tokens (it passes input_ids, not embeddings):
@@ -60,9 +60,11 @@ ARCHS: dict[str, ArchSpec] = {
     ),
     "gpt2": ArchSpec(family="decoder"),
     "llama": ArchSpec(family="decoder"),
+    # Relative position bias, no position ids; prefixes go to the decoder (see export/seq2seq.py).
+    "t5": ArchSpec(family="seq2seq"),
 }
 
-TASK_TYPE_FOR_FAMILY = {"encoder": "SEQ_CLS", "decoder": "CAUSAL_LM"}
+TASK_TYPE_FOR_FAMILY = {"encoder": "SEQ_CLS", "decoder": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
 
 
 def arch_for(model_type: str) -> ArchSpec:
@@ -94,7 +96,7 @@ def dims_of(config) -> Dims:
     norm = NormalizedConfigManager.get_normalized_config_class(config.model_type)(config)
     heads = norm.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or norm.hidden_size // heads
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or norm.hidden_size // heads
     return Dims(
         hidden_size=norm.hidden_size,
         num_layers=norm.num_layers,

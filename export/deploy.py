@@ -55,13 +55,16 @@ def load_base_model(base_dir: str | Path, config=None, num_labels: int | None = 
 
     num_labels: build the classification head with this many outputs (an adapter's saved head must fit).
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
     config = config or load_base_config(base_dir)
     family = arch_for(config.model_type).family
-    cls = AutoModelForSequenceClassification if family == "encoder" else AutoModelForCausalLM
+    cls = {"encoder": AutoModelForSequenceClassification, "decoder": AutoModelForCausalLM,
+           "seq2seq": AutoModelForSeq2SeqLM}[family]
     kwargs = {"num_labels": num_labels} if num_labels is not None else {}
-    model = cls.from_pretrained(str(base_dir), dtype=torch.float32, attn_implementation="sdpa", **kwargs)
+    # T5's SDPA path reshapes a transposed output, which torch.export cannot trace with dynamic shapes.
+    attn = "eager" if family == "seq2seq" else "sdpa"
+    model = cls.from_pretrained(str(base_dir), dtype=torch.float32, attn_implementation=attn, **kwargs)
     return model.eval()
 
 
@@ -133,10 +136,6 @@ def export_deployment(
     """Export the base model once with every adapter's task in the bank. Returns the deployment folder."""
     from promptmux import __version__
     from promptmux.runtime.bank import PromptBank
-    from promptmux.runtime.layout import build_layout
-
-    from .graph import PromptedDecoder
-    from .onnx_export import export_decoder_onnx, export_onnx, fold_task, optimize_onnx
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -146,13 +145,14 @@ def export_deployment(
     config = load_base_config(base_dir)
     spec, dims = arch_for(config.model_type), dims_of(config)
     tasks = read_adapters(adapters, config)  # validate everything before the slow part
+    if fold is not None and spec.family == "seq2seq":
+        raise AdapterError("--fold is for encoder and causal LM deployments; a seq2seq deployment has no folded graph")
     if fold is not None and fold not in {t.name for t in tasks}:
         raise AdapterError(f"--fold {fold!r} names no task; tasks are: {', '.join(t.name for t in tasks)}")
 
-    bar = _progress(4 + bool(fold) + (spec.family == "decoder"), quiet)
+    bar = _progress(4 + bool(fold) + (spec.family != "encoder"), quiet)
     bar.set_postfix_str("loading base model")
     model = load_base_model(base_dir, config)
-    backbone = PromptedBackbone(model)
     bank = PromptBank(spec, base_head_weights(model, config) if spec.head else None)
     bank.add(tasks)
     bar.update()
@@ -160,33 +160,12 @@ def export_deployment(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        bar.set_postfix_str("exporting ONNX graph")
-        export_onnx(backbone, config, tmp / GRAPH)
-        bar.update()
-
-        # Check (and optimize) on a mixed batch of every task.
-        feeds = _check_batch(spec, config, dims, bank)
-        with torch.inference_mode():
-            reference = backbone(*[torch.from_numpy(feeds[n]) for n in input_names(config.model_type)]).numpy()
-        bar.set_postfix_str("optimizing with ONNX Runtime")
-        opt_report = optimize_onnx(tmp / GRAPH, config, feeds, reference, tolerance) if optimize else None
-        bar.update()
-
-        decoder = None
-        if spec.family == "decoder":
-            bar.set_postfix_str("exporting cached decoder graph")
-            export_decoder_onnx(PromptedDecoder(model), config, tmp / DECODER_GRAPH)
-            decoder = {"file": DECODER_GRAPH, "cache": "past_key_values.{i}.key/value -> present.{i}.key/value"}
-            bar.update()
-
-        folded = None
-        if fold is not None:
-            bar.set_postfix_str(f"folding task {fold}")
-            one = build_layout(spec, position_offset(config), config.pad_token_id, feeds["input_ids"][:1],
-                               np.ones_like(feeds["input_ids"][:1]), None, [bank.view(fold)], dims)
-            export_onnx(fold_task(backbone, one.feeds), config, tmp / FOLDED_GRAPH, folded=True)
-            folded = {"task": fold, "file": FOLDED_GRAPH, "digest": bank.digest(fold)}
-            bar.update()
+        if spec.family == "seq2seq":
+            opt_report, decoder = _export_seq2seq(model, config, dims, bank, tmp, tolerance, bar)
+        else:
+            opt_report, decoder = _export_graphs(model, config, spec, dims, bank, tmp, fold, optimize, tolerance,
+                                                 bar)
+        folded = {"task": fold, "file": FOLDED_GRAPH, "digest": bank.digest(fold)} if fold else None
 
         bar.set_postfix_str("writing bank, tokenizer, manifest")
         bank.save(tmp)
@@ -204,7 +183,8 @@ def export_deployment(
                 "dims": dims.__dict__,
             },
             "graph": {"file": GRAPH, "inputs": input_names(config.model_type),
-                      "output": "features" if spec.family == "encoder" else "logits",
+                      "output": {"encoder": "features", "decoder": "logits",
+                                 "seq2seq": "present.{i}.encoder.key/value"}[spec.family],
                       "dtype": "float32", "ort_optimization": opt_report},
             "folded": folded,
             "decoder": decoder,
@@ -221,10 +201,75 @@ def export_deployment(
     return out_dir
 
 
-def _check_batch(spec, config, dims, bank) -> dict[str, np.ndarray]:
-    """A mixed batch over every task (two rows each, one of them padded) for checking the export."""
+def _export_graphs(model, config, spec, dims, bank, tmp: Path, fold, optimize, tolerance, bar):
+    """Encoder classifiers and causal LMs: the full-sequence graph (+ cached decoder, + folded graph)."""
     from promptmux.runtime.layout import build_layout
 
+    from .graph import PromptedDecoder
+    from .onnx_export import export_decoder_onnx, export_onnx, fold_task, optimize_onnx
+
+    backbone = PromptedBackbone(model)
+    bar.set_postfix_str("exporting ONNX graph")
+    export_onnx(backbone, config, tmp / GRAPH)
+    bar.update()
+
+    # Check (and optimize) on a mixed batch of every task.
+    feeds = _check_batch(spec, config, dims, bank)
+    with torch.inference_mode():
+        reference = backbone(*[torch.from_numpy(feeds[n]) for n in input_names(config.model_type)]).numpy()
+    bar.set_postfix_str("optimizing with ONNX Runtime")
+    opt_report = optimize_onnx(tmp / GRAPH, config, feeds, reference, tolerance) if optimize else None
+    bar.update()
+
+    decoder = None
+    if spec.family == "decoder":
+        bar.set_postfix_str("exporting cached decoder graph")
+        export_decoder_onnx(PromptedDecoder(model), config, tmp / DECODER_GRAPH)
+        decoder = {"file": DECODER_GRAPH, "cache": "past_key_values.{i}.key/value -> present.{i}.key/value"}
+        bar.update()
+
+    if fold is not None:
+        bar.set_postfix_str(f"folding task {fold}")
+        one = build_layout(spec, position_offset(config), config.pad_token_id, feeds["input_ids"][:1],
+                           np.ones_like(feeds["input_ids"][:1]), None, [bank.view(fold)], dims)
+        export_onnx(fold_task(backbone, one.feeds), config, tmp / FOLDED_GRAPH, folded=True)
+        bar.update()
+    return opt_report, decoder
+
+
+def _export_seq2seq(model, config, dims, bank, tmp: Path, tolerance, bar):
+    """T5 family: the prompted encoder as the deployment's graph, and the cached decoder step.
+
+    ORT's transformer optimizer has no pattern for these graphs; sessions still apply ORT's own
+    optimizations at load. Both graphs are checked against PyTorch on a mixed batch of every task.
+    """
+    from promptmux.runtime.seq2seq import encoder_layout
+
+    from .seq2seq import (PromptedEncoder, Seq2SeqDecoderStep, check_against_torch, export_decoder_step_onnx,
+                          export_encoder_onnx)
+
+    encoder, step = PromptedEncoder(model), Seq2SeqDecoderStep(model)
+    bar.set_postfix_str("exporting encoder graph")
+    export_encoder_onnx(encoder, config, tmp / GRAPH)
+    bar.update()
+    bar.set_postfix_str("exporting cached decoder graph")
+    export_decoder_step_onnx(step, config, tmp / DECODER_GRAPH)
+    bar.update()
+    bar.set_postfix_str("checking against PyTorch")
+    ids, mask, views = _check_rows(dims, bank)
+    feeds = encoder_layout(arch_for(config.model_type), config.pad_token_id, ids, mask, views, dims).feeds
+    diff = check_against_torch(encoder, step, tmp / GRAPH, tmp / DECODER_GRAPH, feeds)
+    if not diff <= tolerance:
+        raise RuntimeError(f"the exported seq2seq graphs differ from PyTorch by {diff:.2e} relative (> {tolerance:g}); "
+                           "please report this with the base model's config")
+    bar.update()
+    decoder = {"file": DECODER_GRAPH, "encoder": GRAPH,
+               "cache": "past_key_values.{i}.decoder/encoder.key/value -> present.{i}.decoder.key/value"}
+    return {"checked_max_rel_diff": diff}, decoder
+
+
+def _check_rows(dims, bank):
+    """Token ids, mask and task views of a mixed batch over every task (two rows each, one padded)."""
     names = bank.names()
     rng = np.random.default_rng(0)
     rows = 2 * len(names)
@@ -233,7 +278,14 @@ def _check_batch(spec, config, dims, bank) -> dict[str, np.ndarray]:
     ids = rng.integers(low, dims.vocab_size, size=(rows, seq))
     mask = np.ones_like(ids)
     mask[1::2, -2:] = 0
-    prompts = [bank.view(n) for n in names for _ in range(2)]
+    return ids, mask, [bank.view(n) for n in names for _ in range(2)]
+
+
+def _check_batch(spec, config, dims, bank) -> dict[str, np.ndarray]:
+    """A mixed batch over every task (two rows each, one of them padded) for checking the export."""
+    from promptmux.runtime.layout import build_layout
+
+    ids, mask, prompts = _check_rows(dims, bank)
     return build_layout(spec, position_offset(config), config.pad_token_id, ids, mask, None, prompts, dims).feeds
 
 

@@ -49,7 +49,15 @@ def prompt_inputs(model_type: str) -> list[str]:
     return [n for n in PROMPT_INPUTS if n not in PREFIX_INPUTS]
 
 
+# A seq2seq model's encoder graph: no position ids (relative position bias) and no prefix inputs
+# (prefixes are the decoder's cache; see export/seq2seq.py).
+SEQ2SEQ_ENCODER_INPUTS = ("input_ids", "attention_mask", "order", "prompt_embeds", "mpt_task_ids", "mpt_shared_ids",
+                          "mpt_shared", "mpt_cols", "mpt_rows")
+
+
 def input_names(model_type: str) -> list[str]:
+    if arch_for(model_type).family == "seq2seq":
+        return list(SEQ2SEQ_ENCODER_INPUTS)
     names = ["input_ids"]
     if arch_for(model_type).token_types:
         names.append("token_type_ids")

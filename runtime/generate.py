@@ -184,9 +184,14 @@ class Generator:
                         num_virtual_tokens=kv.shape[3], prefix=kv)
 
     def _eos(self, params: SamplingParams) -> np.ndarray:
-        eos = params.eos_token_id
-        if eos is None:
-            eos = getattr(self.rt.config, "eos_token_id", None)
-        if eos is None:
-            return np.array([], np.int64)
-        return np.atleast_1d(np.asarray(eos, np.int64))
+        return eos_ids(params, self.rt.config)
+
+
+def eos_ids(params: SamplingParams, config) -> np.ndarray:
+    """The token ids that end a row: the request's, else the model's (none: generate to max_new_tokens)."""
+    eos = params.eos_token_id
+    if eos is None:
+        eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return np.array([], np.int64)
+    return np.atleast_1d(np.asarray(eos, np.int64))

@@ -67,6 +67,7 @@ class Runtime:
         self.bank = PromptBank.load(self.dir, self.spec)
         self._lock = threading.Lock()  # serializes bank swaps, not requests
         self._tokenizer = None
+        # T5 configs carry n_positions (the context it was trained with) though its positions are relative.
         self.max_positions = getattr(self.config, "max_position_embeddings", None) or getattr(
             self.config, "n_positions", None)
         folded = self.manifest.get("folded") if use_folded else None
@@ -83,6 +84,7 @@ class Runtime:
         else:
             from promptmux.export.deploy import load_base_model
             from promptmux.export.graph import PromptedBackbone, input_names
+            from promptmux.export.seq2seq import PromptedEncoder
 
             from .sessions import TorchSession
 
@@ -91,7 +93,8 @@ class Runtime:
                 raise FileNotFoundError(
                     f"the torch backend needs the base model; {base} is missing. Pass base=<folder> (CLI: --base)")
             model = load_base_model(base, self.config)
-            self.session = TorchSession(PromptedBackbone(model), input_names(self.config.model_type), threads)
+            module = PromptedEncoder(model) if self.spec.family == "seq2seq" else PromptedBackbone(model)
+            self.session = TorchSession(module, input_names(self.config.model_type), threads)
             self.folded_session = None
             self.folded_task = None
             self._torch_model = model
@@ -181,6 +184,8 @@ class Runtime:
         Returns one array per row: classification -> the logits of that task's head [num_labels];
         causal LM -> logits for the row's real tokens [real_tokens, vocab] (virtual tokens excluded).
         """
+        if self.spec.family == "seq2seq":
+            raise InputError("forward() serves classifiers and causal LMs; use generate() with a seq2seq deployment")
         ids, mask, tasks, types = self._check_inputs(input_ids, attention_mask, tasks, token_type_ids)
         bank = self.bank  # one consistent bank for the whole request
         views = [bank.view(t) for t in tasks]
@@ -209,27 +214,39 @@ class Runtime:
     # ---- generation ----------------------------------------------------------------------
     @property
     def generator(self):
-        """The cached-decoding engine (causal LMs), created on first use."""
+        """The cached-decoding engine (causal LMs and seq2seq), created on first use."""
         if self._generator is None:
-            from .generate import Generator
-
-            if self.spec.family != "decoder":
-                raise InputError("generation needs a causal LM deployment; this one is sequence classification")
+            if self.spec.family == "encoder":
+                raise InputError("generation needs a causal LM or seq2seq deployment; this one is sequence "
+                                 "classification")
             if not self.manifest.get("decoder"):
                 raise InputError(f"{self.dir} has no cached decoder graph; re-export it with this promptmux version")
-            if self.backend == "onnxruntime":
-                from .sessions import OrtSession
+            decoder = self._decoder_session()
+            if self.spec.family == "seq2seq":
+                from .seq2seq import Seq2SeqGenerator
 
-                session = OrtSession(self.dir / self.manifest["decoder"]["file"], self._threads)
+                self._generator = Seq2SeqGenerator(self, self.session, decoder)
             else:
-                from promptmux.export.graph import DECODER_INPUTS, PromptedDecoder, past_names
+                from .generate import Generator
 
-                from .sessions import TorchSession
-
-                session = TorchSession(PromptedDecoder(self._torch_model),
-                                       list(DECODER_INPUTS) + past_names(self.dims.num_layers))
-            self._generator = Generator(self, session)
+                self._generator = Generator(self, decoder)
         return self._generator
+
+    def _decoder_session(self):
+        if self.backend == "onnxruntime":
+            from .sessions import OrtSession
+
+            return OrtSession(self.dir / self.manifest["decoder"]["file"], self._threads)
+        from .sessions import TorchSession
+
+        if self.spec.family == "seq2seq":
+            from promptmux.export.seq2seq import DECODER_STEP_INPUTS, Seq2SeqDecoderStep, cross_names, self_names
+
+            step = Seq2SeqDecoderStep(self._torch_model)
+            return TorchSession(step, [*DECODER_STEP_INPUTS, *self_names(step.layers), *cross_names(step.layers)])
+        from promptmux.export.graph import DECODER_INPUTS, PromptedDecoder, past_names
+
+        return TorchSession(PromptedDecoder(self._torch_model), list(DECODER_INPUTS) + past_names(self.dims.num_layers))
 
     def _generation_inputs(self, inputs, tasks):
         """Text (list of str) or token ids (2-D, left padding for batches) -> ids, mask, task names, is_text."""
@@ -242,7 +259,9 @@ class Runtime:
             tok = self.tokenizer
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token
-            tok.padding_side = "left"
+            # Causal LMs continue each row's last token: pad on the left. A seq2seq encoder is bidirectional
+            # with relative positions: right padding keeps every row's result independent of the batch.
+            tok.padding_side = "right" if self.spec.family == "seq2seq" else "left"
             enc = tok(texts, padding=True, return_tensors="np")
             ids, mask = enc["input_ids"], enc["attention_mask"]
         elif isinstance(inputs, dict):
@@ -272,7 +291,9 @@ class Runtime:
         views = [bank.view(t) for t in tasks]
         if self.max_positions:
             for i, v in enumerate(views):
-                need = int(ids.shape[1]) + v.num_virtual_tokens + max_new_tokens
+                need = int(ids.shape[1]) + v.num_virtual_tokens
+                if self.spec.family != "seq2seq":  # seq2seq: the new tokens go to the decoder
+                    need += max_new_tokens
                 if need > self.max_positions:
                     raise InputError(
                         f"row {i}: {ids.shape[1]} prompt tokens + {v.num_virtual_tokens} virtual tokens + "

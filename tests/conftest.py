@@ -15,7 +15,7 @@ VOCAB = 120
 
 
 def tiny_config(arch: str):
-    from transformers import BertConfig, DistilBertConfig, GPT2Config, LlamaConfig, RobertaConfig
+    from transformers import BertConfig, DistilBertConfig, GPT2Config, LlamaConfig, RobertaConfig, T5Config
 
     if arch == "bert":
         return BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -34,6 +34,10 @@ def tiny_config(arch: str):
         return LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, intermediate_size=37, max_position_embeddings=64,
                            bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if arch == "t5":  # initializer_factor > 1: a tiny random T5 otherwise repeats one token forever
+        return T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2,
+                        num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                        initializer_factor=2.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     raise ValueError(arch)
 
 
@@ -41,9 +45,15 @@ def is_encoder(arch: str) -> bool:
     return arch in ("bert", "roberta", "distilbert")
 
 
-def base_class(arch: str):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+def is_seq2seq(arch: str) -> bool:
+    return arch == "t5"
 
+
+def base_class(arch: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
+    if is_seq2seq(arch):
+        return AutoModelForSeq2SeqLM
     return AutoModelForSequenceClassification if is_encoder(arch) else AutoModelForCausalLM
 
 
@@ -59,7 +69,7 @@ def make_base(arch: str, folder: Path) -> Path:
 def adapter_configs(arch: str) -> dict:
     from peft import MultitaskPromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
-    tt = "SEQ_CLS" if is_encoder(arch) else "CAUSAL_LM"
+    tt = "SEQ_CLS" if is_encoder(arch) else "SEQ_2_SEQ_LM" if is_seq2seq(arch) else "CAUSAL_LM"
     # DistilBERT's config uses other attribute names than PEFT looks for: give the sizes explicitly.
     dims = dict(token_dim=32, num_layers=2, num_attention_heads=4) if arch == "distilbert" else {}
     cfgs = {

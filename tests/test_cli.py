@@ -108,20 +108,60 @@ def test_bad_adapter_flag(setup, tmp_path):
     assert proc.returncode == 2 and "--adapter takes NAME=DIR, got 'noequals'" in proc.stderr
 
 
-def test_run_on_a_causal_lm_prints_next_token_candidates(tmp_path):
-    """GPT-2 style tokenizer without a pad token: the runtime pads with EOS."""
+@pytest.fixture(scope="module")
+def causal(tmp_path_factory):
+    """A GPT-2 deployment with a word-level tokenizer that has no pad token (the runtime pads with EOS)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    base = make_base("gpt2", tmp_path / "base")
+    root = tmp_path_factory.mktemp("causal")
+    base = make_base("gpt2", root / "base")
     vocab = {"<eos>": 0, "<unk>": 1} | {f"w{i}": i + 2 for i in range(VOCAB - 2)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", unk_token="<unk>").save_pretrained(base)
-    adapter = make_adapter("gpt2", base, adapter_configs("gpt2")["prefix"], tmp_path / "prefix", seed=5)
-    out = tmp_path / "deploy"
-    promptmux("export", "--base", base, "--adapter", f"p={adapter}", "--out", out)
-    result = json.loads(promptmux("run", out, "--task", "p", "--text", "w3 w7 w9").stdout)
+    cfgs = adapter_configs("gpt2")
+    prefix = make_adapter("gpt2", base, cfgs["prefix"], root / "prefix", seed=5)
+    pt = make_adapter("gpt2", base, cfgs["pt"], root / "pt", seed=6)
+    out = root / "deploy"
+    promptmux("export", "--base", base, "--adapter", f"p={prefix}", "--adapter", f"pt={pt}", "--out", out)
+    return {"deploy": out, "vocab": vocab}
+
+
+def test_run_on_a_causal_lm_prints_next_token_candidates(causal):
+    result = json.loads(promptmux("run", causal["deploy"], "--task", "p", "--text", "w3 w7 w9").stdout)
     top = result["next_token"]
     assert len(top) == 5 and top[0]["logit"] >= top[-1]["logit"]
-    assert all(t["token"] in vocab for t in top)
+    assert all(t["token"] in causal["vocab"] for t in top)
+
+
+def test_generate_prints_the_runtimes_tokens_per_prompt(causal):
+    from promptmux import Runtime
+
+    prompts, tasks = ["w3 w7 w9", "w5 w2"], ["p", "pt"]
+    proc = promptmux("generate", causal["deploy"], "--task", "p", "--task", "pt", "--prompt", prompts[0],
+                     "--prompt", prompts[1], "--max-new-tokens", 6)
+    rows = json.loads(proc.stdout)
+    want = Runtime(causal["deploy"]).generate(prompts, tasks, max_new_tokens=6)
+    assert [(r["task"], r["prompt"], r["token_ids"], r["text"]) for r in rows] == [
+        (w["task"], p, w["token_ids"], w["text"]) for w, p in zip(want, prompts)]
+
+
+def test_generate_stream_prints_the_same_text(causal):
+    from promptmux import Runtime
+
+    proc = promptmux("generate", causal["deploy"], "--task", "pt", "--prompt", "w4 w4 w8", "--max-new-tokens", 5,
+                     "--stream")
+    want = Runtime(causal["deploy"]).generate("w4 w4 w8", "pt", max_new_tokens=5)[0]["text"]
+    assert proc.stdout == want + "\n"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--task", "nope", "--prompt", "w1"], "unknown task 'nope'"),
+    (["--task", "p", "--prompt", "   "], "empty prompt"),
+    (["--task", "p", "--prompt", "w1", "--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
+    (["--task", "p", "--task", "pt", "--task", "p", "--prompt", "w1", "--prompt", "w2"], "got 3 --task for 2 --prompt"),
+])
+def test_generate_bad_input_is_a_clear_error(causal, args, message):
+    proc = promptmux("generate", causal["deploy"], *args, check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr

@@ -120,11 +120,28 @@ def test_bad_task_names(bert):
 
 
 def test_unsupported_model_family(tmp_path):
-    from transformers import T5Config
+    from transformers import BartConfig
 
-    T5Config(d_model=32, num_layers=1, num_heads=2, d_ff=16, d_kv=16, vocab_size=50).save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedModelError, match="model type 't5' is not supported"):
+    BartConfig(d_model=32, encoder_layers=1, decoder_layers=1, vocab_size=50).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="model type 'bart' is not supported; promptmux exports"):
         load_base_config(tmp_path)
+
+
+def test_seq2seq_prefix_needs_both_submodules(tmp_path):
+    """PEFT builds a seq2seq prefix for decoder self- and cross-attention (2 submodules); 1 cannot be placed."""
+    t5 = make_base("t5", tmp_path / "t5")
+    d = make_adapter("t5", t5, adapter_configs("t5")["prefix"], tmp_path / "prefix", seed=1, train_steps=0)
+    bad = _edit_config(d, tmp_path / "bad", num_transformer_submodules=1)
+    with pytest.raises(AdapterError, match="num_transformer_submodules=1; PEFT builds seq2seq adapters with 2"):
+        load_adapter("x", bad, load_base_config(t5))
+
+
+def test_seq2seq_adapter_on_a_causal_lm_names_both_task_types(tmp_path):
+    t5 = make_base("t5", tmp_path / "t5")
+    d = make_adapter("t5", t5, adapter_configs("t5")["pt"], tmp_path / "pt", seed=1, train_steps=0)
+    gpt2 = make_base("gpt2", tmp_path / "gpt2")
+    with pytest.raises(AdapterError, match="task type SEQ_2_SEQ_LM but the base model .gpt2. is exported for CAUSAL_LM"):
+        load_adapter("x", d, load_base_config(gpt2))
 
 
 def test_export_refuses_nonempty_target_and_duplicate_names(bert, tmp_path):

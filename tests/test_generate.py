@@ -1,11 +1,13 @@
-"""Cached generation through the deployment's decoder graph.
+"""Cached generation through the deployment's decoder graphs.
 
-Greedy generation must be token-identical to PEFT's `generate` for every prompt kind, in
-single-task and mixed-task batches with left padding and different prompt lengths, with and
-without precomputed prompt key/values. PEFT is run with its defaults (use_cache=True): PEFT's
+Greedy generation must be token-identical to PEFT's `generate` for every prompt kind x {GPT-2,
+Llama (grouped-query attention), T5}, in single-task and mixed-task batches with left padding and
+different prompt lengths, and (causal LMs) with and without precomputed prompt key/values; a
+seq2seq model has nothing to precompute (its prompts sit in the bidirectional encoder, its
+prefixes already are keys/values). PEFT is run with its defaults (use_cache=True): PEFT's
 prepare_inputs_for_generation handles the virtual tokens in the cache for every kind here, so no
 workaround is needed; eos_token_id=None keeps both sides generating the full length, and
-pad_token_id is given because the tiny configs have none.
+pad_token_id is given because the tiny causal configs have none.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import adapter_configs, base_class, random_batch
+from conftest import adapter_configs, base_class, is_seq2seq, random_batch
 
 from promptmux import InputError, Runtime, UnknownTaskError
 
 DECODERS = ["gpt2", "llama"]
+GENERATORS = DECODERS + ["t5"]
 NEW = 7
 
 
@@ -38,16 +41,24 @@ def peft_generate(fx, task: str, ids: np.ndarray, mask: np.ndarray) -> list[list
     with torch.inference_mode():
         out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                              max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=None, **kw)
-    return out[:, ids.shape[1]:].tolist()
+    # Causal LMs return the prompt then the new tokens; seq2seq returns the decoder start token then the new ones.
+    return out[:, 1 if is_seq2seq(fx.arch) else ids.shape[1]:].tolist()
+
+
+def _precompute_modes(arch):
+    return [True] if is_seq2seq(arch) else [True, False]
 
 
 def _cases():
-    return [(arch, name) for arch in DECODERS for name in adapter_configs(arch)]
+    return [(arch, name, pre) for arch in GENERATORS for name in adapter_configs(arch) for pre in _precompute_modes(arch)]
 
 
-@pytest.mark.parametrize("precompute", [True, False], ids=["precomputed-kv", "inline-prompt"])
-@pytest.mark.parametrize("deployment,adapter", _cases(), indirect=["deployment"],
-                         ids=[f"{a}-{n}" for a, n in _cases()])
+def _case_id(arch, name, pre):
+    return f"{arch}-{name}" + ("" if is_seq2seq(arch) else "-precomputed-kv" if pre else "-inline-prompt")
+
+
+@pytest.mark.parametrize("deployment,adapter,precompute", _cases(), indirect=["deployment"],
+                         ids=[_case_id(*c) for c in _cases()])
 def test_single_task_greedy_matches_peft_generate(deployment, adapter, precompute):
     rt = _runtime(deployment)
     ids, mask = random_batch(deployment.arch, rows=3, seq=6, seed=21, padding_side="left")
@@ -58,8 +69,11 @@ def test_single_task_greedy_matches_peft_generate(deployment, adapter, precomput
         assert all(r["finish_reason"] == "length" for r in got)
 
 
-@pytest.mark.parametrize("precompute", [True, False], ids=["precomputed-kv", "inline-prompt"])
-@pytest.mark.parametrize("deployment", DECODERS, indirect=True)
+_MIXED = [(arch, pre) for arch in GENERATORS for pre in _precompute_modes(arch)]
+
+
+@pytest.mark.parametrize("deployment,precompute", _MIXED, indirect=["deployment"],
+                         ids=[_case_id(a, "mixed", p) for a, p in _MIXED])
 def test_mixed_task_greedy_matches_peft_generate_row_by_row(deployment, precompute):
     rt = _runtime(deployment)
     names = deployment.task_names()
@@ -72,10 +86,10 @@ def test_mixed_task_greedy_matches_peft_generate_row_by_row(deployment, precompu
         assert [got[i]["token_ids"] for i in rows] == peft_generate(deployment, name, ids[rows], mask[rows]), name
 
 
-@pytest.mark.parametrize("deployment", ["llama"], indirect=True)
+@pytest.mark.parametrize("deployment", ["llama", "t5"], indirect=True)
 def test_torch_backend_generates_the_same_tokens(deployment):
     names = deployment.task_names()
-    ids, mask = random_batch("llama", rows=len(names), seq=5, seed=8, padding_side="left")
+    ids, mask = random_batch(deployment.arch, rows=len(names), seq=5, seed=8, padding_side="left")
     inputs = {"input_ids": ids, "attention_mask": mask}
     a = _runtime(deployment).generate(inputs, names, max_new_tokens=5, eos_token_id=[])
     b = _runtime(deployment, "torch").generate(inputs, names, max_new_tokens=5, eos_token_id=[])
@@ -181,7 +195,36 @@ def test_empty_prompt_is_refused(deployment):
         rt.generate({"input_ids": np.ones((1, 3), np.int64), "attention_mask": np.zeros((1, 3), np.int64)}, "pt")
 
 
+@pytest.mark.parametrize("deployment", ["t5"], indirect=True)
+def test_seq2seq_right_padding_gives_each_row_its_unbatched_tokens(deployment):
+    """Text inputs to a seq2seq deployment are right-padded, so batching never changes a row's tokens."""
+    rt = _runtime(deployment)
+    ids, mask = random_batch("t5", rows=3, seq=6, seed=9, padding_side="right")
+    tasks = ["prefix", "pt", "mpt/2"]
+    batched = rt.generate({"input_ids": ids, "attention_mask": mask}, tasks, max_new_tokens=NEW, eos_token_id=[])
+    for i, task in enumerate(tasks):
+        real = ids[i:i + 1, mask[i].astype(bool)]
+        alone = rt.generate(real, task, max_new_tokens=NEW, eos_token_id=[])
+        assert alone[0]["token_ids"] == batched[i]["token_ids"], task
+
+
+@pytest.mark.parametrize("deployment", ["t5"], indirect=True)
+def test_seq2seq_forward_points_to_generate(deployment):
+    with pytest.raises(InputError, match="use generate"):
+        _runtime(deployment).forward(np.ones((1, 3), np.int64), None, "pt")
+
+
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
 def test_generation_needs_a_causal_lm(deployment):
-    with pytest.raises(InputError, match="generation needs a causal LM deployment"):
+    with pytest.raises(InputError, match="generation needs a causal LM or seq2seq deployment"):
         _runtime(deployment).generate(np.ones((1, 3), np.int64), "pt")
+
+
+@pytest.mark.parametrize("deployment", ["t5"], indirect=True)
+def test_verify_compares_seq2seq_tokens_with_peft(deployment):
+    from promptmux.export.verify import verify
+
+    worst = verify(deployment.deploy, deployment.base, {n: str(p) for n, p in deployment.adapters.items()},
+                   rows_per_task=2, seq=6, quiet=True)
+    assert sorted(worst) == sorted(deployment.task_names())
+    assert all(v == 0.0 for v in worst.values()), worst

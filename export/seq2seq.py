@@ -1,0 +1,240 @@
+"""T5-family seq2seq: an encoder graph with the prompts as inputs, and a cached decoder-step graph.
+
+Where PEFT puts each kind's prompt in a seq2seq model (`PeftModelForSeq2SeqLM.generate`):
+- prompt tuning, P-tuning, MPT: the first `num_virtual_tokens` prompt rows go in front of the
+  encoder input (an MPT adapter's decoder half, `num_transformer_submodules=2`, is used by PEFT's
+  training forward only, never by generate, so the bank keeps the encoder half).
+- prefix tuning: the prefixes become the decoder's self-attention cache; the encoder and the
+  cross-attention see no prefix (PEFT resets the cross-attention cache).
+
+Graphs (Optimum's seq2seq cache names):
+    encoder.onnx  input_ids, attention_mask, order, prompts  ->  present.{i}.encoder.key/value
+                  (each decoder layer's cross-attention keys/values, computed once per request)
+    decoder.onnx  input_ids [B, q], attention_mask [B, past + q], encoder_attention_mask [B, L],
+                  past_key_values.{i}.decoder.key/value, past_key_values.{i}.encoder.key/value
+                  ->  logits [B, vocab] (last position), present.{i}.decoder.key/value
+The decoder step is written out with the model's own modules (gpt-fast style) so the cache is
+plain tensors: T5 attention is unscaled, with a relative position bias from the first block.
+Only distances matter to that bias, so a row whose prefix is shorter than the batch's gets its
+masked slots in *front* of the prefix, keeping every real key at the distance PEFT gives it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from . import mpt_function
+from .graph import SEQ2SEQ_ENCODER_INPUTS as ENCODER_INPUTS
+from .graph import PromptedBackbone
+DECODER_STEP_INPUTS = ("input_ids", "attention_mask", "encoder_attention_mask")
+
+
+def cross_names(num_layers: int, prefix: str = "past_key_values") -> list[str]:
+    return [f"{prefix}.{i}.encoder.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def self_names(num_layers: int, prefix: str = "past_key_values") -> list[str]:
+    return [f"{prefix}.{i}.decoder.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, S, H*dk] -> [B, H, S, dk]"""
+    b, s, _ = x.shape
+    return x.view(b, s, heads, -1).transpose(1, 2)
+
+
+def _attend(q, k, v, bias, out: nn.Linear) -> torch.Tensor:
+    """T5 attention: no 1/sqrt(d) scaling; bias carries the position bias and the mask."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) + bias
+    ctx = torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
+    b, h, s, dk = ctx.shape
+    return out(ctx.transpose(1, 2).reshape(b, s, h * dk))
+
+
+class PromptedEncoder(PromptedBackbone):
+    """The encoder with input-level and MPT prompts in front; outputs every decoder layer's cross-attention K/V."""
+
+    def forward(self, input_ids, attention_mask, order, prompt_embeds, mpt_task_ids, mpt_shared_ids, mpt_shared,
+                mpt_cols, mpt_rows):
+        x = self.sequence(input_ids, order, prompt_embeds, mpt_task_ids, mpt_shared_ids, mpt_shared, mpt_cols,
+                          mpt_rows)
+        hidden = self.model.encoder(inputs_embeds=x, attention_mask=attention_mask, return_dict=True).last_hidden_state
+        heads = self.model.config.num_heads
+        out = []
+        for block in self.model.decoder.block:
+            attn = block.layer[1].EncDecAttention
+            out += [_heads(attn.k(hidden), heads), _heads(attn.v(hidden), heads)]
+        return tuple(out)
+
+
+class Seq2SeqDecoderStep(nn.Module):
+    """One cached decoder call: new tokens attend to the self-attention past (prefix and tokens so far)
+    and to the encoder's precomputed cross-attention keys/values."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.eval()
+        self.config = model.config
+        self.layers = len(model.decoder.block)
+        self.eval()
+
+    def forward(self, input_ids, attention_mask, encoder_attention_mask, *past):
+        cfg, dec = self.config, self.model.decoder
+        heads = cfg.num_heads
+        self_past, cross = past[: 2 * self.layers], past[2 * self.layers:]
+        x = dec.embed_tokens(input_ids)
+        q_len = input_ids.shape[1]
+        past_len = self_past[0].shape[2]
+        k_len = past_len + q_len
+        neg = torch.finfo(x.dtype).min
+        # Self-attention: relative position bias of the first block, causal + padding mask.
+        bias = dec.block[0].layer[0].SelfAttention.compute_bias(q_len, k_len, device=x.device,
+                                                                past_seen_tokens=past_len)
+        query_pos = torch.arange(q_len, device=x.device)[:, None] + past_len
+        causal = torch.arange(k_len, device=x.device)[None, :] <= query_pos
+        allowed = causal[None, None] & attention_mask[:, None, None, :].bool()
+        self_bias = bias + torch.where(allowed, 0.0, neg).to(x.dtype)
+        cross_bias = torch.where(encoder_attention_mask[:, None, None, :].bool(), 0.0, neg).to(x.dtype)
+
+        presents = []
+        for i, block in enumerate(dec.block):
+            sa, ca, ff = block.layer[0], block.layer[1], block.layer[2]
+            h = sa.layer_norm(x)
+            att = sa.SelfAttention
+            k = torch.cat([self_past[2 * i].to(x.dtype), _heads(att.k(h), heads)], dim=2)
+            v = torch.cat([self_past[2 * i + 1].to(x.dtype), _heads(att.v(h), heads)], dim=2)
+            presents += [k, v]
+            x = x + _attend(_heads(att.q(h), heads), k, v, self_bias, att.o)
+            h = ca.layer_norm(x)
+            att = ca.EncDecAttention
+            x = x + _attend(_heads(att.q(h), heads), cross[2 * i].to(x.dtype), cross[2 * i + 1].to(x.dtype),
+                            cross_bias, att.o)
+            x = ff(x)
+        x = dec.final_layer_norm(x[:, -1])
+        if getattr(cfg, "scale_decoder_outputs", cfg.tie_word_embeddings):
+            x = x * (cfg.d_model ** -0.5)
+        return (self.model.lm_head(x), *presents)
+
+
+def _export(module, example: dict[str, torch.Tensor], shapes, output_names: list[str], path: Path,
+            axis_names: dict[str, dict[int, str]]) -> Path:
+    from .onnx_export import _save
+
+    program = torch.onnx.export(
+        module, tuple(example.values()), dynamo=True, input_names=list(example), output_names=output_names,
+        dynamic_shapes=shapes,
+        custom_translation_table={torch.ops.promptmux.mpt_prompt_concat.default: mpt_function.torch_translation()},
+        optimize=True, verbose=False,
+    )
+    model = program.model_proto
+    if any(n.domain == mpt_function.DOMAIN for n in model.graph.node):
+        mpt_function.attach(model)
+    _name_axes(model, axis_names)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(model, path)
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def _name_axes(model: onnx.ModelProto, axis_names: dict[str, dict[int, str]]) -> None:
+    rename = {}
+    for inp in model.graph.input:
+        for axis, nice in axis_names.get(inp.name, {}).items():
+            dim = inp.type.tensor_type.shape.dim[axis]
+            if dim.dim_param:
+                rename.setdefault(dim.dim_param, nice)
+    for vi in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        for dim in vi.type.tensor_type.shape.dim:
+            if dim.dim_param in rename:
+                dim.dim_param = rename[dim.dim_param]
+
+
+def encoder_example(config) -> dict[str, torch.Tensor]:
+    from .onnx_export import example_inputs
+
+    ex = example_inputs(config)
+    length = ex["order"].shape[1]
+    ex["attention_mask"] = torch.ones(ex["input_ids"].shape[0], length, dtype=torch.long)
+    return {n: ex[n] for n in ENCODER_INPUTS}
+
+
+def export_encoder_onnx(module: PromptedEncoder, config, path: Path) -> Path:
+    from .onnx_export import AXES
+
+    ex = encoder_example(config)
+    auto = torch.export.Dim.AUTO
+    shapes = {n: {a: auto for (inp, a) in AXES if inp == n} for n in ex}
+    for n in ("attention_mask", "order", "prompt_embeds"):
+        shapes[n][0] = auto
+    shapes["attention_mask"][1] = auto
+    layers = len(module.model.decoder.block)
+    names = {n: {a: nice for (inp, a), nice in AXES.items() if inp == n} for n in ex}
+    for n in ("attention_mask", "order", "prompt_embeds"):
+        names[n][0] = "batch"
+    names["attention_mask"][1] = "length"
+    return _export(module, ex, tuple(shapes[n] for n in ex), cross_names(layers, "present"), path, names)
+
+
+def export_decoder_step_onnx(module: Seq2SeqDecoderStep, config, path: Path) -> Path:
+    b, q, past, length = 2, 3, 5, 7
+    heads, dk = config.num_heads, config.d_kv
+    g = torch.Generator().manual_seed(2)
+    ex = {
+        "input_ids": torch.randint(0, min(config.vocab_size, 50), (b, q), generator=g),
+        "attention_mask": torch.ones(b, past + q, dtype=torch.long),
+        "encoder_attention_mask": torch.ones(b, length, dtype=torch.long),
+    }
+    layers = module.layers
+    for name in self_names(layers):
+        ex[name] = torch.randn(b, heads, past, dk, generator=g)
+    for name in cross_names(layers):
+        ex[name] = torch.randn(b, heads, length, dk, generator=g)
+    auto = torch.export.Dim.AUTO
+    shapes = [{0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto, 1: auto}]
+    past_shapes = tuple({0: auto, 2: auto} for _ in range(4 * layers))
+    names = {"input_ids": {0: "batch", 1: "new_tokens"}, "attention_mask": {0: "batch", 1: "past_plus_new"},
+             "encoder_attention_mask": {0: "batch", 1: "encoder_length"}}
+    for name in self_names(layers):
+        names[name] = {0: "batch", 2: "past_length"}
+    for name in cross_names(layers):
+        names[name] = {0: "batch", 2: "encoder_length"}
+    return _export(module, ex, (*shapes, past_shapes), ["logits", *self_names(layers, "present")], path, names)
+
+
+def check_against_torch(encoder: PromptedEncoder, step: Seq2SeqDecoderStep, enc_path: Path, dec_path: Path,
+                        enc_feeds: dict[str, np.ndarray]) -> float:
+    """Largest difference between the exported graphs and the torch modules on a real layout batch, relative to
+    each output's scale (max |ref|, at least 1): keys/values of large models reach the hundreds."""
+    import onnxruntime as ort
+
+    with torch.inference_mode():
+        want_cross = encoder(*[torch.from_numpy(enc_feeds[n]) for n in ENCODER_INPUTS])
+    enc = ort.InferenceSession(str(enc_path), providers=["CPUExecutionProvider"])
+    got_cross = enc.run(None, {n: enc_feeds[n] for n in ENCODER_INPUTS})
+    def rel(g, w):
+        w = w.numpy()
+        return float(np.abs(g - w).max() / max(1.0, float(np.abs(w).max())))
+
+    worst = max(rel(g, w) for g, w in zip(got_cross, want_cross))
+    b = enc_feeds["input_ids"].shape[0]
+    rng = np.random.default_rng(0)
+    layers = step.layers
+    cfg = step.config
+    feeds = {"input_ids": rng.integers(0, cfg.vocab_size, (b, 1)),
+             "attention_mask": np.ones((b, 4), np.int64),
+             "encoder_attention_mask": enc_feeds["attention_mask"]}
+    feeds["attention_mask"][0, :2] = 0
+    for name in self_names(layers):
+        feeds[name] = rng.standard_normal((b, cfg.num_heads, 3, cfg.d_kv)).astype(np.float32)
+    for name, value in zip(cross_names(layers), got_cross):
+        feeds[name] = value
+    with torch.inference_mode():
+        want = step(*[torch.from_numpy(v) for v in feeds.values()])
+    dec = ort.InferenceSession(str(dec_path), providers=["CPUExecutionProvider"])
+    got = dec.run(None, feeds)
+    return max(worst, *(rel(g, w) for g, w in zip(got, want)))
