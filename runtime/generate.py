@@ -20,6 +20,7 @@ import numpy as np
 from .bank import TaskView
 from .errors import InputError
 from .layout import build_layout
+from .sessions import host
 
 
 @dataclass
@@ -93,6 +94,15 @@ class Generator:
         self._kv: dict[tuple[str, str], np.ndarray] = {}
 
     # ---- prompt key/values ----------------------------------------------------------------
+    def precompute(self, names) -> None:
+        """Compute the prompt key/values of these tasks now (the runtime calls this when tasks are loaded)."""
+        bank = self.rt.bank
+        for name in names:
+            self.prompt_kv(bank.view(name))
+        live = {(n, bank.digest(n)) for n in bank.names()}
+        for key in [k for k in self._kv if k not in live]:  # removed or replaced tasks
+            del self._kv[key]
+
     def prompt_kv(self, view: TaskView) -> np.ndarray:
         """The task's per-layer keys/values [layers, 2, kv_heads, T, head_dim], computed once per task."""
         if view.kind == "prefix":
@@ -102,7 +112,8 @@ class Generator:
             empty = np.zeros((1, 0), np.int64)
             lay = self._layout(empty, empty, [view])
             _, presents = self._run(lay.feeds, np.zeros(1, np.int64))
-            kv = np.stack([np.stack([presents[2 * i][0], presents[2 * i + 1][0]]) for i in range(self.layers)])
+            kv = np.stack([np.stack([host(presents[2 * i])[0], host(presents[2 * i + 1])[0]])
+                           for i in range(self.layers)])
             self._kv[key] = kv
         return self._kv[key]
 

@@ -17,7 +17,8 @@ from .bank import PromptBank, TaskView, UnknownTaskError
 from .errors import InputError
 from .layout import build_layout
 
-BACKENDS = ("onnxruntime", "torch")
+BACKENDS = ("onnxruntime", "onnxruntime-cuda", "tensorrt", "torch")
+_ORT_DEVICE = "cuda"  # where backend "onnxruntime-cuda" binds its tensors (tests run the binding path on "cpu")
 log = logging.getLogger("promptmux.runtime")
 
 
@@ -45,12 +46,14 @@ def apply_head(view: TaskView, features: np.ndarray) -> np.ndarray:
 class Runtime:
     """Serve every task of a deployment folder from one graph.
 
-    backend: "onnxruntime" (the exported graph on the CPU) or "torch" (the same computation in eager
+    backend: "onnxruntime" (the exported graph on the CPU), "onnxruntime-cuda" (CUDA execution provider with
+    IO binding, the prompt bank resident on the GPU; needs onnxruntime-gpu), "tensorrt" (the engine written by
+    `promptmux build-engine`; needs TensorRT and a GPU it accepts) or "torch" (the same computation in eager
     PyTorch, the reference; it needs the base model folder recorded at export, or `base=`).
     """
 
     def __init__(self, deploy_dir: str | Path, backend: str = "onnxruntime", threads: int | None = None,
-                 base: str | Path | None = None, use_folded: bool = True):
+                 base: str | Path | None = None, use_folded: bool = True, device_id: int = 0):
         self.dir = Path(deploy_dir)
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -64,7 +67,9 @@ class Runtime:
         self.spec = arch_for(self.config.model_type)
         self.dims = dims_of(self.config)
         self.backend = backend
+        self.device_id = device_id
         self.bank = PromptBank.load(self.dir, self.spec)
+        self._bank_version = 0  # bumped by every bank swap: device sessions key their resident prompts on it
         self._lock = threading.Lock()  # serializes bank swaps, not requests
         self._tokenizer = None
         # T5 configs carry n_positions (the context it was trained with) though its positions are relative.
@@ -76,11 +81,17 @@ class Runtime:
             folded = None
         self.folded_task = folded["task"] if folded else None
 
-        if backend == "onnxruntime":
-            from .sessions import OrtSession
+        self._threads = threads
+        if backend == "tensorrt":
+            from .trt_session import engine_sessions
 
-            self.session = OrtSession(self.dir / GRAPH, threads)
-            self.folded_session = OrtSession(self.dir / FOLDED_GRAPH, threads) if folded else None
+            self.session, decoder_engine = engine_sessions(self.dir, self.manifest, device_id)
+            self._trt_decoder = decoder_engine
+            self.folded_session = None  # the engine serves every task; folding is an ONNX Runtime CPU option
+            self.folded_task = None
+        elif backend != "torch":
+            self.session = self._graph_session(self.dir / GRAPH)
+            self.folded_session = self._graph_session(self.dir / FOLDED_GRAPH) if folded else None
         else:
             from promptmux.export.deploy import load_base_model
             from promptmux.export.graph import PromptedBackbone, input_names
@@ -98,8 +109,17 @@ class Runtime:
             self.folded_session = None
             self.folded_task = None
             self._torch_model = model
-        self._threads = threads
         self._generator = None
+
+    def _graph_session(self, path: Path):
+        """A session over one ONNX graph of the deployment, for the ONNX Runtime backends."""
+        if self.backend == "onnxruntime-cuda":
+            from .sessions import OrtBoundSession
+
+            return OrtBoundSession(path, device=_ORT_DEVICE, device_id=self.device_id, threads=self._threads)
+        from .sessions import OrtSession
+
+        return OrtSession(path, self._threads)
 
     # ---- tasks ---------------------------------------------------------------------------
     @property
@@ -115,6 +135,8 @@ class Runtime:
             bank = self._copy_bank()
             bank.add(new, replace=replace)
             self._commit(bank, persist)
+            if hasattr(self._generator, "precompute"):  # a running causal-LM generator: the new tasks' KV now
+                self._generator.precompute([t.name for t in new])
         return [t.name for t in new]
 
     def remove_task(self, name: str, persist: bool = False) -> list[str]:
@@ -124,6 +146,8 @@ class Runtime:
             if self.folded_task in removed:
                 self.folded_task = None  # the folded graph no longer matches a served task
             self._commit(bank, persist)
+            if hasattr(self._generator, "precompute"):
+                self._generator.precompute([])  # drops the removed tasks' key/values
         return removed
 
     def _copy_bank(self) -> PromptBank:
@@ -136,6 +160,7 @@ class Runtime:
         if persist:
             bank.save(self.dir)
             write_manifest_tasks(self.dir, bank)
+        self._bank_version += 1
         self.bank = bank  # one reference swap: a request sees the old bank or the new one
 
     # ---- inference -----------------------------------------------------------------------
@@ -187,7 +212,7 @@ class Runtime:
         if self.spec.family == "seq2seq":
             raise InputError("forward() serves classifiers and causal LMs; use generate() with a seq2seq deployment")
         ids, mask, tasks, types = self._check_inputs(input_ids, attention_mask, tasks, token_type_ids)
-        bank = self.bank  # one consistent bank for the whole request
+        bank, version = self.bank, self._bank_version  # one consistent bank for the whole request
         views = [bank.view(t) for t in tasks]
         if self.max_positions:
             for i, v in enumerate(views):
@@ -201,7 +226,8 @@ class Runtime:
         session = self.session
         if self.folded_session is not None and all(t == self.folded_task for t in tasks):
             session = self.folded_session
-        out = session.run(layout.feeds)
+        # The prompt inputs depend only on the batch's tasks: device sessions keep them resident under this key.
+        out = session.run(layout.feeds, bank_key=(version, tuple(tasks)))
         if self.spec.family == "encoder":
             return self._heads(views, out)
         results = []
@@ -230,13 +256,17 @@ class Runtime:
                 from .generate import Generator
 
                 self._generator = Generator(self, decoder)
+                self._generator.precompute(self.tasks)  # each task's prompt KV, once, as the tasks load
         return self._generator
 
     def _decoder_session(self):
-        if self.backend == "onnxruntime":
-            from .sessions import OrtSession
-
-            return OrtSession(self.dir / self.manifest["decoder"]["file"], self._threads)
+        if self.backend == "tensorrt":
+            if self._trt_decoder is None:
+                raise InputError(f"{self.dir} has no TensorRT engine for the cached decoder; run promptmux "
+                                 "build-engine again with this promptmux version")
+            return self._trt_decoder
+        if self.backend != "torch":
+            return self._graph_session(self.dir / self.manifest["decoder"]["file"])
         from .sessions import TorchSession
 
         if self.spec.family == "seq2seq":
@@ -290,14 +320,14 @@ class Runtime:
         bank = self.bank
         views = [bank.view(t) for t in tasks]
         if self.max_positions:
+            seq2seq = self.spec.family == "seq2seq"  # the new tokens go to the decoder, not after the prompt
             for i, v in enumerate(views):
-                need = int(ids.shape[1]) + v.num_virtual_tokens
-                if self.spec.family != "seq2seq":  # seq2seq: the new tokens go to the decoder
-                    need += max_new_tokens
+                need = int(ids.shape[1]) + v.num_virtual_tokens + (0 if seq2seq else max_new_tokens)
                 if need > self.max_positions:
+                    new = "" if seq2seq else f" + max_new_tokens={max_new_tokens}"
                     raise InputError(
-                        f"row {i}: {ids.shape[1]} prompt tokens + {v.num_virtual_tokens} virtual tokens + "
-                        f"max_new_tokens={max_new_tokens} exceed the model's {self.max_positions} positions")
+                        f"row {i}: {ids.shape[1]} prompt tokens + {v.num_virtual_tokens} virtual tokens{new} "
+                        f"exceed the model's {self.max_positions} positions; shorten the prompt")
         yield from self._stream_rows(ids, mask, views, params, precompute, is_text)
 
     def _stream_rows(self, ids, mask, views, params, precompute, is_text):

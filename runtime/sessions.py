@@ -1,10 +1,17 @@
-"""Backends that run the exported computation: ONNX Runtime, and eager PyTorch as the reference."""
+"""Backends that run the exported computation: ONNX Runtime (CPU, or CUDA with IO binding), and eager PyTorch
+as the reference."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+
+# Graph inputs whose values depend only on the batch's tasks (the prompt bank), never on the text: a
+# device session keeps them resident, keyed by the bank version and the batch's task tuple.
+BANK_INPUTS = frozenset({"prompt_embeds", "mpt_task_ids", "mpt_shared_ids", "mpt_shared", "mpt_cols", "mpt_rows",
+                         "prefix_keys", "prefix_values"})
 
 
 class OrtSession:
@@ -21,11 +28,93 @@ class OrtSession:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = self.session.get_outputs()[0].name
 
-    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    def run(self, feeds: dict[str, np.ndarray], bank_key=None) -> np.ndarray:
         return self.session.run([self.output_name], {n: feeds[n] for n in self.input_names})[0]
 
-    def run_all(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def run_all(self, feeds: dict[str, np.ndarray], bank_key=None) -> list[np.ndarray]:
         return self.session.run(None, {n: feeds[n] for n in self.input_names})
+
+
+def host(x) -> np.ndarray:
+    """A session output as a numpy array (device sessions return OrtValues or torch tensors that stay on the
+    device)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "cpu"):  # torch tensor (TensorRT backend)
+        return x.float().cpu().numpy()
+    return x.numpy()  # OrtValue
+
+
+class OrtBoundSession:
+    """ONNX Runtime with IO binding: inputs copied to the device once, bank tensors resident on the device,
+    every output but the first (logits / features) left on the device as OrtValues, so a decoder's present
+    key/values go straight back in as the next step's past with no host round trip.
+
+    device "cuda" needs onnxruntime-gpu; device "cpu" runs the same binding logic on the CPU provider.
+    """
+
+    def __init__(self, path: Path, device: str = "cuda", device_id: int = 0, threads: int | None = None,
+                 bank_cache: int = 64):
+        import onnxruntime as ort
+
+        self.ort = ort
+        self.device, self.device_id = device, device_id
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            so.intra_op_num_threads = threads
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise RuntimeError(
+                    f"backend 'onnxruntime-cuda' needs onnxruntime-gpu with the CUDA execution provider; this "
+                    f"onnxruntime {ort.__version__} has only {', '.join(ort.get_available_providers())}. "
+                    "pip uninstall onnxruntime && pip install onnxruntime-gpu")
+            if hasattr(ort, "preload_dlls"):
+                ort.preload_dlls()  # the CUDA/cuDNN libraries of pip-installed nvidia packages
+            providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+        elif device == "cpu":
+            providers = ["CPUExecutionProvider"]
+        else:
+            raise ValueError(f"unknown device {device!r}; use 'cuda' or 'cpu'")
+        self.session = ort.InferenceSession(str(path), so, providers=providers)
+        if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            raise RuntimeError(f"ONNX Runtime could not start the CUDA provider ({self.session.get_providers()}); "
+                               "check the CUDA and cuDNN libraries onnxruntime-gpu needs")
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_name = self.output_names[0]
+        self._bank: OrderedDict = OrderedDict()  # (key, input name) -> OrtValue on the device
+        self._bank_cache = bank_cache
+
+    def _value(self, name: str, x, bank_key):
+        if not isinstance(x, np.ndarray):
+            return x  # already an OrtValue (a previous step's output)
+        if bank_key is not None and name in BANK_INPUTS:
+            key = (bank_key, name)
+            if key in self._bank:
+                self._bank.move_to_end(key)
+                return self._bank[key]
+        value = self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x), self.device, self.device_id)
+        if bank_key is not None and name in BANK_INPUTS:
+            self._bank[key] = value
+            while len(self._bank) > self._bank_cache:
+                self._bank.popitem(last=False)
+        return value
+
+    def run_all(self, feeds: dict, bank_key=None) -> list:
+        """Outputs: the first as numpy, the others as OrtValues on the device (see host())."""
+        binding = self.session.io_binding()
+        for name in self.input_names:
+            binding.bind_ortvalue_input(name, self._value(name, feeds[name], bank_key))
+        for name in self.output_names:
+            binding.bind_output(name, self.device, self.device_id)
+        binding.synchronize_inputs()
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return [outputs[0].numpy(), *outputs[1:]]
+
+    def run(self, feeds: dict, bank_key=None) -> np.ndarray:
+        return self.run_all(feeds, bank_key)[0]
 
 
 class TorchSession:
@@ -39,10 +128,10 @@ class TorchSession:
         self.module = module.eval()
         self.input_names = names
 
-    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    def run(self, feeds: dict[str, np.ndarray], bank_key=None) -> np.ndarray:
         return self.run_all(feeds)[0]
 
-    def run_all(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def run_all(self, feeds: dict[str, np.ndarray], bank_key=None) -> list[np.ndarray]:
         import torch
 
         with torch.inference_mode():

@@ -112,6 +112,18 @@ def test_precomputed_prompt_kv_equals_running_the_virtual_tokens(deployment):
 
 
 @pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
+def test_prompt_kv_is_computed_when_tasks_load(deployment):
+    rt = Runtime(deployment.deploy)
+    gen = rt.generator
+    kinds = {n: rt.bank.view(n).kind for n in rt.tasks}
+    assert sorted(name for name, _ in gen._kv) == sorted(n for n, k in kinds.items() if k != "prefix")
+    rt.add_task("extra", deployment.adapters["pt"])
+    assert ("extra", rt.bank.digest("extra")) in gen._kv
+    rt.remove_task("extra")
+    assert all(name != "extra" for name, _ in gen._kv)
+
+
+@pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
 def test_rows_stop_on_their_own_eos(deployment):
     rt = _runtime(deployment)
     ids, mask = random_batch("gpt2", rows=2, seq=5, seed=2, padding_side="left")
