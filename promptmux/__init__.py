@@ -2,7 +2,7 @@
 
 Public API:
     export_deployment(base_dir, {"task": adapter_dir, ...}, out_dir, fold=None)
-    Runtime(deploy_dir, backend="onnxruntime" | "torch")
+    Runtime(deploy_dir, backend="onnxruntime" | "onnxruntime-cuda" | "tensorrt" | "torch")
         .forward(input_ids, attention_mask, tasks) / .classify(texts, tasks)
         .add_task(name, adapter_dir, persist=False) / .remove_task(name, persist=False)
 """
@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 from promptmux.export.adapters import AdapterError, load_adapter  # noqa: E402
 from promptmux.export.deploy import export_deployment  # noqa: E402
 from promptmux.runtime.bank import UnknownTaskError  # noqa: E402
+from promptmux.runtime.errors import BackendUnavailable  # noqa: E402
 from promptmux.runtime.runtime import InputError, Runtime  # noqa: E402
 
-__all__ = ["AdapterError", "InputError", "Runtime", "UnknownTaskError", "export_deployment", "load_adapter",
+__all__ = ["AdapterError", "BackendUnavailable", "InputError", "Runtime", "UnknownTaskError", "export_deployment", "load_adapter",
            "__version__"]

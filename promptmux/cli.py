@@ -14,6 +14,9 @@ class CliError(Exception):
     pass
 
 
+BACKEND_CHOICES = ["onnxruntime", "onnxruntime-cuda", "tensorrt", "torch"]  # runtime.runtime.BACKENDS
+
+
 def _pairs(values: list[str], flag: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for v in values or []:
@@ -153,6 +156,52 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_build_engine(args) -> int:
+    from promptmux.export.engine import build_deployment_engines
+
+    precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+    for flag in ("max_batch", "max_seq", "max_prompt", "max_past"):
+        if getattr(args, flag) < 1:
+            raise CliError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    try:
+        from promptmux.runtime.trt_compat import import_tensorrt
+
+        import_tensorrt()
+    except ImportError as e:
+        raise CliError(str(e)) from None
+    engines = build_deployment_engines(args.deploy, precision=precision, max_batch=args.max_batch,
+                                       max_seq=args.max_seq, max_prompt=args.max_prompt, max_past=args.max_past,
+                                       use_plugin=not args.no_plugin, decoder=not args.no_decoder,
+                                       quiet=args.quiet)
+    print(json.dumps({"deployment": str(args.deploy), "engines": engines}, indent=2))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from promptmux.runtime.server import ServeOptions
+
+    token = args.admin_token or os.environ.get("PROMPTMUX_ADMIN_TOKEN") or None
+    if args.adapter_root and not Path(args.adapter_root).is_dir():
+        raise CliError(f"--adapter-root {args.adapter_root} is not a folder")
+    options = ServeOptions(backend=args.backend, threads=args.threads, max_batch=args.max_batch,
+                           max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                           request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
+                           admin_token=token, adapter_root=args.adapter_root, drain_timeout=args.drain_timeout)
+    if not (Path(args.deploy) / "manifest.json").is_file():
+        raise CliError(f"{args.deploy} is not a promptmux deployment (no manifest.json); run promptmux export")
+    if args.ray:
+        from promptmux.runtime.serve_ray import serve_on_ray
+
+        autoscaling = json.loads(args.autoscaling) if args.autoscaling else None
+        serve_on_ray(args.deploy, options, host=args.host, port=args.port, replicas=args.replicas,
+                     autoscaling=autoscaling, replica_cpus=args.replica_cpus)
+        return 0
+    from promptmux.runtime.server import serve
+
+    serve(args.deploy, host=args.host, port=args.port, options=options, log_level=args.log_level)
+    return 0
+
+
 def cmd_demo(args) -> int:
     if args.model == "smollm2":
         from promptmux.demo.smollm2 import run_generation_demo
@@ -192,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("deploy")
     r.add_argument("--task", required=True)
     r.add_argument("--text", required=True)
-    r.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    r.add_argument("--backend", default="onnxruntime", choices=BACKEND_CHOICES)
     r.add_argument("--base", help="base model folder (torch backend) if it moved since export")
     r.set_defaults(func=cmd_run)
 
@@ -221,9 +270,52 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-precompute", action="store_true",
                    help="run the virtual tokens in every prefill instead of the cached prompt key/values")
     g.add_argument("--threads", type=int, help="CPU threads for the runtime")
-    g.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    g.add_argument("--backend", default="onnxruntime", choices=BACKEND_CHOICES)
     g.add_argument("--base", help="base model folder (torch backend) if it moved since export")
     g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("build-engine", help="build TensorRT engines from the deployment's graphs (needs TensorRT or "
+                                             "TensorRT-RTX; builds ahead of time without a GPU with TensorRT-RTX)")
+    b.add_argument("deploy")
+    prec = b.add_mutually_exclusive_group()
+    prec.add_argument("--fp16", action="store_true", help="allow fp16 kernels (default fp32)")
+    prec.add_argument("--bf16", action="store_true", help="allow bf16 kernels")
+    b.add_argument("--max-batch", type=int, default=8, help="largest batch the engine takes")
+    b.add_argument("--max-seq", type=int, default=128, help="most tokens per row")
+    b.add_argument("--max-prompt", type=int, default=64, help="most virtual tokens (prompt, MPT or prefix) per row")
+    b.add_argument("--max-past", type=int, default=256, help="cached decoder: longest past (prompt KV + tokens)")
+    b.add_argument("--no-plugin", action="store_true",
+                   help="let TensorRT build the MPT composition from standard layers instead of the fused plugin")
+    b.add_argument("--no-decoder", action="store_true", help="causal LMs: skip the cached-decoder engine")
+    b.set_defaults(func=cmd_build_engine)
+
+    sv = sub.add_parser("serve", help="serve every task of a deployment over HTTP (classify, OpenAI-compatible "
+                                      "completions, task admin, metrics); --ray: as Ray Serve replicas")
+    sv.add_argument("deploy")
+    sv.add_argument("--backend", default="onnxruntime", choices=BACKEND_CHOICES)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000, help="0: any free port (printed on stdout)")
+    sv.add_argument("--max-batch", type=int, default=32,
+                    help="texts per classification batch; rows in the running generation batch")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0,
+                    help="how long a classification request may wait for a fuller batch")
+    sv.add_argument("--max-queue", type=int, default=1024, help="texts/prompts waiting; more get 503 + Retry-After")
+    sv.add_argument("--request-timeout", type=float, default=60.0, help="seconds per request (504 after)")
+    sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    sv.add_argument("--admin-token", help="enables GET/POST/DELETE /v1/tasks for this bearer token "
+                                          "(or set PROMPTMUX_ADMIN_TOKEN; off when neither is given)")
+    sv.add_argument("--adapter-root", help="the only folder POST /v1/tasks reads adapter folders from")
+    sv.add_argument("--threads", type=int, help="CPU threads per model call")
+    sv.add_argument("--drain-timeout", type=float, default=30.0,
+                    help="SIGTERM: seconds in-flight requests get to finish")
+    sv.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    sv.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (RAY_ADDRESS: an existing "
+                                                       "cluster; otherwise a local one)")
+    sv.add_argument("--replicas", type=int, default=1, help="--ray: replicas (each loads the engine and bank)")
+    sv.add_argument("--autoscaling", metavar="JSON", help="--ray: Ray Serve autoscaling_config, e.g. "
+                    "'{\"min_replicas\": 1, \"max_replicas\": 4, \"target_ongoing_requests\": 32}' (replaces --replicas)")
+    sv.add_argument("--replica-cpus", type=float, default=1.0, help="--ray: CPUs Ray reserves per replica")
+    sv.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="export the embedded MiniLM demo (sentiment + topic) and classify a mixed batch; "
                                     "--model smollm2: SmolLM2-135M prompt-tuned tasks, mixed-task generation")
@@ -242,13 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from promptmux.export.adapters import AdapterError
     from promptmux.export.archs import UnsupportedModelError
+    from promptmux.export.engine import EngineError
     from promptmux.runtime.bank import UnknownTaskError
+    from promptmux.runtime.errors import BackendUnavailable
     from promptmux.runtime.runtime import InputError
 
     try:
         return args.func(args)
     except (CliError, AdapterError, UnsupportedModelError, UnknownTaskError, InputError, FileNotFoundError,
-            FileExistsError, ValueError) as e:
+            FileExistsError, ValueError, EngineError, BackendUnavailable) as e:
         print(f"promptmux: error: {e}", file=sys.stderr)
         return 2
 

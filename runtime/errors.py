@@ -3,3 +3,7 @@
 
 class InputError(ValueError):
     """A request that cannot be run as given; the message says which argument and why."""
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run on this machine; the message says what is missing and what to install."""

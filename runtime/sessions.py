@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import BackendUnavailable
+
 # Graph inputs whose values depend only on the batch's tasks (the prompt bank), never on the text: a
 # device session keeps them resident, keyed by the bank version and the batch's task tuple.
 BANK_INPUTS = frozenset({"prompt_embeds", "mpt_task_ids", "mpt_shared_ids", "mpt_shared", "mpt_cols", "mpt_rows",
@@ -65,7 +67,7 @@ class OrtBoundSession:
             so.intra_op_num_threads = threads
         if device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise RuntimeError(
+                raise BackendUnavailable(
                     f"backend 'onnxruntime-cuda' needs onnxruntime-gpu with the CUDA execution provider; this "
                     f"onnxruntime {ort.__version__} has only {', '.join(ort.get_available_providers())}. "
                     "pip uninstall onnxruntime && pip install onnxruntime-gpu")
@@ -78,7 +80,7 @@ class OrtBoundSession:
             raise ValueError(f"unknown device {device!r}; use 'cuda' or 'cpu'")
         self.session = ort.InferenceSession(str(path), so, providers=providers)
         if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
-            raise RuntimeError(f"ONNX Runtime could not start the CUDA provider ({self.session.get_providers()}); "
+            raise BackendUnavailable(f"ONNX Runtime could not start the CUDA provider ({self.session.get_providers()}); "
                                "check the CUDA and cuDNN libraries onnxruntime-gpu needs")
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import BackendUnavailable, InputError
 from .sessions import BANK_INPUTS
 
 
@@ -45,7 +46,7 @@ class TrtSession:
 
         ok, why = execution_support()
         if not ok:
-            raise RuntimeError(f"cannot run TensorRT engines here: {why}")
+            raise BackendUnavailable(f"backend 'tensorrt' cannot run engines here: {why}")
         self.torch = torch
         self.device = torch.device("cuda", device_id)
         torch.cuda.set_device(self.device)
@@ -87,8 +88,9 @@ class TrtSession:
             t = self._tensor(name, feeds[name], bank_key)
             keep.append(t)
             if not self.context.set_input_shape(name, tuple(t.shape)):
-                raise RuntimeError(f"input {name!r} of shape {tuple(t.shape)} is outside the engine's optimization "
-                                   "profile; rebuild it with larger --max-batch/--max-seq/--max-prompt")
+                raise InputError(f"input {name!r} of shape {tuple(t.shape)} is outside the engine's optimization "
+                                 "profile; send a smaller batch or shorter input, or rebuild the engine with larger "
+                                 "--max-batch/--max-seq/--max-prompt/--max-past")
             self.context.set_tensor_address(name, t.data_ptr() if t.numel() else self._empty.data_ptr())
         outputs = []
         for name in self.output_names:

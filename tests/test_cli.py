@@ -165,3 +165,31 @@ def test_generate_stream_prints_the_same_text(causal):
 def test_generate_bad_input_is_a_clear_error(causal, args, message):
     proc = promptmux("generate", causal["deploy"], *args, check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def _has_tensorrt() -> bool:
+    from promptmux.runtime import trt_compat
+
+    try:
+        trt_compat.import_tensorrt()
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_tensorrt(), reason="no TensorRT here (pip install tensorrt-rtx-cu13-bindings "
+                                                "tensorrt-rtx-cu13-libs)")
+def test_build_engine_on_a_default_export_records_the_engine(deployed):
+    """The default export is ONNX Runtime-optimized; build-engine exports a portable graph again on its own."""
+    out, _ = deployed
+    proc = promptmux("build-engine", out, "--max-batch", 2, "--max-seq", 8, "--max-prompt", 8)
+    engines = json.loads(proc.stdout)["engines"]
+    assert list(engines) == ["model"] and engines["model"]["plugin"]["layers"] == ["node_mpt_prompt_concat"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["engines"]["model"]["sha256"] == engines["model"]["sha256"]
+    assert (out / "model.engine").stat().st_size == engines["model"]["bytes"]
+
+
+def test_build_engine_rejects_an_empty_profile(deployed):
+    proc = promptmux("build-engine", deployed[0], "--max-batch", 0, check=False)
+    assert proc.returncode == 2 and "--max-batch must be at least 1" in proc.stderr

@@ -16,7 +16,7 @@ import pytest
 from conftest import random_batch
 
 import promptmux.runtime.runtime as runtime_mod
-from promptmux import Runtime
+from promptmux import BackendUnavailable, Runtime
 
 
 @pytest.fixture
@@ -71,5 +71,11 @@ def test_bound_generation_keeps_the_cache_on_the_device(deployment, bound_on_cpu
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA provider present")
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
 def test_cuda_backend_without_onnxruntime_gpu_says_what_to_install(deployment):
-    with pytest.raises(RuntimeError, match="pip install onnxruntime-gpu"):
+    with pytest.raises(BackendUnavailable, match="pip install onnxruntime-gpu"):
         Runtime(deployment.deploy, backend="onnxruntime-cuda")
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_tensorrt_backend_without_an_engine_says_how_to_build_one(deployment):
+    with pytest.raises(FileNotFoundError, match="promptmux build-engine"):
+        Runtime(deployment.deploy, backend="tensorrt")
