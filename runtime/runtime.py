@@ -134,6 +134,8 @@ class Runtime:
         with self._lock:
             bank = self._copy_bank()
             bank.add(new, replace=replace)
+            if self.folded_task in {t.name for t in new}:
+                self.folded_task = None  # replaced: the folded graph holds the old prompt
             self._commit(bank, persist)
             if hasattr(self._generator, "precompute"):  # a running causal-LM generator: the new tasks' KV now
                 self._generator.precompute([t.name for t in new])

@@ -104,3 +104,18 @@ def test_folded_graph_is_not_used_once_its_task_is_replaced(deployment, tmp_path
     want = Runtime(deployment.deploy).forward(ids, mask, ["ptmlp"] * 2)
     got = again.forward(ids, mask, ["pt"] * 2)
     assert max(float(np.abs(g - w).max()) for g, w in zip(got, want)) < TOL
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_replacing_the_folded_task_serves_the_new_prompt(deployment, tmp_path):
+    from conftest import peft_rows
+
+    folded = Runtime(export_deployment(deployment.base, deployment.adapters, tmp_path / "f", fold="pt", quiet=True))
+    other = make_adapter("bert", deployment.base, adapter_configs("bert")["pt"], tmp_path / "other", seed=91)
+    ids, mask = random_batch("bert", rows=2, seq=6, seed=4, padding_side="right")
+    before = folded.forward(ids, mask, ["pt", "pt"])
+    folded.add_task("pt", other, replace=True)
+    got = folded.forward(ids, mask, ["pt", "pt"])  # a whole batch of the folded task
+    want = peft_rows("bert", deployment.base, other, ids, mask)
+    assert max(float(np.abs(g - w).max()) for g, w in zip(got, want)) < TOL
+    assert max(float(np.abs(g - b).max()) for g, b in zip(got, before)) > 10 * TOL  # the prompt did change
