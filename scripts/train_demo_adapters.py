@@ -79,6 +79,50 @@ def evaluate(model, tok, data, max_len, batch=64) -> float:
     return correct / len(data)
 
 
+def fit(model, tok, train, max_len, prompt_lr, head_lr, name, epochs=None, max_steps=None, seed=SEED, batch=16,
+        on_step=None) -> int:
+    """The demo recipe's training loop (AdamW, prompt and head learning rates, linear decay to 0, batch 16).
+
+    Runs `epochs` passes over `train` (shuffled in place each pass), or exactly `max_steps` steps (passes repeat
+    as needed; the decay then spans max_steps). on_step(step): called after each step (e.g. to evaluate).
+    Returns the number of steps taken. Also used by bench/prompt_transfer.py.
+    """
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if p.requires_grad and "prompt" in n], "lr": prompt_lr},
+        {"params": [p for n, p in model.named_parameters() if p.requires_grad and "prompt" not in n], "lr": head_lr},
+    ]
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    if not train:
+        raise ValueError(f"[{name}] no training examples")
+    per_epoch = (len(train) + batch - 1) // batch
+    steps = max_steps if max_steps is not None else epochs * per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
+    rng = random.Random(seed)
+    step, t0, epoch = 0, time.time(), 0
+    while step < steps:
+        model.train()
+        rng.shuffle(train)
+        for i in range(0, len(train), batch):
+            if step >= steps:
+                break
+            texts, y = zip(*train[i : i + batch])
+            enc = tok(list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+            loss = model(**enc, labels=torch.tensor(y)).loss
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            step += 1
+            if step % 25 == 0:
+                print(f"[{name}] epoch {epoch + 1} step {step}/{steps} loss {loss.item():.3f} "
+                      f"({time.time() - t0:.0f}s)", flush=True)
+            if on_step is not None:
+                on_step(step)
+                model.train()  # on_step may have evaluated
+        epoch += 1
+    return step
+
+
 def train_task(base_dir, name, data, labels, init_text, virtual_tokens, max_len, n_train, n_test, epochs, out,
                prompt_lr, head_lr):
     from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
@@ -92,31 +136,8 @@ def train_task(base_dir, name, data, labels, init_text, virtual_tokens, max_len,
                              tokenizer_name_or_path=str(base_dir))
     model = get_peft_model(base, cfg)
     train, test = split(data, n_test, n_train)
-    groups = [
-        {"params": [p for n, p in model.named_parameters() if p.requires_grad and "prompt" in n], "lr": prompt_lr},
-        {"params": [p for n, p in model.named_parameters() if p.requires_grad and "prompt" not in n], "lr": head_lr},
-    ]
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    batch = 16
-    steps = epochs * ((len(train) + batch - 1) // batch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
-    rng = random.Random(SEED)
-    step, t0 = 0, time.time()
-    for epoch in range(epochs):
-        model.train()
-        rng.shuffle(train)
-        for i in range(0, len(train), batch):
-            texts, y = zip(*train[i : i + batch])
-            enc = tok(list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-            loss = model(**enc, labels=torch.tensor(y)).loss
-            loss.backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad()
-            step += 1
-            if step % 25 == 0:
-                print(f"[{name}] epoch {epoch + 1} step {step}/{steps} loss {loss.item():.3f} "
-                      f"({time.time() - t0:.0f}s)", flush=True)
+    t0 = time.time()
+    fit(model, tok, train, max_len, prompt_lr, head_lr, name, epochs=epochs)
     acc = evaluate(model, tok, test, max_len)
     print(f"[{name}] held-out accuracy {acc:.4f} on {len(test)} examples", flush=True)
     folder = out / name

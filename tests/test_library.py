@@ -1,0 +1,325 @@
+"""The prompt bank as a prompt library: SPoT retrieval and MPT/SPoT target initialisation (export/library.py).
+
+The bank is built so that the right answers are known: `near` is a scaled, noised copy of the query
+adapter's prompt tiled to twice its length, `twin` a noised copy of the bank task `pt`. Written
+adapters are loaded back with PEFT and compared with the intended initialisation exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import adapter_configs, make_adapter, make_base
+from test_cli import promptmux
+
+from promptmux.export.library import (LibraryError, combine_prompts, init_adapter, prompt_similarity, resample_tokens,
+                                      similar_tasks, skipped_tasks)
+
+METHODS = ["avg-cosine", "per-token-cosine"]
+
+
+def _rewrite_prompt(src, dest, fn):
+    """Copy an adapter folder with its prompt_embeddings replaced by fn(prompt)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dest)
+    weights = load_file(str(src / "adapter_model.safetensors"))
+    weights["prompt_embeddings"] = torch.from_numpy(np.ascontiguousarray(fn(weights["prompt_embeddings"].numpy())))
+    save_file(weights, str(dest / "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((dest / "adapter_config.json").read_text())
+    cfg["num_virtual_tokens"] = int(weights["prompt_embeddings"].shape[0])
+    (dest / "adapter_config.json").write_text(json.dumps(cfg))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    from promptmux import export_deployment
+
+    root = tmp_path_factory.mktemp("library")
+    base = make_base("bert", root / "base")
+    cfgs = adapter_configs("bert")
+    ad = {name: make_adapter("bert", base, cfgs[name], root / name, seed=i + 1)
+          for i, name in enumerate(["pt", "ptlstm", "mpt", "prefix"])}
+    query = make_adapter("bert", base, cfgs["pt"], root / "query", seed=11)
+    rng = np.random.default_rng(0)
+
+    def noised(p, scale):
+        return scale * p + 0.05 * p.std() * rng.standard_normal(p.shape).astype(np.float32)
+
+    ad["near"] = _rewrite_prompt(query, root / "near", lambda p: noised(np.concatenate([p, p]), 2.5))
+    ad["twin"] = _rewrite_prompt(ad["pt"], root / "twin", lambda p: noised(p, 0.7))
+    deploy = export_deployment(base, ad, root / "deploy", quiet=True, optimize=False)
+    return {"root": root, "base": base, "adapters": ad, "query": query, "deploy": deploy}
+
+
+def _peft(base, adapter_dir, trainable=False):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    labels = json.loads((adapter_dir / "promptmux_init.json").read_text()).get("num_labels", 3) \
+        if (adapter_dir / "promptmux_init.json").is_file() else 3
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=labels, ignore_mismatched_sizes=True)
+    if trainable:  # plain PEFT: get_peft_model from the saved config, then the saved weights
+        from promptmux.export.library import trainable_peft_model
+
+        return trainable_peft_model(model, adapter_dir), cfg
+    return PeftModel.from_pretrained(model, adapter_dir), cfg
+
+
+def _bank_prompt(lib, task):
+    from promptmux.export.adapters import load_adapter
+    from promptmux.export.deploy import load_base_config
+
+    name, _, t = task.partition("/")
+    tasks = load_adapter(name, lib["adapters"][name], load_base_config(lib["base"]))
+    return tasks[int(t) if t else 0]
+
+
+# ---- retrieval -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_both_methods_rank_the_known_answer_first(lib, method):
+    ranked = similar_tasks(lib["deploy"], str(lib["query"]), top_k=None, method=method)
+    assert ranked[0]["task"] == "near" and ranked[0]["rank"] == 1
+    assert ranked[0]["num_virtual_tokens"] == 8  # twice the query's 4 tokens: lengths differ
+    assert ranked[0]["score"] > ranked[1]["score"] + 0.1
+    assert [r["score"] for r in ranked] == sorted((r["score"] for r in ranked), reverse=True)
+    # a bank task as the query: itself left out, its noised copy first
+    by_name = similar_tasks(lib["deploy"], "pt", top_k=3, method=method)
+    assert by_name[0]["task"] == "twin" and "pt" not in [r["task"] for r in by_name] and len(by_name) == 3
+
+
+def test_ranking_covers_input_level_kinds_and_skips_prefix(lib):
+    ranked = similar_tasks(lib["deploy"], "near", top_k=None)
+    assert {r["task"] for r in ranked} == {"pt", "ptlstm", "mpt/0", "mpt/1", "mpt/2", "twin"}
+    assert {r["kind"] for r in ranked} == {"prompt", "mpt"}
+    assert skipped_tasks(lib["deploy"]) == ["prefix"]
+    with pytest.raises(LibraryError, match="per-layer attention keys/values"):
+        similar_tasks(lib["deploy"], str(lib["adapters"]["prefix"]))
+    with pytest.raises(LibraryError, match="prefix tuning"):
+        similar_tasks(lib["deploy"], "prefix")
+    with pytest.raises(LibraryError, match="neither a task"):
+        similar_tasks(lib["deploy"], "no-such-task")
+    with pytest.raises(LibraryError, match="Multitask Prompt Tuning adapter with 3 tasks"):
+        similar_tasks(lib["deploy"], str(lib["adapters"]["mpt"]))
+    with pytest.raises(LibraryError, match="unknown similarity method"):
+        similar_tasks(lib["deploy"], "pt", method="dot")
+
+
+def test_similarity_definitions_for_different_lengths():
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((3, 16)), rng.standard_normal((5, 16))
+    # avg-cosine: cosine of the mean tokens; repeating a prompt's tokens changes nothing
+    assert prompt_similarity(a, np.concatenate([a, a, a]) * 4.0) == pytest.approx(1.0)
+    mean_cos = a.mean(0) @ b.mean(0) / np.linalg.norm(a.mean(0)) / np.linalg.norm(b.mean(0))
+    assert prompt_similarity(a, b) == pytest.approx(mean_cos)
+    # per-token-cosine: the mean over all 3 x 5 token pairs
+    pairs = [x @ y / np.linalg.norm(x) / np.linalg.norm(y) for x in a for y in b]
+    assert prompt_similarity(a, b, "per-token-cosine") == pytest.approx(np.mean(pairs))
+    assert prompt_similarity(b, a, "per-token-cosine") == pytest.approx(np.mean(pairs))
+
+
+def test_resample_tokens():
+    p = np.arange(12, dtype=np.float32).reshape(4, 3)
+    assert resample_tokens(p, 4) is p
+    r = resample_tokens(p, 7)  # positions 0, .5, 1, ..., 3
+    np.testing.assert_array_equal(r[::2], p)
+    np.testing.assert_allclose(r[1], (p[0] + p[1]) / 2)
+    np.testing.assert_array_equal(resample_tokens(p, 2), p[[0, 3]])
+    np.testing.assert_array_equal(resample_tokens(p[:1], 3), np.repeat(p[:1], 3, axis=0))
+
+
+# ---- initialisation --------------------------------------------------------------------------------
+
+
+def _one_training_step(model, **kw):
+    ids = torch.randint(5, 100, (2, 6))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    before = model.prompt_encoder["default"].embedding.weight.detach().clone()
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([0, 1]), **kw).loss.backward()
+    opt.step()
+    assert not torch.equal(before, model.prompt_encoder["default"].embedding.weight)
+
+
+def test_init_from_task_writes_a_peft_adapter_with_that_prompt(lib, tmp_path):
+    out = tmp_path / "from-near"
+    (rec,) = init_adapter(lib["deploy"], lib["base"], out, from_task="near", num_labels=2, seed=3)
+    assert rec["path"] == str(out) and rec["num_virtual_tokens"] == 8 and rec["peft_type"] == "PROMPT_TUNING"
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    model, cfg = _peft(lib["base"], out, trainable=True)
+    assert cfg["peft_type"] == "PROMPT_TUNING" and cfg["num_virtual_tokens"] == 8
+    want = torch.from_numpy(_bank_prompt(lib, "near").tensors["prompt"])
+    assert torch.equal(model.prompt_encoder["default"].embedding.weight.detach(), want)
+    assert torch.equal(model.get_prompt(batch_size=1)[0].detach(), want)
+    _one_training_step(model)  # trains as usual: prompt and head are trainable
+    assert json.loads((out / "promptmux_init.json").read_text())["sources"] == [
+        {"task": "near", "score": None, "weight": 1.0}]
+    # promptmux serves it as is
+    from promptmux.export.adapters import load_adapter
+    from promptmux.export.deploy import load_base_config
+
+    (task,) = load_adapter("target", out, load_base_config(lib["base"]))
+    np.testing.assert_array_equal(task.tensors["prompt"], want.numpy())
+    with pytest.raises(FileExistsError):
+        init_adapter(lib["deploy"], lib["base"], out, from_task="near")
+
+
+def test_init_from_an_mpt_task_is_its_composed_prompt(lib, tmp_path):
+    out = tmp_path / "from-mpt1"
+    init_adapter(lib["deploy"], lib["base"], out, from_task="mpt/1", num_labels=3)
+    model, _ = _peft(lib["base"], out)
+    source, _ = _peft(lib["base"], lib["adapters"]["mpt"])
+    want = source.get_prompt(batch_size=1, task_ids=torch.tensor([1]))[0].detach()
+    assert torch.equal(model.get_prompt(batch_size=1)[0].detach(), want)
+
+
+def test_best_of_top_k_writes_one_adapter_per_source(lib, tmp_path):
+    out = tmp_path / "best-of"
+    recs = init_adapter(lib["deploy"], lib["base"], out, top_k=3, query=str(lib["query"]), num_labels=2)
+    ranked = similar_tasks(lib["deploy"], str(lib["query"]), top_k=3)
+    assert [r["sources"][0]["task"] for r in recs] == [r["task"] for r in ranked]
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{r['rank']}-{r['task'].replace('/', '_')}"
+                                                           for r in ranked)
+    for rec in recs:
+        model, _ = _peft(lib["base"], out / rec["path"].rsplit("/", 1)[1])
+        want = _bank_prompt(lib, rec["sources"][0]["task"])
+        from promptmux.export.library import task_prompt
+
+        assert torch.equal(model.get_prompt(batch_size=1)[0].detach(), torch.from_numpy(task_prompt(want)))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_weighted_top_k_is_the_score_weighted_average(lib, tmp_path, method):
+    out = tmp_path / f"weighted-{method}"
+    (rec,) = init_adapter(lib["deploy"], lib["base"], out, top_k=2, weighted=True, query=str(lib["query"]),
+                          method=method, num_labels=2)
+    ranked = similar_tasks(lib["deploy"], str(lib["query"]), top_k=2, method=method)
+    assert [s["task"] for s in rec["sources"]] == [r["task"] for r in ranked]
+    pos = np.maximum([r["score"] for r in ranked], 0)
+    weights = pos / pos.sum()
+    assert [s["weight"] for s in rec["sources"]] == pytest.approx(list(weights))
+    from promptmux.export.library import task_prompt
+
+    prompts = [task_prompt(_bank_prompt(lib, r["task"])) for r in ranked]
+    length = prompts[0].shape[0]  # the best source's length: 8
+    assert rec["num_virtual_tokens"] == length == 8
+    model, _ = _peft(lib["base"], out)
+    got = model.get_prompt(batch_size=1)[0].detach().numpy()
+    np.testing.assert_array_equal(got, combine_prompts(prompts, list(weights), length))
+    # the same, written out independently: each source linearly resampled to 8 tokens, then weighted
+    def interp(p):
+        pos = np.linspace(0, p.shape[0] - 1, length)
+        return np.stack([np.interp(pos, np.arange(p.shape[0]), p[:, j]) for j in range(p.shape[1])], 1)
+    np.testing.assert_allclose(got, sum(w * interp(p) for w, p in zip(weights, prompts)), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("source,peft_init,task", [("mpt", "AVERAGE_SOURCE_TASKS", 0), ("mpt/2", "EXACT_SOURCE_TASK", 2)])
+def test_mpt_target_equals_peft_own_target_initialisation(lib, tmp_path, source, peft_init, task):
+    """--kind mpt-target gives exactly what PEFT's MultitaskPromptTuningInit computes from the source file."""
+    from peft import MultitaskPromptTuningConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "mpt-target"
+    (rec,) = init_adapter(lib["deploy"], lib["base"], out, from_task=source, kind="mpt-target", num_labels=2)
+    assert rec["peft_type"] == "MULTITASK_PROMPT_TUNING" and rec["num_ranks"] == 2
+    model, cfg = _peft(lib["base"], out, trainable=True)
+    assert cfg["num_tasks"] == 1 and cfg["num_ranks"] == 2 and cfg["num_virtual_tokens"] == 4
+    reference = get_peft_model(
+        AutoModelForSequenceClassification.from_pretrained(lib["base"], num_labels=2, ignore_mismatched_sizes=True),
+        MultitaskPromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4, num_tasks=1, num_ranks=2,
+                                    prompt_tuning_init=peft_init, prompt_tuning_init_task=task,
+                                    prompt_tuning_init_state_dict_path=str(lib["adapters"]["mpt"] /
+                                                                           "adapter_model.safetensors")))
+    ours, theirs = model.prompt_encoder["default"], reference.prompt_encoder["default"]
+    for attr in ("prefix_task_cols", "prefix_task_rows"):
+        assert torch.equal(getattr(ours, attr).detach(), getattr(theirs, attr).detach()), attr
+    assert torch.equal(ours.embedding.weight.detach(), theirs.embedding.weight.detach())
+    t0 = torch.tensor([0])
+    assert torch.equal(model.get_prompt(1, task_ids=t0).detach(), reference.get_prompt(1, task_ids=t0).detach())
+    _one_training_step(model, task_ids=torch.tensor([0, 0]))
+
+
+def test_mpt_target_by_retrieval_and_refusals(lib, tmp_path):
+    (rec,) = init_adapter(lib["deploy"], lib["base"], tmp_path / "t", top_k=2, weighted=True, kind="mpt-target",
+                          query="near", num_labels=2)
+    assert all(s["task"].startswith("mpt/") for s in rec["sources"]) and len(rec["sources"]) == 2
+    with pytest.raises(LibraryError, match="Multitask Prompt Tuning source"):
+        init_adapter(lib["deploy"], lib["base"], tmp_path / "x", from_task="pt", kind="mpt-target")
+    with pytest.raises(LibraryError, match="prefix tuning"):
+        init_adapter(lib["deploy"], lib["base"], tmp_path / "y", from_task="prefix")
+    with pytest.raises(LibraryError, match="--query"):
+        init_adapter(lib["deploy"], lib["base"], tmp_path / "z", top_k=2)
+    with pytest.raises(LibraryError, match="exactly one source"):
+        init_adapter(lib["deploy"], lib["base"], tmp_path / "z", from_task="pt", top_k=2, query="near")
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # nothing half-written left behind
+
+
+def test_causal_lm_bank_without_onnx(tmp_path):
+    """A bank folder (bank.safetensors + config.json) is enough; decoders get an adapter without a head."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from promptmux.export.adapters import load_adapter
+    from promptmux.export.archs import arch_for
+    from promptmux.export.deploy import load_base_config
+    from promptmux.runtime.bank import PromptBank
+
+    base = make_base("gpt2", tmp_path / "base")
+    cfgs = adapter_configs("gpt2")
+    config = load_base_config(base)
+    bank = PromptBank(arch_for("gpt2"))
+    for i, name in enumerate(["pt", "ptmlp", "mpt1"]):
+        bank.add(load_adapter(name, make_adapter("gpt2", base, cfgs[name], tmp_path / name, seed=i + 1), config))
+    folder = tmp_path / "bank"
+    folder.mkdir()
+    bank.save(folder)
+    config.save_pretrained(folder)
+    (rec,) = init_adapter(folder, base, tmp_path / "out", top_k=1, query="ptmlp", num_virtual_tokens=7)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "out")
+    from promptmux.export.library import task_prompt
+
+    src = task_prompt(bank.view(rec["sources"][0]["task"]))
+    got = model.get_prompt(batch_size=1)[0].detach().numpy()
+    assert got.shape == (7, 32) and "num_labels" not in rec
+    np.testing.assert_array_equal(got, resample_tokens(src, 7))
+
+
+# ---- command line ----------------------------------------------------------------------------------
+
+
+def _cli(capsys, *args):
+    """The command line in this process (one subprocess run below checks the real entry point)."""
+    from promptmux.cli import main
+
+    capsys.readouterr()
+    code = main(["--quiet", *map(str, args)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_similar_and_init_adapter(lib, tmp_path, capsys):
+    deploy = lib["deploy"]
+    rows = json.loads(promptmux("tasks", deploy, "similar", lib["query"], "--top-k", "2", "--json",
+                                "--method", "per-token-cosine").stdout)
+    assert rows["results"][0]["task"] == "near" and len(rows["results"]) == 2
+    assert rows["method"] == "per-token-cosine" and rows["skipped"] == ["prefix"]
+    code, text, err = _cli(capsys, "tasks", "similar", deploy, "pt")  # the issue's word order works too
+    assert code == 0 and text.splitlines()[0].split("\t")[:2] == ["1", "twin"] and "prefix" in err
+    out = tmp_path / "cli-adapter"
+    code, text, _ = _cli(capsys, "init-adapter", deploy, "--base", lib["base"], "--out", out, "--top-k", "1",
+                         "--query", lib["query"], "--num-labels", "2")
+    rec = json.loads(text)
+    assert code == 0 and rec[0]["sources"][0]["task"] == "near" and (out / "adapter_model.safetensors").is_file()
+    code, _, err = _cli(capsys, "init-adapter", deploy, "--base", lib["base"], "--out", tmp_path / "x",
+                        "--from", "prefix")
+    assert code == 2 and "prefix tuning" in err
+    code, _, err = _cli(capsys, "init-adapter", deploy, "--base", lib["base"], "--out", tmp_path / "x",
+                        "--from", "pt", "--weighted")
+    assert code == 2 and "--weighted goes with --top-k" in err
