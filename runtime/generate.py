@@ -100,22 +100,29 @@ class Generator:
         for name in names:
             self.prompt_kv(bank.view(name))
         live = {(n, bank.digest(n)) for n in bank.names()}
-        for key in [k for k in self._kv if k not in live]:  # removed or replaced tasks
-            del self._kv[key]
+        # A new dict swapped in whole: a server's worker thread may read the cache while a task is added.
+        self._kv = {k: v for k, v in self._kv.items() if k in live}  # drops removed or replaced tasks
 
     def prompt_kv(self, view: TaskView) -> np.ndarray:
         """The task's per-layer keys/values [layers, 2, kv_heads, T, head_dim], computed once per task."""
         if view.kind == "prefix":
             return view.prefix
-        key = (view.name, self.rt.bank.digest(view.name))
-        if key not in self._kv:
-            empty = np.zeros((1, 0), np.int64)
-            lay = self._layout(empty, empty, [view])
-            _, presents = self._run(lay.feeds, np.zeros(1, np.int64))
-            kv = np.stack([np.stack([host(presents[2 * i])[0], host(presents[2 * i + 1])[0]])
-                           for i in range(self.layers)])
-            self._kv[key] = kv
-        return self._kv[key]
+        bank = self.rt.bank
+        if view.name not in bank or not _same_tensors(bank.view(view.name), view):
+            # The request captured a task that was removed or replaced since: its own KV, not cached.
+            return self._compute_kv(view)
+        key = (view.name, bank.digest(view.name))
+        kv = self._kv.get(key)
+        if kv is None:
+            kv = self._kv[key] = self._compute_kv(view)
+        return kv
+
+    def _compute_kv(self, view: TaskView) -> np.ndarray:
+        empty = np.zeros((1, 0), np.int64)
+        lay = self._layout(empty, empty, [view])
+        _, presents = self._run(lay.feeds, np.zeros(1, np.int64))
+        return np.stack([np.stack([host(presents[2 * i])[0], host(presents[2 * i + 1])[0]])
+                         for i in range(self.layers)])
 
     def _layout(self, ids, mask, views):
         rt = self.rt
@@ -134,9 +141,13 @@ class Generator:
         return out[0], out[1:]
 
     # ---- generation -----------------------------------------------------------------------
-    def stream(self, ids: np.ndarray, mask: np.ndarray, views: list[TaskView], params: SamplingParams,
-               precompute: bool = True) -> Iterator[np.ndarray]:
-        """Yield the next token of every row ([B] int64) once per decoding step."""
+    def prefill(self, ids: np.ndarray, mask: np.ndarray, views: list[TaskView], precompute: bool = True,
+                own_positions: bool = False):
+        """Run the prompts: (logits of each row's last real token [B, V], presents (per layer key, value),
+        cache mask [B, past], next position per row [B]).
+
+        own_positions: every row's positions follow its own mask, as if it ran alone, so that padding changes
+        no row (continuous batching). Otherwise PEFT's rules for a padded batch (below)."""
         batch, seq = ids.shape
         prefix_rows = [i for i, v in enumerate(views) if v.kind == "prefix"]
         if precompute:
@@ -145,16 +156,47 @@ class Generator:
         # In generate, transformers derives position ids from the attention mask (cumsum - 1) and PEFT shifts
         # them by n for prefix tuning; other kinds drop them, so positions count every slot (the layout's rule).
         positions = lay.feeds["position_ids"]
-        for i in prefix_rows:
-            n, start = views[i].num_virtual_tokens, lay.token_start[i]
+        for i in range(batch) if own_positions else prefix_rows:
+            start = lay.token_start[i]  # virtual tokens in the sequence (inline prompts) come first
+            before = views[i].num_virtual_tokens if views[i].kind == "prefix" else start
             from_mask = np.where(mask[i] == 1, np.cumsum(mask[i]) - 1, 1)
-            positions[i, start:start + seq] = n + from_mask + self._offset
+            positions[i, start:start + seq] = before + from_mask + self._offset
         # Index of each row's last real token in the reordered sequence.
         last_token = np.array([np.flatnonzero(m)[-1] for m in mask])
         logits, presents = self._run(lay.feeds, lay.token_start + last_token)
-        cache_mask = lay.feeds["attention_mask"]
         # Positions continue after the last real token of each row.
         next_pos = lay.feeds["position_ids"][np.arange(batch), lay.token_start + last_token] + 1
+        return logits, list(presents), lay.feeds["attention_mask"], next_pos
+
+    def step(self, token: np.ndarray, cache_mask: np.ndarray, next_pos: np.ndarray, presents):
+        """One decoding step for every row: token [B] at position next_pos [B] over the cache (cache_mask
+        already includes the new token's slot). Returns (logits [B, V], presents)."""
+        batch = token.shape[0]
+        d = self.rt.dims.hidden_size
+        feeds = {
+            "input_ids": token[:, None].astype(np.int64),
+            "attention_mask": cache_mask,
+            "position_ids": next_pos[:, None].astype(np.int64),
+            "order": np.zeros((batch, 1), np.int64),
+            "prompt_embeds": np.zeros((batch, 0, d), np.float32),
+            "mpt_task_ids": np.zeros(batch, np.int64),
+            "mpt_shared_ids": np.zeros(1, np.int64),
+            "mpt_shared": np.zeros((1, 0, d), np.float32),
+            "mpt_cols": np.zeros((1, 0, 1), np.float32),
+            "mpt_rows": np.zeros((1, 1, d), np.float32),
+            "logits_index": np.zeros(batch, np.int64),
+        }
+        for i in range(self.layers):
+            feeds[f"past_key_values.{i}.key"] = presents[2 * i]
+            feeds[f"past_key_values.{i}.value"] = presents[2 * i + 1]
+        out = self.session.run_all(feeds)
+        return out[0], list(out[1:])
+
+    def stream(self, ids: np.ndarray, mask: np.ndarray, views: list[TaskView], params: SamplingParams,
+               precompute: bool = True) -> Iterator[np.ndarray]:
+        """Yield the next token of every row ([B] int64) once per decoding step."""
+        batch = ids.shape[0]
+        logits, presents, cache_mask, next_pos = self.prefill(ids, mask, views, precompute)
         rng = np.random.default_rng(params.seed)
         eos = self._eos(params)
         done = np.zeros(batch, bool)
@@ -167,24 +209,7 @@ class Generator:
             if done.all() or step + 1 == params.max_new_tokens:
                 return
             cache_mask = np.concatenate([cache_mask, np.ones((batch, 1), np.int64)], axis=1)
-            feeds = {
-                "input_ids": token[:, None].astype(np.int64),
-                "attention_mask": cache_mask,
-                "position_ids": next_pos[:, None].astype(np.int64),
-                "order": np.zeros((batch, 1), np.int64),
-                "prompt_embeds": np.zeros((batch, 0, self.rt.dims.hidden_size), np.float32),
-                "mpt_task_ids": np.zeros(batch, np.int64),
-                "mpt_shared_ids": np.zeros(1, np.int64),
-                "mpt_shared": np.zeros((1, 0, self.rt.dims.hidden_size), np.float32),
-                "mpt_cols": np.zeros((1, 0, 1), np.float32),
-                "mpt_rows": np.zeros((1, 1, self.rt.dims.hidden_size), np.float32),
-                "logits_index": np.zeros(batch, np.int64),
-            }
-            for i in range(self.layers):
-                feeds[f"past_key_values.{i}.key"] = presents[2 * i]
-                feeds[f"past_key_values.{i}.value"] = presents[2 * i + 1]
-            out = self.session.run_all(feeds)
-            logits, presents = out[0], out[1:]
+            logits, presents = self.step(token, cache_mask, next_pos, presents)
             next_pos = next_pos + 1
 
     def _as_prefix(self, view: TaskView) -> TaskView:
@@ -206,3 +231,227 @@ def eos_ids(params: SamplingParams, config) -> np.ndarray:
     if eos is None:
         return np.array([], np.int64)
     return np.atleast_1d(np.asarray(eos, np.int64))
+
+
+_PROMPT_FIELDS = ("prompt", "prefix", "shared", "cols", "rows")
+
+
+def _same_tensors(a: TaskView, b: TaskView) -> bool:
+    """Whether two views hold the very same prompt arrays (a bank copy shares the arrays of unchanged tasks)."""
+    return a is b or (a.kind == b.kind and all(getattr(a, f) is getattr(b, f) for f in _PROMPT_FIELDS))
+
+
+# ---- continuous batching ------------------------------------------------------------------------
+@dataclass(eq=False)
+class Row:
+    """One sequence of a continuous batch: its own task, sampling parameters, rng and stop condition."""
+
+    view: TaskView
+    params: SamplingParams
+    eos: frozenset
+    rng: np.random.Generator
+    tag: object = None  # the caller's handle (a server request)
+    tokens: list = field(default_factory=list)
+    finish_reason: str | None = None  # "eos", "length", or what the caller set with finish()
+    picked: bool = False  # a token was chosen since the last decoding step
+
+    def finish(self, reason: str) -> None:
+        """End the row early (a stop string, a cancelled request); it leaves the batch at the next advance()."""
+        if self.finish_reason is None:
+            self.finish_reason = reason
+
+
+def _pad_past(x: np.ndarray, length: int, axis: int) -> np.ndarray:
+    """Left-pad one axis with zeros: the shorter caches of a merged batch, masked out by the attention mask."""
+    missing = length - x.shape[axis]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[axis] = missing
+    return np.concatenate([np.zeros(shape, x.dtype), x], axis=axis)
+
+
+class ContinuousBatch:
+    """Causal-LM generation where rows join and leave at every decoding step.
+
+    Joining rows are prefilled together (positions from each row's own mask, see add_many) and their cache
+    merged into the running batch: the past axis is left-padded with masked zeros so that every row shares
+    one past length; position ids are explicit per row, so padding never shifts a row.
+    Finished rows are sliced out of the batch axis; past columns no remaining row attends to are trimmed.
+
+    Call order per decoding step: add() any new rows, pick() the next token of every row, finish() rows
+    the caller stops (stop strings, cancellation), advance() runs the decoder once for the rows still on.
+    """
+
+    def __init__(self, generator: Generator):
+        self.gen = generator
+        self.rows: list[Row] = []
+        self.presents: list[np.ndarray] = []  # per layer key, value: [B, kv_heads, past, head_dim]
+        self.mask = None  # [B, past]
+        self.next_pos = None  # [B]
+        self.logits = None  # [B, vocab]: every row's next-token logits
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, ids, view: TaskView, params: SamplingParams, precompute: bool = True, tag=None) -> Row:
+        """Prefill one prompt (1-D token ids, no padding) and merge it into the running batch."""
+        return self.add_many([(ids, view, params, precompute, tag)])[0]
+
+    def add_many(self, items) -> list[Row]:
+        """Prefill several prompts ((ids, view, params, precompute, tag) each) and merge them into the batch.
+
+        The rows share one prefill (one per precompute setting), left-padded, with every row's positions taken
+        from its own mask: a row's result is then the one it gets alone, whatever the padding."""
+        groups: dict[bool, list[int]] = {}
+        for k, item in enumerate(items):
+            groups.setdefault(bool(item[3]), []).append(k)
+        pad = self.gen.rt.config.pad_token_id or 0
+        rows: list[Row | None] = [None] * len(items)
+        for key, members in groups.items():
+            seqs = [np.asarray(items[k][0], np.int64) for k in members]
+            width = max(len(x) for x in seqs)
+            ids = np.full((len(seqs), width), pad, np.int64)
+            mask = np.zeros((len(seqs), width), np.int64)
+            for j, x in enumerate(seqs):
+                ids[j, width - len(x):] = x
+                mask[j, width - len(x):] = 1
+            logits, presents, cache_mask, next_pos = self.gen.prefill(
+                ids, mask, [items[k][1] for k in members], key, own_positions=True)
+            new = [Row(view=items[k][1], params=items[k][2], eos=frozenset(self.gen._eos(items[k][2]).tolist()),
+                       rng=np.random.default_rng(items[k][2].seed), tag=items[k][4]) for k in members]
+            self._merge([host(x) for x in presents], cache_mask, next_pos, logits, new)
+            for k, row in zip(members, new):
+                rows[k] = row
+        return rows
+
+    def _merge(self, presents, mask, next_pos, logits, rows: list[Row]) -> None:
+        if not self.rows:
+            self.presents, self.mask, self.next_pos, self.logits = presents, mask, next_pos, logits
+        else:
+            length = max(self.mask.shape[1], mask.shape[1])
+            self.presents = [np.concatenate([_pad_past(a, length, 2), _pad_past(b, length, 2)])
+                             for a, b in zip(self.presents, presents)]
+            self.mask = np.concatenate([_pad_past(self.mask, length, 1), _pad_past(mask, length, 1)])
+            self.next_pos = np.concatenate([self.next_pos, next_pos])
+            self.logits = np.concatenate([self.logits, logits])
+        self.rows.extend(rows)
+
+    def pick(self) -> list[tuple[Row, int]]:
+        """Choose each running row's next token with its own sampling parameters and rng. A row that reaches
+        one of its EOS ids or its max_new_tokens is finished ("eos" / "length")."""
+        out = []
+        for i, row in enumerate(self.rows):
+            if row.finish_reason is not None:
+                continue
+            token = int(_pick(self.logits[i:i + 1], row.params, row.rng)[0])
+            row.tokens.append(token)
+            row.picked = True
+            out.append((row, token))
+            if token in row.eos:
+                row.finish_reason = "eos"
+            elif len(row.tokens) >= row.params.max_new_tokens:
+                row.finish_reason = "length"
+        return out
+
+    def advance(self) -> None:
+        """Drop finished rows, then run one decoding step for the others on the tokens pick() chose."""
+        keep = [i for i, r in enumerate(self.rows) if r.finish_reason is None]
+        if len(keep) < len(self.rows):
+            self.rows = [self.rows[i] for i in keep]
+            if not self.rows:
+                self.presents, self.mask, self.next_pos, self.logits = [], None, None, None
+                return
+            self.presents = [x[keep] for x in self.presents]
+            self.mask, self.next_pos = self.mask[keep], self.next_pos[keep]
+            first = int(self.mask.any(0).argmax())  # past columns masked for every remaining row go
+            if first:
+                self.presents = [x[:, :, first:] for x in self.presents]
+                self.mask = self.mask[:, first:]
+        if not self.rows:
+            return
+        if not all(r.picked for r in self.rows):
+            raise RuntimeError("advance() before pick(): a row joined after its step's tokens were chosen")
+        token = np.array([r.tokens[-1] for r in self.rows], np.int64)
+        self.mask = np.concatenate([self.mask, np.ones((len(self.rows), 1), np.int64)], axis=1)
+        self.logits, presents = self.gen.step(token, self.mask, self.next_pos, self.presents)
+        self.presents = [host(x) for x in presents]
+        self.next_pos = self.next_pos + 1
+        for r in self.rows:
+            r.picked = False
+
+
+class StreamedRows:
+    """The same interface as ContinuousBatch over per-row generators (seq2seq deployments): each row runs its
+    own cached encoder-decoder stream, one step per pick(). Rows interleave step by step but do not share
+    decoder batches."""
+
+    def __init__(self, generator):
+        self.gen = generator
+        self.rows: list[Row] = []
+        self._streams: dict[int, Iterator[np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add_many(self, items) -> list[Row]:
+        return [self.add(*item) for item in items]
+
+    def add(self, ids, view: TaskView, params: SamplingParams, precompute: bool = True, tag=None) -> Row:
+        ids = np.asarray(ids, np.int64)[None]
+        row = Row(view=view, params=params, eos=frozenset(self.gen._eos(params).tolist()),
+                  rng=np.random.default_rng(params.seed), tag=tag)
+        self._streams[id(row)] = self.gen.stream(ids, np.ones_like(ids), [view], params, precompute)
+        self.rows.append(row)
+        return row
+
+    def pick(self) -> list[tuple[Row, int]]:
+        out = []
+        for row in self.rows:
+            if row.finish_reason is not None:
+                continue
+            token = int(next(self._streams[id(row)])[0])
+            row.tokens.append(token)
+            out.append((row, token))
+            if token in row.eos:
+                row.finish_reason = "eos"
+            elif len(row.tokens) >= row.params.max_new_tokens:
+                row.finish_reason = "length"
+        return out
+
+    def advance(self) -> None:
+        for row in [r for r in self.rows if r.finish_reason is not None]:
+            self._streams.pop(id(row)).close()
+        self.rows = [r for r in self.rows if r.finish_reason is None]
+
+
+class TextStream:
+    """A row's text as its tokens come (what Runtime.generate_stream yields for a text row): the new piece per
+    token, held back while it could be the start of a stop string, cut where the first stop string begins."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.tok = tokenizer
+        self.stop = tuple(stop)
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.tokens: list[int] = []
+        self.shown = 0  # characters already given out
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.tok.decode(self.tokens, skip_special_tokens=True)
+        cut = _stop_cut(text, self.stop)
+        end = cut if cut is not None else max(self.shown, len(text) - self.hold)
+        piece = text[self.shown:end]
+        self.shown = end
+        self.stopped = cut is not None
+        return piece
+
+    def flush(self) -> str:
+        """The held-back tail once the row ends on EOS or its length (nothing after a stop string)."""
+        if self.stopped:
+            return ""
+        text = self.tok.decode(self.tokens, skip_special_tokens=True)
+        piece = text[self.shown:]
+        self.shown = len(text)
+        return piece

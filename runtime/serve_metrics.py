@@ -1,0 +1,64 @@
+"""Prometheus metrics of the server (prometheus-client), in a registry of their own per app."""
+
+from __future__ import annotations
+
+from collections import Counter as _Count
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        # task: the request's task once it is known to the bank, else "" (clients cannot mint label values).
+        self.requests = Counter("promptmux_requests", "HTTP requests answered", ["endpoint", "task", "status"],
+                                registry=r)
+        self.errors = Counter("promptmux_request_errors", "Requests answered with an error, by error type",
+                              ["endpoint", "task", "type"], registry=r)
+        self.latency = Histogram("promptmux_request_latency_seconds", "Request latency until the last byte",
+                                 ["endpoint", "task"], buckets=_LATENCY, registry=r)
+        self.batch_size = Histogram("promptmux_batch_size", "Rows per model call: a classification batch, or the "
+                                    "running rows of a generation step", ["kind"], buckets=_SIZES, registry=r)
+        self.batch_task_rows = Histogram("promptmux_batch_task_rows", "Rows of each task in a batch",
+                                         ["kind", "task"], buckets=_SIZES, registry=r)
+        self.batch_tasks = Histogram("promptmux_batch_tasks", "Distinct tasks in a batch", ["kind"],
+                                     buckets=_SIZES, registry=r)
+        self.queue_depth = Gauge("promptmux_queue_depth", "Texts (classify) or prompts (generate) waiting",
+                                 ["kind"], registry=r)
+        self.running = Gauge("promptmux_running_rows", "Rows in the running generation batch", registry=r)
+        self.inflight = Gauge("promptmux_inflight_requests", "HTTP requests being answered", registry=r)
+        self.tokens = Counter("promptmux_generated_tokens", "Tokens generated", ["task"], registry=r)
+
+    def bind(self, scheduler) -> None:
+        for kind in ("classify", "generate"):
+            self.queue_depth.labels(kind).set_function(lambda k=kind: scheduler.depth(k))
+        self.running.set_function(scheduler.running)
+
+    def observe_batch(self, kind: str, tasks: list[str]) -> None:
+        counts = _Count(tasks)
+        self.batch_size.labels(kind).observe(len(tasks))
+        self.batch_tasks.labels(kind).observe(len(counts))
+        for task, n in counts.items():
+            self.batch_task_rows.labels(kind, task).observe(n)
+
+    def record(self, endpoint: str, task: str, status: int, seconds: float, error_type: str | None) -> None:
+        self.requests.labels(endpoint, task, str(status)).inc()
+        self.latency.labels(endpoint, task).observe(seconds)
+        if status >= 400:
+            self.errors.labels(endpoint, task, error_type or str(status)).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,125 @@
+"""Request and response bodies of the HTTP API (they are also its OpenAPI schema).
+
+Models are strict (no silent "3" -> 3 coercion) and forbid unknown fields, so a typo in a field name is a
+400 naming that field rather than a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_TEXTS = 64  # texts per classification request
+MAX_PROMPTS = 16  # prompts per completion request
+MAX_STOPS = 4  # as OpenAI
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="invalid_request, invalid_json, not_found, unknown_task, too_large, "
+                                  "unsupported_media_type, method_not_allowed, unauthorized, forbidden, conflict, "
+                                  "overloaded, timeout, internal")
+    field: str | None = Field(description="the request field (or body, path, method, authorization) at fault")
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# ---- classification --------------------------------------------------------------------------
+class ClassifyRequest(_Strict):
+    task: str = Field(min_length=1, max_length=256, description="the task (see GET /v1/models)")
+    text: str | None = Field(None, description="one text; give text or texts")
+    texts: list[str] | None = Field(None, min_length=1, max_length=MAX_TEXTS, description="several texts")
+
+
+class ClassifyResult(BaseModel):
+    label: str
+    label_id: int
+    scores: list[float] = Field(description="softmax over the task's labels, in label_id order")
+
+
+class ClassifyResponse(BaseModel):
+    task: str
+    labels: list[str] | None = Field(description="the task's label names in label_id order, if it has them")
+    results: list[ClassifyResult] = Field(description="one per input text, in order")
+
+
+# ---- completions (OpenAI-compatible) ----------------------------------------------------------
+class CompletionRequest(_Strict):
+    model: str = Field(min_length=1, max_length=256, description="the task name")
+    prompt: str | list[str] = Field(description=f"a prompt, or up to {MAX_PROMPTS} prompts (one choice each)")
+    max_tokens: int = Field(16, ge=1, description="new tokens per prompt (prompt + virtual tokens + max_tokens must "
+                                                  "fit the model's positions)")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False, description="0: greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int = Field(0, ge=0, description="not in OpenAI's API: sample from the k most likely tokens (0: off)")
+    stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOPS} stop strings")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="same seed, same tokens")
+    stream: bool = Field(False, description="server-sent events, one chunk per token, then data: [DONE]")
+    n: int = Field(1, ge=1, le=1, description="only 1")
+    echo: bool = Field(False, description="only false")
+    user: str | None = Field(None, max_length=256, description="ignored")
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+# ---- models and tasks ------------------------------------------------------------------------
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "promptmux"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class AddTaskRequest(_Strict):
+    name: str = Field(min_length=1, max_length=128, description="the new task's name (an MPT adapter with K tasks "
+                                                                "adds NAME/0 ... NAME/K-1)")
+    adapter: str = Field(min_length=1, max_length=1024, description="the PEFT adapter folder, relative to the "
+                                                                    "server's --adapter-root")
+    replace: bool = Field(False, description="replace a task of the same name")
+
+
+class TaskChange(BaseModel):
+    added: list[str] = []
+    removed: list[str] = []
+    tasks: list[str] = Field(description="the tasks served after the change")
+
+
+class TaskList(BaseModel):
+    tasks: list[dict]
+
+
+class Health(BaseModel):
+    status: str
+    tasks: int | None = None

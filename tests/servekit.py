@@ -1,0 +1,127 @@
+"""Helpers for the server tests: tiny deployments that take text, and a real `promptmux serve` process."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from conftest import adapter_configs, make_adapter, make_base
+
+SERVE_ADAPTERS = ("pt", "ptmlp", "prefix", "mpt")  # tasks pt, ptmlp, prefix, mpt/0, mpt/1, mpt/2
+EXTRA_ADAPTER = "ptlstm"  # kept out of the deployment: the admin endpoint adds it under load
+
+
+def char_tokenizer(arch: str):
+    """A character-level tokenizer that fits the tiny models' 120-token vocabulary (ids 4..98: ASCII 32..126)."""
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "<cls>": 2, "<sep>": 3}
+    for c in range(32, 127):
+        vocab[chr(c)] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges: one token per character
+    tok.decoder = decoders.Fuse()
+    if arch == "bert":
+        tok.post_processor = processors.TemplateProcessing(single="<cls> $A <sep>",
+                                                           special_tokens=[("<cls>", 2), ("<sep>", 3)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                       cls_token="<cls>", sep_token="<sep>")
+    # The tiny GPT-2's EOS is id 0.
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<pad>")
+
+
+class TextDeployment:
+    def __init__(self, arch: str, root: Path):
+        from promptmux import export_deployment
+
+        self.arch = arch
+        self.base = make_base(arch, root / "base")
+        char_tokenizer(arch).save_pretrained(self.base)
+        self.adapter_root = root / "adapters"
+        cfgs = adapter_configs(arch)
+        self.adapters = {name: make_adapter(arch, self.base, cfgs[name], self.adapter_root / name, seed=seed + 1)
+                         for seed, name in enumerate(SERVE_ADAPTERS + (EXTRA_ADAPTER,))}
+        served = {n: p for n, p in self.adapters.items() if n != EXTRA_ADAPTER}
+        self.deploy = export_deployment(self.base, served, root / "deploy", quiet=True)
+        self.tasks = ["pt", "ptmlp", "prefix", "mpt/0", "mpt/1", "mpt/2"]
+
+
+class ServerProcess:
+    """`promptmux serve DIR --port 0 ...` on loopback; the port comes from its first stdout line."""
+
+    def __init__(self, deploy, *args: str, start_timeout: float = 120.0):
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="promptmux-serve-", suffix=".log", delete=False)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # A session of its own: whatever the server starts (Ray's processes) can be stopped as one group.
+        self.proc = subprocess.Popen([sys.executable, "-m", "promptmux", "serve", str(deploy), "--port", "0", *args],
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
+                                     start_new_session=True)
+        line = self._first_line(start_timeout)
+        self.url = json.loads(line)["serving"]
+        self.pid = self.proc.pid
+
+    def _first_line(self, timeout: float) -> str:
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if sel.select(timeout=0.5):
+                line = self.proc.stdout.readline()
+                if line.startswith("{"):
+                    return line
+                if not line and self.proc.poll() is not None:
+                    break
+            elif self.proc.poll() is not None:
+                break
+        self.stop()
+        raise RuntimeError(f"the server did not start:\n{self.logs()}")
+
+    def logs(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        try:  # anything of its group still alive (it stopped without cleaning up)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return self.proc.returncode
+
+
+_DEPLOYMENTS: dict[str, TextDeployment] = {}
+
+
+def text_deployments(tmp_path_factory) -> dict[str, TextDeployment]:
+    """Tiny BERT and GPT-2 deployments with a tokenizer, built once per test session (each test module wraps
+    this in its own session fixture)."""
+    if not _DEPLOYMENTS:
+        root = tmp_path_factory.mktemp("serve")
+        _DEPLOYMENTS.update({arch: TextDeployment(arch, root / arch) for arch in ("bert", "gpt2")})
+    return _DEPLOYMENTS
+
+
+def server_fixture(deploy, *args):
+    """A generator for pytest fixtures: the server runs for the fixture's scope and is always stopped."""
+    server = ServerProcess(deploy, *args)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+running_server = contextlib.contextmanager(server_fixture)  # with running_server(DIR, *args) as server: ...

@@ -1,0 +1,31 @@
+"""The serving load benchmark runs end to end against a tiny deployment and records what it must (no timing is
+asserted: the numbers are recorded by a real run on the demo, bench/results/serve-cpu.md)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import servekit
+from promptmux.bench import serve_load
+
+
+@pytest.fixture(scope="session")
+def text_deployments(tmp_path_factory):
+    return servekit.text_deployments(tmp_path_factory)
+
+
+def test_serve_load_writes_results_per_task_and_scenario(tmp_path, text_deployments):
+    d = text_deployments["bert"]
+    result = serve_load.main([str(d.deploy), "--requests", "40", "--repeats", "1", "--concurrency", "8",
+                              "--max-chars", "40", "--out", str(tmp_path), "--name", "smoke"])
+    data = json.loads((tmp_path / "smoke.json").read_text())
+    assert data == json.loads(json.dumps(result))
+    assert data["command"].startswith("python -m promptmux.bench.serve_load ")
+    assert set(data["scenarios"]) == {f"single:{t}" for t in d.tasks} | {"mixed", "sequential"}
+    for label, sc in data["scenarios"].items():
+        assert sc["all"]["errors"] == 0 and sc["all"]["requests"] == (20 if label == "sequential" else 40)
+        assert all(t["p50_ms"] <= t["p95_ms"] <= t["p99_ms"] for t in sc["per_task"].values())
+        assert sc["server"]["model_calls"] > 0
+    assert set(data["scenarios"]["mixed"]["per_task"]) == set(d.tasks)
+    assert "| mixed | **all** | 40 | 0 |" in (tmp_path / "smoke.md").read_text()

@@ -1,0 +1,533 @@
+"""`promptmux serve` as a real process on loopback: mixed-task load checked response by response against the
+single-request result of each task, task hot-swap under load, every bad-request class, overload, timeouts,
+disconnects and SIGTERM drain. Every loop is bounded; every server is stopped by its fixture."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import time
+
+import httpx
+import numpy as np
+import pytest
+import servekit
+from servekit import EXTRA_ADAPTER, running_server, server_fixture
+
+from promptmux import Runtime
+
+
+@pytest.fixture(scope="session")
+def text_deployments(tmp_path_factory):
+    return servekit.text_deployments(tmp_path_factory)
+
+TOKEN = "test-admin-token"
+CONCURRENCY = 32
+WORDS = ("the film was warm and funny", "a tedious mess", "rates rose again", "the striker scored twice",
+         "chips and batteries", "flat jokes", "markets fell", "a quiet drama", "new phones", "the cup final")
+
+
+_server = server_fixture
+
+
+@pytest.fixture(scope="module")
+def bert_server(text_deployments):
+    d = text_deployments["bert"]
+    yield from _server(d.deploy, "--admin-token", TOKEN, "--adapter-root", str(d.adapter_root))
+
+
+@pytest.fixture(scope="module")
+def gpt2_server(text_deployments):
+    d = text_deployments["gpt2"]
+    yield from _server(d.deploy, "--admin-token", TOKEN, "--adapter-root", str(d.adapter_root))
+
+
+def _texts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.sample(WORDS, 2)) + f" {i}" for i in range(n)]
+
+
+def _metrics(url: str) -> dict[tuple, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics").text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def _sample(metrics, name, **labels) -> float:
+    return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def _bounded(coros, limit=CONCURRENCY):
+    sem = asyncio.Semaphore(limit)
+
+    async def one(c):
+        async with sem:
+            return await c
+
+    return await asyncio.gather(*(one(c) for c in coros))
+
+
+def _client(url, **kw):
+    return httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=CONCURRENCY), **kw)
+
+
+# ---- classification ------------------------------------------------------------------------------------------
+def test_mixed_task_classification_load_with_hot_swap(text_deployments, bert_server):
+    d = text_deployments["bert"]
+    rt = Runtime(d.deploy)
+    rt.add_task("extra", d.adapters[EXTRA_ADAPTER])
+    texts = _texts(40, seed=0)
+    tasks = d.tasks + ["extra"]
+    ref = {(t, x): rt.classify([x], t)[0]["scores"] for t in tasks for x in texts}
+    rng = random.Random(1)
+    load = [(rng.choice(d.tasks), rng.choice(texts)) for _ in range(2000)]
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+
+    def check(task, text, r):
+        if r.status_code != 200:
+            return False
+        body = r.json()
+        got = np.array(body["results"][0]["scores"])
+        return (body["task"] == task and len(got) == 3
+                and np.abs(got - ref[(task, text)]).max() < 1e-4
+                and body["results"][0]["label_id"] == int(np.argmax(ref[(task, text)])))
+
+    async def main():
+        async with _client(bert_server.url) as c:
+            async def classify(task, text):
+                r = await c.post("/v1/classify", json={"task": task, "text": text})
+                return task, text, r
+
+            async def hot_swap():
+                """Add and remove a task three times while the load runs; its requests meanwhile either get the
+                task's own result or (only around the removal) unknown_task; never anything else."""
+                outcomes = []
+                for _ in range(3):
+                    r = await c.post("/v1/tasks", json={"name": "extra", "adapter": EXTRA_ADAPTER}, headers=admin)
+                    assert r.status_code == 200 and "extra" in r.json()["tasks"], r.text
+                    present = await asyncio.gather(*(classify("extra", x) for x in texts[:10]))
+                    assert all(check(*o) for o in present)
+                    racing = [classify("extra", x) for x in texts[10:30]]
+                    removal = c.delete("/v1/tasks/extra", headers=admin)
+                    *raced, removed = await asyncio.gather(*racing, removal)
+                    assert removed.status_code == 200 and removed.json()["removed"] == ["extra"]
+                    outcomes += raced
+                    await asyncio.sleep(0.2)
+                return outcomes
+
+            swap = asyncio.ensure_future(hot_swap())
+            results = await _bounded([classify(t, x) for t, x in load])
+            return results, await swap
+
+    start = time.monotonic()
+    results, raced = asyncio.run(main())
+    elapsed = time.monotonic() - start
+    errors = [r.status_code for _, _, r in results if r.status_code != 200]
+    wrong = [(t, x) for t, x, r in results if r.status_code == 200 and not check(t, x, r)]
+    assert errors == [] and wrong == []  # 0 errors, 0 misrouted among 2,000
+    for task, text, r in raced:
+        assert check(task, text, r) or (r.status_code == 404 and r.json()["error"]["type"] == "unknown_task"), r.text
+    m = _metrics(bert_server.url)
+    batches = _sample(m, "promptmux_batch_tasks_count", kind="classify")
+    single_task = _sample(m, "promptmux_batch_tasks_bucket", kind="classify", le="1.0")
+    assert batches > 0 and single_task < batches  # batches really mixed tasks
+    assert _sample(m, "promptmux_requests_total", endpoint="/v1/classify", task="pt", status="200") > 0
+    print(f"2,000 classification requests in {elapsed:.1f} s; {batches:.0f} batches")
+
+
+def test_rows_that_fit_alone_are_never_batched_past_the_positions(text_deployments, bert_server):
+    """ptmlp has 3 virtual tokens, pt 4: a 61-token ptmlp row and a 60-token pt row each fit the 64 positions,
+    but padded to one width they would not. They still get their single-request results."""
+    d = text_deployments["bert"]
+    rt = Runtime(d.deploy)
+    cases = [("ptmlp", "m" * 59), ("pt", "p" * 58)] * 16  # + <cls> and <sep>
+    ref = {c: rt.classify([c[1]], c[0])[0]["scores"] for c in cases[:2]}
+
+    async def main():
+        async with _client(bert_server.url) as c:
+            return await asyncio.gather(*(c.post("/v1/classify", json={"task": t, "text": x}) for t, x in cases))
+
+    for (task, text), r in zip(cases, asyncio.run(main())):
+        assert r.status_code == 200, r.text
+        assert np.abs(np.array(r.json()["results"][0]["scores"]) - ref[(task, text)]).max() < 1e-4
+
+
+# ---- generation ------------------------------------------------------------------------------------------------
+def _completion_cases(tasks, n: int, seed: int):
+    rng = random.Random(seed)
+    prompts = _texts(30, seed=seed)
+    cases = []
+    for i in range(n):
+        body = {"model": rng.choice(tasks), "prompt": rng.choice(prompts)[:20], "max_tokens": rng.randint(1, 16)}
+        if i % 2:
+            body.update(temperature=round(rng.uniform(0.5, 1.5), 2), seed=rng.randint(0, 1000), top_p=0.9)
+        else:
+            body["temperature"] = 0
+        if i % 5 == 0:
+            body["prompt"] = [body["prompt"], rng.choice(prompts)[:12]]
+        body["stream"] = i % 3 == 0
+        cases.append(body)
+    return cases
+
+
+def _reference(rt, body):
+    prompts = [body["prompt"]] if isinstance(body["prompt"], str) else body["prompt"]
+    kw = dict(eos_token_id=None, stop=[body["stop"]] if body.get("stop") else ())
+    if body.get("temperature", 1.0) > 0:
+        kw.update(do_sample=True, temperature=body["temperature"], top_p=body.get("top_p", 1.0), seed=body.get("seed"))
+    out = []
+    for p in prompts:  # each prompt alone: the single-request result
+        r = rt.generate([p], body["model"], max_new_tokens=body["max_tokens"], **kw)[0]
+        out.append((r["text"], "length" if r["finish_reason"] == "length" else "stop", len(r["token_ids"])))
+    return out
+
+
+async def _complete(c, body):
+    """(status, [(text, finish_reason)], completion tokens or None) for a plain or streamed completion."""
+    if not body.get("stream"):
+        r = await c.post("/v1/completions", json=body)
+        if r.status_code != 200:
+            return r.status_code, r.text, None
+        j = r.json()
+        return 200, [(ch["text"], ch["finish_reason"]) for ch in j["choices"]], j["usage"]["completion_tokens"]
+    n = 1 if isinstance(body["prompt"], str) else len(body["prompt"])
+    texts, finish = [""] * n, [None] * n
+    async with c.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            return r.status_code, (await r.aread()).decode(), None
+        done = False
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                return 500, chunk, None
+            ch = chunk["choices"][0]
+            texts[ch["index"]] += ch["text"]
+            finish[ch["index"]] = ch["finish_reason"] or finish[ch["index"]]
+    return (200 if done else 599), list(zip(texts, finish)), None
+
+
+def test_mixed_task_generation_load_with_hot_swap(text_deployments, gpt2_server):
+    d = text_deployments["gpt2"]
+    rt = Runtime(d.deploy)
+    cases = _completion_cases(d.tasks, 200, seed=3)
+    for body in cases[::7]:  # some rows stop on a string from their own greedy output
+        greedy = _reference(rt, dict(body, temperature=0, stream=False))[0][0]
+        if len(greedy) > 3:
+            body.update(temperature=0, stop=greedy[2:4])
+    expected = [_reference(rt, b) for b in cases]
+    rt.add_task("extra", d.adapters[EXTRA_ADAPTER])
+    extra = {"model": "extra", "prompt": "the cup final", "max_tokens": 40, "temperature": 0, "stream": True}
+    extra_expected = _reference(rt, extra)
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+
+    async def main():
+        async with _client(gpt2_server.url) as c:
+            async def removed_mid_stream():
+                """A task removed while its request streams: the request finishes with the task's tokens."""
+                r = await c.post("/v1/tasks", json={"name": "extra", "adapter": EXTRA_ADAPTER}, headers=admin)
+                assert r.status_code == 200, r.text
+                text, finish, removed = "", None, None
+                async with c.stream("POST", "/v1/completions", json=extra) as s:
+                    assert s.status_code == 200
+                    async for line in s.aiter_lines():
+                        if line.startswith("data: {"):
+                            ch = json.loads(line[6:])["choices"][0]
+                            text += ch["text"]
+                            finish = ch["finish_reason"] or finish
+                            if removed is None:
+                                removed = await c.delete("/v1/tasks/extra", headers=admin)
+                after = await c.post("/v1/completions", json=dict(extra, stream=False))
+                return text, finish, removed, after
+
+            swap = asyncio.ensure_future(removed_mid_stream())
+            results = await _bounded([_complete(c, b) for b in cases])
+            return results, await swap
+
+    results, (text, finish, removed, after) = asyncio.run(main())
+    failed = [(b, r) for b, r in zip(cases, results) if r[0] != 200]
+    assert failed == []
+    for body, (_, choices, tokens), want in zip(cases, results, expected):
+        assert choices == [(t, f) for t, f, _ in want], body  # 0 misrouted: each row is its task's own result
+        if tokens is not None:
+            assert tokens == sum(n for _, _, n in want)
+    assert removed.status_code == 200 and removed.json()["removed"] == ["extra"]
+    assert (text, finish) == extra_expected[0][:2]
+    assert after.status_code == 404 and after.json()["error"] == {
+        "type": "unknown_task", "field": "model",
+        "message": "unknown task 'extra'; GET /v1/models lists the tasks served"}
+    m = _metrics(gpt2_server.url)
+    steps = _sample(m, "promptmux_batch_size_count", kind="generate")
+    alone = _sample(m, "promptmux_batch_size_bucket", kind="generate", le="1.0")
+    mixed = steps - _sample(m, "promptmux_batch_tasks_bucket", kind="generate", le="1.0")
+    assert alone < steps and mixed > 0  # rows of different tasks shared decoding steps
+    assert _sample(m, "promptmux_running_rows") == 0 and _sample(m, "promptmux_queue_depth", kind="generate") == 0
+
+
+# ---- bad requests --------------------------------------------------------------------------------------------
+J = {"Content-Type": "application/json"}
+ADMIN = {"Authorization": f"Bearer {TOKEN}", **J}
+BAD = {
+    "bert": [
+        ("unknown task", "POST", "/v1/classify", {"task": "nope", "text": "a"}, J, 404, "task"),
+        ("empty text", "POST", "/v1/classify", {"task": "pt", "text": "   "}, J, 400, "text"),
+        ("empty texts", "POST", "/v1/classify", {"task": "pt", "texts": []}, J, 400, "texts"),
+        ("empty item", "POST", "/v1/classify", {"task": "pt", "texts": ["ok", ""]}, J, 400, "texts[1]"),
+        ("too many texts", "POST", "/v1/classify", {"task": "pt", "texts": ["a"] * 65}, J, 400, "texts"),
+        ("text and texts", "POST", "/v1/classify", {"task": "pt", "text": "a", "texts": ["b"]}, J, 400, "text"),
+        ("no text", "POST", "/v1/classify", {"task": "pt"}, J, 400, "text"),
+        ("over-long", "POST", "/v1/classify", {"task": "pt", "text": "a" * 70}, J, 400, "text"),
+        ("way over-long", "POST", "/v1/classify", {"task": "pt", "text": "a" * 5000}, J, 400, "text"),
+        ("wrong type", "POST", "/v1/classify", {"task": "pt", "text": 5}, J, 400, "text"),
+        ("wrong item type", "POST", "/v1/classify", {"task": "pt", "texts": ["a", 3]}, J, 400, "texts[1]"),
+        ("task not a string", "POST", "/v1/classify", {"task": ["pt"], "text": "a"}, J, 400, "task"),
+        ("unknown field", "POST", "/v1/classify", {"task": "pt", "text": "a", "labelz": 1}, J, 400, "labelz"),
+        ("body not an object", "POST", "/v1/classify", ["pt"], J, 400, "body"),
+        ("malformed JSON", "POST", "/v1/classify", b'{"task": "pt", "text": ', J, 400, "body"),
+        ("not JSON", "POST", "/v1/classify", b"task=pt&text=a", {"Content-Type": "application/x-www-form-urlencoded"},
+         415, "content-type"),
+        ("oversized body", "POST", "/v1/classify", b'{"task": "pt", "text": "' + b"a" * (1 << 20) + b'"}', J, 413,
+         "body"),
+        ("wrong endpoint for the model", "POST", "/v1/completions", {"model": "pt", "prompt": "a"}, J, 400, "model"),
+        ("unknown path", "GET", "/v2/whatever", None, {}, 404, "path"),
+        ("wrong method", "DELETE", "/v1/classify", None, {}, 405, "method"),
+        ("admin without token", "GET", "/v1/tasks", None, {}, 401, "authorization"),
+        ("admin wrong token", "POST", "/v1/tasks", {"name": "x", "adapter": "pt"},
+         {"Authorization": "Bearer nope", **J}, 401, "authorization"),
+        ("traversal", "POST", "/v1/tasks", {"name": "x", "adapter": "../deploy"}, ADMIN, 400, "adapter"),
+        ("absolute path", "POST", "/v1/tasks", {"name": "x", "adapter": "/etc"}, ADMIN, 400, "adapter"),
+        ("the root itself", "POST", "/v1/tasks", {"name": "x", "adapter": "pt/.."}, ADMIN, 400, "adapter"),
+        ("missing adapter", "POST", "/v1/tasks", {"name": "x", "adapter": "nope"}, ADMIN, 404, "adapter"),
+        ("bad task name", "POST", "/v1/tasks", {"name": "a/b", "adapter": "pt"}, ADMIN, 400, "name"),
+        ("existing task", "POST", "/v1/tasks", {"name": "pt", "adapter": "pt"}, ADMIN, 409, "name"),
+        ("remove unknown", "DELETE", "/v1/tasks/nope", None, ADMIN, 404, "name"),
+    ],
+    "gpt2": [
+        ("unknown model", "POST", "/v1/completions", {"model": "nope", "prompt": "a"}, J, 404, "model"),
+        ("empty prompt", "POST", "/v1/completions", {"model": "pt", "prompt": " "}, J, 400, "prompt"),
+        ("no prompts", "POST", "/v1/completions", {"model": "pt", "prompt": []}, J, 400, "prompt"),
+        ("empty prompt item", "POST", "/v1/completions", {"model": "pt", "prompt": ["a", ""]}, J, 400, "prompt[1]"),
+        ("over-long prompt", "POST", "/v1/completions", {"model": "pt", "prompt": "a" * 61}, J, 400, "prompt"),
+        ("too many tokens", "POST", "/v1/completions", {"model": "pt", "prompt": "abc", "max_tokens": 60}, J, 400,
+         "max_tokens"),
+        ("max_tokens 0", "POST", "/v1/completions", {"model": "pt", "prompt": "a", "max_tokens": 0}, J, 400,
+         "max_tokens"),
+        ("max_tokens a string", "POST", "/v1/completions", {"model": "pt", "prompt": "a", "max_tokens": "4"}, J, 400,
+         "max_tokens"),
+        ("temperature < 0", "POST", "/v1/completions", {"model": "pt", "prompt": "a", "temperature": -0.1}, J, 400,
+         "temperature"),
+        ("temperature > 2", "POST", "/v1/completions", {"model": "pt", "prompt": "a", "temperature": 2.5}, J, 400,
+         "temperature"),
+        ("temperature NaN", "POST", "/v1/completions", b'{"model": "pt", "prompt": "a", "temperature": NaN}', J, 400,
+         "temperature"),
+        ("top_p 0", "POST", "/v1/completions", {"model": "pt", "prompt": "a", "top_p": 0}, J, 400, "top_p"),
+        ("top_p > 1", "POST", "/v1/completions", {"model": "pt", "prompt": "a", "top_p": 1.01}, J, 400, "top_p"),
+        ("top_k < 0", "POST", "/v1/completions", {"model": "pt", "prompt": "a", "top_k": -1}, J, 400, "top_k"),
+        ("seed < 0", "POST", "/v1/completions", {"model": "pt", "prompt": "a", "seed": -1}, J, 400, "seed"),
+        ("seed huge", "POST", "/v1/completions", {"model": "pt", "prompt": "a", "seed": 2**70}, J, 400, "seed"),
+        ("five stops", "POST", "/v1/completions", {"model": "pt", "prompt": "a", "stop": list("abcde")}, J, 400,
+         "stop"),
+        ("empty stop", "POST", "/v1/completions", {"model": "pt", "prompt": "a", "stop": ["x", ""]}, J, 400,
+         "stop[1]"),
+        ("stop a number", "POST", "/v1/completions", {"model": "pt", "prompt": "a", "stop": 3}, J, 400, "stop"),
+        ("stream a string", "POST", "/v1/completions", {"model": "pt", "prompt": "a", "stream": "yes"}, J, 400,
+         "stream"),
+        ("n 2", "POST", "/v1/completions", {"model": "pt", "prompt": "a", "n": 2}, J, 400, "n"),
+        ("echo", "POST", "/v1/completions", {"model": "pt", "prompt": "a", "echo": True}, J, 400, "echo"),
+        ("unknown field", "POST", "/v1/completions", {"model": "pt", "prompt": "a", "best_of": 2}, J, 400,
+         "best_of"),
+        ("malformed JSON", "POST", "/v1/completions", b"{'model': 'pt'}", J, 400, "body"),
+        ("oversized chunked body", "POST", "/v1/completions", "chunked", J, 413, "body"),
+        ("classify on a generator", "POST", "/v1/classify", {"task": "pt", "text": "a"}, J, 400, "task"),
+    ],
+}
+
+
+def _chunks():
+    for _ in range(40):
+        yield b"x" * 65536  # 2.5 MiB without a Content-Length
+
+
+@pytest.mark.parametrize("arch,case", [(a, c) for a in BAD for c in BAD[a]], ids=[f"{a}-{c[0]}" for a in BAD
+                                                                                  for c in BAD[a]])
+def test_bad_requests_get_a_4xx_naming_the_field(request, arch, case):
+    server = request.getfixturevalue(f"{arch}_server")
+    _, method, path, body, headers, status, field = case
+    kw = {}
+    if body == "chunked":
+        kw["content"] = _chunks()
+    elif isinstance(body, bytes):
+        kw["content"] = body
+    elif body is not None:
+        kw["content"] = json.dumps(body).encode()
+    r = httpx.request(method, server.url + path, headers=headers, timeout=30, **kw)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["field"] == field and error["message"] and error["type"], error
+    if status == 401:
+        assert r.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_symlink_out_of_the_adapter_root_is_refused(text_deployments, bert_server):
+    d = text_deployments["bert"]
+    link = d.adapter_root / "escape"
+    if not link.exists():
+        os.symlink(d.deploy, link)
+    r = httpx.post(bert_server.url + "/v1/tasks", json={"name": "x", "adapter": "escape"}, headers=ADMIN)
+    assert r.status_code == 400 and r.json()["error"]["field"] == "adapter"
+    assert str(d.adapter_root) not in r.text  # server paths stay private
+
+
+def test_openapi_documents_every_endpoint(bert_server):
+    spec = httpx.get(bert_server.url + "/openapi.json").json()
+    ops = {(p, m) for p, item in spec["paths"].items() for m in item}
+    assert ops >= {("/v1/classify", "post"), ("/v1/completions", "post"), ("/v1/models", "get"), ("/v1/tasks", "get"),
+                   ("/v1/tasks", "post"), ("/v1/tasks/{name}", "delete"), ("/health", "get"), ("/ready", "get"),
+                   ("/metrics", "get")}
+    assert spec["paths"]["/v1/completions"]["post"]["responses"]["400"]
+
+
+# ---- overload, timeouts, disconnects, drain -------------------------------------------------------------------
+def test_tiny_queue_answers_503_with_retry_after(text_deployments):
+    d = text_deployments["gpt2"]
+    with running_server(d.deploy, "--max-queue", "1", "--max-batch", "1") as server:
+        body = {"model": "pt", "prompt": "abc", "max_tokens": 40, "temperature": 0}
+
+        async def main():
+            async with _client(server.url) as c:
+                return await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(48)))
+
+        responses = asyncio.run(main())
+        codes = [r.status_code for r in responses]
+        assert set(codes) == {200, 503} and codes.count(200) >= 2
+        for r in responses:
+            if r.status_code == 503:
+                assert r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "overloaded"
+        # Admin is off without a token.
+        r = httpx.get(server.url + "/v1/tasks", headers={"Authorization": "Bearer x"})
+        assert r.status_code == 403 and r.json()["error"]["field"] == "authorization"
+        m = _metrics(server.url)
+        assert _sample(m, "promptmux_requests_total", endpoint="/v1/completions", task="pt", status="503") == \
+            codes.count(503)
+
+
+def test_timeout_and_client_disconnect(text_deployments):
+    d = text_deployments["bert"]
+    # A batch that waits 3 s to fill: a request's 0.5 s timeout comes first.
+    with running_server(d.deploy, "--max-wait-ms", "3000", "--max-batch", "64", "--request-timeout", "0.5") as server:
+        start = time.monotonic()
+        r = httpx.post(server.url + "/v1/classify", json={"task": "pt", "text": "a"}, timeout=10)
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
+        assert time.monotonic() - start < 2.5
+        with pytest.raises(httpx.TimeoutException):  # the client gives up first and hangs up
+            httpx.post(server.url + "/v1/classify", json={"task": "mpt/0", "text": "a"}, timeout=0.2)
+        for _ in range(50):
+            m = _metrics(server.url)
+            if _sample(m, "promptmux_requests_total", endpoint="/v1/classify", task="mpt/0", status="499"):
+                break
+            time.sleep(0.1)
+        assert _sample(m, "promptmux_requests_total", endpoint="/v1/classify", task="mpt/0", status="499") == 1
+        assert _sample(m, "promptmux_queue_depth", kind="classify") == 0  # its work was dropped
+
+
+def test_sigterm_drains_in_flight_requests_then_stops(text_deployments):
+    d = text_deployments["gpt2"]
+    rt = Runtime(d.deploy)
+    bodies = [{"model": t, "prompt": f"drain {i}", "max_tokens": 48, "temperature": 0, "stream": True}
+              for i, t in enumerate(d.tasks * 3)]
+    expected = [_reference(rt, b)[0][:2] for b in bodies]
+    with running_server(d.deploy, "--max-batch", "1") as server:  # one row at a time: the requests take a while in all
+        async def main():
+            async with _client(server.url) as c:
+                streams = [c.stream("POST", "/v1/completions", json=b) for b in bodies]
+                responses = [await s.__aenter__() for s in streams]  # headers in: every request is admitted
+                assert all(r.status_code == 200 for r in responses)
+                m = _metrics(server.url)
+                waiting = _sample(m, "promptmux_queue_depth", kind="generate") + _sample(m, "promptmux_running_rows")
+                assert waiting > 0  # work is in flight when the signal comes
+                os.kill(server.pid, signal.SIGTERM)
+                await asyncio.sleep(0.3)
+                with pytest.raises(httpx.ConnectError):  # no new connections while draining
+                    await httpx.AsyncClient().get(server.url + "/health")
+
+                async def read(r):
+                    text, finish = "", None
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            ch = json.loads(line[6:])["choices"][0]
+                            text += ch["text"]
+                            finish = ch["finish_reason"] or finish
+                    return text, finish
+
+                out = await asyncio.gather(*(read(r) for r in responses))
+                for s in streams:
+                    await s.__aexit__(None, None, None)
+                return out
+
+        got = asyncio.run(main())
+        assert got == expected
+        server.proc.wait(30)
+        assert server.proc.returncode in (0, -signal.SIGTERM)
+        with socket.socket() as s:
+            port = int(server.url.rsplit(":", 1)[1])
+            assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_a_cancelled_generation_leaves_the_running_batch(text_deployments):
+    """What a client disconnect or timeout does to generation, at the scheduler: the row leaves at the next step
+    while the other rows go on with their own tokens."""
+    from promptmux.runtime.generate import SamplingParams
+    from promptmux.runtime.scheduler import GenerateJob, Scheduler
+
+    rt = Runtime(text_deployments["gpt2"].deploy)
+    sched = Scheduler(rt, max_batch=4)
+    step = sched.batch.gen.step
+
+    def slow_step(*args):  # a tiny model is too quick to cancel anything mid-way
+        time.sleep(0.005)
+        return step(*args)
+
+    sched.batch.gen.step = slow_step
+    sched.start()
+    try:
+        async def main():
+            loop = asyncio.get_running_loop()
+
+            def job(prompt, task, n):
+                ids = rt.tokenizer(prompt)["input_ids"]
+                return GenerateJob(prompts=[ids], view=rt.bank.view(task), loop=loop, tokenizer=rt.tokenizer,
+                                   params=SamplingParams(max_new_tokens=n, eos_token_id=[]),
+                                   deadline=time.monotonic() + 30)
+
+            gone, kept = job("bye", "prefix", 50), job("stay", "mpt/1", 30)
+            sched.submit_generate(gone)
+            sched.submit_generate(kept)
+            events = list(await gone.queue.get())
+            gone.cancelled = True
+            sched.wake()
+            while events[-1][0] != "finish":
+                events += await asyncio.wait_for(gone.queue.get(), 10)
+            kept_events = []
+            while not kept_events or kept_events[-1][0] != "finish":
+                kept_events += await asyncio.wait_for(kept.queue.get(), 10)
+            return events, kept_events
+
+        events, kept_events = asyncio.run(main())
+    finally:
+        sched.stop()
+    assert events[-1] == ("finish", 0, "cancelled") and len(events) < 20
+    assert sched.running() == 0 and sched.depth("generate") == 0
+    tokens = [e[3] for e in kept_events if e[0] == "token" and e[3] is not None]
+    alone = rt.generate(["stay"], "mpt/1", max_new_tokens=30, eos_token_id=[])[0]["token_ids"]
+    assert tokens == alone and kept_events[-1] == ("finish", 0, "length")

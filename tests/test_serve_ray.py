@@ -1,0 +1,85 @@
+"""`promptmux serve DIR --ray --replicas 2` on a local Ray instance: the same API behind Ray Serve's HTTP proxy,
+an engine and bank per replica, both replicas answering, results identical to a single runtime's."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+
+import httpx
+import pytest
+import servekit
+from servekit import EXTRA_ADAPTER, running_server
+
+from promptmux import Runtime
+
+pytest.importorskip("ray.serve", reason="the Ray Serve test needs ray[serve]")
+
+
+@pytest.fixture(scope="session")
+def text_deployments(tmp_path_factory):
+    return servekit.text_deployments(tmp_path_factory)
+
+
+def test_two_ray_serve_replicas_serve_the_same_api(text_deployments):
+    d = text_deployments["gpt2"]
+    rt = Runtime(d.deploy)
+    bodies = [{"model": d.tasks[i % len(d.tasks)], "prompt": f"ray {i} says", "max_tokens": 8, "temperature": 0,
+               "stream": i % 2 == 1} for i in range(48)]
+    expected = [rt.generate([b["prompt"]], b["model"], max_new_tokens=8)[0]["text"] for b in bodies]
+    with running_server(d.deploy, "--ray", "--replicas", "2", "--replica-cpus", "1", "--admin-token", "t",
+                        "--adapter-root", str(d.adapter_root)) as server:
+        async def one(c, body):
+            if not body["stream"]:
+                r = await c.post("/v1/completions", json=body)
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]["text"], r.headers["x-promptmux-worker"]
+            text = ""
+            async with c.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        text += json.loads(line[6:])["choices"][0]["text"]
+                return text, r.headers["x-promptmux-worker"]
+
+        async def main():
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+                return await asyncio.gather(*(one(c, b) for b in bodies))
+
+        results = asyncio.run(main())
+        assert [text for text, _ in results] == expected
+        assert len({worker for _, worker in results}) == 2  # both replicas answered
+        models = httpx.get(server.url + "/v1/models").json()
+        assert sorted(m["id"] for m in models["data"]) == sorted(d.tasks)
+        bad = httpx.post(server.url + "/v1/completions", json={"model": "nope", "prompt": "a"})
+        assert bad.status_code == 404 and bad.json()["error"]["field"] == "model"
+        # A task added through one replica goes live on both (they follow one task log), then leaves both.
+        admin = {"Authorization": "Bearer t"}
+        r = httpx.post(server.url + "/v1/tasks", json={"name": "extra", "adapter": EXTRA_ADAPTER}, headers=admin)
+        assert r.status_code == 200 and "extra" in r.json()["tasks"], r.text
+        rt.add_task("extra", d.adapters[EXTRA_ADAPTER])
+        want = rt.generate(["ray extra"], "extra", max_new_tokens=8)[0]["text"]
+        body = {"model": "extra", "prompt": "ray extra", "max_tokens": 8, "temperature": 0}
+        assert _until(lambda: _statuses(server.url, body) == {200}), "a replica never got the new task"
+        served = [httpx.post(server.url + "/v1/completions", json=body) for _ in range(16)]
+        assert {s.json()["choices"][0]["text"] for s in served} == {want}
+        assert len({s.headers["x-promptmux-worker"] for s in served}) == 2
+        r = httpx.delete(server.url + "/v1/tasks/extra", headers=admin)
+        assert r.status_code == 200 and r.json()["removed"] == ["extra"]
+        assert _until(lambda: _statuses(server.url, body) == {404}), "a replica kept the removed task"
+        assert server.stop(signal.SIGTERM, timeout=90) == 0  # Serve and the local Ray instance shut down
+
+
+def _statuses(url, body, n=12):
+    return {httpx.post(url + "/v1/completions", json=body).status_code for _ in range(n)}
+
+
+def _until(check, seconds=15.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.3)
+    return False
