@@ -45,6 +45,8 @@ def cmd_tasks(args) -> int:
     from promptmux.export.deploy import load_base_config, write_manifest_tasks
     from promptmux.runtime.bank import PromptBank
 
+    if args.deploy == "similar" and args.action and not Path(args.deploy).exists():
+        args.deploy, args.action = args.action[0], ["similar", *args.action[1:]]  # `tasks similar DIR QUERY`
     config = load_base_config(args.deploy)
     bank = PromptBank.load(args.deploy, arch_for(config.model_type))
     action = args.action or ["list"]
@@ -80,7 +82,42 @@ def cmd_tasks(args) -> int:
         write_manifest_tasks(args.deploy, bank)
         print(json.dumps({"removed": removed}))
         return 0
-    raise CliError(f"unknown tasks action {verb!r}; use list, add NAME=DIR or remove NAME")
+    if verb == "similar":
+        return _tasks_similar(args, action)
+    raise CliError(f"unknown tasks action {verb!r}; use list, add NAME=DIR, remove NAME or similar QUERY")
+
+
+def _tasks_similar(args, action) -> int:
+    from promptmux.export.library import similar_tasks, skipped_tasks
+
+    if len(action) != 2:
+        raise CliError("usage: promptmux tasks DIR similar QUERY (a task of DIR or a PEFT adapter folder)")
+    rows = similar_tasks(args.deploy, action[1], top_k=args.top_k, method=args.method)
+    skipped = skipped_tasks(args.deploy)
+    if args.json:
+        print(json.dumps({"query": action[1], "method": args.method, "results": rows, "skipped": skipped}, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['rank']}\t{r['task']}\t{r['score']:.4f}\t{r['kind']}\tvirtual_tokens={r['num_virtual_tokens']}")
+        if skipped:
+            print(f"not ranked (prefix tuning: per-layer key/values, not input-level prompts): {', '.join(skipped)}",
+                  file=sys.stderr)
+    return 0
+
+
+def cmd_init_adapter(args) -> int:
+    from promptmux.export.library import init_adapter
+
+    if args.weighted and args.top_k is None:
+        raise CliError("--weighted goes with --top-k K")
+    if args.query is not None and args.top_k is None:
+        raise CliError("--query goes with --top-k K")
+    written = init_adapter(args.deploy, args.base, args.out, from_task=args.from_task, top_k=args.top_k,
+                           weighted=args.weighted, kind=args.kind, query=args.query, method=args.method,
+                           num_virtual_tokens=args.num_virtual_tokens, num_labels=args.num_labels, seed=args.seed,
+                           overwrite=args.overwrite)
+    print(json.dumps(written, indent=2))
+    return 0
 
 
 def cmd_run(args) -> int:
@@ -178,7 +215,11 @@ def cmd_build_engine(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from promptmux.runtime.server import ServeOptions
+    try:
+        from promptmux.runtime.server import ServeOptions
+    except ImportError as e:
+        raise CliError(f"promptmux serve needs the server packages ({e.name} is missing): "
+                       "pip install 'promptmux[serve]'") from None
 
     token = args.admin_token or os.environ.get("PROMPTMUX_ADMIN_TOKEN") or None
     if args.adapter_root and not Path(args.adapter_root).is_dir():
@@ -190,9 +231,18 @@ def cmd_serve(args) -> int:
     if not (Path(args.deploy) / "manifest.json").is_file():
         raise CliError(f"{args.deploy} is not a promptmux deployment (no manifest.json); run promptmux export")
     if args.ray:
+        try:
+            import ray.serve  # noqa: F401
+        except ImportError:
+            raise CliError("promptmux serve --ray needs Ray Serve: pip install 'ray[serve]'") from None
         from promptmux.runtime.serve_ray import serve_on_ray
 
-        autoscaling = json.loads(args.autoscaling) if args.autoscaling else None
+        try:
+            autoscaling = json.loads(args.autoscaling) if args.autoscaling else None
+        except ValueError as e:
+            raise CliError(f"--autoscaling takes a JSON object: {e}") from None
+        if autoscaling is not None and not isinstance(autoscaling, dict):
+            raise CliError("--autoscaling takes a JSON object, e.g. '{\"min_replicas\": 1, \"max_replicas\": 4}'")
         serve_on_ray(args.deploy, options, host=args.host, port=args.port, replicas=args.replicas,
                      autoscaling=autoscaling, replica_cpus=args.replica_cpus)
         return 0
@@ -215,6 +265,13 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from promptmux.bench.harness import run_from_args, summary
+
+    print(json.dumps(summary(run_from_args(args)), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="promptmux", description="One ONNX graph serves every prompt-tuned task.")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -230,12 +287,43 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-optimize", action="store_true", help="skip the ONNX Runtime offline optimization")
     e.set_defaults(func=cmd_export)
 
-    t = sub.add_parser("tasks", help="list, add or remove tasks of a deployment without re-exporting")
+    t = sub.add_parser("tasks", help="list, add or remove tasks of a deployment without re-exporting; rank the "
+                                     "tasks most similar to a query (similar QUERY)")
     t.add_argument("deploy")
-    t.add_argument("action", nargs="*", help="list | add NAME=DIR | remove NAME")
-    t.add_argument("--json", action="store_true", help="list as JSON")
+    t.add_argument("action", nargs="*", help="list | add NAME=DIR | remove NAME | similar QUERY (a task of the bank "
+                                             "or a PEFT adapter folder)")
+    t.add_argument("--json", action="store_true", help="list / similar: as JSON")
     t.add_argument("--replace", action="store_true", help="add: replace a task of the same name")
+    t.add_argument("--top-k", type=int, default=5, help="similar: how many tasks to show (default 5)")
+    t.add_argument("--method", choices=["avg-cosine", "per-token-cosine"], default="avg-cosine",
+                   help="similar: cosine of the mean prompt tokens (default), or the mean cosine over all token pairs")
     t.set_defaults(func=cmd_tasks)
+
+    ia = sub.add_parser("init-adapter", help="write a PEFT adapter initialised from the bank's prompts (SPoT: one "
+                                             "source, best of top-k, or a top-k weighted average; MPT target)")
+    ia.add_argument("deploy")
+    ia.add_argument("--base", required=True, help="the base model folder the deployment was exported from")
+    ia.add_argument("--out", required=True, help="adapter folder to write (best of top-k: one subfolder per source)")
+    src = ia.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from", dest="from_task", metavar="TASK",
+                     help="one source task (mpt-target: an MPT task NAME/k, or NAME for all its tasks averaged)")
+    src.add_argument("--top-k", type=int, metavar="K", help="the K tasks most similar to --query")
+    ia.add_argument("--query", help="--top-k: a task of the bank or a PEFT adapter folder (e.g. a prompt briefly "
+                                    "trained on the target task)")
+    ia.add_argument("--weighted", action="store_true",
+                    help="--top-k: one adapter, the score-weighted average of the K sources (default: one adapter "
+                         "per source, SPoT's best of top-k)")
+    ia.add_argument("--kind", choices=["prompt-tuning", "mpt-target"], default="prompt-tuning",
+                    help="mpt-target: MPT adapter with the source's shared prompt and the sources' factors averaged")
+    ia.add_argument("--method", choices=["avg-cosine", "per-token-cosine"], default="avg-cosine",
+                    help="--top-k: similarity used for ranking and weights")
+    ia.add_argument("--num-virtual-tokens", type=int, help="prompt-tuning: target length (default: the best "
+                                                            "source's; other lengths are linearly resampled)")
+    ia.add_argument("--num-labels", type=int, help="classifiers: outputs of the new task's head (default: the base "
+                                                   "config's)")
+    ia.add_argument("--seed", type=int, default=0, help="seed of the new head's initialisation")
+    ia.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    ia.set_defaults(func=cmd_init_adapter)
 
     r = sub.add_parser("run", help="run one text through one task (JSON out)")
     r.add_argument("deploy")
@@ -312,8 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (RAY_ADDRESS: an existing "
                                                        "cluster; otherwise a local one)")
     sv.add_argument("--replicas", type=int, default=1, help="--ray: replicas (each loads the engine and bank)")
-    sv.add_argument("--autoscaling", metavar="JSON", help="--ray: Ray Serve autoscaling_config, e.g. "
-                    "'{\"min_replicas\": 1, \"max_replicas\": 4, \"target_ongoing_requests\": 32}' (replaces --replicas)")
+    sv.add_argument("--autoscaling", metavar="JSON", help="--ray: Ray Serve autoscaling_config (replaces --replicas), "
+                    "e.g. '{\"min_replicas\": 1, \"max_replicas\": 4, \"target_ongoing_requests\": 32}'")
     sv.add_argument("--replica-cpus", type=float, default=1.0, help="--ray: CPUs Ray reserves per replica")
     sv.set_defaults(func=cmd_serve)
 
@@ -324,6 +412,44 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", help="where to write the demo deployment (default promptmux-demo / promptmux-smollm2-demo)")
     d.add_argument("--max-new-tokens", type=int, default=8, help="smollm2: tokens to generate per row")
     d.set_defaults(func=cmd_demo)
+
+    bn = sub.add_parser("bench", help="throughput per task (requests/s, tokens/s, latency, memory), mixed vs "
+                                      "single-task traffic, the PEFT eager baseline, task-count scaling, accuracy")
+    bn.add_argument("deploy")
+    bn.add_argument("--backend", default="onnxruntime",
+                    help=f"comma-separated, from {', '.join(BACKEND_CHOICES)} (one that cannot run here is refused)")
+    bn.add_argument("--tasks", help="comma-separated tasks to send traffic to (default: every task)")
+    bn.add_argument("--mix", default="single,uniform",
+                    help="comma-separated traffic mixes: single (each task alone), uniform, zipf")
+    bn.add_argument("--batch-sizes", default="1,8,32", help="comma-separated")
+    bn.add_argument("--seq-lens", help="comma-separated tokens per request (default 64 classifiers, 32 LMs)")
+    bn.add_argument("--new-tokens", type=int, default=0,
+                    help="causal LM / seq2seq: generate N tokens per request (0: one full-sequence forward)")
+    amount = bn.add_mutually_exclusive_group()
+    amount.add_argument("--requests", type=int, help="requests per round (default max(32, 4*batch size))")
+    amount.add_argument("--duration", type=float, help="seconds per system and configuration (split over rounds)")
+    bn.add_argument("--repeats", type=int, default=3, help="measured rounds after the warm-up (median reported)")
+    bn.add_argument("--baseline", choices=["peft", "none"], default="none",
+                    help="peft: PEFT eager on the same requests in the same run (needs the base model and adapters)")
+    bn.add_argument("--threads", type=int, help="threads for ONNX Runtime and torch alike (default: all cores)")
+    bn.add_argument("--seed", type=int, default=0)
+    bn.add_argument("--zipf-s", type=float, default=1.0, help="zipf mix exponent")
+    bn.add_argument("--skip-throughput", action="store_true", help="only --scaling and/or --accuracy")
+    bn.add_argument("--scaling", nargs="?", const="1,10,100,1000", metavar="COUNTS",
+                    help="task-count scaling on this engine (default counts 1,10,100,1000)")
+    bn.add_argument("--scaling-kinds", default="prompt,mpt-factors,mpt-composed")
+    bn.add_argument("--scaling-batch-size", type=int, default=8)
+    bn.add_argument("--scaling-seq-len", type=int)
+    bn.add_argument("--scaling-requests", type=int, default=64)
+    bn.add_argument("--accuracy", action="store_true",
+                    help="held-out accuracy of the demo tasks through the deployment vs PEFT eager")
+    bn.add_argument("--accuracy-limit", type=int, help="first N held-out examples per task")
+    bn.add_argument("--base", help="base model folder if it moved since export (PEFT baseline, torch backend)")
+    bn.add_argument("--adapter", action="append", metavar="NAME=DIR",
+                    help="PEFT baseline: adapter folder of a task if it moved since export")
+    bn.add_argument("--out", default="promptmux-bench.json",
+                    help="result JSON; NAME.md and NAME-*.png are written beside it")
+    bn.set_defaults(func=cmd_bench)
     return p
 
 

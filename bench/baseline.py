@@ -1,0 +1,153 @@
+"""The systems `promptmux bench` measures: a promptmux Runtime, and the PEFT eager baseline.
+
+PEFT gets its best fair setup: the base model loaded once per distinct (classification-head size, PEFT method)
+(PEFT keeps a head per adapter through modules_to_save, a head of another size needs another base, and PEFT
+refuses to combine adapters of different peft types in one model), every adapter of a group loaded into that
+model with `load_adapter` and switched with `set_adapter`; one adapter per batch, batches
+grouped by task (the harness forms them), `torch.inference_mode`, the same thread count as promptmux. MPT
+tasks `NAME/k` run adapter NAME with `task_ids = k`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+GPU_BACKENDS = ("onnxruntime-cuda", "tensorrt")
+
+
+class PromptmuxSystem:
+    """One promptmux Runtime (any backend): batches are formed in arrival order, tasks mixed within a batch."""
+
+    grouped = False
+
+    def __init__(self, rt, label: str | None = None):
+        self.rt = rt
+        self.backend = rt.backend
+        self.name = label or f"promptmux/{rt.backend}"
+
+    def prepare(self, new_tokens: int) -> None:
+        if new_tokens:
+            self.rt.generator  # noqa: B018 - the decoder session and every task's prompt KV, before timing
+
+    def run(self, ids: np.ndarray, mask: np.ndarray, tasks: list[str], new_tokens: int):
+        if new_tokens:
+            out = self.rt.generate({"input_ids": ids, "attention_mask": mask}, tasks, max_new_tokens=new_tokens,
+                                   eos_token_id=[])
+            return [r["token_ids"] for r in out]
+        return self.rt.forward(ids, mask, tasks)
+
+
+class PeftSystem:
+    """PEFT eager (PyTorch): one adapter per batch; the harness groups requests by task before batching."""
+
+    grouped = True
+    name = "peft-eager"
+    backend = "peft-eager"
+
+    def __init__(self, rt, tasks: list[str], base: str | Path | None = None,
+                 adapters: dict[str, str | Path] | None = None, device: str = "cpu"):
+        import torch
+        from peft import PeftModel
+        from promptmux.export.adapters import read_adapter_config
+        from promptmux.export.deploy import load_base_model
+        from promptmux.export.verify import adapter_num_labels
+
+        self.torch = torch
+        self.family = rt.spec.family
+        self.device = device
+        base_dir = Path(base or rt.manifest["base"]["path"])
+        if not (base_dir / "config.json").is_file():
+            raise FileNotFoundError(f"the PEFT baseline needs the base model; {base_dir} (recorded at export) is "
+                                    "missing. Pass --base DIR")
+        adapters = {k: Path(v) for k, v in (adapters or {}).items()}
+        self.plan: dict[str, tuple[str, int | None]] = {}  # task -> (adapter name, MPT task id)
+        dirs: dict[str, Path] = {}
+        self.skip: dict[str, int] = {}  # causal LM logits: leading virtual positions PEFT returns
+        for task in tasks:
+            view = rt.bank.view(task)
+            adapter, _, k = task.partition("/")
+            folder = adapters.get(adapter) or adapters.get(task) or (Path(view.source) if view.source else None)
+            if folder is None or not (folder / "adapter_config.json").is_file():
+                raise FileNotFoundError(
+                    f"the PEFT baseline needs the adapter folder of task {task!r}; its recorded source "
+                    f"{view.source or '(none)'} is missing. Pass --adapter {adapter}=DIR")
+            dirs[adapter] = folder
+            self.plan[task] = (adapter, int(k) if k else None)
+            self.skip[task] = 0 if view.kind == "prefix" else view.num_virtual_tokens
+        # One base per (head size, PEFT method): PEFT refuses to combine adapters of different peft types, and a
+        # head of another size needs another base. Every adapter of a group is loaded into that one model.
+        groups: dict[tuple, list[str]] = {}
+        for adapter, folder in dirs.items():
+            labels = adapter_num_labels(folder) if self.family == "encoder" else None
+            groups.setdefault((labels, read_adapter_config(folder).get("peft_type")), []).append(adapter)
+        self.bases = len(groups)
+        self.models: dict[str, object] = {}
+        # PEFT names adapters internally; a task name inside PEFT's parameter prefix (e.g. "pt" in
+        # "prompt_tuning_") can clobber weights on load, so the adapters get neutral names.
+        self.peft_names = {adapter: f"adapter{i}" for i, adapter in enumerate(dirs)}
+        for (labels, _), names in groups.items():
+            model = PeftModel.from_pretrained(load_base_model(base_dir, num_labels=labels), str(dirs[names[0]]),
+                                              adapter_name=self.peft_names[names[0]])
+            for name in names[1:]:
+                model.load_adapter(str(dirs[name]), adapter_name=self.peft_names[name])
+            model = model.to(device).eval()
+            if self.family != "encoder":  # EOS off, as promptmux's eos_token_id=[]: every row generates n tokens
+                model.generation_config.eos_token_id = None
+                model.base_model.generation_config.eos_token_id = None
+            for name in names:
+                self.models[name] = model
+        cfg = rt.config
+        self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (
+            cfg.eos_token_id if isinstance(cfg.eos_token_id, int) else 0)
+
+    def prepare(self, new_tokens: int) -> None:
+        pass
+
+    def _model(self, task: str):
+        adapter, k = self.plan[task]
+        model = self.models[adapter]
+        if model.active_adapter != self.peft_names[adapter]:
+            model.set_adapter(self.peft_names[adapter])
+        kwargs = {"task_ids": self.torch.full((1,), k, device=self.device)} if k is not None else {}
+        return model, kwargs
+
+    def run(self, ids: np.ndarray, mask: np.ndarray, tasks: list[str], new_tokens: int):
+        """One batch of a single task (rows in the harness's grouped order)."""
+        torch = self.torch
+        task = tasks[0]
+        if any(t != task for t in tasks):
+            raise ValueError("PEFT serves one adapter per batch; group the rows by task")
+        model, kwargs = self._model(task)
+        if "task_ids" in kwargs:
+            kwargs["task_ids"] = kwargs["task_ids"].expand(ids.shape[0])
+        x = torch.from_numpy(ids).to(self.device)
+        m = torch.from_numpy(mask).to(self.device)
+        with torch.inference_mode():
+            if new_tokens:
+                out = model.generate(input_ids=x, attention_mask=m, max_new_tokens=new_tokens,
+                                     min_new_tokens=new_tokens, do_sample=False, num_beams=1,
+                                     pad_token_id=self.pad_id, use_cache=True, **kwargs)
+                start = 1 if self.family == "seq2seq" else ids.shape[1]  # seq2seq: the decoder start token
+                return out[:, start:].cpu().tolist()
+            logits = model(input_ids=x, attention_mask=m, **kwargs).logits.float().cpu().numpy()
+        if self.family == "encoder":
+            return list(logits)
+        skip = self.skip[task]
+        return [logits[i, skip:][mask[i].astype(bool)] for i in range(ids.shape[0])]
+
+
+def compare(ours: list, theirs: list, new_tokens: int) -> dict:
+    """Row by row: generated tokens identical (generation), or logits' max abs difference and argmax agreement."""
+    if new_tokens:
+        same = [a == b for a, b in zip(ours, theirs)]
+        return {"rows": len(same), "rows_differing": int(len(same) - sum(same)), "predictions_agree": all(same),
+                "max_abs_diff": None}
+    diffs, differing = [], 0
+    for a, b in zip(ours, theirs):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        diffs.append(float(np.abs(a - b).max()))
+        differing += int((a.argmax(-1) != b.argmax(-1)).any())
+    return {"rows": len(diffs), "rows_differing": differing, "predictions_agree": differing == 0,
+            "max_abs_diff": max(diffs) if diffs else None}

