@@ -218,7 +218,8 @@ def _export_graphs(model, config, spec, dims, bank, tmp: Path, fold, optimize, t
     with torch.inference_mode():
         reference = backbone(*[torch.from_numpy(feeds[n]) for n in input_names(config.model_type)]).numpy()
     bar.set_postfix_str("optimizing with ONNX Runtime")
-    opt_report = optimize_onnx(tmp / GRAPH, config, feeds, reference, tolerance) if optimize else None
+    opt_report = optimize_onnx(tmp / GRAPH, config, feeds, reference, tolerance,
+                               encoder=spec.family == "encoder") if optimize else None
     bar.update()
 
     decoder = None

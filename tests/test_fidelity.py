@@ -112,3 +112,44 @@ def test_token_type_ids_are_honoured_like_peft(deployment):
         assert _max_diff(got, list(want)) < TOL
         # and the types matter
         assert float(np.abs(got[0] - rt.forward(ids, mask, [task, task])[0]).max()) > 1e-4
+
+
+@pytest.mark.parametrize("deployment", ["bert", "gpt2"], indirect=True)
+def test_softmax_nan_guards_dropped_only_from_encoder_graphs(deployment):
+    """An encoder query always sees its row's prompt keys, so the exporter's NaN guard after softmax is dead
+    work there; a causal graph's left-pad queries see no key at all and keep it."""
+    import json
+
+    import onnx
+
+    graph = onnx.load(str(deployment.deploy / "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in graph.graph.node]
+    report = json.loads((deployment.deploy / "manifest.json").read_text())["graph"]["ort_optimization"]
+    if is_encoder(deployment.arch):
+        assert report["softmax_nan_guards"]["kept"] and report["softmax_nan_guards"]["dropped"] >= 2
+        assert "IsNaN" not in ops
+    else:
+        assert "softmax_nan_guards" not in report
+        assert ops.count("IsNaN") >= 2
+
+
+def test_nan_guard_removal_rewires_only_the_exact_pattern():
+    import onnx
+    from onnx import TensorProto, helper
+
+    from promptmux.export.onnx_export import drop_softmax_nan_guards
+
+    def model(fill):
+        nodes = [helper.make_node("Softmax", ["x"], ["p"], axis=-1), helper.make_node("IsNaN", ["p"], ["nan"]),
+                 helper.make_node("Where", ["nan", "fill", "p"], ["g"]), helper.make_node("Relu", ["g"], ["y"])]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+                                  [helper.make_tensor("fill", TensorProto.FLOAT, [], [fill])])
+        return helper.make_model(graph)
+
+    m = model(0.0)
+    assert drop_softmax_nan_guards(m) == 1
+    assert [n.op_type for n in m.graph.node] == ["Softmax", "Relu"] and list(m.graph.node[1].input) == ["p"]
+    onnx.checker.check_model(m)
+    m = model(1.0)  # not a zero fill: not the guard, left alone
+    assert drop_softmax_nan_guards(m) == 0 and len(m.graph.node) == 4
