@@ -612,10 +612,8 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    s = settings_from(args)
+def quiet_libraries() -> None:
+    """Benchmarks print their own progress: silence library warnings, transformers' logs and bars."""
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -625,6 +623,13 @@ def main(argv: list[str] | None = None) -> dict:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    s = settings_from(args)
+    quiet_libraries()
     import logging
 
     logging.getLogger("promptmux.export").setLevel(logging.ERROR)

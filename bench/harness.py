@@ -32,7 +32,6 @@ import shlex
 import statistics
 import threading
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -606,15 +605,7 @@ def run(s: BenchSettings) -> dict:
     import torch
 
     s.check()
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    generation.quiet_libraries()
     if not s.threads:
         s.threads = os.cpu_count() or 1
     torch.set_num_threads(s.threads)

@@ -260,6 +260,14 @@ class Row:
         if self.finish_reason is None:
             self.finish_reason = reason
 
+    def take(self, token: int) -> None:
+        """Append the chosen token; the row finishes on one of its EOS ids or at max_new_tokens."""
+        self.tokens.append(token)
+        if token in self.eos:
+            self.finish_reason = "eos"
+        elif len(self.tokens) >= self.params.max_new_tokens:
+            self.finish_reason = "length"
+
 
 def _pad_past(x: np.ndarray, length: int, axis: int) -> np.ndarray:
     """Left-pad one axis with zeros: the shorter caches of a merged batch, masked out by the attention mask."""
@@ -345,13 +353,9 @@ class ContinuousBatch:
             if row.finish_reason is not None:
                 continue
             token = int(_pick(self.logits[i:i + 1], row.params, row.rng)[0])
-            row.tokens.append(token)
+            row.take(token)
             row.picked = True
             out.append((row, token))
-            if token in row.eos:
-                row.finish_reason = "eos"
-            elif len(row.tokens) >= row.params.max_new_tokens:
-                row.finish_reason = "length"
         return out
 
     def advance(self) -> None:
@@ -411,12 +415,8 @@ class StreamedRows:
             if row.finish_reason is not None:
                 continue
             token = int(next(self._streams[id(row)])[0])
-            row.tokens.append(token)
+            row.take(token)
             out.append((row, token))
-            if token in row.eos:
-                row.finish_reason = "eos"
-            elif len(row.tokens) >= row.params.max_new_tokens:
-                row.finish_reason = "length"
         return out
 
     def advance(self) -> None:
