@@ -193,9 +193,16 @@ def drop_softmax_nan_guards(model: onnx.ModelProto) -> int:
     for n in g.node:
         for i in n.input:
             uses[i] = uses.get(i, 0) + 1
-    zeros = {t.name for t in g.initializer if not np.any(onnx.numpy_helper.to_array(t))}
-    zeros |= {n.output[0] for n in g.node if n.op_type == "Constant"
-              and not np.any(onnx.numpy_helper.to_array(n.attribute[0].t))}
+    initializers = {t.name: t for t in g.initializer}
+
+    def is_zero(name: str) -> bool:  # only the guards' fill values are read, never the weights
+        if name in initializers:
+            return not np.any(onnx.numpy_helper.to_array(initializers[name]))
+        node = producer.get(name)
+        value = next((a.t for a in node.attribute if a.name == "value"), None) \
+            if node is not None and node.op_type == "Constant" else None
+        return value is not None and not np.any(onnx.numpy_helper.to_array(value))
+
     graph_outputs = {o.name for o in g.output}
     replace, dropped = {}, []
     for where in g.node:
@@ -206,7 +213,7 @@ def drop_softmax_nan_guards(model: onnx.ModelProto) -> int:
             continue
         softmax = producer.get(isnan.input[0])
         if softmax is None or softmax.op_type != "Softmax" or where.input[2] != softmax.output[0] \
-                or where.input[1] not in zeros:
+                or not is_zero(where.input[1]):
             continue
         replace[where.output[0]] = softmax.output[0]
         dropped += [where, isnan]
@@ -219,6 +226,18 @@ def drop_softmax_nan_guards(model: onnx.ModelProto) -> int:
     return len(replace)
 
 
+def _adopt(path: Path, tmp: Path, kept: bool) -> None:
+    """Replace the graph at path by the candidate graph tmp when kept, then remove tmp's files. Saved again
+    rather than renamed: a file records where its external data lives (and saving moves a model's tensors out to
+    that file, so the candidate is read back from tmp)."""
+    try:
+        if kept:
+            _save(onnx.load(str(tmp)), path)
+    finally:
+        for f in (tmp, tmp.with_name(tmp.name + ".data")):
+            f.unlink(missing_ok=True)
+
+
 def _drop_nan_guards(path: Path, feeds, reference, tolerance) -> dict:
     model = onnx.load(str(path))
     count = drop_softmax_nan_guards(model)
@@ -228,10 +247,7 @@ def _drop_nan_guards(path: Path, feeds, reference, tolerance) -> dict:
     _save(model, tmp)
     diff = _max_diff(tmp, feeds, reference)
     report = {"dropped": count, "max_abs_diff": diff, "kept": diff <= _allowed(reference, tolerance)}
-    if report["kept"]:
-        _save(onnx.load(str(tmp)), path)
-    for f in (tmp, tmp.with_name(tmp.name + ".data")):
-        f.unlink(missing_ok=True)
+    _adopt(path, tmp, report["kept"])
     return report
 
 
@@ -251,15 +267,13 @@ def _transformer_optimizer(path, config, opt_type, feeds, reference, tolerance) 
         diff = _max_diff(tmp, feeds, reference)
     except Exception as e:  # the optimizer is pattern-based; a graph it cannot handle stays as it is
         log.info("ORT transformer optimizer skipped (no pattern it knows): %s", e)
+        _adopt(path, tmp, False)
         return {"kept": False, "error": str(e)[:300]}
     finally:
         root.setLevel(level)
     report = {"model_type": opt_type, "fusions": fused, "max_abs_diff": diff,
               "kept": bool(fused) and diff <= _allowed(reference, tolerance)}
-    if report["kept"]:
-        _save(onnx.load(str(tmp)), path)
-    for f in (tmp, tmp.with_name(tmp.name + ".data")):
-        f.unlink(missing_ok=True)
+    _adopt(path, tmp, report["kept"])
     return report
 
 
@@ -284,14 +298,10 @@ def _ort_extended(path: Path, feeds, reference, tolerance) -> dict:
     diff = _max_diff(tmp, feeds, reference)
     report = {"nodes_before": before, "nodes_after": after, "max_abs_diff": diff}
     report["kept"] = diff <= _allowed(reference, tolerance)
-    if report["kept"]:
-        # Re-save under the graph's own name: the file records where its external data lives.
-        _save(onnx.load(str(tmp)), path)
-    else:
+    if not report["kept"]:
         log.warning("ORT-optimized graph differs by %.2e (> %.0e of the outputs' scale); keeping the unoptimized "
                     "graph", diff, tolerance)
-    for f in (tmp, tmp.with_name(tmp.name + ".data")):
-        f.unlink(missing_ok=True)
+    _adopt(path, tmp, report["kept"])
     return report
 
 
