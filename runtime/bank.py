@@ -56,6 +56,16 @@ class TaskView:
     source: str = ""
 
 
+_PROMPT_FIELDS = ("prompt", "prefix", "shared", "cols", "rows")
+
+
+def same_prompt(a: TaskView, b: TaskView) -> bool:
+    """Whether two views hold the very same prompt arrays. A bank copy shares the arrays of unchanged tasks, so
+    this tells a task still as it was from one replaced since (for what was built from it: a folded graph, a
+    prompt's key/values)."""
+    return a is b or (a.kind == b.kind and all(getattr(a, f) is getattr(b, f) for f in _PROMPT_FIELDS))
+
+
 class PromptBank:
     def __init__(self, spec: ArchSpec, base_head: dict[str, np.ndarray] | None = None):
         self.spec = spec

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .bank import TaskView
+from .bank import TaskView, same_prompt
 from .errors import InputError
 from .layout import build_layout
 from .sessions import host
@@ -108,7 +108,7 @@ class Generator:
         if view.kind == "prefix":
             return view.prefix
         bank = self.rt.bank
-        if view.name not in bank or not _same_tensors(bank.view(view.name), view):
+        if view.name not in bank or not same_prompt(bank.view(view.name), view):
             # The request captured a task that was removed or replaced since: its own KV, not cached.
             return self._compute_kv(view)
         key = (view.name, bank.digest(view.name))
@@ -231,14 +231,6 @@ def eos_ids(params: SamplingParams, config) -> np.ndarray:
     if eos is None:
         return np.array([], np.int64)
     return np.atleast_1d(np.asarray(eos, np.int64))
-
-
-_PROMPT_FIELDS = ("prompt", "prefix", "shared", "cols", "rows")
-
-
-def _same_tensors(a: TaskView, b: TaskView) -> bool:
-    """Whether two views hold the very same prompt arrays (a bank copy shares the arrays of unchanged tasks)."""
-    return a is b or (a.kind == b.kind and all(getattr(a, f) is getattr(b, f) for f in _PROMPT_FIELDS))
 
 
 # ---- continuous batching ------------------------------------------------------------------------

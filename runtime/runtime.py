@@ -13,7 +13,7 @@ import numpy as np
 from promptmux.export.archs import arch_for, dims_of, position_offset
 from promptmux.export.deploy import FOLDED_GRAPH, GRAPH, MANIFEST, write_manifest_tasks
 
-from .bank import PromptBank, TaskView, UnknownTaskError
+from .bank import PromptBank, TaskView, UnknownTaskError, same_prompt
 from .errors import InputError
 from .layout import build_layout
 
@@ -109,6 +109,9 @@ class Runtime:
             self.folded_session = None
             self.folded_task = None
             self._torch_model = model
+        # The folded graph has this task's prompt baked in: it serves only batches whose every view holds these
+        # very arrays, so a task replaced or removed since goes back to the main graph by itself.
+        self._folded_view = self.bank.view(self.folded_task) if self.folded_session is not None else None
         self._generator = None
 
     def _graph_session(self, path: Path):
@@ -134,8 +137,6 @@ class Runtime:
         with self._lock:
             bank = self._copy_bank()
             bank.add(new, replace=replace)
-            if self.folded_task in {t.name for t in new}:
-                self.folded_task = None  # replaced: the folded graph holds the old prompt
             self._commit(bank, persist)
             if hasattr(self._generator, "precompute"):  # a running causal-LM generator: the new tasks' KV now
                 self._generator.precompute([t.name for t in new])
@@ -145,8 +146,6 @@ class Runtime:
         with self._lock:
             bank = self._copy_bank()
             removed = bank.remove(name)
-            if self.folded_task in removed:
-                self.folded_task = None  # the folded graph no longer matches a served task
             self._commit(bank, persist)
             if hasattr(self._generator, "precompute"):
                 self._generator.precompute([])  # drops the removed tasks' key/values
@@ -176,6 +175,11 @@ class Runtime:
             except (OSError, ValueError) as e:
                 raise RuntimeError(f"{self.dir} has no tokenizer ({e}); pass token ids to forward()") from None
         return self._tokenizer
+
+    def folded_for(self, views: list[TaskView]) -> bool:
+        """Whether the folded graph serves a batch of these views (every row is the folded task, unchanged)."""
+        fv = self._folded_view
+        return fv is not None and all(same_prompt(v, fv) for v in views)
 
     def _check_inputs(self, input_ids, attention_mask, tasks, token_type_ids):
         ids = np.asarray(input_ids)
@@ -225,9 +229,7 @@ class Runtime:
                         f"exceed the model's {self.max_positions} positions; shorten or truncate the input")
         layout = build_layout(self.spec, position_offset(self.config), self.config.pad_token_id, ids, mask, types,
                               views, self.dims)
-        session = self.session
-        if self.folded_session is not None and all(t == self.folded_task for t in tasks):
-            session = self.folded_session
+        session = self.folded_session if self.folded_for(views) else self.session
         # The prompt inputs depend only on the batch's tasks: device sessions keep them resident under this key.
         out = session.run(layout.feeds, bank_key=(version, tuple(tasks)))
         if self.spec.family == "encoder":

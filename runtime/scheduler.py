@@ -29,7 +29,6 @@ from .generate import (
     SamplingParams,
     StreamedRows,
     TextStream,
-    _same_tensors,
 )
 from .layout import build_layout
 from .runtime import apply_head
@@ -101,8 +100,6 @@ class Scheduler:
         if rt.spec.family != "encoder":
             gen = rt.generator  # builds the decoder session and each task's prompt KV now, not at the first request
             self.batch = StreamedRows(gen) if rt.spec.family == "seq2seq" else ContinuousBatch(gen)
-        # The folded graph has one task's prompt baked in: used only for views holding those very arrays.
-        self._folded_view = rt.bank.view(rt.folded_task) if rt.folded_task else None
 
     # ---- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -232,10 +229,7 @@ class Scheduler:
                 types[i, :len(r)] = r
         layout = build_layout(rt.spec, position_offset(rt.config), rt.config.pad_token_id, ids, mask, types, views,
                               rt.dims)
-        session = rt.session
-        if self._folded_view is not None and rt.folded_session is not None and all(
-                _same_tensors(v, self._folded_view) for v in views):
-            session = rt.folded_session
+        session = rt.folded_session if rt.folded_for(views) else rt.session
         # No bank_key: a batch may hold views of different bank versions, so device sessions must not serve
         # it from prompts they keep resident per (version, tasks).
         features = session.run(layout.feeds, bank_key=None)
