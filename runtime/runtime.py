@@ -72,9 +72,11 @@ class Runtime:
         self._bank_version = 0  # bumped by every bank swap: device sessions key their resident prompts on it
         self._lock = threading.Lock()  # serializes bank swaps, not requests
         self._tokenizer = None
-        # T5 configs carry n_positions (the context it was trained with) though its positions are relative.
-        self.max_positions = getattr(self.config, "max_position_embeddings", None) or getattr(
-            self.config, "n_positions", None)
+        # The positions a row may use: virtual and real tokens together. T5 configs carry n_positions (the context
+        # it was trained with) though its positions are relative; RoBERTa-style models count from after the
+        # padding index, so their first positions are not usable.
+        table = getattr(self.config, "max_position_embeddings", None) or getattr(self.config, "n_positions", None)
+        self.max_positions = table - position_offset(self.config) if table else None
         folded = self.manifest.get("folded") if use_folded else None
         if folded and (folded["task"] not in self.bank or self.bank.digest(folded["task"]) != folded.get("digest")):
             log.warning("task %r changed since it was folded; serving it from the main graph", folded["task"])

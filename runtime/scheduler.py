@@ -94,8 +94,7 @@ class Scheduler:
         self._gen: collections.deque[tuple[GenerateJob, int]] = collections.deque()  # rows waiting to join
         self._stop = False
         self._thread: threading.Thread | None = None
-        # The positions a row may use (RoBERTa-style models start counting after the padding index).
-        self.positions = rt.max_positions - position_offset(rt.config) if rt.max_positions else None
+        self.positions = rt.max_positions  # the positions a row may use
         self.batch = None
         if rt.spec.family != "encoder":
             gen = rt.generator  # builds the decoder session and each task's prompt KV now, not at the first request

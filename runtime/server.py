@@ -176,11 +176,7 @@ class Engine:
         except (OSError, ValueError) as e:
             raise RuntimeError(f"{deploy_dir} has no tokenizer ({e}); the server takes text") from None
         self.family = self.rt.spec.family
-        self.max_positions = None
-        if self.rt.max_positions:  # the positions a row may use (RoBERTa counts from after its padding index)
-            from promptmux.export.archs import position_offset
-
-            self.max_positions = self.rt.max_positions - position_offset(self.rt.config)
+        self.max_positions = self.rt.max_positions  # the positions a row may use
         # More than 32 characters per token is beyond the tokenizers we know: longer texts are refused before
         # any time goes into tokenizing them.
         self.max_chars = 32 * (self.max_positions or 4096)

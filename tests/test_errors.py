@@ -198,6 +198,18 @@ def test_out_of_vocab_and_too_long_inputs(rt):
         rt.forward(np.ones((1, 61), int), None, "pt")  # 61 tokens + 4 virtual tokens > 64
 
 
+@pytest.mark.parametrize("deployment", ["roberta"], indirect=True)
+def test_roberta_positions_count_from_after_the_padding_index(deployment):
+    """RoBERTa's 66-entry position table starts at padding index + 1, so a row has 64 positions: the last one
+    that fits runs, one more is refused as an input error (not an out-of-range error inside the graph)."""
+    rt = Runtime(deployment.deploy)
+    virtual = rt.bank.view("pt").num_virtual_tokens
+    assert rt.max_positions == 64
+    assert rt.forward(np.full((1, 64 - virtual), 5), None, "pt")[0].shape == (3,)
+    with pytest.raises(InputError, match="exceed the model's 64 positions"):
+        rt.forward(np.full((1, 65 - virtual), 5), None, "pt")
+
+
 def test_unknown_backend(rt):
     with pytest.raises(ValueError, match="unknown backend 'tensorrt-llm'"):
         Runtime(rt.dir, backend="tensorrt-llm")
