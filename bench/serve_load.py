@@ -23,7 +23,6 @@ import datetime as _dt
 import importlib.util
 import json
 import os
-import platform
 import random
 import shlex
 import subprocess
@@ -32,6 +31,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from .generation import machine_info
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -217,25 +218,6 @@ def summarize(runs: list[tuple[list, float]]) -> dict:
     return {"per_task": per_task, "all": total}
 
 
-def machine() -> dict:
-    import onnxruntime
-    import torch
-    import transformers
-
-    import promptmux
-
-    model = platform.processor() or platform.machine()
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.lower().startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu_model": model, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(),
-            "versions": {"promptmux": promptmux.__version__, "onnxruntime": onnxruntime.__version__,
-                         "torch": torch.__version__, "transformers": transformers.__version__}}
-
-
 def busy_processes(limit: int = 3) -> list[str]:
     """Other processes using CPU when the run starts (the machine may be shared): '%CPU command'."""
     try:
@@ -313,7 +295,7 @@ def main(argv=None) -> dict:
     result = {
         "command": "python -m promptmux.bench.serve_load " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {**machine(), "load_average_start": load_start, "other_busy_processes_at_start": others,
+        "machine": {**machine_info(args.threads or os.cpu_count() or 1), "load_average_start": load_start, "other_busy_processes_at_start": others,
                     "load_average_end": [round(x, 2) for x in os.getloadavg()]},
         "deployment": {"path": str(deploy), "model_type": manifest["base"].get("model_type"), "tasks": tasks,
                        "family": family},
