@@ -129,7 +129,7 @@ def export_deployment(
     out_dir: str | Path,
     fold: str | None = None,
     overwrite: bool = False,
-    optimize: bool = True,
+    optimize: bool = False,
     tolerance: float = 1e-4,
     quiet: bool = False,
 ) -> Path:
@@ -161,9 +161,9 @@ def export_deployment(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         if spec.family == "seq2seq":
-            opt_report, decoder = _export_seq2seq(model, config, dims, bank, tmp, tolerance, bar)
+            report, decoder = _export_seq2seq(model, config, dims, bank, tmp, tolerance, bar)
         else:
-            opt_report, decoder = _export_graphs(model, config, spec, dims, bank, tmp, fold, optimize, tolerance,
+            report, decoder = _export_graphs(model, config, spec, dims, bank, tmp, fold, optimize, tolerance,
                                                  bar)
         folded = {"task": fold, "file": FOLDED_GRAPH, "digest": bank.digest(fold)} if fold else None
 
@@ -185,7 +185,7 @@ def export_deployment(
             "graph": {"file": GRAPH, "inputs": input_names(config.model_type),
                       "output": {"encoder": "features", "decoder": "logits",
                                  "seq2seq": "present.{i}.encoder.key/value"}[spec.family],
-                      "dtype": "float32", "ort_optimization": opt_report},
+                      "dtype": "float32", **report},
             "folded": folded,
             "decoder": decoder,
             "tasks": bank.describe(),
@@ -206,7 +206,7 @@ def _export_graphs(model, config, spec, dims, bank, tmp: Path, fold, optimize, t
     from promptmux.runtime.layout import build_layout
 
     from .graph import PromptedDecoder
-    from .onnx_export import export_decoder_onnx, export_onnx, fold_task, optimize_onnx
+    from .onnx_export import OPSET, check_graph, export_decoder_onnx, export_onnx, fold_task, optimize_onnx
 
     backbone = PromptedBackbone(model)
     bar.set_postfix_str("exporting ONNX graph")
@@ -217,9 +217,10 @@ def _export_graphs(model, config, spec, dims, bank, tmp: Path, fold, optimize, t
     feeds = _check_batch(spec, config, dims, bank)
     with torch.inference_mode():
         reference = backbone(*[torch.from_numpy(feeds[n]) for n in input_names(config.model_type)]).numpy()
-    bar.set_postfix_str("optimizing with ONNX Runtime")
-    opt_report = optimize_onnx(tmp / GRAPH, config, feeds, reference, tolerance,
-                               encoder=spec.family == "encoder") if optimize else None
+    bar.set_postfix_str("checking against PyTorch" + (", optimizing with ONNX Runtime" if optimize else ""))
+    report = {"opset": OPSET, "checked_max_abs_diff": check_graph(tmp / GRAPH, feeds, reference, tolerance)}
+    if optimize:
+        report["ort_optimization"] = optimize_onnx(tmp / GRAPH, config, feeds, reference, tolerance)
     bar.update()
 
     decoder = None
@@ -235,7 +236,7 @@ def _export_graphs(model, config, spec, dims, bank, tmp: Path, fold, optimize, t
                            np.ones_like(feeds["input_ids"][:1]), None, [bank.view(fold)], dims)
         export_onnx(fold_task(backbone, one.feeds), config, tmp / FOLDED_GRAPH, folded=True)
         bar.update()
-    return opt_report, decoder
+    return report, decoder
 
 
 def _export_seq2seq(model, config, dims, bank, tmp: Path, tolerance, bar):

@@ -197,6 +197,22 @@ def _plugin_layers(trt, network) -> list[str]:
     return found
 
 
+def _allow_attention_decomposition(trt, network) -> int:
+    """Let TensorRT build the graph's ONNX `Attention` nodes from standard layers where it has no dedicated kernel
+    for their shape and type (fp32 on most GPUs, and any ahead-of-time build): a fused kernel is still chosen
+    where one exists. Returns how many attention blocks were marked."""
+    marked = set()
+    boundary = {getattr(trt.LayerType, n) for n in ("ATTENTION_INPUT", "ATTENTION_OUTPUT") if hasattr(trt.LayerType, n)}
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type in boundary:
+            layer.__class__ = trt.IAttentionBoundaryLayer  # get_layer() hands out the base class
+            attention = layer.attention
+            attention.decomposable = True
+            marked.add(attention.name)
+    return len(marked)
+
+
 def _write_atomic(path: Path, data) -> None:
     """Write a temp file beside `path`, then rename it over `path`: readers see the old or the new file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
@@ -270,6 +286,7 @@ def build_engine(deploy_dir, precision: str = "fp32", max_batch: int = 8, max_se
             errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
             raise EngineError(f"TensorRT's ONNX parser rejected {path} ({precision}): " + "; ".join(errors))
 
+        _allow_attention_decomposition(trt, network)
         plugins = _plugin_layers(trt, network)
         wanted = len(_mpt_nodes(model)) if use_plugin else 0
         if len(plugins) != wanted:

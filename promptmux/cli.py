@@ -14,7 +14,37 @@ class CliError(Exception):
     pass
 
 
-BACKEND_CHOICES = ["onnxruntime", "onnxruntime-cuda", "tensorrt", "torch"]  # runtime.runtime.BACKENDS
+BACKEND_CHOICES = ["auto", "onnxruntime", "openvino", "onnxruntime-cuda", "tensorrt", "torch"]  # runtime.BACKENDS
+PRECISION_CHOICES = ["fp32", "bf16", "int8"]  # runtime.precision.PRECISIONS
+
+
+def _add_runtime_options(parser, backend_help: str = "") -> None:
+    """--backend, --precision, --strict and --calibration, the same on run, generate and serve."""
+    parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                        help="engine to run the graph on (default auto: the fastest exact one installed here; the "
+                             "choice is printed)" + backend_help)
+    parser.add_argument("--precision", default="fp32", choices=PRECISION_CHOICES,
+                        help="fp32 (exact, default); bf16 (OpenVINO on AMX/AVX512-BF16 CPUs); int8 (weight-only "
+                             "int8 generation, causal LMs). A non-exact precision is measured against fp32 on first "
+                             "use and the result kept in the manifest")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse a non-exact precision that misses its accuracy contract (default: warn)")
+    parser.add_argument("--calibration", metavar="FILE",
+                        help="texts (one per line) to measure a non-exact precision on (default: generated inputs, "
+                             "or what the manifest recorded)")
+
+
+def _runtime(args, **kwargs):
+    """The Runtime the command line asked for; says on stderr which backend and precision run."""
+    from promptmux.runtime.precision import calibration_texts
+    from promptmux.runtime.runtime import Runtime
+
+    texts = calibration_texts(args.calibration) if getattr(args, "calibration", None) else None
+    rt = Runtime(args.deploy, backend=args.backend, precision=args.precision, strict=args.strict,
+                 calibration=texts, **kwargs)
+    if not getattr(args, "quiet", False):
+        print(f"promptmux: backend {rt.backend} ({rt.backend_reason}), precision {rt.precision}", file=sys.stderr)
+    return rt
 
 
 def _pairs(values: list[str], flag: str) -> dict[str, str]:
@@ -32,11 +62,27 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
 def cmd_export(args) -> int:
     from promptmux.export.deploy import export_deployment
 
+    from promptmux.runtime.precision import calibration_texts
+
+    texts = calibration_texts(args.calibration) if args.calibration else None
+    precisions = [p for p in (args.precision or "").split(",") if p]
+    bad = [p for p in precisions if p not in PRECISION_CHOICES]
+    if bad:
+        raise CliError(f"--precision takes {', '.join(PRECISION_CHOICES)} (comma-separated), got {', '.join(bad)}")
     out = export_deployment(args.base, _pairs(args.adapter, "--adapter"), args.out, fold=args.fold,
-                            overwrite=args.overwrite, optimize=not args.no_optimize, quiet=args.quiet)
+                            overwrite=args.overwrite, optimize=args.ort_optimize, quiet=args.quiet)
+    contracts = {}
+    if precisions:
+        from promptmux.runtime.runtime import Runtime
+
+        for precision in precisions:  # measured now and recorded in the manifest (a miss warns, or --strict fails)
+            rt = Runtime(out, precision=precision, strict=args.strict, calibration=texts)
+            contracts[f"{rt.backend}/{precision}"] = rt.contract["passed"] if rt.contract else "exact"
     manifest = json.loads((out / "manifest.json").read_text())
-    print(json.dumps({"deployment": str(out), "tasks": [t["name"] for t in manifest["tasks"]],
-                      "folded": manifest["folded"]}, indent=2))
+    result = {"deployment": str(out), "tasks": [t["name"] for t in manifest["tasks"]], "folded": manifest["folded"]}
+    if contracts:
+        result["precision_contracts_passed"] = contracts
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -123,9 +169,7 @@ def cmd_init_adapter(args) -> int:
 def cmd_run(args) -> int:
     import numpy as np
 
-    from promptmux.runtime.runtime import Runtime
-
-    rt = Runtime(args.deploy, backend=args.backend, base=args.base)
+    rt = _runtime(args, base=args.base)
     if rt.spec.family == "encoder":
         result = rt.classify([args.text], args.task)[0]
         result["text"] = args.text
@@ -164,14 +208,12 @@ def cmd_verify(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from promptmux.runtime.runtime import Runtime
-
     if not args.prompt:
         raise CliError("give at least one --prompt TEXT")
     tasks = args.task if len(args.task) > 1 else args.task * len(args.prompt)
     if len(tasks) != len(args.prompt):
         raise CliError(f"got {len(args.task)} --task for {len(args.prompt)} --prompt; give one task, or one per prompt")
-    rt = Runtime(args.deploy, backend=args.backend, base=args.base, threads=args.threads)
+    rt = _runtime(args, base=args.base, threads=args.threads)
     kwargs = dict(do_sample=args.temperature is not None or args.top_k > 0 or args.top_p < 1.0,
                   temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                   stop=args.stop or (), precompute=not args.no_precompute)
@@ -224,7 +266,8 @@ def cmd_serve(args) -> int:
     token = args.admin_token or os.environ.get("PROMPTMUX_ADMIN_TOKEN") or None
     if args.adapter_root and not Path(args.adapter_root).is_dir():
         raise CliError(f"--adapter-root {args.adapter_root} is not a folder")
-    options = ServeOptions(backend=args.backend, threads=args.threads, max_batch=args.max_batch,
+    options = ServeOptions(backend=args.backend, precision=args.precision, strict=args.strict,
+                           calibration=args.calibration, threads=args.threads, max_batch=args.max_batch,
                            max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                            request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
                            admin_token=token, adapter_root=args.adapter_root, drain_timeout=args.drain_timeout)
@@ -284,7 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="deployment folder to write")
     e.add_argument("--fold", metavar="TASK", help="also write a graph with TASK's prompt baked in")
     e.add_argument("--overwrite", action="store_true", help="replace an existing deployment folder")
-    e.add_argument("--no-optimize", action="store_true", help="skip the ONNX Runtime offline optimization")
+    e.add_argument("--ort-optimize", action="store_true",
+                   help="apply ONNX Runtime's offline fusions (contrib ops: the graph then runs on ONNX Runtime only, "
+                        "and is not faster on CPUs measured so far)")
+    e.add_argument("--no-optimize", action="store_true", help=argparse.SUPPRESS)  # the default since 0.2
+    e.add_argument("--precision", metavar="LIST",
+                   help="non-exact precisions to measure against fp32 now (e.g. bf16 or bf16,int8); the manifest "
+                        "records each one's agreement per task")
+    e.add_argument("--calibration", metavar="FILE", help="--precision: texts to measure on, one per line "
+                                                          "(default: generated inputs)")
+    e.add_argument("--strict", action="store_true", help="--precision: fail if a precision misses its contract")
     e.set_defaults(func=cmd_export)
 
     t = sub.add_parser("tasks", help="list, add or remove tasks of a deployment without re-exporting; rank the "
@@ -329,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("deploy")
     r.add_argument("--task", required=True)
     r.add_argument("--text", required=True)
-    r.add_argument("--backend", default="onnxruntime", choices=BACKEND_CHOICES)
+    _add_runtime_options(r)
     r.add_argument("--base", help="base model folder (torch backend) if it moved since export")
     r.set_defaults(func=cmd_run)
 
@@ -358,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-precompute", action="store_true",
                    help="run the virtual tokens in every prefill instead of the cached prompt key/values")
     g.add_argument("--threads", type=int, help="CPU threads for the runtime")
-    g.add_argument("--backend", default="onnxruntime", choices=BACKEND_CHOICES)
+    _add_runtime_options(g)
     g.add_argument("--base", help="base model folder (torch backend) if it moved since export")
     g.set_defaults(func=cmd_generate)
 
@@ -380,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="serve every task of a deployment over HTTP (classify, OpenAI-compatible "
                                       "completions, task admin, metrics); --ray: as Ray Serve replicas")
     sv.add_argument("deploy")
-    sv.add_argument("--backend", default="onnxruntime", choices=BACKEND_CHOICES)
+    _add_runtime_options(sv)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000, help="0: any free port (printed on stdout)")
     sv.add_argument("--max-batch", type=int, default=32,
@@ -463,12 +515,13 @@ def main(argv: list[str] | None = None) -> int:
     from promptmux.export.engine import EngineError
     from promptmux.runtime.bank import UnknownTaskError
     from promptmux.runtime.errors import BackendUnavailable
+    from promptmux.runtime.precision import PrecisionError
     from promptmux.runtime.runtime import InputError
 
     try:
         return args.func(args)
     except (CliError, AdapterError, UnsupportedModelError, UnknownTaskError, InputError, FileNotFoundError,
-            FileExistsError, ValueError, EngineError, BackendUnavailable) as e:
+            FileExistsError, ValueError, EngineError, BackendUnavailable, PrecisionError) as e:
         print(f"promptmux: error: {e}", file=sys.stderr)
         return 2
 

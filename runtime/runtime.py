@@ -17,7 +17,7 @@ from .bank import PromptBank, TaskView, UnknownTaskError, same_prompt
 from .errors import InputError
 from .layout import build_layout
 
-BACKENDS = ("onnxruntime", "onnxruntime-cuda", "tensorrt", "torch")
+BACKENDS = ("auto", "onnxruntime", "openvino", "onnxruntime-cuda", "tensorrt", "torch")
 _ORT_DEVICE = "cuda"  # where backend "onnxruntime-cuda" binds its tensors (tests run the binding path on "cpu")
 log = logging.getLogger("promptmux.runtime")
 
@@ -46,14 +46,24 @@ def apply_head(view: TaskView, features: np.ndarray) -> np.ndarray:
 class Runtime:
     """Serve every task of a deployment folder from one graph.
 
-    backend: "onnxruntime" (the exported graph on the CPU), "onnxruntime-cuda" (CUDA execution provider with
-    IO binding, the prompt bank resident on the GPU; needs onnxruntime-gpu), "tensorrt" (the engine written by
-    `promptmux build-engine`; needs TensorRT and a GPU it accepts) or "torch" (the same computation in eager
-    PyTorch, the reference; it needs the base model folder recorded at export, or `base=`).
+    backend: "auto" (the default: the fastest backend installed here that runs `precision`; `backend_reason`
+    says why), "onnxruntime" (the exported graph on the CPU), "openvino" (the same graph compiled by OpenVINO's
+    CPU plugin; fp32 or bf16), "onnxruntime-cuda" (CUDA execution provider with IO binding, the prompt bank
+    resident on the GPU; needs onnxruntime-gpu), "tensorrt" (the engine written by `promptmux build-engine`;
+    needs TensorRT and a GPU it accepts) or "torch" (the same computation in eager PyTorch, the reference; it
+    needs the base model folder recorded at export, or `base=`).
+
+    precision: "fp32" (exact, the default), "bf16" (OpenVINO on AMX/AVX512-BF16 CPUs) or "int8" (weight-only
+    int8 decoding for causal LMs). A non-exact precision is measured against fp32 the first time it runs on a
+    deployment (on `calibration`: texts, or generated inputs when None) and the result is kept in the manifest
+    (`contract`); a miss warns, or raises PrecisionError with strict=True. See runtime/precision.py.
     """
 
-    def __init__(self, deploy_dir: str | Path, backend: str = "onnxruntime", threads: int | None = None,
-                 base: str | Path | None = None, use_folded: bool = True, device_id: int = 0):
+    def __init__(self, deploy_dir: str | Path, backend: str = "auto", threads: int | None = None,
+                 base: str | Path | None = None, use_folded: bool = True, device_id: int = 0,
+                 precision: str = "fp32", strict: bool = False, calibration: Sequence[str] | None = None):
+        from .precision import choose_backend
+
         self.dir = Path(deploy_dir)
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -66,7 +76,9 @@ class Runtime:
         self.config = AutoConfig.from_pretrained(str(self.dir))
         self.spec = arch_for(self.config.model_type)
         self.dims = dims_of(self.config)
-        self.backend = backend
+        self.backend, self.backend_reason = choose_backend(backend, precision, self.spec.family)
+        backend = self.backend
+        self.precision = precision
         self.device_id = device_id
         self.bank = PromptBank.load(self.dir, self.spec)
         self._bank_version = 0  # bumped by every bank swap: device sessions key their resident prompts on it
@@ -93,6 +105,9 @@ class Runtime:
             self.folded_task = None
         elif backend != "torch":
             self.session = self._graph_session(self.dir / GRAPH)
+            # The folded graph is an ONNX Runtime option (it has prompt constants OpenVINO would fold anyway).
+            if folded and backend == "openvino":
+                self.folded_task = folded = None
             self.folded_session = self._graph_session(self.dir / FOLDED_GRAPH) if folded else None
         else:
             from promptmux.export.deploy import load_base_model
@@ -115,9 +130,34 @@ class Runtime:
         # very arrays, so a task replaced or removed since goes back to the main graph by itself.
         self._folded_view = self.bank.view(self.folded_task) if self.folded_session is not None else None
         self._generator = None
+        self.contract = None  # a non-exact precision's measured agreement with fp32 (manifest "precision")
+        if precision != "fp32":
+            self.contract = self._contract(strict, calibration)
+
+    def _contract(self, strict: bool, calibration) -> dict:
+        """This precision's contract from the manifest, measured now if the bank's tasks changed since."""
+        from .precision import calibrate, enforce, stored_contract, write_contract
+
+        digests = {t: self.bank.digest(t) for t in self.tasks}
+        entry = None if calibration is not None else stored_contract(self.manifest, self.backend, self.precision,
+                                                                      digests)
+        if entry is None:
+            log.warning("measuring precision %s on %s against fp32 on %s (once per deployment and task set)",
+                        self.precision, self.backend, "the given texts" if calibration else "generated inputs")
+            entry = calibrate(self, list(calibration) if calibration is not None else None)
+            try:
+                write_contract(self.dir, self.backend, self.precision, entry)
+            except OSError as e:  # a read-only deployment: the contract still holds for this process
+                log.warning("could not record the precision contract in %s: %s", self.dir / MANIFEST, e)
+        enforce(entry, strict)
+        return entry
 
     def _graph_session(self, path: Path):
         """A session over one ONNX graph of the deployment, for the ONNX Runtime backends."""
+        if self.backend == "openvino":
+            from .openvino_session import OpenVinoSession
+
+            return OpenVinoSession(path, "bf16" if self.precision == "bf16" else "fp32", self._threads)
         if self.backend == "onnxruntime-cuda":
             from .sessions import OrtBoundSession
 
@@ -272,7 +312,12 @@ class Runtime:
                                  "build-engine again with this promptmux version")
             return self._trt_decoder
         if self.backend != "torch":
-            return self._graph_session(self.dir / self.manifest["decoder"]["file"])
+            path = self.dir / self.manifest["decoder"]["file"]
+            if self.precision == "int8":
+                from .quantize import weight_only_int8
+
+                path = weight_only_int8(path)
+            return self._graph_session(path)
         from .sessions import TorchSession
 
         if self.spec.family == "seq2seq":

@@ -50,7 +50,10 @@ WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 @dataclass
 class ServeOptions:
-    backend: str = "onnxruntime"
+    backend: str = "auto"
+    precision: str = "fp32"
+    strict: bool = False  # refuse a non-exact precision that misses its accuracy contract
+    calibration: str | None = None  # texts file a non-exact precision is measured on (default: generated)
     threads: int | None = None
     max_batch: int = 32  # texts per classification batch; rows in the running generation batch
     max_wait_ms: float = 5.0  # how long the oldest classification request waits for a fuller batch
@@ -170,7 +173,11 @@ class Engine:
         from .runtime import Runtime
 
         self.options = options
-        self.rt = Runtime(deploy_dir, backend=options.backend, threads=options.threads)
+        from .precision import calibration_texts
+
+        texts = calibration_texts(options.calibration) if options.calibration else None
+        self.rt = Runtime(deploy_dir, backend=options.backend, threads=options.threads, precision=options.precision,
+                          strict=options.strict, calibration=texts)
         try:  # the loop thread's own tokenizer (encoding); the worker decodes with the runtime's
             self.tok = AutoTokenizer.from_pretrained(str(self.rt.dir))
         except (OSError, ValueError) as e:
@@ -359,8 +366,12 @@ def create_app(deploy_dir: str | Path, options: ServeOptions | None = None, task
 
     # ---- probes and metrics ---------------------------------------------------------------------
     @app.get("/health", response_model=Health, summary="liveness: the process answers")
-    async def health():
-        return {"status": "ok"}
+    async def health(request: Request):
+        engine = getattr(request.app.state, "engine", None)
+        if engine is None:
+            return {"status": "ok"}
+        return {"status": "ok", "tasks": len(engine.rt.bank), "backend": engine.rt.backend,
+                "precision": engine.rt.precision}
 
     @app.get("/ready", response_model=Health, responses={503: {"model": ErrorResponse}},
              summary="readiness: the engine is loaded and not draining")

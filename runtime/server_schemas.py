@@ -123,3 +123,5 @@ class TaskList(BaseModel):
 class Health(BaseModel):
     status: str
     tasks: int | None = None
+    backend: str | None = None  # what actually runs the graphs (after "auto" chose)
+    precision: str | None = None

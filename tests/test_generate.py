@@ -72,10 +72,11 @@ def test_single_task_greedy_matches_peft_generate(deployment, adapter, precomput
 _MIXED = [(arch, pre) for arch in GENERATORS for pre in _precompute_modes(arch)]
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 @pytest.mark.parametrize("deployment,precompute", _MIXED, indirect=["deployment"],
                          ids=[_case_id(a, "mixed", p) for a, p in _MIXED])
-def test_mixed_task_greedy_matches_peft_generate_row_by_row(deployment, precompute):
-    rt = _runtime(deployment)
+def test_mixed_task_greedy_matches_peft_generate_row_by_row(deployment, precompute, backend):
+    rt = _runtime(deployment, backend)
     names = deployment.task_names()
     ids, mask = random_batch(deployment.arch, rows=len(names) + 2, seq=7, seed=4, padding_side="left")
     tasks = [names[i % len(names)] for i in range(len(ids))][::-1]

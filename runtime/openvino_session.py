@@ -1,0 +1,148 @@
+"""The OpenVINO backend: the deployment's standard-op ONNX graphs compiled by OpenVINO's CPU plugin.
+
+OpenVINO reads neither ONNX Runtime's contrib operators nor model-local ONNX functions, so each graph is
+converted once: its local functions (the `ai.mpt::MPTPromptConcat` body) are inlined and the result is saved
+as OpenVINO IR under `<deployment>/openvino/` (or, where the deployment folder is read-only, under
+~/.cache/promptmux/openvino/). OpenVINO's own model cache keeps the compiled blobs beside it, so a restarted
+server neither converts nor compiles again.
+
+Precision is always set explicitly: on CPUs with AMX, OpenVINO's CPU plugin *defaults* to bf16, which would
+make the "exact" backend silently inexact. After compiling, the precision that OpenVINO reports is checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BackendUnavailable
+
+# promptmux precision -> OpenVINO's INFERENCE_PRECISION_HINT
+OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+INSTALL = "pip install 'promptmux[openvino]'  (or: pip install openvino)"
+
+
+def import_openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise BackendUnavailable(f"backend 'openvino' needs the OpenVINO runtime, which is not installed: {INSTALL}"
+                                 ) from None
+    return openvino
+
+
+def _graph_key(path: Path) -> str:
+    """Identity of a graph file and its weights: a re-export invalidates the converted IR."""
+    h = hashlib.sha256()
+    for f in (path, path.with_name(path.name + ".data")):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _ir_folder(deploy_dir: Path) -> Path:
+    """Where converted graphs and compiled blobs live: in the deployment if it is writable, else the user cache."""
+    own = deploy_dir / "openvino"
+    try:
+        own.mkdir(exist_ok=True)
+        probe = own / f".probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+        return own
+    except OSError:
+        digest = hashlib.sha256(str(deploy_dir.resolve()).encode()).hexdigest()[:16]
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "promptmux" / "openvino" / digest
+        cache.mkdir(parents=True, exist_ok=True)
+        return cache
+
+
+def convert_graph(path: Path, folder: Path, progress=None) -> Path:
+    """The graph at `path` as OpenVINO IR in `folder` (converted once; reused while the graph is unchanged)."""
+    ov = import_openvino()
+    import onnx
+    import onnx.inliner
+
+    key = _graph_key(path)
+    xml = folder / f"{path.stem}.xml"
+    stamp = folder / f"{path.stem}.json"
+    if xml.is_file() and stamp.is_file():
+        try:
+            if json.loads(stamp.read_text()).get("graph_key") == key:
+                return xml
+        except ValueError:
+            pass  # a torn stamp: convert again
+    if progress:
+        progress(f"converting {path.name} for OpenVINO (once per deployment)")
+    model = onnx.load(str(path))
+    foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node
+                      if n.domain not in ("", "ai.onnx") and n.domain not in {f.domain for f in model.functions}})
+    if foreign:
+        raise BackendUnavailable(f"{path} holds ONNX Runtime-only operators ({', '.join(foreign)}) from an export with "
+                                 "--ort-optimize; OpenVINO cannot run them. Re-export without --ort-optimize, or use "
+                                 "--backend onnxruntime")
+    model = onnx.inliner.inline_local_functions(model)
+    with tempfile.TemporaryDirectory(prefix=".convert-", dir=folder) as tmp:
+        flat = Path(tmp) / path.name
+        onnx.save_model(model, str(flat), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=flat.name + ".data", size_threshold=1024)
+        del model
+        converted = ov.convert_model(str(flat))
+        staged = Path(tmp) / xml.name
+        ov.save_model(converted, str(staged), compress_to_fp16=False)  # weights stay fp32: precision is a hint
+        for suffix in (".xml", ".bin"):
+            os.replace(staged.with_suffix(suffix), xml.with_suffix(suffix))
+    stamp.write_text(json.dumps({"graph": path.name, "graph_key": key, "openvino": ov.get_version()}))
+    return xml
+
+
+class OpenVinoSession:
+    """One compiled OpenVINO model over a graph of the deployment; the same feeds as the ONNX Runtime session."""
+
+    def __init__(self, path: Path, precision: str = "fp32", threads: int | None = None, progress=None):
+        ov = import_openvino()
+        if precision not in OV_PRECISION:
+            raise ValueError(f"the openvino backend runs precision fp32 or bf16, not {precision!r}")
+        folder = _ir_folder(path.parent)
+        xml = convert_graph(path, folder, progress)
+        core = ov.Core()
+        core.set_property({"CACHE_DIR": str(folder / "cache")})
+        config = {"INFERENCE_PRECISION_HINT": OV_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        if progress:
+            progress(f"compiling {path.name} with OpenVINO ({precision})")
+        self.compiled = core.compile_model(core.read_model(str(xml)), "CPU", config)
+        ran = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        if ran != {"fp32": ov.Type.f32, "bf16": ov.Type.bf16}[precision]:
+            raise BackendUnavailable(f"OpenVINO compiled {path.name} in {ran.get_type_name()}, not the requested "
+                                     f"{precision}; this CPU or OpenVINO version cannot run that precision")
+        self.precision = precision
+        self.input_names = [i.any_name for i in self.compiled.inputs]
+        self.output_names = [o.any_name for o in self.compiled.outputs]
+        self.output_name = self.output_names[0]
+        self._local = threading.local()  # an infer request per thread: requests are not thread-safe
+
+    def _request(self):
+        req = getattr(self._local, "request", None)
+        if req is None:
+            req = self._local.request = self.compiled.create_infer_request()
+        return req
+
+    def run_all(self, feeds: dict[str, np.ndarray], bank_key=None) -> list[np.ndarray]:
+        req = self._request()
+        req.infer({n: np.ascontiguousarray(feeds[n]) for n in self.input_names}, share_inputs=True)
+        # The request reuses its output memory on the next call: copy out.
+        return [np.array(req.get_output_tensor(i).data, copy=True) for i in range(len(self.output_names))]
+
+    def run(self, feeds: dict[str, np.ndarray], bank_key=None) -> np.ndarray:
+        req = self._request()
+        req.infer({n: np.ascontiguousarray(feeds[n]) for n in self.input_names}, share_inputs=True)
+        return np.array(req.get_output_tensor(0).data, copy=True)
+

@@ -1,0 +1,229 @@
+"""Precision as a deployment option, and the accuracy contract of every non-exact precision.
+
+    fp32  exact: within 1e-4 of PEFT (the default)
+    bf16  OpenVINO on AMX / AVX512-BF16 CPUs
+    int8  weight-only int8 (ONNX Runtime MatMulNBits) of a causal LM's cached decoder, LM head included
+
+A non-exact precision is never assumed to be good enough: the first time a deployment runs it (or at export
+with --precision), its outputs are compared with fp32 on calibration inputs (the user's own texts, or
+generated token ids) and the result is written into the manifest under "precision". Below THRESHOLDS it
+warns; with strict=True it refuses. A precision the machine cannot run is an error that says what is missing;
+nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BackendUnavailable
+
+log = logging.getLogger("promptmux.runtime")
+
+PRECISIONS = ("fp32", "bf16", "int8")
+# Which backends run which precision (fp32 also on the GPU backends and torch).
+PRECISION_BACKENDS = {"bf16": ("openvino",), "int8": ("onnxruntime",)}
+# The contract: classifiers keep this share of fp32's predictions; decoders this share of fp32's greedy tokens
+# (tokens up to a row's first divergence, averaged over rows).
+THRESHOLDS = {"prediction_agreement": 0.995, "token_agreement": 0.90}
+CALIBRATION_ROWS = 256  # generated classifier inputs when the user gives none (one flip in 256 stays above 0.995)
+CALIBRATION_PROMPTS = 32  # generated decoder prompts
+CALIBRATION_NEW_TOKENS = 16
+
+
+class PrecisionError(RuntimeError):
+    """A non-exact precision missed its accuracy contract and strict mode refuses it."""
+
+
+def openvino_installed() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16), as OpenVINO's CPU plugin sees it."""
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def choose_backend(backend: str, precision: str, family: str) -> tuple[str, str]:
+    """(backend, why) for a requested backend ("auto" included) and precision; raises if it cannot run here."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "int8" and family != "decoder":
+        raise BackendUnavailable(
+            "precision int8 is weight-only int8 for causal-LM generation; classifiers stay fp32 or bf16 (int8 "
+            "kept too few of fp32's predictions: see bench/results/cpu-precision.md)")
+    if backend == "auto":
+        if precision == "bf16":
+            backend, why = "openvino", "bf16 runs on OpenVINO"
+        elif precision == "int8":
+            backend, why = "onnxruntime", "int8 weight-only decoding runs on ONNX Runtime (MatMulNBits)"
+        elif openvino_installed():
+            backend, why = "openvino", "the fastest exact backend installed here (bench/results/cpu-precision.md)"
+        else:
+            backend, why = "onnxruntime", "OpenVINO is not installed (pip install 'promptmux[openvino]' is faster)"
+    else:
+        why = "requested"
+    allowed = PRECISION_BACKENDS.get(precision)
+    if allowed and backend not in allowed:
+        raise BackendUnavailable(f"precision {precision} runs on backend {' or '.join(allowed)}, not {backend!r}; "
+                                 f"pass --backend {allowed[0]} (or auto)")
+    if backend == "openvino":
+        from .openvino_session import import_openvino
+
+        import_openvino()  # a clear error if it is missing
+        if precision == "bf16" and not cpu_has_bf16():
+            raise BackendUnavailable("precision bf16 needs a CPU with AMX or AVX512-BF16 (OpenVINO reports no BF16 "
+                                     "capability here); use precision fp32")
+    return backend, why
+
+
+# ---- the contract ---------------------------------------------------------------------------
+
+def calibration_texts(path: str | Path) -> list[str]:
+    """One text per line of the user's file (blank lines skipped)."""
+    path = Path(path)
+    try:
+        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read the calibration file {path}: {e}") from None
+    if not texts:
+        raise ValueError(f"the calibration file {path} has no text (one text per line)")
+    return texts
+
+
+def _generated_ids(rt, rows: int, length: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random token ids (avoiding the first ids, where special tokens live) when no texts are given."""
+    rng = np.random.default_rng(seed)
+    vocab = rt.dims.vocab_size
+    low = min(1000, vocab // 2)
+    ids = rng.integers(low, vocab, size=(rows, length))
+    return ids, np.ones_like(ids)
+
+
+def _inputs(rt, texts, family: str):
+    if texts is None:
+        return _generated_ids(rt, CALIBRATION_ROWS, 24 if family == "encoder" else 16), None
+    if family == "encoder":
+        enc = rt.encode(texts, truncation=True)
+        return (enc["input_ids"], enc["attention_mask"]), enc.get("token_type_ids")
+    return None, None  # decoders take the texts as prompts
+
+
+def measure(fast, exact, texts: list[str] | None = None) -> dict:
+    """Compare the runtime `fast` with the fp32 runtime `exact` on the calibration inputs, task by task."""
+    family = exact.spec.family
+    report = {}
+    for task in exact.tasks:
+        if family == "encoder":
+            (ids, mask), types = _inputs(exact, texts, family)
+            want = np.stack(exact.forward(ids, mask, task, types))
+            got = np.stack(fast.forward(ids, mask, task, types))
+            report[task] = {"rows": len(want), "max_abs_diff": float(np.abs(got - want).max()),
+                            "prediction_agreement": float((got.argmax(-1) == want.argmax(-1)).mean())}
+        else:
+            if texts is None:
+                ids, mask = _generated_ids(exact, CALIBRATION_PROMPTS, 16)
+                inputs = {"input_ids": ids, "attention_mask": mask}
+            else:
+                inputs = list(texts)
+            kw = dict(max_new_tokens=CALIBRATION_NEW_TOKENS, eos_token_id=[])
+            want = [r["token_ids"] for r in exact.generate(inputs, task, **kw)]
+            got = [r["token_ids"] for r in fast.generate(inputs, task, **kw)]
+            report[task] = {"rows": len(want), "token_agreement": _prefix_agreement(got, want),
+                            "identical_rows": float(np.mean([g == w for g, w in zip(got, want)]))}
+    return report
+
+
+def _prefix_agreement(got: list[list[int]], want: list[list[int]]) -> float:
+    """Mean share of each row's greedy tokens that equal fp32's, counted up to the row's first divergence."""
+    shares = []
+    for g, w in zip(got, want):
+        same = 0
+        for a, b in zip(g, w):
+            if a != b:
+                break
+            same += 1
+        shares.append(same / max(len(w), 1))
+    return float(np.mean(shares))
+
+
+def passed(tasks: dict) -> bool:
+    for r in tasks.values():
+        for metric, floor in THRESHOLDS.items():
+            if metric in r and r[metric] < floor:
+                return False
+    return True
+
+
+def record_key(backend: str, precision: str) -> str:
+    return f"{backend}/{precision}"
+
+
+def stored_contract(manifest: dict, backend: str, precision: str, digests: dict[str, str]) -> dict | None:
+    """The manifest's contract for this backend and precision, if it covers exactly the bank's current tasks."""
+    entry = (manifest.get("precision") or {}).get(record_key(backend, precision))
+    if entry and entry.get("digests") == digests:
+        return entry
+    return None
+
+
+def write_contract(deploy_dir: Path, backend: str, precision: str, entry: dict) -> None:
+    """Merge one contract into manifest.json (read again just before the atomic replace)."""
+    path = Path(deploy_dir) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.setdefault("precision", {})[record_key(backend, precision)] = entry
+    fd, tmp = tempfile.mkstemp(prefix=".manifest-", dir=deploy_dir)
+    with os.fdopen(fd, "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def calibrate(fast, texts: list[str] | None = None, source: str | None = None) -> dict:
+    """Measure `fast` (a Runtime at a non-exact precision) against fp32 ONNX Runtime and build its contract."""
+    from .runtime import Runtime
+
+    exact = Runtime(fast.dir, backend="onnxruntime", precision="fp32", threads=fast._threads)
+    started = time.time()
+    tasks = measure(fast, exact, texts)
+    if texts is None:
+        calibration = {"source": "generated token ids"}
+    else:
+        digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
+        calibration = {"source": source or "texts", "rows": len(texts), "sha256": digest}
+    return {
+        "backend": fast.backend, "precision": fast.precision, "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                        time.gmtime()),
+        "seconds": round(time.time() - started, 1), "calibration": calibration, "thresholds": dict(THRESHOLDS),
+        "tasks": tasks, "passed": passed(tasks), "digests": {t: fast.bank.digest(t) for t in fast.tasks},
+    }
+
+
+def enforce(entry: dict, strict: bool) -> None:
+    """Warn (or, strict, refuse) when a contract was missed, naming the tasks and figures."""
+    if entry["passed"]:
+        return
+    misses = []
+    for task, r in entry["tasks"].items():
+        for metric, floor in THRESHOLDS.items():
+            if metric in r and r[metric] < floor:
+                misses.append(f"{task}: {metric} {r[metric]:.4f} < {floor}")
+    msg = (f"precision {entry['precision']} on {entry['backend']} misses its accuracy contract against fp32 "
+           f"({'; '.join(misses)}; calibration: {entry['calibration']['source']})")
+    if strict:
+        raise PrecisionError(msg + ". Use precision fp32, or drop --strict to accept it")
+    log.warning("%s", msg)

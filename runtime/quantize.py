@@ -1,0 +1,102 @@
+"""Weight-only int8 for a causal LM's cached decoder graph (precision "int8").
+
+Decoding one token reads every weight once, so on a CPU it is bound by memory bandwidth: int8 weights
+(ONNX Runtime's MatMulNBits, per-block scales, int8 compute on AVX512-VNNI / AMX with accuracy_level 4) read
+a quarter of the bytes. The LM head is included: with tied embeddings the exporter feeds the head's MatMul a
+transposed view of the embedding table, which the quantizer skips, so that view is first written out as its
+own initializer. Activations and the KV cache stay fp32.
+
+The quantized graph is written once beside the original (`decoder.int8.onnx`) and reused while the original
+is unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("promptmux.runtime")
+
+BITS = 8
+BLOCK_SIZE = 32
+ACCURACY_LEVEL = 4  # int8 activations inside the kernel: the VNNI/AMX path
+
+
+def _graph_key(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in (path, path.with_name(path.name + ".data")):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def untie_lm_head(model) -> int:
+    """Give each MatMul whose weight is Transpose(initializer) its own transposed initializer, so that the
+    weight-only quantizer (which only takes initializers) quantizes it. Returns how many were untied."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    untied = 0
+    for node in g.node:
+        if node.op_type != "MatMul":
+            continue
+        src = producer.get(node.input[1])
+        if src is None or src.op_type != "Transpose" or src.input[0] not in inits:
+            continue
+        perm = next((list(a.ints) for a in src.attribute if a.name == "perm"), None)
+        weight = numpy_helper.to_array(inits[src.input[0]])
+        if weight.ndim != 2 or perm not in (None, [1, 0]):
+            continue
+        name = f"{src.input[0]}.transposed"
+        if name not in inits:
+            t = numpy_helper.from_array(np.ascontiguousarray(weight.T), name)
+            g.initializer.append(t)
+            inits[name] = t
+        node.input[1] = name
+        untied += 1
+    return untied
+
+
+def weight_only_int8(path: Path) -> Path:
+    """The int8 weight-only copy of the decoder graph at `path` (made once; reused while `path` is unchanged)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    out = path.with_name(f"{path.stem}.int8.onnx")
+    stamp = out.with_suffix(".json")
+    key = _graph_key(path)
+    if out.is_file() and stamp.is_file():
+        try:
+            if json.loads(stamp.read_text()).get("graph_key") == key:
+                return out
+        except ValueError:
+            pass
+    log.warning("quantizing %s to int8 weights (once per deployment)", path.name)
+    model = onnx.load(str(path))
+    untied = untie_lm_head(model)
+    quantizer = MatMulNBitsQuantizer(model, bits=BITS, block_size=BLOCK_SIZE, is_symmetric=True,
+                                     accuracy_level=ACCURACY_LEVEL)
+    quantizer.process()
+    quantized = quantizer.model.model
+    count = sum(n.op_type == "MatMulNBits" for n in quantized.graph.node)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    data = out.with_name(out.name + ".data")
+    data.unlink(missing_ok=True)  # save_model appends to an existing data file
+    try:
+        onnx.save_model(quantized, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+        os.replace(tmp, out)  # the weights went under their final name; the graph appears last
+    finally:
+        tmp.unlink(missing_ok=True)
+    stamp.write_text(json.dumps({"graph": path.name, "graph_key": key, "bits": BITS, "block_size": BLOCK_SIZE,
+                                 "accuracy_level": ACCURACY_LEVEL, "matmuls_quantized": count,
+                                 "lm_head_untied": untied}))
+    return out
