@@ -170,10 +170,9 @@ def cmd_run(args) -> int:
     if rt.spec.family == "encoder":
         results = rt.classify(texts, tasks, truncation=args.truncate)
     else:
-        enc = rt.encode(texts, tasks, truncation=args.truncate)
+        rows, cut = rt.forward_text(texts, tasks, truncation=args.truncate)
         results = []
-        for row, task, dropped in zip(rt.forward(enc["input_ids"], enc["attention_mask"], tasks), tasks,
-                                      enc["truncated_tokens"].tolist()):
+        for row, task, dropped in zip(rows, tasks, cut):
             logits = row[-1]
             top = np.argsort(-logits)[:5]
             results.append({"task": task, "next_token": [{"id": int(i), "token": rt.tokenizer.decode([int(i)]),

@@ -419,10 +419,15 @@ class Runtime:
         return results
 
     def encode(self, texts: Sequence[str], tasks: str | Sequence[str] | None = None, truncation: bool = False):
-        """Token ids of texts, padded into one batch. A text that does not fit the model's positions together with
-        its row's task's virtual tokens is refused (as the server refuses it), or with truncation=True cut to fit;
-        the returned encoding's "truncated_tokens" then says how many tokens each row lost. Without tasks, rows are
-        checked against the positions alone (forward checks them again with their tasks)."""
+        """Token ids of texts, padded into one batch ({"input_ids", "attention_mask"[, "token_type_ids"]}, numpy).
+        A text that does not fit the model's positions together with its row's task's virtual tokens is refused
+        (as the server refuses it), or with truncation=True cut to fit. Without tasks, rows are checked against the
+        positions alone (forward checks them again with their tasks)."""
+        rows, _ = self._token_rows(texts, tasks, truncation)
+        return _pad(rows, self.tokenizer.pad_token_id, self.tokenizer.padding_side)
+
+    def _token_rows(self, texts, tasks, truncation: bool) -> tuple[list[dict], list[int]]:
+        """Each text's tokens (unpadded) and how many tokens truncation cut from it."""
         if isinstance(texts, str):
             texts = [texts]
         if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
@@ -437,18 +442,32 @@ class Runtime:
         rows = [{k: batch[k][i] for k in batch} for i in range(len(texts))]
         dropped = [0] * len(rows)
         for i, row in enumerate(rows):
-            view = self.bank.view(names[i]) if names is not None else None
-            virtual, name = (view.num_virtual_tokens, view.name) if view else (0, "")
-            refused = too_long(len(row["input_ids"]), virtual, name, self.max_positions)
+            virtual = self.bank.view(names[i]).num_virtual_tokens if names is not None else 0
+            refused = too_long(len(row["input_ids"]), virtual, names[i] if names else "", self.max_positions)
             if refused and not truncation:
                 raise InputError(f"text {i}: {refused}; shorten it, or pass truncation=True (CLI: --truncate) "
                                  "to cut it to fit")
             if refused:  # tokenized again with the cut, so that end tokens such as [SEP] stay
                 rows[i] = tok(texts[i], truncation=True, max_length=max(self.max_positions - virtual, 1))
                 dropped[i] = len(row["input_ids"]) - len(rows[i]["input_ids"])
-        enc = _pad(rows, tok.pad_token_id, tok.padding_side)
-        enc["truncated_tokens"] = np.array(dropped)
-        return enc
+        return rows, dropped
+
+    def forward_text(self, texts: Sequence[str], tasks: str | Sequence[str], truncation: bool = False
+                     ) -> tuple[list[np.ndarray], list[int]]:
+        """forward() on text: each row's output, and how many tokens truncation cut from each text (see encode).
+
+        A row's positions run through its task's virtual tokens and the batch's padded width, so rows that fit
+        alone may not fit padded to a longer row of another task: such rows run in separate batches."""
+        names = [tasks] * len(texts) if isinstance(tasks, str) else list(tasks)
+        rows, dropped = self._token_rows(texts, names, truncation)
+        virtual = [self.bank.view(t).num_virtual_tokens for t in names]
+        out: list[np.ndarray | None] = [None] * len(rows)
+        for group in _fitting_groups([len(r["input_ids"]) for r in rows], virtual, self.max_positions):
+            enc = _pad([rows[i] for i in group], self.tokenizer.pad_token_id, self.tokenizer.padding_side)
+            for i, result in zip(group, self.forward(enc["input_ids"], enc["attention_mask"], [names[i] for i in group],
+                                                     enc.get("token_type_ids"))):
+                out[i] = result
+        return out, dropped
 
     def classify(self, texts: Sequence[str], tasks: str | Sequence[str], truncation: bool = False) -> list[dict]:
         """Text classification: one {task, label, label_id, scores} per text. A text too long for the model's
@@ -458,21 +477,33 @@ class Runtime:
             raise InputError("classify() needs a sequence-classification deployment; this one is a causal LM")
         if isinstance(texts, str):
             texts = [texts]
-        enc = self.encode(texts, tasks, truncation)
-        logits = self.forward(enc["input_ids"], enc["attention_mask"], tasks, enc.get("token_type_ids"))
+        logits, dropped = self.forward_text(texts, tasks, truncation)
         names = [tasks] * len(texts) if isinstance(tasks, str) else list(tasks)
         out = []
-        for name, row in zip(names, logits):
+        for name, row, cut in zip(names, logits, dropped):
             scores = np.exp(row - row.max())
             scores = scores / scores.sum()
             label_id = int(row.argmax())
             labels = self.bank.view(name).labels
             out.append({"task": name, "label": labels[label_id] if labels else str(label_id), "label_id": label_id,
                         "scores": [float(s) for s in scores]})
-        for row, dropped in zip(out, enc["truncated_tokens"].tolist()):
-            if dropped:
-                row["truncated_tokens"] = dropped
+            if cut:
+                out[-1]["truncated_tokens"] = cut
         return out
+
+
+def _fitting_groups(lengths: list[int], virtual: list[int], limit: int | None) -> list[list[int]]:
+    """Rows in order, split into batches whose padded width plus each row's virtual tokens fits limit."""
+    groups: list[list[int]] = []
+    width = most_virtual = 0
+    for i, (n, v) in enumerate(zip(lengths, virtual)):
+        if groups and (not limit or max(width, n) + max(most_virtual, v) <= limit):
+            groups[-1].append(i)
+            width, most_virtual = max(width, n), max(most_virtual, v)
+        else:
+            groups.append([i])
+            width, most_virtual = n, v
+    return groups
 
 
 __all__ = ["Runtime", "InputError", "UnknownTaskError", "apply_head"]
