@@ -299,3 +299,15 @@ def test_build_engine_on_a_default_export_records_the_engine(deployed):
 def test_build_engine_rejects_an_empty_profile(deployed):
     proc = promptmux("build-engine", deployed[0], "--max-batch", 0, check=False)
     assert proc.returncode == 2 and "--max-batch must be at least 1" in proc.stderr
+
+
+def test_labels_come_from_the_base_configs_id2label_without_labels_json(setup):
+    from promptmux.export.adapters import load_adapter
+    from promptmux.export.deploy import load_base_config
+
+    config = load_base_config(setup["base"])
+    assert load_adapter("pt", setup["adapters"]["pt"], config)[0].labels is None  # LABEL_0..2: placeholders
+    config.id2label = {0: "negative", 1: "neutral", 2: "positive"}
+    assert load_adapter("pt", setup["adapters"]["pt"], config)[0].labels == ["negative", "neutral", "positive"]
+    config.id2label = {0: "negative", 1: "positive"}  # does not fit the 3-output head: not used
+    assert load_adapter("pt", setup["adapters"]["pt"], config)[0].labels is None
