@@ -432,9 +432,7 @@ class Runtime:
             texts = [texts]
         if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
             raise InputError("texts must be a non-empty list of non-empty strings")
-        names = [tasks] * len(texts) if isinstance(tasks, str) else list(tasks) if tasks is not None else None
-        if names is not None and len(names) != len(texts):
-            raise InputError(f"got {len(names)} task names for {len(texts)} texts; give one task, or one per text")
+        names = _task_names(tasks, len(texts)) if tasks is not None else None
         tok = self.tokenizer
         if tok.pad_token is None:  # GPT-2 style tokenizers: pad with EOS (masked out anyway)
             tok.pad_token = tok.eos_token
@@ -458,7 +456,8 @@ class Runtime:
 
         A row's positions run through its task's virtual tokens and the batch's padded width, so rows that fit
         alone may not fit padded to a longer row of another task: such rows run in separate batches."""
-        names = [tasks] * len(texts) if isinstance(tasks, str) else list(tasks)
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        names = _task_names(tasks, len(texts))
         rows, dropped = self._token_rows(texts, names, truncation)
         virtual = [self.bank.view(t).num_virtual_tokens for t in names]
         out: list[np.ndarray | None] = [None] * len(rows)
@@ -477,8 +476,8 @@ class Runtime:
             raise InputError("classify() needs a sequence-classification deployment; this one is a causal LM")
         if isinstance(texts, str):
             texts = [texts]
-        logits, dropped = self.forward_text(texts, tasks, truncation)
-        names = [tasks] * len(texts) if isinstance(tasks, str) else list(tasks)
+        names = _task_names(tasks, len(texts))
+        logits, dropped = self.forward_text(texts, names, truncation)
         out = []
         for name, row, cut in zip(names, logits, dropped):
             scores = np.exp(row - row.max())
@@ -490,6 +489,14 @@ class Runtime:
             if cut:
                 out[-1]["truncated_tokens"] = cut
         return out
+
+
+def _task_names(tasks: str | Sequence[str], rows: int) -> list[str]:
+    """One task for every row, or one per row."""
+    names = [tasks] * rows if isinstance(tasks, str) else list(tasks)
+    if len(names) != rows:
+        raise InputError(f"got {len(names)} task names for {rows} texts; give one task, or one per text")
+    return names
 
 
 def _fitting_groups(lengths: list[int], virtual: list[int], limit: int | None) -> list[list[int]]:
