@@ -650,9 +650,10 @@ def run(s: BenchSettings) -> dict:
         result["accuracy"] = accuracy(s, rt)
     env["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
-    from .report import targets, write_outputs
+    from .report import write_outputs
 
-    result["targets"] = targets(result)
+    # No "targets" here: those are this project's own goals (python -m promptmux.bench.report --render adds them to
+    # the recorded results), not a measure of a user's deployment.
     result["files"] = write_outputs(result, Path(s.out))
     return result
 
@@ -661,24 +662,35 @@ def run_from_args(args) -> dict:
     return run(settings_from_args(args))
 
 
-def summary(result: dict) -> dict:
-    """What the CLI prints: where the files are and the headline numbers."""
-    out = {"files": result["files"], "devices": result["devices"], "wall_seconds": result["wall_seconds"]}
+def summary_table(result: dict) -> str:
+    """What the CLI prints: the headline numbers as aligned text tables, and where the full result is."""
+    blocks = []
     tp = result.get("throughput")
     if tp:
-        out["throughput"] = [{k: r[k] for k in ("backend", "batch_size", "seq_len", "mix", "task", "requests_per_s",
-                                                "tokens_per_s")} | {"latency_p50_ms": r["latency_ms"]["p50"]}
-                             for r in tp["rows"]]
-        out["speedup_vs_peft"] = [{k: c[k] for k in ("backend", "batch_size", "mix", "task", "speedup")}
-                                  for c in tp["comparisons"]]
+        config = ("backend", "batch_size", "seq_len", "mix", "task")
+        speedup = {tuple(c[k] for k in config): f"{c['speedup']:.2f}x" for c in tp["comparisons"]}
+        rows = [[*(r[k] for k in config[:-1]), r["task"] or "all", f"{r['requests_per_s']:.1f}", f"{r['tokens_per_s']:.0f}",
+                 f"{r['latency_ms']['p50']:.1f}", speedup.get(tuple(r[k] for k in config), "")] for r in tp["rows"]]
+        blocks.append(_table(["backend", "B", "S", "mix", "task", "req/s", "tok/s", "p50 ms", "vs PEFT"], rows))
     if "scaling" in result:
-        out["scaling"] = result["scaling"]["ratios"]
+        blocks.append(_table(["kind", "tasks", "vs tasks", "throughput ratio"],
+                             [[r["kind"], r["to_tasks"], r["from_tasks"], f"{r['throughput_ratio']:.3f}"]
+                              for r in result["scaling"]["ratios"]]))
     if "accuracy" in result:
-        out["accuracy"] = {t: {k: v[k] for k in ("accuracy_promptmux", "accuracy_peft", "differing_predictions")}
-                           for t, v in result["accuracy"]["tasks"].items()}
-    out["targets"] = [{k: t[k] for k in ("target", "status")} for t in result["targets"]]
-    return out
+        blocks.append(_table(["task", "examples", "promptmux", "PEFT eager", "differing"],
+                             [[t, v["examples"], f"{v['accuracy_promptmux']:.4f}", f"{v['accuracy_peft']:.4f}",
+                               v["differing_predictions"]] for t, v in result["accuracy"]["tasks"].items()]))
+    files = result["files"]
+    blocks.append(f"{'; '.join(result['devices'])}; {result['wall_seconds']} s. Full result: {files['json']} "
+                  f"(and {files['markdown']}" + (", plots" if files["plots"] else "") + ")")
+    return "\n\n".join(blocks)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
 
 
 __all__ = ["BenchSettings", "Workload", "assign_tasks", "make_workload", "measure", "measure_jobs", "run", "run_from_args",
-           "settings_from_args", "summary"]
+           "settings_from_args", "summary_table"]

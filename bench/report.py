@@ -198,7 +198,7 @@ def markdown(result: dict, plots: dict[str, str]) -> str:
                          f"{r['max_abs_logit_diff']:.1e} |")
         lines += ["", f"Speed on this pass (real text, padded per batch): promptmux {acc['promptmux_examples_per_s']:.1f} "
                   f"examples/s, PEFT eager {acc['peft_examples_per_s']:.1f} examples/s ({acc['speedup']:.2f}x).", ""]
-    if result["targets"]:
+    if result.get("targets"):  # this project's recorded results only (--render); a user's run has none
         lines += ["## Targets", "", "| target | measured | status |", "|---|---|---|"]
         for t in result["targets"]:
             note = f" ({t['note']})" if t.get("note") else ""
@@ -398,7 +398,7 @@ def index_page(results: list[dict], title: str = "promptmux bench: results") -> 
     lines += ["## Targets", "", "| target | measured | status | device | date |", "|---|---|---|---|---|"]
     unmeasured = set()
     for res in results:
-        for t in res["targets"]:
+        for t in res.get("targets", []):
             if t["status"] == "not measured":  # once, not once per file
                 if t["target"] in unmeasured:
                     continue

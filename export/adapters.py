@@ -206,8 +206,10 @@ def load_adapter(name: str, adapter_dir: str | Path, base_config) -> list[TaskPr
             "for every language-model task, so retrain without modules_to_save"
         )
     # labels.json names a classification head's outputs; a language-model adapter folder may hold any other file.
-    labels = _read_labels(adapter_dir, head, spec) if spec.family == "encoder" else None
-    common = dict(peft_type=peft_type, num_virtual_tokens=n, head=head, labels=labels, source=str(adapter_dir))
+    labels = _read_labels(adapter_dir, head, spec, base_config) if spec.family == "encoder" else None
+    # Absolute: the manifest records it, and a deployment is used from other folders than the export's.
+    common = dict(peft_type=peft_type, num_virtual_tokens=n, head=head, labels=labels,
+                  source=str(Path(adapter_dir).resolve()))
 
     # Seq2seq adapters with num_transformer_submodules=2 hold 2n prompt rows; PEFT's generate puts the first n in
     # front of the encoder input and never uses the rest (see export/seq2seq.py), so the bank keeps those n.
@@ -249,10 +251,11 @@ def load_adapter(name: str, adapter_dir: str | Path, base_config) -> list[TaskPr
     ]
 
 
-def _read_labels(adapter_dir: Path, head: dict[str, np.ndarray], spec: ArchSpec) -> list[str] | None:
+def _read_labels(adapter_dir: Path, head: dict[str, np.ndarray], spec: ArchSpec, base_config) -> list[str] | None:
+    """Label names from the adapter's labels.json, else from the base config's id2label where it names them."""
     path = adapter_dir / LABELS_FILE
     if not path.is_file():
-        return None
+        return _base_labels(base_config, head, spec)
     try:
         id2label = json.loads(path.read_text())["id2label"]
         labels = [str(id2label[str(i)]) for i in range(len(id2label))]
@@ -262,3 +265,15 @@ def _read_labels(adapter_dir: Path, head: dict[str, np.ndarray], spec: ArchSpec)
     if last in head and head[last].shape[0] != len(labels):
         raise AdapterError(f"{path} names {len(labels)} labels but the adapter's head has {head[last].shape[0]} outputs")
     return labels
+
+
+def _base_labels(config, head: dict[str, np.ndarray], spec: ArchSpec) -> list[str] | None:
+    """The base config's id2label, unless it is transformers' placeholder (LABEL_0, ...) or does not fit the head
+    the task uses (the adapter's own, else the base model's: config.num_labels outputs)."""
+    id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    labels = [id2label.get(i) for i in range(len(id2label))]
+    if not labels or None in labels or labels == [f"LABEL_{i}" for i in range(len(labels))]:
+        return None
+    last = spec.head[-1].module + ".weight" if spec.head else None
+    outputs = head[last].shape[0] if last in head else config.num_labels
+    return labels if outputs == len(labels) else None

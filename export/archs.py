@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from optimum.utils import NormalizedConfigManager
-
 
 class UnsupportedModelError(ValueError):
     """The base model is of a family or task promptmux cannot export."""
@@ -93,6 +91,8 @@ class Dims:
 
 
 def dims_of(config) -> Dims:
+    from optimum.utils import NormalizedConfigManager  # imports transformers: not needed to list a bank
+
     norm = NormalizedConfigManager.get_normalized_config_class(config.model_type)(config)
     heads = norm.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads

@@ -22,11 +22,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .adapters import AdapterError, TaskPrompt, load_adapter
 from .archs import arch_for, dims_of, position_offset
-from .graph import PromptedBackbone, input_names
 
 log = logging.getLogger("promptmux.export")
 
@@ -50,11 +48,12 @@ def load_base_config(base_dir: str | Path):
     return config
 
 
-def load_base_model(base_dir: str | Path, config=None, num_labels: int | None = None) -> torch.nn.Module:
+def load_base_model(base_dir: str | Path, config=None, num_labels: int | None = None):
     """The base model in the head class PEFT uses for its task type, fp32, eval mode.
 
     num_labels: build the classification head with this many outputs (an adapter's saved head must fit).
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
     config = config or load_base_config(base_dir)
@@ -99,15 +98,9 @@ def read_adapters(adapters: dict[str, str | Path], config) -> list[TaskPrompt]:
     return tasks
 
 
-def _progress(total: int, quiet: bool):
-    from tqdm.auto import tqdm
-
-    _quiet_libraries()
-    return tqdm(total=total, desc="export", unit="step", disable=quiet, leave=False)
-
-
-def _quiet_libraries() -> None:
-    """Keep the exporters' internal chatter (missing torchvision ops, pattern-matcher notes) off the terminal."""
+def quiet_libraries() -> None:
+    """Keep library chatter off promptmux's output: the exporters' notes (missing torchvision ops, pattern-matcher
+    notes), transformers' loading bars and logs, deprecation warnings meant for library authors."""
     import warnings
 
     for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxruntime", "onnxscript", "onnx_ir"):
@@ -134,7 +127,7 @@ def export_deployment(
     quiet: bool = False,
 ) -> Path:
     """Export the base model once with every adapter's task in the bank. Returns the deployment folder."""
-    from promptmux import __version__
+    from promptmux.progress import StepBar
     from promptmux.runtime.bank import PromptBank
 
     out_dir = Path(out_dir)
@@ -150,12 +143,23 @@ def export_deployment(
     if fold is not None and fold not in {t.name for t in tasks}:
         raise AdapterError(f"--fold {fold!r} names no task; tasks are: {', '.join(t.name for t in tasks)}")
 
-    bar = _progress(4 + bool(fold) + (spec.family != "encoder"), quiet)
-    bar.set_postfix_str("loading base model")
-    model = load_base_model(base_dir, config)
-    bank = PromptBank(spec, base_head_weights(model, config) if spec.head else None)
-    bank.add(tasks)
-    bar.update()
+    quiet_libraries()
+    with StepBar(4 + bool(fold) + (spec.family != "encoder"), "export", quiet) as bar:
+        bar.step("loading base model")
+        model = load_base_model(base_dir, config)
+        bank = PromptBank(spec, base_head_weights(model, config) if spec.head else None)
+        bank.add(tasks)
+        bar.update()
+        _write_deployment(base_dir, out_dir, config, spec, dims, model, bank, fold, optimize, tolerance, bar)
+    return out_dir
+
+
+def _write_deployment(base_dir, out_dir: Path, config, spec, dims, model, bank, fold, optimize, tolerance, bar):
+    """Everything into a temporary folder beside out_dir, renamed into place at the end: an error or Ctrl-C
+    leaves nothing behind."""
+    from promptmux import __version__
+
+    from .graph import input_names
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -167,7 +171,7 @@ def export_deployment(
                                                  bar)
         folded = {"task": fold, "file": FOLDED_GRAPH, "digest": bank.digest(fold)} if fold else None
 
-        bar.set_postfix_str("writing bank, tokenizer, manifest")
+        bar.step("writing bank, tokenizer, manifest")
         bank.save(tmp)
         config.save_pretrained(tmp)
         _copy_tokenizer(base_dir, tmp)
@@ -196,20 +200,19 @@ def export_deployment(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        bar.close()
-    return out_dir
 
 
 def _export_graphs(model, config, spec, dims, bank, tmp: Path, fold, optimize, tolerance, bar):
     """Encoder classifiers and causal LMs: the full-sequence graph (+ cached decoder, + folded graph)."""
+    import torch
+
     from promptmux.runtime.layout import build_layout
 
-    from .graph import PromptedDecoder
+    from .graph import PromptedBackbone, PromptedDecoder, input_names
     from .onnx_export import OPSET, check_graph, export_decoder_onnx, export_onnx, fold_task, optimize_onnx
 
     backbone = PromptedBackbone(model)
-    bar.set_postfix_str("exporting ONNX graph")
+    bar.step("exporting ONNX graph")
     export_onnx(backbone, config, tmp / GRAPH)
     bar.update()
 
@@ -217,7 +220,7 @@ def _export_graphs(model, config, spec, dims, bank, tmp: Path, fold, optimize, t
     feeds = _check_batch(spec, config, dims, bank)
     with torch.inference_mode():
         reference = backbone(*[torch.from_numpy(feeds[n]) for n in input_names(config.model_type)]).numpy()
-    bar.set_postfix_str("checking against PyTorch" + (", optimizing with ONNX Runtime" if optimize else ""))
+    bar.step("checking against PyTorch" + (", optimizing with ONNX Runtime" if optimize else ""))
     report = {"opset": OPSET, "checked_max_abs_diff": check_graph(tmp / GRAPH, feeds, reference, tolerance)}
     if optimize:
         report["ort_optimization"] = optimize_onnx(tmp / GRAPH, config, feeds, reference, tolerance)
@@ -225,13 +228,13 @@ def _export_graphs(model, config, spec, dims, bank, tmp: Path, fold, optimize, t
 
     decoder = None
     if spec.family == "decoder":
-        bar.set_postfix_str("exporting cached decoder graph")
+        bar.step("exporting cached decoder graph")
         export_decoder_onnx(PromptedDecoder(model), config, tmp / DECODER_GRAPH)
         decoder = {"file": DECODER_GRAPH, "cache": "past_key_values.{i}.key/value -> present.{i}.key/value"}
         bar.update()
 
     if fold is not None:
-        bar.set_postfix_str(f"folding task {fold}")
+        bar.step(f"folding task {fold}")
         one = build_layout(spec, position_offset(config), config.pad_token_id, feeds["input_ids"][:1],
                            np.ones_like(feeds["input_ids"][:1]), None, [bank.view(fold)], dims)
         export_onnx(fold_task(backbone, one.feeds), config, tmp / FOLDED_GRAPH, folded=True)
@@ -251,13 +254,13 @@ def _export_seq2seq(model, config, dims, bank, tmp: Path, tolerance, bar):
                           export_encoder_onnx)
 
     encoder, step = PromptedEncoder(model), Seq2SeqDecoderStep(model)
-    bar.set_postfix_str("exporting encoder graph")
+    bar.step("exporting encoder graph")
     export_encoder_onnx(encoder, config, tmp / GRAPH)
     bar.update()
-    bar.set_postfix_str("exporting cached decoder graph")
+    bar.step("exporting cached decoder graph")
     export_decoder_step_onnx(step, config, tmp / DECODER_GRAPH)
     bar.update()
-    bar.set_postfix_str("checking against PyTorch")
+    bar.step("checking against PyTorch")
     ids, mask, views = _check_rows(dims, bank)
     feeds = encoder_layout(arch_for(config.model_type), config.pad_token_id, ids, mask, views, dims).feeds
     diff = check_against_torch(encoder, step, tmp / GRAPH, tmp / DECODER_GRAPH, feeds)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -109,6 +110,33 @@ def _rename_axes(model: onnx.ModelProto) -> None:
                 dim.dim_param = rename[dim.dim_param]
 
 
+@functools.cache
+def _registry():
+    """torchlib's ONNX translations plus the MPT op. torch.onnx.export builds this registry again for every
+    graph (0.6-0.9 s each on a 2-core CPU); one per process serves every export."""
+    from torch.onnx._internal.exporter import _registration
+
+    registry = _registration.ONNXRegistry.from_torchlib(opset_version=OPSET)
+    registry.register_op(torch.ops.promptmux.mpt_prompt_concat.default, mpt_function.torch_translation(),
+                         is_complex=False)
+    return registry
+
+
+def _to_onnx(module, args: tuple, input_names: list[str], output_names: list[str], dynamic_shapes) -> onnx.ModelProto:
+    """torch.onnx's dynamo export (what torch.onnx.export(dynamo=True) runs) with the cached registry; through
+    the public call, registry rebuilt, if this torch moved the private entry point."""
+    options = dict(dynamic_shapes=dynamic_shapes, input_names=input_names, output_names=output_names,
+                   optimize=True, verbose=False)
+    try:
+        from torch.onnx._internal.exporter import _core
+
+        registry = _registry()
+    except (ImportError, AttributeError):
+        return torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, custom_translation_table={
+            torch.ops.promptmux.mpt_prompt_concat.default: mpt_function.torch_translation()}, **options).model_proto
+    return _core.export(module, args, registry=registry, opset_version=OPSET, **options).model_proto
+
+
 def export_onnx(module: torch.nn.Module, config, path: Path, folded: bool = False) -> Path:
     """torch.onnx (dynamo) export with the MPT op as one node, then attach its function body."""
     names = input_names(config.model_type)
@@ -119,20 +147,7 @@ def export_onnx(module: torch.nn.Module, config, path: Path, folded: bool = Fals
         ex = {n: v for n, v in example_inputs(config, **sizes).items() if n in names}
     else:
         ex = example_inputs(config)
-    args = tuple(ex.values())
-    program = torch.onnx.export(
-        module,
-        args,
-        dynamo=True,
-        opset_version=OPSET,
-        input_names=names,
-        output_names=[output_name(config.model_type)],
-        dynamic_shapes=_dynamic_shapes(names),
-        custom_translation_table={torch.ops.promptmux.mpt_prompt_concat.default: mpt_function.torch_translation()},
-        optimize=True,
-        verbose=False,
-    )
-    model = program.model_proto
+    model = _to_onnx(module, tuple(ex.values()), names, [output_name(config.model_type)], _dynamic_shapes(names))
     if not folded:
         mpt_function.attach(model)
     elif any(n.domain == mpt_function.DOMAIN for n in model.graph.node):
@@ -283,15 +298,9 @@ def export_decoder_onnx(module, config, path: Path) -> Path:
         shapes[n][0] = auto
     for n in past_names(dims.num_layers):
         shapes[n] = {0: auto, 2: auto}
-    program = torch.onnx.export(
-        module, tuple(ex.values()), dynamo=True, opset_version=OPSET, input_names=names,
-        output_names=["logits", *present_names(dims.num_layers)],
-        # forward(..., logits_index, *past): the cache shapes nest as one tuple
-        dynamic_shapes=(*(shapes[n] for n in DECODER_INPUTS), tuple(shapes[n] for n in past_names(dims.num_layers))),
-        custom_translation_table={torch.ops.promptmux.mpt_prompt_concat.default: mpt_function.torch_translation()},
-        optimize=True, verbose=False,
-    )
-    model = program.model_proto
+    # forward(..., logits_index, *past): the cache shapes nest as one tuple
+    model = _to_onnx(module, tuple(ex.values()), names, ["logits", *present_names(dims.num_layers)],
+                     (*(shapes[n] for n in DECODER_INPUTS), tuple(shapes[n] for n in past_names(dims.num_layers))))
     mpt_function.attach(model)
     _rename_axes(model)
     _save(model, path)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .adapters import KIND_OF_PEFT_TYPE, read_adapter_config
-from .deploy import load_base_config
+from .deploy import load_base_config, quiet_libraries
 
 
 def verification_batch(vocab_size: int, pad_id: int, rows: int, seq: int, padding_side: str, seed: int = 0):
@@ -103,6 +103,7 @@ def verify(deploy_dir, base_dir, adapters: dict[str, str | Path], backend: str =
 
     from .archs import arch_for
 
+    quiet_libraries()  # PEFT loads a model per adapter: no loading bars or deprecation warnings in the output
     rt = Runtime(deploy_dir, backend=backend, base=base_dir)
     config = load_base_config(base_dir)
     family = arch_for(config.model_type).family
@@ -118,6 +119,11 @@ def verify(deploy_dir, base_dir, adapters: dict[str, str | Path], backend: str =
     if missing:
         raise ValueError(f"the deployment has no task(s) {', '.join(missing)}; "
                          f"it serves {', '.join(rt.tasks)}")
+    for task, adapter, _ in plan:  # another kind of adapter cannot match: say so rather than FAIL on numbers
+        served, given = rt.bank.view(task).peft_type, read_adapter_config(adapters[adapter])["peft_type"]
+        if served != given:
+            raise ValueError(f"task {task!r} of the deployment is {served} but adapter {str(adapters[adapter])!r} is "
+                             f"{given}: the kinds differ; pass the adapter the task was exported from")
     pad = config.pad_token_id if config.pad_token_id is not None else 0
     ids, mask = verification_batch(config.vocab_size, pad, rows_per_task * len(plan), seq,
                                    "left" if family == "decoder" else "right")

@@ -3,21 +3,43 @@
 Public API:
     export_deployment(base_dir, {"task": adapter_dir, ...}, out_dir, fold=None)
     Runtime(deploy_dir, backend="onnxruntime" | "onnxruntime-cuda" | "tensorrt" | "torch")
-        .forward(input_ids, attention_mask, tasks) / .classify(texts, tasks)
+        .forward(input_ids, attention_mask, tasks) / .classify(texts, tasks, truncation=False)
         .add_task(name, adapter_dir, persist=False) / .remove_task(name, persist=False)
     similar_tasks(deploy_dir, query, top_k=5, method="avg-cosine" | "per-token-cosine")
     init_adapter(deploy_dir, base_dir, out_dir, from_task=None, top_k=None, weighted=False,
                  kind="prompt-tuning" | "mpt-target", query=None)
 """
 
+import importlib
+
 __version__ = "0.1.0"
 
-from promptmux.export.adapters import AdapterError, load_adapter  # noqa: E402
-from promptmux.export.deploy import export_deployment  # noqa: E402
-from promptmux.export.library import LibraryError, init_adapter, similar_tasks  # noqa: E402
-from promptmux.runtime.bank import UnknownTaskError  # noqa: E402
-from promptmux.runtime.errors import BackendUnavailable  # noqa: E402
-from promptmux.runtime.runtime import InputError, Runtime  # noqa: E402
+# Imported on first use: torch and transformers take over a second to import, which `promptmux --help`,
+# `--version` and `tasks list` should not pay.
+_EXPORTS = {
+    "AdapterError": "promptmux.export.adapters",
+    "load_adapter": "promptmux.export.adapters",
+    "export_deployment": "promptmux.export.deploy",
+    "LibraryError": "promptmux.export.library",
+    "init_adapter": "promptmux.export.library",
+    "similar_tasks": "promptmux.export.library",
+    "UnknownTaskError": "promptmux.runtime.bank",
+    "BackendUnavailable": "promptmux.runtime.errors",
+    "InputError": "promptmux.runtime.errors",
+    "Runtime": "promptmux.runtime.runtime",
+}
 
-__all__ = ["AdapterError", "LibraryError", "init_adapter", "similar_tasks", "BackendUnavailable", "InputError", "Runtime", "UnknownTaskError", "export_deployment", "load_adapter",
-           "__version__"]
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'promptmux' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # once imported, a plain attribute
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = [*_EXPORTS, "__version__"]

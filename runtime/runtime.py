@@ -16,6 +16,7 @@ from promptmux.export.deploy import FOLDED_GRAPH, GRAPH, MANIFEST, write_manifes
 from .bank import PromptBank, TaskView, UnknownTaskError, same_prompt
 from .errors import InputError
 from .layout import build_layout
+from .text import load_tokenizer, too_long
 
 BACKENDS = ("auto", "onnxruntime", "openvino", "onnxruntime-cuda", "tensorrt", "torch")
 _ORT_DEVICE = "cuda"  # where backend "onnxruntime-cuda" binds its tensors (tests run the binding path on "cpu")
@@ -41,6 +42,18 @@ def apply_head(view: TaskView, features: np.ndarray) -> np.ndarray:
             x = x + bias
         x = _activation(x, act)
     return x
+
+
+def _pad(rows: list[dict], pad_id: int, side: str) -> dict[str, np.ndarray]:
+    """One batch from rows of different lengths, as the tokenizer pads (ids with pad_id, mask and type ids 0)."""
+    width = max(len(r["input_ids"]) for r in rows)
+    out = {}
+    for key in rows[0]:
+        fill = pad_id if key == "input_ids" else 0
+        padded = [[fill] * (width - len(r[key])) for r in rows]
+        out[key] = np.array([p + list(r[key]) if side == "left" else list(r[key]) + p for r, p in zip(rows, padded)],
+                            dtype=np.int64)
+    return out
 
 
 class Runtime:
@@ -210,10 +223,8 @@ class Runtime:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
             try:
-                self._tokenizer = AutoTokenizer.from_pretrained(str(self.dir))
+                self._tokenizer = load_tokenizer(self.dir)
             except (OSError, ValueError) as e:
                 raise RuntimeError(f"{self.dir} has no tokenizer ({e}); pass token ids to forward()") from None
         return self._tokenizer
@@ -262,13 +273,10 @@ class Runtime:
         ids, mask, tasks, types = self._check_inputs(input_ids, attention_mask, tasks, token_type_ids)
         bank, version = self.bank, self._bank_version  # one consistent bank for the whole request
         views = [bank.view(t) for t in tasks]
-        if self.max_positions:
-            for i, v in enumerate(views):
-                need = ids.shape[1] + v.num_virtual_tokens
-                if need > self.max_positions:
-                    raise InputError(
-                        f"row {i}: {ids.shape[1]} tokens + {v.num_virtual_tokens} virtual tokens of task {v.name!r} "
-                        f"exceed the model's {self.max_positions} positions; shorten or truncate the input")
+        for i, v in enumerate(views):
+            refused = too_long(ids.shape[1], v.num_virtual_tokens, v.name, self.max_positions)
+            if refused:
+                raise InputError(f"row {i}: {refused}; shorten the input")
         layout = build_layout(self.spec, position_offset(self.config), self.config.pad_token_id, ids, mask, types,
                               views, self.dims)
         session = self.folded_session if self.folded_for(views) else self.session
@@ -455,36 +463,99 @@ class Runtime:
                 results[i] = logits[j]
         return results
 
-    def encode(self, texts: Sequence[str]):
+    def encode(self, texts: Sequence[str], tasks: str | Sequence[str] | None = None, truncation: bool = False):
+        """Token ids of texts, padded into one batch ({"input_ids", "attention_mask"[, "token_type_ids"]}, numpy).
+        A text that does not fit the model's positions together with its row's task's virtual tokens is refused
+        (as the server refuses it), or with truncation=True cut to fit. Without tasks, rows are checked against the
+        positions alone (forward checks them again with their tasks)."""
+        rows, _ = self._token_rows(texts, tasks, truncation)
+        return _pad(rows, self.tokenizer.pad_token_id, self.tokenizer.padding_side)
+
+    def _token_rows(self, texts, tasks, truncation: bool) -> tuple[list[dict], list[int]]:
+        """Each text's tokens (unpadded) and how many tokens truncation cut from it."""
         if isinstance(texts, str):
             texts = [texts]
         if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
             raise InputError("texts must be a non-empty list of non-empty strings")
+        names = _task_names(tasks, len(texts)) if tasks is not None else None
         tok = self.tokenizer
         if tok.pad_token is None:  # GPT-2 style tokenizers: pad with EOS (masked out anyway)
             tok.pad_token = tok.eos_token
-        limit = (self.max_positions or 512) - max((self.bank.view(t).num_virtual_tokens for t in self.tasks), default=0)
-        enc = tok(list(texts), padding=True, truncation=True, max_length=max(limit, 1), return_tensors="np")
-        return enc
+        batch = tok(list(texts))
+        rows = [{k: batch[k][i] for k in batch} for i in range(len(texts))]
+        dropped = [0] * len(rows)
+        for i, row in enumerate(rows):
+            virtual = self.bank.view(names[i]).num_virtual_tokens if names is not None else 0
+            refused = too_long(len(row["input_ids"]), virtual, names[i] if names else "", self.max_positions)
+            if refused and not truncation:
+                raise InputError(f"text {i}: {refused}; shorten it, or pass truncation=True (CLI: --truncate) "
+                                 "to cut it to fit")
+            if refused:  # tokenized again with the cut, so that end tokens such as [SEP] stay
+                rows[i] = tok(texts[i], truncation=True, max_length=max(self.max_positions - virtual, 1))
+                dropped[i] = len(row["input_ids"]) - len(rows[i]["input_ids"])
+        return rows, dropped
 
-    def classify(self, texts: Sequence[str], tasks: str | Sequence[str]) -> list[dict]:
-        """Text classification: one {task, label, label_id, scores} per text."""
+    def forward_text(self, texts: Sequence[str], tasks: str | Sequence[str], truncation: bool = False
+                     ) -> tuple[list[np.ndarray], list[int]]:
+        """forward() on text: each row's output, and how many tokens truncation cut from each text (see encode).
+
+        A row's positions run through its task's virtual tokens and the batch's padded width, so rows that fit
+        alone may not fit padded to a longer row of another task: such rows run in separate batches."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        names = _task_names(tasks, len(texts))
+        rows, dropped = self._token_rows(texts, names, truncation)
+        virtual = [self.bank.view(t).num_virtual_tokens for t in names]
+        out: list[np.ndarray | None] = [None] * len(rows)
+        for group in _fitting_groups([len(r["input_ids"]) for r in rows], virtual, self.max_positions):
+            enc = _pad([rows[i] for i in group], self.tokenizer.pad_token_id, self.tokenizer.padding_side)
+            for i, result in zip(group, self.forward(enc["input_ids"], enc["attention_mask"], [names[i] for i in group],
+                                                     enc.get("token_type_ids"))):
+                out[i] = result
+        return out, dropped
+
+    def classify(self, texts: Sequence[str], tasks: str | Sequence[str], truncation: bool = False) -> list[dict]:
+        """Text classification: one {task, label, label_id, scores} per text. A text too long for the model's
+        positions with its task's virtual tokens is refused; with truncation=True it is cut to fit, and its result
+        says how many tokens were dropped ("truncated_tokens")."""
         if self.spec.family != "encoder":
             raise InputError("classify() needs a sequence-classification deployment; this one is a causal LM")
         if isinstance(texts, str):
             texts = [texts]
-        enc = self.encode(texts)
-        logits = self.forward(enc["input_ids"], enc["attention_mask"], tasks, enc.get("token_type_ids"))
-        names = [tasks] * len(texts) if isinstance(tasks, str) else list(tasks)
+        names = _task_names(tasks, len(texts))
+        logits, dropped = self.forward_text(texts, names, truncation)
         out = []
-        for name, row in zip(names, logits):
+        for name, row, cut in zip(names, logits, dropped):
             scores = np.exp(row - row.max())
             scores = scores / scores.sum()
             label_id = int(row.argmax())
             labels = self.bank.view(name).labels
             out.append({"task": name, "label": labels[label_id] if labels else str(label_id), "label_id": label_id,
                         "scores": [float(s) for s in scores]})
+            if cut:
+                out[-1]["truncated_tokens"] = cut
         return out
+
+
+def _task_names(tasks: str | Sequence[str], rows: int) -> list[str]:
+    """One task for every row, or one per row."""
+    names = [tasks] * rows if isinstance(tasks, str) else list(tasks)
+    if len(names) != rows:
+        raise InputError(f"got {len(names)} task names for {rows} texts; give one task, or one per text")
+    return names
+
+
+def _fitting_groups(lengths: list[int], virtual: list[int], limit: int | None) -> list[list[int]]:
+    """Rows in order, split into batches whose padded width plus each row's virtual tokens fits limit."""
+    groups: list[list[int]] = []
+    width = most_virtual = 0
+    for i, (n, v) in enumerate(zip(lengths, virtual)):
+        if groups and (not limit or max(width, n) + max(most_virtual, v) <= limit):
+            groups[-1].append(i)
+            width, most_virtual = max(width, n), max(most_virtual, v)
+        else:
+            groups.append([i])
+            width, most_virtual = n, v
+    return groups
 
 
 __all__ = ["Runtime", "InputError", "UnknownTaskError", "apply_head"]

@@ -43,6 +43,7 @@ from .server_schemas import (
     TaskChange,
     TaskList,
 )
+from .text import load_tokenizer, too_long
 
 log = logging.getLogger("promptmux.serve")
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
@@ -168,8 +169,6 @@ class CancelOnClose(StreamingResponse):
 # ---- the engine of one server process / replica -------------------------------------------------
 class Engine:
     def __init__(self, deploy_dir: str | Path, options: ServeOptions, metrics: Metrics):
-        from transformers import AutoTokenizer
-
         from .runtime import Runtime
 
         self.options = options
@@ -179,7 +178,7 @@ class Engine:
         self.rt = Runtime(deploy_dir, backend=options.backend, threads=options.threads, precision=options.precision,
                           strict=options.strict, calibration=texts)
         try:  # the loop thread's own tokenizer (encoding); the worker decodes with the runtime's
-            self.tok = AutoTokenizer.from_pretrained(str(self.rt.dir))
+            self.tok = load_tokenizer(self.rt.dir)
         except (OSError, ValueError) as e:
             raise RuntimeError(f"{deploy_dir} has no tokenizer ({e}); the server takes text") from None
         self.family = self.rt.spec.family
@@ -219,14 +218,13 @@ class Engine:
         ids = enc["input_ids"]
         limit = self.max_positions
         for i, row in enumerate(ids):
-            used = len(row) + view.num_virtual_tokens
-            what = f"{len(row)} tokens + {view.num_virtual_tokens} virtual tokens of task {view.name!r}"
-            if limit and used > limit:
-                raise ApiError(400, "invalid_request", field if single else f"{field}[{i}]",
-                               f"{what} exceed the model's {limit} positions")
-            if limit and used + room > limit:
+            refused = too_long(len(row), view.num_virtual_tokens, view.name, limit)
+            if refused:
+                raise ApiError(400, "invalid_request", field if single else f"{field}[{i}]", refused)
+            if room and too_long(len(row) + room, view.num_virtual_tokens, view.name, limit):
                 raise ApiError(400, "invalid_request", "max_tokens",
-                               f"{what} + max_tokens={room} exceed the model's {limit} positions")
+                               f"{len(row)} tokens + {view.num_virtual_tokens} virtual tokens of task {view.name!r} "
+                               f"+ max_tokens={room} exceed the model's {limit} positions")
         return ids, enc.get("token_type_ids")
 
     def stop(self) -> None:
@@ -365,7 +363,8 @@ def create_app(deploy_dir: str | Path, options: ServeOptions | None = None, task
         return error_response(request, 500, "internal", None, "internal error")
 
     # ---- probes and metrics ---------------------------------------------------------------------
-    @app.get("/health", response_model=Health, summary="liveness: the process answers")
+    @app.get("/health", response_model=Health, response_model_exclude_none=True,
+             summary="liveness: the process answers (tasks, backend and precision once the engine is loaded)")
     async def health(request: Request):
         engine = getattr(request.app.state, "engine", None)
         if engine is None:

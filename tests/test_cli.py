@@ -1,20 +1,40 @@
-"""The command line, run as users run it: `python -m promptmux ...` in a subprocess."""
+"""The command line, called as users call it (`promptmux ...`), in-process: `main` is the console script's entry
+point; one test runs it as a child process (Ctrl-C)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from conftest import VOCAB, adapter_configs, make_adapter, make_base
 
+from promptmux.cli import build_parser, main
 
-def promptmux(*args, check=True):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "promptmux", "--quiet", *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=600)
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def promptmux(*args, check=True) -> Result:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(["--quiet", *map(str, args)])
+        except SystemExit as e:  # argparse: usage errors, --help, --version
+            code = e.code
+    proc = Result(code, out.getvalue(), err.getvalue())
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -33,7 +53,7 @@ def setup(tmp_path_factory):
     BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(base)
     cfgs = adapter_configs("bert")
     adapters = {name: make_adapter("bert", base, cfgs[name], root / name, seed=i + 1)
-                for i, name in enumerate(["pt", "prefix", "mpt"])}
+                for i, name in enumerate(["pt", "prefix", "mpt", "ptmlp"])}
     return {"root": root, "base": base, "adapters": adapters}
 
 
@@ -45,10 +65,11 @@ def deployed(setup):
     return out, json.loads(proc.stdout)
 
 
-def test_export_reports_every_task(deployed):
+def test_export_reports_every_task(deployed, setup):
     out, report = deployed
-    assert report["tasks"] == ["pt", "prefix", "mpt/0", "mpt/1", "mpt/2"]
+    assert report["tasks"] == ["pt", "prefix", "mpt/0", "mpt/1", "mpt/2", "ptmlp"]
     manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["base"]["path"] == str(setup["base"].resolve())
     assert manifest["base"]["model_type"] == "bert" and len(manifest["base"]["config_sha256"]) == 64
     assert {t["kind"] for t in manifest["tasks"]} == {"prompt", "prefix", "mpt"}
     assert (out / "model.onnx").is_file() and (out / "model.onnx.data").is_file()
@@ -65,7 +86,7 @@ def test_tasks_list_json(deployed):
 
 def test_run_prints_json_classification(deployed):
     out, _ = deployed
-    result = json.loads(promptmux("run", out, "--task", "mpt/2", "--text", "the film was great").stdout)
+    [result] = json.loads(promptmux("run", out, "--task", "mpt/2", "--text", "the film was great").stdout)
     assert result["task"] == "mpt/2" and len(result["scores"]) == 3
     assert abs(sum(result["scores"]) - 1) < 1e-5 and result["label_id"] == max(range(3), key=result["scores"].__getitem__)
 
@@ -74,16 +95,93 @@ def test_run_unknown_task_is_a_clear_error(deployed):
     out, _ = deployed
     proc = promptmux("run", out, "--task", "nope", "--text", "good", check=False)
     assert proc.returncode == 2
-    assert "unknown task 'nope'; this deployment serves: pt, prefix, mpt/0, mpt/1, mpt/2" in proc.stderr
+    assert "unknown task 'nope'; this deployment serves: pt, prefix, mpt/0, mpt/1, mpt/2, ptmlp" in proc.stderr
 
 
-def test_tasks_add_then_remove_without_reexport(deployed, setup):
+def test_tasks_add_then_remove_without_reexport(deployed, setup, monkeypatch):
+    """Either order of action and folder; a relative adapter path is recorded absolute; a clash names --replace."""
     out, _ = deployed
     graph_before = (out / "model.onnx").stat().st_mtime_ns
-    assert json.loads(promptmux("tasks", out, "add", f"pt2={setup['adapters']['pt']}").stdout) == {"added": ["pt2"]}
-    assert "pt2" in [r["name"] for r in json.loads(promptmux("tasks", out, "list", "--json").stdout)]
-    assert json.loads(promptmux("tasks", out, "remove", "pt2").stdout) == {"removed": ["pt2"]}
+    monkeypatch.chdir(setup["root"])
+    assert json.loads(promptmux("tasks", out, "add", "pt2=pt").stdout) == {"added": ["pt2"]}
+    [entry] = [t for t in json.loads((out / "manifest.json").read_text())["tasks"] if t["name"] == "pt2"]
+    assert entry["source"] == str(setup["adapters"]["pt"].resolve())
+    clash = promptmux("tasks", "add", out, "pt2=pt", check=False)
+    assert clash.returncode == 2 and "already in the deployment; pass --replace" in clash.stderr
+    assert promptmux("tasks", out, "list", "--json").stdout == promptmux("tasks", "list", out, "--json").stdout
+    assert "pt2" in [r["name"] for r in json.loads(promptmux("tasks", "list", out, "--json").stdout)]
+    assert json.loads(promptmux("tasks", "remove", out, "pt2").stdout) == {"removed": ["pt2"]}
     assert (out / "model.onnx").stat().st_mtime_ns == graph_before
+
+
+def test_tasks_on_a_folder_that_is_no_deployment(tmp_path):
+    proc = promptmux("tasks", "list", tmp_path, check=False)
+    assert proc.returncode == 2 and f"{tmp_path} is not a promptmux deployment (no manifest.json)" in proc.stderr
+
+
+def _words(n: int) -> str:
+    return " ".join(["good"] * n)  # n + 2 tokens with [CLS] and [SEP]
+
+
+def test_run_refuses_text_too_long_for_its_own_task_unless_truncate(deployed):
+    """64 positions: 61 tokens fit ptmlp's 3 virtual tokens but not pt's 4. The limit is each row's own task's."""
+    out, _ = deployed
+    args = ["run", out, "--task", "ptmlp", "--task", "pt", "--text", _words(59), "--text", _words(59)]
+    refused = promptmux(*args, check=False)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert "text 1: 61 tokens + 4 virtual tokens of task 'pt' exceed the model's 64 positions" in refused.stderr
+    assert "--truncate" in refused.stderr
+    fits, cut = json.loads(promptmux(*args, "--truncate").stdout)
+    assert "truncated_tokens" not in fits and cut["truncated_tokens"] == 1
+    [same] = json.loads(promptmux("run", out, "--task", "pt", "--text", _words(58)).stdout)  # what was kept
+    assert cut["scores"] == pytest.approx(same["scores"], abs=1e-6)
+
+
+def test_run_answers_every_text_of_repeated_text_and_file(deployed, tmp_path):
+    out, _ = deployed
+    (tmp_path / "texts.txt").write_text("the plot was awful\n\ngreat film\n")
+    rows = json.loads(promptmux("run", out, "--task", "pt", "--text", "good", "--text", "bad film", "--file",
+                                tmp_path / "texts.txt").stdout)
+    assert [r["text"] for r in rows] == ["good", "bad film", "the plot was awful", "great film"]
+    assert all(r["task"] == "pt" and len(r["scores"]) == 3 for r in rows)
+    assert rows[0]["scores"] != rows[1]["scores"]
+    proc = promptmux("run", out, "--task", "pt", "--task", "mpt/0", "--task", "pt", "--text", "a", "--text", "b",
+                     check=False)
+    assert proc.returncode == 2 and "got 3 --task for 2 texts" in proc.stderr
+
+
+def test_quiet_is_taken_before_and_after_the_subcommand():
+    export = ["export", "--base", "b", "--adapter", "t=a", "--out", "o"]
+    assert build_parser().parse_args(["--quiet", *export]).quiet
+    assert build_parser().parse_args([*export, "--quiet"]).quiet
+    assert not build_parser().parse_args(export).quiet
+
+
+def test_version_and_help_on_every_option():
+    from promptmux import __version__
+
+    proc = promptmux("--version")
+    assert proc.returncode == 0 and proc.stdout == f"promptmux {__version__}\n"
+    parser = build_parser()
+    [sub] = [a for a in parser._actions if a.choices and isinstance(a.choices, dict)]
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            assert action.help, f"promptmux {name} {'/'.join(action.option_strings) or action.dest} has no help"
+
+
+def test_ctrl_c_during_export_prints_one_line_exits_130_and_leaves_no_folder(setup, tmp_path):
+    out = tmp_path / "deploy"
+    child = subprocess.Popen([sys.executable, "-m", "promptmux", "export", "--base", setup["base"], "--adapter",
+                              f"pt={setup['adapters']['pt']}", "--out", out, "--quiet"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".deploy.tmp-*")) and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # interrupt once the export writes its temporary folder
+    child.send_signal(signal.SIGINT)
+    stdout, stderr = child.communicate(timeout=120)
+    assert child.returncode == 130, stderr
+    assert stderr == "promptmux: interrupted\n"
+    assert stdout == "" and list(tmp_path.iterdir()) == []
 
 
 def test_verify_passes_for_the_exported_adapters(deployed, setup):
@@ -91,7 +189,7 @@ def test_verify_passes_for_the_exported_adapters(deployed, setup):
     proc = promptmux("verify", out, "--base", setup["base"],
                      *sum((["--adapter", f"{n}={p}"] for n, p in setup["adapters"].items()), []))
     lines = [line.split("\t") for line in proc.stdout.splitlines() if "\t" in line]
-    assert [name for name, *_ in lines] == ["pt", "prefix", "mpt/0", "mpt/1", "mpt/2"]
+    assert [name for name, *_ in lines] == ["pt", "prefix", "mpt/0", "mpt/1", "mpt/2", "ptmlp"]
     assert all(float(diff.split("=")[1]) < 1e-4 for _, diff, _ in lines)
 
 
@@ -101,6 +199,14 @@ def test_verify_fails_when_the_deployment_differs(deployed, setup):
     proc = promptmux("verify", out, "--base", setup["base"], "--adapter", f"pt={other}", check=False)
     assert proc.returncode == 1
     assert "FAIL" in proc.stdout and "differ from PEFT eager by more than 0.0001" in proc.stderr
+
+
+def test_verify_with_an_adapter_of_another_kind_says_the_kinds_differ(deployed, setup):
+    proc = promptmux("verify", deployed[0], "--base", setup["base"], "--adapter", f"pt={setup['adapters']['prefix']}",
+                     check=False)
+    assert proc.returncode == 2
+    assert "task 'pt' of the deployment is PROMPT_TUNING but adapter" in proc.stderr
+    assert "is PREFIX_TUNING: the kinds differ" in proc.stderr
 
 
 def test_bad_adapter_flag(setup, tmp_path):
@@ -129,7 +235,7 @@ def causal(tmp_path_factory):
 
 
 def test_run_on_a_causal_lm_prints_next_token_candidates(causal):
-    result = json.loads(promptmux("run", causal["deploy"], "--task", "p", "--text", "w3 w7 w9").stdout)
+    [result] = json.loads(promptmux("run", causal["deploy"], "--task", "p", "--text", "w3 w7 w9").stdout)
     top = result["next_token"]
     assert len(top) == 5 and top[0]["logit"] >= top[-1]["logit"]
     assert all(t["token"] in causal["vocab"] for t in top)
@@ -193,3 +299,15 @@ def test_build_engine_on_a_default_export_records_the_engine(deployed):
 def test_build_engine_rejects_an_empty_profile(deployed):
     proc = promptmux("build-engine", deployed[0], "--max-batch", 0, check=False)
     assert proc.returncode == 2 and "--max-batch must be at least 1" in proc.stderr
+
+
+def test_labels_come_from_the_base_configs_id2label_without_labels_json(setup):
+    from promptmux.export.adapters import load_adapter
+    from promptmux.export.deploy import load_base_config
+
+    config = load_base_config(setup["base"])
+    assert load_adapter("pt", setup["adapters"]["pt"], config)[0].labels is None  # LABEL_0..2: placeholders
+    config.id2label = {0: "negative", 1: "neutral", 2: "positive"}
+    assert load_adapter("pt", setup["adapters"]["pt"], config)[0].labels == ["negative", "neutral", "positive"]
+    config.id2label = {0: "negative", 1: "positive"}  # does not fit the 3-output head: not used
+    assert load_adapter("pt", setup["adapters"]["pt"], config)[0].labels is None

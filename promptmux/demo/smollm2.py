@@ -150,17 +150,26 @@ def run_generation_demo(out: str | Path = "promptmux-smollm2-demo", quiet: bool 
                         max_new_tokens: int = 8, cache_dir: str | Path | None = None) -> dict:
     """Export the two shipped SmolLM2 adapters into one deployment and generate for a mixed-task batch.
 
-    Prints (unless quiet) and returns {"deployment", "held_out_accuracy", "mixed_batch": [...]}."""
+    Returns {"deployment", "held_out_accuracy", "mixed_batch": [...]}; progress bars unless quiet."""
     from promptmux.export.deploy import MANIFEST, export_deployment
+    from promptmux.progress import StepBar
     from promptmux.runtime.runtime import Runtime
 
     base = smollm2_base_dir(cache_dir)
     out = Path(out)
     overwrite = (out / MANIFEST).is_file()  # replace our own earlier output, never an unrelated folder
     export_deployment(base, {t: ADAPTERS / t for t in TASKS}, out, overwrite=overwrite, quiet=quiet)
-    rt = Runtime(out)
     tasks, texts = zip(*EXAMPLES)
-    results = rt.generate([format_input(t) for t in texts], list(tasks), max_new_tokens=max_new_tokens)
+    with StepBar(3, "demo", quiet) as bar:
+        bar.step("loading the deployment")
+        rt = Runtime(out)
+        bar.update()
+        bar.step("precomputing each task's prompt key/values")
+        rt.generator  # noqa: B018 (creating it precomputes every task's prompt KV)
+        bar.update()
+        bar.step("generating a mixed-task batch")
+        results = rt.generate([format_input(t) for t in texts], list(tasks), max_new_tokens=max_new_tokens)
+        bar.update()
     metrics = json.loads((ADAPTERS / "metrics.json").read_text())
     report = {
         "deployment": str(out),
@@ -168,6 +177,4 @@ def run_generation_demo(out: str | Path = "promptmux-smollm2-demo", quiet: bool 
         "mixed_batch": [{"task": r["task"], "text": t, "generated": r["text"].strip(),
                          "finish_reason": r["finish_reason"]} for r, t in zip(results, texts)],
     }
-    if not quiet:
-        print(json.dumps(report, indent=2))
     return report

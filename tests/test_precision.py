@@ -1,0 +1,153 @@
+"""Backends and precisions: OpenVINO exact mode is really f32, non-exact precisions carry a measured contract,
+`auto` picks a backend and says why, and what cannot run here is refused with a message saying what to do."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import random_batch
+
+from promptmux import Runtime
+from promptmux.runtime import precision as P
+from promptmux.runtime.errors import BackendUnavailable
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_openvino_exact_mode_compiles_in_f32_on_a_bf16_cpu(deployment):
+    """OpenVINO's CPU plugin defaults to bf16 where AMX exists: the exact backend must have asked for f32."""
+    import openvino as ov
+
+    rt = Runtime(deployment.deploy, backend="openvino")
+    assert rt.precision == "fp32"
+    assert rt.session.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+    if P.cpu_has_bf16():  # the trap this guards against is real on this machine
+        plain = ov.Core().compile_model(str(next((deployment.deploy / "openvino").glob("model.xml"))), "CPU")
+        assert plain.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_bf16_contract_is_measured_recorded_and_reused(deployment, tmp_path):
+    import shutil
+
+    if not P.cpu_has_bf16():
+        pytest.skip("this CPU has no bf16 (AMX / AVX512-BF16)")
+    deploy = shutil.copytree(deployment.deploy, tmp_path / "deploy")
+    rt = Runtime(deploy, precision="bf16")
+    assert (rt.backend, rt.precision) == ("openvino", "bf16")
+    entry = json.loads((deploy / "manifest.json").read_text())["precision"]["openvino/bf16"]
+    assert set(entry["tasks"]) == set(rt.tasks)
+    for r in entry["tasks"].values():
+        assert r["rows"] == P.CALIBRATION_ROWS and 0 < r["max_abs_diff"] < 0.5
+        assert 0.9 <= r["prediction_agreement"] <= 1.0
+    assert entry["passed"] == P.passed(entry["tasks"])
+    # bf16 really ran: outputs differ from fp32 by more than fp32 reordering would, yet stay close
+    ids, mask = random_batch("bert", rows=4, seq=8, seed=2, padding_side="right")
+    exact = Runtime(deploy, backend="onnxruntime")
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(rt.forward(ids, mask, "pt"), exact.forward(ids, mask, "pt")))
+    assert 1e-5 < diff < 0.5
+    # the second load reuses the manifest's contract instead of measuring again
+    again = Runtime(deploy, precision="bf16")
+    assert again.contract["measured"] == entry["measured"]
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_strict_refuses_a_missed_contract_and_default_warns(deployment, monkeypatch, caplog, tmp_path):
+    import shutil
+
+    if not P.cpu_has_bf16():
+        pytest.skip("this CPU has no bf16 (AMX / AVX512-BF16)")
+    deploy = shutil.copytree(deployment.deploy, tmp_path / "deploy")
+    monkeypatch.setitem(P.THRESHOLDS, "prediction_agreement", 1.01)  # no precision can meet this
+    with pytest.raises(P.PrecisionError, match=r"misses its accuracy contract .*prediction_agreement .* < 1.01.*--strict"):
+        Runtime(deploy, precision="bf16", strict=True)
+    with caplog.at_level("WARNING", logger="promptmux.runtime"):
+        rt = Runtime(deploy, precision="bf16")
+    assert rt.contract["passed"] is False
+    assert "misses its accuracy contract" in caplog.text
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_calibration_texts_are_used_and_recorded(deployment, tmp_path):
+    if not P.cpu_has_bf16():
+        pytest.skip("this CPU has no bf16 (AMX / AVX512-BF16)")
+    import shutil
+
+    deploy = shutil.copytree(deployment.deploy, tmp_path / "deploy")
+    path = tmp_path / "calibration.txt"
+    # the tiny test tokenizer is absent: build texts the deployment can encode only if it has a tokenizer
+    if not (deploy / "tokenizer_config.json").is_file():
+        from transformers import BertTokenizerFast
+
+        vocab = tmp_path / "vocab.txt"
+        vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(115)]))
+        BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(str(deploy))
+    path.write_text("\n".join(" ".join(f"w{(i * 7 + j) % 115}" for j in range(6)) for i in range(40)) + "\n\n")
+    texts = P.calibration_texts(path)
+    assert len(texts) == 40
+    rt = Runtime(deploy, precision="bf16", calibration=texts)
+    assert rt.contract["calibration"]["rows"] == 40 and rt.contract["calibration"]["source"] == "texts"
+    assert all(r["rows"] == 40 for r in rt.contract["tasks"].values())
+
+
+def test_precision_errors_say_what_is_wrong(monkeypatch):
+    with pytest.raises(ValueError, match="unknown precision 'fp8'; choose one of fp32, bf16, int8"):
+        P.choose_backend("auto", "fp8", "encoder")
+    with pytest.raises(BackendUnavailable, match="precision bf16 runs on backend openvino, not 'onnxruntime'"):
+        P.choose_backend("onnxruntime", "bf16", "encoder")
+    with pytest.raises(BackendUnavailable, match="int8 is weight-only int8 for causal-LM generation"):
+        P.choose_backend("auto", "int8", "encoder")
+    monkeypatch.setattr(P, "cpu_has_bf16", lambda: False)
+    with pytest.raises(BackendUnavailable, match="bf16 needs a CPU with AMX or AVX512-BF16"):
+        P.choose_backend("auto", "bf16", "encoder")
+
+
+def test_openvino_missing_is_a_clear_error(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_openvino(name, *args, **kwargs):
+        if name == "openvino" or name.startswith("openvino."):
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_openvino)
+    with pytest.raises(BackendUnavailable, match=r"needs the OpenVINO runtime, which is not installed: pip install"):
+        P.choose_backend("openvino", "fp32", "encoder")
+    # auto without OpenVINO: ONNX Runtime, saying how to get the faster one
+    assert P.choose_backend("auto", "fp32", "encoder") == (
+        "onnxruntime", "OpenVINO is not installed (pip install 'promptmux[openvino]' is faster)")
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_auto_picks_openvino_when_installed_and_says_so(deployment):
+    rt = Runtime(deployment.deploy)
+    assert rt.backend == "openvino" and "fastest exact backend" in rt.backend_reason
+    assert P.choose_backend("auto", "int8", "decoder")[0] == "onnxruntime"
+    assert P.choose_backend("torch", "fp32", "encoder") == ("torch", "requested")
+
+
+@pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
+def test_int8_decoding_quantizes_every_matmul_and_the_tied_lm_head(deployment, tmp_path):
+    import shutil
+    from collections import Counter
+
+    import onnx
+
+    deploy = shutil.copytree(deployment.deploy, tmp_path / "deploy")
+    rt = Runtime(deploy, precision="int8")
+    assert (rt.backend, rt.precision) == ("onnxruntime", "int8")
+    entry = rt.contract
+    assert set(entry["tasks"]) == set(rt.tasks)
+    for r in entry["tasks"].values():
+        assert 0.0 <= r["token_agreement"] <= 1.0 and r["rows"] == P.CALIBRATION_PROMPTS
+    graph = onnx.load(str(deploy / "decoder.int8.onnx"), load_external_data=False)
+    ops = Counter(n.op_type for n in graph.graph.node)
+    stamp = json.loads((deploy / "decoder.int8.json").read_text())
+    assert stamp["lm_head_untied"] == 1  # GPT-2 ties its LM head to the embeddings
+    assert ops["MatMulNBits"] == stamp["matmuls_quantized"] >= 1 + 2 * rt.dims.num_layers
+    # fp32 matmuls left: only the attention products inside Attention and the MPT low-rank product
+    assert ops["MatMul"] <= 1
+    assert "decoder.int8.onnx" in {p.name for p in deploy.iterdir()}
