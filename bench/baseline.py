@@ -21,11 +21,14 @@ class PromptmuxSystem:
     """One promptmux Runtime (any backend): batches are formed in arrival order, tasks mixed within a batch."""
 
     grouped = False
+    pid = None  # in this process
 
     def __init__(self, rt, label: str | None = None):
         self.rt = rt
-        self.backend = rt.backend
-        self.name = label or f"promptmux/{rt.backend}"
+        self.precision = rt.precision
+        # the label rows are reported under: the backend, and the precision where it is not exact
+        self.backend = rt.backend if rt.precision == "fp32" else f"{rt.backend}/{rt.precision}"
+        self.name = label or f"promptmux/{self.backend}"
 
     def prepare(self, new_tokens: int) -> None:
         if new_tokens:
@@ -40,14 +43,17 @@ class PromptmuxSystem:
 
 
 class PeftSystem:
-    """PEFT eager (PyTorch): one adapter per batch; the harness groups requests by task before batching."""
+    """PEFT eager (PyTorch): one adapter per batch; the harness groups requests by task before batching.
+
+    bf16=True is what a user gets by wrapping PEFT in `torch.autocast(device, dtype=torch.bfloat16)` (weights stay
+    fp32; matrix products run in bf16, on AMX where the CPU has it)."""
 
     grouped = True
-    name = "peft-eager"
-    backend = "peft-eager"
+    pid = None
+    precision = "fp32"
 
     def __init__(self, rt, tasks: list[str], base: str | Path | None = None,
-                 adapters: dict[str, str | Path] | None = None, device: str = "cpu"):
+                 adapters: dict[str, str | Path] | None = None, device: str = "cpu", bf16: bool = False):
         import torch
         from peft import PeftModel
         from promptmux.export.adapters import read_adapter_config
@@ -57,6 +63,8 @@ class PeftSystem:
         self.torch = torch
         self.family = rt.spec.family
         self.device = device
+        self.bf16 = bf16
+        self.name = self.backend = "peft-bf16" if bf16 else "peft-eager"
         base_dir = Path(base or rt.manifest["base"]["path"])
         if not (base_dir / "config.json").is_file():
             raise FileNotFoundError(f"the PEFT baseline needs the base model; {base_dir} (recorded at export) is "
@@ -124,7 +132,8 @@ class PeftSystem:
             kwargs["task_ids"] = kwargs["task_ids"].expand(ids.shape[0])
         x = torch.from_numpy(ids).to(self.device)
         m = torch.from_numpy(mask).to(self.device)
-        with torch.inference_mode():
+        autocast = torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.bf16)
+        with torch.inference_mode(), autocast:
             if new_tokens:
                 out = model.generate(input_ids=x, attention_mask=m, max_new_tokens=new_tokens,
                                      min_new_tokens=new_tokens, do_sample=False, num_beams=1,

@@ -41,7 +41,9 @@ from . import generation
 from .baseline import GPU_BACKENDS, PeftSystem, PromptmuxSystem, compare
 
 MIXES = ("single", "uniform", "zipf")
-BACKENDS = ("onnxruntime", "onnxruntime-cuda", "tensorrt", "torch")
+BACKENDS = ("auto", "onnxruntime", "openvino", "onnxruntime-cuda", "tensorrt", "torch")
+PRECISIONS = ("fp32", "bf16", "int8")
+BASELINES = ("peft", "peft-bf16")  # PEFT eager fp32, and PEFT under torch.autocast(bfloat16)
 DEFAULT_SEQ_LEN = {"encoder": 64, "decoder": 32, "seq2seq": 32}
 SETTLE_S = 0.1  # idle between two systems' rounds, so one system's spinning worker threads do not slow the next
 
@@ -60,7 +62,9 @@ class BenchSettings:
     requests: int | None = None  # per round; None: max(32, 4 * B)
     duration: float | None = None  # seconds per system and configuration, split over the rounds
     repeats: int = 3
-    baseline: str | None = None  # "peft" or None
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])  # every backend runs each of them
+    baselines: list[str] = field(default_factory=list)  # from BASELINES
+    isolate: bool = True  # every system in its own process (two thread pools in one process spin against each other)
     threads: int = 0  # 0: every core
     seed: int = 0
     zipf_s: float = 1.0
@@ -100,8 +104,12 @@ class BenchSettings:
             raise ValueError(f"--duration must be positive, got {self.duration}")
         if self.repeats < 1:
             raise ValueError(f"--repeats must be positive, got {self.repeats}")
-        if self.baseline not in (None, "peft"):
-            raise ValueError(f"unknown baseline {self.baseline!r}; the baseline is 'peft' (or none)")
+        for b in self.baselines:
+            if b not in BASELINES:
+                raise ValueError(f"unknown baseline {b!r}; choose from {', '.join(BASELINES)} (or none)")
+        for p in self.precisions:
+            if p not in PRECISIONS:
+                raise ValueError(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
         if self.zipf_s <= 0:
             raise ValueError(f"--zipf-s must be positive, got {self.zipf_s}")
         if not (self.throughput or self.scaling or self.accuracy):
@@ -121,8 +129,12 @@ class BenchSettings:
                 a += ["--duration", f"{self.duration:g}"]
             elif self.requests is not None:
                 a += ["--requests", str(self.requests)]
-            if self.baseline:
-                a += ["--baseline", self.baseline]
+            if self.precisions != ["fp32"]:
+                a += ["--precision", ",".join(self.precisions)]
+            if self.baselines:
+                a += ["--baseline", ",".join(self.baselines)]
+            if not self.isolate:
+                a += ["--same-process"]
             if "zipf" in self.mixes and self.zipf_s != 1.0:
                 a += ["--zipf-s", f"{self.zipf_s:g}"]
         else:
@@ -170,7 +182,9 @@ def settings_from_args(args) -> BenchSettings:
         deploy=str(args.deploy), backends=_list(args.backend), tasks=_list(args.tasks), mixes=_list(args.mix),
         batch_sizes=_list(args.batch_sizes, int), seq_lens=_list(args.seq_lens, int), new_tokens=args.new_tokens,
         requests=args.requests, duration=args.duration, repeats=args.repeats,
-        baseline=None if args.baseline in (None, "none") else args.baseline, threads=args.threads or 0,
+        precisions=_list(args.precision or "fp32"),
+        baselines=[b for b in _list(args.baseline or "") if b != "none"], isolate=not args.same_process,
+        threads=args.threads or 0,
         seed=args.seed, zipf_s=args.zipf_s, throughput=not args.skip_throughput, scaling=_list(args.scaling, int),
         scaling_kinds=_list(args.scaling_kinds), scaling_batch_size=args.scaling_batch_size,
         scaling_seq_len=args.scaling_seq_len, scaling_requests=args.scaling_requests,
@@ -239,11 +253,12 @@ MEMORY_METHOD_PSUTIL = "psutil RSS of this process, sampled every 5 ms"
 MEMORY_METHOD_RUSAGE = "resource.getrusage ru_maxrss (lifetime peak RSS of this process), deltas"
 
 
-def _rss() -> int:
+def _rss(pid: int | None = None) -> int:
+    """Resident set size of this process, or of process pid (a benchmark worker; needs psutil)."""
     try:
         import psutil
 
-        return psutil.Process().memory_info().rss
+        return psutil.Process(pid).memory_info().rss
     except ImportError:
         import resource
 
@@ -262,12 +277,13 @@ def memory_method() -> str:
 class RssSampler:
     """Peak resident set size while a block runs (a background thread samples it)."""
 
-    def __init__(self, interval: float = 0.005):
+    def __init__(self, interval: float = 0.005, pid: int | None = None):
         self.interval = interval
+        self.pid = pid
         self.start = self.peak = 0
 
     def __enter__(self):
-        self.start = self.peak = _rss()
+        self.start = self.peak = _rss(self.pid)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -275,12 +291,12 @@ class RssSampler:
 
     def _loop(self):
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, _rss())
+            self.peak = max(self.peak, _rss(self.pid))
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss())
+        self.peak = max(self.peak, _rss(self.pid))
         return False
 
 
@@ -318,9 +334,12 @@ def _one_pass(system, w: Workload, batches: list[list[int]], runs: _Runs, task_r
     tokens = 0
     for rows in batches:
         tasks = [w.tasks[i] for i in rows]
-        t = time.perf_counter()
-        system.run(w.ids[rows], w.mask[rows], tasks, w.new_tokens)
-        dt = 1e3 * (time.perf_counter() - t)
+        if hasattr(system, "timed"):  # a worker process times its own call
+            dt = 1e3 * system.timed(w.ids[rows], w.mask[rows], tasks, w.new_tokens)
+        else:
+            t = time.perf_counter()
+            system.run(w.ids[rows], w.mask[rows], tasks, w.new_tokens)
+            dt = 1e3 * (time.perf_counter() - t)
         runs.latency_ms.extend([dt] * len(rows))
         runs.latency_task.extend(tasks)
         n_tok = w.tokens(rows)
@@ -356,7 +375,7 @@ def measure_jobs(jobs: list[tuple], repeats: int, duration: float | None, bar=No
             task_req: dict[str, int] = {}
             task_tok: dict[str, int] = {}
             requests = tokens = 0
-            with RssSampler() as mem:
+            with RssSampler(pid=system.pid) as mem:
                 t0 = time.perf_counter()
                 while True:
                     tokens += _one_pass(system, w, plans[j], rr, task_req, task_tok)
@@ -436,17 +455,47 @@ def device_of(backend: str, env: dict) -> str:
     return f"CPU: {env['cpu_model']} ({env['cores']} cores, {threads} thread{'s' if threads != 1 else ''})"
 
 
-def load_runtimes(s: BenchSettings) -> tuple[dict, dict]:
-    """Every backend's Runtime before anything is measured: a backend that cannot run here is refused at once
-    with the runtime's own message (BackendUnavailable: what is missing and what to install)."""
+def build_systems(s: BenchSettings, meta) -> tuple[list, dict, object | None]:
+    """Every system (each backend at each precision, then the baselines) before anything is measured: one that
+    cannot run here is refused at once with the runtime's own message (what is missing, what to install).
+    meta: a Runtime of the deployment (tasks, bank, config) for the baselines. Returns (systems, load deltas in
+    MB, the PEFT fp32 system or None)."""
     from promptmux.runtime.runtime import Runtime
 
-    out, load_mb = {}, {}
-    for backend in s.backends:
-        before = _rss()
-        out[backend] = Runtime(s.deploy, backend=backend, threads=s.threads, base=s.base)
-        load_mb[f"promptmux/{backend}"] = round((_rss() - before) / MB, 1)
-    return out, load_mb
+    from .isolated import IsolatedSystem, SystemSpec
+
+    tasks = tuple(s.tasks or meta.tasks)
+    specs = [SystemSpec("promptmux", s.deploy, s.threads, backend=b, precision=p, base=s.base)
+             for b in s.backends for p in s.precisions]
+    specs += [SystemSpec("peft", s.deploy, s.threads, bf16=b == "peft-bf16", tasks=tasks, base=s.base,
+                         adapters=tuple(s.adapters.items())) for b in s.baselines]
+    systems, load_mb = [], {}
+    try:
+        for spec in specs:
+            if s.isolate:
+                system = IsolatedSystem(spec)
+                load_mb[system.name] = system.load_rss_mb
+            else:
+                before = _rss()
+                if spec.kind == "promptmux":
+                    system = PromptmuxSystem(Runtime(s.deploy, backend=spec.backend, precision=spec.precision,
+                                                     threads=s.threads, base=s.base))
+                else:
+                    device = "cuda" if any(b in GPU_BACKENDS for b in s.backends) else "cpu"
+                    system = PeftSystem(meta, list(tasks), s.base, s.adapters, device=device, bf16=spec.bf16)
+                load_mb[system.name] = round((_rss() - before) / MB, 1)
+            systems.append(system)
+    except BaseException:
+        close_systems(systems)
+        raise
+    peft = next((sy for sy in systems if sy.backend == "peft-eager"), None)
+    return systems, load_mb, peft
+
+
+def close_systems(systems: list) -> None:
+    for sy in systems:
+        if hasattr(sy, "close"):
+            sy.close()
 
 
 def _progress(total: int, quiet: bool, desc: str = "bench"):
@@ -455,9 +504,17 @@ def _progress(total: int, quiet: bool, desc: str = "bench"):
     return tqdm(total=total, desc=desc, unit="round", disable=quiet, leave=False)
 
 
-def throughput(s: BenchSettings, runtimes: dict, env: dict, runtime_load_mb: dict) -> dict:
-    """Every (B, S, mix) configuration: each backend and the PEFT baseline on the same request stream."""
-    rt = next(iter(runtimes.values()))
+def throughput(s: BenchSettings, rt, env: dict) -> dict:
+    """Every (B, S, mix) configuration: each backend at each precision and the PEFT baselines on the same request
+    stream. rt: a Runtime of the deployment, for its tasks, bank and config."""
+    systems, load_mb, peft = build_systems(s, rt)  # refuses an unrunnable backend before anything else
+    try:
+        return _throughput(s, rt, env, systems, load_mb, peft)
+    finally:
+        close_systems(systems)
+
+
+def _throughput(s, rt, env, systems, load_mb, peft) -> dict:
     family = rt.spec.family
     if family == "seq2seq" and not s.new_tokens:
         raise ValueError("a seq2seq deployment is benchmarked by generation: pass --new-tokens N (N > 0)")
@@ -477,20 +534,9 @@ def throughput(s: BenchSettings, runtimes: dict, env: dict, runtime_load_mb: dic
             raise ValueError(f"sequence length {max(seq_lens)} + virtual tokens + new tokens = {longest} exceed the "
                              f"model's {rt.max_positions} positions; pass smaller --seq-lens")
 
-    systems = [PromptmuxSystem(r) for r in runtimes.values()]
-    load_mb = dict(runtime_load_mb)
-    peft = None
-    if s.baseline == "peft":
-        import torch
-
-        device = "cuda" if any(b in GPU_BACKENDS for b in s.backends) else "cpu"
-        before = _rss()
-        peft = PeftSystem(rt, tasks, s.base, s.adapters, device=device)
-        torch.set_num_threads(s.threads)  # PEFT's threads: the same count as ONNX Runtime's intra-op threads
-        load_mb[peft.name] = round((_rss() - before) / MB, 1)
-        systems.append(peft)
     for sy in systems:
         sy.prepare(s.new_tokens)
+    baselines = [sy for sy in systems if sy.backend.startswith("peft")]
 
     runs_plan = []  # (mix, task list of the stream, label)
     for mix in s.mixes:
@@ -516,7 +562,9 @@ def throughput(s: BenchSettings, runtimes: dict, env: dict, runtime_load_mb: dic
                 if peft is not None:  # the first arrival-order batch, row by row, against PEFT on the same rows
                     first = w.batches(False)[0]
                     want = _grouped_outputs(peft, w, first)
-                    for sy in systems[:-1]:
+                    for sy in systems:
+                        if sy is peft:
+                            continue
                         got = sy.run(w.ids[first], w.mask[first], [w.tasks[i] for i in first], w.new_tokens)
                         checks.append({"backend": sy.backend, "batch_size": b, "seq_len": sq, "mix": mix,
                                        "task": single, **compare(got, want, w.new_tokens)})
@@ -526,17 +574,23 @@ def throughput(s: BenchSettings, runtimes: dict, env: dict, runtime_load_mb: dic
             runs = iter(measure_jobs(jobs, s.repeats, s.duration, bar))
             for mix, stream_tasks, single, w in streams:
                 for sy in systems:
-                    row = {"system": "peft" if sy is peft else "promptmux", "backend": sy.backend,
-                           "device": device_of(("onnxruntime-cuda" if peft.device == "cuda" else "onnxruntime")
-                                               if sy is peft else sy.backend, env),
+                    baseline = sy in baselines
+                    row = {"system": ("peft" if sy is peft else sy.backend) if baseline else "promptmux",
+                           "backend": sy.backend, "precision": sy.precision,
+                           "device": device_of(("onnxruntime-cuda" if any(b in GPU_BACKENDS for b in s.backends)
+                                                else "onnxruntime") if baseline else sy.backend, env),
                            "batch_size": b, "seq_len": sq, "new_tokens": s.new_tokens, "mix": mix, "task": single,
                            "tasks": sorted(set(w.tasks), key=stream_tasks.index)}
                     row.update(summarize(next(runs)))
                     rows.append(row)
     finally:
         bar.close()
+    contracts = {sy.name: getattr(sy, "contract", None) or getattr(getattr(sy, "rt", None), "contract", None)
+                 for sy in systems if sy.precision != "fp32"}
+    chosen = {sy.name: getattr(sy, "backend_reason", None) or getattr(getattr(sy, "rt", None), "backend_reason", None)
+              for sy in systems if sy not in baselines}
     return {"tasks": tasks, "seq_lens": seq_lens, "rows": rows, "agreement": checks,
-            "load_rss_mb": load_mb,
+            "load_rss_mb": load_mb, "isolated": s.isolate, "backend_choice": chosen, "precision_contracts": contracts,
             "comparisons": comparisons(rows), "mixing": mixing(rows)}
 
 
@@ -557,18 +611,24 @@ def _key(r: dict) -> tuple:
 
 
 def comparisons(rows: list[dict]) -> list[dict]:
-    """promptmux / PEFT throughput for every configuration both ran (same run, same request stream)."""
+    """promptmux / PEFT throughput for every configuration both ran (same run, same request stream): "speedup"
+    against PEFT eager fp32, "speedup_vs_peft_bf16" against PEFT under bf16 autocast where that ran too."""
     peft = {_key(r): r for r in rows if r["system"] == "peft"}
+    bf16 = {_key(r): r for r in rows if r["system"] == "peft-bf16"}
     out = []
     for r in rows:
-        if r["system"] != "promptmux" or _key(r) not in peft:
+        if r["system"] != "promptmux" or _key(r) not in peft and _key(r) not in bf16:
             continue
-        p = peft[_key(r)]
-        out.append({"backend": r["backend"], "batch_size": r["batch_size"], "seq_len": r["seq_len"],
-                    "mix": r["mix"], "task": r["task"], "requests_per_s": r["requests_per_s"],
-                    "peft_requests_per_s": p["requests_per_s"],
-                    "speedup": round(r["requests_per_s"] / p["requests_per_s"], 3),
-                    "latency_p50_ratio": round(p["latency_ms"]["p50"] / r["latency_ms"]["p50"], 3)})
+        c = {"backend": r["backend"], "precision": r.get("precision", "fp32"), "batch_size": r["batch_size"],
+             "seq_len": r["seq_len"], "mix": r["mix"], "task": r["task"], "requests_per_s": r["requests_per_s"]}
+        for key, base in (("", peft.get(_key(r))), ("_vs_peft_bf16", bf16.get(_key(r)))):
+            if base is None:
+                continue
+            prefix = "peft_bf16_" if key else "peft_"
+            c[f"{prefix}requests_per_s"] = base["requests_per_s"]
+            c[f"speedup{key}"] = round(r["requests_per_s"] / base["requests_per_s"], 3)
+            c[f"latency_p50_ratio{key}"] = round(base["latency_ms"]["p50"] / r["latency_ms"]["p50"], 3)
+        out.append(c)
     return out
 
 
@@ -611,10 +671,15 @@ def run(s: BenchSettings) -> dict:
     torch.set_num_threads(s.threads)
     if not (Path(s.deploy) / "manifest.json").is_file():
         raise FileNotFoundError(f"{s.deploy} is not a promptmux deployment (no manifest.json); run promptmux export")
-    runtimes, load_mb = load_runtimes(s)  # refuses an unrunnable backend before anything is measured
+    from promptmux.runtime.runtime import Runtime
+
+    # The parent's own Runtime: the deployment's tasks, bank and config, and the engine of --scaling / --accuracy
+    # (the first backend and precision; otherwise the lightest, as the systems run in their own processes).
+    engine = bool(s.scaling or s.accuracy or not s.isolate)
+    rt = Runtime(s.deploy, backend=s.backends[0] if engine else "onnxruntime",
+                 precision=s.precisions[0] if engine else "fp32", threads=s.threads, base=s.base)
     env = environment(s.threads, s.backends)
     started = time.perf_counter()
-    rt = next(iter(runtimes.values()))
     result = {
         "benchmark": "promptmux bench",
         "command": s.command(),
@@ -629,17 +694,21 @@ def run(s: BenchSettings) -> dict:
             "tokens_per_s": "real input tokens per second (new_tokens 0), generated tokens per second otherwise",
             "latency": "batch service time of the model call that answered the request (no queueing)",
             "requests_per_s": "median over rounds of requests / round wall time",
-            "memory": memory_method() + "; both systems are loaded in this one process, so peak_rss includes the "
-                      "other's weights; rss_growth = peak during the round - RSS at its start (the allocator "
+            "memory": memory_method() + "; with isolation (the default) each system is its own process and "
+                      "peak_rss is that process's; with --same-process every system is loaded in one process, so "
+                      "peak_rss includes the others' weights; rss_growth = peak during the round - RSS at its start (the allocator "
                       "and ONNX Runtime's arena keep memory, so only a round that needs more than before shows it); "
                       "load_rss_mb = RSS growth while a system loaded (safetensors weights are memory-mapped and "
                       "counted only once touched, so PEFT's load delta undercounts its weights)",
             "peft_batches": "PEFT eager: the same requests grouped by task, then batch_size at a time (one adapter "
                             "per batch)",
+            "peft_bf16": "PEFT eager inside torch.autocast(bfloat16) (weights fp32, matrix products bf16)",
+            "isolation": "each system in its own process, driven in alternating rounds (default), or all in this "
+                         "process (--same-process)",
         },
     }
     if s.throughput:
-        result["throughput"] = throughput(s, runtimes, env, load_mb)
+        result["throughput"] = throughput(s, rt, env)
     if s.scaling:
         from .scaling import scaling
 
@@ -668,10 +737,17 @@ def summary_table(result: dict) -> str:
     tp = result.get("throughput")
     if tp:
         config = ("backend", "batch_size", "seq_len", "mix", "task")
-        speedup = {tuple(c[k] for k in config): f"{c['speedup']:.2f}x" for c in tp["comparisons"]}
+        comps = {tuple(c[k] for k in config): c for c in tp["comparisons"]}
+
+        def ratio(r, key):
+            c = comps.get(tuple(r[k] for k in config), {})
+            return f"{c[key]:.2f}x" if key in c else ""
+
         rows = [[*(r[k] for k in config[:-1]), r["task"] or "all", f"{r['requests_per_s']:.1f}", f"{r['tokens_per_s']:.0f}",
-                 f"{r['latency_ms']['p50']:.1f}", speedup.get(tuple(r[k] for k in config), "")] for r in tp["rows"]]
-        blocks.append(_table(["backend", "B", "S", "mix", "task", "req/s", "tok/s", "p50 ms", "vs PEFT"], rows))
+                 f"{r['latency_ms']['p50']:.1f}", ratio(r, "speedup"), ratio(r, "speedup_vs_peft_bf16")]
+                for r in tp["rows"]]
+        blocks.append(_table(["backend", "B", "S", "mix", "task", "req/s", "tok/s", "p50 ms", "vs PEFT",
+                              "vs PEFT-bf16"], rows))
     if "scaling" in result:
         blocks.append(_table(["kind", "tasks", "vs tasks", "throughput ratio"],
                              [[r["kind"], r["to_tasks"], r["from_tasks"], f"{r['throughput_ratio']:.3f}"]

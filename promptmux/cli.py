@@ -536,8 +536,11 @@ def build_parser() -> argparse.ArgumentParser:
     bn = sub.add_parser("bench", parents=[common], help="throughput per task (requests/s, tokens/s, latency, memory), mixed vs "
                                       "single-task traffic, the PEFT eager baseline, task-count scaling, accuracy")
     bn.add_argument("deploy", help=DEPLOY_HELP)
-    bn.add_argument("--backend", default="onnxruntime",
+    bn.add_argument("--backend", default="auto",
                     help=f"comma-separated, from {', '.join(BACKEND_CHOICES)} (one that cannot run here is refused)")
+    bn.add_argument("--precision", default="fp32",
+                    help="comma-separated, from fp32, bf16, int8: every backend runs each (e.g. --backend openvino "
+                         "--precision fp32,bf16)")
     bn.add_argument("--tasks", help="comma-separated tasks to send traffic to (default: every task)")
     bn.add_argument("--mix", default="single,uniform",
                     help="comma-separated traffic mixes: single (each task alone), uniform, zipf")
@@ -549,8 +552,12 @@ def build_parser() -> argparse.ArgumentParser:
     amount.add_argument("--requests", type=int, help="requests per round (default max(32, 4*batch size))")
     amount.add_argument("--duration", type=float, help="seconds per system and configuration (split over rounds)")
     bn.add_argument("--repeats", type=int, default=3, help="measured rounds after the warm-up (median reported)")
-    bn.add_argument("--baseline", choices=["peft", "none"], default="none",
-                    help="peft: PEFT eager on the same requests in the same run (needs the base model and adapters)")
+    bn.add_argument("--baseline", default="none",
+                    help="comma-separated: peft (PEFT eager fp32), peft-bf16 (PEFT under torch.autocast bfloat16), "
+                         "or none; measured on the same requests in the same run (needs the base model and adapters)")
+    bn.add_argument("--same-process", action="store_true",
+                    help="run every system in this one process instead of one process each (their thread pools "
+                         "then compete: only to reproduce that effect)")
     bn.add_argument("--threads", type=int, help="threads for ONNX Runtime and torch alike (default: all cores)")
     bn.add_argument("--seed", type=int, default=0, help="seed of the request streams (token ids, task mixes)")
     bn.add_argument("--zipf-s", type=float, default=1.0, help="zipf mix exponent")

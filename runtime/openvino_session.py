@@ -109,6 +109,7 @@ class OpenVinoSession:
         ov = import_openvino()
         if precision not in OV_PRECISION:
             raise ValueError(f"the openvino backend runs precision fp32 or bf16, not {precision!r}")
+        path = path.resolve()  # a deployment linking another's graph (bench --scaling) shares its converted IR
         folder = _ir_folder(path.parent)
         xml = convert_graph(path, folder, progress)
         core = ov.Core()

@@ -65,6 +65,37 @@ def untie_lm_head(model) -> int:
     return untied
 
 
+def gemms_to_matmuls(model) -> int:
+    """Rewrite Gemm(A, W[, bias]) with a weight initializer as MatMul + Add (GPT-2's Conv1D layers export as Gemm,
+    which the weight-only quantizer does not take). Returns how many were rewritten."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    nodes, rewritten = [], 0
+    for node in g.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0) \
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            nodes.append(node)
+            continue
+        weight = node.input[1]
+        if attrs.get("transB", 0):
+            t = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(inits[weight]).T), f"{weight}.T")
+            g.initializer.append(t)
+            weight = t.name
+        out = node.output[0]
+        has_bias = len(node.input) > 2 and node.input[2]
+        product = f"{out}.matmul" if has_bias else out
+        nodes.append(helper.make_node("MatMul", [node.input[0], weight], [product], name=f"{node.name}.matmul"))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [out], name=f"{node.name}.bias"))
+        rewritten += 1
+    del g.node[:]
+    g.node.extend(nodes)
+    return rewritten
+
+
 def weight_only_int8(path: Path) -> Path:
     """The int8 weight-only copy of the decoder graph at `path` (made once; reused while `path` is unchanged)."""
     import onnx
@@ -82,6 +113,7 @@ def weight_only_int8(path: Path) -> Path:
     log.warning("quantizing %s to int8 weights (once per deployment)", path.name)
     model = onnx.load(str(path))
     untied = untie_lm_head(model)
+    gemms = gemms_to_matmuls(model)
     quantizer = MatMulNBitsQuantizer(model, bits=BITS, block_size=BLOCK_SIZE, is_symmetric=True,
                                      accuracy_level=ACCURACY_LEVEL)
     quantizer.process()
@@ -98,5 +130,5 @@ def weight_only_int8(path: Path) -> Path:
         tmp.unlink(missing_ok=True)
     stamp.write_text(json.dumps({"graph": path.name, "graph_key": key, "bits": BITS, "block_size": BLOCK_SIZE,
                                  "accuracy_level": ACCURACY_LEVEL, "matmuls_quantized": count,
-                                 "lm_head_untied": untied}))
+                                 "lm_head_untied": untied, "gemms_rewritten": gemms}))
     return out
