@@ -29,6 +29,21 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
     return out
 
 
+TEXT_ARGS = ("text", "prompt", "stop", "task")  # flags whose values go to a tokenizer or are matched as text
+
+
+def _check_text_args(args) -> None:
+    """Bytes that are not UTF-8 reach argv as lone surrogates (Python's surrogateescape): paths may hold them,
+    text for a tokenizer may not."""
+    for flag in TEXT_ARGS:
+        value = getattr(args, flag, None)
+        for v in [value] if isinstance(value, str) else value or []:
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise CliError(f"--{flag} {v!r} is not valid UTF-8 text; pass it in UTF-8") from None
+
+
 def cmd_export(args) -> int:
     from promptmux.export.deploy import export_deployment
 
@@ -42,7 +57,7 @@ def cmd_export(args) -> int:
 
 def cmd_tasks(args) -> int:
     from promptmux.export.archs import arch_for
-    from promptmux.export.deploy import load_base_config, write_manifest_tasks
+    from promptmux.export.deploy import load_base_config, update_tasks
     from promptmux.runtime.bank import PromptBank
 
     if args.deploy == "similar" and args.action and not Path(args.deploy).exists():
@@ -69,17 +84,13 @@ def cmd_tasks(args) -> int:
 
         (name, path), = _pairs([action[1]], "add").items()
         new = load_adapter(name, path, config)
-        bank.add(new, replace=args.replace)
-        bank.save(args.deploy)
-        write_manifest_tasks(args.deploy, bank)
+        update_tasks(args.deploy, bank.spec, lambda b: b.add(new, replace=args.replace))
         print(json.dumps({"added": [t.name for t in new]}))
         return 0
     if verb == "remove":
         if len(action) != 2:
             raise CliError("usage: promptmux tasks DIR remove NAME")
-        removed = bank.remove(action[1])
-        bank.save(args.deploy)
-        write_manifest_tasks(args.deploy, bank)
+        removed = update_tasks(args.deploy, bank.spec, lambda b: b.remove(action[1]))
         print(json.dumps({"removed": removed}))
         return 0
     if verb == "similar":
@@ -466,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     from promptmux.runtime.runtime import InputError
 
     try:
+        _check_text_args(args)
         return args.func(args)
     except (CliError, AdapterError, UnsupportedModelError, UnknownTaskError, InputError, FileNotFoundError,
             FileExistsError, ValueError, EngineError, BackendUnavailable) as e:

@@ -72,7 +72,14 @@ def error_response(request_or_scope, status: int, type_: str, field: str | None,
                    headers: dict | None = None) -> JSONResponse:
     scope = request_or_scope.scope if isinstance(request_or_scope, Request) else request_or_scope
     scope.setdefault("state", {})["error_type"] = type_  # read by the metrics middleware
-    return JSONResponse({"error": {"type": type_, "field": field, "message": message}}, status, headers=headers)
+    return _AsciiJSON({"error": {"type": type_, "field": field, "message": message}}, status, headers=headers)
+
+
+class _AsciiJSON(JSONResponse):
+    """Errors may quote what a client sent (a field name with a lone surrogate): escaped, they always encode."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 404, 413, 415, 503, 504)}
@@ -212,6 +219,9 @@ class Engine:
         ids = enc["input_ids"]
         limit = self.max_positions
         for i, row in enumerate(ids):
+            if not row:
+                raise ApiError(400, "invalid_request", field if single else f"{field}[{i}]",
+                               "the text gives no tokens with this deployment's tokenizer; send text it can read")
             used = len(row) + view.num_virtual_tokens
             what = f"{len(row)} tokens + {view.num_virtual_tokens} virtual tokens of task {view.name!r}"
             if limit and used > limit:
@@ -333,7 +343,9 @@ def create_app(deploy_dir: str | Path, options: ServeOptions | None = None, task
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
-        err = (e.errors() or [{}])[0]
+        errors = e.errors() or [{}]
+        # A union (prompt: a string or a list) reports each branch; the value error says what is wrong.
+        err = next((x for x in errors if x.get("type") == "value_error"), errors[0])
         if err.get("type") == "json_invalid":
             return error_response(request, 400, "invalid_json", "body", f"malformed JSON: {err.get('msg', '')}")
         field = _field_of(err.get("loc", ()))
@@ -527,7 +539,7 @@ def _apply_change(engine: Engine, op: dict) -> list[str]:
         return str(e).replace(root, "<adapter-root>")
 
     try:
-        return engine.rt.add_task(op["name"], op["folder"], False, op["replace"])
+        return engine.rt.add_task(op["name"], op["folder"], False, op["replace"], root=root)
     except AdapterError as e:
         raise ApiError(400, "invalid_request", "adapter", private(e)) from None
     except ValueError as e:
@@ -584,8 +596,9 @@ def _adapter_folder(root: str, rel: str) -> Path:
         path = (base / rel).resolve()
         inside = path != base and path.is_relative_to(base)
         exists = inside and path.is_dir()
-    except OSError as e:  # a name too long, a symlink loop, ...
-        raise ApiError(400, "invalid_request", "adapter", f"not a usable folder name ({e.strerror})") from None
+    except (OSError, RuntimeError) as e:  # a name too long; a symlink loop (RuntimeError before Python 3.13)
+        raise ApiError(400, "invalid_request", "adapter",
+                       f"not a usable adapter folder name ({getattr(e, 'strerror', None) or 'symlink loop'})") from None
     if not inside:
         raise ApiError(400, "invalid_request", "adapter", "the adapter folder must lie under the adapter root")
     if not exists:
@@ -603,7 +616,8 @@ async def _job_events(job: GenerateJob, timeout: float):
         except (TimeoutError, asyncio.TimeoutError):
             raise ApiError(504, "timeout", None, f"the request took longer than {timeout:g} s") from None
         for event in events:
-            if event[0] == "error":
+            if event[0] == "error":  # this request's rows only: the others in the batch go on
+                job.cancelled = True  # its other rows leave the batch at the next step
                 raise ApiError(500, "internal", None, "generation failed")
             if event[0] == "finish":
                 left -= 1
