@@ -238,7 +238,10 @@ def cmd_serve(args) -> int:
     options = ServeOptions(backend=args.backend, threads=args.threads, max_batch=args.max_batch,
                            max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                            request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
-                           admin_token=token, adapter_root=args.adapter_root, drain_timeout=args.drain_timeout)
+                           admin_token=token, adapter_root=args.adapter_root, drain_timeout=args.drain_timeout,
+                           max_inflight=args.max_inflight, max_queue_wait=args.max_queue_wait,
+                           header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                           max_header_bytes=args.max_header_bytes, docs=args.docs)
     if not (Path(args.deploy) / "manifest.json").is_file():
         raise CliError(f"{args.deploy} is not a promptmux deployment (no manifest.json); run promptmux export")
     if args.ray:
@@ -401,6 +404,17 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queue", type=int, default=1024, help="texts/prompts waiting; more get 503 + Retry-After")
     sv.add_argument("--request-timeout", type=float, default=60.0, help="seconds per request (504 after)")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    sv.add_argument("--max-inflight", type=int, help="classify/completions requests served at once; more get 503 + "
+                                                     "Retry-After (default 4 x --max-batch)")
+    sv.add_argument("--max-queue-wait", type=float, default=1.0,
+                    help="seconds the oldest queued request may have waited before new ones get 503 + Retry-After")
+    sv.add_argument("--header-timeout", type=float, default=10.0,
+                    help="seconds a client has to send a request's headers (408 and close after)")
+    sv.add_argument("--body-timeout", type=float, default=30.0,
+                    help="seconds a client has to send a request's body once its headers are in (408 after)")
+    sv.add_argument("--max-header-bytes", type=int, default=64 * 1024, help="larger request heads get 431")
+    sv.add_argument("--docs", action="store_true", help="serve /docs and /redoc (their scripts load from a "
+                                                         "public CDN); /openapi.json is always served")
     sv.add_argument("--admin-token", help="enables GET/POST/DELETE /v1/tasks for this bearer token "
                                           "(or set PROMPTMUX_ADMIN_TOKEN; off when neither is given)")
     sv.add_argument("--adapter-root", help="the only folder POST /v1/tasks reads adapter folders from")

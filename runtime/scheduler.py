@@ -76,6 +76,7 @@ class GenerateJob:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     finished: int = 0
+    enqueued: float = field(default_factory=time.monotonic)
 
     def deliver(self, events: list) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, events)
@@ -118,6 +119,15 @@ class Scheduler:
 
     def depth(self, kind: str) -> int:
         return self._cls_rows if kind == "classify" else len(self._gen)
+
+    def oldest_wait(self, kind: str) -> float:
+        """Seconds the oldest request still waiting in this kind's queue has waited (0: none waits)."""
+        with self._cv:
+            if kind == "classify":
+                head = next((j for j in self._cls if not j.cancelled), None)
+            else:
+                head = next((j for j, _ in self._gen if not j.cancelled), None)
+            return time.monotonic() - head.enqueued if head is not None else 0.0
 
     def running(self) -> int:
         return len(self.batch) if self.batch is not None else 0
