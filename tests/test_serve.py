@@ -541,7 +541,8 @@ def test_sigterm_drains_in_flight_requests_then_stops(text_deployments):
     bodies = [{"model": t, "prompt": f"drain {i}", "max_tokens": 48, "temperature": 0, "stream": True}
               for i, t in enumerate(d.tasks * 3)]
     expected = [_reference(rt, b)[0][:2] for b in bodies]
-    with running_server(d.deploy, "--max-batch", "1") as server:  # one row at a time: the requests take a while in all
+    # One row at a time: the requests take a while in all (and are all admitted: no admission limit applies).
+    with running_server(d.deploy, "--max-batch", "1", "--max-inflight", "64", "--max-queue-wait", "60") as server:
         async def main():
             async with _client(server.url) as c:
                 streams = [c.stream("POST", "/v1/completions", json=b) for b in bodies]
