@@ -28,7 +28,7 @@ class GuardedHttpTools(HttpToolsProtocol):
         self._await_head()
 
     def _await_head(self) -> None:
-        self._reading_head, self._head_bytes, self._head_too_large = True, 0, False
+        self._reading_head, self._head_bytes, self._head_size, self._head_too_large = True, 0, 0, False
         self._arm(self.header_timeout, "the request headers did not arrive in time")
 
     def _arm(self, seconds: float, why: str) -> None:
@@ -69,7 +69,7 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # The head arrived in one read: count it exactly (the read may also hold the body).
-        self._head_size = getattr(self, "_head_size", 0) + len(name) + len(value) + 4
+        self._head_size += len(name) + len(value) + 4
         if self._head_size > self.max_header_bytes:
             self._head_too_large = True
             raise _HeadTooLarge()
