@@ -22,7 +22,6 @@ import json
 import os
 import random
 import shlex
-import socket
 import sys
 import tempfile
 import time
@@ -52,24 +51,11 @@ def _expected(rt, arch: str, tasks: list[str]) -> dict:
     return {(t, x): rt.generate([x], t, max_new_tokens=6, eos_token_id=None)[0]["text"] for t in tasks for x in TEXTS}
 
 
-def _raw(url: str, data: bytes, wait: float = 10.0) -> bytes:
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=wait) as s:
-        s.sendall(data)
-        out = b""
-        try:
-            while chunk := s.recv(65536):
-                out += chunk
-        except OSError:
-            pass
-        return out
-
-
 ATTACKS = ["surrogate", "top_p", "temperature", "corrupt_adapter", "escape_adapter", "slow_headers", "slow_body",
            "big_header"]
 
 
-async def _attack(c, url: str, arch: str, kind: str, broken: list[str], escapes: list[str], rng) -> int:
+async def _attack(c, url: str, arch: str, kind: str, broken: list[str], escapes: list[str], rng, servekit) -> int:
     admin = {"Authorization": f"Bearer {TOKEN}"}
     if kind == "surrogate":
         path, body = ("/v1/classify", '{"task": "pt", "text": "a\\ud800"}') if arch == "bert" else \
@@ -88,14 +74,19 @@ async def _attack(c, url: str, arch: str, kind: str, broken: list[str], escapes:
     data = {"slow_headers": b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Ty",
             "slow_body": b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 90\r\n\r\n{\"task\"",
             "big_header": b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"}[kind]
-    out = await asyncio.to_thread(_raw, url, data)
+    try:
+        out, _ = await asyncio.to_thread(servekit.raw_exchange, url, data)
+    except OSError:  # no answer in time: a slow client was not cut off
+        return 0
     return int(out.split(b" ", 2)[1]) if out.startswith(b"HTTP/1.1 ") else 0  # 0: closed without an answer
 
 
-async def _soak_server(url: str, arch: str, tasks: list[str], expected: dict, args, broken, escapes, seed: int):
+async def _soak_server(url: str, arch: str, tasks: list[str], expected: dict, args, broken, escapes, seed: int,
+                       servekit):
     rng = random.Random(seed)
     admin = {"Authorization": f"Bearer {TOKEN}"}
-    stats = {"innocent": 0, "innocent_failed": 0, "attacks": {}, "status_5xx": 0, "task_changes": 0,
+    stats = {"innocent": 0, "innocent_failed": 0, "attacks": {}, "attacks_unanswered": 0, "status_5xx": 0,
+             "task_changes": 0,
              "latency_ms": []}
     served = set(tasks)
     lock = asyncio.Lock()
@@ -132,10 +123,11 @@ async def _soak_server(url: str, arch: str, tasks: list[str], expected: dict, ar
             return await change(c, i)
         if rng.random() < args.attack_rate:
             kind = rng.choice([k for k in ATTACKS if arch == "gpt2" or k not in ("top_p", "temperature")])
-            status = await _attack(c, url, arch, kind, broken, escapes, rng)
+            status = await _attack(c, url, arch, kind, broken, escapes, rng, servekit)
             stats["attacks"].setdefault(kind, {}).setdefault(str(status), 0)
             stats["attacks"][kind][str(status)] += 1
             stats["status_5xx"] += status >= 500
+            stats["attacks_unanswered"] += status == 0
             return
         await innocent(c)
 
@@ -181,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
                 left = args.max_seconds - (time.monotonic() - started)
                 t0 = time.monotonic()
                 results[arch] = asyncio.run(asyncio.wait_for(
-                    _soak_server(server.url, arch, d.tasks, expected, args, broken, escapes, args.seed + i), left))
+                    _soak_server(server.url, arch, d.tasks, expected, args, broken, escapes, args.seed + i, servekit), left))
                 results[arch]["seconds"] = round(time.monotonic() - t0, 1)
     record = {"command": "python -m promptmux.bench.soak " + shlex.join(argv if argv is not None else sys.argv[1:]),
               "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "machine": machine_info(os.cpu_count() or 1),
@@ -193,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     for arch, r in results.items():
         assert r["innocent_failed"] == 0, f"{arch}: {r['innocent_failed']} innocent requests failed"
         assert r["status_5xx"] == 0, f"{arch}: {r['status_5xx']} responses were 5xx"
+        assert r["attacks_unanswered"] == 0, f"{arch}: {r['attacks_unanswered']} slow clients were never cut off"
         assert r["tasks_lost"] == 0 and r["tasks_unexpected"] == 0, f"{arch}: task list differs"
     return record
 

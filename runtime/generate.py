@@ -41,7 +41,7 @@ class SamplingParams:
             raise InputError(
                 f"max_new_tokens={self.max_new_tokens} exceeds the model's {max_positions} positions")
         if not 0 < self.temperature < float("inf"):
-            raise InputError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+            raise InputError(f"temperature must be > 0 and finite, got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise InputError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not 0 < self.top_p <= 1:

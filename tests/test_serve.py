@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 import servekit
-from servekit import EXTRA_ADAPTER, running_server, server_fixture
+from servekit import EXTRA_ADAPTER, raw_exchange, running_server, server_fixture
 
 from promptmux import Runtime
 
@@ -474,30 +474,18 @@ def test_tiny_queue_answers_503_with_retry_after(text_deployments):
             codes.count(503)
 
 
-def _raw(url: str, data: bytes, wait: float = 5.0) -> tuple[bytes, float]:
-    """Send data on a fresh connection, then read until the server closes it: (what came back, seconds)."""
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=wait) as s:
-        start = time.monotonic()
-        s.sendall(data)
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-        return out, time.monotonic() - start
-
-
 def test_slow_and_abusive_clients_are_bounded(text_deployments):
     """Slowloris headers or body: 408 and closed after the timeouts; an oversized head: 431; beyond
     --max-inflight: 503 + Retry-After while the admitted requests get their results; /docs off by default."""
     d = text_deployments["gpt2"]
     with running_server(d.deploy, "--header-timeout", "1", "--body-timeout", "1", "--max-inflight", "4",
                         "--max-batch", "2") as server:
-        out, took = _raw(server.url, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Ty")
+        out, took = raw_exchange(server.url, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Ty")
         assert out.startswith(b"HTTP/1.1 408") and took < 4, out
-        out, took = _raw(server.url, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+        out, took = raw_exchange(server.url, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
                                      b"Content-Type: application/json\r\n\r\n{\"model\"")
         assert out.startswith(b"HTTP/1.1 408") and took < 4, out
-        out, _ = _raw(server.url, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (100 * 1024) + b"\r\n\r\n")
+        out, _ = raw_exchange(server.url, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (100 * 1024) + b"\r\n\r\n")
         assert out.startswith(b"HTTP/1.1 431"), out[:100]
         assert httpx.get(server.url + "/health").status_code == 200  # a normal request after all that
 
