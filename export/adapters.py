@@ -52,30 +52,97 @@ class TaskPrompt:
     source: str = ""
 
 
-def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+MAX_JSON_BYTES = 1 << 20  # adapter_config.json, labels.json: a few hundred bytes in practice
+
+
+def _file(adapter_dir: Path, name: str, root: Path | None) -> Path | None:
+    """The adapter's file `name` resolved (symlinks followed), or None if there is none. With a root, a file
+    that resolves outside it is refused before anything is opened."""
+    path = adapter_dir / name
+    try:
+        real = path.resolve(strict=True)
+        if not real.is_file():
+            return None
+    except FileNotFoundError:
+        return None
+    except (OSError, RuntimeError) as e:  # a symlink loop (RuntimeError before Python 3.13), a name too long
+        raise AdapterError(f"{name} of adapter {str(adapter_dir)!r} cannot be resolved "
+                           f"({getattr(e, 'strerror', None) or 'symlink loop'}); replace it with a plain file") from None
+    if root is not None and not real.is_relative_to(root):
+        raise AdapterError(f"{name} of adapter {str(adapter_dir)!r} is a link that leads outside the adapter root; "
+                           "adapter files must lie under the adapter root")
+    return real
+
+
+def _read_json(path: Path, shown: str):
+    """A small JSON file; anything unreadable is an AdapterError naming the file (never its contents)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_JSON_BYTES + 1)
+        if len(data) > MAX_JSON_BYTES:
+            raise AdapterError(f"{shown} is over {MAX_JSON_BYTES} bytes; it is not a PEFT file")
+        return json.loads(data.decode("utf-8"))
+    except OSError as e:
+        raise AdapterError(f"{shown} cannot be read ({e.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise AdapterError(f"{shown} is not valid JSON: {str(e)[:200]}") from None
+
+
+def _load_safetensors(path: Path, shown: str) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file  # torch reader: handles bf16/fp16 files
 
-    return {k: v.float().numpy() for k, v in load_file(str(path)).items()}
+    try:
+        return {k: v.float().numpy() for k, v in load_file(str(path)).items()}
+    except (SafetensorError, OSError, RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as e:
+        raise AdapterError(f"{shown} is not a readable safetensors file ({str(e)[:200]}); re-save the adapter "
+                           "with PeftModel.save_pretrained") from None
 
 
-def read_adapter_config(adapter_dir: str | Path) -> dict:
+def _adapter_dir(adapter_dir: str | Path, root: str | Path | None) -> tuple[Path, Path | None]:
     adapter_dir = Path(adapter_dir)
+    if root is not None:
+        root = Path(root).resolve()
+        try:
+            inside = adapter_dir.resolve(strict=True).is_relative_to(root)
+        except (OSError, RuntimeError):
+            inside = False
+        if not inside:
+            raise AdapterError(f"adapter directory {str(adapter_dir)!r} is not a folder under the adapter root")
     if not adapter_dir.is_dir():
         raise AdapterError(f"adapter directory {str(adapter_dir)!r} does not exist")
-    cfg_path = adapter_dir / "adapter_config.json"
-    if not cfg_path.is_file():
+    return adapter_dir, root
+
+
+def read_adapter_config(adapter_dir: str | Path, root: str | Path | None = None) -> dict:
+    """adapter_config.json as a dict. root: every file read must resolve inside this folder."""
+    adapter_dir, root = _adapter_dir(adapter_dir, root)
+    cfg_path = _file(adapter_dir, "adapter_config.json", root)
+    if cfg_path is None:
         raise AdapterError(
             f"{str(adapter_dir)!r} has no adapter_config.json; pass the folder that PeftModel.save_pretrained wrote"
         )
-    try:
-        return json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{cfg_path} is not valid JSON: {e}") from None
+    cfg = _read_json(cfg_path, f"{adapter_dir / 'adapter_config.json'}")
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{adapter_dir / 'adapter_config.json'} must hold a JSON object, as PEFT writes it")
+    return cfg
 
 
-def _weights_path(adapter_dir: Path) -> Path:
-    st = adapter_dir / "adapter_model.safetensors"
-    if st.is_file():
+def _config_int(cfg: dict, key: str, adapter_dir: Path, required: bool = False) -> int | None:
+    """A size from adapter_config.json: a positive integer (absent or null: None, unless required)."""
+    value = cfg.get(key)
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 1 << 31:
+        got = "missing" if value is None else f"{type(value).__name__} {str(value)[:40]!r}"
+        raise AdapterError(f"adapter_config.json of {str(adapter_dir)!r}: {key} must be a positive integer, got "
+                           f"{got}; re-save the adapter with PEFT")
+    return value
+
+
+def _weights_path(adapter_dir: Path, root: Path | None) -> Path:
+    st = _file(adapter_dir, "adapter_model.safetensors", root)
+    if st is not None:
         return st
     if (adapter_dir / "adapter_model.bin").is_file():
         raise AdapterError(
@@ -98,15 +165,26 @@ def _expect_shape(what: str, tensor: np.ndarray, shape: tuple, adapter_dir: Path
             expected_from="what adapter_config.json and the base model's sizes imply")
 
 
-def _check_recorded_base(cfg: dict, base_config, adapter_dir: Path) -> None:
-    """If the adapter names a base model folder that exists here, its config must agree with ours."""
+def _check_recorded_base(cfg: dict, base_config, adapter_dir: Path, root: Path | None) -> None:
+    """If the adapter names a base model folder that exists here, its config must agree with ours. Not under
+    an adapter root: the adapter must not make the server open (or quote) files outside it."""
     recorded = cfg.get("base_model_name_or_path")
-    if not recorded:
+    if recorded is None:
         return
-    rec_cfg = Path(recorded) / "config.json"
-    if not rec_cfg.is_file():
-        return  # a hub id or a folder from another machine: nothing to compare against
-    other = json.loads(rec_cfg.read_text())
+    if not isinstance(recorded, str) or len(recorded) > 4096 or "\x00" in recorded:
+        raise AdapterError(f"adapter_config.json of {str(adapter_dir)!r}: base_model_name_or_path must be a "
+                           "folder name or a hub id (a string of at most 4096 characters)")
+    if root is not None or not recorded:
+        return
+    try:
+        rec_cfg = Path(recorded) / "config.json"
+        if not rec_cfg.is_file():
+            return  # a hub id or a folder from another machine: nothing to compare against
+    except (OSError, ValueError):
+        return
+    other = _read_json(rec_cfg, str(rec_cfg))
+    if not isinstance(other, dict):
+        return
     _expect("model type", other.get("model_type"), base_config.model_type, adapter_dir)
     if other.get("vocab_size") is not None:
         _expect("vocab size", other["vocab_size"], base_config.vocab_size, adapter_dir)
@@ -142,16 +220,17 @@ def _head_tensors(
     return head
 
 
-def load_adapter(name: str, adapter_dir: str | Path, base_config) -> list[TaskPrompt]:
-    """Read one PEFT adapter folder and check it against the base model's config."""
-    adapter_dir = Path(adapter_dir)
+def load_adapter(name: str, adapter_dir: str | Path, base_config, root: str | Path | None = None) -> list[TaskPrompt]:
+    """Read one PEFT adapter folder and check it against the base model's config. root: every file read must
+    resolve inside this folder (the server's --adapter-root), and nothing the adapter names outside it is read."""
     if not name or "/" in name or name.strip() != name:
         raise AdapterError(f"task name {name!r} is not allowed: use a non-empty name without '/' or surrounding spaces")
-    cfg = read_adapter_config(adapter_dir)
+    adapter_dir, root = _adapter_dir(adapter_dir, root)
+    cfg = read_adapter_config(adapter_dir, root)
     peft_type = cfg.get("peft_type")
-    if peft_type not in KIND_OF_PEFT_TYPE:
+    if not isinstance(peft_type, str) or peft_type not in KIND_OF_PEFT_TYPE:
         raise AdapterError(
-            f"adapter {str(adapter_dir)!r} is {peft_type}, not a prompt-learning method; promptmux serves "
+            f"adapter {str(adapter_dir)!r} is {str(peft_type)[:40]}, not a prompt-learning method; promptmux serves "
             f"{', '.join(KIND_OF_PEFT_TYPE)}"
         )
     kind = KIND_OF_PEFT_TYPE[peft_type]
@@ -169,7 +248,8 @@ def load_adapter(name: str, adapter_dir: str | Path, base_config) -> list[TaskPr
             f"adapter {str(adapter_dir)!r} is PREFIX_TUNING, which {base_config.model_type} does not support "
             "(its attention takes no past key/values); use prompt tuning or P-tuning for this model"
         )
-    subs = int(cfg.get("num_transformer_submodules") or 1)
+    n = _config_int(cfg, "num_virtual_tokens", adapter_dir, required=True)
+    subs = _config_int(cfg, "num_transformer_submodules", adapter_dir) or 1
     if spec.family != "seq2seq" and subs != 1:
         raise AdapterError(
             f"adapter {str(adapter_dir)!r} has num_transformer_submodules={subs}; "
@@ -183,7 +263,7 @@ def load_adapter(name: str, adapter_dir: str | Path, base_config) -> list[TaskPr
     if spec.family == "seq2seq" and kind == "prefix":
         _expect("number of layers (decoder)", cfg.get("num_layers"), getattr(base_config, "num_decoder_layers", None),
                 adapter_dir)
-    _check_recorded_base(cfg, base_config, adapter_dir)
+    _check_recorded_base(cfg, base_config, adapter_dir, root)
     _expect("number of layers", cfg.get("num_layers"), dims.num_layers, adapter_dir)
     if kind == "prefix":
         # PEFT sizes prefixes by the key/value heads (grouped-query attention: d = head_dim * kv_heads).
@@ -193,8 +273,7 @@ def load_adapter(name: str, adapter_dir: str | Path, base_config) -> list[TaskPr
         _expect("number of attention heads", cfg.get("num_attention_heads"), dims.num_heads, adapter_dir)
         _expect("hidden size", cfg.get("token_dim"), dims.hidden_size, adapter_dir)
 
-    weights = _load_safetensors(_weights_path(adapter_dir))
-    n = int(cfg["num_virtual_tokens"])
+    weights = _load_safetensors(_weights_path(adapter_dir, root), f"{adapter_dir / 'adapter_model.safetensors'}")
     if "prompt_embeddings" not in weights:
         raise AdapterError(f"adapter {str(adapter_dir)!r} has no 'prompt_embeddings' tensor")
     emb = weights["prompt_embeddings"]
@@ -206,7 +285,7 @@ def load_adapter(name: str, adapter_dir: str | Path, base_config) -> list[TaskPr
             "for every language-model task, so retrain without modules_to_save"
         )
     # labels.json names a classification head's outputs; a language-model adapter folder may hold any other file.
-    labels = _read_labels(adapter_dir, head, spec, base_config) if spec.family == "encoder" else None
+    labels = _read_labels(adapter_dir, head, spec, base_config, root) if spec.family == "encoder" else None
     # Absolute: the manifest records it, and a deployment is used from other folders than the export's.
     common = dict(peft_type=peft_type, num_virtual_tokens=n, head=head, labels=labels,
                   source=str(Path(adapter_dir).resolve()))
@@ -235,7 +314,11 @@ def load_adapter(name: str, adapter_dir: str | Path, base_config) -> list[TaskPr
     cols, rows = weights.get("prefix_task_cols"), weights.get("prefix_task_rows")
     if cols is None or rows is None:
         raise AdapterError(f"MPT adapter {str(adapter_dir)!r} lacks prefix_task_cols / prefix_task_rows")
-    k, r = int(cfg.get("num_tasks") or cols.shape[0]), int(cfg.get("num_ranks") or cols.shape[2])
+    if cols.ndim != 3:
+        raise AdapterError(f"MPT adapter {str(adapter_dir)!r}: prefix_task_cols has shape {tuple(cols.shape)}, "
+                           "not [tasks, tokens, ranks]")
+    k = _config_int(cfg, "num_tasks", adapter_dir) or cols.shape[0]
+    r = _config_int(cfg, "num_ranks", adapter_dir) or cols.shape[2]
     _expect_shape("MPT shared prompt", emb, (rows_saved, dims.hidden_size), adapter_dir)
     _expect_shape("MPT prefix_task_cols", cols, (k, rows_saved, r), adapter_dir)
     emb, cols = np.ascontiguousarray(emb[:n]), cols[:, :n]
@@ -251,19 +334,22 @@ def load_adapter(name: str, adapter_dir: str | Path, base_config) -> list[TaskPr
     ]
 
 
-def _read_labels(adapter_dir: Path, head: dict[str, np.ndarray], spec: ArchSpec, base_config) -> list[str] | None:
+def _read_labels(adapter_dir: Path, head: dict[str, np.ndarray], spec: ArchSpec, base_config,
+                 root: Path | None) -> list[str] | None:
     """Label names from the adapter's labels.json, else from the base config's id2label where it names them."""
-    path = adapter_dir / LABELS_FILE
-    if not path.is_file():
+    path = _file(adapter_dir, LABELS_FILE, root)
+    if path is None:
         return _base_labels(base_config, head, spec)
+    shown = str(adapter_dir / LABELS_FILE)
     try:
-        id2label = json.loads(path.read_text())["id2label"]
+        id2label = _read_json(path, shown)["id2label"]
         labels = [str(id2label[str(i)]) for i in range(len(id2label))]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise AdapterError(f"{path} must be JSON like {{\"id2label\": {{\"0\": \"neg\", \"1\": \"pos\"}}}}: {e}") from None
+    except (KeyError, TypeError) as e:
+        raise AdapterError(f"{shown} must be JSON like {{\"id2label\": {{\"0\": \"neg\", \"1\": \"pos\"}}}}: "
+                           f"{str(e)[:80]}") from None
     last = spec.head[-1].module + ".weight" if spec.head else None
     if last in head and head[last].shape[0] != len(labels):
-        raise AdapterError(f"{path} names {len(labels)} labels but the adapter's head has {head[last].shape[0]} outputs")
+        raise AdapterError(f"{shown} names {len(labels)} labels but the adapter's head has {head[last].shape[0]} outputs")
     return labels
 
 

@@ -317,11 +317,25 @@ def _replace_dir(src: Path, dest: Path) -> None:
 
 
 def write_manifest_tasks(deploy_dir: str | Path, bank) -> None:
-    """Refresh the manifest's task list after a bank change (the bank file is the source of truth)."""
-    path = Path(deploy_dir) / MANIFEST
-    manifest = json.loads(path.read_text())
-    manifest["tasks"] = bank.describe()
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", dir=deploy_dir)
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(tmp, path)
+    """Refresh the manifest's task list after a bank change (the bank file is the source of truth; the list
+    here is derived from it, and update_tasks rewrites it at every change)."""
+    from promptmux.runtime.bank import write_manifest
+
+    write_manifest(deploy_dir, lambda m: m.__setitem__("tasks", bank.describe()))
+
+
+def update_tasks(deploy_dir: str | Path, spec, change):
+    """Change the tasks of a deployment folder: under its lock, change(bank) on the bank as it is on disk now
+    (not as some process read it earlier), then the bank and the manifest derived from it are committed.
+    Concurrent changes (CLI, Runtime persist=True) are serialised, so none is lost. Returns change's result.
+
+    The two files cannot be renamed as one: a crash between them leaves a manifest whose task list lags the
+    bank. The bank is the truth (every reader of tasks reads it) and the next change rewrites the list."""
+    from promptmux.runtime.bank import PromptBank, deployment_lock
+
+    with deployment_lock(deploy_dir):
+        bank = PromptBank.load(deploy_dir, spec)
+        result = change(bank)
+        bank.save(deploy_dir)
+        write_manifest_tasks(deploy_dir, bank)
+    return result

@@ -328,11 +328,10 @@ def build_engine(deploy_dir, precision: str = "fp32", max_batch: int = 8, max_se
 
 
 def record_engine(deploy_dir, settings: dict, key: str = "engine") -> None:
-    """Add `key: settings` to deploy_dir/manifest.json atomically (temp file + os.replace)."""
-    path = Path(deploy_dir) / MANIFEST
-    manifest = json.loads(path.read_text())
-    manifest[key] = settings
-    _write_atomic(path, json.dumps(manifest, indent=2).encode())
+    """Add `key: settings` to deploy_dir/manifest.json (durably, under the deployment's lock)."""
+    from promptmux.runtime.bank import update_manifest
+
+    update_manifest(deploy_dir, key, settings)
 
 
 def build_deployment_engines(deploy_dir, precision: str = "fp32", max_batch: int = 8, max_seq: int = 128,

@@ -57,6 +57,21 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
     return out
 
 
+TEXT_ARGS = ("text", "prompt", "stop", "task")  # flags whose values go to a tokenizer or are matched as text
+
+
+def _check_text_args(args) -> None:
+    """Bytes that are not UTF-8 reach argv as lone surrogates (Python's surrogateescape): paths may hold them,
+    text for a tokenizer may not."""
+    for flag in TEXT_ARGS:
+        value = getattr(args, flag, None)
+        for v in [value] if isinstance(value, str) else value or []:
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise CliError(f"--{flag} {v!r} is not valid UTF-8 text; pass it in UTF-8") from None
+
+
 def cmd_export(args) -> int:
     from promptmux.export.deploy import export_deployment
 
@@ -99,6 +114,7 @@ def _tasks_action(args) -> list[str]:
 
 def cmd_tasks(args) -> int:
     from promptmux.export.archs import arch_for
+    from promptmux.export.deploy import update_tasks
     from promptmux.runtime.bank import PromptBank
 
     action = _tasks_action(args)
@@ -118,8 +134,6 @@ def cmd_tasks(args) -> int:
                 extra = f" labels={r.get('num_labels')}" if "num_labels" in r else ""
                 print(f"{r['name']}\t{r['kind']}\t{r['peft_type']}\tvirtual_tokens={r['num_virtual_tokens']}{extra}")
         return 0
-    from promptmux.export.deploy import write_manifest_tasks
-
     if verb == "add":
         if len(action) != 2:
             raise CliError("usage: promptmux tasks DIR add NAME=ADAPTER_DIR")
@@ -128,20 +142,21 @@ def cmd_tasks(args) -> int:
 
         (name, path), = _pairs([action[1]], "add").items()
         new = load_adapter(name, path, load_base_config(args.deploy))
-        if not args.replace and any(t.name in bank for t in new):
-            raise CliError(f"task(s) {', '.join(t.name for t in new if t.name in bank)} already in the deployment; "
-                           "pass --replace to replace them, or remove them first")
-        bank.add(new, replace=args.replace)
-        bank.save(args.deploy)
-        write_manifest_tasks(args.deploy, bank)
+
+        def add(b):  # on the bank as it is on disk, under the deployment's lock
+            clash = [t.name for t in new if t.name in b]
+            if clash and not args.replace:
+                raise CliError(f"task(s) {', '.join(clash)} already in the deployment; pass --replace to replace "
+                               "them, or remove them first")
+            b.add(new, replace=args.replace)
+
+        update_tasks(args.deploy, bank.spec, add)
         print(json.dumps({"added": [t.name for t in new]}))
         return 0
     if verb == "remove":
         if len(action) != 2:
             raise CliError("usage: promptmux tasks DIR remove NAME")
-        removed = bank.remove(action[1])
-        bank.save(args.deploy)
-        write_manifest_tasks(args.deploy, bank)
+        removed = update_tasks(args.deploy, bank.spec, lambda b: b.remove(action[1]))
         print(json.dumps({"removed": removed}))
         return 0
     raise CliError(f"unknown tasks action {verb!r}; use list, add NAME=DIR, remove NAME or similar QUERY")
@@ -311,7 +326,10 @@ def cmd_serve(args) -> int:
                            calibration=args.calibration, threads=args.threads, max_batch=args.max_batch,
                            max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                            request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
-                           admin_token=token, adapter_root=args.adapter_root, drain_timeout=args.drain_timeout)
+                           admin_token=token, adapter_root=args.adapter_root, drain_timeout=args.drain_timeout,
+                           max_inflight=args.max_inflight, max_queue_wait=args.max_queue_wait,
+                           header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                           max_header_bytes=args.max_header_bytes, docs=args.docs)
     if not (Path(args.deploy) / "manifest.json").is_file():
         raise CliError(f"{args.deploy} is not a promptmux deployment (no manifest.json); run promptmux export")
     if args.ray:
@@ -509,6 +527,17 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queue", type=int, default=1024, help="texts/prompts waiting; more get 503 + Retry-After")
     sv.add_argument("--request-timeout", type=float, default=60.0, help="seconds per request (504 after)")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    sv.add_argument("--max-inflight", type=int, help="classify/completions requests served at once; more get 503 + "
+                                                     "Retry-After (default 4 x --max-batch)")
+    sv.add_argument("--max-queue-wait", type=float, default=1.0,
+                    help="seconds the oldest queued request may have waited before new ones get 503 + Retry-After")
+    sv.add_argument("--header-timeout", type=float, default=10.0,
+                    help="seconds a client has to send a request's headers (408 and close after)")
+    sv.add_argument("--body-timeout", type=float, default=30.0,
+                    help="seconds a client has to send a request's body once its headers are in (408 after)")
+    sv.add_argument("--max-header-bytes", type=int, default=64 * 1024, help="larger request heads get 431")
+    sv.add_argument("--docs", action="store_true", help="serve /docs and /redoc (their scripts load from a "
+                                                         "public CDN); /openapi.json is always served")
     sv.add_argument("--admin-token", help="enables GET/POST/DELETE /v1/tasks for this bearer token "
                                           "(or set PROMPTMUX_ADMIN_TOKEN; off when neither is given)")
     sv.add_argument("--adapter-root", help="the only folder POST /v1/tasks reads adapter folders from")
@@ -602,6 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="promptmux: %(message)s")
     try:
         args = build_parser().parse_args(argv)
+        _check_text_args(args)
         return args.func(args)
     except KeyboardInterrupt:  # Ctrl-C: an export removes its temporary folder on the way out
         print("promptmux: interrupted", file=sys.stderr)

@@ -13,6 +13,8 @@ together: a reader sees the old bank or the new one, never half of each.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -29,6 +31,8 @@ from promptmux.export.archs import ArchSpec
 
 BANK_FILE = "bank.safetensors"
 INDEX_KEY = "promptmux_tasks"
+LOCK_FILE = ".promptmux.lock"
+TEMP_PATTERNS = (".bank-*.tmp", ".manifest-*")  # what a change killed midway leaves behind
 
 
 class UnknownTaskError(LookupError):
@@ -190,13 +194,16 @@ class PromptBank:
 
     # ---- storage -------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
+        """Write the bank durably: a temp file, fsynced, renamed over the old one (readers see one or the
+        other, also after a power loss). A deployment's bank is changed under deployment_lock (see
+        export/deploy.py update_tasks)."""
         folder = Path(folder)
         target = folder / BANK_FILE
         fd, tmp = tempfile.mkstemp(prefix=".bank-", suffix=".tmp", dir=folder)
         os.close(fd)
         try:
             save_file(dict(self.arrays), tmp, metadata={INDEX_KEY: json.dumps(self.index)})
-            os.replace(tmp, target)
+            durable_replace(tmp, target)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -215,3 +222,61 @@ class PromptBank:
             bank.index = json.loads(meta[INDEX_KEY])
             bank.arrays = {k: f.get_tensor(k) for k in f.keys()}
         return bank
+
+
+def _fsync(path: str | Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_replace(tmp: str | Path, target: str | Path) -> None:
+    """os.replace that survives a crash: the data is on disk before the rename, the rename before we return."""
+    _fsync(tmp)
+    os.replace(tmp, target)
+    _fsync(Path(target).parent, directory=True)
+
+
+def write_manifest(deploy_dir: str | Path, change) -> None:
+    """Read manifest.json, change(manifest) in place, write it back durably. Callers outside a change of the
+    bank hold deployment_lock around it (see update_manifest)."""
+    import json
+    import tempfile
+
+    path = Path(deploy_dir) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    fd, tmp = tempfile.mkstemp(prefix=".manifest-", dir=deploy_dir)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(manifest, f, indent=2)
+        durable_replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def update_manifest(deploy_dir: str | Path, key: str, value) -> None:
+    """Set one manifest entry (an engine record, a precision contract) under the deployment's lock, so that it
+    neither loses nor is lost to a concurrent task change."""
+    with deployment_lock(deploy_dir):
+        write_manifest(deploy_dir, lambda m: m.__setitem__(key, value))
+
+
+@contextlib.contextmanager
+def deployment_lock(folder: str | Path):
+    """Serialises changes of a deployment folder across threads and processes (an exclusive flock on
+    FOLDER/.promptmux.lock, released by the kernel if the holder dies). On entry nobody else is writing, so
+    temp files found then are leftovers of a change killed midway: they are removed."""
+    folder = Path(folder)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        for pattern in TEMP_PATTERNS:
+            for stale in folder.glob(pattern):
+                stale.unlink(missing_ok=True)
+        yield
+    finally:
+        os.close(fd)

@@ -40,8 +40,8 @@ class SamplingParams:
         if max_positions and self.max_new_tokens > max_positions:
             raise InputError(
                 f"max_new_tokens={self.max_new_tokens} exceeds the model's {max_positions} positions")
-        if not self.temperature > 0:
-            raise InputError(f"temperature must be > 0, got {self.temperature!r}")
+        if not 0 < self.temperature < float("inf"):
+            raise InputError(f"temperature must be > 0 and finite, got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise InputError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
@@ -49,21 +49,28 @@ class SamplingParams:
 
 
 def _pick(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> np.ndarray:
-    """Next token per row: argmax, or a sample after temperature, top-k and top-p."""
+    """Next token per row: argmax, or a sample after temperature, top-k and top-p. Never NaN, whatever the
+    parameters: the most likely token always keeps a probability of 1 before normalization."""
     if not p.do_sample:
         return logits.argmax(-1)
-    x = logits.astype(np.float64) / p.temperature
+    x = logits.astype(np.float64)
+    # Shift before scaling: the best token sits at exactly 0 and every other at -something (or -inf when a
+    # tiny temperature overflows), so exp() below is 1 for the best token and the sum is never 0 or inf.
+    with np.errstate(over="ignore"):
+        x = (x - x.max(-1, keepdims=True)) / p.temperature
     if p.top_k and p.top_k < x.shape[-1]:
         kth = np.partition(x, -p.top_k, axis=-1)[:, -p.top_k][:, None]
         x = np.where(x < kth, -np.inf, x)
-    probs = np.exp(x - x.max(-1, keepdims=True))
+    probs = np.exp(x)
     probs /= probs.sum(-1, keepdims=True)
     if p.top_p < 1.0:
-        order = np.argsort(-probs, axis=-1)
+        order = np.argsort(-probs, axis=-1, kind="stable")
         sorted_p = np.take_along_axis(probs, order, -1)
-        # keep the smallest prefix whose mass reaches top_p (always at least one token);
-        # the tolerance stops rounding in the softmax from admitting one token too many
+        # keep the smallest prefix whose mass reaches top_p, and always the most likely token (a top_p below
+        # its probability would otherwise drop every token); the tolerance stops rounding in the softmax
+        # from admitting one token too many
         drop_sorted = np.cumsum(sorted_p, -1) - sorted_p >= p.top_p - 1e-6
+        drop_sorted[:, 0] = False
         drop = np.zeros_like(drop_sorted)
         np.put_along_axis(drop, order, drop_sorted, -1)
         probs = np.where(drop, 0.0, probs)
@@ -244,13 +251,19 @@ class Row:
     rng: np.random.Generator
     tag: object = None  # the caller's handle (a server request)
     tokens: list = field(default_factory=list)
-    finish_reason: str | None = None  # "eos", "length", or what the caller set with finish()
+    finish_reason: str | None = None  # "eos", "length", "error", or what the caller set with finish()
     picked: bool = False  # a token was chosen since the last decoding step
+    error: Exception | None = None  # why the row finished with "error"
 
     def finish(self, reason: str) -> None:
         """End the row early (a stop string, a cancelled request); it leaves the batch at the next advance()."""
         if self.finish_reason is None:
             self.finish_reason = reason
+
+    def fail(self, error: Exception) -> None:
+        """End this row only (its sampling or its text handling failed); the other rows go on."""
+        self.error = error
+        self.finish_reason = "error"  # over "eos"/"length" too: a row whose last token failed did not finish well
 
     def take(self, token: int) -> None:
         """Append the chosen token; the row finishes on one of its EOS ids or at max_new_tokens."""
@@ -302,12 +315,16 @@ class ContinuousBatch:
         """Prefill several prompts ((ids, view, params, precompute, tag) each) and merge them into the batch.
 
         The rows share one prefill (one per precompute setting), left-padded, with every row's positions taken
-        from its own mask: a row's result is then the one it gets alone, whatever the padding."""
+        from its own mask: a row's result is then the one it gets alone, whatever the padding. All or nothing:
+        the batch is changed only once every prefill has succeeded."""
         groups: dict[bool, list[int]] = {}
         for k, item in enumerate(items):
+            if len(item[0]) == 0:
+                raise InputError("empty prompt: a row needs at least one token")
             groups.setdefault(bool(item[3]), []).append(k)
         pad = self.gen.rt.config.pad_token_id or 0
         rows: list[Row | None] = [None] * len(items)
+        prefilled = []
         for key, members in groups.items():
             seqs = [np.asarray(items[k][0], np.int64) for k in members]
             width = max(len(x) for x in seqs)
@@ -320,9 +337,11 @@ class ContinuousBatch:
                 ids, mask, [items[k][1] for k in members], key, own_positions=True)
             new = [Row(view=items[k][1], params=items[k][2], eos=frozenset(self.gen._eos(items[k][2]).tolist()),
                        rng=np.random.default_rng(items[k][2].seed), tag=items[k][4]) for k in members]
-            self._merge([host(x) for x in presents], cache_mask, next_pos, logits, new)
+            prefilled.append(([host(x) for x in presents], cache_mask, next_pos, logits, new))
             for k, row in zip(members, new):
                 rows[k] = row
+        for merged in prefilled:
+            self._merge(*merged)
         return rows
 
     def _merge(self, presents, mask, next_pos, logits, rows: list[Row]) -> None:
@@ -339,12 +358,17 @@ class ContinuousBatch:
 
     def pick(self) -> list[tuple[Row, int]]:
         """Choose each running row's next token with its own sampling parameters and rng. A row that reaches
-        one of its EOS ids or its max_new_tokens is finished ("eos" / "length")."""
+        one of its EOS ids or its max_new_tokens is finished ("eos" / "length"); one whose sampling fails is
+        finished with "error" (row.error) and the others go on."""
         out = []
         for i, row in enumerate(self.rows):
             if row.finish_reason is not None:
                 continue
-            token = int(_pick(self.logits[i:i + 1], row.params, row.rng)[0])
+            try:
+                token = int(_pick(self.logits[i:i + 1], row.params, row.rng)[0])
+            except Exception as e:
+                row.fail(e)
+                continue
             row.take(token)
             row.picked = True
             out.append((row, token))
@@ -406,7 +430,11 @@ class StreamedRows:
         for row in self.rows:
             if row.finish_reason is not None:
                 continue
-            token = int(next(self._streams[id(row)])[0])
+            try:  # each row runs its own model calls: one that fails ends that row only
+                token = int(next(self._streams[id(row)])[0])
+            except Exception as e:
+                row.fail(e)
+                continue
             row.take(token)
             out.append((row, token))
         return out

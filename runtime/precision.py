@@ -14,10 +14,7 @@ nothing falls back silently.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -180,16 +177,12 @@ def stored_contract(manifest: dict, backend: str, precision: str, digests: dict[
 
 
 def write_contract(deploy_dir: Path, backend: str, precision: str, entry: dict) -> None:
-    """Merge one contract into manifest.json (read again just before the atomic replace)."""
-    path = Path(deploy_dir) / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest.setdefault("precision", {})[record_key(backend, precision)] = entry
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", dir=deploy_dir)
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Merge one contract into manifest.json's "precision" (under the deployment's lock)."""
+    from .bank import deployment_lock, write_manifest
+
+    with deployment_lock(deploy_dir):
+        write_manifest(deploy_dir, lambda m: m.setdefault("precision", {}).__setitem__(record_key(backend, precision),
+                                                                                        entry))
 
 
 def calibrate(fast, texts: list[str] | None = None, source: str | None = None) -> dict:

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from promptmux.export.archs import arch_for, dims_of, position_offset
-from promptmux.export.deploy import FOLDED_GRAPH, GRAPH, MANIFEST, write_manifest_tasks
+from promptmux.export.deploy import FOLDED_GRAPH, GRAPH, MANIFEST, update_tasks
 
 from .bank import PromptBank, TaskView, UnknownTaskError, same_prompt
 from .errors import InputError
@@ -184,40 +184,37 @@ class Runtime:
     def tasks(self) -> list[str]:
         return self.bank.names()
 
-    def add_task(self, name: str, adapter_dir: str | Path, persist: bool = False, replace: bool = False) -> list[str]:
-        """Load a PEFT adapter into the bank of this runtime (and the deployment folder if persist)."""
+    def add_task(self, name: str, adapter_dir: str | Path, persist: bool = False, replace: bool = False,
+                 root: str | Path | None = None) -> list[str]:
+        """Load a PEFT adapter into the bank of this runtime (and the deployment folder if persist). root: every
+        file read for the adapter must resolve inside this folder (see load_adapter)."""
         from promptmux.export.adapters import load_adapter
 
-        new = load_adapter(name, adapter_dir, self.config)
-        with self._lock:
-            bank = self._copy_bank()
-            bank.add(new, replace=replace)
-            self._commit(bank, persist)
-            if hasattr(self._generator, "precompute"):  # a running causal-LM generator: the new tasks' KV now
-                self._generator.precompute([t.name for t in new])
+        new = load_adapter(name, adapter_dir, self.config, root=root)
+        self._change(lambda bank: bank.add(new, replace=replace), persist)
+        if hasattr(self._generator, "precompute"):  # a running causal-LM generator: the new tasks' KV now
+            self._generator.precompute([t.name for t in new])
         return [t.name for t in new]
 
     def remove_task(self, name: str, persist: bool = False) -> list[str]:
-        with self._lock:
-            bank = self._copy_bank()
-            removed = bank.remove(name)
-            self._commit(bank, persist)
-            if hasattr(self._generator, "precompute"):
-                self._generator.precompute([])  # drops the removed tasks' key/values
+        removed = self._change(lambda bank: bank.remove(name), persist)
+        if hasattr(self._generator, "precompute"):
+            self._generator.precompute([])  # drops the removed tasks' key/values
         return removed
 
-    def _copy_bank(self) -> PromptBank:
-        bank = PromptBank(self.spec)
-        bank.index = {k: dict(v) for k, v in self.bank.index.items()}
-        bank.arrays = dict(self.bank.arrays)
-        return bank
-
-    def _commit(self, bank: PromptBank, persist: bool) -> None:
-        if persist:
-            bank.save(self.dir)
-            write_manifest_tasks(self.dir, bank)
-        self._bank_version += 1
-        self.bank = bank  # one reference swap: a request sees the old bank or the new one
+    def _change(self, change, persist: bool):
+        """change(bank) on a copy of this runtime's bank, and with persist on the deployment folder's bank
+        under its lock (update_tasks: other processes' changes are kept); then one reference swap."""
+        with self._lock:
+            bank = PromptBank(self.spec)
+            bank.index = {k: dict(v) for k, v in self.bank.index.items()}
+            bank.arrays = dict(self.bank.arrays)
+            result = change(bank)
+            if persist:
+                update_tasks(self.dir, self.spec, change)
+            self._bank_version += 1
+            self.bank = bank  # one reference swap: a request sees the old bank or the new one
+        return result
 
     # ---- inference -----------------------------------------------------------------------
     @property

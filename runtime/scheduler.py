@@ -76,6 +76,7 @@ class GenerateJob:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     finished: int = 0
+    enqueued: float = field(default_factory=time.monotonic)
 
     def deliver(self, events: list) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, events)
@@ -118,6 +119,15 @@ class Scheduler:
 
     def depth(self, kind: str) -> int:
         return self._cls_rows if kind == "classify" else len(self._gen)
+
+    def oldest_wait(self, kind: str) -> float:
+        """Seconds the oldest request still waiting in this kind's queue has waited (0: none waits)."""
+        with self._cv:
+            if kind == "classify":
+                head = next((j for j in self._cls if not j.cancelled), None)
+            else:
+                head = next((j for j, _ in self._gen if not j.cancelled), None)
+            return time.monotonic() - head.enqueued if head is not None else 0.0
 
     def running(self) -> int:
         return len(self.batch) if self.batch is not None else 0
@@ -166,12 +176,15 @@ class Scheduler:
         try:
             fn(jobs) if jobs is not None else fn()
         except Exception as e:  # a bug, not a request error: fail what was in flight, keep serving
-            log.exception("worker error")
-            if jobs is not None:
-                for job in jobs:
-                    job.resolve(error=e)
-            else:
+            if jobs is None:
+                log.exception("worker error")
                 self._fail_batch(e)
+            elif len(jobs) == 1:
+                log.exception("worker error")
+                jobs[0].resolve(error=e)
+            else:  # no request fails another: each job of the batch runs again alone, only the culprit fails
+                for job in jobs:
+                    self._safely(fn, [job])
 
     def _take_classify(self) -> list[ClassifyJob]:
         """Under the lock: the next classification batch, or [] to wait (the oldest request may wait max_wait
@@ -266,8 +279,7 @@ class Scheduler:
                 continue
             joining.append((job.prompts[index], job.view, job.params, True,
                             (job, index, TextStream(job.tokenizer, job.params.stop))))
-        if joining:
-            batch.add_many(joining)
+        self._join(joining)
         for row in batch.rows:  # rows of cancelled or expired requests leave before their next token
             job = row.tag[0]
             if job.cancelled:
@@ -283,21 +295,47 @@ class Scheduler:
         for row, token in picked:
             job, index, text = row.tag
             out = events.setdefault(id(job), (job, []))[1]
-            piece = text.add(token)
-            if text.stopped:  # a stop string wins over EOS and length on the same token (as in generate())
-                row.finish_reason = "stop"
+            try:  # detokenizing and stop strings are per row: a failure ends this row only
+                piece = text.add(token)
+                if text.stopped:  # a stop string wins over EOS and length on the same token (as in generate())
+                    row.finish_reason = "stop"
+                tail = text.flush() if row.finish_reason is not None else ""
+            except Exception as e:
+                row.fail(e)
+                continue
             out.append(("token", index, piece, token))
             if row.finish_reason is not None:
-                tail = text.flush()
                 if tail:
                     out.append(("token", index, tail, None))
                 out.append(("finish", index, row.finish_reason))
         for row in gone:
             job, index, _ = row.tag
             events.setdefault(id(job), (job, []))[1].append(("finish", index, row.finish_reason))
+        for row in batch.rows:
+            if row.error is not None:
+                log.error("generation row failed: %r", row.error)
+                job, index, _ = row.tag
+                events.setdefault(id(job), (job, []))[1].append(("error", index, str(row.error)))
         for job, out in events.values():
             job.deliver(out)
         batch.advance()
+
+    def _join(self, joining: list) -> None:
+        """Prefill the joining rows into the running batch. If their shared prefill fails, each row is tried
+        alone: only the rows that fail by themselves get the error, at once (none waits out its timeout)."""
+        if not joining:
+            return
+        try:
+            self.batch.add_many(joining)
+            return
+        except Exception as e:
+            if len(joining) == 1:
+                log.error("a row could not join the batch: %r", e)
+                job, index, _ = joining[0][4]
+                job.deliver([("error", index, str(e))])
+                return
+        for item in joining:
+            self._join([item])
 
     def _fail_batch(self, error: Exception) -> None:
         """After a worker error in generation: every running row's request ends with that error."""

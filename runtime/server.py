@@ -64,6 +64,14 @@ class ServeOptions:
     admin_token: str | None = None  # task administration is off unless set
     adapter_root: str | None = None  # the only folder the admin endpoint reads adapters from
     drain_timeout: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
+    # Admission (see Engine.admit): beyond either limit a model request gets 503 + Retry-After at once.
+    max_inflight: int | None = None  # classify/completions requests being served; None: 4 * max_batch
+    max_queue_wait: float = 1.0  # seconds the oldest queued request of a kind may have waited
+    # Slow and abusive clients (server_http.py): uvicorn only.
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_header_bytes: int = 64 * 1024
+    docs: bool = False  # /docs and /redoc: Swagger UI / ReDoc load their scripts from a public CDN, so off by default
 
 
 class ApiError(Exception):
@@ -76,7 +84,14 @@ def error_response(request_or_scope, status: int, type_: str, field: str | None,
                    headers: dict | None = None) -> JSONResponse:
     scope = request_or_scope.scope if isinstance(request_or_scope, Request) else request_or_scope
     scope.setdefault("state", {})["error_type"] = type_  # read by the metrics middleware
-    return JSONResponse({"error": {"type": type_, "field": field, "message": message}}, status, headers=headers)
+    return _AsciiJSON({"error": {"type": type_, "field": field, "message": message}}, status, headers=headers)
+
+
+class _AsciiJSON(JSONResponse):
+    """Errors may quote what a client sent (a field name with a lone surrogate): escaped, they always encode."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 404, 413, 415, 503, 504)}
@@ -187,6 +202,7 @@ class Engine:
         # any time goes into tokenizing them.
         self.max_chars = 32 * (self.max_positions or 4096)
         self.applied = 0  # changes of a shared task log applied (serve_ray.py)
+        self.inflight = 0  # model requests admitted and not answered yet (loop thread only)
         self.sync_lock = asyncio.Lock()
         self.scheduler = Scheduler(self.rt, options.max_batch, options.max_wait_ms, options.max_queue, metrics)
         metrics.bind(self.scheduler)
@@ -218,6 +234,9 @@ class Engine:
         ids = enc["input_ids"]
         limit = self.max_positions
         for i, row in enumerate(ids):
+            if not row:
+                raise ApiError(400, "invalid_request", field if single else f"{field}[{i}]",
+                               "the text gives no tokens with this deployment's tokenizer; send text it can read")
             refused = too_long(len(row), view.num_virtual_tokens, view.name, limit)
             if refused:
                 raise ApiError(400, "invalid_request", field if single else f"{field}[{i}]", refused)
@@ -226,6 +245,28 @@ class Engine:
                                f"{len(row)} tokens + {view.num_virtual_tokens} virtual tokens of task {view.name!r} "
                                f"+ max_tokens={room} exceed the model's {limit} positions")
         return ids, enc.get("token_type_ids")
+
+    def admit(self, kind: str):
+        """The admission rule: a model request is admitted while fewer than max_inflight are being served and
+        the oldest request waiting in its kind's queue has waited under max_queue_wait; otherwise it gets 503 +
+        Retry-After at once, instead of a latency that grows with the crowd. Returns the release to call when
+        the response ends (idempotent)."""
+        limit = self.options.max_inflight or 4 * self.options.max_batch
+        if self.inflight >= limit:
+            raise ApiError(503, "overloaded", None, f"{self.inflight} requests in flight; retry later",
+                           {"Retry-After": "1"})
+        waited = self.scheduler.oldest_wait(kind)
+        if waited > self.options.max_queue_wait:
+            raise ApiError(503, "overloaded", None, f"the oldest queued request has waited {waited:.1f} s; retry "
+                                                    "later", {"Retry-After": "1"})
+        self.inflight += 1
+        released = []
+
+        def release():
+            if not released:
+                released.append(True)
+                self.inflight -= 1
+        return release
 
     def stop(self) -> None:
         self.scheduler.stop()
@@ -323,7 +364,8 @@ def create_app(deploy_dir: str | Path, options: ServeOptions | None = None, task
                 follower.cancel()
             engine.stop()
 
-    app = FastAPI(title="promptmux", version=_version(), lifespan=lifespan,
+    docs = {} if options.docs else {"docs_url": None, "redoc_url": None}
+    app = FastAPI(title="promptmux", version=_version(), lifespan=lifespan, **docs,
                   description="Every task of a promptmux deployment behind one endpoint: mixed-task batching for "
                               "classification, continuous batching for generation.")
     app.state.engine = None
@@ -338,7 +380,9 @@ def create_app(deploy_dir: str | Path, options: ServeOptions | None = None, task
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
-        err = (e.errors() or [{}])[0]
+        errors = e.errors() or [{}]
+        # A union (prompt: a string or a list) reports each branch; the value error says what is wrong.
+        err = next((x for x in errors if x.get("type") == "value_error"), errors[0])
         if err.get("type") == "json_invalid":
             return error_response(request, 400, "invalid_json", "body", f"malformed JSON: {err.get('msg', '')}")
         field = _field_of(err.get("loc", ()))
@@ -407,13 +451,16 @@ def create_app(deploy_dir: str | Path, options: ServeOptions | None = None, task
         loop = asyncio.get_running_loop()
         job = ClassifyJob(ids=ids, types=types, view=view,
                           deadline=time.monotonic() + options.request_timeout, loop=loop, future=loop.create_future())
-        _submit(engine.scheduler.submit_classify, job)
+        release = engine.admit("classify")
         try:
+            _submit(engine.scheduler.submit_classify, job)
             results = await _await_job(request, job.future, lambda: _cancel(engine, job), options.request_timeout)
         except _ClientGone:
             return Response(status_code=499)
         except JobTimeout as e:
             raise ApiError(504, "timeout", None, str(e)) from None
+        finally:
+            release()
         return {"task": body.task, "labels": view.labels, "results": results}
 
     # ---- completions ----------------------------------------------------------------------------
@@ -439,17 +486,30 @@ def create_app(deploy_dir: str | Path, options: ServeOptions | None = None, task
         loop = asyncio.get_running_loop()
         job = GenerateJob(prompts=ids, view=view, params=params, tokenizer=engine.rt.tokenizer,
                           deadline=time.monotonic() + options.request_timeout, loop=loop)
-        _submit(engine.scheduler.submit_generate, job)
-        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        if body.stream:
-            return CancelOnClose(_sse(job, cid, created, body.model, options.request_timeout, engine),
-                                 on_close=lambda: _cancel(engine, job), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        release = engine.admit("generate")
+        streaming = False
         try:
+            _submit(engine.scheduler.submit_generate, job)
+            cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+            if body.stream:
+                streaming = True  # released when the stream ends
+
+                def on_close():
+                    _cancel(engine, job)
+                    release()
+                return CancelOnClose(_sse(job, cid, created, body.model, options.request_timeout, engine),
+                                     on_close=on_close, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
             rows = await _await_job(request, asyncio.ensure_future(_collect(job, options.request_timeout)),
                                     lambda: _cancel(engine, job), options.request_timeout + 1)
         except _ClientGone:
             return Response(status_code=499)
+        except ApiError:
+            _cancel(engine, job)  # e.g. one of its rows failed: its other rows leave the batch
+            raise
+        finally:
+            if not streaming:
+                release()
         engine_metrics_tokens(metrics, body.model, rows)
         choices = [{"index": i, "text": r["text"], "finish_reason": _FINISH[r["finish"]], "logprobs": None}
                    for i, r in enumerate(rows)]
@@ -537,7 +597,7 @@ def _apply_change(engine: Engine, op: dict) -> list[str]:
         return str(e).replace(root, "<adapter-root>")
 
     try:
-        return engine.rt.add_task(op["name"], op["folder"], False, op["replace"])
+        return engine.rt.add_task(op["name"], op["folder"], False, op["replace"], root=root)
     except AdapterError as e:
         raise ApiError(400, "invalid_request", "adapter", private(e)) from None
     except ValueError as e:
@@ -594,8 +654,9 @@ def _adapter_folder(root: str, rel: str) -> Path:
         path = (base / rel).resolve()
         inside = path != base and path.is_relative_to(base)
         exists = inside and path.is_dir()
-    except OSError as e:  # a name too long, a symlink loop, ...
-        raise ApiError(400, "invalid_request", "adapter", f"not a usable folder name ({e.strerror})") from None
+    except (OSError, RuntimeError) as e:  # a name too long; a symlink loop (RuntimeError before Python 3.13)
+        raise ApiError(400, "invalid_request", "adapter",
+                       f"not a usable adapter folder name ({getattr(e, 'strerror', None) or 'symlink loop'})") from None
     if not inside:
         raise ApiError(400, "invalid_request", "adapter", "the adapter folder must lie under the adapter root")
     if not exists:
@@ -613,7 +674,7 @@ async def _job_events(job: GenerateJob, timeout: float):
         except (TimeoutError, asyncio.TimeoutError):
             raise ApiError(504, "timeout", None, f"the request took longer than {timeout:g} s") from None
         for event in events:
-            if event[0] == "error":
+            if event[0] == "error":  # this request's rows only: the others in the batch go on
                 raise ApiError(500, "internal", None, "generation failed")
             if event[0] == "finish":
                 left -= 1
@@ -686,6 +747,10 @@ def serve(deploy_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, opt
             if self.started:
                 print(json.dumps({"serving": f"http://{host}:{bound}", "pid": os.getpid()}), flush=True)
 
+    from .server_http import guarded_protocol
+
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=options.drain_timeout,
-                            access_log=False, timeout_keep_alive=5)
+                            access_log=False, timeout_keep_alive=5,
+                            http=guarded_protocol(options.header_timeout, options.body_timeout,
+                                                  options.max_header_bytes))
     Server(config).run(sockets=[sock])

@@ -6,13 +6,26 @@ Models are strict (no silent "3" -> 3 coercion) and forbid unknown fields, so a 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 MAX_TEXTS = 64  # texts per classification request
 MAX_PROMPTS = 16  # prompts per completion request
 MAX_STOPS = 4  # as OpenAI
+
+
+def _unicode(value: str) -> str:
+    """JSON lets a client send a lone surrogate ("\\ud800"), which is not text: no tokenizer, path or encoder
+    takes it, so it is refused here with the field's name."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("not valid Unicode text (a lone surrogate such as \\ud800); send UTF-8 text") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]  # every string a client sends
 
 
 class _Strict(BaseModel):
@@ -33,9 +46,9 @@ class ErrorResponse(BaseModel):
 
 # ---- classification --------------------------------------------------------------------------
 class ClassifyRequest(_Strict):
-    task: str = Field(min_length=1, max_length=256, description="the task (see GET /v1/models)")
-    text: str | None = Field(None, description="one text; give text or texts")
-    texts: list[str] | None = Field(None, min_length=1, max_length=MAX_TEXTS, description="several texts")
+    task: Text = Field(min_length=1, max_length=256, description="the task (see GET /v1/models)")
+    text: Text | None = Field(None, description="one text; give text or texts")
+    texts: list[Text] | None = Field(None, min_length=1, max_length=MAX_TEXTS, description="several texts")
 
 
 class ClassifyResult(BaseModel):
@@ -52,19 +65,19 @@ class ClassifyResponse(BaseModel):
 
 # ---- completions (OpenAI-compatible) ----------------------------------------------------------
 class CompletionRequest(_Strict):
-    model: str = Field(min_length=1, max_length=256, description="the task name")
-    prompt: str | list[str] = Field(description=f"a prompt, or up to {MAX_PROMPTS} prompts (one choice each)")
+    model: Text = Field(min_length=1, max_length=256, description="the task name")
+    prompt: Text | list[Text] = Field(description=f"a prompt, or up to {MAX_PROMPTS} prompts (one choice each)")
     max_tokens: int = Field(16, ge=1, description="new tokens per prompt (prompt + virtual tokens + max_tokens must "
                                                   "fit the model's positions)")
     temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False, description="0: greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(0, ge=0, description="not in OpenAI's API: sample from the k most likely tokens (0: off)")
-    stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOPS} stop strings")
+    stop: Text | list[Text] | None = Field(None, description=f"up to {MAX_STOPS} stop strings")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="same seed, same tokens")
     stream: bool = Field(False, description="server-sent events, one chunk per token, then data: [DONE]")
     n: int = Field(1, ge=1, le=1, description="only 1")
     echo: bool = Field(False, description="only false")
-    user: str | None = Field(None, max_length=256, description="ignored")
+    user: Text | None = Field(None, max_length=256, description="ignored")
 
 
 class CompletionChoice(BaseModel):
@@ -103,9 +116,9 @@ class ModelList(BaseModel):
 
 
 class AddTaskRequest(_Strict):
-    name: str = Field(min_length=1, max_length=128, description="the new task's name (an MPT adapter with K tasks "
+    name: Text = Field(min_length=1, max_length=128, description="the new task's name (an MPT adapter with K tasks "
                                                                 "adds NAME/0 ... NAME/K-1)")
-    adapter: str = Field(min_length=1, max_length=1024, description="the PEFT adapter folder, relative to the "
+    adapter: Text = Field(min_length=1, max_length=1024, description="the PEFT adapter folder, relative to the "
                                                                     "server's --adapter-root")
     replace: bool = Field(False, description="replace a task of the same name")
 

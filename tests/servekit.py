@@ -7,6 +7,7 @@ import json
 import os
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -125,3 +126,16 @@ def server_fixture(deploy, *args):
 
 
 running_server = contextlib.contextmanager(server_fixture)  # with running_server(DIR, *args) as server: ...
+
+
+def raw_exchange(url: str, data: bytes, wait: float = 10.0) -> tuple[bytes, float]:
+    """Send raw bytes on a fresh connection to url, read until the server closes it (or wait passes): (what came
+    back, seconds). For what an HTTP client library will not send: partial or oversized heads."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait) as s:
+        start = time.monotonic()
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out, time.monotonic() - start

@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 import servekit
-from servekit import EXTRA_ADAPTER, running_server, server_fixture
+from servekit import EXTRA_ADAPTER, raw_exchange, running_server, server_fixture
 
 from promptmux import Runtime
 
@@ -311,6 +311,12 @@ BAD = {
         ("bad task name", "POST", "/v1/tasks", {"name": "a/b", "adapter": "pt"}, ADMIN, 400, "name"),
         ("existing task", "POST", "/v1/tasks", {"name": "pt", "adapter": "pt"}, ADMIN, 409, "name"),
         ("remove unknown", "DELETE", "/v1/tasks/nope", None, ADMIN, 404, "name"),
+        ("lone surrogate text", "POST", "/v1/classify", {"task": "pt", "text": "a\ud800"}, J, 400, "text"),
+        ("lone surrogate item", "POST", "/v1/classify", {"task": "pt", "texts": ["a", "\udfff"]}, J, 400, "texts[1]"),
+        ("lone surrogate task", "POST", "/v1/classify", {"task": "\ud800", "text": "a"}, J, 400, "task"),
+        ("lone surrogate field", "POST", "/v1/classify", {"task": "pt", "text": "a", "\ud800": 1}, J, 400, "body"),
+        ("lone surrogate adapter", "POST", "/v1/tasks", {"name": "x", "adapter": "\ud800"}, ADMIN, 400, "adapter"),
+        ("lone surrogate name", "POST", "/v1/tasks", {"name": "\ud800", "adapter": "pt"}, ADMIN, 400, "name"),
     ],
     "gpt2": [
         ("unknown model", "POST", "/v1/completions", {"model": "nope", "prompt": "a"}, J, 404, "model"),
@@ -349,6 +355,12 @@ BAD = {
         ("malformed JSON", "POST", "/v1/completions", b"{'model': 'pt'}", J, 400, "body"),
         ("oversized chunked body", "POST", "/v1/completions", "chunked", J, 413, "body"),
         ("classify on a generator", "POST", "/v1/classify", {"task": "pt", "text": "a"}, J, 400, "task"),
+        ("lone surrogate prompt", "POST", "/v1/completions", {"model": "pt", "prompt": "\ud800"}, J, 400, "prompt"),
+        ("lone surrogate prompt item", "POST", "/v1/completions", {"model": "pt", "prompt": ["a", "b\udc00"]}, J,
+         400, "prompt[1]"),
+        ("lone surrogate stop", "POST", "/v1/completions", {"model": "pt", "prompt": "a", "stop": "\ud800"}, J, 400,
+         "stop"),
+        ("lone surrogate model", "POST", "/v1/completions", {"model": "\ud800", "prompt": "a"}, J, 400, "model"),
     ],
 }
 
@@ -390,6 +402,46 @@ def test_symlink_out_of_the_adapter_root_is_refused(text_deployments, bert_serve
     assert str(d.adapter_root) not in r.text  # server paths stay private
 
 
+def test_broken_adapters_are_a_400_saying_what_is_wrong(text_deployments, bert_server, tmp_path):
+    from brokenkit import build_corrupt
+
+    d = text_deployments["bert"]
+    root = d.adapter_root / "broken"
+    cases = build_corrupt(d.adapters["pt"], root)
+    for name, word in cases.items():
+        r = httpx.post(bert_server.url + "/v1/tasks", json={"name": "x", "adapter": f"broken/{name}"}, headers=ADMIN)
+        assert r.status_code == 400, (name, r.text)
+        error = r.json()["error"]
+        assert error["field"] == "adapter" and word.lower() in error["message"].lower(), (name, error)
+        assert str(d.adapter_root) not in r.text
+    assert "x" not in [m["id"] for m in httpx.get(bert_server.url + "/v1/models").json()["data"]]
+
+
+def test_no_adapter_file_is_read_from_outside_the_root(text_deployments, bert_server, tmp_path):
+    """Files inside an allowed folder that link outside the root are refused; a base model folder the adapter
+    names outside the root is not read (nor quoted)."""
+    from brokenkit import build_escapes
+
+    d = text_deployments["bert"]
+    escapes = build_escapes(d.adapters["pt"], d.adapter_root / "escapes", tmp_path / "outside")
+    for name, what in escapes.items():
+        r = httpx.post(bert_server.url + "/v1/tasks", json={"name": "esc", "adapter": f"escapes/{name}"},
+                       headers=ADMIN)
+        assert "SECRET" not in r.text and str(tmp_path) not in r.text, (name, r.text)
+        if name == "esc-base":  # base_model_name_or_path is not followed under a root: the adapter itself is fine
+            assert r.status_code == 200, r.text
+            assert httpx.delete(bert_server.url + "/v1/tasks/esc", headers=ADMIN).status_code == 200
+        else:
+            assert r.status_code == 400 and "outside the adapter root" in r.json()["error"]["message"], (name, r.text)
+
+
+def test_extreme_sampling_parameters_generate(gpt2_server):
+    for extra in ({"top_p": 1e-7}, {"temperature": 5e-324}, {"temperature": 5e-324, "top_p": 1e-300, "top_k": 1}):
+        body = {"model": "pt", "prompt": "abc", "max_tokens": 4, "seed": 1, **extra}
+        r = httpx.post(gpt2_server.url + "/v1/completions", json=body, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, (extra, r.text)
+
+
 def test_openapi_documents_every_endpoint(bert_server):
     spec = httpx.get(bert_server.url + "/openapi.json").json()
     ops = {(p, m) for p, item in spec["paths"].items() for m in item}
@@ -423,6 +475,36 @@ def test_tiny_queue_answers_503_with_retry_after(text_deployments):
             codes.count(503)
 
 
+def test_slow_and_abusive_clients_are_bounded(text_deployments):
+    """Slowloris headers or body: 408 and closed after the timeouts; an oversized head: 431; beyond
+    --max-inflight: 503 + Retry-After while the admitted requests get their results; /docs off by default."""
+    d = text_deployments["gpt2"]
+    with running_server(d.deploy, "--header-timeout", "1", "--body-timeout", "1", "--max-inflight", "4",
+                        "--max-batch", "2") as server:
+        out, took = raw_exchange(server.url, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Ty")
+        assert out.startswith(b"HTTP/1.1 408") and took < 4, out
+        out, took = raw_exchange(server.url, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+                                     b"Content-Type: application/json\r\n\r\n{\"model\"")
+        assert out.startswith(b"HTTP/1.1 408") and took < 4, out
+        out, _ = raw_exchange(server.url, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (100 * 1024) + b"\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 431"), out[:100]
+        assert httpx.get(server.url + "/health").status_code == 200  # a normal request after all that
+
+        body = {"model": "pt", "prompt": "abc", "max_tokens": 24, "temperature": 0}
+
+        async def main():
+            async with _client(server.url) as c:
+                return await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(24)))
+
+        responses = asyncio.run(main())
+        codes = [r.status_code for r in responses]
+        assert set(codes) == {200, 503}, codes
+        assert all(r.headers["retry-after"] == "1" for r in responses if r.status_code == 503)
+        assert len({r.json()["choices"][0]["text"] for r in responses if r.status_code == 200}) == 1
+        assert httpx.get(server.url + "/docs").status_code == 404
+        assert httpx.get(server.url + "/openapi.json").status_code == 200
+
+
 def test_timeout_and_client_disconnect(text_deployments):
     d = text_deployments["bert"]
     # A batch that waits 3 s to fill: a request's 0.5 s timeout comes first.
@@ -448,7 +530,8 @@ def test_sigterm_drains_in_flight_requests_then_stops(text_deployments):
     bodies = [{"model": t, "prompt": f"drain {i}", "max_tokens": 48, "temperature": 0, "stream": True}
               for i, t in enumerate(d.tasks * 3)]
     expected = [_reference(rt, b)[0][:2] for b in bodies]
-    with running_server(d.deploy, "--max-batch", "1") as server:  # one row at a time: the requests take a while in all
+    # One row at a time: the requests take a while in all (and are all admitted: no admission limit applies).
+    with running_server(d.deploy, "--max-batch", "1", "--max-inflight", "64", "--max-queue-wait", "60") as server:
         async def main():
             async with _client(server.url) as c:
                 streams = [c.stream("POST", "/v1/completions", json=b) for b in bodies]
