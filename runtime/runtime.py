@@ -118,9 +118,6 @@ class Runtime:
             self.folded_task = None
         elif backend != "torch":
             self.session = self._graph_session(self.dir / GRAPH)
-            # The folded graph is an ONNX Runtime option (it has prompt constants OpenVINO would fold anyway).
-            if folded and backend == "openvino":
-                self.folded_task = folded = None
             self.folded_session = self._graph_session(self.dir / FOLDED_GRAPH) if folded else None
         else:
             from promptmux.export.deploy import load_base_model

@@ -220,3 +220,45 @@ def test_demo_accuracy_through_the_deployment_equals_peft(tmp_path):
         assert v["examples"] == 24 and v["differing_predictions"] == 0
         assert v["accuracy_promptmux"] == v["accuracy_peft"]
     assert any(t["status"] == "met" and "same predictions" in t["target"] for t in targets(data))
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_each_system_runs_in_its_own_process_with_both_peft_baselines(deployment, tmp_path):
+    """Default isolation: every system (each backend/precision, each baseline) is a worker of its own; bf16
+    systems carry their measured contract, and speedups are reported against PEFT fp32 and PEFT bf16."""
+    import os
+
+    from promptmux import Runtime
+    from promptmux.bench.harness import BenchSettings, system_pairs
+    from promptmux.bench.isolated import IsolatedSystem, SystemSpec
+    from promptmux.runtime.precision import cpu_has_bf16
+
+    if not cpu_has_bf16():
+        pytest.skip("this CPU has no bf16 (AMX / AVX512-BF16)")
+
+    s = BenchSettings(deploy=str(deployment.deploy), backends=["onnxruntime", "openvino/fp32"],
+                      precisions=["fp32", "bf16"])
+    assert system_pairs(s) == [("onnxruntime", "fp32"), ("onnxruntime", "bf16"), ("openvino", "fp32")]
+    worker = IsolatedSystem(SystemSpec("promptmux", str(deployment.deploy), 1, backend="openvino"))
+    try:
+        assert worker.pid != os.getpid() and worker.process.is_alive()
+        assert (worker.backend, worker.precision) == ("openvino", "fp32")
+        ids = np.arange(3, 15).reshape(2, 6) % 100 + 3
+        got = worker.run(ids, np.ones_like(ids), ["pt", "prefix"], 0)
+        want = Runtime(deployment.deploy, backend="openvino").forward(ids, np.ones_like(ids), ["pt", "prefix"])
+        assert max(float(np.abs(a - b).max()) for a, b in zip(got, want)) == 0.0
+        assert worker.timed(ids, np.ones_like(ids), ["pt", "pt"], 0) > 0
+    finally:
+        worker.close()
+    assert not worker.process.is_alive()
+
+    data = _bench(tmp_path, deployment.deploy, "--tasks", "pt", "--mix", "single", "--batch-sizes", "2",
+                  "--seq-lens", "6", "--requests", "4", "--repeats", "1", "--backend", "openvino/bf16",
+                  "--baseline", "peft,peft-bf16")
+    tp = data["throughput"]
+    assert tp["isolated"] and "--baseline peft,peft-bf16" in data["command"]
+    assert {r["system"] for r in tp["rows"]} == {"promptmux", "peft", "peft-bf16"}
+    (c,) = tp["comparisons"]
+    assert c["backend"] == "openvino/bf16" and c["speedup"] > 0 and c["speedup_vs_peft_bf16"] > 0
+    contract = tp["precision_contracts"]["promptmux/openvino/bf16"]
+    assert contract["precision"] == "bf16" and set(contract["tasks"]) >= {"pt"}

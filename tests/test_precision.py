@@ -27,6 +27,19 @@ def test_openvino_exact_mode_compiles_in_f32_on_a_bf16_cpu(deployment):
         assert plain.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
 
 
+@pytest.mark.parametrize("deployment", ["llama"], indirect=True)
+def test_openvino_stays_exact_when_the_deployment_is_loaded_again(deployment):
+    """A second load in the same process (a server reloading, a benchmark worker) must compute what the first did:
+    OpenVINO 2026.4's compiled-blob cache broke this (see runtime/openvino_session.py)."""
+    ids, mask = random_batch("llama", rows=4, seq=8, seed=5, padding_side="left")
+    exact = Runtime(deployment.deploy, backend="onnxruntime").forward(ids, mask, "pt")
+    for _ in range(2):
+        rt = Runtime(deployment.deploy, backend="openvino")
+        rt.generator  # noqa: B018 - the decoder graph compiled too, as generation does
+        got = rt.forward(ids, mask, "pt")
+        assert max(float(np.abs(a - b).max()) for a, b in zip(got, exact)) < 1e-5
+
+
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
 def test_bf16_contract_is_measured_recorded_and_reused(deployment, tmp_path):
     import shutil

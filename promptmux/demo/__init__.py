@@ -31,7 +31,8 @@ def base_model_dir() -> Path:
     return Path(get_model_path())
 
 
-def run_demo(out: str | Path = "promptmux-demo", quiet: bool = False) -> dict:
+def run_demo(out: str | Path = "promptmux-demo", quiet: bool = False, backend: str = "auto",
+             precision: str = "fp32") -> dict:
     from promptmux.export.deploy import MANIFEST, export_deployment
     from promptmux.runtime.runtime import Runtime
 
@@ -39,12 +40,14 @@ def run_demo(out: str | Path = "promptmux-demo", quiet: bool = False) -> dict:
     # Re-running the demo replaces its own earlier output, never an unrelated folder.
     overwrite = (out / MANIFEST).is_file()
     export_deployment(base_model_dir(), {t: ADAPTERS / t for t in TASKS}, out, overwrite=overwrite, quiet=quiet)
-    rt = Runtime(out)
+    rt = Runtime(out, backend=backend, precision=precision)
     tasks, texts = zip(*EXAMPLES)
     results = rt.classify(list(texts), list(tasks))
     metrics = json.loads((ADAPTERS / "metrics.json").read_text())
     return {
         "deployment": str(out),
+        "backend": rt.backend,
+        "precision": rt.precision,
         "held_out_accuracy": {m["task"]: m["held_out_accuracy"] for m in metrics["tasks"]},
         "mixed_batch": [{"task": r["task"], "text": t, "label": r["label"], "score": round(max(r["scores"]), 4)}
                         for r, t in zip(results, texts)],

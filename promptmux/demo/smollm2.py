@@ -147,7 +147,8 @@ def smollm2_base_dir(cache_dir: str | Path | None = None) -> Path:
 
 
 def run_generation_demo(out: str | Path = "promptmux-smollm2-demo", quiet: bool = False,
-                        max_new_tokens: int = 8, cache_dir: str | Path | None = None) -> dict:
+                        max_new_tokens: int = 8, cache_dir: str | Path | None = None, backend: str = "auto",
+                        precision: str = "fp32") -> dict:
     """Export the two shipped SmolLM2 adapters into one deployment and generate for a mixed-task batch.
 
     Returns {"deployment", "held_out_accuracy", "mixed_batch": [...]}; progress bars unless quiet."""
@@ -162,7 +163,7 @@ def run_generation_demo(out: str | Path = "promptmux-smollm2-demo", quiet: bool 
     tasks, texts = zip(*EXAMPLES)
     with StepBar(3, "demo", quiet) as bar:
         bar.step("loading the deployment")
-        rt = Runtime(out)
+        rt = Runtime(out, backend=backend, precision=precision)
         bar.update()
         bar.step("precomputing each task's prompt key/values")
         rt.generator  # noqa: B018 (creating it precomputes every task's prompt KV)
@@ -173,6 +174,8 @@ def run_generation_demo(out: str | Path = "promptmux-smollm2-demo", quiet: bool 
     metrics = json.loads((ADAPTERS / "metrics.json").read_text())
     report = {
         "deployment": str(out),
+        "backend": rt.backend,
+        "precision": rt.precision,
         "held_out_accuracy": {m["task"]: m["held_out_accuracy"] for m in metrics["tasks"]},
         "mixed_batch": [{"task": r["task"], "text": t, "generated": r["text"].strip(),
                          "finish_reason": r["finish_reason"]} for r, t in zip(results, texts)],
