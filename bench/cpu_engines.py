@@ -7,7 +7,9 @@ process (no thread pool of one engine spinning on the cores of the other), same 
 * torch-sdpa:     the bare encoder in PyTorch eager (transformers' default SDPA attention), no prompt;
 * ort-plain:      the bare encoder exported with torch.onnx (TorchScript exporter), ONNX Runtime, no prompt;
 * ort-fused:      ort-plain after ORT's transformer optimizer (fused Attention, SkipLayerNorm, BiasGelu);
-* promptmux:      the deployment's graph through Runtime.forward, one task's prompt in front (what it serves).
+* promptmux:      the deployment's graph through Runtime.forward on ONNX Runtime, one task's prompt in front
+                  (what it serves);
+* promptmux-openvino: the same on OpenVINO (fp32).
 
 The bare encoder runs S + virtual-token positions so that every engine does the same attention work.
 
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-ENGINES = ("torch-sdpa", "ort-plain", "ort-fused", "promptmux")
+ENGINES = ("torch-sdpa", "ort-plain", "ort-fused", "promptmux", "promptmux-openvino")
 
 
 def _time(fn, repeats: int) -> float:
@@ -86,10 +88,11 @@ def measure(engine: str, deploy: str, batch: int, seq: int, threads: int, task: 
     base = manifest["base"]["path"]
     virtual = next(t["num_virtual_tokens"] for t in manifest["tasks"] if t["name"] == task)
     rng = np.random.default_rng(0)
-    if engine == "promptmux":
+    if engine.startswith("promptmux"):
         from promptmux import Runtime
 
-        rt = Runtime(deploy, backend="onnxruntime", use_folded=False, threads=threads)
+        backend = "openvino" if engine.endswith("openvino") else "onnxruntime"
+        rt = Runtime(deploy, backend=backend, use_folded=False, threads=threads)
         ids = rng.integers(1000, 20000, size=(batch, seq)).astype(np.int64)
         mask = np.ones_like(ids)
         seconds = _time(lambda: rt.forward(ids, mask, [task] * batch), repeats)

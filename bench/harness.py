@@ -577,7 +577,7 @@ def _throughput(s, rt, env, systems, load_mb, peft) -> dict:
                     first = w.batches(False)[0]
                     want = _grouped_outputs(peft, w, first)
                     for sy in systems:
-                        if sy is peft:
+                        if sy in baselines:
                             continue
                         got = sy.run(w.ids[first], w.mask[first], [w.tasks[i] for i in first], w.new_tokens)
                         checks.append({"backend": sy.backend, "batch_size": b, "seq_len": sq, "mix": mix,

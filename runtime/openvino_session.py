@@ -12,7 +12,6 @@ make the "exact" backend silently inexact. After compiling, the precision that O
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 import threading
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .derived import graph_key, is_current, write_stamp
 from .errors import BackendUnavailable
 
 # promptmux precision -> OpenVINO's INFERENCE_PRECISION_HINT
@@ -34,16 +34,6 @@ def import_openvino():
         raise BackendUnavailable(f"backend 'openvino' needs the OpenVINO runtime, which is not installed: {INSTALL}"
                                  ) from None
     return openvino
-
-
-def _graph_key(path: Path) -> str:
-    """Identity of a graph file and its weights: a re-export invalidates the converted IR."""
-    h = hashlib.sha256()
-    for f in (path, path.with_name(path.name + ".data")):
-        if f.is_file():
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
 
 
 def _ir_folder(deploy_dir: Path) -> Path:
@@ -68,15 +58,11 @@ def convert_graph(path: Path, folder: Path, progress=None) -> Path:
     import onnx
     import onnx.inliner
 
-    key = _graph_key(path)
+    key = graph_key(path)
     xml = folder / f"{path.stem}.xml"
     stamp = folder / f"{path.stem}.json"
-    if xml.is_file() and stamp.is_file():
-        try:
-            if json.loads(stamp.read_text()).get("graph_key") == key:
-                return xml
-        except ValueError:
-            pass  # a torn stamp: convert again
+    if is_current(xml, stamp, key):
+        return xml
     if progress:
         progress(f"converting {path.name} for OpenVINO (once per deployment)")
     model = onnx.load(str(path))
@@ -97,7 +83,7 @@ def convert_graph(path: Path, folder: Path, progress=None) -> Path:
         ov.save_model(converted, str(staged), compress_to_fp16=False)  # weights stay fp32: precision is a hint
         for suffix in (".xml", ".bin"):
             os.replace(staged.with_suffix(suffix), xml.with_suffix(suffix))
-    stamp.write_text(json.dumps({"graph": path.name, "graph_key": key, "openvino": ov.get_version()}))
+    write_stamp(stamp, key, graph=path.name, openvino=ov.get_version())
     return xml
 
 

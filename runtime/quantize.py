@@ -12,28 +12,19 @@ is unchanged.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
+from .derived import graph_key, is_current, write_stamp
+
 log = logging.getLogger("promptmux.runtime")
 
 BITS = 8
 BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4  # int8 activations inside the kernel: the VNNI/AMX path
-
-
-def _graph_key(path: Path) -> str:
-    h = hashlib.sha256()
-    for f in (path, path.with_name(path.name + ".data")):
-        if f.is_file():
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
 
 
 def untie_lm_head(model) -> int:
@@ -103,20 +94,22 @@ def weight_only_int8(path: Path) -> Path:
 
     out = path.with_name(f"{path.stem}.int8.onnx")
     stamp = out.with_suffix(".json")
-    key = _graph_key(path)
-    if out.is_file() and stamp.is_file():
-        try:
-            if json.loads(stamp.read_text()).get("graph_key") == key:
-                return out
-        except ValueError:
-            pass
+    key = graph_key(path)
+    if is_current(out, stamp, key):
+        return out
     log.warning("quantizing %s to int8 weights (once per deployment)", path.name)
     model = onnx.load(str(path))
     untied = untie_lm_head(model)
     gemms = gemms_to_matmuls(model)
     quantizer = MatMulNBitsQuantizer(model, bits=BITS, block_size=BLOCK_SIZE, is_symmetric=True,
                                      accuracy_level=ACCURACY_LEVEL)
-    quantizer.process()
+    chatty = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")  # a line per node at INFO
+    level = chatty.level
+    chatty.setLevel(logging.WARNING)
+    try:
+        quantizer.process()
+    finally:
+        chatty.setLevel(level)
     quantized = quantizer.model.model
     count = sum(n.op_type == "MatMulNBits" for n in quantized.graph.node)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -128,7 +121,6 @@ def weight_only_int8(path: Path) -> Path:
         os.replace(tmp, out)  # the weights went under their final name; the graph appears last
     finally:
         tmp.unlink(missing_ok=True)
-    stamp.write_text(json.dumps({"graph": path.name, "graph_key": key, "bits": BITS, "block_size": BLOCK_SIZE,
-                                 "accuracy_level": ACCURACY_LEVEL, "matmuls_quantized": count,
-                                 "lm_head_untied": untied, "gemms_rewritten": gemms}))
+    write_stamp(stamp, key, graph=path.name, bits=BITS, block_size=BLOCK_SIZE, accuracy_level=ACCURACY_LEVEL,
+                matmuls_quantized=count, lm_head_untied=untied, gemms_rewritten=gemms)
     return out

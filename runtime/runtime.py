@@ -56,6 +56,21 @@ def _pad(rows: list[dict], pad_id: int, side: str) -> dict[str, np.ndarray]:
     return out
 
 
+class _OnFirstUse:
+    """A session made when it is first used: a causal LM's full-sequence graph (forward(), full-sequence
+    benchmarks) is not loaded, converted or compiled by a process that only generates."""
+
+    def __init__(self, make):
+        self._make, self._session, self._lock = make, None, threading.Lock()
+
+    def __getattr__(self, name):  # only for what the session has (run, run_all, input_names, ...)
+        if self._session is None:
+            with self._lock:
+                if self._session is None:
+                    self._session = self._make()
+        return getattr(self._session, name)
+
+
 class Runtime:
     """Serve every task of a deployment folder from one graph.
 
@@ -117,7 +132,10 @@ class Runtime:
             self.folded_session = None  # the engine serves every task; folding is an ONNX Runtime CPU option
             self.folded_task = None
         elif backend != "torch":
-            self.session = self._graph_session(self.dir / GRAPH)
+            if self.spec.family == "decoder":  # generation needs only the cached decoder graph
+                self.session = _OnFirstUse(lambda: self._graph_session(self.dir / GRAPH))
+            else:
+                self.session = self._graph_session(self.dir / GRAPH)
             self.folded_session = self._graph_session(self.dir / FOLDED_GRAPH) if folded else None
         else:
             from promptmux.export.deploy import load_base_model

@@ -1,0 +1,96 @@
+"""The SmolLM2 demo tasks answered by generation at each precision: held-out accuracy and agreement with fp32.
+
+The held-out split is the one scripts/train_smollm2_adapters.py held out (same data, seed and sizes); the
+answer is the first word of 4 greedy tokens, as that script scores it. Every precision answers the same prompts
+in mixed-task batches of 16; its tokens are compared with fp32 ONNX Runtime's, row by row.
+
+    python -m promptmux.bench.generation_accuracy out/smollm2-demo [--systems onnxruntime/fp32,onnxruntime/int8]
+        [--out bench/results/generation-accuracy-smollm2.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_smollm2_adapters.py"
+RECIPES = {"sentiment": ("rotten_tomatoes", 200, 320), "topic": ("bbc_news", 200, 320)}  # (data, n_test, n_train)
+
+
+def held_out() -> list[tuple[str, str, str]]:
+    """(task, text, label) of both demo tasks' held-out examples."""
+    spec = importlib.util.spec_from_file_location("promptmux_train_smollm2", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = []
+    for task, (fn, n_test, n_train) in RECIPES.items():
+        data, _labels = getattr(script, fn)()
+        _train, test = script.split(data, n_test, n_train)
+        rows += [(task, text, label) for text, label in test]
+    return rows
+
+
+def answers(rt, examples, batch: int = 16) -> tuple[list[list[int]], list[str], float]:
+    from promptmux.demo.smollm2 import format_input
+
+    tokens, words, started = [], [], time.perf_counter()
+    for i in range(0, len(examples), batch):
+        chunk = examples[i:i + batch]
+        out = rt.generate([format_input(t) for _, t, _ in chunk], [task for task, _, _ in chunk], max_new_tokens=4)
+        for r in out:
+            tokens.append(r["token_ids"])
+            first = r["text"].strip().split()
+            words.append(first[0].strip(".,!:;\"'").lower() if first else "")
+    return tokens, words, time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m promptmux.bench.generation_accuracy",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("deploy")
+    p.add_argument("--systems", default="onnxruntime/fp32,openvino/fp32,onnxruntime/int8")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+
+    from promptmux import Runtime
+
+    from .generation import machine_info
+
+    examples = held_out()
+    order = np.random.default_rng(0).permutation(len(examples))  # the tasks interleaved: mixed batches
+    examples = [examples[i] for i in order]
+    prompts = [t for _, t, _ in examples]
+    tasks = np.asarray([task for task, _, _ in examples])
+    labels = [label for _, _, label in examples]
+    reference = None
+    rows = []
+    for system in args.systems.split(","):
+        backend, _, precision = system.partition("/")
+        # the held-out prompts are this precision's calibration texts: its contract is measured on real inputs
+        rt = Runtime(args.deploy, backend=backend, precision=precision or "fp32", threads=args.threads,
+                     calibration=prompts if precision not in ("", "fp32") else None)
+        tokens, words, seconds = answers(rt, examples)
+        if reference is None:
+            reference = tokens
+        correct = np.asarray([w == y for w, y in zip(words, labels)])
+        same = np.asarray([a == b for a, b in zip(tokens, reference)])
+        rows.append({"system": system, "accuracy": {t: round(float(correct[tasks == t].mean()), 4) for t in RECIPES},
+                     "rows_identical_to_first": {t: round(float(same[tasks == t].mean()), 4) for t in RECIPES},
+                     "seconds": round(seconds, 1), "contract": rt.contract})
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "contract"}), flush=True)
+    result = {"command": "python -m promptmux.bench.generation_accuracy " + " ".join(argv or []),
+              "machine": machine_info(args.threads), "examples": {t: int((tasks == t).sum()) for t in RECIPES},
+              "reference": rows[0]["system"], "rows": rows}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

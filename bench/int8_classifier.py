@@ -1,0 +1,110 @@
+"""Would int8 serve the demo classifiers? ONNX Runtime int8 variants of the MiniLM graph on the held-out sets.
+
+The bar (issue 12): keep at least 99.5 % of fp32's predictions on both demo tasks. Each variant quantizes the
+deployment's graph with ONNX Runtime and answers the held-out examples in mixed batches, like fp32 does; its
+predictions are compared with fp32's (the same graph unquantized), and the speed of both is timed at B=32.
+
+    python -m promptmux.bench.int8_classifier out/minilm-demo [--out bench/results/int8-classifier.json]
+
+Variants: dynamic int8 per tensor (quantize_dynamic's defaults), dynamic per channel, and per channel with
+the attention output and the last layer kept in fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _variants(graph: Path, work: Path) -> dict[str, Path]:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = {}
+    names = [n.name for n in onnx.load(str(graph), load_external_data=False).graph.node if n.op_type == "MatMul"]
+    last = [n for n in names if "layer.5" in n or "layers.5" in n or n.endswith("_5")]
+    for name, kwargs in (("dynamic-per-tensor", {}),
+                         ("dynamic-per-channel", {"per_channel": True}),
+                         ("per-channel-last-layer-fp32", {"per_channel": True, "nodes_to_exclude": last})):
+        path = work / f"{name}.onnx"
+        quantize_dynamic(str(graph), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                         use_external_data_format=True, **kwargs)
+        out[name] = path
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m promptmux.bench.int8_classifier", description=__doc__.split("\n")[0])
+    p.add_argument("deploy")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+
+    from promptmux import Runtime
+    from promptmux.runtime.sessions import OrtSession
+
+    from .accuracy import demo_tasks, held_out
+    from .generation import machine_info
+
+    exact = Runtime(args.deploy, backend="onnxruntime", threads=args.threads)
+    examples = [e for t in demo_tasks(exact) for e in held_out(t, exact.tokenizer)]
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(examples))  # the tasks interleaved: mixed batches, as served
+    examples = [examples[i] for i in order]
+
+    def predictions(rt) -> np.ndarray:
+        out = []
+        for i in range(0, len(examples), 32):
+            chunk = examples[i:i + 32]
+            width = max(len(ids) for _, ids, _ in chunk)
+            ids = np.zeros((len(chunk), width), np.int64)
+            mask = np.zeros_like(ids)
+            for r, (_, row, _) in enumerate(chunk):
+                ids[r, :len(row)], mask[r, :len(row)] = row, 1
+            out += [int(x.argmax()) for x in rt.forward(ids, mask, [t for t, _, _ in chunk])]
+        return np.asarray(out)
+
+    def seconds(rt) -> float:
+        ids = np.full((32, 64), 1000, np.int64)
+        tasks = [examples[i][0] for i in range(32)]
+        rt.forward(ids, np.ones_like(ids), tasks)
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            rt.forward(ids, np.ones_like(ids), tasks)
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    labels = np.asarray([y for _, _, y in examples])
+    tasks = np.asarray([t for t, _, _ in examples])
+    want = predictions(exact)
+    base_s = seconds(exact)
+    rows = [{"variant": "fp32", "agreement": {t: 1.0 for t in set(tasks)}, "accuracy":
+             {t: float((want[tasks == t] == labels[tasks == t]).mean()) for t in sorted(set(tasks))},
+             "b32_ms": round(1e3 * base_s, 1), "speedup": 1.0}]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, path in _variants(Path(args.deploy) / "model.onnx", Path(tmp)).items():
+            exact.session = OrtSession(path, args.threads)  # the same runtime, the quantized graph
+            got = predictions(exact)
+            s = seconds(exact)
+            rows.append({"variant": name,
+                         "agreement": {t: float((got[tasks == t] == want[tasks == t]).mean()) for t in sorted(set(tasks))},
+                         "accuracy": {t: float((got[tasks == t] == labels[tasks == t]).mean()) for t in sorted(set(tasks))},
+                         "b32_ms": round(1e3 * s, 1), "speedup": round(base_s / s, 2)})
+            print(json.dumps(rows[-1]), flush=True)
+    result = {"command": "python -m promptmux.bench.int8_classifier " + " ".join(argv or []),
+              "machine": machine_info(args.threads), "examples": {t: int((tasks == t).sum()) for t in sorted(set(tasks))},
+              "bar": "agreement >= 0.995 on both tasks", "rows": rows,
+              "kept": [r["variant"] for r in rows[1:] if min(r["agreement"].values()) >= 0.995]}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
