@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_smollm2_adapters.py"
+CALIBRATION = 64  # held-out prompts a non-exact precision's contract is measured on (format_input applied)
 RECIPES = {"sentiment": ("rotten_tomatoes", 200, 320), "topic": ("bbc_news", 200, 320)}  # (data, n_test, n_train)
 
 
@@ -65,7 +66,9 @@ def main(argv: list[str] | None = None) -> dict:
     examples = held_out()
     order = np.random.default_rng(0).permutation(len(examples))  # the tasks interleaved: mixed batches
     examples = [examples[i] for i in order]
-    prompts = [t for _, t, _ in examples]
+    from promptmux.demo.smollm2 import format_input
+
+    prompts = [format_input(t) for _, t, _ in examples]
     tasks = np.asarray([task for task, _, _ in examples])
     labels = [label for _, _, label in examples]
     reference = None
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
         backend, _, precision = system.partition("/")
         # the held-out prompts are this precision's calibration texts: its contract is measured on real inputs
         rt = Runtime(args.deploy, backend=backend, precision=precision or "fp32", threads=args.threads,
-                     calibration=prompts if precision not in ("", "fp32") else None)
+                     calibration=prompts[:CALIBRATION] if precision not in ("", "fp32") else None)
         tokens, words, seconds = answers(rt, examples)
         if reference is None:
             reference = tokens

@@ -1,7 +1,8 @@
 """The CPU backend x precision table: `promptmux bench` results read against the machine's limits.
 
-    python -m promptmux.bench.precision_report bench/results/cpu-*.json \\
-        --limits bench/results/machine-limits.json --out bench/results/cpu-precision.md
+    python -m promptmux.bench.precision_report bench/results/cpu-{minilm-s64,minilm-s256,gpt2-small,smollm2-b1,smollm2-b8}.json \\
+        --limits bench/results/machine-limits.json --notes bench/results/cpu-precision-notes.md \\
+        --out bench/results/cpu-precision.md
 
 Each promptmux row gets its ratio to PEFT fp32 and to PEFT under bf16 autocast (same run, same requests, each
 system in its own process), its agreement with PEFT fp32 on the first batch, and the fraction of the limit that
@@ -88,7 +89,7 @@ def _agreement(a: dict | None, new_tokens: int) -> str:
         return "—"
     if new_tokens:
         return f"{a['rows'] - a['rows_differing']}/{a['rows']} rows' tokens identical"
-    return f"{a['rows'] - a['rows_differing']}/{a['rows']} predictions, max diff {a['max_abs_diff']:.1e}"
+    return f"{a['rows'] - a['rows_differing']}/{a['rows']} rows with every argmax equal, max diff {a['max_abs_diff']:.1e}"
 
 
 def render(files: list[Path], limits_path: Path) -> str:
@@ -129,9 +130,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m promptmux.bench.precision_report", description=__doc__.split("\n")[0])
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--limits", type=Path, default=Path("bench/results/machine-limits.json"))
+    p.add_argument("--notes", type=Path, help="a Markdown file appended after the tables (the findings)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     text = render(args.files, args.limits)
+    if args.notes:
+        text += "\n" + args.notes.read_text()
     if args.out:
         args.out.write_text(text)
     else:

@@ -377,7 +377,8 @@ def cmd_bench(args) -> int:
 
 
 DEPLOY_HELP = "deployment folder (written by promptmux export)"
-BACKEND_HELP = "auto (default: the fastest exact backend installed here; the choice is printed), onnxruntime, " \
+BACKEND_HELP = "auto (default: the fastest backend measured for the model kind and precision: OpenVINO for " \
+               "classifiers, ONNX Runtime for causal LMs; the choice is printed), onnxruntime, " \
                "openvino (CPU, fp32 or bf16), onnxruntime-cuda, tensorrt (an engine from build-engine) or torch (eager " \
                "reference, needs the base model)"
 

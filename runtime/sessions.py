@@ -16,6 +16,13 @@ BANK_INPUTS = frozenset({"prompt_embeds", "mpt_task_ids", "mpt_shared_ids", "mpt
                          "prefix_keys", "prefix_values"})
 
 
+# ONNX Runtime's CPU SkipLayerNormalization (which its online optimizer fuses from Add + LayerNormalization) was
+# slower than the two ops it replaces on an AMX Xeon: disabling the fusion took 3-10 % off a MiniLM forward at
+# B = 1, 8 and 32 (bench/results/cpu-precision.md, notes). Decomposing the graph's Attention nodes into
+# MatMul/Softmax/MatMul for ORT was tried too and was not faster.
+CPU_DISABLED_OPTIMIZERS = ["SkipLayerNormFusion"]
+
+
 class OrtSession:
     """One ONNX Runtime CPU session over a graph of the deployment."""
 
@@ -26,7 +33,8 @@ class OrtSession:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             so.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
+                                            disabled_optimizers=CPU_DISABLED_OPTIMIZERS)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = self.session.get_outputs()[0].name
 
