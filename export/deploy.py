@@ -162,6 +162,10 @@ def _write_deployment(base_dir, out_dir: Path, config, spec, dims, model, bank, 
     from .graph import input_names
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # The exporters' native extensions are imported before the temporary folder exists: a Ctrl-C that lands inside
+    # a C++ module's import aborts the process (no Python exception, no cleanup), so it must not leave a folder.
+    from . import onnx_export, seq2seq  # noqa: F401
+
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         if spec.family == "seq2seq":

@@ -115,12 +115,17 @@ def _generated_ids(rt, rows: int, length: int, seed: int = 0) -> tuple[np.ndarra
     return ids, np.ones_like(ids)
 
 
-def _classifier_inputs(rt, texts, task: str):
-    """(ids, mask, token types) of the calibration texts for one task (cut to fit its positions), or generated."""
+def _classifier_batches(rt, texts, task: str, size: int = 32):
+    """(ids, mask, token types) batches of the calibration texts for one task (cut to fit its positions), or of
+    generated ids."""
     if texts is None:
-        return (*_generated_ids(rt, CALIBRATION_ROWS, 24), None)
-    enc = rt.encode(texts, task, truncation=True)
-    return enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids")
+        ids, mask = _generated_ids(rt, CALIBRATION_ROWS, 24)
+        return [(ids[i:i + size], mask[i:i + size], None) for i in range(0, len(ids), size)]
+    batches = []
+    for i in range(0, len(texts), size):
+        enc = rt.encode(texts[i:i + size], task, truncation=True)
+        batches.append((enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids")))
+    return batches
 
 
 def measure(fast, exact, texts: list[str] | None = None) -> dict:
@@ -129,9 +134,9 @@ def measure(fast, exact, texts: list[str] | None = None) -> dict:
     report = {}
     for task in exact.tasks:
         if family == "encoder":
-            ids, mask, types = _classifier_inputs(exact, texts, task)
-            want = np.stack(exact.forward(ids, mask, task, types))
-            got = np.stack(fast.forward(ids, mask, task, types))
+            batches = _classifier_batches(exact, texts, task)
+            want = np.stack([r for ids, mask, types in batches for r in exact.forward(ids, mask, task, types)])
+            got = np.stack([r for ids, mask, types in batches for r in fast.forward(ids, mask, task, types)])
             report[task] = {"rows": len(want), "max_abs_diff": float(np.abs(got - want).max()),
                             "prediction_agreement": float((got.argmax(-1) == want.argmax(-1)).mean())}
         else:
@@ -219,7 +224,9 @@ def calibrate(fast, texts: list[str] | None = None, source: str | None = None) -
 
 
 def enforce(entry: dict, strict: bool) -> None:
-    """Warn (or, strict, refuse) when a contract was missed, naming the tasks and figures."""
+    """Warn (or, strict, refuse) when a contract was missed, naming the tasks and figures. Judged against today's
+    THRESHOLDS, also for a contract recorded under others."""
+    entry["passed"] = passed(entry["tasks"])
     if entry["passed"]:
         return
     misses = []
