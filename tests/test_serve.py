@@ -452,16 +452,20 @@ def test_openapi_documents_every_endpoint(bert_server):
 
 
 # ---- overload, timeouts, disconnects, drain -------------------------------------------------------------------
+def _concurrent_completions(url: str, body: dict, n: int) -> list:
+    """n copies of one completion request, all in flight at once."""
+    async def main():
+        async with _client(url) as c:
+            return await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(n)))
+
+    return asyncio.run(main())
+
+
 def test_tiny_queue_answers_503_with_retry_after(text_deployments):
     d = text_deployments["gpt2"]
     with running_server(d.deploy, "--max-queue", "1", "--max-batch", "1") as server:
         body = {"model": "pt", "prompt": "abc", "max_tokens": 40, "temperature": 0}
-
-        async def main():
-            async with _client(server.url) as c:
-                return await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(48)))
-
-        responses = asyncio.run(main())
+        responses = _concurrent_completions(server.url, body, 48)
         codes = [r.status_code for r in responses]
         assert set(codes) == {200, 503} and codes.count(200) >= 2
         for r in responses:
@@ -491,12 +495,7 @@ def test_slow_and_abusive_clients_are_bounded(text_deployments):
         assert httpx.get(server.url + "/health").status_code == 200  # a normal request after all that
 
         body = {"model": "pt", "prompt": "abc", "max_tokens": 24, "temperature": 0}
-
-        async def main():
-            async with _client(server.url) as c:
-                return await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(24)))
-
-        responses = asyncio.run(main())
+        responses = _concurrent_completions(server.url, body, 24)
         codes = [r.status_code for r in responses]
         assert set(codes) == {200, 503}, codes
         assert all(r.headers["retry-after"] == "1" for r in responses if r.status_code == 503)
