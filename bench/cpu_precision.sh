@@ -21,9 +21,11 @@ promptmux --quiet bench out/minilm-demo --backend openvino/bf16 --skip-throughpu
 GEN="--backend onnxruntime,openvino,onnxruntime/int8 --baseline peft,peft-bf16 --mix uniform --repeats 3 --threads $T --seq-lens 32 --new-tokens 32"
 promptmux --quiet bench out/smollm2-demo $GEN --batch-sizes 1 --requests 6 --out $R/cpu-smollm2-b1.json
 promptmux --quiet bench out/smollm2-demo $GEN --batch-sizes 8 --requests 16 --out $R/cpu-smollm2-b8.json
+promptmux --quiet bench out/smollm2-demo --backend openvino/bf16 --baseline peft --mix uniform --repeats 3 \
+    --threads "$T" --seq-lens 32 --new-tokens 32 --batch-sizes 1 --requests 6 --out $R/cpu-smollm2-bf16-b1.json
 python -m promptmux.bench.generation_accuracy out/smollm2-demo --systems onnxruntime/fp32,onnxruntime/int8 \
     --out $R/generation-accuracy-smollm2.json
 python -m promptmux.bench.int8_classifier out/minilm-demo --out $R/int8-classifier-minilm.json
 python -m promptmux.bench.cpu_engines out/minilm-demo --threads "$T" --out $R/cpu-engines-minilm.json
-python -m promptmux.bench.precision_report $R/cpu-{minilm-s64,minilm-s256,gpt2-small,smollm2-b1,smollm2-b8}.json \
+python -m promptmux.bench.precision_report $R/cpu-{minilm-s64,minilm-s256,gpt2-small,smollm2-b1,smollm2-b8,smollm2-bf16-b1}.json \
     --limits $R/machine-limits.json --notes $R/cpu-precision-notes.md --out $R/cpu-precision.md

@@ -1,6 +1,6 @@
 """The CPU backend x precision table: `promptmux bench` results read against the machine's limits.
 
-    python -m promptmux.bench.precision_report bench/results/cpu-{minilm-s64,minilm-s256,gpt2-small,smollm2-b1,smollm2-b8}.json \\
+    python -m promptmux.bench.precision_report bench/results/cpu-{minilm-s64,minilm-s256,gpt2-small,smollm2-b1,smollm2-b8,smollm2-bf16-b1}.json \\
         --limits bench/results/machine-limits.json --notes bench/results/cpu-precision-notes.md \\
         --out bench/results/cpu-precision.md
 

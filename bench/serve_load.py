@@ -258,6 +258,10 @@ def main(argv=None) -> dict:
     load_start = [round(x, 2) for x in os.getloadavg()]
     others = busy_processes()
     proc, url = start_server(deploy, args)
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/health", timeout=30) as r:  # what the server's backend "auto" chose
+        health = json.loads(r.read())
     kind = "classify" if family == "encoder" else "generate"
     client = args.client or ("aiohttp" if importlib.util.find_spec("aiohttp") else "httpx")
     plan = [(f"single:{t}", (lambda t=t: t), args.requests, args.concurrency) for t in tasks]
@@ -301,6 +305,7 @@ def main(argv=None) -> dict:
                        "family": family},
         "settings": {"requests": args.requests, "repeats": args.repeats, "concurrency": args.concurrency,
                      "max_batch": args.max_batch, "threads": args.threads, "client": client,
+                     "backend": health.get("backend"), "precision": health.get("precision"),
                      "max_wait_ms": args.max_wait_ms, "max_tokens": args.max_tokens if family != "encoder" else None,
                      "endpoint": "/v1/classify" if family == "encoder" else "/v1/completions"},
         "scenarios": scenarios,
@@ -322,7 +327,8 @@ def markdown(r: dict) -> str:
              ("Other processes busy when the run started (a shared machine; they took CPU from the server and the "
               "load generator): " + "; ".join(f"`{p}`" for p in m["other_busy_processes_at_start"]) + "."
               if m["other_busy_processes_at_start"] else "No other process was busy when the run started."), "",
-             f"`promptmux serve` (ONNX Runtime, {s['threads'] or 'default'} thread(s), --max-batch {s['max_batch']}, "
+             f"`promptmux serve` ({s.get('backend') or 'ONNX Runtime'} {s.get('precision') or ''}, "
+             f"{s['threads'] or 'default'} thread(s), --max-batch {s['max_batch']}, "
              f"--max-wait-ms {s['max_wait_ms']:g}) and the load generator ({s['client']}, asyncio) on the same "
              f"machine; {s['endpoint']}"
              + (f", greedy, max_tokens {s['max_tokens']}" if s["max_tokens"] else ", one text per request")
