@@ -12,6 +12,7 @@ make the "exact" backend silently inexact. After compiling, the precision that O
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 import threading
@@ -21,6 +22,8 @@ import numpy as np
 
 from .derived import graph_key, is_current, write_stamp
 from .errors import BackendUnavailable
+
+log = logging.getLogger("promptmux.runtime")
 
 # promptmux precision -> OpenVINO's INFERENCE_PRECISION_HINT
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
@@ -63,8 +66,7 @@ def convert_graph(path: Path, folder: Path, progress=None) -> Path:
     stamp = folder / f"{path.stem}.json"
     if is_current(xml, stamp, key):
         return xml
-    if progress:
-        progress(f"converting {path.name} for OpenVINO (once per deployment)")
+    (progress or log.warning)(f"converting {path.name} for OpenVINO (once per deployment; seconds to minutes)")
     model = onnx.load(str(path))
     foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node
                       if n.domain not in ("", "ai.onnx") and n.domain not in {f.domain for f in model.functions}})
