@@ -26,6 +26,7 @@ promptmux --quiet bench out/smollm2-demo --backend openvino/bf16 --baseline peft
 python -m promptmux.bench.generation_accuracy out/smollm2-demo --systems onnxruntime/fp32,onnxruntime/int8 \
     --out $R/generation-accuracy-smollm2.json
 python -m promptmux.bench.int8_classifier out/minilm-demo --out $R/int8-classifier-minilm.json
+python -m promptmux.bench.ort_fusions out/minilm-demo --out $R/ort-fusions-minilm.json
 python -m promptmux.bench.cpu_engines out/minilm-demo --threads "$T" --out $R/cpu-engines-minilm.json
 python -m promptmux.bench.precision_report $R/cpu-{minilm-s64,minilm-s256,gpt2-small,smollm2-b1,smollm2-b8,smollm2-bf16-b1}.json \
     --limits $R/machine-limits.json --notes $R/cpu-precision-notes.md --out $R/cpu-precision.md
