@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from . import generation
-from .baseline import GPU_BACKENDS, PeftSystem, PromptmuxSystem, compare
+from .baseline import GPU_BACKENDS, compare
 
 MIXES = ("single", "uniform", "zipf")
 BACKENDS = ("auto", "onnxruntime", "openvino", "onnxruntime-cuda", "tensorrt", "torch")
@@ -469,20 +469,23 @@ def system_pairs(s: BenchSettings) -> list[tuple[str, str]]:
     return list(dict.fromkeys(pairs))
 
 
+def peft_device(s: BenchSettings) -> str:
+    """Where the PEFT baselines run: on the GPU when the promptmux systems do."""
+    return "cuda" if any(b.partition("/")[0] in GPU_BACKENDS for b in s.backends) else "cpu"
+
+
 def build_systems(s: BenchSettings, meta) -> tuple[list, dict, object | None]:
     """Every system (each backend at each precision, then the baselines) before anything is measured: one that
     cannot run here is refused at once with the runtime's own message (what is missing, what to install).
     meta: a Runtime of the deployment (tasks, bank, config) for the baselines. Returns (systems, load deltas in
     MB, the PEFT fp32 system or None)."""
-    from promptmux.runtime.runtime import Runtime
-
-    from .isolated import IsolatedSystem, SystemSpec
+    from .isolated import IsolatedSystem, SystemSpec, build
 
     tasks = tuple(s.tasks or meta.tasks)
     specs = [SystemSpec("promptmux", s.deploy, s.threads, backend=b, precision=p, base=s.base)
              for b, p in system_pairs(s)]
     specs += [SystemSpec("peft", s.deploy, s.threads, bf16=b == "peft-bf16", tasks=tasks, base=s.base,
-                         adapters=tuple(s.adapters.items())) for b in s.baselines]
+                         adapters=tuple(s.adapters.items()), device=peft_device(s)) for b in s.baselines]
     systems, load_mb = [], {}
     try:
         for spec in specs:
@@ -491,12 +494,7 @@ def build_systems(s: BenchSettings, meta) -> tuple[list, dict, object | None]:
                 load_mb[system.name] = system.load_rss_mb
             else:
                 before = _rss()
-                if spec.kind == "promptmux":
-                    system = PromptmuxSystem(Runtime(s.deploy, backend=spec.backend, precision=spec.precision,
-                                                     threads=s.threads, base=s.base))
-                else:
-                    device = "cuda" if any(b in GPU_BACKENDS for b in s.backends) else "cpu"
-                    system = PeftSystem(meta, list(tasks), s.base, s.adapters, device=device, bf16=spec.bf16)
+                system = build(spec, meta)
                 load_mb[system.name] = round((_rss() - before) / MB, 1)
             systems.append(system)
     except BaseException:
@@ -591,8 +589,8 @@ def _throughput(s, rt, env, systems, load_mb, peft) -> dict:
                     baseline = sy in baselines
                     row = {"system": ("peft" if sy is peft else sy.backend) if baseline else "promptmux",
                            "backend": sy.backend, "precision": sy.precision,
-                           "device": device_of(("onnxruntime-cuda" if any(b in GPU_BACKENDS for b in s.backends)
-                                                else "onnxruntime") if baseline else sy.backend, env),
+                           "device": device_of(("onnxruntime-cuda" if peft_device(s) == "cuda" else "onnxruntime")
+                                               if baseline else sy.backend, env),
                            "batch_size": b, "seq_len": sq, "new_tokens": s.new_tokens, "mix": mix, "task": single,
                            "tasks": sorted(set(w.tasks), key=stream_tasks.index)}
                     row.update(summarize(next(runs)))

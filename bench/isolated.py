@@ -27,13 +27,15 @@ class SystemSpec:
     backend: str = "onnxruntime"
     precision: str = "fp32"
     bf16: bool = False
+    device: str = "cpu"  # PEFT's device ("cuda" when the promptmux systems run on a GPU)
     tasks: tuple[str, ...] = ()
     base: str | None = None
     adapters: tuple[tuple[str, str], ...] = ()
 
 
-def build(spec: SystemSpec):
-    """The system itself (in whatever process calls this)."""
+def build(spec: SystemSpec, meta=None):
+    """The system itself (in whatever process calls this). meta: a Runtime of the deployment for PEFT's task
+    metadata, if the caller has one."""
     import torch
 
     from promptmux.runtime.runtime import Runtime
@@ -44,8 +46,8 @@ def build(spec: SystemSpec):
     if spec.kind == "promptmux":
         return PromptmuxSystem(Runtime(spec.deploy, backend=spec.backend, precision=spec.precision,
                                        threads=spec.threads, base=spec.base))
-    rt = Runtime(spec.deploy, backend="onnxruntime", threads=1)  # metadata only: bank, config, family
-    return PeftSystem(rt, list(spec.tasks), spec.base, dict(spec.adapters), bf16=spec.bf16)
+    meta = meta or Runtime(spec.deploy, backend="onnxruntime", threads=1)  # metadata only: bank, config, family
+    return PeftSystem(meta, list(spec.tasks), spec.base, dict(spec.adapters), device=spec.device, bf16=spec.bf16)
 
 
 def _rss() -> int:

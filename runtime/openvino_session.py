@@ -133,7 +133,5 @@ class OpenVinoSession:
         return [np.array(req.get_output_tensor(i).data, copy=True) for i in range(len(self.output_names))]
 
     def run(self, feeds: dict[str, np.ndarray], bank_key=None) -> np.ndarray:
-        req = self._request()
-        req.infer({n: np.ascontiguousarray(feeds[n]) for n in self.input_names}, share_inputs=True)
-        return np.array(req.get_output_tensor(0).data, copy=True)
+        return self.run_all(feeds)[0]  # the graphs run() serves have one output
 
