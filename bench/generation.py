@@ -253,7 +253,7 @@ def base_model(name: str, quick: bool, cache: Path, fresh: bool, seed: int) -> t
 
 
 def describe_config(config) -> str:
-    from promptmux.export.archs import dims_of
+    from promptmux.core.archs import dims_of
 
     d = dims_of(config)
     return (f"{config.model_type}: {d.num_layers} layers, hidden {d.hidden_size}, {d.num_heads} heads "

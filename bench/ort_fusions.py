@@ -24,7 +24,7 @@ def _child(deploy: str, batch: int, disabled: bool, threads: int) -> float:
 
     from promptmux import Runtime
     from promptmux.runtime.layout import build_layout
-    from promptmux.export.archs import position_offset
+    from promptmux.core.archs import position_offset
 
     rt = Runtime(deploy, backend="onnxruntime", threads=threads)
     ids = np.random.default_rng(0).integers(1000, 20000, size=(batch, 64))

@@ -257,10 +257,10 @@ def run(args) -> dict:
     export_s = time.time() - t0
     text_prompt = text_init(base_dir)
     emb = word_embeddings(base_dir)
-    from promptmux.export.archs import arch_for
-    from promptmux.export.deploy import load_base_config
+    from promptmux.core.archs import arch_for
+    from promptmux.core.folder import load_base_config
     from promptmux.export.library import resample_tokens, task_prompt
-    from promptmux.runtime.bank import PromptBank
+    from promptmux.core.bank import PromptBank
 
     bank = PromptBank.load(deploy, arch_for(load_base_config(deploy).model_type))
     pair = ["sentiment", "topic"]

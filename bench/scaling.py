@@ -47,7 +47,7 @@ MPT_TASKS_PER_ADAPTER = 10
 def synthetic_tasks(kind: str, n: int, rt, virtual_tokens: int = 20, rank: int = 1, seed: int = 0,
                     num_labels: int = 2) -> list:
     """n TaskPrompt objects of one kind for the deployment's model (random values, trained-prompt scale)."""
-    from promptmux.export.adapters import TaskPrompt
+    from promptmux.core.adapters import TaskPrompt
 
     if kind not in KINDS:
         raise ValueError(f"unknown scaling kind {kind!r}; choose from {', '.join(KINDS)}")
@@ -92,8 +92,8 @@ def synthetic_tasks(kind: str, n: int, rt, virtual_tokens: int = 20, rank: int =
 
 def deployment_with_bank(src: Path, dest: Path, rt, tasks: list) -> dict:
     """dest: src's graphs (linked) and files, with a bank of exactly `tasks`. Returns the bank's sizes."""
-    from promptmux.export.deploy import MANIFEST, write_manifest_tasks
-    from promptmux.runtime.bank import BANK_FILE, PromptBank
+    from promptmux.core.folder import MANIFEST, write_manifest_tasks
+    from promptmux.core.bank import BANK_FILE, PromptBank
 
     dest.mkdir(parents=True)
     for f in src.iterdir():
@@ -119,7 +119,7 @@ def deployment_with_bank(src: Path, dest: Path, rt, tasks: list) -> dict:
 
 def scaling(s, rt) -> dict:
     """The scaling benchmark on rt's deployment and backend (settings s: BenchSettings)."""
-    from promptmux.runtime.bank import PromptBank
+    from promptmux.core.bank import PromptBank
     from promptmux.runtime.runtime import Runtime
 
     for kind in s.scaling_kinds:

@@ -238,8 +238,8 @@ def main(argv=None) -> dict:
     deploy = Path(args.deploy) if args.deploy else demo_deployment(args.model)
     manifest = json.loads((deploy / "manifest.json").read_text())
     tasks = [t["name"] for t in manifest["tasks"]]
-    from promptmux.export.archs import arch_for
-    from promptmux.export.deploy import load_base_config
+    from promptmux.core.archs import arch_for
+    from promptmux.core.folder import load_base_config
 
     family = arch_for(load_base_config(deploy).model_type).family
     smollm2 = args.deploy is None and args.model == "smollm2"

@@ -3,7 +3,7 @@
 The folder holds:
     model.onnx (+ model.onnx.data)   the frozen backbone, every prompt a graph input
     model_folded.onnx (+ .data)      with --fold TASK: that task's prompt baked in as constants
-    bank.safetensors                 the prompt bank (see runtime/bank.py)
+    bank.safetensors                 the prompt bank (see core/bank.py)
     manifest.json                    tasks, kinds, shapes, dtypes, base model identity, versions
     config.json, tokenizer files     what the runtime needs to prepare inputs
 It is written into a temporary folder beside the target and renamed into place at the end,
@@ -12,7 +12,6 @@ so a failed export leaves nothing behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,57 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .adapters import AdapterError, TaskPrompt, load_adapter
-from .archs import arch_for, dims_of, position_offset
+from promptmux.core.adapters import AdapterError, TaskPrompt, load_adapter
+from promptmux.core.archs import arch_for, dims_of, position_offset
+from promptmux.core.folder import (DECODER_GRAPH, FOLDED_GRAPH, FORMAT_VERSION, GRAPH, MANIFEST, config_hash,
+                                   load_base_config, load_base_model)
 
 log = logging.getLogger("promptmux.export")
-
-MANIFEST = "manifest.json"
-GRAPH = "model.onnx"
-DECODER_GRAPH = "decoder.onnx"  # causal LMs: the cached graph for generation
-FOLDED_GRAPH = "model_folded.onnx"
-FORMAT_VERSION = 1
-
-
-def load_base_config(base_dir: str | Path):
-    from transformers import AutoConfig
-
-    base_dir = Path(base_dir)
-    if not (base_dir / "config.json").is_file():
-        raise FileNotFoundError(
-            f"base model folder {str(base_dir)!r} has no config.json; pass a folder written by save_pretrained"
-        )
-    config = AutoConfig.from_pretrained(str(base_dir))
-    arch_for(config.model_type)  # refuse unsupported families early
-    return config
-
-
-def load_base_model(base_dir: str | Path, config=None, num_labels: int | None = None):
-    """The base model in the head class PEFT uses for its task type, fp32, eval mode.
-
-    num_labels: build the classification head with this many outputs (an adapter's saved head must fit).
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
-
-    config = config or load_base_config(base_dir)
-    family = arch_for(config.model_type).family
-    cls = {"encoder": AutoModelForSequenceClassification, "decoder": AutoModelForCausalLM,
-           "seq2seq": AutoModelForSeq2SeqLM}[family]
-    kwargs = {"num_labels": num_labels} if num_labels is not None else {}
-    # T5's SDPA path reshapes a transposed output, which torch.export cannot trace with dynamic shapes.
-    attn = "eager" if family == "seq2seq" else "sdpa"
-    model = cls.from_pretrained(str(base_dir), dtype=torch.float32, attn_implementation=attn, **kwargs)
-    return model.eval()
-
-
-def config_hash(config) -> str:
-    d = config.to_dict()
-    for volatile in ("transformers_version", "_name_or_path", "architectures", "id2label", "label2id", "num_labels",
-                     "dtype", "torch_dtype", "attn_implementation", "_attn_implementation_autoset"):
-        d.pop(volatile, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
-
 
 def base_head_weights(model, config) -> dict[str, np.ndarray]:
     spec = arch_for(config.model_type)
@@ -128,7 +82,7 @@ def export_deployment(
 ) -> Path:
     """Export the base model once with every adapter's task in the bank. Returns the deployment folder."""
     from promptmux.progress import StepBar
-    from promptmux.runtime.bank import PromptBank
+    from promptmux.core.bank import PromptBank
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -159,7 +113,7 @@ def _write_deployment(base_dir, out_dir: Path, config, spec, dims, model, bank, 
     leaves nothing behind."""
     from promptmux import __version__
 
-    from .graph import input_names
+    from promptmux.core.graph import input_names
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # The exporters' native extensions are imported before the temporary folder exists: a Ctrl-C that lands inside
@@ -212,7 +166,7 @@ def _export_graphs(model, config, spec, dims, bank, tmp: Path, fold, optimize, t
 
     from promptmux.runtime.layout import build_layout
 
-    from .graph import PromptedBackbone, PromptedDecoder, input_names
+    from promptmux.core.graph import PromptedBackbone, PromptedDecoder, input_names
     from .onnx_export import OPSET, check_graph, export_decoder_onnx, export_onnx, fold_task, optimize_onnx
 
     backbone = PromptedBackbone(model)
@@ -320,26 +274,3 @@ def _replace_dir(src: Path, dest: Path) -> None:
         os.replace(src, dest)
 
 
-def write_manifest_tasks(deploy_dir: str | Path, bank) -> None:
-    """Refresh the manifest's task list after a bank change (the bank file is the source of truth; the list
-    here is derived from it, and update_tasks rewrites it at every change)."""
-    from promptmux.runtime.bank import write_manifest
-
-    write_manifest(deploy_dir, lambda m: m.__setitem__("tasks", bank.describe()))
-
-
-def update_tasks(deploy_dir: str | Path, spec, change):
-    """Change the tasks of a deployment folder: under its lock, change(bank) on the bank as it is on disk now
-    (not as some process read it earlier), then the bank and the manifest derived from it are committed.
-    Concurrent changes (CLI, Runtime persist=True) are serialised, so none is lost. Returns change's result.
-
-    The two files cannot be renamed as one: a crash between them leaves a manifest whose task list lags the
-    bank. The bank is the truth (every reader of tasks reads it) and the next change rewrites the list."""
-    from promptmux.runtime.bank import PromptBank, deployment_lock
-
-    with deployment_lock(deploy_dir):
-        bank = PromptBank.load(deploy_dir, spec)
-        result = change(bank)
-        bank.save(deploy_dir)
-        write_manifest_tasks(deploy_dir, bank)
-    return result

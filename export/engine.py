@@ -120,8 +120,8 @@ def _reexport_portable(deploy_dir: Path, graph: str, tmp: Path, why: EngineError
                           "export a portable graph from)") from None
     from transformers import AutoConfig
 
-    from .deploy import config_hash, load_base_model
-    from .graph import PromptedBackbone
+    from promptmux.core.folder import config_hash, load_base_model
+    from promptmux.core.graph import PromptedBackbone
     from .onnx_export import export_onnx
 
     config = AutoConfig.from_pretrained(str(deploy_dir))
@@ -329,7 +329,7 @@ def build_engine(deploy_dir, precision: str = "fp32", max_batch: int = 8, max_se
 
 def record_engine(deploy_dir, settings: dict, key: str = "engine") -> None:
     """Add `key: settings` to deploy_dir/manifest.json (durably, under the deployment's lock)."""
-    from promptmux.runtime.bank import update_manifest
+    from promptmux.core.folder import update_manifest
 
     update_manifest(deploy_dir, key, settings)
 

@@ -55,7 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .adapters import AdapterError, TaskPrompt, load_adapter, read_adapter_config
+from promptmux.core.adapters import AdapterError, TaskPrompt, load_adapter, read_adapter_config
 
 METHODS = ("avg-cosine", "per-token-cosine")
 INIT_KINDS = ("prompt-tuning", "mpt-target")
@@ -136,12 +136,12 @@ def resample_tokens(prompt: np.ndarray, length: int) -> np.ndarray:
 
 def _load(deploy_dir_or_bank):
     """(bank, base config or None, deploy dir or None) for a deployment folder or a PromptBank."""
-    from promptmux.runtime.bank import PromptBank
+    from promptmux.core.bank import PromptBank
 
     if isinstance(deploy_dir_or_bank, PromptBank):
         return deploy_dir_or_bank, None, None
-    from .archs import arch_for
-    from .deploy import load_base_config
+    from promptmux.core.archs import arch_for
+    from promptmux.core.folder import load_base_config
 
     folder = Path(deploy_dir_or_bank)
     config = load_base_config(folder)
@@ -258,7 +258,7 @@ def _mpt_parts(bank, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, str
 
 
 def _check_base(config, deploy_dir: Path | None, base_dir: Path) -> object:
-    from .deploy import MANIFEST, config_hash, load_base_config
+    from promptmux.core.folder import MANIFEST, config_hash, load_base_config
 
     base_config = load_base_config(base_dir)
     if config is None:
@@ -444,7 +444,7 @@ def _write_adapter(base_dir, base_config, folder: Path, kind: str, tensors: dict
     import torch
     from peft import MultitaskPromptTuningConfig, PromptTuningConfig, get_peft_model
 
-    from .archs import TASK_TYPE_FOR_FAMILY, arch_for, dims_of
+    from promptmux.core.archs import TASK_TYPE_FOR_FAMILY, arch_for, dims_of
 
     spec, dims = arch_for(base_config.model_type), dims_of(base_config)
     length = int(next(iter(tensors.values())).shape[0])

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from . import mpt_function
-from .graph import SEQ2SEQ_ENCODER_INPUTS as ENCODER_INPUTS
-from .graph import PromptedBackbone
+from promptmux.core.graph import SEQ2SEQ_ENCODER_INPUTS as ENCODER_INPUTS
+from promptmux.core.graph import PromptedBackbone
 DECODER_STEP_INPUTS = ("input_ids", "attention_mask", "encoder_attention_mask")
 
 

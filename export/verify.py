@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .adapters import KIND_OF_PEFT_TYPE, read_adapter_config
-from .deploy import load_base_config, quiet_libraries
+from promptmux.core.adapters import KIND_OF_PEFT_TYPE, read_adapter_config
+from promptmux.core.folder import load_base_config
+from .deploy import quiet_libraries
 
 
 def verification_batch(vocab_size: int, pad_id: int, rows: int, seq: int, padding_side: str, seed: int = 0):
@@ -47,7 +48,7 @@ def peft_outputs(base_dir, adapter_dir, ids: np.ndarray, mask: np.ndarray, famil
     """PEFT eager, per row, in the runtime's output format."""
     from peft import PeftModel
 
-    from .deploy import load_base_model
+    from promptmux.core.folder import load_base_model
 
     cfg = read_adapter_config(adapter_dir)
     model = PeftModel.from_pretrained(load_base_model(base_dir, num_labels=adapter_num_labels(adapter_dir)),
@@ -67,7 +68,7 @@ def peft_generate(base_dir, adapter_dir, ids: np.ndarray, mask: np.ndarray, max_
     """PEFT's greedy generate (seq2seq), the new tokens per row."""
     from peft import PeftModel
 
-    from .deploy import load_base_model
+    from promptmux.core.folder import load_base_model
 
     model = PeftModel.from_pretrained(load_base_model(base_dir), str(adapter_dir)).eval()
     kwargs = {"task_ids": torch.full((ids.shape[0],), mpt_task)} if mpt_task is not None else {}
@@ -101,7 +102,7 @@ def verify(deploy_dir, base_dir, adapters: dict[str, str | Path], backend: str =
 
     from promptmux.runtime.runtime import Runtime
 
-    from .archs import arch_for
+    from promptmux.core.archs import arch_for
 
     quiet_libraries()  # PEFT loads a model per adapter: no loading bars or deprecation warnings in the output
     rt = Runtime(deploy_dir, backend=backend, base=base_dir)

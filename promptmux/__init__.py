@@ -17,13 +17,13 @@ __version__ = "0.1.0"
 # Imported on first use: torch and transformers take over a second to import, which `promptmux --help`,
 # `--version` and `tasks list` should not pay.
 _EXPORTS = {
-    "AdapterError": "promptmux.export.adapters",
-    "load_adapter": "promptmux.export.adapters",
+    "AdapterError": "promptmux.core.adapters",
+    "load_adapter": "promptmux.core.adapters",
     "export_deployment": "promptmux.export.deploy",
     "LibraryError": "promptmux.export.library",
     "init_adapter": "promptmux.export.library",
     "similar_tasks": "promptmux.export.library",
-    "UnknownTaskError": "promptmux.runtime.bank",
+    "UnknownTaskError": "promptmux.core.bank",
     "BackendUnavailable": "promptmux.runtime.errors",
     "InputError": "promptmux.runtime.errors",
     "Runtime": "promptmux.runtime.runtime",

@@ -113,9 +113,9 @@ def _tasks_action(args) -> list[str]:
 
 
 def cmd_tasks(args) -> int:
-    from promptmux.export.archs import arch_for
-    from promptmux.export.deploy import update_tasks
-    from promptmux.runtime.bank import PromptBank
+    from promptmux.core.archs import arch_for
+    from promptmux.core.folder import update_tasks
+    from promptmux.core.bank import PromptBank
 
     action = _tasks_action(args)
     verb = action[0]
@@ -137,8 +137,8 @@ def cmd_tasks(args) -> int:
     if verb == "add":
         if len(action) != 2:
             raise CliError("usage: promptmux tasks DIR add NAME=ADAPTER_DIR")
-        from promptmux.export.adapters import load_adapter
-        from promptmux.export.deploy import load_base_config
+        from promptmux.core.adapters import load_adapter
+        from promptmux.core.folder import load_base_config
 
         (name, path), = _pairs([action[1]], "add").items()
         new = load_adapter(name, path, load_base_config(args.deploy))
@@ -247,8 +247,8 @@ def cmd_verify(args) -> int:
 
     worst = verify(args.deploy, args.base, _pairs(args.adapter, "--adapter"), backend=args.backend,
                    quiet=args.quiet)
-    from promptmux.export.archs import arch_for
-    from promptmux.export.deploy import load_base_config
+    from promptmux.core.archs import arch_for
+    from promptmux.core.folder import load_base_config
 
     tokens = arch_for(load_base_config(args.deploy).model_type).family == "seq2seq"
     metric = "rows_with_other_tokens" if tokens else "max_abs_diff"
@@ -620,8 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Errors a user causes (wrong flags, folders, adapters, inputs): one line and exit 2. Named by module so that checking
 # imports nothing: an exception of a class whose module was never imported cannot have been raised.
-USER_ERRORS = (("promptmux.export.adapters", "AdapterError"), ("promptmux.export.archs", "UnsupportedModelError"),
-               ("promptmux.export.engine", "EngineError"), ("promptmux.runtime.bank", "UnknownTaskError"),
+USER_ERRORS = (("promptmux.core.adapters", "AdapterError"), ("promptmux.core.archs", "UnsupportedModelError"),
+               ("promptmux.export.engine", "EngineError"), ("promptmux.core.bank", "UnknownTaskError"),
                ("promptmux.runtime.errors", "InputError"), ("promptmux.runtime.errors", "BackendUnavailable"),
                ("promptmux.runtime.precision", "PrecisionError"))
 

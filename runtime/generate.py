@@ -1,6 +1,6 @@
 """Cached generation for prompt-tuned causal LMs, with a task per row.
 
-One graph (`decoder.onnx`, see export/graph.py PromptedDecoder) runs the prefill and every
+One graph (`decoder.onnx`, see core/graph.py PromptedDecoder) runs the prefill and every
 decoding step. Two prefill strategies give the same tokens:
 
 - precomputed prompt KV (default): each task's virtual tokens sit in front of the input in a
@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .bank import TaskView, same_prompt
+from promptmux.core.bank import TaskView, same_prompt
 from .errors import InputError
 from .layout import build_layout
 from .sessions import host
@@ -95,7 +95,7 @@ class Generator:
         self.rt = runtime
         self.session = session
         self.layers = runtime.dims.num_layers
-        from promptmux.export.archs import position_offset
+        from promptmux.core.archs import position_offset
 
         self._offset = position_offset(runtime.config)
         self._kv: dict[tuple[str, str], np.ndarray] = {}
@@ -133,7 +133,7 @@ class Generator:
 
     def _layout(self, ids, mask, views):
         rt = self.rt
-        from promptmux.export.archs import position_offset
+        from promptmux.core.archs import position_offset
 
         return build_layout(rt.spec, position_offset(rt.config), rt.config.pad_token_id, ids, mask, None, views,
                             rt.dims, min_slots=0)

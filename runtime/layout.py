@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from promptmux.export.archs import ArchSpec
+from promptmux.core.archs import ArchSpec
 
 
 @dataclass

@@ -196,7 +196,7 @@ def stored_contract(manifest: dict, backend: str, precision: str, digests: dict[
 
 def write_contract(deploy_dir: Path, backend: str, precision: str, entry: dict) -> None:
     """Merge one contract into manifest.json's "precision" (under the deployment's lock)."""
-    from .bank import deployment_lock, write_manifest
+    from promptmux.core.folder import deployment_lock, write_manifest
 
     with deployment_lock(deploy_dir):
         write_manifest(deploy_dir, lambda m: m.setdefault("precision", {}).__setitem__(record_key(backend, precision),

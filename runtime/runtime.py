@@ -10,10 +10,10 @@ from typing import Sequence
 
 import numpy as np
 
-from promptmux.export.archs import arch_for, dims_of, position_offset
-from promptmux.export.deploy import FOLDED_GRAPH, GRAPH, MANIFEST, update_tasks
+from promptmux.core.archs import arch_for, dims_of, position_offset
+from promptmux.core.folder import FOLDED_GRAPH, GRAPH, MANIFEST, update_tasks
 
-from .bank import PromptBank, TaskView, UnknownTaskError, same_prompt
+from promptmux.core.bank import PromptBank, TaskView, UnknownTaskError, same_prompt
 from .errors import InputError
 from .layout import build_layout
 from .text import load_tokenizer, too_long
@@ -138,8 +138,8 @@ class Runtime:
                 self.session = self._graph_session(self.dir / GRAPH)
             self.folded_session = self._graph_session(self.dir / FOLDED_GRAPH) if folded else None
         else:
-            from promptmux.export.deploy import load_base_model
-            from promptmux.export.graph import PromptedBackbone, input_names
+            from promptmux.core.folder import load_base_model
+            from promptmux.core.graph import PromptedBackbone, input_names
             from promptmux.export.seq2seq import PromptedEncoder
 
             from .sessions import TorchSession
@@ -203,7 +203,7 @@ class Runtime:
                  root: str | Path | None = None) -> list[str]:
         """Load a PEFT adapter into the bank of this runtime (and the deployment folder if persist). root: every
         file read for the adapter must resolve inside this folder (see load_adapter)."""
-        from promptmux.export.adapters import load_adapter
+        from promptmux.core.adapters import load_adapter
 
         new = load_adapter(name, adapter_dir, self.config, root=root)
         self._change(lambda bank: bank.add(new, replace=replace), persist)
@@ -345,7 +345,7 @@ class Runtime:
 
             step = Seq2SeqDecoderStep(self._torch_model)
             return TorchSession(step, [*DECODER_STEP_INPUTS, *self_names(step.layers), *cross_names(step.layers)])
-        from promptmux.export.graph import DECODER_INPUTS, PromptedDecoder, past_names
+        from promptmux.core.graph import DECODER_INPUTS, PromptedDecoder, past_names
 
         return TorchSession(PromptedDecoder(self._torch_model), list(DECODER_INPUTS) + past_names(self.dims.num_layers))
 

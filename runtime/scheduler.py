@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from promptmux.export.archs import position_offset
+from promptmux.core.archs import position_offset
 
-from .bank import TaskView
+from promptmux.core.bank import TaskView
 from .generate import (
     ContinuousBatch,
     SamplingParams,

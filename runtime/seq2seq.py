@@ -13,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .bank import TaskView
+from promptmux.core.bank import TaskView
 from .generate import SamplingParams, _pick, eos_ids
 from .layout import build_layout
 

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .bank import UnknownTaskError
+from promptmux.core.bank import UnknownTaskError
 from .generate import SamplingParams
 from .scheduler import ClassifyJob, GenerateJob, JobTimeout, Overloaded, Scheduler
 from .serve_metrics import Metrics
@@ -584,7 +584,7 @@ def _cancel(engine: Engine, job) -> None:
 def _apply_change(engine: Engine, op: dict) -> list[str]:
     """Add or remove a task in this engine's bank (a thread: reading an adapter takes a while). The bank swap
     itself is one reference assignment; requests in flight keep the views they captured."""
-    from promptmux.export.adapters import AdapterError
+    from promptmux.core.adapters import AdapterError
 
     if op["action"] == "remove":
         try:

@@ -301,8 +301,8 @@ def test_build_engine_rejects_an_empty_profile(deployed):
 
 
 def test_labels_come_from_the_base_configs_id2label_without_labels_json(setup):
-    from promptmux.export.adapters import load_adapter
-    from promptmux.export.deploy import load_base_config
+    from promptmux.core.adapters import load_adapter
+    from promptmux.core.folder import load_base_config
 
     config = load_base_config(setup["base"])
     assert load_adapter("pt", setup["adapters"]["pt"], config)[0].labels is None  # LABEL_0..2: placeholders

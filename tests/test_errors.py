@@ -11,8 +11,8 @@ import torch
 from conftest import adapter_configs, make_adapter, make_base, random_batch
 
 from promptmux import AdapterError, InputError, Runtime, UnknownTaskError, export_deployment, load_adapter
-from promptmux.export.archs import UnsupportedModelError
-from promptmux.export.deploy import load_base_config
+from promptmux.core.archs import UnsupportedModelError
+from promptmux.core.folder import load_base_config
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_folder_without_adapter_config(bert, tmp_path):
 def test_non_prompt_method_is_refused(bert, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from promptmux.export.deploy import load_base_model
+    from promptmux.core.folder import load_base_model
 
     model = get_peft_model(load_base_model(bert["base"]), LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
     model.save_pretrained(tmp_path / "lora")

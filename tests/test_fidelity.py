@@ -98,7 +98,7 @@ def test_token_type_ids_are_honoured_like_peft(deployment):
     import torch
     from peft import PeftModel
 
-    from promptmux.export.deploy import load_base_model
+    from promptmux.core.folder import load_base_model
 
     rt = _runtime(deployment)
     ids, mask = random_batch("bert", rows=2, seq=8, seed=4, padding_side="right")

@@ -10,7 +10,7 @@ from conftest import adapter_configs, make_adapter, random_batch
 from safetensors import safe_open
 
 from promptmux import Runtime, UnknownTaskError, export_deployment
-from promptmux.runtime.bank import BANK_FILE
+from promptmux.core.bank import BANK_FILE
 
 TOL = 1e-4
 

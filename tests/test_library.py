@@ -73,8 +73,8 @@ def _peft(base, adapter_dir, trainable=False):
 
 
 def _bank_prompt(lib, task):
-    from promptmux.export.adapters import load_adapter
-    from promptmux.export.deploy import load_base_config
+    from promptmux.core.adapters import load_adapter
+    from promptmux.core.folder import load_base_config
 
     name, _, t = task.partition("/")
     tasks = load_adapter(name, lib["adapters"][name], load_base_config(lib["base"]))
@@ -162,8 +162,8 @@ def test_init_from_task_writes_a_peft_adapter_with_that_prompt(lib, tmp_path):
     assert json.loads((out / "promptmux_init.json").read_text())["sources"] == [
         {"task": "near", "score": None, "weight": 1.0}]
     # promptmux serves it as is
-    from promptmux.export.adapters import load_adapter
-    from promptmux.export.deploy import load_base_config
+    from promptmux.core.adapters import load_adapter
+    from promptmux.core.folder import load_base_config
 
     (task,) = load_adapter("target", out, load_base_config(lib["base"]))
     np.testing.assert_array_equal(task.tensors["prompt"], want.numpy())
@@ -266,10 +266,10 @@ def test_causal_lm_bank_without_onnx(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from promptmux.export.adapters import load_adapter
-    from promptmux.export.archs import arch_for
-    from promptmux.export.deploy import load_base_config
-    from promptmux.runtime.bank import PromptBank
+    from promptmux.core.adapters import load_adapter
+    from promptmux.core.archs import arch_for
+    from promptmux.core.folder import load_base_config
+    from promptmux.core.bank import PromptBank
 
     base = make_base("gpt2", tmp_path / "base")
     cfgs = adapter_configs("gpt2")

@@ -88,7 +88,7 @@ def test_fp16_graph_copy_matches_fp32_in_onnxruntime(deploy):
     import onnxruntime as ort
 
     from promptmux import Runtime
-    from promptmux.export.archs import position_offset
+    from promptmux.core.archs import position_offset
     from promptmux.runtime.layout import build_layout
 
     rt = Runtime(deploy)
@@ -126,7 +126,7 @@ def test_record_engine_adds_settings_to_the_manifest(deploy, tmp_path):
     record_engine(folder, settings)
     after = json.loads((folder / "manifest.json").read_text())
     assert after.pop("engine") == settings and after == before
-    from promptmux.runtime.bank import LOCK_FILE
+    from promptmux.core.folder import LOCK_FILE
 
     # no temp file left behind (the lock file that serialises manifest changes stays)
     assert sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE) == ["manifest.json"]
@@ -268,7 +268,7 @@ def test_engine_matches_onnxruntime(deploy, use_plugin):
     import torch
 
     from promptmux import Runtime
-    from promptmux.export.archs import position_offset
+    from promptmux.core.archs import position_offset
     from promptmux.runtime.layout import build_layout
 
     s = build_engine(deploy, "fp32", max_batch=8, max_seq=16, max_prompt=8, use_plugin=use_plugin,

@@ -33,7 +33,8 @@ def base_model_dir() -> Path:
 
 def run_demo(out: str | Path = "promptmux-demo", quiet: bool = False, backend: str = "auto",
              precision: str = "fp32") -> dict:
-    from promptmux.export.deploy import MANIFEST, export_deployment
+    from promptmux.core.folder import MANIFEST
+    from promptmux.export.deploy import export_deployment
     from promptmux.runtime.runtime import Runtime
 
     out = Path(out)

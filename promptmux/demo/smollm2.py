@@ -152,7 +152,8 @@ def run_generation_demo(out: str | Path = "promptmux-smollm2-demo", quiet: bool 
     """Export the two shipped SmolLM2 adapters into one deployment and generate for a mixed-task batch.
 
     Returns {"deployment", "held_out_accuracy", "mixed_batch": [...]}; progress bars unless quiet."""
-    from promptmux.export.deploy import MANIFEST, export_deployment
+    from promptmux.core.folder import MANIFEST
+    from promptmux.export.deploy import export_deployment
     from promptmux.progress import StepBar
     from promptmux.runtime.runtime import Runtime
 

@@ -13,8 +13,6 @@ together: a reader sees the old bank or the new one, never half of each.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -26,13 +24,12 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from promptmux.export.adapters import TaskPrompt
-from promptmux.export.archs import ArchSpec
+from .adapters import TaskPrompt
+from .archs import ArchSpec
+from .folder import durable_replace
 
 BANK_FILE = "bank.safetensors"
 INDEX_KEY = "promptmux_tasks"
-LOCK_FILE = ".promptmux.lock"
-TEMP_PATTERNS = (".bank-*.tmp", ".manifest-*")  # what a change killed midway leaves behind
 
 
 class UnknownTaskError(LookupError):
@@ -224,59 +221,3 @@ class PromptBank:
         return bank
 
 
-def _fsync(path: str | Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def durable_replace(tmp: str | Path, target: str | Path) -> None:
-    """os.replace that survives a crash: the data is on disk before the rename, the rename before we return."""
-    _fsync(tmp)
-    os.replace(tmp, target)
-    _fsync(Path(target).parent, directory=True)
-
-
-def write_manifest(deploy_dir: str | Path, change) -> None:
-    """Read manifest.json, change(manifest) in place, write it back durably. Callers outside a change of the
-    bank hold deployment_lock around it (see update_manifest)."""
-    import json
-    import tempfile
-
-    path = Path(deploy_dir) / "manifest.json"
-    manifest = json.loads(path.read_text())
-    change(manifest)
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", dir=deploy_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(manifest, f, indent=2)
-        durable_replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def update_manifest(deploy_dir: str | Path, key: str, value) -> None:
-    """Set one manifest entry (an engine record, a precision contract) under the deployment's lock, so that it
-    neither loses nor is lost to a concurrent task change."""
-    with deployment_lock(deploy_dir):
-        write_manifest(deploy_dir, lambda m: m.__setitem__(key, value))
-
-
-@contextlib.contextmanager
-def deployment_lock(folder: str | Path):
-    """Serialises changes of a deployment folder across threads and processes (an exclusive flock on
-    FOLDER/.promptmux.lock, released by the kernel if the holder dies). On entry nobody else is writing, so
-    temp files found then are leftovers of a change killed midway: they are removed."""
-    folder = Path(folder)
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        for pattern in TEMP_PATTERNS:
-            for stale in folder.glob(pattern):
-                stale.unlink(missing_ok=True)
-        yield
-    finally:
-        os.close(fd)
