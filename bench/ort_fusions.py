@@ -23,7 +23,7 @@ def _child(deploy: str, batch: int, disabled: bool, threads: int) -> float:
     import onnxruntime as ort
 
     from promptmux import Runtime
-    from promptmux.runtime.layout import build_layout
+    from promptmux.core.layout import build_layout
     from promptmux.core.archs import position_offset
 
     rt = Runtime(deploy, backend="onnxruntime", threads=threads)

@@ -46,8 +46,8 @@ MPT_TASKS_PER_ADAPTER = 10
 
 def synthetic_tasks(kind: str, n: int, rt, virtual_tokens: int = 20, rank: int = 1, seed: int = 0,
                     num_labels: int = 2) -> list:
-    """n TaskPrompt objects of one kind for the deployment's model (random values, trained-prompt scale)."""
-    from promptmux.core.adapters import TaskPrompt
+    """n Task objects of one kind for the deployment's model (random values, trained-prompt scale)."""
+    from promptmux.core.task import Task
 
     if kind not in KINDS:
         raise ValueError(f"unknown scaling kind {kind!r}; choose from {', '.join(KINDS)}")
@@ -68,7 +68,7 @@ def synthetic_tasks(kind: str, n: int, rt, virtual_tokens: int = 20, rank: int =
     tasks = []
     if kind == "prompt":
         for i in range(n):
-            tasks.append(TaskPrompt(f"t{i:04d}", "prompt", "PROMPT_TUNING", p,
+            tasks.append(Task(f"t{i:04d}", "prompt", "PROMPT_TUNING", p,
                                     {"prompt": (rng.standard_normal((p, d)) * scale).astype(np.float32)},
                                     head=head(), labels=labels, source="synthetic"))
         return tasks
@@ -81,11 +81,11 @@ def synthetic_tasks(kind: str, n: int, rt, virtual_tokens: int = 20, rank: int =
         rows = (1.0 + 0.1 * rng.standard_normal((rank, d))).astype(np.float32) / rank
         name = f"m{g:03d}/{k}"
         if kind == "mpt-factors":
-            tasks.append(TaskPrompt(name, "mpt", "MULTITASK_PROMPT_TUNING", p,
+            tasks.append(Task(name, "mpt", "MULTITASK_PROMPT_TUNING", p,
                                     {"shared": shared, "cols": cols, "rows": rows},
                                     head=head(), labels=labels, source="synthetic"))
         else:
-            tasks.append(TaskPrompt(name, "prompt", "PROMPT_TUNING", p, {"prompt": shared * (cols @ rows)},
+            tasks.append(Task(name, "prompt", "PROMPT_TUNING", p, {"prompt": shared * (cols @ rows)},
                                     head=head(), labels=labels, source="synthetic"))
     return tasks
 

@@ -1,15 +1,7 @@
-"""Read what `PeftModel.save_pretrained` writes for prompt-learning adapters.
-
-An adapter directory holds adapter_config.json and adapter_model.safetensors. Each adapter
-becomes one task (or, for Multitask Prompt Tuning, one task per trained task id), in the
-layout the prompt bank stores:
-
-- "prompt" (PROMPT_TUNING, P_TUNING): the input-level virtual tokens [T, d]. For P-tuning PEFT
-  saves the prompt encoder's *output*, so both reparameterizations arrive as plain embeddings.
-- "prefix" (PREFIX_TUNING): per-layer key/value prefixes [L, 2, kv_heads, n, head_dim], the
-  view/permute of PEFT's `get_prompt`.
-- "mpt" (MULTITASK_PROMPT_TUNING): the shared prompt [T, d] and the task's rank-r factors
-  cols [T, r], rows [r, d]; prompt = shared * (cols @ rows).
+"""Read what `PeftModel.save_pretrained` writes for prompt-learning adapters: the folder's files, checked safely
+(safetensors only, links confined to an adapter root, sizes bounded), the checks every method shares, and the
+classification head and labels. What the method's tensors mean is its kind's business (promptmux.kinds): each
+adapter becomes one task, or several for Multitask Prompt Tuning.
 
 Only safetensors is read: pickled `.bin` adapters are refused.
 """
@@ -17,39 +9,18 @@ Only safetensors is read: pickled `.bin` adapters are refused.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .archs import TASK_TYPE_FOR_FAMILY, ArchSpec, Dims, arch_for, dims_of
-
-KIND_OF_PEFT_TYPE = {
-    "PROMPT_TUNING": "prompt",
-    "P_TUNING": "prompt",
-    "PREFIX_TUNING": "prefix",
-    "MULTITASK_PROMPT_TUNING": "mpt",
-}
+from .task import Task
 
 LABELS_FILE = "labels.json"  # optional promptmux convention: {"id2label": {"0": "neg", ...}}
 
 
 class AdapterError(ValueError):
     """An adapter directory cannot be served with this base model; the message says why and what to do."""
-
-
-@dataclass
-class TaskPrompt:
-    """One servable task, in the bank's layout (float32 numpy arrays)."""
-
-    name: str
-    kind: str  # "prompt" | "prefix" | "mpt"
-    peft_type: str
-    num_virtual_tokens: int
-    tensors: dict[str, np.ndarray]  # prompt | prefix | shared, cols, rows
-    head: dict[str, np.ndarray] = field(default_factory=dict)  # "classifier.weight" -> array
-    labels: list[str] | None = None
-    source: str = ""
 
 
 MAX_JSON_BYTES = 1 << 20  # adapter_config.json, labels.json: a few hundred bytes in practice
@@ -128,7 +99,7 @@ def read_adapter_config(adapter_dir: str | Path, root: str | Path | None = None)
     return cfg
 
 
-def _config_int(cfg: dict, key: str, adapter_dir: Path, required: bool = False) -> int | None:
+def config_int(cfg: dict, key: str, adapter_dir: Path, required: bool = False) -> int | None:
     """A size from adapter_config.json: a positive integer (absent or null: None, unless required)."""
     value = cfg.get(key)
     if value is None and not required:
@@ -152,7 +123,7 @@ def _weights_path(adapter_dir: Path, root: Path | None) -> Path:
     raise AdapterError(f"{str(adapter_dir)!r} has no adapter_model.safetensors")
 
 
-def _expect(what: str, adapter_value, base_value, adapter_dir: Path, expected_from: str = "the base model") -> None:
+def expect(what: str, adapter_value, base_value, adapter_dir: Path, expected_from: str = "the base model") -> None:
     if adapter_value is not None and adapter_value != base_value:
         raise AdapterError(
             f"adapter {str(adapter_dir)!r} does not fit the base model: {what} is {adapter_value} in the adapter "
@@ -160,8 +131,8 @@ def _expect(what: str, adapter_value, base_value, adapter_dir: Path, expected_fr
         )
 
 
-def _expect_shape(what: str, tensor: np.ndarray, shape: tuple, adapter_dir: Path) -> None:
-    _expect(f"{what} shape", tuple(tensor.shape), shape, adapter_dir,
+def expect_shape(what: str, tensor: np.ndarray, shape: tuple, adapter_dir: Path) -> None:
+    expect(f"{what} shape", tuple(tensor.shape), shape, adapter_dir,
             expected_from="what adapter_config.json and the base model's sizes imply")
 
 
@@ -185,9 +156,9 @@ def _check_recorded_base(cfg: dict, base_config, adapter_dir: Path, root: Path |
     other = _read_json(rec_cfg, str(rec_cfg))
     if not isinstance(other, dict):
         return
-    _expect("model type", other.get("model_type"), base_config.model_type, adapter_dir)
+    expect("model type", other.get("model_type"), base_config.model_type, adapter_dir)
     if other.get("vocab_size") is not None:
-        _expect("vocab size", other["vocab_size"], base_config.vocab_size, adapter_dir)
+        expect("vocab size", other["vocab_size"], base_config.vocab_size, adapter_dir)
 
 
 def _head_tensors(
@@ -197,8 +168,6 @@ def _head_tensors(
     head_modules = {layer.module for layer in spec.head}
     head: dict[str, np.ndarray] = {}
     for key, value in weights.items():
-        if key in ("prompt_embeddings", "prefix_task_cols", "prefix_task_rows"):
-            continue
         name = key
         for prefix in ("base_model.model.", "base_model."):
             if name.startswith(prefix):
@@ -216,24 +185,27 @@ def _head_tensors(
     if head:
         first = spec.head[0].module + ".weight"
         if first in head and head[first].shape[1] != dims.hidden_size:
-            _expect("classification head input size", head[first].shape[1], dims.hidden_size, adapter_dir)
+            expect("classification head input size", head[first].shape[1], dims.hidden_size, adapter_dir)
     return head
 
 
-def load_adapter(name: str, adapter_dir: str | Path, base_config, root: str | Path | None = None) -> list[TaskPrompt]:
+def load_adapter(name: str, adapter_dir: str | Path, base_config, root: str | Path | None = None) -> list[Task]:
     """Read one PEFT adapter folder and check it against the base model's config. root: every file read must
     resolve inside this folder (the server's --adapter-root), and nothing the adapter names outside it is read."""
+    from promptmux.kinds import BY_PEFT_TYPE
+    from promptmux.kinds.base import ReadContext
+
     if not name or "/" in name or name.strip() != name:
         raise AdapterError(f"task name {name!r} is not allowed: use a non-empty name without '/' or surrounding spaces")
     adapter_dir, root = _adapter_dir(adapter_dir, root)
     cfg = read_adapter_config(adapter_dir, root)
     peft_type = cfg.get("peft_type")
-    if not isinstance(peft_type, str) or peft_type not in KIND_OF_PEFT_TYPE:
+    if not isinstance(peft_type, str) or peft_type not in BY_PEFT_TYPE:
         raise AdapterError(
             f"adapter {str(adapter_dir)!r} is {str(peft_type)[:40]}, not a prompt-learning method; promptmux serves "
-            f"{', '.join(KIND_OF_PEFT_TYPE)}"
+            f"{', '.join(BY_PEFT_TYPE)}"
         )
-    kind = KIND_OF_PEFT_TYPE[peft_type]
+    kind = BY_PEFT_TYPE[peft_type]
     spec = arch_for(base_config.model_type)
     dims = dims_of(base_config)
 
@@ -243,95 +215,44 @@ def load_adapter(name: str, adapter_dir: str | Path, base_config, root: str | Pa
             f"adapter {str(adapter_dir)!r} has task type {cfg.get('task_type')} but the base model "
             f"({base_config.model_type}) is exported for {expected_task}"
         )
-    if kind == "prefix" and not spec.supports_prefix:
-        raise AdapterError(
-            f"adapter {str(adapter_dir)!r} is PREFIX_TUNING, which {base_config.model_type} does not support "
-            "(its attention takes no past key/values); use prompt tuning or P-tuning for this model"
-        )
-    n = _config_int(cfg, "num_virtual_tokens", adapter_dir, required=True)
-    subs = _config_int(cfg, "num_transformer_submodules", adapter_dir) or 1
+    if spec.family not in kind.families:
+        raise AdapterError(f"adapter {str(adapter_dir)!r} is {peft_type}, which PEFT supports for "
+                           f"{', '.join(TASK_TYPE_FOR_FAMILY[f] for f in kind.families)} only, not {expected_task}")
+    n = config_int(cfg, "num_virtual_tokens", adapter_dir, required=True)
+    subs = config_int(cfg, "num_transformer_submodules", adapter_dir) or 1
     if spec.family != "seq2seq" and subs != 1:
         raise AdapterError(
             f"adapter {str(adapter_dir)!r} has num_transformer_submodules={subs}; "
             "encoder-only and decoder-only models use 1"
         )
-    if spec.family == "seq2seq" and (subs not in (1, 2) or (kind == "prefix" and subs != 2)):
+    if spec.family == "seq2seq" and subs not in (1, 2):
         raise AdapterError(
             f"adapter {str(adapter_dir)!r} has num_transformer_submodules={subs}; PEFT builds seq2seq adapters with 2 "
-            "(1 is also accepted for prompt tuning, P-tuning and MPT). Recreate it with PEFT's default"
+            "(1 is also accepted for input-level prompts). Recreate it with PEFT's default"
         )
-    if spec.family == "seq2seq" and kind == "prefix":
-        _expect("number of layers (decoder)", cfg.get("num_layers"), getattr(base_config, "num_decoder_layers", None),
-                adapter_dir)
     _check_recorded_base(cfg, base_config, adapter_dir, root)
-    _expect("number of layers", cfg.get("num_layers"), dims.num_layers, adapter_dir)
-    if kind == "prefix":
-        # PEFT sizes prefixes by the key/value heads (grouped-query attention: d = head_dim * kv_heads).
-        _expect("number of key/value heads", cfg.get("num_attention_heads"), dims.num_kv_heads, adapter_dir)
-        _expect("prefix token dim (head_dim * kv_heads)", cfg.get("token_dim"), dims.kv_dim, adapter_dir)
-    else:
-        _expect("number of attention heads", cfg.get("num_attention_heads"), dims.num_heads, adapter_dir)
-        _expect("hidden size", cfg.get("token_dim"), dims.hidden_size, adapter_dir)
+    expect("number of layers", cfg.get("num_layers"), dims.num_layers, adapter_dir)
+    ctx = ReadContext(name, adapter_dir, cfg, spec, dims, base_config, {}, n, subs)
+    kind.check_config(ctx)
 
     weights = _load_safetensors(_weights_path(adapter_dir, root), f"{adapter_dir / 'adapter_model.safetensors'}")
     if "prompt_embeddings" not in weights:
         raise AdapterError(f"adapter {str(adapter_dir)!r} has no 'prompt_embeddings' tensor")
-    emb = weights["prompt_embeddings"]
-    head = _head_tensors(weights, spec, dims, adapter_dir) if spec.family == "encoder" else {}
-    if spec.family != "encoder" and len(weights) > (3 if kind == "mpt" else 1):
-        extra = sorted(set(weights) - {"prompt_embeddings", "prefix_task_cols", "prefix_task_rows"})
+    ctx.weights = {k: v for k, v in weights.items() if k in kind.tensor_keys}
+    others = {k: v for k, v in weights.items() if k not in kind.tensor_keys}
+    head = _head_tensors(others, spec, dims, adapter_dir) if spec.family == "encoder" else {}
+    if spec.family != "encoder" and others:
         raise AdapterError(
-            f"adapter {str(adapter_dir)!r} saves {extra} (modules_to_save); promptmux serves one frozen backbone "
-            "for every language-model task, so retrain without modules_to_save"
+            f"adapter {str(adapter_dir)!r} saves {sorted(others)} (modules_to_save); promptmux serves one frozen "
+            "backbone for every language-model task, so retrain without modules_to_save"
         )
     # labels.json names a classification head's outputs; a language-model adapter folder may hold any other file.
     labels = _read_labels(adapter_dir, head, spec, base_config, root) if spec.family == "encoder" else None
-    # Absolute: the manifest records it, and a deployment is used from other folders than the export's.
-    common = dict(peft_type=peft_type, num_virtual_tokens=n, head=head, labels=labels,
-                  source=str(Path(adapter_dir).resolve()))
-
-    # Seq2seq adapters with num_transformer_submodules=2 hold 2n prompt rows; PEFT's generate puts the first n in
-    # front of the encoder input and never uses the rest (see export/seq2seq.py), so the bank keeps those n.
-    rows_saved = n * subs if kind != "prefix" else n
-    if kind == "prompt":
-        _expect_shape("prompt_embeddings", emb, (rows_saved, dims.hidden_size), adapter_dir)
-        return [TaskPrompt(name, kind, tensors={"prompt": np.ascontiguousarray(emb[:n])}, **common)]
-    if kind == "prefix":
-        width = dims.num_layers * 2 * dims.kv_dim
-        _expect_shape("prefix prompt_embeddings", emb, (n, width), adapter_dir)
-        per_layer = emb.reshape(n, 2 * dims.num_layers, dims.num_kv_heads, dims.head_dim)
-        if spec.family == "seq2seq":
-            # PEFT get_prompt with 2 submodules: rows doubled [n, 4L, H, hd] -> [4L, H, n, hd], split in chunks of
-            # 4 per decoder layer (self K, self V, cross K, cross V); the cross half is discarded.
-            per_layer = np.concatenate([per_layer, per_layer], axis=1).transpose(1, 2, 0, 3)
-            kv = per_layer.reshape(dims.num_layers, 4, dims.num_kv_heads, n, dims.head_dim)[:, :2]
-        else:
-            # PEFT get_prompt: view [n, 2L, H, hd] -> permute [2L, H, n, hd]; layer l uses rows 2l (K), 2l+1 (V).
-            kv = per_layer.transpose(1, 2, 0, 3).reshape(dims.num_layers, 2, dims.num_kv_heads, n, dims.head_dim)
-        return [TaskPrompt(name, kind, tensors={"prefix": np.ascontiguousarray(kv)}, **common)]
-
-    # Multitask prompt tuning: one task per task id, sharing one prompt.
-    cols, rows = weights.get("prefix_task_cols"), weights.get("prefix_task_rows")
-    if cols is None or rows is None:
-        raise AdapterError(f"MPT adapter {str(adapter_dir)!r} lacks prefix_task_cols / prefix_task_rows")
-    if cols.ndim != 3:
-        raise AdapterError(f"MPT adapter {str(adapter_dir)!r}: prefix_task_cols has shape {tuple(cols.shape)}, "
-                           "not [tasks, tokens, ranks]")
-    k = _config_int(cfg, "num_tasks", adapter_dir) or cols.shape[0]
-    r = _config_int(cfg, "num_ranks", adapter_dir) or cols.shape[2]
-    _expect_shape("MPT shared prompt", emb, (rows_saved, dims.hidden_size), adapter_dir)
-    _expect_shape("MPT prefix_task_cols", cols, (k, rows_saved, r), adapter_dir)
-    emb, cols = np.ascontiguousarray(emb[:n]), cols[:, :n]
-    _expect_shape("MPT prefix_task_rows", rows, (k, r, dims.hidden_size), adapter_dir)
-    return [
-        TaskPrompt(
-            f"{name}/{t}",
-            kind,
-            tensors={"shared": emb, "cols": np.ascontiguousarray(cols[t]), "rows": np.ascontiguousarray(rows[t])},
-            **common,
-        )
-        for t in range(k)
-    ]
+    tasks = kind.read(ctx)
+    for t in tasks:
+        # Absolute: the manifest records it, and a deployment is used from other folders than the export's.
+        t.head, t.labels, t.source = head, labels, str(Path(adapter_dir).resolve())
+    return tasks
 
 
 def _read_labels(adapter_dir: Path, head: dict[str, np.ndarray], spec: ArchSpec, base_config,

@@ -1,10 +1,10 @@
 """The prompt bank: every task's prompt (and classification head) in one safetensors file.
 
 Layout of `bank.safetensors`:
-    task/<name>/prompt            [T, d]             prompt tuning, P-tuning
-    task/<name>/prefix            [L, 2, kv, n, hd]  prefix tuning
-    task/<name>/cols, rows        [T, r], [r, d]     MPT factors of one task
-    shared/<digest>               [T, d]             MPT shared prompts, stored once per distinct prompt
+    task/<name>/<role>            each tensor of the task's kind (promptmux.kinds), e.g. prompt [T, d],
+                                  prefix [L, 2, kv, n, hd], MPT's cols [T, r] and rows [r, d]
+    shared/<digest>               the roles a kind shares between tasks (MPT's shared prompt [T, d]),
+                                  stored once per distinct value
     task/<name>/head/<param>      per-task classification head (PEFT modules_to_save)
     base/head/<param>             the base model's head, for modules a task did not save
 The task index lives in the file's metadata, so one atomic rename updates tensors and index
@@ -17,14 +17,13 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from .adapters import TaskPrompt
+from .task import Task
 from .archs import ArchSpec
 from .folder import durable_replace
 
@@ -39,40 +38,12 @@ class UnknownTaskError(LookupError):
         return str(self.args[0])
 
 
-@dataclass
-class TaskView:
-    """Everything the runtime needs of one task, as numpy arrays."""
-
-    name: str
-    kind: str
-    peft_type: str
-    num_virtual_tokens: int
-    prompt: np.ndarray | None = None
-    prefix: np.ndarray | None = None
-    shared: np.ndarray | None = None
-    cols: np.ndarray | None = None
-    rows: np.ndarray | None = None
-    head: list[tuple[np.ndarray, np.ndarray | None, str | None]] = field(default_factory=list)
-    labels: list[str] | None = None
-    source: str = ""
-
-
-_PROMPT_FIELDS = ("prompt", "prefix", "shared", "cols", "rows")
-
-
-def same_prompt(a: TaskView, b: TaskView) -> bool:
-    """Whether two views hold the very same prompt arrays. A bank copy shares the arrays of unchanged tasks, so
-    this tells a task still as it was from one replaced since (for what was built from it: a folded graph, a
-    prompt's key/values)."""
-    return a is b or (a.kind == b.kind and all(getattr(a, f) is getattr(b, f) for f in _PROMPT_FIELDS))
-
-
 class PromptBank:
     def __init__(self, spec: ArchSpec, base_head: dict[str, np.ndarray] | None = None):
         self.spec = spec
         self.index: dict[str, dict] = {}
         self.arrays: dict[str, np.ndarray] = {f"base/head/{k}": v for k, v in (base_head or {}).items()}
-        self._views: dict[str, TaskView] = {}
+        self._views: dict[str, Task] = {}
 
     # ---- queries -------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -84,7 +55,7 @@ class PromptBank:
     def __len__(self) -> int:
         return len(self.index)
 
-    def view(self, name: str) -> TaskView:
+    def view(self, name: str) -> Task:
         if name not in self.index:
             known = ", ".join(self.index) or "none"
             raise UnknownTaskError(f"unknown task {name!r}; this deployment serves: {known}")
@@ -92,10 +63,9 @@ class PromptBank:
             self._views[name] = self._make_view(name)
         return self._views[name]
 
-    def _make_view(self, name: str) -> TaskView:
+    def _make_view(self, name: str) -> Task:
         e = self.index[name]
-        arr = {role: self.arrays[key] for role, key in e["tensors"].items()}
-        head = []
+        layers = []
         for layer in self.spec.head:
             params = []
             for p in ("weight", "bias"):
@@ -103,17 +73,10 @@ class PromptBank:
                 params.append(self.arrays.get(key))
             if params[0] is None:
                 raise ValueError(f"task {name!r}: no weights for head module {layer.module!r}")
-            head.append((params[0], params[1], layer.activation))
-        return TaskView(
-            name=name,
-            kind=e["kind"],
-            peft_type=e["peft_type"],
-            num_virtual_tokens=e["num_virtual_tokens"],
-            head=head,
-            labels=e.get("labels"),
-            source=e.get("source", ""),
-            **arr,
-        )
+            layers.append((params[0], params[1], layer.activation))
+        return Task(name=name, kind=e["kind"], peft_type=e["peft_type"], num_virtual_tokens=e["num_virtual_tokens"],
+                    tensors={role: self.arrays[key] for role, key in e["tensors"].items()}, labels=e.get("labels"),
+                    source=e.get("source", ""), layers=layers)
 
     def digest(self, name: str) -> str:
         """A fingerprint of one task's prompt and head tensors (detects a task replaced under its name)."""
@@ -134,23 +97,26 @@ class PromptBank:
                    "source": e.get("source", "")}
             if self.spec.head:
                 view = self.view(name)
-                row["num_labels"] = int(view.head[-1][0].shape[0])
+                row["num_labels"] = int(view.layers[-1][0].shape[0])
                 row["labels"] = e.get("labels")
             rows.append(row)
         return rows
 
     # ---- changes -------------------------------------------------------------------------
-    def add(self, tasks: list[TaskPrompt], replace: bool = False) -> None:
+    def add(self, tasks: list[Task], replace: bool = False) -> None:
         clash = [t.name for t in tasks if t.name in self.index]
         if clash and not replace:
             raise ValueError(f"task(s) {', '.join(clash)} already in the bank; remove them first or pass replace=True")
+        from promptmux.kinds import kind_of
+
         for t in tasks:
             if t.name in self.index:
                 self.remove(t.name)
+            shared = kind_of(t).shared_roles
             tensors = {}
             for role, value in t.tensors.items():
                 value = np.ascontiguousarray(value, dtype=np.float32)
-                if role == "shared":
+                if role in shared:
                     key = "shared/" + hashlib.sha256(value.tobytes() + str(value.shape).encode()).hexdigest()[:20]
                 else:
                     key = f"task/{t.name}/{role}"

@@ -12,7 +12,7 @@ different tasks of different kinds:
       -> backbone with prefix key/values [layers, B, kv_heads, N, head_dim] (prefix tuning)
          as the cache, the host-built attention mask [B, N + L] and position ids [B, L]
 
-The host (runtime/layout.py) builds order, mask and position ids so that every row sees
+The host (core/layout.py, with each row's kind) builds order, mask and position ids so that every row sees
 exactly what PEFT's forward gives that row alone: unused slots are masked out, and position
 ids follow PEFT's rules per kind and architecture.
 """
@@ -27,45 +27,7 @@ from promptmux.kernels.mpt_reference import mpt_prompt_concat
 
 from .archs import arch_for
 
-# Graph input names, in forward() order. token_type_ids is present only for families that use it.
-PROMPT_INPUTS = (
-    "prompt_embeds",
-    "mpt_task_ids",
-    "mpt_shared_ids",
-    "mpt_shared",
-    "mpt_cols",
-    "mpt_rows",
-    "prefix_keys",
-    "prefix_values",
-)
-LAYOUT_INPUTS = ("attention_mask", "position_ids", "order")
-PREFIX_INPUTS = ("prefix_keys", "prefix_values")
-
-
-def prompt_inputs(model_type: str) -> list[str]:
-    """Prompt inputs of this family's graph: no prefix key/values where attention takes no cache."""
-    if arch_for(model_type).supports_prefix:
-        return list(PROMPT_INPUTS)
-    return [n for n in PROMPT_INPUTS if n not in PREFIX_INPUTS]
-
-
-# A seq2seq model's encoder graph: no position ids (relative position bias) and no prefix inputs
-# (prefixes are the decoder's cache; see export/seq2seq.py).
-SEQ2SEQ_ENCODER_INPUTS = ("input_ids", "attention_mask", "order", "prompt_embeds", "mpt_task_ids", "mpt_shared_ids",
-                          "mpt_shared", "mpt_cols", "mpt_rows")
-
-
-def input_names(model_type: str) -> list[str]:
-    if arch_for(model_type).family == "seq2seq":
-        return list(SEQ2SEQ_ENCODER_INPUTS)
-    names = ["input_ids"]
-    if arch_for(model_type).token_types:
-        names.append("token_type_ids")
-    return names + list(LAYOUT_INPUTS) + prompt_inputs(model_type)
-
-
-def output_name(model_type: str) -> str:
-    return "features" if arch_for(model_type).family == "encoder" else "logits"
+from .io_spec import prompt_inputs
 
 
 class PromptedBackbone(nn.Module):
@@ -142,19 +104,6 @@ class FoldedBackbone(nn.Module):
             prompts += [self.prefix_keys.expand(-1, batch, -1, -1, -1),
                         self.prefix_values.expand(-1, batch, -1, -1, -1)]
         return self.backbone(input_ids, *layout, *prompts)
-
-
-def past_names(num_layers: int) -> list[str]:
-    """Optimum's cache input names."""
-    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-
-
-def present_names(num_layers: int) -> list[str]:
-    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-
-
-DECODER_INPUTS = ("input_ids", "attention_mask", "position_ids", "order", "prompt_embeds", "mpt_task_ids",
-                  "mpt_shared_ids", "mpt_shared", "mpt_cols", "mpt_rows", "logits_index")
 
 
 class PromptedDecoder(PromptedBackbone):

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from promptmux.core.adapters import AdapterError, TaskPrompt, load_adapter
+from promptmux.core.adapters import AdapterError, load_adapter
+from promptmux.core.task import Task
 from promptmux.core.archs import arch_for, dims_of, position_offset
 from promptmux.core.folder import (DECODER_GRAPH, FOLDED_GRAPH, FORMAT_VERSION, GRAPH, MANIFEST, config_hash,
                                    load_base_config, load_base_model)
@@ -40,8 +41,8 @@ def base_head_weights(model, config) -> dict[str, np.ndarray]:
     return out
 
 
-def read_adapters(adapters: dict[str, str | Path], config) -> list[TaskPrompt]:
-    tasks: list[TaskPrompt] = []
+def read_adapters(adapters: dict[str, str | Path], config) -> list[Task]:
+    tasks: list[Task] = []
     for name, adapter_dir in adapters.items():
         tasks.extend(load_adapter(name, adapter_dir, config))
     seen = set()
@@ -113,7 +114,7 @@ def _write_deployment(base_dir, out_dir: Path, config, spec, dims, model, bank, 
     leaves nothing behind."""
     from promptmux import __version__
 
-    from promptmux.core.graph import input_names
+    from promptmux.core.io_spec import input_names
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # The exporters' native extensions are imported before the temporary folder exists: a Ctrl-C that lands inside
@@ -164,9 +165,10 @@ def _export_graphs(model, config, spec, dims, bank, tmp: Path, fold, optimize, t
     """Encoder classifiers and causal LMs: the full-sequence graph (+ cached decoder, + folded graph)."""
     import torch
 
-    from promptmux.runtime.layout import build_layout
+    from promptmux.core.layout import build_layout
 
-    from promptmux.core.graph import PromptedBackbone, PromptedDecoder, input_names
+    from promptmux.core.graph import PromptedBackbone, PromptedDecoder
+    from promptmux.core.io_spec import input_names
     from .onnx_export import OPSET, check_graph, export_decoder_onnx, export_onnx, fold_task, optimize_onnx
 
     backbone = PromptedBackbone(model)
@@ -206,10 +208,10 @@ def _export_seq2seq(model, config, dims, bank, tmp: Path, tolerance, bar):
     ORT's transformer optimizer has no pattern for these graphs; sessions still apply ORT's own
     optimizations at load. Both graphs are checked against PyTorch on a mixed batch of every task.
     """
-    from promptmux.runtime.seq2seq import encoder_layout
+    from promptmux.core.layout import encoder_layout
 
-    from .seq2seq import (PromptedEncoder, Seq2SeqDecoderStep, check_against_torch, export_decoder_step_onnx,
-                          export_encoder_onnx)
+    from promptmux.core.seq2seq_graph import PromptedEncoder, Seq2SeqDecoderStep
+    from .seq2seq import check_against_torch, export_decoder_step_onnx, export_encoder_onnx
 
     encoder, step = PromptedEncoder(model), Seq2SeqDecoderStep(model)
     bar.step("exporting encoder graph")
@@ -246,7 +248,7 @@ def _check_rows(dims, bank):
 
 def _check_batch(spec, config, dims, bank) -> dict[str, np.ndarray]:
     """A mixed batch over every task (two rows each, one of them padded) for checking the export."""
-    from promptmux.runtime.layout import build_layout
+    from promptmux.core.layout import build_layout
 
     ids, mask, prompts = _check_rows(dims, bank)
     return build_layout(spec, position_offset(config), config.pad_token_id, ids, mask, None, prompts, dims).feeds

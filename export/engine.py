@@ -30,15 +30,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from promptmux.core.trt_compat import EngineError
 from promptmux.kernels.tensorrt_plugin import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 MANIFEST = "manifest.json"  # = export.deploy.MANIFEST (not imported: that module pulls in torch)
 PRECISIONS = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 FP16_MAX = 65504.0
-
-
-class EngineError(RuntimeError):
-    """A TensorRT engine cannot be built or loaded; the message says why and what to do."""
 
 
 # ---- the graph copy --------------------------------------------------------------------------
@@ -235,7 +232,7 @@ def build_engine(deploy_dir, precision: str = "fp32", max_batch: int = 8, max_se
     virtual tokens (prompt, MPT, prefix); max_rank the MPT rank; max_past the cached decoder's past.
     """
     from promptmux.kernels.tensorrt_plugin import register_tensorrt_plugins
-    from promptmux.runtime import trt_compat
+    from promptmux.core import trt_compat
 
     deploy_dir = Path(deploy_dir)
     path = deploy_dir / graph
@@ -352,44 +349,3 @@ def build_deployment_engines(deploy_dir, precision: str = "fp32", max_batch: int
                                      f"{name}.engine", graph=graph, max_past=max_past)
     record_engine(deploy_dir, engines, key="engines")
     return engines
-
-
-# ---- load --------------------------------------------------------------------------------------
-
-def load_engine(path, manifest_settings: dict, device_id: int = 0, trt=None):
-    """Deserialize an engine built by build_engine; refuses, saying why, one built for another TensorRT
-    (flavor or version), one whose file changed since, and one built on a device of another compute
-    capability (TensorRT engines; TensorRT-RTX engines are portable across the GPUs it supports)."""
-    from promptmux.kernels.tensorrt_plugin import register_tensorrt_plugins
-    from promptmux.runtime import trt_compat
-
-    path = Path(path)
-    rebuild = f"rebuild it: promptmux build-engine {path.parent}"
-    if not path.is_file():
-        raise EngineError(f"{path} does not exist; {rebuild}")
-    trt = trt or trt_compat.import_tensorrt()
-    built, here = manifest_settings.get("tensorrt", {}), trt_compat.describe(trt)
-    if (built.get("flavor"), built.get("version")) != (here["flavor"], here["version"]):
-        raise EngineError(f"{path} was built with {built.get('flavor')} {built.get('version')} but this process uses "
-                          f"{here['flavor']} {here['version']}; an engine only loads in the TensorRT version that "
-                          f"built it: {rebuild}, or install that version")
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != manifest_settings.get("sha256"):
-        raise EngineError(f"{path} is not the engine the manifest describes (replaced or changed since it was "
-                          f"built); {rebuild}")
-    ok, why = trt_compat.execution_support(trt)
-    if not ok:
-        raise EngineError(f"cannot load {path} here: {why}")
-    device, built_on = trt_compat.cuda_device(device_id), manifest_settings.get("device")
-    if here["flavor"] == "tensorrt" and isinstance(built_on, dict) and device \
-            and built_on.get("compute_capability") != device["compute_capability"]:
-        raise EngineError(f"{path} was built on {built_on.get('name')} (compute capability "
-                          f"{built_on.get('compute_capability')}), this is {device['name']} (compute capability "
-                          f"{device['compute_capability']}); TensorRT engines are device-specific: {rebuild} here")
-    if manifest_settings.get("plugin", {}).get("used"):
-        register_tensorrt_plugins(trt)  # the engine finds its plugin through the registry
-    logger = trt_compat.make_logger(trt)
-    engine = trt.Runtime(logger).deserialize_cuda_engine(data)
-    if engine is None:
-        raise EngineError(f"TensorRT could not load {path}: {'; '.join(logger.errors[-3:])}; {rebuild}")
-    return engine

@@ -55,7 +55,8 @@ from pathlib import Path
 
 import numpy as np
 
-from promptmux.core.adapters import AdapterError, TaskPrompt, load_adapter, read_adapter_config
+from promptmux.core.adapters import AdapterError, load_adapter, read_adapter_config
+from promptmux.core.task import Task
 
 METHODS = ("avg-cosine", "per-token-cosine")
 INIT_KINDS = ("prompt-tuning", "mpt-target")
@@ -71,12 +72,12 @@ class LibraryError(ValueError):
 
 
 def task_prompt(view) -> np.ndarray:
-    """The input-level prompt [T, d] of a bank task (TaskView) or TaskPrompt; MPT tasks composed.
+    """The input-level prompt [T, d] of a bank task (Task) or Task; MPT tasks composed.
 
     Raises LibraryError for prefix-tuning tasks, whose prompts are per-layer key/values.
     """
     kind = view.kind
-    tensors = view.tensors if isinstance(view, TaskPrompt) else {
+    tensors = view.tensors if isinstance(view, Task) else {
         k: getattr(view, k) for k in ("prompt", "shared", "cols", "rows") if getattr(view, k) is not None}
     if kind == "prompt":
         return np.asarray(tensors["prompt"], dtype=np.float32)
@@ -159,7 +160,7 @@ def _query_prompt(query, bank, config) -> tuple[np.ndarray, str | None, str]:
     """(prompt [T, d], the bank task it is or None, a label) for a bank task name, adapter folder or array."""
     if isinstance(query, np.ndarray):
         return query, None, f"array{list(query.shape)}"
-    if isinstance(query, TaskPrompt):
+    if isinstance(query, Task):
         return task_prompt(query), None, query.name
     q = str(query)
     if q in bank:
@@ -189,7 +190,7 @@ def similar_tasks(deploy_dir_or_bank, query, top_k: int | None = 5, method: str 
 
     deploy_dir_or_bank: a deployment folder (or a loaded PromptBank).
     query: a task of the bank (left out of the ranking), a PEFT adapter folder (prompt tuning, P-tuning,
-        one-task MPT; checked against the deployment's base model), a TaskPrompt or a [T, d] array.
+        one-task MPT; checked against the deployment's base model), a Task or a [T, d] array.
     top_k: how many to return (None: all). method: "avg-cosine" or "per-token-cosine".
     Returns [{"rank", "task", "score", "kind", "peft_type", "num_virtual_tokens"}, ...]. Prefix-tuning tasks
     are not ranked (see `skipped_tasks`).
@@ -359,7 +360,7 @@ def init_adapter(deploy_dir, base_dir, out_dir, from_task: str | None = None, to
         for rank, plan in enumerate(plans, start=1):
             record = {"kind": kind, "method": method if top_k is not None else None,
                       "strategy": ("from-task" if top_k is None else "top-k-weighted" if weighted else "best-of-top-k"),
-                      "query": None if query is None or isinstance(query, (np.ndarray, TaskPrompt)) else str(query),
+                      "query": None if query is None or isinstance(query, (np.ndarray, Task)) else str(query),
                       "sources": [{"task": s.task, "score": s.score, "weight": s.weight} for s in plan]}
             if kind == "prompt-tuning":
                 prompts = [task_prompt(bank.view(s.task)) for s in plan]

@@ -12,7 +12,8 @@ import torch
 
 from . import mpt_function
 from promptmux.core.archs import arch_for, dims_of
-from promptmux.core.graph import (PROMPT_INPUTS, FoldedBackbone, PromptedBackbone, input_names, output_name, prompt_inputs)
+from promptmux.core.io_spec import PROMPT_INPUTS, input_names, output_name, prompt_inputs
+from promptmux.core.graph import FoldedBackbone, PromptedBackbone
 
 log = logging.getLogger("promptmux.export")
 
@@ -279,7 +280,7 @@ def fold_task(backbone: PromptedBackbone, layout_feeds: dict[str, np.ndarray]) -
 
 def export_decoder_onnx(module, config, path: Path) -> Path:
     """Export a PromptedDecoder: prompts as inputs plus Optimum-named cache inputs and outputs."""
-    from promptmux.core.graph import DECODER_INPUTS, past_names, present_names
+    from promptmux.core.io_spec import DECODER_INPUTS, past_names, present_names
 
     dims = dims_of(config)
     base = example_inputs(config)  # b=2, s=9, p=3, tm=5 (n unused: the cache replaces prefix inputs)

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from promptmux.core.adapters import KIND_OF_PEFT_TYPE, read_adapter_config
+from promptmux.core.adapters import read_adapter_config
+from promptmux.kinds import BY_PEFT_TYPE
 from promptmux.core.folder import load_base_config
 from .deploy import quiet_libraries
 
@@ -59,7 +60,7 @@ def peft_outputs(base_dir, adapter_dir, ids: np.ndarray, mask: np.ndarray, famil
     logits = logits.float().numpy()
     if family == "encoder":
         return list(logits)
-    skip = 0 if KIND_OF_PEFT_TYPE[cfg["peft_type"]] == "prefix" else cfg["num_virtual_tokens"]
+    skip = cfg["num_virtual_tokens"] if BY_PEFT_TYPE[cfg["peft_type"]].in_sequence else 0
     return [logits[i, skip:][mask[i].astype(bool)] for i in range(ids.shape[0])]
 
 
@@ -112,10 +113,7 @@ def verify(deploy_dir, base_dir, adapters: dict[str, str | Path], backend: str =
     plan: list[tuple[str, str, int | None]] = []  # (task, adapter name, mpt task id)
     for name, path in adapters.items():
         cfg = read_adapter_config(path)
-        if cfg.get("peft_type") == "MULTITASK_PROMPT_TUNING":
-            plan += [(f"{name}/{t}", name, t) for t in range(int(cfg["num_tasks"]))]
-        else:
-            plan.append((name, name, None))
+        plan += [(task, name, peft_task) for task, peft_task in BY_PEFT_TYPE[cfg["peft_type"]].task_names(name, cfg)]
     missing = [t for t, _, _ in plan if t not in rt.tasks]
     if missing:
         raise ValueError(f"the deployment has no task(s) {', '.join(missing)}; "

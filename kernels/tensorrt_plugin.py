@@ -30,7 +30,7 @@ _CREATORS: dict[str, object] = {}  # trt module name -> the registered creator (
 
 def _trt(trt):
     if trt is None:
-        from promptmux.runtime.trt_compat import import_tensorrt
+        from promptmux.core.trt_compat import import_tensorrt
 
         trt = import_tensorrt()
     return trt
@@ -165,7 +165,7 @@ def _device_tensor(trt, ptr: int, desc, device):
 
 def register_tensorrt_plugins(trt=None) -> object:
     """Register the MPTPromptConcat creator under namespace "ai.mpt" in `trt`'s plugin registry
-    (default: the module `promptmux.runtime.trt_compat.import_tensorrt()` returns). Idempotent; returns
+    (default: the module `promptmux.core.trt_compat.import_tensorrt()` returns). Idempotent; returns
     the registered creator."""
     trt = _trt(trt)
     registry = trt.get_plugin_registry()

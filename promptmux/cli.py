@@ -299,7 +299,7 @@ def cmd_build_engine(args) -> int:
         if getattr(args, flag) < 1:
             raise CliError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     try:
-        from promptmux.runtime.trt_compat import import_tensorrt
+        from promptmux.core.trt_compat import import_tensorrt
 
         import_tensorrt()
     except ImportError as e:
@@ -621,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Errors a user causes (wrong flags, folders, adapters, inputs): one line and exit 2. Named by module so that checking
 # imports nothing: an exception of a class whose module was never imported cannot have been raised.
 USER_ERRORS = (("promptmux.core.adapters", "AdapterError"), ("promptmux.core.archs", "UnsupportedModelError"),
-               ("promptmux.export.engine", "EngineError"), ("promptmux.core.bank", "UnknownTaskError"),
+               ("promptmux.core.trt_compat", "EngineError"), ("promptmux.core.bank", "UnknownTaskError"),
                ("promptmux.runtime.errors", "InputError"), ("promptmux.runtime.errors", "BackendUnavailable"),
                ("promptmux.runtime.precision", "PrecisionError"))
 

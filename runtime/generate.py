@@ -17,9 +17,11 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from promptmux.core.bank import TaskView, same_prompt
+from promptmux.core.io_spec import decode_step_feeds
+from promptmux.core.layout import build_layout
+from promptmux.core.task import Task, same_prompt
+from promptmux.kinds import as_cache, kind_of
 from .errors import InputError
-from .layout import build_layout
 from .sessions import host
 
 
@@ -84,10 +86,6 @@ def _stop_cut(text: str, stops: Sequence[str]) -> int | None:
     return min(hits) if hits else None
 
 
-class KVPrefix(TaskView):
-    """A task seen through its precomputed keys/values: a prefix of length num_virtual_tokens."""
-
-
 class Generator:
     """Runs generation over a Runtime's decoder session and prompt bank."""
 
@@ -110,10 +108,11 @@ class Generator:
         # A new dict swapped in whole: a server's worker thread may read the cache while a task is added.
         self._kv = {k: v for k, v in self._kv.items() if k in live}  # drops removed or replaced tasks
 
-    def prompt_kv(self, view: TaskView) -> np.ndarray:
+    def prompt_kv(self, view: Task) -> np.ndarray:
         """The task's per-layer keys/values [layers, 2, kv_heads, T, head_dim], computed once per task."""
-        if view.kind == "prefix":
-            return view.prefix
+        kv = kind_of(view).kv_prefix(view)
+        if kv is not None:
+            return kv
         bank = self.rt.bank
         if view.name not in bank or not same_prompt(bank.view(view.name), view):
             # The request captured a task that was removed or replaced since: its own KV, not cached.
@@ -124,7 +123,7 @@ class Generator:
             kv = self._kv[key] = self._compute_kv(view)
         return kv
 
-    def _compute_kv(self, view: TaskView) -> np.ndarray:
+    def _compute_kv(self, view: Task) -> np.ndarray:
         empty = np.zeros((1, 0), np.int64)
         lay = self._layout(empty, empty, [view])
         _, presents = self._run(lay.feeds, np.zeros(1, np.int64))
@@ -148,7 +147,7 @@ class Generator:
         return out[0], out[1:]
 
     # ---- generation -----------------------------------------------------------------------
-    def prefill(self, ids: np.ndarray, mask: np.ndarray, views: list[TaskView], precompute: bool = True,
+    def prefill(self, ids: np.ndarray, mask: np.ndarray, views: list[Task], precompute: bool = True,
                 own_positions: bool = False):
         """Run the prompts: (logits of each row's last real token [B, V], presents (per layer key, value),
         cache mask [B, past], next position per row [B]).
@@ -156,16 +155,18 @@ class Generator:
         own_positions: every row's positions follow its own mask, as if it ran alone, so that padding changes
         no row (continuous batching). Otherwise PEFT's rules for a padded batch (below)."""
         batch, seq = ids.shape
-        prefix_rows = [i for i, v in enumerate(views) if v.kind == "prefix"]
+        # In generate, transformers derives position ids from the attention mask (cumsum - 1) and PEFT shifts
+        # them by n for key/value prefixes; input-level kinds drop them, so positions count every slot (the
+        # layout's rule).
+        from_mask = [i for i, v in enumerate(views) if own_positions or kind_of(v).positions_from_mask]
         if precompute:
             views = [self._as_prefix(v) for v in views]
         lay = self._layout(ids, mask, views)
-        # In generate, transformers derives position ids from the attention mask (cumsum - 1) and PEFT shifts
-        # them by n for prefix tuning; other kinds drop them, so positions count every slot (the layout's rule).
         positions = lay.feeds["position_ids"]
-        for i in range(batch) if own_positions else prefix_rows:
+        for i in from_mask:
             start = lay.token_start[i]  # virtual tokens in the sequence (inline prompts) come first
-            before = views[i].num_virtual_tokens if views[i].kind == "prefix" else start
+            cached = int(lay.feeds["attention_mask"][i, : -lay.feeds["order"].shape[1]].sum())  # the row's prefix
+            before = start + cached
             from_mask = np.where(mask[i] == 1, np.cumsum(mask[i]) - 1, 1)
             positions[i, start:start + seq] = before + from_mask + self._offset
         # Index of each row's last real token in the reordered sequence.
@@ -178,28 +179,16 @@ class Generator:
     def step(self, token: np.ndarray, cache_mask: np.ndarray, next_pos: np.ndarray, presents):
         """One decoding step for every row: token [B] at position next_pos [B] over the cache (cache_mask
         already includes the new token's slot). Returns (logits [B, V], presents)."""
-        batch = token.shape[0]
-        d = self.rt.dims.hidden_size
-        feeds = {
-            "input_ids": token[:, None].astype(np.int64),
-            "attention_mask": cache_mask,
-            "position_ids": next_pos[:, None].astype(np.int64),
-            "order": np.zeros((batch, 1), np.int64),
-            "prompt_embeds": np.zeros((batch, 0, d), np.float32),
-            "mpt_task_ids": np.zeros(batch, np.int64),
-            "mpt_shared_ids": np.zeros(1, np.int64),
-            "mpt_shared": np.zeros((1, 0, d), np.float32),
-            "mpt_cols": np.zeros((1, 0, 1), np.float32),
-            "mpt_rows": np.zeros((1, 1, d), np.float32),
-            "logits_index": np.zeros(batch, np.int64),
-        }
+        feeds = decode_step_feeds(token.shape[0], self.rt.dims.hidden_size)
+        feeds.update(input_ids=token[:, None].astype(np.int64), attention_mask=cache_mask,
+                     position_ids=next_pos[:, None].astype(np.int64))
         for i in range(self.layers):
             feeds[f"past_key_values.{i}.key"] = presents[2 * i]
             feeds[f"past_key_values.{i}.value"] = presents[2 * i + 1]
         out = self.session.run_all(feeds)
         return out[0], list(out[1:])
 
-    def stream(self, ids: np.ndarray, mask: np.ndarray, views: list[TaskView], params: SamplingParams,
+    def stream(self, ids: np.ndarray, mask: np.ndarray, views: list[Task], params: SamplingParams,
                precompute: bool = True) -> Iterator[np.ndarray]:
         """Yield the next token of every row ([B] int64) once per decoding step."""
         batch = ids.shape[0]
@@ -219,12 +208,10 @@ class Generator:
             logits, presents = self.step(token, cache_mask, next_pos, presents)
             next_pos = next_pos + 1
 
-    def _as_prefix(self, view: TaskView) -> TaskView:
-        if view.kind == "prefix":
+    def _as_prefix(self, view: Task) -> Task:
+        if kind_of(view).kv_prefix(view) is not None:
             return view
-        kv = self.prompt_kv(view)
-        return KVPrefix(name=view.name, kind="prefix", peft_type=view.peft_type,
-                        num_virtual_tokens=kv.shape[3], prefix=kv)
+        return as_cache(view, self.prompt_kv(view))
 
     def _eos(self, params: SamplingParams) -> np.ndarray:
         return eos_ids(params, self.rt.config)
@@ -245,7 +232,7 @@ def eos_ids(params: SamplingParams, config) -> np.ndarray:
 class Row:
     """One sequence of a continuous batch: its own task, sampling parameters, rng and stop condition."""
 
-    view: TaskView
+    view: Task
     params: SamplingParams
     eos: frozenset
     rng: np.random.Generator
@@ -307,7 +294,7 @@ class ContinuousBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def add(self, ids, view: TaskView, params: SamplingParams, precompute: bool = True, tag=None) -> Row:
+    def add(self, ids, view: Task, params: SamplingParams, precompute: bool = True, tag=None) -> Row:
         """Prefill one prompt (1-D token ids, no padding) and merge it into the running batch."""
         return self.add_many([(ids, view, params, precompute, tag)])[0]
 
@@ -417,7 +404,7 @@ class StreamedRows:
     def add_many(self, items) -> list[Row]:
         return [self.add(*item) for item in items]
 
-    def add(self, ids, view: TaskView, params: SamplingParams, precompute: bool = True, tag=None) -> Row:
+    def add(self, ids, view: Task, params: SamplingParams, precompute: bool = True, tag=None) -> Row:
         ids = np.asarray(ids, np.int64)[None]
         row = Row(view=view, params=params, eos=frozenset(self.gen._eos(params).tolist()),
                   rng=np.random.default_rng(params.seed), tag=tag)

@@ -13,9 +13,10 @@ import numpy as np
 from promptmux.core.archs import arch_for, dims_of, position_offset
 from promptmux.core.folder import FOLDED_GRAPH, GRAPH, MANIFEST, update_tasks
 
-from promptmux.core.bank import PromptBank, TaskView, UnknownTaskError, same_prompt
+from promptmux.core.bank import PromptBank, UnknownTaskError
+from promptmux.core.task import Task, same_prompt
 from .errors import InputError
-from .layout import build_layout
+from promptmux.core.layout import build_layout
 from .text import load_tokenizer, too_long
 
 BACKENDS = ("auto", "onnxruntime", "openvino", "onnxruntime-cuda", "tensorrt", "torch")
@@ -33,10 +34,10 @@ def _activation(x: np.ndarray, name: str | None) -> np.ndarray:
     raise ValueError(f"unknown head activation {name!r}")
 
 
-def apply_head(view: TaskView, features: np.ndarray) -> np.ndarray:
+def apply_head(view: Task, features: np.ndarray) -> np.ndarray:
     """The task's classification head (a few small linear layers) on backbone features [n, d]."""
     x = features.astype(np.float32)
-    for weight, bias, act in view.head:
+    for weight, bias, act in view.layers:
         x = x @ weight.T
         if bias is not None:
             x = x + bias
@@ -139,8 +140,9 @@ class Runtime:
             self.folded_session = self._graph_session(self.dir / FOLDED_GRAPH) if folded else None
         else:
             from promptmux.core.folder import load_base_model
-            from promptmux.core.graph import PromptedBackbone, input_names
-            from promptmux.export.seq2seq import PromptedEncoder
+            from promptmux.core.graph import PromptedBackbone
+            from promptmux.core.io_spec import input_names
+            from promptmux.core.seq2seq_graph import PromptedEncoder
 
             from .sessions import TorchSession
 
@@ -241,7 +243,7 @@ class Runtime:
                 raise RuntimeError(f"{self.dir} has no tokenizer ({e}); pass token ids to forward()") from None
         return self._tokenizer
 
-    def folded_for(self, views: list[TaskView]) -> bool:
+    def folded_for(self, views: list[Task]) -> bool:
         """Whether the folded graph serves a batch of these views (every row is the folded task, unchanged)."""
         fv = self._folded_view
         return fv is not None and all(same_prompt(v, fv) for v in views)
@@ -341,11 +343,12 @@ class Runtime:
         from .sessions import TorchSession
 
         if self.spec.family == "seq2seq":
-            from promptmux.export.seq2seq import DECODER_STEP_INPUTS, Seq2SeqDecoderStep, cross_names, self_names
+            from promptmux.core.seq2seq_graph import DECODER_STEP_INPUTS, Seq2SeqDecoderStep, cross_names, self_names
 
             step = Seq2SeqDecoderStep(self._torch_model)
             return TorchSession(step, [*DECODER_STEP_INPUTS, *self_names(step.layers), *cross_names(step.layers)])
-        from promptmux.core.graph import DECODER_INPUTS, PromptedDecoder, past_names
+        from promptmux.core.io_spec import DECODER_INPUTS, past_names
+        from promptmux.core.graph import PromptedDecoder
 
         return TorchSession(PromptedDecoder(self._torch_model), list(DECODER_INPUTS) + past_names(self.dims.num_layers))
 
@@ -464,7 +467,7 @@ class Runtime:
                 r.pop("text")
         return out
 
-    def _heads(self, views: list[TaskView], features: np.ndarray) -> list[np.ndarray]:
+    def _heads(self, views: list[Task], features: np.ndarray) -> list[np.ndarray]:
         results: list[np.ndarray | None] = [None] * len(views)
         groups: dict[str, list[int]] = {}
         for i, v in enumerate(views):

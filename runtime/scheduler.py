@@ -5,7 +5,7 @@
 - Generation: continuous batching (runtime/generate.py ContinuousBatch); rows join and leave the running
   batch at every decoding step, each with its own task, length, sampling and stop condition.
 
-Requests capture their task's TaskView when they are admitted, so a bank swap (task added or removed)
+Requests capture their task's Task when they are admitted, so a bank swap (task added or removed)
 never tears a request, and a removed task's admitted requests still finish. The queue is bounded:
 submit() raises Overloaded instead of letting it grow. Results go back to the loop with
 call_soon_threadsafe; a cancelled request (client gone, timeout) is skipped or dropped from the batch.
@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from promptmux.core.archs import position_offset
 
-from promptmux.core.bank import TaskView
+from promptmux.core.task import Task
 from .generate import (
     ContinuousBatch,
     SamplingParams,
     StreamedRows,
     TextStream,
 )
-from .layout import build_layout
+from promptmux.core.layout import build_layout
 from .runtime import apply_head
 
 log = logging.getLogger("promptmux.serve")
@@ -48,7 +48,7 @@ class JobTimeout(Exception):
 class ClassifyJob:
     ids: list[list[int]]  # one token list per text, no padding
     types: list[list[int]] | None
-    view: TaskView
+    view: Task
     deadline: float
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
@@ -68,7 +68,7 @@ class GenerateJob:
     ("token", index, text, token_id) and ("finish", index, reason)."""
 
     prompts: list[list[int]]
-    view: TaskView
+    view: Task
     params: SamplingParams
     tokenizer: object
     deadline: float

@@ -8,44 +8,36 @@ decoder steps never see the encoder states again.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Iterator
 
 import numpy as np
 
-from promptmux.core.bank import TaskView
+from promptmux.core.layout import encoder_layout
+from promptmux.core.task import Task
+from promptmux.kinds import kind_of
 from .generate import SamplingParams, _pick, eos_ids
-from .layout import build_layout
 
 
-def encoder_layout(spec, pad_token_id, ids: np.ndarray, mask: np.ndarray, views: list[TaskView], dims):
-    """The encoder's layout: prefix rows have no virtual tokens on the encoder side."""
-    d = dims.hidden_size
-    enc_views = [TaskView(name=v.name, kind="prompt", peft_type=v.peft_type, num_virtual_tokens=0,
-                          prompt=np.zeros((0, d), np.float32)) if v.kind == "prefix" else v for v in views]
-    return build_layout(dataclasses.replace(spec, supports_prefix=False), 0, pad_token_id, ids, mask, None,
-                        enc_views, dims, min_slots=0)
-
-
-def decoder_prefix(views: list[TaskView], layers: int, heads: int, head_dim: int):
+def decoder_prefix(views: list[Task], layers: int, heads: int, head_dim: int):
     """Initial self-attention cache and mask: prefixes right-aligned, masked slots in front (see export/seq2seq.py)."""
     batch = len(views)
-    n_max = max([v.num_virtual_tokens for v in views if v.kind == "prefix"], default=0)
+    kvs = [kind_of(v).kv_prefix(v) for v in views]
+    n_max = max([kv.shape[3] for kv in kvs if kv is not None], default=0)
     keys = np.zeros((layers, batch, heads, n_max, head_dim), np.float32)
     values = np.zeros_like(keys)
     mask = np.zeros((batch, n_max), np.int64)
-    for i, v in enumerate(views):
-        if v.kind == "prefix":
-            n = v.num_virtual_tokens
-            keys[:, i, :, n_max - n:] = v.prefix[:, 0]
-            values[:, i, :, n_max - n:] = v.prefix[:, 1]
+    for i, kv in enumerate(kvs):
+        if kv is not None:
+            n = kv.shape[3]
+            keys[:, i, :, n_max - n:] = kv[:, 0]
+            values[:, i, :, n_max - n:] = kv[:, 1]
             mask[i, n_max - n:] = 1
     return keys, values, mask
 
 
 class Seq2SeqGenerator:
     def __init__(self, runtime, encoder_session, decoder_session):
-        from promptmux.export.seq2seq import cross_names, self_names
+        from promptmux.core.seq2seq_graph import cross_names, self_names
 
         self.rt = runtime
         self.encoder = encoder_session
@@ -60,7 +52,7 @@ class Seq2SeqGenerator:
     def _eos(self, params: SamplingParams) -> np.ndarray:
         return eos_ids(params, self.rt.config)
 
-    def stream(self, ids: np.ndarray, mask: np.ndarray, views: list[TaskView], params: SamplingParams,
+    def stream(self, ids: np.ndarray, mask: np.ndarray, views: list[Task], params: SamplingParams,
                precompute: bool = True) -> Iterator[np.ndarray]:
         """Yield the next token of every row ([B] int64) once per decoding step. `precompute` has nothing to
         cache here: prompts sit in the (bidirectional) encoder and prefixes already are keys/values."""

@@ -15,10 +15,13 @@ TensorRT accepts (TensorRT-RTX, for one, refuses data-centre GPUs such as the H1
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+
+from promptmux.core.trt_compat import EngineError
 
 from .errors import BackendUnavailable, InputError
 from .sessions import BANK_INPUTS
@@ -40,7 +43,6 @@ class TrtSession:
     def __init__(self, path: Path, settings: dict, device_id: int = 0, bank_cache: int = 64):
         import torch
 
-        from promptmux.export.engine import load_engine
 
         from .trt_compat import execution_support
 
@@ -119,3 +121,44 @@ def engine_sessions(deploy_dir: Path, manifest: dict, device_id: int = 0):
     if "decoder" in engines:
         decoder = TrtSession(Path(deploy_dir) / engines["decoder"]["file"], engines["decoder"], device_id)
     return main, decoder
+
+
+# ---- load --------------------------------------------------------------------------------------
+
+def load_engine(path, manifest_settings: dict, device_id: int = 0, trt=None):
+    """Deserialize an engine built by build_engine; refuses, saying why, one built for another TensorRT
+    (flavor or version), one whose file changed since, and one built on a device of another compute
+    capability (TensorRT engines; TensorRT-RTX engines are portable across the GPUs it supports)."""
+    from promptmux.kernels.tensorrt_plugin import register_tensorrt_plugins
+    from promptmux.core import trt_compat
+
+    path = Path(path)
+    rebuild = f"rebuild it: promptmux build-engine {path.parent}"
+    if not path.is_file():
+        raise EngineError(f"{path} does not exist; {rebuild}")
+    trt = trt or trt_compat.import_tensorrt()
+    built, here = manifest_settings.get("tensorrt", {}), trt_compat.describe(trt)
+    if (built.get("flavor"), built.get("version")) != (here["flavor"], here["version"]):
+        raise EngineError(f"{path} was built with {built.get('flavor')} {built.get('version')} but this process uses "
+                          f"{here['flavor']} {here['version']}; an engine only loads in the TensorRT version that "
+                          f"built it: {rebuild}, or install that version")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != manifest_settings.get("sha256"):
+        raise EngineError(f"{path} is not the engine the manifest describes (replaced or changed since it was "
+                          f"built); {rebuild}")
+    ok, why = trt_compat.execution_support(trt)
+    if not ok:
+        raise EngineError(f"cannot load {path} here: {why}")
+    device, built_on = trt_compat.cuda_device(device_id), manifest_settings.get("device")
+    if here["flavor"] == "tensorrt" and isinstance(built_on, dict) and device \
+            and built_on.get("compute_capability") != device["compute_capability"]:
+        raise EngineError(f"{path} was built on {built_on.get('name')} (compute capability "
+                          f"{built_on.get('compute_capability')}), this is {device['name']} (compute capability "
+                          f"{device['compute_capability']}); TensorRT engines are device-specific: {rebuild} here")
+    if manifest_settings.get("plugin", {}).get("used"):
+        register_tensorrt_plugins(trt)  # the engine finds its plugin through the registry
+    logger = trt_compat.make_logger(trt)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(data)
+    if engine is None:
+        raise EngineError(f"TensorRT could not load {path}: {'; '.join(logger.errors[-3:])}; {rebuild}")
+    return engine

@@ -67,7 +67,8 @@ def make_base(arch: str, folder: Path) -> Path:
 # name -> (factory(task_type, dims) -> PeftConfig). Sizes differ on purpose: mixed batches then
 # hold tasks with different numbers of virtual tokens and ranks.
 def adapter_configs(arch: str) -> dict:
-    from peft import MultitaskPromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+    from peft import (CartridgeConfig, CPTConfig, MultitaskPromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig,
+                      PromptTuningConfig)
 
     tt = "SEQ_CLS" if is_encoder(arch) else "SEQ_2_SEQ_LM" if is_seq2seq(arch) else "CAUSAL_LM"
     # DistilBERT's config uses other attribute names than PEFT looks for: give the sizes explicitly.
@@ -85,7 +86,16 @@ def adapter_configs(arch: str) -> dict:
         cfgs["prefix"] = PrefixTuningConfig(task_type=tt, num_virtual_tokens=4)
         cfgs["prefixproj"] = PrefixTuningConfig(task_type=tt, num_virtual_tokens=2, prefix_projection=True,
                                                 encoder_hidden_size=24)
+        # Cartridges: PEFT serves them like prefix tuning for every task type
+        cfgs["cartridge"] = CartridgeConfig(task_type=tt, num_virtual_tokens=3, num_frozen_tokens=1)
+    if tt == "CAUSAL_LM":  # CPT: causal LMs only; its prompt starts from these tokens' embeddings
+        cfgs["cpt"] = CPTConfig(task_type=tt, cpt_token_ids=[5, 6, 7, 8, 9], cpt_mask=[1] * 5,
+                                cpt_tokens_type_mask=[1, 2, 2, 3, 4])
     return cfgs
+
+
+# PEFT methods whose virtual tokens are a key/value prefix (no positions of their own in the outputs)
+KV_PREFIX_METHODS = ("PREFIX_TUNING", "CARTRIDGE")
 
 
 def make_adapter(arch: str, base_dir: Path, peft_config, folder: Path, seed: int, train_steps: int = 2) -> Path:
@@ -98,6 +108,8 @@ def make_adapter(arch: str, base_dir: Path, peft_config, folder: Path, seed: int
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     ids = torch.randint(3, VOCAB, (2, 6))
     kw = {"task_ids": torch.tensor([0, 0])} if peft_config.peft_type == "MULTITASK_PROMPT_TUNING" else {}
+    if peft_config.peft_type == "CPT":  # CPT's training loss weighs tokens by their type
+        kw = {"input_type_mask": torch.tensor([[1, 2, 2, 3, 4, 4]] * 2)}
     labels = torch.tensor([0, 1]) if is_encoder(arch) else ids
     for _ in range(train_steps):
         loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, **kw).loss
@@ -142,7 +154,7 @@ def peft_rows(arch: str, base_dir: Path, adapter_dir: Path, ids: np.ndarray, mas
     if is_encoder(arch):
         return list(logits)
     cfg = PeftConfig.from_pretrained(adapter_dir)
-    skip = 0 if cfg.peft_type == "PREFIX_TUNING" else cfg.num_virtual_tokens
+    skip = 0 if cfg.peft_type in KV_PREFIX_METHODS else cfg.num_virtual_tokens
     return [logits[i, skip:][mask[i].astype(bool)] for i in range(ids.shape[0])]
 
 

@@ -273,7 +273,7 @@ def test_generate_bad_input_is_a_clear_error(causal, args, message):
 
 
 def _has_tensorrt() -> bool:
-    from promptmux.runtime import trt_compat
+    from promptmux.core import trt_compat
 
     try:
         trt_compat.import_tensorrt()

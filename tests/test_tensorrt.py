@@ -19,15 +19,17 @@ import onnx
 import pytest
 from conftest import adapter_configs, make_adapter, make_base, random_batch
 
-from promptmux.runtime import trt_compat
+from promptmux.core import trt_compat
 
 try:
     TRT = trt_compat.import_tensorrt()
 except ImportError as e:
     pytest.skip(f"no TensorRT here: {e}", allow_module_level=True)
 
-from promptmux.export.engine import (PRECISIONS, EngineError, _profile_ranges, _retype_graph,  # noqa: E402
-                                     build_deployment_engines, build_engine, load_engine, record_engine)
+from promptmux.core.trt_compat import EngineError  # noqa: E402
+from promptmux.export.engine import (PRECISIONS, _profile_ranges, _retype_graph,  # noqa: E402
+                                     build_deployment_engines, build_engine, record_engine)
+from promptmux.runtime.trt_session import load_engine  # noqa: E402
 from promptmux.kernels.tensorrt_plugin import (PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION,  # noqa: E402
                                                plugin_classes, register_tensorrt_plugins)
 
@@ -89,7 +91,7 @@ def test_fp16_graph_copy_matches_fp32_in_onnxruntime(deploy):
 
     from promptmux import Runtime
     from promptmux.core.archs import position_offset
-    from promptmux.runtime.layout import build_layout
+    from promptmux.core.layout import build_layout
 
     rt = Runtime(deploy)
     ids, mask = random_batch(rt.config.model_type, rows=len(rt.tasks), seq=7, seed=3, padding_side="left")
@@ -269,7 +271,7 @@ def test_engine_matches_onnxruntime(deploy, use_plugin):
 
     from promptmux import Runtime
     from promptmux.core.archs import position_offset
-    from promptmux.runtime.layout import build_layout
+    from promptmux.core.layout import build_layout
 
     s = build_engine(deploy, "fp32", max_batch=8, max_seq=16, max_prompt=8, use_plugin=use_plugin,
                      out_name=f"run-{use_plugin}.engine")

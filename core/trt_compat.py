@@ -234,3 +234,7 @@ def execution_support(trt=None) -> tuple[bool, str]:
             _execution = (True, f"{name} runs engines on {where}") if ok else (
                 False, f"{name} does not run engines on {where}: {why}")
     return _execution
+
+
+class EngineError(RuntimeError):
+    """A TensorRT engine cannot be built or loaded; the message says why and what to do."""

@@ -1,0 +1,37 @@
+"""`Task`: one servable task, the same type from the adapter reader through the bank to the graph's feeds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(eq=False)
+class Task:
+    """One task's prompt (and classification head), as float32 numpy arrays.
+
+    kind names the promptmux.kinds module that reads, stores and places it; `tensors` holds that kind's roles
+    (e.g. "prompt" [T, d], "prefix" [L, 2, kv_heads, n, head_dim], MPT's "shared"/"cols"/"rows").
+    head: the classification-head parameters the adapter saved ("classifier.weight" -> array); a task read back
+    from the bank carries the resolved head in `layers` (weight, bias, activation per head layer, the base model's
+    parameters where the task saved none).
+    """
+
+    name: str
+    kind: str
+    peft_type: str
+    num_virtual_tokens: int
+    tensors: dict[str, np.ndarray]
+    head: dict[str, np.ndarray] = field(default_factory=dict)
+    labels: list[str] | None = None
+    source: str = ""
+    layers: list[tuple[np.ndarray, np.ndarray | None, str | None]] = field(default_factory=list)
+
+
+def same_prompt(a: Task, b: Task) -> bool:
+    """Whether two tasks hold the very same prompt arrays. A bank copy shares the arrays of unchanged tasks, so
+    this tells a task still as it was from one replaced since (for what was built from it: a folded graph, a
+    prompt's key/values)."""
+    return a is b or (a.kind == b.kind and a.tensors.keys() == b.tensors.keys()
+                      and all(a.tensors[k] is b.tensors[k] for k in a.tensors))
