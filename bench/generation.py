@@ -18,7 +18,7 @@ Measures, in one run and with both systems on the same token ids:
 
 Repetitions of the two systems are interleaved (promptmux, PEFT, promptmux, ...) so that load from
 other processes hits both alike; the median is reported. The base models, adapters and exported
-deployments are cached (--cache-dir) keyed by their recipe and the export code's source; --fresh
+deployments (models.py) are cached (--cache-dir) keyed by their recipe and the export code's source; --fresh
 rebuilds them. Results: <out>/generation-cpu.json and generation-cpu.md (with --quick:
 generation-cpu-quick.*, tiny random models, for a smoke run).
 """

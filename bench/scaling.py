@@ -10,6 +10,8 @@ every configuration runs the same exported engine:
 - mpt-composed: the same MPT tasks with each prompt composed ahead of time (shared * cols @ rows) and stored
                 as a plain prompt [P, d].
 
+The banks of each kind are built by prompt_kinds.synthetic_tasks.
+
 Classification deployments give every task its own head (modules_to_save, 2 labels), as trained adapters do.
 Measured: bank size (file bytes and tensor bytes), the time to load the bank and the whole Runtime (bank +
 ONNX Runtime session), the time to first touch every task's view, and throughput with uniform traffic over all
