@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-GPU_BACKENDS = ("onnxruntime-cuda", "tensorrt")
+from .prompt_kinds import peft_adapter_of, peft_virtual_positions
 
 
 class PromptmuxSystem:
@@ -75,15 +75,15 @@ class PeftSystem:
         self.skip: dict[str, int] = {}  # causal LM logits: leading virtual positions PEFT returns
         for task in tasks:
             view = rt.bank.view(task)
-            adapter, _, k = task.partition("/")
+            adapter, task_id = peft_adapter_of(task)
             folder = adapters.get(adapter) or adapters.get(task) or (Path(view.source) if view.source else None)
             if folder is None or not (folder / "adapter_config.json").is_file():
                 raise FileNotFoundError(
                     f"the PEFT baseline needs the adapter folder of task {task!r}; its recorded source "
                     f"{view.source or '(none)'} is missing. Pass --adapter {adapter}=DIR")
             dirs[adapter] = folder
-            self.plan[task] = (adapter, int(k) if k else None)
-            self.skip[task] = 0 if view.kind == "prefix" else view.num_virtual_tokens
+            self.plan[task] = (adapter, task_id)
+            self.skip[task] = peft_virtual_positions(view)
         # One base per (head size, PEFT method): PEFT refuses to combine adapters of different peft types, and a
         # head of another size needs another base. Every adapter of a group is loaded into that one model.
         groups: dict[tuple, list[str]] = {}

@@ -4,7 +4,7 @@
 
 The base model (GPT-2 config: 12 layers, 768 hidden, 12 heads, vocab 50257; random weights, torch seed 0) and
 the PEFT prompt-tuning adapters (random prompts at the scale of the embeddings) are the generation benchmark's
-(bench/generation.py), cached the same way; the adapters are written with PeftModel.save_pretrained so that
+(bench/models.py), cached the same way; the adapters are written with PeftModel.save_pretrained so that
 `promptmux bench --baseline peft` loads them back like any user adapter. The MiniLM demo deployment is
 `promptmux demo --out DIR` (real weights, the two trained demo adapters).
 """
@@ -18,11 +18,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import generation
-
-
-def default_cache() -> Path:
-    return Path(os.environ.get("PROMPTMUX_BENCH_CACHE") or Path.home() / ".cache" / "promptmux" / "bench")
+from .models import base_model, default_cache, log, make_adapter
 
 
 def gpt2_small(out: str | Path, tasks: int = 2, virtual_tokens: int = 20, cache: str | Path | None = None,
@@ -31,10 +27,10 @@ def gpt2_small(out: str | Path, tasks: int = 2, virtual_tokens: int = 20, cache:
     from promptmux.export.deploy import export_deployment
 
     cache = Path(cache) if cache else default_cache()
-    base, desc = generation.base_model("gpt2-small", quick, cache, fresh, seed=0)
-    adapters = {f"task{i}": generation.make_adapter(base, virtual_tokens, 1 + 2 * i, cache, fresh)
+    base, desc = base_model("gpt2-small", quick, cache, fresh, seed=0)
+    adapters = {f"task{i}": make_adapter(base, virtual_tokens, 1 + 2 * i, cache, fresh)
                 for i in range(tasks)}
-    generation.log(f"gpt2-small: exporting {', '.join(adapters)} to {out} ({desc})")
+    log(f"gpt2-small: exporting {', '.join(adapters)} to {out} ({desc})")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return export_deployment(base, adapters, out, overwrite=overwrite, quiet=True)

@@ -18,7 +18,7 @@ Measures, in one run and with both systems on the same token ids:
 
 Repetitions of the two systems are interleaved (promptmux, PEFT, promptmux, ...) so that load from
 other processes hits both alike; the median is reported. The base models, adapters and exported
-deployments are cached (--cache-dir) keyed by their recipe and the export code's source; --fresh
+deployments (models.py) are cached (--cache-dir) keyed by their recipe and the export code's source; --fresh
 rebuilds them. Results: <out>/generation-cpu.json and generation-cpu.md (with --quick:
 generation-cpu-quick.*, tiny random models, for a smoke run).
 """
@@ -27,32 +27,24 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import os
-import platform
 import shlex
-import shutil
 import statistics
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .machine import machine_info, quiet_libraries
+from .measure import load_average
+from .models import Skip, base_model, default_cache, export_code_hash, log, make_adapter, make_deployment
+from .workload import make_batch
+
 MODELS = ("gpt2-small", "smollm2")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-CACHE_FORMAT = 1
-
-
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-class Skip(Exception):
-    """A model that cannot be benchmarked here (the reason is printed and recorded)."""
 
 
 # ---- settings ------------------------------------------------------------------------------
@@ -132,197 +124,6 @@ def settings_from(args: argparse.Namespace) -> Settings:
         quick=q,
         seed=args.seed,
     )
-
-
-# ---- machine -------------------------------------------------------------------------------
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(threads: int) -> dict:
-    import onnxruntime
-    import peft
-    import torch
-    import transformers
-
-    import promptmux
-
-    load = os.getloadavg()
-    return {
-        "cpu_model": cpu_model(),
-        "cores": os.cpu_count(),
-        "threads": threads,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-                     "transformers": transformers.__version__, "peft": peft.__version__,
-                     "numpy": np.__version__, "promptmux": promptmux.__version__},
-        "load_average_start": [round(x, 2) for x in load],
-    }
-
-
-# ---- models, adapters, deployments (cached) ------------------------------------------------
-
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def export_code_hash() -> str:
-    """Digest of the export code: a cached deployment is rebuilt when the exporter changes."""
-    import promptmux.export as ex
-    import promptmux.kernels as kn
-
-    h = hashlib.sha256()
-    for pkg in (ex, kn):
-        for f in sorted(Path(pkg.__file__).parent.glob("*.py")):
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def _cached(folder: Path, fresh: bool, build) -> Path:
-    """Build into folder once (atomically: a temporary sibling renamed into place)."""
-    done = folder / ".complete"
-    if done.is_file() and not fresh:
-        return folder
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    build(tmp)
-    os.replace(tmp, folder)
-    (folder / ".complete").write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
-    return folder
-
-
-def model_config(name: str, quick: bool):
-    """The transformers config of a random-weight model (None: a real checkpoint)."""
-    from transformers import GPT2Config, LlamaConfig
-
-    if name == "gpt2-small":
-        if quick:
-            return GPT2Config(vocab_size=500, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=0,
-                              eos_token_id=0)
-        return GPT2Config()  # 12 layers, 768 hidden, 12 heads, vocab 50257, 1024 positions
-    if name == "smollm2" and quick:  # a tiny model of SmolLM2's family (Llama, grouped-query attention)
-        return LlamaConfig(vocab_size=500, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, intermediate_size=48, max_position_embeddings=256,
-                           bos_token_id=0, eos_token_id=0, tie_word_embeddings=True)
-    return None
-
-
-def base_model(name: str, quick: bool, cache: Path, fresh: bool, seed: int) -> tuple[Path, str]:
-    """The base model folder and a line describing it."""
-    config = model_config(name, quick)
-    if config is not None:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        key = _hash({"format": CACHE_FORMAT, "config": config.to_dict(), "seed": seed, "kind": "random"})
-
-        def build(tmp: Path):
-            log(f"{name}: creating random base model ({config.model_type}, seed {seed})")
-            torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config).eval()
-            model.save_pretrained(tmp)
-
-        folder = _cached(cache / f"base-{name}{'-quick' if quick else ''}-{key}", fresh, build)
-        return folder, f"random weights (torch seed {seed}), {describe_config(config)}"
-    try:
-        from promptmux.demo.smollm2 import smollm2_base_dir
-    except ImportError as e:
-        raise Skip(f"promptmux.demo.smollm2 is not importable ({e})") from None
-    try:
-        folder = Path(smollm2_base_dir())
-    except Exception as e:  # noqa: BLE001 - whatever keeps the checkpoint from being there
-        raise Skip(f"smollm2_base_dir() failed: {type(e).__name__}: {e}") from None
-    if not (folder / "config.json").is_file():
-        raise Skip(f"smollm2_base_dir() returned {folder}, which has no config.json")
-    from transformers import AutoConfig
-
-    return folder, f"checkpoint {folder}, {describe_config(AutoConfig.from_pretrained(str(folder)))}"
-
-
-def describe_config(config) -> str:
-    from promptmux.core.archs import dims_of
-
-    d = dims_of(config)
-    return (f"{config.model_type}: {d.num_layers} layers, hidden {d.hidden_size}, {d.num_heads} heads "
-            f"({d.num_kv_heads} kv), vocab {d.vocab_size}")
-
-
-def make_adapter(base_dir: Path, num_virtual_tokens: int, seed: int, cache: Path, fresh: bool) -> Path:
-    """A PEFT prompt-tuning adapter (CAUSAL_LM), random init at the scale of the model's embeddings."""
-    import torch
-    from peft import PromptTuningConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    key = _hash({"format": CACHE_FORMAT, "base": base_dir.resolve(), "config": _config_text(base_dir),
-                 "p": num_virtual_tokens, "seed": seed})
-
-    def build(tmp: Path):
-        log(f"creating PEFT prompt-tuning adapter ({num_virtual_tokens} virtual tokens, seed {seed})")
-        base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-        model = get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens,
-                                                        prompt_tuning_init="RANDOM"))
-        scale = float(base.get_input_embeddings().weight.detach().float().std())
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.copy_(torch.randn(p.shape, generator=g) * scale)
-        model.save_pretrained(str(tmp))
-
-    return _cached(cache / f"adapter-p{num_virtual_tokens}-{key}", fresh, build)
-
-
-def _config_text(base_dir: Path) -> str:
-    return (base_dir / "config.json").read_text()
-
-
-def make_deployment(base_dir: Path, adapters: dict[str, Path], cache: Path, fresh: bool) -> Path:
-    from promptmux.export.deploy import export_deployment
-
-    key = _hash({"format": CACHE_FORMAT, "base": base_dir.resolve(), "config": _config_text(base_dir),
-                 "adapters": {k: str(v.resolve()) for k, v in adapters.items()}, "export": export_code_hash()})
-
-    def build(tmp: Path):
-        log(f"exporting deployment ({', '.join(adapters)}) from {base_dir.name}")
-        t = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            export_deployment(base_dir, adapters, tmp, quiet=True, overwrite=True)
-        log(f"export took {time.perf_counter() - t:.1f} s")
-
-    folder = _cached(cache / f"deploy-{base_dir.name}-{key}", fresh, build)
-    for stale in cache.glob(f"deploy-{base_dir.name}-*"):  # deployments of older export code (about 1 GB each)
-        if stale != folder and stale.is_dir() and not stale.name.endswith(".tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-    return folder
-
-
-# ---- inputs --------------------------------------------------------------------------------
-
-def make_batch(rows: int, seq: int, vocab: int, pad_id: int, seed: int, padded: bool = True
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Random token ids, left padded: row i has (i % 4) pads (row 0 and every 4th row none) if padded."""
-    rng = np.random.default_rng(seed)
-    low = 5 if vocab > 50 else 1
-    ids = rng.integers(low, vocab, size=(rows, seq)).astype(np.int64)
-    mask = np.ones_like(ids)
-    for i in range(rows):
-        mask[i, : min(i % 4, seq - 1) if padded else 0] = 0
-    ids = np.where(mask == 1, ids, pad_id)
-    return ids, mask
 
 
 # ---- the two systems -----------------------------------------------------------------------
@@ -612,19 +413,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def quiet_libraries() -> None:
-    """Benchmarks print their own progress: silence library warnings, transformers' logs and bars."""
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
-
-
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -634,8 +422,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     logging.getLogger("promptmux.export").setLevel(logging.ERROR)
 
-    cache = Path(args.cache_dir or os.environ.get("PROMPTMUX_BENCH_CACHE")
-                 or Path.home() / ".cache" / "promptmux" / "bench")
+    cache = Path(args.cache_dir) if args.cache_dir else default_cache()
     out = Path(args.out)
     machine = machine_info(s.threads)
     contention = machine["load_average_start"][0] > 0.5
@@ -658,7 +445,7 @@ def main(argv: list[str] | None = None) -> dict:
         except Skip as e:
             log(f"skipping {name}: {e}")
             result["skipped"].append({"model": name, "reason": str(e)})
-    machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    machine["load_average_end"] = load_average()
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
     out.mkdir(parents=True, exist_ok=True)
     stem = "generation-cpu-quick" if s.quick else "generation-cpu"

@@ -50,25 +50,20 @@ def build(spec: SystemSpec, meta=None):
     return PeftSystem(meta, list(spec.tasks), spec.base, dict(spec.adapters), device=spec.device, bf16=spec.bf16)
 
 
-def _rss() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
 def _child(conn, spec: SystemSpec) -> None:
-    from . import generation
+    from .machine import quiet_libraries
+    from .measure import rss
 
-    generation.quiet_libraries()
+    quiet_libraries()
     try:
-        before = _rss()
+        before = rss()
         system = build(spec)
         rt = getattr(system, "rt", None)
         conn.send(("ready", {"name": system.name, "backend": system.backend, "grouped": system.grouped,
                              "precision": getattr(system, "precision", "fp32"),
                              "backend_reason": getattr(rt, "backend_reason", None),
                              "contract": getattr(rt, "contract", None),
-                             "load_rss_mb": round((_rss() - before) / 2**20, 1)}))
+                             "load_rss_mb": round((rss() - before) / 2**20, 1)}))
     except BaseException as e:  # the parent re-raises it with the child's message
         conn.send(("error", (type(e).__name__, str(e), traceback.format_exc())))
         return

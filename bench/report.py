@@ -1,4 +1,5 @@
-"""`promptmux bench` outputs: the JSON result, a Markdown page and PNG plots (matplotlib), and the targets check.
+"""`promptmux bench` outputs: the JSON result, a Markdown page and PNG plots (plots.py), the targets check, the
+results page over several runs and the CLI's summary table.
 
 Files for --out NAME.json: NAME.json, NAME.md, NAME-throughput.png (requests/s per task, every system),
 NAME-latency.png (latency CDF per batch size) and NAME-scaling.png (task-count scaling), each plot only when
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from .plots import plot_latency, plot_scaling, plot_throughput, pyplot
 
 # The issue's targets (ratios measured in one run).
 CPU_ORT_SPEEDUP = 2.5
@@ -208,109 +211,6 @@ def markdown(result: dict, plots: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-# ---- plots ---------------------------------------------------------------------------------
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_throughput(tp: dict, path: Path, title: str) -> None:
-    """Requests/s per task, one panel per (B, S): bars per system (single-task runs; else the first mix)."""
-    plt = _pyplot()
-    configs = sorted({(r["batch_size"], r["seq_len"]) for r in tp["rows"]})
-    systems = list(dict.fromkeys(r["backend"] for r in tp["rows"]))
-    has_single = any(r["mix"] == "single" for r in tp["rows"])
-    first_mix = tp["rows"][0]["mix"]
-    fig, axes = plt.subplots(1, len(configs), figsize=(4.2 * len(configs) + 1, 3.8), squeeze=False)
-    for ax, (b, sq) in zip(axes[0], configs):
-        values: dict[str, dict[str, float]] = {sy: {} for sy in systems}
-        for r in tp["rows"]:
-            if (r["batch_size"], r["seq_len"]) != (b, sq):
-                continue
-            if has_single and r["mix"] == "single":
-                values[r["backend"]][r["task"]] = r["requests_per_s"]
-            elif not has_single and r["mix"] == first_mix:
-                for t, pt in r["per_task"].items():
-                    values[r["backend"]][t] = pt["requests_per_s"]
-        tasks = list(dict.fromkeys(t for sy in systems for t in values[sy]))
-        width = 0.8 / max(1, len(systems))
-        for j, sy in enumerate(systems):
-            xs = [i + (j - (len(systems) - 1) / 2) * width for i in range(len(tasks))]
-            bars = ax.bar(xs, [values[sy].get(t, 0) for t in tasks], width, label=sy)
-            ax.bar_label(bars, fmt="%.0f", fontsize=7)
-        ax.set_xticks(range(len(tasks)), tasks, rotation=30 if len(tasks) > 3 else 0, fontsize=8)
-        ax.set_title(f"B={b}, S={sq}", fontsize=10)
-        ax.set_ylabel("requests/s")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(title + (" — each task alone" if has_single else f" — {first_mix} mix"), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_latency(tp: dict, path: Path, title: str) -> None:
-    """Latency CDF per (B, S) for every system, on the mixed traffic if measured (else the first run)."""
-    plt = _pyplot()
-    from matplotlib import ticker
-
-    configs = sorted({(r["batch_size"], r["seq_len"]) for r in tp["rows"]})
-    mixes = [r["mix"] for r in tp["rows"] if r["mix"] != "single"]
-    mix = mixes[0] if mixes else "single"
-    fig, axes = plt.subplots(1, len(configs), figsize=(4.2 * len(configs) + 1, 3.6), squeeze=False)
-    for ax, (b, sq) in zip(axes[0], configs):
-        for r in tp["rows"]:
-            if (r["batch_size"], r["seq_len"]) != (b, sq) or r["mix"] != mix:
-                continue
-            label = r["backend"] + (f" ({r['task']})" if r["task"] else "")
-            ax.plot(r["latency_quantiles_ms"], [q / 100 for q in range(101)], label=label)
-        ax.set_xscale("log")
-        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-        ax.set_xlabel("latency ms (log)")
-        ax.set_ylabel("fraction of requests")
-        ax.set_title(f"B={b}, S={sq}, {mix}", fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_scaling(sc: dict, path: Path, title: str) -> None:
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    kinds = list(dict.fromkeys(r["kind"] for r in sc["rows"]))
-    for kind in kinds:
-        rows = sorted((r for r in sc["rows"] if r["kind"] == kind), key=lambda r: r["tasks"])
-        x = [r["tasks"] for r in rows]
-        axes[0].plot(x, [r["requests_per_s"] for r in rows], marker="o", label=kind)
-        axes[1].plot(x, [r["bank_tensor_bytes"] / 2**20 for r in rows], marker="o", label=kind)
-        axes[2].plot(x, [r["runtime_load_s"] for r in rows], marker="o", label=kind)
-    counts = sorted({r["tasks"] for r in sc["rows"]})
-    for ax, ylabel in zip(axes, ("requests/s (uniform over all tasks)", "bank MB", "Runtime load s")):
-        ax.set_xscale("log")
-        ax.set_xticks(counts, [f"{c:,}" for c in counts])
-        ax.minorticks_off()
-        ax.set_xlabel("tasks on one engine")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylim(bottom=0)
-    axes[1].set_yscale("log")
-    axes[2].set_ylim(bottom=0)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{title} — B={sc['batch_size']}, S={sc['seq_len']}, {sc['backend']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def write_outputs(result: dict, out: Path) -> dict:
     """NAME.json, NAME.md and the plots; returns their paths (plots left out, with the reason, without
     matplotlib)."""
@@ -327,7 +227,7 @@ def write_outputs(result: dict, out: Path) -> dict:
     if result.get("scaling"):
         jobs.append(("scaling", plot_scaling, result["scaling"]))
     try:
-        _pyplot()
+        pyplot()
     except ImportError:
         files["plots_skipped"] = "matplotlib is not installed: pip install matplotlib (or promptmux[bench])"
         jobs = []
@@ -412,6 +312,45 @@ def index_page(results: list[dict], title: str = "promptmux bench: results") -> 
                   f"`{res['command']}`"]
     lines.append("")
     return "\n".join(lines)
+
+
+# ---- the CLI's summary -----------------------------------------------------------------------
+
+def summary_table(result: dict) -> str:
+    """What the CLI prints: the headline numbers as aligned text tables, and where the full result is."""
+    blocks = []
+    tp = result.get("throughput")
+    if tp:
+        config = ("backend", "batch_size", "seq_len", "mix", "task")
+        comps = {tuple(c[k] for k in config): c for c in tp["comparisons"]}
+
+        def ratio(r, key):
+            c = comps.get(tuple(r[k] for k in config), {})
+            return f"{c[key]:.2f}x" if key in c else ""
+
+        rows = [[*(r[k] for k in config[:-1]), r["task"] or "all", f"{r['requests_per_s']:.1f}", f"{r['tokens_per_s']:.0f}",
+                 f"{r['latency_ms']['p50']:.1f}", ratio(r, "speedup"), ratio(r, "speedup_vs_peft_bf16")]
+                for r in tp["rows"]]
+        blocks.append(_table(["backend", "B", "S", "mix", "task", "req/s", "tok/s", "p50 ms", "vs PEFT",
+                              "vs PEFT-bf16"], rows))
+    if "scaling" in result:
+        blocks.append(_table(["kind", "tasks", "vs tasks", "throughput ratio"],
+                             [[r["kind"], r["to_tasks"], r["from_tasks"], f"{r['throughput_ratio']:.3f}"]
+                              for r in result["scaling"]["ratios"]]))
+    if "accuracy" in result:
+        blocks.append(_table(["task", "examples", "promptmux", "PEFT eager", "differing"],
+                             [[t, v["examples"], f"{v['accuracy_promptmux']:.4f}", f"{v['accuracy_peft']:.4f}",
+                               v["differing_predictions"]] for t, v in result["accuracy"]["tasks"].items()]))
+    files = result["files"]
+    blocks.append(f"{'; '.join(result['devices'])}; {result['wall_seconds']} s. Full result: {files['json']} "
+                  f"(and {files['markdown']}" + (", plots" if files["plots"] else "") + ")")
+    return "\n\n".join(blocks)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,6 +10,8 @@ every configuration runs the same exported engine:
 - mpt-composed: the same MPT tasks with each prompt composed ahead of time (shared * cols @ rows) and stored
                 as a plain prompt [P, d].
 
+The banks of each kind are built by prompt_kinds.synthetic_tasks.
+
 Classification deployments give every task its own head (modules_to_save, 2 labels), as trained adapters do.
 Measured: bank size (file bytes and tensor bytes), the time to load the bank and the whole Runtime (bank +
 ONNX Runtime session), the time to first touch every task's view, and throughput with uniform traffic over all
@@ -25,69 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from .baseline import PromptmuxSystem
-from .harness import (
-    DEFAULT_SEQ_LEN,
-    MB,
-    _progress,
-    _rss,
-    assign_tasks,
-    make_workload,
-    measure_jobs,
-    summarize,
-    warm_up,
-)
-
-KINDS = ("prompt", "mpt-factors", "mpt-composed")
-MPT_TASKS_PER_ADAPTER = 10
-
-
-def synthetic_tasks(kind: str, n: int, rt, virtual_tokens: int = 20, rank: int = 1, seed: int = 0,
-                    num_labels: int = 2) -> list:
-    """n Task objects of one kind for the deployment's model (random values, trained-prompt scale)."""
-    from promptmux.core.task import Task
-
-    if kind not in KINDS:
-        raise ValueError(f"unknown scaling kind {kind!r}; choose from {', '.join(KINDS)}")
-    rng = np.random.default_rng(seed)
-    d, p = rt.dims.hidden_size, virtual_tokens
-    scale = 0.05
-
-    def head() -> dict:
-        out = {}
-        layers = rt.spec.head
-        for j, layer in enumerate(layers):
-            rows = num_labels if j == len(layers) - 1 else d
-            out[f"{layer.module}.weight"] = (rng.standard_normal((rows, d)) * 0.05).astype(np.float32)
-            out[f"{layer.module}.bias"] = np.zeros(rows, np.float32)
-        return out
-
-    labels = [f"label{i}" for i in range(num_labels)] if rt.spec.head else None
-    tasks = []
-    if kind == "prompt":
-        for i in range(n):
-            tasks.append(Task(f"t{i:04d}", "prompt", "PROMPT_TUNING", p,
-                                    {"prompt": (rng.standard_normal((p, d)) * scale).astype(np.float32)},
-                                    head=head(), labels=labels, source="synthetic"))
-        return tasks
-    shared = None
-    for i in range(n):
-        g, k = divmod(i, MPT_TASKS_PER_ADAPTER)
-        if k == 0:
-            shared = (rng.standard_normal((p, d)) * scale).astype(np.float32)
-        cols = (1.0 + 0.1 * rng.standard_normal((p, rank))).astype(np.float32)
-        rows = (1.0 + 0.1 * rng.standard_normal((rank, d))).astype(np.float32) / rank
-        name = f"m{g:03d}/{k}"
-        if kind == "mpt-factors":
-            tasks.append(Task(name, "mpt", "MULTITASK_PROMPT_TUNING", p,
-                                    {"shared": shared, "cols": cols, "rows": rows},
-                                    head=head(), labels=labels, source="synthetic"))
-        else:
-            tasks.append(Task(name, "prompt", "PROMPT_TUNING", p, {"prompt": shared * (cols @ rows)},
-                                    head=head(), labels=labels, source="synthetic"))
-    return tasks
+from .measure import MB, measure_jobs, progress, rss, summarize, warm_up
+from .prompt_kinds import MPT_TASKS_PER_ADAPTER, check_scaling_kinds, synthetic_tasks
+from .settings import DEFAULT_SEQ_LEN
+from .workload import assign_tasks, make_workload
 
 
 def deployment_with_bank(src: Path, dest: Path, rt, tasks: list) -> dict:
@@ -122,9 +66,7 @@ def scaling(s, rt) -> dict:
     from promptmux.core.bank import PromptBank
     from promptmux.runtime.runtime import Runtime
 
-    for kind in s.scaling_kinds:
-        if kind not in KINDS:
-            raise ValueError(f"unknown scaling kind {kind!r}; choose from {', '.join(KINDS)}")
+    check_scaling_kinds(s.scaling_kinds)
     seq = s.scaling_seq_len or DEFAULT_SEQ_LEN[rt.spec.family]
     if rt.spec.family == "seq2seq":
         raise ValueError("the scaling benchmark runs full-sequence forwards: encoder or causal LM deployments")
@@ -136,7 +78,7 @@ def scaling(s, rt) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="promptmux-scaling-"))
     entries = []
     try:
-        bar = _progress(len(s.scaling_kinds) * len(s.scaling), s.quiet, desc="scaling: load")
+        bar = progress(len(s.scaling_kinds) * len(s.scaling), s.quiet, desc="scaling: load")
         for kind in s.scaling_kinds:
             for n in s.scaling:
                 tasks = synthetic_tasks(kind, n, rt, s.scaling_virtual_tokens, s.scaling_mpt_rank, seed=s.seed + n)
@@ -145,7 +87,7 @@ def scaling(s, rt) -> dict:
                 t = time.perf_counter()
                 PromptBank.load(folder, rt.spec)
                 bank_load = time.perf_counter() - t
-                before = _rss()
+                before = rss()
                 t = time.perf_counter()
                 runtime = Runtime(folder, backend=rt.backend, threads=s.threads, base=s.base)
                 load = time.perf_counter() - t
@@ -160,11 +102,11 @@ def scaling(s, rt) -> dict:
                 warm_up(system, w)
                 entries.append({"kind": kind, "tasks": n, **sizes, "bank_load_s": round(bank_load, 4),
                                 "runtime_load_s": round(load, 3), "first_touch_views_s": round(views, 4),
-                                "load_rss_mb": round((_rss() - before) / MB, 1),
+                                "load_rss_mb": round((rss() - before) / MB, 1),
                                 "distinct_tasks_in_traffic": len(set(names)), "_system": system, "_w": w})
                 bar.update(1)
         bar.close()
-        bar = _progress(s.repeats * len(entries), s.quiet, desc="scaling: measure")
+        bar = progress(s.repeats * len(entries), s.quiet, desc="scaling: measure")
         measured = measure_jobs([(e["_system"], e["_w"]) for e in entries], s.repeats, None, bar)
         bar.close()
         rows = []

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .generation import machine_info
+from .machine import machine_info
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 

@@ -370,7 +370,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from promptmux.bench.harness import run_from_args, summary_table
+    from promptmux.bench.harness import run_from_args
+    from promptmux.bench.report import summary_table
 
     print(summary_table(run_from_args(args)))
     return 0

@@ -18,7 +18,7 @@ BANK_INPUTS = frozenset({"prompt_embeds", "mpt_task_ids", "mpt_shared_ids", "mpt
 
 # ONNX Runtime's CPU SkipLayerNormalization (which its online optimizer fuses from Add + LayerNormalization) was
 # slower than the two ops it replaces on an AMX Xeon: disabling the fusion took 3-15 % off a MiniLM forward at
-# B = 1, 8 and 32 (python -m promptmux.bench.ort_fusions; bench/results/ort-fusions-minilm.json). Decomposing the
+# B = 1, 8 and 32 (python -m studies.ort_fusions; bench/results/ort-fusions-minilm.json). Decomposing the
 # graph's Attention nodes into MatMul/Softmax/MatMul for ORT was tried too and was not faster.
 CPU_DISABLED_OPTIMIZERS = ["SkipLayerNormFusion"]
 

@@ -85,7 +85,7 @@ def fit(model, tok, train, max_len, prompt_lr, head_lr, name, epochs=None, max_s
 
     Runs `epochs` passes over `train` (shuffled in place each pass), or exactly `max_steps` steps (passes repeat
     as needed; the decay then spans max_steps). on_step(step): called after each step (e.g. to evaluate).
-    Returns the number of steps taken. Also used by bench/prompt_transfer.py.
+    Returns the number of steps taken. Also used by studies/prompt_transfer.py.
     """
     groups = [
         {"params": [p for n, p in model.named_parameters() if p.requires_grad and "prompt" in n], "lr": prompt_lr},

@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 import pytest
-from promptmux.bench.harness import Workload, assign_tasks
+from promptmux.bench.workload import Workload, assign_tasks
 from promptmux.bench.report import targets
 
 from promptmux.cli import main
@@ -229,7 +229,7 @@ def test_each_system_runs_in_its_own_process_with_both_peft_baselines(deployment
     import os
 
     from promptmux import Runtime
-    from promptmux.bench.harness import BenchSettings, system_pairs
+    from promptmux.bench.settings import BenchSettings, system_pairs
     from promptmux.bench.isolated import IsolatedSystem, SystemSpec
     from promptmux.runtime.precision import cpu_has_bf16
 

@@ -4,7 +4,7 @@ The held-out split is the one scripts/train_smollm2_adapters.py held out (same d
 answer is the first word of 4 greedy tokens, as that script scores it. Every precision answers the same prompts
 in mixed-task batches of 16; its tokens are compared with fp32 ONNX Runtime's, row by row.
 
-    python -m promptmux.bench.generation_accuracy out/smollm2-demo [--systems onnxruntime/fp32,onnxruntime/int8]
+    python -m studies.generation_accuracy out/smollm2-demo [--systems onnxruntime/fp32,onnxruntime/int8]
         [--out bench/results/generation-accuracy-smollm2.json]
 """
 
@@ -51,7 +51,7 @@ def answers(rt, examples, batch: int = 16) -> tuple[list[list[int]], list[str], 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m promptmux.bench.generation_accuracy",
+    p = argparse.ArgumentParser(prog="python -m studies.generation_accuracy",
                                 description=__doc__.split("\n")[0])
     p.add_argument("deploy")
     p.add_argument("--systems", default="onnxruntime/fp32,openvino/fp32,onnxruntime/int8")
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from promptmux import Runtime
 
-    from .generation import machine_info
+    from promptmux.bench.machine import machine_info
 
     examples = held_out()
     order = np.random.default_rng(0).permutation(len(examples))  # the tasks interleaved: mixed batches
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "rows_identical_to_first": {t: round(float(same[tasks == t].mean()), 4) for t in RECIPES},
                      "seconds": round(seconds, 1), "contract": rt.contract})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "contract"}), flush=True)
-    result = {"command": "python -m promptmux.bench.generation_accuracy " + " ".join(argv or []),
+    result = {"command": "python -m studies.generation_accuracy " + " ".join(argv or []),
               "machine": machine_info(args.threads), "examples": {t: int((tasks == t).sum()) for t in RECIPES},
               "reference": rows[0]["system"], "rows": rows}
     if args.out:

@@ -1,6 +1,6 @@
 """How long the command line takes to answer what needs no model: `promptmux --help`, `--version`, `tasks DIR list`.
 
-    python -m promptmux.bench.cli_startup [--repeats 7] [--deploy DIR]
+    python -m studies.cli_startup [--repeats 7] [--deploy DIR]
 
 Each command runs as a fresh process (what a user waits for, interpreter start included); prints the median and
 the fastest of --repeats runs per command as JSON. --deploy adds `tasks DIR list` (any deployment folder).
@@ -27,7 +27,7 @@ def time_command(args: list[str], repeats: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(prog="python -m promptmux.bench.cli_startup", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m studies.cli_startup", description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=7, help="runs per command (default 7)")
     p.add_argument("--deploy", help="a deployment folder: also time `promptmux tasks DIR list`")
     args = p.parse_args(argv)

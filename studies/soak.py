@@ -1,7 +1,7 @@
 """Hardening soak (issue 13): mixed classify and generate traffic through real `promptmux serve` processes on
 127.0.0.1, with every attack of issue 13 mixed in at random, and task changes under load.
 
-    python -m promptmux.bench.soak [--requests 600] [--attack-rate 0.25] [--concurrency 16] [--max-seconds 600]
+    python -m studies.soak [--requests 600] [--attack-rate 0.25] [--concurrency 16] [--max-seconds 600]
         [--out bench/results/] [--name soak-cpu]
 
 It builds the tests' tiny BERT and GPT-2 deployments (tests/servekit.py: a character tokenizer, random
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .generation import machine_info
+from promptmux.bench.machine import machine_info
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "bench" / "results"
 TOKEN = "soak-token"
 TEXTS = ["the film was warm", "a tedious mess", "rates rose again", "the striker scored", "new phones", "flat jokes"]
 
@@ -148,7 +148,7 @@ async def _soak_server(url: str, arch: str, tasks: list[str], expected: dict, ar
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m promptmux.bench.soak", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m studies.soak", description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=600, help="requests per server (classifier, causal LM)")
     p.add_argument("--attack-rate", type=float, default=0.25)
     p.add_argument("--concurrency", type=int, default=16)
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
                 results[arch] = asyncio.run(asyncio.wait_for(
                     _soak_server(server.url, arch, d.tasks, expected, args, broken, escapes, args.seed + i, servekit), left))
                 results[arch]["seconds"] = round(time.monotonic() - t0, 1)
-    record = {"command": "python -m promptmux.bench.soak " + shlex.join(argv if argv is not None else sys.argv[1:]),
+    record = {"command": "python -m studies.soak " + shlex.join(argv if argv is not None else sys.argv[1:]),
               "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "machine": machine_info(os.cpu_count() or 1),
               "servers": results}
     out = Path(args.out)

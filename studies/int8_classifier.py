@@ -4,7 +4,7 @@ The bar (issue 12): keep at least 99.5 % of fp32's predictions on both demo task
 deployment's graph with ONNX Runtime and answers the held-out examples in mixed batches, like fp32 does; its
 predictions are compared with fp32's (the same graph unquantized), and the speed of both is timed at B=32.
 
-    python -m promptmux.bench.int8_classifier out/minilm-demo [--out bench/results/int8-classifier.json]
+    python -m studies.int8_classifier out/minilm-demo [--out bench/results/int8-classifier.json]
 
 Variants: dynamic int8 weights and activations per tensor (quantize_dynamic's defaults), and per channel.
 """
@@ -33,7 +33,7 @@ def _variants(graph: Path, work: Path) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m promptmux.bench.int8_classifier", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m studies.int8_classifier", description=__doc__.split("\n")[0])
     p.add_argument("deploy")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out")
@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
     from promptmux import Runtime
     from promptmux.runtime.sessions import OrtSession
 
-    from .accuracy import demo_tasks, held_out
-    from .generation import machine_info
+    from promptmux.bench.accuracy import demo_tasks, held_out
+    from promptmux.bench.machine import machine_info
 
     exact = Runtime(args.deploy, backend="onnxruntime", threads=args.threads)
     examples = [e for t in demo_tasks(exact) for e in held_out(t, exact.tokenizer)]
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "accuracy": {t: float((got[tasks == t] == labels[tasks == t]).mean()) for t in sorted(set(tasks))},
                          "b32_ms": round(1e3 * s, 1), "speedup": round(base_s / s, 2)})
             print(json.dumps(rows[-1]), flush=True)
-    result = {"command": "python -m promptmux.bench.int8_classifier " + " ".join(argv or []),
+    result = {"command": "python -m studies.int8_classifier " + " ".join(argv or []),
               "machine": machine_info(args.threads), "examples": {t: int((tasks == t).sum()) for t in sorted(set(tasks))},
               "bar": "agreement >= 0.995 on both tasks", "rows": rows,
               "kept": [r["variant"] for r in rows[1:] if min(r["agreement"].values()) >= 0.995]}

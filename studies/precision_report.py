@@ -1,6 +1,6 @@
 """The CPU backend x precision table: `promptmux bench` results read against the machine's limits.
 
-    python -m promptmux.bench.precision_report bench/results/cpu-{minilm-s64,minilm-s256,gpt2-small,smollm2-b1,smollm2-b8,smollm2-bf16-b1}.json \\
+    python -m studies.precision_report bench/results/cpu-{minilm-s64,minilm-s256,gpt2-small,smollm2-b1,smollm2-b8,smollm2-bf16-b1}.json \\
         --limits bench/results/machine-limits.json --notes bench/results/cpu-precision-notes.md \\
         --out bench/results/cpu-precision.md
 
@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .machine_limits import load as load_limits
+from studies.machine_limits import load as load_limits
 
 
 def _config(path: str) -> dict:
@@ -96,7 +96,7 @@ def render(files: list[Path], limits_path: Path) -> str:
     limits = load_limits(limits_path)
     machine = json.loads(limits_path.read_text())
     lines = ["# CPU speed: backends and precisions", "",
-             f"Machine limits (`python -m promptmux.bench.machine_limits`, {machine['threads']} threads): fp32 GEMM "
+             f"Machine limits (`python -m studies.machine_limits`, {machine['threads']} threads): fp32 GEMM "
              f"{limits['fp32_gemm_gflops']:.0f} GFLOP/s, bf16 GEMM {limits['bf16_gemm_gflops']:.0f} GFLOP/s, copy "
              f"{limits['copy_gb_per_s']:.1f} GB/s; {machine['machine']['cpu_model']}.", ""]
     for f in files:
@@ -127,7 +127,7 @@ def render(files: list[Path], limits_path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m promptmux.bench.precision_report", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m studies.precision_report", description=__doc__.split("\n")[0])
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--limits", type=Path, default=Path("bench/results/machine-limits.json"))
     p.add_argument("--notes", type=Path, help="a Markdown file appended after the tables (the findings)")

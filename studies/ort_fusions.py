@@ -1,6 +1,6 @@
 """Does ONNX Runtime's SkipLayerNorm fusion pay on this CPU? The deployment's graph with and without it.
 
-    python -m promptmux.bench.ort_fusions out/minilm-demo [--batch-sizes 1,8,32] [--rounds 2] [--out FILE]
+    python -m studies.ort_fusions out/minilm-demo [--batch-sizes 1,8,32] [--rounds 2] [--out FILE]
 
 Each variant runs in a process of its own (no two thread pools in one process), variants alternating, a mixed
 batch of the deployment's first two tasks at 64 tokens; median ms of the session call over 8-60 runs.
@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: `python -m studies.ort_fusions` runs from here
 
 
 def _child(deploy: str, batch: int, disabled: bool, threads: int) -> float:
@@ -47,7 +49,7 @@ def _child(deploy: str, batch: int, disabled: bool, threads: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(prog="python -m promptmux.bench.ort_fusions", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m studies.ort_fusions", description=__doc__.split("\n")[0])
     p.add_argument("deploy")
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--rounds", type=int, default=2)
@@ -63,16 +65,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in range(args.rounds):
         for batch in [int(b) for b in args.batch_sizes.split(",")]:
             for disabled in ("0", "1"):
-                done = subprocess.run([sys.executable, "-m", "promptmux.bench.ort_fusions", args.deploy, "--threads",
+                done = subprocess.run([sys.executable, "-m", "studies.ort_fusions", str(Path(args.deploy).resolve()), "--threads",
                                        str(args.threads), "--child", f"{batch},{disabled}"],
-                                      capture_output=True, text=True, check=True)
+                                      capture_output=True, text=True, check=True, cwd=ROOT)
                 ms = float(done.stdout.strip().splitlines()[-1])
                 rows.append({"round": r + 1, "batch_size": batch, "skip_layer_norm_fusion": disabled == "0", "ms": ms})
                 print(json.dumps(rows[-1]), flush=True)
     if args.out:
-        from .generation import machine_info
+        from promptmux.bench.machine import machine_info
 
-        Path(args.out).write_text(json.dumps({"command": "python -m promptmux.bench.ort_fusions " + " ".join(
+        Path(args.out).write_text(json.dumps({"command": "python -m studies.ort_fusions " + " ".join(
             argv if argv is not None else sys.argv[1:]), "machine": machine_info(args.threads), "rows": rows},
             indent=1) + "\n")
     return rows

@@ -13,7 +13,7 @@ process (no thread pool of one engine spinning on the cores of the other), same 
 
 The bare encoder runs S + virtual-token positions so that every engine does the same attention work.
 
-    python -m promptmux.bench.cpu_engines out/minilm-demo [--batch-sizes 1,8,32] [--seq-len 64] [--threads 2]
+    python -m studies.cpu_engines out/minilm-demo [--batch-sizes 1,8,32] [--seq-len 64] [--threads 2]
         [--task sentiment] [--out bench/results/cpu-engines.json]
 """
 
@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: `python -m studies.cpu_engines` runs from here
 ENGINES = ("torch-sdpa", "ort-plain", "ort-fused", "promptmux", "promptmux-openvino")
 
 
@@ -123,7 +124,7 @@ def measure(engine: str, deploy: str, batch: int, seq: int, threads: int, task: 
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(prog="python -m promptmux.bench.cpu_engines", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m studies.cpu_engines", description=__doc__.split("\n")[0])
     p.add_argument("deploy", help="an encoder deployment (e.g. promptmux demo --out out/minilm-demo)")
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--seq-len", type=int, default=64)
@@ -146,19 +147,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as work:
         for batch in [int(b) for b in args.batch_sizes.split(",")]:
             for engine in ENGINES:
-                cmd = [sys.executable, "-m", "promptmux.bench.cpu_engines", args.deploy, "--seq-len", str(args.seq_len),
+                cmd = [sys.executable, "-m", "studies.cpu_engines", str(Path(args.deploy).resolve()), "--seq-len", str(args.seq_len),
                        "--threads", str(args.threads), "--task", args.task, "--repeats", str(args.repeats),
                        "--child", f"{engine},{batch},{work}"]
-                done = subprocess.run(cmd, capture_output=True, text=True)
+                done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)  # ROOT: studies is importable
                 if done.returncode != 0:
                     raise SystemExit(f"{engine} at B={batch} failed:\n{done.stderr[-2000:]}")
                 row = json.loads(done.stdout.strip().splitlines()[-1])
                 rows.append(row)
                 print(f"B={batch:>3} {engine:<11} {row['ms']:9.1f} ms  {row['requests_per_s']:8.1f} req/s", flush=True)
     if args.out:
-        from promptmux.bench.generation import machine_info
+        from promptmux.bench.machine import machine_info
 
-        command = "python -m promptmux.bench.cpu_engines " + shlex.join(argv if argv is not None else sys.argv[1:])
+        command = "python -m studies.cpu_engines " + shlex.join(argv if argv is not None else sys.argv[1:])
         result = {"command": command, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(args.threads), "seq_len": args.seq_len,
                   "task": args.task, "rows": rows}
         Path(args.out).write_text(json.dumps(result, indent=1))
