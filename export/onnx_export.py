@@ -12,7 +12,8 @@ import torch
 
 from . import mpt_function
 from promptmux.core.archs import arch_for, dims_of
-from promptmux.core.io_spec import PROMPT_INPUTS, input_names, output_name, prompt_inputs
+from promptmux.core.io_spec import (INPUTS, PROMPT_INPUTS, dynamic_axes, example_shape, example_sizes, input_names,
+                                    output_name, prompt_inputs)
 from promptmux.core.graph import FoldedBackbone, PromptedBackbone
 
 log = logging.getLogger("promptmux.export")
@@ -21,90 +22,49 @@ log = logging.getLogger("promptmux.export")
 # OpenVINO both run with their own fused kernels (instead of MatMul/Softmax/MatMul plus NaN guards).
 OPSET = 23
 
-# Readable names for the dynamic axes: (input, axis) -> name.
-AXES = {
-    ("input_ids", 0): "batch",
-    ("input_ids", 1): "tokens",
-    ("token_type_ids", 1): "length",
-    ("attention_mask", 1): "prefix_plus_length",
-    ("position_ids", 1): "length",
-    ("order", 1): "length",
-    ("prompt_embeds", 1): "prompt_tokens",
-    ("mpt_task_ids", 0): "batch",
-    ("mpt_shared_ids", 0): "mpt_tasks",
-    ("mpt_shared", 0): "mpt_shared_prompts",
-    ("mpt_shared", 1): "mpt_tokens",
-    ("mpt_cols", 0): "mpt_tasks",
-    ("mpt_cols", 1): "mpt_tokens",
-    ("mpt_cols", 2): "mpt_rank",
-    ("mpt_rows", 0): "mpt_tasks",
-    ("mpt_rows", 1): "mpt_rank",
-    ("prefix_keys", 1): "batch",
-    ("prefix_keys", 3): "prefix_tokens",
-    ("prefix_values", 1): "batch",
-    ("prefix_values", 3): "prefix_tokens",
-}
-BATCH_AXIS = {"token_type_ids": 0, "attention_mask": 0, "position_ids": 0, "order": 0, "prompt_embeds": 0}
-
-
 def example_inputs(config, tm: int = 5, p: int = 3, n: int = 4) -> dict[str, torch.Tensor]:
-    """Inputs with pairwise different sizes, so the exporter keeps every axis symbolic.
+    """Inputs of io_spec's example sizes (pairwise different, so the exporter keeps every axis symbolic).
 
     A folded export passes its constant prompt sizes (tm, p, n) so the layout inputs agree with them.
     """
     dims = dims_of(config)
-    b, s, k, a, r = 2, 9, 6, 7, 8
     if not arch_for(config.model_type).supports_prefix:
         n = 0  # no prefix slots in the mask
-    length = tm + p + s
+    sizes = example_sizes(tm, p, n)
     g = torch.Generator().manual_seed(0)
-    ex = {
-        "input_ids": torch.randint(0, min(dims.vocab_size, 50), (b, s), generator=g),
-        "token_type_ids": torch.zeros(b, length, dtype=torch.long),
-        "attention_mask": torch.ones(b, n + length, dtype=torch.long),
-        "position_ids": torch.arange(length).repeat(b, 1),
-        "order": torch.arange(length).repeat(b, 1),
-        "prompt_embeds": torch.randn(b, p, dims.hidden_size, generator=g),
-        "mpt_task_ids": torch.zeros(b, dtype=torch.long),
-        "mpt_shared_ids": torch.zeros(k, dtype=torch.long),
-        "mpt_shared": torch.randn(a, tm, dims.hidden_size, generator=g),
-        "mpt_cols": torch.randn(k, tm, r, generator=g),
-        "mpt_rows": torch.randn(k, r, dims.hidden_size, generator=g),
-        "prefix_keys": torch.randn(dims.num_layers, b, dims.num_kv_heads, n, dims.head_dim, generator=g),
-        "prefix_values": torch.randn(dims.num_layers, b, dims.num_kv_heads, n, dims.head_dim, generator=g),
-    }
-    return {name: ex[name] for name in input_names(config.model_type)}
+    ex = {}
+    for name in input_names(config.model_type):
+        shape = example_shape(name, dims, sizes)
+        if INPUTS[name].dtype == "float32":
+            ex[name] = torch.randn(*shape, generator=g)
+        elif name == "input_ids":
+            ex[name] = torch.randint(0, min(dims.vocab_size, 50), shape, generator=g)
+        elif name in ("position_ids", "order"):
+            ex[name] = torch.arange(shape[1]).repeat(shape[0], 1)
+        elif name == "attention_mask":
+            ex[name] = torch.ones(shape, dtype=torch.long)
+        else:  # token type and MPT ids: 0 is valid for every graph
+            ex[name] = torch.zeros(shape, dtype=torch.long)
+    return ex
 
 
 def _dynamic_shapes(names: list[str]):
     auto = torch.export.Dim.AUTO
-    shapes = []
-    for name in names:
-        axes = {axis: auto for (inp, axis) in AXES if inp == name}
-        if name in BATCH_AXIS:
-            axes[BATCH_AXIS[name]] = auto
-        shapes.append(axes)
+    shapes = [{axis: auto for axis in dynamic_axes(name)} for name in names]
     # forward(input_ids, *args): the exporter wants the same nesting for the shapes
     return (shapes[0], tuple(shapes[1:]))
 
 
 def _rename_axes(model: onnx.ModelProto) -> None:
-    """Give the exporter's symbols (s72, ...) the readable names of AXES, everywhere in the graph."""
+    """Give the exporter's symbols (s72, ...) the readable names of io_spec's axes, everywhere in the graph."""
     rename = {}
     for inp in model.graph.input:
+        if inp.name not in INPUTS and not inp.name.startswith("past_key_values."):
+            continue
+        names = dynamic_axes(inp.name)
         for axis, dim in enumerate(inp.type.tensor_type.shape.dim):
-            nice = AXES.get((inp.name, axis)) or (("batch" if axis == BATCH_AXIS.get(inp.name) else None))
-            if dim.dim_param and nice:
-                rename.setdefault(dim.dim_param, nice)
-    for inp in model.graph.input:
-        if inp.name.startswith("past_key_values."):
-            dims = inp.type.tensor_type.shape.dim
-            for axis, nice in ((0, "batch"), (2, "past_length")):
-                if dims[axis].dim_param:
-                    rename.setdefault(dims[axis].dim_param, nice)
-    if "logits_index" in [i.name for i in model.graph.input]:
-        (dim,) = next(i for i in model.graph.input if i.name == "logits_index").type.tensor_type.shape.dim
-        rename.setdefault(dim.dim_param, "batch")
+            if dim.dim_param and axis in names:
+                rename.setdefault(dim.dim_param, names[axis])
     for vi in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
         for dim in vi.type.tensor_type.shape.dim:
             if dim.dim_param in rename:
@@ -294,11 +254,7 @@ def export_decoder_onnx(module, config, path: Path) -> Path:
         ex[name] = torch.randn(b, dims.num_kv_heads, past, dims.head_dim, generator=g)
     names = list(ex)
     auto = torch.export.Dim.AUTO
-    shapes = {n: {a: auto for (inp, a) in AXES if inp == n} for n in names}
-    for n in ("attention_mask", "position_ids", "order", "prompt_embeds", "logits_index"):
-        shapes[n][0] = auto
-    for n in past_names(dims.num_layers):
-        shapes[n] = {0: auto, 2: auto}
+    shapes = {n: {a: auto for a in dynamic_axes(n)} for n in names}
     # forward(..., logits_index, *past): the cache shapes nest as one tuple
     model = _to_onnx(module, tuple(ex.values()), names, ["logits", *present_names(dims.num_layers)],
                      (*(shapes[n] for n in DECODER_INPUTS), tuple(shapes[n] for n in past_names(dims.num_layers))))

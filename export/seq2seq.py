@@ -29,6 +29,7 @@ import torch
 
 from . import mpt_function
 from promptmux.core.io_spec import SEQ2SEQ_ENCODER_INPUTS as ENCODER_INPUTS
+from promptmux.core.io_spec import dynamic_axes
 from promptmux.core.seq2seq_graph import PromptedEncoder, Seq2SeqDecoderStep, cross_names, self_names
 
 def _export(module, example: dict[str, torch.Tensor], shapes, output_names: list[str], path: Path,
@@ -74,19 +75,12 @@ def encoder_example(config) -> dict[str, torch.Tensor]:
 
 
 def export_encoder_onnx(module: PromptedEncoder, config, path: Path) -> Path:
-    from .onnx_export import AXES
-
     ex = encoder_example(config)
     auto = torch.export.Dim.AUTO
-    shapes = {n: {a: auto for (inp, a) in AXES if inp == n} for n in ex}
-    for n in ("attention_mask", "order", "prompt_embeds"):
-        shapes[n][0] = auto
-    shapes["attention_mask"][1] = auto
+    names = {n: dynamic_axes(n) for n in ex}
+    names["attention_mask"][1] = "length"  # no prefix slots in the encoder
+    shapes = {n: {a: auto for a in axes} for n, axes in names.items()}
     layers = len(module.model.decoder.block)
-    names = {n: {a: nice for (inp, a), nice in AXES.items() if inp == n} for n in ex}
-    for n in ("attention_mask", "order", "prompt_embeds"):
-        names[n][0] = "batch"
-    names["attention_mask"][1] = "length"
     return _export(module, ex, tuple(shapes[n] for n in ex), cross_names(layers, "present"), path, names)
 
 

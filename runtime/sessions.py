@@ -10,10 +10,9 @@ import numpy as np
 
 from .errors import BackendUnavailable
 
-# Graph inputs whose values depend only on the batch's tasks (the prompt bank), never on the text: a
-# device session keeps them resident, keyed by the bank version and the batch's task tuple.
-BANK_INPUTS = frozenset({"prompt_embeds", "mpt_task_ids", "mpt_shared_ids", "mpt_shared", "mpt_cols", "mpt_rows",
-                         "prefix_keys", "prefix_values"})
+# Graph inputs whose values depend only on the batch's tasks (the prompt bank), never on the text: a device session
+# keeps them resident, keyed by the bank version and the batch's task tuple.
+from promptmux.core.io_spec import BANK_INPUTS  # noqa: E402
 
 
 # ONNX Runtime's CPU SkipLayerNormalization (which its online optimizer fuses from Add + LayerNormalization) was

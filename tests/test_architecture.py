@@ -1,0 +1,89 @@
+"""The package's structural rules (ARCHITECTURE.md): they fail on the offending file and line."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = {"core": "promptmux.core", "kinds": "promptmux.kinds", "export": "promptmux.export",
+            "runtime": "promptmux.runtime", "bench": "promptmux.bench", "kernels": "promptmux.kernels",
+            "library": "promptmux.library", "promptmux": "promptmux"}
+
+
+def _modules():
+    for folder in PACKAGES:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            yield path, ast.parse(path.read_text(), str(path))
+
+
+def _imports(tree, path: Path):
+    """(absolute module, imported names, line) of every import, relative ones resolved within the package."""
+    parts = path.relative_to(ROOT).parts
+    package = ".".join([PACKAGES[parts[0]], *parts[1:-1]]) if parts[0] != "promptmux" else ".".join(parts[:-1])
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([module] if module else []))
+            yield module, [a.name for a in node.names], node.lineno
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                yield a.name, [], node.lineno
+
+
+def test_runtime_never_imports_the_exporter():
+    bad = [f"{p.relative_to(ROOT)}:{line} imports {m}" for p, tree in _modules() if p.parts[-2] == "runtime"
+           or "runtime" in p.relative_to(ROOT).parts[:1]
+           for m, _, line in _imports(tree, p) if m.startswith("promptmux.export")]
+    assert not bad, bad
+
+
+def test_core_and_kinds_import_neither_export_nor_runtime():
+    bad = [f"{p.relative_to(ROOT)}:{line} imports {m}" for p, tree in _modules()
+           if p.relative_to(ROOT).parts[0] in ("core", "kinds")
+           for m, _, line in _imports(tree, p) if m.startswith(("promptmux.export", "promptmux.runtime"))]
+    assert not bad, bad
+
+
+def test_no_private_name_is_imported_across_modules():
+    bad = [f"{p.relative_to(ROOT)}:{line} imports {n} from {m}" for p, tree in _modules()
+           for m, names, line in _imports(tree, p) if m.startswith("promptmux")
+           for n in names if n.startswith("_") and not n.startswith("__")]
+    assert not bad, bad
+
+
+def test_no_module_is_over_500_lines():
+    long = {str(p.relative_to(ROOT)): n for p, _ in _modules() if (n := len(p.read_text().splitlines())) > 500}
+    assert not long, long
+
+
+def test_nothing_outside_kinds_branches_on_a_task_kind():
+    """No comparison with a task's .kind or with a PEFT method name outside promptmux.kinds."""
+    from promptmux.kinds import BY_PEFT_TYPE
+
+    methods = set(BY_PEFT_TYPE)
+    bad = []
+    for path, tree in _modules():
+        if path.relative_to(ROOT).parts[0] == "kinds":
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Compare):
+                continue
+            for side in [node.left, *node.comparators]:
+                if (isinstance(side, ast.Attribute) and side.attr == "kind") or (
+                        isinstance(side, ast.Constant) and side.value in methods):
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not bad, bad
+
+
+def test_every_peft_prompt_learning_method_has_a_kind():
+    """PEFT's six prompt-learning methods (CPT and CARTRIDGE included) each map to a kind module."""
+    from peft.utils.peft_types import PeftType
+
+    from promptmux.kinds import BY_PEFT_TYPE
+
+    wanted = {"PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "CPT", "CARTRIDGE"}
+    assert wanted <= {t.value for t in PeftType}
+    assert set(BY_PEFT_TYPE) == wanted
