@@ -163,7 +163,7 @@ def cmd_tasks(args) -> int:
 
 
 def _tasks_similar(args, action) -> int:
-    from promptmux.export.library import similar_tasks, skipped_tasks
+    from promptmux.library.retrieval import similar_tasks, skipped_tasks
 
     if len(action) != 2:
         raise CliError("usage: promptmux tasks DIR similar QUERY (a task of DIR or a PEFT adapter folder)")
@@ -181,7 +181,7 @@ def _tasks_similar(args, action) -> int:
 
 
 def cmd_init_adapter(args) -> int:
-    from promptmux.export.library import init_adapter
+    from promptmux.library.adapter_writer import init_adapter
 
     if args.weighted and args.top_k is None:
         raise CliError("--weighted goes with --top-k K")
