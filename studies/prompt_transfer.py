@@ -171,7 +171,7 @@ def random_query_baseline(bank, emb: np.ndarray, sources: list[str], n: int = 10
     Word embeddings share a common direction, so raw cosines carry a base rate: a source that happens to point
     along it wins for random queries too. A trained query's margin means something only against this.
     """
-    from promptmux.export.library import METHODS, prompt_similarity, task_prompt
+    from promptmux.library.prompts import METHODS, prompt_similarity, task_prompt
 
     prompts = {t: task_prompt(bank.view(t)) for t in sources}
     rng = np.random.default_rng(7)
@@ -209,7 +209,7 @@ def model_from_adapter(base_dir: str, adapter_dir: Path, seed: int, prompt: np.n
     """Plain PEFT: the adapter folder made trainable; `prompt` replaces its prompt (same head)."""
     import torch
 
-    from promptmux.export.library import trainable_peft_model
+    from promptmux.library.adapter_writer import trainable_peft_model
 
     model = trainable_peft_model(fresh_base(base_dir, seed), adapter_dir)
     if prompt is not None:
@@ -235,7 +235,9 @@ def run(args) -> dict:
 
     import promptmux
     from promptmux.demo import ADAPTERS, TASKS, base_model_dir
-    from promptmux.export.library import METHODS, init_adapter, similar_tasks
+    from promptmux.library.adapter_writer import init_adapter
+    from promptmux.library.prompts import METHODS
+    from promptmux.library.retrieval import similar_tasks
 
     torch.set_num_threads(args.threads)
     tr = trainer()
@@ -259,7 +261,7 @@ def run(args) -> dict:
     emb = word_embeddings(base_dir)
     from promptmux.core.archs import arch_for
     from promptmux.core.folder import load_base_config
-    from promptmux.export.library import resample_tokens, task_prompt
+    from promptmux.library.prompts import resample_tokens, task_prompt
     from promptmux.core.bank import PromptBank
 
     bank = PromptBank.load(deploy, arch_for(load_base_config(deploy).model_type))
@@ -366,7 +368,7 @@ def _carrier(deploy, base_dir, work: Path, seed: int) -> Path:
 
     The probe's prompt is replaced by the vocabulary sample, so which source fills this folder does not matter.
     """
-    from promptmux.export.library import init_adapter
+    from promptmux.library.adapter_writer import init_adapter
 
     folder = work / f"seed{seed}" / "head-carrier"
     init_adapter(deploy, base_dir, folder, from_task="sentiment", num_labels=2, seed=seed, overwrite=True)

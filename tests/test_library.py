@@ -1,4 +1,4 @@
-"""The prompt bank as a prompt library: SPoT retrieval and MPT/SPoT target initialisation (export/library.py).
+"""The prompt bank as a prompt library: SPoT retrieval and MPT/SPoT target initialisation (promptmux.library).
 
 The bank is built so that the right answers are known: `near` is a scaled, noised copy of the query
 adapter's prompt tiled to twice its length, `twin` a noised copy of the bank task `pt`. Written
@@ -16,8 +16,9 @@ import torch
 from conftest import adapter_configs, make_adapter, make_base
 from test_cli import promptmux
 
-from promptmux.export.library import (LibraryError, combine_prompts, init_adapter, prompt_similarity, resample_tokens,
-                                      similar_tasks, skipped_tasks)
+from promptmux.library.adapter_writer import init_adapter
+from promptmux.library.prompts import LibraryError, combine_prompts, prompt_similarity, resample_tokens
+from promptmux.library.retrieval import similar_tasks, skipped_tasks
 
 METHODS = ["avg-cosine", "per-token-cosine"]
 
@@ -66,7 +67,7 @@ def _peft(base, adapter_dir, trainable=False):
         if (adapter_dir / "promptmux_init.json").is_file() else 3
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=labels, ignore_mismatched_sizes=True)
     if trainable:  # plain PEFT: get_peft_model from the saved config, then the saved weights
-        from promptmux.export.library import trainable_peft_model
+        from promptmux.library.adapter_writer import trainable_peft_model
 
         return trainable_peft_model(model, adapter_dir), cfg
     return PeftModel.from_pretrained(model, adapter_dir), cfg
@@ -190,7 +191,7 @@ def test_best_of_top_k_writes_one_adapter_per_source(lib, tmp_path):
     for rec in recs:
         model, _ = _peft(lib["base"], out / rec["path"].rsplit("/", 1)[1])
         want = _bank_prompt(lib, rec["sources"][0]["task"])
-        from promptmux.export.library import task_prompt
+        from promptmux.library.prompts import task_prompt
 
         assert torch.equal(model.get_prompt(batch_size=1)[0].detach(), torch.from_numpy(task_prompt(want)))
 
@@ -205,7 +206,7 @@ def test_weighted_top_k_is_the_score_weighted_average(lib, tmp_path, method):
     pos = np.maximum([r["score"] for r in ranked], 0)
     weights = pos / pos.sum()
     assert [s["weight"] for s in rec["sources"]] == pytest.approx(list(weights))
-    from promptmux.export.library import task_prompt
+    from promptmux.library.prompts import task_prompt
 
     prompts = [task_prompt(_bank_prompt(lib, r["task"])) for r in ranked]
     length = prompts[0].shape[0]  # the best source's length: 8
@@ -283,7 +284,7 @@ def test_causal_lm_bank_without_onnx(tmp_path):
     config.save_pretrained(folder)
     (rec,) = init_adapter(folder, base, tmp_path / "out", top_k=1, query="ptmlp", num_virtual_tokens=7)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "out")
-    from promptmux.export.library import task_prompt
+    from promptmux.library.prompts import task_prompt
 
     src = task_prompt(bank.view(rec["sources"][0]["task"]))
     got = model.get_prompt(batch_size=1)[0].detach().numpy()

@@ -17,7 +17,7 @@ def test_plain_install_imports_every_subpackage(tmp_path):
     top_level = sorted(p.name for p in target.iterdir() if not p.name.endswith(".dist-info"))
     assert top_level == ["bin", "promptmux"] or top_level == ["promptmux"], top_level
     code = ("import promptmux, promptmux.export.deploy, promptmux.runtime.runtime, promptmux.kernels, "
-            "promptmux.bench, promptmux.demo, promptmux.cli; print(promptmux.__file__); "
+            "promptmux.bench, promptmux.demo, promptmux.cli, promptmux.library.retrieval; print(promptmux.__file__); "
             "print(sorted(p.name for p in (__import__('pathlib').Path(promptmux.demo.__file__).parent"
             " / 'adapters').glob('*/adapter_model.safetensors')))")
     env = dict(os.environ, PYTHONPATH=str(target))

@@ -1,0 +1,5 @@
+import sys
+
+from promptmux.cli import main
+
+sys.exit(main())

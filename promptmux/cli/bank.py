@@ -1,0 +1,105 @@
+"""The commands on a deployment's prompt bank: `tasks` (list, add, remove, similar) and `init-adapter`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from promptmux.cli.common import CliError, parse_pairs
+
+
+TASK_ACTIONS = ("list", "add", "remove", "similar")
+
+
+def _tasks_action(args) -> list[str]:
+    """`tasks DIR ACTION ...` or `tasks ACTION DIR ...`: the action list, with args.deploy set to the folder."""
+    if args.deploy in TASK_ACTIONS and args.action and not Path(args.deploy).exists():
+        args.deploy, args.action = args.action[0], [args.deploy, *args.action[1:]]
+    if not (Path(args.deploy) / "manifest.json").is_file():
+        raise CliError(f"{args.deploy} is not a promptmux deployment (no manifest.json); usage: promptmux tasks DIR "
+                       "[list | add NAME=DIR | remove NAME | similar QUERY]")
+    return args.action or ["list"]
+
+
+def cmd_tasks(args) -> int:
+    from promptmux.core.archs import arch_for
+    from promptmux.core.folder import update_tasks
+    from promptmux.core.bank import PromptBank
+
+    action = _tasks_action(args)
+    verb = action[0]
+    if verb == "similar":
+        return _tasks_similar(args, action)
+    manifest = json.loads((Path(args.deploy) / "manifest.json").read_text())
+    bank = PromptBank.load(args.deploy, arch_for(manifest["base"]["model_type"]))  # no model config: fast
+    if verb == "list":
+        if len(action) != 1:
+            raise CliError("usage: promptmux tasks DIR list")
+        rows = bank.describe()
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            for r in rows:
+                extra = f" labels={r.get('num_labels')}" if "num_labels" in r else ""
+                print(f"{r['name']}\t{r['kind']}\t{r['peft_type']}\tvirtual_tokens={r['num_virtual_tokens']}{extra}")
+        return 0
+    if verb == "add":
+        if len(action) != 2:
+            raise CliError("usage: promptmux tasks DIR add NAME=ADAPTER_DIR")
+        from promptmux.core.adapters import load_adapter
+        from promptmux.core.folder import load_base_config
+
+        (name, path), = parse_pairs([action[1]], "add").items()
+        new = load_adapter(name, path, load_base_config(args.deploy))
+
+        def add(b):  # on the bank as it is on disk, under the deployment's lock
+            clash = [t.name for t in new if t.name in b]
+            if clash and not args.replace:
+                raise CliError(f"task(s) {', '.join(clash)} already in the deployment; pass --replace to replace "
+                               "them, or remove them first")
+            b.add(new, replace=args.replace)
+
+        update_tasks(args.deploy, bank.spec, add)
+        print(json.dumps({"added": [t.name for t in new]}))
+        return 0
+    if verb == "remove":
+        if len(action) != 2:
+            raise CliError("usage: promptmux tasks DIR remove NAME")
+        removed = update_tasks(args.deploy, bank.spec, lambda b: b.remove(action[1]))
+        print(json.dumps({"removed": removed}))
+        return 0
+    raise CliError(f"unknown tasks action {verb!r}; use list, add NAME=DIR, remove NAME or similar QUERY")
+
+
+def _tasks_similar(args, action) -> int:
+    from promptmux.library.retrieval import similar_tasks, skipped_tasks
+
+    if len(action) != 2:
+        raise CliError("usage: promptmux tasks DIR similar QUERY (a task of DIR or a PEFT adapter folder)")
+    rows = similar_tasks(args.deploy, action[1], top_k=args.top_k, method=args.method)
+    skipped = skipped_tasks(args.deploy)
+    if args.json:
+        print(json.dumps({"query": action[1], "method": args.method, "results": rows, "skipped": skipped}, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['rank']}\t{r['task']}\t{r['score']:.4f}\t{r['kind']}\tvirtual_tokens={r['num_virtual_tokens']}")
+        if skipped:
+            print(f"not ranked (prefix tuning: per-layer key/values, not input-level prompts): {', '.join(skipped)}",
+                  file=sys.stderr)
+    return 0
+
+
+def cmd_init_adapter(args) -> int:
+    from promptmux.library.adapter_writer import init_adapter
+
+    if args.weighted and args.top_k is None:
+        raise CliError("--weighted goes with --top-k K")
+    if args.query is not None and args.top_k is None:
+        raise CliError("--query goes with --top-k K")
+    written = init_adapter(args.deploy, args.base, args.out, from_task=args.from_task, top_k=args.top_k,
+                           weighted=args.weighted, kind=args.kind, query=args.query, method=args.method,
+                           num_virtual_tokens=args.num_virtual_tokens, num_labels=args.num_labels, seed=args.seed,
+                           overwrite=args.overwrite)
+    print(json.dumps(written, indent=2))
+    return 0
