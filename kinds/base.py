@@ -49,6 +49,8 @@ class PromptKind:
     tensor_keys: tuple[str, ...] = ("prompt_embeddings",)  # what the adapter's safetensors holds besides a head
     shared_roles: frozenset[str] = frozenset()  # tensor roles stored once per distinct value in the bank
     positions_from_mask = False  # in generate, positions follow the attention mask (PEFT's prefix rule)
+    input_level = True  # the prompt lives in the token-embedding space (retrieval can rank it)
+    factors = None  # MPT: task -> (shared, cols, rows), what an MPT target adapter starts from
 
     # ---- reading PEFT's adapter ----------------------------------------------------------------------
     def check_config(self, ctx: ReadContext) -> None:
@@ -122,6 +124,7 @@ class KVPrefixKind(PromptKind):
 
     in_sequence = False
     positions_from_mask = True
+    input_level = False
 
     def check_config(self, ctx: ReadContext) -> None:
         if not ctx.spec.supports_prefix and ctx.spec.family != "seq2seq":

@@ -73,8 +73,13 @@ class MultitaskPrompt(PromptKind):
         b.virtual_in_front(i, 0, task.tensors["shared"].shape[0])
 
     def input_prompt(self, task):
-        t = task.tensors
-        return t["shared"] * (t["cols"] @ t["rows"])
+        # PEFT's own composition (MultitaskPromptEmbedding.forward), float32, batched [1, T, r] @ [1, r, d] as PEFT
+        # runs it: a plain 2-D matmul can round differently.
+        import torch
+
+        shared, cols, rows = (torch.from_numpy(np.ascontiguousarray(task.tensors[k], dtype=np.float32))
+                              for k in ("shared", "cols", "rows"))
+        return (shared * torch.matmul(cols[None], rows[None])[0]).numpy()
 
     def factors(self, task) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(shared [T, d], cols [T, r], rows [r, d]): what an MPT target adapter is initialised from."""

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from promptmux.core.task import Task
+from promptmux.kinds import get as get_kind
+from promptmux.kinds import kind_of
 from promptmux.library.prompts import (LibraryError, check_method, combine_prompts, resample_tokens, score_weights,
                                        task_prompt, weighted_mean)
 from promptmux.library.retrieval import load_bank, rank_tasks
@@ -73,18 +74,16 @@ def _check_base(config, deploy_dir: Path | None, base_dir: Path) -> object:
     return base_config
 
 
-# kind-specific: to promptmux.kinds
 def _usable_sources(kind: str, ranked: list[dict]) -> list[dict]:
     """The ranked tasks an adapter of `kind` can start from; refused when none is left."""
     if kind == "mpt-target":
-        ranked = [r for r in ranked if r["kind"] == "mpt"]
+        ranked = [r for r in ranked if get_kind(r["kind"]).factors is not None]
     if not ranked:
         what = "Multitask Prompt Tuning tasks" if kind == "mpt-target" else "prompt-tuning, P-tuning or MPT tasks"
         raise LibraryError(f"the bank holds no {what} to initialise from")
     return ranked
 
 
-# kind-specific: to promptmux.kinds
 def _named_sources(kind: str, bank, from_task: str) -> list[str]:
     """--from TASK's tasks: TASK itself, or for an mpt-target all tasks NAME/k of an MPT adapter NAME."""
     if from_task in bank:
@@ -108,7 +107,6 @@ def _plans(kind, bank, ranking_config, from_task, top_k, weighted, query, method
     return [[_Source(n, scores[n], 1.0)] for n in names]
 
 
-# kind-specific: to promptmux.kinds
 def _initial_tensors(kind: str, bank, plan: list[_Source], weighted: bool, num_virtual_tokens: int | None,
                      record: dict) -> dict[str, np.ndarray]:
     """The new adapter's prompt tensors, in the bank's layout; notes what was resampled or dropped in `record`."""
@@ -125,10 +123,11 @@ def _initial_tensors(kind: str, bank, plan: list[_Source], weighted: bool, num_v
     parts = []
     for s in plan:
         view = bank.view(s.task)
-        if view.kind != "mpt":
+        factors = kind_of(view).factors
+        if factors is None:
             raise LibraryError(f"--kind mpt-target needs Multitask Prompt Tuning source tasks; {s.task!r} is "
                                f"{view.peft_type}")
-        parts.append((view.shared, view.cols, view.rows, bank.index[s.task]["tensors"]["shared"]))
+        parts.append((*factors(view), bank.index[s.task]["tensors"]["shared"]))
     shared, cols0, _, key0 = parts[0]
     keep = [i for i, p in enumerate(parts) if p[3] == key0 and p[1].shape == cols0.shape]
     if len(keep) < len(plan):
@@ -231,7 +230,6 @@ def _load_base(base_dir, family: str, num_labels: int | None):
     return cls.from_pretrained(str(base_dir), dtype=torch.float32, **kwargs)
 
 
-# kind-specific: to promptmux.kinds
 def _peft_prompt_model(kind: str, base_model, common: dict, tensors: dict[str, np.ndarray]):
     """get_peft_model with the PEFT config of `kind`, its prompt parameters set to `tensors`."""
     import torch

@@ -29,44 +29,32 @@ from __future__ import annotations
 
 import numpy as np
 
-from promptmux.core.task import Task
+from promptmux.kinds import get as get_kind
+from promptmux.kinds import kind_of
 
 METHODS = ("avg-cosine", "per-token-cosine")
-COMPARABLE_KINDS = ("prompt", "mpt")
 
 
 class LibraryError(ValueError):
     """A retrieval or initialisation request cannot be carried out; the message says why."""
 
 
-# kind-specific: to promptmux.kinds
 def is_input_level(kind: str) -> bool:
     """Whether a bank kind's prompt lives in the token-embedding space (so it can be ranked or initialise one)."""
-    return kind in COMPARABLE_KINDS
+    return get_kind(kind).input_level
 
 
-# kind-specific: to promptmux.kinds
 def task_prompt(view) -> np.ndarray:
-    """The input-level prompt [T, d] of a bank task (Task) or Task; MPT tasks composed.
+    """The input-level prompt [T, d] of a bank task (MPT tasks composed, as PEFT composes them).
 
-    Raises LibraryError for prefix-tuning tasks, whose prompts are per-layer key/values.
+    Raises LibraryError for key/value prefixes (prefix tuning, CARTRIDGE), which are not input-level tokens.
     """
-    kind = view.kind
-    tensors = view.tensors if isinstance(view, Task) else {
-        k: getattr(view, k) for k in ("prompt", "shared", "cols", "rows") if getattr(view, k) is not None}
-    if kind == "prompt":
-        return np.asarray(tensors["prompt"], dtype=np.float32)
-    if kind == "mpt":
-        # PEFT's own composition (MultitaskPromptEmbedding.forward): float32 shared * (cols @ rows).
-        import torch
-
-        shared, cols, rows = (torch.from_numpy(np.ascontiguousarray(tensors[k], dtype=np.float32))
-                              for k in ("shared", "cols", "rows"))
-        # Batched [1, T, r] @ [1, r, d] as PEFT runs it: a plain 2-D matmul can round differently.
-        return (shared * torch.matmul(cols[None], rows[None])[0]).numpy()
-    raise LibraryError(
-        f"task {view.name!r} is prefix tuning: its prompt is per-layer attention keys/values, not input-level "
-        "virtual tokens, so it cannot be compared with (or initialise) prompt-tuning, P-tuning or MPT prompts")
+    prompt = kind_of(view).input_prompt(view)
+    if prompt is None:
+        raise LibraryError(
+            f"task {view.name!r} is {view.peft_type}: its prompt is per-layer attention keys/values (prefix tuning "
+            "style), not input-level virtual tokens, so it cannot be compared with (or initialise) input-level prompts")
+    return np.asarray(prompt, dtype=np.float32)
 
 
 def check_method(method: str) -> None:
