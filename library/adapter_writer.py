@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from promptmux.core.task import Task
 from promptmux.kinds import get as get_kind
 from promptmux.kinds import kind_of
 from promptmux.library.prompts import (LibraryError, check_method, combine_prompts, resample_tokens, score_weights,
