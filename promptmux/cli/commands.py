@@ -157,7 +157,7 @@ def cmd_serve(args) -> int:
             import ray.serve  # noqa: F401
         except ImportError:
             raise CliError("promptmux serve --ray needs Ray Serve: pip install 'ray[serve]'") from None
-        from promptmux.runtime.serve_ray import serve_on_ray
+        from promptmux.runtime.server.ray import serve_on_ray
 
         try:
             autoscaling = json.loads(args.autoscaling) if args.autoscaling else None

@@ -1,10 +1,10 @@
-"""The same HTTP API as a Ray Serve deployment: each replica builds the app of server.py (its own Runtime,
-bank and worker thread) and Ray's HTTP proxy spreads requests over the replicas.
+"""The same HTTP API as a Ray Serve deployment: each replica builds the app of app.py (its own Runtime, bank
+and worker thread) and Ray's HTTP proxy spreads requests over the replicas; TaskLog keeps their banks alike.
 
 `promptmux serve DIR --ray` runs it on a local Ray instance, or on the cluster RAY_ADDRESS names. Ray's own
 tooling works too, through the application builder `build_app`:
 
-    serve run promptmux.runtime.serve_ray:build_app deploy=/shared/deploy replicas=2
+    serve run promptmux.runtime.server.ray:build_app deploy=/shared/deploy replicas=2
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import threading
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from .server import ServeOptions
+from .options import ServeOptions
 
 APP_NAME = "promptmux"
 
@@ -41,7 +41,7 @@ class TaskLog:
 
 
 class _ActorLog:
-    """The replica side of TaskLog, with the awaitable interface server.create_app expects."""
+    """The replica side of TaskLog, with the awaitable interface create_app (admin.py) expects."""
 
     def __init__(self, actor):
         self.actor = actor
@@ -73,7 +73,7 @@ def ray_application(deploy_dir: str | Path, options: ServeOptions, replicas: int
         options = ServeOptions(**{**asdict(options), "threads": max(1, int(replica_cpus))})
 
     def build():  # runs in each replica: the Runtime is never pickled
-        from promptmux.runtime.server import create_app
+        from promptmux.runtime.server.app import create_app
 
         return create_app(deploy_dir, options, task_log=_ActorLog(task_log_actor()))
 

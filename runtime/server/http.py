@@ -1,4 +1,6 @@
-"""uvicorn's HTTP/1.1 protocol (httptools) with the limits it lacks against slow and abusive clients.
+"""serve(): the app under uvicorn, with uvicorn's HTTP/1.1 protocol (httptools) given the limits it lacks.
+
+Limits against slow and abusive clients:
 
 - Headers: the whole request head must arrive within `header_timeout` seconds of the connection opening (or of
   the previous response), else 408 and the connection is closed (slowloris: one byte every few seconds
@@ -8,7 +10,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+from pathlib import Path
+
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .app import create_app
+from .options import ServeOptions
 
 STATUS = {408: b"408 Request Timeout", 431: b"431 Request Header Fields Too Large"}
 
@@ -102,3 +113,31 @@ def guarded_protocol(header_timeout: float, body_timeout: float, max_header_byte
     """The protocol class for uvicorn.Config(http=...) with these limits."""
     return type("PromptmuxHttp", (GuardedHttpTools,), {"header_timeout": header_timeout, "body_timeout": body_timeout,
                                                        "max_header_bytes": max_header_bytes})
+
+
+def serve(deploy_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, options: ServeOptions | None = None,
+          log_level: str = "warning") -> None:
+    """Run the server until SIGTERM / SIGINT, which drain: no new connections, in-flight requests finish (up
+    to options.drain_timeout), then the worker stops."""
+    options = options or ServeOptions()
+    app = create_app(deploy_dir, options)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))  # bound here so that --port 0 can report the port it got
+    bound = sock.getsockname()[1]
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            app.state.draining = True  # /ready says 503 at once; requests in flight go on
+            super().handle_exit(sig, frame)
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if self.started:
+                print(json.dumps({"serving": f"http://{host}:{bound}", "pid": os.getpid()}), flush=True)
+
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=options.drain_timeout,
+                            access_log=False, timeout_keep_alive=5,
+                            http=guarded_protocol(options.header_timeout, options.body_timeout,
+                                                  options.max_header_bytes))
+    Server(config).run(sockets=[sock])

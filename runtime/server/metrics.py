@@ -60,5 +60,8 @@ class Metrics:
         if status >= 400:
             self.errors.labels(endpoint, task, error_type or str(status)).inc()
 
+    def count_tokens(self, task: str, n: int) -> None:
+        self.tokens.labels(task).inc(n)
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,150 @@
+"""Task administration: the bearer-guarded /v1/tasks endpoints and the shared task log replicas follow."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import uuid
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from promptmux.core.bank import UnknownTaskError
+from .engine import Engine, engine_of
+from .errors import ADMIN_ERRORS, ApiError, overloaded
+from .options import ServeOptions
+from .schemas import AddTaskRequest, TaskChange, TaskList
+
+log = logging.getLogger("promptmux.serve")
+
+
+def add_admin_routes(app: FastAPI, options: ServeOptions, task_log=None) -> None:
+    """task_log: shared by the replicas of one deployment (ray.py), so that a task added or removed through any
+    of them reaches all; None for a single server."""
+    bearer = HTTPBearer(auto_error=False, description="the --admin-token given at start-up")
+
+    def admin(request: Request, creds: HTTPAuthorizationCredentials | None) -> Engine:
+        if not options.admin_token:
+            raise ApiError(403, "forbidden", "authorization", "task administration is off (start the server with "
+                                                              "--admin-token)")
+        if creds is None or creds.scheme.lower() != "bearer" or not hmac.compare_digest(
+                creds.credentials.encode(), options.admin_token.encode()):
+            raise ApiError(401, "unauthorized", "authorization", "a valid bearer token is required",
+                           {"WWW-Authenticate": "Bearer"})
+        return engine_of(request)
+
+    @app.get("/v1/tasks", response_model=TaskList, responses=ADMIN_ERRORS, summary="the tasks in detail (admin)")
+    async def list_tasks(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)):
+        engine = admin(request, creds)
+        return {"tasks": engine.rt.bank.describe()}
+
+    @app.post("/v1/tasks", response_model=TaskChange, responses=ADMIN_ERRORS,
+              summary="add a task from a PEFT adapter folder under the server's --adapter-root (admin)")
+    async def add_task(body: AddTaskRequest, request: Request,
+                       creds: HTTPAuthorizationCredentials | None = Depends(bearer)):
+        engine = admin(request, creds)
+        if not options.adapter_root:
+            raise ApiError(403, "forbidden", "adapter", "no --adapter-root was given at start-up")
+        if "/" in body.name or body.name.strip() != body.name or not body.name.isprintable():
+            raise ApiError(400, "invalid_request", "name", "a task name has no '/', surrounding spaces or control "
+                                                           "characters")
+        folder = adapter_folder(options.adapter_root, body.adapter)
+        added = await change_tasks(engine, task_log, {"action": "add", "name": body.name, "folder": str(folder),
+                                                      "replace": body.replace})
+        log.warning("task(s) %s added from %s", added, body.adapter)
+        return {"added": added, "tasks": engine.rt.tasks}
+
+    @app.delete("/v1/tasks/{name:path}", response_model=TaskChange, responses=ADMIN_ERRORS,
+                summary="remove a task (an MPT adapter's NAME removes NAME/0 ...); its requests in flight finish")
+    async def remove_task(name: str, request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)):
+        engine = admin(request, creds)
+        removed = await change_tasks(engine, task_log, {"action": "remove", "name": name})
+        log.warning("task(s) %s removed", removed)
+        return {"removed": removed, "tasks": engine.rt.tasks}
+
+
+def adapter_folder(root: str, rel: str) -> Path:
+    """rel resolved under root (symlinks included); anything that would leave the root is refused."""
+    base = Path(root).resolve()
+    if "\x00" in rel or rel.startswith(("/", "\\")) or Path(rel).is_absolute():
+        raise ApiError(400, "invalid_request", "adapter", "give the adapter folder relative to the adapter root")
+    try:
+        path = (base / rel).resolve()
+        inside = path != base and path.is_relative_to(base)
+        exists = inside and path.is_dir()
+    except (OSError, RuntimeError) as e:  # a name too long; a symlink loop (RuntimeError before Python 3.13)
+        raise ApiError(400, "invalid_request", "adapter",
+                       f"not a usable adapter folder name ({getattr(e, 'strerror', None) or 'symlink loop'})") from None
+    if not inside:
+        raise ApiError(400, "invalid_request", "adapter", "the adapter folder must lie under the adapter root")
+    if not exists:
+        raise ApiError(404, "not_found", "adapter", f"no adapter folder {rel!r} under the adapter root")
+    return path
+
+
+def apply_change(engine: Engine, op: dict) -> list[str]:
+    """Add or remove a task in this engine's bank through the Runtime's add_task / remove_task (a thread:
+    reading an adapter takes a while). Requests in flight keep the views they captured."""
+    from promptmux.core.adapters import AdapterError
+
+    if op["action"] == "remove":
+        try:
+            return engine.rt.remove_task(op["name"])
+        except UnknownTaskError as e:
+            raise ApiError(404, "unknown_task", "name", str(e)) from None
+    root = str(Path(engine.options.adapter_root).resolve())
+
+    def private(e: Exception) -> str:  # messages name the adapter folder without revealing the server's paths
+        return str(e).replace(root, "<adapter-root>")
+
+    try:
+        return engine.rt.add_task(op["name"], op["folder"], persist=False, replace=op["replace"], root=root)
+    except AdapterError as e:
+        raise ApiError(400, "invalid_request", "adapter", private(e)) from None
+    except ValueError as e:
+        if "already in the bank" in str(e):
+            raise ApiError(409, "conflict", "name", str(e)) from None
+        raise ApiError(400, "invalid_request", "adapter", private(e)) from None
+
+
+async def change_tasks(engine: Engine, task_log, op: dict) -> list[str]:
+    """Apply op here, or with a task log append it and apply the log up to it (as every replica will)."""
+    if task_log is None:
+        return await asyncio.to_thread(apply_change, engine, op)
+    # Replicas apply every change in the log's order, this one included: they all end with the same bank.
+    op = dict(op, id=uuid.uuid4().hex)
+    await task_log.append(op)
+    for _ in range(100):
+        outcome = await sync_tasks(engine, task_log, op["id"])
+        if outcome is not None:
+            if isinstance(outcome, ApiError):
+                raise outcome
+            return outcome
+    raise overloaded("the task change was logged but not applied yet")
+
+
+async def sync_tasks(engine: Engine, task_log, wanted: str | None = None):
+    """Apply the log's changes this engine has not applied yet; returns the outcome of the change `wanted`."""
+    outcome = None
+    async with engine.sync_lock:
+        for op in await task_log.since(engine.applied):
+            try:
+                result = await asyncio.to_thread(apply_change, engine, op)
+            except ApiError as e:  # the replica that took the request reports it; the others skip the change
+                result = e
+            engine.applied += 1
+            if op.get("id") == wanted:
+                outcome = result
+    return outcome
+
+
+async def follow_tasks(engine: Engine, task_log, period: float = 1.0) -> None:
+    """Keep this engine's bank in step with the log (changes made through other replicas)."""
+    while True:
+        await asyncio.sleep(period)
+        try:
+            await sync_tasks(engine, task_log)
+        except Exception:  # the log is unreachable for a moment: try again next period
+            log.exception("task log sync failed")

@@ -1,0 +1,107 @@
+"""create_app(): the FastAPI app assembled (lifespan, probes, model and admin routes, error handlers, middleware).
+
+The Runtime and the scheduler's worker thread start in the app's lifespan, so the same app runs under uvicorn
+(http.serve) and as a Ray Serve replica (ray.py). Model calls run on the scheduler's worker thread; the event
+loop validates, tokenizes and routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from .admin import add_admin_routes, follow_tasks, sync_tasks
+from .engine import Engine, engine_of
+from .errors import add_error_handlers
+from .inference import add_model_routes
+from .metrics import Metrics
+from .middleware import BodyLimit, MetricsMiddleware
+from .options import ServeOptions
+from .schemas import ErrorResponse, Health, ModelList
+
+log = logging.getLogger("promptmux.serve")
+
+
+def create_app(deploy_dir: str | Path, options: ServeOptions | None = None, task_log=None) -> FastAPI:
+    """task_log: shared by the replicas of one deployment (ray.py), so that a task added or removed through
+    any of them reaches all; None for a single server."""
+    options = options or ServeOptions()
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # Loading takes seconds: off the loop, so a Ray replica's control messages are not blocked.
+        try:
+            engine = app.state.engine = await asyncio.to_thread(Engine, deploy_dir, options, metrics)
+        except Exception as e:  # the reason in one line, before the server's own traceback and exit
+            log.error("promptmux: error: cannot load %s: %s", deploy_dir, e)
+            raise
+        follower = None
+        if task_log is not None:
+            await sync_tasks(engine, task_log)  # a new replica starts with the changes made so far
+            follower = asyncio.create_task(follow_tasks(engine, task_log))
+        try:
+            yield
+        finally:
+            app.state.draining = True
+            if follower is not None:
+                follower.cancel()
+            engine.stop()
+
+    docs = {} if options.docs else {"docs_url": None, "redoc_url": None}
+    app = FastAPI(title="promptmux", version=_version(), lifespan=lifespan, **docs,
+                  description="Every task of a promptmux deployment behind one endpoint: mixed-task batching for "
+                              "classification, continuous batching for generation.")
+    app.state.engine = None
+    app.state.draining = False
+    app.state.options = options
+    app.state.metrics = metrics
+    add_error_handlers(app)
+    _add_probes(app, metrics)
+    add_model_routes(app, options, metrics)
+    add_admin_routes(app, options, task_log)
+    app.add_middleware(BodyLimit, limit=options.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+def _add_probes(app: FastAPI, metrics: Metrics) -> None:
+    """Liveness, readiness, Prometheus metrics and the model list."""
+
+    @app.get("/health", response_model=Health, response_model_exclude_none=True,
+             summary="liveness: the process answers (tasks, backend and precision once the engine is loaded)")
+    async def health(request: Request):
+        engine = getattr(request.app.state, "engine", None)
+        if engine is None:
+            return {"status": "ok"}
+        return {"status": "ok", "tasks": len(engine.rt.bank), "backend": engine.rt.backend,
+                "precision": engine.rt.precision}
+
+    @app.get("/ready", response_model=Health, responses={503: {"model": ErrorResponse}},
+             summary="readiness: the engine is loaded and not draining")
+    async def ready(request: Request):
+        engine = engine_of(request)
+        return {"status": "ready", "tasks": len(engine.rt.bank)}
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {}}}})
+    async def prometheus():
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models", response_model=ModelList, responses={503: {"model": ErrorResponse}},
+             summary="the tasks served (OpenAI model list: id = task name)")
+    async def models(request: Request):
+        engine = engine_of(request)
+        return {"object": "list", "data": [{"id": t} for t in engine.rt.tasks]}
+
+
+def _version() -> str:
+    from promptmux import __version__
+
+    return __version__

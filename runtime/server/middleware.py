@@ -1,0 +1,80 @@
+"""ASGI middleware: the request body cap (413) and the per-response metrics and worker tag."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from .errors import error_response
+from .metrics import Metrics
+
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+
+class BodyLimit:
+    """413 for bodies over the limit, by Content-Length or as a chunked body arrives (nothing larger is ever
+    buffered); the body is then replayed to the app, and later receive() calls (disconnect) pass through."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        too_large = declared is not None and (not declared.isdigit() or int(declared) > self.limit)
+        chunks, size = [], 0
+        while not too_large:
+            message = await receive()
+            if message["type"] != "http.request":
+                chunks.append(message)  # a disconnect while the body arrives
+                break
+            size += len(message.get("body", b""))
+            too_large = size > self.limit
+            chunks.append(message)
+            if not message.get("more_body"):
+                break
+        if too_large:
+            response = error_response(scope, 413, "too_large", "body",
+                                      f"request body over {self.limit} bytes")
+            return await response(scope, receive, send)
+        body = b"".join(m.get("body", b"") for m in chunks if m["type"] == "http.request")
+        replay = [{"type": "http.request", "body": body, "more_body": False}]
+        if chunks and chunks[-1]["type"] != "http.request":
+            replay.append(chunks[-1])
+
+        async def replayed():
+            return replay.pop(0) if replay else await receive()
+
+        return await self.app(scope, replayed, send)
+
+
+class MetricsMiddleware:
+    """Counts every response (status, endpoint, task), its latency until the last byte, errors by type; tags
+    responses with the worker that answered (x-promptmux-worker: useful behind Ray's proxy)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+
+        async def tagged(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message.setdefault("headers", []).append((b"x-promptmux-worker", WORKER_ID.encode()))
+            await send(message)
+
+        self.metrics.inflight.inc()
+        try:
+            await self.app(scope, receive, tagged)
+        finally:
+            self.metrics.inflight.dec()
+            route = scope.get("route")
+            endpoint = getattr(route, "path", "other")
+            state = scope.get("state") or {}
+            self.metrics.record(endpoint, state.get("task", ""), status[0], time.perf_counter() - start,
+                                state.get("error_type"))
