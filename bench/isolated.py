@@ -19,9 +19,9 @@ START_TIMEOUT_S = 1800  # building a system may export, convert or calibrate fir
 
 @dataclass(frozen=True)
 class SystemSpec:
-    """What to build: kind "promptmux" (backend, precision) or "peft" (autocast to bf16 or not)."""
+    """What to build: system "promptmux" (backend, precision) or "peft" (autocast to bf16 or not)."""
 
-    kind: str
+    system: str
     deploy: str
     threads: int
     backend: str = "onnxruntime"
@@ -43,7 +43,7 @@ def build(spec: SystemSpec, meta=None):
     from .baseline import PeftSystem, PromptmuxSystem
 
     torch.set_num_threads(spec.threads)
-    if spec.kind == "promptmux":
+    if spec.system == "promptmux":
         return PromptmuxSystem(Runtime(spec.deploy, backend=spec.backend, precision=spec.precision,
                                        threads=spec.threads, base=spec.base))
     meta = meta or Runtime(spec.deploy, backend="onnxruntime", threads=1)  # metadata only: bank, config, family

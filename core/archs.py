@@ -91,7 +91,9 @@ class Dims:
 
 
 def dims_of(config) -> Dims:
-    from optimum.utils import NormalizedConfigManager  # imports transformers: not needed to list a bank
+    from optimum.utils import (
+        NormalizedConfigManager,  # imports transformers: not needed to list a bank
+    )
 
     norm = NormalizedConfigManager.get_normalized_config_class(config.model_type)(config)
     heads = norm.num_attention_heads

@@ -23,9 +23,9 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from .task import Task
 from .archs import ArchSpec
 from .folder import durable_replace
+from .task import Task
 
 BANK_FILE = "bank.safetensors"
 INDEX_KEY = "promptmux_tasks"

@@ -47,7 +47,11 @@ def load_base_model(base_dir: str | Path, config=None, num_labels: int | None = 
     num_labels: build the classification head with this many outputs (an adapter's saved head must fit).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSequenceClassification,
+    )
 
     config = config or load_base_config(base_dir)
     family = arch_for(config.model_type).family

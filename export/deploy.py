@@ -21,12 +21,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from promptmux.core.adapters import AdapterError, load_adapter
-from promptmux.core.task import Task
 from promptmux.core.archs import arch_for, dims_of, position_offset
-from promptmux.core.folder import (DECODER_GRAPH, FOLDED_GRAPH, FORMAT_VERSION, GRAPH, MANIFEST, config_hash,
-                                   load_base_config, load_base_model)
+from promptmux.core.folder import (
+    DECODER_GRAPH,
+    FOLDED_GRAPH,
+    FORMAT_VERSION,
+    GRAPH,
+    MANIFEST,
+    config_hash,
+    load_base_config,
+    load_base_model,
+)
+from promptmux.core.task import Task
 
 log = logging.getLogger("promptmux.export")
 
@@ -82,8 +89,9 @@ def export_deployment(
     quiet: bool = False,
 ) -> Path:
     """Export the base model once with every adapter's task in the bank. Returns the deployment folder."""
-    from promptmux.progress import StepBar
     from promptmux.core.bank import PromptBank
+
+    from promptmux.progress import StepBar
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -112,9 +120,9 @@ def export_deployment(
 def _write_deployment(base_dir, out_dir: Path, config, spec, dims, model, bank, fold, optimize, tolerance, bar):
     """Everything into a temporary folder beside out_dir, renamed into place at the end: an error or Ctrl-C
     leaves nothing behind."""
-    from promptmux import __version__
-
     from promptmux.core.io_spec import input_names
+
+    from promptmux import __version__
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # The exporters' native extensions are imported before the temporary folder exists: a Ctrl-C that lands inside
@@ -164,12 +172,18 @@ def _write_deployment(base_dir, out_dir: Path, config, spec, dims, model, bank, 
 def _export_graphs(model, config, spec, dims, bank, tmp: Path, fold, optimize, tolerance, bar):
     """Encoder classifiers and causal LMs: the full-sequence graph (+ cached decoder, + folded graph)."""
     import torch
-
-    from promptmux.core.layout import build_layout
-
     from promptmux.core.graph import PromptedBackbone, PromptedDecoder
     from promptmux.core.io_spec import input_names
-    from .onnx_export import OPSET, check_graph, export_decoder_onnx, export_onnx, fold_task, optimize_onnx
+    from promptmux.core.layout import build_layout
+
+    from .onnx_export import (
+        OPSET,
+        check_graph,
+        export_decoder_onnx,
+        export_onnx,
+        fold_task,
+        optimize_onnx,
+    )
 
     backbone = PromptedBackbone(model)
     bar.step("exporting ONNX graph")
@@ -209,9 +223,13 @@ def _export_seq2seq(model, config, dims, bank, tmp: Path, tolerance, bar):
     optimizations at load. Both graphs are checked against PyTorch on a mixed batch of every task.
     """
     from promptmux.core.layout import encoder_layout
-
     from promptmux.core.seq2seq_graph import PromptedEncoder, Seq2SeqDecoderStep
-    from .seq2seq import check_against_torch, export_decoder_step_onnx, export_encoder_onnx
+
+    from .seq2seq import (
+        check_against_torch,
+        export_decoder_step_onnx,
+        export_encoder_onnx,
+    )
 
     encoder, step = PromptedEncoder(model), Seq2SeqDecoderStep(model)
     bar.step("exporting encoder graph")

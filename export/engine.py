@@ -29,9 +29,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-
 from promptmux.core.trt_compat import EngineError
-from promptmux.kernels.tensorrt_plugin import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from promptmux.kernels.tensorrt_plugin import (
+    PLUGIN_NAME,
+    PLUGIN_NAMESPACE,
+    PLUGIN_VERSION,
+)
 
 MANIFEST = "manifest.json"  # = export.deploy.MANIFEST (not imported: that module pulls in torch)
 PRECISIONS = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
@@ -115,10 +118,10 @@ def _reexport_portable(deploy_dir: Path, graph: str, tmp: Path, why: EngineError
     if graph != manifest.get("graph", {}).get("file") or not (base / "config.json").is_file():
         raise EngineError(f"{why} (the base model folder recorded at export, {str(base)!r}, is not there to "
                           "export a portable graph from)") from None
-    from transformers import AutoConfig
-
     from promptmux.core.folder import config_hash, load_base_model
     from promptmux.core.graph import PromptedBackbone
+    from transformers import AutoConfig
+
     from .onnx_export import export_onnx
 
     config = AutoConfig.from_pretrained(str(deploy_dir))
@@ -231,8 +234,8 @@ def build_engine(deploy_dir, precision: str = "fp32", max_batch: int = 8, max_se
     Returns the build settings for the manifest (see record_engine). max_prompt bounds each kind of
     virtual tokens (prompt, MPT, prefix); max_rank the MPT rank; max_past the cached decoder's past.
     """
-    from promptmux.kernels.tensorrt_plugin import register_tensorrt_plugins
     from promptmux.core import trt_compat
+    from promptmux.kernels.tensorrt_plugin import register_tensorrt_plugins
 
     deploy_dir = Path(deploy_dir)
     path = deploy_dir / graph

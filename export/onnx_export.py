@@ -9,12 +9,20 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from promptmux.core.archs import arch_for, dims_of
+from promptmux.core.graph import FoldedBackbone, PromptedBackbone
+from promptmux.core.io_spec import (
+    INPUTS,
+    PROMPT_INPUTS,
+    dynamic_axes,
+    example_shape,
+    example_sizes,
+    input_names,
+    output_name,
+    prompt_inputs,
+)
 
 from . import mpt_function
-from promptmux.core.archs import arch_for, dims_of
-from promptmux.core.io_spec import (INPUTS, PROMPT_INPUTS, dynamic_axes, example_shape, example_sizes, input_names,
-                                    output_name, prompt_inputs)
-from promptmux.core.graph import FoldedBackbone, PromptedBackbone
 
 log = logging.getLogger("promptmux.export")
 
@@ -115,12 +123,12 @@ def export_onnx(module: torch.nn.Module, config, path: Path, folded: bool = Fals
         mpt_function.attach(model)
     _rename_axes(model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _save(model, path)
+    save_model(model, path)
     onnx.checker.check_model(str(path))
     return path
 
 
-def _save(model: onnx.ModelProto, path: Path) -> None:
+def save_model(model: onnx.ModelProto, path: Path) -> None:
     """Save with the weights in PATH.data beside the graph (external data keeps large models loadable)."""
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)  # save_model appends to an existing data file
@@ -171,7 +179,7 @@ def _adopt(path: Path, tmp: Path, kept: bool) -> None:
     that file, so the candidate is read back from tmp)."""
     try:
         if kept:
-            _save(onnx.load(str(tmp)), path)
+            save_model(onnx.load(str(tmp)), path)
     finally:
         for f in (tmp, tmp.with_name(tmp.name + ".data")):
             f.unlink(missing_ok=True)
@@ -189,7 +197,7 @@ def _transformer_optimizer(path, config, opt_type, feeds, reference, tolerance) 
         model = optimize_model(str(path), model_type=opt_type, num_heads=dims.num_heads,
                                hidden_size=dims.hidden_size, opt_level=0)
         fused = {k: v for k, v in model.get_fused_operator_statistics().items() if v}
-        _save(model.model, tmp)
+        save_model(model.model, tmp)
         diff = _max_diff(tmp, feeds, reference)
     except Exception as e:  # the optimizer is pattern-based; a graph it cannot handle stays as it is
         log.info("ORT transformer optimizer skipped (no pattern it knows): %s", e)
@@ -260,6 +268,6 @@ def export_decoder_onnx(module, config, path: Path) -> Path:
                      (*(shapes[n] for n in DECODER_INPUTS), tuple(shapes[n] for n in past_names(dims.num_layers))))
     mpt_function.attach(model)
     _rename_axes(model)
-    _save(model, path)
+    save_model(model, path)
     onnx.checker.check_model(str(path))
     return path

@@ -26,15 +26,21 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-
-from . import mpt_function
 from promptmux.core.io_spec import SEQ2SEQ_ENCODER_INPUTS as ENCODER_INPUTS
 from promptmux.core.io_spec import dynamic_axes
-from promptmux.core.seq2seq_graph import PromptedEncoder, Seq2SeqDecoderStep, cross_names, self_names
+from promptmux.core.seq2seq_graph import (
+    PromptedEncoder,
+    Seq2SeqDecoderStep,
+    cross_names,
+    self_names,
+)
+
+from . import mpt_function
+
 
 def _export(module, example: dict[str, torch.Tensor], shapes, output_names: list[str], path: Path,
             axis_names: dict[str, dict[int, str]]) -> Path:
-    from .onnx_export import _save
+    from .onnx_export import save_model
 
     program = torch.onnx.export(
         module, tuple(example.values()), dynamo=True, input_names=list(example), output_names=output_names,
@@ -47,7 +53,7 @@ def _export(module, example: dict[str, torch.Tensor], shapes, output_names: list
         mpt_function.attach(model)
     _name_axes(model, axis_names)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _save(model, path)
+    save_model(model, path)
     onnx.checker.check_model(str(path))
     return path
 

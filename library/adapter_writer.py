@@ -21,12 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from promptmux.core.task import Task
 from promptmux.kinds import get as get_kind
 from promptmux.kinds import kind_of
-from promptmux.library.prompts import (LibraryError, check_method, combine_prompts, resample_tokens, score_weights,
-                                       task_prompt, weighted_mean)
+from promptmux.library.prompts import (
+    LibraryError,
+    check_method,
+    combine_prompts,
+    resample_tokens,
+    score_weights,
+    task_prompt,
+    weighted_mean,
+)
 from promptmux.library.retrieval import load_bank, rank_tasks
 
 INIT_KINDS = ("prompt-tuning", "mpt-target")
@@ -223,7 +229,11 @@ def init_adapter(deploy_dir, base_dir, out_dir, from_task: str | None = None, to
 def _load_base(base_dir, family: str, num_labels: int | None):
     """The base model as PEFT trains it (fp32); a classifier head of another size is freshly initialised."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSequenceClassification,
+    )
 
     cls = {"encoder": AutoModelForSequenceClassification, "decoder": AutoModelForCausalLM,
            "seq2seq": AutoModelForSeq2SeqLM}[family]
@@ -257,7 +267,6 @@ def _write_adapter(base_dir, base_config, folder: Path, kind: str, tensors: dict
                    num_labels: int | None, seed: int, record: dict) -> None:
     """get_peft_model on the base, set the prompt parameters, save_pretrained: the files PEFT itself writes."""
     import torch
-
     from promptmux.core.archs import TASK_TYPE_FOR_FAMILY, arch_for, dims_of
 
     spec, dims = arch_for(base_config.model_type), dims_of(base_config)
@@ -280,7 +289,12 @@ def trainable_peft_model(base_model, adapter_dir):
     training is: the saved config with inference_mode off, `get_peft_model`, then the saved weights (prompt,
     MPT factors, head) loaded into it. Equivalent to these lines of user code.
     """
-    from peft import PeftConfig, get_peft_model, load_peft_weights, set_peft_model_state_dict
+    from peft import (
+        PeftConfig,
+        get_peft_model,
+        load_peft_weights,
+        set_peft_model_state_dict,
+    )
 
     config = PeftConfig.from_pretrained(str(adapter_dir))
     config.inference_mode = False

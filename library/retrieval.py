@@ -10,10 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
-from promptmux.core.task import Task
 from promptmux.core.adapters import load_adapter, read_adapter_config
-from promptmux.library.prompts import LibraryError, check_method, is_input_level, prompt_similarity, task_prompt
+from promptmux.core.task import Task
+from promptmux.library.prompts import (
+    LibraryError,
+    check_method,
+    is_input_level,
+    prompt_similarity,
+    task_prompt,
+)
 
 
 def load_bank(deploy_dir_or_bank):

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
-
 from promptmux.core.io_spec import decode_step_feeds
 from promptmux.core.layout import build_layout
 from promptmux.core.task import Task, same_prompt
 from promptmux.kinds import as_cache, kind_of
+
 from .errors import InputError
 from .sessions import host
 
@@ -50,7 +50,7 @@ class SamplingParams:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
 
 
-def _pick(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> np.ndarray:
+def pick(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> np.ndarray:
     """Next token per row: argmax, or a sample after temperature, top-k and top-p. Never NaN, whatever the
     parameters: the most likely token always keeps a probability of 1 before normalization."""
     if not p.do_sample:
@@ -198,7 +198,7 @@ class Generator:
         done = np.zeros(batch, bool)
         pad = self.rt.config.pad_token_id if self.rt.config.pad_token_id is not None else 0
         for step in range(params.max_new_tokens):
-            token = _pick(logits, params, rng)
+            token = pick(logits, params, rng)
             token = np.where(done, pad, token)
             yield token
             done |= np.isin(token, eos)
@@ -352,7 +352,7 @@ class ContinuousBatch:
             if row.finish_reason is not None:
                 continue
             try:
-                token = int(_pick(self.logits[i:i + 1], row.params, row.rng)[0])
+                token = int(pick(self.logits[i:i + 1], row.params, row.rng)[0])
             except Exception as e:
                 row.fail(e)
                 continue

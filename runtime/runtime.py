@@ -1,4 +1,4 @@
-"""`promptmux.Runtime`: load a deployment and answer mixed-task batches."""
+"""`promptmux.Runtime`: load a deployment and answer mixed-task batches (helpers: batch.py)."""
 
 from __future__ import annotations
 
@@ -9,67 +9,20 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-
 from promptmux.core.archs import arch_for, dims_of, position_offset
-from promptmux.core.folder import FOLDED_GRAPH, GRAPH, MANIFEST, update_tasks
-
 from promptmux.core.bank import PromptBank, UnknownTaskError
-from promptmux.core.task import Task, same_prompt
-from .errors import InputError
+from promptmux.core.folder import FOLDED_GRAPH, GRAPH, MANIFEST, update_tasks
 from promptmux.core.layout import build_layout
+from promptmux.core.task import Task, same_prompt
+
+from .batch import OnFirstUse, apply_head, fitting_groups, pad_rows, task_names
+from .errors import InputError
 from .text import load_tokenizer, too_long
 
 BACKENDS = ("auto", "onnxruntime", "openvino", "onnxruntime-cuda", "tensorrt", "torch")
 _ORT_DEVICE = "cuda"  # where backend "onnxruntime-cuda" binds its tensors (tests run the binding path on "cpu")
 log = logging.getLogger("promptmux.runtime")
-
-
-def _activation(x: np.ndarray, name: str | None) -> np.ndarray:
-    if name is None:
-        return x
-    if name == "tanh":
-        return np.tanh(x)
-    if name == "relu":
-        return np.maximum(x, 0)
-    raise ValueError(f"unknown head activation {name!r}")
-
-
-def apply_head(view: Task, features: np.ndarray) -> np.ndarray:
-    """The task's classification head (a few small linear layers) on backbone features [n, d]."""
-    x = features.astype(np.float32)
-    for weight, bias, act in view.layers:
-        x = x @ weight.T
-        if bias is not None:
-            x = x + bias
-        x = _activation(x, act)
-    return x
-
-
-def _pad(rows: list[dict], pad_id: int, side: str) -> dict[str, np.ndarray]:
-    """One batch from rows of different lengths, as the tokenizer pads (ids with pad_id, mask and type ids 0)."""
-    width = max(len(r["input_ids"]) for r in rows)
-    out = {}
-    for key in rows[0]:
-        fill = pad_id if key == "input_ids" else 0
-        padded = [[fill] * (width - len(r[key])) for r in rows]
-        out[key] = np.array([p + list(r[key]) if side == "left" else list(r[key]) + p for r, p in zip(rows, padded)],
-                            dtype=np.int64)
-    return out
-
-
-class _OnFirstUse:
-    """A session made when it is first used: a causal LM's full-sequence graph (forward(), full-sequence
-    benchmarks) is not loaded, converted or compiled by a process that only generates."""
-
-    def __init__(self, make):
-        self._make, self._session, self._lock = make, None, threading.Lock()
-
-    def __getattr__(self, name):  # only for what the session has (run, run_all, input_names, ...)
-        if self._session is None:
-            with self._lock:
-                if self._session is None:
-                    self._session = self._make()
-        return getattr(self._session, name)
+__all__ = ["Runtime", "InputError", "UnknownTaskError", "apply_head"]
 
 
 class Runtime:
@@ -134,7 +87,7 @@ class Runtime:
             self.folded_task = None
         elif backend != "torch":
             if self.spec.family == "decoder":  # generation needs only the cached decoder graph
-                self.session = _OnFirstUse(lambda: self._graph_session(self.dir / GRAPH))
+                self.session = OnFirstUse(lambda: self._graph_session(self.dir / GRAPH))
             else:
                 self.session = self._graph_session(self.dir / GRAPH)
             self.folded_session = self._graph_session(self.dir / FOLDED_GRAPH) if folded else None
@@ -236,11 +189,10 @@ class Runtime:
     # ---- inference -----------------------------------------------------------------------
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
-            try:
-                self._tokenizer = load_tokenizer(self.dir)
-            except (OSError, ValueError) as e:
-                raise RuntimeError(f"{self.dir} has no tokenizer ({e}); pass token ids to forward()") from None
+        try:
+            self._tokenizer = self._tokenizer or load_tokenizer(self.dir)
+        except (OSError, ValueError) as e:
+            raise RuntimeError(f"{self.dir} has no tokenizer ({e}); pass token ids to forward()") from None
         return self._tokenizer
 
     def folded_for(self, views: list[Task]) -> bool:
@@ -343,12 +295,17 @@ class Runtime:
         from .sessions import TorchSession
 
         if self.spec.family == "seq2seq":
-            from promptmux.core.seq2seq_graph import DECODER_STEP_INPUTS, Seq2SeqDecoderStep, cross_names, self_names
+            from promptmux.core.seq2seq_graph import (
+                DECODER_STEP_INPUTS,
+                Seq2SeqDecoderStep,
+                cross_names,
+                self_names,
+            )
 
             step = Seq2SeqDecoderStep(self._torch_model)
             return TorchSession(step, [*DECODER_STEP_INPUTS, *self_names(step.layers), *cross_names(step.layers)])
-        from promptmux.core.io_spec import DECODER_INPUTS, past_names
         from promptmux.core.graph import PromptedDecoder
+        from promptmux.core.io_spec import DECODER_INPUTS, past_names
 
         return TorchSession(PromptedDecoder(self._torch_model), list(DECODER_INPUTS) + past_names(self.dims.num_layers))
 
@@ -405,46 +362,40 @@ class Runtime:
         yield from self._stream_rows(ids, mask, views, params, precompute, is_text)
 
     def _stream_rows(self, ids, mask, views, params, precompute, is_text):
-        from .generate import _stop_cut
+        """The generator's tokens as per-row events; text through generate.TextStream (the one streaming rule the
+        server's scheduler uses too)."""
+        from .generate import TextStream
 
         eos = set(self.generator._eos(params).tolist())
         batch = ids.shape[0]
-        tokens: list[list[int]] = [[] for _ in range(batch)]
-        shown = [0] * batch  # characters of each row's text already yielded
+        texts = [TextStream(self.tokenizer, params.stop) for _ in range(batch)] if is_text else None
         finished = [None] * batch
-        hold = max((len(s) for s in params.stop), default=1) - 1  # text that could start a stop string
         for step_tokens in self.generator.stream(ids, mask, views, params, precompute):
             for row, token in enumerate(step_tokens.tolist()):
                 if finished[row]:
                     continue
-                tokens[row].append(token)
                 event = {"row": row, "token_id": token}
                 if is_text:
-                    text = self.tokenizer.decode(tokens[row], skip_special_tokens=True)
-                    cut = _stop_cut(text, params.stop)
-                    end = cut if cut is not None else max(shown[row], len(text) - hold)
-                    event["text"] = text[shown[row]:end]
-                    shown[row] = end
-                    if cut is not None:
+                    event["text"] = texts[row].add(token)
+                    if texts[row].stopped:
                         finished[row] = "stop"
                 yield event
                 if token in eos and not finished[row]:
                     finished[row] = "eos"
                 if finished[row]:
-                    if is_text and finished[row] == "eos":
-                        text = self.tokenizer.decode(tokens[row], skip_special_tokens=True)
-                        if len(text) > shown[row]:
-                            yield {"row": row, "token_id": None, "text": text[shown[row]:]}
-                    yield {"row": row, "finish_reason": finished[row]}
+                    yield from self._finish(row, finished[row], texts)
             if all(finished):
                 return
         for row in range(batch):
             if not finished[row]:
-                if is_text:
-                    text = self.tokenizer.decode(tokens[row], skip_special_tokens=True)
-                    if len(text) > shown[row]:
-                        yield {"row": row, "token_id": None, "text": text[shown[row]:]}
-                yield {"row": row, "finish_reason": "length"}
+                yield from self._finish(row, "length", texts)
+
+    @staticmethod
+    def _finish(row, reason, texts):
+        tail = texts[row].flush() if texts else ""  # nothing after a stop string
+        if tail:
+            yield {"row": row, "token_id": None, "text": tail}
+        yield {"row": row, "finish_reason": reason}
 
     def generate(self, inputs, tasks, max_new_tokens: int = 32, **kwargs) -> list[dict]:
         """Generate for a batch where row i uses task tasks[i]. Text in, text out (through the deployment's
@@ -484,15 +435,14 @@ class Runtime:
         (as the server refuses it), or with truncation=True cut to fit. Without tasks, rows are checked against the
         positions alone (forward checks them again with their tasks)."""
         rows, _ = self._token_rows(texts, tasks, truncation)
-        return _pad(rows, self.tokenizer.pad_token_id, self.tokenizer.padding_side)
+        return pad_rows(rows, self.tokenizer.pad_token_id, self.tokenizer.padding_side)
 
     def _token_rows(self, texts, tasks, truncation: bool) -> tuple[list[dict], list[int]]:
         """Each text's tokens (unpadded) and how many tokens truncation cut from it."""
-        if isinstance(texts, str):
-            texts = [texts]
+        texts = [texts] if isinstance(texts, str) else texts
         if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
             raise InputError("texts must be a non-empty list of non-empty strings")
-        names = _task_names(tasks, len(texts)) if tasks is not None else None
+        names = task_names(tasks, len(texts)) if tasks is not None else None
         tok = self.tokenizer
         if tok.pad_token is None:  # GPT-2 style tokenizers: pad with EOS (masked out anyway)
             tok.pad_token = tok.eos_token
@@ -503,8 +453,7 @@ class Runtime:
             virtual = self.bank.view(names[i]).num_virtual_tokens if names is not None else 0
             refused = too_long(len(row["input_ids"]), virtual, names[i] if names else "", self.max_positions)
             if refused and not truncation:
-                raise InputError(f"text {i}: {refused}; shorten it, or pass truncation=True (CLI: --truncate) "
-                                 "to cut it to fit")
+                raise InputError(f"text {i}: {refused}; shorten it, or pass truncation=True (CLI: --truncate) to cut it")
             if refused:  # tokenized again with the cut, so that end tokens such as [SEP] stay
                 rows[i] = tok(texts[i], truncation=True, max_length=max(self.max_positions - virtual, 1))
                 dropped[i] = len(row["input_ids"]) - len(rows[i]["input_ids"])
@@ -517,12 +466,12 @@ class Runtime:
         A row's positions run through its task's virtual tokens and the batch's padded width, so rows that fit
         alone may not fit padded to a longer row of another task: such rows run in separate batches."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        names = _task_names(tasks, len(texts))
+        names = task_names(tasks, len(texts))
         rows, dropped = self._token_rows(texts, names, truncation)
         virtual = [self.bank.view(t).num_virtual_tokens for t in names]
         out: list[np.ndarray | None] = [None] * len(rows)
-        for group in _fitting_groups([len(r["input_ids"]) for r in rows], virtual, self.max_positions):
-            enc = _pad([rows[i] for i in group], self.tokenizer.pad_token_id, self.tokenizer.padding_side)
+        for group in fitting_groups([len(r["input_ids"]) for r in rows], virtual, self.max_positions):
+            enc = pad_rows([rows[i] for i in group], self.tokenizer.pad_token_id, self.tokenizer.padding_side)
             for i, result in zip(group, self.forward(enc["input_ids"], enc["attention_mask"], [names[i] for i in group],
                                                      enc.get("token_type_ids"))):
                 out[i] = result
@@ -536,7 +485,7 @@ class Runtime:
             raise InputError("classify() needs a sequence-classification deployment; this one is a causal LM")
         if isinstance(texts, str):
             texts = [texts]
-        names = _task_names(tasks, len(texts))
+        names = task_names(tasks, len(texts))
         logits, dropped = self.forward_text(texts, names, truncation)
         out = []
         for name, row, cut in zip(names, logits, dropped):
@@ -549,28 +498,3 @@ class Runtime:
             if cut:
                 out[-1]["truncated_tokens"] = cut
         return out
-
-
-def _task_names(tasks: str | Sequence[str], rows: int) -> list[str]:
-    """One task for every row, or one per row."""
-    names = [tasks] * rows if isinstance(tasks, str) else list(tasks)
-    if len(names) != rows:
-        raise InputError(f"got {len(names)} task names for {rows} texts; give one task, or one per text")
-    return names
-
-
-def _fitting_groups(lengths: list[int], virtual: list[int], limit: int | None) -> list[list[int]]:
-    """Rows in order, split into batches whose padded width plus each row's virtual tokens fits limit."""
-    groups: list[list[int]] = []
-    width = most_virtual = 0
-    for i, (n, v) in enumerate(zip(lengths, virtual)):
-        if groups and (not limit or max(width, n) + max(most_virtual, v) <= limit):
-            groups[-1].append(i)
-            width, most_virtual = max(width, n), max(most_virtual, v)
-        else:
-            groups.append([i])
-            width, most_virtual = n, v
-    return groups
-
-
-__all__ = ["Runtime", "InputError", "UnknownTaskError", "apply_head"]

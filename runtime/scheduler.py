@@ -22,16 +22,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from promptmux.core.archs import position_offset
-
+from promptmux.core.layout import build_layout
 from promptmux.core.task import Task
+
+from .batch import apply_head
 from .generate import (
     ContinuousBatch,
     SamplingParams,
     StreamedRows,
     TextStream,
 )
-from promptmux.core.layout import build_layout
-from .runtime import apply_head
 
 log = logging.getLogger("promptmux.serve")
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import Iterator
 
 import numpy as np
-
 from promptmux.core.layout import encoder_layout
 from promptmux.core.task import Task
 from promptmux.kinds import kind_of
-from .generate import SamplingParams, _pick, eos_ids
+
+from .generate import SamplingParams, pick, eos_ids
 
 
 def decoder_prefix(views: list[Task], layers: int, heads: int, head_dim: int):
@@ -79,7 +79,7 @@ class Seq2SeqGenerator:
             out = self.decoder.run_all(feeds)
             logits = out[0]
             past = dict(zip(self.self_names, out[1:]))
-            token = np.where(done, pad, _pick(logits, params, rng)).astype(np.int64)
+            token = np.where(done, pad, pick(logits, params, rng)).astype(np.int64)
             yield token
             done |= np.isin(token, eos)
             if done.all():

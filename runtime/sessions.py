@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BackendUnavailable
-
 # Graph inputs whose values depend only on the batch's tasks (the prompt bank), never on the text: a device session
 # keeps them resident, keyed by the bank version and the batch's task tuple.
 from promptmux.core.io_spec import BANK_INPUTS  # noqa: E402
 
+from .errors import BackendUnavailable
 
 # ONNX Runtime's CPU SkipLayerNormalization (which its online optimizer fuses from Add + LayerNormalization) was
 # slower than the two ops it replaces on an AMX Xeon: disabling the fusion took 3-15 % off a MiniLM forward at

@@ -20,7 +20,6 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
-
 from promptmux.core.trt_compat import EngineError
 
 from .errors import BackendUnavailable, InputError
@@ -42,7 +41,6 @@ class TrtSession:
 
     def __init__(self, path: Path, settings: dict, device_id: int = 0, bank_cache: int = 64):
         import torch
-
 
         from .trt_compat import execution_support
 
@@ -129,8 +127,8 @@ def load_engine(path, manifest_settings: dict, device_id: int = 0, trt=None):
     """Deserialize an engine built by build_engine; refuses, saying why, one built for another TensorRT
     (flavor or version), one whose file changed since, and one built on a device of another compute
     capability (TensorRT engines; TensorRT-RTX engines are portable across the GPUs it supports)."""
-    from promptmux.kernels.tensorrt_plugin import register_tensorrt_plugins
     from promptmux.core import trt_compat
+    from promptmux.kernels.tensorrt_plugin import register_tensorrt_plugins
 
     path = Path(path)
     rebuild = f"rebuild it: promptmux build-engine {path.parent}"

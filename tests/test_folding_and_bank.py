@@ -89,7 +89,7 @@ def test_mpt_tasks_share_one_stored_prompt(deployment):
     assert len([k for k in keys if k.startswith("task/mpt/") and k.endswith("/cols")]) == 3
     rt = Runtime(deployment.deploy)
     view = rt.bank.view("mpt/1")
-    assert view.cols.shape == (4, 2) and view.rows.shape == (2, 32)  # rank-2 factors, not a composed prompt
+    assert view.tensors["cols"].shape == (4, 2) and view.tensors["rows"].shape == (2, 32)  # rank-2 factors, not a composed prompt
 
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)

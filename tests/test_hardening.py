@@ -18,7 +18,7 @@ from brokenkit import build_corrupt
 
 from promptmux import Runtime
 from promptmux.cli import main as cli
-from promptmux.runtime.generate import SamplingParams, _pick
+from promptmux.runtime.generate import SamplingParams, pick
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +32,7 @@ def text_deployments(tmp_path_factory):
 def test_sampling_never_gives_nan(params):
     logits = np.random.default_rng(0).normal(size=(4, 50)).astype(np.float32)
     logits[1, 7] = logits[1, 9] = 9.0  # a tie for the best token
-    tokens = _pick(logits, SamplingParams(do_sample=True, **params), np.random.default_rng(1))
+    tokens = pick(logits, SamplingParams(do_sample=True, **params), np.random.default_rng(1))
     assert tokens.shape == (4,) and (tokens >= 0).all() and (tokens < 50).all()
     if params.get("top_p", 1.0) < 1e-6 or params.get("temperature", 1.0) < 1e-300:
         best = logits.max(-1, keepdims=True)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from promptmux.cli.common import CliError, parse_pairs
 
-
 TASK_ACTIONS = ("list", "add", "remove", "similar")
 
 
@@ -24,8 +23,8 @@ def _tasks_action(args) -> list[str]:
 
 def cmd_tasks(args) -> int:
     from promptmux.core.archs import arch_for
-    from promptmux.core.folder import update_tasks
     from promptmux.core.bank import PromptBank
+    from promptmux.core.folder import update_tasks
 
     action = _tasks_action(args)
     verb = action[0]

@@ -7,13 +7,18 @@ import os
 import sys
 from pathlib import Path
 
-from promptmux.cli.common import (PRECISION_CHOICES, CliError, open_runtime, parse_pairs, read_texts,
-                                  tasks_per_row)
+from promptmux.cli.common import (
+    PRECISION_CHOICES,
+    CliError,
+    open_runtime,
+    parse_pairs,
+    read_texts,
+    tasks_per_row,
+)
 
 
 def cmd_export(args) -> int:
     from promptmux.export.deploy import export_deployment
-
     from promptmux.runtime.precision import calibration_texts
 
     texts = calibration_texts(args.calibration) if args.calibration else None

@@ -5,10 +5,17 @@ from __future__ import annotations
 import argparse
 
 from promptmux.cli.bank import cmd_init_adapter, cmd_tasks
-from promptmux.cli.commands import (cmd_bench, cmd_build_engine, cmd_demo, cmd_export, cmd_generate, cmd_run,
-                                    cmd_serve, cmd_verify)
+from promptmux.cli.commands import (
+    cmd_bench,
+    cmd_build_engine,
+    cmd_demo,
+    cmd_export,
+    cmd_generate,
+    cmd_run,
+    cmd_serve,
+    cmd_verify,
+)
 from promptmux.cli.common import BACKEND_CHOICES, PRECISION_CHOICES
-
 
 DEPLOY_HELP = "deployment folder (written by promptmux export)"
 BACKEND_HELP = "auto (default: the fastest backend measured for the model kind and precision: OpenVINO for " \

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-
 from promptmux.core.bank import UnknownTaskError
+
 from .engine import Engine, engine_of
 from .errors import ADMIN_ERRORS, ApiError, overloaded
 from .options import ServeOptions

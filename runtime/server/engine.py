@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 from fastapi import Request
-
 from promptmux.core.bank import UnknownTaskError
+
 from ..scheduler import ClassifyJob, Overloaded, Scheduler
 from ..text import load_tokenizer, too_long
 from .errors import ApiError, overloaded, timed_out
