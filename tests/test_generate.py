@@ -185,7 +185,7 @@ def test_stream_yields_each_rows_tokens_then_finish(deployment):
     (dict(tasks=["nope"]), UnknownTaskError, "unknown task 'nope'"),
     (dict(max_new_tokens=0), InputError, "max_new_tokens must be a positive integer, got 0"),
     (dict(max_new_tokens=65), InputError, "max_new_tokens=65 exceeds the model's 64 positions"),
-    (dict(max_new_tokens=60), InputError, r"5 prompt tokens \+ 4 virtual tokens \+ max_new_tokens=60 exceed"),
+    (dict(max_new_tokens=60), InputError, r"5 tokens \+ 4 virtual tokens of task 'pt' \+ max_new_tokens=60 exceed"),
     (dict(temperature=0.0, do_sample=True), InputError, "temperature must be > 0"),
     (dict(top_p=1.5), InputError, r"top_p must be in \(0, 1\]"),
     (dict(stop=["x"]), InputError, "stop strings need text inputs"),
