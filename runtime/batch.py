@@ -94,14 +94,15 @@ def run_batch(rt, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None, v
     logits of the row's real tokens [real_tokens, vocab] (virtual tokens and padding excluded). bank_key: device
     sessions keep the prompt inputs resident under it (None when rows come from different bank versions).
 
-    ONNX Runtime's CPU session gets zero-length MPT, prompt and prefix axes for the slot groups no row uses,
-    instead of one masked dummy slot each: every layer then attends over the batch's real positions only (the
-    dummy slots cost up to 16 % of a MiniLM forward at B=32; bench/results/graph-overhead.md). The folded graph
-    (its prompt sizes are constants) and the other engines keep one slot.
+    The CPU engines (ONNX Runtime, OpenVINO) get zero-length MPT, prompt and prefix axes for the slot groups no
+    row uses, instead of one masked dummy slot each: every layer then attends over the batch's real positions only
+    (the dummy slots cost up to 16 % of a MiniLM forward at B=32 on ONNX Runtime; bench/results/graph-overhead.md).
+    The folded graph (its prompt sizes are constants) and the GPU engines (TensorRT profiles, CUDA; untested with
+    empty axes) keep one slot.
     """
     folded = rt.folded_for(views)
     session = rt.folded_session if folded else rt.session
-    min_slots = 0 if rt.backend == "onnxruntime" and not folded else 1
+    min_slots = 0 if rt.backend in ("onnxruntime", "openvino") and not folded else 1
     layout = build_layout(rt.spec, position_offset(rt.config), rt.config.pad_token_id, ids, mask, types, views,
                           rt.dims, min_slots=min_slots)
     out = session.run(layout.feeds, bank_key=bank_key)
