@@ -116,8 +116,10 @@ def test_precomputed_prompt_kv_equals_running_the_virtual_tokens(deployment):
 def test_prompt_kv_is_computed_when_tasks_load(deployment):
     rt = Runtime(deployment.deploy)
     gen = rt.generator
-    kinds = {n: rt.bank.view(n).kind for n in rt.tasks}
-    assert sorted(name for name, _ in gen._kv) == sorted(n for n, k in kinds.items() if k != "prefix")
+    from promptmux.kinds import kind_of
+
+    cached = {n for n in rt.tasks if kind_of(rt.bank.view(n)).kv_prefix(rt.bank.view(n)) is None}
+    assert sorted(name for name, _ in gen._kv) == sorted(cached)
     rt.add_task("extra", deployment.adapters["pt"])
     assert ("extra", rt.bank.digest("extra")) in gen._kv
     rt.remove_task("extra")
@@ -159,11 +161,11 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(deployment):
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
-    from promptmux.runtime.generate import SamplingParams, _pick
+    from promptmux.runtime.generate import SamplingParams, pick
 
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
     rng = np.random.default_rng(0)
-    picks = {int(_pick(logits, SamplingParams(do_sample=True, top_p=0.8), rng)[0]) for _ in range(300)}
+    picks = {int(pick(logits, SamplingParams(do_sample=True, top_p=0.8), rng)[0]) for _ in range(300)}
     assert picks == {0, 1}  # 0.5 + 0.3 reaches 0.8; tokens 2 and 3 are never drawn
 
 
