@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from promptmux.runtime.text import too_long
+
 from .baseline import PromptmuxSystem
 from .measure import MB, measure_jobs, progress, rss, summarize, warm_up
 from .prompt_kinds import MPT_TASKS_PER_ADAPTER, check_scaling_kinds, synthetic_tasks
@@ -36,8 +38,8 @@ from .workload import assign_tasks, make_workload
 
 def deployment_with_bank(src: Path, dest: Path, rt, tasks: list) -> dict:
     """dest: src's graphs (linked) and files, with a bank of exactly `tasks`. Returns the bank's sizes."""
-    from promptmux.core.folder import MANIFEST, write_manifest_tasks
     from promptmux.core.bank import BANK_FILE, PromptBank
+    from promptmux.core.folder import MANIFEST, write_manifest_tasks
 
     dest.mkdir(parents=True)
     for f in src.iterdir():
@@ -70,9 +72,9 @@ def scaling(s, rt) -> dict:
     seq = s.scaling_seq_len or DEFAULT_SEQ_LEN[rt.spec.family]
     if rt.spec.family == "seq2seq":
         raise ValueError("the scaling benchmark runs full-sequence forwards: encoder or causal LM deployments")
-    if rt.max_positions and seq + s.scaling_virtual_tokens > rt.max_positions:
-        raise ValueError(f"scaling: {seq} tokens + {s.scaling_virtual_tokens} virtual tokens exceed the model's "
-                         f"{rt.max_positions} positions; pass a smaller --scaling-seq-len")
+    refused = too_long(seq, s.scaling_virtual_tokens, "synthetic", rt.max_positions)
+    if refused:
+        raise ValueError(f"scaling: {refused}; pass a smaller --scaling-seq-len")
     cfg = rt.config
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     tmp = Path(tempfile.mkdtemp(prefix="promptmux-scaling-"))

@@ -4,6 +4,8 @@ and mixed / single-task ratios (mixing)."""
 
 from __future__ import annotations
 
+from promptmux.runtime.text import too_long
+
 from .baseline import compare
 from .machine import device_of
 from .measure import measure_jobs, progress, summarize, warm_up
@@ -36,11 +38,11 @@ def _configurations(s, rt, env, systems, load_mb, peft) -> dict:
     cfg = rt.config
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (
         cfg.eos_token_id if isinstance(cfg.eos_token_id, int) else 0)
-    if rt.max_positions:
-        longest = max(seq_lens) + max(rt.bank.view(t).num_virtual_tokens for t in tasks) + s.new_tokens
-        if longest > rt.max_positions:
-            raise ValueError(f"sequence length {max(seq_lens)} + virtual tokens + new tokens = {longest} exceed the "
-                             f"model's {rt.max_positions} positions; pass smaller --seq-lens")
+    for view in {t: rt.bank.view(t) for t in tasks}.values():
+        refused = too_long(max(seq_lens), view.num_virtual_tokens, view.name, rt.max_positions, s.new_tokens,
+                           "--new-tokens")
+        if refused:
+            raise ValueError(f"{refused}; pass smaller --seq-lens")
 
     for sy in systems:
         sy.prepare(s.new_tokens)

@@ -218,6 +218,7 @@ def load_adapter(name: str, adapter_dir: str | Path, base_config, root: str | Pa
     if spec.family not in kind.families:
         raise AdapterError(f"adapter {str(adapter_dir)!r} is {peft_type}, which PEFT supports for "
                            f"{', '.join(TASK_TYPE_FOR_FAMILY[f] for f in kind.families)} only, not {expected_task}")
+    kind.check_model(spec, base_config, adapter_dir, peft_type)
     n = config_int(cfg, "num_virtual_tokens", adapter_dir, required=True)
     subs = config_int(cfg, "num_transformer_submodules", adapter_dir) or 1
     if spec.family != "seq2seq" and subs != 1:

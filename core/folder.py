@@ -148,3 +148,20 @@ def update_tasks(deploy_dir: str | Path, spec, change):
         bank.save(deploy_dir)
         write_manifest_tasks(deploy_dir, bank)
     return result
+
+
+def read_manifest(deploy_dir: str | Path) -> dict:
+    """manifest.json of a deployment folder; a folder without one is refused, saying what to do."""
+    path = Path(deploy_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{deploy_dir} is not a promptmux deployment (no {MANIFEST}); run promptmux export")
+    return json.loads(path.read_text())
+
+
+def read_bank(deploy_dir: str | Path, manifest: dict | None = None):
+    """The deployment's prompt bank, its architecture taken from the manifest (no model config is loaded: fast)."""
+    from .bank import PromptBank
+
+    manifest = manifest or read_manifest(deploy_dir)
+    return PromptBank.load(deploy_dir, arch_for(manifest["base"]["model_type"]))
+

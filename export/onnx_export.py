@@ -56,14 +56,14 @@ def example_inputs(config, tm: int = 5, p: int = 3, n: int = 4) -> dict[str, tor
     return ex
 
 
-def _dynamic_shapes(names: list[str]):
+def dynamic_shapes(names: list[str]):
     auto = torch.export.Dim.AUTO
     shapes = [{axis: auto for axis in dynamic_axes(name)} for name in names]
     # forward(input_ids, *args): the exporter wants the same nesting for the shapes
     return (shapes[0], tuple(shapes[1:]))
 
 
-def _rename_axes(model: onnx.ModelProto) -> None:
+def rename_axes(model: onnx.ModelProto) -> None:
     """Give the exporter's symbols (s72, ...) the readable names of io_spec's axes, everywhere in the graph."""
     rename = {}
     for inp in model.graph.input:
@@ -91,7 +91,7 @@ def _registry():
     return registry
 
 
-def _to_onnx(module, args: tuple, input_names: list[str], output_names: list[str], dynamic_shapes) -> onnx.ModelProto:
+def to_onnx(module, args: tuple, input_names: list[str], output_names: list[str], dynamic_shapes) -> onnx.ModelProto:
     """torch.onnx's dynamo export (what torch.onnx.export(dynamo=True) runs) with the cached registry; through
     the public call, registry rebuilt, if this torch moved the private entry point."""
     options = dict(dynamic_shapes=dynamic_shapes, input_names=input_names, output_names=output_names,
@@ -116,12 +116,12 @@ def export_onnx(module: torch.nn.Module, config, path: Path, folded: bool = Fals
         ex = {n: v for n, v in example_inputs(config, **sizes).items() if n in names}
     else:
         ex = example_inputs(config)
-    model = _to_onnx(module, tuple(ex.values()), names, [output_name(config.model_type)], _dynamic_shapes(names))
+    model = to_onnx(module, tuple(ex.values()), names, [output_name(config.model_type)], dynamic_shapes(names))
     if not folded:
         mpt_function.attach(model)
     elif any(n.domain == mpt_function.DOMAIN for n in model.graph.node):
         mpt_function.attach(model)
-    _rename_axes(model)
+    rename_axes(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_model(model, path)
     onnx.checker.check_model(str(path))
@@ -264,10 +264,10 @@ def export_decoder_onnx(module, config, path: Path) -> Path:
     auto = torch.export.Dim.AUTO
     shapes = {n: {a: auto for a in dynamic_axes(n)} for n in names}
     # forward(..., logits_index, *past): the cache shapes nest as one tuple
-    model = _to_onnx(module, tuple(ex.values()), names, ["logits", *present_names(dims.num_layers)],
+    model = to_onnx(module, tuple(ex.values()), names, ["logits", *present_names(dims.num_layers)],
                      (*(shapes[n] for n in DECODER_INPUTS), tuple(shapes[n] for n in past_names(dims.num_layers))))
     mpt_function.attach(model)
-    _rename_axes(model)
+    rename_axes(model)
     save_model(model, path)
     onnx.checker.check_model(str(path))
     return path

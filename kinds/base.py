@@ -52,6 +52,9 @@ class PromptKind:
     factors = None  # MPT: task -> (shared, cols, rows), what an MPT target adapter starts from
 
     # ---- reading PEFT's adapter ----------------------------------------------------------------------
+    def check_model(self, spec, base_config, adapter_dir, peft_type: str) -> None:
+        """Refuse a model family this kind cannot be served on (checked before the adapter's sizes)."""
+
     def check_config(self, ctx: ReadContext) -> None:
         """Sizes in adapter_config.json that must agree with the base model (input-level prompts: the model's
         attention heads and hidden size)."""
@@ -125,11 +128,13 @@ class KVPrefixKind(PromptKind):
     positions_from_mask = True
     input_level = False
 
+    def check_model(self, spec, base_config, adapter_dir, peft_type: str) -> None:
+        if not spec.supports_prefix:
+            raise AdapterError(f"adapter {str(adapter_dir)!r} is {peft_type}, which {base_config.model_type} does not "
+                               "support (its attention takes no past key/values); use prompt tuning or P-tuning for "
+                               "this model")
+
     def check_config(self, ctx: ReadContext) -> None:
-        if not ctx.spec.supports_prefix and ctx.spec.family != "seq2seq":
-            raise AdapterError(f"adapter {str(ctx.adapter_dir)!r} is {ctx.cfg['peft_type']}, which "
-                               f"{ctx.base_config.model_type} does not support (its attention takes no past "
-                               "key/values); use prompt tuning or P-tuning for this model")
         if ctx.spec.family == "seq2seq":
             if ctx.subs != 2:
                 raise ctx.fail(f"has num_transformer_submodules={ctx.subs}; PEFT builds seq2seq adapters with 2 "

@@ -1,5 +1,6 @@
-"""The batch helpers of `Runtime`: padding rows into a batch, splitting rows into batches that fit the positions,
-the per-task classification heads, and a session made on first use."""
+"""The batch core of the runtime: one full-sequence batch from layout to session to heads (`run_batch`, used by
+`Runtime.forward` and the server's scheduler), labels from logits, and the helpers around it: padding rows into a
+batch, splitting rows into batches that fit the positions, a session made on first use."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import threading
 from typing import Sequence
 
 import numpy as np
+from promptmux.core.archs import position_offset
+from promptmux.core.folder import FOLDED_GRAPH, GRAPH
+from promptmux.core.layout import build_layout
 from promptmux.core.task import Task
 
 from .errors import InputError
@@ -80,3 +84,53 @@ def fitting_groups(lengths: list[int], virtual: list[int], limit: int | None) ->
             groups.append([i])
             width, most_virtual = n, v
     return groups
+
+
+def run_batch(rt, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None, views: list[Task],
+              bank_key=None) -> list[np.ndarray]:
+    """One full-sequence batch where row i uses views[i]: its layout, the session that serves it, its outputs.
+
+    Returns one array per row: classification -> that task's head on the features [num_labels]; causal LM ->
+    logits of the row's real tokens [real_tokens, vocab] (virtual tokens and padding excluded). bank_key: device
+    sessions keep the prompt inputs resident under it (None when rows come from different bank versions).
+
+    The CPU engines (ONNX Runtime, OpenVINO) get zero-length MPT, prompt and prefix axes for the slot groups no
+    row uses, instead of one masked dummy slot each: every layer then attends over the batch's real positions only
+    (the dummy slots cost up to 16 % of a MiniLM forward at B=32 on ONNX Runtime; bench/results/graph-overhead.md).
+    The folded graph (its prompt sizes are constants) and the GPU engines (TensorRT profiles, CUDA; untested with
+    empty axes) keep one slot.
+    """
+    folded = rt.folded_for(views)
+    session = rt.folded_session if folded else rt.session
+    min_slots = 0 if rt.backend in ("onnxruntime", "openvino") and not folded else 1
+    layout = build_layout(rt.spec, position_offset(rt.config), rt.config.pad_token_id, ids, mask, types, views,
+                          rt.dims, min_slots=min_slots)
+    out = session.run(layout.feeds, bank_key=bank_key)
+    rt.graph_runs[FOLDED_GRAPH if folded else GRAPH] += 1
+    if rt.spec.family == "encoder":
+        return heads(views, out)
+    seq = ids.shape[1]
+    return [out[i, s: s + seq][mask[i].astype(bool)] for i, s in enumerate(layout.token_start)]
+
+
+def heads(views: list[Task], features: np.ndarray) -> list[np.ndarray]:
+    """Each row's task head on its features, one head call per distinct task view of the batch (by identity: a
+    server batch may hold a task as it was and as it is after a replace)."""
+    results: list[np.ndarray | None] = [None] * len(views)
+    groups: dict[int, list[int]] = {}
+    for i, v in enumerate(views):
+        groups.setdefault(id(v), []).append(i)
+    for rows in groups.values():
+        for j, logits in zip(rows, apply_head(views[rows[0]], features[rows])):
+            results[j] = logits
+    return results
+
+
+def label_scores(view: Task, logits: np.ndarray) -> dict:
+    """A classification row as the API gives it: {"label", "label_id", "scores" (softmax, label order)}."""
+    scores = np.exp(logits - logits.max())
+    scores /= scores.sum()
+    label_id = int(logits.argmax())
+    return {"label": view.labels[label_id] if view.labels else str(label_id), "label_id": label_id,
+            "scores": [float(x) for x in scores]}
+

@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from promptmux.core.archs import arch_for, dims_of, position_offset
 from promptmux.core.bank import PromptBank, UnknownTaskError
-from promptmux.core.folder import FOLDED_GRAPH, GRAPH, MANIFEST, update_tasks
-from promptmux.core.layout import build_layout
+from promptmux.core.folder import (
+    FOLDED_GRAPH,
+    GRAPH,
+    MANIFEST,
+    read_bank,
+    read_manifest,
+    update_tasks,
+)
 from promptmux.core.task import Task, same_prompt
 
-from .batch import OnFirstUse, apply_head, fitting_groups, pad_rows, task_names
+from .batch import (
+    OnFirstUse,
+    apply_head,
+    fitting_groups,
+    label_scores,
+    pad_rows,
+    run_batch,
+    task_names,
+)
 from .errors import InputError
 from .text import load_tokenizer, too_long
 
@@ -49,10 +63,7 @@ class Runtime:
         self.dir = Path(deploy_dir)
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        manifest_path = self.dir / MANIFEST
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{self.dir} is not a promptmux deployment (no {MANIFEST}); run promptmux export")
-        self.manifest = json.loads(manifest_path.read_text())
+        self.manifest = read_manifest(self.dir)
         from transformers import AutoConfig
 
         self.config = AutoConfig.from_pretrained(str(self.dir))
@@ -62,10 +73,11 @@ class Runtime:
         backend = self.backend
         self.precision = precision
         self.device_id = device_id
-        self.bank = PromptBank.load(self.dir, self.spec)
+        self.bank = read_bank(self.dir, self.manifest)
         self._bank_version = 0  # bumped by every bank swap: device sessions key their resident prompts on it
         self._lock = threading.Lock()  # serializes bank swaps, not requests
         self._tokenizer = None
+        self.graph_runs: Counter = Counter()  # full-sequence batches run per graph file (model.onnx, model_folded.onnx)
         # The positions a row may use: virtual and real tokens together. T5 configs carry n_positions (the context
         # it was trained with) though its positions are relative; RoBERTa-style models count from after the
         # padding index, so their first positions are not usable.
@@ -243,19 +255,8 @@ class Runtime:
             refused = too_long(ids.shape[1], v.num_virtual_tokens, v.name, self.max_positions)
             if refused:
                 raise InputError(f"row {i}: {refused}; shorten the input")
-        layout = build_layout(self.spec, position_offset(self.config), self.config.pad_token_id, ids, mask, types,
-                              views, self.dims)
-        session = self.folded_session if self.folded_for(views) else self.session
         # The prompt inputs depend only on the batch's tasks: device sessions keep them resident under this key.
-        out = session.run(layout.feeds, bank_key=(version, tuple(tasks)))
-        if self.spec.family == "encoder":
-            return self._heads(views, out)
-        results = []
-        for i in range(ids.shape[0]):
-            start = layout.token_start[i]
-            row = out[i, start : start + ids.shape[1]]
-            results.append(row[mask[i].astype(bool)])
-        return results
+        return run_batch(self, ids, mask, types, views, bank_key=(version, tuple(tasks)))
 
     # ---- generation ----------------------------------------------------------------------
     @property
@@ -350,15 +351,11 @@ class Runtime:
             raise InputError("stop strings need text inputs (token-id inputs stop on EOS or max_new_tokens)")
         bank = self.bank
         views = [bank.view(t) for t in tasks]
-        if self.max_positions:
-            seq2seq = self.spec.family == "seq2seq"  # the new tokens go to the decoder, not after the prompt
-            for i, v in enumerate(views):
-                need = int(ids.shape[1]) + v.num_virtual_tokens + (0 if seq2seq else max_new_tokens)
-                if need > self.max_positions:
-                    new = "" if seq2seq else f" + max_new_tokens={max_new_tokens}"
-                    raise InputError(
-                        f"row {i}: {ids.shape[1]} prompt tokens + {v.num_virtual_tokens} virtual tokens{new} "
-                        f"exceed the model's {self.max_positions} positions; shorten the prompt")
+        new_tokens = 0 if self.spec.family == "seq2seq" else max_new_tokens  # seq2seq: new tokens go to the decoder
+        for i, v in enumerate(views):
+            refused = too_long(int(ids.shape[1]), v.num_virtual_tokens, v.name, self.max_positions, new_tokens)
+            if refused:
+                raise InputError(f"row {i}: {refused}; shorten the prompt")
         yield from self._stream_rows(ids, mask, views, params, precompute, is_text)
 
     def _stream_rows(self, ids, mask, views, params, precompute, is_text):
@@ -417,17 +414,6 @@ class Runtime:
             for r in out:
                 r.pop("text")
         return out
-
-    def _heads(self, views: list[Task], features: np.ndarray) -> list[np.ndarray]:
-        results: list[np.ndarray | None] = [None] * len(views)
-        groups: dict[str, list[int]] = {}
-        for i, v in enumerate(views):
-            groups.setdefault(v.name, []).append(i)
-        for name, rows in groups.items():
-            logits = apply_head(views[rows[0]], features[rows])
-            for j, i in enumerate(rows):
-                results[i] = logits[j]
-        return results
 
     def encode(self, texts: Sequence[str], tasks: str | Sequence[str] | None = None, truncation: bool = False):
         """Token ids of texts, padded into one batch ({"input_ids", "attention_mask"[, "token_type_ids"]}, numpy).
@@ -489,12 +475,7 @@ class Runtime:
         logits, dropped = self.forward_text(texts, names, truncation)
         out = []
         for name, row, cut in zip(names, logits, dropped):
-            scores = np.exp(row - row.max())
-            scores = scores / scores.sum()
-            label_id = int(row.argmax())
-            labels = self.bank.view(name).labels
-            out.append({"task": name, "label": labels[label_id] if labels else str(label_id), "label_id": label_id,
-                        "scores": [float(s) for s in scores]})
+            out.append({"task": name, **label_scores(self.bank.view(name), row)})
             if cut:
                 out[-1]["truncated_tokens"] = cut
         return out

@@ -21,11 +21,9 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from promptmux.core.archs import position_offset
-from promptmux.core.layout import build_layout
 from promptmux.core.task import Task
 
-from .batch import apply_head
+from .batch import label_scores, run_batch
 from .generate import (
     ContinuousBatch,
     SamplingParams,
@@ -239,27 +237,16 @@ class Scheduler:
             types = np.zeros_like(ids)
             for i, r in enumerate(t for j in jobs for t in j.types):
                 types[i, :len(r)] = r
-        layout = build_layout(rt.spec, position_offset(rt.config), rt.config.pad_token_id, ids, mask, types, views,
-                              rt.dims)
-        session = rt.folded_session if rt.folded_for(views) else rt.session
         # No bank_key: a batch may hold views of different bank versions, so device sessions must not serve
         # it from prompts they keep resident per (version, tasks).
-        features = session.run(layout.feeds, bank_key=None)
+        logits = run_batch(rt, ids, mask, types, views, bank_key=None)
         if self.metrics is not None:
             self.metrics.observe_batch("classify", [v.name for v in views])
         start = 0
         for job in jobs:
             n = len(job.ids)
-            logits = apply_head(job.view, features[start:start + n])
+            results = [label_scores(job.view, row) for row in logits[start:start + n]]
             start += n
-            results = []
-            for row in logits:
-                scores = np.exp(row - row.max())
-                scores /= scores.sum()
-                label_id = int(row.argmax())
-                labels = job.view.labels
-                results.append({"label": labels[label_id] if labels else str(label_id), "label_id": label_id,
-                                "scores": [float(s) for s in scores]})
             job.resolve(results)
 
     def _generate_step(self) -> None:

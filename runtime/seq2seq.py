@@ -15,7 +15,7 @@ from promptmux.core.layout import encoder_layout
 from promptmux.core.task import Task
 from promptmux.kinds import kind_of
 
-from .generate import SamplingParams, pick, eos_ids
+from .generate import SamplingParams, eos_ids, pick
 
 
 def decoder_prefix(views: list[Task], layers: int, heads: int, head_dim: int):

@@ -15,8 +15,13 @@ def load_tokenizer(deploy_dir: str | Path):
     return tok
 
 
-def too_long(tokens: int, virtual_tokens: int, task: str, limit: int | None) -> str | None:
-    """Why a row of `tokens` tokens for `task` does not fit `limit` positions, or None when it fits."""
-    if not limit or tokens + virtual_tokens <= limit:
+def too_long(tokens: int, virtual_tokens: int, task: str, limit: int | None, new_tokens: int = 0,
+             new_name: str = "max_new_tokens") -> str | None:
+    """Why a row does not fit `limit` positions, or None when it fits: the one fit check of the runtime, the
+    server and the benchmarks. A row uses its tokens, its task's virtual tokens and, when it generates after them,
+    `new_tokens` more (named `new_name` in the message, as the caller's request names them)."""
+    if not limit or tokens + virtual_tokens + new_tokens <= limit:
         return None
-    return f"{tokens} tokens + {virtual_tokens} virtual tokens of task {task!r} exceed the model's {limit} positions"
+    new = f" + {new_name}={new_tokens}" if new_tokens else ""
+    return (f"{tokens} tokens + {virtual_tokens} virtual tokens of task {task!r}{new} exceed the model's {limit} "
+            "positions")

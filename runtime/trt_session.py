@@ -42,7 +42,7 @@ class TrtSession:
     def __init__(self, path: Path, settings: dict, device_id: int = 0, bank_cache: int = 64):
         import torch
 
-        from .trt_compat import execution_support
+        from promptmux.core.trt_compat import execution_support
 
         ok, why = execution_support()
         if not ok:
@@ -51,7 +51,7 @@ class TrtSession:
         self.device = torch.device("cuda", device_id)
         torch.cuda.set_device(self.device)
         self.engine = load_engine(path, settings)  # registers the plugin; refuses foreign engines
-        from .trt_compat import import_tensorrt
+        from promptmux.core.trt_compat import import_tensorrt
 
         self.trt = trt = import_tensorrt()
         self.context = self.engine.create_execution_context()

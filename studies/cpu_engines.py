@@ -46,7 +46,7 @@ def _time(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
-def _bare_onnx(base: str, work: Path, fused: bool) -> Path:
+def bare_onnx(base: str, work: Path, fused: bool) -> Path:
     """The bare encoder as ONNX (once per work folder), optionally through ORT's transformer optimizer."""
     import torch
     from transformers import AutoConfig, AutoModel
@@ -116,7 +116,7 @@ def measure(engine: str, deploy: str, batch: int, seq: int, threads: int, task: 
 
             so = ort.SessionOptions()
             so.intra_op_num_threads = threads
-            session = ort.InferenceSession(str(_bare_onnx(base, work, engine == "ort-fused")), so,
+            session = ort.InferenceSession(str(bare_onnx(base, work, engine == "ort-fused")), so,
                                            providers=["CPUExecutionProvider"])
             seconds = _time(lambda: session.run(None, feeds), repeats)
     return {"engine": engine, "batch_size": batch, "positions": seq + virtual, "ms": 1e3 * seconds,

@@ -139,3 +139,16 @@ def test_attention_is_one_fused_node_per_layer_in_the_graph_and_in_each_engine(d
     compiled = _runtime(deployment, "openvino").session.compiled
     kinds = Counter(op.get_rt_info()["layerType"].astype(str) for op in compiled.get_runtime_model().get_ordered_ops())
     assert kinds["Subgraph"] >= layers and kinds["Softmax"] == 0, kinds
+
+
+@pytest.mark.parametrize("deployment", ["roberta", "llama"], indirect=True)
+def test_single_kind_batches_on_openvino_match_peft(deployment):
+    """A batch of one kind leaves the other slot groups empty: the CPU engines then get zero-length axes instead
+    of masked dummy slots (runtime/batch.py). OpenVINO must give PEFT's rows there too (ONNX Runtime is covered by
+    the single-task tests above)."""
+    rt = _runtime(deployment, "openvino")
+    side = "right" if is_encoder(deployment.arch) else "left"
+    ids, mask = random_batch(deployment.arch, rows=3, seq=7, seed=13, padding_side=side)
+    for task in ("pt", "prefix", "mpt/1", "cartridge"):
+        got = rt.forward(ids, mask, [task] * len(ids))
+        assert _max_diff(got, deployment.reference(task, ids, mask)) < TOL, task

@@ -27,9 +27,11 @@ def test_folded_deployment_matches_unfolded(deployment, task, tmp_path):
     got = folded.forward(ids, mask, [task] * 3)
     want = plain.forward(ids, mask, [task] * 3)
     assert max(float(np.abs(g - w).max()) for g, w in zip(got, want)) < TOL
-    # The folded graph really is the one that ran: it has no prompt inputs.
-    assert "prompt_embeds" not in folded.folded_session.input_names
-    assert folded.folded_session is not None
+    # The folded graph really is the one that ran, and only for batches of its task alone.
+    assert folded.graph_runs == {"model_folded.onnx": 1}
+    other = next(t for t in plain.tasks if t != task)
+    folded.forward(ids, mask, [task, other, task])
+    assert folded.graph_runs == {"model_folded.onnx": 1, "model.onnx": 1}
 
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)

@@ -116,8 +116,10 @@ def test_precomputed_prompt_kv_equals_running_the_virtual_tokens(deployment):
 def test_prompt_kv_is_computed_when_tasks_load(deployment):
     rt = Runtime(deployment.deploy)
     gen = rt.generator
-    kinds = {n: rt.bank.view(n).kind for n in rt.tasks}
-    assert sorted(name for name, _ in gen._kv) == sorted(n for n, k in kinds.items() if k != "prefix")
+    from promptmux.kinds import kind_of
+
+    cached = {n for n in rt.tasks if kind_of(rt.bank.view(n)).kv_prefix(rt.bank.view(n)) is None}
+    assert sorted(name for name, _ in gen._kv) == sorted(cached)
     rt.add_task("extra", deployment.adapters["pt"])
     assert ("extra", rt.bank.digest("extra")) in gen._kv
     rt.remove_task("extra")
@@ -159,11 +161,11 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(deployment):
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
-    from promptmux.runtime.generate import SamplingParams, _pick
+    from promptmux.runtime.generate import SamplingParams, pick
 
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
     rng = np.random.default_rng(0)
-    picks = {int(_pick(logits, SamplingParams(do_sample=True, top_p=0.8), rng)[0]) for _ in range(300)}
+    picks = {int(pick(logits, SamplingParams(do_sample=True, top_p=0.8), rng)[0]) for _ in range(300)}
     assert picks == {0, 1}  # 0.5 + 0.3 reaches 0.8; tokens 2 and 3 are never drawn
 
 
@@ -185,7 +187,7 @@ def test_stream_yields_each_rows_tokens_then_finish(deployment):
     (dict(tasks=["nope"]), UnknownTaskError, "unknown task 'nope'"),
     (dict(max_new_tokens=0), InputError, "max_new_tokens must be a positive integer, got 0"),
     (dict(max_new_tokens=65), InputError, "max_new_tokens=65 exceeds the model's 64 positions"),
-    (dict(max_new_tokens=60), InputError, r"5 prompt tokens \+ 4 virtual tokens \+ max_new_tokens=60 exceed"),
+    (dict(max_new_tokens=60), InputError, r"5 tokens \+ 4 virtual tokens of task 'pt' \+ max_new_tokens=60 exceed"),
     (dict(temperature=0.0, do_sample=True), InputError, "temperature must be > 0"),
     (dict(top_p=1.5), InputError, r"top_p must be in \(0, 1\]"),
     (dict(stop=["x"]), InputError, "stop strings need text inputs"),

@@ -214,7 +214,7 @@ def test_concurrent_task_changes_from_several_processes_lose_nothing(text_deploy
 
 
 def test_a_crash_between_bank_and_manifest_is_repaired_by_the_next_change(text_deployments, tmp_path, monkeypatch):
-    import promptmux.export.deploy as deploy_mod
+    import promptmux.core.folder as deploy_mod
 
     d = text_deployments["bert"]
     deploy = tmp_path / "deploy"

@@ -22,16 +22,13 @@ def _tasks_action(args) -> list[str]:
 
 
 def cmd_tasks(args) -> int:
-    from promptmux.core.archs import arch_for
-    from promptmux.core.bank import PromptBank
-    from promptmux.core.folder import update_tasks
+    from promptmux.core.folder import read_bank, update_tasks
 
     action = _tasks_action(args)
     verb = action[0]
     if verb == "similar":
         return _tasks_similar(args, action)
-    manifest = json.loads((Path(args.deploy) / "manifest.json").read_text())
-    bank = PromptBank.load(args.deploy, arch_for(manifest["base"]["model_type"]))  # no model config: fast
+    bank = read_bank(args.deploy)  # no model config: fast
     if verb == "list":
         if len(action) != 1:
             raise CliError("usage: promptmux tasks DIR list")

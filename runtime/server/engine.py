@@ -77,10 +77,9 @@ class Engine:
             refused = too_long(len(row), view.num_virtual_tokens, view.name, limit)
             if refused:
                 raise ApiError(400, "invalid_request", field if single else f"{field}[{i}]", refused)
-            if room and too_long(len(row) + room, view.num_virtual_tokens, view.name, limit):
-                raise ApiError(400, "invalid_request", "max_tokens",
-                               f"{len(row)} tokens + {view.num_virtual_tokens} virtual tokens of task {view.name!r} "
-                               f"+ max_tokens={room} exceed the model's {limit} positions")
+            refused = too_long(len(row), view.num_virtual_tokens, view.name, limit, room, "max_tokens")
+            if room and refused:
+                raise ApiError(400, "invalid_request", "max_tokens", refused)
         return ids, enc.get("token_type_ids")
 
     def admit(self, kind: str):

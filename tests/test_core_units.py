@@ -1,0 +1,99 @@
+"""The core on its own, without an export: the batch layout per kind and the prompt bank's storage. A failure here
+points at core/ or kinds/, not at the graphs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from promptmux.core.archs import Dims, arch_for
+from promptmux.core.bank import PromptBank
+from promptmux.core.layout import build_layout
+from promptmux.core.task import Task, same_prompt
+
+DIMS = Dims(hidden_size=4, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=2, vocab_size=50)
+
+
+def _tasks():
+    rng = np.random.default_rng(0)
+    f = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    shared = f(3, 4)
+    return {
+        "pt": Task("pt", "prompt", "PROMPT_TUNING", 2, {"prompt": f(2, 4)}),
+        "cpt": Task("cpt", "cpt", "CPT", 1, {"prompt": f(1, 4)}),
+        "prefix": Task("prefix", "prefix", "PREFIX_TUNING", 3, {"prefix": f(2, 2, 1, 3, 2)}),
+        "cart": Task("cart", "cartridge", "CARTRIDGE", 2, {"prefix": f(2, 2, 1, 2, 2)}),
+        "m/0": Task("m/0", "mpt", "MULTITASK_PROMPT_TUNING", 3, {"shared": shared, "cols": f(3, 1), "rows": f(1, 4)}),
+        "m/1": Task("m/1", "mpt", "MULTITASK_PROMPT_TUNING", 3, {"shared": shared, "cols": f(3, 1), "rows": f(1, 4)}),
+    }
+
+
+def _layout(names, model_type="llama", min_slots=1):
+    tasks = _tasks()
+    ids = np.arange(3 * len(names)).reshape(len(names), 3) + 5
+    mask = np.ones_like(ids)
+    mask[0, 2] = 0  # one padded row
+    return build_layout(arch_for(model_type), 0, 0, ids, mask, None, [tasks[n] for n in names], DIMS,
+                        min_slots=min_slots), tasks
+
+
+def test_each_kind_puts_its_virtual_tokens_first_and_masks_unused_slots():
+    lay, tasks = _layout(["pt", "cpt", "prefix", "cart", "m/0", "m/1"])
+    f = lay.feeds
+    tm, p, n = 3, 2, 3  # slot groups sized by the longest row of each: MPT 3, input 2, prefix 3
+    assert f["order"].shape == (6, tm + p + 3) and f["attention_mask"].shape == (6, n + tm + p + 3)
+    assert lay.token_start.tolist() == [2, 1, 0, 0, 3, 3]
+    # input-level rows: their prompt rows in the input slots, ordered first, positions counting through them
+    np.testing.assert_array_equal(f["prompt_embeds"][0], tasks["pt"].tensors["prompt"])
+    assert f["order"][0, :2].tolist() == [tm, tm + 1] and f["order"][0, 2:5].tolist() == [tm + p + j for j in range(3)]
+    assert f["attention_mask"][0].tolist() == [0] * n + [1, 1, 1, 1, 0] + [0] * (tm + p - 2)
+    assert f["position_ids"][1, :4].tolist() == [0, 1, 2, 3]
+    # key/value rows: the prefix in the cache slots (a shorter one masked after it), tokens first, positions after n
+    np.testing.assert_array_equal(f["prefix_keys"][:, 3, :, :2], tasks["cart"].tensors["prefix"][:, 0])
+    assert f["attention_mask"][3, :n].tolist() == [1, 1, 0]
+    assert f["position_ids"][2, :3].tolist() == [3, 4, 5] and f["position_ids"][3, :3].tolist() == [2, 3, 4]
+    # MPT rows: one shared prompt for both tasks, one factor row each
+    assert f["mpt_shared"].shape[0] == 1 and f["mpt_task_ids"][4:].tolist() == [0, 1]
+
+
+def test_groups_no_row_uses_are_empty_with_min_slots_0():
+    lay, _ = _layout(["pt", "pt"], min_slots=0)
+    f = lay.feeds
+    assert f["mpt_shared"].shape[1] == 0 and f["prefix_keys"].shape[3] == 0
+    assert f["attention_mask"].shape == (2, 2 + 3)
+
+
+def test_encoder_side_of_a_seq2seq_model_has_no_prefix_slots():
+    from promptmux.core.layout import encoder_layout
+
+    tasks = _tasks()
+    ids, mask = np.full((2, 3), 7), np.ones((2, 3), np.int64)
+    lay = encoder_layout(arch_for("t5"), 0, ids, mask, [tasks["prefix"], tasks["pt"]], DIMS)
+    assert "prefix_keys" not in lay.feeds and lay.token_start.tolist() == [0, 2]
+
+
+def test_bank_stores_shared_roles_once_and_round_trips(tmp_path):
+    bank = PromptBank(arch_for("llama"))
+    tasks = _tasks()
+    bank.add(list(tasks.values()))
+    assert sum(k.startswith("shared/") for k in bank.arrays) == 1  # MPT's shared prompt, once for both tasks
+    bank.save(tmp_path)
+    again = PromptBank.load(tmp_path, arch_for("llama"))
+    assert again.names() == list(tasks)
+    for name, t in tasks.items():
+        v = again.view(name)
+        assert (v.kind, v.peft_type, v.num_virtual_tokens) == (t.kind, t.peft_type, t.num_virtual_tokens)
+        for role, value in t.tensors.items():
+            np.testing.assert_array_equal(v.tensors[role], value)
+        assert again.digest(name) == bank.digest(name)
+
+
+def test_bank_copy_keeps_unchanged_tasks_identical_and_drops_unused_shared(tmp_path):
+    bank = PromptBank(arch_for("llama"))
+    bank.add(list(_tasks().values()))
+    before = {n: bank.view(n) for n in bank.names()}
+    bank.remove("m")  # an MPT adapter name removes all its tasks
+    assert "m/0" not in bank and not any(k.startswith("shared/") for k in bank.arrays)
+    assert same_prompt(bank.view("pt"), before["pt"])
+    with pytest.raises(ValueError, match="already in the bank"):
+        bank.add([_tasks()["pt"]])
