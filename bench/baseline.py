@@ -56,6 +56,7 @@ class PeftSystem:
                  adapters: dict[str, str | Path] | None = None, device: str = "cpu", bf16: bool = False):
         import torch
         from peft import PeftModel
+
         from promptmux.core.adapters import read_adapter_config
         from promptmux.core.folder import load_base_model
         from promptmux.export.verify import adapter_num_labels

@@ -20,9 +20,10 @@ ids follow PEFT's rules per kind and architecture.
 from __future__ import annotations
 
 import torch
-from promptmux.kernels.mpt_reference import mpt_prompt_concat
 from torch import nn
 from transformers import DynamicCache
+
+from promptmux.kernels.mpt_reference import mpt_prompt_concat
 
 from .archs import arch_for
 from .io_spec import prompt_inputs

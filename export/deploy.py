@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from promptmux.core.adapters import AdapterError, load_adapter
 from promptmux.core.archs import arch_for, dims_of, position_offset
 from promptmux.core.folder import (
@@ -90,7 +91,6 @@ def export_deployment(
 ) -> Path:
     """Export the base model once with every adapter's task in the bank. Returns the deployment folder."""
     from promptmux.core.bank import PromptBank
-
     from promptmux.progress import StepBar
 
     out_dir = Path(out_dir)
@@ -120,9 +120,8 @@ def export_deployment(
 def _write_deployment(base_dir, out_dir: Path, config, spec, dims, model, bank, fold, optimize, tolerance, bar):
     """Everything into a temporary folder beside out_dir, renamed into place at the end: an error or Ctrl-C
     leaves nothing behind."""
-    from promptmux.core.io_spec import input_names
-
     from promptmux import __version__
+    from promptmux.core.io_spec import input_names
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # The exporters' native extensions are imported before the temporary folder exists: a Ctrl-C that lands inside
@@ -172,6 +171,7 @@ def _write_deployment(base_dir, out_dir: Path, config, spec, dims, model, bank, 
 def _export_graphs(model, config, spec, dims, bank, tmp: Path, fold, optimize, tolerance, bar):
     """Encoder classifiers and causal LMs: the full-sequence graph (+ cached decoder, + folded graph)."""
     import torch
+
     from promptmux.core.graph import PromptedBackbone, PromptedDecoder
     from promptmux.core.io_spec import input_names
     from promptmux.core.layout import build_layout

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
 from promptmux.core.trt_compat import EngineError
 from promptmux.kernels.tensorrt_plugin import (
     PLUGIN_NAME,
@@ -118,9 +119,10 @@ def _reexport_portable(deploy_dir: Path, graph: str, tmp: Path, why: EngineError
     if graph != manifest.get("graph", {}).get("file") or not (base / "config.json").is_file():
         raise EngineError(f"{why} (the base model folder recorded at export, {str(base)!r}, is not there to "
                           "export a portable graph from)") from None
+    from transformers import AutoConfig
+
     from promptmux.core.folder import config_hash, load_base_model
     from promptmux.core.graph import PromptedBackbone
-    from transformers import AutoConfig
 
     from .onnx_export import export_onnx
 

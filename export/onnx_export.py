@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+
 from promptmux.core.archs import arch_for, dims_of
 from promptmux.core.graph import FoldedBackbone, PromptedBackbone
 from promptmux.core.io_spec import (

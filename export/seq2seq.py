@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+
 from promptmux.core.io_spec import SEQ2SEQ_ENCODER_INPUTS as ENCODER_INPUTS
 from promptmux.core.io_spec import dynamic_axes
 from promptmux.core.seq2seq_graph import (

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from promptmux.core.adapters import read_adapter_config
 from promptmux.core.folder import load_base_config
 from promptmux.kinds import BY_PEFT_TYPE
@@ -48,6 +49,7 @@ def peft_outputs(base_dir, adapter_dir, ids: np.ndarray, mask: np.ndarray, famil
                  mpt_task: int | None = None) -> list[np.ndarray]:
     """PEFT eager, per row, in the runtime's output format."""
     from peft import PeftModel
+
     from promptmux.core.folder import load_base_model
 
     cfg = read_adapter_config(adapter_dir)
@@ -67,6 +69,7 @@ def peft_generate(base_dir, adapter_dir, ids: np.ndarray, mask: np.ndarray, max_
                   mpt_task: int | None = None) -> list[list[int]]:
     """PEFT's greedy generate (seq2seq), the new tokens per row."""
     from peft import PeftModel
+
     from promptmux.core.folder import load_base_model
 
     model = PeftModel.from_pretrained(load_base_model(base_dir), str(adapter_dir)).eval()
@@ -97,9 +100,10 @@ def verify(deploy_dir, base_dir, adapters: dict[str, str | Path], backend: str =
            rows_per_task: int = 3, seq: int = 12, quiet: bool = False) -> dict[str, float]:
     """Max abs difference per task between the deployment (one mixed batch) and PEFT eager
     (seq2seq: the fraction of rows whose greedy tokens differ from PEFT's generate)."""
+    from tqdm.auto import tqdm
+
     from promptmux.core.archs import arch_for
     from promptmux.runtime.runtime import Runtime
-    from tqdm.auto import tqdm
 
     quiet_libraries()  # PEFT loads a model per adapter: no loading bars or deprecation warnings in the output
     rt = Runtime(deploy_dir, backend=backend, base=base_dir)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from promptmux.core.adapters import AdapterError, expect, expect_shape
 from promptmux.core.task import Task
 

@@ -6,6 +6,7 @@ ships factors, not composed prompts."""
 from __future__ import annotations
 
 import numpy as np
+
 from promptmux.core.adapters import config_int, expect_shape
 
 from .base import PromptKind, ReadContext

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from promptmux.core.task import Task
 from promptmux.kinds import get as get_kind
 from promptmux.kinds import kind_of
@@ -267,6 +268,7 @@ def _write_adapter(base_dir, base_config, folder: Path, kind: str, tensors: dict
                    num_labels: int | None, seed: int, record: dict) -> None:
     """get_peft_model on the base, set the prompt parameters, save_pretrained: the files PEFT itself writes."""
     import torch
+
     from promptmux.core.archs import TASK_TYPE_FOR_FAMILY, arch_for, dims_of
 
     spec, dims = arch_for(base_config.model_type), dims_of(base_config)

@@ -28,6 +28,7 @@ a source of the target length is used as it is.
 from __future__ import annotations
 
 import numpy as np
+
 from promptmux.kinds import get as get_kind
 from promptmux.kinds import kind_of
 

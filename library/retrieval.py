@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from promptmux.core.adapters import load_adapter, read_adapter_config
 from promptmux.core.task import Task
 from promptmux.library.prompts import (

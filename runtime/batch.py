@@ -8,6 +8,7 @@ import threading
 from typing import Sequence
 
 import numpy as np
+
 from promptmux.core.archs import position_offset
 from promptmux.core.folder import FOLDED_GRAPH, GRAPH
 from promptmux.core.layout import build_layout

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
+
 from promptmux.core.io_spec import decode_step_feeds
 from promptmux.core.layout import build_layout
 from promptmux.core.task import Task, same_prompt

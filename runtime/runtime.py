@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
 from promptmux.core.archs import arch_for, dims_of, position_offset
 from promptmux.core.bank import PromptBank, UnknownTaskError
 from promptmux.core.folder import (

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from promptmux.core.task import Task
 
 from .batch import label_scores, run_batch

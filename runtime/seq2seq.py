@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Iterator
 
 import numpy as np
+
 from promptmux.core.layout import encoder_layout
 from promptmux.core.task import Task
 from promptmux.kinds import kind_of

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+
 from promptmux.core.trt_compat import EngineError
 
 from .errors import BackendUnavailable, InputError

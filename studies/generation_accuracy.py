@@ -60,7 +60,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     from promptmux import Runtime
-
     from promptmux.bench.machine import machine_info
 
     examples = held_out()

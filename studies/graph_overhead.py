@@ -131,12 +131,12 @@ def export_variants(deploy: Path, work: Path) -> dict[str, Path]:
     """The ONNX file of every graph variant (exported once into work)."""
     import torch
 
-    from studies.cpu_engines import bare_onnx
-    from promptmux.export import mpt_function
     from promptmux.core.folder import load_base_model
-    from promptmux.export.deploy import quiet_libraries
     from promptmux.core.graph import PromptedBackbone
-    from promptmux.export.onnx_export import dynamic_shapes, rename_axes, save_model, to_onnx, example_inputs
+    from promptmux.export import mpt_function
+    from promptmux.export.deploy import quiet_libraries
+    from promptmux.export.onnx_export import dynamic_shapes, example_inputs, rename_axes, save_model, to_onnx
+    from studies.cpu_engines import bare_onnx
 
     quiet_libraries()
     manifest = json.loads((deploy / "manifest.json").read_text())

@@ -40,10 +40,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     from promptmux import Runtime
-    from promptmux.runtime.sessions import OrtSession
-
     from promptmux.bench.accuracy import demo_tasks, held_out
     from promptmux.bench.machine import machine_info
+    from promptmux.runtime.sessions import OrtSession
 
     exact = Runtime(args.deploy, backend="onnxruntime", threads=args.threads)
     examples = [e for t in demo_tasks(exact) for e in held_out(t, exact.tokenizer)]

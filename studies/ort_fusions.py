@@ -25,8 +25,8 @@ def _child(deploy: str, batch: int, disabled: bool, threads: int) -> float:
     import onnxruntime as ort
 
     from promptmux import Runtime
-    from promptmux.core.layout import build_layout
     from promptmux.core.archs import position_offset
+    from promptmux.core.layout import build_layout
 
     rt = Runtime(deploy, backend="onnxruntime", threads=threads)
     ids = np.random.default_rng(0).integers(1000, 20000, size=(batch, 64))

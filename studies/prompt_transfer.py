@@ -260,9 +260,9 @@ def run(args) -> dict:
     text_prompt = text_init(base_dir)
     emb = word_embeddings(base_dir)
     from promptmux.core.archs import arch_for
+    from promptmux.core.bank import PromptBank
     from promptmux.core.folder import load_base_config
     from promptmux.library.prompts import resample_tokens, task_prompt
-    from promptmux.core.bank import PromptBank
 
     bank = PromptBank.load(deploy, arch_for(load_base_config(deploy).model_type))
     pair = ["sentiment", "topic"]

@@ -67,8 +67,14 @@ def make_base(arch: str, folder: Path) -> Path:
 # name -> (factory(task_type, dims) -> PeftConfig). Sizes differ on purpose: mixed batches then
 # hold tasks with different numbers of virtual tokens and ranks.
 def adapter_configs(arch: str) -> dict:
-    from peft import (CartridgeConfig, CPTConfig, MultitaskPromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig,
-                      PromptTuningConfig)
+    from peft import (
+        CartridgeConfig,
+        CPTConfig,
+        MultitaskPromptTuningConfig,
+        PrefixTuningConfig,
+        PromptEncoderConfig,
+        PromptTuningConfig,
+    )
 
     tt = "SEQ_CLS" if is_encoder(arch) else "SEQ_2_SEQ_LM" if is_seq2seq(arch) else "CAUSAL_LM"
     # DistilBERT's config uses other attribute names than PEFT looks for: give the sizes explicitly.

@@ -17,6 +17,7 @@ from pathlib import Path
 from conftest import adapter_configs, make_adapter, make_base
 
 SERVE_ADAPTERS = ("pt", "ptmlp", "prefix", "mpt")  # tasks pt, ptmlp, prefix, mpt/0, mpt/1, mpt/2
+NEWER_ADAPTERS = ("cartridge", "cpt")  # PEFT's newer methods, served where PEFT supports them (CPT: causal LMs)
 EXTRA_ADAPTER = "ptlstm"  # kept out of the deployment: the admin endpoint adds it under load
 
 
@@ -48,11 +49,12 @@ class TextDeployment:
         char_tokenizer(arch).save_pretrained(self.base)
         self.adapter_root = root / "adapters"
         cfgs = adapter_configs(arch)
+        newer = tuple(n for n in NEWER_ADAPTERS if n in cfgs)
         self.adapters = {name: make_adapter(arch, self.base, cfgs[name], self.adapter_root / name, seed=seed + 1)
-                         for seed, name in enumerate(SERVE_ADAPTERS + (EXTRA_ADAPTER,))}
+                         for seed, name in enumerate(SERVE_ADAPTERS + (EXTRA_ADAPTER,) + newer)}
         served = {n: p for n, p in self.adapters.items() if n != EXTRA_ADAPTER}
         self.deploy = export_deployment(self.base, served, root / "deploy", quiet=True)
-        self.tasks = ["pt", "ptmlp", "prefix", "mpt/0", "mpt/1", "mpt/2"]
+        self.tasks = ["pt", "ptmlp", "prefix", "mpt/0", "mpt/1", "mpt/2", *newer]
 
 
 class ServerProcess:

@@ -10,9 +10,9 @@ import json
 
 import numpy as np
 import pytest
-from promptmux.bench.workload import Workload, assign_tasks
-from promptmux.bench.report import targets
 
+from promptmux.bench.report import targets
+from promptmux.bench.workload import Workload, assign_tasks
 from promptmux.cli import main
 
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
@@ -39,7 +39,7 @@ def _check_png(path) -> None:
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
 def test_cli_writes_json_markdown_and_plots_with_the_peft_baseline(deployment, tmp_path):
-    tasks = ["pt", "mpt/1", "prefix"]
+    tasks = ["pt", "mpt/1", "prefix", "cartridge"]
     data = _bench(tmp_path, deployment.deploy, "--tasks", ",".join(tasks), "--mix", "single,uniform",
                   "--batch-sizes", "1,3", "--seq-lens", "6", "--requests", "6", "--baseline", "peft",
                   "--backend", "onnxruntime,torch")
@@ -94,7 +94,7 @@ def test_cli_writes_json_markdown_and_plots_with_the_peft_baseline(deployment, t
 
 @pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
 def test_causal_lm_forward_and_generation_against_peft(deployment, tmp_path):
-    tasks = "pt,prefix,mpt/2"
+    tasks = "pt,prefix,mpt/2,cpt,cartridge"
     data = _bench(tmp_path, deployment.deploy, "--tasks", tasks, "--mix", "uniform", "--batch-sizes", "2",
                   "--seq-lens", "5", "--requests", "4", "--baseline", "peft")
     for a in data["throughput"]["agreement"]:
@@ -187,10 +187,9 @@ def test_task_count_scaling(deployment, tmp_path):
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
 def test_accuracy_comparison_counts_differing_predictions(deployment):
+    from promptmux import Runtime
     from promptmux.bench.accuracy import compare_predictions
     from promptmux.bench.baseline import PeftSystem
-
-    from promptmux import Runtime
 
     rt = Runtime(deployment.deploy)
     tasks = ["pt", "mpt/0", "prefix"]
@@ -229,8 +228,8 @@ def test_each_system_runs_in_its_own_process_with_both_peft_baselines(deployment
     import os
 
     from promptmux import Runtime
-    from promptmux.bench.settings import BenchSettings, system_pairs
     from promptmux.bench.isolated import IsolatedSystem, SystemSpec
+    from promptmux.bench.settings import BenchSettings, system_pairs
     from promptmux.runtime.precision import cpu_has_bf16
 
     if not cpu_has_bf16():

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import servekit
+
 from promptmux.bench import serve_load
 
 

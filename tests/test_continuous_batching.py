@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from promptmux.runtime.generate import ContinuousBatch, SamplingParams, StreamedRows
 
 from promptmux import Runtime
+from promptmux.runtime.generate import ContinuousBatch, SamplingParams, StreamedRows
 
 
 def _runtime(fx):

@@ -37,8 +37,8 @@ def test_demo_deployment_matches_peft_on_real_text(demo):
     from peft import PeftModel
 
     from promptmux import Runtime
-    from promptmux.demo import ADAPTERS, EXAMPLES, base_model_dir
     from promptmux.core.folder import load_base_model
+    from promptmux.demo import ADAPTERS, EXAMPLES, base_model_dir
     from promptmux.export.verify import adapter_num_labels
 
     rt = Runtime(demo["deployment"])

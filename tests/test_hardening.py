@@ -187,8 +187,8 @@ print(json.dumps(done))
 
 def test_concurrent_task_changes_from_several_processes_lose_nothing(text_deployments, tmp_path):
     from promptmux.core.archs import arch_for
-    from promptmux.core.folder import load_base_config
     from promptmux.core.bank import PromptBank
+    from promptmux.core.folder import load_base_config
 
     d = text_deployments["bert"]
     deploy = tmp_path / "deploy"

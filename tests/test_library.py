@@ -269,19 +269,22 @@ def test_causal_lm_bank_without_onnx(tmp_path):
 
     from promptmux.core.adapters import load_adapter
     from promptmux.core.archs import arch_for
-    from promptmux.core.folder import load_base_config
     from promptmux.core.bank import PromptBank
+    from promptmux.core.folder import load_base_config
 
     base = make_base("gpt2", tmp_path / "base")
     cfgs = adapter_configs("gpt2")
     config = load_base_config(base)
     bank = PromptBank(arch_for("gpt2"))
-    for i, name in enumerate(["pt", "ptmlp", "mpt1"]):
+    for i, name in enumerate(["pt", "ptmlp", "mpt1", "cpt", "cartridge"]):
         bank.add(load_adapter(name, make_adapter("gpt2", base, cfgs[name], tmp_path / name, seed=i + 1), config))
     folder = tmp_path / "bank"
     folder.mkdir()
     bank.save(folder)
     config.save_pretrained(folder)
+    # CPT's prompt is input-level (ranked, and a starting point); a cartridge is key/values (skipped, said so)
+    assert {r["task"] for r in similar_tasks(folder, "pt", top_k=None)} == {"ptmlp", "mpt1/0", "cpt"}
+    assert skipped_tasks(folder) == ["cartridge"]
     (rec,) = init_adapter(folder, base, tmp_path / "out", top_k=1, query="ptmlp", num_virtual_tokens=7)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "out")
     from promptmux.library.prompts import task_prompt

@@ -27,11 +27,22 @@ except ImportError as e:
     pytest.skip(f"no TensorRT here: {e}", allow_module_level=True)
 
 from promptmux.core.trt_compat import EngineError  # noqa: E402
-from promptmux.export.engine import (PRECISIONS, _profile_ranges, _retype_graph,  # noqa: E402
-                                     build_deployment_engines, build_engine, record_engine)
+from promptmux.export.engine import (  # noqa: E402
+    PRECISIONS,
+    _profile_ranges,
+    _retype_graph,
+    build_deployment_engines,
+    build_engine,
+    record_engine,
+)
+from promptmux.kernels.tensorrt_plugin import (  # noqa: E402
+    PLUGIN_NAME,
+    PLUGIN_NAMESPACE,
+    PLUGIN_VERSION,
+    plugin_classes,
+    register_tensorrt_plugins,
+)
 from promptmux.runtime.trt_session import load_engine  # noqa: E402
-from promptmux.kernels.tensorrt_plugin import (PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION,  # noqa: E402
-                                               plugin_classes, register_tensorrt_plugins)
 
 CAN_RUN, WHY_NOT = trt_compat.execution_support()
 needs_gpu = pytest.mark.skipif(not CAN_RUN, reason=f"engines cannot run here: {WHY_NOT}")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
 from promptmux.core.bank import UnknownTaskError
 
 from .engine import Engine, engine_of

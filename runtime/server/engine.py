@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from fastapi import Request
+
 from promptmux.core.bank import UnknownTaskError
 
 from ..scheduler import ClassifyJob, Overloaded, Scheduler
