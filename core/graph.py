@@ -5,11 +5,11 @@ both backends compute the same thing. One forward serves a batch whose rows belo
 different tasks of different kinds:
 
     token embeddings [B, S, d]
-      <- concat in front: input-level prompts [B, P, d]         (prompt tuning, P-tuning)
+      <- concat in front: input-level prompts [B, P, d]         (prompt tuning, P-tuning, CPT)
       <- MPTPromptConcat in front: composed MPT prompts [B, Tm, d]
       -> reorder each row with `order` [B, L] so its real virtual tokens come first, then its
          tokens, then unused prompt slots (L = Tm + P + S)
-      -> backbone with prefix key/values [layers, B, kv_heads, N, head_dim] (prefix tuning)
+      -> backbone with key/value prefixes [layers, B, kv_heads, N, head_dim] (prefix tuning, CARTRIDGE)
          as the cache, the host-built attention mask [B, N + L] and position ids [B, L]
 
 The host (core/layout.py, with each row's kind) builds order, mask and position ids so that every row sees
