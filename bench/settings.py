@@ -141,7 +141,7 @@ def _list(text: str | None, cast=str) -> list | None:
 
 
 def settings_from_args(args) -> BenchSettings:
-    """The CLI's namespace (promptmux/cli.py, `bench`) -> settings."""
+    """The CLI's namespace (promptmux/cli/parser.py, `bench`) -> settings."""
     adapters = {}
     for pair in args.adapter or []:
         name, sep, path = pair.partition("=")
