@@ -21,6 +21,7 @@ MANIFEST = "manifest.json"
 GRAPH = "model.onnx"
 DECODER_GRAPH = "decoder.onnx"  # causal LMs: the cached graph for generation
 FOLDED_GRAPH = "model_folded.onnx"
+NOPREFIX_GRAPH = "model_noprefix.onnx"  # encoders: the graph for batches without a key/value prefix row
 FORMAT_VERSION = 1
 
 

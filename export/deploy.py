@@ -30,6 +30,7 @@ from promptmux.core.folder import (
     FORMAT_VERSION,
     GRAPH,
     MANIFEST,
+    NOPREFIX_GRAPH,
     config_hash,
     load_base_config,
     load_base_model,
@@ -183,6 +184,7 @@ def _export_graphs(model, config, spec, dims, bank, tmp: Path, fold, optimize, t
         export_onnx,
         fold_task,
         optimize_onnx,
+        share_weights,
     )
 
     backbone = PromptedBackbone(model)
@@ -199,6 +201,20 @@ def _export_graphs(model, config, spec, dims, bank, tmp: Path, fold, optimize, t
     if optimize:
         report["ort_optimization"] = optimize_onnx(tmp / GRAPH, config, feeds, reference, tolerance)
     bar.update()
+
+    if spec.family == "encoder" and spec.supports_prefix and not optimize:
+        # Batches with no prefix row run a graph without prefix inputs: no empty cache concatenated in every layer
+        # (3-4 % of a MiniLM forward at B = 32, bench/results/graph-overhead.md). It shares model.onnx's weights.
+        bar.step("exporting the graph without prefix inputs")
+        export_onnx(backbone, config, tmp / NOPREFIX_GRAPH, prefix=False)
+        share_weights(tmp / NOPREFIX_GRAPH, tmp / GRAPH)
+        plain = {n: v for n, v in _check_batch(spec, config, dims, bank, prefix=False).items()}
+        with torch.inference_mode():
+            want = backbone(*[torch.from_numpy(plain[n]) for n in input_names(config.model_type)
+                              if n in plain]).numpy()
+        report["noprefix"] = {"file": NOPREFIX_GRAPH,
+                              "checked_max_abs_diff": check_graph(tmp / NOPREFIX_GRAPH, plain, want, tolerance)}
+        bar.update()
 
     decoder = None
     if spec.family == "decoder":
@@ -264,12 +280,23 @@ def _check_rows(dims, bank):
     return ids, mask, [bank.view(n) for n in names for _ in range(2)]
 
 
-def _check_batch(spec, config, dims, bank) -> dict[str, np.ndarray]:
-    """A mixed batch over every task (two rows each, one of them padded) for checking the export."""
+def _check_batch(spec, config, dims, bank, prefix: bool = True) -> dict[str, np.ndarray]:
+    """A mixed batch over every task (two rows each, one of them padded) for checking the export; prefix=False:
+    over the tasks without a key/value prefix, laid out for the graph without prefix inputs."""
     from promptmux.core.layout import build_layout
+    from promptmux.kinds import kind_of
 
     ids, mask, prompts = _check_rows(dims, bank)
-    return build_layout(spec, position_offset(config), config.pad_token_id, ids, mask, None, prompts, dims).feeds
+    if not prefix:
+        keep = [i for i, t in enumerate(prompts) if kind_of(t).kv_prefix(t) is None] or [0]
+        ids, mask, prompts = ids[keep], mask[keep], [prompts[i] for i in keep]
+        if kind_of(prompts[0]).kv_prefix(prompts[0]) is not None:  # a bank of prefix tasks only: plain tokens
+            from promptmux.core.task import Task
+
+            prompts = [Task("none", "prompt", "PROMPT_TUNING", 0, {"prompt": np.zeros((0, dims.hidden_size),
+                                                                                         np.float32)})]
+    return build_layout(spec, position_offset(config), config.pad_token_id, ids, mask, None, prompts, dims,
+                        min_slots=0 if not prefix else 1, prefix=prefix).feeds
 
 
 def _copy_tokenizer(base_dir: str | Path, dest: Path) -> None:

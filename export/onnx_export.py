@@ -14,6 +14,7 @@ from promptmux.core.archs import arch_for, dims_of
 from promptmux.core.graph import FoldedBackbone, PromptedBackbone
 from promptmux.core.io_spec import (
     INPUTS,
+    PREFIX_INPUTS,
     PROMPT_INPUTS,
     dynamic_axes,
     example_shape,
@@ -107,10 +108,14 @@ def to_onnx(module, args: tuple, input_names: list[str], output_names: list[str]
     return _core.export(module, args, registry=registry, opset_version=OPSET, **options).model_proto
 
 
-def export_onnx(module: torch.nn.Module, config, path: Path, folded: bool = False) -> Path:
-    """torch.onnx (dynamo) export with the MPT op as one node, then attach its function body."""
+def export_onnx(module: torch.nn.Module, config, path: Path, folded: bool = False, prefix: bool = True) -> Path:
+    """torch.onnx (dynamo) export with the MPT op as one node, then attach its function body. prefix=False: the
+    graph without prefix inputs (for batches in which no row has a key/value prefix)."""
     names = input_names(config.model_type)
-    if folded:
+    if not prefix:
+        names = [n for n in names if n not in PREFIX_INPUTS]
+        ex = {n: v for n, v in example_inputs(config, n=0).items() if n in names}
+    elif folded:
         n = module.prefix_keys.shape[3] if module.has_prefix else 0
         sizes = dict(tm=module.mpt_shared.shape[1], p=module.prompt_embeds.shape[1], n=n)
         names = [n for n in names if n not in PROMPT_INPUTS]
@@ -272,3 +277,37 @@ def export_decoder_onnx(module, config, path: Path) -> Path:
     save_model(model, path)
     onnx.checker.check_model(str(path))
     return path
+
+
+def share_weights(variant: Path, main: Path) -> int:
+    """Point the variant graph's weights at the main graph's data file where the main graph holds the same tensor
+    (same shape, type and bytes; matched by content, since the exporter names folded constants differently in each
+    export), so that a second graph costs no second copy of the weights on disk. Initializers with no twin are stored
+    inline. Returns the bytes shared."""
+    import hashlib
+
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    def external(model: onnx.ModelProto, folder: Path):
+        for t in model.graph.initializer:
+            if uses_external_data(t):
+                info = ExternalDataInfo(t)
+                with open(folder / info.location, "rb") as f:
+                    f.seek(info.offset or 0)
+                    data = f.read(info.length)
+                yield t, (tuple(t.dims), t.data_type, hashlib.sha256(data).hexdigest()), data
+
+    var, ref = onnx.load(str(variant), load_external_data=False), onnx.load(str(main), load_external_data=False)
+    twins = {key: list(t.external_data) for t, key, _ in external(ref, main.parent)}
+    shared = 0
+    for tensor, key, data in list(external(var, variant.parent)):
+        del tensor.external_data[:]
+        if key in twins:
+            tensor.external_data.extend(twins[key])
+            shared += len(data)
+        else:
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = data
+    onnx.save(var, str(variant))
+    variant.with_name(variant.name + ".data").unlink(missing_ok=True)
+    return shared

@@ -10,9 +10,10 @@ from typing import Sequence
 import numpy as np
 
 from promptmux.core.archs import position_offset
-from promptmux.core.folder import FOLDED_GRAPH, GRAPH
+from promptmux.core.folder import FOLDED_GRAPH, GRAPH, NOPREFIX_GRAPH
 from promptmux.core.layout import build_layout
 from promptmux.core.task import Task
+from promptmux.kinds import kind_of
 
 from .errors import InputError
 
@@ -99,15 +100,19 @@ def run_batch(rt, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None, v
     row uses, instead of one masked dummy slot each: every layer then attends over the batch's real positions only
     (the dummy slots cost up to 16 % of a MiniLM forward at B=32 on ONNX Runtime; bench/results/graph-overhead.md).
     The folded graph (its prompt sizes are constants) and the GPU engines (TensorRT profiles, CUDA; untested with
-    empty axes) keep one slot.
+    empty axes) keep one slot. A batch with no key/value prefix row runs the graph without prefix inputs where the
+    deployment has one (encoders): no empty cache is concatenated in every layer.
     """
     folded = rt.folded_for(views)
-    session = rt.folded_session if folded else rt.session
+    session, graph = (rt.folded_session, FOLDED_GRAPH) if folded else (rt.session, GRAPH)
+    prefix = None
+    if not folded and rt.noprefix_session is not None and all(kind_of(v).kv_prefix(v) is None for v in views):
+        session, graph, prefix = rt.noprefix_session, NOPREFIX_GRAPH, False
     min_slots = 0 if rt.backend in ("onnxruntime", "openvino") and not folded else 1
     layout = build_layout(rt.spec, position_offset(rt.config), rt.config.pad_token_id, ids, mask, types, views,
-                          rt.dims, min_slots=min_slots)
+                          rt.dims, min_slots=min_slots, prefix=prefix)
     out = session.run(layout.feeds, bank_key=bank_key)
-    rt.graph_runs[FOLDED_GRAPH if folded else GRAPH] += 1
+    rt.graph_runs[graph] += 1
     if rt.spec.family == "encoder":
         return heads(views, out)
     seq = ids.shape[1]

@@ -78,6 +78,7 @@ class Runtime:
         self._bank_version = 0  # bumped by every bank swap: device sessions key their resident prompts on it
         self._lock = threading.Lock()  # serializes bank swaps, not requests
         self._tokenizer = None
+        self.noprefix_session = None  # encoders: the graph without prefix inputs (CPU engines)
         self.graph_runs: Counter = Counter()  # full-sequence batches run per graph file (model.onnx, model_folded.onnx)
         # The positions a row may use: virtual and real tokens together. T5 configs carry n_positions (the context
         # it was trained with) though its positions are relative; RoBERTa-style models count from after the
@@ -104,6 +105,9 @@ class Runtime:
             else:
                 self.session = self._graph_session(self.dir / GRAPH)
             self.folded_session = self._graph_session(self.dir / FOLDED_GRAPH) if folded else None
+            noprefix = self.manifest["graph"].get("noprefix")
+            if noprefix and backend in ("onnxruntime", "openvino"):  # made when a batch without prefix rows comes
+                self.noprefix_session = OnFirstUse(lambda: self._graph_session(self.dir / noprefix["file"]))
         else:
             from promptmux.core.folder import load_base_model
             from promptmux.core.graph import PromptedBackbone
