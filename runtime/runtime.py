@@ -100,14 +100,16 @@ class Runtime:
             self.folded_session = None  # the engine serves every task; folding is an ONNX Runtime CPU option
             self.folded_task = None
         elif backend != "torch":
-            if self.spec.family == "decoder":  # generation needs only the cached decoder graph
+            noprefix = self.manifest["graph"].get("noprefix")
+            if noprefix and backend in ("onnxruntime", "openvino"):  # made when a batch without prefix rows comes
+                self.noprefix_session = OnFirstUse(lambda: self._graph_session(self.dir / noprefix["file"]))
+            if self.spec.family == "decoder" or self.noprefix_session is not None:
+                # made on first use: generation needs only the cached decoder graph, and an encoder whose batches
+                # have no prefix rows only the graph without prefix inputs
                 self.session = OnFirstUse(lambda: self._graph_session(self.dir / GRAPH))
             else:
                 self.session = self._graph_session(self.dir / GRAPH)
             self.folded_session = self._graph_session(self.dir / FOLDED_GRAPH) if folded else None
-            noprefix = self.manifest["graph"].get("noprefix")
-            if noprefix and backend in ("onnxruntime", "openvino"):  # made when a batch without prefix rows comes
-                self.noprefix_session = OnFirstUse(lambda: self._graph_session(self.dir / noprefix["file"]))
         else:
             from promptmux.core.folder import load_base_model
             from promptmux.core.graph import PromptedBackbone
