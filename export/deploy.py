@@ -296,7 +296,7 @@ def _check_batch(spec, config, dims, bank, prefix: bool = True) -> dict[str, np.
             prompts = [Task("none", "prompt", "PROMPT_TUNING", 0, {"prompt": np.zeros((0, dims.hidden_size),
                                                                                          np.float32)})]
     return build_layout(spec, position_offset(config), config.pad_token_id, ids, mask, None, prompts, dims,
-                        min_slots=0 if not prefix else 1, prefix=prefix).feeds
+                        min_slots=0 if not prefix else 1, prefix=None if prefix else False).feeds
 
 
 def _copy_tokenizer(base_dir: str | Path, dest: Path) -> None:
