@@ -208,7 +208,7 @@ def _export_graphs(model, config, spec, dims, bank, tmp: Path, fold, optimize, t
         bar.step("exporting the graph without prefix inputs")
         export_onnx(backbone, config, tmp / NOPREFIX_GRAPH, prefix=False)
         share_weights(tmp / NOPREFIX_GRAPH, tmp / GRAPH)
-        plain = {n: v for n, v in _check_batch(spec, config, dims, bank, prefix=False).items()}
+        plain = _check_batch(spec, config, dims, bank, prefix=False)
         with torch.inference_mode():
             want = backbone(*[torch.from_numpy(plain[n]) for n in input_names(config.model_type)
                               if n in plain]).numpy()
@@ -282,21 +282,13 @@ def _check_rows(dims, bank):
 
 def _check_batch(spec, config, dims, bank, prefix: bool = True) -> dict[str, np.ndarray]:
     """A mixed batch over every task (two rows each, one of them padded) for checking the export; prefix=False:
-    over the tasks without a key/value prefix, laid out for the graph without prefix inputs."""
+    laid out for the graph without prefix inputs (key/value prefix rows then carry their tokens only, which is
+    what that graph computes for them)."""
     from promptmux.core.layout import build_layout
-    from promptmux.kinds import kind_of
 
     ids, mask, prompts = _check_rows(dims, bank)
-    if not prefix:
-        keep = [i for i, t in enumerate(prompts) if kind_of(t).kv_prefix(t) is None] or [0]
-        ids, mask, prompts = ids[keep], mask[keep], [prompts[i] for i in keep]
-        if kind_of(prompts[0]).kv_prefix(prompts[0]) is not None:  # a bank of prefix tasks only: plain tokens
-            from promptmux.core.task import Task
-
-            prompts = [Task("none", "prompt", "PROMPT_TUNING", 0, {"prompt": np.zeros((0, dims.hidden_size),
-                                                                                         np.float32)})]
     return build_layout(spec, position_offset(config), config.pad_token_id, ids, mask, None, prompts, dims,
-                        min_slots=0 if not prefix else 1, prefix=None if prefix else False).feeds
+                        min_slots=1 if prefix else 0, prefix=None if prefix else False).feeds
 
 
 def _copy_tokenizer(base_dir: str | Path, dest: Path) -> None:
