@@ -99,10 +99,11 @@ class OpenVinoSession:
         path = path.resolve()  # a deployment linking another's graph (bench --scaling) shares its converted IR
         folder = _ir_folder(path.parent)
         xml = convert_graph(path, folder, progress)
-        # No CACHE_DIR (OpenVINO's compiled-blob cache): with OpenVINO 2026.4 on an AMX CPU, a Llama graph compiled
-        # with INFERENCE_PRECISION_HINT f32 and imported from that cache computed 1e-3 away from the same graph
-        # compiled afresh (bf16-like; it still reports f32). The conversion to IR above is the slow part, and it
-        # is cached; compiling the IR takes about a second.
+        # No compiled-blob cache (OpenVINO's CACHE_DIR or export_model/import_model), measured with OpenVINO 2026.4
+        # (studies/openvino_cache.py, bench/results/openvino-cache.md): importing a blob takes as long as compiling
+        # the IR (0.2 s MiniLM; 1.0 vs 0.55 s GPT-2; 1.6-2.3 vs 1.9 s SmolLM2), and a graph with fused RoPE nodes
+        # (Llama family) computes garbage keys after the import. The slow part of a first start is the ONNX -> IR
+        # conversion above (1.4-13 s), and that is done once per deployment.
         core = ov.Core()
         config = {"INFERENCE_PRECISION_HINT": OV_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY"}
         if threads:

@@ -41,6 +41,25 @@ def test_openvino_stays_exact_when_the_deployment_is_loaded_again(deployment):
 
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_openvino_restart_converts_nothing(deployment, monkeypatch):
+    """The ONNX -> IR conversion (the slow part of a first start) is done once per deployment; a restart only
+    compiles the IR (studies/openvino_cache.py: importing a compiled blob is no faster, and wrong on RoPE graphs)."""
+    import openvino as ov
+
+    ids, mask = random_batch("bert", rows=2, seq=6, seed=3, padding_side="right")
+    first = Runtime(deployment.deploy, backend="openvino")
+    tasks = [first.tasks[0], first.tasks[-1]]
+    want = first.forward(ids, mask, tasks)
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("a restart converted a graph again")
+
+    monkeypatch.setattr(ov, "convert_model", no_conversion)
+    got = Runtime(deployment.deploy, backend="openvino").forward(ids, mask, tasks)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(got, want)) == 0.0
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
 def test_bf16_contract_is_measured_recorded_and_reused(deployment, tmp_path):
     import shutil
 
