@@ -120,6 +120,16 @@ class OpenVinoSession:
         self.output_names = [o.any_name for o in self.compiled.outputs]
         self.output_name = self.output_names[0]
         self._local = threading.local()  # an infer request per thread: requests are not thread-safe
+        # Decoder graphs: present.* = past_key_values.* grown by the step's positions. Those outputs (and the
+        # gathered logits) are written straight into fresh arrays that the caller then owns, as ONNX Runtime's
+        # outputs are, instead of being copied out of the request's memory every step.
+        self._past_of = {i: n.replace("present", "past_key_values", 1) for i, n in enumerate(self.output_names)
+                         if n.startswith("present")}
+        if any(name not in self.input_names for name in self._past_of.values()):
+            self._past_of = {}
+        logits = self.compiled.outputs[0].get_partial_shape()
+        self._vocab = (logits[1].get_length() if self._past_of and logits.rank.is_static and logits.rank.get_length()
+                       == 2 and logits[1].is_static else None)  # [rows, vocab]: one row per gathered position
 
     def _request(self):
         req = getattr(self._local, "request", None)
@@ -127,11 +137,36 @@ class OpenVinoSession:
             req = self._local.request = self.compiled.create_infer_request()
         return req
 
+    def _output_arrays(self, feeds: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
+        """Fresh arrays for the outputs whose shapes follow from the feeds (a decoder's logits and presents)."""
+        if not self._past_of:
+            return {}
+        new = feeds["order"].shape[1] if "order" in feeds else feeds["input_ids"].shape[1]
+        arrays = {}
+        for i, past in self._past_of.items():
+            b, h, t, d = feeds[past].shape
+            arrays[i] = np.empty((b, h, t + new, d), np.float32)
+        if self._vocab is not None:
+            rows = feeds["logits_index" if "logits_index" in feeds else "input_ids"].shape[0]
+            arrays[0] = np.empty((rows, self._vocab), np.float32)
+        return arrays
+
     def run_all(self, feeds: dict[str, np.ndarray], bank_key=None) -> list[np.ndarray]:
+        ov = import_openvino()
         req = self._request()
+        arrays = self._output_arrays(feeds)
+        for i, a in arrays.items():
+            req.set_output_tensor(i, ov.Tensor(a, shared_memory=True))
         req.infer({n: np.ascontiguousarray(feeds[n]) for n in self.input_names}, share_inputs=True)
-        # The request reuses its output memory on the next call: copy out.
-        return [np.array(req.get_output_tensor(i).data, copy=True) for i in range(len(self.output_names))]
+        out = []
+        for i in range(len(self.output_names)):
+            data = req.get_output_tensor(i).data
+            mine = arrays.get(i)
+            if mine is not None and mine.shape == data.shape and np.shares_memory(mine, data):
+                out.append(mine)  # OpenVINO wrote into the array given
+            else:  # the request's own memory, reused by its next call: copy out
+                out.append(np.array(data, copy=True))
+        return out
 
     def run(self, feeds: dict[str, np.ndarray], bank_key=None) -> np.ndarray:
         return self.run_all(feeds)[0]  # the graphs run() serves have one output

@@ -88,6 +88,28 @@ def test_mixed_task_greedy_matches_peft_generate_row_by_row(deployment, precompu
 
 
 @pytest.mark.parametrize("deployment", ["llama", "t5"], indirect=True)
+def test_openvino_decode_steps_hand_over_their_kv_without_a_copy(deployment):
+    """A decode step's presents are written by OpenVINO into arrays the generator then owns (as ONNX Runtime's
+    outputs are), not copied out of the request's memory every step."""
+    rt = _runtime(deployment, "openvino")
+    names = deployment.task_names()
+    ids, mask = random_batch(deployment.arch, rows=2, seq=5, seed=6, padding_side="left")
+    calls = []
+    session = rt.generator.decoder if hasattr(rt.generator, "decoder") else rt.generator.session
+    run_all = session.run_all
+
+    def spy(feeds, bank_key=None):
+        out = run_all(feeds)
+        request = session._request()
+        calls.append([np.shares_memory(out[i], request.get_output_tensor(i).data) for i in range(len(out))])
+        return out
+
+    session.run_all = spy
+    rt.generate({"input_ids": ids, "attention_mask": mask}, names[:2], max_new_tokens=3, eos_token_id=[])
+    assert len(calls) >= 2 and all(all(c) for c in calls), calls
+
+
+@pytest.mark.parametrize("deployment", ["llama", "t5"], indirect=True)
 def test_torch_backend_generates_the_same_tokens(deployment):
     names = deployment.task_names()
     ids, mask = random_batch(deployment.arch, rows=len(names), seq=5, seed=8, padding_side="left")
