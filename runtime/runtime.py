@@ -32,7 +32,7 @@ from .batch import (
     task_names,
 )
 from .errors import InputError
-from .text import load_tokenizer, too_long
+from .text import load_tokenizer, pad_rows, too_long
 
 BACKENDS = ("auto", "onnxruntime", "openvino", "onnxruntime-cuda", "tensorrt", "torch")
 _ORT_DEVICE = "cuda"  # where backend "onnxruntime-cuda" binds its tensors (tests run the binding path on "cpu")
@@ -219,8 +219,13 @@ class Runtime:
         fv = self._folded_view
         return fv is not None and all(same_prompt(v, fv) for v in views)
 
-    def _check_inputs(self, input_ids, attention_mask, tasks, token_type_ids):
-        ids = np.asarray(input_ids)
+    def _check_inputs(self, input_ids, attention_mask, tasks, token_type_ids, pad_side: str = "right"):
+        input_ids, attention_mask = pad_rows(input_ids, attention_mask, self.config.pad_token_id, pad_side)
+        try:
+            ids = np.asarray(input_ids)
+        except ValueError:
+            raise InputError("input_ids rows have different lengths and come with an attention_mask or token_type_ids: "
+                             "pad them to one length, or give the rows alone and promptmux pads them") from None
         if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
             raise InputError(f"input_ids must be a non-empty 2-D array [batch, tokens], got shape {ids.shape}")
         if not np.issubdtype(ids.dtype, np.integer):
@@ -248,7 +253,8 @@ class Runtime:
 
     def forward(self, input_ids, attention_mask=None, tasks: str | Sequence[str] = (), token_type_ids=None
                 ) -> list[np.ndarray]:
-        """Run a batch where row i uses task tasks[i].
+        """Run a batch where row i uses task tasks[i]: input_ids [batch, tokens] with attention_mask, or rows of
+        token ids of any lengths (then padded on the right here, with their mask).
 
         Returns one array per row: classification -> the logits of that task's head [num_labels];
         causal LM -> logits for the row's real tokens [real_tokens, vocab] (virtual tokens excluded).
@@ -318,7 +324,8 @@ class Runtime:
         return TorchSession(PromptedDecoder(self._torch_model), list(DECODER_INPUTS) + past_names(self.dims.num_layers))
 
     def _generation_inputs(self, inputs, tasks):
-        """Text (list of str) or token ids (2-D, left padding for batches) -> ids, mask, task names, is_text."""
+        """Text (list of str), token ids (2-D, left padding for batches) or rows of token ids of any lengths
+        (padded here) -> ids, mask, task names, is_text."""
         is_text = isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs
                                               and all(isinstance(x, str) for x in inputs))
         if is_text:
@@ -333,13 +340,16 @@ class Runtime:
             tok.padding_side = "right" if self.spec.family == "seq2seq" else "left"
             enc = tok(texts, padding=True, return_tensors="np")
             ids, mask = enc["input_ids"], enc["attention_mask"]
-        elif isinstance(inputs, dict):
-            ids, mask = np.asarray(inputs["input_ids"]), inputs.get("attention_mask")
         else:
-            ids, mask = np.asarray(inputs), None
-        if ids.ndim == 2 and ids.shape[1] == 0:
-            raise InputError("empty prompt: input_ids has no tokens")
-        ids, mask, tasks, _ = self._check_inputs(ids, mask, tasks, None)
+            ids, mask = (inputs["input_ids"], inputs.get("attention_mask")) if isinstance(inputs, dict) else (inputs,
+                                                                                                            None)
+            if any(hasattr(r, "__len__") and len(r) == 0 for r in (ids if isinstance(ids, (list, tuple)) else [])):
+                raise InputError("empty prompt: a row of input_ids has no tokens")
+            if isinstance(ids, np.ndarray) and ids.ndim == 2 and ids.shape[1] == 0:
+                raise InputError("empty prompt: input_ids has no tokens")
+        # Ragged rows of ids are padded as the tokenizer pads text (causal LMs continue each row's last token).
+        side = "right" if self.spec.family == "seq2seq" else "left"
+        ids, mask, tasks, _ = self._check_inputs(ids, mask, tasks, None, pad_side=side)
         return ids, mask, tasks, is_text
 
     def generate_stream(self, inputs, tasks, max_new_tokens: int = 32, *, do_sample: bool = False,

@@ -191,6 +191,17 @@ def test_bad_forward_inputs(rt, kwargs, message):
         rt.forward(ids, **args)
 
 
+def test_ragged_rows_of_ids_are_padded_like_tokenized_text(rt):
+    rows = [[5, 6, 7, 8], [9, 10]]
+    got = rt.forward(rows, None, "pt")
+    alone = [rt.forward([r], None, "pt")[0] for r in rows]
+    assert max(float(np.abs(a - b).max()) for a, b in zip(got, alone)) < 1e-5
+    with pytest.raises(InputError, match="rows have different lengths and come with an attention_mask"):
+        rt.forward(rows, [[1, 1, 1, 1], [1, 1]], "pt")
+    with pytest.raises(InputError, match="have no real token"):
+        rt.forward([[5, 6], []], None, "pt")
+
+
 def test_out_of_vocab_and_too_long_inputs(rt):
     with pytest.raises(InputError, match=r"input_ids must lie in \[0, 120\)"):
         rt.forward(np.array([[1, 500]]), None, "pt")

@@ -148,6 +148,17 @@ def test_prompt_kv_is_computed_when_tasks_load(deployment):
     assert all(name != "extra" for name, _ in gen._kv)
 
 
+@pytest.mark.parametrize("deployment", ["gpt2", "t5"], indirect=True)
+def test_ragged_rows_of_ids_generate_as_if_each_ran_alone(deployment):
+    rt = _runtime(deployment)
+    rows, tasks = [[5, 6, 7, 8, 9], [11, 12]], deployment.task_names()[:2]
+    got = rt.generate(rows, tasks, max_new_tokens=4, eos_token_id=[])
+    alone = [rt.generate([r], t, max_new_tokens=4, eos_token_id=[])[0] for r, t in zip(rows, tasks)]
+    assert [g["token_ids"] for g in got] == [a["token_ids"] for a in alone]
+    with pytest.raises(InputError, match="empty prompt: a row of input_ids has no tokens"):
+        rt.generate([[5, 6], []], tasks, max_new_tokens=2)
+
+
 @pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
 def test_rows_stop_on_their_own_eos(deployment):
     rt = _runtime(deployment)
