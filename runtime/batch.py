@@ -51,6 +51,20 @@ def pad_rows(rows: list[dict], pad_id: int, side: str) -> dict[str, np.ndarray]:
     return out
 
 
+
+def pad_ragged(ids, mask, pad_id: int | None, side: str):
+    """Rows of token ids of different lengths (lists, as a caller writes them) as a padded array and its mask. A
+    rectangular array, or ids that come with a mask, are returned as given (the input checks judge them)."""
+    if mask is not None or not isinstance(ids, (list, tuple)):
+        return ids, mask
+    try:
+        if len({len(r) for r in ids}) <= 1:
+            return ids, mask
+        padded = pad_rows([{"input_ids": list(r), "attention_mask": [1] * len(r)} for r in ids], pad_id or 0, side)
+    except (TypeError, ValueError):
+        return ids, mask  # not rows of integers: the input checks say what is wrong
+    return padded["input_ids"], padded["attention_mask"]
+
 class OnFirstUse:
     """A session made when it is first used: a causal LM's full-sequence graph (forward(), full-sequence
     benchmarks) is not loaded, converted or compiled by a process that only generates."""

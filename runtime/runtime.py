@@ -27,12 +27,13 @@ from .batch import (
     apply_head,
     fitting_groups,
     label_scores,
+    pad_ragged,
     pad_rows,
     run_batch,
     task_names,
 )
 from .errors import InputError
-from .text import load_tokenizer, pad_rows, too_long
+from .text import load_tokenizer, too_long
 
 BACKENDS = ("auto", "onnxruntime", "openvino", "onnxruntime-cuda", "tensorrt", "torch")
 _ORT_DEVICE = "cuda"  # where backend "onnxruntime-cuda" binds its tensors (tests run the binding path on "cpu")
@@ -220,12 +221,13 @@ class Runtime:
         return fv is not None and all(same_prompt(v, fv) for v in views)
 
     def _check_inputs(self, input_ids, attention_mask, tasks, token_type_ids, pad_side: str = "right"):
-        input_ids, attention_mask = pad_rows(input_ids, attention_mask, self.config.pad_token_id, pad_side)
+        input_ids, attention_mask = pad_ragged(input_ids, attention_mask, self.config.pad_token_id, pad_side)
         try:
             ids = np.asarray(input_ids)
         except ValueError:
-            raise InputError("input_ids rows have different lengths and come with an attention_mask or token_type_ids: "
-                             "pad them to one length, or give the rows alone and promptmux pads them") from None
+            raise InputError("input_ids is not a [batch, tokens] array of token ids: its rows hold something other "
+                             "than integers, or have different lengths and come with an attention_mask (pad them to "
+                             "one length, or give the rows alone and promptmux pads them)") from None
         if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
             raise InputError(f"input_ids must be a non-empty 2-D array [batch, tokens], got shape {ids.shape}")
         if not np.issubdtype(ids.dtype, np.integer):

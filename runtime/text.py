@@ -25,31 +25,3 @@ def too_long(tokens: int, virtual_tokens: int, task: str, limit: int | None, new
     new = f" + {new_name}={new_tokens}" if new_tokens else ""
     return (f"{tokens} tokens + {virtual_tokens} virtual tokens of task {task!r}{new} exceed the model's {limit} "
             "positions")
-
-
-def pad_rows(rows, attention_mask, pad_id: int | None, side: str):
-    """Token-id rows of different lengths (lists, as a caller writes them) as a padded array and its mask, the
-    way a tokenizer pads them. A rectangular array, or any input with a mask, is returned as it was given."""
-    import numpy as np
-
-    if attention_mask is not None or isinstance(rows, np.ndarray) or not isinstance(rows, (list, tuple)):
-        return rows, attention_mask
-    try:
-        lengths = {len(r) for r in rows}
-    except TypeError:  # not a list of rows: _check_inputs says what is wrong
-        return rows, attention_mask
-    if len(lengths) <= 1:
-        return rows, attention_mask
-    width = max(lengths)
-    ids = np.full((len(rows), width), pad_id or 0, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, row in enumerate(rows):
-        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
-        try:
-            ids[i, span] = row
-        except (TypeError, ValueError):
-            from .errors import InputError
-
-            raise InputError(f"input_ids row {i} is not a list of token ids") from None
-        mask[i, span] = 1
-    return ids, mask

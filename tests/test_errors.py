@@ -196,7 +196,7 @@ def test_ragged_rows_of_ids_are_padded_like_tokenized_text(rt):
     got = rt.forward(rows, None, "pt")
     alone = [rt.forward([r], None, "pt")[0] for r in rows]
     assert max(float(np.abs(a - b).max()) for a, b in zip(got, alone)) < 1e-5
-    with pytest.raises(InputError, match="rows have different lengths and come with an attention_mask"):
+    with pytest.raises(InputError, match="or have different lengths and come with an attention_mask"):
         rt.forward(rows, [[1, 1, 1, 1], [1, 1]], "pt")
     with pytest.raises(InputError, match="have no real token"):
         rt.forward([[5, 6], []], None, "pt")
