@@ -26,7 +26,7 @@ FORMAT_VERSION = 1
 
 
 LOCK_FILE = ".promptmux.lock"
-TEMP_PATTERNS = (".bank-*.tmp", ".manifest-*")  # what a change killed midway leaves behind
+TEMP_PATTERNS = (".bank-*.tmp", ".manifest-*", ".calibration-*")  # what a change killed midway leaves behind
 
 
 def load_base_config(base_dir: str | Path):

@@ -6,8 +6,9 @@
 
 A non-exact precision is never assumed to be good enough: the first time a deployment runs it (or at export
 with --precision), its outputs are compared with fp32 on calibration inputs (the user's own texts, or
-generated token ids) and the result is written into the manifest under "precision". Below THRESHOLDS it
-warns; with strict=True it refuses. A precision the machine cannot run is an error that says what is missing;
+generated token ids) and the result is written into the manifest under "precision". The user's texts are kept
+in the deployment (calibration.txt), so that a re-measurement after the tasks change uses them again. Below
+THRESHOLDS it warns; with strict=True it refuses. A precision the machine cannot run is an error that says what is missing;
 nothing falls back silently.
 """
 
@@ -33,6 +34,7 @@ THRESHOLDS = {"prediction_agreement": 0.995, "token_agreement": 0.90}
 CALIBRATION_ROWS = 256  # generated classifier inputs when the user gives none (one flip in 256 stays above 0.995)
 CALIBRATION_PROMPTS = 32  # generated decoder prompts
 CALIBRATION_NEW_TOKENS = 16
+CALIBRATION_FILE = "calibration.txt"  # the deployment's own calibration texts, one per line
 
 
 class PrecisionError(RuntimeError):
@@ -221,6 +223,50 @@ def calibrate(fast, texts: list[str] | None = None, source: str | None = None) -
         "seconds": round(time.time() - started, 1), "calibration": calibration, "thresholds": dict(THRESHOLDS),
         "tasks": tasks, "passed": passed(tasks), "digests": {t: fast.bank.digest(t) for t in fast.tasks},
     }
+
+
+def contract(rt, strict: bool, calibration=None) -> dict:
+    """The runtime's precision contract: the manifest's, or measured now (on `calibration`, else the deployment's
+    calibration.txt, else generated inputs) when it is missing or the bank's tasks changed since."""
+    from promptmux.core.folder import MANIFEST
+
+    stored_texts = rt.dir / CALIBRATION_FILE
+    texts, source = calibration, "the given texts"
+    if texts is None and stored_texts.is_file():
+        texts, source = calibration_texts(stored_texts), f"the deployment's {CALIBRATION_FILE}"
+    digests = {t: rt.bank.digest(t) for t in rt.tasks}
+    entry = None if calibration is not None else stored_contract(rt.manifest, rt.backend, rt.precision, digests)
+    if entry is None:
+        log.warning("measuring precision %s on %s against fp32 on %s (once per deployment and task set)",
+                    rt.precision, rt.backend, source if texts is not None else "generated inputs")
+        entry = calibrate(rt, list(texts) if texts is not None else None,
+                          source=CALIBRATION_FILE if calibration is None else None)
+        try:
+            if calibration is not None:
+                keep_texts(rt.dir, list(calibration))
+            write_contract(rt.dir, rt.backend, rt.precision, entry)
+        except OSError as e:  # a read-only deployment: the contract still holds for this process
+            log.warning("could not record the precision contract in %s: %s", rt.dir / MANIFEST, e)
+    enforce(entry, strict)
+    return entry
+
+
+def keep_texts(deploy_dir: Path, texts: list[str]) -> None:
+    """Store calibration texts in the deployment (one per line; line breaks inside a text become spaces)."""
+    import os
+    import tempfile
+
+    from promptmux.core.folder import deployment_lock, durable_replace
+
+    with deployment_lock(deploy_dir):
+        fd, tmp = tempfile.mkstemp(prefix=".calibration-", dir=deploy_dir)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.writelines(" ".join(t.split()) + "\n" for t in texts)
+            durable_replace(tmp, Path(deploy_dir) / CALIBRATION_FILE)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def enforce(entry: dict, strict: bool) -> None:

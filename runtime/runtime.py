@@ -15,7 +15,6 @@ from promptmux.core.bank import PromptBank, UnknownTaskError
 from promptmux.core.folder import (
     FOLDED_GRAPH,
     GRAPH,
-    MANIFEST,
     read_bank,
     read_manifest,
     update_tasks,
@@ -135,25 +134,9 @@ class Runtime:
         self._generator = None
         self.contract = None  # a non-exact precision's measured agreement with fp32 (manifest "precision")
         if precision != "fp32":
-            self.contract = self._contract(strict, calibration)
+            from .precision import contract
 
-    def _contract(self, strict: bool, calibration) -> dict:
-        """This precision's contract from the manifest, measured now if the bank's tasks changed since."""
-        from .precision import calibrate, enforce, stored_contract, write_contract
-
-        digests = {t: self.bank.digest(t) for t in self.tasks}
-        entry = None if calibration is not None else stored_contract(self.manifest, self.backend, self.precision,
-                                                                      digests)
-        if entry is None:
-            log.warning("measuring precision %s on %s against fp32 on %s (once per deployment and task set)",
-                        self.precision, self.backend, "the given texts" if calibration else "generated inputs")
-            entry = calibrate(self, list(calibration) if calibration is not None else None)
-            try:
-                write_contract(self.dir, self.backend, self.precision, entry)
-            except OSError as e:  # a read-only deployment: the contract still holds for this process
-                log.warning("could not record the precision contract in %s: %s", self.dir / MANIFEST, e)
-        enforce(entry, strict)
-        return entry
+            self.contract = contract(self, strict, calibration)
 
     def _graph_session(self, path: Path):
         """A session over one ONNX graph of the deployment, for the ONNX Runtime backends."""

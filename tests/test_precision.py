@@ -121,6 +121,13 @@ def test_calibration_texts_are_used_and_recorded(deployment, tmp_path):
     rt = Runtime(deploy, precision="bf16", calibration=texts)
     assert rt.contract["calibration"]["rows"] == 40 and rt.contract["calibration"]["source"] == "texts"
     assert all(r["rows"] == 40 for r in rt.contract["tasks"].values())
+    # The texts stay with the deployment: a later re-measurement (tasks changed, contract gone) uses them again.
+    assert P.calibration_texts(deploy / "calibration.txt") == texts
+    from promptmux.core.folder import write_manifest
+
+    write_manifest(deploy, lambda m: m.pop("precision"))
+    again = Runtime(deploy, precision="bf16").contract
+    assert again["calibration"] == dict(rt.contract["calibration"], source="calibration.txt")
 
 
 def test_precision_errors_say_what_is_wrong(monkeypatch):
