@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from .prompt_kinds import SCALING_KINDS
 
 MIXES = ("single", "uniform", "zipf")
-BACKENDS = ("auto", "onnxruntime", "openvino", "onnxruntime-cuda", "tensorrt", "torch")
+BACKENDS = ("auto", "onnxruntime", "openvino", "onnxruntime+openvino", "onnxruntime-cuda", "tensorrt",
+            "torch")
 GPU_BACKENDS = ("onnxruntime-cuda", "tensorrt")
 PRECISIONS = ("fp32", "bf16", "int8")
 BASELINES = ("peft", "peft-bf16")  # PEFT eager fp32, and PEFT under torch.autocast(bfloat16)

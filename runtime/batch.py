@@ -65,6 +65,7 @@ def pad_ragged(ids, mask, pad_id: int | None, side: str):
         return ids, mask  # not rows of integers: the input checks say what is wrong
     return padded["input_ids"], padded["attention_mask"]
 
+
 class OnFirstUse:
     """A session made when it is first used: a causal LM's full-sequence graph (forward(), full-sequence
     benchmarks) is not loaded, converted or compiled by a process that only generates."""
@@ -102,6 +103,10 @@ def fitting_groups(lengths: list[int], virtual: list[int], limit: int | None) ->
     return groups
 
 
+# The CPU backends, whose engines take zero-length slot axes and have a graph without prefix inputs.
+CPU_ENGINES = ("onnxruntime", "openvino", "onnxruntime+openvino")
+
+
 def run_batch(rt, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None, views: list[Task],
               bank_key=None) -> list[np.ndarray]:
     """One full-sequence batch where row i uses views[i]: its layout, the session that serves it, its outputs.
@@ -122,7 +127,7 @@ def run_batch(rt, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None, v
     prefix = None
     if not folded and rt.noprefix_session is not None and all(kind_of(v).kv_prefix(v) is None for v in views):
         session, graph, prefix = rt.noprefix_session, NOPREFIX_GRAPH, False
-    min_slots = 0 if rt.backend in ("onnxruntime", "openvino") and not folded else 1
+    min_slots = 0 if rt.backend in CPU_ENGINES and not folded else 1
     layout = build_layout(rt.spec, position_offset(rt.config), rt.config.pad_token_id, ids, mask, types, views,
                           rt.dims, min_slots=min_slots, prefix=prefix)
     out = session.run(layout.feeds, bank_key=bank_key)

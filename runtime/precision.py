@@ -74,7 +74,8 @@ def choose_backend(backend: str, precision: str, family: str) -> tuple[str, str]
             # and runs GPT-2's full-sequence logits faster too
             backend, why = "onnxruntime", "the fastest exact backend for causal LMs and seq2seq measured here"
         elif openvino_installed():
-            backend, why = "openvino", "the fastest exact backend for classifiers measured here"
+            backend, why = "onnxruntime+openvino", ("the fastest exact backends for classifiers measured here: "
+                                                    "ONNX Runtime for small batches, OpenVINO for large ones")
         else:
             backend, why = "onnxruntime", "OpenVINO is not installed (pip install 'promptmux[openvino]' is faster " \
                                           "for classifiers)"
@@ -84,7 +85,10 @@ def choose_backend(backend: str, precision: str, family: str) -> tuple[str, str]
     if allowed and backend not in allowed:
         raise BackendUnavailable(f"precision {precision} runs on backend {' or '.join(allowed)}, not {backend!r}; "
                                  f"pass --backend {allowed[0]} (or auto)")
-    if backend == "openvino":
+    if backend == "onnxruntime+openvino" and (family != "encoder" or precision != "fp32"):
+        raise BackendUnavailable("backend onnxruntime+openvino runs fp32 classifiers (encoders); pass --backend "
+                                 "onnxruntime or openvino")
+    if backend in ("openvino", "onnxruntime+openvino"):
         from .openvino_session import import_openvino
 
         import_openvino()  # a clear error if it is missing

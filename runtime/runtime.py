@@ -22,6 +22,7 @@ from promptmux.core.folder import (
 from promptmux.core.task import Task, same_prompt
 
 from .batch import (
+    CPU_ENGINES,
     OnFirstUse,
     apply_head,
     fitting_groups,
@@ -34,7 +35,7 @@ from .batch import (
 from .errors import InputError
 from .text import load_tokenizer, too_long
 
-BACKENDS = ("auto", "onnxruntime", "openvino", "onnxruntime-cuda", "tensorrt", "torch")
+BACKENDS = ("auto", "onnxruntime", "openvino", "onnxruntime+openvino", "onnxruntime-cuda", "tensorrt", "torch")
 _ORT_DEVICE = "cuda"  # where backend "onnxruntime-cuda" binds its tensors (tests run the binding path on "cpu")
 log = logging.getLogger("promptmux.runtime")
 __all__ = ["Runtime", "InputError", "UnknownTaskError", "apply_head"]
@@ -45,7 +46,8 @@ class Runtime:
 
     backend: "auto" (the default: the fastest backend installed here that runs `precision`; `backend_reason`
     says why), "onnxruntime" (the exported graph on the CPU), "openvino" (the same graph compiled by OpenVINO's
-    CPU plugin; fp32 or bf16), "onnxruntime-cuda" (CUDA execution provider with IO binding, the prompt bank
+    CPU plugin; fp32 or bf16), "onnxruntime+openvino" (fp32 classifiers: small batches on ONNX Runtime, large
+    ones on OpenVINO; see runtime/routed_session.py), "onnxruntime-cuda" (CUDA execution provider with IO binding, the prompt bank
     resident on the GPU; needs onnxruntime-gpu), "tensorrt" (the engine written by `promptmux build-engine`;
     needs TensorRT and a GPU it accepts) or "torch" (the same computation in eager PyTorch, the reference; it
     needs the base model folder recorded at export, or `base=`).
@@ -101,7 +103,7 @@ class Runtime:
             self.folded_task = None
         elif backend != "torch":
             noprefix = self.manifest["graph"].get("noprefix")
-            if noprefix and backend in ("onnxruntime", "openvino"):  # made when a batch without prefix rows comes
+            if noprefix and backend in CPU_ENGINES:  # made when a batch without prefix rows comes
                 self.noprefix_session = OnFirstUse(lambda: self._graph_session(self.dir / noprefix["file"]))
             if self.spec.family == "decoder" or self.noprefix_session is not None:
                 # made on first use: generation needs only the cached decoder graph, and an encoder whose batches
@@ -140,6 +142,13 @@ class Runtime:
 
     def _graph_session(self, path: Path):
         """A session over one ONNX graph of the deployment, for the ONNX Runtime backends."""
+        if self.backend == "onnxruntime+openvino":
+            from .openvino_session import OpenVinoSession
+            from .routed_session import RoutedSession
+            from .sessions import OrtSession
+
+            return RoutedSession(lambda: OrtSession(path, self._threads),
+                                 lambda: OpenVinoSession(path, "fp32", self._threads))
         if self.backend == "openvino":
             from .openvino_session import OpenVinoSession
 

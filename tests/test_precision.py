@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -161,9 +162,25 @@ def test_openvino_missing_is_a_clear_error(monkeypatch):
 
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
-def test_auto_picks_openvino_when_installed_and_says_so(deployment):
+def test_auto_picks_the_cpu_engines_by_batch_size_and_says_so(deployment):
+    """fp32 classifiers: small batches on ONNX Runtime, large ones on OpenVINO, both exact (runtime/routed_session)."""
     rt = Runtime(deployment.deploy)
-    assert rt.backend == "openvino" and "fastest exact backend for classifiers" in rt.backend_reason
+    assert rt.backend == "onnxruntime+openvino" and "small batches" in rt.backend_reason
+    exact = Runtime(deployment.deploy, backend="onnxruntime")
+    names = rt.tasks
+
+    def engine_runs():
+        return sum((s.runs for s in (rt.session, rt.noprefix_session) if s is not None), Counter())
+
+    for rows, engine in ((2, "onnxruntime"), (24, "openvino")):  # 2 x ~50 positions; 24 x ~50 > 1024
+        ids, mask = random_batch("bert", rows=rows, seq=40, seed=rows, padding_side="right")
+        tasks = [names[i % len(names)] for i in range(rows)]
+        before = engine_runs()
+        got, want = rt.forward(ids, mask, tasks), exact.forward(ids, mask, tasks)
+        assert max(float(np.abs(a - b).max()) for a, b in zip(got, want)) < 1e-5
+        assert engine_runs() - before == Counter({engine: 1})
+    with pytest.raises(BackendUnavailable, match="onnxruntime\\+openvino runs fp32 classifiers"):
+        P.choose_backend("onnxruntime+openvino", "fp32", "decoder")
     assert P.choose_backend("auto", "fp32", "decoder")[0] == "onnxruntime"  # decoding: ORT measured faster
     assert P.choose_backend("auto", "bf16", "decoder")[0] == "openvino"
     assert P.choose_backend("auto", "int8", "decoder")[0] == "onnxruntime"

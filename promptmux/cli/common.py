@@ -10,7 +10,8 @@ class CliError(Exception):
     """A mistake in the command line: `main` prints it on one line and exits 2."""
 
 
-BACKEND_CHOICES = ["auto", "onnxruntime", "openvino", "onnxruntime-cuda", "tensorrt", "torch"]  # runtime.BACKENDS
+BACKEND_CHOICES = ["auto", "onnxruntime", "openvino", "onnxruntime+openvino", "onnxruntime-cuda", "tensorrt",
+                   "torch"]  # runtime.BACKENDS
 PRECISION_CHOICES = ["fp32", "bf16", "int8"]  # runtime.precision.PRECISIONS
 
 
