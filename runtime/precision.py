@@ -8,8 +8,8 @@ A non-exact precision is never assumed to be good enough: the first time a deplo
 with --precision), its outputs are compared with fp32 on calibration inputs (the user's own texts, or
 generated token ids) and the result is written into the manifest under "precision". The user's texts are kept
 in the deployment (calibration.txt), so that a re-measurement after the tasks change uses them again. Below
-THRESHOLDS it warns; with strict=True it refuses. A precision the machine cannot run is an error that says what is missing;
-nothing falls back silently.
+THRESHOLDS it warns; with strict=True it refuses. A precision the machine cannot run is an error that says what
+is missing; nothing falls back silently.
 """
 
 from __future__ import annotations

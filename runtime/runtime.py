@@ -47,10 +47,10 @@ class Runtime:
     backend: "auto" (the default: the fastest backend installed here that runs `precision`; `backend_reason`
     says why), "onnxruntime" (the exported graph on the CPU), "openvino" (the same graph compiled by OpenVINO's
     CPU plugin; fp32 or bf16), "onnxruntime+openvino" (fp32 classifiers: small batches on ONNX Runtime, large
-    ones on OpenVINO; see runtime/routed_session.py), "onnxruntime-cuda" (CUDA execution provider with IO binding, the prompt bank
-    resident on the GPU; needs onnxruntime-gpu), "tensorrt" (the engine written by `promptmux build-engine`;
-    needs TensorRT and a GPU it accepts) or "torch" (the same computation in eager PyTorch, the reference; it
-    needs the base model folder recorded at export, or `base=`).
+    ones on OpenVINO; see runtime/routed_session.py), "onnxruntime-cuda" (CUDA execution provider with IO
+    binding, the prompt bank resident on the GPU; needs onnxruntime-gpu), "tensorrt" (the engine written by
+    `promptmux build-engine`; needs TensorRT and a GPU it accepts) or "torch" (the same computation in eager
+    PyTorch, the reference; it needs the base model folder recorded at export, or `base=`).
 
     precision: "fp32" (exact, the default), "bf16" (OpenVINO on AMX/AVX512-BF16 CPUs) or "int8" (weight-only
     int8 decoding for causal LMs). A non-exact precision is measured against fp32 the first time it runs on a
