@@ -1,12 +1,13 @@
 """Backend "onnxruntime+openvino": both exact CPU engines behind one session, each batch on the one that is faster
 for its size (fp32 classifiers; what `auto` picks for them where OpenVINO is installed).
 
-Measured on the MiniLM demo, 2 threads (bench/results/cpu-minilm-s64-exact-noprefix.md and cpu-redesign-rerun.md):
-ONNX Runtime is about 10 % faster for single short texts, because its worker threads spin between calls while
-OpenVINO's go to sleep and cost about 1 ms to wake (studies/openvino_cache.py's neighbour, bench/results/
-cpu-hybrid.md); OpenVINO is 7-10 % faster at 32 rows and 18 % faster on 256-token texts. Both compute fp32 and
-pass the same fidelity tests against PEFT. A batch goes by its positions (rows x width, virtual tokens included).
-Each engine is made on its first batch, so a process that only sees small batches never compiles OpenVINO.
+Measured on the MiniLM demo, 2 threads (studies/cpu_hybrid.py, bench/results/cpu-hybrid.json; the benchmark
+rows in bench/results/cpu-hybrid-rerun.md): ONNX Runtime is about 10 % faster on one short text (its worker
+threads spin between calls; OpenVINO's sleep), the two tie at 8 x 64 tokens, and OpenVINO is 5 % faster at
+16 x 64, 11 % at 32 x 64 and 14 % at 8 x 256. Both compute fp32 and pass the same fidelity tests against PEFT. A
+batch goes by its positions (rows x width, virtual tokens included). Each engine is made on its first batch, so
+a process that only sees small batches never compiles OpenVINO. The price: in traffic that alternates between
+sizes, a large batch right after a small one runs 7-15 % slower while ONNX Runtime's threads still spin.
 """
 
 from __future__ import annotations

@@ -1,0 +1,94 @@
+"""Where an exact ONNX Runtime forward of a classifier deployment spends its time, by operator type, and what
+rate its matrix multiplications reach (to read against studies.machine_limits' fp32 GEMM rate).
+
+The batch is a mixed batch of the deployment's first two tasks, run through Runtime.forward once to get the feeds
+the engine sees, then profiled on ONNX Runtime with promptmux's session options.
+
+    python -m studies.ort_profile [DEPLOY] [--batch 8] [--tokens 64] [--threads 2] [--runs 20]
+        [--out bench/results/ort-profile-minilm-b8.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("deploy", nargs="?", default="out/minilm-demo")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    import onnxruntime as ort
+
+    from promptmux.runtime import sessions
+    from promptmux.runtime.runtime import Runtime
+
+    rt = Runtime(args.deploy, backend="onnxruntime", threads=args.threads)
+    seen = []
+    original = sessions.OrtSession.run
+    sessions.OrtSession.run = lambda self, feeds, bank_key=None: (seen.append((self, feeds)), original(self, feeds))[1]
+    ids = np.random.default_rng(0).integers(1000, 20000, (args.batch, args.tokens))
+    rt.forward(ids, None, [rt.tasks[i % 2] for i in range(args.batch)])
+    sessions.OrtSession.run = original
+    session, feeds = seen[-1]
+    graph = next(g for g in sorted(Path(args.deploy).glob("*.onnx")) if [i.name for i in ort.InferenceSession(
+        str(g), providers=["CPUExecutionProvider"]).get_inputs()] == session.input_names)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = args.threads
+    so.enable_profiling = True
+    tmp = tempfile.mkdtemp()
+    so.profile_file_prefix = str(Path(tmp) / "ort")
+    s = ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=sessions.CPU_DISABLED_OPTIMIZERS)
+    f = {n: feeds[n] for n in session.input_names}
+    warm = 5
+    for _ in range(warm):
+        s.run(None, f)
+    t0 = time.perf_counter()
+    for _ in range(args.runs):
+        s.run(None, f)
+    wall_ms = (time.perf_counter() - t0) / args.runs * 1e3
+    events = json.loads(Path(s.end_profiling()).read_text())
+    total, count = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            total[e["args"]["op_name"]] += e["dur"]
+            count[e["args"]["op_name"]] += 1
+    runs = warm + args.runs
+    kernel_ms = sum(total.values()) / runs / 1e3
+    # Linear layers of a BERT-style encoder: 4 h^2 (attention projections) + 2 h i (feed-forward) per position.
+    c = rt.config
+    positions = int(np.prod(feeds["attention_mask"].shape))
+    linear_gflop = 2 * positions * c.num_hidden_layers * (4 * c.hidden_size ** 2
+                                                          + 2 * c.hidden_size * c.intermediate_size) / 1e9
+    matmul_ms = total["MatMul"] / runs / 1e3
+    result = {"command": "python -m studies.ort_profile " + " ".join(argv or sys.argv[1:]), "graph": graph.name,
+              "batch": args.batch, "tokens": args.tokens, "positions": positions, "wall_ms": wall_ms,
+              "kernel_ms": kernel_ms, "linear_gflop": linear_gflop,
+              "matmul_gflops": linear_gflop / (matmul_ms / 1e3) if matmul_ms else None,
+              "ops": {op: {"ms": d / runs / 1e3, "share": d / sum(total.values()), "per_run": count[op] / runs}
+                      for op, d in total.most_common()},
+              "load_avg": os.getloadavg()[0]}
+    out = args.out or Path(f"bench/results/ort-profile-{Path(args.deploy).name}-b{args.batch}.json")
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "ops"}))
+    for op, r in list(result["ops"].items())[:8]:
+        print(f"{op:22s} {r['ms']:7.2f} ms {100 * r['share']:5.1f} %")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
