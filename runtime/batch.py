@@ -51,7 +51,6 @@ def pad_rows(rows: list[dict], pad_id: int, side: str) -> dict[str, np.ndarray]:
     return out
 
 
-
 def pad_ragged(ids, mask, pad_id: int | None, side: str):
     """Rows of token ids of different lengths (lists, as a caller writes them) as a padded array and its mask. A
     rectangular array, or ids that come with a mask, are returned as given (the input checks judge them)."""

@@ -120,6 +120,7 @@ class OpenVinoSession:
         self.output_names = [o.any_name for o in self.compiled.outputs]
         self.output_name = self.output_names[0]
         self._local = threading.local()  # an infer request per thread: requests are not thread-safe
+        self._tensor = ov.Tensor
         # Decoder graphs: present.* = past_key_values.* grown by the step's positions. Those outputs (and the
         # gathered logits) are written straight into fresh arrays that the caller then owns, as ONNX Runtime's
         # outputs are, instead of being copied out of the request's memory every step.
@@ -152,11 +153,10 @@ class OpenVinoSession:
         return arrays
 
     def run_all(self, feeds: dict[str, np.ndarray], bank_key=None) -> list[np.ndarray]:
-        ov = import_openvino()
         req = self._request()
         arrays = self._output_arrays(feeds)
         for i, a in arrays.items():
-            req.set_output_tensor(i, ov.Tensor(a, shared_memory=True))
+            req.set_output_tensor(i, self._tensor(a, shared_memory=True))
         req.infer({n: np.ascontiguousarray(feeds[n]) for n in self.input_names}, share_inputs=True)
         out = []
         for i in range(len(self.output_names)):

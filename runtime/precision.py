@@ -219,8 +219,7 @@ def calibrate(fast, texts: list[str] | None = None, source: str | None = None) -
     if texts is None:
         calibration = {"source": "generated token ids"}
     else:
-        digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
-        calibration = {"source": source or "texts", "rows": len(texts), "sha256": digest}
+        calibration = {"source": source or "texts", "rows": len(texts), "sha256": _texts_digest(texts)}
     return {
         "backend": fast.backend, "precision": fast.precision, "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                         time.gmtime()),
@@ -229,17 +228,27 @@ def calibrate(fast, texts: list[str] | None = None, source: str | None = None) -
     }
 
 
+def _texts_digest(texts: list[str]) -> str:
+    return hashlib.sha256("\n".join(texts).encode()).hexdigest()
+
+
 def contract(rt, strict: bool, calibration=None) -> dict:
     """The runtime's precision contract: the manifest's, or measured now (on `calibration`, else the deployment's
     calibration.txt, else generated inputs) when it is missing or the bank's tasks changed since."""
     from promptmux.core.folder import MANIFEST
 
     stored_texts = rt.dir / CALIBRATION_FILE
+    if calibration is not None:  # measured exactly as calibration.txt will give them back: one line per text
+        calibration = [" ".join(t.split()) for t in calibration if t.strip()]
+        if not calibration:
+            raise ValueError("the calibration texts are all empty; give at least one text (one per line)")
     texts, source = calibration, "the given texts"
     if texts is None and stored_texts.is_file():
         texts, source = calibration_texts(stored_texts), f"the deployment's {CALIBRATION_FILE}"
     digests = {t: rt.bank.digest(t) for t in rt.tasks}
     entry = None if calibration is not None else stored_contract(rt.manifest, rt.backend, rt.precision, digests)
+    if entry and texts is not None and entry["calibration"].get("sha256") != _texts_digest(texts):
+        entry = None  # calibration.txt changed (or came) since the contract was measured: measure on it
     if entry is None:
         log.warning("measuring precision %s on %s against fp32 on %s (once per deployment and task set)",
                     rt.precision, rt.backend, source if texts is not None else "generated inputs")
@@ -256,7 +265,7 @@ def contract(rt, strict: bool, calibration=None) -> dict:
 
 
 def keep_texts(deploy_dir: Path, texts: list[str]) -> None:
-    """Store calibration texts in the deployment (one per line; line breaks inside a text become spaces)."""
+    """Store calibration texts (one line each, as contract() normalises them) in the deployment."""
     import os
     import tempfile
 
@@ -266,7 +275,7 @@ def keep_texts(deploy_dir: Path, texts: list[str]) -> None:
         fd, tmp = tempfile.mkstemp(prefix=".calibration-", dir=deploy_dir)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.writelines(" ".join(t.split()) + "\n" for t in texts)
+                f.writelines(t + "\n" for t in texts)
             durable_replace(tmp, Path(deploy_dir) / CALIBRATION_FILE)
         finally:
             if os.path.exists(tmp):
