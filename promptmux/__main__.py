@@ -1,5 +1,3 @@
-import sys
+from promptmux.cli import entry
 
-from promptmux.cli import main
-
-sys.exit(main())
+entry()

@@ -9,7 +9,7 @@ import sys
 from promptmux.cli.common import CliError, check_text_args
 from promptmux.cli.parser import build_parser
 
-__all__ = ["USER_ERRORS", "build_parser", "main"]
+__all__ = ["USER_ERRORS", "build_parser", "entry", "main"]
 
 # Errors a user causes (wrong flags, folders, adapters, inputs): one line and exit 2. Named by module so that checking
 # imports nothing: an exception of a class whose module was never imported cannot have been raised.
@@ -41,3 +41,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"promptmux: error: {e}", file=sys.stderr)
         return 2
+
+
+def entry() -> None:
+    """The `promptmux` command and `python -m promptmux`: main(), then exit with its code.
+
+    After Ctrl-C it leaves at once with 130 (stdio flushed; the export's clean-up has run on the way out). A normal
+    interpreter exit could turn that into death by SIGINT: when the KeyboardInterrupt surfaced inside code that a C
+    extension ran through PyRun_* (seen during exports), CPython records it as unhandled, even though main() caught
+    it, and re-raises SIGINT at exit."""
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)

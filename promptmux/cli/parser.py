@@ -18,10 +18,11 @@ from promptmux.cli.commands import (
 from promptmux.cli.common import BACKEND_CHOICES, PRECISION_CHOICES
 
 DEPLOY_HELP = "deployment folder (written by promptmux export)"
-BACKEND_HELP = "auto (default: the fastest backend measured for the model kind and precision: OpenVINO for " \
-               "classifiers, ONNX Runtime for causal LMs; the choice is printed), onnxruntime, " \
-               "openvino (CPU, fp32 or bf16), onnxruntime-cuda, tensorrt (an engine from build-engine) or torch (eager " \
-               "reference, needs the base model)"
+BACKEND_HELP = ("auto (default: the fastest backend measured for the model kind and precision: "
+                "onnxruntime+openvino for fp32 classifiers, OpenVINO for bf16, ONNX Runtime for causal LMs; the "
+                "choice is printed), onnxruntime, openvino (CPU, fp32 or bf16), onnxruntime+openvino (fp32 "
+                "classifiers: small batches on ONNX Runtime, large on OpenVINO), onnxruntime-cuda, tensorrt (an "
+                "engine from build-engine) or torch (eager reference, needs the base model)")
 
 
 def _add_runtime_options(parser) -> None:
