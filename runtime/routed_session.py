@@ -18,7 +18,6 @@ import numpy as np
 
 from .batch import OnFirstUse
 
-ENGINES = ("onnxruntime", "openvino")
 # Up to this many positions per batch ONNX Runtime runs it (B=8 at 64 tokens is 608 with the demo's 12 virtual
 # tokens: a tie; B=32, 2432, and B=8 at 256 tokens, 2144, are clearly OpenVINO's).
 SMALL_BATCH_POSITIONS = 1024
