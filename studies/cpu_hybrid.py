@@ -24,25 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
+from studies.capture import session_calls
+
 
 def engine_feeds(rt, rows: int, tokens: int) -> dict[str, np.ndarray]:
     """The feeds Runtime.forward gives the engine for a mixed batch of the deployment's first two tasks."""
-    from promptmux.runtime import routed_session
+    from promptmux.runtime.routed_session import RoutedSession
 
-    seen = []
-    original = routed_session.RoutedSession.run
-
-    def grab(self, feeds, bank_key=None):
-        seen.append(dict(feeds))
-        return original(self, feeds, bank_key)
-
-    routed_session.RoutedSession.run = grab
-    try:
+    with session_calls(RoutedSession) as calls:
         ids = np.random.default_rng(rows * 1000 + tokens).integers(1000, 20000, (rows, tokens))
         rt.forward(ids, None, [rt.tasks[i % 2] for i in range(rows)])
-    finally:
-        routed_session.RoutedSession.run = original
-    return seen[-1]
+    return calls[-1][1]
 
 
 def main(argv=None) -> int:

@@ -31,21 +31,15 @@ from pathlib import Path
 
 import numpy as np
 
+from studies.capture import session_calls
+
 
 def captured_feeds(deploy: Path, mode: str, precision: str):
     """The OpenVINO session a real call used, and the feeds of every call it made."""
-    import promptmux.runtime.openvino_session as ovs
+    from promptmux.runtime.openvino_session import OpenVinoSession
     from promptmux.runtime.runtime import Runtime
 
-    calls = []
-    original = ovs.OpenVinoSession.run_all
-
-    def grab(self, feeds, bank_key=None):
-        calls.append((self, dict(feeds)))
-        return original(self, feeds, bank_key)
-
-    ovs.OpenVinoSession.run_all = grab
-    try:
+    with session_calls(OpenVinoSession, "run_all") as calls:
         rt = Runtime(deploy, backend="openvino", precision=precision)
         tasks = rt.tasks
         if mode == "gen":  # a prefill and two decode steps, two tasks
@@ -53,8 +47,6 @@ def captured_feeds(deploy: Path, mode: str, precision: str):
         else:
             texts = ["a fine film with a great cast", "stocks fell sharply as markets slid", "the match ended"] * 3
             rt.forward_text(texts, [tasks[i % len(tasks)] for i in range(len(texts))])
-    finally:
-        ovs.OpenVinoSession.run_all = original
     session = calls[0][0]
     return session, [f for s, f in calls if s is session]
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from studies.capture import session_calls
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -37,13 +39,10 @@ def main(argv=None) -> int:
     from promptmux.runtime.runtime import Runtime
 
     rt = Runtime(args.deploy, backend="onnxruntime", threads=args.threads)
-    seen = []
-    original = sessions.OrtSession.run
-    sessions.OrtSession.run = lambda self, feeds, bank_key=None: (seen.append((self, feeds)), original(self, feeds))[1]
-    ids = np.random.default_rng(0).integers(1000, 20000, (args.batch, args.tokens))
-    rt.forward(ids, None, [rt.tasks[i % 2] for i in range(args.batch)])
-    sessions.OrtSession.run = original
-    session, feeds = seen[-1]
+    with session_calls(sessions.OrtSession) as calls:
+        ids = np.random.default_rng(0).integers(1000, 20000, (args.batch, args.tokens))
+        rt.forward(ids, None, [rt.tasks[i % 2] for i in range(args.batch)])
+    session, feeds = calls[-1]
     graph = next(g for g in sorted(Path(args.deploy).glob("*.onnx")) if [i.name for i in ort.InferenceSession(
         str(g), providers=["CPUExecutionProvider"]).get_inputs()] == session.input_names)
     so = ort.SessionOptions()
