@@ -1,5 +1,6 @@
 """Where an OpenVINO forward of a classifier deployment spends its time, by executed layer type (OpenVINO's
-performance counters), at a given precision and batch size: what bounds bf16 once AMX does the matrix work.
+performance counters), at a given precision and batch size: what bounds bf16 once AMX does the matrix work. It
+also lists the source operations OpenVINO fused into its "Subgraph" nodes.
 
     python -m studies.openvino_profile [DEPLOY] [--precision bf16] [--batch 1] [--tokens 64] [--threads 2]
         [--runs 30] [--out bench/results/openvino-profile-minilm-demo-bf16-b1.json]
@@ -16,6 +17,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from studies.capture import session_calls
 
 
 def main(argv=None) -> int:
@@ -34,20 +37,22 @@ def main(argv=None) -> int:
     from promptmux.runtime.runtime import Runtime
 
     rt = Runtime(args.deploy, backend="openvino", precision=args.precision, threads=args.threads)
-    seen = []
-    original = openvino_session.OpenVinoSession.run
-    openvino_session.OpenVinoSession.run = lambda self, feeds, bank_key=None: (seen.append((self, feeds)),
-                                                                               original(self, feeds))[1]
-    ids = np.random.default_rng(0).integers(1000, 20000, (args.batch, args.tokens))
-    rt.forward(ids, None, [rt.tasks[i % 2] for i in range(args.batch)])
-    openvino_session.OpenVinoSession.run = original
-    session, feeds = seen[-1]
+    with session_calls(openvino_session.OpenVinoSession) as calls:
+        ids = np.random.default_rng(0).integers(1000, 20000, (args.batch, args.tokens))
+        rt.forward(ids, None, [rt.tasks[i % 2] for i in range(args.batch)])
+    session, feeds = calls[-1]
     xml = next(x for x in sorted((Path(args.deploy) / "openvino").glob("*.xml"))
                if {i.any_name for i in ov.Core().read_model(x).inputs} == set(session.input_names))
     config = {"INFERENCE_PRECISION_HINT": openvino_session.OV_PRECISION[args.precision],
               "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": args.threads, "PERF_COUNT": True}
     core = ov.Core()
-    request = core.compile_model(core.read_model(xml), "CPU", config).create_infer_request()
+    compiled = core.compile_model(core.read_model(xml), "CPU", config)
+    request = compiled.create_infer_request()
+    # What OpenVINO fused into its "Subgraph" nodes: the source operations, by name without path and number.
+    fused = collections.Counter(
+        name.rsplit("/", 1)[-1].split("_")[0] for op in compiled.get_runtime_model().get_ops()
+        if op.get_rt_info()["layerType"].astype(str) == "Subgraph"
+        for name in op.get_rt_info()["originalLayersNames"].astype(str).split(","))
     f = {n: np.ascontiguousarray(feeds[n]) for n in session.input_names}
     for _ in range(5):
         request.infer(f)
@@ -64,6 +69,7 @@ def main(argv=None) -> int:
               "precision": args.precision, "batch": args.batch, "tokens": args.tokens,
               "positions": int(np.prod(feeds["attention_mask"].shape)), "wall_ms_median": median,
               "counted_ms": counted, "outside_the_layers_ms": median - counted,
+              "subgraph_fuses": dict(fused.most_common()),
               "layers": {k: {"ms": v / args.runs, "share_of_wall": v / args.runs / median}
                          for k, v in by_type.most_common()},
               "load_avg": os.getloadavg()[0]}
