@@ -7,7 +7,8 @@ threads spin between calls; OpenVINO's sleep), the two tie at 8 x 64 tokens, and
 16 x 64, 11 % at 32 x 64 and 14 % at 8 x 256. Both compute fp32 and pass the same fidelity tests against PEFT. A
 batch goes by its positions (rows x width, virtual tokens included). Each engine is made on its first batch, so
 a process that only sees small batches never compiles OpenVINO. The price: in traffic that alternates between
-sizes, a large batch right after a small one runs 7-15 % slower while ONNX Runtime's threads still spin.
+sizes, a large batch right after a small one runs about 15 % slower while ONNX Runtime's threads still spin
+(238 against 208 ms at 32 x 64, bench/results/cpu-hybrid.json).
 """
 
 from __future__ import annotations
