@@ -3,12 +3,12 @@ for its size (fp32 classifiers; what `auto` picks for them where OpenVINO is ins
 
 Measured on the MiniLM demo, 2 threads (studies/cpu_hybrid.py, bench/results/cpu-hybrid.json; the benchmark
 rows in bench/results/cpu-hybrid-rerun.md): ONNX Runtime is about 10 % faster on one short text (its worker
-threads spin between calls; OpenVINO's sleep), the two tie at 8 x 64 tokens, and OpenVINO is 5 % faster at
-16 x 64, 11 % at 32 x 64 and 14 % at 8 x 256. Both compute fp32 and pass the same fidelity tests against PEFT. A
+threads spinning between calls is the likely reason), the two tie at 8 x 64 tokens, and OpenVINO is 5 % faster
+at 16 x 64, 11 % at 32 x 64 and 14 % at 8 x 256. Both compute fp32 and pass the same fidelity tests against PEFT. A
 batch goes by its positions (rows x width, virtual tokens included). Each engine is made on its first batch, so
 a process that only sees small batches never compiles OpenVINO. The price: in traffic that alternates between
-sizes, a large batch right after a small one runs about 15 % slower while ONNX Runtime's threads still spin
-(238 against 208 ms at 32 x 64, bench/results/cpu-hybrid.json).
+sizes, a large batch right after a small one runs about 15 % slower (238 against 208 ms at 32 x 64,
+bench/results/cpu-hybrid.json; most likely ONNX Runtime's threads are still spinning).
 """
 
 from __future__ import annotations
