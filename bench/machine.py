@@ -6,22 +6,13 @@ from __future__ import annotations
 import os
 import platform
 import warnings
-from pathlib import Path
 
 import numpy as np
 
+from promptmux.runtime.cpu import cpu_flags, cpu_model
+
 from .measure import load_average, memory_method
 from .settings import GPU_BACKENDS
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_info(threads: int) -> dict:
@@ -34,6 +25,7 @@ def machine_info(threads: int) -> dict:
 
     return {
         "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
         "cores": os.cpu_count(),
         "threads": threads,
         "platform": platform.platform(),

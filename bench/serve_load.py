@@ -2,7 +2,8 @@
 traffic, through a real `promptmux serve` process on this machine.
 
     python -m promptmux.bench.serve_load [DIR | --model minilm|smollm2] [--requests 2000] [--concurrency 32]
-        [--max-tokens 8] [--max-batch 32] [--max-wait-ms 5] [--out bench/results/] [--name serve-cpu]
+        [--max-tokens 8] [--max-batch 32] [--max-wait-ms 5] [--warmup 64] [--hot-swap [ADAPTER]]
+        [--out bench/results/] [--name serve-cpu]
 
 DIR is any deployment; without it, the embedded demo (--model minilm: the MiniLM sentiment/topic classifier;
 --model smollm2: the SmolLM2-135M generation demo) from ./promptmux-demo (./promptmux-smollm2-demo) if
@@ -12,7 +13,12 @@ Scenarios, each --requests requests at --concurrency after a warm-up: every task
 then all tasks interleaved at random ("mixed"), then one request at a time ("sequential", mixed tasks, a
 tenth of --requests) for the unbatched latency. Latency is measured by the client, from sending the
 request to the last byte. The load generator (httpx, asyncio) runs on the same machine and takes
-CPU from the server: numbers are for the pair. Results: <out>/<name>.json and <name>.md.
+CPU from the server: numbers are for the pair. --warmup 0 starts the load on the first request after the
+server reported ready (what a client of a freshly started server sees). --hot-swap adds a PEFT adapter folder
+(default for the demo: its first task's adapter) as task "hot-swap" through the admin API during every mixed
+scenario, sends it 10 requests, removes it, three times; its requests are reported as task "hot-swap", and the
+add/remove calls with their latency. Every table counts 503s (overloaded) apart from other errors.
+Results: <out>/<name>.json and <name>.md.
 """
 
 from __future__ import annotations
@@ -88,6 +94,9 @@ def parse_args(argv):
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--threads", type=int, help="the server's ONNX Runtime threads (default: ONNX Runtime's)")
     p.add_argument("--max-chars", type=int, help="cut the texts to this many characters (tiny test models)")
+    p.add_argument("--warmup", type=int, default=64, help="requests before the measured rounds (0: none)")
+    p.add_argument("--hot-swap", nargs="?", const="", default=None, metavar="ADAPTER",
+                   help="add and remove this adapter as a task under load (default: the demo's first adapter)")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--name", default=None, help="result file name (default serve-cpu or serve-cpu-smollm2)")
     return p.parse_args(argv)
@@ -115,9 +124,12 @@ def demo_deployment(model: str) -> Path:
     return out
 
 
-def start_server(deploy: Path, args) -> tuple[subprocess.Popen, str]:
+def start_server(deploy: Path, args, admin: tuple[str, Path] | None = None) -> tuple[subprocess.Popen, str]:
+    """admin: (token, adapter root) for the hot swap."""
     cmd = [sys.executable, "-m", "promptmux", "serve", str(deploy), "--port", "0", "--max-batch", str(args.max_batch),
            "--max-wait-ms", str(args.max_wait_ms), "--max-queue", str(max(1024, 4 * args.concurrency))]
+    if admin:
+        cmd += ["--admin-token", admin[0], "--adapter-root", str(admin[1])]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -177,6 +189,39 @@ async def drive(url: str, reqs: list[tuple[str, str, dict]], concurrency: int, c
         await (session.close() if client == "aiohttp" else session.aclose())
 
 
+HOT_SWAP = "hot-swap"  # the task name the hot swap adds and removes
+
+
+async def hot_swap(url: str, token: str, adapter: str, make_request, rounds: int = 3, requests: int = 10):
+    """Add the adapter as task HOT_SWAP, send it `requests` requests, remove it; `rounds` times while the load
+    runs. Returns ([(task, seconds, status, tokens)] of its requests, [(operation, seconds, status)])."""
+    import httpx
+
+    served, changes = [], []
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+        async def timed(method, path, **kw):
+            t0 = time.perf_counter()
+            r = await c.request(method, path, **kw)
+            return r, time.perf_counter() - t0
+
+        async def one():
+            path, body = make_request()
+            r, dt = await timed("POST", path, json=body)
+            tokens = r.json().get("usage", {}).get("completion_tokens", 0) if r.status_code == 200 else 0
+            served.append((HOT_SWAP, dt, r.status_code, tokens))
+
+        for _ in range(rounds):
+            r, dt = await timed("POST", "/v1/tasks", json={"name": HOT_SWAP, "adapter": adapter}, headers=headers)
+            changes.append(("add", dt, r.status_code))
+            if r.status_code == 200:
+                await asyncio.gather(*(one() for _ in range(requests)))
+            r, dt = await timed("DELETE", f"/v1/tasks/{HOT_SWAP}", headers=headers)
+            changes.append(("remove", dt, r.status_code))
+            await asyncio.sleep(0.2)
+    return served, changes
+
+
 def server_batches(url: str, kind: str) -> dict:
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
@@ -209,13 +254,41 @@ def summarize(runs: list[tuple[list, float]]) -> dict:
     for task in sorted({r[0] for r in results}):
         mine = [r for r in results if r[0] == task]
         per_task[task] = {"requests": len(mine), "errors": sum(1 for r in mine if r[2] != 200),
+                          "overloaded": sum(1 for r in mine if r[2] == 503),
                           "req_per_s": rate(lambda r, t=task: r[0] == t),
                           **_percentiles(np.array([r[1] for r in mine if r[2] == 200]) * 1000),
                           "completion_tokens": sum(r[3] for r in mine)}
     total = {"requests": len(results), "errors": sum(1 for r in results if r[2] != 200),
+             "overloaded": sum(1 for r in results if r[2] == 503),
              "req_per_s": rate(lambda r: True), "req_per_s_each_repeat": [round(len(rs) / w, 1) for rs, w in runs],
              **_percentiles(np.array([r[1] for r in results if r[2] == 200]) * 1000)}
     return {"per_task": per_task, "all": total}
+
+
+def changes_summary(changes: list[tuple[str, float, int]]) -> dict:
+    """Per operation (add, remove): count, failures, p50 and max milliseconds."""
+    out = {}
+    for op in sorted({c[0] for c in changes}):
+        ms = np.array([c[1] for c in changes if c[0] == op]) * 1000
+        out[op] = {"count": len(ms), "failed": sum(1 for c in changes if c[0] == op and c[2] != 200),
+                   "p50_ms": round(float(np.median(ms)), 1), "max_ms": round(float(ms.max()), 1)}
+    return out
+
+
+def swap_adapter(args, family: str) -> Path:
+    """The adapter folder the hot swap adds: --hot-swap ADAPTER, or the embedded demo's first task's adapter."""
+    if args.hot_swap:
+        path = Path(args.hot_swap).resolve()
+        if not (path / "adapter_config.json").is_file():
+            raise SystemExit(f"--hot-swap {args.hot_swap}: no adapter_config.json there; give a PEFT adapter folder")
+        return path
+    if args.deploy is not None:
+        raise SystemExit("--hot-swap needs an adapter folder with a deployment of your own: --hot-swap ADAPTER")
+    if args.model == "smollm2":
+        from promptmux.demo.smollm2 import ADAPTERS, TASKS
+    else:
+        from promptmux.demo import ADAPTERS, TASKS
+    return (ADAPTERS / TASKS[0]).resolve()
 
 
 def busy_processes(limit: int = 3) -> list[str]:
@@ -255,9 +328,13 @@ def main(argv=None) -> dict:
             reqs.append((task, *request_body(family, task, rng.choice(pool[task]), args.max_tokens, smollm2)))
         return reqs
 
+    swap = swap_adapter(args, family) if args.hot_swap is not None else None
+    token = os.urandom(16).hex()
     load_start = [round(x, 2) for x in os.getloadavg()]
     others = busy_processes()
-    proc, url = start_server(deploy, args)
+    started = time.perf_counter()
+    proc, url = start_server(deploy, args, (token, swap.parent) if swap else None)
+    ready_s = round(time.perf_counter() - started, 1)
     import urllib.request
 
     with urllib.request.urlopen(url + "/health", timeout=30) as r:  # what the server's backend "auto" chose
@@ -268,14 +345,27 @@ def main(argv=None) -> dict:
     plan += [("mixed", lambda: rng.choice(tasks), args.requests, args.concurrency),
              ("sequential", lambda: rng.choice(tasks), max(args.requests // 10, 20), 1)]
     runs = {label: [] for label, *_ in plan}
-    server = {label: {"model_calls": 0, "rows": 0, "mixed_task_calls": 0} for label, *_ in plan}
+    server = {label: {"model_calls": 0, "rows": 0, "mixed_task_calls": 0, "task_changes": []} for label, *_ in plan}
+    swap_texts = [x[:args.max_chars] for x in TEXTS.get(swap.name, TEXTS["sentiment"] + TEXTS["topic"])] if swap else []
+
+    async def load(reqs, conc, with_swap):
+        if not with_swap:
+            return *(await drive(url, reqs, conc, client)), []
+        (results, wall), (served, changes) = await asyncio.gather(
+            drive(url, reqs, conc, client),
+            hot_swap(url, token, swap.name,
+                     lambda: request_body(family, HOT_SWAP, rng.choice(swap_texts), args.max_tokens, smollm2)))
+        return results + served, wall, changes
+
     try:
-        log(f"server at {url}; warm-up; load from {client}")
-        asyncio.run(drive(url, make(lambda: rng.choice(tasks), 64), args.concurrency, client))
+        log(f"server at {url} ready after {ready_s} s; {args.warmup} warm-up requests; load from {client}")
+        if args.warmup:
+            asyncio.run(drive(url, make(lambda: rng.choice(tasks), args.warmup), args.concurrency, client))
         for repeat in range(args.repeats):  # interleaved: contention from elsewhere hits every scenario alike
             for label, choose, n, conc in plan:
                 before = server_batches(url, kind)
-                results, wall = asyncio.run(drive(url, make(choose, n), conc, client))
+                results, wall, changes = asyncio.run(load(make(choose, n), conc, swap is not None and label == "mixed"))
+                server[label]["task_changes"] += changes
                 after = server_batches(url, kind)
                 count = after.get("promptmux_batch_size_count", 0) - before.get("promptmux_batch_size_count", 0)
                 single = after.get("single_task_batches", 0) - before.get("single_task_batches", 0)
@@ -285,7 +375,8 @@ def main(argv=None) -> dict:
                 server[label]["mixed_task_calls"] += int(count - single)
                 runs[label].append((results, wall))
                 errors = sum(1 for r in results if r[2] != 200)
-                log(f"repeat {repeat + 1} {label}: {len(results) / wall:.1f} req/s, {errors} errors")
+                log(f"repeat {repeat + 1} {label}: {len(results) / wall:.1f} req/s, {errors} errors "
+                    f"({sum(1 for r in results if r[2] == 503)} of them 503)")
     finally:
         proc.terminate()
         proc.wait(60)
@@ -295,7 +386,8 @@ def main(argv=None) -> dict:
         scenarios[label] = {**summarize(runs[label]), "concurrency": plan[[p[0] for p in plan].index(label)][3],
                             "server": {"model_calls": sv["model_calls"], "mixed_task_calls": sv["mixed_task_calls"],
                                        "mean_rows_per_call": round(sv["rows"] / sv["model_calls"], 2)
-                                       if sv["model_calls"] else None}}
+                                       if sv["model_calls"] else None},
+                            **({"task_changes": changes_summary(sv["task_changes"])} if sv["task_changes"] else {})}
     result = {
         "command": "python -m promptmux.bench.serve_load " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -303,7 +395,10 @@ def main(argv=None) -> dict:
                     "load_average_end": [round(x, 2) for x in os.getloadavg()]},
         "deployment": {"path": str(deploy), "model_type": manifest["base"].get("model_type"), "tasks": tasks,
                        "family": family},
+        "server_ready_s": ready_s,  # start to the first line (engines prepared, runtime/prepare.py)
+        "prepared": health.get("prepared"),
         "settings": {"requests": args.requests, "repeats": args.repeats, "concurrency": args.concurrency,
+                     "warmup": args.warmup, "hot_swap": str(swap) if swap else None,
                      "max_batch": args.max_batch, "threads": args.threads, "client": client,
                      "backend": health.get("backend"), "precision": health.get("precision"),
                      "max_wait_ms": args.max_wait_ms, "max_tokens": args.max_tokens if family != "encoder" else None,
@@ -336,15 +431,24 @@ def markdown(r: dict) -> str:
                f"round at concurrency {s['concurrency']} (sequential: a tenth, one at a time). req/s: the median "
                "round (per task: that task's requests per second of the scenario); latency percentiles over all "
                "rounds, from sending the request to the last byte, measured by the client.", "",
-             "| scenario | task | requests | errors | req/s | p50 ms | p95 ms | p99 ms |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"Warm-up: {s.get('warmup', 64)} requests before the first round"
+             + (" (none: the first request follows the server's ready line)" if s.get("warmup") == 0 else "")
+             + f"; the server was ready {r.get('server_ready_s', '?')} s after its start."
+             + (f" Hot swap: `{s['hot_swap']}` added as task `hot-swap`, 10 requests, removed, three times during "
+                "every mixed round." if s.get("hot_swap") else ""), "",
+             "| scenario | task | requests | errors | of them 503 | req/s | p50 ms | p95 ms | p99 ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for label, sc in r["scenarios"].items():
         for task, t in sc["per_task"].items():
-            lines.append(f"| {label} | {task} | {t['requests']} | {t['errors']} | {t['req_per_s']} | {t['p50_ms']} | "
-                         f"{t['p95_ms']} | {t['p99_ms']} |")
+            lines.append(f"| {label} | {task} | {t['requests']} | {t['errors']} | {t.get('overloaded', '?')} | "
+                         f"{t['req_per_s']} | {t['p50_ms']} | {t['p95_ms']} | {t['p99_ms']} |")
         a = sc["all"]
-        lines.append(f"| {label} | **all** | {a['requests']} | {a['errors']} | **{a['req_per_s']}** | {a['p50_ms']} | "
-                     f"{a['p95_ms']} | {a['p99_ms']} |")
+        lines.append(f"| {label} | **all** | {a['requests']} | {a['errors']} | {a.get('overloaded', '?')} | "
+                     f"**{a['req_per_s']}** | {a['p50_ms']} | {a['p95_ms']} | {a['p99_ms']} |")
+    for label, sc in r["scenarios"].items():
+        for op, c in sc.get("task_changes", {}).items():
+            lines.append(f"\nTask {op} under load ({label}): {c['count']} calls, {c['failed']} failed, p50 "
+                         f"{c['p50_ms']} ms, max {c['max_ms']} ms.")
     lines += ["", "Server side (from /metrics, per scenario): model calls (classification batches, or generation "
               "decoding steps; the prefills of joining rows are not counted), mean rows per call, calls mixing tasks.",
               "",

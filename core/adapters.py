@@ -195,6 +195,9 @@ def load_adapter(name: str, adapter_dir: str | Path, base_config, root: str | Pa
     from promptmux.kinds import BY_PEFT_TYPE
     from promptmux.kinds.base import ReadContext
 
+    if not isinstance(name, str):
+        raise AdapterError(f"task name {name!r} is not allowed: a task name is a string")
+    name = str(name)  # a numpy string becomes the plain name the bank stores and messages print
     if not name or "/" in name or name.strip() != name:
         raise AdapterError(f"task name {name!r} is not allowed: use a non-empty name without '/' or surrounding spaces")
     adapter_dir, root = _adapter_dir(adapter_dir, root)

@@ -25,7 +25,7 @@ from safetensors.numpy import save_file
 
 from .archs import ArchSpec
 from .folder import durable_replace
-from .task import Task
+from .task import Task, task_name
 
 BANK_FILE = "bank.safetensors"
 INDEX_KEY = "promptmux_tasks"
@@ -56,6 +56,7 @@ class PromptBank:
         return len(self.index)
 
     def view(self, name: str) -> Task:
+        name = task_name(name)  # views are cached by name: a numpy string must not name the cached Task
         if name not in self.index:
             known = ", ".join(self.index) or "none"
             raise UnknownTaskError(f"unknown task {name!r}; this deployment serves: {known}")
@@ -141,6 +142,7 @@ class PromptBank:
 
     def remove(self, name: str) -> list[str]:
         """Remove a task, or every task of an MPT adapter (`NAME` removes `NAME/0` ... `NAME/K-1`)."""
+        name = task_name(name)
         names = [name] if name in self.index else [n for n in self.index if n.startswith(name + "/")]
         if not names:
             raise UnknownTaskError(f"unknown task {name!r}; this deployment serves: {', '.join(self.index) or 'none'}")

@@ -29,6 +29,16 @@ class Task:
     layers: list[tuple[np.ndarray, np.ndarray | None, str | None]] = field(default_factory=list)
 
 
+def task_name(name) -> str:
+    """A task name as a plain str: names arrive as numpy strings too (a column of a DataFrame, np.array(["pt"])),
+    and a str subclass would carry its repr (np.str_('pt')) into every message and key built from it."""
+    if isinstance(name, str):
+        return str(name)
+    if isinstance(name, bytes):
+        raise TypeError(f"task names are text, got bytes {name!r}; decode them first")
+    raise TypeError(f"a task name must be a string, got {type(name).__name__} {name!r}")
+
+
 def same_prompt(a: Task, b: Task) -> bool:
     """Whether two tasks hold the very same prompt arrays. A bank copy shares the arrays of unchanged tasks, so
     this tells a task still as it was from one replaced since (for what was built from it: a folded graph, a

@@ -12,7 +12,7 @@ import numpy as np
 from promptmux.core.archs import position_offset
 from promptmux.core.folder import FOLDED_GRAPH, GRAPH, NOPREFIX_GRAPH
 from promptmux.core.layout import build_layout
-from promptmux.core.task import Task
+from promptmux.core.task import Task, task_name
 from promptmux.kinds import kind_of
 
 from .errors import InputError
@@ -80,11 +80,14 @@ class OnFirstUse:
         return getattr(self._session, name)
 
 
-def task_names(tasks: str | Sequence[str], rows: int) -> list[str]:
-    """One task for every row, or one per row."""
-    names = [tasks] * rows if isinstance(tasks, str) else list(tasks)
+def task_names(tasks: str | Sequence[str], rows: int, what: str = "texts") -> list[str]:
+    """One task for every row, or one per row (numpy arrays of names too), as plain strings."""
+    try:
+        names = [task_name(tasks)] * rows if isinstance(tasks, str) else [task_name(t) for t in tasks]
+    except TypeError as e:
+        raise InputError(f"{e}; give one task name, or one per row") from None
     if len(names) != rows:
-        raise InputError(f"got {len(names)} task names for {rows} texts; give one task, or one per text")
+        raise InputError(f"got {len(names)} task names for {rows} {what}; give one task, or one per row")
     return names
 
 
@@ -123,18 +126,22 @@ def run_batch(rt, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None, v
     """
     folded = rt.folded_for(views)
     session, graph = (rt.folded_session, FOLDED_GRAPH) if folded else (rt.session, GRAPH)
-    prefix = None
     if not folded and rt.noprefix_session is not None and all(kind_of(v).kv_prefix(v) is None for v in views):
-        session, graph, prefix = rt.noprefix_session, NOPREFIX_GRAPH, False
-    min_slots = 0 if rt.backend in CPU_ENGINES and not folded else 1
-    layout = build_layout(rt.spec, position_offset(rt.config), rt.config.pad_token_id, ids, mask, types, views,
-                          rt.dims, min_slots=min_slots, prefix=prefix)
+        session, graph = rt.noprefix_session, NOPREFIX_GRAPH
+    layout = layout_for(rt, graph, ids, mask, types, views)
     out = session.run(layout.feeds, bank_key=bank_key)
     rt.graph_runs[graph] += 1
     if rt.spec.family == "encoder":
         return heads(views, out)
     seq = ids.shape[1]
     return [out[i, s: s + seq][mask[i].astype(bool)] for i, s in enumerate(layout.token_start)]
+
+
+def layout_for(rt, graph: str, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None, views: list[Task]):
+    """The feeds of one batch for one of the deployment's full-sequence graphs (see run_batch)."""
+    min_slots = 0 if rt.backend in CPU_ENGINES and graph != FOLDED_GRAPH else 1
+    return build_layout(rt.spec, position_offset(rt.config), rt.config.pad_token_id, ids, mask, types, views,
+                        rt.dims, min_slots=min_slots, prefix=False if graph == NOPREFIX_GRAPH else None)
 
 
 def heads(views: list[Task], features: np.ndarray) -> list[np.ndarray]:

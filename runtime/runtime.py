@@ -19,7 +19,7 @@ from promptmux.core.folder import (
     read_manifest,
     update_tasks,
 )
-from promptmux.core.task import Task, same_prompt
+from promptmux.core.task import Task, same_prompt, task_name
 
 from .batch import (
     CPU_ENGINES,
@@ -134,6 +134,7 @@ class Runtime:
         # very arrays, so a task replaced or removed since goes back to the main graph by itself.
         self._folded_view = self.bank.view(self.folded_task) if self.folded_session is not None else None
         self._generator = None
+        self.prepared: list[dict] = []  # what prepare() built, if it ran
         self.contract = None  # a non-exact precision's measured agreement with fp32 (manifest "precision")
         if precision != "fp32":
             from .precision import contract
@@ -160,6 +161,15 @@ class Runtime:
         from .sessions import OrtSession
 
         return OrtSession(path, self._threads)
+
+    def prepare(self, progress=None) -> list[dict]:
+        """Build every engine and graph this runtime's routing can pick, and run one small batch through each, so
+        that no request pays for a build (runtime/prepare.py; the server calls it before it reports ready).
+        Returns, and keeps in `prepared`, one {"graph", "engine", "seconds", "ran"} per engine."""
+        from .prepare import prepare
+
+        self.prepared = prepare(self, progress)
+        return self.prepared
 
     # ---- tasks ---------------------------------------------------------------------------
     @property
@@ -233,11 +243,7 @@ class Runtime:
             raise InputError("attention_mask must contain only 0 and 1")
         if (mask.sum(1) == 0).any():
             raise InputError(f"rows {np.where(mask.sum(1) == 0)[0].tolist()} have no real token (attention_mask all 0)")
-        if isinstance(tasks, str):
-            tasks = [tasks] * ids.shape[0]
-        tasks = list(tasks)
-        if len(tasks) != ids.shape[0]:
-            raise InputError(f"got {len(tasks)} task names for {ids.shape[0]} rows; give one task per row")
+        tasks = task_names(tasks, ids.shape[0], "rows")
         types = None
         if token_type_ids is not None:
             types = np.asarray(token_type_ids)
@@ -412,7 +418,7 @@ class Runtime:
         precompute (use each task's precomputed prompt key/values; default True)."""
         rows: dict[int, dict] = {}
         for event in self.generate_stream(inputs, tasks, max_new_tokens, **kwargs):
-            name = tasks if isinstance(tasks, str) else tasks[event["row"]]
+            name = task_name(tasks if isinstance(tasks, str) else tasks[event["row"]])
             row = rows.setdefault(event["row"], {"task": name, "token_ids": [], "text": ""})
             if event.get("token_id") is not None:
                 row["token_ids"].append(event["token_id"])

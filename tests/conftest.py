@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -202,3 +203,32 @@ def deployment(request, tmp_path_factory):
     if arch not in _FIXTURES:
         _FIXTURES[arch] = Fixture(arch, tmp_path_factory.mktemp(f"fx-{arch}"))
     return _FIXTURES[arch]
+
+
+# ---- the CPU: no test assumes which one it runs on --------------------------------------------------------------
+# Machines differ (Intel with AMX, AMD with or without AVX512-BF16). PROMPTMUX_TEST_CPU=no-bf16 runs the suite as
+# on a CPU without bf16 (an AMD Zen 3): OpenVINO's reported capability is forced off in every test, so each bf16
+# test takes its refusal branch or skips saying why. .ci/run runs the precision tests that way too.
+FORCED_CPU = os.environ.get("PROMPTMUX_TEST_CPU", "")
+if FORCED_CPU not in ("", "no-bf16"):
+    raise pytest.UsageError(f"PROMPTMUX_TEST_CPU={FORCED_CPU!r}: the only forced CPU is 'no-bf16'")
+
+
+@pytest.fixture(autouse=FORCED_CPU == "no-bf16")
+def _cpu_without_bf16(monkeypatch):
+    from promptmux.runtime import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+
+
+@pytest.fixture
+def bf16_cpu():
+    """For tests of the bf16 path itself: skips, naming this CPU, where OpenVINO computes no bf16. The refusal
+    there is tested on every CPU (test_precision.py: test_bf16_is_refused_where_the_cpu_has_none)."""
+    from promptmux.runtime import precision
+    from promptmux.runtime.cpu import describe
+
+    if FORCED_CPU == "no-bf16":
+        pytest.skip("bf16 forced off (PROMPTMUX_TEST_CPU=no-bf16: as on a CPU without AMX / AVX512-BF16)")
+    if not precision.cpu_has_bf16():
+        pytest.skip(f"this CPU has no bf16 (AMX / AVX512-BF16): {describe()}")

@@ -88,3 +88,18 @@ def test_every_peft_prompt_learning_method_has_a_kind():
     wanted = {"PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "CPT", "CARTRIDGE"}
     assert wanted <= {t.value for t in PeftType}
     assert set(BY_PEFT_TYPE) == wanted
+
+
+def test_no_test_reads_the_cpu_capabilities_itself():
+    """A test that asks whether this CPU has bf16 and branches on it covers one branch per machine: tests go
+    through conftest's bf16_cpu fixture (the hardware path, skipped with the reason) and force the capability off
+    with monkeypatch for the refusal, so both branches run wherever they can (PROMPTMUX_TEST_CPU=no-bf16 too)."""
+    bad = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+                if name == "cpu_has_bf16":
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno} calls cpu_has_bf16()")
+    assert not bad, bad

@@ -222,18 +222,13 @@ def test_demo_accuracy_through_the_deployment_equals_peft(tmp_path):
 
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
-def test_each_system_runs_in_its_own_process_with_both_peft_baselines(deployment, tmp_path):
-    """Default isolation: every system (each backend/precision, each baseline) is a worker of its own; bf16
-    systems carry their measured contract, and speedups are reported against PEFT fp32 and PEFT bf16."""
+def test_each_system_runs_in_its_own_process(deployment):
+    """Default isolation: every system (each backend/precision, each baseline) is a worker of its own."""
     import os
 
     from promptmux import Runtime
     from promptmux.bench.isolated import IsolatedSystem, SystemSpec
     from promptmux.bench.settings import BenchSettings, system_pairs
-    from promptmux.runtime.precision import cpu_has_bf16
-
-    if not cpu_has_bf16():
-        pytest.skip("this CPU has no bf16 (AMX / AVX512-BF16)")
 
     s = BenchSettings(deploy=str(deployment.deploy), backends=["onnxruntime", "openvino/fp32"],
                       precisions=["fp32", "bf16"])
@@ -251,6 +246,10 @@ def test_each_system_runs_in_its_own_process_with_both_peft_baselines(deployment
         worker.close()
     assert not worker.process.is_alive()
 
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_bf16_systems_carry_their_contract_and_both_peft_baselines(deployment, tmp_path, bf16_cpu):
+    """bf16 systems carry their measured contract, and speedups are reported against PEFT fp32 and PEFT bf16."""
     data = _bench(tmp_path, deployment.deploy, "--tasks", "pt", "--mix", "single", "--batch-sizes", "2",
                   "--seq-lens", "6", "--requests", "4", "--repeats", "1", "--backend", "openvino/bf16",
                   "--baseline", "peft,peft-bf16")

@@ -177,6 +177,22 @@ def test_unknown_task_lists_the_served_ones(rt):
         rt.forward(ids, mask, ["nope"])
 
 
+def test_task_names_given_as_numpy_strings_are_plain_names(rt):
+    """Names from np.array(["pt"]) (or a DataFrame column) are numpy strings: messages and results print 'pt'."""
+    ids, mask = random_batch("bert", rows=1, seq=5, seed=0, padding_side="right")
+    with pytest.raises(InputError) as e:
+        rt.forward(np.ones((1, 61), int), None, np.array(["pt"]))  # too long: the message names the task
+    assert "of task 'pt'" in str(e.value) and "np.str_" not in str(e.value)
+    with pytest.raises(UnknownTaskError) as e:
+        rt.forward(ids, mask, np.array(["nope"]))
+    assert str(e.value).startswith("unknown task 'nope';")
+    got = rt.forward(ids, mask, np.array(["pt"]))
+    assert np.array_equal(got[0], rt.forward(ids, mask, ["pt"])[0])
+    assert all(type(v.name) is str for v in (rt.bank.view(np.str_("pt")), rt.bank.view("pt")))
+    with pytest.raises(InputError, match=r"a task name must be a string, got int 3; give one task name"):
+        rt.forward(ids, mask, [3])
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(attention_mask=np.ones((2, 4), int)), r"attention_mask has shape \(2, 4\) but input_ids has \(2, 5\)"),
     (dict(tasks=["pt"] * 3), "got 3 task names for 2 rows"),

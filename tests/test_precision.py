@@ -23,9 +23,11 @@ def test_openvino_exact_mode_compiles_in_f32_on_a_bf16_cpu(deployment):
     rt = Runtime(deployment.deploy, backend="openvino")
     assert rt.precision == "fp32"
     assert rt.session.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
-    if P.cpu_has_bf16():  # the trap this guards against is real on this machine
-        plain = ov.Core().compile_model(str(next((deployment.deploy / "openvino").glob("model.xml"))), "CPU")
-        assert plain.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
+    # The trap this guards against: where OpenVINO computes bf16, a plain compile picks it (elsewhere, f32).
+    core = ov.Core()
+    plain = core.compile_model(str(next((deployment.deploy / "openvino").glob("model.xml"))), "CPU")
+    bf16_here = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert plain.get_property("INFERENCE_PRECISION_HINT") == (ov.Type.bf16 if bf16_here else ov.Type.f32)
 
 
 @pytest.mark.parametrize("deployment", ["llama"], indirect=True)
@@ -61,11 +63,9 @@ def test_openvino_restart_converts_nothing(deployment, monkeypatch):
 
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
-def test_bf16_contract_is_measured_recorded_and_reused(deployment, tmp_path):
+def test_bf16_contract_is_measured_recorded_and_reused(deployment, tmp_path, bf16_cpu):
     import shutil
 
-    if not P.cpu_has_bf16():
-        pytest.skip("this CPU has no bf16 (AMX / AVX512-BF16)")
     deploy = shutil.copytree(deployment.deploy, tmp_path / "deploy")
     rt = Runtime(deploy, precision="bf16")
     assert (rt.backend, rt.precision) == ("openvino", "bf16")
@@ -86,11 +86,9 @@ def test_bf16_contract_is_measured_recorded_and_reused(deployment, tmp_path):
 
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
-def test_strict_refuses_a_missed_contract_and_default_warns(deployment, monkeypatch, caplog, tmp_path):
+def test_strict_refuses_a_missed_contract_and_default_warns(deployment, monkeypatch, caplog, tmp_path, bf16_cpu):
     import shutil
 
-    if not P.cpu_has_bf16():
-        pytest.skip("this CPU has no bf16 (AMX / AVX512-BF16)")
     deploy = shutil.copytree(deployment.deploy, tmp_path / "deploy")
     monkeypatch.setitem(P.THRESHOLDS, "prediction_agreement", 1.01)  # no precision can meet this
     with pytest.raises(P.PrecisionError, match=r"misses its accuracy contract .*prediction_agreement .* < 1.01.*--strict"):
@@ -102,9 +100,7 @@ def test_strict_refuses_a_missed_contract_and_default_warns(deployment, monkeypa
 
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
-def test_calibration_texts_are_used_and_recorded(deployment, tmp_path):
-    if not P.cpu_has_bf16():
-        pytest.skip("this CPU has no bf16 (AMX / AVX512-BF16)")
+def test_calibration_texts_are_used_and_recorded(deployment, tmp_path, bf16_cpu):
     import shutil
 
     deploy = shutil.copytree(deployment.deploy, tmp_path / "deploy")
@@ -143,6 +139,23 @@ def test_precision_errors_say_what_is_wrong(monkeypatch):
         P.choose_backend("auto", "bf16", "encoder")
 
 
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_bf16_is_refused_where_the_cpu_has_none(deployment, monkeypatch, tmp_path):
+    """On a CPU without AMX or AVX512-BF16 (an AMD Zen 3), on any machine: bf16 is refused before anything is
+    compiled or measured, with what to use instead, and the deployment is left as it was."""
+    import shutil
+
+    deploy = shutil.copytree(deployment.deploy, tmp_path / "deploy")
+    before = (deploy / "manifest.json").read_bytes()
+    monkeypatch.setattr(P, "cpu_has_bf16", lambda: False)
+    for backend in ("auto", "openvino"):
+        with pytest.raises(BackendUnavailable, match=r"precision bf16 needs a CPU with AMX or AVX512-BF16 .*use "
+                                                     r"precision fp32"):
+            Runtime(deploy, backend=backend, precision="bf16")
+    assert (deploy / "manifest.json").read_bytes() == before
+    assert Runtime(deploy).precision == "fp32"  # the exact path is unaffected
+
+
 def test_openvino_missing_is_a_clear_error(monkeypatch):
     import builtins
 
@@ -162,7 +175,7 @@ def test_openvino_missing_is_a_clear_error(monkeypatch):
 
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
-def test_auto_picks_the_cpu_engines_by_batch_size_and_says_so(deployment):
+def test_auto_picks_the_cpu_engines_by_batch_size_and_says_so(deployment, monkeypatch):
     """fp32 classifiers: small batches on ONNX Runtime, large ones on OpenVINO, both exact (runtime/routed_session)."""
     rt = Runtime(deployment.deploy)
     assert rt.backend == "onnxruntime+openvino" and "small batches" in rt.backend_reason
@@ -182,9 +195,41 @@ def test_auto_picks_the_cpu_engines_by_batch_size_and_says_so(deployment):
     with pytest.raises(BackendUnavailable, match="onnxruntime\\+openvino runs fp32 classifiers"):
         P.choose_backend("onnxruntime+openvino", "fp32", "decoder")
     assert P.choose_backend("auto", "fp32", "decoder")[0] == "onnxruntime"  # decoding: ORT measured faster
+    monkeypatch.setattr(P, "cpu_has_bf16", lambda: True)  # the routing is the subject here, not this CPU
     assert P.choose_backend("auto", "bf16", "decoder")[0] == "openvino"
     assert P.choose_backend("auto", "int8", "decoder")[0] == "onnxruntime"
     assert P.choose_backend("torch", "fp32", "encoder") == ("torch", "requested")
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_prepare_builds_every_engine_the_routing_can_pick(deployment, monkeypatch):
+    """After prepare() (the server calls it before it reports ready) no batch builds an engine: small and large,
+    with and without key/value prefix rows, and a task added afterwards."""
+    from promptmux.runtime import openvino_session, sessions
+
+    rt = Runtime(deployment.deploy)
+    assert rt.backend == "onnxruntime+openvino"
+    prepared = rt.prepare()
+    assert {(p["graph"], p["engine"]) for p in prepared} == {
+        (g, e) for g in ("model.onnx", "model_noprefix.onnx") for e in ("onnxruntime", "openvino")}
+    assert all(p["ran"] and p["seconds"] > 0 for p in prepared)
+    exact = Runtime(deployment.deploy, backend="onnxruntime")
+    assert {(p["graph"], p["engine"]) for p in exact.prepare()} == {
+        ("model.onnx", "onnxruntime"), ("model_noprefix.onnx", "onnxruntime")}
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a batch built an engine after prepare()")
+
+    monkeypatch.setattr(sessions.OrtSession, "__init__", no_build)
+    monkeypatch.setattr(openvino_session.OpenVinoSession, "__init__", no_build)
+    rt.add_task("pt_again", deployment.adapters["pt"])
+    for rows, tasks in ((2, ["pt", "pt_again"]), (2, ["prefix", "pt"]), (24, ["pt", "mpt/1"]), (24, ["prefix"])):
+        ids, mask = random_batch("bert", rows=rows, seq=40, seed=rows, padding_side="right")
+        row_tasks = [tasks[i % len(tasks)] for i in range(rows)]
+        got = rt.forward(ids, mask, row_tasks)
+        want = exact.forward(ids, mask, [t.replace("pt_again", "pt") for t in row_tasks])
+        assert max(float(np.abs(a - b).max()) for a, b in zip(got, want)) < 1e-5
+    assert rt.graph_runs == Counter({"model.onnx": 2, "model_noprefix.onnx": 2})
 
 
 @pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)

@@ -390,6 +390,10 @@ def test_bad_requests_get_a_4xx_naming_the_field(request, arch, case):
         assert r.headers["www-authenticate"] == "Bearer"
     health = httpx.get(server.url + "/health")
     assert health.status_code == 200 and health.json()["tasks"] >= 1  # the loaded engine's task count, not null
+    # every engine the routing can pick was built and run before the server listened (runtime/prepare.py)
+    prepared = {(p["graph"], p["engine"]) for p in health.json()["prepared"]}
+    assert prepared == ({(g, e) for g in ("model.onnx", "model_noprefix.onnx") for e in ("onnxruntime", "openvino")}
+                        if arch == "bert" else {("decoder", "onnxruntime")})
 
 
 def test_symlink_out_of_the_adapter_root_is_refused(text_deployments, bert_server):

@@ -74,13 +74,13 @@ def _add_probes(app: FastAPI, metrics: Metrics) -> None:
     """Liveness, readiness, Prometheus metrics and the model list."""
 
     @app.get("/health", response_model=Health, response_model_exclude_none=True,
-             summary="liveness: the process answers (tasks, backend and precision once the engine is loaded)")
+             summary="liveness: the process answers (tasks, backend, precision and the prepared engines once loaded)")
     async def health(request: Request):
         engine = getattr(request.app.state, "engine", None)
         if engine is None:
             return {"status": "ok"}
         return {"status": "ok", "tasks": len(engine.rt.bank), "backend": engine.rt.backend,
-                "precision": engine.rt.precision}
+                "precision": engine.rt.precision, "prepared": engine.rt.prepared}
 
     @app.get("/ready", response_model=Health, responses={503: {"model": ErrorResponse}},
              summary="readiness: the engine is loaded and not draining")

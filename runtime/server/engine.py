@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from ..text import load_tokenizer, too_long
 from .errors import ApiError, overloaded, timed_out
 from .metrics import Metrics
 from .options import ServeOptions
+
+log = logging.getLogger("promptmux.serve")
 
 
 class ClientGone(Exception):
@@ -34,6 +37,8 @@ class Engine:
             self.tok = load_tokenizer(self.rt.dir)
         except (OSError, ValueError) as e:
             raise RuntimeError(f"{deploy_dir} has no tokenizer ({e}); the server takes text") from None
+        # Every engine and graph the routing can pick, built and run once now: no request pays for a build.
+        self.rt.prepare(progress=lambda line: log.info("%s", line))
         self.family = self.rt.spec.family
         self.max_positions = self.rt.max_positions  # the positions a row may use
         # More than 32 characters per token is beyond the tokenizers we know: longer texts are refused before

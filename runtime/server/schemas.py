@@ -133,8 +133,17 @@ class TaskList(BaseModel):
     tasks: list[dict]
 
 
+class PreparedEngine(BaseModel):
+    graph: str  # model.onnx, model_noprefix.onnx, model_folded.onnx, or "decoder"
+    engine: str  # onnxruntime, openvino, ...
+    seconds: float  # the build and the first run
+    ran: bool  # False: built only (no task of the deployment runs that graph yet)
+
+
 class Health(BaseModel):
     status: str
     tasks: int | None = None
     backend: str | None = None  # what actually runs the graphs (after "auto" chose)
     precision: str | None = None
+    # every engine the routing can pick, built and run once before the server reported ready (runtime/prepare.py)
+    prepared: list[PreparedEngine] | None = None

@@ -1,0 +1,41 @@
+"""The CPU this process runs on: its model name and the instruction-set flags that decide which precisions and
+kernels are fast here. Machines differ (an Intel Xeon with AMX; an AMD EPYC with AVX2 only, or AVX-512 and
+AVX512-BF16), so benchmarks record these and CI prints them."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+# The flags that matter for promptmux's CPU paths, as Linux names them in /proc/cpuinfo.
+FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux: the model from platform, the flags unknown
+        return []
+
+
+def cpu_model() -> str:
+    for line in _cpuinfo():
+        if line.lower().startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> dict[str, bool] | None:
+    """{flag: present} for FLAGS, or None where the kernel does not list them (not Linux)."""
+    for line in _cpuinfo():
+        if line.lower().startswith("flags"):
+            present = set(line.split(":", 1)[1].split())
+            return {f: f in present for f in FLAGS}
+    return None
+
+
+def describe() -> str:
+    """One line: the model and which of FLAGS it has."""
+    flags = cpu_flags()
+    listed = "flags unknown" if flags is None else " ".join(f"{f}={'yes' if v else 'no'}" for f, v in flags.items())
+    return f"{cpu_model()}: {listed}"
