@@ -1,9 +1,11 @@
-"""What promptmux needs to know about each supported architecture.
+"""What promptmux needs to know about each model family: only what really differs between them.
 
-Everything that differs between model families lives here, so the graph builder and the batch
-layout stay generic: how PEFT's forward positions tokens after the virtual tokens, whether the
-family takes token type ids, and (for sequence classification) which modules form the head.
-Sizes come from optimum's normalized configs so no per-family attribute names leak elsewhere.
+The table holds PEFT's position rules (RoBERTa-style padding offsets, OPT's positions that follow the attention
+mask), token types, the classification head's layout and which families PEFT cannot prefix-tune. A causal LM of
+any other family transformers knows gets the generic rules (GENERIC_DECODER) and is verified against PEFT eager
+when it is exported (export/deploy.py): a family the generic rules do not fit is refused with the measured
+difference, not served wrongly. Sizes come from the transformers config's standard attributes (its attribute_map
+maps each family's own names), which every family has.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ class ArchSpec:
     # token hidden state) and the head's layers in order.
     feature: str = "first"
     head: tuple[HeadLayer, ...] = ()
+    # OPT derives position ids from the attention mask (a cumulative sum: padding takes no position), also in
+    # PEFT's forward; most decoders count positions through the padding there.
+    positions_follow_mask: bool = False
+    # Not a row of this table (tested by promptmux's suite) but the generic rules: the export compares the
+    # deployment with PEFT eager and refuses it if they differ.
+    verify_at_export: bool = False
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -58,20 +66,43 @@ ARCHS: dict[str, ArchSpec] = {
     ),
     "gpt2": ArchSpec(family="decoder"),
     "llama": ArchSpec(family="decoder"),
+    "opt": ArchSpec(family="decoder", positions_follow_mask=True),
     # Relative position bias, no position ids; prefixes go to the decoder (see export/seq2seq.py).
     "t5": ArchSpec(family="seq2seq"),
 }
+ARCHS["xlm-roberta"] = ARCHS["roberta"]  # RoBERTa's code under another name (transformers copies it)
+ARCHS["mt5"] = ARCHS["t5"]  # T5's code with another vocabulary
+
+GENERIC_DECODER = ArchSpec(family="decoder", verify_at_export=True)
 
 TASK_TYPE_FOR_FAMILY = {"encoder": "SEQ_CLS", "decoder": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
 
 
 def arch_for(model_type: str) -> ArchSpec:
-    try:
-        return ARCHS[model_type]
-    except KeyError:
+    """The table's row, the generic rules for a causal LM of another family, or a refusal naming what is served."""
+    spec = ARCHS.get(model_type)
+    if spec is None and is_causal_lm(model_type):
+        spec = GENERIC_DECODER
+    if spec is None:
+        rows = {f: ", ".join(sorted(t for t, r in ARCHS.items() if r.family == f)) for f in ("encoder", "seq2seq")}
         raise UnsupportedModelError(
-            f"model type {model_type!r} is not supported; promptmux exports {', '.join(sorted(ARCHS))}"
-        ) from None
+            f"model type {model_type!r} is not supported: promptmux exports causal LMs of any family transformers "
+            f"knows, sequence classifiers of {rows['encoder']} and seq2seq models of {rows['seq2seq']}. Please "
+            "report it, or add a row to core/archs.py (ARCHITECTURE.md: 'A model family')")
+    return spec
+
+
+def is_causal_lm(model_type: str) -> bool:
+    """A decoder-only language model: transformers has a causal-LM class for it, and it is neither an encoder with
+    a causal-LM variant (BERT, RoBERTa, ELECTRA: masked LMs) nor an encoder-decoder model (BART)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    )
+
+    return (model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+            and model_type not in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
 
 
 @dataclass(frozen=True)
@@ -91,24 +122,43 @@ class Dims:
 
 
 def dims_of(config) -> Dims:
-    from optimum.utils import (
-        NormalizedConfigManager,  # imports transformers: not needed to list a bank
-    )
-
-    norm = NormalizedConfigManager.get_normalized_config_class(config.model_type)(config)
-    heads = norm.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or norm.hidden_size // heads
+    """The sizes, from the config's standard attributes (hidden_size, num_hidden_layers, num_attention_heads,
+    num_key_value_heads, head_dim, vocab_size; attribute_map translates n_embd, d_model, n_head, ...)."""
+    c = config.get_text_config()  # a multimodal config's language model
+    heads = c.num_attention_heads
     return Dims(
-        hidden_size=norm.hidden_size,
-        num_layers=norm.num_layers,
+        hidden_size=c.hidden_size,
+        num_layers=c.num_hidden_layers,
         num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        vocab_size=norm.vocab_size,
+        num_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+        head_dim=getattr(c, "head_dim", None) or getattr(c, "d_kv", None) or c.hidden_size // heads,
+        vocab_size=c.vocab_size,
     )
 
 
 def position_offset(config) -> int:
     spec = arch_for(config.model_type)
     return config.pad_token_id + 1 if spec.position_offset_from_pad else 0
+
+
+def sliding_window(config) -> int | None:
+    """The attention window of a family with sliding-window layers (Mistral, Gemma2, Phi-3), else None."""
+    window = getattr(config, "sliding_window", None)
+    layers = getattr(config, "layer_types", None)
+    if not window or (layers is not None and "sliding_attention" not in layers):
+        return None
+    return window if getattr(config, "use_sliding_window", True) is not False else None
+
+
+def usable_positions(config) -> int | None:
+    """The positions a row may use, virtual and real tokens together (and, generating, its new tokens).
+
+    T5 configs carry n_positions (the context it was trained with) though its positions are relative; RoBERTa-style
+    models count from after the padding index, so their first positions are not usable. Where attention slides,
+    rows stay within the window: the graphs attend over every position, which is what the model computes only
+    while a row fits its window (tests/test_families.py checks tokens against PEFT there)."""
+    table = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    limit = table - position_offset(config) if table else None
+    window = sliding_window(config)
+    return min(limit, window) if window and limit else (window or limit)
+

@@ -61,7 +61,12 @@ def load_base_model(base_dir: str | Path, config=None, num_labels: int | None = 
     kwargs = {"num_labels": num_labels} if num_labels is not None else {}
     # T5's SDPA path reshapes a transposed output, which torch.export cannot trace with dynamic shapes.
     attn = "eager" if family == "seq2seq" else "sdpa"
-    model = cls.from_pretrained(str(base_dir), dtype=torch.float32, attn_implementation=attn, **kwargs)
+    try:
+        model = cls.from_pretrained(str(base_dir), dtype=torch.float32, attn_implementation=attn, **kwargs)
+    except ValueError as e:  # a family without an SDPA path (Gemma2: attention logit soft-capping) runs eager
+        if "scaled_dot_product_attention" not in str(e):
+            raise
+        model = cls.from_pretrained(str(base_dir), dtype=torch.float32, attn_implementation="eager", **kwargs)
     return model.eval()
 
 

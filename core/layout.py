@@ -76,6 +76,13 @@ class LayoutBuilder:
         self._tokens(i, t, real, unused)
         self.feeds["attention_mask"][i, self.n_len: self.n_len + t] = 1
         self.feeds["position_ids"][i, : t + self.seq] = self.offset + np.arange(t + self.seq)
+        if self.spec.positions_follow_mask:  # OPT: padding takes no position; tokens count on after the prompt
+            self.feeds["position_ids"][i, t: t + self.seq] = self.offset + t + self.mask_positions(i)
+
+    def mask_positions(self, i: int) -> np.ndarray:
+        """Row i's token positions counted over its attention mask (0 for the first real token; a pad repeats
+        the position before it, which nothing reads)."""
+        return np.maximum(np.cumsum(self.attention_mask[i]) - 1, 0)
 
     def cache_in_front(self, i: int, kv: np.ndarray, positions: np.ndarray) -> None:
         """Row i attends to kv [layers, 2, kv_heads, n, head_dim] before its tokens; its tokens take `positions`."""

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from promptmux.core.adapters import AdapterError, load_adapter
-from promptmux.core.archs import arch_for, dims_of, position_offset
+from promptmux.core.archs import UnsupportedModelError, arch_for, dims_of, position_offset
 from promptmux.core.folder import (
     DECODER_GRAPH,
     FOLDED_GRAPH,
@@ -108,19 +108,21 @@ def export_deployment(
         raise AdapterError(f"--fold {fold!r} names no task; tasks are: {', '.join(t.name for t in tasks)}")
 
     quiet_libraries()
-    with StepBar(4 + bool(fold) + (spec.family != "encoder"), "export", quiet) as bar:
+    with StepBar(4 + bool(fold) + (spec.family != "encoder") + spec.verify_at_export, "export", quiet) as bar:
         bar.step("loading base model")
         model = load_base_model(base_dir, config)
         bank = PromptBank(spec, base_head_weights(model, config) if spec.head else None)
         bank.add(tasks)
         bar.update()
-        _write_deployment(base_dir, out_dir, config, spec, dims, model, bank, fold, optimize, tolerance, bar)
+        _write_deployment(base_dir, out_dir, config, spec, dims, model, bank, fold, optimize, tolerance, bar,
+                          adapters)
     return out_dir
 
 
-def _write_deployment(base_dir, out_dir: Path, config, spec, dims, model, bank, fold, optimize, tolerance, bar):
+def _write_deployment(base_dir, out_dir: Path, config, spec, dims, model, bank, fold, optimize, tolerance, bar,
+                      adapters):
     """Everything into a temporary folder beside out_dir, renamed into place at the end: an error or Ctrl-C
-    leaves nothing behind."""
+    (or, for a family on the generic rules, a difference from PEFT) leaves nothing behind."""
     from promptmux import __version__
     from promptmux.core.io_spec import input_names
 
@@ -163,6 +165,10 @@ def _write_deployment(base_dir, out_dir: Path, config, spec, dims, model, bank, 
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         bar.update()
+        if spec.verify_at_export:
+            manifest["graph"]["verified_against_peft"] = _verify_generic(tmp, base_dir, adapters, config,
+                                                                         tolerance, bar)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -265,6 +271,27 @@ def _export_seq2seq(model, config, dims, bank, tmp: Path, tolerance, bar):
     decoder = {"file": DECODER_GRAPH, "encoder": GRAPH,
                "cache": "past_key_values.{i}.decoder/encoder.key/value -> present.{i}.decoder.key/value"}
     return {"checked_max_rel_diff": diff}, decoder
+
+
+def _verify_generic(deploy: Path, base_dir, adapters, config, tolerance: float, bar) -> dict[str, float]:
+    """A model type with no row in core/archs.py runs on the generic rules: the written deployment against PEFT
+    eager on a padded mixed batch of every task, refused (UnsupportedModelError) where a task differs."""
+    from .verify import verify
+
+    bar.step(f"verifying against PEFT ({config.model_type} runs on the generic rules)")
+    details: dict = {}
+    verify(deploy, base_dir, adapters, rows_per_task=2, seq=8, quiet=True, details=details)
+    bad = {t: d for t, d in details.items() if not d["max_abs_diff"] <= tolerance * max(1.0, d["scale"])}
+    if bad:
+        worst = "; ".join(f"task {t!r}: rows differ by {', '.join(f'{x:.2e}' for x in d['rows'])} (PEFT's outputs "
+                          f"reach {d['scale']:.3g})" for t, d in bad.items())
+        raise UnsupportedModelError(
+            f"model type {config.model_type!r} has no row in promptmux's table and its deployment does not compute "
+            f"what PEFT computes (tolerance {tolerance:g}, scaled by the outputs): {worst}. Nothing was written. "
+            "Please report it with the base model's config, or add a row to core/archs.py (ARCHITECTURE.md: "
+            "'A model family')")
+    bar.update()
+    return {t: d["max_abs_diff"] for t, d in details.items()}
 
 
 def _check_rows(dims, bank):

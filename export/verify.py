@@ -97,9 +97,11 @@ def _verify_generation(rt, base_dir, adapters, plan, ids, mask, tasks, quiet, ne
 
 
 def verify(deploy_dir, base_dir, adapters: dict[str, str | Path], backend: str = "onnxruntime",
-           rows_per_task: int = 3, seq: int = 12, quiet: bool = False) -> dict[str, float]:
+           rows_per_task: int = 3, seq: int = 12, quiet: bool = False, details: dict | None = None
+           ) -> dict[str, float]:
     """Max abs difference per task between the deployment (one mixed batch) and PEFT eager
-    (seq2seq: the fraction of rows whose greedy tokens differ from PEFT's generate)."""
+    (seq2seq: the fraction of rows whose greedy tokens differ from PEFT's generate). details, if given, gets per
+    task {"max_abs_diff", "scale" (PEFT's largest output), "rows" (the rows' differences)}."""
     from tqdm.auto import tqdm
 
     from promptmux.core.archs import arch_for
@@ -134,5 +136,9 @@ def verify(deploy_dir, base_dir, adapters: dict[str, str | Path], backend: str =
     for task, adapter, mpt_task in tqdm(plan, desc="verify", unit="task", disable=quiet, leave=False):
         rows = [i for i, t in enumerate(tasks) if t == task]
         want = peft_outputs(base_dir, adapters[adapter], ids[rows], mask[rows], family, mpt_task)
-        worst[task] = max(float(np.abs(got[r] - w).max()) for r, w in zip(rows, want))
+        diffs = [float(np.abs(got[r] - w).max()) for r, w in zip(rows, want)]
+        worst[task] = max(diffs)
+        if details is not None:
+            details[task] = {"max_abs_diff": worst[task], "scale": max(float(np.abs(w).max()) for w in want),
+                             "rows": diffs}
     return worst

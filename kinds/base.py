@@ -176,6 +176,8 @@ class KVPrefixKind(PromptKind):
             # PEFT passes input_ids: RobertaEmbeddings.create_position_ids_from_input_ids with past length n.
             nonpad = (b.input_ids[i] != b.pad_token_id).astype(np.int64)
             positions = (np.cumsum(nonpad) + n) * nonpad + b.pad_token_id
+        elif b.spec.positions_follow_mask:  # OPT: positions from the mask, the prefix counted first
+            positions = b.offset + n + b.mask_positions(i)
         else:
             positions = b.offset + n + np.arange(seq)
         b.cache_in_front(i, task.tensors["prefix"], positions)

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from promptmux.core.archs import arch_for, dims_of, position_offset
+from promptmux.core.archs import arch_for, dims_of, usable_positions
 from promptmux.core.bank import PromptBank, UnknownTaskError
 from promptmux.core.folder import (
     FOLDED_GRAPH,
@@ -82,11 +82,7 @@ class Runtime:
         self._tokenizer = None
         self.noprefix_session = None  # encoders: the graph without prefix inputs (CPU engines)
         self.graph_runs: Counter = Counter()  # full-sequence batches run per graph file (model.onnx, model_folded.onnx)
-        # The positions a row may use: virtual and real tokens together. T5 configs carry n_positions (the context
-        # it was trained with) though its positions are relative; RoBERTa-style models count from after the
-        # padding index, so their first positions are not usable.
-        table = getattr(self.config, "max_position_embeddings", None) or getattr(self.config, "n_positions", None)
-        self.max_positions = table - position_offset(self.config) if table else None
+        self.max_positions = usable_positions(self.config)  # virtual and real tokens together (core/archs.py)
         folded = self.manifest.get("folded") if use_folded else None
         if folded and (folded["task"] not in self.bank or self.bank.digest(folded["task"]) != folded.get("digest")):
             log.warning("task %r changed since it was folded; serving it from the main graph", folded["task"])

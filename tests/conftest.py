@@ -39,15 +39,44 @@ def tiny_config(arch: str):
         return T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2,
                         num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
                         initializer_factor=2.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    if arch in FAMILIES:
+        from transformers import AutoConfig
+
+        model_type, sizes = FAMILIES[arch]
+        return AutoConfig.for_model(model_type, **sizes)
     raise ValueError(arch)
 
 
+# The other families users prompt-tune, each a tiny random model (tests/test_families.py): model type and config.
+_DECODER = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=37, max_position_embeddings=64, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+_MHA = {k: v for k, v in _DECODER.items() if k != "num_key_value_heads"}
+FAMILIES = {
+    "qwen2": ("qwen2", _DECODER),
+    "qwen3": ("qwen3", dict(_DECODER, head_dim=8)),
+    "mistral": ("mistral", dict(_DECODER, sliding_window=32)),  # the tests' sequences fit the window
+    "gemma": ("gemma", dict(_DECODER, head_dim=8)),
+    "gemma2": ("gemma2", dict(_DECODER, head_dim=8, sliding_window=32, query_pre_attn_scalar=8)),
+    "phi3": ("phi3", _DECODER),
+    "olmo": ("olmo", _DECODER),
+    "granite": ("granite", _DECODER),
+    "gpt_neox": ("gpt_neox", _MHA),
+    "opt": ("opt", dict(_MHA, ffn_dim=37, word_embed_proj_dim=32)),
+    "xlm-roberta": ("xlm-roberta", dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=37, max_position_embeddings=66, num_labels=3,
+                                        pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1)),
+    "mt5": ("mt5", dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2,
+                        num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                        initializer_factor=2.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)),
+}
+
+
 def is_encoder(arch: str) -> bool:
-    return arch in ("bert", "roberta", "distilbert")
+    return arch in ("bert", "roberta", "distilbert", "xlm-roberta")
 
 
 def is_seq2seq(arch: str) -> bool:
-    return arch == "t5"
+    return arch in ("t5", "mt5")
 
 
 def base_class(arch: str):
@@ -165,14 +194,33 @@ def peft_rows(arch: str, base_dir: Path, adapter_dir: Path, ids: np.ndarray, mas
     return [logits[i, skip:][mask[i].astype(bool)] for i in range(ids.shape[0])]
 
 
+def peft_generate(fx, task: str, ids: np.ndarray, mask: np.ndarray, new_tokens: int = 7) -> list[list[int]]:
+    """PEFT's greedy generate for one task (MPT: NAME/t), the new tokens per row. PEFT runs with its defaults
+    (use_cache=True); eos_token_id=None keeps it generating the full length; pad_token_id is given because some
+    tiny causal configs have none."""
+    from peft import PeftModel
+
+    adapter, _, t = task.partition("/")
+    base = base_class(fx.arch).from_pretrained(fx.base).eval()
+    model = PeftModel.from_pretrained(base, fx.adapters[adapter]).eval()
+    kw = {"task_ids": torch.full((ids.shape[0],), int(t))} if t else {}
+    with torch.inference_mode():
+        out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                             max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None, **kw)
+    # Causal LMs return the prompt then the new tokens; seq2seq returns the decoder start token then the new ones.
+    return out[:, 1 if is_seq2seq(fx.arch) else ids.shape[1]:].tolist()
+
+
 class Fixture:
-    def __init__(self, arch: str, root: Path):
+    def __init__(self, arch: str, root: Path, adapters: tuple[str, ...] | None = None):
+        """adapters: which of adapter_configs(arch) the deployment holds (default: all of them)."""
         from promptmux import export_deployment
 
         self.arch = arch
         self.base = make_base(arch, root / "base")
         self.adapters: dict[str, Path] = {}
-        for seed, (name, cfg) in enumerate(adapter_configs(arch).items()):
+        cfgs = {n: c for n, c in adapter_configs(arch).items() if adapters is None or n in adapters}
+        for seed, (name, cfg) in enumerate(cfgs.items()):
             self.adapters[name] = make_adapter(arch, self.base, cfg, root / "adapters" / name, seed=seed + 1)
         self.deploy = export_deployment(self.base, self.adapters, root / "deploy", quiet=True)
 

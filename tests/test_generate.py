@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import adapter_configs, base_class, is_seq2seq, random_batch
+from conftest import adapter_configs, is_seq2seq, peft_generate, random_batch
 
 from promptmux import InputError, Runtime, UnknownTaskError
 
@@ -29,20 +29,6 @@ def _runtime(fx, backend="onnxruntime"):
     if not hasattr(fx, key):
         setattr(fx, key, Runtime(fx.deploy, backend=backend))
     return getattr(fx, key)
-
-
-def peft_generate(fx, task: str, ids: np.ndarray, mask: np.ndarray) -> list[list[int]]:
-    from peft import PeftModel
-
-    adapter, _, t = task.partition("/")
-    base = base_class(fx.arch).from_pretrained(fx.base).eval()
-    model = PeftModel.from_pretrained(base, fx.adapters[adapter]).eval()
-    kw = {"task_ids": torch.full((ids.shape[0],), int(t))} if t else {}
-    with torch.inference_mode():
-        out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                             max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=None, **kw)
-    # Causal LMs return the prompt then the new tokens; seq2seq returns the decoder start token then the new ones.
-    return out[:, 1 if is_seq2seq(fx.arch) else ids.shape[1]:].tolist()
 
 
 def _precompute_modes(arch):

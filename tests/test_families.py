@@ -1,0 +1,104 @@
+"""Every model family users prompt-tune, beyond the six the other tests cover in depth: each a tiny random model
+(conftest.FAMILIES) with every prompt kind PEFT supports for it, one mixed batch against PEFT eager (1e-4) and
+greedy tokens against PEFT's generate. Causal LMs without a row in core/archs.py run on the generic rules and are
+verified against PEFT at export; a family those rules do not fit is refused with the measured difference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import FAMILIES, Fixture, is_encoder, is_seq2seq, peft_generate, random_batch
+
+from promptmux import Runtime
+
+# Every kind once: prompt tuning, P-tuning, prefix tuning, MPT, CARTRIDGE and (causal LMs only) CPT.
+KINDS = ("pt", "ptmlp", "prefix", "mpt", "cartridge", "cpt")
+TOL = 1e-4
+_FAMILY_FIXTURES: dict[str, Fixture] = {}
+
+
+def _family(arch: str, tmp_path_factory) -> Fixture:
+    if arch not in _FAMILY_FIXTURES:
+        fx = _FAMILY_FIXTURES[arch] = Fixture(arch, tmp_path_factory.mktemp(f"family-{arch}"), adapters=KINDS)
+        fx.rt = Runtime(fx.deploy, backend="onnxruntime")
+    return _FAMILY_FIXTURES[arch]
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    return _family(request.param, tmp_path_factory)
+
+
+def test_mixed_batch_of_every_kind_matches_peft(family):
+    if is_seq2seq(family.arch):
+        pytest.skip("a seq2seq deployment answers by generation (test_greedy_tokens_match_peft_generate)")
+    names = family.task_names()
+    ids, mask = random_batch(family.arch, rows=2 * len(names), seq=8, seed=5,
+                             padding_side="right" if is_encoder(family.arch) else "left")
+    tasks = [names[i % len(names)] for i in range(len(ids))][::-1]
+    got = family.rt.forward(ids, mask, tasks)
+    for name in names:
+        rows = [i for i, t in enumerate(tasks) if t == name]
+        want = family.reference(name, ids[rows], mask[rows])
+        worst = max(float(np.abs(got[r] - w).max()) for r, w in zip(rows, want))
+        assert worst < TOL, (name, worst)
+
+
+def test_greedy_tokens_match_peft_generate(family):
+    if is_encoder(family.arch):
+        pytest.skip("a sequence classifier does not generate")
+    names = family.task_names()
+    ids, mask = random_batch(family.arch, rows=len(names) + 2, seq=7, seed=4, padding_side="left")
+    tasks = [names[i % len(names)] for i in range(len(ids))]
+    got = family.rt.generate({"input_ids": ids, "attention_mask": mask}, tasks, max_new_tokens=7, eos_token_id=[])
+    for name in names:
+        rows = [i for i, t in enumerate(tasks) if t == name]
+        assert [got[i]["token_ids"] for i in rows] == peft_generate(family, name, ids[rows], mask[rows]), name
+
+
+def test_generic_families_are_verified_against_peft_at_export(family):
+    from promptmux.core.archs import ARCHS
+
+    verified = family.rt.manifest["graph"].get("verified_against_peft")
+    if family.arch in ARCHS:  # a row of the table: tested here, not verified at each export
+        assert verified is None
+    else:
+        assert set(verified) == set(family.task_names()) and max(verified.values()) < TOL
+
+
+def test_a_family_the_generic_rules_do_not_fit_is_refused_with_the_difference(monkeypatch, tmp_path):
+    """A deliberately wrong rule (positions that skip the padding, as OPT's do) for Qwen2: the ONNX graph still
+    matches the PyTorch module it was traced from, but not PEFT, so the export refuses it and leaves nothing."""
+    from promptmux import export_deployment
+    from promptmux.core import archs
+    from promptmux.core.archs import ArchSpec, UnsupportedModelError
+
+    fx = _FAMILY_FIXTURES.get("qwen2") or Fixture("qwen2", tmp_path / "fx", adapters=("pt",))
+    monkeypatch.setitem(archs.ARCHS, "qwen2", ArchSpec(family="decoder", positions_follow_mask=True,
+                                                      verify_at_export=True))
+    out = tmp_path / "deploy"
+    with pytest.raises(UnsupportedModelError) as e:
+        export_deployment(fx.base, {"pt": fx.adapters["pt"]}, out, quiet=True)
+    message = str(e.value)
+    assert "model type 'qwen2' has no row in promptmux's table" in message
+    assert "task 'pt': rows differ by" in message and "add a row to core/archs.py" in message
+    diffs = [float(x) for x in message.split("rows differ by ")[1].split(" (")[0].split(", ")]
+    assert max(diffs) > TOL and min(diffs) < TOL  # the unpadded row is right, the padded one is not
+    assert not out.exists() and not list(tmp_path.glob(".deploy.tmp-*"))
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
+def test_sliding_window_families_keep_rows_within_the_window(arch, tmp_path_factory):
+    """The graphs attend over every position, which is what sliding-window attention computes while a row fits its
+    window (the tokens above match PEFT there): a row that would outgrow it is refused, not answered differently."""
+    from promptmux import InputError
+
+    fx = _family(arch, tmp_path_factory)
+    window = FAMILIES[arch][1]["sliding_window"]
+    assert fx.rt.max_positions == window < fx.rt.config.max_position_embeddings
+    ids, mask = random_batch(arch, rows=1, seq=7, seed=1, padding_side="left")
+    with pytest.raises(InputError, match=f"7 tokens \\+ 4 virtual tokens of task 'pt' \\+ max_new_tokens=22 exceed "
+                                         f"the model's {window} positions"):
+        fx.rt.generate({"input_ids": ids, "attention_mask": mask}, "pt", max_new_tokens=22)
+    assert len(fx.rt.generate({"input_ids": ids, "attention_mask": mask}, "pt", max_new_tokens=21,
+                              eos_token_id=[])[0]["token_ids"]) == 21
