@@ -245,6 +245,15 @@ _FIXTURES: dict[str, Fixture] = {}
 
 
 @pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The embedded default as `promptmux demo` writes and runs it (the real MiniLM, both demo tasks), exported
+    once for every test that reads it. Tests must not change the deployment."""
+    from promptmux.demo import run_demo
+
+    return run_demo(tmp_path_factory.mktemp("demo") / "deploy", quiet=True)
+
+
+@pytest.fixture(scope="session")
 def deployment(request, tmp_path_factory):
     """One exported deployment per architecture, shared by the tests of that architecture."""
     arch = request.param

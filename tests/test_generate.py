@@ -1,7 +1,7 @@
 """Cached generation through the deployment's decoder graphs.
 
 Greedy generation must be token-identical to PEFT's `generate` for every prompt kind x {GPT-2,
-Llama (grouped-query attention), T5}, in single-task and mixed-task batches with left padding and
+Llama (grouped-query attention), T5}, in mixed-task batches (single-task too on Llama) with left padding and
 different prompt lengths, and (causal LMs) with and without precomputed prompt key/values; a
 seq2seq model has nothing to precompute (its prompts sit in the bidirectional encoder, its
 prefixes already are keys/values). PEFT is run with its defaults (use_cache=True): PEFT's
@@ -36,7 +36,9 @@ def _precompute_modes(arch):
 
 
 def _cases():
-    return [(arch, name, pre) for arch in GENERATORS for name in adapter_configs(arch) for pre in _precompute_modes(arch)]
+    """Single-task generation on one architecture, for diagnosis: the mixed-task tests below check every task of
+    every generator row by row already."""
+    return [("llama", name, pre) for name in adapter_configs("llama") for pre in _precompute_modes("llama")]
 
 
 def _case_id(arch, name, pre):
