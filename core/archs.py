@@ -19,10 +19,12 @@ class UnsupportedModelError(ValueError):
 
 @dataclass(frozen=True)
 class HeadLayer:
-    """One linear layer of a classification head, applied per task outside the backbone."""
+    """One layer of a classification head, applied per task outside the backbone (runtime/batch.py apply_head)."""
 
     module: str  # path inside the *ForSequenceClassification model, e.g. "classifier.dense"
-    activation: str | None  # applied after the linear layer: None, "tanh" or "relu"
+    activation: str | None  # applied after the layer: None, "tanh", "relu" or "gelu" (exact, erf)
+    op: str = "linear"  # "linear", or "layer_norm" (ModernBERT's head: weight and optional bias, eps below)
+    eps: float = 1e-5
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ class ArchSpec:
     # Not a row of this table (tested by promptmux's suite) but the generic rules: the export compares the
     # deployment with PEFT eager and refuses it if they differ.
     verify_at_export: bool = False
+    # Config settings the row's rules assume (attribute, value); another value is refused (check_config).
+    requires: tuple[tuple[str, object], ...] = ()
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -63,6 +67,30 @@ ARCHS: dict[str, ArchSpec] = {
         supports_prefix=False,  # DistilBERT's attention takes no past key/values, so PEFT cannot prefix-tune it
         feature="first",
         head=(HeadLayer("pre_classifier", "relu"), HeadLayer("classifier", None)),
+    ),
+    # ELECTRA: BERT's embeddings and positions; a two-layer head with GELU on the first token.
+    "electra": ArchSpec(
+        family="encoder", token_types=True, feature="first",
+        head=(HeadLayer("classifier.dense", "gelu"), HeadLayer("classifier.out_proj", None)),
+    ),
+    # MPNet: RoBERTa's positions and head; its attention takes no past key/values (PEFT refuses prefix tuning).
+    "mpnet": ArchSpec(
+        family="encoder", position_offset_from_pad=True, supports_prefix=False, feature="first",
+        head=(HeadLayer("classifier.dense", "tanh"), HeadLayer("classifier.out_proj", None)),
+    ),
+    # DeBERTa-v2/v3: relative positions only, no token types by default; the ContextPooler (first token, dense,
+    # GELU) is part of the head but frozen (PEFT saves only the classifier). No past key/values.
+    "deberta-v2": ArchSpec(
+        family="encoder", supports_prefix=False, feature="first",
+        head=(HeadLayer("pooler.dense", "gelu"), HeadLayer("classifier", None)),
+        requires=(("pooler_hidden_act", "gelu"),),
+    ),
+    # ModernBERT ("cls" pooling): head = dense, GELU, LayerNorm, then the classifier. No past key/values.
+    "modernbert": ArchSpec(
+        family="encoder", supports_prefix=False, feature="first",
+        head=(HeadLayer("head.dense", "gelu"), HeadLayer("head.norm", None, op="layer_norm"),
+              HeadLayer("classifier", None)),
+        requires=(("classifier_pooling", "cls"), ("classifier_activation", "gelu"), ("norm_eps", 1e-5)),
     ),
     "gpt2": ArchSpec(family="decoder"),
     "llama": ArchSpec(family="decoder"),
@@ -89,6 +117,17 @@ def arch_for(model_type: str) -> ArchSpec:
             f"model type {model_type!r} is not supported: promptmux exports causal LMs of any family transformers "
             f"knows, sequence classifiers of {rows['encoder']} and seq2seq models of {rows['seq2seq']}. Please "
             "report it, or add a row to core/archs.py (ARCHITECTURE.md: 'A model family')")
+    return spec
+
+
+def check_config(config) -> ArchSpec:
+    """The config's row, refusing settings the row's rules do not cover."""
+    spec = arch_for(config.model_type)
+    for attribute, value in spec.requires:
+        if getattr(config, attribute, value) != value:
+            raise UnsupportedModelError(
+                f"{config.model_type} with {attribute}={getattr(config, attribute)!r} is not supported: promptmux "
+                f"computes this family's head with {attribute}={value!r}. Please report it")
     return spec
 
 

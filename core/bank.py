@@ -74,7 +74,7 @@ class PromptBank:
                 params.append(self.arrays.get(key))
             if params[0] is None:
                 raise ValueError(f"task {name!r}: no weights for head module {layer.module!r}")
-            layers.append((params[0], params[1], layer.activation))
+            layers.append((params[0], params[1], layer))
         return Task(name=name, kind=e["kind"], peft_type=e["peft_type"], num_virtual_tokens=e["num_virtual_tokens"],
                     tensors={role: self.arrays[key] for role, key in e["tensors"].items()}, labels=e.get("labels"),
                     source=e.get("source", ""), layers=layers)

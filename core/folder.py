@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .archs import arch_for
+from .archs import arch_for, check_config
 
 MANIFEST = "manifest.json"
 GRAPH = "model.onnx"
@@ -38,7 +38,7 @@ def load_base_config(base_dir: str | Path):
             f"base model folder {str(base_dir)!r} has no config.json; pass a folder written by save_pretrained"
         )
     config = AutoConfig.from_pretrained(str(base_dir))
-    arch_for(config.model_type)  # refuse unsupported families early
+    check_config(config)  # refuse unsupported families (and settings) early
     return config
 
 

@@ -14,7 +14,7 @@ class Task:
     kind names the promptmux.kinds module that reads, stores and places it; `tensors` holds that kind's roles
     (e.g. "prompt" [T, d], "prefix" [L, 2, kv_heads, n, head_dim], MPT's "shared"/"cols"/"rows").
     head: the classification-head parameters the adapter saved ("classifier.weight" -> array); a task read back
-    from the bank carries the resolved head in `layers` (weight, bias, activation per head layer, the base model's
+    from the bank carries the resolved head in `layers` (weight, bias, archs.HeadLayer per head layer, the base model's
     parameters where the task saved none).
     """
 
@@ -26,7 +26,7 @@ class Task:
     head: dict[str, np.ndarray] = field(default_factory=dict)
     labels: list[str] | None = None
     source: str = ""
-    layers: list[tuple[np.ndarray, np.ndarray | None, str | None]] = field(default_factory=list)
+    layers: list[tuple[np.ndarray, np.ndarray | None, object]] = field(default_factory=list)
 
 
 def task_name(name) -> str:

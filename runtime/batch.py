@@ -18,6 +18,13 @@ from promptmux.kinds import kind_of
 from .errors import InputError
 
 
+def erf(x: np.ndarray) -> np.ndarray:
+    """The error function in numpy (Abramowitz & Stegun 7.1.26: within 1.5e-7, below float32's resolution)."""
+    t = 1.0 / (1.0 + 0.3275911 * np.abs(x))
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    return np.sign(x) * (1.0 - poly * np.exp(-x * x))
+
+
 def activation(x: np.ndarray, name: str | None) -> np.ndarray:
     if name is None:
         return x
@@ -25,17 +32,22 @@ def activation(x: np.ndarray, name: str | None) -> np.ndarray:
         return np.tanh(x)
     if name == "relu":
         return np.maximum(x, 0)
+    if name == "gelu":  # transformers' "gelu": exact, through erf
+        return (0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))).astype(x.dtype)
     raise ValueError(f"unknown head activation {name!r}")
 
 
 def apply_head(view: Task, features: np.ndarray) -> np.ndarray:
-    """The task's classification head (a few small linear layers) on backbone features [n, d]."""
+    """The task's classification head (a few small layers: linear, or a LayerNorm) on backbone features [n, d]."""
     x = features.astype(np.float32)
-    for weight, bias, act in view.layers:
-        x = x @ weight.T
+    for weight, bias, layer in view.layers:
+        if layer.op == "layer_norm":
+            x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + layer.eps) * weight
+        else:
+            x = x @ weight.T
         if bias is not None:
             x = x + bias
-        x = activation(x, act)
+        x = activation(x, layer.activation)
     return x
 
 

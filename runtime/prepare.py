@@ -19,6 +19,7 @@ from promptmux.core.folder import FOLDED_GRAPH, GRAPH, NOPREFIX_GRAPH
 from promptmux.kinds import kind_of
 
 from .batch import layout_for
+from .errors import InputError
 
 log = logging.getLogger("promptmux.runtime")
 
@@ -31,9 +32,9 @@ def engines_of(session, backend: str) -> list[tuple[str, object]]:
 
 
 def _probe_ids(rt) -> tuple[np.ndarray, np.ndarray]:
-    """One row of four ordinary token ids (past the first ids, where special tokens live)."""
-    token = min(5, rt.dims.vocab_size - 1)
-    ids = np.full((1, 4), token, dtype=np.int64)
+    """One row of one ordinary token id (past the first ids, where special tokens live): it fits beside any task's
+    virtual tokens."""
+    ids = np.full((1, 1), min(5, rt.dims.vocab_size - 1), dtype=np.int64)
     return ids, np.ones_like(ids)
 
 
@@ -70,9 +71,15 @@ def prepare(rt, progress=None) -> list[dict]:
         say(f"preparing the cached decoder on {rt.backend}")
         start = time.perf_counter()
         rt.generator  # noqa: B018 - builds the decoder session (and, for causal LMs, each task's prompt KV)
+        ran = False
         if rt.tasks:
             ids, mask = _probe_ids(rt)
-            rt.generate({"input_ids": ids, "attention_mask": mask}, rt.tasks[0], max_new_tokens=1, eos_token_id=[])
+            try:
+                rt.generate({"input_ids": ids, "attention_mask": mask}, rt.tasks[0], max_new_tokens=1,
+                            eos_token_id=[])
+                ran = True
+            except InputError:  # the task's virtual tokens leave no room for a step: built, not run
+                pass
         done.append({"graph": "decoder", "engine": rt.backend, "seconds": round(time.perf_counter() - start, 3),
-                     "ran": bool(rt.tasks)})
+                     "ran": ran})
     return done

@@ -51,6 +51,8 @@ def tiny_config(arch: str):
 _DECODER = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 intermediate_size=37, max_position_embeddings=64, pad_token_id=0, bos_token_id=0, eos_token_id=0)
 _MHA = {k: v for k, v in _DECODER.items() if k != "num_key_value_heads"}
+_ENCODER = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                num_labels=3)
 FAMILIES = {
     "qwen2": ("qwen2", _DECODER),
     "qwen3": ("qwen3", dict(_DECODER, head_dim=8)),
@@ -65,6 +67,14 @@ FAMILIES = {
     "xlm-roberta": ("xlm-roberta", dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                         intermediate_size=37, max_position_embeddings=66, num_labels=3,
                                         pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1)),
+    "electra": ("electra", dict(_ENCODER, embedding_size=32, max_position_embeddings=64, pad_token_id=0)),
+    "mpnet": ("mpnet", dict(_ENCODER, max_position_embeddings=66, pad_token_id=1, bos_token_id=0, eos_token_id=2)),
+    "deberta-v2": ("deberta-v2", dict(_ENCODER, max_position_embeddings=64, pad_token_id=0, relative_attention=True,
+                                      pos_att_type=["p2c", "c2p"], position_buckets=8, max_relative_positions=16,
+                                      position_biased_input=False)),
+    "modernbert": ("modernbert", dict(_ENCODER, max_position_embeddings=64, pad_token_id=0, bos_token_id=2,
+                                      eos_token_id=3, cls_token_id=2, sep_token_id=3, global_attn_every_n_layers=1,
+                                      local_attention=16)),
     "mt5": ("mt5", dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2,
                         num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
                         initializer_factor=2.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)),
@@ -72,7 +82,7 @@ FAMILIES = {
 
 
 def is_encoder(arch: str) -> bool:
-    return arch in ("bert", "roberta", "distilbert", "xlm-roberta")
+    return arch in ("bert", "roberta", "distilbert", "xlm-roberta", "electra", "mpnet", "deberta-v2", "modernbert")
 
 
 def is_seq2seq(arch: str) -> bool:
@@ -118,7 +128,7 @@ def adapter_configs(arch: str) -> dict:
         "mpt": MultitaskPromptTuningConfig(task_type=tt, num_virtual_tokens=4, num_tasks=3, num_ranks=2, **dims),
         "mpt1": MultitaskPromptTuningConfig(task_type=tt, num_virtual_tokens=6, num_tasks=1, num_ranks=1, **dims),
     }
-    if arch != "distilbert":
+    if arch not in NO_PREFIX:
         cfgs["prefix"] = PrefixTuningConfig(task_type=tt, num_virtual_tokens=4)
         cfgs["prefixproj"] = PrefixTuningConfig(task_type=tt, num_virtual_tokens=2, prefix_projection=True,
                                                 encoder_hidden_size=24)
@@ -129,6 +139,9 @@ def adapter_configs(arch: str) -> dict:
                                 cpt_tokens_type_mask=[1, 2, 2, 3, 4])
     return cfgs
 
+
+# Families whose attention takes no past key/values: PEFT cannot prefix-tune them (nor serve cartridges).
+NO_PREFIX = ("distilbert", "mpnet", "deberta-v2", "modernbert")
 
 # PEFT methods whose virtual tokens are a key/value prefix (no positions of their own in the outputs)
 KV_PREFIX_METHODS = ("PREFIX_TUNING", "CARTRIDGE")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import FAMILIES, Fixture, is_encoder, is_seq2seq, peft_generate, random_batch
+from conftest import FAMILIES, Fixture, is_encoder, is_seq2seq, peft_generate, random_batch, tiny_config
 
 from promptmux import Runtime
 
@@ -102,3 +102,17 @@ def test_sliding_window_families_keep_rows_within_the_window(arch, tmp_path_fact
         fx.rt.generate({"input_ids": ids, "attention_mask": mask}, "pt", max_new_tokens=22)
     assert len(fx.rt.generate({"input_ids": ids, "attention_mask": mask}, "pt", max_new_tokens=21,
                               eos_token_id=[])[0]["token_ids"]) == 21
+
+
+def test_a_setting_the_row_does_not_cover_is_refused(tmp_path):
+    """ModernBERT's row computes the `cls` pooling: a classifier that mean-pools is refused when it is read."""
+    from promptmux.core.archs import UnsupportedModelError
+    from promptmux.core.folder import load_base_config
+
+    config = tiny_config("modernbert")
+    config.classifier_pooling = "mean"
+    config.save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="modernbert with classifier_pooling='mean' is not supported: "
+                                                    "promptmux computes this family's head with "
+                                                    "classifier_pooling='cls'"):
+        load_base_config(tmp_path)
