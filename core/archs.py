@@ -193,11 +193,13 @@ def usable_positions(config) -> int | None:
     """The positions a row may use, virtual and real tokens together (and, generating, its new tokens).
 
     T5 configs carry n_positions (the context it was trained with) though its positions are relative; RoBERTa-style
-    models count from after the padding index, so their first positions are not usable. Where attention slides,
-    rows stay within the window: the graphs attend over every position, which is what the model computes only
-    while a row fits its window (tests/test_families.py checks tokens against PEFT there)."""
+    models count from after the padding index, so their first positions are not usable. Where a decoder's attention
+    slides, rows stay within the window: its cached decoder graph attends over every position, which is what the
+    model computes only while a row fits its window (tests/test_families.py checks tokens against PEFT there). An
+    encoder's graph is the model's whole forward, its local-attention masks included (ModernBERT: checked against
+    PEFT on rows longer than the window)."""
     table = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     limit = table - position_offset(config) if table else None
-    window = sliding_window(config)
+    window = sliding_window(config) if arch_for(config.model_type).family != "encoder" else None
     return min(limit, window) if window and limit else (window or limit)
 

@@ -73,8 +73,8 @@ FAMILIES = {
                                       pos_att_type=["p2c", "c2p"], position_buckets=8, max_relative_positions=16,
                                       position_biased_input=False)),
     "modernbert": ("modernbert", dict(_ENCODER, max_position_embeddings=64, pad_token_id=0, bos_token_id=2,
-                                      eos_token_id=3, cls_token_id=2, sep_token_id=3, global_attn_every_n_layers=1,
-                                      local_attention=16)),
+                                      eos_token_id=3, cls_token_id=2, sep_token_id=3, global_attn_every_n_layers=2,
+                                      local_attention=4)),  # local layers: rows longer than the window
     "mt5": ("mt5", dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2,
                         num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
                         initializer_factor=2.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)),
