@@ -38,6 +38,9 @@ class UnknownTaskError(LookupError):
         return str(self.args[0])
 
 
+LISTED_IN_ERRORS = 10  # an unknown-task error lists the served tasks up to this many, else counts them
+
+
 class PromptBank:
     def __init__(self, spec: ArchSpec, base_head: dict[str, np.ndarray] | None = None):
         self.spec = spec
@@ -55,11 +58,31 @@ class PromptBank:
     def __len__(self) -> int:
         return len(self.index)
 
+    def unknown(self, name: str) -> UnknownTaskError:
+        """The error for a task the bank does not hold: its name, and the served ones while they are few (a bank
+        of per-user prompts would otherwise put every name into every error)."""
+        n = len(self.index)
+        if n <= LISTED_IN_ERRORS:
+            return UnknownTaskError(f"unknown task {name!r}; this deployment serves: {', '.join(self.index) or 'none'}")
+        return UnknownTaskError(f"unknown task {name!r}; this deployment serves {n:,} tasks (`promptmux tasks DIR "
+                                "list` or GET /v1/models lists them)")
+
+    def page(self, limit: int, after: str | None = None) -> tuple[list[str], bool]:
+        """Up to `limit` task names in the bank's order after the name `after` (a cursor: the last name of the
+        previous page), and whether more follow. An unknown cursor is an UnknownTaskError."""
+        names = list(self.index)
+        start = 0
+        if after is not None:
+            if after not in self.index:
+                raise UnknownTaskError(f"unknown task {after!r} as the page cursor `after`; pass the last name of "
+                                       "the previous page, or no cursor for the first page")
+            start = names.index(after) + 1
+        return names[start:start + limit], start + limit < len(names)
+
     def view(self, name: str) -> Task:
         name = task_name(name)  # views are cached by name: a numpy string must not name the cached Task
         if name not in self.index:
-            known = ", ".join(self.index) or "none"
-            raise UnknownTaskError(f"unknown task {name!r}; this deployment serves: {known}")
+            raise self.unknown(name)
         if name not in self._views:
             self._views[name] = self._make_view(name)
         return self._views[name]
@@ -88,10 +111,11 @@ class PromptBank:
             h.update(np.ascontiguousarray(self.arrays[key]).tobytes())
         return h.hexdigest()
 
-    def describe(self) -> list[dict]:
-        """One JSON-able row per task (for manifests and `promptmux tasks list`)."""
+    def describe(self, names: list[str] | None = None) -> list[dict]:
+        """One JSON-able row per task (for manifests and `promptmux tasks list`); names: only these."""
         rows = []
-        for name, e in self.index.items():
+        for name in self.index if names is None else names:
+            e = self.index[name]
             shapes = {role: list(self.arrays[key].shape) for role, key in e["tensors"].items()}
             row = {"name": name, "kind": e["kind"], "peft_type": e["peft_type"],
                    "num_virtual_tokens": e["num_virtual_tokens"], "shapes": shapes, "dtype": "float32",
@@ -145,7 +169,7 @@ class PromptBank:
         name = task_name(name)
         names = [name] if name in self.index else [n for n in self.index if n.startswith(name + "/")]
         if not names:
-            raise UnknownTaskError(f"unknown task {name!r}; this deployment serves: {', '.join(self.index) or 'none'}")
+            raise self.unknown(name)
         for n in names:
             e = self.index.pop(n)
             self._views.pop(n, None)

@@ -3,6 +3,8 @@ points at core/ or kinds/, not at the graphs."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -86,6 +88,23 @@ def test_bank_stores_shared_roles_once_and_round_trips(tmp_path):
         for role, value in t.tensors.items():
             np.testing.assert_array_equal(v.tensors[role], value)
         assert again.digest(name) == bank.digest(name)
+
+
+def test_unknown_task_errors_list_a_few_tasks_and_count_many():
+    from promptmux.core.bank import LISTED_IN_ERRORS, UnknownTaskError
+
+    bank = PromptBank(arch_for("llama"))
+    pt = _tasks()["pt"]
+    bank.add([dataclasses.replace(pt, name=f"user-{i}") for i in range(LISTED_IN_ERRORS)])
+    with pytest.raises(UnknownTaskError, match="unknown task 'nope'; this deployment serves: user-0, user-1, "):
+        bank.view("nope")
+    bank.add([dataclasses.replace(pt, name="one-more")])
+    with pytest.raises(UnknownTaskError) as e:
+        bank.view("nope")
+    assert str(e.value) == ("unknown task 'nope'; this deployment serves 11 tasks (`promptmux tasks DIR list` or "
+                            "GET /v1/models lists them)")
+    assert bank.page(4) == (["user-0", "user-1", "user-2", "user-3"], True)
+    assert bank.page(4, after="user-7") == (["user-8", "user-9", "one-more"], False)
 
 
 def test_bank_copy_keeps_unchanged_tasks_identical_and_drops_unused_shared(tmp_path):

@@ -439,6 +439,32 @@ def test_no_adapter_file_is_read_from_outside_the_root(text_deployments, bert_se
             assert r.status_code == 400 and "outside the adapter root" in r.json()["error"]["message"], (name, r.text)
 
 
+def test_task_listings_page_with_a_cursor_and_one_task_reads_alone(text_deployments, bert_server):
+    d = text_deployments["bert"]
+    url = bert_server.url
+    everything = [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
+    assert everything == d.tasks  # one default page holds them all
+    seen, after = [], None
+    while True:  # pages of 4 with the cursor, as a client walks a million
+        params = {"limit": 4, **({"after": after} if after else {})}
+        page = httpx.get(url + "/v1/models", params=params).json()
+        seen += [m["id"] for m in page["data"]]
+        assert len(page["data"]) <= 4 and page["last_id"] == page["data"][-1]["id"]
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+    assert seen == everything
+    tasks = httpx.get(url + "/v1/tasks", params={"limit": 2, "after": "prefix"}, headers=ADMIN).json()
+    assert [t["name"] for t in tasks["tasks"]] == everything[3:5] and tasks["has_more"] is True
+    one = httpx.get(url + "/v1/tasks/mpt/1", headers=ADMIN).json()
+    assert one["name"] == "mpt/1" and one["kind"] == "mpt" and one["num_labels"] == 3
+    missing = httpx.get(url + "/v1/tasks/nope", headers=ADMIN)
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "unknown_task"
+    for params, field in (({"limit": 0}, "limit"), ({"limit": 1001}, "limit"), ({"after": "nope"}, "after")):
+        r = httpx.get(url + "/v1/models", params=params)
+        assert r.status_code == 400 and r.json()["error"]["field"] == field, (params, r.text)
+
+
 def test_extreme_sampling_parameters_generate(gpt2_server):
     for extra in ({"top_p": 1e-7}, {"temperature": 5e-324}, {"temperature": 5e-324, "top_p": 1e-300, "top_k": 1}):
         body = {"model": "pt", "prompt": "abc", "max_tokens": 4, "seed": 1, **extra}

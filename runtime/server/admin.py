@@ -13,10 +13,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from promptmux.core.bank import UnknownTaskError
 
-from .engine import Engine, engine_of
+from .engine import Engine, engine_of, task_page
 from .errors import ADMIN_ERRORS, ApiError, overloaded
 from .options import ServeOptions
-from .schemas import AddTaskRequest, TaskChange, TaskList
+from .schemas import AddTaskRequest, TaskChange, TaskList, TaskPage
 
 log = logging.getLogger("promptmux.serve")
 
@@ -36,10 +36,21 @@ def add_admin_routes(app: FastAPI, options: ServeOptions, task_log=None) -> None
                            {"WWW-Authenticate": "Bearer"})
         return engine_of(request)
 
-    @app.get("/v1/tasks", response_model=TaskList, responses=ADMIN_ERRORS, summary="the tasks in detail (admin)")
-    async def list_tasks(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)):
-        engine = admin(request, creds)
-        return {"tasks": engine.rt.bank.describe()}
+    @app.get("/v1/tasks", response_model=TaskList, responses=ADMIN_ERRORS,
+             summary="the tasks in detail, a page at a time (admin)")
+    async def list_tasks(request: Request, page: TaskPage = Depends(),
+                         creds: HTTPAuthorizationCredentials | None = Depends(bearer)):
+        bank = admin(request, creds).rt.bank  # one read: the page and its rows come from the same bank
+        names, more = task_page(bank, page)
+        return {"tasks": bank.describe(names), "has_more": more, "last_id": names[-1] if names else None}
+
+    @app.get("/v1/tasks/{name:path}", response_model=dict, responses=ADMIN_ERRORS,
+             summary="one task in detail (admin)")
+    async def get_task(name: str, request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)):
+        bank = admin(request, creds).rt.bank
+        if name not in bank:
+            raise ApiError(404, "unknown_task", "name", str(bank.unknown(name)))
+        return bank.describe([name])[0]
 
     @app.post("/v1/tasks", response_model=TaskChange, responses=ADMIN_ERRORS,
               summary="add a task from a PEFT adapter folder under the server's --adapter-root (admin)")

@@ -12,17 +12,17 @@ import contextlib
 import logging
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 
 from .admin import add_admin_routes, follow_tasks, sync_tasks
-from .engine import Engine, engine_of
+from .engine import Engine, engine_of, task_page
 from .errors import add_error_handlers
 from .inference import add_model_routes
 from .metrics import Metrics
 from .middleware import BodyLimit, MetricsMiddleware
 from .options import ServeOptions
-from .schemas import ErrorResponse, Health, ModelList
+from .schemas import ErrorResponse, Health, ModelList, TaskPage
 
 log = logging.getLogger("promptmux.serve")
 
@@ -95,10 +95,11 @@ def _add_probes(app: FastAPI, metrics: Metrics) -> None:
         return Response(body, media_type=content_type)
 
     @app.get("/v1/models", response_model=ModelList, responses={503: {"model": ErrorResponse}},
-             summary="the tasks served (OpenAI model list: id = task name)")
-    async def models(request: Request):
-        engine = engine_of(request)
-        return {"object": "list", "data": [{"id": t} for t in engine.rt.tasks]}
+             summary="the tasks served (OpenAI model list: id = task name), a page at a time")
+    async def models(request: Request, page: TaskPage = Depends()):
+        names, more = task_page(engine_of(request).rt.bank, page)
+        return {"object": "list", "data": [{"id": t} for t in names], "has_more": more,
+                "last_id": names[-1] if names else None}
 
 
 def _version() -> str:

@@ -127,6 +127,14 @@ class Engine:
         self.scheduler.stop()
 
 
+def task_page(bank, page) -> tuple[list[str], bool]:
+    """One page of the bank's task names (a listing never returns a million names at once)."""
+    try:
+        return bank.page(page.limit, page.after)
+    except UnknownTaskError as e:
+        raise ApiError(400, "invalid_request", "after", str(e)) from None
+
+
 def engine_of(request: Request) -> Engine:
     """The app's engine, or 503 while it loads or drains."""
     app = request.app

@@ -48,8 +48,9 @@ class _AsciiJSON(JSONResponse):
 
 
 def _field_of(loc) -> str | None:
-    """('body', 'prompt', 'list[str]', 2) -> 'prompt[2]': the top-level field, and the item index if any."""
-    parts = [p for p in loc if p != "body"]
+    """('body', 'prompt', 'list[str]', 2) -> 'prompt[2]': the top-level field, and the item index if any; a query
+    parameter by its name (('query', 'limit') -> 'limit')."""
+    parts = list(loc[1:]) if loc and loc[0] in ("body", "query", "path") else list(loc)
     if not parts:
         return "body"
     name = str(parts[0])

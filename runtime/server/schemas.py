@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+from fastapi import Query
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 MAX_TEXTS = 64  # texts per classification request
@@ -113,6 +114,8 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+    has_more: bool = False  # more tasks follow: ask again with after=last_id
+    last_id: str | None = None
 
 
 class AddTaskRequest(_Strict):
@@ -131,6 +134,19 @@ class TaskChange(BaseModel):
 
 class TaskList(BaseModel):
     tasks: list[dict]
+    has_more: bool = False  # more tasks follow: ask again with after=last_id
+    last_id: str | None = None
+
+
+class TaskPage:
+    """The query parameters of a paged task listing (/v1/models, GET /v1/tasks)."""
+
+    MAX = 1000  # a page holds at most this many tasks (the default)
+
+    def __init__(self, limit: int = Query(MAX, ge=1, le=MAX, description="tasks per page (at most 1,000)"),
+                 after: str | None = Query(None, max_length=1024, description="the last task name of the previous "
+                                                                              "page (a cursor)")):
+        self.limit, self.after = limit, after
 
 
 class PreparedEngine(BaseModel):
