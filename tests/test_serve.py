@@ -444,6 +444,7 @@ def test_task_listings_page_with_a_cursor_and_one_task_reads_alone(text_deployme
     url = bert_server.url
     everything = [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
     assert everything == d.tasks  # one default page holds them all
+    assert _sample(_metrics(url), "promptmux_tasks") == len(everything)
     seen, after = [], None
     while True:  # pages of 4 with the cursor, as a client walks a million
         params = {"limit": 4, **({"after": after} if after else {})}

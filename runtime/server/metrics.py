@@ -40,12 +40,14 @@ class Metrics:
                                  ["kind"], registry=r)
         self.running = Gauge("promptmux_running_rows", "Rows in the running generation batch", registry=r)
         self.inflight = Gauge("promptmux_inflight_requests", "HTTP requests being answered", registry=r)
+        self.tasks = Gauge("promptmux_tasks", "Tasks the deployment serves now", registry=r)
         self.tokens = Counter("promptmux_generated_tokens", "Tokens generated", ["task"], registry=r)
 
     def bind(self, scheduler) -> None:
         for kind in ("classify", "generate"):
             self.queue_depth.labels(kind).set_function(lambda k=kind: scheduler.depth(k))
         self.running.set_function(scheduler.running)
+        self.tasks.set_function(lambda: len(scheduler.rt.bank))
 
     def observe_batch(self, kind: str, tasks: list[str]) -> None:
         counts = _Count(tasks)
