@@ -466,6 +466,19 @@ def test_task_listings_page_with_a_cursor_and_one_task_reads_alone(text_deployme
         assert r.status_code == 400 and r.json()["error"]["field"] == field, (params, r.text)
 
 
+def test_the_openai_client_lists_the_tasks_and_completes(text_deployments, bert_server, gpt2_server):
+    """The README's claim: OpenAI's own Python client works against the server (the model list, a completion)."""
+    from openai import OpenAI
+
+    listed = [m.id for m in OpenAI(base_url=bert_server.url + "/v1", api_key="-").models.list()]
+    assert listed == text_deployments["bert"].tasks
+    client = OpenAI(base_url=gpt2_server.url + "/v1", api_key="-", max_retries=0)
+    done = client.completions.create(model="pt", prompt="abc", max_tokens=4, temperature=0, seed=1)
+    assert done.model == "pt" and done.usage.completion_tokens == 4 and done.choices[0].finish_reason == "length"
+    again = client.completions.create(model="pt", prompt="abc", max_tokens=4, temperature=0, seed=1)
+    assert again.choices[0].text == done.choices[0].text  # greedy: the same text
+
+
 def test_extreme_sampling_parameters_generate(gpt2_server):
     for extra in ({"top_p": 1e-7}, {"temperature": 5e-324}, {"temperature": 5e-324, "top_p": 1e-300, "top_k": 1}):
         body = {"model": "pt", "prompt": "abc", "max_tokens": 4, "seed": 1, **extra}
