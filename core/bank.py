@@ -102,6 +102,13 @@ class PromptBank:
                     tensors={role: self.arrays[key] for role, key in e["tensors"].items()}, labels=e.get("labels"),
                     source=e.get("source", ""), layers=layers)
 
+    def holds(self, view: Task) -> bool:
+        """Whether the bank still holds this very task (the same prompt arrays under its name): a bank copy shares
+        unchanged tasks' arrays, and a replaced or removed task's are gone. O(1): no view is built, nothing hashed."""
+        e = self.index.get(view.name)
+        return (e is not None and e["kind"] == view.kind and e["tensors"].keys() == view.tensors.keys()
+                and all(self.arrays.get(key) is view.tensors[role] for role, key in e["tensors"].items()))
+
     def digest(self, name: str) -> str:
         """A fingerprint of one task's prompt and head tensors (detects a task replaced under its name)."""
         e = self.index[name]

@@ -97,7 +97,7 @@ class Generator:
         from promptmux.core.archs import position_offset
 
         self._offset = position_offset(runtime.config)
-        self._kv: dict[tuple[str, str], np.ndarray] = {}
+        self._kv: dict[str, tuple[Task, np.ndarray]] = {}  # task name -> (the task as computed from, its KV)
 
     # ---- prompt key/values ----------------------------------------------------------------
     def precompute(self, names) -> None:
@@ -105,24 +105,26 @@ class Generator:
         bank = self.rt.bank
         for name in names:
             self.prompt_kv(bank.view(name))
-        live = {(n, bank.digest(n)) for n in bank.names()}
-        # A new dict swapped in whole: a server's worker thread may read the cache while a task is added.
-        self._kv = {k: v for k, v in self._kv.items() if k in live}  # drops removed or replaced tasks
+        # A new dict swapped in whole: a server's worker thread may read the cache while a task is added. It drops
+        # removed and replaced tasks by identity (bank.holds), without hashing any task.
+        self._kv = {n: entry for n, entry in self._kv.items() if bank.holds(entry[0])}
+
+    def cached_tasks(self) -> list[str]:
+        """The tasks whose prompt key/values are cached."""
+        return list(self._kv)
 
     def prompt_kv(self, view: Task) -> np.ndarray:
         """The task's per-layer keys/values [layers, 2, kv_heads, T, head_dim], computed once per task."""
         kv = kind_of(view).kv_prefix(view)
         if kv is not None:
             return kv
-        bank = self.rt.bank
-        if view.name not in bank or not same_prompt(bank.view(view.name), view):
+        if not self.rt.bank.holds(view):
             # The request captured a task that was removed or replaced since: its own KV, not cached.
             return self._compute_kv(view)
-        key = (view.name, bank.digest(view.name))
-        kv = self._kv.get(key)
-        if kv is None:
-            kv = self._kv[key] = self._compute_kv(view)
-        return kv
+        entry = self._kv.get(view.name)
+        if entry is None or not same_prompt(entry[0], view):
+            entry = self._kv[view.name] = (view, self._compute_kv(view))
+        return entry[1]
 
     def _compute_kv(self, view: Task) -> np.ndarray:
         empty = np.zeros((1, 0), np.int64)

@@ -129,11 +129,14 @@ def test_prompt_kv_is_computed_when_tasks_load(deployment):
     from promptmux.kinds import kind_of
 
     cached = {n for n in rt.tasks if kind_of(rt.bank.view(n)).kv_prefix(rt.bank.view(n)) is None}
-    assert sorted(name for name, _ in gen._kv) == sorted(cached)
+    assert sorted(gen.cached_tasks()) == sorted(cached)
     rt.add_task("extra", deployment.adapters["pt"])
-    assert ("extra", rt.bank.digest("extra")) in gen._kv
+    assert "extra" in gen.cached_tasks()
+    kv = gen.prompt_kv(rt.bank.view("extra"))
+    rt.add_task("extra", deployment.adapters["ptmlp"], replace=True)  # replaced: its KV is computed again
+    assert gen.prompt_kv(rt.bank.view("extra")) is not kv and "extra" in gen.cached_tasks()
     rt.remove_task("extra")
-    assert all(name != "extra" for name, _ in gen._kv)
+    assert "extra" not in gen.cached_tasks()
 
 
 @pytest.mark.parametrize("deployment", ["gpt2", "t5"], indirect=True)
