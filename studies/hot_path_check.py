@@ -3,7 +3,10 @@ a quick check that a change to the layout, batch or head code did not slow the h
 turn (each in its own process), e.g. from a clone with `git checkout REV && python -m studies.hot_path_check`.
 The deployment is the serving benchmark's cached export (~/.cache/promptmux/serve-bench-minilm)."""
 
-import sys, time, json, os
+import json
+import os
+import time
+
 import numpy as np
 from promptmux import Runtime
 rt = Runtime(os.path.expanduser("~/.cache/promptmux/serve-bench-minilm"), backend="onnxruntime", threads=2)

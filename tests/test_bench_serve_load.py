@@ -20,7 +20,8 @@ def test_serve_load_writes_results_per_task_and_scenario(tmp_path, text_deployme
     """From a cold server (no warm-up) with a task added and removed under the mixed load: no request fails."""
     d = text_deployments["bert"]
     result = serve_load.main([str(d.deploy), "--requests", "40", "--repeats", "1", "--concurrency", "8",
-                              "--max-chars", "40", "--warmup", "0", "--hot-swap", str(d.adapters[servekit.EXTRA_ADAPTER]),
+                              "--max-chars", "40", "--warmup", "0",
+                              "--hot-swap", str(d.adapters[servekit.EXTRA_ADAPTER]),
                               "--out", str(tmp_path), "--name", "smoke"])
     data = json.loads((tmp_path / "smoke.json").read_text())
     assert data == json.loads(json.dumps(result))

@@ -123,7 +123,8 @@ def test_unsupported_model_family(tmp_path):
     from transformers import BartConfig
 
     BartConfig(d_model=32, encoder_layers=1, decoder_layers=1, vocab_size=50).save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedModelError, match="model type 'bart' is not supported: promptmux exports causal LMs of any family"):
+    with pytest.raises(UnsupportedModelError,
+                       match="model type 'bart' is not supported: promptmux exports causal LMs of any family"):
         load_base_config(tmp_path)
 
 

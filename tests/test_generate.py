@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from conftest import adapter_configs, is_seq2seq, peft_generate, random_batch
 
 from promptmux import InputError, Runtime, UnknownTaskError
