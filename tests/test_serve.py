@@ -394,6 +394,8 @@ def test_bad_requests_get_a_4xx_naming_the_field(request, arch, case):
     prepared = {(p["graph"], p["engine"]) for p in health.json()["prepared"]}
     assert prepared == ({(g, e) for g in ("model.onnx", "model_noprefix.onnx") for e in ("onnxruntime", "openvino")}
                         if arch == "bert" else {("decoder", "onnxruntime")})
+    assert ("preparing model_noprefix.onnx on openvino" if arch == "bert" else "preparing the cached decoder on "
+            "onnxruntime") in server.logs()  # and the server's log said so while it started
 
 
 def test_symlink_out_of_the_adapter_root_is_refused(text_deployments, bert_server):

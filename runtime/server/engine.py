@@ -37,8 +37,9 @@ class Engine:
             self.tok = load_tokenizer(self.rt.dir)
         except (OSError, ValueError) as e:
             raise RuntimeError(f"{deploy_dir} has no tokenizer ({e}); the server takes text") from None
-        # Every engine and graph the routing can pick, built and run once now: no request pays for a build.
-        self.rt.prepare(progress=lambda line: log.info("%s", line))
+        # Every engine and graph the routing can pick, built and run once now: no request pays for a build. The
+        # steps go to the server's log (it shows warnings and above): start-up takes seconds, and this says why.
+        self.rt.prepare(progress=lambda line: log.warning("%s", line))
         self.family = self.rt.spec.family
         self.max_positions = self.rt.max_positions  # the positions a row may use
         # More than 32 characters per token is beyond the tokenizers we know: longer texts are refused before
