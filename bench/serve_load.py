@@ -314,7 +314,7 @@ def main(argv=None) -> dict:
     from promptmux.core.archs import arch_for
     from promptmux.core.folder import load_base_config
 
-    family = arch_for(load_base_config(deploy).model_type).family
+    family = arch_for(load_base_config(deploy)).family
     smollm2 = args.deploy is None and args.model == "smollm2"
     name = args.name or ("serve-cpu-smollm2" if family != "encoder" else "serve-cpu")
     rng = random.Random(0)

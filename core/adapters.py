@@ -209,7 +209,7 @@ def load_adapter(name: str, adapter_dir: str | Path, base_config, root: str | Pa
             f"{', '.join(BY_PEFT_TYPE)}"
         )
     kind = BY_PEFT_TYPE[peft_type]
-    spec = arch_for(base_config.model_type)
+    spec = arch_for(base_config)
     dims = dims_of(base_config)
 
     expected_task = TASK_TYPE_FOR_FAMILY[spec.family]

@@ -4,13 +4,16 @@ The table holds PEFT's position rules (RoBERTa-style padding offsets, OPT's posi
 mask), token types, the classification head's layout and which families PEFT cannot prefix-tune. A causal LM of
 any other family transformers knows gets the generic rules (GENERIC_DECODER) and is verified against PEFT eager
 when it is exported (export/deploy.py): a family the generic rules do not fit is refused with the measured
-difference, not served wrongly. Sizes come from the transformers config's standard attributes (its attribute_map
-maps each family's own names), which every family has.
+difference, not served wrongly. A causal LM trained as a sequence classifier (PEFT task type SEQ_CLS; its config's
+architectures name the *ForSequenceClassification class) gets its row's rules with transformers' classifier head
+(`score`, on the last token), also verified at export. Sizes come from the transformers config's standard attributes
+(its attribute_map maps each family's own names), which every family has.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 
 
 class UnsupportedModelError(ValueError):
@@ -37,8 +40,8 @@ class ArchSpec:
     prefix_positions: str = "arange"
     token_types: bool = False
     supports_prefix: bool = True
-    # Sequence classification: the backbone's output that feeds the head ("pooler" or "first"
-    # token hidden state) and the head's layers in order.
+    # Sequence classification: the backbone's output that feeds the head ("pooler", the "first" token's hidden
+    # state, or the "last" real token's: a causal LM's classifier) and the head's layers in order.
     feature: str = "first"
     head: tuple[HeadLayer, ...] = ()
     # OPT derives position ids from the attention mask (a cumulative sum: padding takes no position), also in
@@ -106,8 +109,12 @@ GENERIC_DECODER = ArchSpec(family="decoder", verify_at_export=True)
 TASK_TYPE_FOR_FAMILY = {"encoder": "SEQ_CLS", "decoder": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
 
 
-def arch_for(model_type: str) -> ArchSpec:
-    """The table's row, the generic rules for a causal LM of another family, or a refusal naming what is served."""
+def arch_for(model) -> ArchSpec:
+    """The rules for a model: a transformers config, or a model type (then a causal LM is taken as a language
+    model). The table's row, the generic rules for a causal LM of another family, the classifier rules for a causal
+    LM whose config is a sequence classifier's, or a refusal naming what is served."""
+    config = None if isinstance(model, str) else model
+    model_type = model if config is None else config.model_type
     spec = ARCHS.get(model_type)
     if spec is None and is_causal_lm(model_type):
         spec = GENERIC_DECODER
@@ -117,12 +124,52 @@ def arch_for(model_type: str) -> ArchSpec:
             f"model type {model_type!r} is not supported: promptmux exports causal LMs of any family transformers "
             f"knows, sequence classifiers of {rows['encoder']} and seq2seq models of {rows['seq2seq']}. Please "
             "report it, or add a row to core/archs.py (ARCHITECTURE.md: 'A model family')")
+    if config is not None and spec.family == "decoder" and is_sequence_classifier(config):
+        return causal_classifier(spec)
     return spec
+
+
+def causal_classifier(spec: ArchSpec) -> ArchSpec:
+    """A causal LM's row as a sequence classifier, as transformers' *ForSequenceClassification computes it: the
+    `score` layer (no bias) on the last token. Rows are pooled at their last attended token and positions follow
+    the mask, so a row's result does not depend on the padding of its batch: PEFT's result for the row alone (PEFT
+    pools the last position of prompt-tuning rows, a pad where a batch is right-padded). The head and pooling are
+    the generic rules for every family, so the export verifies them against PEFT."""
+    return replace(spec, family="encoder", feature="last", head=(HeadLayer("score", None),),
+                   positions_follow_mask=True, verify_at_export=True)
+
+
+def is_sequence_classifier(config) -> bool:
+    return any(str(a).endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or ()))
+
+
+def for_task_type(config, task_type: str | None):
+    """The config of the model PEFT trains for `task_type` on this base: a causal LM's checkpoint (architectures
+    *ForCausalLM) with SEQ_CLS adapters is a sequence classifier, and the other way round. Other task types and
+    families are left as they are (load_adapter refuses a mismatch)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    if not is_causal_lm(config.model_type) or task_type not in ("SEQ_CLS", "CAUSAL_LM"):
+        return config
+    if (task_type == "SEQ_CLS") == is_sequence_classifier(config):
+        return config
+    names = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES if task_type == "SEQ_CLS" else \
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if config.model_type not in names:
+        raise UnsupportedModelError(f"the adapters are {task_type} but transformers has no "
+                                    f"{'sequence classifier' if task_type == 'SEQ_CLS' else 'causal LM'} for "
+                                    f"{config.model_type}; promptmux serves what transformers computes")
+    config = copy.deepcopy(config)
+    config.architectures = [names[config.model_type]]
+    return config
 
 
 def check_config(config) -> ArchSpec:
     """The config's row, refusing settings the row's rules do not cover."""
-    spec = arch_for(config.model_type)
+    spec = arch_for(config)
     for attribute, value in spec.requires:
         if getattr(config, attribute, value) != value:
             raise UnsupportedModelError(
@@ -176,7 +223,7 @@ def dims_of(config) -> Dims:
 
 
 def position_offset(config) -> int:
-    spec = arch_for(config.model_type)
+    spec = arch_for(config)
     return config.pad_token_id + 1 if spec.position_offset_from_pad else 0
 
 
@@ -193,13 +240,15 @@ def usable_positions(config) -> int | None:
     """The positions a row may use, virtual and real tokens together (and, generating, its new tokens).
 
     T5 configs carry n_positions (the context it was trained with) though its positions are relative; RoBERTa-style
-    models count from after the padding index, so their first positions are not usable. Where a decoder's attention
-    slides, rows stay within the window: its cached decoder graph attends over every position, which is what the
-    model computes only while a row fits its window (tests/test_families.py checks tokens against PEFT there). An
-    encoder's graph is the model's whole forward, its local-attention masks included (ModernBERT: checked against
-    PEFT on rows longer than the window)."""
+    models count from after the padding index, so their first positions are not usable. Where a causal LM's
+    attention slides, rows stay within the window: its cached decoder graph attends over every position, which is
+    what the model computes only while a row fits its window (tests/test_families.py checks tokens against PEFT
+    there), and a classifier's sequence holds unused prompt slots the window would count. An encoder's graph is the
+    model's whole forward, its local-attention masks included (ModernBERT: checked against PEFT on rows longer than
+    the window)."""
     table = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     limit = table - position_offset(config) if table else None
-    window = sliding_window(config) if arch_for(config.model_type).family != "encoder" else None
+    spec = arch_for(config)
+    window = sliding_window(config) if spec.family != "encoder" or spec.feature == "last" else None
     return min(limit, window) if window and limit else (window or limit)
 

@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .archs import arch_for, check_config
+from .archs import arch_for, causal_classifier, check_config
 
 MANIFEST = "manifest.json"
 GRAPH = "model.onnx"
@@ -55,7 +55,7 @@ def load_base_model(base_dir: str | Path, config=None, num_labels: int | None = 
     )
 
     config = config or load_base_config(base_dir)
-    family = arch_for(config.model_type).family
+    family = arch_for(config).family
     cls = {"encoder": AutoModelForSequenceClassification, "decoder": AutoModelForCausalLM,
            "seq2seq": AutoModelForSeq2SeqLM}[family]
     kwargs = {"num_labels": num_labels} if num_labels is not None else {}
@@ -67,6 +67,9 @@ def load_base_model(base_dir: str | Path, config=None, num_labels: int | None = 
         if "scaled_dot_product_attention" not in str(e):
             raise
         model = cls.from_pretrained(str(base_dir), dtype=torch.float32, attn_implementation="eager", **kwargs)
+    # The class it was loaded as, where the checkpoint says another (a causal LM's checkpoint as a classifier): the
+    # graphs read the rules from the model's config.
+    model.config.architectures = [type(model).__name__]
     return model.eval()
 
 
@@ -169,5 +172,8 @@ def read_bank(deploy_dir: str | Path, manifest: dict | None = None):
     from .bank import PromptBank
 
     manifest = manifest or read_manifest(deploy_dir)
-    return PromptBank.load(deploy_dir, arch_for(manifest["base"]["model_type"]))
+    spec = arch_for(manifest["base"]["model_type"])
+    if spec.family == "decoder" and manifest["base"].get("family") == "encoder":  # a causal LM as a classifier
+        spec = causal_classifier(spec)
+    return PromptBank.load(deploy_dir, spec)
 

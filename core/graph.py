@@ -30,12 +30,12 @@ from .io_spec import prompt_inputs
 
 
 class PromptedBackbone(nn.Module):
-    """Wraps a transformers *ForSequenceClassification (encoder) or *ForCausalLM (decoder) model."""
+    """Wraps a transformers *ForSequenceClassification (an encoder's, or a causal LM's) or *ForCausalLM model."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model.eval()
-        self.spec = arch_for(model.config.model_type)
+        self.spec = arch_for(model.config)
         self.num_layers = model.config.num_hidden_layers
         self.embed = model.get_input_embeddings()
         self.eval()  # the wrapper itself too: nn.Module starts in training mode
@@ -71,7 +71,13 @@ class PromptedBackbone(nn.Module):
         out = self.model.base_model(**kwargs, return_dict=True)
         if self.spec.feature == "pooler":
             return out.pooler_output
-        return out.last_hidden_state[:, 0]
+        hidden = out.last_hidden_state
+        if self.spec.feature == "last":  # a causal LM's classifier: each row's last attended position
+            length = hidden.shape[1]
+            attended = attention_mask[:, -length:]  # the sequence's part of the mask (after any prefix slots)
+            last = (torch.arange(length, device=hidden.device) * attended).argmax(-1)
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return hidden[:, 0]
 
 
 class FoldedBackbone(nn.Module):
@@ -81,7 +87,7 @@ class FoldedBackbone(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.has_prefix = backbone.spec.supports_prefix
-        for name in prompt_inputs(backbone.model.config.model_type):
+        for name in prompt_inputs(backbone.spec):
             self.register_buffer(name, prompt_tensors[name], persistent=False)
         self.eval()
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .archs import ArchSpec, arch_for
+from .archs import ArchSpec
 
 # Axes that are the model's own sizes: fixed in every graph.
 MODEL_AXES = ("hidden", "layers", "kv_heads", "head_dim")
@@ -65,22 +65,21 @@ SEQ2SEQ_ENCODER_INPUTS = ("input_ids", "attention_mask", "order", *(n for n in P
 DECODER_INPUTS = ("input_ids", *LAYOUT_INPUTS, *(n for n in PROMPT_INPUTS if n not in PREFIX_INPUTS), "logits_index")
 
 
-def prompt_inputs(model_type: str) -> list[str]:
+def prompt_inputs(spec: ArchSpec) -> list[str]:
     """Prompt inputs of this family's graph: no prefix key/values where attention takes no cache."""
-    if arch_for(model_type).supports_prefix:
+    if spec.supports_prefix:
         return list(PROMPT_INPUTS)
     return [n for n in PROMPT_INPUTS if n not in PREFIX_INPUTS]
 
 
-def input_names(model_type: str) -> list[str]:
+def input_names(spec: ArchSpec) -> list[str]:
     """The full-sequence graph's inputs, in PromptedBackbone.forward order."""
-    spec = arch_for(model_type)
     if spec.family == "seq2seq":
         return list(SEQ2SEQ_ENCODER_INPUTS)
     names = ["input_ids"]
     if spec.token_types:
         names.append("token_type_ids")
-    return names + list(LAYOUT_INPUTS) + prompt_inputs(model_type)
+    return names + list(LAYOUT_INPUTS) + prompt_inputs(spec)
 
 
 def layout_inputs(spec: ArchSpec) -> list[str]:
@@ -89,8 +88,8 @@ def layout_inputs(spec: ArchSpec) -> list[str]:
     return names + [n for n in PROMPT_INPUTS if spec.supports_prefix or n not in PREFIX_INPUTS]
 
 
-def output_name(model_type: str) -> str:
-    return "features" if arch_for(model_type).family == "encoder" else "logits"
+def output_name(spec: ArchSpec) -> str:
+    return "features" if spec.family == "encoder" else "logits"
 
 
 def past_names(num_layers: int) -> list[str]:

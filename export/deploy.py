@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from promptmux.core.adapters import AdapterError, load_adapter
-from promptmux.core.archs import UnsupportedModelError, arch_for, dims_of, position_offset
+from promptmux.core.archs import UnsupportedModelError, arch_for, dims_of, for_task_type, position_offset
 from promptmux.core.folder import (
     DECODER_GRAPH,
     FOLDED_GRAPH,
@@ -40,7 +40,7 @@ from promptmux.core.task import Task
 log = logging.getLogger("promptmux.export")
 
 def base_head_weights(model, config) -> dict[str, np.ndarray]:
-    spec = arch_for(config.model_type)
+    spec = arch_for(config)
     out = {}
     for layer in spec.head:
         module = model.get_submodule(layer.module)
@@ -48,6 +48,17 @@ def base_head_weights(model, config) -> dict[str, np.ndarray]:
         if module.bias is not None:
             out[f"{layer.module}.bias"] = module.bias.detach().float().numpy().copy()
     return out
+
+
+def _task_type(adapters: dict[str, str | Path]) -> str | None:
+    """The first adapter's PEFT task type (a causal LM is exported as a classifier for SEQ_CLS adapters); None if it
+    cannot be read, which read_adapters then reports."""
+    from promptmux.core.adapters import read_adapter_config
+
+    try:
+        return read_adapter_config(next(iter(adapters.values()))).get("task_type")
+    except (AdapterError, OSError, StopIteration):
+        return None
 
 
 def read_adapters(adapters: dict[str, str | Path], config) -> list[Task]:
@@ -99,8 +110,8 @@ def export_deployment(
         raise FileExistsError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite")
     if not adapters:
         raise AdapterError("no adapters given; pass at least one --adapter NAME=DIR")
-    config = load_base_config(base_dir)
-    spec, dims = arch_for(config.model_type), dims_of(config)
+    config = for_task_type(load_base_config(base_dir), _task_type(adapters))
+    spec, dims = arch_for(config), dims_of(config)
     tasks = read_adapters(adapters, config)  # validate everything before the slow part
     if fold is not None and spec.family == "seq2seq":
         raise AdapterError("--fold is for encoder and causal LM deployments; a seq2seq deployment has no folded graph")
@@ -155,7 +166,7 @@ def _write_deployment(base_dir, out_dir: Path, config, spec, dims, model, bank, 
                 "family": spec.family,
                 "dims": dims.__dict__,
             },
-            "graph": {"file": GRAPH, "inputs": input_names(config.model_type),
+            "graph": {"file": GRAPH, "inputs": input_names(spec),
                       "output": {"encoder": "features", "decoder": "logits",
                                  "seq2seq": "present.{i}.encoder.key/value"}[spec.family],
                       "dtype": "float32", **report},
@@ -201,7 +212,7 @@ def _export_graphs(model, config, spec, dims, bank, tmp: Path, fold, optimize, t
     # Check (and optimize) on a mixed batch of every task.
     feeds = _check_batch(spec, config, dims, bank)
     with torch.inference_mode():
-        reference = backbone(*[torch.from_numpy(feeds[n]) for n in input_names(config.model_type)]).numpy()
+        reference = backbone(*[torch.from_numpy(feeds[n]) for n in input_names(spec)]).numpy()
     bar.step("checking against PyTorch" + (", optimizing with ONNX Runtime" if optimize else ""))
     report = {"opset": OPSET, "checked_max_abs_diff": check_graph(tmp / GRAPH, feeds, reference, tolerance)}
     if optimize:
@@ -216,7 +227,7 @@ def _export_graphs(model, config, spec, dims, bank, tmp: Path, fold, optimize, t
         share_weights(tmp / NOPREFIX_GRAPH, tmp / GRAPH)
         plain = _check_batch(spec, config, dims, bank, prefix=False)
         with torch.inference_mode():
-            want = backbone(*[torch.from_numpy(plain[n]) for n in input_names(config.model_type)
+            want = backbone(*[torch.from_numpy(plain[n]) for n in input_names(spec)
                               if n in plain]).numpy()
         report["noprefix"] = {"file": NOPREFIX_GRAPH,
                               "checked_max_abs_diff": check_graph(tmp / NOPREFIX_GRAPH, plain, want, tolerance)}
@@ -262,7 +273,7 @@ def _export_seq2seq(model, config, dims, bank, tmp: Path, tolerance, bar):
     bar.update()
     bar.step("checking against PyTorch")
     ids, mask, views = _check_rows(dims, bank)
-    feeds = encoder_layout(arch_for(config.model_type), config.pad_token_id, ids, mask, views, dims).feeds
+    feeds = encoder_layout(arch_for(config), config.pad_token_id, ids, mask, views, dims).feeds
     diff = check_against_torch(encoder, step, tmp / GRAPH, tmp / DECODER_GRAPH, feeds)
     if not diff <= tolerance:
         raise RuntimeError(f"the exported seq2seq graphs differ from PyTorch by {diff:.2e} relative (> {tolerance:g}); "
@@ -274,19 +285,23 @@ def _export_seq2seq(model, config, dims, bank, tmp: Path, tolerance, bar):
 
 
 def _verify_generic(deploy: Path, base_dir, adapters, config, tolerance: float, bar) -> dict[str, float]:
-    """A model type with no row in core/archs.py runs on the generic rules: the written deployment against PEFT
-    eager on a padded mixed batch of every task, refused (UnsupportedModelError) where a task differs."""
+    """A model type with no row in core/archs.py, or a causal LM as a classifier, runs on the generic rules: the
+    written deployment against PEFT eager on a padded mixed batch of every task, refused (UnsupportedModelError)
+    where a task differs."""
     from .verify import verify
 
-    bar.step(f"verifying against PEFT ({config.model_type} runs on the generic rules)")
+    what = "a classifier of a causal LM" if arch_for(config).family == "encoder" else f"{config.model_type}"
+    bar.step(f"verifying against PEFT ({what} runs on the generic rules)")
     details: dict = {}
     verify(deploy, base_dir, adapters, rows_per_task=2, seq=8, quiet=True, details=details)
     bad = {t: d for t, d in details.items() if not d["max_abs_diff"] <= tolerance * max(1.0, d["scale"])}
     if bad:
         worst = "; ".join(f"task {t!r}: rows differ by {', '.join(f'{x:.2e}' for x in d['rows'])} (PEFT's outputs "
                           f"reach {d['scale']:.3g})" for t, d in bad.items())
+        rules = ("as a sequence classifier runs on the generic rules (transformers' score head on the last token)"
+                 if arch_for(config).family == "encoder" else "has no row in promptmux's table")
         raise UnsupportedModelError(
-            f"model type {config.model_type!r} has no row in promptmux's table and its deployment does not compute "
+            f"model type {config.model_type!r} {rules} and its deployment does not compute "
             f"what PEFT computes (tolerance {tolerance:g}, scaled by the outputs): {worst}. Nothing was written. "
             "Please report it with the base model's config, or add a row to core/archs.py (ARCHITECTURE.md: "
             "'A model family')")

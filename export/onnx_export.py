@@ -38,12 +38,12 @@ def example_inputs(config, tm: int = 5, p: int = 3, n: int = 4) -> dict[str, tor
     A folded export passes its constant prompt sizes (tm, p, n) so the layout inputs agree with them.
     """
     dims = dims_of(config)
-    if not arch_for(config.model_type).supports_prefix:
+    if not arch_for(config).supports_prefix:
         n = 0  # no prefix slots in the mask
     sizes = example_sizes(tm, p, n)
     g = torch.Generator().manual_seed(0)
     ex = {}
-    for name in input_names(config.model_type):
+    for name in input_names(arch_for(config)):
         shape = example_shape(name, dims, sizes)
         if INPUTS[name].dtype == "float32":
             ex[name] = torch.randn(*shape, generator=g)
@@ -111,7 +111,7 @@ def to_onnx(module, args: tuple, input_names: list[str], output_names: list[str]
 def export_onnx(module: torch.nn.Module, config, path: Path, folded: bool = False, prefix: bool = True) -> Path:
     """torch.onnx (dynamo) export with the MPT op as one node, then attach its function body. prefix=False: the
     graph without prefix inputs (for batches in which no row has a key/value prefix)."""
-    names = input_names(config.model_type)
+    names = input_names(arch_for(config))
     if not prefix:
         names = [n for n in names if n not in PREFIX_INPUTS]
         ex = {n: v for n, v in example_inputs(config, n=0).items() if n in names}
@@ -122,7 +122,7 @@ def export_onnx(module: torch.nn.Module, config, path: Path, folded: bool = Fals
         ex = {n: v for n, v in example_inputs(config, **sizes).items() if n in names}
     else:
         ex = example_inputs(config)
-    model = to_onnx(module, tuple(ex.values()), names, [output_name(config.model_type)], dynamic_shapes(names))
+    model = to_onnx(module, tuple(ex.values()), names, [output_name(arch_for(config))], dynamic_shapes(names))
     if not folded:
         mpt_function.attach(model)
     elif any(n.domain == mpt_function.DOMAIN for n in model.graph.node):
@@ -247,7 +247,7 @@ def _ort_extended(path: Path, feeds, reference, tolerance) -> dict:
 
 def fold_task(backbone: PromptedBackbone, layout_feeds: dict[str, np.ndarray]) -> FoldedBackbone:
     """A backbone with one task's prompt tensors (from a batch-1 layout) as constants."""
-    names = prompt_inputs(backbone.model.config.model_type)
+    names = prompt_inputs(backbone.spec)
     consts = {n: torch.from_numpy(np.ascontiguousarray(layout_feeds[n])) for n in names}
     return FoldedBackbone(backbone, consts)
 

@@ -45,21 +45,31 @@ def adapter_num_labels(adapter_dir) -> int | None:
         return int(f.get_slice(heads[0]).get_shape()[0]) if heads else None
 
 
-def peft_outputs(base_dir, adapter_dir, ids: np.ndarray, mask: np.ndarray, family: str,
+def peft_outputs(base_dir, adapter_dir, ids: np.ndarray, mask: np.ndarray, config,
                  mpt_task: int | None = None) -> list[np.ndarray]:
-    """PEFT eager, per row, in the runtime's output format."""
+    """PEFT eager, per row, in the runtime's output format. config: the deployment's (it says which model class
+    PEFT wraps). A causal LM's classifier runs each row alone, unpadded: PEFT pools the last position of
+    prompt-tuning rows, a pad in a padded batch, and the deployment gives every row its result alone."""
     from peft import PeftModel
 
+    from promptmux.core.archs import arch_for
     from promptmux.core.folder import load_base_model
 
     cfg = read_adapter_config(adapter_dir)
-    model = PeftModel.from_pretrained(load_base_model(base_dir, num_labels=adapter_num_labels(adapter_dir)),
+    spec = arch_for(config)
+    model = PeftModel.from_pretrained(load_base_model(base_dir, config, num_labels=adapter_num_labels(adapter_dir)),
                                       str(adapter_dir)).eval()
-    kwargs = {"task_ids": torch.full((ids.shape[0],), mpt_task)} if mpt_task is not None else {}
-    with torch.inference_mode():
-        logits = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **kwargs).logits
-    logits = logits.float().numpy()
-    if family == "encoder":
+
+    def run(ids, mask):
+        kwargs = {"task_ids": torch.full((ids.shape[0],), mpt_task)} if mpt_task is not None else {}
+        with torch.inference_mode():
+            out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **kwargs).logits
+        return out.float().numpy()
+
+    if spec.feature == "last":
+        return [run(ids[i:i + 1, mask[i] == 1], mask[i:i + 1, mask[i] == 1])[0] for i in range(ids.shape[0])]
+    logits = run(ids, mask)
+    if spec.family == "encoder":
         return list(logits)
     skip = cfg["num_virtual_tokens"] if BY_PEFT_TYPE[cfg["peft_type"]].in_sequence else 0
     return [logits[i, skip:][mask[i].astype(bool)] for i in range(ids.shape[0])]
@@ -109,8 +119,9 @@ def verify(deploy_dir, base_dir, adapters: dict[str, str | Path], backend: str =
 
     quiet_libraries()  # PEFT loads a model per adapter: no loading bars or deprecation warnings in the output
     rt = Runtime(deploy_dir, backend=backend, base=base_dir)
-    config = load_base_config(base_dir)
-    family = arch_for(config.model_type).family
+    load_base_config(base_dir)  # refuses a folder that is no base model, saying so
+    config = rt.config  # the deployment's: a causal LM's checkpoint may be deployed as a classifier
+    family = arch_for(config).family
     # Which tasks each adapter provides, as named in the deployment.
     plan: list[tuple[str, str, int | None]] = []  # (task, adapter name, mpt task id)
     for name, path in adapters.items():
@@ -135,7 +146,7 @@ def verify(deploy_dir, base_dir, adapters: dict[str, str | Path], backend: str =
     worst: dict[str, float] = {}
     for task, adapter, mpt_task in tqdm(plan, desc="verify", unit="task", disable=quiet, leave=False):
         rows = [i for i, t in enumerate(tasks) if t == task]
-        want = peft_outputs(base_dir, adapters[adapter], ids[rows], mask[rows], family, mpt_task)
+        want = peft_outputs(base_dir, adapters[adapter], ids[rows], mask[rows], config, mpt_task)
         diffs = [float(np.abs(got[r] - w).max()) for r, w in zip(rows, want)]
         worst[task] = max(diffs)
         if details is not None:

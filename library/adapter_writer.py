@@ -79,6 +79,7 @@ def _check_base(config, deploy_dir: Path | None, base_dir: Path) -> object:
         if recorded and recorded != config_hash(base_config):
             raise LibraryError(f"--base {str(base_dir)!r} is not the model this deployment was exported from (its config "
                                "differs); the prompts only mean something with that base model")
+    base_config.architectures = config.architectures  # the deployment's model class (a causal LM's classifier)
     return base_config
 
 
@@ -271,7 +272,7 @@ def _write_adapter(base_dir, base_config, folder: Path, kind: str, tensors: dict
 
     from promptmux.core.archs import TASK_TYPE_FOR_FAMILY, arch_for, dims_of
 
-    spec, dims = arch_for(base_config.model_type), dims_of(base_config)
+    spec, dims = arch_for(base_config), dims_of(base_config)
     length = int(next(iter(tensors.values())).shape[0])
     common = dict(task_type=TASK_TYPE_FOR_FAMILY[spec.family], num_virtual_tokens=length, token_dim=dims.hidden_size,
                   num_layers=dims.num_layers, num_attention_heads=dims.num_heads, num_transformer_submodules=1)

@@ -33,7 +33,7 @@ def load_bank(deploy_dir_or_bank):
 
     folder = Path(deploy_dir_or_bank)
     config = load_base_config(folder)
-    return PromptBank.load(folder, arch_for(config.model_type)), config, folder
+    return PromptBank.load(folder, arch_for(config)), config, folder
 
 
 def _comparable(bank) -> tuple[list[str], list[str]]:

@@ -70,7 +70,7 @@ class Runtime:
         from transformers import AutoConfig
 
         self.config = AutoConfig.from_pretrained(str(self.dir))
-        self.spec = arch_for(self.config.model_type)
+        self.spec = arch_for(self.config)
         self.dims = dims_of(self.config)
         self.backend, self.backend_reason = choose_backend(backend, precision, self.spec.family)
         backend = self.backend
@@ -122,7 +122,7 @@ class Runtime:
                     f"the torch backend needs the base model; {base} is missing. Pass base=<folder> (CLI: --base)")
             model = load_base_model(base, self.config)
             module = PromptedEncoder(model) if self.spec.family == "seq2seq" else PromptedBackbone(model)
-            self.session = TorchSession(module, input_names(self.config.model_type), threads)
+            self.session = TorchSession(module, input_names(self.spec), threads)
             self.folded_session = None
             self.folded_task = None
             self._torch_model = model

@@ -264,7 +264,7 @@ def run(args) -> dict:
     from promptmux.core.folder import load_base_config
     from promptmux.library.prompts import resample_tokens, task_prompt
 
-    bank = PromptBank.load(deploy, arch_for(load_base_config(deploy).model_type))
+    bank = PromptBank.load(deploy, arch_for(load_base_config(deploy)))
     pair = ["sentiment", "topic"]
     baseline = random_query_baseline(bank, emb, pair)
 

@@ -75,6 +75,9 @@ FAMILIES = {
     "modernbert": ("modernbert", dict(_ENCODER, max_position_embeddings=64, pad_token_id=0, bos_token_id=2,
                                       eos_token_id=3, cls_token_id=2, sep_token_id=3, global_attn_every_n_layers=2,
                                       local_attention=4)),  # local layers: rows longer than the window
+    # A causal LM trained as a sequence classifier (PEFT SEQ_CLS on AutoModelForSequenceClassification), from the
+    # causal-LM checkpoint users start from: the export takes the classifier from the adapters' task type.
+    "qwen2-cls": ("qwen2", dict(_DECODER, num_labels=3)),
     "mt5": ("mt5", dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2,
                         num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
                         initializer_factor=2.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)),
@@ -82,7 +85,13 @@ FAMILIES = {
 
 
 def is_encoder(arch: str) -> bool:
-    return arch in ("bert", "roberta", "distilbert", "xlm-roberta", "electra", "mpnet", "deberta-v2", "modernbert")
+    """A sequence classifier (an encoder's, or a causal LM's: `-cls`)."""
+    return arch in ("bert", "roberta", "distilbert", "xlm-roberta", "electra", "mpnet", "deberta-v2", "modernbert") \
+        or is_causal_classifier(arch)
+
+
+def is_causal_classifier(arch: str) -> bool:
+    return arch.endswith("-cls")
 
 
 def is_seq2seq(arch: str) -> bool:
@@ -98,8 +107,11 @@ def base_class(arch: str):
 
 
 def make_base(arch: str, folder: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(0)
-    model = base_class(arch).from_config(tiny_config(arch)).eval()
+    cls = AutoModelForCausalLM if is_causal_classifier(arch) else base_class(arch)
+    model = cls.from_config(tiny_config(arch)).eval()
     model.save_pretrained(folder)
     return folder
 
@@ -197,9 +209,15 @@ def peft_rows(arch: str, base_dir: Path, adapter_dir: Path, ids: np.ndarray, mas
 
     base = base_class(arch).from_pretrained(base_dir).eval()
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
-    kw = {"task_ids": torch.full((ids.shape[0],), mpt_task)} if mpt_task is not None else {}
-    with torch.inference_mode():
-        logits = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **kw).logits.numpy()
+
+    def run(ids, mask):
+        kw = {"task_ids": torch.full((ids.shape[0],), mpt_task)} if mpt_task is not None else {}
+        with torch.inference_mode():
+            return model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **kw).logits.numpy()
+
+    if is_causal_classifier(arch):  # each row alone: PEFT pools the last position, a pad in a right-padded batch
+        return [run(ids[i:i + 1, mask[i] == 1], mask[i:i + 1, mask[i] == 1])[0] for i in range(ids.shape[0])]
+    logits = run(ids, mask)
     if is_encoder(arch):
         return list(logits)
     cfg = PeftConfig.from_pretrained(adapter_dir)

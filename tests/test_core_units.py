@@ -121,11 +121,12 @@ def test_bank_copy_keeps_unchanged_tasks_identical_and_drops_unused_shared(tmp_p
 def test_io_spec_declares_every_graph_input_and_tensorrt_profiles_cover_its_axes():
     """One declaration: the inputs the layout feeds are declared, and every dynamic axis it names has a TensorRT
     profile range (a new input without one fails here, not at an engine build)."""
+    from promptmux.core.archs import arch_for
     from promptmux.core.io_spec import INPUTS, dynamic_axes, input_names
     from promptmux.export.engine import _profile_ranges
 
     for model_type in ("bert", "distilbert", "llama", "t5"):
-        assert set(input_names(model_type)) <= set(INPUTS)
+        assert set(input_names(arch_for(model_type))) <= set(INPUTS)
     names = {a for n in INPUTS for a in dynamic_axes(n).values()} | set(dynamic_axes("past_key_values.0.key").values())
     assert names <= set(_profile_ranges(names, 1, 8, 128, 32, 8, 64))
     lay, _ = _layout(["pt", "prefix"])

@@ -56,6 +56,22 @@ def test_greedy_tokens_match_peft_generate(family):
         assert [got[i]["token_ids"] for i in rows] == peft_generate(family, name, ids[rows], mask[rows]), name
 
 
+def test_a_causal_lm_classifier_gives_each_row_its_result_alone(tmp_path_factory):
+    """A Qwen2 sequence classifier pools each row's last real token with positions that follow the mask: left- and
+    right-padded batches give the same scores (PEFT's own result moves with the padding; the rows alone match it,
+    test_mixed_batch_of_every_kind_matches_peft), and the export recorded it as a classifier."""
+    fx = _family("qwen2-cls", tmp_path_factory)
+    assert fx.rt.spec.family == "encoder" and fx.rt.config.architectures == ["Qwen2ForSequenceClassification"]
+    names = fx.task_names()
+    tasks = [names[i % len(names)] for i in range(2 * len(names))]
+    ids, mask = random_batch("qwen2-cls", rows=len(tasks), seq=8, seed=3, padding_side="right")
+    pads = (mask == 0).sum(1)
+    left = [np.roll(x, pads[i]) for i, x in enumerate(ids)], [np.roll(m, pads[i]) for i, m in enumerate(mask)]
+    assert pads.max() > 0 and all(m[0] == 0 for m, p in zip(left[1], pads) if p)  # the same tokens, padded on the left
+    a, b = fx.rt.forward(ids, mask, tasks), fx.rt.forward(np.array(left[0]), np.array(left[1]), tasks)
+    assert max(float(np.abs(x - y).max()) for x, y in zip(a, b)) < TOL
+
+
 def test_generic_families_are_verified_against_peft_at_export(family):
     from promptmux.core.archs import ARCHS
 

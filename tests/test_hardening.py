@@ -194,7 +194,7 @@ def test_concurrent_task_changes_from_several_processes_lose_nothing(text_deploy
     deploy = tmp_path / "deploy"
     shutil.copytree(d.deploy, deploy)
     (deploy / ".bank-stale.tmp").write_bytes(b"left by a change killed mid-write")
-    initial = set(PromptBank.load(deploy, arch_for(load_base_config(deploy).model_type)).names())
+    initial = set(PromptBank.load(deploy, arch_for(load_base_config(deploy))).names())
     workers = [("cli0", "cli"), ("cli1", "cli"), ("cli2", "cli"), ("api0", "api")]
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(deploy), str(d.adapters["pt"]), me, "6", mode],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for me, mode in workers]
@@ -206,7 +206,7 @@ def test_concurrent_task_changes_from_several_processes_lose_nothing(text_deploy
         assert len(done) == 9, err  # 6 adds, 3 removes: each reported done
         for verb, name in done:
             expected.add(name) if verb == "add" else expected.discard(name)
-    bank = PromptBank.load(deploy, arch_for(load_base_config(deploy).model_type))
+    bank = PromptBank.load(deploy, arch_for(load_base_config(deploy)))
     assert set(bank.names()) == expected
     manifest = json.loads((deploy / "manifest.json").read_text())
     assert [t["name"] for t in manifest["tasks"]] == bank.names()

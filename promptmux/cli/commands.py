@@ -75,7 +75,7 @@ def cmd_verify(args) -> int:
     from promptmux.core.archs import arch_for
     from promptmux.core.folder import load_base_config
 
-    tokens = arch_for(load_base_config(args.deploy).model_type).family == "seq2seq"
+    tokens = arch_for(load_base_config(args.deploy)).family == "seq2seq"
     metric = "rows_with_other_tokens" if tokens else "max_abs_diff"
     failed = {t: d for t, d in worst.items() if not d <= (0.0 if tokens else args.tolerance)}
     for task, diff in worst.items():
