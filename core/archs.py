@@ -52,6 +52,10 @@ class ArchSpec:
     verify_at_export: bool = False
     # Config settings the row's rules assume (attribute, value); another value is refused (check_config).
     requires: tuple[tuple[str, object], ...] = ()
+    # Seq2seq: the cached decoder step (core/seq2seq_graph.py): "t5" or "bart"; pre_norm: LayerNorm before each
+    # block and after the last (mBART) instead of after each block (BART).
+    decoder_step: str = "t5"
+    pre_norm: bool = False
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -100,6 +104,11 @@ ARCHS: dict[str, ArchSpec] = {
     "opt": ArchSpec(family="decoder", positions_follow_mask=True),
     # Relative position bias, no position ids; prefixes go to the decoder (see export/seq2seq.py).
     "t5": ArchSpec(family="seq2seq"),
+    # Learned positions (the encoder counts through the virtual tokens, as PEFT's concatenation does), scaled
+    # attention, post-LayerNorm blocks; its own decoder start token (the config's). No token types.
+    # The generation config's forced first / last tokens are applied as transformers' generate does.
+    "bart": ArchSpec(family="seq2seq", decoder_step="bart"),
+    "mbart": ArchSpec(family="seq2seq", decoder_step="bart", pre_norm=True),
 }
 ARCHS["xlm-roberta"] = ARCHS["roberta"]  # RoBERTa's code under another name (transformers copies it)
 ARCHS["mt5"] = ARCHS["t5"]  # T5's code with another vocabulary
@@ -174,7 +183,7 @@ def check_config(config) -> ArchSpec:
         if getattr(config, attribute, value) != value:
             raise UnsupportedModelError(
                 f"{config.model_type} with {attribute}={getattr(config, attribute)!r} is not supported: promptmux "
-                f"computes this family's head with {attribute}={value!r}. Please report it")
+                f"computes this family with {attribute}={value!r}. Please report it")
     return spec
 
 
@@ -220,6 +229,15 @@ def dims_of(config) -> Dims:
         head_dim=getattr(c, "head_dim", None) or getattr(c, "d_kv", None) or c.hidden_size // heads,
         vocab_size=c.vocab_size,
     )
+
+
+def decoder_sizes(config) -> tuple[int, int, int]:
+    """A seq2seq model's decoder: (layers, attention heads, head dim); T5 and BART name them differently."""
+    c = config
+    layers = getattr(c, "num_decoder_layers", None) or getattr(c, "decoder_layers", None) or c.num_hidden_layers
+    heads = getattr(c, "decoder_attention_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "d_kv", None) or c.hidden_size // heads
+    return layers, heads, head_dim
 
 
 def position_offset(config) -> int:

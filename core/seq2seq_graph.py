@@ -1,13 +1,16 @@
-"""The seq2seq (T5-family) computation shared by the export and the torch backend: the encoder with the prompts
-as inputs (its outputs: every decoder layer's cross-attention keys/values) and one cached decoder step, written
-with the model's own modules (gpt-fast style) so the cache is plain tensors. Where each kind's prompt goes is
-described in export/seq2seq.py."""
+"""The seq2seq computation shared by the export and the torch backend: the encoder with the prompts as inputs (its
+outputs: every decoder layer's cross-attention keys/values) and one cached decoder step, written with the model's
+own modules (gpt-fast style) so the cache is plain tensors. One step per family (the row's `decoder_step`): T5
+(relative position bias, unscaled attention, pre-LayerNorm) and BART (learned positions per row, scaled attention,
+post-LayerNorm; mBART: pre-LayerNorm and a final LayerNorm). Where each kind's prompt goes is described in
+export/seq2seq.py."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .archs import arch_for, decoder_sizes
 from .graph import PromptedBackbone
 
 DECODER_STEP_INPUTS = ("input_ids", "attention_mask", "encoder_attention_mask")
@@ -28,43 +31,62 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _attend(q, k, v, bias, out: nn.Linear) -> torch.Tensor:
-    """T5 attention: no 1/sqrt(d) scaling; bias carries the position bias and the mask."""
+    """Attention without scaling (T5's; BART scales q first); bias carries the position bias and the mask."""
     scores = torch.matmul(q, k.transpose(-1, -2)) + bias
     ctx = torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
     b, h, s, dk = ctx.shape
     return out(ctx.transpose(1, 2).reshape(b, s, h * dk))
 
 
+def cross_projections(model: nn.Module) -> list[tuple[nn.Linear, nn.Linear]]:
+    """Each decoder layer's cross-attention key and value projections."""
+    if arch_for(model.config).decoder_step == "bart":
+        return [(layer.encoder_attn.k_proj, layer.encoder_attn.v_proj) for layer in model.model.decoder.layers]
+    return [(block.layer[1].EncDecAttention.k, block.layer[1].EncDecAttention.v) for block in model.decoder.block]
+
+
 class PromptedEncoder(PromptedBackbone):
     """The encoder with input-level and MPT prompts in front; outputs every decoder layer's cross-attention K/V."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.cross = cross_projections(model)
+        self.heads = decoder_sizes(model.config)[1]
 
     def forward(self, input_ids, attention_mask, order, prompt_embeds, mpt_task_ids, mpt_shared_ids, mpt_shared,
                 mpt_cols, mpt_rows):
         x = self.sequence(input_ids, order, prompt_embeds, mpt_task_ids, mpt_shared_ids, mpt_shared, mpt_cols,
                           mpt_rows)
-        hidden = self.model.encoder(inputs_embeds=x, attention_mask=attention_mask, return_dict=True).last_hidden_state
-        heads = self.model.config.num_heads
+        hidden = self.model.get_encoder()(inputs_embeds=x, attention_mask=attention_mask,
+                                          return_dict=True).last_hidden_state
         out = []
-        for block in self.model.decoder.block:
-            attn = block.layer[1].EncDecAttention
-            out += [_heads(attn.k(hidden), heads), _heads(attn.v(hidden), heads)]
+        for k, v in self.cross:
+            out += [_heads(k(hidden), self.heads), _heads(v(hidden), self.heads)]
         return tuple(out)
+
+
+def decoder_step(model: nn.Module) -> Seq2SeqDecoderStep:
+    """The family's cached decoder step."""
+    return {"t5": T5DecoderStep, "bart": BartDecoderStep}[arch_for(model.config).decoder_step](model)
 
 
 class Seq2SeqDecoderStep(nn.Module):
     """One cached decoder call: new tokens attend to the self-attention past (prefix and tokens so far)
-    and to the encoder's precomputed cross-attention keys/values."""
+    and to the encoder's precomputed cross-attention keys/values. Inputs: input_ids [B, q], attention_mask
+    [B, past + q] (the self-attention cache's and the new tokens'), encoder_attention_mask [B, L], the past."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model.eval()
         self.config = model.config
-        self.layers = len(model.decoder.block)
+        self.layers, self.heads, self.head_dim = decoder_sizes(model.config)
         self.eval()
 
+
+class T5DecoderStep(Seq2SeqDecoderStep):
     def forward(self, input_ids, attention_mask, encoder_attention_mask, *past):
         cfg, dec = self.config, self.model.decoder
-        heads = cfg.num_heads
+        heads = self.heads
         self_past, cross = past[: 2 * self.layers], past[2 * self.layers:]
         x = dec.embed_tokens(input_ids)
         q_len = input_ids.shape[1]
@@ -100,3 +122,51 @@ class Seq2SeqDecoderStep(nn.Module):
         return (self.model.lm_head(x), *presents)
 
 
+
+
+class BartDecoderStep(Seq2SeqDecoderStep):
+    """BART / mBART. Positions are learned and counted per row over the attended cache: a row's decoder tokens
+    follow its own prefix-tuning prefix (n + j, as PEFT's cache length gives them) whatever the batch's longest."""
+
+    def forward(self, input_ids, attention_mask, encoder_attention_mask, *past):
+        dec = self.model.model.decoder
+        pre_norm = arch_for(self.config).pre_norm
+        self_past, cross = past[: 2 * self.layers], past[2 * self.layers:]
+        x = dec.embed_tokens(input_ids)  # scaled inside where the config scales embeddings
+        q_len = input_ids.shape[1]
+        past_len = self_past[0].shape[2]
+        k_len = past_len + q_len
+        positions = (torch.cumsum(attention_mask, -1) - 1).clamp(min=0)[:, -q_len:]
+        x = dec.layernorm_embedding(x + dec.embed_positions.weight[positions + dec.embed_positions.offset])
+        neg = torch.finfo(x.dtype).min
+        query_pos = torch.arange(q_len, device=x.device)[:, None] + past_len
+        causal = torch.arange(k_len, device=x.device)[None, :] <= query_pos
+        self_bias = torch.where(causal[None, None] & attention_mask[:, None, None, :].bool(), 0.0, neg).to(x.dtype)
+        cross_bias = torch.where(encoder_attention_mask[:, None, None, :].bool(), 0.0, neg).to(x.dtype)
+        scale = self.head_dim ** -0.5
+
+        def block(x, norm, attend):
+            h = attend(norm(x) if pre_norm else x)
+            return x + h if pre_norm else norm(x + h)
+
+        presents = []
+        for i, layer in enumerate(dec.layers):
+            sa, ca = layer.self_attn, layer.encoder_attn
+
+            def self_attention(h, sa=sa, i=i):
+                k = torch.cat([self_past[2 * i].to(h.dtype), _heads(sa.k_proj(h), self.heads)], dim=2)
+                v = torch.cat([self_past[2 * i + 1].to(h.dtype), _heads(sa.v_proj(h), self.heads)], dim=2)
+                presents.extend([k, v])
+                return _attend(_heads(sa.q_proj(h), self.heads) * scale, k, v, self_bias, sa.out_proj)
+
+            def cross_attention(h, ca=ca, i=i):
+                return _attend(_heads(ca.q_proj(h), self.heads) * scale, cross[2 * i].to(h.dtype),
+                               cross[2 * i + 1].to(h.dtype), cross_bias, ca.out_proj)
+
+            x = block(x, layer.self_attn_layer_norm, self_attention)
+            x = block(x, layer.encoder_attn_layer_norm, cross_attention)
+            x = block(x, layer.final_layer_norm, lambda h, layer=layer: layer.fc2(layer.activation_fn(layer.fc1(h))))
+        x = x[:, -1]
+        if pre_norm:
+            x = dec.layer_norm(x)
+        return (self.model.lm_head(x) + self.model.final_logits_bias.to(x.dtype), *presents)

@@ -154,6 +154,7 @@ def _write_deployment(base_dir, out_dir: Path, config, spec, dims, model, bank, 
         bar.step("writing bank, tokenizer, manifest")
         bank.save(tmp)
         config.save_pretrained(tmp)
+        _copy_generation_config(base_dir, tmp)
         _copy_tokenizer(base_dir, tmp)
         manifest = {
             "format": FORMAT_VERSION,
@@ -250,13 +251,13 @@ def _export_graphs(model, config, spec, dims, bank, tmp: Path, fold, optimize, t
 
 
 def _export_seq2seq(model, config, dims, bank, tmp: Path, tolerance, bar):
-    """T5 family: the prompted encoder as the deployment's graph, and the cached decoder step.
+    """T5 and BART families: the prompted encoder as the deployment's graph, and the cached decoder step.
 
     ORT's transformer optimizer has no pattern for these graphs; sessions still apply ORT's own
     optimizations at load. Both graphs are checked against PyTorch on a mixed batch of every task.
     """
     from promptmux.core.layout import encoder_layout
-    from promptmux.core.seq2seq_graph import PromptedEncoder, Seq2SeqDecoderStep
+    from promptmux.core.seq2seq_graph import PromptedEncoder, decoder_step
 
     from .seq2seq import (
         check_against_torch,
@@ -264,7 +265,7 @@ def _export_seq2seq(model, config, dims, bank, tmp: Path, tolerance, bar):
         export_encoder_onnx,
     )
 
-    encoder, step = PromptedEncoder(model), Seq2SeqDecoderStep(model)
+    encoder, step = PromptedEncoder(model), decoder_step(model)
     bar.step("exporting encoder graph")
     export_encoder_onnx(encoder, config, tmp / GRAPH)
     bar.update()
@@ -331,6 +332,13 @@ def _check_batch(spec, config, dims, bank, prefix: bool = True) -> dict[str, np.
     ids, mask, prompts = _check_rows(dims, bank)
     return build_layout(spec, position_offset(config), config.pad_token_id, ids, mask, None, prompts, dims,
                         min_slots=1 if prefix else 0, prefix=None if prefix else False).feeds
+
+
+def _copy_generation_config(base_dir: str | Path, dest: Path) -> None:
+    """The base model's generation_config.json, if it has one: the seq2seq generator applies its forced first and
+    last tokens as transformers' generate does (BART's EOS)."""
+    if (Path(base_dir) / "generation_config.json").is_file():
+        shutil.copyfile(Path(base_dir) / "generation_config.json", dest / "generation_config.json")
 
 
 def _copy_tokenizer(base_dir: str | Path, dest: Path) -> None:

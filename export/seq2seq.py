@@ -1,4 +1,4 @@
-"""T5-family seq2seq: an encoder graph with the prompts as inputs, and a cached decoder-step graph.
+"""Seq2seq (T5, BART): an encoder graph with the prompts as inputs, and a cached decoder-step graph.
 
 Where PEFT puts each kind's prompt in a seq2seq model (`PeftModelForSeq2SeqLM.generate`):
 - prompt tuning, P-tuning, MPT: the first `num_virtual_tokens` prompt rows go in front of the
@@ -14,7 +14,8 @@ Graphs (Optimum's seq2seq cache names):
                   past_key_values.{i}.decoder.key/value, past_key_values.{i}.encoder.key/value
                   ->  logits [B, vocab] (last position), present.{i}.decoder.key/value
 The decoder step is written out with the model's own modules (gpt-fast style) so the cache is
-plain tensors: T5 attention is unscaled, with a relative position bias from the first block.
+plain tensors (core/seq2seq_graph.py): T5 attention is unscaled, with a relative position bias from the first
+block; BART's learned decoder positions are counted per row over the attended cache.
 Only distances matter to that bias, so a row whose prefix is shorter than the batch's gets its
 masked slots in *front* of the prefix, keeping every real key at the distance PEFT gives it.
 """
@@ -33,6 +34,7 @@ from promptmux.core.seq2seq_graph import (
     PromptedEncoder,
     Seq2SeqDecoderStep,
     cross_names,
+    cross_projections,
     self_names,
 )
 
@@ -87,13 +89,13 @@ def export_encoder_onnx(module: PromptedEncoder, config, path: Path) -> Path:
     names = {n: dynamic_axes(n) for n in ex}
     names["attention_mask"][1] = "length"  # no prefix slots in the encoder
     shapes = {n: {a: auto for a in axes} for n, axes in names.items()}
-    layers = len(module.model.decoder.block)
+    layers = len(cross_projections(module.model))
     return _export(module, ex, tuple(shapes[n] for n in ex), cross_names(layers, "present"), path, names)
 
 
 def export_decoder_step_onnx(module: Seq2SeqDecoderStep, config, path: Path) -> Path:
     b, q, past, length = 2, 3, 5, 7
-    heads, dk = config.num_heads, config.d_kv
+    heads, dk = module.heads, module.head_dim
     g = torch.Generator().manual_seed(2)
     ex = {
         "input_ids": torch.randint(0, min(config.vocab_size, 50), (b, q), generator=g),
@@ -141,7 +143,7 @@ def check_against_torch(encoder: PromptedEncoder, step: Seq2SeqDecoderStep, enc_
              "encoder_attention_mask": enc_feeds["attention_mask"]}
     feeds["attention_mask"][0, :2] = 0
     for name in self_names(layers):
-        feeds[name] = rng.standard_normal((b, cfg.num_heads, 3, cfg.d_kv)).astype(np.float32)
+        feeds[name] = rng.standard_normal((b, step.heads, 3, step.head_dim)).astype(np.float32)
     for name, value in zip(cross_names(layers), got_cross):
         feeds[name] = value
     with torch.inference_mode():

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from promptmux.core.adapters import AdapterError, expect, expect_shape
+from promptmux.core.archs import decoder_sizes
 from promptmux.core.task import Task
 
 
@@ -140,8 +141,8 @@ class KVPrefixKind(PromptKind):
             if ctx.subs != 2:
                 raise ctx.fail(f"has num_transformer_submodules={ctx.subs}; PEFT builds seq2seq adapters with 2 "
                                f"({ctx.cfg['peft_type']} needs both). Recreate it with PEFT's default")
-            expect("number of layers (decoder)", ctx.cfg.get("num_layers"),
-                   getattr(ctx.base_config, "num_decoder_layers", None), ctx.adapter_dir)
+            expect("number of layers (decoder)", ctx.cfg.get("num_layers"), decoder_sizes(ctx.base_config)[0],
+                   ctx.adapter_dir)
         # PEFT sizes prefixes by the key/value heads (grouped-query attention: d = head_dim * kv_heads).
         expect("number of key/value heads", ctx.cfg.get("num_attention_heads"), ctx.dims.num_kv_heads, ctx.adapter_dir)
         expect("prefix token dim (head_dim * kv_heads)", ctx.cfg.get("token_dim"), ctx.dims.kv_dim, ctx.adapter_dir)

@@ -307,12 +307,12 @@ class Runtime:
         if self.spec.family == "seq2seq":
             from promptmux.core.seq2seq_graph import (
                 DECODER_STEP_INPUTS,
-                Seq2SeqDecoderStep,
                 cross_names,
+                decoder_step,
                 self_names,
             )
 
-            step = Seq2SeqDecoderStep(self._torch_model)
+            step = decoder_step(self._torch_model)
             return TorchSession(step, [*DECODER_STEP_INPUTS, *self_names(step.layers), *cross_names(step.layers)])
         from promptmux.core.graph import PromptedDecoder
         from promptmux.core.io_spec import DECODER_INPUTS, past_names

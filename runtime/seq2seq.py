@@ -1,4 +1,4 @@
-"""Generation for prompt-tuned seq2seq models (T5 family): encode once, then cached decoder steps.
+"""Generation for prompt-tuned seq2seq models (T5, BART families): encode once, then cached decoder steps.
 
 Each row's prompt goes where PEFT's generate puts it (export/seq2seq.py): input-level and MPT
 prompts in front of the encoder input, prefix-tuning prefixes as the decoder's first cache
@@ -12,6 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
+from promptmux.core.archs import decoder_sizes
 from promptmux.core.layout import encoder_layout
 from promptmux.core.task import Task
 from promptmux.kinds import kind_of
@@ -44,11 +45,14 @@ class Seq2SeqGenerator:
         self.encoder = encoder_session
         self.decoder = decoder_session
         cfg = runtime.config
-        self.layers = int(getattr(cfg, "num_decoder_layers", None) or cfg.num_layers)
+        self.layers, self.heads, self.head_dim = decoder_sizes(cfg)
         self.self_names = self_names(self.layers)
         self.cross_names = cross_names(self.layers)
         start = getattr(cfg, "decoder_start_token_id", None)
         self.start_token = start if start is not None else cfg.pad_token_id
+        # The first and last new tokens transformers' generate forces (BART's generation config: EOS last).
+        gen = generation_config(runtime.dir, cfg)
+        self.forced_first, self.forced_last = gen.forced_bos_token_id, gen.forced_eos_token_id
 
     def _eos(self, params: SamplingParams) -> np.ndarray:
         return eos_ids(params, self.rt.config)
@@ -62,7 +66,7 @@ class Seq2SeqGenerator:
         lay = encoder_layout(rt.spec, rt.config.pad_token_id, ids, mask, views, rt.dims)
         cross = self.encoder.run_all(lay.feeds)
         enc_mask = lay.feeds["attention_mask"]
-        keys, values, dec_mask = decoder_prefix(views, self.layers, rt.dims.num_heads, rt.dims.head_dim)
+        keys, values, dec_mask = decoder_prefix(views, self.layers, self.heads, self.head_dim)
         past = {}
         for i in range(self.layers):
             past[self.self_names[2 * i]] = np.ascontiguousarray(keys[i])
@@ -80,8 +84,25 @@ class Seq2SeqGenerator:
             out = self.decoder.run_all(feeds)
             logits = out[0]
             past = dict(zip(self.self_names, out[1:]))
-            token = np.where(done, pad, pick(logits, params, rng)).astype(np.int64)
+            token = pick(logits, params, rng)
+            forced = self.forced_first if step == 0 else None
+            if step == params.max_new_tokens - 1 and self.forced_last is not None:
+                forced = self.forced_last
+            if forced is not None:
+                token = np.full(batch, forced, np.int64)
+            token = np.where(done, pad, token).astype(np.int64)
             yield token
             done |= np.isin(token, eos)
             if done.all():
                 return
+
+
+def generation_config(folder, config):
+    """The deployment's generation config (copied from the base model at export), else the one transformers derives
+    from the model config."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(str(folder))
+    except OSError:
+        return GenerationConfig.from_model_config(config)

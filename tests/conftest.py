@@ -53,6 +53,9 @@ _DECODER = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_atten
 _MHA = {k: v for k, v in _DECODER.items() if k != "num_key_value_heads"}
 _ENCODER = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
                 num_labels=3)
+_BART = dict(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+             decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=64,
+             init_std=0.5, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
 FAMILIES = {
     "qwen2": ("qwen2", _DECODER),
     "qwen3": ("qwen3", dict(_DECODER, head_dim=8)),
@@ -78,6 +81,9 @@ FAMILIES = {
     # A causal LM trained as a sequence classifier (PEFT SEQ_CLS on AutoModelForSequenceClassification), from the
     # causal-LM checkpoint users start from: the export takes the classifier from the adapters' task type.
     "qwen2-cls": ("qwen2", dict(_DECODER, num_labels=3)),
+    # init_std > 0.02: a tiny random BART otherwise repeats one token; generate forces EOS last (its default config)
+    "bart": ("bart", _BART),
+    "mbart": ("mbart", dict(_BART, scale_embedding=True)),
     "mt5": ("mt5", dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2,
                         num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
                         initializer_factor=2.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)),
@@ -95,7 +101,7 @@ def is_causal_classifier(arch: str) -> bool:
 
 
 def is_seq2seq(arch: str) -> bool:
-    return arch in ("t5", "mt5")
+    return arch in ("t5", "mt5", "bart", "mbart")
 
 
 def base_class(arch: str):

@@ -129,6 +129,6 @@ def test_a_setting_the_row_does_not_cover_is_refused(tmp_path):
     config.classifier_pooling = "mean"
     config.save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError, match="modernbert with classifier_pooling='mean' is not supported: "
-                                                    "promptmux computes this family's head with "
+                                                    "promptmux computes this family with "
                                                     "classifier_pooling='cls'"):
         load_base_config(tmp_path)
