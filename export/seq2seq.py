@@ -14,9 +14,9 @@ Graphs (Optimum's seq2seq cache names):
                   past_key_values.{i}.decoder.key/value, past_key_values.{i}.encoder.key/value
                   ->  logits [B, vocab] (last position), present.{i}.decoder.key/value
 The decoder step is written out with the model's own modules (gpt-fast style) so the cache is
-plain tensors (core/seq2seq_graph.py): T5 attention is unscaled, with a relative position bias from the first
-block; BART's learned decoder positions are counted per row over the attended cache.
-Only distances matter to that bias, so a row whose prefix is shorter than the batch's gets its
+plain tensors (core/seq2seq_graph.py). T5 attention is unscaled, with a relative position bias from the first
+block; BART's learned decoder positions are counted per row over the attended cache. Only distances matter to
+T5's bias (and BART counts attended entries), so a row whose prefix is shorter than the batch's gets its
 masked slots in *front* of the prefix, keeping every real key at the distance PEFT gives it.
 """
 
