@@ -38,28 +38,29 @@ from .workload import assign_tasks, make_workload
 
 def deployment_with_bank(src: Path, dest: Path, rt, tasks: list) -> dict:
     """dest: src's graphs (linked) and files, with a bank of exactly `tasks`. Returns the bank's sizes."""
-    from promptmux.core.bank import BANK_FILE, PromptBank
-    from promptmux.core.folder import MANIFEST, write_manifest_tasks
+    from promptmux.core.bank import LEGACY_FILE, STORE_FILE, PromptBank
+    from promptmux.core.folder import MANIFEST
 
     dest.mkdir(parents=True)
     for f in src.iterdir():
-        if f.name == BANK_FILE or f.name.startswith("."):
+        if f.name in (STORE_FILE, LEGACY_FILE) or f.name.startswith(STORE_FILE) or f.name.startswith("."):
             continue
         if f.suffix in (".onnx", ".data", ".engine") or f.name.endswith(".onnx.data"):
             (dest / f.name).symlink_to(f.resolve())
         elif f.is_file():
             shutil.copy2(f, dest / f.name)
-    base_head = {k[len("base/head/"):]: v for k, v in rt.bank.arrays.items() if k.startswith("base/head/")}
-    bank = PromptBank(rt.spec, base_head)
+    bank = PromptBank(rt.spec, rt.bank.base_head)
     bank.add(tasks)
     bank.save(dest)
     manifest = json.loads((dest / MANIFEST).read_text())
     manifest["folded"] = None  # the folded graph, if any, is of a task this bank does not hold
+    manifest.pop("tasks", None)
+    manifest["bank"] = {"store": STORE_FILE, "engine": "sqlite-wal", "tasks_at_export": len(tasks)}
     (dest / MANIFEST).write_text(json.dumps(manifest))
-    write_manifest_tasks(dest, bank)
-    task_bytes = sum(v.nbytes for k, v in bank.arrays.items() if not k.startswith("base/"))
-    head_bytes = sum(v.nbytes for k, v in bank.arrays.items() if "/head/" in k and not k.startswith("base/"))
-    return {"bank_file_bytes": (dest / BANK_FILE).stat().st_size, "bank_tensor_bytes": task_bytes,
+    arrays = {id(v): v for t in tasks for v in (*t.tensors.values(), *t.head.values())}  # shared prompts once
+    task_bytes = sum(v.nbytes for v in arrays.values())
+    head_bytes = sum(v.nbytes for t in tasks for v in t.head.values())
+    return {"bank_file_bytes": (dest / STORE_FILE).stat().st_size, "bank_tensor_bytes": task_bytes,
             "bank_head_bytes": head_bytes, "bank_prompt_bytes": task_bytes - head_bytes}
 
 

@@ -1,34 +1,54 @@
-"""The prompt bank: every task's prompt (and classification head) in one safetensors file.
+"""The prompt bank: every task's prompt (and classification head), one record per task in an embedded store.
 
-Layout of `bank.safetensors`:
-    task/<name>/<role>            each tensor of the task's kind (promptmux.kinds), e.g. prompt [T, d],
-                                  prefix [L, 2, kv, n, hd], MPT's cols [T, r] and rows [r, d]
-    shared/<digest>               the roles a kind shares between tasks (MPT's shared prompt [T, d]),
-                                  stored once per distinct value
-    task/<name>/head/<param>      per-task classification head (PEFT modules_to_save)
-    base/head/<param>             the base model's head, for modules a task did not save
-The task index lives in the file's metadata, so one atomic rename updates tensors and index
-together: a reader sees the old bank or the new one, never half of each.
+The store is SQLite in WAL mode (`tasks.sqlite` in the deployment folder; studies/bank_store.py measured it against
+LMDB, see ARCHITECTURE.md "The prompt bank"). Tables:
+    tasks(seq, name, entry, data)   one row per task. entry: JSON (kind, PEFT type, virtual tokens, shapes, the
+                                    shared tensors it uses, head parameters, labels, source); data: the task's own
+                                    tensors as safetensors bytes (roles of its kind, head/<param>). seq is the
+                                    task's version: a new one at every write (a replaced task moves to the end).
+    shared(key, refs, data)         the roles a kind shares between tasks (MPT's shared prompt), once per value
+    meta(key, value)                the task count and the base model's head (safetensors bytes)
+Every change is one transaction (many readers, one writer, across processes: SQLite's own locking), so a reader
+sees a task as it was or as it is, never half of each, and a writer killed midway leaves the last committed state.
+Readers load one task on demand into a small LRU of views bounded in bytes; a change committed by another process
+is seen at the next lookup of that task (SQLite's data_version says when anything changed).
+
+A bank made in memory (the export's, or a runtime's after a change it does not persist) is a SQLite database in
+memory, written to a folder with SQLite's backup API. Deployments written before the store (`bank.safetensors`,
+its index in the file's metadata) open as they are, read into memory, and are migrated to the store by their first
+persisted change (core/folder.py update_tasks).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import sqlite3
+import threading
+import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import load as load_tensors
+from safetensors.numpy import save as save_tensors
 
 from .archs import ArchSpec
-from .folder import durable_replace
 from .task import Task, task_name
 
-BANK_FILE = "bank.safetensors"
-INDEX_KEY = "promptmux_tasks"
+STORE_FILE = "tasks.sqlite"
+LEGACY_FILE = "bank.safetensors"  # the bank before the store: tensors and index in one safetensors file
+LEGACY_INDEX_KEY = "promptmux_tasks"
+DEFAULT_CACHE_BYTES = 256 * 2**20  # hot task views kept in RAM; PromptBank(cache_bytes=...) or --bank-cache-mb
+LISTED_IN_ERRORS = 10  # an unknown-task error lists the served tasks up to this many, else counts them
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE,
+                                  entry TEXT NOT NULL, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS shared (key TEXT PRIMARY KEY, refs INTEGER NOT NULL, data BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+"""
 
 
 class UnknownTaskError(LookupError):
@@ -38,185 +58,352 @@ class UnknownTaskError(LookupError):
         return str(self.args[0])
 
 
-LISTED_IN_ERRORS = 10  # an unknown-task error lists the served tasks up to this many, else counts them
+def _connect(path: Path | None) -> sqlite3.Connection:
+    # One connection per bank, shared by the threads of a process under the bank's lock; autocommit mode, with
+    # explicit transactions. A writer waits up to a minute for another process's transaction.
+    db = sqlite3.connect(":memory:" if path is None else str(path), timeout=60, isolation_level=None,
+                         check_same_thread=False)
+    if path is not None:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # a committed change survives a power loss, not only a crash
+    db.executescript(_SCHEMA)
+    return db
 
 
 class PromptBank:
-    def __init__(self, spec: ArchSpec, base_head: dict[str, np.ndarray] | None = None):
+    """The tasks of one deployment. PromptBank(spec) is an empty bank in memory; PromptBank.load(folder, spec) opens
+    a deployment's store (or reads an old deployment's bank.safetensors into memory)."""
+
+    def __init__(self, spec: ArchSpec, base_head: dict[str, np.ndarray] | None = None, path: Path | None = None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.spec = spec
-        self.index: dict[str, dict] = {}
-        self.arrays: dict[str, np.ndarray] = {f"base/head/{k}": v for k, v in (base_head or {}).items()}
-        self._views: dict[str, Task] = {}
+        self.path = path  # the store file, or None in memory
+        self.db = _connect(path)
+        self.cache_bytes = cache_bytes
+        self._lock = threading.RLock()
+        self._views: OrderedDict[str, Task] = OrderedDict()  # LRU, most recent last
+        self._view_bytes = 0
+        self._checked: dict[str, int] = {}  # name -> data_version at which its cached view was last confirmed
+        self._shared: dict[str, np.ndarray] = {}  # shared tensors of cached views
+        self.stats = {"hits": 0, "misses": 0, "loads": 0, "load_seconds": 0.0}
+        if base_head:
+            with self._transaction():
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('base_head', ?)",
+                                (save_tensors({k: np.ascontiguousarray(v, np.float32) for k, v in base_head.items()}),))
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'base_head'").fetchone()
+        self.base_head = load_tensors(row[0]) if row else {}
 
     # ---- queries -------------------------------------------------------------------------
     def names(self) -> list[str]:
-        return list(self.index)
+        """Every task name, oldest write first (reads the store: O(tasks))."""
+        with self._lock:
+            return [r[0] for r in self.db.execute("SELECT name FROM tasks ORDER BY seq")]
 
     def __contains__(self, name: str) -> bool:
-        return name in self.index
+        with self._lock:
+            return self.db.execute("SELECT 1 FROM tasks WHERE name = ?", (name,)).fetchone() is not None
 
     def __len__(self) -> int:
-        return len(self.index)
+        with self._lock:
+            row = self.db.execute("SELECT value FROM meta WHERE key = 'count'").fetchone()
+            return int(row[0]) if row else 0
 
     def unknown(self, name: str) -> UnknownTaskError:
         """The error for a task the bank does not hold: its name, and the served ones while they are few (a bank
         of per-user prompts would otherwise put every name into every error)."""
-        n = len(self.index)
+        n = len(self)
         if n <= LISTED_IN_ERRORS:
-            return UnknownTaskError(f"unknown task {name!r}; this deployment serves: {', '.join(self.index) or 'none'}")
+            return UnknownTaskError(f"unknown task {name!r}; this deployment serves: {', '.join(self.names()) or 'none'}")
         return UnknownTaskError(f"unknown task {name!r}; this deployment serves {n:,} tasks (`promptmux tasks DIR "
                                 "list` or GET /v1/models lists them)")
 
     def page(self, limit: int, after: str | None = None) -> tuple[list[str], bool]:
         """Up to `limit` task names in the bank's order after the name `after` (a cursor: the last name of the
         previous page), and whether more follow. An unknown cursor is an UnknownTaskError."""
-        names = list(self.index)
-        start = 0
-        if after is not None:
-            if after not in self.index:
-                raise UnknownTaskError(f"unknown task {after!r} as the page cursor `after`; pass the last name of "
-                                       "the previous page, or no cursor for the first page")
-            start = names.index(after) + 1
-        return names[start:start + limit], start + limit < len(names)
+        with self._lock:
+            start = 0
+            if after is not None:
+                row = self.db.execute("SELECT seq FROM tasks WHERE name = ?", (after,)).fetchone()
+                if row is None:
+                    raise UnknownTaskError(f"unknown task {after!r} as the page cursor `after`; pass the last name "
+                                           "of the previous page, or no cursor for the first page")
+                start = row[0]
+            names = [r[0] for r in self.db.execute("SELECT name FROM tasks WHERE seq > ? ORDER BY seq LIMIT ?",
+                                                   (start, limit + 1))]
+        return names[:limit], len(names) > limit
+
+    def entry(self, name: str) -> dict:
+        """The task's record without its tensors (kind, PEFT type, virtual tokens, shapes, shared keys, ...)."""
+        with self._lock:
+            row = self.db.execute("SELECT entry FROM tasks WHERE name = ?", (task_name(name),)).fetchone()
+        if row is None:
+            raise self.unknown(name)
+        return json.loads(row[0])
 
     def view(self, name: str) -> Task:
+        """The task, its tensors read from the store on first use and kept while it is hot."""
         name = task_name(name)  # views are cached by name: a numpy string must not name the cached Task
-        if name not in self.index:
-            raise self.unknown(name)
-        if name not in self._views:
-            self._views[name] = self._make_view(name)
-        return self._views[name]
+        with self._lock:
+            version = self._data_version()
+            cached = self._views.get(name)
+            if cached is not None and self._checked.get(name) != version:
+                row = self.db.execute("SELECT seq FROM tasks WHERE name = ?", (name,)).fetchone()
+                if row is None or row[0] != cached.version:  # changed by another process since it was read
+                    self._drop(name)
+                    cached = None
+                else:
+                    self._checked[name] = version
+            if cached is not None:
+                self._views.move_to_end(name)
+                self.stats["hits"] += 1
+                return cached
+            self.stats["misses"] += 1
+            started = time.perf_counter()
+            row = self.db.execute("SELECT seq, entry, data FROM tasks WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise self.unknown(name)
+            view = self._make_view(name, row[0], json.loads(row[1]), load_tensors(row[2]))
+            self.stats["loads"] += 1
+            self.stats["load_seconds"] += time.perf_counter() - started
+            self._keep(view, version)
+            return view
 
-    def _make_view(self, name: str) -> Task:
-        e = self.index[name]
+    def _data_version(self) -> int:
+        return self.db.execute("PRAGMA data_version").fetchone()[0]
+
+    def _shared_tensor(self, key: str) -> np.ndarray:
+        if key not in self._shared:
+            row = self.db.execute("SELECT data FROM shared WHERE key = ?", (key,)).fetchone()
+            self._shared[key] = load_tensors(row[0])["value"]
+        return self._shared[key]
+
+    def _make_view(self, name: str, seq: int, e: dict, own: dict[str, np.ndarray]) -> Task:
+        tensors = {role: own[role] if key is None else self._shared_tensor(key) for role, key in e["tensors"].items()}
         layers = []
         for layer in self.spec.head:
             params = []
             for p in ("weight", "bias"):
-                key = e.get("head", {}).get(f"{layer.module}.{p}", f"base/head/{layer.module}.{p}")
-                params.append(self.arrays.get(key))
+                key = f"{layer.module}.{p}"
+                params.append(own.get(f"head/{key}", self.base_head.get(key)))
             if params[0] is None:
                 raise ValueError(f"task {name!r}: no weights for head module {layer.module!r}")
             layers.append((params[0], params[1], layer))
+        head = {k[len("head/"):]: v for k, v in own.items() if k.startswith("head/")}
         return Task(name=name, kind=e["kind"], peft_type=e["peft_type"], num_virtual_tokens=e["num_virtual_tokens"],
-                    tensors={role: self.arrays[key] for role, key in e["tensors"].items()}, labels=e.get("labels"),
-                    source=e.get("source", ""), layers=layers)
+                    tensors=tensors, head=head, labels=e.get("labels"), source=e.get("source", ""), layers=layers,
+                    version=seq)
+
+    def _keep(self, view: Task, version: int) -> None:
+        self._views[view.name] = view
+        self._checked[view.name] = version
+        self._view_bytes += _nbytes(view)
+        while self._view_bytes > self.cache_bytes and len(self._views) > 1:
+            self._drop(next(iter(self._views)))
+
+    def _drop(self, name: str) -> None:
+        view = self._views.pop(name, None)
+        self._checked.pop(name, None)
+        if view is not None:
+            self._view_bytes -= _nbytes(view)
+        if not self._views:
+            self._shared.clear()
 
     def holds(self, view: Task) -> bool:
-        """Whether the bank still holds this very task (the same prompt arrays under its name): a bank copy shares
-        unchanged tasks' arrays, and a replaced or removed task's are gone. O(1): no view is built, nothing hashed."""
-        e = self.index.get(view.name)
-        return (e is not None and e["kind"] == view.kind and e["tensors"].keys() == view.tensors.keys()
-                and all(self.arrays.get(key) is view.tensors[role] for role, key in e["tensors"].items()))
+        """Whether the bank still holds this very task (not replaced or removed since the view was read)."""
+        with self._lock:
+            row = self.db.execute("SELECT seq FROM tasks WHERE name = ?", (view.name,)).fetchone()
+        return row is not None and row[0] == view.version
 
     def digest(self, name: str) -> str:
         """A fingerprint of one task's prompt and head tensors (detects a task replaced under its name)."""
-        e = self.index[name]
+        view = self.view(name)
         h = hashlib.sha256()
-        for key in sorted(list(e["tensors"].values()) + list(e["head"].values())):
+        for key, value in sorted([(f"tensor/{r}", v) for r, v in view.tensors.items()]
+                                 + [(f"head/{p}", v) for p, v in view.head.items()]):
             h.update(key.encode())
-            h.update(np.ascontiguousarray(self.arrays[key]).tobytes())
+            h.update(np.ascontiguousarray(value).tobytes())
         return h.hexdigest()
 
     def describe(self, names: list[str] | None = None) -> list[dict]:
-        """One JSON-able row per task (for manifests and `promptmux tasks list`); names: only these."""
+        """One JSON-able row per task (for `promptmux tasks list` and the server's listings); names: only these."""
         rows = []
-        for name in self.index if names is None else names:
-            e = self.index[name]
-            shapes = {role: list(self.arrays[key].shape) for role, key in e["tensors"].items()}
+        for name in self.names() if names is None else names:
+            e = self.entry(name)
             row = {"name": name, "kind": e["kind"], "peft_type": e["peft_type"],
-                   "num_virtual_tokens": e["num_virtual_tokens"], "shapes": shapes, "dtype": "float32",
+                   "num_virtual_tokens": e["num_virtual_tokens"], "shapes": e["shapes"], "dtype": "float32",
                    "source": e.get("source", "")}
             if self.spec.head:
-                view = self.view(name)
-                row["num_labels"] = int(view.layers[-1][0].shape[0])
+                row["num_labels"] = e["num_labels"]
                 row["labels"] = e.get("labels")
             rows.append(row)
         return rows
 
-    # ---- changes -------------------------------------------------------------------------
+    def cache_used(self) -> int:
+        """Bytes of the task views held in RAM now."""
+        return self._view_bytes
+
+    def size_bytes(self) -> int:
+        """Bytes of the store on disk (with its write-ahead log), 0 in memory."""
+        if self.path is None:
+            return 0
+        return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
+
+    # ---- changes: each one transaction -----------------------------------------------------
+    @contextlib.contextmanager
+    def _transaction(self):
+        """One write transaction: BEGIN IMMEDIATE takes the store's write lock at once, so nothing another writer
+        commits falls between what a change reads and what it writes."""
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
     def add(self, tasks: list[Task], replace: bool = False) -> None:
-        clash = [t.name for t in tasks if t.name in self.index]
-        if clash and not replace:
-            raise ValueError(f"task(s) {', '.join(clash)} already in the bank; remove them first or pass replace=True")
+        """Add tasks in one transaction (replace=True: tasks of the same names are replaced)."""
         from promptmux.kinds import kind_of
 
-        for t in tasks:
-            if t.name in self.index:
-                self.remove(t.name)
-            shared = kind_of(t).shared_roles
-            tensors = {}
+        records = []
+        for t in tasks:  # everything checked and serialised before the store is touched
+            shared_roles = kind_of(t).shared_roles
+            own, refs, shapes = {}, {}, {}
             for role, value in t.tensors.items():
                 value = np.ascontiguousarray(value, dtype=np.float32)
-                if role in shared:
+                shapes[role] = list(value.shape)
+                if role in shared_roles:
                     key = "shared/" + hashlib.sha256(value.tobytes() + str(value.shape).encode()).hexdigest()[:20]
+                    refs[role] = (key, value)
                 else:
-                    key = f"task/{t.name}/{role}"
-                self.arrays[key] = value
-                tensors[role] = key
-            head = {}
+                    own[role] = value
             for param, value in t.head.items():
-                key = f"task/{t.name}/head/{param}"
-                self.arrays[key] = np.ascontiguousarray(value, dtype=np.float32)
-                head[param] = key
-            self.index[t.name] = {
-                "kind": t.kind,
-                "peft_type": t.peft_type,
-                "num_virtual_tokens": t.num_virtual_tokens,
-                "tensors": tensors,
-                "head": head,
-                "labels": t.labels,
-                "source": t.source,
-            }
-            self._views.pop(t.name, None)
-            self.view(t.name)  # fail now, not at the first request, if the head is incomplete
+                own[f"head/{param}"] = np.ascontiguousarray(value, dtype=np.float32)
+            entry = {"kind": t.kind, "peft_type": t.peft_type, "num_virtual_tokens": t.num_virtual_tokens,
+                     "tensors": {role: refs[role][0] if role in refs else None for role in t.tensors},
+                     "shapes": shapes, "labels": t.labels, "source": t.source}
+            probe = self._make_view(t.name, 0, {**entry, "tensors": {r: None for r in t.tensors}},
+                                    {**own, **{r: v for r, (_, v) in refs.items()}})  # the head must be complete
+            if self.spec.head:
+                entry["num_labels"] = int(probe.layers[-1][0].shape[0])
+            records.append((t.name, entry, save_tensors(own), refs))
+        with self._transaction():
+            clash = [n for n, *_ in records
+                     if self.db.execute("SELECT 1 FROM tasks WHERE name = ?", (n,)).fetchone() is not None]
+            if clash and not replace:
+                raise ValueError(f"task(s) {', '.join(clash)} already in the bank; remove them first or pass "
+                                 "replace=True")
+            for name in clash:
+                self._delete(name)
+            for name, entry, data, refs in records:
+                for key, value in refs.values():
+                    updated = self.db.execute("UPDATE shared SET refs = refs + 1 WHERE key = ?", (key,)).rowcount
+                    if not updated:
+                        self.db.execute("INSERT INTO shared VALUES (?, 1, ?)", (key, save_tensors({"value": value})))
+                self.db.execute("INSERT INTO tasks (name, entry, data) VALUES (?, ?, ?)",
+                                (name, json.dumps(entry), data))
+                self._drop(name)
+            self._count(len(records) - len(clash))
 
     def remove(self, name: str) -> list[str]:
-        """Remove a task, or every task of an MPT adapter (`NAME` removes `NAME/0` ... `NAME/K-1`)."""
+        """Remove a task, or every task of an MPT adapter (`NAME` removes `NAME/0` ... `NAME/K-1`), in one
+        transaction."""
         name = task_name(name)
-        names = [name] if name in self.index else [n for n in self.index if n.startswith(name + "/")]
-        if not names:
-            raise self.unknown(name)
-        for n in names:
-            e = self.index.pop(n)
-            self._views.pop(n, None)
-            for key in list(e["tensors"].values()) + list(e["head"].values()):
-                if key.startswith("task/"):
-                    self.arrays.pop(key, None)
-        live = {k for e in self.index.values() for k in e["tensors"].values()}
-        for key in [k for k in self.arrays if k.startswith("shared/") and k not in live]:
-            del self.arrays[key]
+        with self._transaction():
+            if self.db.execute("SELECT 1 FROM tasks WHERE name = ?", (name,)).fetchone() is not None:
+                names = [name]
+            else:  # the names from NAME/ up to NAME0 ('0' follows '/'): NAME's tasks, by the name index
+                names = [r[0] for r in self.db.execute("SELECT name FROM tasks WHERE name > ? AND name < ?",
+                                                       (name + "/", name + "0"))]
+            if not names:
+                raise self.unknown(name)
+            for n in names:
+                self._delete(n)
+            self._count(-len(names))
         return names
 
+    def _delete(self, name: str) -> None:
+        entry = json.loads(self.db.execute("SELECT entry FROM tasks WHERE name = ?", (name,)).fetchone()[0])
+        for key in entry["tensors"].values():
+            if key is not None:
+                self.db.execute("UPDATE shared SET refs = refs - 1 WHERE key = ?", (key,))
+        self.db.execute("DELETE FROM shared WHERE refs <= 0")
+        self.db.execute("DELETE FROM tasks WHERE name = ?", (name,))
+        self._drop(name)
+
+    def _count(self, delta: int) -> None:
+        self.db.execute("INSERT INTO meta VALUES ('count', ?) ON CONFLICT(key) DO UPDATE SET value = value + ?",
+                        (delta, delta))
+
+    def shared_count(self) -> int:
+        """Distinct shared tensors stored (MPT's shared prompts)."""
+        with self._lock:
+            return self.db.execute("SELECT count(*) FROM shared").fetchone()[0]
+
     # ---- storage -------------------------------------------------------------------------
+    def copy(self) -> PromptBank:
+        """This bank in memory (SQLite's backup API): changes to the copy stay out of the deployment."""
+        other = PromptBank(self.spec, cache_bytes=self.cache_bytes)
+        with self._lock:
+            self.db.backup(other.db)
+        other.base_head = dict(self.base_head)
+        return other
+
     def save(self, folder: str | Path) -> Path:
-        """Write the bank durably: a temp file, fsynced, renamed over the old one (readers see one or the
-        other, also after a power loss). A deployment's bank is changed under deployment_lock (see
-        export/deploy.py update_tasks)."""
-        folder = Path(folder)
-        target = folder / BANK_FILE
-        fd, tmp = tempfile.mkstemp(prefix=".bank-", suffix=".tmp", dir=folder)
-        os.close(fd)
+        """Write this bank as a new folder's store (the export writes a temporary folder renamed at the end)."""
+        return self.save_as(Path(folder) / STORE_FILE)
+
+    def save_as(self, path: Path) -> Path:
+        """Write this bank as a store file at `path` (which must not exist), fsynced, in one file (no log)."""
+        dest = sqlite3.connect(str(path), isolation_level=None)
         try:
-            save_file(dict(self.arrays), tmp, metadata={INDEX_KEY: json.dumps(self.index)})
-            durable_replace(tmp, target)
+            with self._lock:
+                self.db.backup(dest)
+            dest.execute("PRAGMA journal_mode=DELETE")  # one file to rename; readers switch it to WAL
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return target
+            dest.close()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return path
+
+    def close(self) -> None:
+        self.db.close()
 
     @classmethod
-    def load(cls, folder: str | Path, spec: ArchSpec) -> "PromptBank":
-        path = Path(folder) / BANK_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: {folder} is not a promptmux deployment (run promptmux export)")
-        bank = cls(spec)
+    def load(cls, folder: str | Path, spec: ArchSpec, cache_bytes: int = DEFAULT_CACHE_BYTES) -> PromptBank:
+        folder = Path(folder)
+        if (folder / STORE_FILE).is_file():
+            return cls(spec, path=folder / STORE_FILE, cache_bytes=cache_bytes)
+        if (folder / LEGACY_FILE).is_file():
+            return cls.load_legacy(folder, spec, cache_bytes)
+        raise FileNotFoundError(f"{folder} has no prompt bank ({STORE_FILE}): it is not a promptmux deployment (run "
+                                "promptmux export)")
+
+    @classmethod
+    def load_legacy(cls, folder: Path, spec: ArchSpec, cache_bytes: int = DEFAULT_CACHE_BYTES) -> PromptBank:
+        """A deployment written before the store: bank.safetensors (tensors, the index in its metadata), in
+        memory."""
+        from safetensors import safe_open
+
+        path = folder / LEGACY_FILE
         with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata() or {}
-            if INDEX_KEY not in meta:
+            if LEGACY_INDEX_KEY not in meta:
                 raise ValueError(f"{path} has no task index; it was not written by promptmux")
-            bank.index = json.loads(meta[INDEX_KEY])
-            bank.arrays = {k: f.get_tensor(k) for k in f.keys()}
+            index = json.loads(meta[LEGACY_INDEX_KEY])
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+        base = {k[len("base/head/"):]: v for k, v in arrays.items() if k.startswith("base/head/")}
+        bank = cls(spec, base, cache_bytes=cache_bytes)
+        bank.add([Task(name, e["kind"], e["peft_type"], e["num_virtual_tokens"],
+                       {role: arrays[key] for role, key in e["tensors"].items()},
+                       head={p: arrays[key] for p, key in e.get("head", {}).items()}, labels=e.get("labels"),
+                       source=e.get("source", "")) for name, e in index.items()])
         return bank
 
 
+def _nbytes(view: Task) -> int:
+    return sum(v.nbytes for v in view.tensors.values()) + sum(v.nbytes for v in view.head.values())

@@ -1,8 +1,9 @@
 """The deployment folder: its file names, manifest and base-model files, and the one way to change it.
 
-Every change of a deployment (tasks added or removed, an engine or a precision contract recorded) runs under
-deployment_lock and replaces files durably (temp file, fsync, rename), so readers see the old state or the new
-one and concurrent writers (CLI, Runtime(persist=True), the server) never lose each other's change.
+Tasks change in the prompt bank's store, one transaction each (core/bank.py; update_tasks). Every other change
+(an engine or a precision contract recorded, an old bank migrated) runs under deployment_lock and replaces files
+durably (temp file, fsync, rename), so readers see the old state or the new one and concurrent writers (CLI,
+Runtime(persist=True), the server) never lose each other's change.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ FORMAT_VERSION = 1
 
 
 LOCK_FILE = ".promptmux.lock"
-TEMP_PATTERNS = (".bank-*.tmp", ".manifest-*", ".calibration-*")  # what a change killed midway leaves behind
+TEMP_PATTERNS = (".tasks-*.tmp", ".manifest-*", ".calibration-*")  # what a change killed midway leaves behind
 
 
 def load_base_config(base_dir: str | Path):
@@ -136,27 +137,50 @@ def deployment_lock(folder: str | Path):
         os.close(fd)
 
 
-def write_manifest_tasks(deploy_dir: str | Path, bank) -> None:
-    """Refresh the manifest's task list after a bank change (the bank file is the source of truth; the list
-    here is derived from it, and update_tasks rewrites it at every change)."""
-    write_manifest(deploy_dir, lambda m: m.__setitem__("tasks", bank.describe()))
-
-
 def update_tasks(deploy_dir: str | Path, spec, change):
-    """Change the tasks of a deployment folder: under its lock, change(bank) on the bank as it is on disk now
-    (not as some process read it earlier), then the bank and the manifest derived from it are committed.
-    Concurrent changes (CLI, Runtime persist=True) are serialised, so none is lost. Returns change's result.
+    """Change the tasks of a deployment folder: change(bank) on its store, where each add or remove is one
+    transaction (SQLite serialises writers across processes, so concurrent changes from the CLI, runtimes and
+    servers are all kept). The manifest does not list tasks, so nothing else is rewritten: a change costs the same
+    with two tasks or a million. A deployment written before the store is migrated first (migrate_bank). Returns
+    change's result."""
+    from .bank import STORE_FILE, PromptBank
 
-    The two files cannot be renamed as one: a crash between them leaves a manifest whose task list lags the
-    bank. The bank is the truth (every reader of tasks reads it) and the next change rewrites the list."""
-    from .bank import PromptBank
+    deploy_dir = Path(deploy_dir)
+    if not (deploy_dir / STORE_FILE).is_file():
+        migrate_bank(deploy_dir, spec)
+    bank = PromptBank.load(deploy_dir, spec)
+    try:
+        return change(bank)
+    finally:
+        bank.close()
 
+
+def migrate_bank(deploy_dir: str | Path, spec) -> None:
+    """bank.safetensors (the bank before the store) -> tasks.sqlite, under the deployment's lock: the store is
+    written to a temporary file and renamed into place, then the manifest records it and drops its task list, then
+    the old file goes. A migration killed midway leaves the old bank (and a temporary file the next change removes)
+    or the new store, which readers prefer."""
+    from .bank import LEGACY_FILE, STORE_FILE, PromptBank
+
+    deploy_dir = Path(deploy_dir)
     with deployment_lock(deploy_dir):
-        bank = PromptBank.load(deploy_dir, spec)
-        result = change(bank)
-        bank.save(deploy_dir)
-        write_manifest_tasks(deploy_dir, bank)
-    return result
+        if (deploy_dir / STORE_FILE).is_file():
+            return  # another process migrated it meanwhile
+        bank = PromptBank.load_legacy(deploy_dir, spec)
+        tmp = deploy_dir / f".tasks-{os.getpid()}.tmp"
+        try:
+            bank.save_as(tmp)
+            durable_replace(tmp, deploy_dir / STORE_FILE)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+        def record(manifest):
+            manifest.pop("tasks", None)
+            manifest["bank"] = {"store": STORE_FILE, "engine": "sqlite-wal", "migrated_from": LEGACY_FILE,
+                                "tasks_at_migration": len(bank)}
+
+        write_manifest(deploy_dir, record)
+        (deploy_dir / LEGACY_FILE).unlink(missing_ok=True)
 
 
 def read_manifest(deploy_dir: str | Path) -> dict:
@@ -167,13 +191,14 @@ def read_manifest(deploy_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def read_bank(deploy_dir: str | Path, manifest: dict | None = None):
-    """The deployment's prompt bank, its architecture taken from the manifest (no model config is loaded: fast)."""
-    from .bank import PromptBank
+def read_bank(deploy_dir: str | Path, manifest: dict | None = None, cache_bytes: int | None = None):
+    """The deployment's prompt bank, its architecture taken from the manifest (no model config is loaded: fast).
+    Opening reads no task: each is read from the store when first used (cache_bytes: the hot views kept)."""
+    from .bank import DEFAULT_CACHE_BYTES, PromptBank
 
     manifest = manifest or read_manifest(deploy_dir)
     spec = arch_for(manifest["base"]["model_type"])
     if spec.family == "decoder" and manifest["base"].get("family") == "encoder":  # a causal LM as a classifier
         spec = causal_classifier(spec)
-    return PromptBank.load(deploy_dir, spec)
+    return PromptBank.load(deploy_dir, spec, DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes)
 

@@ -27,6 +27,7 @@ class Task:
     labels: list[str] | None = None
     source: str = ""
     layers: list[tuple[np.ndarray, np.ndarray | None, object]] = field(default_factory=list)
+    version: int = 0  # read from a bank: the version its store stamped when the task was written (0: not stored)
 
 
 def task_name(name) -> str:
@@ -40,8 +41,10 @@ def task_name(name) -> str:
 
 
 def same_prompt(a: Task, b: Task) -> bool:
-    """Whether two tasks hold the very same prompt arrays. A bank copy shares the arrays of unchanged tasks, so
-    this tells a task still as it was from one replaced since (for what was built from it: a folded graph, a
-    prompt's key/values)."""
-    return a is b or (a.kind == b.kind and a.tensors.keys() == b.tensors.keys()
-                      and all(a.tensors[k] is b.tensors[k] for k in a.tensors))
+    """Whether two tasks hold the very same prompt: the same task as one write stored it (its name and version; a
+    view read again after the bank's cache let it go is the same), or the very same arrays. This tells a task still
+    as it was from one replaced since (for what was built from it: a folded graph, a prompt's key/values)."""
+    if a is b or (a.version and a.version == b.version and a.name == b.name):
+        return True
+    return (a.kind == b.kind and a.tensors.keys() == b.tensors.keys()
+            and all(a.tensors[k] is b.tensors[k] for k in a.tensors))

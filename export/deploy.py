@@ -3,8 +3,8 @@
 The folder holds:
     model.onnx (+ model.onnx.data)   the frozen backbone, every prompt a graph input
     model_folded.onnx (+ .data)      with --fold TASK: that task's prompt baked in as constants
-    bank.safetensors                 the prompt bank (see core/bank.py)
-    manifest.json                    tasks, kinds, shapes, dtypes, base model identity, versions
+    tasks.sqlite                     the prompt bank: one record per task (see core/bank.py)
+    manifest.json                    graphs, shapes, dtypes, base model identity, versions (not the tasks)
     config.json, tokenizer files     what the runtime needs to prepare inputs
 It is written into a temporary folder beside the target and renamed into place at the end,
 so a failed export leaves nothing behind.
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from promptmux.core.adapters import AdapterError, load_adapter
+from promptmux.core.bank import STORE_FILE
 from promptmux.core.archs import UnsupportedModelError, arch_for, dims_of, for_task_type, position_offset
 from promptmux.core.folder import (
     DECODER_GRAPH,
@@ -173,7 +174,8 @@ def _write_deployment(base_dir, out_dir: Path, config, spec, dims, model, bank, 
                       "dtype": "float32", **report},
             "folded": folded,
             "decoder": decoder,
-            "tasks": bank.describe(),
+            # The tasks live in the store (listing reads it): a change never rewrites the manifest.
+            "bank": {"store": STORE_FILE, "engine": "sqlite-wal", "tasks_at_export": len(bank)},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         bar.update()

@@ -136,7 +136,7 @@ def _initial_tensors(kind: str, bank, plan: list[_Source], weighted: bool, num_v
         if factors is None:
             raise LibraryError(f"--kind mpt-target needs Multitask Prompt Tuning source tasks; {s.task!r} is "
                                f"{view.peft_type}")
-        parts.append((*factors(view), bank.index[s.task]["tensors"]["shared"]))
+        parts.append((*factors(view), bank.entry(s.task)["tensors"]["shared"]))
     shared, cols0, _, key0 = parts[0]
     keep = [i for i, p in enumerate(parts) if p[3] == key0 and p[1].shape == cols0.shape]
     if len(keep) < len(plan):

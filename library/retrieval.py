@@ -40,7 +40,7 @@ def _comparable(bank) -> tuple[list[str], list[str]]:
     """(tasks that can be ranked, tasks that cannot), each in bank order."""
     names, skipped = [], []
     for name in bank.names():
-        (names if is_input_level(bank.index[name]["kind"]) else skipped).append(name)
+        (names if is_input_level(bank.entry(name)["kind"]) else skipped).append(name)
     return names, skipped
 
 

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from promptmux.core.archs import arch_for, dims_of, usable_positions
-from promptmux.core.bank import PromptBank, UnknownTaskError
+from promptmux.core.bank import UnknownTaskError
 from promptmux.core.folder import (
     FOLDED_GRAPH,
     GRAPH,
@@ -56,11 +56,15 @@ class Runtime:
     int8 decoding for causal LMs). A non-exact precision is measured against fp32 the first time it runs on a
     deployment (on `calibration`: texts, or generated inputs when None) and the result is kept in the manifest
     (`contract`); a miss warns, or raises PrecisionError with strict=True. See runtime/precision.py.
+
+    bank_cache_mb: the task views kept in RAM (least recently used go first; default 256 MB). Tasks are read from
+    the deployment's store when first used, so a deployment of a million tasks opens as fast as one of two.
     """
 
     def __init__(self, deploy_dir: str | Path, backend: str = "auto", threads: int | None = None,
                  base: str | Path | None = None, use_folded: bool = True, device_id: int = 0,
-                 precision: str = "fp32", strict: bool = False, calibration: Sequence[str] | None = None):
+                 precision: str = "fp32", strict: bool = False, calibration: Sequence[str] | None = None,
+                 bank_cache_mb: float | None = None):
         from .precision import choose_backend
 
         self.dir = Path(deploy_dir)
@@ -76,9 +80,9 @@ class Runtime:
         backend = self.backend
         self.precision = precision
         self.device_id = device_id
-        self.bank = read_bank(self.dir, self.manifest)
-        self._bank_version = 0  # bumped by every bank swap: device sessions key their resident prompts on it
-        self._lock = threading.Lock()  # serializes bank swaps, not requests
+        cache = None if bank_cache_mb is None else int(bank_cache_mb * 2**20)
+        self.bank = read_bank(self.dir, self.manifest, cache)  # opening reads no task (core/bank.py)
+        self._lock = threading.Lock()  # serializes task changes, not requests
         self._tokenizer = None
         self.noprefix_session = None  # encoders: the graph without prefix inputs (CPU engines)
         self.graph_runs: Counter = Counter()  # full-sequence batches run per graph file (model.onnx, model_folded.onnx)
@@ -191,17 +195,20 @@ class Runtime:
         return removed
 
     def _change(self, change, persist: bool):
-        """change(bank) on a copy of this runtime's bank, and with persist on the deployment folder's bank
-        under its lock (update_tasks: other processes' changes are kept); then one reference swap."""
+        """change(bank): with persist on the deployment's store (one transaction; other processes' changes are
+        kept, and every runtime on the store sees it at its next lookup of the task). Without persist the change
+        stays in this runtime: the first such change copies the bank into memory (SQLite's backup: a page copy,
+        so with a million tasks persist instead), and the deployment is left as it is. A request holds the views
+        it looked up, so it sees each of its tasks as it was or as it is."""
         with self._lock:
-            bank = PromptBank(self.spec)
-            bank.index = {k: dict(v) for k, v in self.bank.index.items()}
-            bank.arrays = dict(self.bank.arrays)
-            result = change(bank)
-            if persist:
-                update_tasks(self.dir, self.spec, change)
-            self._bank_version += 1
-            self.bank = bank  # one reference swap: a request sees the old bank or the new one
+            if persist and self.bank.path is not None:
+                result = change(self.bank)  # this runtime reads the deployment's store itself
+            else:
+                if self.bank.path is not None:
+                    self.bank = self.bank.copy()
+                result = change(self.bank)
+                if persist:  # an old deployment read into memory: its store is written (migrated) too
+                    update_tasks(self.dir, self.spec, change)
         return result
 
     # ---- inference -----------------------------------------------------------------------
@@ -258,14 +265,14 @@ class Runtime:
         if self.spec.family == "seq2seq":
             raise InputError("forward() serves classifiers and causal LMs; use generate() with a seq2seq deployment")
         ids, mask, tasks, types = self._check_inputs(input_ids, attention_mask, tasks, token_type_ids)
-        bank, version = self.bank, self._bank_version  # one consistent bank for the whole request
-        views = [bank.view(t) for t in tasks]
+        views = [self.bank.view(t) for t in tasks]
         for i, v in enumerate(views):
             refused = too_long(ids.shape[1], v.num_virtual_tokens, v.name, self.max_positions)
             if refused:
                 raise InputError(f"row {i}: {refused}; shorten the input")
-        # The prompt inputs depend only on the batch's tasks: device sessions keep them resident under this key.
-        return run_batch(self, ids, mask, types, views, bank_key=(version, tuple(tasks)))
+        # The prompt inputs depend only on the batch's tasks as written: device sessions keep them resident under
+        # this key (a task's version changes with every write, by any process).
+        return run_batch(self, ids, mask, types, views, bank_key=tuple((v.name, v.version) for v in views))
 
     # ---- generation ----------------------------------------------------------------------
     @property

@@ -70,7 +70,8 @@ def test_export_reports_every_task(deployed, setup):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["base"]["path"] == str(setup["base"].resolve())
     assert manifest["base"]["model_type"] == "bert" and len(manifest["base"]["config_sha256"]) == 64
-    assert {t["kind"] for t in manifest["tasks"]} == {"prompt", "prefix", "mpt"}
+    assert "tasks" not in manifest and manifest["bank"] == {"store": "tasks.sqlite", "engine": "sqlite-wal",
+                                                              "tasks_at_export": 6}
     assert (out / "model.onnx").is_file() and (out / "model.onnx.data").is_file()
     assert (out / "tokenizer.json").is_file() or (out / "vocab.txt").is_file()
 
@@ -103,7 +104,7 @@ def test_tasks_add_then_remove_without_reexport(deployed, setup, monkeypatch):
     graph_before = (out / "model.onnx").stat().st_mtime_ns
     monkeypatch.chdir(setup["root"])
     assert json.loads(promptmux("tasks", out, "add", "pt2=pt").stdout) == {"added": ["pt2"]}
-    [entry] = [t for t in json.loads((out / "manifest.json").read_text())["tasks"] if t["name"] == "pt2"]
+    [entry] = [t for t in json.loads(promptmux("tasks", out, "list", "--json").stdout) if t["name"] == "pt2"]
     assert entry["source"] == str(setup["adapters"]["pt"].resolve())
     clash = promptmux("tasks", "add", out, "pt2=pt", check=False)
     assert clash.returncode == 2 and "already in the deployment; pass --replace" in clash.stderr

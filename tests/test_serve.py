@@ -110,7 +110,7 @@ def test_mixed_task_classification_load_with_hot_swap(text_deployments, bert_ser
                 outcomes = []
                 for _ in range(3):
                     r = await c.post("/v1/tasks", json={"name": "extra", "adapter": EXTRA_ADAPTER}, headers=admin)
-                    assert r.status_code == 200 and "extra" in r.json()["tasks"], r.text
+                    assert r.status_code == 200 and r.json()["added"] == ["extra"] and r.json()["tasks"] > 1, r.text
                     present = await asyncio.gather(*(classify("extra", x) for x in texts[:10]))
                     assert all(check(*o) for o in present)
                     racing = [classify("extra", x) for x in texts[10:30]]
@@ -660,3 +660,37 @@ def test_a_cancelled_generation_leaves_the_running_batch(text_deployments):
     tokens = [e[3] for e in kept_events if e[0] == "token" and e[3] is not None]
     alone = rt.generate(["stay"], "mpt/1", max_new_tokens=30, eos_token_id=[])[0]["token_ids"]
     assert tokens == alone and kept_events[-1] == ("finish", 0, "length")
+
+
+def test_persisted_task_changes_reach_every_server_on_the_store(text_deployments, tmp_path):
+    """Two servers on one deployment with --persist-tasks: a task added through one is served by the other at
+    once (the store is their log), stays after both stop, and its removal reaches both; the bank's metrics show."""
+    import shutil
+    from contextlib import ExitStack
+
+    from promptmux.core.folder import read_bank
+
+    d = text_deployments["bert"]
+    deploy = tmp_path / "deploy"
+    shutil.copytree(d.deploy, deploy)
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+    body = {"task": "extra", "text": "persisted"}
+    args = ("--admin-token", TOKEN, "--adapter-root", str(d.adapter_root), "--persist-tasks", "--bank-cache-mb", "1")
+    with ExitStack() as stack:
+        a, b = (stack.enter_context(running_server(deploy, *args)) for _ in range(2))
+        assert httpx.post(b.url + "/v1/classify", json=body).status_code == 404
+        r = httpx.post(a.url + "/v1/tasks", json={"name": "extra", "adapter": EXTRA_ADAPTER}, headers=admin)
+        assert r.status_code == 200 and r.json()["added"] == ["extra"], r.text
+        via_b = httpx.post(b.url + "/v1/classify", json=body)
+        via_a = httpx.post(a.url + "/v1/classify", json=body)
+        assert via_b.status_code == 200 and via_b.json()["results"] == via_a.json()["results"]
+        metrics = httpx.get(b.url + "/metrics").text
+        assert "promptmux_bank_cache_misses" in metrics and "promptmux_bank_store_bytes" in metrics
+        misses = float(metrics.split("\npromptmux_bank_cache_misses ")[1].split()[0])
+        assert misses >= 1  # the new task was read from the store
+    assert "extra" in read_bank(deploy)  # the change outlives the servers
+    with running_server(deploy, *args) as c:
+        assert httpx.post(c.url + "/v1/classify", json=body).json()["results"] == via_a.json()["results"]
+        assert httpx.delete(c.url + "/v1/tasks/extra", headers=admin).status_code == 200
+        assert httpx.post(c.url + "/v1/classify", json=body).status_code == 404
+    assert "extra" not in read_bank(deploy)

@@ -49,12 +49,15 @@ def cmd_tasks(args) -> int:
         (name, path), = parse_pairs([action[1]], "add").items()
         new = load_adapter(name, path, load_base_config(args.deploy))
 
-        def add(b):  # on the bank as it is on disk, under the deployment's lock
-            clash = [t.name for t in new if t.name in b]
-            if clash and not args.replace:
+        def add(b):  # on the store as it is now, in one transaction
+            try:
+                b.add(new, replace=args.replace)
+            except ValueError as e:
+                if "already in the bank" not in str(e):
+                    raise
+                clash = [t.name for t in new if t.name in b]
                 raise CliError(f"task(s) {', '.join(clash)} already in the deployment; pass --replace to replace "
-                               "them, or remove them first")
-            b.add(new, replace=args.replace)
+                               "them, or remove them first") from None
 
         update_tasks(args.deploy, bank.spec, add)
         print(json.dumps({"added": [t.name for t in new]}))

@@ -35,8 +35,10 @@ def cmd_export(args) -> int:
         for precision in precisions:  # measured now and recorded in the manifest (a miss warns, or --strict fails)
             rt = Runtime(out, precision=precision, strict=args.strict, calibration=texts)
             contracts[f"{rt.backend}/{precision}"] = rt.contract["passed"] if rt.contract else "exact"
+    from promptmux.core.folder import read_bank
+
     manifest = json.loads((out / "manifest.json").read_text())
-    result = {"deployment": str(out), "tasks": [t["name"] for t in manifest["tasks"]], "folded": manifest["folded"]}
+    result = {"deployment": str(out), "tasks": read_bank(out, manifest).names(), "folded": manifest["folded"]}
     if contracts:
         result["precision_contracts_passed"] = contracts
     print(json.dumps(result, indent=2))
@@ -152,6 +154,7 @@ def cmd_serve(args) -> int:
                            max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                            request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
                            admin_token=token, adapter_root=args.adapter_root, drain_timeout=args.drain_timeout,
+                           persist_tasks=args.persist_tasks, bank_cache_mb=args.bank_cache_mb,
                            max_inflight=args.max_inflight, max_queue_wait=args.max_queue_wait,
                            header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                            max_header_bytes=args.max_header_bytes, docs=args.docs)

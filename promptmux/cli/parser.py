@@ -200,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--admin-token", help="enables GET/POST/DELETE /v1/tasks for this bearer token "
                                           "(or set PROMPTMUX_ADMIN_TOKEN; off when neither is given)")
     sv.add_argument("--adapter-root", help="the only folder POST /v1/tasks reads adapter folders from")
+    sv.add_argument("--persist-tasks", action="store_true",
+                    help="POST/DELETE /v1/tasks change the deployment's task store (they survive a restart and "
+                         "every server or replica on it sees them); off: changes stay in this server")
+    sv.add_argument("--bank-cache-mb", type=float,
+                    help="MB of task prompts kept in RAM, least recently used dropped first (default 256)")
     sv.add_argument("--threads", type=int, help="CPU threads per model call")
     sv.add_argument("--drain-timeout", type=float, default=30.0,
                     help="SIGTERM: seconds in-flight requests get to finish")

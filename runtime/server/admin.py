@@ -66,7 +66,7 @@ def add_admin_routes(app: FastAPI, options: ServeOptions, task_log=None) -> None
         added = await change_tasks(engine, task_log, {"action": "add", "name": body.name, "folder": str(folder),
                                                       "replace": body.replace})
         log.warning("task(s) %s added from %s", added, body.adapter)
-        return {"added": added, "tasks": engine.rt.tasks}
+        return {"added": added, "tasks": len(engine.rt.bank)}
 
     @app.delete("/v1/tasks/{name:path}", response_model=TaskChange, responses=ADMIN_ERRORS,
                 summary="remove a task (an MPT adapter's NAME removes NAME/0 ...); its requests in flight finish")
@@ -74,7 +74,7 @@ def add_admin_routes(app: FastAPI, options: ServeOptions, task_log=None) -> None
         engine = admin(request, creds)
         removed = await change_tasks(engine, task_log, {"action": "remove", "name": name})
         log.warning("task(s) %s removed", removed)
-        return {"removed": removed, "tasks": engine.rt.tasks}
+        return {"removed": removed, "tasks": len(engine.rt.bank)}
 
 
 def adapter_folder(root: str, rel: str) -> Path:
@@ -101,9 +101,10 @@ def apply_change(engine: Engine, op: dict) -> list[str]:
     reading an adapter takes a while). Requests in flight keep the views they captured."""
     from promptmux.core.adapters import AdapterError
 
+    persist = engine.options.persist_tasks
     if op["action"] == "remove":
         try:
-            return engine.rt.remove_task(op["name"])
+            return engine.rt.remove_task(op["name"], persist=persist)
         except UnknownTaskError as e:
             raise ApiError(404, "unknown_task", "name", str(e)) from None
     root = str(Path(engine.options.adapter_root).resolve())
@@ -112,7 +113,7 @@ def apply_change(engine: Engine, op: dict) -> list[str]:
         return str(e).replace(root, "<adapter-root>")
 
     try:
-        return engine.rt.add_task(op["name"], op["folder"], persist=False, replace=op["replace"], root=root)
+        return engine.rt.add_task(op["name"], op["folder"], persist=persist, replace=op["replace"], root=root)
     except AdapterError as e:
         raise ApiError(400, "invalid_request", "adapter", private(e)) from None
     except ValueError as e:

@@ -32,7 +32,7 @@ class Engine:
         self.options = options
         texts = calibration_texts(options.calibration) if options.calibration else None
         self.rt = Runtime(deploy_dir, backend=options.backend, threads=options.threads, precision=options.precision,
-                          strict=options.strict, calibration=texts)
+                          strict=options.strict, calibration=texts, bank_cache_mb=options.bank_cache_mb)
         try:  # the loop thread's own tokenizer (encoding); the worker decodes with the runtime's
             self.tok = load_tokenizer(self.rt.dir)
         except (OSError, ValueError) as e:

@@ -41,6 +41,13 @@ class Metrics:
         self.running = Gauge("promptmux_running_rows", "Rows in the running generation batch", registry=r)
         self.inflight = Gauge("promptmux_inflight_requests", "HTTP requests being answered", registry=r)
         self.tasks = Gauge("promptmux_tasks", "Tasks the deployment serves now", registry=r)
+        self.bank = {k: Gauge(f"promptmux_bank_{k}", text, registry=r) for k, text in (
+            ("store_bytes", "Bytes of the task store on disk"),
+            ("cache_bytes", "Bytes of task prompts held in RAM (the hot-task cache)"),
+            ("cache_hits", "Task lookups answered from the hot-task cache"),
+            ("cache_misses", "Task lookups that read the store"),
+            ("loads", "Tasks read from the store"),
+            ("load_seconds", "Seconds spent reading tasks from the store"))}
         self.tokens = Counter("promptmux_generated_tokens", "Tokens generated", ["task"], registry=r)
 
     def bind(self, scheduler) -> None:
@@ -48,6 +55,16 @@ class Metrics:
             self.queue_depth.labels(kind).set_function(lambda k=kind: scheduler.depth(k))
         self.running.set_function(scheduler.running)
         self.tasks.set_function(lambda: len(scheduler.rt.bank))
+
+        def bank():  # the runtime's bank as it is now (a change it does not persist replaces it)
+            return scheduler.rt.bank
+
+        self.bank["store_bytes"].set_function(lambda: bank().size_bytes())
+        self.bank["cache_bytes"].set_function(lambda: bank().cache_used())
+        self.bank["cache_hits"].set_function(lambda: bank().stats["hits"])
+        self.bank["cache_misses"].set_function(lambda: bank().stats["misses"])
+        self.bank["loads"].set_function(lambda: bank().stats["loads"])
+        self.bank["load_seconds"].set_function(lambda: bank().stats["load_seconds"])
 
     def observe_batch(self, kind: str, tasks: list[str]) -> None:
         counts = _Count(tasks)

@@ -19,6 +19,11 @@ class ServeOptions:
     max_body_bytes: int = 1 << 20
     admin_token: str | None = None  # task administration is off unless set
     adapter_root: str | None = None  # the only folder the admin endpoint reads adapters from
+    # Admin task changes go to the deployment's task store: they survive a restart, and every server and replica
+    # on the store sees them at its next lookup of the task (the store is then the replicas' log). Off: changes
+    # stay in this server (the first one copies the bank into memory).
+    persist_tasks: bool = False
+    bank_cache_mb: float | None = None  # task views kept in RAM (default: core/bank.py DEFAULT_CACHE_BYTES)
     drain_timeout: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     # Admission (see Engine.admit): beyond either limit a model request gets 503 + Retry-After at once.
     max_inflight: int | None = None  # classify/completions requests being served; None: 4 * max_batch

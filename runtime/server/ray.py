@@ -75,7 +75,9 @@ def ray_application(deploy_dir: str | Path, options: ServeOptions, replicas: int
     def build():  # runs in each replica: the Runtime is never pickled
         from promptmux.runtime.server.app import create_app
 
-        return create_app(deploy_dir, options, task_log=_ActorLog(task_log_actor()))
+        # With --persist-tasks the replicas share the deployment's store, which is then their log.
+        log = None if options.persist_tasks else _ActorLog(task_log_actor())
+        return create_app(deploy_dir, options, task_log=log)
 
     settings = dict(
         name=APP_NAME,

@@ -129,7 +129,7 @@ class AddTaskRequest(_Strict):
 class TaskChange(BaseModel):
     added: list[str] = []
     removed: list[str] = []
-    tasks: list[str] = Field(description="the tasks served after the change")
+    tasks: int = Field(description="how many tasks are served after the change (GET /v1/tasks lists them)")
 
 
 class TaskList(BaseModel):
