@@ -309,10 +309,11 @@ def busy_processes(limit: int = 3) -> list[str]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     deploy = Path(args.deploy) if args.deploy else demo_deployment(args.model)
-    manifest = json.loads((deploy / "manifest.json").read_text())
-    tasks = [t["name"] for t in manifest["tasks"]]
     from promptmux.core.archs import arch_for
-    from promptmux.core.folder import load_base_config
+    from promptmux.core.folder import load_base_config, read_bank
+
+    tasks = read_bank(deploy).names()
+    manifest = json.loads((deploy / "manifest.json").read_text())
 
     family = arch_for(load_base_config(deploy)).family
     smollm2 = args.deploy is None and args.model == "smollm2"

@@ -12,6 +12,8 @@ decoding step. Two prefill strategies give the same tokens:
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -24,6 +26,8 @@ from promptmux.kinds import as_cache, kind_of
 
 from .errors import InputError
 from .sessions import host
+
+DEFAULT_KV_CACHE_BYTES = 512 * 2**20  # precomputed prompt key/values kept (Runtime(kv_cache_mb=...))
 
 
 @dataclass
@@ -97,34 +101,64 @@ class Generator:
         from promptmux.core.archs import position_offset
 
         self._offset = position_offset(runtime.config)
-        self._kv: dict[str, tuple[Task, np.ndarray]] = {}  # task name -> (the task as computed from, its KV)
+        # task name -> (the task as computed from, its KV): an LRU bounded in bytes, most recent last. Entries are
+        # keyed by the task's version (same_prompt), so a task replaced by any process is computed again.
+        self._kv: OrderedDict[str, tuple[Task, np.ndarray]] = OrderedDict()
+        self._kv_bytes = 0
+        self.kv_cache_bytes = getattr(runtime, "kv_cache_bytes", DEFAULT_KV_CACHE_BYTES)
+        self._kv_lock = threading.Lock()  # the server's worker and admin threads both use the cache
 
     # ---- prompt key/values ----------------------------------------------------------------
-    def precompute(self, names) -> None:
-        """Compute the prompt key/values of these tasks now (the runtime calls this when tasks are loaded)."""
+    def precompute(self, names, until_full: bool = False) -> None:
+        """Compute the prompt key/values of these tasks now (the runtime calls this when tasks are loaded;
+        until_full: stop once the cache is full), and drop removed and replaced tasks' (by version)."""
         bank = self.rt.bank
         for name in names:
+            if until_full and self._kv_bytes >= self.kv_cache_bytes:
+                break
             self.prompt_kv(bank.view(name))
-        # A new dict swapped in whole: a server's worker thread may read the cache while a task is added. It drops
-        # removed and replaced tasks by identity (bank.holds), without hashing any task.
-        self._kv = {n: entry for n, entry in self._kv.items() if bank.holds(entry[0])}
+        with self._kv_lock:
+            for name in [n for n, (view, _) in self._kv.items() if not bank.holds(view)]:
+                self._forget(name)
 
     def cached_tasks(self) -> list[str]:
-        """The tasks whose prompt key/values are cached."""
-        return list(self._kv)
+        """The tasks whose prompt key/values are cached, least recently used first."""
+        with self._kv_lock:
+            return list(self._kv)
+
+    def cached_bytes(self) -> int:
+        return self._kv_bytes
 
     def prompt_kv(self, view: Task) -> np.ndarray:
-        """The task's per-layer keys/values [layers, 2, kv_heads, T, head_dim], computed once per task."""
+        """The task's per-layer keys/values [layers, 2, kv_heads, T, head_dim], computed once per task version
+        while it stays in the cache."""
         kv = kind_of(view).kv_prefix(view)
         if kv is not None:
             return kv
+        if view.num_virtual_tokens == 0:  # no prompt (the bare base model): an empty cache, nothing to run
+            d = self.rt.dims
+            return np.zeros((self.layers, 2, d.num_kv_heads, 0, d.head_dim), np.float32)
         if not self.rt.bank.holds(view):
             # The request captured a task that was removed or replaced since: its own KV, not cached.
             return self._compute_kv(view)
-        entry = self._kv.get(view.name)
-        if entry is None or not same_prompt(entry[0], view):
-            entry = self._kv[view.name] = (view, self._compute_kv(view))
-        return entry[1]
+        with self._kv_lock:
+            entry = self._kv.get(view.name)
+            if entry is not None and same_prompt(entry[0], view):
+                self._kv.move_to_end(view.name)
+                return entry[1]
+        kv = self._compute_kv(view)  # outside the lock: other rows go on meanwhile
+        with self._kv_lock:
+            self._forget(view.name)
+            self._kv[view.name] = (view, kv)
+            self._kv_bytes += kv.nbytes
+            while self._kv_bytes > self.kv_cache_bytes and len(self._kv) > 1:
+                self._forget(next(iter(self._kv)))
+        return kv
+
+    def _forget(self, name: str) -> None:
+        entry = self._kv.pop(name, None)
+        if entry is not None:
+            self._kv_bytes -= entry[1].nbytes
 
     def _compute_kv(self, view: Task) -> np.ndarray:
         empty = np.zeros((1, 0), np.int64)

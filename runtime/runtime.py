@@ -35,6 +35,7 @@ from .batch import (
 from .errors import InputError
 from .text import load_tokenizer, too_long
 
+PRECOMPUTED_AT_START = 4096  # tasks whose prompt KV is computed as generation starts (while the cache has room)
 BACKENDS = ("auto", "onnxruntime", "openvino", "onnxruntime+openvino", "onnxruntime-cuda", "tensorrt", "torch")
 _ORT_DEVICE = "cuda"  # where backend "onnxruntime-cuda" binds its tensors (tests run the binding path on "cpu")
 log = logging.getLogger("promptmux.runtime")
@@ -59,12 +60,14 @@ class Runtime:
 
     bank_cache_mb: the task views kept in RAM (least recently used go first; default 256 MB). Tasks are read from
     the deployment's store when first used, so a deployment of a million tasks opens as fast as one of two.
+    kv_cache_mb: causal LMs: the precomputed prompt key/values kept (least recently used go first; default 512 MB),
+    computed for the first tasks as generation starts and for the others on first use.
     """
 
     def __init__(self, deploy_dir: str | Path, backend: str = "auto", threads: int | None = None,
                  base: str | Path | None = None, use_folded: bool = True, device_id: int = 0,
                  precision: str = "fp32", strict: bool = False, calibration: Sequence[str] | None = None,
-                 bank_cache_mb: float | None = None):
+                 bank_cache_mb: float | None = None, kv_cache_mb: float | None = None):
         from .precision import choose_backend
 
         self.dir = Path(deploy_dir)
@@ -81,6 +84,9 @@ class Runtime:
         self.precision = precision
         self.device_id = device_id
         cache = None if bank_cache_mb is None else int(bank_cache_mb * 2**20)
+        from .generate import DEFAULT_KV_CACHE_BYTES
+
+        self.kv_cache_bytes = DEFAULT_KV_CACHE_BYTES if kv_cache_mb is None else int(kv_cache_mb * 2**20)
         self.bank = read_bank(self.dir, self.manifest, cache)  # opening reads no task (core/bank.py)
         self._lock = threading.Lock()  # serializes task changes, not requests
         self._tokenizer = None
@@ -142,25 +148,10 @@ class Runtime:
             self.contract = contract(self, strict, calibration)
 
     def _graph_session(self, path: Path):
-        """A session over one ONNX graph of the deployment, for the ONNX Runtime backends."""
-        if self.backend == "onnxruntime+openvino":
-            from .openvino_session import OpenVinoSession
-            from .routed_session import RoutedSession
-            from .sessions import OrtSession
+        """A session over one ONNX graph of the deployment, for the ONNX Runtime and OpenVINO backends."""
+        from .sessions import graph_session
 
-            return RoutedSession(lambda: OrtSession(path, self._threads),
-                                 lambda: OpenVinoSession(path, "fp32", self._threads))
-        if self.backend == "openvino":
-            from .openvino_session import OpenVinoSession
-
-            return OpenVinoSession(path, "bf16" if self.precision == "bf16" else "fp32", self._threads)
-        if self.backend == "onnxruntime-cuda":
-            from .sessions import OrtBoundSession
-
-            return OrtBoundSession(path, device=_ORT_DEVICE, device_id=self.device_id, threads=self._threads)
-        from .sessions import OrtSession
-
-        return OrtSession(path, self._threads)
+        return graph_session(path, self.backend, self.precision, self._threads, self.device_id, _ORT_DEVICE)
 
     def prepare(self, progress=None) -> list[dict]:
         """Build every engine and graph this runtime's routing can pick, and run one small batch through each, so
@@ -182,11 +173,14 @@ class Runtime:
         file read for the adapter must resolve inside this folder (see load_adapter)."""
         from promptmux.core.adapters import load_adapter
 
-        new = load_adapter(name, adapter_dir, self.config, root=root)
-        self._change(lambda bank: bank.add(new, replace=replace), persist)
+        return self.add_tasks(load_adapter(name, adapter_dir, self.config, root=root), persist, replace)
+
+    def add_tasks(self, tasks: list[Task], persist: bool = False, replace: bool = False) -> list[str]:
+        """Add tasks already read (load_adapter) in one change: all of them, or none if one is refused."""
+        self._change(lambda bank: bank.add(tasks, replace=replace), persist)
         if hasattr(self._generator, "precompute"):  # a running causal-LM generator: the new tasks' KV now
-            self._generator.precompute([t.name for t in new])
-        return [t.name for t in new]
+            self._generator.precompute([t.name for t in tasks])
+        return [t.name for t in tasks]
 
     def remove_task(self, name: str, persist: bool = False) -> list[str]:
         removed = self._change(lambda bank: bank.remove(name), persist)
@@ -293,8 +287,13 @@ class Runtime:
                 from .generate import Generator
 
                 self._generator = Generator(self, decoder)
-                self._generator.precompute(self.tasks)  # each task's prompt KV, once, as the tasks load
+                # The first tasks' prompt KV now, until the cache is full; the others' on first use.
+                self._generator.precompute(self.bank.page(PRECOMPUTED_AT_START)[0], until_full=True)
         return self._generator
+
+    def prompt_kv_bytes(self) -> int:
+        """Bytes of precomputed prompt key/values held now (0 before generation starts)."""
+        return self._generator.cached_bytes() if hasattr(self._generator, "cached_bytes") else 0
 
     def _decoder_session(self):
         if self.backend == "tensorrt":

@@ -145,3 +145,20 @@ class TorchSession:
         with torch.inference_mode():
             out = self.module(*[torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names])
         return [t.float().numpy() for t in (out if isinstance(out, tuple) else (out,))]
+
+
+def graph_session(path: Path, backend: str, precision: str, threads: int | None, device_id: int = 0,
+                  ort_device: str = "cuda"):
+    """A session over one ONNX graph for a CPU or ONNX Runtime backend (runtime.py BACKENDS)."""
+    if backend == "onnxruntime+openvino":
+        from .openvino_session import OpenVinoSession
+        from .routed_session import RoutedSession
+
+        return RoutedSession(lambda: OrtSession(path, threads), lambda: OpenVinoSession(path, "fp32", threads))
+    if backend == "openvino":
+        from .openvino_session import OpenVinoSession
+
+        return OpenVinoSession(path, "bf16" if precision == "bf16" else "fp32", threads)
+    if backend == "onnxruntime-cuda":
+        return OrtBoundSession(path, device=ort_device, device_id=device_id, threads=threads)
+    return OrtSession(path, threads)

@@ -87,7 +87,9 @@ def measure(engine: str, deploy: str, batch: int, seq: int, threads: int, task: 
     torch.set_num_threads(threads)
     manifest = json.loads((Path(deploy) / "manifest.json").read_text())
     base = manifest["base"]["path"]
-    virtual = next(t["num_virtual_tokens"] for t in manifest["tasks"] if t["name"] == task)
+    from promptmux.core.folder import read_bank
+
+    virtual = read_bank(deploy).view(task).num_virtual_tokens
     rng = np.random.default_rng(0)
     if engine.startswith("promptmux"):
         from promptmux import Runtime

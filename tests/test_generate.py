@@ -122,6 +122,27 @@ def test_precomputed_prompt_kv_equals_running_the_virtual_tokens(deployment):
 
 
 @pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
+def test_prompt_kv_cache_is_bounded_and_cold_tasks_give_the_same_tokens(deployment):
+    """A cache with room for about two tasks' key/values: it never holds more, evicts the least recently used, and
+    tasks computed again after eviction generate the tokens of a runtime that keeps them all."""
+    from promptmux.kinds import kind_of
+
+    everything = Runtime(deployment.deploy)
+    names = [n for n in everything.tasks if kind_of(everything.bank.view(n)).kv_prefix(everything.bank.view(n)) is None]
+    one = everything.generator.prompt_kv(everything.bank.view(names[0])).nbytes
+    small = Runtime(deployment.deploy, kv_cache_mb=2.5 * one / 2**20)
+    ids, mask = random_batch("gpt2", rows=len(names), seq=5, seed=2, padding_side="left")
+    for order in (names, names[::-1]):  # the second pass finds the first pass's tasks evicted
+        got = small.generate({"input_ids": ids, "attention_mask": mask}, order, max_new_tokens=4, eos_token_id=[])
+        want = everything.generate({"input_ids": ids, "attention_mask": mask}, order, max_new_tokens=4,
+                                   eos_token_id=[])
+        assert [g["token_ids"] for g in got] == [w["token_ids"] for w in want]
+        assert 0 < small.prompt_kv_bytes() <= small.kv_cache_bytes
+        assert len(small.generator.cached_tasks()) < len(names)
+    assert small.generator.cached_tasks()[-1] == order[-1]  # the most recently used stays
+
+
+@pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
 def test_prompt_kv_is_computed_when_tasks_load(deployment):
     rt = Runtime(deployment.deploy)
     gen = rt.generator

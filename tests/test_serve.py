@@ -694,3 +694,115 @@ def test_persisted_task_changes_reach_every_server_on_the_store(text_deployments
         assert httpx.delete(c.url + "/v1/tasks/extra", headers=admin).status_code == 200
         assert httpx.post(c.url + "/v1/classify", json=body).status_code == 404
     assert "extra" not in read_bank(deploy)
+
+
+def _upload_item(name, adapter_dir, **change):
+    import base64
+
+    item = {"name": name, "adapter_config": json.loads((adapter_dir / "adapter_config.json").read_text()),
+            "adapter_model": base64.b64encode((adapter_dir / "adapter_model.safetensors").read_bytes()).decode()}
+    return {**item, **change}
+
+
+def test_uploaded_adapters_serve_like_the_folder_and_bad_uploads_leave_nothing(bert_server, text_deployments):
+    """POST /v1/tasks/upload: adapters sent in the request (no file on the server's disk) serve exactly as the
+    same folders exported; a batch is one transaction; malformed, oversized and lying uploads get a 400 / 413 that
+    names the field, and leave no task and no temporary file behind."""
+    import base64
+    import glob
+    import tempfile
+
+    d = text_deployments["bert"]
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+    url = bert_server.url
+    def leftovers():
+        return set(glob.glob(f"{tempfile.gettempdir()}/promptmux-upload-*"))
+
+    before = leftovers()
+    r = httpx.post(url + "/v1/tasks/upload", headers=admin, json={"tasks": [
+        _upload_item("up-pt", d.adapters["pt"]), _upload_item("up-prefix", d.adapters["prefix"])]})
+    assert r.status_code == 200 and r.json()["added"] == ["up-pt", "up-prefix"], r.text
+    for uploaded, exported in (("up-pt", "pt"), ("up-prefix", "prefix")):
+        a = httpx.post(url + "/v1/classify", json={"task": uploaded, "text": "the film was warm"}).json()
+        b = httpx.post(url + "/v1/classify", json={"task": exported, "text": "the film was warm"}).json()
+        assert a["results"] == b["results"]
+    bad = {
+        "tasks[1].adapter_model": _upload_item("x2", d.adapters["pt"], adapter_model="not base64!"),
+        "tasks[1].adapter_model ": _upload_item("x2", d.adapters["pt"],
+                                                adapter_model=base64.b64encode(b"\x00" * 64).decode()),
+        "tasks[1].adapter_config": _upload_item("x2", d.adapters["pt"], adapter_config={"peft_type": "LORA"}),
+        "tasks[1].name": _upload_item("a/b", d.adapters["pt"]),
+    }
+    for field, item in bad.items():  # the first item is fine: nothing of the batch may be added
+        r = httpx.post(url + "/v1/tasks/upload", headers=admin,
+                       json={"tasks": [_upload_item("x1", d.adapters["pt"]), item]})
+        assert r.status_code == 400 and r.json()["error"]["field"] == field.strip(), (field, r.text)
+    lying = _upload_item("x1", d.adapters["pt"])
+    lying["adapter_config"]["num_virtual_tokens"] += 3  # the config says more virtual tokens than the tensor has
+    r = httpx.post(url + "/v1/tasks/upload", headers=admin, json={"tasks": [lying]})
+    assert r.status_code == 400 and r.json()["error"]["field"] == "tasks[0].adapter_model", r.text
+    huge = _upload_item("x1", d.adapters["pt"], adapter_model="A" * (2 << 20))
+    assert httpx.post(url + "/v1/tasks/upload", headers=admin, json={"tasks": [huge]}).status_code == 413
+    listed = httpx.get(url + "/v1/tasks", headers=admin, params={"limit": 1000}).json()["tasks"]
+    assert not {t["name"] for t in listed} & {"x1", "x2", "a/b"}
+    assert leftovers() == before
+    for name in ("up-pt", "up-prefix"):
+        assert httpx.delete(url + f"/v1/tasks/{name}", headers=admin).status_code == 200
+
+
+def _embeds(values: np.ndarray, dtype: str = "float32", shape=None) -> dict:
+    import base64
+
+    raw = values.astype("<f4").tobytes() if dtype == "float32" else (
+        values.astype("<f4").view("<u4") >> 16).astype("<u2").tobytes()
+    return {"shape": list(shape or values.shape), "dtype": dtype, "data": base64.b64encode(raw).decode()}
+
+
+def test_inline_prompts_give_a_stored_tasks_tokens_and_bad_ones_name_the_field(text_deployments):
+    """serve --allow-inline-prompts: a completion for the base model's served name with the stored task's own prompt
+    as prompt_embeds gives that task's tokens (float32; bfloat16 of a bf16-exact prompt too); without prompt_embeds
+    the bare base model answers as transformers' generate; every bad payload is a 400 naming the field."""
+    from conftest import base_class
+
+    d = text_deployments["gpt2"]
+    rt = Runtime(d.deploy)
+    prompt = rt.bank.view("pt").tensors["prompt"]
+    body = {"prompt": "abc", "max_tokens": 6, "temperature": 0}
+    with running_server(d.deploy, "--allow-inline-prompts", "--served-model-name", "base") as server:
+        url = server.url + "/v1/completions"
+        want = httpx.post(url, json={**body, "model": "pt"}).json()["choices"][0]["text"]
+        got = httpx.post(url, json={**body, "model": "base", "prompt_embeds": _embeds(prompt)})
+        assert got.status_code == 200 and got.json()["choices"][0]["text"] == want, got.text
+        bf16 = (prompt.view(np.uint32) & 0xFFFF0000).view(np.float32)  # exactly representable in bfloat16
+        rt.add_task("pt-bf16", d.adapters["pt"])
+        rt.bank.add([__import__("dataclasses").replace(rt.bank.view("pt-bf16"), name="bf", tensors={"prompt": bf16})])
+        want_bf = rt.generate(["abc"], "bf", max_new_tokens=6)[0]["text"]
+        got_bf = httpx.post(url, json={**body, "model": "base", "prompt_embeds": _embeds(bf16, "bfloat16")}).json()
+        assert got_bf["choices"][0]["text"] == want_bf
+        bare = httpx.post(url, json={**body, "model": "base"}).json()["choices"][0]["text"]
+        base = base_class("gpt2").from_pretrained(d.base).eval()
+        ids = rt.tokenizer(["abc"], return_tensors="pt")["input_ids"]
+        tokens = base.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert bare == rt.tokenizer.decode(tokens[0, ids.shape[1]:])
+        assert "base" in [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]]
+        hidden = prompt.shape[1]
+        lying = _embeds(prompt)
+        lying["shape"] = [prompt.shape[0] + 5, hidden]  # declares more rows than the payload holds
+        nan = prompt.copy()
+        nan[0, 0] = np.nan
+        bad = {
+            "prompt_embeds.shape": _embeds(np.zeros((2, hidden + 1), np.float32)),  # another hidden size
+            "prompt_embeds.shape ": _embeds(np.zeros((64, hidden), np.float32)),  # more than the positions
+            "prompt_embeds.data": lying,
+            "prompt_embeds.data ": _embeds(nan),
+            "prompt_embeds.data  ": {**_embeds(prompt), "data": "!!" + _embeds(prompt)["data"][2:]},  # not base64
+        }
+        for field, embeds in bad.items():
+            r = httpx.post(url, json={**body, "model": "base", "prompt_embeds": embeds})
+            assert r.status_code == 400 and r.json()["error"]["field"] == field.strip(), (field, r.text)
+        r = httpx.post(url, json={**body, "model": "pt", "prompt_embeds": _embeds(prompt)})
+        assert r.status_code == 400 and r.json()["error"]["field"] == "prompt_embeds"
+    with running_server(d.deploy) as server:  # off by default, and says how to turn it on
+        r = httpx.post(server.url + "/v1/completions", json={**body, "model": d.deploy.name,
+                                                            "prompt_embeds": _embeds(prompt)})
+        assert r.status_code == 400 and "--allow-inline-prompts" in r.json()["error"]["message"]

@@ -52,7 +52,7 @@ def test_two_ray_serve_replicas_serve_the_same_api(text_deployments):
         assert [text for text, _ in results] == expected
         assert len({worker for _, worker in results}) == 2  # both replicas answered
         models = httpx.get(server.url + "/v1/models").json()
-        assert sorted(m["id"] for m in models["data"]) == sorted(d.tasks)
+        assert sorted(m["id"] for m in models["data"]) == sorted([*d.tasks, d.deploy.name])  # + the base model
         bad = httpx.post(server.url + "/v1/completions", json={"model": "nope", "prompt": "a"})
         assert bad.status_code == 404 and bad.json()["error"]["field"] == "model"
         # A task added through one replica goes live on both (they follow one task log), then leaves both.

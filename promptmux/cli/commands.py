@@ -155,6 +155,8 @@ def cmd_serve(args) -> int:
                            request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
                            admin_token=token, adapter_root=args.adapter_root, drain_timeout=args.drain_timeout,
                            persist_tasks=args.persist_tasks, bank_cache_mb=args.bank_cache_mb,
+                           kv_cache_mb=args.kv_cache_mb, allow_inline_prompts=args.allow_inline_prompts,
+                           served_model_name=args.served_model_name,
                            max_inflight=args.max_inflight, max_queue_wait=args.max_queue_wait,
                            header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                            max_header_bytes=args.max_header_bytes, docs=args.docs)
@@ -200,6 +202,20 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     from promptmux.bench.harness import run_from_args
     from promptmux.bench.report import summary_table
+
+    if args.many_tasks:
+        from promptmux.bench.many_tasks import run as many_tasks
+
+        try:
+            counts = [int(x) for x in args.many_tasks.split(",")]
+        except ValueError:
+            raise CliError(f"--many-tasks takes comma-separated task counts, got {args.many_tasks!r}") from None
+        if any(not 2 < n <= 1_000_000 for n in counts):
+            raise CliError("--many-tasks counts must lie in 3..1000000 (each is measured against 2 tasks)")
+        result = many_tasks(Path(args.deploy), counts, rounds=args.repeats, threads=args.threads)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        print(json.dumps({n: r.get("vs_2_tasks") for n, r in result["sizes"].items()}, indent=1))
+        return 0
 
     print(summary_table(run_from_args(args)))
     return 0

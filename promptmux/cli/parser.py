@@ -200,11 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--admin-token", help="enables GET/POST/DELETE /v1/tasks for this bearer token "
                                           "(or set PROMPTMUX_ADMIN_TOKEN; off when neither is given)")
     sv.add_argument("--adapter-root", help="the only folder POST /v1/tasks reads adapter folders from")
+    sv.add_argument("--allow-inline-prompts", action="store_true",
+                    help="completions for the served model name may carry their own soft prompt (prompt_embeds)")
+    sv.add_argument("--served-model-name", help="the base model's name in /v1/models and completions (default: the "
+                                                "deployment folder's name; no task may have it)")
     sv.add_argument("--persist-tasks", action="store_true",
                     help="POST/DELETE /v1/tasks change the deployment's task store (they survive a restart and "
                          "every server or replica on it sees them); off: changes stay in this server")
     sv.add_argument("--bank-cache-mb", type=float,
                     help="MB of task prompts kept in RAM, least recently used dropped first (default 256)")
+    sv.add_argument("--kv-cache-mb", type=float,
+                    help="causal LMs: MB of precomputed prompt key/values kept, least recently used dropped first "
+                         "(default 512)")
     sv.add_argument("--threads", type=int, help="CPU threads per model call")
     sv.add_argument("--drain-timeout", type=float, default=30.0,
                     help="SIGTERM: seconds in-flight requests get to finish")
@@ -266,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--scaling-batch-size", type=int, default=8, help="--scaling: batch size")
     bn.add_argument("--scaling-seq-len", type=int, help="--scaling: tokens per request (default as --seq-lens)")
     bn.add_argument("--scaling-requests", type=int, default=64, help="--scaling: requests per measurement")
+    bn.add_argument("--many-tasks", metavar="COUNTS",
+                    help="comma-separated task counts (up to 1000000): clone one task into a store of N tasks and "
+                         "measure open, RSS, Zipf-mixed classification, cold misses and changes under load against "
+                         "2 tasks (bench/many_tasks.py); writes --out and nothing else runs")
     bn.add_argument("--accuracy", action="store_true",
                     help="held-out accuracy of the demo tasks through the deployment vs PEFT eager")
     bn.add_argument("--accuracy-limit", type=int, help="first N held-out examples per task")

@@ -16,7 +16,7 @@ from promptmux.core.bank import UnknownTaskError
 from .engine import Engine, engine_of, task_page
 from .errors import ADMIN_ERRORS, ApiError, overloaded
 from .options import ServeOptions
-from .schemas import AddTaskRequest, TaskChange, TaskList, TaskPage
+from .schemas import AddTaskRequest, TaskChange, TaskList, TaskPage, UploadTasksRequest
 
 log = logging.getLogger("promptmux.serve")
 
@@ -68,6 +68,16 @@ def add_admin_routes(app: FastAPI, options: ServeOptions, task_log=None) -> None
         log.warning("task(s) %s added from %s", added, body.adapter)
         return {"added": added, "tasks": len(engine.rt.bank)}
 
+    @app.post("/v1/tasks/upload", response_model=TaskChange, responses=ADMIN_ERRORS,
+              summary="add tasks from PEFT adapters sent in the request (admin): one transaction for all")
+    async def upload_tasks(body: UploadTasksRequest, request: Request,
+                           creds: HTTPAuthorizationCredentials | None = Depends(bearer)):
+        engine = admin(request, creds)
+        op = {"action": "upload", "items": [t.model_dump() for t in body.tasks], "replace": body.replace}
+        added = await change_tasks(engine, task_log, op)
+        log.warning("%d task(s) added by upload", len(added))
+        return {"added": added, "tasks": len(engine.rt.bank)}
+
     @app.delete("/v1/tasks/{name:path}", response_model=TaskChange, responses=ADMIN_ERRORS,
                 summary="remove a task (an MPT adapter's NAME removes NAME/0 ...); its requests in flight finish")
     async def remove_task(name: str, request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)):
@@ -102,6 +112,20 @@ def apply_change(engine: Engine, op: dict) -> list[str]:
     from promptmux.core.adapters import AdapterError
 
     persist = engine.options.persist_tasks
+    served = getattr(engine, "served_name", None)
+    if served and op["action"] != "remove" and (op.get("name") == served
+                                                or any(i["name"] == served for i in op.get("items", ()))):
+        raise ApiError(409, "conflict", "name", f"{served!r} is the served model name (the base model); give the "
+                                                "task another name")
+    if op["action"] == "upload":
+        from .uploads import read_uploads
+
+        tasks = read_uploads(op["items"], engine.rt.config)
+        try:
+            return engine.rt.add_tasks(tasks, persist=persist, replace=op["replace"])
+        except ValueError as e:
+            raise ApiError(409 if "already in the bank" in str(e) else 400,
+                           "conflict" if "already in the bank" in str(e) else "invalid_request", "tasks", str(e)) from None
     if op["action"] == "remove":
         try:
             return engine.rt.remove_task(op["name"], persist=persist)

@@ -97,8 +97,11 @@ def _add_probes(app: FastAPI, metrics: Metrics) -> None:
     @app.get("/v1/models", response_model=ModelList, responses={503: {"model": ErrorResponse}},
              summary="the tasks served (OpenAI model list: id = task name), a page at a time")
     async def models(request: Request, page: TaskPage = Depends()):
-        names, more = task_page(engine_of(request).rt.bank, page)
-        return {"object": "list", "data": [{"id": t} for t in names], "has_more": more,
+        engine = engine_of(request)
+        names, more = task_page(engine.rt.bank, page)
+        # The first page starts with the base model's own name (completions with or without their own prompt).
+        ids = ([engine.served_name] if page.after is None and engine.family != "encoder" else []) + names
+        return {"object": "list", "data": [{"id": t} for t in ids], "has_more": more,
                 "last_id": names[-1] if names else None}
 
 

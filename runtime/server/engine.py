@@ -32,7 +32,8 @@ class Engine:
         self.options = options
         texts = calibration_texts(options.calibration) if options.calibration else None
         self.rt = Runtime(deploy_dir, backend=options.backend, threads=options.threads, precision=options.precision,
-                          strict=options.strict, calibration=texts, bank_cache_mb=options.bank_cache_mb)
+                          strict=options.strict, calibration=texts, bank_cache_mb=options.bank_cache_mb,
+                          kv_cache_mb=options.kv_cache_mb)
         try:  # the loop thread's own tokenizer (encoding); the worker decodes with the runtime's
             self.tok = load_tokenizer(self.rt.dir)
         except (OSError, ValueError) as e:
@@ -42,6 +43,11 @@ class Engine:
         self.rt.prepare(progress=lambda line: log.warning("%s", line))
         self.family = self.rt.spec.family
         self.max_positions = self.rt.max_positions  # the positions a row may use
+        # The base model's own name (completions with their own soft prompt, or none); no task may have it.
+        self.served_name = options.served_model_name or Path(deploy_dir).resolve().name
+        if self.served_name in self.rt.bank:
+            raise RuntimeError(f"a task is named {self.served_name!r}, the served model name; pass "
+                               "--served-model-name with another name")
         # More than 32 characters per token is beyond the tokenizers we know: longer texts are refused before
         # any time goes into tokenizing them.
         self.max_chars = 32 * (self.max_positions or 4096)

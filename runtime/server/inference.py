@@ -43,6 +43,21 @@ def sampling_params(req: CompletionRequest) -> SamplingParams:
                           seed=req.seed, stop=tuple(stops))
 
 
+def inline_view(engine, body, options: ServeOptions):
+    """The completion's task: a stored one, or for the served model name the request's own prompt (or none)."""
+    if body.model != engine.served_name:
+        if body.prompt_embeds is not None:
+            raise ApiError(400, "invalid_request", "prompt_embeds",
+                           f"prompt_embeds goes with model={engine.served_name!r} (the base model), not with a task")
+        return engine.capture(body.model, "model")
+    if body.prompt_embeds is not None and not options.allow_inline_prompts:
+        raise ApiError(400, "invalid_request", "prompt_embeds", "per-request prompts are off on this server; start "
+                                                                "it with --allow-inline-prompts")
+    from .inline import inline_task
+
+    return inline_task(engine.served_name, body.prompt_embeds, engine.rt.dims.hidden_size, engine.max_positions)
+
+
 def add_model_routes(app: FastAPI, options: ServeOptions, metrics: Metrics) -> None:
     @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS,
               summary="classify text(s) with one task; requests of all tasks share batches")
@@ -87,7 +102,7 @@ def add_model_routes(app: FastAPI, options: ServeOptions, metrics: Metrics) -> N
         if engine.max_positions and body.max_tokens > engine.max_positions:
             raise ApiError(400, "invalid_request", "max_tokens",
                            f"max_tokens={body.max_tokens} exceeds the model's {engine.max_positions} positions")
-        view = engine.capture(body.model, "model")
+        view = inline_view(engine, body, options)
         request.state.task = body.model
         room = 0 if engine.family == "seq2seq" else body.max_tokens  # a seq2seq prompt goes to the encoder
         ids, _ = engine.encode(prompts, view, "prompt", isinstance(body.prompt, str), room)

@@ -48,6 +48,8 @@ class Metrics:
             ("cache_misses", "Task lookups that read the store"),
             ("loads", "Tasks read from the store"),
             ("load_seconds", "Seconds spent reading tasks from the store"))}
+        self.prompt_kv = Gauge("promptmux_prompt_kv_bytes", "Bytes of precomputed prompt key/values held (causal "
+                               "LMs; bounded by --kv-cache-mb)", registry=r)
         self.tokens = Counter("promptmux_generated_tokens", "Tokens generated", ["task"], registry=r)
 
     def bind(self, scheduler) -> None:
@@ -65,6 +67,7 @@ class Metrics:
         self.bank["cache_misses"].set_function(lambda: bank().stats["misses"])
         self.bank["loads"].set_function(lambda: bank().stats["loads"])
         self.bank["load_seconds"].set_function(lambda: bank().stats["load_seconds"])
+        self.prompt_kv.set_function(scheduler.rt.prompt_kv_bytes)
 
     def observe_batch(self, kind: str, tasks: list[str]) -> None:
         counts = _Count(tasks)

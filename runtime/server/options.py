@@ -23,7 +23,12 @@ class ServeOptions:
     # on the store sees them at its next lookup of the task (the store is then the replicas' log). Off: changes
     # stay in this server (the first one copies the bank into memory).
     persist_tasks: bool = False
+    # Completions for the base model (served_model_name, default: the deployment folder's name) may carry their own
+    # soft prompt (prompt_embeds); off: such a request gets a 400 that says how to turn it on.
+    allow_inline_prompts: bool = False
+    served_model_name: str | None = None
     bank_cache_mb: float | None = None  # task views kept in RAM (default: core/bank.py DEFAULT_CACHE_BYTES)
+    kv_cache_mb: float | None = None  # causal LMs: prompt key/values kept (default: generate.py DEFAULT_KV_CACHE_BYTES)
     drain_timeout: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     # Admission (see Engine.admit): beyond either limit a model request gets 503 + Retry-After at once.
     max_inflight: int | None = None  # classify/completions requests being served; None: 4 * max_batch

@@ -65,6 +65,12 @@ class ClassifyResponse(BaseModel):
 
 
 # ---- completions (OpenAI-compatible) ----------------------------------------------------------
+class PromptEmbeds(_Strict):
+    shape: list[int] = Field(min_length=2, max_length=2, description="[virtual tokens, hidden size]")
+    dtype: Literal["float32", "bfloat16"]
+    data: str = Field(min_length=1, description="base64 of the little-endian values, row-major")
+
+
 class CompletionRequest(_Strict):
     model: Text = Field(min_length=1, max_length=256, description="the task name")
     prompt: Text | list[Text] = Field(description=f"a prompt, or up to {MAX_PROMPTS} prompts (one choice each)")
@@ -79,6 +85,9 @@ class CompletionRequest(_Strict):
     n: int = Field(1, ge=1, le=1, description="only 1")
     echo: bool = Field(False, description="only false")
     user: Text | None = Field(None, max_length=256, description="ignored")
+    prompt_embeds: PromptEmbeds | None = Field(None, description="not in OpenAI's API: this request's own soft "
+                                               "prompt, with model = the served model name (serve "
+                                               "--allow-inline-prompts)")
 
 
 class CompletionChoice(BaseModel):
@@ -124,6 +133,21 @@ class AddTaskRequest(_Strict):
     adapter: Text = Field(min_length=1, max_length=1024, description="the PEFT adapter folder, relative to the "
                                                                     "server's --adapter-root")
     replace: bool = Field(False, description="replace a task of the same name")
+
+
+class UploadedAdapter(_Strict):
+    name: Text = Field(min_length=1, max_length=128, description="the task's name (an MPT adapter with K tasks adds "
+                                                                "NAME/0 ... NAME/K-1)")
+    adapter_config: dict = Field(description="the adapter's adapter_config.json, as JSON")
+    adapter_model: str = Field(min_length=1, description="the adapter's adapter_model.safetensors, base64 (standard "
+                                                         "alphabet); nothing else is read, nothing is unpickled")
+    labels: dict | None = Field(None, description="labels.json, if the adapter has one: {\"id2label\": {...}}")
+
+
+class UploadTasksRequest(_Strict):
+    tasks: list[UploadedAdapter] = Field(min_length=1, max_length=1000, description="added in one transaction: "
+                                         "all of them or, if any is refused, none")
+    replace: bool = Field(False, description="replace tasks of the same names")
 
 
 class TaskChange(BaseModel):
