@@ -38,9 +38,12 @@ def _probe_ids(rt) -> tuple[np.ndarray, np.ndarray]:
     return ids, np.ones_like(ids)
 
 
+PROBED = 256  # tasks looked at for one that runs each graph
+
+
 def _full_sequence_graphs(rt) -> list[tuple[str, object, object]]:
     """(graph, session, a task whose row that graph serves, or None) for each full-sequence graph of an encoder."""
-    views = [rt.bank.view(t) for t in rt.tasks]
+    views = [rt.bank.view(t) for t in rt.bank.page(PROBED)[0]]  # not all: a bank may hold a million tasks
     plain = next((v for v in views if kind_of(v).kv_prefix(v) is None), None)
     graphs = [(GRAPH, rt.session, next(iter(views), None))]
     if rt.noprefix_session is not None:
@@ -70,12 +73,13 @@ def prepare(rt, progress=None) -> list[dict]:
     else:  # causal LMs and seq2seq serve by generation: the decoder graph, every task's prompt KV, one step
         say(f"preparing the cached decoder on {rt.backend}")
         start = time.perf_counter()
-        rt.generator  # noqa: B018 - builds the decoder session (and, for causal LMs, each task's prompt KV)
+        rt.generator  # noqa: B018 - builds the decoder session (and, for causal LMs, the first tasks' prompt KV)
         ran = False
-        if rt.tasks:
+        first = rt.bank.page(1)[0]
+        if first:
             ids, mask = _probe_ids(rt)
             try:
-                rt.generate({"input_ids": ids, "attention_mask": mask}, rt.tasks[0], max_new_tokens=1,
+                rt.generate({"input_ids": ids, "attention_mask": mask}, first[0], max_new_tokens=1,
                             eos_token_id=[])
                 ran = True
             except InputError:  # the task's virtual tokens leave no room for a step: built, not run
