@@ -127,12 +127,15 @@ def arch_for(model) -> ArchSpec:
     spec = ARCHS.get(model_type)
     if spec is None and is_causal_lm(model_type):
         spec = GENERIC_DECODER
+    if spec is None and config is not None and is_encoder_classifier(model_type):
+        spec = generic_encoder(config)
     if spec is None:
         rows = {f: ", ".join(sorted(t for t, r in ARCHS.items() if r.family == f)) for f in ("encoder", "seq2seq")}
         raise UnsupportedModelError(
             f"model type {model_type!r} is not supported: promptmux exports causal LMs of any family transformers "
-            f"knows, sequence classifiers of {rows['encoder']} and seq2seq models of {rows['seq2seq']}. Please "
-            "report it, or add a row to core/archs.py (ARCHITECTURE.md: 'A model family')")
+            f"knows, sequence classifiers of {rows['encoder']} and of other families whose head it can read, and "
+            f"seq2seq models of {rows['seq2seq']}. Please report it, or add a row to core/archs.py (ARCHITECTURE.md: "
+            "'A model family')")
     if config is not None and spec.family == "decoder" and is_sequence_classifier(config):
         return causal_classifier(spec)
     return spec
@@ -146,6 +149,69 @@ def causal_classifier(spec: ArchSpec) -> ArchSpec:
     the generic rules for every family, so the export verifies them against PEFT."""
     return replace(spec, family="encoder", feature="last", head=(HeadLayer("score", None),),
                    positions_follow_mask=True, verify_at_export=True)
+
+
+def is_encoder_classifier(model_type: str) -> bool:
+    """transformers has a sequence classifier for it, and it is neither a causal LM nor an encoder-decoder model."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    return (model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES and not is_causal_lm(model_type)
+            and model_type not in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+
+
+_GENERIC_ENCODERS: dict[tuple, ArchSpec | None] = {}
+_ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "tanh": "tanh"}  # what runtime/batch.py applies
+
+
+def generic_encoder(config) -> ArchSpec | None:
+    """The rules of an encoder classifier without a row, read from its *ForSequenceClassification class (built on
+    the meta device: no weights): a linear head on the pooler's output (BERT-like) or on the first token, or a
+    dense + activation + out_proj head on the first token (RoBERTa-like; the activation read from its forward);
+    RoBERTa's positions where its embeddings derive them from the padding; prefix tuning where its attention takes
+    past key/values. None where the head is none of these. The export verifies the result against PEFT."""
+    key = (config.model_type, getattr(config, "hidden_act", None), getattr(config, "type_vocab_size", None))
+    if key not in _GENERIC_ENCODERS:
+        _GENERIC_ENCODERS[key] = _read_encoder(config)
+    return _GENERIC_ENCODERS[key]
+
+
+def _read_encoder(config) -> ArchSpec | None:
+    import inspect
+
+    import torch
+    from torch import nn
+    from transformers import AutoModelForSequenceClassification
+
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    name = next((n for n in ("classifier", "score") if isinstance(getattr(model, n, None), nn.Module)), None)
+    if name is None:
+        return None
+    head, base = getattr(model, name), model.base_model
+    if isinstance(head, nn.Linear):
+        layers = (HeadLayer(name, None),)
+        feature = "pooler" if getattr(base, "pooler", None) is not None else "first"
+    else:
+        parts = dict(head.named_children())
+        if not (isinstance(parts.get("dense"), nn.Linear) and isinstance(parts.get("out_proj"), nn.Linear)):
+            return None
+        source = inspect.getsource(type(head).forward)
+        if "[:, 0" not in source:
+            return None
+        activation = "tanh" if "tanh" in source else (
+            _ACTIVATIONS.get(getattr(config, "hidden_act", None)) if "ACT2FN" in source else None)
+        if activation is None:
+            return None
+        layers, feature = (HeadLayer(f"{name}.dense", activation), HeadLayer(f"{name}.out_proj", None)), "first"
+    embeddings = getattr(base, "embeddings", None)
+    roberta = embeddings is not None and "create_position_ids_from" in inspect.getsource(type(embeddings).forward)
+    return ArchSpec(family="encoder", token_types=(getattr(config, "type_vocab_size", 0) or 0) > 1,
+                    position_offset_from_pad=roberta, prefix_positions="roberta" if roberta else "arange",
+                    supports_prefix="past_key_values" in inspect.signature(base.forward).parameters,
+                    feature=feature, head=layers, verify_at_export=True)
 
 
 def is_sequence_classifier(config) -> bool:

@@ -16,7 +16,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .archs import arch_for, causal_classifier, check_config
+from .archs import ARCHS, arch_for, causal_classifier, check_config, is_causal_lm
 
 MANIFEST = "manifest.json"
 GRAPH = "model.onnx"
@@ -197,7 +197,13 @@ def read_bank(deploy_dir: str | Path, manifest: dict | None = None, cache_bytes:
     from .bank import DEFAULT_CACHE_BYTES, PromptBank
 
     manifest = manifest or read_manifest(deploy_dir)
-    spec = arch_for(manifest["base"]["model_type"])
+    model_type = manifest["base"]["model_type"]
+    if model_type not in ARCHS and not is_causal_lm(model_type):  # an encoder on generic rules: read from its config
+        from transformers import AutoConfig
+
+        spec = arch_for(AutoConfig.from_pretrained(str(deploy_dir)))
+    else:
+        spec = arch_for(model_type)
     if spec.family == "decoder" and manifest["base"].get("family") == "encoder":  # a causal LM as a classifier
         spec = causal_classifier(spec)
     return PromptBank.load(deploy_dir, spec, DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes)

@@ -293,7 +293,7 @@ def _verify_generic(deploy: Path, base_dir, adapters, config, tolerance: float, 
     where a task differs."""
     from .verify import verify
 
-    what = "a classifier of a causal LM" if arch_for(config).family == "encoder" else f"{config.model_type}"
+    what = "a classifier of a causal LM" if arch_for(config).feature == "last" else f"{config.model_type}"
     bar.step(f"verifying against PEFT ({what} runs on the generic rules)")
     details: dict = {}
     verify(deploy, base_dir, adapters, rows_per_task=2, seq=8, quiet=True, details=details)
@@ -302,7 +302,7 @@ def _verify_generic(deploy: Path, base_dir, adapters, config, tolerance: float, 
         worst = "; ".join(f"task {t!r}: rows differ by {', '.join(f'{x:.2e}' for x in d['rows'])} (PEFT's outputs "
                           f"reach {d['scale']:.3g})" for t, d in bad.items())
         rules = ("as a sequence classifier runs on the generic rules (transformers' score head on the last token)"
-                 if arch_for(config).family == "encoder" else "has no row in promptmux's table")
+                 if arch_for(config).feature == "last" else "has no row in promptmux's table")
         raise UnsupportedModelError(
             f"model type {config.model_type!r} {rules} and its deployment does not compute "
             f"what PEFT computes (tolerance {tolerance:g}, scaled by the outputs): {worst}. Nothing was written. "

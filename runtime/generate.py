@@ -12,8 +12,6 @@ decoding step. Two prefill strategies give the same tokens:
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -21,13 +19,12 @@ import numpy as np
 
 from promptmux.core.io_spec import decode_step_feeds
 from promptmux.core.layout import build_layout
-from promptmux.core.task import Task, same_prompt
+from promptmux.core.task import Task
 from promptmux.kinds import as_cache, kind_of
 
 from .errors import InputError
+from .kv_cache import DEFAULT_KV_CACHE_BYTES, PromptKVCache
 from .sessions import host
-
-DEFAULT_KV_CACHE_BYTES = 512 * 2**20  # precomputed prompt key/values kept (Runtime(kv_cache_mb=...))
 
 
 @dataclass
@@ -101,12 +98,7 @@ class Generator:
         from promptmux.core.archs import position_offset
 
         self._offset = position_offset(runtime.config)
-        # task name -> (the task as computed from, its KV): an LRU bounded in bytes, most recent last. Entries are
-        # keyed by the task's version (same_prompt), so a task replaced by any process is computed again.
-        self._kv: OrderedDict[str, tuple[Task, np.ndarray]] = OrderedDict()
-        self._kv_bytes = 0
-        self.kv_cache_bytes = getattr(runtime, "kv_cache_bytes", DEFAULT_KV_CACHE_BYTES)
-        self._kv_lock = threading.Lock()  # the server's worker and admin threads both use the cache
+        self.kv = PromptKVCache(getattr(runtime, "kv_cache_bytes", DEFAULT_KV_CACHE_BYTES))
 
     # ---- prompt key/values ----------------------------------------------------------------
     def precompute(self, names, until_full: bool = False) -> None:
@@ -114,20 +106,17 @@ class Generator:
         until_full: stop once the cache is full), and drop removed and replaced tasks' (by version)."""
         bank = self.rt.bank
         for name in names:
-            if until_full and self._kv_bytes >= self.kv_cache_bytes:
+            if until_full and self.kv.full():
                 break
             self.prompt_kv(bank.view(name))
-        with self._kv_lock:
-            for name in [n for n, (view, _) in self._kv.items() if not bank.holds(view)]:
-                self._forget(name)
+        self.kv.keep(bank.holds)
 
     def cached_tasks(self) -> list[str]:
         """The tasks whose prompt key/values are cached, least recently used first."""
-        with self._kv_lock:
-            return list(self._kv)
+        return self.kv.names()
 
     def cached_bytes(self) -> int:
-        return self._kv_bytes
+        return self.kv.bytes
 
     def prompt_kv(self, view: Task) -> np.ndarray:
         """The task's per-layer keys/values [layers, 2, kv_heads, T, head_dim], computed once per task version
@@ -141,24 +130,11 @@ class Generator:
         if not self.rt.bank.holds(view):
             # The request captured a task that was removed or replaced since: its own KV, not cached.
             return self._compute_kv(view)
-        with self._kv_lock:
-            entry = self._kv.get(view.name)
-            if entry is not None and same_prompt(entry[0], view):
-                self._kv.move_to_end(view.name)
-                return entry[1]
-        kv = self._compute_kv(view)  # outside the lock: other rows go on meanwhile
-        with self._kv_lock:
-            self._forget(view.name)
-            self._kv[view.name] = (view, kv)
-            self._kv_bytes += kv.nbytes
-            while self._kv_bytes > self.kv_cache_bytes and len(self._kv) > 1:
-                self._forget(next(iter(self._kv)))
+        kv = self.kv.get(view)
+        if kv is None:
+            kv = self._compute_kv(view)  # outside the cache's lock: other rows go on meanwhile
+            self.kv.put(view, kv)
         return kv
-
-    def _forget(self, name: str) -> None:
-        entry = self._kv.pop(name, None)
-        if entry is not None:
-            self._kv_bytes -= entry[1].nbytes
 
     def _compute_kv(self, view: Task) -> np.ndarray:
         empty = np.zeros((1, 0), np.int64)

@@ -84,7 +84,7 @@ class Runtime:
         self.precision = precision
         self.device_id = device_id
         cache = None if bank_cache_mb is None else int(bank_cache_mb * 2**20)
-        from .generate import DEFAULT_KV_CACHE_BYTES
+        from .kv_cache import DEFAULT_KV_CACHE_BYTES
 
         self.kv_cache_bytes = DEFAULT_KV_CACHE_BYTES if kv_cache_mb is None else int(kv_cache_mb * 2**20)
         self.bank = read_bank(self.dir, self.manifest, cache)  # opening reads no task (core/bank.py)

@@ -78,6 +78,11 @@ FAMILIES = {
     "modernbert": ("modernbert", dict(_ENCODER, max_position_embeddings=64, pad_token_id=0, bos_token_id=2,
                                       eos_token_id=3, cls_token_id=2, sep_token_id=3, global_attn_every_n_layers=2,
                                       local_attention=4)),  # local layers: rows longer than the window
+    # Encoder classifiers without a row: their rules read from the class (core/archs.py generic_encoder), verified
+    # against PEFT at export. ERNIE: BERT's pooler and linear head; Data2Vec-text: RoBERTa's positions and head.
+    "ernie": ("ernie", dict(_ENCODER, max_position_embeddings=64, pad_token_id=0)),
+    "data2vec-text": ("data2vec-text", dict(_ENCODER, max_position_embeddings=66, pad_token_id=1, bos_token_id=0,
+                                            eos_token_id=2, type_vocab_size=1)),
     # A causal LM trained as a sequence classifier (PEFT SEQ_CLS on AutoModelForSequenceClassification), from the
     # causal-LM checkpoint users start from: the export takes the classifier from the adapters' task type.
     "qwen2-cls": ("qwen2", dict(_DECODER, num_labels=3)),
@@ -92,8 +97,8 @@ FAMILIES = {
 
 def is_encoder(arch: str) -> bool:
     """A sequence classifier (an encoder's, or a causal LM's: `-cls`)."""
-    return arch in ("bert", "roberta", "distilbert", "xlm-roberta", "electra", "mpnet", "deberta-v2", "modernbert") \
-        or is_causal_classifier(arch)
+    return arch in ("bert", "roberta", "distilbert", "xlm-roberta", "electra", "mpnet", "deberta-v2", "modernbert",
+                    "ernie", "data2vec-text") or is_causal_classifier(arch)
 
 
 def is_causal_classifier(arch: str) -> bool:
