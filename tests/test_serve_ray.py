@@ -87,3 +87,33 @@ def _until(check, seconds=15.0):
             return True
         time.sleep(0.3)
     return False
+
+
+def test_ray_replicas_with_persisted_tasks_share_the_store(text_deployments, tmp_path):
+    """--persist-tasks: the replicas share the deployment's store instead of a task log. A task added through one
+    replica is served by both within a second, and is in the store (it outlives every replica); its removal
+    reaches both."""
+    import shutil
+
+    from promptmux.core.folder import read_bank
+
+    d = text_deployments["gpt2"]
+    deploy = tmp_path / "deploy"
+    shutil.copytree(d.deploy, deploy)
+    admin = {"Authorization": "Bearer t"}
+    body = {"model": "shared", "prompt": "ray store", "max_tokens": 4, "temperature": 0}
+    with running_server(deploy, "--ray", "--replicas", "2", "--replica-cpus", "1", "--admin-token", "t",
+                        "--adapter-root", str(d.adapter_root), "--persist-tasks") as server:
+        r = httpx.post(server.url + "/v1/tasks", json={"name": "shared", "adapter": EXTRA_ADAPTER}, headers=admin)
+        assert r.status_code == 200, r.text
+        assert "shared" in read_bank(deploy)
+        served = []
+        while len(served) < 64 and len({s.headers["x-promptmux-worker"] for s in served}) < 2:
+            served.append(httpx.post(server.url + "/v1/completions", json=body))
+        assert {s.status_code for s in served} == {200}  # no replica missed it: the store is read at each lookup
+        assert len({s.headers["x-promptmux-worker"] for s in served}) == 2
+        assert len({s.json()["choices"][0]["text"] for s in served}) == 1
+        assert httpx.delete(server.url + "/v1/tasks/shared", headers=admin).status_code == 200
+        assert _until(lambda: _statuses(server.url, body) == {404}, 1.5), "a replica kept the removed task"
+        assert server.stop(signal.SIGTERM, timeout=90) == 0
+    assert "shared" not in read_bank(deploy)
