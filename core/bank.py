@@ -8,6 +8,9 @@ LMDB, see ARCHITECTURE.md "The prompt bank"). Tables:
                                     task's version: a new one at every write (a replaced task moves to the end).
     shared(key, refs, data)         the roles a kind shares between tasks (MPT's shared prompt), once per value
     meta(key, value)                the task count and the base model's head (safetensors bytes)
+    summaries(name, avg, tok)       input-level tasks: two float16 vectors [d] whose dot products with a query's
+                                    are retrieval's two similarities (library/retrieval.py), so ranking a million
+                                    tasks reads 2 KB of each, not its prompt
 Every change is one transaction (many readers, one writer, across processes: SQLite's own locking), so a reader
 sees a task as it was or as it is, never half of each, and a writer killed midway leaves the last committed state.
 Readers load one task on demand into a small LRU of views bounded in bytes; a change committed by another process
@@ -48,6 +51,7 @@ CREATE TABLE IF NOT EXISTS tasks (seq INTEGER PRIMARY KEY AUTOINCREMENT, name TE
                                   entry TEXT NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS shared (key TEXT PRIMARY KEY, refs INTEGER NOT NULL, data BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS summaries (name TEXT PRIMARY KEY, avg BLOB NOT NULL, tok BLOB NOT NULL) WITHOUT ROWID;
 """
 
 
@@ -287,7 +291,7 @@ class PromptBank:
                                     {**own, **{r: v for r, (_, v) in refs.items()}})  # the head must be complete
             if self.spec.head:
                 entry["num_labels"] = int(probe.layers[-1][0].shape[0])
-            records.append((t.name, entry, save_tensors(own), refs))
+            records.append((t.name, entry, save_tensors(own), refs, _summaries(t)))
         with self._transaction():
             clash = [n for n, *_ in records
                      if self.db.execute("SELECT 1 FROM tasks WHERE name = ?", (n,)).fetchone() is not None]
@@ -296,7 +300,9 @@ class PromptBank:
                                  "replace=True")
             for name in clash:
                 self._delete(name)
-            for name, entry, data, refs in records:
+            for name, entry, data, refs, summary in records:
+                if summary is not None:
+                    self.db.execute("INSERT INTO summaries VALUES (?, ?, ?)", (name, *summary))
                 for key, value in refs.values():
                     updated = self.db.execute("UPDATE shared SET refs = refs + 1 WHERE key = ?", (key,)).rowcount
                     if not updated:
@@ -330,11 +336,23 @@ class PromptBank:
                 self.db.execute("UPDATE shared SET refs = refs - 1 WHERE key = ?", (key,))
         self.db.execute("DELETE FROM shared WHERE refs <= 0")
         self.db.execute("DELETE FROM tasks WHERE name = ?", (name,))
+        self.db.execute("DELETE FROM summaries WHERE name = ?", (name,))
         self._drop(name)
 
     def _count(self, delta: int) -> None:
         self.db.execute("INSERT INTO meta VALUES ('count', ?) ON CONFLICT(key) DO UPDATE SET value = value + ?",
                         (delta, delta))
+
+    def prompt_vectors(self, method: str) -> tuple[list[str], np.ndarray]:
+        """Every input-level task's retrieval vector for `method` ("avg-cosine": the unit mean of its prompt's rows;
+        "per-token-cosine": the mean of its unit rows), float16 [tasks, d], in one read of the store."""
+        column = {"avg-cosine": "avg", "per-token-cosine": "tok"}[method]
+        with self._lock:
+            rows = self.db.execute(f"SELECT name, {column} FROM summaries").fetchall()
+        if not rows:
+            return [], np.zeros((0, 0), np.float16)
+        names, blobs = zip(*rows)
+        return list(names), np.frombuffer(b"".join(blobs), np.float16).reshape(len(rows), -1)
 
     def shared_count(self) -> int:
         """Distinct shared tensors stored (MPT's shared prompts)."""
@@ -403,6 +421,24 @@ class PromptBank:
                        head={p: arrays[key] for p, key in e.get("head", {}).items()}, labels=e.get("labels"),
                        source=e.get("source", "")) for name, e in index.items()])
         return bank
+
+
+def prompt_summaries(prompt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(unit mean of the rows, mean of the unit rows) of a prompt [T, d]: a query's dot product with them is the
+    avg-cosine and the per-token-cosine similarity (library/prompts.py) exactly."""
+    p = np.asarray(prompt, np.float64)
+    mean = p.mean(0)
+    rows = p / np.where((n := np.linalg.norm(p, axis=1, keepdims=True)) == 0, 1.0, n)
+    return mean / (np.linalg.norm(mean) or 1.0), rows.mean(0)
+
+
+def _summaries(task: Task) -> tuple[bytes, bytes] | None:
+    from promptmux.kinds import kind_of
+
+    prompt = kind_of(task).input_prompt(task)
+    if prompt is None:
+        return None
+    return tuple(v.astype(np.float16).tobytes() for v in prompt_summaries(prompt))
 
 
 def _nbytes(view: Task) -> int:

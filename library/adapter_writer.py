@@ -34,7 +34,7 @@ from promptmux.library.prompts import (
     task_prompt,
     weighted_mean,
 )
-from promptmux.library.retrieval import load_bank, rank_tasks
+from promptmux.library.retrieval import load_bank, rank_tasks, top_tasks
 
 INIT_KINDS = ("prompt-tuning", "mpt-target")
 PROVENANCE_FILE = "promptmux_init.json"
@@ -108,7 +108,10 @@ def _plans(kind, bank, ranking_config, from_task, top_k, weighted, query, method
         names = _named_sources(kind, bank, from_task)
         return [[_Source(n, None, 1.0 / len(names)) for n in names]]
     check_method(method)
-    ranked = _usable_sources(kind, rank_tasks(bank, ranking_config, query, method))[:top_k]
+    # mpt-target keeps only MPT sources, so it ranks every task; the other kinds take the store's top-k directly.
+    ranked = (rank_tasks(bank, ranking_config, query, method) if kind == "mpt-target"
+              else top_tasks(bank, ranking_config, query, method, top_k))
+    ranked = _usable_sources(kind, ranked)[:top_k]
     scores = {r["task"]: r["score"] for r in ranked}
     names = [r["task"] for r in ranked]
     if weighted:

@@ -87,8 +87,44 @@ def similar_tasks(deploy_dir_or_bank, query, top_k: int | None = 5, method: str 
     if top_k is not None and top_k < 1:
         raise LibraryError(f"top_k must be at least 1, got {top_k}")
     bank, config, _ = load_bank(deploy_dir_or_bank)
-    rows = rank_tasks(bank, config, query, method)
-    return rows[:top_k] if top_k is not None else rows
+    if top_k is not None:
+        return top_tasks(bank, config, query, method, top_k)
+    return rank_tasks(bank, config, query, method)
+
+
+RESCORED = 64  # candidates beyond 4 * top_k whose similarity is computed exactly from their prompts
+
+
+def top_tasks(bank, config, query, method: str, top_k: int) -> list[dict]:
+    """The top_k rows of rank_tasks without reading every prompt: the store's float16 retrieval vectors
+    (core/bank.py summaries) rank every task in one pass, then the best 4 * top_k + 64 are scored exactly from their
+    prompts. The same answer as rank_tasks unless more tasks than that lie within float16 rounding (about 1e-3) of
+    the k-th score."""
+    from promptmux.core.bank import prompt_summaries
+
+    q, q_task = _query_prompt(query, bank, config)
+    names, vectors = bank.prompt_vectors(method)
+    if not names:
+        return []
+    if vectors.shape[1] != q.shape[1]:
+        raise LibraryError(f"query prompt has width {q.shape[1]} but the bank's prompts have {vectors.shape[1]}")
+    qv = prompt_summaries(q)[0 if method == "avg-cosine" else 1].astype(np.float32)
+    scores = np.empty(len(names), np.float32)
+    for i in range(0, len(names), 1 << 16):  # float16 -> float32 a block at a time: no second full-size copy
+        scores[i:i + (1 << 16)] = vectors[i:i + (1 << 16)].astype(np.float32) @ qv
+    keep = min(len(names), 4 * top_k + RESCORED + 1)  # + 1: the query itself may be among them
+    best = np.argpartition(-scores, keep - 1)[:keep] if keep < len(names) else np.arange(len(names))
+    rows = []
+    for i in best:
+        name = names[i]
+        if name == q_task:
+            continue
+        view = bank.view(name)
+        p = task_prompt(view)
+        rows.append({"task": name, "score": prompt_similarity(q, p, method), "kind": view.kind,
+                     "peft_type": view.peft_type, "num_virtual_tokens": int(p.shape[0])})
+    rows.sort(key=lambda r: (-r["score"], r["task"]))
+    return [{"rank": i + 1, **r} for i, r in enumerate(rows[:top_k])]
 
 
 def rank_tasks(bank, config, query, method: str) -> list[dict]:

@@ -327,3 +327,28 @@ def test_cli_similar_and_init_adapter(lib, tmp_path, capsys):
     code, _, err = _cli(capsys, "init-adapter", deploy, "--base", lib["base"], "--out", tmp_path / "x",
                         "--from", "pt", "--weighted")
     assert code == 2 and "--weighted goes with --top-k" in err
+
+
+@pytest.mark.parametrize("method", ["avg-cosine", "per-token-cosine"])
+def test_top_k_from_the_stores_vectors_equals_ranking_every_prompt(method, tmp_path):
+    """similar_tasks with top_k ranks by the store's float16 retrieval vectors and rescores the best exactly: the
+    same tasks, order and scores as scoring every prompt, for a query array and for a task of the bank."""
+    from promptmux.core.archs import arch_for
+    from promptmux.core.bank import PromptBank
+    from promptmux.core.task import Task
+    from promptmux.library.retrieval import rank_tasks, top_tasks
+
+    rng = np.random.default_rng(0)
+    centre = rng.standard_normal((1, 32)).astype(np.float32)
+    bank = PromptBank(arch_for("llama"))
+    bank.add([Task(f"t{i}", "prompt", "PROMPT_TUNING", 2 + i % 5,
+                   {"prompt": (centre + rng.standard_normal((2 + i % 5, 32)) * (0.2 + i / 100)).astype(np.float32)})
+              for i in range(300)])
+    bank.save(tmp_path)
+    stored = PromptBank.load(tmp_path, arch_for("llama"))  # the vectors as the store keeps them
+    for query in (centre + rng.standard_normal((3, 32)).astype(np.float32) * 0.3, "t7"):
+        want = rank_tasks(stored, None, query, method)[:10]
+        got = top_tasks(stored, None, query, method, 10)
+        assert [r["task"] for r in got] == [r["task"] for r in want]
+        assert [r["score"] for r in got] == [r["score"] for r in want]
+        assert "t7" not in [r["task"] for r in got] or not isinstance(query, str)
