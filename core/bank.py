@@ -163,10 +163,15 @@ class PromptBank:
                 return cached
             self.stats["misses"] += 1
             started = time.perf_counter()
-            row = self.db.execute("SELECT seq, entry, data FROM tasks WHERE name = ?", (name,)).fetchone()
-            if row is None:
+            self.db.execute("BEGIN")  # one snapshot for the record and its shared tensors (another process may
+            try:  # remove the task in between)
+                row = self.db.execute("SELECT seq, entry, data FROM tasks WHERE name = ?", (name,)).fetchone()
+                view = None if row is None else self._make_view(name, row[0], json.loads(row[1]),
+                                                                load_tensors(row[2]))
+            finally:
+                self.db.execute("COMMIT")
+            if view is None:
                 raise self.unknown(name)
-            view = self._make_view(name, row[0], json.loads(row[1]), load_tensors(row[2]))
             self.stats["loads"] += 1
             self.stats["load_seconds"] += time.perf_counter() - started
             self._keep(view, version)
