@@ -47,7 +47,7 @@ def build(src: Path, dest: Path, n: int, seed: int = 0) -> dict:
 
     dest.mkdir(parents=True)
     for f in src.iterdir():
-        if f.name.startswith(STORE_FILE) or f.name.startswith("."):
+        if f.name.startswith(STORE_FILE) or f.name.startswith(".") or f.name == "retrieval":  # derived from the store
             continue
         if f.suffix in (".onnx", ".data", ".xml", ".bin") or f.name.endswith(".onnx.data") or f.is_dir():
             (dest / f.name).symlink_to(f.resolve())

@@ -8,9 +8,10 @@ LMDB, see ARCHITECTURE.md "The prompt bank"). Tables:
                                     task's version: a new one at every write (a replaced task moves to the end).
     shared(key, refs, data)         the roles a kind shares between tasks (MPT's shared prompt), once per value
     meta(key, value)                the task count and the base model's head (safetensors bytes)
-    summaries(name, avg, tok)       input-level tasks: two float16 vectors [d] whose dot products with a query's
-                                    are retrieval's two similarities (library/retrieval.py), so ranking a million
-                                    tasks reads 2 KB of each, not its prompt
+    vectors(id, name, avg, tok)     input-level tasks: two float16 vectors [d] whose dot products with a query's
+                                    are retrieval's two similarities (library/retrieval.py); id only grows
+    vectors_gone(seq, id)           the ids of removed vectors rows, in order: with the growing ids, how
+                                    retrieval's index (core/vector_index.py) catches up with any change
 Every change is one transaction (many readers, one writer, across processes: SQLite's own locking), so a reader
 sees a task as it was or as it is, never half of each, and a writer killed midway leaves the last committed state.
 Readers load one task on demand into a small LRU of views bounded in bytes; a change committed by another process
@@ -51,7 +52,9 @@ CREATE TABLE IF NOT EXISTS tasks (seq INTEGER PRIMARY KEY AUTOINCREMENT, name TE
                                   entry TEXT NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS shared (key TEXT PRIMARY KEY, refs INTEGER NOT NULL, data BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS summaries (name TEXT PRIMARY KEY, avg BLOB NOT NULL, tok BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS vectors (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE,
+                                    avg BLOB NOT NULL, tok BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS vectors_gone (seq INTEGER PRIMARY KEY AUTOINCREMENT, id INTEGER NOT NULL);
 """
 
 
@@ -71,7 +74,22 @@ def _connect(path: Path | None) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")  # a committed change survives a power loss, not only a crash
     db.executescript(_SCHEMA)
+    if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'summaries'").fetchone():
+        _migrate_summaries(db)
     return db
+
+
+def _migrate_summaries(db: sqlite3.Connection) -> None:
+    """Stores of 2026-12-02 kept the retrieval vectors in `summaries`, without the growing ids the index needs."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'summaries'").fetchone():  # not done by another
+            db.execute("INSERT INTO vectors (name, avg, tok) SELECT name, avg, tok FROM summaries")
+            db.execute("DROP TABLE summaries")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 class PromptBank:
@@ -90,6 +108,7 @@ class PromptBank:
         self._checked: dict[str, int] = {}  # name -> data_version at which its cached view was last confirmed
         self._shared: dict[str, np.ndarray] = {}  # shared tensors of cached views
         self.stats = {"hits": 0, "misses": 0, "loads": 0, "load_seconds": 0.0}
+        self._index = None
         if base_head:
             with self._transaction():
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('base_head', ?)",
@@ -307,7 +326,7 @@ class PromptBank:
                 self._delete(name)
             for name, entry, data, refs, summary in records:
                 if summary is not None:
-                    self.db.execute("INSERT INTO summaries VALUES (?, ?, ?)", (name, *summary))
+                    self.db.execute("INSERT INTO vectors (name, avg, tok) VALUES (?, ?, ?)", (name, *summary))
                 for key, value in refs.values():
                     updated = self.db.execute("UPDATE shared SET refs = refs + 1 WHERE key = ?", (key,)).rowcount
                     if not updated:
@@ -341,23 +360,24 @@ class PromptBank:
                 self.db.execute("UPDATE shared SET refs = refs - 1 WHERE key = ?", (key,))
         self.db.execute("DELETE FROM shared WHERE refs <= 0")
         self.db.execute("DELETE FROM tasks WHERE name = ?", (name,))
-        self.db.execute("DELETE FROM summaries WHERE name = ?", (name,))
+        row = self.db.execute("SELECT id FROM vectors WHERE name = ?", (name,)).fetchone()
+        if row is not None:
+            self.db.execute("DELETE FROM vectors WHERE id = ?", row)
+            self.db.execute("INSERT INTO vectors_gone (id) VALUES (?)", row)
         self._drop(name)
 
     def _count(self, delta: int) -> None:
         self.db.execute("INSERT INTO meta VALUES ('count', ?) ON CONFLICT(key) DO UPDATE SET value = value + ?",
                         (delta, delta))
 
-    def prompt_vectors(self, method: str) -> tuple[list[str], np.ndarray]:
-        """Every input-level task's retrieval vector for `method` ("avg-cosine": the unit mean of its prompt's rows;
-        "per-token-cosine": the mean of its unit rows), float16 [tasks, d], in one read of the store."""
-        column = {"avg-cosine": "avg", "per-token-cosine": "tok"}[method]
+    def vector_index(self):
+        """Retrieval's index over this bank's input-level tasks (core/vector_index.py), made on first use."""
+        from .vector_index import VectorIndex
+
         with self._lock:
-            rows = self.db.execute(f"SELECT name, {column} FROM summaries").fetchall()
-        if not rows:
-            return [], np.zeros((0, 0), np.float16)
-        names, blobs = zip(*rows)
-        return list(names), np.frombuffer(b"".join(blobs), np.float16).reshape(len(rows), -1)
+            if self._index is None:
+                self._index = VectorIndex(self)
+            return self._index
 
     def shared_count(self) -> int:
         """Distinct shared tensors stored (MPT's shared prompts)."""
@@ -383,6 +403,7 @@ class PromptBank:
         try:
             with self._lock:
                 self.db.backup(dest)
+            dest.execute("DELETE FROM meta WHERE key = 'store_id'")  # a new store: no retrieval snapshot is its
             dest.execute("PRAGMA journal_mode=DELETE")  # one file to rename; readers switch it to WAL
         finally:
             dest.close()

@@ -96,30 +96,29 @@ RESCORED = 64  # candidates beyond 4 * top_k whose similarity is computed exactl
 
 
 def top_tasks(bank, config, query, method: str, top_k: int) -> list[dict]:
-    """The top_k rows of rank_tasks without reading every prompt: the store's float16 retrieval vectors
-    (core/bank.py summaries) rank every task in one pass, then the best 4 * top_k + 64 are scored exactly from their
-    prompts. The same answer as rank_tasks unless more tasks than that lie within float16 rounding (about 1e-3) of
-    the k-th score."""
-    from promptmux.core.bank import prompt_summaries
+    """The top_k rows of rank_tasks without reading every prompt: retrieval's index (core/vector_index.py: every
+    task's float16 retrieval vector as one float32 matrix) ranks every task with one matrix-vector product, then the
+    best 4 * top_k + 64 are scored exactly from their prompts. The same answer as rank_tasks unless more tasks than
+    that lie within float16 rounding (about 1e-3) of the k-th score."""
+    from promptmux.core.bank import UnknownTaskError, prompt_summaries
 
     q, q_task = _query_prompt(query, bank, config)
-    names, vectors = bank.prompt_vectors(method)
-    if not names:
+    index = bank.vector_index()
+    ids, scores = index.scores(method, prompt_summaries(q)[0 if method == "avg-cosine" else 1])
+    if not len(ids):
         return []
-    if vectors.shape[1] != q.shape[1]:
-        raise LibraryError(f"query prompt has width {q.shape[1]} but the bank's prompts have {vectors.shape[1]}")
-    qv = prompt_summaries(q)[0 if method == "avg-cosine" else 1].astype(np.float32)
-    scores = np.empty(len(names), np.float32)
-    for i in range(0, len(names), 1 << 16):  # float16 -> float32 a block at a time: no second full-size copy
-        scores[i:i + (1 << 16)] = vectors[i:i + (1 << 16)].astype(np.float32) @ qv
-    keep = min(len(names), 4 * top_k + RESCORED + 1)  # + 1: the query itself may be among them
-    best = np.argpartition(-scores, keep - 1)[:keep] if keep < len(names) else np.arange(len(names))
+    if index.dim != q.shape[1]:
+        raise LibraryError(f"query prompt has width {q.shape[1]} but the bank's prompts have {index.dim}")
+    keep = min(len(ids), 4 * top_k + RESCORED + 1)  # + 1: the query itself may be among them
+    best = np.argpartition(-scores, keep - 1)[:keep] if keep < len(ids) else np.arange(len(ids))
     rows = []
-    for i in best:
-        name = names[i]
+    for name in index.names(ids[best]).values():
         if name == q_task:
             continue
-        view = bank.view(name)
+        try:
+            view = bank.view(name)
+        except UnknownTaskError:  # removed by another process since it was ranked
+            continue
         p = task_prompt(view)
         rows.append({"task": name, "score": prompt_similarity(q, p, method), "kind": view.kind,
                      "peft_type": view.peft_type, "num_virtual_tokens": int(p.shape[0])})

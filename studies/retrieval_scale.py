@@ -3,8 +3,10 @@
     python studies/retrieval_scale.py DEPLOY --tasks 1000000
 
 The store is grown as bench/many_tasks.py grows it (one task cloned with noise), then a fresh process opens it
-and asks for the 5 tasks most similar to one of them, 3 times per method (the first read comes from the page cache
-as the second does: the store was just written). Prints JSON with the machine and the load average.
+and asks for the 5 tasks most similar to one of them, 3 times per method: its first query builds retrieval's index
+(core/vector_index.py) from the store and writes its snapshot. A second fresh process asks the same, ranking from
+the snapshot; then 1,000 tasks are added and 1,000 removed through another bank, and it asks again (catching up
+with the changes). Prints JSON with the machine and the load average.
 """
 
 from __future__ import annotations
@@ -20,15 +22,33 @@ from pathlib import Path
 
 QUERY = r"""
 import json, sys, time
-from promptmux.library.retrieval import similar_tasks
-out = {}
-for method in ("avg-cosine", "per-token-cosine"):
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        rows = similar_tasks(sys.argv[1], "user-123", top_k=5, method=method)
-        times.append(round(time.perf_counter() - t, 3))
-    out[method] = {"seconds": times, "top": [r["task"] for r in rows]}
+from promptmux.library.retrieval import load_bank, similar_tasks
+bank = load_bank(sys.argv[1])[0]
+
+def ask():
+    out = {}
+    for method in ("avg-cosine", "per-token-cosine"):
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            rows = similar_tasks(bank, "user-123", top_k=5, method=method)
+            times.append(round(time.perf_counter() - t, 3))
+        out[method] = {"seconds": times, "top": [r["task"] for r in rows]}
+    return out
+
+out = {"queries": ask()}
+if len(sys.argv) > 2:  # 1,000 adds and 1,000 removals by another bank, then the same queries
+    from promptmux.core.bank import PromptBank
+    from promptmux.core.task import Task
+    other = PromptBank.load(sys.argv[1], bank.spec)
+    s = other.view("user-0")
+    t = time.perf_counter()
+    other.add([Task(f"late-{i}", s.kind, s.peft_type, s.num_virtual_tokens, {"prompt": s.tensors["prompt"] + i},
+                    head=s.head, labels=s.labels) for i in range(1000)])
+    for i in range(2000, 3000):
+        other.remove(f"user-{i}")
+    out["changes_seconds"] = round(time.perf_counter() - t, 2)
+    out["after_2000_changes"] = ask()
 print(json.dumps(out))
 """
 
@@ -47,9 +67,10 @@ def main() -> None:
     try:
         result = {"machine": describe(), "load_average_start": os.getloadavg(), "tasks": args.tasks,
                   "build": build(Path(args.deploy), work / "deploy", args.tasks)}
-        proc = subprocess.run([sys.executable, "-c", QUERY, str(work / "deploy")], capture_output=True, text=True,
-                              check=True)
-        result["queries"] = json.loads(proc.stdout.strip().splitlines()[-1])
+        for key, extra in (("first_process", []), ("second_process", ["--changes"])):
+            proc = subprocess.run([sys.executable, "-c", QUERY, str(work / "deploy"), *extra], capture_output=True,
+                                  text=True, check=True)
+            result[key] = json.loads(proc.stdout.strip().splitlines()[-1])
         result["load_average_end"] = os.getloadavg()
     finally:
         shutil.rmtree(work, ignore_errors=True)

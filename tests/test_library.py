@@ -352,3 +352,93 @@ def test_top_k_from_the_stores_vectors_equals_ranking_every_prompt(method, tmp_p
         assert [r["task"] for r in got] == [r["task"] for r in want]
         assert [r["score"] for r in got] == [r["score"] for r in want]
         assert "t7" not in [r["task"] for r in got] or not isinstance(query, str)
+
+
+def _vector_bank(n, seed, start=0):
+    from promptmux.core.task import Task
+
+    rng = np.random.default_rng(seed)
+    return [Task(f"u{i}", "prompt", "PROMPT_TUNING", 2, {"prompt": rng.standard_normal((2, 16)).astype(np.float32)})
+            for i in range(start, start + n)]
+
+
+def test_retrieval_index_snapshot_follows_other_processes_changes(tmp_path, monkeypatch, caplog):
+    """The retrieval index kept beside the store (thresholds lowered so 120 tasks get one): a fresh bank ranks from
+    the memory-mapped snapshot, catches up with adds, removals and replacements made through another bank, folds
+    them into a new snapshot once they are many, ignores a snapshot of another store or a damaged one, and always
+    answers as scoring every prompt does."""
+    from promptmux.core import vector_index
+    from promptmux.core.archs import arch_for
+    from promptmux.core.bank import PromptBank
+    from promptmux.library.retrieval import rank_tasks, top_tasks
+
+    monkeypatch.setattr(vector_index, "SNAPSHOT_MIN", 50)
+    monkeypatch.setattr(vector_index, "REWRITE_MIN", 30)
+    spec = arch_for("llama")
+    PromptBank(spec).save(tmp_path)
+    writer = PromptBank.load(tmp_path, spec)
+    writer.add(_vector_bank(120, 0))
+    query = np.random.default_rng(9).standard_normal((2, 16)).astype(np.float32)
+
+    def same(bank):
+        for method in ("avg-cosine", "per-token-cosine"):
+            want = [(r["task"], r["score"]) for r in rank_tasks(bank, None, query, method)[:5]]
+            assert [(r["task"], r["score"]) for r in top_tasks(bank, None, query, method, 5)] == want
+
+    same(PromptBank.load(tmp_path, spec))  # builds the index and writes the snapshot
+    snap = tmp_path / "retrieval"
+    first = json.loads((snap / "index.json").read_text())
+    assert first["rows"] == 120
+    reader = PromptBank.load(tmp_path, spec)
+    same(reader)
+    assert isinstance(reader.vector_index().mats["avg"], np.memmap)  # ranked from the snapshot, not the store
+
+    best = rank_tasks(reader, None, query, "avg-cosine")[0]["task"]
+    writer.remove(best)
+    writer.add(_vector_bank(3, 1, start=5), replace=True)  # u5..u7 replaced: new ids, old ones logged as gone
+    writer.add(_vector_bank(10, 2, start=500))
+    same(reader)  # caught up in memory: fewer changes than the rewrite threshold
+    assert json.loads((snap / "index.json").read_text())["generation"] == first["generation"]
+    assert best not in [r["task"] for r in top_tasks(reader, None, query, "avg-cosine", 5)]
+
+    writer.add(_vector_bank(40, 3, start=1000))
+    same(reader)  # 54 changes since the snapshot: folded into a new one, the old files deleted
+    second = json.loads((snap / "index.json").read_text())
+    assert second["generation"] != first["generation"] and second["rows"] == 120 - 1 + 10 + 40
+    assert sorted(p.name for p in snap.glob("*.npy")) == sorted(f"{second['generation']}-{c}.npy"
+                                                                for c in ("ids", "avg", "tok"))
+    same(PromptBank.load(tmp_path, spec))
+
+    (snap / "index.json").write_text(json.dumps({**second, "store_id": "another"}))
+    same(PromptBank.load(tmp_path, spec))
+    assert json.loads((snap / "index.json").read_text())["store_id"] != "another"  # rebuilt from the store
+    (snap / f"{json.loads((snap / 'index.json').read_text())['generation']}-avg.npy").write_bytes(b"damaged")
+    with caplog.at_level("WARNING", logger="promptmux"):
+        same(PromptBank.load(tmp_path, spec))
+    assert "ignoring the retrieval index" in caplog.text
+
+
+def test_store_of_the_first_store_version_gets_its_retrieval_vectors_migrated(tmp_path):
+    """A store written before retrieval vectors had ids (their table was `summaries`) opens with them moved, and
+    ranks as before."""
+    import sqlite3
+
+    from promptmux.core.archs import arch_for
+    from promptmux.core.bank import PromptBank
+    from promptmux.library.retrieval import rank_tasks, top_tasks
+
+    spec = arch_for("llama")
+    bank = PromptBank(spec)
+    bank.add(_vector_bank(20, 4))
+    path = bank.save(tmp_path)
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript("CREATE TABLE summaries (name TEXT PRIMARY KEY, avg BLOB NOT NULL, tok BLOB NOT NULL) "
+                     "WITHOUT ROWID; INSERT INTO summaries SELECT name, avg, tok FROM vectors; DROP TABLE vectors;"
+                     "DROP TABLE vectors_gone;")
+    db.close()
+    old = PromptBank.load(tmp_path, spec)
+    assert old.db.execute("SELECT count(*) FROM vectors").fetchone()[0] == 20
+    assert old.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'summaries'").fetchone() is None
+    query = "u3"
+    assert [r["task"] for r in top_tasks(old, None, query, "avg-cosine", 4)] == \
+        [r["task"] for r in rank_tasks(old, None, query, "avg-cosine")[:4]]
