@@ -36,6 +36,7 @@ from promptmux.core.folder import (
     load_base_config,
     load_base_model,
 )
+from promptmux.core.light_config import config_record
 from promptmux.core.task import Task
 
 log = logging.getLogger("promptmux.export")
@@ -165,6 +166,7 @@ def _write_deployment(base_dir, out_dir: Path, config, spec, dims, model, bank, 
                 "path": str(Path(base_dir).resolve()),
                 "model_type": config.model_type,
                 "config_sha256": config_hash(config),
+                "config": config_record(config),  # read by the runtime without transformers (core/light_config.py)
                 "family": spec.family,
                 "dims": dims.__dict__,
             },

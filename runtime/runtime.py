@@ -12,13 +12,8 @@ import numpy as np
 
 from promptmux.core.archs import arch_for, dims_of, usable_positions
 from promptmux.core.bank import UnknownTaskError
-from promptmux.core.folder import (
-    FOLDED_GRAPH,
-    GRAPH,
-    read_bank,
-    read_manifest,
-    update_tasks,
-)
+from promptmux.core.folder import FOLDED_GRAPH, GRAPH, load_base_config, read_bank, read_manifest, update_tasks
+from promptmux.core.light_config import LightConfig, runtime_config
 from promptmux.core.task import Task, same_prompt, task_name
 
 from .batch import (
@@ -74,9 +69,7 @@ class Runtime:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.manifest = read_manifest(self.dir)
-        from transformers import AutoConfig
-
-        self.config = AutoConfig.from_pretrained(str(self.dir))
+        self.config = runtime_config(self.dir, self.manifest)  # without transformers where it can (light_config.py)
         self.spec = arch_for(self.config)
         self.dims = dims_of(self.config)
         self.backend, self.backend_reason = choose_backend(backend, precision, self.spec.family)
@@ -130,7 +123,7 @@ class Runtime:
             if not (base / "config.json").is_file():
                 raise FileNotFoundError(
                     f"the torch backend needs the base model; {base} is missing. Pass base=<folder> (CLI: --base)")
-            model = load_base_model(base, self.config)
+            model = load_base_model(base, self.hf_config)
             module = PromptedEncoder(model) if self.spec.family == "seq2seq" else PromptedBackbone(model)
             self.session = TorchSession(module, input_names(self.spec), threads)
             self.folded_session = None
@@ -173,7 +166,7 @@ class Runtime:
         file read for the adapter must resolve inside this folder (see load_adapter)."""
         from promptmux.core.adapters import load_adapter
 
-        return self.add_tasks(load_adapter(name, adapter_dir, self.config, root=root), persist, replace)
+        return self.add_tasks(load_adapter(name, adapter_dir, self.hf_config, root=root), persist, replace)
 
     def add_tasks(self, tasks: list[Task], persist: bool = False, replace: bool = False) -> list[str]:
         """Add tasks already read (load_adapter) in one change: all of them, or none if one is refused."""
@@ -204,6 +197,11 @@ class Runtime:
                 if persist:  # an old deployment read into memory: its store is written (migrated) too
                     update_tasks(self.dir, self.spec, change)
         return result
+
+    @property
+    def hf_config(self):
+        """The transformers config (reading adapters, the PyTorch model); self.config may be a LightConfig."""
+        return self.config if not isinstance(self.config, LightConfig) else load_base_config(self.dir)
 
     # ---- inference -----------------------------------------------------------------------
     @property

@@ -51,7 +51,7 @@ class Seq2SeqGenerator:
         start = getattr(cfg, "decoder_start_token_id", None)
         self.start_token = start if start is not None else cfg.pad_token_id
         # The first and last new tokens transformers' generate forces (BART's generation config: EOS last).
-        gen = generation_config(runtime.dir, cfg)
+        gen = generation_config(runtime.dir)
         self.forced_first, self.forced_last = gen.forced_bos_token_id, gen.forced_eos_token_id
 
     def _eos(self, params: SamplingParams) -> np.ndarray:
@@ -97,7 +97,7 @@ class Seq2SeqGenerator:
                 return
 
 
-def generation_config(folder, config):
+def generation_config(folder):
     """The deployment's generation config (copied from the base model at export), else the one transformers derives
     from the model config."""
     from transformers import GenerationConfig
@@ -105,4 +105,6 @@ def generation_config(folder, config):
     try:
         return GenerationConfig.from_pretrained(str(folder))
     except OSError:
-        return GenerationConfig.from_model_config(config)
+        from promptmux.core.folder import load_base_config  # the transformers config, not the runtime's LightConfig
+
+        return GenerationConfig.from_model_config(load_base_config(folder))

@@ -4,6 +4,7 @@ points at core/ or kinds/, not at the graphs."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -132,3 +133,25 @@ def test_io_spec_declares_every_graph_input_and_tensorrt_profiles_cover_its_axes
     lay, _ = _layout(["pt", "prefix"])
     for name, value in lay.feeds.items():
         assert value.ndim == len(INPUTS[name].axes) and str(value.dtype) == INPUTS[name].dtype, name
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert", "gpt2", "llama", "t5", "bart", "qwen2-cls"])
+def test_light_config_reads_as_the_transformers_config(arch):
+    """What the runtime reads of a config (rules, sizes, positions, special tokens) is the same from the export's
+    record as from transformers' config object, attribute_map names included."""
+    from conftest import tiny_config
+
+    from promptmux.core.archs import decoder_sizes, dims_of, position_offset, usable_positions
+    from promptmux.core.light_config import LightConfig, config_record
+
+    config = tiny_config(arch)
+    light = LightConfig(json.loads(json.dumps(config_record(config))))  # as the manifest stores it
+    assert arch_for(light) == arch_for(config)
+    assert dims_of(light) == dims_of(config)
+    assert (position_offset(light), usable_positions(light)) == (position_offset(config), usable_positions(config))
+    for name in ("pad_token_id", "eos_token_id", "hidden_size", "num_hidden_layers", "architectures"):
+        assert getattr(light, name, None) == getattr(config, name, None), name
+    if arch_for(config).family == "seq2seq":
+        assert decoder_sizes(light) == decoder_sizes(config)
+    with pytest.raises(AttributeError, match="has no 'no_such_setting'"):
+        light.no_such_setting

@@ -120,7 +120,7 @@ def apply_change(engine: Engine, op: dict) -> list[str]:
     if op["action"] == "upload":
         from .uploads import read_uploads
 
-        tasks = read_uploads(op["items"], engine.rt.config)
+        tasks = read_uploads(op["items"], engine.rt.hf_config)
         try:
             return engine.rt.add_tasks(tasks, persist=persist, replace=op["replace"])
         except ValueError as e:
