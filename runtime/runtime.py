@@ -14,6 +14,7 @@ from promptmux.core.archs import arch_for, dims_of, usable_positions
 from promptmux.core.bank import UnknownTaskError
 from promptmux.core.folder import FOLDED_GRAPH, GRAPH, load_base_config, read_bank, read_manifest, update_tasks
 from promptmux.core.light_config import LightConfig, runtime_config
+from promptmux.core.overlay import BankOverlay
 from promptmux.core.task import Task, same_prompt, task_name
 
 from .batch import (
@@ -184,15 +185,14 @@ class Runtime:
     def _change(self, change, persist: bool):
         """change(bank): with persist on the deployment's store (one transaction; other processes' changes are
         kept, and every runtime on the store sees it at its next lookup of the task). Without persist the change
-        stays in this runtime: the first such change copies the bank into memory (SQLite's backup: a page copy,
-        so with a million tasks persist instead), and the deployment is left as it is. A request holds the views
-        it looked up, so it sees each of its tasks as it was or as it is."""
+        stays in this runtime (core/overlay.py: its own tasks in memory over the store, which is left as it is).
+        A request holds the views it looked up, so it sees each of its tasks as it was or as it is."""
         with self._lock:
             if persist and self.bank.path is not None:
                 result = change(self.bank)  # this runtime reads the deployment's store itself
             else:
                 if self.bank.path is not None:
-                    self.bank = self.bank.copy()
+                    self.bank = BankOverlay(self.bank)
                 result = change(self.bank)
                 if persist:  # an old deployment read into memory: its store is written (migrated) too
                     update_tasks(self.dir, self.spec, change)
@@ -208,7 +208,7 @@ class Runtime:
     def tokenizer(self):
         try:
             self._tokenizer = self._tokenizer or load_tokenizer(self.dir)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, ImportError) as e:  # ImportError: its tokenizer class needs sentencepiece
             raise RuntimeError(f"{self.dir} has no tokenizer ({e}); pass token ids to forward()") from None
         return self._tokenizer
 

@@ -9,6 +9,7 @@ import pytest
 from conftest import adapter_configs, make_adapter, random_batch
 
 from promptmux import Runtime, UnknownTaskError, export_deployment
+from promptmux.core.task import Task
 from promptmux.kinds import kind_of
 
 TOL = 1e-4
@@ -65,6 +66,57 @@ def test_add_and_remove_task_on_loaded_runtime(deployment, tmp_path):
         rt.forward(ids, mask, ["extra", "pt"])
     # Not persisted: the folder still has the original tasks.
     assert "extra" not in Runtime(deployment.deploy).tasks
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_changes_a_runtime_keeps_to_itself_leave_the_store_as_it_is(deployment, tmp_path):
+    """Non-persisted changes go to an overlay over the store (core/overlay.py), not to a copy of it: the store's
+    file is untouched, a replaced task gets a version no store task has, a removed MPT adapter hides all its tasks,
+    listing pages through both, and a task another process persists meanwhile is still served."""
+    import shutil
+
+    from promptmux.core.folder import read_bank
+    from promptmux.core.overlay import OWN_VERSIONS_FROM, BankOverlay
+
+    def stored():
+        import sqlite3
+
+        db = sqlite3.connect(folder / "tasks.sqlite")
+        try:
+            return db.execute("SELECT seq, name, data FROM tasks ORDER BY seq").fetchall()
+        finally:
+            db.close()
+
+    folder = tmp_path / "copy"
+    shutil.copytree(deployment.deploy, folder)
+    store = stored()
+    rt = Runtime(folder)
+    before = rt.tasks
+    ids, mask = random_batch("bert", rows=2, seq=6, seed=3, padding_side="right")
+    want_pt = rt.forward(ids, mask, ["pt", "pt"])
+    rt.add_task("pt", deployment.adapters["prefix"], replace=True)  # replaced: the prefix adapter's prompt
+    rt.add_task("own", deployment.adapters["pt"])
+    rt.remove_task("mpt")
+    assert isinstance(rt.bank, BankOverlay) and stored() == store
+    assert rt.bank.view("pt").version > OWN_VERSIONS_FROM and rt.bank.view("pt").kind == "prefix"
+    assert np.allclose(rt.forward(ids, mask, ["own", "own"]), want_pt, atol=1e-6)
+    expected = [t for t in before if not t.startswith("mpt/") and t != "pt"] + ["pt", "own"]
+    assert rt.tasks == expected and len(rt.bank) == len(expected)
+    pages, after = [], None
+    while True:
+        names, more = rt.bank.page(2, after)
+        pages += names
+        if not more:
+            break
+        after = names[-1]
+    assert pages == expected
+    with pytest.raises(UnknownTaskError, match="unknown task 'mpt/0'"):
+        rt.bank.view("mpt/0")
+    other = read_bank(folder)  # another process persists a task: still served by this runtime
+    other.add([Task("theirs", "prompt", "PROMPT_TUNING", 2,
+                    {"prompt": np.ones((2, rt.dims.hidden_size), np.float32)},
+                    head={k: v for k, v in rt.bank.view("own").head.items()})])
+    assert "theirs" in rt.bank and rt.tasks[-3:] == ["theirs", "pt", "own"]
 
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
