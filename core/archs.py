@@ -52,10 +52,11 @@ class ArchSpec:
     verify_at_export: bool = False
     # Config settings the row's rules assume (attribute, value); another value is refused (check_config).
     requires: tuple[tuple[str, object], ...] = ()
-    # Seq2seq: the cached decoder step (core/seq2seq_graph.py): "t5" or "bart"; pre_norm: LayerNorm before each
-    # block and after the last (mBART) instead of after each block (BART).
+    # Seq2seq: the cached decoder step (core/seq2seq_graph.py): "t5" or "bart" (BART and the families derived from
+    # it; the step reads pre- or post-LayerNorm, scales and position tables from the modules). embed_norm: where
+    # the decoder's embedding LayerNorm sits, "after_positions" (BART) or "before_positions" (BlenderbotSmall).
     decoder_step: str = "t5"
-    pre_norm: bool = False
+    embed_norm: str = "after_positions"
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -108,7 +109,14 @@ ARCHS: dict[str, ArchSpec] = {
     # attention, post-LayerNorm blocks; its own decoder start token (the config's). No token types.
     # The generation config's forced first / last tokens are applied as transformers' generate does.
     "bart": ArchSpec(family="seq2seq", decoder_step="bart"),
-    "mbart": ArchSpec(family="seq2seq", decoder_step="bart", pre_norm=True),
+    "mbart": ArchSpec(family="seq2seq", decoder_step="bart"),  # pre-LayerNorm and a final LayerNorm
+    # BART's code with sinusoidal positions (M2M100's from padding_idx + 1), pre- or post-LayerNorm, the embedding
+    # scale in the encoder's forward (Marian, Pegasus, BlenderbotSmall: PEFT's prompt rows are not scaled there).
+    "marian": ArchSpec(family="seq2seq", decoder_step="bart"),
+    "pegasus": ArchSpec(family="seq2seq", decoder_step="bart"),
+    "m2m_100": ArchSpec(family="seq2seq", decoder_step="bart"),
+    "blenderbot": ArchSpec(family="seq2seq", decoder_step="bart"),
+    "blenderbot-small": ArchSpec(family="seq2seq", decoder_step="bart", embed_norm="before_positions"),
 }
 ARCHS["xlm-roberta"] = ARCHS["roberta"]  # RoBERTa's code under another name (transformers copies it)
 ARCHS["mt5"] = ARCHS["t5"]  # T5's code with another vocabulary
@@ -129,12 +137,14 @@ def arch_for(model) -> ArchSpec:
         spec = GENERIC_DECODER
     if spec is None and config is not None and is_encoder_classifier(model_type):
         spec = generic_encoder(config)
+    if spec is None and config is not None and is_seq2seq_lm(model_type):
+        spec = generic_seq2seq(config)
     if spec is None:
         rows = {f: ", ".join(sorted(t for t, r in ARCHS.items() if r.family == f)) for f in ("encoder", "seq2seq")}
         raise UnsupportedModelError(
             f"model type {model_type!r} is not supported: promptmux exports causal LMs of any family transformers "
             f"knows, sequence classifiers of {rows['encoder']} and of other families whose head it can read, and "
-            f"seq2seq models of {rows['seq2seq']}. Please report it, or add a row to core/archs.py (ARCHITECTURE.md: "
+            f"seq2seq models of {rows['seq2seq']} and of other families whose decoder is BART's. Please report it, or add a row to core/archs.py (ARCHITECTURE.md: "
             "'A model family')")
     if config is not None and spec.family == "decoder" and is_sequence_classifier(config):
         return causal_classifier(spec)
@@ -176,6 +186,43 @@ def generic_encoder(config) -> ArchSpec | None:
     if key not in _GENERIC_ENCODERS:
         _GENERIC_ENCODERS[key] = _read_encoder(config)
     return _GENERIC_ENCODERS[key]
+
+
+def is_seq2seq_lm(model_type: str) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+    return model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+
+def generic_seq2seq(config) -> ArchSpec | None:
+    """An encoder-decoder LM without a row whose decoder is BART's (what transformers derives most of them from):
+    attention with q/k/v/out projections, cross-attention, fc1/fc2, a position table. The BART step reads the rest
+    from the modules (core/seq2seq_graph.py); the export verifies the tokens against PEFT's generate. None
+    otherwise."""
+    if config.model_type not in _GENERIC_SEQ2SEQ:
+        _GENERIC_SEQ2SEQ[config.model_type] = _read_seq2seq(config)
+    return _GENERIC_SEQ2SEQ[config.model_type]
+
+
+def _read_seq2seq(config) -> ArchSpec | None:
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForSeq2SeqLM.from_config(config)
+        decoder = model.model.decoder
+        layer = decoder.layers[0]
+        parts = (layer.self_attn.k_proj, layer.self_attn.q_proj, layer.self_attn.out_proj, layer.encoder_attn.k_proj,
+                 layer.fc1, layer.fc2, layer.self_attn_layer_norm, decoder.embed_positions, decoder.embed_tokens)
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None
+    if any(p is None for p in parts):
+        return None
+    return ArchSpec(family="seq2seq", decoder_step="bart", verify_at_export=True)
+
+
+_GENERIC_SEQ2SEQ: dict[str, ArchSpec | None] = {}
 
 
 def _read_encoder(config) -> ArchSpec | None:

@@ -1,8 +1,8 @@
 """The seq2seq computation shared by the export and the torch backend: the encoder with the prompts as inputs (its
 outputs: every decoder layer's cross-attention keys/values) and one cached decoder step, written with the model's
 own modules (gpt-fast style) so the cache is plain tensors. One step per family (the row's `decoder_step`): T5
-(relative position bias, unscaled attention, pre-LayerNorm) and BART (learned positions per row, scaled attention,
-post-LayerNorm; mBART: pre-LayerNorm and a final LayerNorm). Where each kind's prompt goes is described in
+(relative position bias, unscaled attention, pre-LayerNorm) and BART (positions per row, scaled attention; the
+families derived from BART read their differences from the modules: BartDecoderStep). Where each kind's prompt goes is described in
 export/seq2seq.py."""
 
 from __future__ import annotations
@@ -52,11 +52,30 @@ class PromptedEncoder(PromptedBackbone):
         super().__init__(model)
         self.cross = cross_projections(model)
         self.heads = decoder_sizes(model.config)[1]
+        encoder = model.get_encoder()
+        self.embed_scale = float(getattr(encoder, "embed_scale", 1.0))
+        positions = getattr(encoder, "embed_positions", None)
+        self.ids_positions = (positions.weights, positions.padding_idx) if hasattr(
+            positions, "create_position_ids_from_input_ids") and hasattr(positions, "weights") else None
 
     def forward(self, input_ids, attention_mask, order, prompt_embeds, mpt_task_ids, mpt_shared_ids, mpt_shared,
                 mpt_cols, mpt_rows):
         x = self.sequence(input_ids, order, prompt_embeds, mpt_task_ids, mpt_shared_ids, mpt_shared, mpt_cols,
                           mpt_rows)
+        # PEFT gives the encoder input_ids for rows without virtual tokens (prefix tuning) and embeddings with the
+        # prompt for the others; some families treat the two differently. A row's first element is a prompt slot
+        # iff it has virtual tokens.
+        tokens_only = order[:, :1] >= order.shape[1] - input_ids.shape[1]
+        if self.embed_scale != 1.0:  # Marian, Pegasus, BlenderbotSmall scale only embeddings they look up
+            x = x * torch.where(tokens_only, self.embed_scale, 1.0).to(x.dtype)[:, :, None]
+        if self.ids_positions is not None:
+            # M2M100 counts positions over the non-pad input_ids, but sequentially over given embeddings: the rows
+            # given ids get the difference added, so the encoder's own sequential positions come out as PEFT's.
+            table, pad = self.ids_positions
+            seq = pad + 1 + torch.arange(x.shape[1], device=x.device)
+            m = attention_mask.long()
+            want = torch.where(tokens_only, torch.where(m == 1, pad + torch.cumsum(m, 1), pad), seq[None, :])
+            x = x + (table[want] - table[seq][None]).to(x.dtype)
         hidden = self.model.get_encoder()(inputs_embeds=x, attention_mask=attention_mask,
                                           return_dict=True).last_hidden_state
         out = []
@@ -125,19 +144,29 @@ class T5DecoderStep(Seq2SeqDecoderStep):
 
 
 class BartDecoderStep(Seq2SeqDecoderStep):
-    """BART / mBART. Positions are learned and counted per row over the attended cache: a row's decoder tokens
-    follow its own prefix-tuning prefix (n + j, as PEFT's cache length gives them) whatever the batch's longest."""
+    """BART and the families transformers derives from it (mBART, Marian, Pegasus, M2M100, Blenderbot,
+    BlenderbotSmall), their differences read from the modules: the embedding scale (in the word embedding, or the
+    decoder's embed_scale), the position table (learned or sinusoidal; its offset: BART's 2, M2M100's
+    padding_idx + 1), an embedding LayerNorm (after adding the positions, or before for BlenderbotSmall: the row's
+    embed_norm), and LayerNorm before each block with a final one (where the decoder has `layer_norm`) or after each
+    block. Positions are counted per row over the attended cache: a row's decoder tokens follow its own
+    prefix-tuning prefix (n + j, as PEFT's cache length gives them) whatever the batch's longest."""
 
     def forward(self, input_ids, attention_mask, encoder_attention_mask, *past):
         dec = self.model.model.decoder
-        pre_norm = arch_for(self.config).pre_norm
+        pre_norm = getattr(dec, "layer_norm", None) is not None
+        embed_norm = getattr(dec, "layernorm_embedding", None) or nn.Identity()
+        table, offset = position_table(dec.embed_positions)
         self_past, cross = past[: 2 * self.layers], past[2 * self.layers:]
-        x = dec.embed_tokens(input_ids)  # scaled inside where the config scales embeddings
+        x = dec.embed_tokens(input_ids) * getattr(dec, "embed_scale", 1.0)  # or scaled inside embed_tokens
         q_len = input_ids.shape[1]
         past_len = self_past[0].shape[2]
         k_len = past_len + q_len
-        positions = (torch.cumsum(attention_mask, -1) - 1).clamp(min=0)[:, -q_len:]
-        x = dec.layernorm_embedding(x + dec.embed_positions.weight[positions + dec.embed_positions.offset])
+        positions = table[(torch.cumsum(attention_mask, -1) - 1).clamp(min=0)[:, -q_len:] + offset].to(x.dtype)
+        if arch_for(self.config).embed_norm == "before_positions":
+            x = embed_norm(x) + positions
+        else:
+            x = embed_norm(x + positions)
         neg = torch.finfo(x.dtype).min
         query_pos = torch.arange(q_len, device=x.device)[:, None] + past_len
         causal = torch.arange(k_len, device=x.device)[None, :] <= query_pos
@@ -169,4 +198,14 @@ class BartDecoderStep(Seq2SeqDecoderStep):
         x = x[:, -1]
         if pre_norm:
             x = dec.layer_norm(x)
-        return (self.model.lm_head(x) + self.model.final_logits_bias.to(x.dtype), *presents)
+        logits = self.model.lm_head(x)
+        bias = getattr(self.model, "final_logits_bias", None)
+        return (logits if bias is None else logits + bias.to(x.dtype), *presents)
+
+
+def position_table(module: nn.Module) -> tuple[torch.Tensor, int]:
+    """(table, offset): the row of position p is table[p + offset]. M2M100's sinusoidal table is a buffer indexed
+    from padding_idx + 1; the others are embeddings (BART's learned one with its offset of 2)."""
+    if hasattr(module, "weights"):
+        return module.weights, module.padding_idx + 1
+    return module.weight, getattr(module, "offset", 0)

@@ -301,7 +301,9 @@ def _verify_generic(deploy: Path, base_dir, adapters, config, tolerance: float, 
     verify(deploy, base_dir, adapters, rows_per_task=2, seq=8, quiet=True, details=details)
     bad = {t: d for t, d in details.items() if not d["max_abs_diff"] <= tolerance * max(1.0, d["scale"])}
     if bad:
-        worst = "; ".join(f"task {t!r}: rows differ by {', '.join(f'{x:.2e}' for x in d['rows'])} (PEFT's outputs "
+        worst = "; ".join(f"task {t!r}: greedy tokens differ from PEFT's generate on {int(sum(d['rows']))} of "
+                          f"{len(d['rows'])} rows" if d.get("tokens") else
+                          f"task {t!r}: rows differ by {', '.join(f'{x:.2e}' for x in d['rows'])} (PEFT's outputs "
                           f"reach {d['scale']:.3g})" for t, d in bad.items())
         rules = ("as a sequence classifier runs on the generic rules (transformers' score head on the last token)"
                  if arch_for(config).feature == "last" else "has no row in promptmux's table")
@@ -350,7 +352,7 @@ def _copy_tokenizer(base_dir: str | Path, dest: Path) -> None:
 
     try:
         tok = AutoTokenizer.from_pretrained(str(base_dir))
-    except (OSError, ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError, ImportError) as e:  # ImportError: its tokenizer needs sentencepiece
         log.warning("no tokenizer in %s (%s); the deployment will take token ids only", base_dir, e)
         return
     tok.save_pretrained(str(dest))

@@ -90,7 +90,7 @@ def peft_generate(base_dir, adapter_dir, ids: np.ndarray, mask: np.ndarray, max_
     return out[:, 1:].tolist()  # drop the decoder start token
 
 
-def _verify_generation(rt, base_dir, adapters, plan, ids, mask, tasks, quiet, new_tokens: int = 8):
+def _verify_generation(rt, base_dir, adapters, plan, ids, mask, tasks, quiet, new_tokens: int = 8, details=None):
     """Seq2seq: greedy tokens of one mixed batch against PEFT's generate, per task the fraction of rows that
     differ (0.0: every row token-identical). PEFT's seq2seq forward and generate place MPT prompts differently,
     and the deployment follows generate, so tokens are what is compared."""
@@ -102,7 +102,10 @@ def _verify_generation(rt, base_dir, adapters, plan, ids, mask, tasks, quiet, ne
     for task, adapter, mpt_task in tqdm(plan, desc="verify", unit="task", disable=quiet, leave=False):
         rows = [i for i, t in enumerate(tasks) if t == task]
         want = peft_generate(base_dir, adapters[adapter], ids[rows], mask[rows], new_tokens, mpt_task)
-        worst[task] = sum(got[r]["token_ids"] != w for r, w in zip(rows, want)) / len(rows)
+        differ = [float(got[r]["token_ids"] != w) for r, w in zip(rows, want)]
+        worst[task] = sum(differ) / len(rows)
+        if details is not None:
+            details[task] = {"max_abs_diff": worst[task], "scale": 1.0, "rows": differ, "tokens": True}
     return worst
 
 
@@ -120,7 +123,7 @@ def verify(deploy_dir, base_dir, adapters: dict[str, str | Path], backend: str =
     quiet_libraries()  # PEFT loads a model per adapter: no loading bars or deprecation warnings in the output
     rt = Runtime(deploy_dir, backend=backend, base=base_dir)
     load_base_config(base_dir)  # refuses a folder that is no base model, saying so
-    config = rt.config  # the deployment's: a causal LM's checkpoint may be deployed as a classifier
+    config = rt.hf_config  # the deployment's: a causal LM's checkpoint may be deployed as a classifier
     family = arch_for(config).family
     # Which tasks each adapter provides, as named in the deployment.
     plan: list[tuple[str, str, int | None]] = []  # (task, adapter name, mpt task id)
@@ -141,7 +144,7 @@ def verify(deploy_dir, base_dir, adapters: dict[str, str | Path], backend: str =
                                    "left" if family == "decoder" else "right")
     tasks = [plan[i % len(plan)][0] for i in range(ids.shape[0])]
     if family == "seq2seq":
-        return _verify_generation(rt, base_dir, adapters, plan, ids, mask, tasks, quiet)
+        return _verify_generation(rt, base_dir, adapters, plan, ids, mask, tasks, quiet, details=details)
     got = rt.forward(ids, mask, tasks)
     worst: dict[str, float] = {}
     for task, adapter, mpt_task in tqdm(plan, desc="verify", unit="task", disable=quiet, leave=False):

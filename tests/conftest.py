@@ -89,6 +89,16 @@ FAMILIES = {
     # init_std > 0.02: a tiny random BART otherwise repeats one token; generate forces EOS last (its default config)
     "bart": ("bart", _BART),
     "mbart": ("mbart", dict(_BART, scale_embedding=True)),
+    # BART's descendants: sinusoidal positions (Marian, Pegasus; M2M100's from padding_idx + 1), pre-LayerNorm
+    # (Pegasus, M2M100, Blenderbot), the embedding LayerNorm before the positions (BlenderbotSmall); scale_embedding
+    # on where the real checkpoints have it (Marian, Pegasus and BlenderbotSmall scale in the encoder's forward)
+    "marian": ("marian", dict(_BART, scale_embedding=True, decoder_start_token_id=1)),
+    "pegasus": ("pegasus", dict(_BART, scale_embedding=True, decoder_start_token_id=1)),
+    "m2m_100": ("m2m_100", dict(_BART, scale_embedding=True)),
+    "blenderbot": ("blenderbot", dict(_BART, decoder_start_token_id=1)),
+    "blenderbot-small": ("blenderbot-small", dict(_BART, scale_embedding=True, decoder_start_token_id=1)),
+    # A seq2seq family without a row: BART's decoder read from the modules, verified against PEFT at export
+    "plbart": ("plbart", _BART),
     "mt5": ("mt5", dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2,
                         num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
                         initializer_factor=2.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)),
@@ -106,7 +116,8 @@ def is_causal_classifier(arch: str) -> bool:
 
 
 def is_seq2seq(arch: str) -> bool:
-    return arch in ("t5", "mt5", "bart", "mbart")
+    return arch in ("t5", "mt5", "bart", "mbart", "marian", "pegasus", "m2m_100", "blenderbot", "blenderbot-small",
+                    "plbart")
 
 
 def base_class(arch: str):
@@ -183,6 +194,8 @@ def make_adapter(arch: str, base_dir: Path, peft_config, folder: Path, seed: int
     if peft_config.peft_type == "CPT":  # CPT's training loss weighs tokens by their type
         kw = {"input_type_mask": torch.tensor([[1, 2, 2, 3, 4, 4]] * 2)}
     labels = torch.tensor([0, 1]) if is_encoder(arch) else ids
+    if arch == "m2m_100":  # transformers' M2M100 makes decoder ids from the labels beside PEFT's decoder embeddings,
+        train_steps = 0  # then refuses both: only the randomised weights below (what every fixture serves anyway)
     for _ in range(train_steps):
         loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, **kw).loss
         loss.backward()

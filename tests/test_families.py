@@ -132,3 +132,23 @@ def test_a_setting_the_row_does_not_cover_is_refused(tmp_path):
                                                     "promptmux computes this family with "
                                                     "classifier_pooling='cls'"):
         load_base_config(tmp_path)
+
+
+def test_a_seq2seq_family_the_bart_step_does_not_fit_is_refused_with_the_tokens(monkeypatch, tmp_path_factory):
+    """PLBart has no row: the BART step read from its modules, verified by greedy tokens against PEFT's generate.
+    With a deliberately wrong rule (the embedding LayerNorm before the positions, BlenderbotSmall's order) the
+    export refuses it, says on how many rows the tokens differ, and leaves nothing."""
+    from promptmux import export_deployment
+    from promptmux.core import archs
+    from promptmux.core.archs import ArchSpec, UnsupportedModelError
+
+    fx = _family("plbart", tmp_path_factory)
+    assert fx.rt.manifest["graph"]["verified_against_peft"]  # the right rules were verified
+    monkeypatch.setattr(archs, "generic_seq2seq", lambda config: ArchSpec(
+        family="seq2seq", decoder_step="bart", embed_norm="before_positions", verify_at_export=True))
+    out = tmp_path_factory.mktemp("wrong") / "deploy"
+    with pytest.raises(UnsupportedModelError) as e:
+        export_deployment(fx.base, {"pt": fx.adapters["pt"]}, out, quiet=True)
+    assert "model type 'plbart' has no row" in str(e.value)
+    assert "task 'pt': greedy tokens differ from PEFT's generate on" in str(e.value)
+    assert not out.exists()
