@@ -71,7 +71,7 @@ def build(src: Path, dest: Path, n: int, seed: int = 0) -> dict:
     return {"tasks": n, "source_task": source.name, "build_seconds": round(time.perf_counter() - start, 1)}
 
 
-def _rss_mb() -> float:
+def rss_mb() -> float:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
@@ -82,10 +82,10 @@ def measure(deploy: Path, batch: int, seq: int, requests: int, changes: int, thr
     from promptmux.core.folder import read_bank
     from promptmux.core.task import Task
 
-    before = _rss_mb()
+    before = rss_mb()
     t = time.perf_counter()
     rt = Runtime(deploy, backend="onnxruntime", threads=threads)
-    out = {"open_s": round(time.perf_counter() - t, 3), "rss_after_open_mb": round(_rss_mb(), 1),
+    out = {"open_s": round(time.perf_counter() - t, 3), "rss_after_open_mb": round(rss_mb(), 1),
            "rss_before_open_mb": round(before, 1)}
     n = len(rt.bank)
     rng = np.random.default_rng(seed)
@@ -148,7 +148,7 @@ def measure(deploy: Path, batch: int, seq: int, requests: int, changes: int, thr
         th.join()
     out.update(add_p50_ms=_pct(adds, 50), add_p99_ms=_pct(adds, 99), remove_p50_ms=_pct(removes, 50),
                remove_p99_ms=_pct(removes, 99), batches_during_changes=served[0], failures=len(errors),
-               rss_end_mb=round(_rss_mb(), 1), bank_cache_mb=round(rt.bank.cache_used() / 2**20, 1),
+               rss_end_mb=round(rss_mb(), 1), bank_cache_mb=round(rt.bank.cache_used() / 2**20, 1),
                tasks=n, store_bytes=rt.bank.size_bytes())
     return out
 
