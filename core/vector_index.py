@@ -128,14 +128,16 @@ class VectorIndex:
             try:
                 self.last_gone = db.execute("SELECT coalesce(max(seq), 0) FROM vectors_gone").fetchone()[0]
                 cursor = db.execute("SELECT id, avg, tok FROM vectors ORDER BY id")
+                read = 0
                 while rows := cursor.fetchmany(1 << 15):
+                    if read < SNAPSHOT_MIN <= read + len(rows) and self.folder is not None:
+                        log.warning("building the retrieval index of %s (once: it is kept in %s)", self.bank.path,
+                                    self.folder)
+                    read += len(rows)
                     ids.append(np.fromiter((r[0] for r in rows), np.int64, len(rows)))
                     for k, col in ((1, "avg"), (2, "tok")):
                         mats[col].append(np.frombuffer(b"".join(r[k] for r in rows), np.float16)
                                          .reshape(len(rows), -1).astype(np.float32))
-                    if len(ids) == SNAPSHOT_MIN >> 15:
-                        log.warning("building the retrieval index of %s (once: it is kept in %s)", self.bank.path,
-                                    self.folder)
             finally:
                 db.execute("COMMIT")
         if ids:
