@@ -28,6 +28,8 @@ class LightConfig:
         self.__dict__["_map"] = record["attribute_map"]
 
     def __getattr__(self, name: str):
+        if name.startswith("__") or "_values" not in self.__dict__:  # copy/pickle probing a bare instance
+            raise AttributeError(name)
         values = self.__dict__["_values"]
         key = self.__dict__["_map"].get(name, name)
         if key in values:
