@@ -68,6 +68,8 @@ class UnknownTaskError(LookupError):
 def _connect(path: Path | None) -> sqlite3.Connection:
     # One connection per bank, shared by the threads of a process under the bank's lock; autocommit mode, with
     # explicit transactions. A writer waits up to a minute for another process's transaction.
+    if path is not None and not os.access(path.parent, os.W_OK):
+        return _connect_read_only(path)
     db = sqlite3.connect(":memory:" if path is None else str(path), timeout=60, isolation_level=None,
                          check_same_thread=False)
     if path is not None:
@@ -76,6 +78,22 @@ def _connect(path: Path | None) -> sqlite3.Connection:
     db.executescript(_SCHEMA)
     if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'summaries'").fetchone():
         _migrate_summaries(db)
+    return db
+
+
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """A store in a folder this process cannot write (a read-only volume, an image layer): WAL mode needs its -shm
+    file beside the store, so it is opened immutable, which is right only if no change is waiting in its log."""
+    wal = Path(f"{path}-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        raise PermissionError(f"{path.parent} is read-only and its task store has changes not yet merged into it "
+                              f"({wal.name}); open the deployment once where it can be written (any promptmux "
+                              "command that opens it merges them), then make it read-only")
+    db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, isolation_level=None,
+                         check_same_thread=False)
+    if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'summaries'").fetchone():
+        raise PermissionError(f"{path} was written by promptmux before 2026-12-03 and {path.parent} is read-only; "
+                              "open the deployment once where it can be written (it is migrated then)")
     return db
 
 
@@ -282,6 +300,10 @@ class PromptBank:
         """One write transaction: BEGIN IMMEDIATE takes the store's write lock at once, so nothing another writer
         commits falls between what a change reads and what it writes."""
         with self._lock:
+            if self.path is not None and not os.access(self.path.parent, os.W_OK):
+                raise PermissionError(f"{self.path.parent} is read-only: a persisted task change cannot be written "
+                                      "there; change tasks without persist (they stay in this process), or deploy "
+                                      "the folder writable")
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield

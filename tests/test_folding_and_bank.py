@@ -120,6 +120,40 @@ def test_changes_a_runtime_keeps_to_itself_leave_the_store_as_it_is(deployment, 
 
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_a_read_only_deployment_folder_opens_and_serves(deployment, tmp_path, monkeypatch):
+    """A folder the process cannot write (os.access says so; CI runs as root, which chmod does not stop): the store
+    opens immutable and serves the same outputs; a persisted change is refused saying why, one kept in the process
+    works; a store whose log still holds changes is refused, saying how to merge them."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from promptmux.core.bank import PromptBank
+
+    folder = tmp_path / "ro"
+    shutil.copytree(deployment.deploy, folder)
+    ids, mask = random_batch("bert", rows=2, seq=6, seed=3, padding_side="right")
+    want = Runtime(folder).forward(ids, mask, ["pt", "prefix"])
+    writer = PromptBank.load(folder, Runtime(folder).spec)
+    writer.add([Task("late", "prompt", "PROMPT_TUNING", 2, {"prompt": np.ones((2, 32), np.float32)},
+                     head=writer.view("pt").head)])  # committed, still in the log while the writer is open
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if mode & os.W_OK and Path(p) == folder
+                        else real(p, mode, **kw))
+    with pytest.raises(PermissionError, match="changes not yet merged into it"):
+        Runtime(folder)
+    import gc
+
+    writer.close()
+    gc.collect()  # the runtimes made above hold connections too: the last one to close merges the log
+    rt = Runtime(folder)
+    assert np.allclose(rt.forward(ids, mask, ["pt", "prefix"]), want, atol=1e-6) and "late" in rt.tasks
+    with pytest.raises(PermissionError, match="is read-only: a persisted task change cannot be written"):
+        rt.add_task("again", deployment.adapters["pt"], persist=True)
+    assert rt.add_task("again", deployment.adapters["pt"]) == ["again"] and "again" in rt.tasks
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
 def test_persisted_bank_change_reaches_the_folder(deployment, tmp_path):
     import shutil
 
