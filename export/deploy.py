@@ -355,6 +355,10 @@ def _copy_tokenizer(base_dir: str | Path, dest: Path) -> None:
     except (OSError, ValueError, TypeError, ImportError) as e:  # ImportError: its tokenizer needs sentencepiece
         log.warning("no tokenizer in %s (%s); the deployment will take token ids only", base_dir, e)
         return
+    if len(tok) <= len(set(tok.all_special_ids)):  # transformers makes an empty one for a folder without files
+        log.warning("no tokenizer in %s (no vocabulary beyond its special tokens); the deployment will take token ids "
+                    "only", base_dir)
+        return
     tok.save_pretrained(str(dest))
 
 

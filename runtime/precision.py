@@ -5,10 +5,11 @@
     int8  weight-only int8 (ONNX Runtime MatMulNBits) of a causal LM's cached decoder, LM head included
 
 A non-exact precision is never assumed to be good enough: the first time a deployment runs it (or at export
-with --precision), its outputs are compared with fp32 on calibration inputs (the user's own texts, or
-generated token ids) and the result is written into the manifest under "precision". The user's texts are kept
-in the deployment (calibration.txt), so that a re-measurement after the tasks change uses them again. Below
-THRESHOLDS it warns; with strict=True it refuses. A precision the machine cannot run is an error that says what
+with --precision), its outputs are compared with fp32 on calibration inputs (the user's own texts, labelled rows
+of classifier tasks, or generated token ids) and the result is written into the manifest under "precision". The
+user's rows are kept in the deployment (calibration.txt, or calibration.jsonl with labels), so that a
+re-measurement after the tasks change uses them again. Below THRESHOLDS (LABELLED for a task measured on labelled
+rows) it warns; with strict=True it refuses. A precision the machine cannot run is an error that says what
 is missing; nothing falls back silently.
 """
 
@@ -31,6 +32,11 @@ PRECISION_BACKENDS = {"bf16": ("openvino",), "int8": ("onnxruntime",)}
 # The contract: classifiers keep this share of fp32's predictions; decoders this share of fp32's greedy tokens
 # (tokens up to a row's first divergence, averaged over rows).
 THRESHOLDS = {"prediction_agreement": 0.995, "token_agreement": 0.90}
+# With labelled calibration rows (a classifier task's own texts and answers), a task instead keeps its accuracy
+# within this of fp32's and at least this share of fp32's predictions (so a precision that trades many answers for
+# an equal score is not accepted).
+LABELLED = {"accuracy_drop": 0.005, "prediction_agreement": 0.97}
+LABELLED_FILE = "calibration.jsonl"  # the deployment's own labelled calibration rows
 CALIBRATION_ROWS = 256  # generated classifier inputs when the user gives none (one flip in 256 stays above 0.995)
 CALIBRATION_PROMPTS = 32  # generated decoder prompts
 CALIBRATION_NEW_TOKENS = 16
@@ -100,16 +106,47 @@ def choose_backend(backend: str, precision: str, family: str) -> tuple[str, str]
 
 # ---- the contract ---------------------------------------------------------------------------
 
-def calibration_texts(path: str | Path) -> list[str]:
-    """One text per line of the user's file (blank lines skipped)."""
+def calibration_texts(path: str | Path) -> list:
+    """The user's calibration file: one text per line (blank lines skipped), or JSON Lines of labelled rows,
+    {"task": NAME, "text": TEXT, "label": LABEL} (LABEL: one of the task's labels, or its index), for classifiers."""
     path = Path(path)
     try:
-        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read the calibration file {path}: {e}") from None
-    if not texts:
+    if not lines:
         raise ValueError(f"the calibration file {path} has no text (one text per line)")
-    return texts
+    if not lines[0].startswith("{"):
+        return lines
+    import json
+
+    rows = []
+    for i, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {i}: not JSON ({e.msg}); a labelled calibration file has one "
+                             '{"task": ..., "text": ..., "label": ...} per line') from None
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("task", "text")) \
+                or not isinstance(row.get("label"), (str, int)) or isinstance(row.get("label"), bool):
+            raise ValueError(f"{path} line {i}: give \"task\" and \"text\" as strings and \"label\" as a label "
+                             "name or index")
+        rows.append({"task": row["task"], "text": " ".join(row["text"].split()), "label": row["label"]})
+    return rows
+
+
+def _label_index(rt, row: dict, task_labels: list | None, n_labels: int) -> int:
+    label = row["label"]
+    if isinstance(label, int):
+        index = label
+    elif task_labels and label in task_labels:
+        index = task_labels.index(label)
+    else:
+        raise ValueError(f"calibration row of task {row['task']!r}: label {label!r} is not one of the task's labels "
+                         f"({', '.join(map(str, task_labels or [])) or f'indices 0 to {n_labels - 1}'})")
+    if not 0 <= index < n_labels:
+        raise ValueError(f"calibration row of task {row['task']!r}: label index {index} is outside 0..{n_labels - 1}")
+    return index
 
 
 def _generated_ids(rt, rows: int, length: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -134,12 +171,24 @@ def _classifier_batches(rt, texts, task: str, size: int = 32):
     return batches
 
 
-def measure(fast, exact, texts: list[str] | None = None) -> dict:
-    """Compare the runtime `fast` with the fp32 runtime `exact` on the calibration inputs, task by task."""
+def measure(fast, exact, texts: list[str] | None = None, labelled: list[dict] | None = None) -> dict:
+    """Compare the runtime `fast` with the fp32 runtime `exact` on the calibration inputs, task by task (a
+    classifier task with labelled rows: on those, with both accuracies)."""
     family = exact.spec.family
     report = {}
     for task in exact.tasks:
-        if family == "encoder":
+        mine = [r for r in labelled or () if r["task"] == task]
+        if family == "encoder" and mine:
+            batches = _classifier_batches(exact, [r["text"] for r in mine], task)
+            want = np.stack([r for ids, mask, types in batches for r in exact.forward(ids, mask, task, types)])
+            got = np.stack([r for ids, mask, types in batches for r in fast.forward(ids, mask, task, types)])
+            gold = np.array([_label_index(exact, r, exact.bank.entry(task).get("labels"), want.shape[1])
+                             for r in mine])
+            report[task] = {"rows": len(want), "labelled": True, "max_abs_diff": float(np.abs(got - want).max()),
+                            "prediction_agreement": float((got.argmax(-1) == want.argmax(-1)).mean()),
+                            "accuracy_fp32": float((want.argmax(-1) == gold).mean()),
+                            "accuracy": float((got.argmax(-1) == gold).mean())}
+        elif family == "encoder":
             batches = _classifier_batches(exact, texts, task)
             want = np.stack([r for ids, mask, types in batches for r in exact.forward(ids, mask, task, types)])
             got = np.stack([r for ids, mask, types in batches for r in fast.forward(ids, mask, task, types)])
@@ -180,12 +229,27 @@ def _prefix_agreement(got: list[list[int]], want: list[list[int]]) -> float:
     return float(np.mean(shares))
 
 
-def passed(tasks: dict) -> bool:
-    for r in tasks.values():
+def misses(tasks: dict) -> list[str]:
+    """What each task missed of its rule: the labelled one where it was measured on labelled rows."""
+    out = []
+    for task, r in tasks.items():
+        if r.get("labelled"):
+            drop = r["accuracy_fp32"] - r["accuracy"]
+            if drop > LABELLED["accuracy_drop"] + 1e-12:
+                out.append(f"{task}: accuracy {r['accuracy']:.4f} is {drop:.4f} below fp32's {r['accuracy_fp32']:.4f} "
+                           f"(at most {LABELLED['accuracy_drop']})")
+            if r["prediction_agreement"] < LABELLED["prediction_agreement"]:
+                out.append(f"{task}: prediction_agreement {r['prediction_agreement']:.4f} < "
+                           f"{LABELLED['prediction_agreement']} (labelled rows)")
+            continue
         for metric, floor in THRESHOLDS.items():
             if metric in r and r[metric] < floor:
-                return False
-    return True
+                out.append(f"{task}: {metric} {r[metric]:.4f} < {floor}")
+    return out
+
+
+def passed(tasks: dict) -> bool:
+    return not misses(tasks)
 
 
 def record_key(backend: str, precision: str) -> str:
@@ -209,51 +273,82 @@ def write_contract(deploy_dir: Path, backend: str, precision: str, entry: dict) 
                                                                                         entry))
 
 
-def calibrate(fast, texts: list[str] | None = None, source: str | None = None) -> dict:
-    """Measure `fast` (a Runtime at a non-exact precision) against fp32 ONNX Runtime and build its contract."""
+def calibrate(fast, items: list | None = None, source: str | None = None) -> dict:
+    """Measure `fast` (a Runtime at a non-exact precision) against fp32 ONNX Runtime and build its contract.
+    items: calibration texts and/or labelled rows ({"task", "text", "label"}); None: generated inputs."""
     from .runtime import Runtime
 
+    texts = [t for t in items or () if isinstance(t, str)] or None
+    labelled = [r for r in items or () if isinstance(r, dict)] or None
+    if labelled:
+        if fast.spec.family != "encoder":
+            raise ValueError("labelled calibration rows are for classifiers; for a language model give texts, one "
+                             "per line")
+        unknown = sorted({r["task"] for r in labelled} - set(fast.tasks))
+        if unknown:
+            raise ValueError(f"labelled calibration rows name task(s) {', '.join(map(repr, unknown))} that this "
+                             f"deployment does not serve ({len(fast.tasks)} tasks)")
     exact = Runtime(fast.dir, backend="onnxruntime", precision="fp32", threads=fast._threads)
     started = time.time()
-    tasks = measure(fast, exact, texts)
-    if texts is None:
+    tasks = measure(fast, exact, texts, labelled)
+    if items is None:
         calibration = {"source": "generated token ids"}
     else:
-        calibration = {"source": source or "texts", "rows": len(texts), "sha256": _texts_digest(texts)}
+        calibration = {"source": source or "texts", "rows": len(items), "labelled_rows": len(labelled or ()),
+                       "sha256": _texts_digest(items)}
     return {
         "backend": fast.backend, "precision": fast.precision, "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                         time.gmtime()),
-        "seconds": round(time.time() - started, 1), "calibration": calibration, "thresholds": dict(THRESHOLDS),
+        "seconds": round(time.time() - started, 1), "calibration": calibration,
+        "thresholds": {**THRESHOLDS, "labelled": dict(LABELLED)},
         "tasks": tasks, "passed": passed(tasks), "digests": {t: fast.bank.digest(t) for t in fast.tasks},
     }
 
 
-def _texts_digest(texts: list[str]) -> str:
-    return hashlib.sha256("\n".join(texts).encode()).hexdigest()
+def _lines(items: list) -> list[str]:
+    """Calibration items as the deployment keeps them: a text per line, or a labelled row as a JSON line."""
+    import json
+
+    return [t if isinstance(t, str) else json.dumps(t, ensure_ascii=False, sort_keys=True) for t in items]
+
+
+def _texts_digest(items: list) -> str:
+    return hashlib.sha256("\n".join(_lines(items)).encode()).hexdigest()
+
+
+def _normalise(items) -> list:
+    out = []
+    for t in items:
+        if isinstance(t, dict):
+            out.append({"task": t["task"], "text": " ".join(str(t["text"]).split()), "label": t["label"]})
+        elif t.strip():
+            out.append(" ".join(t.split()))
+    return out
 
 
 def contract(rt, strict: bool, calibration=None) -> dict:
     """The runtime's precision contract: the manifest's, or measured now (on `calibration`, else the deployment's
-    calibration.txt, else generated inputs) when it is missing or the bank's tasks changed since."""
+    calibration.jsonl or calibration.txt, else generated inputs) when it is missing or the bank's tasks changed
+    since. calibration: texts, and/or labelled rows {"task", "text", "label"} (classifiers)."""
     from promptmux.core.folder import MANIFEST
 
-    stored_texts = rt.dir / CALIBRATION_FILE
-    if calibration is not None:  # measured exactly as calibration.txt will give them back: one line per text
-        calibration = [" ".join(t.split()) for t in calibration if t.strip()]
+    if calibration is not None:  # measured exactly as the deployment's file will give them back
+        calibration = _normalise(calibration)
         if not calibration:
             raise ValueError("the calibration texts are all empty; give at least one text (one per line)")
-    texts, source = calibration, "the given texts"
-    if texts is None and stored_texts.is_file():
-        texts, source = calibration_texts(stored_texts), f"the deployment's {CALIBRATION_FILE}"
+    items, source = calibration, "the given texts"
+    for name in (LABELLED_FILE, CALIBRATION_FILE):
+        if items is None and (rt.dir / name).is_file():
+            items, source = calibration_texts(rt.dir / name), f"the deployment's {name}"
     digests = {t: rt.bank.digest(t) for t in rt.tasks}
     entry = None if calibration is not None else stored_contract(rt.manifest, rt.backend, rt.precision, digests)
-    if entry and texts is not None and entry["calibration"].get("sha256") != _texts_digest(texts):
-        entry = None  # calibration.txt changed (or came) since the contract was measured: measure on it
+    if entry and items is not None and entry["calibration"].get("sha256") != _texts_digest(items):
+        entry = None  # the calibration file changed (or came) since the contract was measured: measure on it
     if entry is None:
         log.warning("measuring precision %s on %s against fp32 on %s (once per deployment and task set)",
-                    rt.precision, rt.backend, source if texts is not None else "generated inputs")
-        entry = calibrate(rt, list(texts) if texts is not None else None,
-                          source=CALIBRATION_FILE if calibration is None else None)
+                    rt.precision, rt.backend, source if items is not None else "generated inputs")
+        entry = calibrate(rt, list(items) if items is not None else None,
+                          source=source.removeprefix("the deployment's ") if calibration is None else None)
         try:
             if calibration is not None:
                 keep_texts(rt.dir, list(calibration))
@@ -264,19 +359,22 @@ def contract(rt, strict: bool, calibration=None) -> dict:
     return entry
 
 
-def keep_texts(deploy_dir: Path, texts: list[str]) -> None:
-    """Store calibration texts (one line each, as contract() normalises them) in the deployment."""
+def keep_texts(deploy_dir: Path, items: list) -> None:
+    """Store calibration items in the deployment: calibration.jsonl where some are labelled rows, else
+    calibration.txt (one text per line, as contract() normalises them); the other file is removed."""
     import os
     import tempfile
 
     from promptmux.core.folder import deployment_lock, durable_replace
 
+    name = LABELLED_FILE if any(isinstance(t, dict) for t in items) else CALIBRATION_FILE
     with deployment_lock(deploy_dir):
         fd, tmp = tempfile.mkstemp(prefix=".calibration-", dir=deploy_dir)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.writelines(t + "\n" for t in texts)
-            durable_replace(tmp, Path(deploy_dir) / CALIBRATION_FILE)
+                f.writelines(line + "\n" for line in _lines(items))
+            durable_replace(tmp, Path(deploy_dir) / name)
+            (Path(deploy_dir) / (CALIBRATION_FILE if name == LABELLED_FILE else LABELLED_FILE)).unlink(missing_ok=True)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -285,16 +383,12 @@ def keep_texts(deploy_dir: Path, texts: list[str]) -> None:
 def enforce(entry: dict, strict: bool) -> None:
     """Warn (or, strict, refuse) when a contract was missed, naming the tasks and figures. Judged against today's
     THRESHOLDS, also for a contract recorded under others."""
-    entry["passed"] = passed(entry["tasks"])
+    missed = misses(entry["tasks"])
+    entry["passed"] = not missed
     if entry["passed"]:
         return
-    misses = []
-    for task, r in entry["tasks"].items():
-        for metric, floor in THRESHOLDS.items():
-            if metric in r and r[metric] < floor:
-                misses.append(f"{task}: {metric} {r[metric]:.4f} < {floor}")
     msg = (f"precision {entry['precision']} on {entry['backend']} misses its accuracy contract against fp32 "
-           f"({'; '.join(misses)}; calibration: {entry['calibration']['source']})")
+           f"({'; '.join(missed)}; calibration: {entry['calibration']['source']})")
     if strict:
         raise PrecisionError(msg + ". Use precision fp32, or drop --strict to accept it")
     log.warning("%s", msg)

@@ -48,8 +48,8 @@ def setup(tmp_path_factory):
     words = ["good", "bad", "film", "plot", "great", "awful", "the", "a", "is", "was"]
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
     vocab += [f"w{i}" for i in range(VOCAB - len(vocab))]
-    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(base)
+    # vocab= (transformers 5 ignores vocab_file=, leaving a tokenizer that makes every word [UNK])
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(base)
     cfgs = adapter_configs("bert")
     adapters = {name: make_adapter("bert", base, cfgs[name], root / name, seed=i + 1)
                 for i, name in enumerate(["pt", "prefix", "mpt", "ptmlp"])}

@@ -120,12 +120,16 @@ def test_bad_task_names(bert):
 
 
 def test_unsupported_model_family(tmp_path):
-    from transformers import PegasusConfig
+    """ProphetNet: a seq2seq model whose decoder is neither T5's nor BART's (n-gram streams)."""
+    from transformers import ProphetNetConfig
 
-    PegasusConfig(d_model=32, encoder_layers=1, decoder_layers=1, vocab_size=50).save_pretrained(tmp_path)
+    ProphetNetConfig(hidden_size=32, encoder_ffn_dim=37, decoder_ffn_dim=37, num_encoder_layers=1,
+                     num_decoder_layers=1, num_encoder_attention_heads=4, num_decoder_attention_heads=4,
+                     vocab_size=50).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError,
-                       match="model type 'pegasus' is not supported: promptmux exports causal LMs of any family "
-                             "transformers knows, sequence classifiers of .* and seq2seq models of bart, mbart, mt5, t5"):
+                       match="model type 'prophetnet' is not supported: promptmux exports causal LMs of any family "
+                             "transformers knows, sequence classifiers of .* and seq2seq models of bart, .*pegasus, t5 "
+                             "and of other families whose decoder is BART's"):
         load_base_config(tmp_path)
 
 

@@ -105,14 +105,8 @@ def test_calibration_texts_are_used_and_recorded(deployment, tmp_path, bf16_cpu)
 
     deploy = shutil.copytree(deployment.deploy, tmp_path / "deploy")
     path = tmp_path / "calibration.txt"
-    # the tiny test tokenizer is absent: build texts the deployment can encode only if it has a tokenizer
-    if not (deploy / "tokenizer_config.json").is_file():
-        from transformers import BertTokenizerFast
-
-        vocab = tmp_path / "vocab.txt"
-        vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(115)]))
-        BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(str(deploy))
-    path.write_text("\n".join(" ".join(f"w{(i * 7 + j) % 115}" for j in range(6)) for i in range(40)) + "\n\n")
+    _with_tokenizer(deploy, tmp_path)  # the tiny test model has none
+    path.write_text("\n".join(" ".join(_word((i * 7 + j) % 115) for j in range(6)) for i in range(40)) + "\n\n")
     texts = P.calibration_texts(path)
     assert len(texts) == 40
     rt = Runtime(deploy, precision="bf16", calibration=texts)
@@ -125,6 +119,99 @@ def test_calibration_texts_are_used_and_recorded(deployment, tmp_path, bf16_cpu)
     write_manifest(deploy, lambda m: m.pop("precision"))
     again = Runtime(deploy, precision="bf16").contract
     assert again["calibration"] == dict(rt.contract["calibration"], source="calibration.txt")
+
+
+def _with_tokenizer(deploy, tmp_path):
+    """The tiny test deployment with a word-level tokenizer, so that calibration texts can be encoded (the export
+    saves what transformers makes of a folder without one: a tokenizer with no vocabulary)."""
+    from transformers import BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [_word(i) for i in range(115)]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(str(deploy))
+    return deploy
+
+
+def _word(i: int) -> str:  # letters only: each is one token of the tiny vocabulary
+    return chr(97 + i // 26) + chr(97 + i % 26)
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_labelled_contract_keeps_accuracy_and_most_predictions(deployment, tmp_path):
+    """With labelled rows a task passes when its accuracy stays within 0.5 point of fp32's and 97 % of fp32's
+    predictions are kept: a precision that loses one right answer in 100 misses on accuracy, one that trades two
+    right answers for two others misses on the answers kept, though its accuracy is fp32's."""
+    import shutil
+
+    deploy = _with_tokenizer(shutil.copytree(deployment.deploy, tmp_path / "deploy"), tmp_path)
+    exact = Runtime(deploy, backend="onnxruntime")
+    texts = [" ".join(_word((i * 7 + j * 3) % 115) for j in range(6)) for i in range(100)]
+    enc = exact.encode(texts, "pt")
+    want = np.stack(exact.forward(enc["input_ids"], enc["attention_mask"], "pt", enc.get("token_type_ids")))
+    pred = want.argmax(-1)
+    labels = [int(p) if i >= 10 else int((p + 1) % want.shape[1]) for i, p in enumerate(pred)]  # fp32: 90 % right
+    rows = [{"task": "pt", "text": t, "label": label} for t, label in zip(texts, labels)]
+
+    class Flipped:  # fp32 with the answers of some rows (by text) moved to another label
+        def __init__(self, flips):
+            self.flips = flips
+
+        def forward(self, ids, mask, task, types=None):
+            out = [np.array(r) for r in exact.forward(ids, mask, task, types)]
+            for r, row_ids in zip(out, ids):
+                target = self.flips.get(tuple(int(x) for x in row_ids))
+                if target is not None:
+                    r[:] = -10.0
+                    r[target] = 10.0
+            return out
+
+    def key(i):
+        return tuple(int(x) for x in exact.encode([texts[i]], "pt")["input_ids"][0][: enc["input_ids"].shape[1]])
+
+    def report(flips):
+        return P.measure(Flipped({key(i): t for i, t in flips.items()}), exact, None, rows)["pt"]
+
+    same = report({})
+    assert same["labelled"] and same["accuracy_fp32"] == 0.9 and same["accuracy"] == 0.9 and P.misses({"pt": same}) == []
+    one_lost = report({20: (labels[20] + 1) % want.shape[1]})
+    assert one_lost["prediction_agreement"] == 0.99 and one_lost["accuracy"] == pytest.approx(0.89)
+    assert [m.split(":")[1].split()[0] for m in P.misses({"pt": one_lost})] == ["accuracy"]
+    traded = report({20: (labels[20] + 1) % want.shape[1], 21: (labels[21] + 1) % want.shape[1], 0: labels[0],
+                     1: labels[1]})
+    assert traded["accuracy"] == 0.9 and traded["prediction_agreement"] == 0.96
+    assert [m.split(":")[1].split()[0] for m in P.misses({"pt": traded})] == ["prediction_agreement"]
+    with pytest.raises(P.PrecisionError, match=r"prediction_agreement 0.9600 < 0.97 \(labelled rows\).*--strict"):
+        P.enforce({"precision": "int8", "backend": "onnxruntime", "tasks": {"pt": traded},
+                   "calibration": {"source": "calibration.jsonl"}}, strict=True)
+
+
+def test_labelled_calibration_files_are_read_and_checked(tmp_path):
+    path = tmp_path / "cal.jsonl"
+    path.write_text('{"task": "sentiment", "text": "A  fine film", "label": "positive"}\n\n'
+                    '{"task": "topic", "text": "Rates rose", "label": 0}\n')
+    assert P.calibration_texts(path) == [{"task": "sentiment", "text": "A fine film", "label": "positive"},
+                                         {"task": "topic", "text": "Rates rose", "label": 0}]
+    path.write_text('{"task": "sentiment", "text": "ok", "label": "positive"}\n{"task": "topic", "text": 3}\n')
+    with pytest.raises(ValueError, match="line 2: give \"task\" and \"text\" as strings"):
+        P.calibration_texts(path)
+    path.write_text('{"task": "sentiment", "text": "ok", "label": "positive"}\nnot json\n')
+    with pytest.raises(ValueError, match="line 2: not JSON"):
+        P.calibration_texts(path)
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_labelled_calibration_is_measured_with_bf16_and_kept(deployment, tmp_path, bf16_cpu):
+    import shutil
+
+    deploy = _with_tokenizer(shutil.copytree(deployment.deploy, tmp_path / "deploy"), tmp_path)
+    rows = [{"task": "pt", "text": " ".join(_word((i * 5 + j) % 115) for j in range(5)), "label": i % 3}
+            for i in range(60)]
+    rt = Runtime(deploy, precision="bf16", calibration=rows)
+    report = rt.contract["tasks"]
+    assert report["pt"]["labelled"] and report["pt"]["rows"] == 60 and "accuracy_fp32" in report["pt"]
+    assert not report["prefix"].get("labelled") and report["prefix"]["rows"] == P.CALIBRATION_ROWS
+    assert P.calibration_texts(deploy / "calibration.jsonl") == rows and not (deploy / "calibration.txt").exists()
+    with pytest.raises(ValueError, match="label index 7 is outside 0..2"):
+        Runtime(deploy, precision="bf16", calibration=[{"task": "pt", "text": "aa ab", "label": 7}])
 
 
 def test_precision_errors_say_what_is_wrong(monkeypatch):
