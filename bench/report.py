@@ -173,13 +173,13 @@ def markdown(result: dict, plots: dict[str, str]) -> str:
                   f"(plain prompts). Uniform traffic over all the tasks, B={sc['batch_size']}, S={sc['seq_len']}, "
                   f"{sc['requests_per_round']} requests per round, median of {st['repeats']} rounds, every "
                   "configuration interleaved.", "",
-                  "| kind | tasks | bank tensors MB | per task KB | bank file MB | bank load ms | Runtime load s | "
+                  "| kind | tasks | bank tensors MB | per task KB | bank file MB | bank load ms | Runtime load ms | "
                   "first touch of all tasks ms | req/s | latency p50 / p95 / p99 ms |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in sc["rows"]:
             lines.append(f"| {r['kind']} | {r['tasks']:,} | {r['bank_tensor_bytes'] / 2**20:.2f} | "
                          f"{r['bank_tensor_bytes'] / r['tasks'] / 1024:.1f} | {r['bank_file_bytes'] / 2**20:.2f} | "
-                         f"{1e3 * r['bank_load_s']:.1f} | {r['runtime_load_s']:.2f} | "
+                         f"{1e3 * r['bank_load_s']:.1f} | {1e3 * r['runtime_load_s']:.1f} | "
                          f"{1e3 * r['first_touch_views_s']:.1f} | {_fmt(r['requests_per_s'])} | "
                          f"{_lat(r['latency_ms'])} |")
         lines += ["", "| kind | throughput at the most tasks / at the fewest |", "|---|---|"]
@@ -278,12 +278,12 @@ def index_page(results: list[dict], title: str = "promptmux bench: results") -> 
         if sc:
             lines += [f"## Task-count scaling ({sc['backend']}, B={sc['batch_size']}, S={sc['seq_len']}; "
                       f"{'; '.join(res['devices'])}, {res['date'][:10]})", "",
-                      "| kind | tasks | bank MB | Runtime load s | req/s | vs fewest tasks |", "|---|---|---|---|---|---|"]
+                      "| kind | tasks | bank MB | Runtime load ms | req/s | vs fewest tasks |", "|---|---|---|---|---|---|"]
             first = {}
             for r in sc["rows"]:
                 base = first.setdefault(r["kind"], r["requests_per_s"])
                 lines.append(f"| {r['kind']} | {r['tasks']:,} | {r['bank_tensor_bytes'] / 2**20:.2f} | "
-                             f"{r['runtime_load_s']:.2f} | {_fmt(r['requests_per_s'])} | "
+                             f"{1e3 * r['runtime_load_s']:.1f} | {_fmt(r['requests_per_s'])} | "
                              f"{r['requests_per_s'] / base:.3f} |")
             lines += ["", f"Details: [{Path(res['files']['markdown']).name}]({Path(res['files']['markdown']).name})", ""]
         acc = res.get("accuracy")

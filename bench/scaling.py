@@ -104,7 +104,7 @@ def scaling(s, rt) -> dict:
                 system = PromptmuxSystem(runtime, label=f"{kind}/{n}")
                 warm_up(system, w)
                 entries.append({"kind": kind, "tasks": n, **sizes, "bank_load_s": round(bank_load, 4),
-                                "runtime_load_s": round(load, 3), "first_touch_views_s": round(views, 4),
+                                "runtime_load_s": round(load, 6), "first_touch_views_s": round(views, 4),
                                 "load_rss_mb": round((rss() - before) / MB, 1),
                                 "distinct_tasks_in_traffic": len(set(names)), "_system": system, "_w": w})
                 bar.update(1)

@@ -144,7 +144,7 @@ def arch_for(model) -> ArchSpec:
         raise UnsupportedModelError(
             f"model type {model_type!r} is not supported: promptmux exports causal LMs of any family transformers "
             f"knows, sequence classifiers of {rows['encoder']} and of other families whose head it can read, and "
-            f"seq2seq models of {rows['seq2seq']} and of other families whose decoder is BART's. Please report it, or add a row to core/archs.py (ARCHITECTURE.md: "
+            f"seq2seq models of {rows['seq2seq']} and of other families whose decoder is BART's or T5's. Please report it, or add a row to core/archs.py (ARCHITECTURE.md: "
             "'A model family')")
     if config is not None and spec.family == "decoder" and is_sequence_classifier(config):
         return causal_classifier(spec)
@@ -195,10 +195,10 @@ def is_seq2seq_lm(model_type: str) -> bool:
 
 
 def generic_seq2seq(config) -> ArchSpec | None:
-    """An encoder-decoder LM without a row whose decoder is BART's (what transformers derives most of them from):
-    attention with q/k/v/out projections, cross-attention, fc1/fc2, a position table. The BART step reads the rest
-    from the modules (core/seq2seq_graph.py); the export verifies the tokens against PEFT's generate. None
-    otherwise."""
+    """An encoder-decoder LM without a row whose decoder is BART's (what transformers derives most of them from:
+    attention with q/k/v/out projections, cross-attention, fc1/fc2, a position table; the BART step reads the rest
+    from the modules) or T5's (blocks of self-attention with a relative position bias, cross-attention and a
+    feed-forward layer: the T5 step). The export verifies the tokens against PEFT's generate. None otherwise."""
     if config.model_type not in _GENERIC_SEQ2SEQ:
         _GENERIC_SEQ2SEQ[config.model_type] = _read_seq2seq(config)
     return _GENERIC_SEQ2SEQ[config.model_type]
@@ -211,15 +211,24 @@ def _read_seq2seq(config) -> ArchSpec | None:
     try:
         with torch.device("meta"):
             model = AutoModelForSeq2SeqLM.from_config(config)
-        decoder = model.model.decoder
-        layer = decoder.layers[0]
-        parts = (layer.self_attn.k_proj, layer.self_attn.q_proj, layer.self_attn.out_proj, layer.encoder_attn.k_proj,
-                 layer.fc1, layer.fc2, layer.self_attn_layer_norm, decoder.embed_positions, decoder.embed_tokens)
-    except (AttributeError, IndexError, TypeError, ValueError):
+    except (TypeError, ValueError):
         return None
-    if any(p is None for p in parts):
-        return None
-    return ArchSpec(family="seq2seq", decoder_step="bart", verify_at_export=True)
+    readers = {
+        "bart": lambda: (lambda d, layer: (layer.self_attn.k_proj, layer.self_attn.q_proj, layer.self_attn.out_proj,
+                                           layer.encoder_attn.k_proj, layer.fc1, layer.fc2, layer.self_attn_layer_norm,
+                                           d.embed_positions, d.embed_tokens))(model.model.decoder,
+                                                                               model.model.decoder.layers[0]),
+        "t5": lambda: (lambda b: (b.layer[0].SelfAttention.compute_bias, b.layer[0].SelfAttention.q,
+                                  b.layer[0].layer_norm, b.layer[1].EncDecAttention.k, b.layer[2],
+                                  model.decoder.final_layer_norm, model.lm_head))(model.decoder.block[0]),
+    }
+    for step, read in readers.items():
+        try:
+            if all(p is not None for p in read()):
+                return ArchSpec(family="seq2seq", decoder_step=step, verify_at_export=True)
+        except (AttributeError, IndexError, TypeError):
+            continue
+    return None
 
 
 _GENERIC_SEQ2SEQ: dict[str, ArchSpec | None] = {}

@@ -112,18 +112,20 @@ class T5DecoderStep(Seq2SeqDecoderStep):
         past_len = self_past[0].shape[2]
         k_len = past_len + q_len
         neg = torch.finfo(x.dtype).min
-        # Self-attention: relative position bias of the first block, causal + padding mask.
-        bias = dec.block[0].layer[0].SelfAttention.compute_bias(q_len, k_len, device=x.device,
-                                                                past_seen_tokens=past_len)
+        # Self-attention: relative position bias (the first block's, shared by the others as in T5; a block with its
+        # own, as in UMT5, uses that), causal + padding mask.
         query_pos = torch.arange(q_len, device=x.device)[:, None] + past_len
         causal = torch.arange(k_len, device=x.device)[None, :] <= query_pos
         allowed = causal[None, None] & attention_mask[:, None, None, :].bool()
-        self_bias = bias + torch.where(allowed, 0.0, neg).to(x.dtype)
+        mask_bias = torch.where(allowed, 0.0, neg).to(x.dtype)
         cross_bias = torch.where(encoder_attention_mask[:, None, None, :].bool(), 0.0, neg).to(x.dtype)
 
         presents = []
         for i, block in enumerate(dec.block):
             sa, ca, ff = block.layer[0], block.layer[1], block.layer[2]
+            if i == 0 or getattr(sa.SelfAttention, "has_relative_attention_bias", False):
+                self_bias = sa.SelfAttention.compute_bias(q_len, k_len, device=x.device,
+                                                          past_seen_tokens=past_len) + mask_bias
             h = sa.layer_norm(x)
             att = sa.SelfAttention
             k = torch.cat([self_past[2 * i].to(x.dtype), _heads(att.k(h), heads)], dim=2)

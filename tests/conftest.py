@@ -97,8 +97,12 @@ FAMILIES = {
     "m2m_100": ("m2m_100", dict(_BART, scale_embedding=True)),
     "blenderbot": ("blenderbot", dict(_BART, decoder_start_token_id=1)),
     "blenderbot-small": ("blenderbot-small", dict(_BART, scale_embedding=True, decoder_start_token_id=1)),
-    # A seq2seq family without a row: BART's decoder read from the modules, verified against PEFT at export
+    # Seq2seq families without a row, verified against PEFT at export: PLBart (BART's decoder, read from the
+    # modules), UMT5 (T5's, a relative position bias in every block)
     "plbart": ("plbart", _BART),
+    "umt5": ("umt5", dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2,
+                          num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                          initializer_factor=2.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)),
     "mt5": ("mt5", dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2,
                         num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
                         initializer_factor=2.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)),
@@ -117,7 +121,7 @@ def is_causal_classifier(arch: str) -> bool:
 
 def is_seq2seq(arch: str) -> bool:
     return arch in ("t5", "mt5", "bart", "mbart", "marian", "pegasus", "m2m_100", "blenderbot", "blenderbot-small",
-                    "plbart")
+                    "plbart", "umt5")
 
 
 def base_class(arch: str):

@@ -174,9 +174,12 @@ def test_ctrl_c_during_export_prints_one_line_exits_130_and_leaves_no_folder(set
     out = tmp_path / "deploy"
     for _ in range(3):  # on a loaded machine this process may look only after the export has finished: again
         shutil.rmtree(out, ignore_errors=True)
+        # SIGINT restored in the child: a suite started in the background (nohup, &) passes it on ignored, and
+        # Python then installs no KeyboardInterrupt handler
         child = subprocess.Popen([sys.executable, "-m", "promptmux", "export", "--base", setup["base"], "--adapter",
                                   f"pt={setup['adapters']['pt']}", "--out", out, "--quiet"], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+                                 stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 120
         while not list(tmp_path.glob(".deploy.tmp-*")) and child.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)  # interrupt once the export writes its temporary folder
