@@ -197,9 +197,12 @@ CHANGES_PER_WORKER = int(os.environ.get("PROMPTMUX_TEST_CHANGES", "40"))
 
 
 def test_concurrent_task_changes_from_several_processes_lose_nothing(text_deployments, tmp_path):
-    """8 processes (CLI and Runtime(persist=True)) add and remove tasks in one store while this process classifies
-    with a runtime on it: no change is lost, no request fails, no task is torn, and the manifest is not rewritten."""
+    """8 processes (CLI and Runtime(persist=True)) add and remove tasks in one store while a server on it (another
+    process) and a runtime in this one classify: no change is lost, no request fails, no task is torn, and the
+    manifest is not rewritten."""
     import threading
+
+    import httpx
 
     from promptmux.core.folder import read_bank
 
@@ -210,7 +213,11 @@ def test_concurrent_task_changes_from_several_processes_lose_nothing(text_deploy
     initial = set(read_bank(deploy).names())
     rt = Runtime(deploy)
     want = {t: rt.forward(*_ids(), [t])[0] for t in sorted(initial)}
-    failures, answered, stop = [], [0], threading.Event()
+    server = servekit.ServerProcess(deploy, "--persist-tasks")
+    client = httpx.Client(base_url=server.url, timeout=60)
+    want_http = {t: client.post("/v1/classify", json={"task": t, "text": "good film"}).json()["results"][0]["scores"]
+                 for t in sorted(initial)}
+    failures, answered, stop = [], [0, 0], threading.Event()
 
     def classify():
         while not stop.is_set():
@@ -219,6 +226,11 @@ def test_concurrent_task_changes_from_several_processes_lose_nothing(text_deploy
                     if not np.allclose(rt.forward(*_ids(), [t])[0], w, atol=1e-5):
                         failures.append(f"{t}: other scores")
                     answered[0] += 1
+                    r = client.post("/v1/classify", json={"task": t, "text": "good film"})
+                    if r.status_code != 200 or not np.allclose(r.json()["results"][0]["scores"], want_http[t],
+                                                               atol=1e-5):
+                        failures.append(f"server {t}: {r.status_code} {r.text[:200]}")
+                    answered[1] += 1
                 except Exception as e:  # noqa: BLE001 - any failure is what this test counts
                     failures.append(repr(e))
 
@@ -240,7 +252,9 @@ def test_concurrent_task_changes_from_several_processes_lose_nothing(text_deploy
     finally:
         stop.set()
         reader.join()
-    assert not failures and answered[0] > 0, failures[:3]
+        client.close()
+        server.stop()
+    assert not failures and min(answered) > 0, failures[:3]
     bank = read_bank(deploy)
     assert set(bank.names()) == expected and len(bank) == len(expected)
     pt = bank.view("pt")
