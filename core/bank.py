@@ -40,13 +40,19 @@ from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
 from .archs import ArchSpec
+from .bank_errors import (  # noqa: F401 (UnknownTaskError and LISTED_IN_ERRORS re-exported)
+    LISTED_IN_ERRORS,
+    UnknownTaskError,
+    already_in_bank,
+    unknown_cursor,
+    unknown_task,
+)
 from .task import Task, task_name
 
 STORE_FILE = "tasks.sqlite"
 LEGACY_FILE = "bank.safetensors"  # the bank before the store: tensors and index in one safetensors file
 LEGACY_INDEX_KEY = "promptmux_tasks"
 DEFAULT_CACHE_BYTES = 256 * 2**20  # hot task views kept in RAM; PromptBank(cache_bytes=...) or --bank-cache-mb
-LISTED_IN_ERRORS = 10  # an unknown-task error lists the served tasks up to this many, else counts them
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE,
                                   entry TEXT NOT NULL, data BLOB NOT NULL);
@@ -56,13 +62,6 @@ CREATE TABLE IF NOT EXISTS vectors (id INTEGER PRIMARY KEY AUTOINCREMENT, name T
                                     avg BLOB NOT NULL, tok BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS vectors_gone (seq INTEGER PRIMARY KEY AUTOINCREMENT, id INTEGER NOT NULL);
 """
-
-
-class UnknownTaskError(LookupError):
-    """A request named a task the bank does not hold."""
-
-    def __str__(self) -> str:  # LookupError would print the repr of the message
-        return str(self.args[0])
 
 
 def _connect(path: Path | None) -> sqlite3.Connection:
@@ -150,13 +149,7 @@ class PromptBank:
             return int(row[0]) if row else 0
 
     def unknown(self, name: str) -> UnknownTaskError:
-        """The error for a task the bank does not hold: its name, and the served ones while they are few (a bank
-        of per-user prompts would otherwise put every name into every error)."""
-        n = len(self)
-        if n <= LISTED_IN_ERRORS:
-            return UnknownTaskError(f"unknown task {name!r}; this deployment serves: {', '.join(self.names()) or 'none'}")
-        return UnknownTaskError(f"unknown task {name!r}; this deployment serves {n:,} tasks (`promptmux tasks DIR "
-                                "list` or GET /v1/models lists them)")
+        return unknown_task(name, len(self), self.names)
 
     def page(self, limit: int, after: str | None = None) -> tuple[list[str], bool]:
         """Up to `limit` task names in the bank's order after the name `after` (a cursor: the last name of the
@@ -166,8 +159,7 @@ class PromptBank:
             if after is not None:
                 row = self.db.execute("SELECT seq FROM tasks WHERE name = ?", (after,)).fetchone()
                 if row is None:
-                    raise UnknownTaskError(f"unknown task {after!r} as the page cursor `after`; pass the last name "
-                                           "of the previous page, or no cursor for the first page")
+                    raise unknown_cursor(after)
                 start = row[0]
             names = [r[0] for r in self.db.execute("SELECT name FROM tasks WHERE seq > ? ORDER BY seq LIMIT ?",
                                                    (start, limit + 1))]
@@ -342,8 +334,7 @@ class PromptBank:
             clash = [n for n, *_ in records
                      if self.db.execute("SELECT 1 FROM tasks WHERE name = ?", (n,)).fetchone() is not None]
             if clash and not replace:
-                raise ValueError(f"task(s) {', '.join(clash)} already in the bank; remove them first or pass "
-                                 "replace=True")
+                raise already_in_bank(clash)
             for name in clash:
                 self._delete(name)
             for name, entry, data, refs, summary in records:

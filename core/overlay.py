@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .bank import PromptBank, UnknownTaskError
+from .bank import PromptBank
+from .bank_errors import UnknownTaskError, already_in_bank, unknown_cursor, unknown_task
 from .task import Task, task_name
 
 OWN_VERSIONS_FROM = 1 << 40
@@ -49,11 +50,7 @@ class BankOverlay:
         return len(self.store) - shadowed + len(self.own)
 
     def unknown(self, name: str) -> UnknownTaskError:
-        n = len(self)
-        if n <= 10:
-            return UnknownTaskError(f"unknown task {name!r}; this deployment serves: {', '.join(self.names()) or 'none'}")
-        return UnknownTaskError(f"unknown task {name!r}; this deployment serves {n:,} tasks (`promptmux tasks DIR "
-                                "list` or GET /v1/models lists them)")
+        return unknown_task(name, len(self), self.names)
 
     def page(self, limit: int, after: str | None = None) -> tuple[list[str], bool]:
         """The store's tasks (without the hidden ones), then this process's own, `limit` at a time."""
@@ -61,8 +58,7 @@ class BankOverlay:
         if after is None or after not in self.own:
             cursor = after
             if after is not None and after not in self.store:
-                raise UnknownTaskError(f"unknown task {after!r} as the page cursor `after`; pass the last name "
-                                       "of the previous page, or no cursor for the first page")
+                raise unknown_cursor(after)
             while len(out) < limit + 1:
                 names, more = self.store.page(limit + 1, cursor)
                 out += [n for n in names if n not in self.hidden and n not in self.own]
@@ -117,8 +113,7 @@ class BankOverlay:
     def add(self, tasks: list[Task], replace: bool = False) -> None:
         clash = [t.name for t in tasks if t.name in self]
         if clash and not replace:
-            raise ValueError(f"task(s) {', '.join(clash)} already in the bank; remove them first or pass "
-                             "replace=True")
+            raise already_in_bank(clash)
         self.own.add(tasks, replace=True)  # checked and written first: a refused task changes nothing
         self.hidden.update(n for n in clash if n in self.store)
 

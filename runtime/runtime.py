@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import Counter
@@ -198,9 +199,10 @@ class Runtime:
                     update_tasks(self.dir, self.spec, change)
         return result
 
-    @property
+    @functools.cached_property
     def hf_config(self):
-        """The transformers config (reading adapters, the PyTorch model); self.config may be a LightConfig."""
+        """The transformers config (reading adapters, the PyTorch model; loaded once); self.config may be a
+        LightConfig."""
         return self.config if not isinstance(self.config, LightConfig) else load_base_config(self.dir)
 
     # ---- inference -----------------------------------------------------------------------
