@@ -15,7 +15,9 @@ LMDB, see ARCHITECTURE.md "The prompt bank"). Tables:
 Every change is one transaction (many readers, one writer, across processes: SQLite's own locking), so a reader
 sees a task as it was or as it is, never half of each, and a writer killed midway leaves the last committed state.
 Readers load one task on demand into a small LRU of views bounded in bytes; a change committed by another process
-is seen at the next lookup of that task (SQLite's data_version says when anything changed).
+is seen at the next lookup of that task (SQLite's data_version says when anything changed). A cold read goes through
+the reading thread's own connection (core/bank_db.py) without the bank's lock, so hot lookups and other cold reads
+go on meanwhile; threads asking for the same cold task wait for one read.
 
 A bank made in memory (the export's, or a runtime's after a change it does not persist) is a SQLite database in
 memory, written to a folder with SQLite's backup API. Deployments written before the store (`bank.safetensors`,
@@ -40,6 +42,7 @@ from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
 from .archs import ArchSpec
+from .bank_db import connect, connect_reader
 from .bank_errors import (  # noqa: F401 (UnknownTaskError and LISTED_IN_ERRORS re-exported)
     LISTED_IN_ERRORS,
     UnknownTaskError,
@@ -53,62 +56,6 @@ STORE_FILE = "tasks.sqlite"
 LEGACY_FILE = "bank.safetensors"  # the bank before the store: tensors and index in one safetensors file
 LEGACY_INDEX_KEY = "promptmux_tasks"
 DEFAULT_CACHE_BYTES = 256 * 2**20  # hot task views kept in RAM; PromptBank(cache_bytes=...) or --bank-cache-mb
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS tasks (seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE,
-                                  entry TEXT NOT NULL, data BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS shared (key TEXT PRIMARY KEY, refs INTEGER NOT NULL, data BLOB NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS vectors (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE,
-                                    avg BLOB NOT NULL, tok BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS vectors_gone (seq INTEGER PRIMARY KEY AUTOINCREMENT, id INTEGER NOT NULL);
-"""
-
-
-def _connect(path: Path | None) -> sqlite3.Connection:
-    # One connection per bank, shared by the threads of a process under the bank's lock; autocommit mode, with
-    # explicit transactions. A writer waits up to a minute for another process's transaction.
-    if path is not None and not os.access(path.parent, os.W_OK):
-        return _connect_read_only(path)
-    db = sqlite3.connect(":memory:" if path is None else str(path), timeout=60, isolation_level=None,
-                         check_same_thread=False)
-    if path is not None:
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")  # a committed change survives a power loss, not only a crash
-    db.executescript(_SCHEMA)
-    if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'summaries'").fetchone():
-        _migrate_summaries(db)
-    return db
-
-
-def _connect_read_only(path: Path) -> sqlite3.Connection:
-    """A store in a folder this process cannot write (a read-only volume, an image layer): WAL mode needs its -shm
-    file beside the store, so it is opened immutable, which is right only if no change is waiting in its log."""
-    wal = Path(f"{path}-wal")
-    if wal.exists() and wal.stat().st_size > 0:
-        raise PermissionError(f"{path.parent} is read-only and its task store has changes not yet merged into it "
-                              f"({wal.name}); open the deployment once where it can be written (any promptmux "
-                              "command that opens it merges them), then make it read-only")
-    db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, isolation_level=None,
-                         check_same_thread=False)
-    if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'summaries'").fetchone():
-        raise PermissionError(f"{path} was written by promptmux before 2026-12-03 and {path.parent} is read-only; "
-                              "open the deployment once where it can be written (it is migrated then)")
-    return db
-
-
-def _migrate_summaries(db: sqlite3.Connection) -> None:
-    """Stores of 2026-12-02 kept the retrieval vectors in `summaries`, without the growing ids the index needs."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'summaries'").fetchone():  # not done by another
-            db.execute("INSERT INTO vectors (name, avg, tok) SELECT name, avg, tok FROM summaries")
-            db.execute("DROP TABLE summaries")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
-
-
 class PromptBank:
     """The tasks of one deployment. PromptBank(spec) is an empty bank in memory; PromptBank.load(folder, spec) opens
     a deployment's store (or reads an old deployment's bank.safetensors into memory)."""
@@ -117,7 +64,7 @@ class PromptBank:
                  cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.spec = spec
         self.path = path  # the store file, or None in memory
-        self.db = _connect(path)
+        self.db = connect(path)
         self.cache_bytes = cache_bytes
         self._lock = threading.RLock()
         self._views: OrderedDict[str, Task] = OrderedDict()  # LRU, most recent last
@@ -126,6 +73,9 @@ class PromptBank:
         self._shared: dict[str, np.ndarray] = {}  # shared tensors of cached views
         self.stats = {"hits": 0, "misses": 0, "loads": 0, "load_seconds": 0.0}
         self._index = None
+        self._loading: dict[str, threading.Event] = {}  # cold tasks being read, by name
+        self._thread = threading.local()  # each thread's reader connection
+        self._readers: list[sqlite3.Connection] = []
         if base_head:
             with self._transaction():
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('base_head', ?)",
@@ -174,37 +124,88 @@ class PromptBank:
         return json.loads(row[0])
 
     def view(self, name: str) -> Task:
-        """The task, its tensors read from the store on first use and kept while it is hot."""
+        """The task, its tensors read from the store on first use and kept while it is hot. A cold read holds no
+        lock (its thread's own connection), and threads asking for the same cold task wait for one read."""
         name = task_name(name)  # views are cached by name: a numpy string must not name the cached Task
-        with self._lock:
-            version = self._data_version()
-            cached = self._views.get(name)
-            if cached is not None and self._checked.get(name) != version:
-                row = self.db.execute("SELECT seq FROM tasks WHERE name = ?", (name,)).fetchone()
-                if row is None or row[0] != cached.version:  # changed by another process since it was read
-                    self._drop(name)
-                    cached = None
-                else:
-                    self._checked[name] = version
-            if cached is not None:
-                self._views.move_to_end(name)
-                self.stats["hits"] += 1
-                return cached
-            self.stats["misses"] += 1
-            started = time.perf_counter()
-            self.db.execute("BEGIN")  # one snapshot for the record and its shared tensors (another process may
-            try:  # remove the task in between)
-                row = self.db.execute("SELECT seq, entry, data FROM tasks WHERE name = ?", (name,)).fetchone()
-                view = None if row is None else self._make_view(name, row[0], json.loads(row[1]),
-                                                                load_tensors(row[2]))
-            finally:
-                self.db.execute("COMMIT")
-            if view is None:
+        while True:
+            with self._lock:
+                cached = self._fresh(name)
+                if cached is not None:
+                    self.stats["hits"] += 1
+                    return cached
+                loading = self._loading.get(name)
+                if loading is None:
+                    loading = self._loading[name] = threading.Event()
+                    self.stats["misses"] += 1
+                    break
+            loading.wait()  # another thread reads it: then a hit (or, if that read failed, read it here)
+        try:
+            return self._load(name)
+        finally:
+            with self._lock:
+                del self._loading[name]
+            loading.set()
+
+    def _fresh(self, name: str) -> Task | None:
+        """The cached view of `name`, unless another process changed the task since it was read (under the lock)."""
+        cached = self._views.get(name)
+        if cached is None:
+            return None
+        version = self._data_version()
+        if self._checked.get(name) != version:
+            row = self.db.execute("SELECT seq FROM tasks WHERE name = ?", (name,)).fetchone()
+            if row is None or row[0] != cached.version:  # changed by another process since it was read
+                self._drop(name)
+                return None
+            self._checked[name] = version
+        self._views.move_to_end(name)
+        return cached
+
+    def _load(self, name: str) -> Task:
+        started = time.perf_counter()
+        while True:
+            if self.path is None:  # in memory: one connection, the bank's
+                with self._lock:
+                    read = self._read(self.db, name)
+            else:
+                read = self._read(self._reader(), name)
+            if read is None:
                 raise self.unknown(name)
-            self.stats["loads"] += 1
-            self.stats["load_seconds"] += time.perf_counter() - started
-            self._keep(view, version)
-            return view
+            seq, entry, own, shared = read
+            with self._lock:  # kept only if still the stored version (a change may have committed meanwhile)
+                row = self.db.execute("SELECT seq FROM tasks WHERE name = ?", (name,)).fetchone()
+                if row is None or row[0] != seq:
+                    continue
+                for key, value in shared.items():
+                    self._shared.setdefault(key, value)
+                view = self._make_view(name, seq, entry, own)
+                self.stats["loads"] += 1
+                self.stats["load_seconds"] += time.perf_counter() - started
+                self._keep(view, self._data_version())
+                return view
+
+    def _read(self, db: sqlite3.Connection, name: str):
+        """(seq, entry, own tensors, shared tensors not cached yet) of one task, from one snapshot (another process
+        may remove it in between), or None."""
+        db.execute("BEGIN")
+        try:
+            row = db.execute("SELECT seq, entry, data FROM tasks WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                return None
+            entry = json.loads(row[1])
+            blobs = {key: db.execute("SELECT data FROM shared WHERE key = ?", (key,)).fetchone()[0]
+                     for key in entry["tensors"].values() if key is not None and key not in self._shared}
+        finally:
+            db.execute("COMMIT")
+        return row[0], entry, load_tensors(row[2]), {k: load_tensors(v)["value"] for k, v in blobs.items()}
+
+    def _reader(self) -> sqlite3.Connection:
+        db = getattr(self._thread, "db", None)
+        if db is None:
+            db = self._thread.db = connect_reader(self.path)
+            with self._lock:
+                self._readers.append(db)
+        return db
 
     def _data_version(self) -> int:
         return self.db.execute("PRAGMA data_version").fetchone()[0]
@@ -428,6 +429,8 @@ class PromptBank:
         return path
 
     def close(self) -> None:
+        for db in self._readers:
+            db.close()
         self.db.close()
 
     @classmethod

@@ -31,6 +31,9 @@ log = logging.getLogger("promptmux.export")
 # Opset 23 has the standard `Attention` op: the exporter turns each SDPA call into one node that ONNX Runtime and
 # OpenVINO both run with their own fused kernels (instead of MatMul/Softmax/MatMul plus NaN guards).
 OPSET = 23
+# torch.onnx.export(optimize=...): onnxscript's optimizer (constant folding, rewrite rules) on each exported graph;
+# studies/export_optimize.py measures what it costs at export and gives at run time.
+ONNXSCRIPT_OPTIMIZER = True
 
 def example_inputs(config, tm: int = 5, p: int = 3, n: int = 4) -> dict[str, torch.Tensor]:
     """Inputs of io_spec's example sizes (pairwise different, so the exporter keeps every axis symbolic).
@@ -97,7 +100,7 @@ def to_onnx(module, args: tuple, input_names: list[str], output_names: list[str]
     """torch.onnx's dynamo export (what torch.onnx.export(dynamo=True) runs) with the cached registry; through
     the public call, registry rebuilt, if this torch moved the private entry point."""
     options = dict(dynamic_shapes=dynamic_shapes, input_names=input_names, output_names=output_names,
-                   optimize=True, verbose=False)
+                   optimize=ONNXSCRIPT_OPTIMIZER, verbose=False)
     try:
         from torch.onnx._internal.exporter import _core
 

@@ -271,17 +271,36 @@ def peft_generate(fx, task: str, ids: np.ndarray, mask: np.ndarray, new_tokens: 
 
 
 class Fixture:
-    def __init__(self, arch: str, root: Path, adapters: tuple[str, ...] | None = None):
-        """adapters: which of adapter_configs(arch) the deployment holds (default: all of them)."""
+    def __init__(self, arch: str, root: Path, adapters: tuple[str, ...] | None = None, build: bool = True):
+        """adapters: which of adapter_configs(arch) the deployment holds (default: all of them). build=False: the
+        files are already in root (a shared build, `built_once`)."""
         from promptmux import export_deployment
 
         self.arch = arch
-        self.base = make_base(arch, root / "base")
-        self.adapters: dict[str, Path] = {}
+        self.base = root / "base"
         cfgs = {n: c for n, c in adapter_configs(arch).items() if adapters is None or n in adapters}
-        for seed, (name, cfg) in enumerate(cfgs.items()):
-            self.adapters[name] = make_adapter(arch, self.base, cfg, root / "adapters" / name, seed=seed + 1)
-        self.deploy = export_deployment(self.base, self.adapters, root / "deploy", quiet=True)
+        self.adapters: dict[str, Path] = {name: root / "adapters" / name for name in cfgs}
+        self.deploy = root / "deploy"
+        self._runtimes: dict[str, object] = {}
+        if build:
+            make_base(arch, self.base)
+            for seed, (name, cfg) in enumerate(cfgs.items()):
+                make_adapter(arch, self.base, cfg, self.adapters[name], seed=seed + 1)
+            export_deployment(self.base, self.adapters, self.deploy, quiet=True)
+
+    @classmethod
+    def shared(cls, tmp_path_factory, arch: str, adapters: tuple[str, ...] | None = None, name: str = "") -> Fixture:
+        """One build per test run, whichever pytest-xdist worker asks first."""
+        root = built_once(tmp_path_factory, name or f"fx-{arch}", lambda folder: cls(arch, folder, adapters))
+        return cls(arch, root, adapters, build=False)
+
+    def runtime(self, backend: str = "onnxruntime"):
+        """A Runtime on the deployment, one per backend, kept for the tests of this process that only read it."""
+        from promptmux import Runtime
+
+        if backend not in self._runtimes:
+            self._runtimes[backend] = Runtime(self.deploy, backend=backend)
+        return self._runtimes[backend]
 
     def task_names(self) -> list[str]:
         from peft import PeftConfig
@@ -300,6 +319,49 @@ class Fixture:
         return peft_rows(self.arch, self.base, self.adapters[adapter], ids, mask, int(t) if t else None)
 
 
+# ---- builds shared by the whole run ------------------------------------------------------------------------------
+# The README's test command runs the suite on pytest-xdist workers (one process each). An export is the slow part
+# of most tests, so each deployment the tests share is built once per run, not once per worker: the first worker
+# to need it builds it under a file lock while any other waits, then all of them read the same files. Tests must
+# therefore never change a shared deployment (copy it first), as another process may be reading it.
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (--dist loadgroup)
+def pytest_collection_modifyitems(config, items):
+    """A module's tests on one worker, unless a test names its own group (test_families.py: one per family): a
+    module's own fixtures (servers, module-scoped builds) are then started once."""
+    for item in items:
+        if not any(item.iter_markers("xdist_group")):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """-n auto: one worker per core, at most 4 (each holds its own models and graphs, and the builds they share
+    are made once whatever the count)."""
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
+
+
+def shared_root(tmp_path_factory) -> Path:
+    base = tmp_path_factory.getbasetemp()  # a worker's is <run>/popen-gwN: builds go beside, in <run>/shared
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """build(folder) once per test run; returns the folder. A build that failed midway is started again."""
+    import shutil
+
+    from filelock import FileLock
+
+    root = shared_root(tmp_path_factory)
+    root.mkdir(parents=True, exist_ok=True)
+    folder, done = root / name, root / f"{name}.built"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 _FIXTURES: dict[str, Fixture] = {}
 
 
@@ -307,9 +369,22 @@ _FIXTURES: dict[str, Fixture] = {}
 def demo(tmp_path_factory):
     """The embedded default as `promptmux demo` writes and runs it (the real MiniLM, both demo tasks), exported
     once for every test that reads it. Tests must not change the deployment."""
-    from promptmux.demo import run_demo
+    import json
 
-    return run_demo(tmp_path_factory.mktemp("demo") / "deploy", quiet=True)
+    def build(folder: Path):
+        from promptmux.demo import run_demo
+
+        (folder / "result.json").write_text(json.dumps(run_demo(folder / "deploy", quiet=True)))
+
+    return json.loads((built_once(tmp_path_factory, "demo", build) / "result.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def text_deployments(tmp_path_factory):
+    """Tiny BERT and GPT-2 deployments that take text (tests/servekit.py), for the server tests."""
+    import servekit
+
+    return servekit.text_deployments(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -317,7 +392,7 @@ def deployment(request, tmp_path_factory):
     """One exported deployment per architecture, shared by the tests of that architecture."""
     arch = request.param
     if arch not in _FIXTURES:
-        _FIXTURES[arch] = Fixture(arch, tmp_path_factory.mktemp(f"fx-{arch}"))
+        _FIXTURES[arch] = Fixture.shared(tmp_path_factory, arch)
     return _FIXTURES[arch]
 
 

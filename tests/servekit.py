@@ -41,20 +41,26 @@ def char_tokenizer(arch: str):
 
 
 class TextDeployment:
-    def __init__(self, arch: str, root: Path):
+    def __init__(self, arch: str, root: Path, build: bool = True):
+        """build=False: the files are already in root (a shared build, conftest.built_once)."""
         from promptmux import export_deployment
 
         self.arch = arch
-        self.base = make_base(arch, root / "base")
-        char_tokenizer(arch).save_pretrained(self.base)
+        self.base = root / "base"
         self.adapter_root = root / "adapters"
         cfgs = adapter_configs(arch)
         newer = tuple(n for n in NEWER_ADAPTERS if n in cfgs)
-        self.adapters = {name: make_adapter(arch, self.base, cfgs[name], self.adapter_root / name, seed=seed + 1)
-                         for seed, name in enumerate(SERVE_ADAPTERS + (EXTRA_ADAPTER,) + newer)}
-        served = {n: p for n, p in self.adapters.items() if n != EXTRA_ADAPTER}
-        self.deploy = export_deployment(self.base, served, root / "deploy", quiet=True)
+        names = SERVE_ADAPTERS + (EXTRA_ADAPTER,) + newer
+        self.adapters = {name: self.adapter_root / name for name in names}
+        self.deploy = root / "deploy"
         self.tasks = ["pt", "ptmlp", "prefix", "mpt/0", "mpt/1", "mpt/2", *newer]
+        if build:
+            make_base(arch, self.base)
+            char_tokenizer(arch).save_pretrained(self.base)
+            for seed, name in enumerate(names):
+                make_adapter(arch, self.base, cfgs[name], self.adapters[name], seed=seed + 1)
+            export_deployment(self.base, {n: p for n, p in self.adapters.items() if n != EXTRA_ADAPTER},
+                              self.deploy, quiet=True)
 
 
 class ServerProcess:
@@ -106,16 +112,14 @@ class ServerProcess:
         return self.proc.returncode
 
 
-_DEPLOYMENTS: dict[str, TextDeployment] = {}
-
-
 def text_deployments(tmp_path_factory) -> dict[str, TextDeployment]:
-    """Tiny BERT and GPT-2 deployments with a tokenizer, built once per test session (each test module wraps
-    this in its own session fixture)."""
-    if not _DEPLOYMENTS:
-        root = tmp_path_factory.mktemp("serve")
-        _DEPLOYMENTS.update({arch: TextDeployment(arch, root / arch) for arch in ("bert", "gpt2")})
-    return _DEPLOYMENTS
+    """Tiny BERT and GPT-2 deployments with a tokenizer, built once per test run (conftest's session fixture
+    `text_deployments` serves them)."""
+    from conftest import built_once
+
+    return {arch: TextDeployment(arch, built_once(tmp_path_factory, f"serve-{arch}",
+                                                  lambda folder, arch=arch: TextDeployment(arch, folder)), build=False)
+            for arch in ("bert", "gpt2")}
 
 
 def server_fixture(deploy, *args):

@@ -103,3 +103,44 @@ def test_no_test_reads_the_cpu_capabilities_itself():
                 if name == "cpu_has_bf16":
                     bad.append(f"{path.relative_to(ROOT)}:{node.lineno} calls cpu_has_bf16()")
     assert not bad, bad
+
+
+def _test_modules():
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        yield path, ast.parse(path.read_text(), str(path))
+
+
+def _fixture_names(tree) -> set[str]:
+    return {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
+            and any("fixture" in ast.unparse(d) for d in node.decorator_list)}
+
+
+def test_no_test_module_redefines_a_shared_fixture():
+    """Fixtures the modules share live in conftest.py, built once per run (its `built_once`), not copied."""
+    shared = _fixture_names(ast.parse((ROOT / "tests" / "conftest.py").read_text()))
+    bad = [f"tests/{p.name} defines {n}" for p, tree in _test_modules() if p.name != "conftest.py"
+           for n in sorted(_fixture_names(tree) & shared)]
+    assert not bad, bad
+
+
+def test_no_test_asserts_on_the_clock():
+    """Tests wait on events (a status, a log line, a closed connection), not on how long something took: speed
+    belongs in bench/, and a clock bound fails on a busy machine. An assert may not read a clock, nor a name set
+    from one in the same function."""
+    clocks = ("time.monotonic", "time.time", "time.perf_counter")
+
+    def reads_clock(node, timed: set[str]) -> bool:
+        return any(isinstance(c, ast.Call) and ast.unparse(c.func) in clocks
+                   or isinstance(c, ast.Name) and c.id in timed for c in ast.walk(node))
+
+    bad = []
+    for p, tree in _test_modules():
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            timed = {t.id for node in ast.walk(fn) if isinstance(node, ast.Assign) and reads_clock(node.value, set())
+                     for target in node.targets for t in ast.walk(target) if isinstance(t, ast.Name)}
+            timed -= {"deadline"}  # a wait's own deadline (until ... or give up), not a measurement
+            bad += [f"tests/{p.name}:{node.lineno}" for node in ast.walk(fn)
+                    if isinstance(node, ast.Assert) and reads_clock(node.test, timed)]
+    assert not bad, sorted(set(bad))

@@ -69,10 +69,20 @@ def test_cli_writes_json_markdown_and_plots_with_the_peft_baseline(deployment, t
     peft = [r for r in rows if r["system"] == "peft"]
     assert {r["backend"] for r in rows} == {"onnxruntime", "torch", "peft-eager"}
     assert len(peft) == len(rows) // 3 and set(peft[0]) == set(rows[0])  # the baseline reports the same fields
-    assert len(tp["comparisons"]) == 2 * len(peft) and all(c["speedup"] > 0 for c in tp["comparisons"])
+    assert len(tp["comparisons"]) == 2 * len(peft)
+    by_key = {(r["system"], r["backend"], r["batch_size"], r["seq_len"], r["mix"], r["task"]): r for r in rows}
+    assert len(by_key) == len(rows)
+    for c in tp["comparisons"]:  # each speedup is its row's rate over PEFT's on the same configuration
+        ours, theirs = (by_key[(s, b, c["batch_size"], c["seq_len"], c["mix"], c["task"])]
+                        for s, b in (("promptmux", c["backend"]), ("peft", "peft-eager")))
+        assert c["speedup"] == round(ours["requests_per_s"] / theirs["requests_per_s"], 3)
     assert {(m["system"], m["batch_size"]) for m in tp["mixing"]} == {(s, b) for s in ("promptmux", "peft")
                                                                        for b in (1, 3)}
-    assert all(m["ratio"] > 0 for m in tp["mixing"])
+    for m in tp["mixing"]:  # the mixed rate over the rate its tasks' shares would have alone
+        mixed = by_key[(m["system"], m["backend"], m["batch_size"], m["seq_len"], m["mix"], None)]
+        alone = sum(v["requests"] / by_key[(m["system"], m["backend"], m["batch_size"], m["seq_len"], "single",
+                                            t)]["requests_per_s"] for t, v in mixed["per_task"].items())
+        assert m["ratio"] == round(mixed["requests_per_s"] / (mixed["requests_per_round"] / alone), 3)
     assert tp["load_rss_mb"].keys() >= {"promptmux/onnxruntime", "promptmux/torch", "peft-eager"}
     # Same answers as PEFT on the first batch of every configuration.
     assert len(tp["agreement"]) == 2 * len(peft)
@@ -253,6 +263,8 @@ def test_bf16_systems_carry_their_contract_and_both_peft_baselines(deployment, t
     assert tp["isolated"] and "--baseline peft,peft-bf16" in data["command"]
     assert {r["system"] for r in tp["rows"]} == {"promptmux", "peft", "peft-bf16"}
     (c,) = tp["comparisons"]
-    assert c["backend"] == "openvino/bf16" and c["speedup"] > 0 and c["speedup_vs_peft_bf16"] > 0
+    rate = {r["system"]: r["requests_per_s"] for r in tp["rows"]}
+    assert c["backend"] == "openvino/bf16" and c["speedup"] == round(rate["promptmux"] / rate["peft"], 3)
+    assert c["speedup_vs_peft_bf16"] == round(rate["promptmux"] / rate["peft-bf16"], 3)
     contract = tp["precision_contracts"]["promptmux/openvino/bf16"]
     assert contract["precision"] == "bf16" and set(contract["tasks"]) >= {"pt"}

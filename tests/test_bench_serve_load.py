@@ -5,15 +5,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import servekit
 
 from promptmux.bench import serve_load
-
-
-@pytest.fixture(scope="session")
-def text_deployments(tmp_path_factory):
-    return servekit.text_deployments(tmp_path_factory)
 
 
 def test_serve_load_writes_results_per_task_and_scenario(tmp_path, text_deployments):

@@ -74,7 +74,11 @@ def test_export_reports_every_task(deployed, setup):
     assert "tasks" not in manifest and manifest["bank"] == {"store": "tasks.sqlite", "engine": "sqlite-wal",
                                                               "tasks_at_export": 6}
     assert (out / "model.onnx").is_file() and (out / "model.onnx.data").is_file()
-    assert (out / "tokenizer.json").is_file() or (out / "vocab.txt").is_file()
+    from transformers import AutoTokenizer  # the base's tokenizer travels with the deployment, unchanged
+
+    text = "the film was good"
+    assert (AutoTokenizer.from_pretrained(out)(text)["input_ids"]
+            == AutoTokenizer.from_pretrained(setup["base"])(text)["input_ids"] == [2, 11, 7, 14, 5, 3])
 
 
 def test_tasks_list_json(deployed):

@@ -11,12 +11,6 @@ from promptmux import Runtime
 from promptmux.runtime.generate import ContinuousBatch, SamplingParams, StreamedRows
 
 
-def _runtime(fx):
-    if not hasattr(fx, "_rt_cb"):
-        fx._rt_cb = Runtime(fx.deploy)
-    return fx._rt_cb
-
-
 def _alone(rt, ids, task, params, precompute=True):
     kw = dict(eos_token_id=params.eos_token_id, do_sample=params.do_sample, temperature=params.temperature,
               top_k=params.top_k, top_p=params.top_p, seed=params.seed, precompute=precompute)
@@ -41,7 +35,7 @@ def _drive(batch, joins):
 
 @pytest.mark.parametrize("deployment", ["gpt2", "llama"], indirect=True)
 def test_rows_joining_and_leaving_each_step_get_their_alone_tokens(deployment):
-    rt = _runtime(deployment)
+    rt = deployment.runtime()
     names = deployment.task_names()
     rng = np.random.default_rng(3)
     joins, expect = {}, {}
@@ -61,7 +55,7 @@ def test_rows_joining_and_leaving_each_step_get_their_alone_tokens(deployment):
 
 @pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
 def test_eos_sampling_and_early_finish_are_per_row(deployment):
-    rt = _runtime(deployment)
+    rt = deployment.runtime()
     rng = np.random.default_rng(5)
     prompts = [rng.integers(3, 120, size=n) for n in (4, 9, 6, 3)]
     tasks = ["pt", "prefix", "mpt/1", "ptlstm"]
@@ -95,7 +89,7 @@ def test_eos_sampling_and_early_finish_are_per_row(deployment):
 
 @pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
 def test_past_is_trimmed_when_long_rows_leave(deployment):
-    rt = _runtime(deployment)
+    rt = deployment.runtime()
     batch = ContinuousBatch(rt.generator)
     long = batch.add(np.arange(3, 40), rt.bank.view("pt"), SamplingParams(max_new_tokens=2, eos_token_id=[]))
     batch.add(np.arange(3, 6), rt.bank.view("pt"), SamplingParams(max_new_tokens=6, eos_token_id=[]))
@@ -128,7 +122,7 @@ def test_a_removed_tasks_admitted_rows_still_generate_its_tokens(deployment):
 
 @pytest.mark.parametrize("deployment", ["t5"], indirect=True)
 def test_seq2seq_rows_interleave_with_their_alone_tokens(deployment):
-    rt = _runtime(deployment)
+    rt = deployment.runtime()
     rng = np.random.default_rng(1)
     joins, want = {}, []
     for k, task in enumerate(["pt", "prefix", "mpt/2", "ptmlp"]):

@@ -119,6 +119,43 @@ def test_bank_copy_keeps_unchanged_tasks_identical_and_drops_unused_shared(tmp_p
         bank.add([_tasks()["pt"]])
 
 
+def test_a_cold_read_blocks_no_hot_lookup_and_one_read_serves_every_waiter(tmp_path, monkeypatch):
+    """While one thread reads a cold task from the store (held here inside the read), a hot task is served and a
+    change is written; three more threads asking for the same cold task get the one read's view."""
+    import threading
+
+    from promptmux.core import bank as bank_module
+
+    first = PromptBank(arch_for("llama"))
+    first.add(list(_tasks().values()))
+    first.save(tmp_path)
+    bank = PromptBank.load(tmp_path, arch_for("llama"))
+    hot = bank.view("pt")
+    inside, release, real = threading.Event(), threading.Event(), bank_module.load_tensors
+
+    def held_read(data):  # the cold read of m/0's tensors waits here until released
+        if threading.current_thread().name.startswith("cold"):
+            inside.set()
+            assert release.wait(30)
+        return real(data)
+
+    monkeypatch.setattr(bank_module, "load_tensors", held_read)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(bank.view("m/0")), name=f"cold-{i}") for i in range(4)]
+    threads[0].start()
+    assert inside.wait(30)
+    for t in threads[1:]:
+        t.start()
+    assert bank.view("pt") is hot  # not blocked by the cold read
+    bank.add([dataclasses.replace(_tasks()["pt"], name="written-meanwhile")])
+    release.set()
+    for t in threads:
+        t.join(30)
+    assert len(got) == 4 and all(v is got[0] for v in got)
+    assert bank.stats["loads"] == 2 and bank.stats["misses"] == 2  # pt and m/0, each read once
+    np.testing.assert_array_equal(got[0].tensors["cols"], _tasks()["m/0"].tensors["cols"])
+
+
 def test_io_spec_declares_every_graph_input_and_tensorrt_profiles_cover_its_axes():
     """One declaration: the inputs the layout feeds are declared, and every dynamic axis it names has a TensorRT
     profile range (a new input without one fails here, not at an engine build)."""

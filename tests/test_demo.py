@@ -92,7 +92,8 @@ def test_opening_the_demo_imports_neither_transformers_nor_torch(demo):
 
 def test_demo_labelled_contract_is_measured_on_held_out_rows(demo, tmp_path, bf16_cpu):
     """`promptmux demo --precision bf16` measures the labelled contract on 200 held-out rows of each task: both
-    accuracies and the predictions kept are recorded per task."""
+    accuracies and the predictions kept are recorded per task. Measured here on the first 40 of each (the demo
+    itself measures on all 200)."""
     import shutil
 
     from promptmux import Runtime
@@ -100,10 +101,12 @@ def test_demo_labelled_contract_is_measured_on_held_out_rows(demo, tmp_path, bf1
 
     rows = labelled_calibration()
     assert rows is not None and len(rows) == 2 * CALIBRATION_ROWS
+    assert [r["task"] for r in rows] == ["sentiment"] * CALIBRATION_ROWS + ["topic"] * CALIBRATION_ROWS
+    n = 40
     deploy = shutil.copytree(demo["deployment"], tmp_path / "deploy")
-    entry = Runtime(deploy, precision="bf16", calibration=rows).contract
+    entry = Runtime(deploy, precision="bf16", calibration=rows[:n] + rows[CALIBRATION_ROWS:CALIBRATION_ROWS + n]).contract
     for task in ("sentiment", "topic"):
         r = entry["tasks"][task]
-        assert r["labelled"] and r["rows"] == CALIBRATION_ROWS and 0.5 < r["accuracy_fp32"] <= 1.0
-        assert abs(r["accuracy"] - r["accuracy_fp32"]) < 0.05 and r["prediction_agreement"] > 0.9
+        assert r["labelled"] and r["rows"] == n and 0.5 < r["accuracy_fp32"] <= 1.0
+        assert abs(r["accuracy"] - r["accuracy_fp32"]) <= 2 / n and r["prediction_agreement"] >= 1 - 2 / n
     assert json.loads((deploy / "manifest.json").read_text())["precision"]["openvino/bf16"]["tasks"] == entry["tasks"]

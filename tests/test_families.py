@@ -19,12 +19,14 @@ _FAMILY_FIXTURES: dict[str, Fixture] = {}
 
 def _family(arch: str, tmp_path_factory) -> Fixture:
     if arch not in _FAMILY_FIXTURES:
-        fx = _FAMILY_FIXTURES[arch] = Fixture(arch, tmp_path_factory.mktemp(f"family-{arch}"), adapters=KINDS)
+        fx = _FAMILY_FIXTURES[arch] = Fixture.shared(tmp_path_factory, arch, KINDS, name=f"family-{arch}")
         fx.rt = Runtime(fx.deploy, backend="onnxruntime")
     return _FAMILY_FIXTURES[arch]
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
+# Each family's tests on one pytest-xdist worker (its export is the slow part), the families spread over them.
+@pytest.fixture(scope="module", params=[pytest.param(arch, marks=pytest.mark.xdist_group(f"family-{arch}"))
+                                        for arch in FAMILIES])
 def family(request, tmp_path_factory):
     return _family(request.param, tmp_path_factory)
 
@@ -56,6 +58,7 @@ def test_greedy_tokens_match_peft_generate(family):
         assert [got[i]["token_ids"] for i in rows] == peft_generate(family, name, ids[rows], mask[rows]), name
 
 
+@pytest.mark.xdist_group("family-qwen2-cls")
 def test_a_causal_lm_classifier_gives_each_row_its_result_alone(tmp_path_factory):
     """A Qwen2 sequence classifier pools each row's last real token with positions that follow the mask: left- and
     right-padded batches give the same scores (PEFT's own result moves with the padding; the rows alone match it,
@@ -82,14 +85,16 @@ def test_generic_families_are_verified_against_peft_at_export(family):
         assert set(verified) == set(family.task_names()) and max(verified.values()) < TOL
 
 
-def test_a_family_the_generic_rules_do_not_fit_is_refused_with_the_difference(monkeypatch, tmp_path):
+@pytest.mark.xdist_group("family-qwen2")
+def test_a_family_the_generic_rules_do_not_fit_is_refused_with_the_difference(monkeypatch, tmp_path,
+                                                                              tmp_path_factory):
     """A deliberately wrong rule (positions that skip the padding, as OPT's do) for Qwen2: the ONNX graph still
     matches the PyTorch module it was traced from, but not PEFT, so the export refuses it and leaves nothing."""
     from promptmux import export_deployment
     from promptmux.core import archs
     from promptmux.core.archs import ArchSpec, UnsupportedModelError
 
-    fx = _FAMILY_FIXTURES.get("qwen2") or Fixture("qwen2", tmp_path / "fx", adapters=("pt",))
+    fx = _family("qwen2", tmp_path_factory)
     monkeypatch.setitem(archs.ARCHS, "qwen2", ArchSpec(family="decoder", positions_follow_mask=True,
                                                       verify_at_export=True))
     out = tmp_path / "deploy"
@@ -103,7 +108,8 @@ def test_a_family_the_generic_rules_do_not_fit_is_refused_with_the_difference(mo
     assert not out.exists() and not list(tmp_path.glob(".deploy.tmp-*"))
 
 
-@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.xdist_group(f"family-{a}"))
+                                  for a in ("mistral", "gemma2")])
 def test_sliding_window_families_keep_rows_within_the_window(arch, tmp_path_factory):
     """The graphs attend over every position, which is what sliding-window attention computes while a row fits its
     window (the tokens above match PEFT there): a row that would outgrow it is refused, not answered differently."""
@@ -134,6 +140,7 @@ def test_a_setting_the_row_does_not_cover_is_refused(tmp_path):
         load_base_config(tmp_path)
 
 
+@pytest.mark.xdist_group("family-plbart")
 def test_a_seq2seq_family_the_bart_step_does_not_fit_is_refused_with_the_tokens(monkeypatch, tmp_path_factory):
     """PLBart has no row: the BART step read from its modules, verified by greedy tokens against PEFT's generate.
     With a deliberately wrong rule (the embedding LayerNorm before the positions, BlenderbotSmall's order) the

@@ -30,17 +30,10 @@ def _max_diff(got, want) -> float:
     return max(float(np.abs(g - w).max()) for g, w in zip(got, want))
 
 
-def _runtime(fx, backend="onnxruntime"):
-    key = f"_rt_{backend}"
-    if not hasattr(fx, key):
-        setattr(fx, key, Runtime(fx.deploy, backend=backend))
-    return getattr(fx, key)
-
-
 @pytest.mark.parametrize("deployment,adapter", _adapter_cases(), indirect=["deployment"],
                          ids=[f"{a}-{n}" for a, n in _adapter_cases()])
 def test_single_task_batch_matches_peft(deployment, adapter):
-    rt = _runtime(deployment)
+    rt = deployment.runtime()
     side = "right" if is_encoder(deployment.arch) else "left"
     ids, mask = random_batch(deployment.arch, rows=4, seq=9, seed=11, padding_side=side)
     tasks = [t for t in deployment.task_names() if t == adapter or t.startswith(adapter + "/")]
@@ -54,7 +47,7 @@ def test_single_task_batch_matches_peft(deployment, adapter):
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("deployment", ARCHS, indirect=True)
 def test_mixed_batch_of_all_tasks_matches_peft_row_by_row(deployment, padding_side, backend):
-    rt = _runtime(deployment, backend)
+    rt = deployment.runtime(backend)
     names = deployment.task_names()
     ids, mask = random_batch(deployment.arch, rows=2 * len(names) + 1, seq=8, seed=5, padding_side=padding_side)
     rng = np.random.default_rng(3)
@@ -69,7 +62,7 @@ def test_mixed_batch_of_all_tasks_matches_peft_row_by_row(deployment, padding_si
 @pytest.mark.parametrize("deployment", ARCHS, indirect=True)
 def test_tasks_give_different_outputs(deployment):
     """Guards the comparisons above: the prompts really change what the model computes."""
-    rt = _runtime(deployment)
+    rt = deployment.runtime()
     names = deployment.task_names()
     ids, mask = random_batch(deployment.arch, rows=1, seq=6, seed=2, padding_side="right")
     outs = [rt.forward(ids, mask, [n])[0] for n in names]
@@ -80,7 +73,7 @@ def test_tasks_give_different_outputs(deployment):
 
 @pytest.mark.parametrize("deployment", ["bert", "llama"], indirect=True)
 def test_torch_reference_backend_matches_onnxruntime(deployment):
-    ort_rt, torch_rt = _runtime(deployment), _runtime(deployment, "torch")
+    ort_rt, torch_rt = deployment.runtime(), deployment.runtime("torch")
     names = deployment.task_names()
     ids, mask = random_batch(deployment.arch, rows=len(names), seq=7, seed=9, padding_side="left")
     assert _max_diff(ort_rt.forward(ids, mask, names), torch_rt.forward(ids, mask, names)) < TOL
@@ -88,7 +81,7 @@ def test_torch_reference_backend_matches_onnxruntime(deployment):
 
 @pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
 def test_causal_lm_rows_exclude_virtual_tokens_and_padding(deployment):
-    rt = _runtime(deployment)
+    rt = deployment.runtime()
     ids, mask = random_batch("gpt2", rows=3, seq=7, seed=1, padding_side="left")
     out = rt.forward(ids, mask, ["pt", "prefix", "mpt/1"])
     assert [o.shape for o in out] == [(int(m.sum()), rt.dims.vocab_size) for m in mask]
@@ -102,7 +95,7 @@ def test_token_type_ids_are_honoured_like_peft(deployment):
 
     from promptmux.core.folder import load_base_model
 
-    rt = _runtime(deployment)
+    rt = deployment.runtime()
     ids, mask = random_batch("bert", rows=2, seq=8, seed=4, padding_side="right")
     types = np.zeros_like(ids)
     types[:, 4:] = 1
@@ -138,7 +131,7 @@ def test_attention_is_one_fused_node_per_layer_in_the_graph_and_in_each_engine(d
     optimized = onnx.load(str(tmp_path / "ort.onnx"), load_external_data=False)
     assert sum(n.op_type == "Attention" for n in optimized.graph.node) == layers
 
-    compiled = _runtime(deployment, "openvino").session.compiled
+    compiled = deployment.runtime("openvino").session.compiled
     kinds = Counter(op.get_rt_info()["layerType"].astype(str) for op in compiled.get_runtime_model().get_ordered_ops())
     assert kinds["Subgraph"] >= layers and kinds["Softmax"] == 0, kinds
 
@@ -148,7 +141,7 @@ def test_single_kind_batches_on_openvino_match_peft(deployment):
     """A batch of one kind leaves the other slot groups empty: the CPU engines then get zero-length axes instead
     of masked dummy slots (runtime/batch.py). OpenVINO must give PEFT's rows there too (ONNX Runtime is covered by
     the single-task tests above)."""
-    rt = _runtime(deployment, "openvino")
+    rt = deployment.runtime("openvino")
     side = "right" if is_encoder(deployment.arch) else "left"
     ids, mask = random_batch(deployment.arch, rows=3, seq=7, seed=13, padding_side=side)
     for task in ("pt", "prefix", "mpt/1", "cartridge"):

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import adapter_configs, make_adapter, random_batch
+from conftest import adapter_configs, built_once, make_adapter, random_batch
 
 from promptmux import Runtime, UnknownTaskError, export_deployment
 from promptmux.core.task import Task
@@ -15,10 +15,18 @@ from promptmux.kinds import kind_of
 TOL = 1e-4
 
 
+def _folded(deployment, task: str, tmp_path_factory):
+    """The deployment exported again with `task` folded, once per run (tests that change it copy it first)."""
+    def build(folder):
+        export_deployment(deployment.base, deployment.adapters, folder / "deploy", fold=task, quiet=True)
+
+    return built_once(tmp_path_factory, f"folded-{deployment.arch}-{task.replace('/', '-')}", build) / "deploy"
+
+
 @pytest.mark.parametrize("deployment,task", [("bert", "pt"), ("gpt2", "prefix"), ("llama", "mpt/2")],
                          indirect=["deployment"])
-def test_folded_deployment_matches_unfolded(deployment, task, tmp_path):
-    folded_dir = export_deployment(deployment.base, deployment.adapters, tmp_path / "folded", fold=task, quiet=True)
+def test_folded_deployment_matches_unfolded(deployment, task, tmp_path_factory):
+    folded_dir = _folded(deployment, task, tmp_path_factory)
     manifest = json.loads((folded_dir / "manifest.json").read_text())
     assert manifest["folded"]["task"] == task and manifest["folded"]["file"] == "model_folded.onnx"
     folded = Runtime(folded_dir)
@@ -38,10 +46,10 @@ def test_folded_deployment_matches_unfolded(deployment, task, tmp_path):
 
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
-def test_folded_graph_bakes_the_prompt_as_constant(deployment, tmp_path):
+def test_folded_graph_bakes_the_prompt_as_constant(deployment, tmp_path_factory):
     import onnx
 
-    d = export_deployment(deployment.base, {"pt": deployment.adapters["pt"]}, tmp_path / "f", fold="pt", quiet=True)
+    d = _folded(deployment, "pt", tmp_path_factory)
     graph = onnx.load(str(d / "model_folded.onnx"))
     assert "prompt_embeds" not in [i.name for i in graph.graph.input]
     main = onnx.load(str(d / "model.onnx"), load_external_data=False)
@@ -180,8 +188,10 @@ def test_mpt_tasks_share_one_stored_prompt(deployment):
 
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
-def test_folded_graph_is_not_used_once_its_task_is_replaced(deployment, tmp_path):
-    d = export_deployment(deployment.base, {"pt": deployment.adapters["pt"]}, tmp_path / "f", fold="pt", quiet=True)
+def test_folded_graph_is_not_used_once_its_task_is_replaced(deployment, tmp_path, tmp_path_factory):
+    import shutil
+
+    d = shutil.copytree(_folded(deployment, "pt", tmp_path_factory), tmp_path / "f")  # changed below: a copy
     assert Runtime(d).folded_task == "pt"
     rt = Runtime(d)
     rt.add_task("pt", deployment.adapters["ptmlp"], persist=True, replace=True)  # same name, other prompt
@@ -194,10 +204,10 @@ def test_folded_graph_is_not_used_once_its_task_is_replaced(deployment, tmp_path
 
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
-def test_replacing_the_folded_task_serves_the_new_prompt(deployment, tmp_path):
+def test_replacing_the_folded_task_serves_the_new_prompt(deployment, tmp_path, tmp_path_factory):
     from conftest import peft_rows
 
-    folded = Runtime(export_deployment(deployment.base, deployment.adapters, tmp_path / "f", fold="pt", quiet=True))
+    folded = Runtime(_folded(deployment, "pt", tmp_path_factory))  # the change below is not persisted
     other = make_adapter("bert", deployment.base, adapter_configs("bert")["pt"], tmp_path / "other", seed=91)
     ids, mask = random_batch("bert", rows=2, seq=6, seed=4, padding_side="right")
     before = folded.forward(ids, mask, ["pt", "pt"])

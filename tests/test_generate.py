@@ -23,13 +23,6 @@ GENERATORS = DECODERS + ["t5"]
 NEW = 7
 
 
-def _runtime(fx, backend="onnxruntime"):
-    key = f"_rt_{backend}"
-    if not hasattr(fx, key):
-        setattr(fx, key, Runtime(fx.deploy, backend=backend))
-    return getattr(fx, key)
-
-
 def _precompute_modes(arch):
     return [True] if is_seq2seq(arch) else [True, False]
 
@@ -47,7 +40,7 @@ def _case_id(arch, name, pre):
 @pytest.mark.parametrize("deployment,adapter,precompute", _cases(), indirect=["deployment"],
                          ids=[_case_id(*c) for c in _cases()])
 def test_single_task_greedy_matches_peft_generate(deployment, adapter, precompute):
-    rt = _runtime(deployment)
+    rt = deployment.runtime()
     ids, mask = random_batch(deployment.arch, rows=3, seq=6, seed=21, padding_side="left")
     for task in [t for t in deployment.task_names() if t == adapter or t.startswith(adapter + "/")]:
         got = rt.generate({"input_ids": ids, "attention_mask": mask}, task, max_new_tokens=NEW,
@@ -63,7 +56,7 @@ _MIXED = [(arch, pre) for arch in GENERATORS for pre in _precompute_modes(arch)]
 @pytest.mark.parametrize("deployment,precompute", _MIXED, indirect=["deployment"],
                          ids=[_case_id(a, "mixed", p) for a, p in _MIXED])
 def test_mixed_task_greedy_matches_peft_generate_row_by_row(deployment, precompute, backend):
-    rt = _runtime(deployment, backend)
+    rt = deployment.runtime(backend)
     names = deployment.task_names()
     ids, mask = random_batch(deployment.arch, rows=len(names) + 2, seq=7, seed=4, padding_side="left")
     tasks = [names[i % len(names)] for i in range(len(ids))][::-1]
@@ -78,7 +71,7 @@ def test_mixed_task_greedy_matches_peft_generate_row_by_row(deployment, precompu
 def test_openvino_decode_steps_hand_over_their_kv_without_a_copy(deployment):
     """A decode step's presents are written by OpenVINO into arrays the generator then owns (as ONNX Runtime's
     outputs are), not copied out of the request's memory every step."""
-    rt = _runtime(deployment, "openvino")
+    rt = deployment.runtime("openvino")
     names = deployment.task_names()
     ids, mask = random_batch(deployment.arch, rows=2, seq=5, seed=6, padding_side="left")
     calls = []
@@ -101,15 +94,15 @@ def test_torch_backend_generates_the_same_tokens(deployment):
     names = deployment.task_names()
     ids, mask = random_batch(deployment.arch, rows=len(names), seq=5, seed=8, padding_side="left")
     inputs = {"input_ids": ids, "attention_mask": mask}
-    a = _runtime(deployment).generate(inputs, names, max_new_tokens=5, eos_token_id=[])
-    b = _runtime(deployment, "torch").generate(inputs, names, max_new_tokens=5, eos_token_id=[])
+    a = deployment.runtime().generate(inputs, names, max_new_tokens=5, eos_token_id=[])
+    b = deployment.runtime("torch").generate(inputs, names, max_new_tokens=5, eos_token_id=[])
     assert [r["token_ids"] for r in a] == [r["token_ids"] for r in b]
 
 
 @pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
 def test_precomputed_prompt_kv_equals_running_the_virtual_tokens(deployment):
     """The bank's precomputed KV is what the virtual tokens produce at the front of any input."""
-    rt = _runtime(deployment)
+    rt = deployment.runtime()
     gen = rt.generator
     view = rt.bank.view("ptlstm")
     kv = gen.prompt_kv(view)
@@ -161,7 +154,7 @@ def test_prompt_kv_is_computed_when_tasks_load(deployment):
 
 @pytest.mark.parametrize("deployment", ["gpt2", "t5"], indirect=True)
 def test_ragged_rows_of_ids_generate_as_if_each_ran_alone(deployment):
-    rt = _runtime(deployment)
+    rt = deployment.runtime()
     rows, tasks = [[5, 6, 7, 8, 9], [11, 12]], deployment.task_names()[:2]
     got = rt.generate(rows, tasks, max_new_tokens=4, eos_token_id=[])
     alone = [rt.generate([r], t, max_new_tokens=4, eos_token_id=[])[0] for r, t in zip(rows, tasks)]
@@ -172,7 +165,7 @@ def test_ragged_rows_of_ids_generate_as_if_each_ran_alone(deployment):
 
 @pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
 def test_rows_stop_on_their_own_eos(deployment):
-    rt = _runtime(deployment)
+    rt = deployment.runtime()
     ids, mask = random_batch("gpt2", rows=2, seq=5, seed=2, padding_side="left")
     inputs = {"input_ids": ids, "attention_mask": mask}
     free = rt.generate(inputs, ["pt", "prefix"], max_new_tokens=6, eos_token_id=[])
@@ -189,7 +182,7 @@ def test_rows_stop_on_their_own_eos(deployment):
 
 @pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
 def test_sampling_is_seeded_and_top_k_1_is_greedy(deployment):
-    rt = _runtime(deployment)
+    rt = deployment.runtime()
     ids, mask = random_batch("gpt2", rows=3, seq=5, seed=6, padding_side="left")
     inputs = {"input_ids": ids, "attention_mask": mask}
     tasks = ["pt", "mpt/1", "prefix"]
@@ -215,7 +208,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 @pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
 def test_stream_yields_each_rows_tokens_then_finish(deployment):
-    rt = _runtime(deployment)
+    rt = deployment.runtime()
     ids, mask = random_batch("gpt2", rows=2, seq=5, seed=2, padding_side="left")
     inputs = {"input_ids": ids, "attention_mask": mask}
     events = list(rt.generate_stream(inputs, ["ptmlp", "mpt1/0"], max_new_tokens=4, eos_token_id=[]))
@@ -237,7 +230,7 @@ def test_stream_yields_each_rows_tokens_then_finish(deployment):
     (dict(stop=["x"]), InputError, "stop strings need text inputs"),
 ])
 def test_bad_generation_requests(deployment, kwargs, error, message):
-    rt = _runtime(deployment)
+    rt = deployment.runtime()
     ids, mask = random_batch("gpt2", rows=1, seq=5, seed=2, padding_side="left")
     args = dict(tasks=["pt"], max_new_tokens=4)
     args.update(kwargs)
@@ -247,7 +240,7 @@ def test_bad_generation_requests(deployment, kwargs, error, message):
 
 @pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
 def test_empty_prompt_is_refused(deployment):
-    rt = _runtime(deployment)
+    rt = deployment.runtime()
     with pytest.raises(InputError, match="empty prompt"):
         rt.generate(np.zeros((1, 0), np.int64), "pt")
     with pytest.raises(InputError, match="have no real token"):
@@ -257,7 +250,7 @@ def test_empty_prompt_is_refused(deployment):
 @pytest.mark.parametrize("deployment", ["t5"], indirect=True)
 def test_seq2seq_right_padding_gives_each_row_its_unbatched_tokens(deployment):
     """Text inputs to a seq2seq deployment are right-padded, so batching never changes a row's tokens."""
-    rt = _runtime(deployment)
+    rt = deployment.runtime()
     ids, mask = random_batch("t5", rows=3, seq=6, seed=9, padding_side="right")
     tasks = ["prefix", "pt", "mpt/2"]
     batched = rt.generate({"input_ids": ids, "attention_mask": mask}, tasks, max_new_tokens=NEW, eos_token_id=[])
@@ -270,13 +263,13 @@ def test_seq2seq_right_padding_gives_each_row_its_unbatched_tokens(deployment):
 @pytest.mark.parametrize("deployment", ["t5"], indirect=True)
 def test_seq2seq_forward_points_to_generate(deployment):
     with pytest.raises(InputError, match="use generate"):
-        _runtime(deployment).forward(np.ones((1, 3), np.int64), None, "pt")
+        deployment.runtime().forward(np.ones((1, 3), np.int64), None, "pt")
 
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
 def test_generation_needs_a_causal_lm(deployment):
     with pytest.raises(InputError, match="generation needs a causal LM or seq2seq deployment"):
-        _runtime(deployment).generate(np.ones((1, 3), np.int64), "pt")
+        deployment.runtime().generate(np.ones((1, 3), np.int64), "pt")
 
 
 @pytest.mark.parametrize("deployment", ["t5"], indirect=True)

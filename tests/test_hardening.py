@@ -22,11 +22,6 @@ from promptmux.cli import main as cli
 from promptmux.runtime.generate import SamplingParams, pick
 
 
-@pytest.fixture(scope="session")
-def text_deployments(tmp_path_factory):
-    return servekit.text_deployments(tmp_path_factory)
-
-
 # ---- 1. sampling -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("params", [dict(top_p=1e-7), dict(top_p=1e-300), dict(temperature=5e-324),
                                     dict(temperature=5e-324, top_k=3, top_p=1e-7), dict(temperature=1e300)])
@@ -113,11 +108,8 @@ def test_rows_joining_get_a_prefill_error_at_once(text_deployments):
     rt = Runtime(text_deployments["gpt2"].deploy)
     tok = rt.tokenizer
     params = SamplingParams(max_new_tokens=8, eos_token_id=[])
-    start = time.monotonic()
-    events = _scheduler_run(rt, [([[]], "pt", params, tok), ([tok("joins too")["input_ids"]], "mpt/0", params, tok)],
-                            timeout=10)
-    assert time.monotonic() - start < 10
-    assert not any(isinstance(e, BaseException) for e in events), events  # nobody waits out a timeout
+    events = _scheduler_run(rt, [([[]], "pt", params, tok), ([tok("joins too")["input_ids"]], "mpt/0", params, tok)])
+    assert not any(isinstance(e, BaseException) for e in events), events  # no job's events stopped coming (a hang)
     assert events[0][-1][0] == "error"
     alone = rt.generate(["joins too"], "mpt/0", max_new_tokens=8, eos_token_id=[])[0]["token_ids"]
     assert _tokens(events[1]) == alone  # an innocent row that joined with it is unaffected

@@ -15,15 +15,9 @@ import time
 import httpx
 import numpy as np
 import pytest
-import servekit
 from servekit import EXTRA_ADAPTER, raw_exchange, running_server, server_fixture
 
 from promptmux import Runtime
-
-
-@pytest.fixture(scope="session")
-def text_deployments(tmp_path_factory):
-    return servekit.text_deployments(tmp_path_factory)
 
 TOKEN = "test-admin-token"
 CONCURRENCY = 32
@@ -125,9 +119,7 @@ def test_mixed_task_classification_load_with_hot_swap(text_deployments, bert_ser
             results = await _bounded([classify(t, x) for t, x in load])
             return results, await swap
 
-    start = time.monotonic()
     results, raced = asyncio.run(main())
-    elapsed = time.monotonic() - start
     errors = [r.status_code for _, _, r in results if r.status_code != 200]
     wrong = [(t, x) for t, x, r in results if r.status_code == 200 and not check(t, x, r)]
     assert errors == [] and wrong == []  # 0 errors, 0 misrouted among 2,000
@@ -138,7 +130,6 @@ def test_mixed_task_classification_load_with_hot_swap(text_deployments, bert_ser
     single_task = _sample(m, "promptmux_batch_tasks_bucket", kind="classify", le="1.0")
     assert batches > 0 and single_task < batches  # batches really mixed tasks
     assert _sample(m, "promptmux_requests_total", endpoint="/v1/classify", task="pt", status="200") > 0
-    print(f"2,000 classification requests in {elapsed:.1f} s; {batches:.0f} batches")
 
 
 def test_rows_that_fit_alone_are_never_batched_past_the_positions(text_deployments, bert_server):
@@ -531,11 +522,12 @@ def test_slow_and_abusive_clients_are_bounded(text_deployments):
     d = text_deployments["gpt2"]
     with running_server(d.deploy, "--header-timeout", "1", "--body-timeout", "1", "--max-inflight", "4",
                         "--max-batch", "2") as server:
-        out, took = raw_exchange(server.url, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Ty")
-        assert out.startswith(b"HTTP/1.1 408") and took < 4, out
-        out, took = raw_exchange(server.url, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+        # Each 408 is the server's answer once its 1 s timeout passes (raw_exchange would give b"" after its own 10)
+        out, _ = raw_exchange(server.url, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Ty")
+        assert out.startswith(b"HTTP/1.1 408"), out
+        out, _ = raw_exchange(server.url, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
                                      b"Content-Type: application/json\r\n\r\n{\"model\"")
-        assert out.startswith(b"HTTP/1.1 408") and took < 4, out
+        assert out.startswith(b"HTTP/1.1 408"), out
         out, _ = raw_exchange(server.url, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (100 * 1024) + b"\r\n\r\n")
         assert out.startswith(b"HTTP/1.1 431"), out[:100]
         assert httpx.get(server.url + "/health").status_code == 200  # a normal request after all that
@@ -552,12 +544,10 @@ def test_slow_and_abusive_clients_are_bounded(text_deployments):
 
 def test_timeout_and_client_disconnect(text_deployments):
     d = text_deployments["bert"]
-    # A batch that waits 3 s to fill: a request's 0.5 s timeout comes first.
-    with running_server(d.deploy, "--max-wait-ms", "3000", "--max-batch", "64", "--request-timeout", "0.5") as server:
-        start = time.monotonic()
-        r = httpx.post(server.url + "/v1/classify", json={"task": "pt", "text": "a"}, timeout=10)
+    # A batch that waits 60 s to fill: the request's 0.5 s timeout answers it, well inside the client's 20 s.
+    with running_server(d.deploy, "--max-wait-ms", "60000", "--max-batch", "64", "--request-timeout", "0.5") as server:
+        r = httpx.post(server.url + "/v1/classify", json={"task": "pt", "text": "a"}, timeout=20)
         assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
-        assert time.monotonic() - start < 2.5
         with pytest.raises(httpx.TimeoutException):  # the client gives up first and hangs up
             httpx.post(server.url + "/v1/classify", json={"task": "mpt/0", "text": "a"}, timeout=0.2)
         for _ in range(50):
@@ -567,6 +557,20 @@ def test_timeout_and_client_disconnect(text_deployments):
             time.sleep(0.1)
         assert _sample(m, "promptmux_requests_total", endpoint="/v1/classify", task="mpt/0", status="499") == 1
         assert _sample(m, "promptmux_queue_depth", kind="classify") == 0  # its work was dropped
+
+
+async def _refuses_connections(url: str, within: float = 30.0) -> bool:
+    """Whether the server at url stops accepting connections (within a generous deadline: the signal's effect,
+    not its speed, is what is checked)."""
+    deadline = time.monotonic() + within
+    async with httpx.AsyncClient() as c:
+        while time.monotonic() < deadline:
+            try:
+                await c.get(url + "/health")
+            except httpx.ConnectError:
+                return True
+            await asyncio.sleep(0.05)
+    return False
 
 
 def test_sigterm_drains_in_flight_requests_then_stops(text_deployments):
@@ -586,9 +590,7 @@ def test_sigterm_drains_in_flight_requests_then_stops(text_deployments):
                 waiting = _sample(m, "promptmux_queue_depth", kind="generate") + _sample(m, "promptmux_running_rows")
                 assert waiting > 0  # work is in flight when the signal comes
                 os.kill(server.pid, signal.SIGTERM)
-                await asyncio.sleep(0.3)
-                with pytest.raises(httpx.ConnectError):  # no new connections while draining
-                    await httpx.AsyncClient().get(server.url + "/health")
+                assert await _refuses_connections(server.url)  # no new connections while draining
 
                 async def read(r):
                     text, finish = "", None

@@ -10,17 +10,11 @@ import zlib
 
 import pytest
 import schemathesis
-import servekit
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from servekit import server_fixture
-
-
-@pytest.fixture(scope="session")
-def text_deployments(tmp_path_factory):
-    return servekit.text_deployments(tmp_path_factory)
 
 TOKEN = "fuzz-token"
 MAX_EXAMPLES = 30

@@ -10,17 +10,12 @@ import time
 
 import httpx
 import pytest
-import servekit
 from servekit import EXTRA_ADAPTER, running_server
 
 from promptmux import Runtime
 
 pytest.importorskip("ray.serve", reason="the Ray Serve test needs ray[serve]")
 
-
-@pytest.fixture(scope="session")
-def text_deployments(tmp_path_factory):
-    return servekit.text_deployments(tmp_path_factory)
 
 
 def test_two_ray_serve_replicas_serve_the_same_api(text_deployments):

@@ -1,0 +1,72 @@
+"""The prompt bank's SQLite connections (core/bank.py holds the tables' meaning): the bank's own, which every
+change and every cache check goes through, and one per reading thread for cold task reads, so that a task read
+from disk blocks neither other readers nor the hot path (WAL: readers see a committed snapshot and never wait)."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE,
+                                  entry TEXT NOT NULL, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS shared (key TEXT PRIMARY KEY, refs INTEGER NOT NULL, data BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS vectors (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE,
+                                    avg BLOB NOT NULL, tok BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS vectors_gone (seq INTEGER PRIMARY KEY AUTOINCREMENT, id INTEGER NOT NULL);
+"""
+
+
+def connect(path: Path | None) -> sqlite3.Connection:
+    # One connection per bank, shared by the threads of a process under the bank's lock; autocommit mode, with
+    # explicit transactions. A writer waits up to a minute for another process's transaction.
+    if path is not None and not os.access(path.parent, os.W_OK):
+        return connect_read_only(path)
+    db = sqlite3.connect(":memory:" if path is None else str(path), timeout=60, isolation_level=None,
+                         check_same_thread=False)
+    if path is not None:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # a committed change survives a power loss, not only a crash
+    db.executescript(SCHEMA)
+    if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'summaries'").fetchone():
+        migrate_summaries(db)
+    return db
+
+
+def connect_read_only(path: Path) -> sqlite3.Connection:
+    """A store in a folder this process cannot write (a read-only volume, an image layer): WAL mode needs its -shm
+    file beside the store, so it is opened immutable, which is right only if no change is waiting in its log."""
+    wal = Path(f"{path}-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        raise PermissionError(f"{path.parent} is read-only and its task store has changes not yet merged into it "
+                              f"({wal.name}); open the deployment once where it can be written (any promptmux "
+                              "command that opens it merges them), then make it read-only")
+    db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, isolation_level=None,
+                         check_same_thread=False)
+    if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'summaries'").fetchone():
+        raise PermissionError(f"{path} was written by promptmux before 2026-12-03 and {path.parent} is read-only; "
+                              "open the deployment once where it can be written (it is migrated then)")
+    return db
+
+
+def migrate_summaries(db: sqlite3.Connection) -> None:
+    """Stores of 2026-12-02 kept the retrieval vectors in `summaries`, without the growing ids the index needs."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'summaries'").fetchone():  # not done by another
+            db.execute("INSERT INTO vectors (name, avg, tok) SELECT name, avg, tok FROM summaries")
+            db.execute("DROP TABLE summaries")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def connect_reader(path: Path) -> sqlite3.Connection:
+    """A connection that only reads the store at `path` (immutable where the folder is read-only, as the bank's own
+    connection is there)."""
+    if not os.access(path.parent, os.W_OK):
+        return connect_read_only(path)
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60, isolation_level=None, check_same_thread=False)
