@@ -4,8 +4,11 @@ AVX512-BF16), so benchmarks record these and CI prints them."""
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
+
+from .errors import InputError
 
 # The flags that matter for promptmux's CPU paths, as Linux names them in /proc/cpuinfo.
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
@@ -39,3 +42,18 @@ def describe() -> str:
     flags = cpu_flags()
     listed = "flags unknown" if flags is None else " ".join(f"{f}={'yes' if v else 'no'}" for f, v in flags.items())
     return f"{cpu_model()}: {listed}"
+
+
+THREADS_ENV = "PROMPTMUX_THREADS"
+
+
+def default_threads() -> int | None:
+    """Threads a runtime uses when it is given none: PROMPTMUX_THREADS where set (several processes sharing the
+    cores: servers on one machine, test workers), else None (each engine's own default: one per core)."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise InputError(f"{THREADS_ENV}={value!r}: give a whole number of threads, 1 or more (or unset it: one "
+                         "thread per core)")
+    return int(value)

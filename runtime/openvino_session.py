@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cpu import default_threads
 from .derived import graph_key, is_current, write_stamp
 from .errors import BackendUnavailable
 
@@ -106,7 +107,7 @@ class OpenVinoSession:
         # conversion above (1.4-13 s), and that is done once per deployment.
         core = ov.Core()
         config = {"INFERENCE_PRECISION_HINT": OV_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY"}
-        if threads:
+        if threads := threads or default_threads():  # PROMPTMUX_THREADS where none is given
             config["INFERENCE_NUM_THREADS"] = int(threads)
         if progress:
             progress(f"compiling {path.name} with OpenVINO ({precision})")

@@ -12,6 +12,7 @@ import numpy as np
 # keeps them resident, keyed by the bank version and the batch's task tuple.
 from promptmux.core.io_spec import BANK_INPUTS  # noqa: E402
 
+from .cpu import default_threads
 from .errors import BackendUnavailable
 
 # ONNX Runtime's CPU SkipLayerNormalization (which its online optimizer fuses from Add + LayerNormalization) was
@@ -29,7 +30,7 @@ class OrtSession:
 
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
+        if threads := threads or default_threads():  # PROMPTMUX_THREADS where none is given
             so.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
                                             disabled_optimizers=CPU_DISABLED_OPTIMIZERS)
@@ -69,7 +70,7 @@ class OrtBoundSession:
         self.device, self.device_id = device, device_id
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
+        if threads := threads or default_threads():  # PROMPTMUX_THREADS where none is given
             so.intra_op_num_threads = threads
         if device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -131,7 +132,7 @@ class TorchSession:
     def __init__(self, module, names: list[str], threads: int | None = None):
         import torch
 
-        if threads:
+        if threads := threads or default_threads():  # PROMPTMUX_THREADS where none is given
             torch.set_num_threads(threads)
         self.module = module.eval()
         self.input_names = names

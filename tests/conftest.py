@@ -324,6 +324,11 @@ class Fixture:
 # of most tests, so each deployment the tests share is built once per run, not once per worker: the first worker
 # to need it builds it under a file lock while any other waits, then all of them read the same files. Tests must
 # therefore never change a shared deployment (copy it first), as another process may be reading it.
+# The longest modules (minutes each: the real SmolLM2 export, the servers) start first, so that no worker is left
+# running one of them alone at the end.
+LONGEST_FIRST = ("test_smollm2_demo", "test_serve", "test_hardening", "test_serve_ray")
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (--dist loadgroup)
 def pytest_collection_modifyitems(config, items):
     """A module's tests on one worker, unless a test names its own group (test_families.py: one per family): a
@@ -331,6 +336,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if not any(item.iter_markers("xdist_group")):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable: the rest keep their order
+
+
+# Workers share the cores: each runtime (and PyTorch) in a worker, and each server it starts, gets its share of
+# threads instead of one per core each (ONNX Runtime's spinning threads would otherwise take turns on a core).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and os.environ.get("PROMPTMUX_TEST_THREADS", "share") == "share":
+    _share = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("PROMPTMUX_THREADS", str(_share))
+    torch.set_num_threads(int(os.environ["PROMPTMUX_THREADS"]))
 
 
 def pytest_xdist_auto_num_workers(config):

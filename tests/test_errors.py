@@ -262,3 +262,14 @@ def test_vocab_mismatch_via_recorded_base(bert, tmp_path):
     d = _edit_config(bert["pt"], tmp_path / "bad", base_model_name_or_path=str(other))
     with pytest.raises(AdapterError, match="vocab size is 999 in the adapter but 120 in the base model"):
         load_adapter("x", d, bert["config"])
+
+
+def test_promptmux_threads_sets_the_default_and_a_bad_value_is_named(rt, monkeypatch):
+    from promptmux.runtime.sessions import OrtSession
+
+    monkeypatch.setenv("PROMPTMUX_THREADS", "1")
+    assert OrtSession(rt.dir / "model.onnx").session.get_session_options().intra_op_num_threads == 1
+    assert OrtSession(rt.dir / "model.onnx", threads=2).session.get_session_options().intra_op_num_threads == 2
+    monkeypatch.setenv("PROMPTMUX_THREADS", "two")
+    with pytest.raises(InputError, match="PROMPTMUX_THREADS='two': give a whole number of threads, 1 or more"):
+        OrtSession(rt.dir / "model.onnx")

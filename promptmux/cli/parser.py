@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop a row when its text contains this string; repeatable")
     g.add_argument("--no-precompute", action="store_true",
                    help="run the virtual tokens in every prefill instead of the cached prompt key/values")
-    g.add_argument("--threads", type=int, help="CPU threads for the runtime")
+    g.add_argument("--threads", type=int, help="CPU threads for the runtime (default: $PROMPTMUX_THREADS, else "
+                                                    "one per core)")
     _add_runtime_options(g)
     g.add_argument("--base", help="base model folder (torch backend) if it moved since export")
     g.set_defaults(func=cmd_generate)
@@ -214,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--kv-cache-mb", type=float,
                     help="causal LMs: MB of precomputed prompt key/values kept, least recently used dropped first "
                          "(default 512)")
-    sv.add_argument("--threads", type=int, help="CPU threads per model call")
+    sv.add_argument("--threads", type=int, help="CPU threads per model call (default: $PROMPTMUX_THREADS, else "
+                                                     "one per core)")
     sv.add_argument("--drain-timeout", type=float, default=30.0,
                     help="SIGTERM: seconds in-flight requests get to finish")
     sv.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
