@@ -325,8 +325,14 @@ class Fixture:
 # to need it builds it under a file lock while any other waits, then all of them read the same files. Tests must
 # therefore never change a shared deployment (copy it first), as another process may be reading it.
 # The longest modules (minutes each: the real SmolLM2 export, the servers) start first, so that no worker is left
-# running one of them alone at the end.
+# running one of them alone at the end. pytest-xdist would otherwise order the groups by their number of tests
+# (--loadscope-reorder, its default), which starts the two SmolLM2 tests last.
 LONGEST_FIRST = ("test_smollm2_demo", "test_serve", "test_hardening", "test_serve_ray")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (--dist loadgroup)
@@ -338,14 +344,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable: the rest keep their order
-
-
-# Workers share the cores: each runtime (and PyTorch) in a worker, and each server it starts, gets its share of
-# threads instead of one per core each (ONNX Runtime's spinning threads would otherwise take turns on a core).
-if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and os.environ.get("PROMPTMUX_TEST_THREADS", "share") == "share":
-    _share = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
-    os.environ.setdefault("PROMPTMUX_THREADS", str(_share))
-    torch.set_num_threads(int(os.environ["PROMPTMUX_THREADS"]))
 
 
 def pytest_xdist_auto_num_workers(config):
