@@ -324,17 +324,6 @@ class Fixture:
 # of most tests, so each deployment the tests share is built once per run, not once per worker: the first worker
 # to need it builds it under a file lock while any other waits, then all of them read the same files. Tests must
 # therefore never change a shared deployment (copy it first), as another process may be reading it.
-# The longest modules (minutes each: the real SmolLM2 export, the servers) start first, so that no worker is left
-# running one of them alone at the end. pytest-xdist would otherwise order the groups by their number of tests
-# (--loadscope-reorder, its default), which starts the two SmolLM2 tests last.
-LONGEST_FIRST = ("test_smollm2_demo", "test_serve", "test_hardening", "test_serve_ray")
-
-
-def pytest_configure(config):
-    if hasattr(config.option, "loadscopereorder"):
-        config.option.loadscopereorder = False
-
-
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (--dist loadgroup)
 def pytest_collection_modifyitems(config, items):
     """A module's tests on one worker, unless a test names its own group (test_families.py: one per family): a
@@ -342,8 +331,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if not any(item.iter_markers("xdist_group")):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable: the rest keep their order
 
 
 def pytest_xdist_auto_num_workers(config):
