@@ -153,8 +153,7 @@ class PromptBank:
             return None
         version = self._data_version()
         if self._checked.get(name) != version:
-            row = self.db.execute("SELECT seq FROM tasks WHERE name = ?", (name,)).fetchone()
-            if row is None or row[0] != cached.version:  # changed by another process since it was read
+            if self._stored_version(name) != cached.version:  # changed by another process since it was read
                 self._drop(name)
                 return None
             self._checked[name] = version
@@ -173,8 +172,7 @@ class PromptBank:
                 raise self.unknown(name)
             seq, entry, own, shared = read
             with self._lock:  # kept only if still the stored version (a change may have committed meanwhile)
-                row = self.db.execute("SELECT seq FROM tasks WHERE name = ?", (name,)).fetchone()
-                if row is None or row[0] != seq:
+                if self._stored_version(name) != seq:
                     continue
                 for key, value in shared.items():
                     self._shared.setdefault(key, value)
@@ -250,8 +248,12 @@ class PromptBank:
     def holds(self, view: Task) -> bool:
         """Whether the bank still holds this very task (not replaced or removed since the view was read)."""
         with self._lock:
-            row = self.db.execute("SELECT seq FROM tasks WHERE name = ?", (view.name,)).fetchone()
-        return row is not None and row[0] == view.version
+            return self._stored_version(view.name) == view.version
+
+    def _stored_version(self, name: str) -> int | None:
+        """The stored task's version (seq), or None: the bank's own connection, under the lock."""
+        row = self.db.execute("SELECT seq FROM tasks WHERE name = ?", (name,)).fetchone()
+        return None if row is None else row[0]
 
     def digest(self, name: str) -> str:
         """A fingerprint of one task's prompt and head tensors (detects a task replaced under its name)."""
