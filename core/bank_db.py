@@ -69,4 +69,9 @@ def connect_reader(path: Path) -> sqlite3.Connection:
     connection is there)."""
     if not os.access(path.parent, os.W_OK):
         return connect_read_only(path)
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60, isolation_level=None, check_same_thread=False)
+    # query_only, not mode=ro: the last connection to close merges the log into the store, and a mode=ro one
+    # cannot, so a reader that outlived the bank's own connection left a log behind (and a folder copied then
+    # made read-only refused to open).
+    db = sqlite3.connect(str(path), timeout=60, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA query_only=ON")
+    return db

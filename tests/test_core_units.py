@@ -156,6 +156,26 @@ def test_a_cold_read_blocks_no_hot_lookup_and_one_read_serves_every_waiter(tmp_p
     np.testing.assert_array_equal(got[0].tensors["cols"], _tasks()["m/0"].tensors["cols"])
 
 
+def test_a_reader_that_outlives_the_bank_connection_merges_the_log(tmp_path):
+    """Whichever of a bank's connections closes last merges the write-ahead log into the store, so the folder can
+    be copied and made read-only afterwards (a reader closing last once left the log behind)."""
+    import threading
+
+    from promptmux.core.bank import STORE_FILE
+
+    first = PromptBank(arch_for("llama"), path=tmp_path / STORE_FILE)
+    first.add(list(_tasks().values()))
+    first.close()
+    bank = PromptBank.load(tmp_path, arch_for("llama"))
+    reader = threading.Thread(target=bank.view, args=("pt",))  # a cold read: a reader connection of its own
+    reader.start()
+    reader.join(30)
+    bank.add([dataclasses.replace(_tasks()["pt"], name="late")])  # committed to the log
+    assert (tmp_path / f"{STORE_FILE}-wal").stat().st_size > 0
+    bank.db.close()  # the bank's own connection first, the reader's last
+    bank.close()
+    assert not (tmp_path / f"{STORE_FILE}-wal").exists()
+
 def test_io_spec_declares_every_graph_input_and_tensorrt_profiles_cover_its_axes():
     """One declaration: the inputs the layout feeds are declared, and every dynamic axis it names has a TensorRT
     profile range (a new input without one fails here, not at an engine build)."""
