@@ -138,6 +138,7 @@ def _write_deployment(base_dir, out_dir: Path, config, spec, dims, model, bank, 
     (or, for a family on the generic rules, a difference from PEFT) leaves nothing behind."""
     from promptmux import __version__
     from promptmux.core.io_spec import input_names
+    from promptmux.progress import raise_if_interrupted
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # The exporters' native extensions are imported before the temporary folder exists: a Ctrl-C that lands inside
@@ -185,6 +186,7 @@ def _write_deployment(base_dir, out_dir: Path, config, spec, dims, model, bank, 
             manifest["graph"]["verified_against_peft"] = _verify_generic(tmp, base_dir, adapters, config,
                                                                          tolerance, bar)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        raise_if_interrupted()  # a Ctrl-C that a callback swallowed still leaves nothing behind
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

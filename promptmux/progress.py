@@ -9,6 +9,15 @@ from __future__ import annotations
 import threading
 
 REDRAW_S = 1.0
+# Set by the command line's Ctrl-C handler (promptmux/cli). Python delivers Ctrl-C as a KeyboardInterrupt wherever
+# the main thread is, and one that lands in a callback (an import lock's, a weakref's) is printed as "Exception
+# ignored" and lost: the long work then went on and finished. Each step boundary raises it again.
+interrupted = threading.Event()
+
+
+def raise_if_interrupted() -> None:
+    if interrupted.is_set():
+        raise KeyboardInterrupt
 
 
 class StepBar:
@@ -26,9 +35,11 @@ class StepBar:
 
     def step(self, name: str) -> None:
         """The step now running (shown after the bar)."""
+        raise_if_interrupted()
         self._bar.set_postfix_str(name)
 
     def update(self, n: int = 1) -> None:
+        raise_if_interrupted()
         self._bar.update(n)
 
     def close(self) -> None:

@@ -197,6 +197,36 @@ def test_ctrl_c_during_export_prints_one_line_exits_130_and_leaves_no_folder(set
     assert stdout == "" and list(tmp_path.iterdir()) == []
 
 
+def test_ctrl_c_swallowed_by_a_callback_still_stops_the_export(setup, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C that Python delivers inside a callback (an import lock's, a weakref's) is printed as "Exception
+    ignored" and lost; the export stops at its next step anyway, with 130 and no folder (it once finished)."""
+    import weakref
+
+    from promptmux.export import deploy
+
+    real = deploy.load_base_model
+
+    def load_then_ctrl_c_in_a_callback(*args, **kwargs):
+        model = real(*args, **kwargs)
+
+        class Gone:
+            pass
+
+        gone = Gone()
+        ref = weakref.ref(gone, lambda _: (os.kill(os.getpid(), signal.SIGINT), None))  # noqa: F841
+        del gone  # the callback runs, and with it the KeyboardInterrupt, which Python reports and drops
+        return model
+
+    monkeypatch.setattr(deploy, "load_base_model", load_then_ctrl_c_in_a_callback)
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", dropped.append)
+    out = tmp_path / "deploy"
+    assert main(["export", "--base", str(setup["base"]), "--adapter", f"pt={setup['adapters']['pt']}", "--out",
+                 str(out), "--quiet"]) == 130
+    assert [d.exc_type for d in dropped] == [KeyboardInterrupt]  # it was dropped, and yet:
+    assert capsys.readouterr().err == "promptmux: interrupted\n" and list(tmp_path.iterdir()) == []
+
+
 def test_verify_passes_for_the_exported_adapters(deployed, setup):
     out, _ = deployed
     proc = promptmux("verify", out, "--base", setup["base"],

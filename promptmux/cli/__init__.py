@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 
+from promptmux import progress
 from promptmux.cli.common import CliError, check_text_args
 from promptmux.cli.parser import build_parser
 
@@ -29,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # promptmux never downloads: everything is local folders
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.basicConfig(level=logging.WARNING, format="promptmux: %(message)s")
+    previous = _catch_ctrl_c()
     try:
         args = build_parser().parse_args(argv)
         check_text_args(args)
@@ -41,6 +45,28 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"promptmux: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+        progress.interrupted.clear()
+
+
+def _catch_ctrl_c():
+    """Ctrl-C raises KeyboardInterrupt as Python's own handler does, and is also recorded, so that the long steps
+    raise it again if a callback swallowed it (promptmux/progress.py). Returns the handler to restore, or None
+    where none was set (not the main thread, or Ctrl-C ignored, as for a job started in the background)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:
+        return None
+
+    def on_ctrl_c(signum, frame):
+        progress.interrupted.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_ctrl_c)
+    return previous
 
 
 def entry() -> None:
