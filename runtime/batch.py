@@ -142,7 +142,7 @@ def run_batch(rt, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None, v
         session, graph = rt.noprefix_session, NOPREFIX_GRAPH
     layout = layout_for(rt, graph, ids, mask, types, views)
     out = session.run(layout.feeds, bank_key=bank_key)
-    rt.graph_runs[graph] += 1
+    rt.graph_runs[getattr(session, "graph_file", graph)] += 1  # the file that ran: model.int8.onnx at int8
     if rt.spec.family == "encoder":
         return heads(views, out)
     seq = ids.shape[1]

@@ -2,7 +2,8 @@
 
     fp32  exact: within 1e-4 of PEFT (the default)
     bf16  OpenVINO on AMX / AVX512-BF16 CPUs
-    int8  weight-only int8 (ONNX Runtime MatMulNBits) of a causal LM's cached decoder, LM head included
+    int8  ONNX Runtime: a classifier's graphs dynamic int8 (weights per channel, activations per batch); a causal
+          LM's cached decoder weight-only int8 (MatMulNBits), LM head included (runtime/quantize.py)
 
 A non-exact precision is never assumed to be good enough: the first time a deployment runs it (or at export
 with --precision), its outputs are compared with fp32 on calibration inputs (the user's own texts, labelled rows
@@ -66,15 +67,14 @@ def choose_backend(backend: str, precision: str, family: str) -> tuple[str, str]
     """(backend, why) for a requested backend ("auto" included) and precision; raises if it cannot run here."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "int8" and family != "decoder":
-        raise BackendUnavailable(
-            "precision int8 is weight-only int8 for causal-LM generation; classifiers stay fp32 or bf16 (int8 "
-            "kept too few of fp32's predictions: see bench/results/cpu-precision.md)")
+    if precision == "int8" and family == "seq2seq":
+        raise BackendUnavailable("precision int8 runs classifiers and causal LMs; a seq2seq deployment stays fp32")
     if backend == "auto":
         if precision == "bf16":
             backend, why = "openvino", "bf16 runs on OpenVINO"
         elif precision == "int8":
-            backend, why = "onnxruntime", "int8 weight-only decoding runs on ONNX Runtime (MatMulNBits)"
+            backend, why = "onnxruntime", ("int8 weight-only decoding runs on ONNX Runtime (MatMulNBits)"
+                                           if family == "decoder" else "dynamic int8 classifiers run on ONNX Runtime")
         elif family != "encoder":
             # measured (bench/results/cpu-precision.md): ONNX Runtime decodes SmolLM2 1.6x faster than OpenVINO
             # and runs GPT-2's full-sequence logits faster too
@@ -256,12 +256,23 @@ def record_key(backend: str, precision: str) -> str:
     return f"{backend}/{precision}"
 
 
-def stored_contract(manifest: dict, backend: str, precision: str, digests: dict[str, str]) -> dict | None:
+def stored_contract(manifest: dict, backend: str, precision: str, digests: dict[str, str],
+                    family: str) -> dict | None:
     """The manifest's contract for this backend and precision, if it covers exactly the bank's current tasks."""
     entry = (manifest.get("precision") or {}).get(record_key(backend, precision))
-    if entry and entry.get("digests") == digests:
+    if entry and entry.get("digests") == digests and entry.get("recipe") == recipe(precision, family):
         return entry
     return None
+
+
+def recipe(precision: str, family: str) -> str | None:
+    """How the precision's graphs are made, where promptmux makes them (int8): a contract measured on graphs made
+    otherwise does not hold for these."""
+    if precision != "int8":
+        return None
+    from .quantize import RECIPES
+
+    return RECIPES.get(family)
 
 
 def write_contract(deploy_dir: Path, backend: str, precision: str, entry: dict) -> None:
@@ -302,6 +313,7 @@ def calibrate(fast, items: list | None = None, source: str | None = None) -> dic
         "seconds": round(time.time() - started, 1), "calibration": calibration,
         "thresholds": {**THRESHOLDS, "labelled": dict(LABELLED)},
         "tasks": tasks, "passed": passed(tasks), "digests": {t: fast.bank.digest(t) for t in fast.tasks},
+        **({"recipe": made} if (made := recipe(fast.precision, fast.spec.family)) else {}),
     }
 
 
@@ -341,7 +353,8 @@ def contract(rt, strict: bool, calibration=None) -> dict:
         if items is None and (rt.dir / name).is_file():
             items, source = calibration_texts(rt.dir / name), f"the deployment's {name}"
     digests = {t: rt.bank.digest(t) for t in rt.tasks}
-    entry = None if calibration is not None else stored_contract(rt.manifest, rt.backend, rt.precision, digests)
+    entry = None if calibration is not None else stored_contract(rt.manifest, rt.backend, rt.precision, digests,
+                                                                    rt.spec.family)
     if entry and items is not None and entry["calibration"].get("sha256") != _texts_digest(items):
         entry = None  # the calibration file changed (or came) since the contract was measured: measure on it
     if entry is None:

@@ -1,4 +1,5 @@
-"""Weight-only int8 for a causal LM's cached decoder graph (precision "int8").
+"""int8 graphs (precision "int8", ONNX Runtime): weight-only int8 for a causal LM's cached decoder, dynamic int8
+for a classifier's full-sequence graphs.
 
 Decoding one token reads every weight once, so on a CPU it is bound by memory bandwidth: int8 weights
 (ONNX Runtime's MatMulNBits, per-block scales, int8 compute on AVX512-VNNI / AMX with accuracy_level 4) read
@@ -6,8 +7,15 @@ a quarter of the bytes. The LM head is included: with tied embeddings the export
 transposed view of the embedding table, which the quantizer skips, so that view is first written out as its
 own initializer. Activations and the KV cache stay fp32.
 
-The quantized graph is written once beside the original (`decoder.int8.onnx`) and reused while the original
-is unchanged.
+A classifier's forward over whole sequences is bound by compute instead, and there MatMulNBits was barely faster
+than fp32 (1.04-1.07x at B = 32 on the demo, AMD Zen 4): its graphs get ONNX Runtime's dynamic quantization, int8
+weights with a scale per output channel and int8 activations with a scale per batch (MatMulInteger), 2.4x faster
+than fp32 there (bench/results/int8-classifier-bench-amd-zen4.md). Per channel rather than per tensor: 95.3 % of fp32's sentiment predictions kept against 91.6 %
+(bench/results/int8-classifier-minilm-amd-zen4.json). Whether that is good enough for a deployment is its
+accuracy contract's to say (runtime/precision.py).
+
+Each quantized graph is written once beside the original (`decoder.int8.onnx`, `model.int8.onnx`, ...) and
+reused while the original is unchanged and made the same way (RECIPES).
 """
 
 from __future__ import annotations
@@ -25,6 +33,10 @@ log = logging.getLogger("promptmux.runtime")
 BITS = 8
 BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4  # int8 activations inside the kernel: the VNNI/AMX path
+# How an int8 graph is made, per model family: part of its stamp's key (a graph made otherwise, as by an earlier
+# promptmux, is made again) and of its accuracy contract (measured again).
+RECIPES = {"decoder": f"matmulnbits-int{BITS}-block{BLOCK_SIZE}-accuracy{ACCURACY_LEVEL}",
+           "encoder": "dynamic-int8-matmul-per-channel"}
 
 
 def untie_lm_head(model) -> int:
@@ -94,7 +106,7 @@ def weight_only_int8(path: Path) -> Path:
 
     out = path.with_name(f"{path.stem}.int8.onnx")
     stamp = out.with_suffix(".json")
-    key = graph_key(path)
+    key = f"{graph_key(path)}:{RECIPES['decoder']}"
     if is_current(out, stamp, key):
         return out
     log.warning("quantizing %s to int8 weights (once per deployment)", path.name)
@@ -124,3 +136,61 @@ def weight_only_int8(path: Path) -> Path:
     write_stamp(stamp, key, graph=path.name, bits=BITS, block_size=BLOCK_SIZE, accuracy_level=ACCURACY_LEVEL,
                 matmuls_quantized=count, lm_head_untied=untied, gemms_rewritten=gemms)
     return out
+
+
+def int8_graph(path: Path, family: str) -> Path:
+    """The graph precision int8 runs in place of the deployment's graph at `path`: the int8 copy of a causal LM's
+    cached decoder or of a classifier's graphs; anything else (a causal LM's full-sequence graph) as is."""
+    from promptmux.core.folder import DECODER_GRAPH
+
+    if path.name == DECODER_GRAPH:
+        return weight_only_int8(path)
+    return dynamic_int8(path) if family == "encoder" else path
+
+
+def dynamic_int8(path: Path) -> Path:
+    """The dynamic int8 copy of a classifier graph at `path`: every MatMul with a weight initializer gets int8
+    weights (a scale per output channel) and int8 activations (a scale per batch)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = path.with_name(f"{path.stem}.int8.onnx")
+    stamp = out.with_suffix(".json")
+    key = f"{graph_key(path)}:{RECIPES['encoder']}"
+    if is_current(out, stamp, key):
+        return out
+    log.warning("quantizing %s to int8 (once per deployment)", path.name)
+    root = logging.getLogger()  # the quantizer advises pre-processing on the root logger, every time
+    advice = logging.Filter()
+    advice.filter = lambda record: "pre-processing before quantization" not in record.getMessage()
+    root.addFilter(advice)
+    work = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        quantize_dynamic(str(path), str(work), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul"], use_external_data_format=True,
+                         extra_options={"MatMulConstBOnly": True})
+        _save_beside(onnx.load(str(work)), out)  # the quantizer names the weights' file after its own output
+    finally:
+        root.removeFilter(advice)
+        work.unlink(missing_ok=True)
+        work.with_name(work.name + ".data").unlink(missing_ok=True)
+    graph = onnx.load(str(out), load_external_data=False).graph
+    write_stamp(stamp, key, graph=path.name, recipe=RECIPES["encoder"],
+                matmuls_quantized=sum(n.op_type == "MatMulInteger" for n in graph.node))
+    return out
+
+
+def _save_beside(model, out: Path) -> None:
+    """Write `model` as `out` with its weights in `out`.data: the weights first, the graph last (under a temporary
+    name, then renamed), so that a graph never appears without its weights."""
+    import onnx
+
+    data = out.with_name(out.name + ".data")
+    data.unlink(missing_ok=True)  # save_model appends to an existing data file
+    staged = out.with_name(f".{out.name}.{os.getpid()}.graph")
+    try:
+        onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+        os.replace(staged, out)
+    finally:
+        staged.unlink(missing_ok=True)

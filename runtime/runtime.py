@@ -50,10 +50,11 @@ class Runtime:
     `promptmux build-engine`; needs TensorRT and a GPU it accepts) or "torch" (the same computation in eager
     PyTorch, the reference; it needs the base model folder recorded at export, or `base=`).
 
-    precision: "fp32" (exact, the default), "bf16" (OpenVINO on AMX/AVX512-BF16 CPUs) or "int8" (weight-only
-    int8 decoding for causal LMs). A non-exact precision is measured against fp32 the first time it runs on a
-    deployment (on `calibration`: texts, or generated inputs when None) and the result is kept in the manifest
-    (`contract`); a miss warns, or raises PrecisionError with strict=True. See runtime/precision.py.
+    precision: "fp32" (exact, the default), "bf16" (OpenVINO on AMX/AVX512-BF16 CPUs) or "int8" (ONNX Runtime:
+    int8 weights and products, for classifiers and causal-LM decoding). A non-exact precision is measured against
+    fp32 the first time it runs on a deployment (on `calibration`: texts, or generated inputs when None) and the
+    result is kept in the manifest (`contract`); a miss warns, or raises PrecisionError with strict=True. See
+    runtime/precision.py.
 
     bank_cache_mb: the task views kept in RAM (least recently used go first; default 256 MB). Tasks are read from
     the deployment's store when first used, so a deployment of a million tasks opens as fast as one of two.
@@ -86,7 +87,7 @@ class Runtime:
         self._lock = threading.Lock()  # serializes task changes, not requests
         self._tokenizer = None
         self.noprefix_session = None  # encoders: the graph without prefix inputs (CPU engines)
-        self.graph_runs: Counter = Counter()  # full-sequence batches run per graph file (model.onnx, model_folded.onnx)
+        self.graph_runs: Counter = Counter()  # full-sequence batches run per graph file that ran (model.onnx, ...)
         self.max_positions = usable_positions(self.config)  # virtual and real tokens together (core/archs.py)
         folded = self.manifest.get("folded") if use_folded else None
         if folded and (folded["task"] not in self.bank or self.bank.digest(folded["task"]) != folded.get("digest")):
@@ -146,7 +147,8 @@ class Runtime:
         """A session over one ONNX graph of the deployment, for the ONNX Runtime and OpenVINO backends."""
         from .sessions import graph_session
 
-        return graph_session(path, self.backend, self.precision, self._threads, self.device_id, _ORT_DEVICE)
+        return graph_session(path, self.backend, self.precision, self._threads, self.device_id, _ORT_DEVICE,
+                             self.spec.family)
 
     def prepare(self, progress=None) -> list[dict]:
         """Build every engine and graph this runtime's routing can pick, and run one small batch through each, so
@@ -302,12 +304,7 @@ class Runtime:
                                  "build-engine again with this promptmux version")
             return self._trt_decoder
         if self.backend != "torch":
-            path = self.dir / self.manifest["decoder"]["file"]
-            if self.precision == "int8":
-                from .quantize import weight_only_int8
-
-                path = weight_only_int8(path)
-            return self._graph_session(path)
+            return self._graph_session(self.dir / self.manifest["decoder"]["file"])
         from .sessions import TorchSession
 
         if self.spec.family == "seq2seq":

@@ -34,6 +34,7 @@ class OrtSession:
             so.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
                                             disabled_optimizers=CPU_DISABLED_OPTIMIZERS)
+        self.graph_file = Path(path).name  # what runs (an int8 copy's own name): Runtime.graph_runs counts it
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = self.session.get_outputs()[0].name
 
@@ -149,8 +150,13 @@ class TorchSession:
 
 
 def graph_session(path: Path, backend: str, precision: str, threads: int | None, device_id: int = 0,
-                  ort_device: str = "cuda"):
-    """A session over one ONNX graph for a CPU or ONNX Runtime backend (runtime.py BACKENDS)."""
+                  ort_device: str = "cuda", family: str = "encoder"):
+    """A session over one ONNX graph for a CPU or ONNX Runtime backend (runtime.py BACKENDS); at precision int8
+    (ONNX Runtime only, precision.py) over the int8 graph made from it (quantize.py)."""
+    if precision == "int8":
+        from .quantize import int8_graph
+
+        path = int8_graph(path, family)
     if backend == "onnxruntime+openvino":
         from .openvino_session import OpenVinoSession
         from .routed_session import RoutedSession

@@ -6,7 +6,8 @@ predictions are compared with fp32's (the same graph unquantized), and the speed
 
     python -m studies.int8_classifier out/minilm-demo [--out bench/results/int8-classifier.json]
 
-Variants: dynamic int8 weights and activations per tensor (quantize_dynamic's defaults), and per channel.
+Variants: dynamic int8 weights and activations per tensor (quantize_dynamic's defaults), and per channel; and
+weight-only int8 with int8 compute (MatMulNBits, accuracy level 4: activations quantized per row and block).
 Every full-sequence graph of the deployment is quantized (model.onnx, and model_noprefix.onnx, which prompt-only
 batches such as the demo's run), both sessions are swapped, and the study asserts that every batch ran a quantized
 graph (Runtime.graph_runs and a call count per swapped session): an earlier version swapped only model.onnx while
@@ -38,6 +39,18 @@ def _variants(deploy: Path, work: Path) -> dict[str, dict[str, Path]]:
             quantize_dynamic(str(deploy / graph), str(path), weight_type=QuantType.QInt8,
                              op_types_to_quantize=["MatMul"], use_external_data_format=True, **kwargs)
             out[name][graph] = path
+    # Weight-only int8 with int8 compute (MatMulNBits, accuracy level 4, what precision int8 runs for decoding):
+    # its activations are quantized per row and per block of 32 inputs, not with one scale for the whole batch.
+    import shutil
+
+    from promptmux.runtime.quantize import weight_only_int8
+
+    work_nbits = work / "weight-only-blocks"
+    work_nbits.mkdir()
+    for f in deploy.iterdir():
+        if f.name.startswith(("model.onnx", "model_noprefix.onnx")):
+            shutil.copy(f, work_nbits / f.name)
+    out["weight-only-blocks"] = {graph: weight_only_int8(work_nbits / graph) for graph in graphs}
     return out
 
 
@@ -114,7 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
             got = predictions(exact)
             s = seconds(exact)
             ran = {g: exact.graph_runs[g] - before.get(g, 0) for g in exact.graph_runs}
-            assert ran and all(swapped[g].calls == n for g, n in ran.items() if n), (ran, swapped)
+            by_file = {sess.graph_file: sess for sess in swapped.values()}  # graph_runs names the file that ran
+            assert ran and all(by_file[g].calls == n for g, n in ran.items() if n), (ran, swapped)
             rows.append({"variant": name, "graphs_ran": {g: n for g, n in ran.items() if n},
                          "agreement": {t: float((got[tasks == t] == want[tasks == t]).mean()) for t in sorted(set(tasks))},
                          "accuracy": {t: float((got[tasks == t] == labels[tasks == t]).mean()) for t in sorted(set(tasks))},

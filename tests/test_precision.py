@@ -219,8 +219,10 @@ def test_precision_errors_say_what_is_wrong(monkeypatch):
         P.choose_backend("auto", "fp8", "encoder")
     with pytest.raises(BackendUnavailable, match="precision bf16 runs on backend openvino, not 'onnxruntime'"):
         P.choose_backend("onnxruntime", "bf16", "encoder")
-    with pytest.raises(BackendUnavailable, match="int8 is weight-only int8 for causal-LM generation"):
-        P.choose_backend("auto", "int8", "encoder")
+    with pytest.raises(BackendUnavailable, match="precision int8 runs classifiers and causal LMs; a seq2seq"):
+        P.choose_backend("auto", "int8", "seq2seq")
+    with pytest.raises(BackendUnavailable, match="precision int8 runs on backend onnxruntime, not 'openvino'"):
+        P.choose_backend("openvino", "int8", "encoder")
     monkeypatch.setattr(P, "cpu_has_bf16", lambda: False)
     with pytest.raises(BackendUnavailable, match="bf16 needs a CPU with AMX or AVX512-BF16"):
         P.choose_backend("auto", "bf16", "encoder")
@@ -343,3 +345,47 @@ def test_int8_decoding_quantizes_every_matmul_and_the_tied_lm_head(deployment, t
     assert ops["MatMul"] == 0
     head = [n for n in graph.graph.node if n.op_type == "MatMulNBits" and n.input[0] != n.input[1]]
     assert any(dict((a.name, a.i) for a in n.attribute).get("N") == rt.dims.vocab_size for n in head)
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_int8_classifiers_run_dynamic_int8_copies_of_every_graph_under_a_contract(deployment, tmp_path):
+    """precision int8 on a classifier: each full-sequence graph gets a dynamic int8 copy (every weight MatMul a
+    MatMulInteger), the batches run those copies (graph_runs names the file that ran), the contract is measured and
+    kept, and opening the deployment again quantizes nothing."""
+    import shutil
+    from collections import Counter
+
+    import onnx
+
+    deploy = shutil.copytree(deployment.deploy, tmp_path / "deploy")
+    rt = Runtime(deploy, precision="int8")
+    assert (rt.backend, rt.precision) == ("onnxruntime", "int8") and set(rt.contract["tasks"]) == set(rt.tasks)
+    assert all(r["rows"] == P.CALIBRATION_ROWS for r in rt.contract["tasks"].values())
+    for graph in ("model", "model_noprefix"):
+        fp32 = onnx.load(str(deploy / f"{graph}.onnx"), load_external_data=False).graph
+        weights = {t.name for t in fp32.initializer}
+        assert sum(n.op_type == "MatMul" and n.input[1] in weights for n in fp32.node) == 6 * rt.dims.num_layers
+        int8 = onnx.load(str(deploy / f"{graph}.int8.onnx"), load_external_data=False).graph
+        ops = Counter(n.op_type for n in int8.node)
+        stamp = json.loads((deploy / f"{graph}.int8.json").read_text())
+        assert ops["MatMulInteger"] == stamp["matmuls_quantized"] >= 6 * rt.dims.num_layers
+        assert not [n.name for n in int8.node if n.op_type == "MatMul" and n.input[1] in weights]  # none left fp32
+    ids, mask = random_batch("bert", rows=4, seq=8, seed=1, padding_side="right")
+    exact, before = Runtime(deploy, backend="onnxruntime"), Counter(rt.graph_runs)  # the contract's runs too
+    for tasks in (["pt", "mpt/1", "pt", "ptmlp"], ["prefix", "pt", "mpt/0", "cartridge"]):
+        got, want = rt.forward(ids, mask, tasks), exact.forward(ids, mask, tasks)
+        assert 0 < max(float(np.abs(a - b).max()) for a, b in zip(got, want)) < 0.05  # int8: close, not equal
+    assert rt.graph_runs - before == Counter({"model_noprefix.int8.onnx": 1, "model.int8.onnx": 1})
+    made = {p.name: p.stat().st_mtime_ns for p in deploy.glob("*.int8.*")}
+    again = Runtime(deploy, precision="int8")
+    again.forward(ids, mask, ["prefix", "pt", "mpt/0", "prefix"])
+    assert {p.name: p.stat().st_mtime_ns for p in deploy.glob("*.int8.*")} == made and again.contract == rt.contract
+    # Graphs and a contract made another way (an earlier promptmux's recipe) are made and measured again.
+    stamp = deploy / "model_noprefix.int8.json"
+    stamp.write_text(json.dumps({**json.loads(stamp.read_text()), "graph_key": "made-otherwise"}))
+    manifest = json.loads((deploy / "manifest.json").read_text())
+    manifest["precision"]["onnxruntime/int8"]["recipe"] = "made-otherwise"
+    (deploy / "manifest.json").write_text(json.dumps(manifest))
+    third = Runtime(deploy, precision="int8")
+    assert third.contract["recipe"] == P.recipe("int8", "encoder")  # measured again (the manifest said made-otherwise)
+    assert (deploy / "model_noprefix.int8.onnx").stat().st_mtime_ns != made["model_noprefix.int8.onnx"]

@@ -29,9 +29,9 @@ def _add_runtime_options(parser) -> None:
     """--backend, --precision, --strict and --calibration, the same on run, generate and serve."""
     parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help=BACKEND_HELP)
     parser.add_argument("--precision", default="fp32", choices=PRECISION_CHOICES,
-                        help="fp32 (exact, default); bf16 (OpenVINO on AMX/AVX512-BF16 CPUs); int8 (weight-only "
-                             "int8 generation, causal LMs). A non-exact precision is measured against fp32 on first "
-                             "use and the result kept in the manifest")
+                        help="fp32 (exact, default); bf16 (OpenVINO on AMX/AVX512-BF16 CPUs); int8 (ONNX Runtime, "
+                             "int8 weights and products: classifiers, causal-LM decoding). A non-exact precision is "
+                             "measured against fp32 on first use and the result kept in the manifest")
     parser.add_argument("--strict", action="store_true",
                         help="refuse a non-exact precision that misses its accuracy contract (default: warn)")
     parser.add_argument("--calibration", metavar="FILE",
@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=8, help="smollm2: tokens to generate per row")
     d.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help=BACKEND_HELP)
     d.add_argument("--precision", default="fp32", choices=PRECISION_CHOICES,
-                   help="fp32 (exact), bf16 (MiniLM: OpenVINO on AMX), int8 (smollm2: int8 weights)")
+                   help="fp32 (exact), bf16 (OpenVINO on AMX/AVX512-BF16), int8 (ONNX Runtime int8 weights and "
+                        "products); MiniLM measures its labelled contract on held-out rows")
     d.set_defaults(func=cmd_demo)
 
     bn = sub.add_parser("bench", parents=[common], help="throughput per task (requests/s, tokens/s, latency, memory), mixed vs "
