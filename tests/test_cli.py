@@ -221,8 +221,14 @@ def test_ctrl_c_swallowed_by_a_callback_still_stops_the_export(setup, tmp_path, 
     dropped = []
     monkeypatch.setattr(sys, "unraisablehook", dropped.append)
     out = tmp_path / "deploy"
-    assert main(["export", "--base", str(setup["base"]), "--adapter", f"pt={setup['adapters']['pt']}", "--out",
-                 str(out), "--quiet"]) == 130
+    # Python's own Ctrl-C handler, as in a terminal (a suite started in the background has SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code = main(["export", "--base", str(setup["base"]), "--adapter", f"pt={setup['adapters']['pt']}", "--out",
+                     str(out), "--quiet"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert code == 130
     assert [d.exc_type for d in dropped] == [KeyboardInterrupt]  # it was dropped, and yet:
     assert capsys.readouterr().err == "promptmux: interrupted\n" and list(tmp_path.iterdir()) == []
 
