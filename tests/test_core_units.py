@@ -176,6 +176,7 @@ def test_a_reader_that_outlives_the_bank_connection_merges_the_log(tmp_path):
     bank.close()
     assert not (tmp_path / f"{STORE_FILE}-wal").exists()
 
+
 def test_io_spec_declares_every_graph_input_and_tensorrt_profiles_cover_its_axes():
     """One declaration: the inputs the layout feeds are declared, and every dynamic axis it names has a TensorRT
     profile range (a new input without one fails here, not at an engine build)."""
