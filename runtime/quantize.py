@@ -104,9 +104,7 @@ def weight_only_int8(path: Path) -> Path:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    out = path.with_name(f"{path.stem}.int8.onnx")
-    stamp = out.with_suffix(".json")
-    key = f"{graph_key(path)}:{RECIPES['decoder']}"
+    out, stamp, key = _int8_files(path, "decoder")
     if is_current(out, stamp, key):
         return out
     log.warning("quantizing %s to int8 weights (once per deployment)", path.name)
@@ -124,18 +122,17 @@ def weight_only_int8(path: Path) -> Path:
         chatty.setLevel(level)
     quantized = quantizer.model.model
     count = sum(n.op_type == "MatMulNBits" for n in quantized.graph.node)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    data = out.with_name(out.name + ".data")
-    data.unlink(missing_ok=True)  # save_model appends to an existing data file
-    try:
-        onnx.save_model(quantized, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-        os.replace(tmp, out)  # the weights went under their final name; the graph appears last
-    finally:
-        tmp.unlink(missing_ok=True)
+    _save_beside(quantized, out)
     write_stamp(stamp, key, graph=path.name, bits=BITS, block_size=BLOCK_SIZE, accuracy_level=ACCURACY_LEVEL,
                 matmuls_quantized=count, lm_head_untied=untied, gemms_rewritten=gemms)
     return out
+
+
+def _int8_files(path: Path, family: str) -> tuple[Path, Path, str]:
+    """The int8 copy of the graph at `path`, its stamp, and the key the stamp must hold for the copy to be current
+    (the graph's identity and the family's recipe)."""
+    out = path.with_name(f"{path.stem}.int8.onnx")
+    return out, out.with_suffix(".json"), f"{graph_key(path)}:{RECIPES[family]}"
 
 
 def int8_graph(path: Path, family: str) -> Path:
@@ -154,9 +151,7 @@ def dynamic_int8(path: Path) -> Path:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    out = path.with_name(f"{path.stem}.int8.onnx")
-    stamp = out.with_suffix(".json")
-    key = f"{graph_key(path)}:{RECIPES['encoder']}"
+    out, stamp, key = _int8_files(path, "encoder")
     if is_current(out, stamp, key):
         return out
     log.warning("quantizing %s to int8 (once per deployment)", path.name)
