@@ -66,9 +66,13 @@ class TextDeployment:
 class ServerProcess:
     """`promptmux serve DIR --port 0 ...` on loopback; the port comes from its first stdout line."""
 
-    def __init__(self, deploy, *args: str, start_timeout: float = 120.0):
+    def __init__(self, deploy, *args: str, start_timeout: float = 120.0, step_delay: float = 0.0):
+        """step_delay: seconds each generation step of the server sleeps first, so that a test can hold work in
+        flight (a tiny model finishes before a test can look); set through a sitecustomize the server imports."""
         self.log = tempfile.NamedTemporaryFile("w+", prefix="promptmux-serve-", suffix=".log", delete=False)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if step_delay:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [_slow_steps(step_delay), env.get("PYTHONPATH")]))
         # A session of its own: whatever the server starts (Ray's processes) can be stopped as one group.
         self.proc = subprocess.Popen([sys.executable, "-m", "promptmux", "serve", str(deploy), "--port", "0", *args],
                                      stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
@@ -112,6 +116,20 @@ class ServerProcess:
         return self.proc.returncode
 
 
+def _slow_steps(delay: float) -> str:
+    """A folder whose sitecustomize.py makes every Generator.step sleep `delay` seconds first."""
+    folder = tempfile.mkdtemp(prefix="promptmux-slow-steps-")
+    Path(folder, "sitecustomize.py").write_text(
+        "import time\n"
+        "from promptmux.runtime.generate import Generator\n"
+        "_step = Generator.step\n"
+        "def _slow_step(self, *args):\n"
+        f"    time.sleep({delay!r})\n"
+        "    return _step(self, *args)\n"
+        "Generator.step = _slow_step\n")
+    return folder
+
+
 def text_deployments(tmp_path_factory) -> dict[str, TextDeployment]:
     """Tiny BERT and GPT-2 deployments with a tokenizer, built once per test run (conftest's session fixture
     `text_deployments` serves them)."""
@@ -122,9 +140,9 @@ def text_deployments(tmp_path_factory) -> dict[str, TextDeployment]:
             for arch in ("bert", "gpt2")}
 
 
-def server_fixture(deploy, *args):
+def server_fixture(deploy, *args, **kwargs):
     """A generator for pytest fixtures: the server runs for the fixture's scope and is always stopped."""
-    server = ServerProcess(deploy, *args)
+    server = ServerProcess(deploy, *args, **kwargs)
     try:
         yield server
     finally:

@@ -577,18 +577,20 @@ def test_sigterm_drains_in_flight_requests_then_stops(text_deployments):
     d = text_deployments["gpt2"]
     rt = Runtime(d.deploy)
     bodies = [{"model": t, "prompt": f"drain {i}", "max_tokens": 48, "temperature": 0, "stream": True}
-              for i, t in enumerate(d.tasks * 3)]
+              for i, t in enumerate(d.tasks)]
     expected = [_reference(rt, b)[0][:2] for b in bodies]
-    # One row at a time: the requests take a while in all (and are all admitted: no admission limit applies).
-    with running_server(d.deploy, "--max-batch", "1", "--max-inflight", "64", "--max-queue-wait", "60") as server:
+    # One row at a time, each step 10 ms slower: the work takes about 4 s in all, far longer than admitting it
+    # (a tiny model otherwise finishes before the test can look). No admission limit applies.
+    with running_server(d.deploy, "--max-batch", "1", "--max-inflight", "64", "--max-queue-wait", "60",
+                        step_delay=0.01) as server:
         async def main():
             async with _client(server.url) as c:
                 streams = [c.stream("POST", "/v1/completions", json=b) for b in bodies]
-                responses = [await s.__aenter__() for s in streams]  # headers in: every request is admitted
+                responses = await asyncio.gather(*(s.__aenter__() for s in streams))  # headers in: all admitted
                 assert all(r.status_code == 200 for r in responses)
                 m = _metrics(server.url)
                 waiting = _sample(m, "promptmux_queue_depth", kind="generate") + _sample(m, "promptmux_running_rows")
-                assert waiting > 0  # work is in flight when the signal comes
+                assert waiting >= len(bodies) - 2  # work is in flight when the signal comes
                 os.kill(server.pid, signal.SIGTERM)
                 assert await _refuses_connections(server.url)  # no new connections while draining
 
