@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .workload import zipf_ranks
+
 CHUNK = 10_000  # tasks per transaction while the store is filled
 
 
@@ -95,7 +97,7 @@ def measure(deploy: Path, batch: int, seq: int, requests: int, changes: int, thr
     def task_at(rank: int) -> str:  # rank 0 = the most popular: the deployment's own tasks, then user-0, user-1, ...
         return real[rank] if rank < len(real) else f"user-{rank - len(real)}"
 
-    ranks = np.minimum(rng.zipf(1.0001, size=(requests + 20, batch)), n) - 1
+    ranks = zipf_ranks(rng, n, (requests + 20, batch))
     ids = rng.integers(1000, 20000, size=(batch, seq))
     mask = np.ones_like(ids)
     rows = [[task_at(int(r)) for r in row] for row in ranks]  # names looked up before timing

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .many_tasks import CHUNK, rss_mb
+from .workload import zipf_ranks
 
 VERIFY = 2
 EXPORT_TOLERANCE = 1e-3
@@ -142,7 +143,7 @@ def measure(deploy: Path, kv_cache_mb: float, batches: int, batch: int, new_toke
     rng = np.random.default_rng(seed)
     named = [t for t in rt.bank.page(16)[0] if not t.startswith("user-")]
     clones = n - len(named)  # traffic goes to the clones only, so the VERIFY tasks stay cold until the end
-    ranks = np.minimum(rng.zipf(1.0001, size=(batches, batch)), clones or n) - 1
+    ranks = zipf_ranks(rng, clones or n, (batches, batch))
     rows = [[f"user-{r}" if clones else named[r] for r in row] for row in ranks]
     inputs = texts()
     kv, rss, lat = [], [], []

@@ -23,6 +23,13 @@ def make_batch(rows: int, seq: int, vocab: int, pad_id: int, seed: int, padded: 
     return ids, mask
 
 
+def zipf_ranks(rng: np.random.Generator, n: int, size, s: float = 1.0) -> np.ndarray:
+    """0-based ranks drawn from Zipf(s) truncated to n items: rank k (1-based) with probability k^-s / H(n, s).
+    Not numpy's zipf clipped to n: with s near 1 that puts most draws on the last rank (85 % at n = 1,000)."""
+    cdf = np.cumsum(1.0 / np.arange(1, n + 1, dtype=np.float64) ** s)
+    return np.minimum(np.searchsorted(cdf / cdf[-1], rng.random(size), side="right"), n - 1)
+
+
 def assign_tasks(mix: str, tasks: list[str], n: int, seed: int, zipf_s: float = 1.0) -> list[str]:
     """The task of each of n requests. single: all tasks[0]; uniform: i.i.d. uniform; zipf: rank k ∝ 1/k^s."""
     if not tasks:
@@ -33,8 +40,7 @@ def assign_tasks(mix: str, tasks: list[str], n: int, seed: int, zipf_s: float = 
     if mix == "uniform":
         idx = rng.integers(0, len(tasks), size=n)
     elif mix == "zipf":
-        p = 1.0 / np.arange(1, len(tasks) + 1) ** zipf_s
-        idx = rng.choice(len(tasks), size=n, p=p / p.sum())
+        idx = zipf_ranks(rng, len(tasks), n, zipf_s)
     else:
         raise ValueError(f"unknown mix {mix!r}; choose from {', '.join(MIXES)}")
     return [tasks[i] for i in idx]

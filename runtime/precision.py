@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import accuracy_control
 from .errors import BackendUnavailable
 
 log = logging.getLogger("promptmux.runtime")
@@ -265,6 +266,13 @@ def stored_contract(manifest: dict, backend: str, precision: str, digests: dict[
     return None
 
 
+def fp32_layers(manifest: dict) -> tuple[int, ...]:
+    """The weight MatMuls the recorded int8 contract keeps fp32 (accuracy_control.py): the graphs are made so
+    again, and a contract measured again starts from them."""
+    entry = (manifest.get("precision") or {}).get(record_key("onnxruntime", "int8")) or {}
+    return tuple(int(i) for i in entry.get("fp32_layers", ()))
+
+
 def recipe(precision: str, family: str) -> str | None:
     """How the precision's graphs are made, where promptmux makes them (int8): a contract measured on graphs made
     otherwise does not hold for these."""
@@ -302,6 +310,15 @@ def calibrate(fast, items: list | None = None, source: str | None = None) -> dic
     exact = Runtime(fast.dir, backend="onnxruntime", precision="fp32", threads=fast._threads)
     started = time.time()
     tasks = measure(fast, exact, texts, labelled)
+    control = {}
+    if not passed(tasks) and accuracy_control.applies(fast):
+        rows = {}
+        for task in (t for t in tasks if misses({t: tasks[t]})):
+            mine = [r["text"] for r in labelled or () if r["task"] == task]
+            rows[task] = _classifier_batches(exact, mine or texts, task)
+        fast.int8_fp32_layers, tasks, summary = accuracy_control.search(
+            fast, exact, lambda: measure(fast, exact, texts, labelled), rows)
+        control = {"accuracy_control": summary}
     if items is None:
         calibration = {"source": "generated token ids"}
     else:
@@ -314,6 +331,7 @@ def calibrate(fast, items: list | None = None, source: str | None = None) -> dic
         "thresholds": {**THRESHOLDS, "labelled": dict(LABELLED)},
         "tasks": tasks, "passed": passed(tasks), "digests": {t: fast.bank.digest(t) for t in fast.tasks},
         **({"recipe": made} if (made := recipe(fast.precision, fast.spec.family)) else {}),
+        **({"fp32_layers": list(fast.int8_fp32_layers)} if accuracy_control.applies(fast) else {}), **control,
     }
 
 

@@ -128,33 +128,61 @@ def weight_only_int8(path: Path) -> Path:
     return out
 
 
-def _int8_files(path: Path, family: str) -> tuple[Path, Path, str]:
+def _int8_files(path: Path, family: str, keep_fp32: tuple[int, ...] = ()) -> tuple[Path, Path, str]:
     """The int8 copy of the graph at `path`, its stamp, and the key the stamp must hold for the copy to be current
-    (the graph's identity and the family's recipe)."""
+    (the graph's identity, the family's recipe and the weight MatMuls kept in fp32)."""
     out = path.with_name(f"{path.stem}.int8.onnx")
-    return out, out.with_suffix(".json"), f"{graph_key(path)}:{RECIPES[family]}"
+    keep = f":fp32={','.join(map(str, keep_fp32))}" if keep_fp32 else ""
+    return out, out.with_suffix(".json"), f"{graph_key(path)}:{RECIPES[family]}{keep}"
 
 
-def int8_graph(path: Path, family: str) -> Path:
+def int8_graph(path: Path, family: str, keep_fp32: tuple[int, ...] = ()) -> Path:
     """The graph precision int8 runs in place of the deployment's graph at `path`: the int8 copy of a causal LM's
-    cached decoder or of a classifier's graphs; anything else (a causal LM's full-sequence graph) as is."""
+    cached decoder or of a classifier's graphs (keep_fp32: weight MatMuls left fp32, by weight_matmuls index, as
+    accuracy_control.py chose them); anything else (a causal LM's full-sequence graph) as is."""
     from promptmux.core.folder import DECODER_GRAPH
 
     if path.name == DECODER_GRAPH:
         return weight_only_int8(path)
-    return dynamic_int8(path) if family == "encoder" else path
+    return dynamic_int8(path, keep_fp32) if family == "encoder" else path
 
 
-def dynamic_int8(path: Path) -> Path:
-    """The dynamic int8 copy of a classifier graph at `path`: every MatMul with a weight initializer gets int8
-    weights (a scale per output channel) and int8 activations (a scale per batch)."""
+def weight_matmuls(graph) -> list[str]:
+    """The names of the graph's MatMul nodes with a weight initializer, in graph order: what dynamic int8
+    quantizes. A classifier's graphs with and without prefix inputs list the same layers in the same order, so an
+    index names one layer in both."""
+    inits = {t.name for t in graph.initializer}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits]
+
+
+def dynamic_int8(path: Path, keep_fp32: tuple[int, ...] = ()) -> Path:
+    """The dynamic int8 copy of a classifier graph at `path`: every MatMul with a weight initializer (but those
+    at the keep_fp32 indices) gets int8 weights (a scale per output channel) and int8 activations (a scale per
+    batch). Made once; reused while `path` is unchanged and the same layers are kept."""
+    import onnx
+
+    keep_fp32 = tuple(sorted(set(keep_fp32)))
+    out, stamp, key = _int8_files(path, "encoder", keep_fp32)
+    if is_current(out, stamp, key):
+        return out
+    log.warning("quantizing %s to int8 (once per deployment)%s", path.name,
+                f", {len(keep_fp32)} layers kept fp32" if keep_fp32 else "")
+    names = weight_matmuls(onnx.load(str(path), load_external_data=False).graph)
+    bad = [i for i in keep_fp32 if not 0 <= i < len(names)]
+    if bad:
+        raise ValueError(f"{path.name} has {len(names)} weight MatMuls; cannot keep layer(s) {bad} in fp32")
+    quantize_matmuls(path, out, [n for i, n in enumerate(names) if i not in keep_fp32])
+    graph = onnx.load(str(out), load_external_data=False).graph
+    write_stamp(stamp, key, graph=path.name, recipe=RECIPES["encoder"], fp32_layers=list(keep_fp32),
+                matmuls_quantized=sum(n.op_type == "MatMulInteger" for n in graph.node))
+    return out
+
+
+def quantize_matmuls(path: Path, out: Path, nodes: list[str]) -> None:
+    """ONNX Runtime's dynamic quantization of these MatMul nodes of the graph at `path`, written as `out`."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    out, stamp, key = _int8_files(path, "encoder")
-    if is_current(out, stamp, key):
-        return out
-    log.warning("quantizing %s to int8 (once per deployment)", path.name)
     root = logging.getLogger()  # the quantizer advises pre-processing on the root logger, every time
     advice = logging.Filter()
     advice.filter = lambda record: "pre-processing before quantization" not in record.getMessage()
@@ -162,17 +190,13 @@ def dynamic_int8(path: Path) -> Path:
     work = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         quantize_dynamic(str(path), str(work), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul"], use_external_data_format=True,
+                         op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes, use_external_data_format=True,
                          extra_options={"MatMulConstBOnly": True})
         _save_beside(onnx.load(str(work)), out)  # the quantizer names the weights' file after its own output
     finally:
         root.removeFilter(advice)
         work.unlink(missing_ok=True)
         work.with_name(work.name + ".data").unlink(missing_ok=True)
-    graph = onnx.load(str(out), load_external_data=False).graph
-    write_stamp(stamp, key, graph=path.name, recipe=RECIPES["encoder"],
-                matmuls_quantized=sum(n.op_type == "MatMulInteger" for n in graph.node))
-    return out
 
 
 def _save_beside(model, out: Path) -> None:

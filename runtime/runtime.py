@@ -50,11 +50,12 @@ class Runtime:
     `promptmux build-engine`; needs TensorRT and a GPU it accepts) or "torch" (the same computation in eager
     PyTorch, the reference; it needs the base model folder recorded at export, or `base=`).
 
-    precision: "fp32" (exact, the default), "bf16" (OpenVINO on AMX/AVX512-BF16 CPUs) or "int8" (ONNX Runtime:
-    int8 weights and products, for classifiers and causal-LM decoding). A non-exact precision is measured against
-    fp32 the first time it runs on a deployment (on `calibration`: texts, or generated inputs when None) and the
-    result is kept in the manifest (`contract`); a miss warns, or raises PrecisionError with strict=True. See
-    runtime/precision.py.
+    precision: "fp32" (exact, the default), "bf16" (OpenVINO on AMX/AVX512-BF16 CPUs), "int8" (ONNX Runtime:
+    int8 weights and products, for classifiers and causal-LM decoding) or "fast" (the fastest of them that meets
+    its contract on this CPU, measured once per CPU kind; `fast` holds the record; runtime/fast.py). A non-exact
+    precision is measured against fp32 the first time it runs on a deployment (on `calibration`: texts, or
+    generated inputs when None); the result is kept in the manifest (`contract`); a miss warns, or raises
+    PrecisionError with strict=True. See runtime/precision.py.
 
     bank_cache_mb: the task views kept in RAM (least recently used go first; default 256 MB). Tasks are read from
     the deployment's store when first used, so a deployment of a million tasks opens as fast as one of two.
@@ -66,7 +67,7 @@ class Runtime:
                  base: str | Path | None = None, use_folded: bool = True, device_id: int = 0,
                  precision: str = "fp32", strict: bool = False, calibration: Sequence[str] | None = None,
                  bank_cache_mb: float | None = None, kv_cache_mb: float | None = None):
-        from .precision import choose_backend
+        from .precision import choose_backend, fp32_layers
 
         self.dir = Path(deploy_dir)
         if backend not in BACKENDS:
@@ -75,9 +76,16 @@ class Runtime:
         self.config = runtime_config(self.dir, self.manifest)  # without transformers where it can (light_config.py)
         self.spec = arch_for(self.config)
         self.dims = dims_of(self.config)
+        self.fast = None
+        if precision == "fast":
+            from .fast import resolve
+
+            precision, self.fast = resolve(self.dir, self.manifest, threads, calibration)
+            self.manifest = read_manifest(self.dir)  # with the contracts and the choice just recorded
         self.backend, self.backend_reason = choose_backend(backend, precision, self.spec.family)
         backend = self.backend
         self.precision = precision
+        self.int8_fp32_layers = fp32_layers(self.manifest) if precision == "int8" else ()  # accuracy_control.py
         self.device_id = device_id
         cache = None if bank_cache_mb is None else int(bank_cache_mb * 2**20)
         from .kv_cache import DEFAULT_KV_CACHE_BYTES
@@ -115,20 +123,10 @@ class Runtime:
                 self.session = self._graph_session(self.dir / GRAPH)
             self.folded_session = self._graph_session(self.dir / FOLDED_GRAPH) if folded else None
         else:
-            from promptmux.core.folder import load_base_model
-            from promptmux.core.graph import PromptedBackbone
-            from promptmux.core.io_spec import input_names
-            from promptmux.core.seq2seq_graph import PromptedEncoder
+            from .sessions import torch_session
 
-            from .sessions import TorchSession
-
-            base = Path(base or self.manifest["base"]["path"])
-            if not (base / "config.json").is_file():
-                raise FileNotFoundError(
-                    f"the torch backend needs the base model; {base} is missing. Pass base=<folder> (CLI: --base)")
-            model = load_base_model(base, self.hf_config)
-            module = PromptedEncoder(model) if self.spec.family == "seq2seq" else PromptedBackbone(model)
-            self.session = TorchSession(module, input_names(self.spec), threads)
+            self.session, model = torch_session(Path(base or self.manifest["base"]["path"]), self.hf_config,
+                                                self.spec, threads)
             self.folded_session = None
             self.folded_task = None
             self._torch_model = model
@@ -148,7 +146,7 @@ class Runtime:
         from .sessions import graph_session
 
         return graph_session(path, self.backend, self.precision, self._threads, self.device_id, _ORT_DEVICE,
-                             self.spec.family)
+                             self.spec.family, self.int8_fp32_layers)
 
     def prepare(self, progress=None) -> list[dict]:
         """Build every engine and graph this runtime's routing can pick, and run one small batch through each, so

@@ -150,13 +150,14 @@ class TorchSession:
 
 
 def graph_session(path: Path, backend: str, precision: str, threads: int | None, device_id: int = 0,
-                  ort_device: str = "cuda", family: str = "encoder"):
+                  ort_device: str = "cuda", family: str = "encoder", keep_fp32: tuple[int, ...] = ()):
     """A session over one ONNX graph for a CPU or ONNX Runtime backend (runtime.py BACKENDS); at precision int8
-    (ONNX Runtime only, precision.py) over the int8 graph made from it (quantize.py)."""
+    (ONNX Runtime only, precision.py) over the int8 graph made from it (quantize.py; keep_fp32: the layers
+    accuracy control keeps fp32)."""
     if precision == "int8":
         from .quantize import int8_graph
 
-        path = int8_graph(path, family)
+        path = int8_graph(path, family, keep_fp32)
     if backend == "onnxruntime+openvino":
         from .openvino_session import OpenVinoSession
         from .routed_session import RoutedSession
@@ -169,3 +170,18 @@ def graph_session(path: Path, backend: str, precision: str, threads: int | None,
     if backend == "onnxruntime-cuda":
         return OrtBoundSession(path, device=ort_device, device_id=device_id, threads=threads)
     return OrtSession(path, threads)
+
+
+def torch_session(base: Path, hf_config, spec, threads: int | None):
+    """(session, model): the backend "torch", eager PyTorch over the base model folder (the reference)."""
+    from promptmux.core.folder import load_base_model
+    from promptmux.core.graph import PromptedBackbone
+    from promptmux.core.io_spec import input_names
+    from promptmux.core.seq2seq_graph import PromptedEncoder
+
+    if not (base / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the torch backend needs the base model; {base} is missing. Pass base=<folder> (CLI: --base)")
+    model = load_base_model(base, hf_config)
+    module = PromptedEncoder(model) if spec.family == "seq2seq" else PromptedBackbone(model)
+    return TorchSession(module, input_names(spec), threads), model

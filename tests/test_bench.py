@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from promptmux.bench.report import targets
-from promptmux.bench.workload import Workload, assign_tasks
+from promptmux.bench.workload import Workload, assign_tasks, zipf_ranks
 from promptmux.cli import main
 
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
@@ -137,6 +137,16 @@ def test_mixes_pick_the_tasks_they_should():
     assert steep.count("a") > z[0]
     with pytest.raises(ValueError, match="unknown mix"):
         assign_tasks("bursty", tasks, 4, seed=0)
+
+
+def test_zipf_ranks_spread_over_all_items_not_onto_the_last():
+    n, draws = 1000, 20000
+    r = zipf_ranks(np.random.default_rng(0), n, draws)
+    assert r.min() >= 0 and r.max() < n
+    harmonic = float(np.sum(1 / np.arange(1, n + 1)))
+    assert abs(np.mean(r == 0) - 1 / harmonic) < 0.01  # rank 1: 1/H_1000 = 13.4 % of the draws
+    assert np.mean(r == n - 1) < 0.002  # numpy's zipf clipped to n put 85 % here
+    assert np.mean(r >= n // 2) == pytest.approx(np.sum(1 / np.arange(n // 2 + 1, n + 1)) / harmonic, abs=0.01)
 
 
 def test_promptmux_batches_mix_tasks_and_peft_batches_group_them():

@@ -389,3 +389,112 @@ def test_int8_classifiers_run_dynamic_int8_copies_of_every_graph_under_a_contrac
     third = Runtime(deploy, precision="int8")
     assert third.contract["recipe"] == P.recipe("int8", "encoder")  # measured again (the manifest said made-otherwise)
     assert (deploy / "model_noprefix.int8.onnx").stat().st_mtime_ns != made["model_noprefix.int8.onnx"]
+
+
+def _int8_missing_a_tighter_rule(deploy, monkeypatch, share: float) -> float:
+    """Measure int8 with every layer int8, then add a rule it misses (outputs within `share` of its own largest
+    error) and forget the contract, so that the next Runtime measures again under that rule."""
+    from promptmux.core.folder import write_manifest
+
+    worst = max(r["max_abs_diff"] for r in Runtime(deploy, precision="int8").contract["tasks"].values())
+    real = P.misses
+    monkeypatch.setattr(P, "misses", lambda tasks: real(tasks) + [
+        f"{t}: max_abs_diff {r['max_abs_diff']}" for t, r in tasks.items() if r["max_abs_diff"] > share * worst])
+    write_manifest(deploy, lambda m: m.pop("precision"))
+    return worst
+
+
+def _fp32_weight_matmuls(path) -> int:
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    weights = {t.name for t in g.initializer}
+    return sum(n.op_type == "MatMul" and n.input[1] in weights for n in g.node)
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_int8_accuracy_control_keeps_the_fewest_sensitive_layers_fp32_that_meet_the_contract(deployment, tmp_path,
+                                                                                              monkeypatch):
+    import shutil
+
+    from promptmux.runtime import accuracy_control
+
+    deploy = shutil.copytree(deployment.deploy, tmp_path / "deploy")
+    _int8_missing_a_tighter_rule(deploy, monkeypatch, 0.7)
+    monkeypatch.setattr(accuracy_control, "MAX_FP32_SHARE", 1.0)
+    rt = Runtime(deploy, precision="int8", strict=True)  # strict: a miss would raise
+    layers = 6 * rt.dims.num_layers
+    c = rt.contract
+    keep = c["fp32_layers"]
+    assert c["passed"] and 0 < len(keep) < layers and tuple(keep) == rt.int8_fp32_layers
+    control = c["accuracy_control"]
+    assert control["passed"] and sorted(control["ranking"]) == list(range(layers))
+    assert [t["missed"] == [] for t in control["tried"]] == [False] * (len(control["tried"]) - 1) + [True]
+    assert set(keep) == set(control["ranking"][:len(keep)])  # the most sensitive ones
+    for graph in ("model", "model_noprefix"):
+        assert _fp32_weight_matmuls(deploy / f"{graph}.int8.onnx") == len(keep)
+    ids, mask = random_batch("bert", rows=4, seq=8, seed=1, padding_side="right")
+    before = Counter(rt.graph_runs)
+    rt.forward(ids, mask, ["pt", "prefix", "pt", "mpt/0"])
+    assert rt.graph_runs - before == Counter({"model.int8.onnx": 1})
+    # Opened again: the recorded layers make the same graphs, nothing is quantized or searched.
+    made = {p.name: p.stat().st_mtime_ns for p in deploy.glob("*.int8.*")}
+    again = Runtime(deploy, precision="int8", strict=True)
+    again.forward(ids, mask, ["pt", "prefix", "pt", "mpt/0"])
+    assert again.int8_fp32_layers == tuple(keep) and again.contract == c
+    assert {p.name: p.stat().st_mtime_ns for p in deploy.glob("*.int8.*")} == made
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_int8_accuracy_control_that_finds_nothing_leaves_every_layer_int8_and_reports_the_miss(deployment, tmp_path,
+                                                                                                monkeypatch):
+    import shutil
+
+    from promptmux.runtime import accuracy_control
+
+    deploy = shutil.copytree(deployment.deploy, tmp_path / "deploy")
+    _int8_missing_a_tighter_rule(deploy, monkeypatch, 0.0)  # only exact outputs pass
+    monkeypatch.setattr(accuracy_control, "MAX_FP32_SHARE", 0.1)
+    rt = Runtime(deploy, precision="int8")
+    c = rt.contract
+    assert not c["passed"] and c["fp32_layers"] == [] and rt.int8_fp32_layers == ()
+    assert not c["accuracy_control"]["passed"]
+    limit = c["accuracy_control"]["max_fp32_layers"]
+    assert [t["fp32_layers"] for t in c["accuracy_control"]["tried"]][-1] == limit
+    assert all(t["missed"] for t in c["accuracy_control"]["tried"])
+    assert _fp32_weight_matmuls(deploy / "model_noprefix.int8.onnx") == 0
+    with pytest.raises(P.PrecisionError, match="max_abs_diff"):
+        Runtime(deploy, precision="int8", strict=True)
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_fast_runs_the_fastest_precision_that_meets_its_contract_and_records_it_per_cpu(deployment, tmp_path,
+                                                                                         monkeypatch):
+    import shutil
+
+    from promptmux.runtime import cpu, fast
+
+    deploy = shutil.copytree(deployment.deploy, tmp_path / "deploy")
+    rt = Runtime(deploy, precision="fast")
+    record = rt.fast
+    assert json.loads((deploy / "manifest.json").read_text())["fast"][cpu.describe()] == record
+    assert rt.precision == record["precision"] and set(record["candidates"]) == set(fast.CANDIDATES)
+    for p, f in record["candidates"].items():
+        assert f["runs"] or "bf16" in f["why"]  # only bf16 can be missing (a CPU without bf16, no OpenVINO)
+    passing = {p: f["speedup_vs_fp32"] for p, f in record["candidates"].items() if f.get("contract_passed")}
+    if record["precision"] == "fp32":
+        assert all(s <= 1 for s in passing.values()) and "no non-exact precision" in record["reason"]
+    else:
+        assert passing[record["precision"]] == max(passing.values()) > 1 and rt.contract["passed"]
+    # The same CPU again: the recorded choice, nothing measured; another kind of CPU: chosen again there.
+    monkeypatch.setattr(fast, "choose", lambda *a, **k: pytest.fail("chose again on the same CPU"))
+    assert Runtime(deploy, precision="fast").fast == record
+    monkeypatch.undo()
+    monkeypatch.setattr(cpu, "describe", lambda: "Another CPU: avx2=yes")
+    # Timed there as: int8 twice as fast as fp32, bf16 1.25x (where it runs): int8 wins if its contract holds.
+    monkeypatch.setattr(fast, "_timed", lambda rts: {p: {"fp32": 1.0, "int8": 0.5, "bf16": 0.8}[p] for p in rts})
+    other = Runtime(deploy, precision="fast")
+    want = "int8" if other.fast["candidates"]["int8"]["contract_passed"] else (
+        "bf16" if other.fast["candidates"]["bf16"].get("contract_passed") else "fp32")
+    assert other.precision == other.fast["precision"] == want
+    assert set(json.loads((deploy / "manifest.json").read_text())["fast"]) == {cpu.describe(), "Another CPU: avx2=yes"}

@@ -12,7 +12,7 @@ class CliError(Exception):
 
 BACKEND_CHOICES = ["auto", "onnxruntime", "openvino", "onnxruntime+openvino", "onnxruntime-cuda", "tensorrt",
                    "torch"]  # runtime.BACKENDS
-PRECISION_CHOICES = ["fp32", "bf16", "int8"]  # runtime.precision.PRECISIONS
+PRECISION_CHOICES = ["fp32", "bf16", "int8", "fast"]  # runtime.precision.PRECISIONS, and fast (runtime/fast.py)
 
 
 def open_runtime(args, **kwargs):

@@ -53,7 +53,8 @@ def run_demo(out: str | Path = "promptmux-demo", quiet: bool = False, backend: s
         "held_out_accuracy": {m["task"]: m["held_out_accuracy"] for m in metrics["tasks"]},
         "mixed_batch": [{"task": r["task"], "text": t, "label": r["label"], "score": round(max(r["scores"]), 4)}
                         for r, t in zip(results, texts)],
-        **({"contract": _contract_summary(rt.contract)} if precision != "fp32" else {}),
+        **({"contract": _contract_summary(rt.contract)} if rt.contract else {}),
+        **({"fast": {"chose": rt.fast["precision"], "reason": rt.fast["reason"]}} if rt.fast else {}),
     }
 
 
@@ -79,5 +80,6 @@ def labelled_calibration() -> list[dict] | None:
 
 def _contract_summary(entry: dict) -> dict:
     return {"passed": entry["passed"], "calibration": entry["calibration"]["source"],
+            **({"fp32_layers": len(entry["fp32_layers"])} if "fp32_layers" in entry else {}),
             "tasks": {t: {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
                       for t, r in entry["tasks"].items()}}

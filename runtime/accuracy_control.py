@@ -1,0 +1,126 @@
+"""Accuracy control for int8 classifiers: when the dynamic int8 graphs miss their accuracy contract, keep in fp32
+the few weight MatMuls whose quantization moves the missed tasks' outputs most, fewest first, until the contract
+holds. This is the search NNCF's quantize_with_accuracy_control makes for OpenVINO, over ONNX Runtime's dynamic
+quantization (quantize.py), which is what int8 classifiers run here.
+
+1. Rank: each weight MatMul quantized alone (the others fp32), run on the calibration rows of the tasks that
+   missed; its score is the mean absolute change of their class probabilities against fp32.
+2. Keep the top 1, 2, 4, ... layers in fp32 (the deployment's int8 graphs made again with them), measuring the
+   whole contract after each, up to MAX_FP32_SHARE of the layers (each one kept costs speed).
+3. The first set that passes is recorded in the contract ("fp32_layers") and the graphs stay made with it; if none
+   passes, the graphs go back to all int8 and the contract records the miss and what was tried.
+
+Small low-margin tasks (answers near 50/50 that flip under any rounding) are what this is for: the demo's sentiment
+task kept 96.0 % of fp32's predictions with every layer int8, under the labelled rule's 97 %.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("promptmux.runtime")
+
+MAX_FP32_SHARE = 0.25  # at most this share of the weight MatMuls is kept fp32
+
+
+def applies(rt) -> bool:
+    """Whether accuracy control can run for this runtime: int8 classifiers on ONNX Runtime, not folded."""
+    return (rt.precision == "int8" and rt.spec.family == "encoder" and rt.backend == "onnxruntime"
+            and rt.folded_session is None)
+
+
+def _graphs(rt) -> dict[str, Path]:
+    """The deployment's fp32 graphs an int8 runtime quantizes: attribute name -> file."""
+    from promptmux.core.folder import GRAPH
+
+    out = {"session": rt.dir / GRAPH}
+    noprefix = rt.manifest["graph"].get("noprefix")
+    if noprefix and rt.noprefix_session is not None:
+        out["noprefix_session"] = rt.dir / noprefix["file"]
+    return out
+
+
+def use_graphs(rt, make) -> None:
+    """Point rt's sessions at make(fp32 graph path) -> graph file, each made when first used."""
+    from .batch import OnFirstUse
+    from .sessions import graph_session
+
+    for attr, path in _graphs(rt).items():
+        setattr(rt, attr, OnFirstUse(lambda path=path: graph_session(make(path), rt.backend, "fp32", rt._threads,
+                                                                     family=rt.spec.family)))
+
+
+def _probabilities(rt, batches, task: str) -> np.ndarray:
+    logits = np.concatenate([rt.forward(ids, mask, task, types) for ids, mask, types in batches])
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def rank(rt, exact, rows: dict[str, list]) -> list[int]:
+    """Weight-MatMul indices, most sensitive first: each quantized alone, scored on rows {task: batches}."""
+    import onnx
+
+    from .quantize import quantize_matmuls, weight_matmuls
+
+    graphs = _graphs(rt)
+    names = {p: weight_matmuls(onnx.load(str(p), load_external_data=False).graph) for p in graphs.values()}
+    count = len(next(iter(names.values())))
+    if any(len(n) != count for n in names.values()):
+        raise ValueError("the deployment's graphs list different weight MatMuls; accuracy control cannot map them")
+    want = {task: _probabilities(exact, batches, task) for task, batches in rows.items()}
+    scores = []
+    work = Path(tempfile.mkdtemp(prefix="promptmux-accuracy-"))
+    try:
+        for i in range(count):
+            def alone(path, i=i):
+                out = work / f"{path.stem}.{i}.onnx"
+                if not out.exists():
+                    quantize_matmuls(path, out, [names[path][i]])
+                return out
+
+            use_graphs(rt, alone)
+            scores.append(float(np.mean([np.abs(_probabilities(rt, batches, task) - want[task]).mean()
+                                         for task, batches in rows.items()])))
+            for f in work.iterdir():  # a candidate is ~ the model's size: one at a time on disk
+                f.unlink()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return [int(i) for i in np.argsort(scores)[::-1]]
+
+
+def search(rt, exact, measure_contract, rows: dict[str, list]) -> tuple[tuple[int, ...], dict, dict]:
+    """(fp32 layers, task report, what was tried): see the module's docstring. measure_contract() measures the
+    whole contract with rt as it stands and returns the task report; rows: the missed tasks' calibration batches."""
+    from .precision import misses
+    from .quantize import int8_graph
+
+    started = time.perf_counter()
+    log.warning("int8 missed its accuracy contract: looking for the fewest layers to keep in fp32 (tasks %s)",
+                ", ".join(rows))
+    order = rank(rt, exact, rows)
+    limit = max(1, int(MAX_FP32_SHARE * len(order)))
+    tried, k = [], 1
+    while True:
+        keep = tuple(sorted(order[:k]))
+        use_graphs(rt, lambda path, keep=keep: int8_graph(path, "encoder", keep))
+        report = measure_contract()
+        tried.append({"fp32_layers": len(keep), "missed": misses(report)})
+        if not tried[-1]["missed"]:
+            break
+        if k >= limit:
+            keep = ()
+            use_graphs(rt, lambda path: int8_graph(path, "encoder", ()))
+            report = measure_contract()
+            break
+        k = min(2 * k, limit)
+    summary = {"layers": len(order), "ranking": order, "max_fp32_layers": limit, "tried": tried,
+               "passed": bool(keep), "seconds": round(time.perf_counter() - started, 1)}
+    log.warning("int8 accuracy control: %s", f"{len(keep)} of {len(order)} layers kept fp32, contract met" if keep
+                else f"no set of up to {limit} layers fp32 met the contract; all layers stay int8")
+    return keep, report, summary

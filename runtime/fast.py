@@ -1,0 +1,129 @@
+"""precision="fast": the fastest precision that meets its accuracy contract on this CPU, chosen by measurement.
+
+The candidates are the non-exact precisions (precision.py): bf16 (OpenVINO, on CPUs with AMX or AVX512-BF16) and
+int8 (ONNX Runtime: dynamic int8 classifiers with accuracy control, weight-only int8 decoding). Which one is
+faster depends on the CPU: on Intel AMX bf16 tiles, on AMD Zen 3 (no bf16) only int8 is there, on Zen 4 both run
+and int8 won for classifiers (bench/results/int8-classifier-bench-amd-zen4.md). So each candidate the CPU can run
+is opened (its contract measured, or read from the manifest), then timed on one workload against fp32 ONNX
+Runtime, alternating, the median of ROUNDS. The fastest that meets its contract and beats fp32 wins; otherwise fp32
+runs (exact). The choice, every candidate's figures and the reason are recorded in the manifest under "fast",
+keyed by the CPU (cpu.describe()), so a deployment copied to another kind of CPU chooses again there; a later open
+on the same CPU reuses the choice while the chosen precision's contract still covers the bank's tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BackendUnavailable
+
+log = logging.getLogger("promptmux.runtime")
+
+CANDIDATES = ("bf16", "int8")
+ROUNDS = 5
+FAST_KEY = "fast"
+
+
+def _workload(rt):
+    """A callable running one representative batch: B=8 x 64 tokens for a classifier, 4 prompts x 16 new tokens
+    for a language model (shorter where the model's positions are fewer)."""
+    task = rt.tasks[0]
+    encoder = rt.spec.family == "encoder"
+    rows, length, new = (8, 64, 0) if encoder else (4, 16, 16)
+    if rt.max_positions:
+        length = max(1, min(length, rt.max_positions - rt.bank.view(task).num_virtual_tokens - new))
+    vocab = rt.dims.vocab_size
+    ids = np.random.default_rng(0).integers(min(1000, vocab // 2), vocab, size=(rows, length))
+    mask = np.ones_like(ids)
+    if encoder:
+        return lambda: rt.forward(ids, mask, task)
+    return lambda: rt.generate({"input_ids": ids, "attention_mask": mask}, task, max_new_tokens=new, eos_token_id=[])
+
+
+def _timed(runtimes: dict) -> dict[str, float]:
+    """Median seconds of each runtime's workload, the runtimes alternating round by round."""
+    runs = {name: _workload(rt) for name, rt in runtimes.items()}
+    for run in runs.values():
+        run()  # warm-up: sessions made, graphs compiled
+    times = {name: [] for name in runs}
+    for _ in range(ROUNDS):
+        for name, run in runs.items():
+            t = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def recorded(manifest: dict, cpu: str) -> dict | None:
+    return ((manifest.get(FAST_KEY) or {}).get(cpu)) or None
+
+
+def choose(deploy_dir: Path, threads: int | None, calibration=None) -> dict:
+    """Measure the candidates and record the choice; returns the record ({"precision", "reason", ...})."""
+    from promptmux.core.folder import deployment_lock, write_manifest
+
+    from .cpu import describe
+    from .runtime import Runtime
+
+    cpu = describe()
+    opened, figures = {}, {}
+    for precision in CANDIDATES:
+        try:
+            rt = Runtime(deploy_dir, precision=precision, threads=threads, calibration=calibration)
+        except BackendUnavailable as e:
+            figures[precision] = {"runs": False, "why": str(e)}
+            continue
+        figures[precision] = {"runs": True, "backend": rt.backend, "contract_passed": rt.contract["passed"]}
+        if rt.contract["passed"]:
+            opened[precision] = rt
+    exact = Runtime(deploy_dir, backend="onnxruntime", threads=threads)
+    seconds = _timed({"fp32": exact, **opened}) if opened else {}
+    for precision, s in seconds.items():
+        if precision != "fp32":
+            figures[precision].update(seconds=round(s, 5), speedup_vs_fp32=round(seconds["fp32"] / s, 3))
+    faster = {p: s for p, s in seconds.items() if p != "fp32" and s < seconds["fp32"]}
+    if faster:
+        chosen = min(faster, key=faster.get)
+        reason = (f"{chosen} meets its accuracy contract and ran {seconds['fp32'] / faster[chosen]:.2f}x faster than "
+                  f"fp32 here, the fastest of {', '.join(sorted(opened))}")
+    else:
+        chosen = "fp32"
+        reason = ("no non-exact precision both met its accuracy contract and beat fp32 on this CPU: "
+                  + "; ".join(f"{p}: " + (f["why"] if not f["runs"] else "missed its contract"
+                                          if not f["contract_passed"] else f"{f['speedup_vs_fp32']}x fp32")
+                              for p, f in figures.items()))
+    record = {"precision": chosen, "reason": reason, "candidates": figures,
+              "fp32_seconds": round(seconds["fp32"], 5) if seconds else None,
+              "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    log.warning("precision fast: %s (%s)", chosen, reason)
+    try:
+        with deployment_lock(deploy_dir):
+            write_manifest(deploy_dir, lambda m: m.setdefault(FAST_KEY, {}).__setitem__(cpu, record))
+    except OSError as e:  # a read-only deployment: the choice holds for this process
+        log.warning("could not record the fast precision in %s: %s", deploy_dir, e)
+    return record
+
+
+def resolve(deploy_dir: Path, manifest: dict, threads: int | None, calibration=None) -> tuple[str, dict]:
+    """(precision to run, its record): the manifest's choice for this CPU while it holds, else measured now."""
+    from .cpu import describe
+
+    record = recorded(manifest, describe())
+    if record is None or calibration is not None or not _still_holds(manifest, record):
+        record = choose(Path(deploy_dir), threads, calibration)
+    return record["precision"], record
+
+
+def _still_holds(manifest: dict, record: dict) -> bool:
+    """The recorded choice holds while the chosen precision's contract is recorded as passed (a change of tasks
+    measures it again at open, which may then miss: the choice is then made again)."""
+    if record["precision"] == "fp32":
+        return True
+    entry = (manifest.get("precision") or {}).get(f"{record['candidates'][record['precision']]['backend']}/"
+                                                  f"{record['precision']}")
+    return bool(entry and entry.get("passed"))
