@@ -148,11 +148,11 @@ def int8_graph(path: Path, family: str, keep_fp32: tuple[int, ...] = ()) -> Path
 
 
 def weight_matmuls(graph) -> list[str]:
-    """The names of the graph's MatMul nodes with a weight initializer, in graph order: what dynamic int8
-    quantizes. A classifier's graphs with and without prefix inputs list the same layers in the same order, so an
-    index names one layer in both."""
+    """The names of the graph's MatMul and Gemm nodes with a weight initializer, in graph order: what dynamic int8
+    quantizes (a Gemm as the MatMul the quantizer rewrites it into). A classifier's graphs with and without prefix
+    inputs list the same layers in the same order, so an index names one layer in both."""
     inits = {t.name for t in graph.initializer}
-    return [n.name for n in graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits]
+    return [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in inits]
 
 
 def dynamic_int8(path: Path, keep_fp32: tuple[int, ...] = ()) -> Path:
@@ -190,7 +190,8 @@ def quantize_matmuls(path: Path, out: Path, nodes: list[str]) -> None:
     work = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         quantize_dynamic(str(path), str(work), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes, use_external_data_format=True,
+                         op_types_to_quantize=["MatMul"], use_external_data_format=True,
+                         nodes_to_quantize=nodes + [f"{n}_MatMul" for n in nodes],  # a Gemm's name once rewritten
                          extra_options={"MatMulConstBOnly": True})
         _save_beside(onnx.load(str(work)), out)  # the quantizer names the weights' file after its own output
     finally:
