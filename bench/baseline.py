@@ -30,6 +30,9 @@ class PromptmuxSystem:
         self.backend = rt.backend if rt.precision == "fp32" else f"{rt.backend}/{rt.precision}"
         self.name = label or f"promptmux/{self.backend}"
 
+    def graph_runs(self) -> dict:
+        return dict(self.rt.graph_runs)
+
     def prepare(self, new_tokens: int) -> None:
         if new_tokens:
             self.rt.generator  # noqa: B018 - the decoder session and every task's prompt KV, before timing

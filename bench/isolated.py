@@ -76,6 +76,8 @@ def _child(conn, spec: SystemSpec) -> None:
                 conn.send(("ok", system.prepare(*args)))
             elif op == "run":
                 conn.send(("ok", system.run(*args)))
+            elif op == "graph_runs":  # full-sequence batches per graph file that ran (Runtime.graph_runs)
+                conn.send(("ok", dict(getattr(rt, "graph_runs", None) or {})))
             elif op == "timed":
                 t = time.perf_counter()
                 system.run(*args)
@@ -133,6 +135,9 @@ class IsolatedSystem:
 
     def run(self, ids, mask, tasks, new_tokens):
         return self._call("run", ids, mask, tasks, new_tokens)
+
+    def graph_runs(self) -> dict:
+        return self._call("graph_runs")
 
     def timed(self, ids, mask, tasks, new_tokens) -> float:
         """Seconds the model call took, measured in the worker."""

@@ -99,7 +99,9 @@ def _configurations(s, rt, env, systems, load_mb, peft) -> dict:
                  for sy in systems if sy.precision != "fp32"}
     chosen = {sy.name: getattr(sy, "backend_reason", None) or getattr(getattr(sy, "rt", None), "backend_reason", None)
               for sy in systems if sy not in baselines}
-    return {"tasks": tasks, "seq_lens": seq_lens, "rows": rows, "agreement": checks,
+    # Which graph files ran, per promptmux system: an int8 or folded system that silently ran fp32 shows here.
+    graph_runs = {sy.name: sy.graph_runs() for sy in systems if hasattr(sy, "graph_runs") and sy not in baselines}
+    return {"tasks": tasks, "seq_lens": seq_lens, "rows": rows, "agreement": checks, "graph_runs": graph_runs,
             "load_rss_mb": load_mb, "isolated": s.isolate, "backend_choice": chosen, "precision_contracts": contracts,
             "comparisons": comparisons(rows), "mixing": mixing(rows)}
 

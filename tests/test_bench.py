@@ -84,6 +84,9 @@ def test_cli_writes_json_markdown_and_plots_with_the_peft_baseline(deployment, t
                                             t)]["requests_per_s"] for t, v in mixed["per_task"].items())
         assert m["ratio"] == round(mixed["requests_per_s"] / (mixed["requests_per_round"] / alone), 3)
     assert tp["load_rss_mb"].keys() >= {"promptmux/onnxruntime", "promptmux/torch", "peft-eager"}
+    assert set(tp["graph_runs"]) == {"promptmux/onnxruntime", "promptmux/torch"}  # which graphs ran, by file
+    assert tp["graph_runs"]["promptmux/onnxruntime"] and all(
+        g.endswith(".onnx") and n > 0 for g, n in tp["graph_runs"]["promptmux/onnxruntime"].items())
     # Same answers as PEFT on the first batch of every configuration.
     assert len(tp["agreement"]) == 2 * len(peft)
     for a in tp["agreement"]:
