@@ -82,6 +82,7 @@ class Runtime:
 
             precision, self.fast = resolve(self.dir, self.manifest, threads, calibration)
             self.manifest = read_manifest(self.dir)  # with the contracts and the choice just recorded
+            calibration = None  # the chosen precision's contract was measured on it (and the deployment keeps it)
         self.backend, self.backend_reason = choose_backend(backend, precision, self.spec.family)
         backend = self.backend
         self.precision = precision
