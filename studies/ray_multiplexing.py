@@ -151,11 +151,14 @@ def child(mode: str, deploy: str, args: dict) -> dict:
         ranks = zipf_ranks(rng, args["tasks"], args["requests"])
         bodies = [{"model": f"user-{int(r)}", "prompt": f"Request {i}: say something about the number {i % 13}.",
                    "max_tokens": args["new_tokens"], "temperature": 0} for i, r in enumerate(ranks)]
+        before = {r["pid"]: r for r in counts_of_replicas(url)}  # the KV computed at start (precompute) is not counted
         load_start = os.getloadavg()
         t = time.perf_counter()
         lat, texts = asyncio.run(load(url, bodies, args["concurrency"], mode == "multiplexed"))
         wall = time.perf_counter() - t
-        replicas = counts_of_replicas(url)
+        replicas = [{**r, **{k: r[k] - before.get(r["pid"], {}).get(k, 0) for k in ("kv_computed", "kv_seconds",
+                                                                                     "tasks_loaded")}}
+                    for r in counts_of_replicas(url)]
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -165,6 +168,7 @@ def child(mode: str, deploy: str, args: dict) -> dict:
             "p99_ms": round(1e3 * float(np.percentile(lat, 99)), 1),
             "kv_computed": sum(r["kv_computed"] for r in replicas),
             "kv_seconds": round(sum(r["kv_seconds"] for r in replicas), 2),
+            "tasks_loaded": sum(r["tasks_loaded"] for r in replicas),
             "per_replica": replicas, "tasks_per_replica_cache": per_replica,
             "distinct_tasks": len(set(ranks.tolist())), "load_average_start": load_start,
             "load_average_end": os.getloadavg(), "texts": texts}
@@ -173,7 +177,7 @@ def child(mode: str, deploy: str, args: dict) -> dict:
 def kv_bytes_per_task(deploy: Path) -> int:
     """A prompt-tuning task's prompt key/values: layers x 2 x kv heads x T x head dim, fp32."""
     from promptmux.core.folder import read_bank
-    from promptmux.runtime import Runtime
+    from promptmux import Runtime
 
     rt = Runtime(deploy, backend="onnxruntime")
     view = read_bank(deploy).view("user-0")
@@ -225,7 +229,7 @@ def main(argv=None) -> int:
         for m in texts:
             rows = [o for o in result["rounds"] if o["mode"] == m]
             summary[m] = {k: statistics.median(o[k] for o in rows)
-                          for k in ("requests_per_s", "p50_ms", "p99_ms", "kv_computed", "kv_seconds")}
+                          for k in ("requests_per_s", "p50_ms", "p99_ms", "kv_computed", "kv_seconds", "tasks_loaded")}
         summary["multiplexed_vs_default_throughput"] = round(
             summary["multiplexed"]["requests_per_s"] / summary["default"]["requests_per_s"], 3)
         result["summary"] = summary

@@ -360,3 +360,8 @@ def test_labels_come_from_the_base_configs_id2label_without_labels_json(setup):
     assert load_adapter("pt", setup["adapters"]["pt"], config)[0].labels == ["negative", "neutral", "positive"]
     config.id2label = {0: "negative", 1: "positive"}  # does not fit the 3-output head: not used
     assert load_adapter("pt", setup["adapters"]["pt"], config)[0].labels is None
+
+
+def test_serve_multiplex_tasks_without_ray_is_a_clear_error(deployed):
+    r = promptmux("serve", deployed[0], "--multiplex-tasks", "4", check=False)
+    assert r.returncode == 2 and "--multiplex-tasks" in r.stderr and "--ray" in r.stderr

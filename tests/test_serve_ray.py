@@ -1,5 +1,6 @@
 """`promptmux serve DIR --ray --replicas 2` on a local Ray instance: the same API behind Ray Serve's HTTP proxy,
-an engine and bank per replica, both replicas answering, results identical to a single runtime's."""
+an engine and bank per replica, both replicas answering, results identical to a single runtime's, and requests
+routed by task with --multiplex-tasks."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def test_two_ray_serve_replicas_serve_the_same_api(text_deployments):
                "stream": i % 2 == 1} for i in range(48)]
     expected = [rt.generate([b["prompt"]], b["model"], max_new_tokens=8)[0]["text"] for b in bodies]
     with running_server(d.deploy, "--ray", "--replicas", "2", "--replica-cpus", "1", "--admin-token", "t",
-                        "--adapter-root", str(d.adapter_root)) as server:
+                        "--adapter-root", str(d.adapter_root), "--multiplex-tasks", "4") as server:
         async def one(c, body):
             if not body["stream"]:
                 r = await c.post("/v1/completions", json=body)
@@ -46,6 +47,17 @@ def test_two_ray_serve_replicas_serve_the_same_api(text_deployments):
         results = asyncio.run(main())
         assert [text for text, _ in results] == expected
         assert len({worker for _, worker in results}) == 2  # both replicas answered
+        # --multiplex-tasks: a request naming its task in Serve's header goes to the replica that served the task
+        # (once the router has heard which replica holds it); one without the header went to both, above.
+        routed = {}
+        for task in d.tasks[:3]:
+            body = {"model": task, "prompt": "ray routed", "max_tokens": 2, "temperature": 0}
+            head = {"serve_multiplexed_model_id": task}
+            httpx.post(server.url + "/v1/completions", json=body, headers=head, timeout=60)
+            time.sleep(2)  # replicas report their tasks to the router in the background
+            routed[task] = {httpx.post(server.url + "/v1/completions", json=body, headers=head,
+                                       timeout=60).headers["x-promptmux-worker"] for _ in range(8)}
+        assert all(len(workers) == 1 for workers in routed.values()), routed  # by chance: 1 in 128 a task
         models = httpx.get(server.url + "/v1/models").json()
         assert sorted(m["id"] for m in models["data"]) == sorted([*d.tasks, d.deploy.name])  # + the base model
         bad = httpx.post(server.url + "/v1/completions", json={"model": "nope", "prompt": "a"})

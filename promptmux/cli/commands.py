@@ -162,6 +162,8 @@ def cmd_serve(args) -> int:
                            max_header_bytes=args.max_header_bytes, docs=args.docs)
     if not (Path(args.deploy) / "manifest.json").is_file():
         raise CliError(f"{args.deploy} is not a promptmux deployment (no manifest.json); run promptmux export")
+    if args.multiplex_tasks and not args.ray:
+        raise CliError("--multiplex-tasks routes between Ray Serve replicas: add --ray (and --replicas N)")
     if args.ray:
         try:
             import ray.serve  # noqa: F401
@@ -173,10 +175,12 @@ def cmd_serve(args) -> int:
             autoscaling = json.loads(args.autoscaling) if args.autoscaling else None
         except ValueError as e:
             raise CliError(f"--autoscaling takes a JSON object: {e}") from None
+        if args.multiplex_tasks < 0:
+            raise CliError(f"--multiplex-tasks takes 0 (off) or more tasks per replica, got {args.multiplex_tasks}")
         if autoscaling is not None and not isinstance(autoscaling, dict):
             raise CliError("--autoscaling takes a JSON object, e.g. '{\"min_replicas\": 1, \"max_replicas\": 4}'")
         serve_on_ray(args.deploy, options, host=args.host, port=args.port, replicas=args.replicas,
-                     autoscaling=autoscaling, replica_cpus=args.replica_cpus)
+                     autoscaling=autoscaling, replica_cpus=args.replica_cpus, multiplex_tasks=args.multiplex_tasks)
         return 0
     from promptmux.runtime.server import serve
 

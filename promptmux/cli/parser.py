@@ -228,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--autoscaling", metavar="JSON", help="--ray: Ray Serve autoscaling_config (replaces --replicas), "
                     "e.g. '{\"min_replicas\": 1, \"max_replicas\": 4, \"target_ongoing_requests\": 32}'")
     sv.add_argument("--replica-cpus", type=float, default=1.0, help="--ray: CPUs Ray reserves per replica")
+    sv.add_argument("--multiplex-tasks", type=int, default=0, metavar="N",
+                    help="--ray: route requests that carry the header serve_multiplexed_model_id: TASK to a replica "
+                         "that served TASK lately (Ray Serve model multiplexing), up to N tasks a replica; a fit "
+                         "for generation with many tasks: N = the tasks whose prompt KV fits in --kv-cache-mb "
+                         "(default 0: off)")
     sv.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", parents=[common], help="export the embedded MiniLM demo (sentiment + topic) and classify a mixed batch; "

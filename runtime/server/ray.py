@@ -62,22 +62,56 @@ def task_log_actor(name: str = TASK_LOG):
                                                    get_if_exists=True).remote()
 
 
+MULTIPLEX_HEADER = "serve_multiplexed_model_id"  # Ray Serve's: the proxy routes by it
+
+
+def _multiplexed_replica(tasks_per_replica: int):
+    """A deployment class whose replicas register each task they serve as a Ray Serve multiplexed model, so that
+    Serve's router sends a task's next requests to a replica that has its prompt key/values cached. Nothing is
+    loaded: the first request of a task computes them, as without multiplexing. Returns (class, holder) where
+    holder[0] is the replica object once it exists (the app's middleware calls it)."""
+    from ray import serve
+
+    holder: list = []
+
+    class TaskReplica:
+        def __init__(self):
+            holder[:] = [self]
+
+        @serve.multiplexed(max_num_models_per_replica=tasks_per_replica)
+        async def load_task(self, task: str) -> str:
+            return task
+
+    return TaskReplica, holder
+
+
 def ray_application(deploy_dir: str | Path, options: ServeOptions, replicas: int = 1, autoscaling: dict | None = None,
-                    replica_cpus: float = 1.0):
+                    replica_cpus: float = 1.0, multiplex_tasks: int = 0):
     """The bound Ray Serve application. Every replica needs promptmux installed and the deployment folder at
-    the same path (a shared or copied folder on a multi-node cluster)."""
+    the same path (a shared or copied folder on a multi-node cluster). multiplex_tasks > 0: requests that carry
+    the header serve_multiplexed_model_id (their task) go preferably to a replica that served that task lately,
+    at most this many tasks a replica (studies/ray_multiplexing.py measured it)."""
     from ray import serve
 
     deploy_dir = str(Path(deploy_dir).resolve())
     if options.threads is None:  # ONNX Runtime threads: the CPUs Ray reserves for the replica
         options = ServeOptions(**{**asdict(options), "threads": max(1, int(replica_cpus))})
+    replica_class, holder = _multiplexed_replica(multiplex_tasks) if multiplex_tasks > 0 else (None, None)
 
     def build():  # runs in each replica: the Runtime is never pickled
         from promptmux.runtime.server.app import create_app
 
         # With --persist-tasks the replicas share the deployment's store, which is then their log.
         log = None if options.persist_tasks else _ActorLog(task_log_actor())
-        return create_app(deploy_dir, options, task_log=log)
+        app = create_app(deploy_dir, options, task_log=log)
+        if holder is not None:
+            @app.middleware("http")
+            async def register_task(request, call_next):  # what makes Serve route this task here next time
+                task = serve.get_multiplexed_model_id()
+                if task and holder:
+                    await holder[0].load_task(task)
+                return await call_next(request)
+        return app
 
     settings = dict(
         name=APP_NAME,
@@ -93,17 +127,18 @@ def ray_application(deploy_dir: str | Path, options: ServeOptions, replicas: int
         settings["autoscaling_config"] = autoscaling
     else:
         settings["num_replicas"] = replicas
-    return serve.deployment(**settings)(serve.ingress(build)()).bind()
+    return serve.deployment(**settings)(serve.ingress(build)(replica_class)).bind()
 
 
 def build_app(args: dict):
     """Ray Serve application builder (`serve run` / `serve deploy` config): args deploy=DIR, replicas=N,
-    replica_cpus=C, autoscaling=JSON, and any ServeOptions field (max_batch=32, admin_token=..., ...)."""
+    replica_cpus=C, autoscaling=JSON, multiplex_tasks=N, and any ServeOptions field (max_batch=32, admin_token=..., ...)."""
     args = dict(args)
     deploy = args.pop("deploy")
     replicas = int(args.pop("replicas", 1))
     cpus = float(args.pop("replica_cpus", 1.0))
     autoscaling = args.pop("autoscaling", None)
+    multiplex = int(args.pop("multiplex_tasks", 0))
     if isinstance(autoscaling, str):
         autoscaling = json.loads(autoscaling)
     types = {f.name: f.type for f in fields(ServeOptions)}
@@ -112,7 +147,7 @@ def build_app(args: dict):
         raise ValueError(f"unknown argument(s) {', '.join(unknown)}; ServeOptions takes {', '.join(types)}")
     casts = {"int": int, "float": float, "str": str}
     opts = {k: v if not isinstance(v, str) else casts.get(types[k].split(" ")[0], str)(v) for k, v in args.items()}
-    return ray_application(deploy, ServeOptions(**opts), replicas, autoscaling, cpus)
+    return ray_application(deploy, ServeOptions(**opts), replicas, autoscaling, cpus, multiplex)
 
 
 def _free_port(host: str) -> int:
@@ -122,7 +157,7 @@ def _free_port(host: str) -> int:
 
 
 def serve_on_ray(deploy_dir, options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
-                 autoscaling: dict | None = None, replica_cpus: float = 1.0) -> None:
+                 autoscaling: dict | None = None, replica_cpus: float = 1.0, multiplex_tasks: int = 0) -> None:
     """Run the application until SIGTERM / SIGINT. With RAY_ADDRESS set it joins that cluster and removes only
     its own application at the end; otherwise it starts a local Ray instance and shuts it down."""
     import ray
@@ -141,7 +176,8 @@ def serve_on_ray(deploy_dir, options: ServeOptions, host: str = "127.0.0.1", por
     except ValueError:
         pass
     try:
-        serve.run(ray_application(deploy_dir, options, replicas, autoscaling, replica_cpus), name=APP_NAME,
+        serve.run(ray_application(deploy_dir, options, replicas, autoscaling, replica_cpus, multiplex_tasks),
+                  name=APP_NAME,
                   route_prefix="/")
         print(json.dumps({"serving": f"http://{host}:{port}", "pid": os.getpid(), "ray": True,
                           "replicas": "autoscaling" if autoscaling else replicas}), flush=True)
