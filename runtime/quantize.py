@@ -171,7 +171,11 @@ def dynamic_int8(path: Path, keep_fp32: tuple[int, ...] = ()) -> Path:
     bad = [i for i in keep_fp32 if not 0 <= i < len(names)]
     if bad:
         raise ValueError(f"{path.name} has {len(names)} weight MatMuls; cannot keep layer(s) {bad} in fp32")
-    quantize_matmuls(path, out, [n for i, n in enumerate(names) if i not in keep_fp32])
+    nodes = [n for i, n in enumerate(names) if i not in keep_fp32]
+    if nodes:
+        quantize_matmuls(path, out, nodes)
+    else:  # every layer kept fp32 (the quantizer would read an empty list as "all")
+        _save_beside(onnx.load(str(path)), out)
     graph = onnx.load(str(out), load_external_data=False).graph
     write_stamp(stamp, key, graph=path.name, recipe=RECIPES["encoder"], fp32_layers=list(keep_fp32),
                 matmuls_quantized=sum(n.op_type == "MatMulInteger" for n in graph.node))
