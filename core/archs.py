@@ -362,6 +362,12 @@ def decoder_sizes(config) -> tuple[int, int, int]:
     return layers, heads, head_dim
 
 
+def pad_id(config) -> int:
+    """The id that padded positions hold: the config's pad token, else 0. Padded positions are masked out, so any id
+    of the vocabulary does; one rule everywhere keeps the graphs' inputs the same across code paths."""
+    return config.pad_token_id if config.pad_token_id is not None else 0
+
+
 def position_offset(config) -> int:
     spec = arch_for(config)
     return config.pad_token_id + 1 if spec.position_offset_from_pad else 0

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from promptmux.core.adapters import read_adapter_config
+from promptmux.core.archs import pad_id
 from promptmux.core.folder import load_base_config
 from promptmux.kinds import BY_PEFT_TYPE
 
@@ -139,7 +140,7 @@ def verify(deploy_dir, base_dir, adapters: dict[str, str | Path], backend: str =
         if served != given:
             raise ValueError(f"task {task!r} of the deployment is {served} but adapter {str(adapters[adapter])!r} is "
                              f"{given}: the kinds differ; pass the adapter the task was exported from")
-    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    pad = pad_id(config)
     ids, mask = verification_batch(config.vocab_size, pad, rows_per_task * len(plan), seq,
                                    "left" if family == "decoder" else "right")
     tasks = [plan[i % len(plan)][0] for i in range(ids.shape[0])]

@@ -17,6 +17,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from promptmux.core.archs import pad_id
 from promptmux.core.io_spec import decode_step_feeds
 from promptmux.core.layout import build_layout
 from promptmux.core.task import Task
@@ -209,7 +210,7 @@ class Generator:
         rng = np.random.default_rng(params.seed)
         eos = self._eos(params)
         done = np.zeros(batch, bool)
-        pad = self.rt.config.pad_token_id if self.rt.config.pad_token_id is not None else 0
+        pad = pad_id(self.rt.config)
         for step in range(params.max_new_tokens):
             token = pick(logits, params, rng)
             token = np.where(done, pad, token)
@@ -322,7 +323,7 @@ class ContinuousBatch:
             if len(item[0]) == 0:
                 raise InputError("empty prompt: a row needs at least one token")
             groups.setdefault(bool(item[3]), []).append(k)
-        pad = self.gen.rt.config.pad_token_id or 0
+        pad = pad_id(self.gen.rt.config)
         rows: list[Row | None] = [None] * len(items)
         prefilled = []
         for key, members in groups.items():

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from promptmux.core.archs import pad_id
 from promptmux.core.task import Task
 
 from .batch import label_scores, run_batch
@@ -227,7 +228,7 @@ class Scheduler:
         views = [j.view for j in jobs for _ in j.ids]
         rows = [r for j in jobs for r in j.ids]
         width = max(len(r) for r in rows)
-        pad = rt.config.pad_token_id if rt.config.pad_token_id is not None else 0
+        pad = pad_id(rt.config)
         ids = np.full((len(rows), width), pad, np.int64)
         mask = np.zeros((len(rows), width), np.int64)
         for i, r in enumerate(rows):  # right padding, as the tokenizer pads a classification batch

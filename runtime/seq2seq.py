@@ -12,7 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
-from promptmux.core.archs import decoder_sizes
+from promptmux.core.archs import decoder_sizes, pad_id
 from promptmux.core.layout import encoder_layout
 from promptmux.core.task import Task
 from promptmux.kinds import kind_of
@@ -76,7 +76,7 @@ class Seq2SeqGenerator:
         rng = np.random.default_rng(params.seed)
         eos = self._eos(params)
         done = np.zeros(batch, bool)
-        pad = rt.config.pad_token_id if rt.config.pad_token_id is not None else 0
+        pad = pad_id(rt.config)
         for step in range(params.max_new_tokens):
             dec_mask = np.concatenate([dec_mask, np.ones((batch, 1), np.int64)], axis=1)
             feeds = {"input_ids": token[:, None], "attention_mask": dec_mask, "encoder_attention_mask": enc_mask,

@@ -176,8 +176,8 @@ def child(mode: str, deploy: str, args: dict) -> dict:
 
 def kv_bytes_per_task(deploy: Path) -> int:
     """A prompt-tuning task's prompt key/values: layers x 2 x kv heads x T x head dim, fp32."""
-    from promptmux.core.folder import read_bank
     from promptmux import Runtime
+    from promptmux.core.folder import read_bank
 
     rt = Runtime(deploy, backend="onnxruntime")
     view = read_bank(deploy).view("user-0")
@@ -217,7 +217,7 @@ def main(argv=None) -> int:
             modes = ("default", "multiplexed") if r % 2 == 0 else ("multiplexed", "default")
             for mode in modes:
                 proc = subprocess.run([sys.executable, __file__, str(grown), "--child", mode, str(grown),
-                                       json.dumps(args)], capture_output=True, text=True)
+                                       json.dumps(args)], check=False, capture_output=True, text=True)
                 if proc.returncode:
                     raise RuntimeError(f"{mode} round {r} failed:\n{proc.stderr[-4000:]}")
                 out = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -144,3 +144,16 @@ def test_no_test_asserts_on_the_clock():
             bad += [f"tests/{p.name}:{node.lineno}" for node in ast.walk(fn)
                     if isinstance(node, ast.Assert) and reads_clock(node.test, timed)]
     assert not bad, sorted(set(bad))
+
+
+def test_one_pad_id_rule():
+    """Padded graph inputs get core/archs.pad_id(config); no module that feeds a graph writes its own fallback for
+    a missing pad token (bench/ passes its own to PEFT's generate, which is HF's matter, not a graph input)."""
+    import re
+
+    fallback = re.compile(r"pad_token_id\s+(or\b|if\b[^\n]*\bis not None else)")
+    bad = [f"{p.relative_to(ROOT)}:{n}" for p, _ in _modules()
+           if p.relative_to(ROOT).parts[0] in ("core", "kinds", "export", "runtime")
+           and p.relative_to(ROOT).as_posix() != "core/archs.py"
+           for n, line in enumerate(p.read_text().splitlines(), 1) if fallback.search(line)]
+    assert not bad, bad

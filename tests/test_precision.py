@@ -480,7 +480,7 @@ def test_fast_runs_the_fastest_precision_that_meets_its_contract_and_records_it_
     record, here = rt.fast, cpu.describe()
     assert json.loads((deploy / "manifest.json").read_text())["fast"][here] == record
     assert rt.precision == record["precision"] and set(record["candidates"]) == set(fast.CANDIDATES)
-    for p, f in record["candidates"].items():
+    for f in record["candidates"].values():
         assert f["runs"] or "bf16" in f["why"]  # only bf16 can be missing (a CPU without bf16, no OpenVINO)
     passing = {p: f["speedup_vs_fp32"] for p, f in record["candidates"].items() if f.get("contract_passed")}
     if record["precision"] == "fp32":
