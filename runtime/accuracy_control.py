@@ -94,9 +94,11 @@ def rank(rt, exact, rows: dict[str, list]) -> list[int]:
     return [int(i) for i in np.argsort(scores)[::-1]]
 
 
-def search(rt, exact, measure_contract, rows: dict[str, list]) -> tuple[tuple[int, ...], dict, dict]:
+def search(rt, exact, measure_contract, rows: dict[str, list],
+           all_int8: dict | None = None) -> tuple[tuple[int, ...], dict, dict]:
     """(fp32 layers, task report, what was tried): see the module's docstring. measure_contract() measures the
-    whole contract with rt as it stands and returns the task report; rows: the missed tasks' calibration batches."""
+    whole contract with rt as it stands and returns the task report; rows: the missed tasks' calibration batches;
+    all_int8: the report already measured with every layer int8, if it was (what stands if no set passes)."""
     from .precision import misses
     from .quantize import int8_graph
 
@@ -113,10 +115,12 @@ def search(rt, exact, measure_contract, rows: dict[str, list]) -> tuple[tuple[in
         tried.append({"fp32_layers": len(keep), "missed": misses(report)})
         if not tried[-1]["missed"]:
             break
-        if k >= limit:
+        if k >= limit:  # back to every layer int8, made now; its contract measured again only if it never was
             keep = ()
+            for path in _graphs(rt).values():
+                int8_graph(path, "encoder", keep)
             use_graphs(rt, lambda path: int8_graph(path, "encoder", ()))
-            report = measure_contract()
+            report = all_int8 if all_int8 is not None else measure_contract()
             break
         k = min(2 * k, limit)
     summary = {"layers": len(order), "ranking": order, "max_fp32_layers": limit, "tried": tried,

@@ -81,8 +81,8 @@ def choose(deploy_dir: Path, threads: int | None, calibration=None) -> dict:
         figures[precision] = {"runs": True, "backend": rt.backend, "contract_passed": rt.contract["passed"]}
         if rt.contract["passed"]:
             opened[precision] = rt
-    exact = Runtime(deploy_dir, backend="onnxruntime", threads=threads)
-    seconds = _timed({"fp32": exact, **opened}) if opened else {}
+    # fp32 is opened only to be timed against a candidate that met its contract
+    seconds = _timed({"fp32": Runtime(deploy_dir, backend="onnxruntime", threads=threads), **opened}) if opened else {}
     for precision, s in seconds.items():
         if precision != "fp32":
             figures[precision].update(seconds=round(s, 5), speedup_vs_fp32=round(seconds["fp32"] / s, 3))
@@ -122,8 +122,10 @@ def resolve(deploy_dir: Path, manifest: dict, threads: int | None, calibration=N
 def _still_holds(manifest: dict, record: dict) -> bool:
     """The recorded choice holds while the chosen precision's contract is recorded as passed (a change of tasks
     measures it again at open, which may then miss: the choice is then made again)."""
+    from .precision import record_key
+
     if record["precision"] == "fp32":
         return True
-    entry = (manifest.get("precision") or {}).get(f"{record['candidates'][record['precision']]['backend']}/"
-                                                  f"{record['precision']}")
+    chosen = record["precision"]
+    entry = (manifest.get("precision") or {}).get(record_key(record["candidates"][chosen]["backend"], chosen))
     return bool(entry and entry.get("passed"))

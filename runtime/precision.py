@@ -317,7 +317,8 @@ def calibrate(fast, items: list | None = None, source: str | None = None) -> dic
             mine = [r["text"] for r in labelled or () if r["task"] == task]
             rows[task] = _classifier_batches(exact, mine or texts, task)
         fast.int8_fp32_layers, tasks, summary = accuracy_control.search(
-            fast, exact, lambda: measure(fast, exact, texts, labelled), rows)
+            fast, exact, lambda: measure(fast, exact, texts, labelled), rows,
+            all_int8=None if fast.int8_fp32_layers else tasks)
         control = {"accuracy_control": summary}
     if items is None:
         calibration = {"source": "generated token ids"}

@@ -62,9 +62,6 @@ def task_log_actor(name: str = TASK_LOG):
                                                    get_if_exists=True).remote()
 
 
-MULTIPLEX_HEADER = "serve_multiplexed_model_id"  # Ray Serve's: the proxy routes by it
-
-
 def _multiplexed_replica(tasks_per_replica: int):
     """A deployment class whose replicas register each task they serve as a Ray Serve multiplexed model, so that
     Serve's router sends a task's next requests to a replica that has its prompt key/values cached. Nothing is
@@ -177,8 +174,7 @@ def serve_on_ray(deploy_dir, options: ServeOptions, host: str = "127.0.0.1", por
         pass
     try:
         serve.run(ray_application(deploy_dir, options, replicas, autoscaling, replica_cpus, multiplex_tasks),
-                  name=APP_NAME,
-                  route_prefix="/")
+                  name=APP_NAME, route_prefix="/")
         print(json.dumps({"serving": f"http://{host}:{port}", "pid": os.getpid(), "ray": True,
                           "replicas": "autoscaling" if autoscaling else replicas}), flush=True)
         stop.wait()
