@@ -26,8 +26,10 @@ class PromptmuxSystem:
     def __init__(self, rt, label: str | None = None):
         self.rt = rt
         self.precision = rt.precision
-        # the label rows are reported under: the backend, and the precision where it is not exact
-        self.backend = rt.backend if rt.precision == "fp32" else f"{rt.backend}/{rt.precision}"
+        self.fast = rt.fast  # precision "fast": what was chosen on this CPU and why (runtime/fast.py)
+        # the label rows are reported under: the backend, the precision where it is not exact, "fast:" if chosen
+        self.backend = ("fast:" if rt.fast else "") + (
+            rt.backend if rt.precision == "fp32" else f"{rt.backend}/{rt.precision}")
         self.name = label or f"promptmux/{self.backend}"
 
     def graph_runs(self) -> dict:

@@ -62,7 +62,7 @@ def _child(conn, spec: SystemSpec) -> None:
         conn.send(("ready", {"name": system.name, "backend": system.backend, "grouped": system.grouped,
                              "precision": getattr(system, "precision", "fp32"),
                              "backend_reason": getattr(rt, "backend_reason", None),
-                             "contract": getattr(rt, "contract", None),
+                             "contract": getattr(rt, "contract", None), "fast": getattr(rt, "fast", None),
                              "load_rss_mb": round((rss() - before) / 2**20, 1)}))
     except BaseException as e:  # the parent re-raises it with the child's message
         conn.send(("error", (type(e).__name__, str(e), traceback.format_exc())))
@@ -107,7 +107,7 @@ class IsolatedSystem:
         info = self._reply(timeout=START_TIMEOUT_S)
         self.name, self.backend, self.grouped = info["name"], info["backend"], info["grouped"]
         self.precision, self.backend_reason = info["precision"], info["backend_reason"]
-        self.contract, self.load_rss_mb = info["contract"], info["load_rss_mb"]
+        self.contract, self.load_rss_mb, self.fast = info["contract"], info["load_rss_mb"], info["fast"]
 
     def _reply(self, timeout: float | None = None):
         if timeout is not None and not self._conn.poll(timeout):

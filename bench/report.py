@@ -151,6 +151,8 @@ def markdown(result: dict, plots: dict[str, str]) -> str:
                              f"{m['ratio']:.3f} |")
         lines += ["", f"Memory: {d['memory']}. Resident-set growth while each system loaded (weights, sessions): "
                   + ", ".join(f"{k}: {_fmt(val)} MB" for k, val in tp["load_rss_mb"].items()) + "."]
+        for name, record in (tp.get("fast_choices") or {}).items():
+            lines += ["", f"{name}: precision fast chose {record['precision']} on this CPU: {record['reason']}."]
         if tp.get("graph_runs"):
             lines += ["", "Graph files that ran (full-sequence batches, warm-up included): " + "; ".join(
                 f"{k}: " + ", ".join(f"{g} {n}" for g, n in runs.items()) for k, runs in tp["graph_runs"].items()) + "."]

@@ -12,7 +12,7 @@ MIXES = ("single", "uniform", "zipf")
 BACKENDS = ("auto", "onnxruntime", "openvino", "onnxruntime+openvino", "onnxruntime-cuda", "tensorrt",
             "torch")
 GPU_BACKENDS = ("onnxruntime-cuda", "tensorrt")
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16", "int8", "fast")  # fast: what Runtime(precision="fast") chose on this CPU
 BASELINES = ("peft", "peft-bf16")  # PEFT eager fp32, and PEFT under torch.autocast(bfloat16)
 DEFAULT_SEQ_LEN = {"encoder": 64, "decoder": 32, "seq2seq": 32}
 

@@ -101,7 +101,9 @@ def _configurations(s, rt, env, systems, load_mb, peft) -> dict:
               for sy in systems if sy not in baselines}
     # Which graph files ran, per promptmux system: an int8 or folded system that silently ran fp32 shows here.
     graph_runs = {sy.name: sy.graph_runs() for sy in systems if hasattr(sy, "graph_runs") and sy not in baselines}
+    fast = {sy.name: sy.fast for sy in systems if getattr(sy, "fast", None)}  # what precision "fast" chose, why
     return {"tasks": tasks, "seq_lens": seq_lens, "rows": rows, "agreement": checks, "graph_runs": graph_runs,
+            "fast_choices": fast,
             "load_rss_mb": load_mb, "isolated": s.isolate, "backend_choice": chosen, "precision_contracts": contracts,
             "comparisons": comparisons(rows), "mixing": mixing(rows)}
 

@@ -91,6 +91,15 @@ class OnFirstUse:
                     self._session = self._make()
         return getattr(self._session, name)
 
+    @property
+    def made(self) -> bool:
+        return self._session is not None
+
+    def release(self) -> None:
+        """Drop the session made (if any): the next use makes it again."""
+        with self._lock:
+            self._session = None
+
 
 def task_names(tasks: str | Sequence[str], rows: int, what: str = "texts") -> list[str]:
     """One task for every row, or one per row (numpy arrays of names too), as plain strings."""

@@ -81,8 +81,8 @@ def choose_backend(backend: str, precision: str, family: str) -> tuple[str, str]
             # and runs GPT-2's full-sequence logits faster too
             backend, why = "onnxruntime", "the fastest exact backend for causal LMs and seq2seq measured here"
         elif openvino_installed():
-            backend, why = "onnxruntime+openvino", ("the fastest exact backends for classifiers measured here: "
-                                                    "ONNX Runtime for small batches, OpenVINO for large ones")
+            backend, why = "onnxruntime+openvino", ("the fastest exact backends for classifiers: each batch on "
+                                                    "ONNX Runtime or OpenVINO, whichever this CPU ran faster at its size")
         else:
             backend, why = "onnxruntime", "OpenVINO is not installed (pip install 'promptmux[openvino]' is faster " \
                                           "for classifiers)"

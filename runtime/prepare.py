@@ -25,10 +25,12 @@ log = logging.getLogger("promptmux.runtime")
 
 
 def engines_of(session, backend: str) -> list[tuple[str, object]]:
-    """(engine name, engine) behind a session: both of a routed session, else the session itself. A session made
-    on first use is made here."""
+    """(engine name, engine) behind a session: those of a routed session its split can pick, else the session
+    itself. A session made on first use is made here."""
     inner = getattr(session, "engines", None)
-    return list(inner.items()) if isinstance(inner, dict) else [(backend, session)]
+    if not isinstance(inner, dict):
+        return [(backend, session)]
+    return [(name, engine) for name, engine in inner.items() if name in session.routing.picks()]
 
 
 def _probe_ids(rt) -> tuple[np.ndarray, np.ndarray]:

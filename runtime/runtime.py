@@ -6,8 +6,8 @@ import functools
 import logging
 import threading
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -36,7 +36,7 @@ PRECOMPUTED_AT_START = 4096  # tasks whose prompt KV is computed as generation s
 BACKENDS = ("auto", "onnxruntime", "openvino", "onnxruntime+openvino", "onnxruntime-cuda", "tensorrt", "torch")
 _ORT_DEVICE = "cuda"  # where backend "onnxruntime-cuda" binds its tensors (tests run the binding path on "cpu")
 log = logging.getLogger("promptmux.runtime")
-__all__ = ["Runtime", "InputError", "UnknownTaskError", "apply_head"]
+__all__ = ["InputError", "Runtime", "UnknownTaskError", "apply_head"]
 
 
 class Runtime:
@@ -45,10 +45,10 @@ class Runtime:
     backend: "auto" (the default: the fastest backend installed here that runs `precision`; `backend_reason`
     says why), "onnxruntime" (the exported graph on the CPU), "openvino" (the same graph compiled by OpenVINO's
     CPU plugin; fp32 or bf16), "onnxruntime+openvino" (fp32 classifiers: small batches on ONNX Runtime, large
-    ones on OpenVINO; see runtime/routed_session.py), "onnxruntime-cuda" (CUDA execution provider with IO
-    binding, the prompt bank resident on the GPU; needs onnxruntime-gpu), "tensorrt" (the engine written by
-    `promptmux build-engine`; needs TensorRT and a GPU it accepts) or "torch" (the same computation in eager
-    PyTorch, the reference; it needs the base model folder recorded at export, or `base=`).
+    ones on OpenVINO, split where measured once per CPU kind, or at `route_positions`; routing.py),
+    "onnxruntime-cuda" (CUDA execution provider with IO binding, the prompt bank resident on the GPU; needs
+    onnxruntime-gpu), "tensorrt" (the engine written by `promptmux build-engine`; needs TensorRT and a GPU it
+    accepts) or "torch" (eager PyTorch, the reference; it needs the base model folder recorded at export, or `base=`).
 
     precision: "fp32" (exact, the default), "bf16" (OpenVINO on AMX/AVX512-BF16 CPUs), "int8" (ONNX Runtime:
     int8 weights and products, for classifiers and causal-LM decoding) or "fast" (the fastest of them that meets
@@ -66,8 +66,10 @@ class Runtime:
     def __init__(self, deploy_dir: str | Path, backend: str = "auto", threads: int | None = None,
                  base: str | Path | None = None, use_folded: bool = True, device_id: int = 0,
                  precision: str = "fp32", strict: bool = False, calibration: Sequence[str] | None = None,
-                 bank_cache_mb: float | None = None, kv_cache_mb: float | None = None):
+                 bank_cache_mb: float | None = None, kv_cache_mb: float | None = None,
+                 route_positions: int | None = None):
         from .precision import choose_backend, fp32_layers
+        from .routing import Routing, resolve
 
         self.dir = Path(deploy_dir)
         if backend not in BACKENDS:
@@ -105,6 +107,7 @@ class Runtime:
         self.folded_task = folded["task"] if folded else None
 
         self._threads = threads
+        self.routing = Routing(route_positions, given=True) if route_positions is not None else Routing()
         if backend == "tensorrt":
             from .trt_session import engine_sessions
 
@@ -137,6 +140,7 @@ class Runtime:
         self._generator = None
         self.prepared: list[dict] = []  # what prepare() built, if it ran
         self.contract = None  # a non-exact precision's measured agreement with fp32 (manifest "precision")
+        self.routing_record = resolve(self, threads) if backend == "onnxruntime+openvino" else None
         if precision != "fp32":
             from .precision import contract
 
@@ -147,7 +151,7 @@ class Runtime:
         from .sessions import graph_session
 
         return graph_session(path, self.backend, self.precision, self._threads, self.device_id, _ORT_DEVICE,
-                             self.spec.family, self.int8_fp32_layers)
+                             self.spec.family, self.int8_fp32_layers, self.routing)
 
     def prepare(self, progress=None) -> list[dict]:
         """Build every engine and graph this runtime's routing can pick, and run one small batch through each, so

@@ -150,10 +150,10 @@ class TorchSession:
 
 
 def graph_session(path: Path, backend: str, precision: str, threads: int | None, device_id: int = 0,
-                  ort_device: str = "cuda", family: str = "encoder", keep_fp32: tuple[int, ...] = ()):
+                  ort_device: str = "cuda", family: str = "encoder", keep_fp32: tuple[int, ...] = (), routing=None):
     """A session over one ONNX graph for a CPU or ONNX Runtime backend (runtime.py BACKENDS); at precision int8
     (ONNX Runtime only, precision.py) over the int8 graph made from it (quantize.py; keep_fp32: the layers
-    accuracy control keeps fp32)."""
+    accuracy control keeps fp32; routing: the onnxruntime+openvino split, routing.py)."""
     if precision == "int8":
         from .quantize import int8_graph
 
@@ -162,7 +162,7 @@ def graph_session(path: Path, backend: str, precision: str, threads: int | None,
         from .openvino_session import OpenVinoSession
         from .routed_session import RoutedSession
 
-        return RoutedSession(lambda: OrtSession(path, threads), lambda: OpenVinoSession(path, "fp32", threads))
+        return RoutedSession(lambda: OrtSession(path, threads), lambda: OpenVinoSession(path, "fp32", threads), routing)
     if backend == "openvino":
         from .openvino_session import OpenVinoSession
 

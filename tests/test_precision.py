@@ -266,8 +266,9 @@ def test_openvino_missing_is_a_clear_error(monkeypatch):
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
 def test_auto_picks_the_cpu_engines_by_batch_size_and_says_so(deployment, monkeypatch):
     """fp32 classifiers: small batches on ONNX Runtime, large ones on OpenVINO, both exact (runtime/routed_session)."""
-    rt = Runtime(deployment.deploy)
-    assert rt.backend == "onnxruntime+openvino" and "small batches" in rt.backend_reason
+    rt = Runtime(deployment.deploy, route_positions=1024)  # the split by hand (where it is measured: below)
+    assert rt.backend == "onnxruntime+openvino" and "whichever this CPU ran faster" in rt.backend_reason
+    assert "up to 1024 positions on ONNX Runtime (given)" in rt.backend_reason
     exact = Runtime(deployment.deploy, backend="onnxruntime")
     names = rt.tasks
 
@@ -290,13 +291,71 @@ def test_auto_picks_the_cpu_engines_by_batch_size_and_says_so(deployment, monkey
     assert P.choose_backend("torch", "fp32", "encoder") == ("torch", "requested")
 
 
+def test_routing_split_costs_least_relative_to_the_faster_engine_at_each_size():
+    from promptmux.runtime.routing import split
+
+    def sizes(*pairs):  # (ONNX Runtime ms, OpenVINO ms) at 76, 304, 608, 1216 and 2432 positions
+        return [{"positions": p, "onnxruntime_ms": o, "openvino_ms": v}
+                for p, (o, v) in zip((76, 304, 608, 1216, 2432), pairs)]
+
+    # as on the Intel machine: ONNX Runtime ahead on small batches, a tie at 8 x 64 (ONNX Runtime keeps ties)
+    assert split(sizes((3, 4), (10, 11), (20, 20), (40, 37), (80, 72))) == 608
+    assert split(sizes((3, 4), (10, 11), (20, 20), (40, 38.5), (80, 72))) == 1216  # 4 % ahead: within the noise
+    # as on Zen 3: ONNX Runtime still ahead at 8 and 16 rows
+    assert split(sizes((3, 4), (10, 11), (20, 25), (40, 42), (80, 72))) == 1216
+    assert split(sizes((3, 4), (10, 11), (20, 25), (40, 42), (80, 81))) is None  # ONNX Runtime everywhere
+    assert split(sizes((4, 3), (11, 10), (25, 20), (42, 40), (81, 80))) == 0  # OpenVINO everywhere
+    # one noisy size does not move the split past where OpenVINO wins by more
+    assert split(sizes((3, 4), (10, 11), (20, 19.9), (40, 46), (80, 72))) == 1216
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_routing_split_is_measured_once_per_cpu_and_kept_in_the_manifest(deployment, tmp_path, monkeypatch):
+    """onnxruntime+openvino times both engines on its first open on a kind of CPU, keeps the split in the manifest
+    per CPU (and thread count), and later opens on that CPU read it."""
+    import shutil
+
+    from promptmux.core.folder import read_manifest
+    from promptmux.runtime import routing
+
+    deploy = shutil.copytree(deployment.deploy, tmp_path / "deploy")
+    rt = Runtime(deploy, threads=1)
+    first = routing.key(1)
+    record = read_manifest(deploy)["routing"][first]
+    task = rt.tasks[0]
+    virtual = rt.bank.view(task).num_virtual_tokens
+    tokens = [min(t, rt.max_positions - virtual) for _, t in routing.SIZES]
+    assert [(s["rows"], s["tokens"]) for s in record["sizes"]] == list(dict.fromkeys(
+        (r, t) for (r, _), t in zip(routing.SIZES, tokens)))
+    assert record["sizes"][0]["positions"] == tokens[0] + virtual  # rows x width, the virtual tokens included
+    assert all(s["onnxruntime_ms"] > 0 and s["openvino_ms"] > 0 for s in record["sizes"])
+    assert rt.routing.small_positions == record["small_positions"] == routing.split(record["sizes"])
+    assert "measured on this CPU" in rt.backend_reason and rt.graph_runs == Counter()  # timing is not traffic
+    unused = set(routing.ENGINES) - set(rt.routing.picks())  # an engine the split never picks is not kept
+    assert rt.routing.sessions and not any(s.engines[e].made for s in rt.routing.sessions for e in unused)
+    ids, mask = random_batch("bert", rows=2, seq=8, seed=3, padding_side="right")
+    want = Runtime(deploy, backend="onnxruntime").forward(ids, mask, task)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(rt.forward(ids, mask, task), want)) < 1e-5
+
+    def measured(_rt):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(routing, "measure", measured)
+    assert Runtime(deploy, threads=1).routing.small_positions == record["small_positions"]  # kept
+    # another kind of CPU measures its own split; the first one's stays
+    monkeypatch.setattr(routing, "key", lambda threads: "another CPU")
+    monkeypatch.setattr(routing, "measure", lambda _rt: {**record, "small_positions": 7})
+    assert Runtime(deploy, threads=1).routing.small_positions == 7
+    assert set(read_manifest(deploy)["routing"]) == {first, "another CPU"}
+
+
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
 def test_prepare_builds_every_engine_the_routing_can_pick(deployment, monkeypatch):
     """After prepare() (the server calls it before it reports ready) no batch builds an engine: small and large,
     with and without key/value prefix rows, and a task added afterwards."""
     from promptmux.runtime import openvino_session, sessions
 
-    rt = Runtime(deployment.deploy)
+    rt = Runtime(deployment.deploy, route_positions=1024)  # a split that picks both engines
     assert rt.backend == "onnxruntime+openvino"
     prepared = rt.prepare()
     assert {(p["graph"], p["engine"]) for p in prepared} == {
@@ -319,6 +378,11 @@ def test_prepare_builds_every_engine_the_routing_can_pick(deployment, monkeypatc
         want = exact.forward(ids, mask, [t.replace("pt_again", "pt") for t in row_tasks])
         assert max(float(np.abs(a - b).max()) for a, b in zip(got, want)) < 1e-5
     assert rt.graph_runs == Counter({"model.onnx": 2, "model_noprefix.onnx": 2})
+    # a split that sends every batch to ONNX Runtime prepares (and keeps) no OpenVINO engine
+    monkeypatch.undo()
+    ort_only = Runtime(deployment.deploy, route_positions=1024)
+    ort_only.routing.small_positions = None
+    assert {p["engine"] for p in ort_only.prepare()} == {"onnxruntime"}
 
 
 @pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
@@ -487,6 +551,12 @@ def test_fast_runs_the_fastest_precision_that_meets_its_contract_and_records_it_
         assert all(s <= 1 for s in passing.values()) and "no non-exact precision" in record["reason"]
     else:
         assert passing[record["precision"]] == max(passing.values()) > 1 and rt.contract["passed"]
+    # the benchmark reports the system under what fast chose, and the record (bench JSON "fast_choices")
+    from promptmux.bench.baseline import PromptmuxSystem
+
+    system = PromptmuxSystem(rt)
+    assert system.fast == record and system.backend == "fast:" + (
+        rt.backend if rt.precision == "fp32" else f"{rt.backend}/{rt.precision}")
     # The same CPU again: the recorded choice, nothing measured; another kind of CPU: chosen again there.
     monkeypatch.setattr(fast, "choose", lambda *a, **k: pytest.fail("chose again on the same CPU"))
     assert Runtime(deploy, precision="fast").fast == record

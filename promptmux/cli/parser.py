@@ -21,7 +21,7 @@ DEPLOY_HELP = "deployment folder (written by promptmux export)"
 BACKEND_HELP = ("auto (default: the fastest backend measured for the model kind and precision: "
                 "onnxruntime+openvino for fp32 classifiers, OpenVINO for bf16, ONNX Runtime for causal LMs; the "
                 "choice is printed), onnxruntime, openvino (CPU, fp32 or bf16), onnxruntime+openvino (fp32 "
-                "classifiers: small batches on ONNX Runtime, large on OpenVINO), onnxruntime-cuda, tensorrt (an "
+                "classifiers: each batch size on the engine measured faster for it on this CPU, once), onnxruntime-cuda, tensorrt (an "
                 "engine from build-engine) or torch (eager reference, needs the base model)")
 
 
@@ -255,8 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"comma-separated, from {', '.join(BACKEND_CHOICES)}, each optionally /PRECISION (e.g. "
                          "onnxruntime,openvino,openvino/bf16); one that cannot run here is refused")
     bn.add_argument("--precision", default="fp32",
-                    help="comma-separated, from fp32, bf16, int8: every --backend without its own /PRECISION runs "
-                         "each (e.g. --backend openvino --precision fp32,bf16)")
+                    help="comma-separated, from fp32, bf16, int8, fast (the fastest that meets its contract on "
+                         "this CPU; rows say fast:BACKEND/PRECISION): every --backend without its own /PRECISION "
+                         "runs each (e.g. --backend openvino --precision fp32,bf16; --backend auto/fast)")
     bn.add_argument("--tasks", help="comma-separated tasks to send traffic to (default: every task)")
     bn.add_argument("--mix", default="single,uniform",
                     help="comma-separated traffic mixes: single (each task alone), uniform, zipf")

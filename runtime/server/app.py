@@ -80,7 +80,9 @@ def _add_probes(app: FastAPI, metrics: Metrics) -> None:
         if engine is None:
             return {"status": "ok"}
         return {"status": "ok", "tasks": len(engine.rt.bank), "backend": engine.rt.backend,
-                "precision": engine.rt.precision, "prepared": engine.rt.prepared}
+                "backend_reason": engine.rt.backend_reason, "precision": engine.rt.precision,
+                "routing": engine.rt.routing.describe() if engine.rt.backend == "onnxruntime+openvino" else None,
+                "prepared": engine.rt.prepared}
 
     @app.get("/ready", response_model=Health, responses={503: {"model": ErrorResponse}},
              summary="readiness: the engine is loaded and not draining")

@@ -180,10 +180,18 @@ class PreparedEngine(BaseModel):
     ran: bool  # False: built only (no task of the deployment runs that graph yet)
 
 
+class Routing(BaseModel):  # backend onnxruntime+openvino: where batches go (runtime/routing.py)
+    small_positions: int | None  # batches up to this many positions run on ONNX Runtime; None: all of them
+    engines: list[str]  # the engines the split can pick
+    measured: str | None  # when it was measured on this CPU; None: given by hand (or the default)
+
+
 class Health(BaseModel):
     status: str
     tasks: int | None = None
     backend: str | None = None  # what actually runs the graphs (after "auto" chose)
+    backend_reason: str | None = None  # why "auto" chose it
+    routing: Routing | None = None
     precision: str | None = None
     # every engine the routing can pick, built and run once before the server reported ready (runtime/prepare.py)
     prepared: list[PreparedEngine] | None = None

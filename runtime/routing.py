@@ -1,0 +1,152 @@
+"""Where backend "onnxruntime+openvino" hands batches from ONNX Runtime to OpenVINO, measured on this CPU.
+
+The crossover depends on the CPU and on the model: on the Intel machine the two engines tied at 8 x 64 tokens
+(the first fixed threshold, 1,024 positions, came from there); on an AMD Zen 3 ONNX Runtime was still 25 % faster
+at 8 x 64 and OpenVINO ahead only at 32 x 64 (issue 21). So the first open of a deployment with this backend on a
+CPU kind times both engines of the runtime itself on SIZES (the batches the benchmarks use), alternating, and keeps
+the split that costs least; the measurement goes into the manifest under "routing", keyed by the CPU and the thread
+count, and later opens on the same kind of CPU read it. `Runtime(route_positions=N)` sets the split by hand and
+measures nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+
+import numpy as np
+
+log = logging.getLogger("promptmux.runtime")
+
+ROUTING_KEY = "routing"
+SIZES = ((1, 64), (8, 64), (16, 64), (32, 64), (8, 256))  # (rows, tokens) timed on each engine: the benchmarks'
+BLOCK = 2  # timed calls per engine block; two blocks per engine and size, the median of the 4 counts
+MARGIN = 0.05  # OpenVINO takes a size only when it is this much faster there: nearer is within the noise
+ENGINES = ("onnxruntime", "openvino")
+DEFAULT_SMALL_POSITIONS = 1024  # until measured (and where no task can be timed): the Intel machine's tie, 8 x 64 + 12
+
+
+class Routing:
+    """The split shared by a runtime's routed sessions: batches of up to `small_positions` positions (rows x
+    width, virtual tokens included) run on ONNX Runtime (None: every batch), larger ones on OpenVINO. `force`
+    sends every batch to one engine while the split is measured."""
+
+    def __init__(self, small_positions: int | None = DEFAULT_SMALL_POSITIONS, given: bool = False):
+        self.small_positions = small_positions
+        self.given = given  # set by hand: nothing is measured
+        self.measured: str | None = None  # when the split in use was measured on this CPU
+        self.force: str | None = None
+        self.last_positions = 0
+        self.sessions: list = []  # the routed sessions that follow this split
+
+    def describe(self) -> dict:
+        return {"small_positions": self.small_positions, "engines": list(self.picks()), "measured": self.measured}
+
+    def picks(self) -> tuple[str, ...]:
+        """The engines this split can send a batch to."""
+        return (("onnxruntime",) if self.small_positions is None else ("openvino",) if self.small_positions == 0
+                else ENGINES)
+
+    def release_unused(self) -> None:
+        """Drop an engine the split never picks (built while the split was measured): its memory goes back."""
+        for session in self.sessions:
+            for name in set(ENGINES) - set(self.picks()):
+                session.engines[name].release()
+
+    def engine_for(self, rows: int, width: int) -> str:
+        self.last_positions = rows * width
+        if self.force:
+            return self.force
+        small = self.small_positions
+        return "onnxruntime" if small is None or rows * width <= small else "openvino"
+
+
+def split(sizes: list[dict]) -> int | None:
+    """The positions up to which ONNX Runtime should run, from per-size timings ({"positions", "onnxruntime_ms",
+    "openvino_ms"}): the cut whose summed time, each size relative to its faster engine, is least (ties, and
+    OpenVINO ahead by less than MARGIN, keep ONNX Runtime). None: ONNX Runtime at every size."""
+    points = sorted(sizes, key=lambda s: s["positions"])
+
+    def openvino_ms(s):  # within MARGIN of ONNX Runtime counts as a tie
+        ort, ov = s["onnxruntime_ms"], s["openvino_ms"]
+        return ov if ov < (1 - MARGIN) * ort else max(ov, ort)
+
+    def cost(cut):
+        return sum((s["onnxruntime_ms"] if cut is None or s["positions"] <= cut else openvino_ms(s))
+                   / min(s["onnxruntime_ms"], s["openvino_ms"]) for s in points)
+
+    cuts = [None] + [s["positions"] for s in reversed(points[:-1])] + [0]
+    best = min(cuts, key=lambda c: round(cost(c), 6))  # min keeps the first of equals: the most ONNX Runtime
+    return best
+
+
+def key(threads: int | None) -> str:
+    from .cpu import describe
+
+    return f"{describe()}; threads={threads or 'default'}"
+
+
+def measure(rt) -> dict:
+    """Time both engines of `rt` (a runtime on backend onnxruntime+openvino) on SIZES with its first task."""
+    task = rt.tasks[0]
+    virtual = rt.bank.view(task).num_virtual_tokens
+    vocab = rt.dims.vocab_size
+    rng = np.random.default_rng(0)
+    sizes, started = [], time.perf_counter()
+    for rows, tokens in SIZES:
+        if rt.max_positions:
+            tokens = min(tokens, rt.max_positions - virtual)
+        if tokens < 1 or any((s["rows"], s["tokens"]) == (rows, tokens) for s in sizes):
+            continue
+        ids = rng.integers(min(1000, vocab // 2), vocab, size=(rows, tokens))
+        mask = np.ones_like(ids)
+        times = {e: [] for e in ENGINES}
+        # Each engine in blocks, a block's first call untimed: right after the other engine a call pays for that
+        # one's threads still spinning (ONNX Runtime's), which says nothing about the engine itself. ABBA order:
+        # a drift in the machine's speed weighs on both.
+        for engine in (*ENGINES, *ENGINES[::-1]):
+            rt.routing.force = engine
+            untimed = 2 if not sizes and not times[engine] else 1  # at the very first, one more builds the engine
+            for call in range(untimed + BLOCK):
+                t = time.perf_counter()
+                rt.forward(ids, mask, task)
+                if call >= untimed:
+                    times[engine].append(time.perf_counter() - t)
+        sizes.append({"rows": rows, "tokens": tokens, "positions": rt.routing.last_positions,
+                      **{f"{e}_ms": round(1e3 * statistics.median(times[e]), 3) for e in ENGINES}})
+    rt.routing.force = None
+    return {"small_positions": split(sizes), "sizes": sizes, "seconds": round(time.perf_counter() - started, 2),
+            "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def resolve(rt, threads: int | None) -> dict | None:
+    """Set rt.routing from the manifest's record for this CPU, or measure it now and record it. Returns the record
+    (None where the split was given by hand or the deployment has no task to time)."""
+    from promptmux.core.folder import deployment_lock, write_manifest
+
+    if rt.routing.given or not rt.tasks:
+        why = "given" if rt.routing.given else "the default: no task to time"
+        rt.backend_reason += f"; batches of up to {rt.routing.small_positions} positions on ONNX Runtime ({why})"
+        return None
+    cpu = key(threads)
+    record = (rt.manifest.get(ROUTING_KEY) or {}).get(cpu)
+    fresh = record is None
+    if fresh:
+        log.warning("timing ONNX Runtime against OpenVINO once on this CPU to route batches by size ...")
+        record = measure(rt)
+        rt.graph_runs.clear()  # the timing batches are not traffic
+        try:
+            with deployment_lock(rt.dir):
+                write_manifest(rt.dir, lambda m: m.setdefault(ROUTING_KEY, {}).__setitem__(cpu, record))
+        except OSError as e:  # a read-only deployment: the split holds for this process
+            log.warning("could not record the routing in %s: %s", rt.dir, e)
+    small = rt.routing.small_positions = record["small_positions"]
+    rt.routing.measured = record["measured"]
+    rt.routing.release_unused()
+    said = ("ONNX Runtime at every size" if small is None else "OpenVINO at every size" if small == 0 else
+            f"batches of up to {small} positions on ONNX Runtime, larger on OpenVINO")
+    rt.backend_reason += f"; {said}, measured on this CPU {record['measured']}"
+    if fresh:
+        log.warning("routing: %s (measured in %s s)", said, record["seconds"])
+    return record
