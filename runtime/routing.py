@@ -82,9 +82,10 @@ def split(sizes: list[dict]) -> int | None:
 
 
 def key(threads: int | None) -> str:
-    from .cpu import describe
+    """The CPU kind and the threads the engines run with (given, or PROMPTMUX_THREADS, or one per core)."""
+    from .cpu import default_threads, describe
 
-    return f"{describe()}; threads={threads or 'default'}"
+    return f"{describe()}; threads={threads or default_threads() or 'default'}"
 
 
 def measure(rt) -> dict:

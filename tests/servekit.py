@@ -79,6 +79,7 @@ class ServerProcess:
                                      start_new_session=True)
         line = self._first_line(start_timeout)
         self.url = json.loads(line)["serving"]
+        self.grpc = json.loads(line).get("grpc")  # host:port with --grpc-port
         self.pid = self.proc.pid
 
     def _first_line(self, timeout: float) -> str:

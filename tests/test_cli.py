@@ -365,3 +365,10 @@ def test_labels_come_from_the_base_configs_id2label_without_labels_json(setup):
 def test_serve_multiplex_tasks_without_ray_is_a_clear_error(deployed):
     r = promptmux("serve", deployed[0], "--multiplex-tasks", "4", check=False)
     assert r.returncode == 2 and "--multiplex-tasks" in r.stderr and "--ray" in r.stderr
+
+
+def test_serve_grpc_port_with_ray_or_out_of_range_is_a_clear_error(deployed):
+    r = promptmux("serve", deployed[0], "--grpc-port", "0", "--ray", check=False)
+    assert r.returncode == 2 and "--grpc-port serves from one process" in r.stderr
+    r = promptmux("serve", deployed[0], "--grpc-port", "70000", check=False)
+    assert r.returncode == 2 and "--grpc-port takes a port from 0" in r.stderr

@@ -290,7 +290,7 @@ BAD = {
         ("oversized body", "POST", "/v1/classify", b'{"task": "pt", "text": "' + b"a" * (1 << 20) + b'"}', J, 413,
          "body"),
         ("wrong endpoint for the model", "POST", "/v1/completions", {"model": "pt", "prompt": "a"}, J, 400, "model"),
-        ("unknown path", "GET", "/v2/whatever", None, {}, 404, "path"),
+        ("unknown path", "GET", "/v3/whatever", None, {}, 404, "path"),
         ("wrong method", "DELETE", "/v1/classify", None, {}, 405, "method"),
         ("admin without token", "GET", "/v1/tasks", None, {}, 401, "authorization"),
         ("admin wrong token", "POST", "/v1/tasks", {"name": "x", "adapter": "pt"},

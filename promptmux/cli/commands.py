@@ -159,9 +159,20 @@ def cmd_serve(args) -> int:
                            served_model_name=args.served_model_name,
                            max_inflight=args.max_inflight, max_queue_wait=args.max_queue_wait,
                            header_timeout=args.header_timeout, body_timeout=args.body_timeout,
-                           max_header_bytes=args.max_header_bytes, docs=args.docs)
+                           max_header_bytes=args.max_header_bytes, docs=args.docs, grpc_port=args.grpc_port)
     if not (Path(args.deploy) / "manifest.json").is_file():
         raise CliError(f"{args.deploy} is not a promptmux deployment (no manifest.json); run promptmux export")
+    if args.grpc_port is not None:
+        if args.ray:
+            raise CliError("--grpc-port serves from one process; with --ray, use KServe v2 over HTTP (/v2/...)")
+        if not 0 <= args.grpc_port <= 65535:
+            raise CliError(f"--grpc-port takes a port from 0 (any free one) to 65535, got {args.grpc_port}")
+        from promptmux.runtime.server.kserve_grpc import stubs
+
+        try:
+            stubs()
+        except RuntimeError as e:
+            raise CliError(str(e)) from None
     if args.multiplex_tasks and not args.ray:
         raise CliError("--multiplex-tasks routes between Ray Serve replicas: add --ray (and --replicas N)")
     if args.ray:

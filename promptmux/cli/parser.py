@@ -183,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_options(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     sv.add_argument("--port", type=int, default=8000, help="0: any free port (printed on stdout)")
+    sv.add_argument("--grpc-port", type=int, help="also serve KServe v2 over gRPC on this port (0: any free port, "
+                                                  "printed on stdout); needs pip install 'promptmux[grpc]'")
     sv.add_argument("--max-batch", type=int, default=32,
                     help="texts per classification batch; rows in the running generation batch")
     sv.add_argument("--max-wait-ms", type=float, default=5.0,

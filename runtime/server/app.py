@@ -19,6 +19,7 @@ from .admin import add_admin_routes, follow_tasks, sync_tasks
 from .engine import Engine, engine_of, task_page
 from .errors import add_error_handlers
 from .inference import add_model_routes
+from .kserve_http import add_kserve_routes
 from .metrics import Metrics
 from .middleware import BodyLimit, MetricsMiddleware
 from .options import ServeOptions
@@ -41,6 +42,12 @@ def create_app(deploy_dir: str | Path, options: ServeOptions | None = None, task
         except Exception as e:  # the reason in one line, before the server's own traceback and exit
             log.error("promptmux: error: cannot load %s: %s", deploy_dir, e)
             raise
+        grpc_server = None
+        if options.grpc_port is not None:  # KServe v2 over gRPC: this loop, this engine (kserve_grpc.py)
+            from .kserve_grpc import start
+
+            grpc_server, app.state.grpc_port = await start(app, metrics, options.grpc_host, options.grpc_port,
+                                                           options.max_body_bytes)
         follower = None
         if task_log is not None:
             await sync_tasks(engine, task_log)  # a new replica starts with the changes made so far
@@ -51,6 +58,8 @@ def create_app(deploy_dir: str | Path, options: ServeOptions | None = None, task
             app.state.draining = True
             if follower is not None:
                 follower.cancel()
+            if grpc_server is not None:  # calls in flight get the drain time, new ones are refused
+                await grpc_server.stop(options.drain_timeout)
             engine.stop()
 
     docs = {} if options.docs else {"docs_url": None, "redoc_url": None}
@@ -58,12 +67,14 @@ def create_app(deploy_dir: str | Path, options: ServeOptions | None = None, task
                   description="Every task of a promptmux deployment behind one endpoint: mixed-task batching for "
                               "classification, continuous batching for generation.")
     app.state.engine = None
+    app.state.grpc_port = None
     app.state.draining = False
     app.state.options = options
     app.state.metrics = metrics
     add_error_handlers(app)
     _add_probes(app, metrics)
     add_model_routes(app, options, metrics)
+    add_kserve_routes(app, options, metrics)
     add_admin_routes(app, options, task_log)
     app.add_middleware(BodyLimit, limit=options.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

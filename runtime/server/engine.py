@@ -11,7 +11,7 @@ from fastapi import Request
 
 from promptmux.core.bank import UnknownTaskError
 
-from ..scheduler import ClassifyJob, Overloaded, Scheduler
+from ..scheduler import ClassifyJob, JobTimeout, Overloaded, Scheduler
 from ..text import load_tokenizer, too_long
 from .errors import ApiError, overloaded, timed_out
 from .metrics import Metrics
@@ -124,6 +124,21 @@ class Engine:
         except Overloaded as e:
             raise overloaded(f"{e}; retry later") from None
 
+    async def classify(self, ids: list[list[int]], types, view, wait) -> list[dict]:
+        """Admit, queue and await one classification request of any protocol: one label_scores dict per row.
+        wait(future, cancel): awaits the job's future (cancel() drops its work: client gone, deadline)."""
+        loop = asyncio.get_running_loop()
+        job = ClassifyJob(ids=ids, types=types, view=view, deadline=time.monotonic() + self.options.request_timeout,
+                          loop=loop, future=loop.create_future())
+        release = self.admit("classify")
+        try:
+            self.submit(job)
+            return await wait(job.future, lambda: self.cancel(job))
+        except JobTimeout as e:
+            raise ApiError(504, "timeout", None, str(e)) from None
+        finally:
+            release()
+
     def cancel(self, job) -> None:
         """Drop a job's work (its rows leave the batch at the worker's next step)."""
         if not job.cancelled:
@@ -144,7 +159,11 @@ def task_page(bank, page) -> tuple[list[str], bool]:
 
 def engine_of(request: Request) -> Engine:
     """The app's engine, or 503 while it loads or drains."""
-    app = request.app
+    return engine_ready(request.app)
+
+
+def engine_ready(app) -> Engine:
+    """The app's engine, or 503 while it loads or drains (any protocol)."""
     engine = getattr(app.state, "engine", None)
     if engine is None or app.state.draining or not engine.scheduler.alive:
         raise overloaded("the server is starting or shutting down")

@@ -37,6 +37,9 @@ def error_response(request_or_scope, status: int, type_: str, field: str | None,
                    headers: dict | None = None) -> JSONResponse:
     scope = request_or_scope.scope if isinstance(request_or_scope, Request) else request_or_scope
     scope.setdefault("state", {})["error_type"] = type_  # read by the metrics middleware
+    if scope.get("path", "").startswith("/v2"):  # KServe v2's error body: {"error": "FIELD: message"}
+        text = message if field is None or message.startswith(field) else f"{field}: {message}"
+        return _AsciiJSON({"error": text}, status, headers=headers)
     return _AsciiJSON({"error": {"type": type_, "field": field, "message": message}}, status, headers=headers)
 
 

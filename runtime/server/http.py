@@ -120,6 +120,8 @@ def serve(deploy_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, opt
     """Run the server until SIGTERM / SIGINT, which drain: no new connections, in-flight requests finish (up
     to options.drain_timeout), then the worker stops."""
     options = options or ServeOptions()
+    if options.grpc_port is not None:
+        options.grpc_host = host
     app = create_app(deploy_dir, options)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -134,7 +136,9 @@ def serve(deploy_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, opt
         async def startup(self, sockets=None):
             await super().startup(sockets=sockets)
             if self.started:
-                print(json.dumps({"serving": f"http://{host}:{bound}", "pid": os.getpid()}), flush=True)
+                grpc = app.state.grpc_port
+                print(json.dumps({"serving": f"http://{host}:{bound}", "pid": os.getpid(),
+                                  **({"grpc": f"{host}:{grpc}"} if grpc is not None else {})}), flush=True)
 
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=options.drain_timeout,
                             access_log=False, timeout_keep_alive=5,

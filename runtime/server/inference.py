@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from ..generate import SamplingParams
-from ..scheduler import ClassifyJob, GenerateJob, JobTimeout
+from ..scheduler import GenerateJob
 from .engine import ClientGone, await_job, engine_of
 from .errors import ERRORS, ApiError
 from .metrics import Metrics
@@ -58,6 +58,25 @@ def inline_view(engine, body, options: ServeOptions):
     return inline_task(engine.served_name, body.prompt_embeds, engine.rt.dims.hidden_size, engine.max_positions)
 
 
+def completion_job(engine, body: CompletionRequest, options: ServeOptions) -> tuple[GenerateJob, list[list[int]]]:
+    """A completion request checked, encoded and made a job (not yet admitted or queued), and its token ids."""
+    if engine.family == "encoder":
+        raise ApiError(400, "invalid_request", "model", "this deployment classifies: use /v1/classify")
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not prompts or len(prompts) > MAX_PROMPTS:
+        raise ApiError(400, "invalid_request", "prompt", f"give 1 to {MAX_PROMPTS} prompts")
+    params = sampling_params(body)
+    if engine.max_positions and body.max_tokens > engine.max_positions:
+        raise ApiError(400, "invalid_request", "max_tokens",
+                       f"max_tokens={body.max_tokens} exceeds the model's {engine.max_positions} positions")
+    view = inline_view(engine, body, options)
+    room = 0 if engine.family == "seq2seq" else body.max_tokens  # a seq2seq prompt goes to the encoder
+    ids, _ = engine.encode(prompts, view, "prompt", isinstance(body.prompt, str), room)
+    job = GenerateJob(prompts=ids, view=view, params=params, tokenizer=engine.rt.tokenizer,
+                      deadline=time.monotonic() + options.request_timeout, loop=asyncio.get_running_loop())
+    return job, ids
+
+
 def add_model_routes(app: FastAPI, options: ServeOptions, metrics: Metrics) -> None:
     @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS,
               summary="classify text(s) with one task; requests of all tasks share batches")
@@ -72,19 +91,11 @@ def add_model_routes(app: FastAPI, options: ServeOptions, metrics: Metrics) -> N
         single = body.text is not None
         ids, types = engine.encode([body.text] if single else body.texts, view, "text" if single else "texts",
                                    single)
-        loop = asyncio.get_running_loop()
-        job = ClassifyJob(ids=ids, types=types, view=view,
-                          deadline=time.monotonic() + options.request_timeout, loop=loop, future=loop.create_future())
-        release = engine.admit("classify")
         try:
-            engine.submit(job)
-            results = await await_job(request, job.future, lambda: engine.cancel(job), options.request_timeout)
+            results = await engine.classify(ids, types, view, lambda future, cancel: await_job(
+                request, future, cancel, options.request_timeout))
         except ClientGone:
             return Response(status_code=499)
-        except JobTimeout as e:
-            raise ApiError(504, "timeout", None, str(e)) from None
-        finally:
-            release()
         return {"task": body.task, "labels": view.labels, "results": results}
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses={
@@ -93,22 +104,8 @@ def add_model_routes(app: FastAPI, options: ServeOptions, metrics: Metrics) -> N
               summary="OpenAI-compatible completions; model = task; continuous batching across tasks")
     async def completions(body: CompletionRequest, request: Request):
         engine = engine_of(request)
-        if engine.family == "encoder":
-            raise ApiError(400, "invalid_request", "model", "this deployment classifies: use /v1/classify")
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts or len(prompts) > MAX_PROMPTS:
-            raise ApiError(400, "invalid_request", "prompt", f"give 1 to {MAX_PROMPTS} prompts")
-        params = sampling_params(body)
-        if engine.max_positions and body.max_tokens > engine.max_positions:
-            raise ApiError(400, "invalid_request", "max_tokens",
-                           f"max_tokens={body.max_tokens} exceeds the model's {engine.max_positions} positions")
-        view = inline_view(engine, body, options)
         request.state.task = body.model
-        room = 0 if engine.family == "seq2seq" else body.max_tokens  # a seq2seq prompt goes to the encoder
-        ids, _ = engine.encode(prompts, view, "prompt", isinstance(body.prompt, str), room)
-        loop = asyncio.get_running_loop()
-        job = GenerateJob(prompts=ids, view=view, params=params, tokenizer=engine.rt.tokenizer,
-                          deadline=time.monotonic() + options.request_timeout, loop=loop)
+        job, ids = completion_job(engine, body, options)
         release = engine.admit("generate")
         streaming = False
         try:

@@ -37,4 +37,6 @@ class ServeOptions:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     max_header_bytes: int = 64 * 1024
+    grpc_port: int | None = None  # KServe v2 over gRPC on this port too (0: any free port); None: off
+    grpc_host: str = "127.0.0.1"
     docs: bool = False  # /docs and /redoc: Swagger UI / ReDoc load their scripts from a public CDN, so off by default

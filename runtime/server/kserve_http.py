@@ -1,0 +1,150 @@
+"""KServe v2 over HTTP: health, metadata, infer (JSON and Triton's binary tensors) and Triton's generate extension,
+on the app's engine and scheduler (kserve.py says what a model takes and gives)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from .engine import ClientGone, await_job, engine_of
+from .errors import ApiError
+from .inference import completion_job
+from .kserve import OUTPUT_TYPES, check_version, infer, model_metadata, requested_outputs, server_metadata
+from .kserve_tensors import HEADER, bad, parse_request, response_body
+from .metrics import Metrics
+from .options import ServeOptions
+from .schemas import CompletionRequest
+from .streaming import CancelOnClose, collect, job_events
+
+GENERATE_PARAMETERS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+
+
+def add_kserve_routes(app: FastAPI, options: ServeOptions, metrics: Metrics) -> None:
+    @app.get("/v2", summary="KServe v2: server metadata")
+    async def v2_server():
+        return server_metadata()
+
+    @app.get("/v2/health/live", summary="KServe v2: liveness")
+    async def v2_live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready", summary="KServe v2: readiness (the engine loaded, not draining)")
+    async def v2_ready(request: Request):
+        engine_of(request)
+        return {"ready": True}
+
+    @app.get("/v2/models/{task:path}/versions/{version}/ready", summary="KServe v2: a task's readiness")
+    @app.get("/v2/models/{task:path}/ready", summary="KServe v2: a task's readiness")
+    async def v2_model_ready(task: str, request: Request, version: str | None = None):
+        check_version(version)
+        engine_of(request).capture(task, "model_name")  # 404 if unknown: a task added at run time is ready at once
+        return {"name": task, "ready": True}
+
+    @app.post("/v2/models/{task:path}/versions/{version}/infer", summary="KServe v2: classify")
+    @app.post("/v2/models/{task:path}/infer", summary="KServe v2: classify (JSON or binary tensors)")
+    async def v2_infer(task: str, request: Request, version: str | None = None):
+        check_version(version)
+        engine = engine_of(request)
+        request.state.task = task
+        head, arrays = parse_request(await request.body(), request.headers.get(HEADER))
+        wanted = requested_outputs(head)
+        try:
+            out = await infer(engine, task, arrays, [n for n, _ in wanted], lambda future, cancel: await_job(
+                request, future, cancel, options.request_timeout))
+        except ClientGone:
+            return Response(status_code=499)
+        reply = {"model_name": task, "model_version": "1", **({"id": head["id"]} if "id" in head else {})}
+        body, headers = response_body(reply, [(n, OUTPUT_TYPES[n], out[n], binary) for n, binary in wanted])
+        return Response(body, headers=headers)
+
+    @app.post("/v2/models/{task:path}/generate", summary="Triton's generate extension: one completion")
+    async def v2_generate(task: str, request: Request):
+        engine = engine_of(request)
+        request.state.task = task
+        job, _ = completion_job(engine, _completion(task, await request.body()), options)
+        release = engine.admit("generate")
+        try:
+            engine.submit(job)
+            rows = await await_job(request, asyncio.ensure_future(collect(job, options.request_timeout)),
+                                   lambda: engine.cancel(job), options.request_timeout + 1)
+        except ClientGone:
+            return Response(status_code=499)
+        except ApiError:
+            engine.cancel(job)
+            raise
+        finally:
+            release()
+        metrics.count_tokens(task, rows[0]["tokens"])
+        return JSONResponse({"model_name": task, "model_version": "1", "text_output": rows[0]["text"]})
+
+    @app.post("/v2/models/{task:path}/generate_stream", summary="Triton's generate extension: server-sent events, "
+                                                                "one per token")
+    async def v2_generate_stream(task: str, request: Request):
+        engine = engine_of(request)
+        request.state.task = task
+        job, _ = completion_job(engine, _completion(task, await request.body()), options)
+        release = engine.admit("generate")
+        try:
+            engine.submit(job)
+        except BaseException:
+            release()
+            raise
+
+        def on_close():
+            engine.cancel(job)
+            release()
+        return CancelOnClose(_events(job, task, options.request_timeout, metrics), on_close=on_close,
+                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/v2/models/{task:path}/versions/{version}", summary="KServe v2: a task's metadata")
+    @app.get("/v2/models/{task:path}", summary="KServe v2: a task's metadata (inputs, outputs)")
+    async def v2_model(task: str, request: Request, version: str | None = None):
+        check_version(version)
+        return model_metadata(engine_of(request), task)
+
+
+def _completion(task: str, raw: bytes) -> CompletionRequest:
+    """The generate request {"text_input", "parameters": {...}} as the completion request it is."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, "invalid_json", "body", f"body: malformed JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise bad("body", "the body must be a JSON object")
+    unknown = set(body) - {"text_input", "parameters", "id"}
+    if unknown:
+        raise bad(min(unknown), "unknown field; give text_input and parameters")
+    text = body.get("text_input")
+    if not isinstance(text, str):
+        raise bad("text_input", "give the prompt as a string")
+    params = body.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise bad("parameters", "give the parameters as an object")
+    for name in params:
+        if name not in GENERATE_PARAMETERS:
+            raise bad(f"parameters.{name}", f"unknown parameter; one of {', '.join(GENERATE_PARAMETERS)}")
+    try:
+        return CompletionRequest.model_validate({"model": task, "prompt": text, **params})
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ()))
+        field = "text_input" if where.startswith("prompt") else f"parameters.{where}"
+        raise bad(field, err.get("msg", "invalid value")) from None
+
+
+async def _events(job, task: str, timeout: float, metrics: Metrics):
+    """Server-sent events: one per token, {"model_name", "model_version", "text_output": the token's text}."""
+    tokens = 0
+    try:
+        async for event in job_events(job, timeout):
+            if event[0] == "token":
+                tokens += event[3] is not None
+                yield "data: " + json.dumps({"model_name": task, "model_version": "1", "text_output": event[2]}) + "\n\n"
+    except ApiError as e:  # the response has started: the error goes in the stream
+        yield "data: " + json.dumps({"error": e.message}) + "\n\n"
+    finally:
+        metrics.count_tokens(task, tokens)
