@@ -69,7 +69,8 @@ class Runtime:
                  bank_cache_mb: float | None = None, kv_cache_mb: float | None = None,
                  route_positions: int | None = None):
         from .precision import choose_backend, fp32_layers
-        from .routing import Routing, resolve
+        from .routing import Routing
+        from .routing import resolve as measured_routing
 
         self.dir = Path(deploy_dir)
         if backend not in BACKENDS:
@@ -80,9 +81,9 @@ class Runtime:
         self.dims = dims_of(self.config)
         self.fast = None
         if precision == "fast":
-            from .fast import resolve
+            from .fast import resolve as fastest_precision
 
-            precision, self.fast = resolve(self.dir, self.manifest, threads, calibration)
+            precision, self.fast = fastest_precision(self.dir, self.manifest, threads, calibration)
             self.manifest = read_manifest(self.dir)  # with the contracts and the choice just recorded
             calibration = None  # the chosen precision's contract was measured on it (and the deployment keeps it)
         self.backend, self.backend_reason = choose_backend(backend, precision, self.spec.family)
@@ -105,7 +106,6 @@ class Runtime:
             log.warning("task %r changed since it was folded; serving it from the main graph", folded["task"])
             folded = None
         self.folded_task = folded["task"] if folded else None
-
         self._threads = threads
         self.routing = Routing(route_positions, given=True) if route_positions is not None else Routing()
         if backend == "tensorrt":
@@ -140,7 +140,7 @@ class Runtime:
         self._generator = None
         self.prepared: list[dict] = []  # what prepare() built, if it ran
         self.contract = None  # a non-exact precision's measured agreement with fp32 (manifest "precision")
-        self.routing_record = resolve(self, threads) if backend == "onnxruntime+openvino" else None
+        self.routing_record = measured_routing(self, threads) if backend == "onnxruntime+openvino" else None
         if precision != "fp32":
             from .precision import contract
 

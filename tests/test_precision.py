@@ -320,8 +320,8 @@ def test_routing_split_is_measured_once_per_cpu_and_kept_in_the_manifest(deploym
 
     deploy = shutil.copytree(deployment.deploy, tmp_path / "deploy")
     rt = Runtime(deploy, threads=1)
-    first = routing.key(1)
-    record = read_manifest(deploy)["routing"][first]
+    keys = set(read_manifest(deploy)["routing"])  # this CPU's (and any the shared deployment had before)
+    record = read_manifest(deploy)["routing"][routing.key(1)]
     task = rt.tasks[0]
     virtual = rt.bank.view(task).num_virtual_tokens
     tokens = [min(t, rt.max_positions - virtual) for _, t in routing.SIZES]
@@ -346,7 +346,7 @@ def test_routing_split_is_measured_once_per_cpu_and_kept_in_the_manifest(deploym
     monkeypatch.setattr(routing, "key", lambda threads: "another CPU")
     monkeypatch.setattr(routing, "measure", lambda _rt: {**record, "small_positions": 7})
     assert Runtime(deploy, threads=1).routing.small_positions == 7
-    assert set(read_manifest(deploy)["routing"]) == {first, "another CPU"}
+    assert set(read_manifest(deploy)["routing"]) == keys | {"another CPU"}
 
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
@@ -569,3 +569,9 @@ def test_fast_runs_the_fastest_precision_that_meets_its_contract_and_records_it_
         "bf16" if other.fast["candidates"]["bf16"].get("contract_passed") else "fp32")
     assert other.precision == other.fast["precision"] == want
     assert set(json.loads((deploy / "manifest.json").read_text())["fast"]) == {here, "Another CPU: avx2=yes"}
+    # where no candidate beats fp32, fp32 runs on the exact backend auto picks (routed between engines)
+    monkeypatch.setattr(cpu, "describe", lambda: "A third CPU: avx2=yes")
+    monkeypatch.setattr(fast, "_timed", lambda rts: {p: {"fp32": 1.0, "int8": 2.0, "bf16": 2.0}[p] for p in rts})
+    third = Runtime(deploy, precision="fast")
+    assert third.precision == "fp32" and "no non-exact precision" in third.fast["reason"]
+    assert third.backend == "onnxruntime+openvino" and third.routing_record is not None

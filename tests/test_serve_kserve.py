@@ -135,6 +135,24 @@ def test_bad_requests_fail_cleanly_naming_what_is_wrong_and_the_server_goes_on(s
     unknown.set_data_from_numpy(np.array([b"x"], dtype=np.object_))
     fails("pt", [unknown], code(400), "inputs['image']")
     assert client.infer("pt", [_text_input(module, TEXTS[:1])]).as_numpy("label_id").shape == (1,)
+    assert "no-such-task" not in httpx.get(server.url + "/metrics").text  # no label value from a client's name
+
+
+def test_grpc_typed_contents_are_read_like_raw_ones(server):
+    """A client that sends typed contents (not tritonclient's raw_input_contents) gets the same answer."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as rpc
+
+    tensor = pb.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[2],
+                                                   contents=pb.InferTensorContents(bytes_contents=[b"new phones",
+                                                                                                   b"flat jokes"]))
+    with grpc.insecure_channel(server.grpc) as channel:
+        reply = rpc.GRPCInferenceServiceStub(channel).ModelInfer(pb.ModelInferRequest(
+            model_name="pt", inputs=[tensor], outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="label_id")]))
+    assert [o.name for o in reply.outputs] == ["label_id"] and list(reply.outputs[0].shape) == [2]
+    got = np.frombuffer(reply.raw_output_contents[0], "<i8").tolist()
+    assert got == [r["label_id"] for r in _v1(server, "pt", ["new phones", "flat jokes"])]
 
 
 LOAD = int(os.environ.get("PROMPTMUX_TEST_V2_LOAD", "1000"))  # the issue's size (about 5 s on 2 cores)

@@ -104,8 +104,8 @@ def add_model_routes(app: FastAPI, options: ServeOptions, metrics: Metrics) -> N
               summary="OpenAI-compatible completions; model = task; continuous batching across tasks")
     async def completions(body: CompletionRequest, request: Request):
         engine = engine_of(request)
-        request.state.task = body.model
         job, ids = completion_job(engine, body, options)
+        request.state.task = body.model
         release = engine.admit("generate")
         streaming = False
         try:

@@ -26,6 +26,11 @@ OUTPUT_TYPES = {"scores": "FP32", "label_id": "INT64", "label": "BYTES"}
 ID_TYPES = (np.int64, np.int32)
 
 
+def metric_task(engine, task: str) -> str:
+    """The task as a metrics label: only a task the bank holds (a client cannot create label values)."""
+    return task if task in engine.rt.bank else ""
+
+
 def server_metadata() -> dict:
     from promptmux import __version__
 

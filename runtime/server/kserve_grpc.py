@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from .errors import ApiError
-from .kserve import OUTPUT_TYPES, check_version, infer, model_metadata, server_metadata
+from .kserve import OUTPUT_TYPES, check_version, infer, metric_task, model_metadata, server_metadata
 from .kserve_tensors import DTYPES, bad, decode_bytes, encode_bytes
 
 log = logging.getLogger("promptmux.serve")
@@ -119,7 +119,8 @@ def servicer(app, metrics):
             log.exception("error serving gRPC %s", name)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
         finally:
-            metrics.record(f"grpc:{name}", task, status, time.perf_counter() - start, error)
+            label = metric_task(app.state.engine, task) if app.state.engine is not None else ""
+            metrics.record(f"grpc:{name}", label, status, time.perf_counter() - start, error)
 
     class Servicer(rpc.GRPCInferenceServiceServicer):
         async def ServerLive(self, request, context):

@@ -13,7 +13,15 @@ from pydantic import ValidationError
 from .engine import ClientGone, await_job, engine_of
 from .errors import ApiError
 from .inference import completion_job
-from .kserve import OUTPUT_TYPES, check_version, infer, model_metadata, requested_outputs, server_metadata
+from .kserve import (
+    OUTPUT_TYPES,
+    check_version,
+    infer,
+    metric_task,
+    model_metadata,
+    requested_outputs,
+    server_metadata,
+)
 from .kserve_tensors import HEADER, bad, parse_request, response_body
 from .metrics import Metrics
 from .options import ServeOptions
@@ -49,7 +57,7 @@ def add_kserve_routes(app: FastAPI, options: ServeOptions, metrics: Metrics) -> 
     async def v2_infer(task: str, request: Request, version: str | None = None):
         check_version(version)
         engine = engine_of(request)
-        request.state.task = task
+        request.state.task = metric_task(engine, task)
         head, arrays = parse_request(await request.body(), request.headers.get(HEADER))
         wanted = requested_outputs(head)
         try:
@@ -64,7 +72,7 @@ def add_kserve_routes(app: FastAPI, options: ServeOptions, metrics: Metrics) -> 
     @app.post("/v2/models/{task:path}/generate", summary="Triton's generate extension: one completion")
     async def v2_generate(task: str, request: Request):
         engine = engine_of(request)
-        request.state.task = task
+        request.state.task = metric_task(engine, task)
         job, _ = completion_job(engine, _completion(task, await request.body()), options)
         release = engine.admit("generate")
         try:
@@ -85,7 +93,7 @@ def add_kserve_routes(app: FastAPI, options: ServeOptions, metrics: Metrics) -> 
                                                                 "one per token")
     async def v2_generate_stream(task: str, request: Request):
         engine = engine_of(request)
-        request.state.task = task
+        request.state.task = metric_task(engine, task)
         job, _ = completion_job(engine, _completion(task, await request.body()), options)
         release = engine.admit("generate")
         try:
