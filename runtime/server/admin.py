@@ -146,25 +146,35 @@ def apply_change(engine: Engine, op: dict) -> list[str]:
         raise ApiError(400, "invalid_request", "adapter", private(e)) from None
 
 
+_PENDING = object()
+
+
 async def change_tasks(engine: Engine, task_log, op: dict) -> list[str]:
     """Apply op here, or with a task log append it and apply the log up to it (as every replica will)."""
     if task_log is None:
         return await asyncio.to_thread(apply_change, engine, op)
-    # Replicas apply every change in the log's order, this one included: they all end with the same bank.
+    # Replicas apply every change in the log's order, this one included: they all end with the same bank. The
+    # change may be applied by this request or by the replica's follower (follow_tasks) in between: either way its
+    # outcome lands in engine.waiting.
     op = dict(op, id=uuid.uuid4().hex)
-    await task_log.append(op)
-    for _ in range(100):
-        outcome = await sync_tasks(engine, task_log, op["id"])
-        if outcome is not None:
-            if isinstance(outcome, ApiError):
-                raise outcome
-            return outcome
+    engine.waiting[op["id"]] = _PENDING
+    try:
+        await task_log.append(op)
+        for _ in range(100):
+            await sync_tasks(engine, task_log)
+            outcome = engine.waiting[op["id"]]
+            if outcome is not _PENDING:
+                if isinstance(outcome, ApiError):
+                    raise outcome
+                return outcome
+    finally:
+        engine.waiting.pop(op["id"], None)
     raise overloaded("the task change was logged but not applied yet")
 
 
-async def sync_tasks(engine: Engine, task_log, wanted: str | None = None):
-    """Apply the log's changes this engine has not applied yet; returns the outcome of the change `wanted`."""
-    outcome = None
+async def sync_tasks(engine: Engine, task_log) -> None:
+    """Apply the log's changes this engine has not applied yet; a change a request of this replica waits for
+    gets its outcome in engine.waiting."""
     async with engine.sync_lock:
         for op in await task_log.since(engine.applied):
             try:
@@ -172,9 +182,8 @@ async def sync_tasks(engine: Engine, task_log, wanted: str | None = None):
             except ApiError as e:  # the replica that took the request reports it; the others skip the change
                 result = e
             engine.applied += 1
-            if op.get("id") == wanted:
-                outcome = result
-    return outcome
+            if op.get("id") in engine.waiting:
+                engine.waiting[op["id"]] = result
 
 
 async def follow_tasks(engine: Engine, task_log, period: float = 1.0) -> None:

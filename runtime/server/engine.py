@@ -52,6 +52,7 @@ class Engine:
         # any time goes into tokenizing them.
         self.max_chars = 32 * (self.max_positions or 4096)
         self.applied = 0  # changes of a shared task log applied (admin.sync_tasks)
+        self.waiting: dict = {}  # task-log change id -> its outcome, for the requests of this replica that made them
         self.inflight = 0  # model requests admitted and not answered yet (loop thread only)
         self.sync_lock = asyncio.Lock()
         self.scheduler = Scheduler(self.rt, options.max_batch, options.max_wait_ms, options.max_queue, metrics)
