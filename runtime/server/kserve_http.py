@@ -69,14 +69,23 @@ def add_kserve_routes(app: FastAPI, options: ServeOptions, metrics: Metrics) -> 
         body, headers = response_body(reply, [(n, OUTPUT_TYPES[n], out[n], binary) for n, binary in wanted])
         return Response(body, headers=headers)
 
-    @app.post("/v2/models/{task:path}/generate", summary="Triton's generate extension: one completion")
-    async def v2_generate(task: str, request: Request):
+    async def queued_generation(task: str, request: Request):
+        """A generate request checked, admitted and queued: (engine, job, release)."""
         engine = engine_of(request)
         request.state.task = metric_task(engine, task)
         job, _ = completion_job(engine, _completion(task, await request.body()), options)
         release = engine.admit("generate")
         try:
             engine.submit(job)
+        except BaseException:
+            release()
+            raise
+        return engine, job, release
+
+    @app.post("/v2/models/{task:path}/generate", summary="Triton's generate extension: one completion")
+    async def v2_generate(task: str, request: Request):
+        engine, job, release = await queued_generation(task, request)
+        try:
             rows = await await_job(request, asyncio.ensure_future(collect(job, options.request_timeout)),
                                    lambda: engine.cancel(job), options.request_timeout + 1)
         except ClientGone:
@@ -92,15 +101,7 @@ def add_kserve_routes(app: FastAPI, options: ServeOptions, metrics: Metrics) -> 
     @app.post("/v2/models/{task:path}/generate_stream", summary="Triton's generate extension: server-sent events, "
                                                                 "one per token")
     async def v2_generate_stream(task: str, request: Request):
-        engine = engine_of(request)
-        request.state.task = metric_task(engine, task)
-        job, _ = completion_job(engine, _completion(task, await request.body()), options)
-        release = engine.admit("generate")
-        try:
-            engine.submit(job)
-        except BaseException:
-            release()
-            raise
+        engine, job, release = await queued_generation(task, request)
 
         def on_close():
             engine.cancel(job)
