@@ -324,13 +324,42 @@ class Fixture:
 # of most tests, so each deployment the tests share is built once per run, not once per worker: the first worker
 # to need it builds it under a file lock while any other waits, then all of them read the same files. Tests must
 # therefore never change a shared deployment (copy it first), as another process may be reading it.
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (--dist loadgroup)
+@pytest.hookimpl(wrapper=True, tryfirst=True)  # around pytest-xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
     """A module's tests on one worker, unless a test names its own group (test_families.py: one per family): a
-    module's own fixtures (servers, module-scoped builds) are then started once."""
+    module's own fixtures (servers, module-scoped builds) are then started once. Once every other hook has ordered
+    the items (pytest orders them by their shared fixtures), the groups are put longest first (GROUP_SECONDS)."""
     for item in items:
         if not any(item.iter_markers("xdist_group")):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    result = yield
+    items.sort(key=lambda item: -_seconds(_group(item)))  # stable: a group's own order is kept
+    return result
+
+
+def _group(item) -> str:
+    return next(item.iter_markers("xdist_group")).args[0]
+
+
+def _seconds(group: str) -> float:
+    return GROUP_SECONDS.get(group, FAMILY_SECONDS if group.startswith("family-") else 0)
+
+
+# Seconds each slow group took (setup + call, summed from `--durations=0` on a 2-core AMD EPYC, 2026-12-03). Only the
+# order matters: pytest-xdist hands the groups out in collection order (with its reordering by test count turned
+# off below), and a long group handed out last keeps one worker busy while the other has finished (SmolLM2's
+# 270 s, 12th of 48 by test count, made the suite's last four minutes run on one core). The families (one group
+# each) come next; the shortest groups fill in the end.
+GROUP_SECONDS = {"test_smollm2_demo": 268, "test_bench": 175, "test_serve": 130, "test_generate": 127,
+                 "test_folding_and_bank": 117, "test_serve_ray": 73, "test_hardening": 69, "test_demo": 61,
+                 "test_serve_fuzz": 58, "test_cli": 57, "test_precision": 56, "test_tensorrt": 50,
+                 "test_library": 40, "test_fidelity": 36}
+FAMILY_SECONDS = 19
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist >= 3.6 sorts groups by test count by default
+        config.option.loadscopereorder = False
 
 
 def pytest_xdist_auto_num_workers(config):
