@@ -348,7 +348,7 @@ def _seconds(group: str) -> float:
 # Seconds each slow group took (setup + call, summed from `--durations=0` on a 2-core AMD EPYC, 2026-12-03). Only the
 # order matters: pytest-xdist hands the groups out in collection order (with its reordering by test count turned
 # off below), and a long group handed out last keeps one worker busy while the other has finished (SmolLM2's
-# 270 s, 12th of 48 by test count, made the suite's last four minutes run on one core). The families (one group
+# 270 s in 2 tests, among the last by test count, left the suite's end on one core). The families (one group
 # each) come next; the shortest groups fill in the end.
 GROUP_SECONDS = {"test_smollm2_demo": 268, "test_bench": 175, "test_serve": 130, "test_generate": 127,
                  "test_folding_and_bank": 117, "test_serve_ray": 73, "test_hardening": 69, "test_demo": 61,
