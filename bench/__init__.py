@@ -15,5 +15,5 @@ prompt_kinds.py holds everything here that depends on a task's prompt kind. mode
 benchmark models, adapters and deployments (generation.py, deployments.py). Other entry points:
 `python -m promptmux.bench.generation`, `.serve_load`, `.deployments`, `.report`, `.many_tasks` (a million
 classification tasks; `promptmux bench --many-tasks`) and `.many_tasks_generation` (100,000 SmolLM2 tasks). One-off studies are not
-here: they live in the checkout's top-level studies/ folder. Recorded results: bench/results/.
+here: they live in the checkout's top-level studies/ folder. Recorded results: results/.
 """

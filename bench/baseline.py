@@ -17,6 +17,14 @@ import numpy as np
 from .prompt_kinds import peft_adapter_of, peft_virtual_positions
 
 
+def generate_pad_id(config) -> int:
+    """The pad_token_id PEFT's generate() is given (it fills a finished row with it): the model's pad token, else
+    its end-of-sequence token, as transformers does. Graph inputs use core/archs.pad_id instead."""
+    if config.pad_token_id is not None:
+        return config.pad_token_id
+    return config.eos_token_id if isinstance(config.eos_token_id, int) else 0
+
+
 class PromptmuxSystem:
     """One promptmux Runtime (any backend): batches are formed in arrival order, tasks mixed within a batch."""
 
@@ -113,8 +121,7 @@ class PeftSystem:
             for name in names:
                 self.models[name] = model
         cfg = rt.config
-        self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (
-            cfg.eos_token_id if isinstance(cfg.eos_token_id, int) else 0)
+        self.pad_id = generate_pad_id(cfg)
 
     def prepare(self, new_tokens: int) -> None:
         pass

@@ -1,7 +1,7 @@
 """Generation benchmark (issue 3): promptmux cached generation vs PEFT eager `generate` on the CPU.
 
     python -m promptmux.bench.generation [--models gpt2-small,smollm2] [--batch-sizes 1,8]
-        [--new-tokens 32] [--repeats 3] [--threads N] [--out bench/results/] [--quick] [--fresh]
+        [--new-tokens 32] [--repeats 3] [--threads N] [--out results/] [--quick] [--fresh]
 
 Measures, in one run and with both systems on the same token ids:
 
@@ -38,13 +38,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .machine import machine_info, quiet_libraries
+from promptmux.core.archs import pad_id as graph_pad_id
+from promptmux.core.quiet import quiet_libraries
+
+from .baseline import generate_pad_id
+from .machine import machine_info
 from .measure import load_average
 from .models import Skip, base_model, default_cache, export_code_hash, log, make_adapter, make_deployment
 from .workload import make_batch
 
 MODELS = ("gpt2-small", "smollm2")
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = Path("results")  # relative to where it runs: the checkout's recorded results when run from its root
 
 
 # ---- settings ------------------------------------------------------------------------------
@@ -253,8 +257,7 @@ def bench_model(name: str, s: Settings, cache: Path, fresh: bool) -> dict:
     log(f"{name}: {desc}")
     config = AutoConfig.from_pretrained(str(base_dir))
     vocab = config.vocab_size
-    pad_id = config.pad_token_id if config.pad_token_id is not None else (
-        config.eos_token_id if isinstance(config.eos_token_id, int) else 0)
+    pad_id = graph_pad_id(config)
     adapter = make_adapter(base_dir, s.virtual_tokens, s.seed + 1, cache, fresh)
     adapter_long = make_adapter(base_dir, s.prefill_virtual_tokens, s.seed + 2, cache, fresh)
     tasks = {"task": adapter, "long": adapter_long}
@@ -263,7 +266,7 @@ def bench_model(name: str, s: Settings, cache: Path, fresh: bool) -> dict:
     torch.set_num_threads(s.threads)
     log(f"{name}: loading promptmux runtime and PEFT model ({s.threads} threads)")
     pm = Promptmux(deploy, s.threads)
-    peft = Peft(base_dir, adapter, pad_id)
+    peft = Peft(base_dir, adapter, generate_pad_id(config))
 
     rows = []
     for b in s.batch_sizes:
@@ -417,7 +420,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     s = settings_from(args)
-    quiet_libraries()
+    quiet_libraries(all_warnings=True)
     import logging
 
     logging.getLogger("promptmux.export").setLevel(logging.ERROR)

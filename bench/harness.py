@@ -32,8 +32,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from promptmux.core.quiet import quiet_libraries
+
 from .accuracy import accuracy
-from .machine import device_of, environment, quiet_libraries
+from .machine import device_of, environment
 from .measure import load_average, memory_method
 from .models import describe_config
 from .report import write_outputs
@@ -54,7 +56,7 @@ def run(s: BenchSettings) -> dict:
     import torch
 
     s.check()
-    quiet_libraries()
+    quiet_libraries(all_warnings=True)
     if not s.threads:
         s.threads = os.cpu_count() or 1
     torch.set_num_threads(s.threads)

@@ -51,10 +51,11 @@ def build(spec: SystemSpec, meta=None):
 
 
 def _child(conn, spec: SystemSpec) -> None:
-    from .machine import quiet_libraries
+    from promptmux.core.quiet import quiet_libraries
+
     from .measure import rss
 
-    quiet_libraries()
+    quiet_libraries(all_warnings=True)
     try:
         before = rss()
         system = build(spec)

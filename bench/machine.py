@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import platform
-import warnings
 
 import numpy as np
 
@@ -60,16 +59,3 @@ def device_of(backend: str, env: dict) -> str:
         return f"GPU: {env.get('gpu') or 'unknown'}"
     threads = env["threads"]
     return f"CPU: {env['cpu_model']} ({env['cores']} cores, {threads} thread{'s' if threads != 1 else ''})"
-
-
-def quiet_libraries() -> None:
-    """Benchmarks print their own progress: silence library warnings, transformers' logs and bars."""
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass

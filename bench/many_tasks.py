@@ -1,6 +1,6 @@
 """Many tasks in one deployment: what opening, serving and changing cost with N tasks against 2.
 
-    python -m promptmux.bench.many_tasks DEPLOY --tasks 100000,1000000 [--out bench/results/many-tasks.json]
+    python -m promptmux.bench.many_tasks DEPLOY --tasks 100000,1000000 [--out results/many-tasks.json]
     (promptmux bench DEPLOY --many-tasks 100000 runs the same)
 
 For each N, a copy of DEPLOY (graphs linked) gets N synthetic tasks cloned from one of its prompt-tuning tasks with

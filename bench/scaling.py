@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from promptmux.core.archs import pad_id as graph_pad_id
 from promptmux.runtime.text import too_long
 
 from .baseline import PromptmuxSystem
@@ -77,7 +78,7 @@ def scaling(s, rt) -> dict:
     if refused:
         raise ValueError(f"scaling: {refused}; pass a smaller --scaling-seq-len")
     cfg = rt.config
-    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    pad_id = graph_pad_id(cfg)
     tmp = Path(tempfile.mkdtemp(prefix="promptmux-scaling-"))
     entries = []
     try:

@@ -3,7 +3,7 @@ traffic, through a real `promptmux serve` process on this machine.
 
     python -m promptmux.bench.serve_load [DIR | --model minilm|smollm2] [--requests 2000] [--concurrency 32]
         [--max-tokens 8] [--max-batch 32] [--max-wait-ms 5] [--warmup 64] [--hot-swap [ADAPTER]]
-        [--out bench/results/] [--name serve-cpu]
+        [--out results/] [--name serve-cpu]
 
 DIR is any deployment; without it, the embedded demo (--model minilm: the MiniLM sentiment/topic classifier;
 --model smollm2: the SmolLM2-135M generation demo) from ./promptmux-demo (./promptmux-smollm2-demo) if
@@ -40,7 +40,7 @@ import numpy as np
 
 from .machine import machine_info
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = Path("results")  # relative to where it runs: the checkout's recorded results when run from its root
 
 # Made-up inputs in the demo tasks' domains (what the text says does not change the cost much; length does).
 TEXTS = {

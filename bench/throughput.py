@@ -4,6 +4,7 @@ and mixed / single-task ratios (mixing)."""
 
 from __future__ import annotations
 
+from promptmux.core.archs import pad_id as graph_pad_id
 from promptmux.runtime.text import too_long
 
 from .baseline import compare
@@ -36,8 +37,7 @@ def _configurations(s, rt, env, systems, load_mb, peft) -> dict:
     seq_lens = s.seq_lens or [DEFAULT_SEQ_LEN[family]]
     vocab = rt.dims.vocab_size
     cfg = rt.config
-    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (
-        cfg.eos_token_id if isinstance(cfg.eos_token_id, int) else 0)
+    pad_id = graph_pad_id(cfg)
     for view in {t: rt.bank.view(t) for t in tasks}.values():
         refused = too_long(max(seq_lens), view.num_virtual_tokens, view.name, rt.max_positions, s.new_tokens,
                            "--new-tokens")

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
+from promptmux.kinds import BY_PEFT_TYPE
+from promptmux.kinds.base import ReadContext
+
+from .adapter_checks import AdapterError, config_int, expect  # AdapterError: also public here (promptmux.AdapterError)
 from .archs import TASK_TYPE_FOR_FAMILY, ArchSpec, Dims, arch_for, dims_of
 from .task import Task
 
 LABELS_FILE = "labels.json"  # optional promptmux convention: {"id2label": {"0": "neg", ...}}
-
-
-class AdapterError(ValueError):
-    """An adapter directory cannot be served with this base model; the message says why and what to do."""
 
 
 MAX_JSON_BYTES = 1 << 20  # adapter_config.json, labels.json: a few hundred bytes in practice
@@ -99,18 +99,6 @@ def read_adapter_config(adapter_dir: str | Path, root: str | Path | None = None)
     return cfg
 
 
-def config_int(cfg: dict, key: str, adapter_dir: Path, required: bool = False) -> int | None:
-    """A size from adapter_config.json: a positive integer (absent or null: None, unless required)."""
-    value = cfg.get(key)
-    if value is None and not required:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 1 << 31:
-        got = "missing" if value is None else f"{type(value).__name__} {str(value)[:40]!r}"
-        raise AdapterError(f"adapter_config.json of {str(adapter_dir)!r}: {key} must be a positive integer, got "
-                           f"{got}; re-save the adapter with PEFT")
-    return value
-
-
 def _weights_path(adapter_dir: Path, root: Path | None) -> Path:
     st = _file(adapter_dir, "adapter_model.safetensors", root)
     if st is not None:
@@ -121,19 +109,6 @@ def _weights_path(adapter_dir: Path, root: Path | None) -> Path:
             "unpickles files. Re-save the adapter with PeftModel.save_pretrained(dir, safe_serialization=True)."
         )
     raise AdapterError(f"{str(adapter_dir)!r} has no adapter_model.safetensors")
-
-
-def expect(what: str, adapter_value, base_value, adapter_dir: Path, expected_from: str = "the base model") -> None:
-    if adapter_value is not None and adapter_value != base_value:
-        raise AdapterError(
-            f"adapter {str(adapter_dir)!r} does not fit the base model: {what} is {adapter_value} in the adapter "
-            f"but {base_value} in {expected_from}"
-        )
-
-
-def expect_shape(what: str, tensor: np.ndarray, shape: tuple, adapter_dir: Path) -> None:
-    expect(f"{what} shape", tuple(tensor.shape), shape, adapter_dir,
-            expected_from="what adapter_config.json and the base model's sizes imply")
 
 
 def _check_recorded_base(cfg: dict, base_config, adapter_dir: Path, root: Path | None) -> None:
@@ -192,9 +167,6 @@ def _head_tensors(
 def load_adapter(name: str, adapter_dir: str | Path, base_config, root: str | Path | None = None) -> list[Task]:
     """Read one PEFT adapter folder and check it against the base model's config. root: every file read must
     resolve inside this folder (the server's --adapter-root), and nothing the adapter names outside it is read."""
-    from promptmux.kinds import BY_PEFT_TYPE
-    from promptmux.kinds.base import ReadContext
-
     if not isinstance(name, str):
         raise AdapterError(f"task name {name!r} is not allowed: a task name is a string")
     name = str(name)  # a numpy string becomes the plain name the bank stores and messages print

@@ -66,7 +66,7 @@ class PromptBank:
         self.path = path  # the store file, or None in memory
         self.db = connect(path)
         self.cache_bytes = cache_bytes
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()
         self._views: OrderedDict[str, Task] = OrderedDict()  # LRU, most recent last
         self._view_bytes = 0
         self._checked: dict[str, int] = {}  # name -> data_version at which its cached view was last confirmed
@@ -86,15 +86,15 @@ class PromptBank:
     # ---- queries -------------------------------------------------------------------------
     def names(self) -> list[str]:
         """Every task name, oldest write first (reads the store: O(tasks))."""
-        with self._lock:
+        with self.lock:
             return [r[0] for r in self.db.execute("SELECT name FROM tasks ORDER BY seq")]
 
     def __contains__(self, name: str) -> bool:
-        with self._lock:
+        with self.lock:
             return self.db.execute("SELECT 1 FROM tasks WHERE name = ?", (name,)).fetchone() is not None
 
     def __len__(self) -> int:
-        with self._lock:
+        with self.lock:
             row = self.db.execute("SELECT value FROM meta WHERE key = 'count'").fetchone()
             return int(row[0]) if row else 0
 
@@ -104,7 +104,7 @@ class PromptBank:
     def page(self, limit: int, after: str | None = None) -> tuple[list[str], bool]:
         """Up to `limit` task names in the bank's order after the name `after` (a cursor: the last name of the
         previous page), and whether more follow. An unknown cursor is an UnknownTaskError."""
-        with self._lock:
+        with self.lock:
             start = 0
             if after is not None:
                 row = self.db.execute("SELECT seq FROM tasks WHERE name = ?", (after,)).fetchone()
@@ -117,7 +117,7 @@ class PromptBank:
 
     def entry(self, name: str) -> dict:
         """The task's record without its tensors (kind, PEFT type, virtual tokens, shapes, shared keys, ...)."""
-        with self._lock:
+        with self.lock:
             row = self.db.execute("SELECT entry FROM tasks WHERE name = ?", (task_name(name),)).fetchone()
         if row is None:
             raise self.unknown(name)
@@ -128,7 +128,7 @@ class PromptBank:
         lock (its thread's own connection), and threads asking for the same cold task wait for one read."""
         name = task_name(name)  # views are cached by name: a numpy string must not name the cached Task
         while True:
-            with self._lock:
+            with self.lock:
                 cached = self._fresh(name)
                 if cached is not None:
                     self.stats["hits"] += 1
@@ -142,7 +142,7 @@ class PromptBank:
         try:
             return self._load(name)
         finally:
-            with self._lock:
+            with self.lock:
                 del self._loading[name]
             loading.set()
 
@@ -164,14 +164,14 @@ class PromptBank:
         started = time.perf_counter()
         while True:
             if self.path is None:  # in memory: one connection, the bank's
-                with self._lock:
+                with self.lock:
                     read = self._read(self.db, name)
             else:
                 read = self._read(self._reader(), name)
             if read is None:
                 raise self.unknown(name)
             seq, entry, own, shared = read
-            with self._lock:  # kept only if still the stored version (a change may have committed meanwhile)
+            with self.lock:  # kept only if still the stored version (a change may have committed meanwhile)
                 if self._stored_version(name) != seq:
                     continue
                 for key, value in shared.items():
@@ -201,7 +201,7 @@ class PromptBank:
         db = getattr(self._thread, "db", None)
         if db is None:
             db = self._thread.db = connect_reader(self.path)
-            with self._lock:
+            with self.lock:
                 self._readers.append(db)
         return db
 
@@ -247,7 +247,7 @@ class PromptBank:
 
     def holds(self, view: Task) -> bool:
         """Whether the bank still holds this very task (not replaced or removed since the view was read)."""
-        with self._lock:
+        with self.lock:
             return self._stored_version(view.name) == view.version
 
     def _stored_version(self, name: str) -> int | None:
@@ -294,7 +294,7 @@ class PromptBank:
     def _transaction(self):
         """One write transaction: BEGIN IMMEDIATE takes the store's write lock at once, so nothing another writer
         commits falls between what a change reads and what it writes."""
-        with self._lock:
+        with self.lock:
             if self.path is not None and not os.access(self.path.parent, os.W_OK):
                 raise PermissionError(f"{self.path.parent} is read-only: a persisted task change cannot be written "
                                       "there; change tasks without persist (they stay in this process), or deploy "
@@ -390,21 +390,21 @@ class PromptBank:
         """Retrieval's index over this bank's input-level tasks (core/vector_index.py), made on first use."""
         from .vector_index import VectorIndex
 
-        with self._lock:
+        with self.lock:
             if self._index is None:
                 self._index = VectorIndex(self)
             return self._index
 
     def shared_count(self) -> int:
         """Distinct shared tensors stored (MPT's shared prompts)."""
-        with self._lock:
+        with self.lock:
             return self.db.execute("SELECT count(*) FROM shared").fetchone()[0]
 
     # ---- storage -------------------------------------------------------------------------
     def copy(self) -> PromptBank:
         """This bank in memory (SQLite's backup API): changes to the copy stay out of the deployment."""
         other = PromptBank(self.spec, cache_bytes=self.cache_bytes)
-        with self._lock:
+        with self.lock:
             self.db.backup(other.db)
         other.base_head = dict(self.base_head)
         return other
@@ -417,7 +417,7 @@ class PromptBank:
         """Write this bank as a store file at `path` (which must not exist), fsynced, in one file (no log)."""
         dest = sqlite3.connect(str(path), isolation_level=None)
         try:
-            with self._lock:
+            with self.lock:
                 self.db.backup(dest)
             dest.execute("DELETE FROM meta WHERE key = 'store_id'")  # a new store: no retrieval snapshot is its
             dest.execute("PRAGMA journal_mode=DELETE")  # one file to rename; readers switch it to WAL

@@ -13,10 +13,10 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from .archs import ARCHS, arch_for, causal_classifier, check_config, is_causal_lm
+from .durable import durable_replace, write_durably
 
 MANIFEST = "manifest.json"
 GRAPH = "model.onnx"
@@ -82,35 +82,13 @@ def config_hash(config) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _fsync(path: str | Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def durable_replace(tmp: str | Path, target: str | Path) -> None:
-    """os.replace that survives a crash: the data is on disk before the rename, the rename before we return."""
-    _fsync(tmp)
-    os.replace(tmp, target)
-    _fsync(Path(target).parent, directory=True)
-
-
 def write_manifest(deploy_dir: str | Path, change) -> None:
     """Read manifest.json, change(manifest) in place, write it back durably. Callers outside a change of the
     bank hold deployment_lock around it (see update_manifest)."""
     path = Path(deploy_dir) / "manifest.json"
     manifest = json.loads(path.read_text())
     change(manifest)
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", dir=deploy_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(manifest, f, indent=2)
-        durable_replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_durably(path, json.dumps(manifest, indent=2))
 
 
 def update_manifest(deploy_dir: str | Path, key: str, value) -> None:

@@ -20,13 +20,14 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import os
 import sqlite3
 import threading
 import uuid
 from pathlib import Path
 
 import numpy as np
+
+from .durable import write_durably
 
 log = logging.getLogger("promptmux")
 
@@ -80,7 +81,7 @@ class VectorIndex:
         """id -> task name for the live rows among `ids` (a row removed since it was scored is left out)."""
         ids = [int(i) for i in ids]
         out = {}
-        with self.bank._lock:
+        with self.bank.lock:
             for i in range(0, len(ids), 500):
                 chunk = ids[i:i + 500]
                 out.update(self.bank.db.execute(
@@ -95,7 +96,7 @@ class VectorIndex:
                 self._build()
                 return
         db = self.bank.db
-        with self.bank._lock:
+        with self.bank.lock:
             db.execute("BEGIN")  # one snapshot of the store for both reads
             try:
                 new = db.execute("SELECT id, avg, tok FROM vectors WHERE id > ? ORDER BY id",
@@ -123,7 +124,7 @@ class VectorIndex:
         """The whole index from the store (a bank's first query, when no snapshot can be used)."""
         db = self.bank.db
         ids, mats = [], {"avg": [], "tok": []}
-        with self.bank._lock:  # read in blocks: a million rows as Python bytes would be gigabytes at once
+        with self.bank.lock:  # read in blocks: a million rows as Python bytes would be gigabytes at once
             db.execute("BEGIN")
             try:
                 self.last_gone = db.execute("SELECT coalesce(max(seq), 0) FROM vectors_gone").fetchone()[0]
@@ -178,7 +179,7 @@ class VectorIndex:
             return False
         try:
             state = json.loads((folder / "index.json").read_text())
-            with self.bank._lock:
+            with self.bank.lock:
                 if state["store_id"] != self._store_id():  # a snapshot of another store: the folder was reused
                     return False
             gen = state["generation"]
@@ -201,7 +202,7 @@ class VectorIndex:
         that cannot be written leaves the index in memory."""
         folder = self.folder
         try:
-            with self.bank._lock:
+            with self.bank.lock:
                 store_id = self._store_id()
                 if store_id is None:
                     store_id = uuid.uuid4().hex
@@ -216,8 +217,7 @@ class VectorIndex:
                     np.save(folder / f"{gen}-{col}.npy", np.ascontiguousarray(m))
                 state = {"store_id": store_id, "generation": gen, "rows": len(self.ids), "dim": self.dim,
                          "last_id": self.last_id, "last_gone": self.last_gone}
-                (folder / "index.json.tmp").write_text(json.dumps(state))
-                os.replace(folder / "index.json.tmp", folder / "index.json")
+                write_durably(folder / "index.json", json.dumps(state))
                 for p in folder.glob("*.npy"):
                     if not p.name.startswith(gen + "-"):
                         p.unlink(missing_ok=True)  # a reader that mapped it keeps its pages

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from promptmux.core.adapters import AdapterError, load_adapter
-from promptmux.core.bank import STORE_FILE
 from promptmux.core.archs import UnsupportedModelError, arch_for, dims_of, for_task_type, position_offset
+from promptmux.core.bank import STORE_FILE
 from promptmux.core.folder import (
     DECODER_GRAPH,
     FOLDED_GRAPH,
@@ -37,6 +37,7 @@ from promptmux.core.folder import (
     load_base_model,
 )
 from promptmux.core.light_config import config_record
+from promptmux.core.quiet import quiet_libraries
 from promptmux.core.task import Task
 
 log = logging.getLogger("promptmux.export")
@@ -73,24 +74,6 @@ def read_adapters(adapters: dict[str, str | Path], config) -> list[Task]:
             raise AdapterError(f"task name {t.name!r} appears twice; give each adapter a distinct NAME")
         seen.add(t.name)
     return tasks
-
-
-def quiet_libraries() -> None:
-    """Keep library chatter off promptmux's output: the exporters' notes (missing torchvision ops, pattern-matcher
-    notes), transformers' loading bars and logs, deprecation warnings meant for library authors."""
-    import warnings
-
-    for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxruntime", "onnxscript", "onnx_ir"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 def export_deployment(
@@ -228,7 +211,7 @@ def _export_graphs(model, config, spec, dims, bank, tmp: Path, fold, optimize, t
 
     if spec.family == "encoder" and spec.supports_prefix and not optimize:
         # Batches with no prefix row run a graph without prefix inputs: no empty cache concatenated in every layer
-        # (3-4 % of a MiniLM forward at B = 32, bench/results/graph-overhead.md). It shares model.onnx's weights.
+        # (3-4 % of a MiniLM forward at B = 32, results/graph-overhead.md). It shares model.onnx's weights.
         bar.step("exporting the graph without prefix inputs")
         export_onnx(backbone, config, tmp / NOPREFIX_GRAPH, prefix=False)
         share_weights(tmp / NOPREFIX_GRAPH, tmp / GRAPH)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from promptmux.core.durable import write_durably
 from promptmux.core.trt_compat import EngineError
 from promptmux.kernels.tensorrt_plugin import (
     PLUGIN_NAME,
@@ -215,19 +215,6 @@ def _allow_attention_decomposition(trt, network) -> int:
     return len(marked)
 
 
-def _write_atomic(path: Path, data) -> None:
-    """Write a temp file beside `path`, then rename it over `path`: readers see the old or the new file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_engine(deploy_dir, precision: str = "fp32", max_batch: int = 8, max_seq: int = 128,
                  max_prompt: int = 32, use_plugin: bool = True, out_name: str = "model.engine", *,
                  graph: str = "model.onnx", max_rank: int = 64, max_past: int = 256, trt=None) -> dict:
@@ -310,7 +297,7 @@ def build_engine(deploy_dir, precision: str = "fp32", max_batch: int = 8, max_se
         raise EngineError(f"TensorRT could not build an engine from {path}: " + "; ".join(logger.errors[-5:]))
     data = memoryview(plan)
     out = deploy_dir / out_name
-    _write_atomic(out, data)
+    write_durably(out, data)  # readers see the old engine or the new one
 
     device = trt_compat.cuda_device()
     return {

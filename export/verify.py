@@ -14,9 +14,8 @@ import torch
 from promptmux.core.adapters import read_adapter_config
 from promptmux.core.archs import pad_id
 from promptmux.core.folder import load_base_config
+from promptmux.core.quiet import quiet_libraries
 from promptmux.kinds import BY_PEFT_TYPE
-
-from .deploy import quiet_libraries
 
 
 def verification_batch(vocab_size: int, pad_id: int, rows: int, seq: int, padding_side: str, seed: int = 0):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from promptmux.core.adapters import AdapterError, expect, expect_shape
+from promptmux.core.adapter_checks import AdapterError, expect, expect_shape
 from promptmux.core.archs import decoder_sizes
 from promptmux.core.task import Task
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from promptmux.core.adapters import config_int, expect_shape
+from promptmux.core.adapter_checks import config_int, expect_shape
 
 from .base import PromptKind, ReadContext
 

@@ -2,8 +2,12 @@
 
 Public API:
     export_deployment(base_dir, {"task": adapter_dir, ...}, out_dir, fold=None)
-    Runtime(deploy_dir, backend="onnxruntime" | "onnxruntime-cuda" | "tensorrt" | "torch")
+    Runtime(deploy_dir, backend="auto", precision="fp32", calibration=None, strict=False)
+        backend: auto | onnxruntime | openvino | onnxruntime+openvino | onnxruntime-cuda | tensorrt | torch
+        (runtime/backends.py); precision: fp32 (exact) | bf16 | int8 | fast, each non-exact one under an
+        accuracy contract measured against fp32 (runtime/precision.py)
         .forward(input_ids, attention_mask, tasks) / .classify(texts, tasks, truncation=False)
+        .generate(inputs, tasks, max_new_tokens=32, ...) / .generate_stream(...)
         .add_task(name, adapter_dir, persist=False) / .remove_task(name, persist=False)
     similar_tasks(deploy_dir, query, top_k=5, method="avg-cosine" | "per-token-cosine")
     init_adapter(deploy_dir, base_dir, out_dir, from_task=None, top_k=None, weighted=False,

@@ -48,12 +48,10 @@ def _graphs(rt) -> dict[str, Path]:
 
 def use_graphs(rt, make) -> None:
     """Point rt's sessions at make(fp32 graph path) -> graph file, each made when first used."""
-    from .batch import OnFirstUse
-    from .sessions import graph_session
+    from .sessions import OnFirstUse
 
     for attr, path in _graphs(rt).items():
-        setattr(rt, attr, OnFirstUse(lambda path=path: graph_session(make(path), rt.backend, "fp32", rt._threads,
-                                                                     family=rt.spec.family)))
+        setattr(rt, attr, OnFirstUse(lambda path=path: rt.graph_session(make(path), precision="fp32", keep_fp32=())))
 
 
 def _probabilities(rt, batches, task: str) -> np.ndarray:
@@ -94,12 +92,12 @@ def rank(rt, exact, rows: dict[str, list]) -> list[int]:
     return [int(i) for i in np.argsort(scores)[::-1]]
 
 
-def search(rt, exact, measure_contract, rows: dict[str, list],
+def search(rt, exact, measure_contract, misses, rows: dict[str, list],
            all_int8: dict | None = None) -> tuple[tuple[int, ...], dict, dict]:
     """(fp32 layers, task report, what was tried): see the module's docstring. measure_contract() measures the
-    whole contract with rt as it stands and returns the task report; rows: the missed tasks' calibration batches;
-    all_int8: the report already measured with every layer int8, if it was (what stands if no set passes)."""
-    from .precision import misses
+    whole contract with rt as it stands and returns the task report; misses(report): the tasks that miss it
+    (precision.py's rule); rows: the missed tasks' calibration batches; all_int8: the report already measured with
+    every layer int8, if it was (what stands if no set passes)."""
     from .quantize import int8_graph
 
     started = time.perf_counter()

@@ -4,7 +4,6 @@ batch, splitting rows into batches that fit the positions, a session made on fir
 
 from __future__ import annotations
 
-import threading
 from typing import Sequence
 
 import numpy as np
@@ -15,6 +14,7 @@ from promptmux.core.layout import build_layout
 from promptmux.core.task import Task, task_name
 from promptmux.kinds import kind_of
 
+from .backends import CPU_ENGINES  # their engines take zero-length slot axes
 from .errors import InputError
 
 
@@ -77,30 +77,6 @@ def pad_ragged(ids, mask, pad_id: int | None, side: str):
     return padded["input_ids"], padded["attention_mask"]
 
 
-class OnFirstUse:
-    """A session made when it is first used: a causal LM's full-sequence graph (forward(), full-sequence
-    benchmarks) is not loaded, converted or compiled by a process that only generates."""
-
-    def __init__(self, make):
-        self._make, self._session, self._lock = make, None, threading.Lock()
-
-    def __getattr__(self, name):  # only for what the session has (run, run_all, input_names, ...)
-        if self._session is None:
-            with self._lock:
-                if self._session is None:
-                    self._session = self._make()
-        return getattr(self._session, name)
-
-    @property
-    def made(self) -> bool:
-        return self._session is not None
-
-    def release(self) -> None:
-        """Drop the session made (if any): the next use makes it again."""
-        with self._lock:
-            self._session = None
-
-
 def task_names(tasks: str | Sequence[str], rows: int, what: str = "texts") -> list[str]:
     """One task for every row, or one per row (numpy arrays of names too), as plain strings."""
     try:
@@ -126,10 +102,6 @@ def fitting_groups(lengths: list[int], virtual: list[int], limit: int | None) ->
     return groups
 
 
-# The CPU backends, whose engines take zero-length slot axes and have a graph without prefix inputs.
-CPU_ENGINES = ("onnxruntime", "openvino", "onnxruntime+openvino")
-
-
 def run_batch(rt, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None, views: list[Task],
               bank_key=None) -> list[np.ndarray]:
     """One full-sequence batch where row i uses views[i]: its layout, the session that serves it, its outputs.
@@ -140,7 +112,7 @@ def run_batch(rt, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None, v
 
     The CPU engines (ONNX Runtime, OpenVINO) get zero-length MPT, prompt and prefix axes for the slot groups no
     row uses, instead of one masked dummy slot each: every layer then attends over the batch's real positions only
-    (the dummy slots cost up to 16 % of a MiniLM forward at B=32 on ONNX Runtime; bench/results/graph-overhead.md).
+    (the dummy slots cost up to 16 % of a MiniLM forward at B=32 on ONNX Runtime; results/graph-overhead.md).
     The folded graph (its prompt sizes are constants) and the GPU engines (TensorRT profiles, CUDA; untested with
     empty axes) keep one slot. A batch with no key/value prefix row runs the graph without prefix inputs where the
     deployment has one (encoders): no empty cache is concatenated in every layer.

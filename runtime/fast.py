@@ -1,14 +1,16 @@
 """precision="fast": the fastest precision that meets its accuracy contract on this CPU, chosen by measurement.
 
-The candidates are the non-exact precisions (precision.py): bf16 (OpenVINO, on CPUs with AMX or AVX512-BF16) and
-int8 (ONNX Runtime: dynamic int8 classifiers with accuracy control, weight-only int8 decoding). Which one is
-faster depends on the CPU: on Intel AMX bf16 tiles, on AMD Zen 3 (no bf16) only int8 is there, on Zen 4 both run
-and int8 won for classifiers (bench/results/int8-classifier-bench-amd-zen4.md). So each candidate the CPU can run
-is opened (its contract measured, or read from the manifest), then timed on one workload against fp32 ONNX
-Runtime, alternating, the median of ROUNDS. The fastest that meets its contract and beats fp32 wins; otherwise fp32
-runs (exact). The choice, every candidate's figures and the reason are recorded in the manifest under "fast",
-keyed by the CPU (cpu.describe()), so a deployment copied to another kind of CPU chooses again there; a later open
-on the same CPU reuses the choice while the chosen precision's contract still covers the bank's tasks.
+The candidates are the non-exact precisions (precision.py) on the backends that run them: bf16 (OpenVINO, on CPUs
+with AMX or AVX512-BF16), int8 on ONNX Runtime (dynamic int8 classifiers with accuracy control, weight-only int8
+decoding) and int8 on OpenVINO (classifiers: NNCF's static int8, openvino_int8.py). Which one is faster depends on
+the CPU: on Intel AMX bf16 tiles, on AMD Zen 3 (no bf16) only int8 is there, on Zen 4 all three run, int8 beat bf16
+for classifiers (results/int8-classifier-bench-amd-zen4.md) and NNCF's int8 beat ONNX Runtime's
+(results/nncf-int8-minilm-amd-zen4.json). So each candidate the CPU can run is opened (its contract measured, or
+read from the manifest), then timed on one workload against fp32 ONNX Runtime, in alternating blocks (_timed), the
+median of ROUNDS. The fastest that meets its contract and beats fp32 wins; otherwise fp32 runs (exact). The choice,
+every candidate's figures and the reason are recorded in the manifest under "fast", keyed by the CPU
+(cpu.describe()), so a deployment copied to another kind of CPU chooses again there; a later open on the same CPU
+reuses the choice while the chosen precision's contract still covers the bank's tasks.
 """
 
 from __future__ import annotations
@@ -20,12 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
+from promptmux.core.folder import deployment_lock, write_manifest
+
+from . import cpu
 from .errors import BackendUnavailable
+from .precision import record_key
 
 log = logging.getLogger("promptmux.runtime")
 
-CANDIDATES = ("bf16", "int8")
+# name -> (precision, backend). Two int8s: which one is faster depends on the CPU (openvino_int8.py).
+CANDIDATES = {"bf16": ("bf16", "openvino"), "int8": ("int8", "onnxruntime"), "int8/openvino": ("int8", "openvino")}
 ROUNDS = 5
+BLOCK = 3  # timed calls of one runtime in a row (see _timed)
 FAST_KEY = "fast"
 
 
@@ -46,41 +54,45 @@ def _workload(rt):
 
 
 def _timed(runtimes: dict) -> dict[str, float]:
-    """Median seconds of each runtime's workload, the runtimes alternating round by round."""
+    """Median seconds of each runtime's workload: in each of ROUNDS rounds (the order reversed every other round),
+    each runtime in a block of one untimed call and BLOCK timed ones. Blocks, not one call each: ONNX Runtime's
+    threads spin on after a call and slow the next engine's call, so alternating single calls charged OpenVINO for
+    them (demo, Zen 4: bf16 1.24x and OpenVINO's int8 1.53x fp32 that way, 1.80x and 2.69x in blocks, ONNX
+    Runtime's int8 2.02x / 2.05x either way; each in its own process: OpenVINO's int8 2.52x, ONNX Runtime's 2.05x)."""
     runs = {name: _workload(rt) for name, rt in runtimes.items()}
     for run in runs.values():
         run()  # warm-up: sessions made, graphs compiled
     times = {name: [] for name in runs}
-    for _ in range(ROUNDS):
-        for name, run in runs.items():
-            t = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t)
+    for r in range(ROUNDS):
+        for name in list(runs) if r % 2 == 0 else list(runs)[::-1]:
+            runs[name]()  # lets the previous engine's threads settle
+            block = []
+            for _ in range(BLOCK):
+                t = time.perf_counter()
+                runs[name]()
+                block.append(time.perf_counter() - t)
+            times[name].append(statistics.median(block))
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def recorded(manifest: dict, cpu: str) -> dict | None:
-    return ((manifest.get(FAST_KEY) or {}).get(cpu)) or None
+def recorded(manifest: dict, cpu_kind: str) -> dict | None:
+    return ((manifest.get(FAST_KEY) or {}).get(cpu_kind)) or None
 
 
-def choose(deploy_dir: Path, threads: int | None, calibration=None) -> dict:
-    """Measure the candidates and record the choice; returns the record ({"precision", "reason", ...})."""
-    from promptmux.core.folder import deployment_lock, write_manifest
-
-    from .cpu import describe
-    from .runtime import Runtime
-
-    cpu = describe()
+def choose(deploy_dir: Path, threads: int | None, calibration, Runtime) -> dict:
+    """Measure the candidates (each opened as Runtime(deploy_dir, precision=..., backend=...)) and record the choice;
+    returns the record ({"precision", "backend", "reason", ...})."""
+    cpu_kind = cpu.describe()
     opened, figures = {}, {}
-    for precision in CANDIDATES:
+    for name, (precision, backend) in CANDIDATES.items():
         try:
-            rt = Runtime(deploy_dir, precision=precision, threads=threads, calibration=calibration)
+            rt = Runtime(deploy_dir, precision=precision, backend=backend, threads=threads, calibration=calibration)
         except BackendUnavailable as e:
-            figures[precision] = {"runs": False, "why": str(e)}
+            figures[name] = {"runs": False, "why": str(e)}
             continue
-        figures[precision] = {"runs": True, "backend": rt.backend, "contract_passed": rt.contract["passed"]}
+        figures[name] = {"runs": True, "backend": rt.backend, "contract_passed": rt.contract["passed"]}
         if rt.contract["passed"]:
-            opened[precision] = rt
+            opened[name] = rt
     # fp32 is opened only to be timed against a candidate that met its contract
     seconds = _timed({"fp32": Runtime(deploy_dir, backend="onnxruntime", threads=threads), **opened}) if opened else {}
     for precision, s in seconds.items():
@@ -97,35 +109,34 @@ def choose(deploy_dir: Path, threads: int | None, calibration=None) -> dict:
                   + "; ".join(f"{p}: " + (f["why"] if not f["runs"] else "missed its contract"
                                           if not f["contract_passed"] else f"{f['speedup_vs_fp32']}x fp32")
                               for p, f in figures.items()))
-    record = {"precision": chosen, "reason": reason, "candidates": figures,
+    precision, backend = CANDIDATES.get(chosen, ("fp32", None))
+    record = {"precision": precision, "backend": backend, "choice": chosen, "reason": reason, "candidates": figures,
               "fp32_seconds": round(seconds["fp32"], 5) if seconds else None,
               "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     log.warning("precision fast: %s (%s)", chosen, reason)
     try:
         with deployment_lock(deploy_dir):
-            write_manifest(deploy_dir, lambda m: m.setdefault(FAST_KEY, {}).__setitem__(cpu, record))
+            write_manifest(deploy_dir, lambda m: m.setdefault(FAST_KEY, {}).__setitem__(cpu_kind, record))
     except OSError as e:  # a read-only deployment: the choice holds for this process
         log.warning("could not record the fast precision in %s: %s", deploy_dir, e)
     return record
 
 
-def resolve(deploy_dir: Path, manifest: dict, threads: int | None, calibration=None) -> tuple[str, dict]:
-    """(precision to run, its record): the manifest's choice for this CPU while it holds, else measured now."""
-    from .cpu import describe
-
-    record = recorded(manifest, describe())
+def resolve(deploy_dir: Path, manifest: dict, threads: int | None, calibration, Runtime) -> tuple[str, dict]:
+    """(precision to run, its record): the manifest's choice for this CPU while it holds, else measured now, each
+    candidate opened as Runtime(deploy_dir, precision=...) (the caller's class: runtime.py imports this module)."""
+    record = recorded(manifest, cpu.describe())
     if record is None or calibration is not None or not _still_holds(manifest, record):
-        record = choose(Path(deploy_dir), threads, calibration)
+        record = choose(Path(deploy_dir), threads, calibration, Runtime)
     return record["precision"], record
 
 
 def _still_holds(manifest: dict, record: dict) -> bool:
     """The recorded choice holds while the chosen precision's contract is recorded as passed (a change of tasks
     measures it again at open, which may then miss: the choice is then made again)."""
-    from .precision import record_key
-
     if record["precision"] == "fp32":
         return True
-    chosen = record["precision"]
-    entry = (manifest.get("precision") or {}).get(record_key(record["candidates"][chosen]["backend"], chosen))
+    chosen = record.get("choice", record["precision"])  # recorded before int8 had two backends: the name
+    entry = (manifest.get("precision") or {}).get(record_key(record["candidates"][chosen]["backend"],
+                                                              record["precision"]))
     return bool(entry and entry.get("passed"))

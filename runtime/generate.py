@@ -208,7 +208,7 @@ class Generator:
         batch = ids.shape[0]
         logits, presents, cache_mask, next_pos = self.prefill(ids, mask, views, precompute)
         rng = np.random.default_rng(params.seed)
-        eos = self._eos(params)
+        eos = self.eos_for(params)
         done = np.zeros(batch, bool)
         pad = pad_id(self.rt.config)
         for step in range(params.max_new_tokens):
@@ -227,7 +227,7 @@ class Generator:
             return view
         return as_cache(view, self.prompt_kv(view))
 
-    def _eos(self, params: SamplingParams) -> np.ndarray:
+    def eos_for(self, params: SamplingParams) -> np.ndarray:
         return eos_ids(params, self.rt.config)
 
 
@@ -336,7 +336,7 @@ class ContinuousBatch:
                 mask[j, width - len(x):] = 1
             logits, presents, cache_mask, next_pos = self.gen.prefill(
                 ids, mask, [items[k][1] for k in members], key, own_positions=True)
-            new = [Row(view=items[k][1], params=items[k][2], eos=frozenset(self.gen._eos(items[k][2]).tolist()),
+            new = [Row(view=items[k][1], params=items[k][2], eos=frozenset(self.gen.eos_for(items[k][2]).tolist()),
                        rng=np.random.default_rng(items[k][2].seed), tag=items[k][4]) for k in members]
             prefilled.append(([host(x) for x in presents], cache_mask, next_pos, logits, new))
             for k, row in zip(members, new):
@@ -420,7 +420,7 @@ class StreamedRows:
 
     def add(self, ids, view: Task, params: SamplingParams, precompute: bool = True, tag=None) -> Row:
         ids = np.asarray(ids, np.int64)[None]
-        row = Row(view=view, params=params, eos=frozenset(self.gen._eos(params).tolist()),
+        row = Row(view=view, params=params, eos=frozenset(self.gen.eos_for(params).tolist()),
                   rng=np.random.default_rng(params.seed), tag=tag)
         self._streams[id(row)] = self.gen.stream(ids, np.ones_like(ids), [view], params, precompute)
         self.rows.append(row)

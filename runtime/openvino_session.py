@@ -26,8 +26,9 @@ from .errors import BackendUnavailable
 
 log = logging.getLogger("promptmux.runtime")
 
-# promptmux precision -> OpenVINO's INFERENCE_PRECISION_HINT
-OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+# promptmux precision -> OpenVINO's INFERENCE_PRECISION_HINT (int8: NNCF's quantized operations run in int8, the
+# others in fp32, openvino_int8.py)
+OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 INSTALL = "pip install 'promptmux[openvino]'  (or: pip install openvino)"
 
 
@@ -40,7 +41,7 @@ def import_openvino():
     return openvino
 
 
-def _ir_folder(deploy_dir: Path) -> Path:
+def ir_folder(deploy_dir: Path) -> Path:
     """Where converted graphs and compiled blobs live: in the deployment if it is writable, else the user cache."""
     own = deploy_dir / "openvino"
     try:
@@ -93,15 +94,18 @@ def convert_graph(path: Path, folder: Path, progress=None) -> Path:
 class OpenVinoSession:
     """One compiled OpenVINO model over a graph of the deployment; the same feeds as the ONNX Runtime session."""
 
-    def __init__(self, path: Path, precision: str = "fp32", threads: int | None = None, progress=None):
+    def __init__(self, path: Path, precision: str = "fp32", threads: int | None = None, progress=None,
+                 ir: Path | None = None):
+        """ir: an IR made from the graph at `path` to compile instead of its conversion (the int8 one)."""
         ov = import_openvino()
         if precision not in OV_PRECISION:
-            raise ValueError(f"the openvino backend runs precision fp32 or bf16, not {precision!r}")
+            raise ValueError(f"the openvino backend runs precision {', '.join(OV_PRECISION)}, not {precision!r}")
+        if precision == "int8" and ir is None:
+            raise ValueError("precision int8 on openvino compiles the int8 IR NNCF made (openvino_int8.py): pass ir")
         path = path.resolve()  # a deployment linking another's graph (bench --scaling) shares its converted IR
-        folder = _ir_folder(path.parent)
-        xml = convert_graph(path, folder, progress)
+        xml = ir or convert_graph(path, ir_folder(path.parent), progress)
         # No compiled-blob cache (OpenVINO's CACHE_DIR or export_model/import_model), measured with OpenVINO 2026.4
-        # (studies/openvino_cache.py, bench/results/openvino-cache.md): importing a blob takes as long as compiling
+        # (studies/openvino_cache.py, results/openvino-cache.md): importing a blob takes as long as compiling
         # the IR (0.2 s MiniLM; 1.0 vs 0.55 s GPT-2; 1.6-2.3 vs 1.9 s SmolLM2), and a graph with fused RoPE nodes
         # (Llama family) computes garbage keys after the import. The slow part of a first start is the ONNX -> IR
         # conversion above (1.4-13 s), and that is done once per deployment.
@@ -113,9 +117,17 @@ class OpenVinoSession:
             progress(f"compiling {path.name} with OpenVINO ({precision})")
         self.compiled = core.compile_model(core.read_model(str(xml)), "CPU", config)
         ran = self.compiled.get_property("INFERENCE_PRECISION_HINT")
-        if ran != {"fp32": ov.Type.f32, "bf16": ov.Type.bf16}[precision]:
+        if ran != {"fp32": ov.Type.f32, "bf16": ov.Type.bf16, "int8": ov.Type.f32}[precision]:
             raise BackendUnavailable(f"OpenVINO compiled {path.name} in {ran.get_type_name()}, not the requested "
                                      f"{precision}; this CPU or OpenVINO version cannot run that precision")
+        # int8: the operations the compiled model runs in int8 (none would mean the IR fell back to fp32)
+        self.int8_ops = sum(op.get_rt_info()["runtimePrecision"].astype(str).lower() in ("i8", "u8")
+                            for op in self.compiled.get_runtime_model().get_ops()) if precision == "int8" else 0
+        if precision == "int8" and not self.int8_ops:
+            raise BackendUnavailable(f"OpenVINO runs no operation of {xml.name} in int8 on this CPU; use --backend "
+                                     "onnxruntime for int8")
+        if ir is not None:
+            self.graph_file = Path(ir).name  # what graph_runs counts (batch.py): the file that ran
         self.precision = precision
         self.input_names = [i.any_name for i in self.compiled.inputs]
         self.output_names = [o.any_name for o in self.compiled.outputs]

@@ -24,13 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from . import accuracy_control
-from .errors import BackendUnavailable
+from .calibration import CALIBRATION_ROWS, classifier_batches, generated_ids  # noqa: F401 (CALIBRATION_ROWS)
 
 log = logging.getLogger("promptmux.runtime")
 
-PRECISIONS = ("fp32", "bf16", "int8")
-# Which backends run which precision (fp32 also on the GPU backends and torch).
-PRECISION_BACKENDS = {"bf16": ("openvino",), "int8": ("onnxruntime",)}
 # The contract: classifiers keep this share of fp32's predictions; decoders this share of fp32's greedy tokens
 # (tokens up to a row's first divergence, averaged over rows).
 THRESHOLDS = {"prediction_agreement": 0.995, "token_agreement": 0.90}
@@ -39,7 +36,6 @@ THRESHOLDS = {"prediction_agreement": 0.995, "token_agreement": 0.90}
 # an equal score is not accepted).
 LABELLED = {"accuracy_drop": 0.005, "prediction_agreement": 0.97}
 LABELLED_FILE = "calibration.jsonl"  # the deployment's own labelled calibration rows
-CALIBRATION_ROWS = 256  # generated classifier inputs when the user gives none (one flip in 256 stays above 0.995)
 CALIBRATION_PROMPTS = 32  # generated decoder prompts
 CALIBRATION_NEW_TOKENS = 16
 CALIBRATION_FILE = "calibration.txt"  # the deployment's own calibration texts, one per line
@@ -47,62 +43,6 @@ CALIBRATION_FILE = "calibration.txt"  # the deployment's own calibration texts, 
 
 class PrecisionError(RuntimeError):
     """A non-exact precision missed its accuracy contract and strict mode refuses it."""
-
-
-def openvino_installed() -> bool:
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16), as OpenVINO's CPU plugin sees it."""
-    import openvino as ov
-
-    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-
-
-def choose_backend(backend: str, precision: str, family: str) -> tuple[str, str]:
-    """(backend, why) for a requested backend ("auto" included) and precision; raises if it cannot run here."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "int8" and family == "seq2seq":
-        raise BackendUnavailable("precision int8 runs classifiers and causal LMs; a seq2seq deployment stays fp32")
-    if backend == "auto":
-        if precision == "bf16":
-            backend, why = "openvino", "bf16 runs on OpenVINO"
-        elif precision == "int8":
-            backend, why = "onnxruntime", ("int8 weight-only decoding runs on ONNX Runtime (MatMulNBits)"
-                                           if family == "decoder" else "dynamic int8 classifiers run on ONNX Runtime")
-        elif family != "encoder":
-            # measured (bench/results/cpu-precision.md): ONNX Runtime decodes SmolLM2 1.6x faster than OpenVINO
-            # and runs GPT-2's full-sequence logits faster too
-            backend, why = "onnxruntime", "the fastest exact backend for causal LMs and seq2seq measured here"
-        elif openvino_installed():
-            backend, why = "onnxruntime+openvino", ("the fastest exact backends for classifiers: each batch on "
-                                                    "ONNX Runtime or OpenVINO, whichever this CPU ran faster at its size")
-        else:
-            backend, why = "onnxruntime", "OpenVINO is not installed (pip install 'promptmux[openvino]' is faster " \
-                                          "for classifiers)"
-    else:
-        why = "requested"
-    allowed = PRECISION_BACKENDS.get(precision)
-    if allowed and backend not in allowed:
-        raise BackendUnavailable(f"precision {precision} runs on backend {' or '.join(allowed)}, not {backend!r}; "
-                                 f"pass --backend {allowed[0]} (or auto)")
-    if backend == "onnxruntime+openvino" and (family != "encoder" or precision != "fp32"):
-        raise BackendUnavailable("backend onnxruntime+openvino runs fp32 classifiers (encoders); pass --backend "
-                                 "onnxruntime or openvino")
-    if backend in ("openvino", "onnxruntime+openvino"):
-        from .openvino_session import import_openvino
-
-        import_openvino()  # a clear error if it is missing
-        if precision == "bf16" and not cpu_has_bf16():
-            raise BackendUnavailable("precision bf16 needs a CPU with AMX or AVX512-BF16 (OpenVINO reports no BF16 "
-                                     "capability here); use precision fp32")
-    return backend, why
 
 
 # ---- the contract ---------------------------------------------------------------------------
@@ -150,28 +90,6 @@ def _label_index(rt, row: dict, task_labels: list | None, n_labels: int) -> int:
     return index
 
 
-def _generated_ids(rt, rows: int, length: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Random token ids (avoiding the first ids, where special tokens live) when no texts are given."""
-    rng = np.random.default_rng(seed)
-    vocab = rt.dims.vocab_size
-    low = min(1000, vocab // 2)
-    ids = rng.integers(low, vocab, size=(rows, length))
-    return ids, np.ones_like(ids)
-
-
-def _classifier_batches(rt, texts, task: str, size: int = 32):
-    """(ids, mask, token types) batches of the calibration texts for one task (cut to fit its positions), or of
-    generated ids."""
-    if texts is None:
-        ids, mask = _generated_ids(rt, CALIBRATION_ROWS, 24)
-        return [(ids[i:i + size], mask[i:i + size], None) for i in range(0, len(ids), size)]
-    batches = []
-    for i in range(0, len(texts), size):
-        enc = rt.encode(texts[i:i + size], task, truncation=True)
-        batches.append((enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids")))
-    return batches
-
-
 def measure(fast, exact, texts: list[str] | None = None, labelled: list[dict] | None = None) -> dict:
     """Compare the runtime `fast` with the fp32 runtime `exact` on the calibration inputs, task by task (a
     classifier task with labelled rows: on those, with both accuracies)."""
@@ -180,7 +98,7 @@ def measure(fast, exact, texts: list[str] | None = None, labelled: list[dict] | 
     for task in exact.tasks:
         mine = [r for r in labelled or () if r["task"] == task]
         if family == "encoder" and mine:
-            batches = _classifier_batches(exact, [r["text"] for r in mine], task)
+            batches = classifier_batches(exact, [r["text"] for r in mine], task)
             want = np.stack([r for ids, mask, types in batches for r in exact.forward(ids, mask, task, types)])
             got = np.stack([r for ids, mask, types in batches for r in fast.forward(ids, mask, task, types)])
             gold = np.array([_label_index(exact, r, exact.bank.entry(task).get("labels"), want.shape[1])
@@ -190,14 +108,14 @@ def measure(fast, exact, texts: list[str] | None = None, labelled: list[dict] | 
                             "accuracy_fp32": float((want.argmax(-1) == gold).mean()),
                             "accuracy": float((got.argmax(-1) == gold).mean())}
         elif family == "encoder":
-            batches = _classifier_batches(exact, texts, task)
+            batches = classifier_batches(exact, texts, task)
             want = np.stack([r for ids, mask, types in batches for r in exact.forward(ids, mask, task, types)])
             got = np.stack([r for ids, mask, types in batches for r in fast.forward(ids, mask, task, types)])
             report[task] = {"rows": len(want), "max_abs_diff": float(np.abs(got - want).max()),
                             "prediction_agreement": float((got.argmax(-1) == want.argmax(-1)).mean())}
         else:
             if texts is None:
-                ids, mask = _generated_ids(exact, CALIBRATION_PROMPTS, 16)
+                ids, mask = generated_ids(exact, CALIBRATION_PROMPTS, 16)
                 inputs = {"input_ids": ids, "attention_mask": mask}
             else:
                 inputs = list(texts)
@@ -261,7 +179,7 @@ def stored_contract(manifest: dict, backend: str, precision: str, digests: dict[
                     family: str) -> dict | None:
     """The manifest's contract for this backend and precision, if it covers exactly the bank's current tasks."""
     entry = (manifest.get("precision") or {}).get(record_key(backend, precision))
-    if entry and entry.get("digests") == digests and entry.get("recipe") == recipe(precision, family):
+    if entry and entry.get("digests") == digests and entry.get("recipe") == recipe(backend, precision, family):
         return entry
     return None
 
@@ -273,11 +191,15 @@ def fp32_layers(manifest: dict) -> tuple[int, ...]:
     return tuple(int(i) for i in entry.get("fp32_layers", ()))
 
 
-def recipe(precision: str, family: str) -> str | None:
+def recipe(backend: str, precision: str, family: str) -> str | None:
     """How the precision's graphs are made, where promptmux makes them (int8): a contract measured on graphs made
     otherwise does not hold for these."""
     if precision != "int8":
         return None
+    if backend == "openvino":
+        from .openvino_int8 import RECIPE
+
+        return RECIPE
     from .quantize import RECIPES
 
     return RECIPES.get(family)
@@ -295,8 +217,6 @@ def write_contract(deploy_dir: Path, backend: str, precision: str, entry: dict) 
 def calibrate(fast, items: list | None = None, source: str | None = None) -> dict:
     """Measure `fast` (a Runtime at a non-exact precision) against fp32 ONNX Runtime and build its contract.
     items: calibration texts and/or labelled rows ({"task", "text", "label"}); None: generated inputs."""
-    from .runtime import Runtime
-
     texts = [t for t in items or () if isinstance(t, str)] or None
     labelled = [r for r in items or () if isinstance(r, dict)] or None
     if labelled:
@@ -307,7 +227,7 @@ def calibrate(fast, items: list | None = None, source: str | None = None) -> dic
         if unknown:
             raise ValueError(f"labelled calibration rows name task(s) {', '.join(map(repr, unknown))} that this "
                              f"deployment does not serve ({len(fast.tasks)} tasks)")
-    exact = Runtime(fast.dir, backend="onnxruntime", precision="fp32", threads=fast._threads)
+    exact = type(fast)(fast.dir, backend="onnxruntime", precision="fp32", threads=fast.threads)  # a Runtime
     started = time.time()
     tasks = measure(fast, exact, texts, labelled)
     control = {}
@@ -315,9 +235,9 @@ def calibrate(fast, items: list | None = None, source: str | None = None) -> dic
         rows = {}
         for task in (t for t in tasks if misses({t: tasks[t]})):
             mine = [r["text"] for r in labelled or () if r["task"] == task]
-            rows[task] = _classifier_batches(exact, mine or texts, task)
+            rows[task] = classifier_batches(exact, mine or texts, task)
         fast.int8_fp32_layers, tasks, summary = accuracy_control.search(
-            fast, exact, lambda: measure(fast, exact, texts, labelled), rows,
+            fast, exact, lambda: measure(fast, exact, texts, labelled), misses, rows,
             all_int8=None if fast.int8_fp32_layers else tasks)
         control = {"accuracy_control": summary}
     if items is None:
@@ -331,7 +251,7 @@ def calibrate(fast, items: list | None = None, source: str | None = None) -> dic
         "seconds": round(time.time() - started, 1), "calibration": calibration,
         "thresholds": {**THRESHOLDS, "labelled": dict(LABELLED)},
         "tasks": tasks, "passed": passed(tasks), "digests": {t: fast.bank.digest(t) for t in fast.tasks},
-        **({"recipe": made} if (made := recipe(fast.precision, fast.spec.family)) else {}),
+        **({"recipe": made} if (made := recipe(fast.backend, fast.precision, fast.spec.family)) else {}),
         **({"fp32_layers": list(fast.int8_fp32_layers)} if accuracy_control.applies(fast) else {}), **control,
     }
 
@@ -371,6 +291,7 @@ def contract(rt, strict: bool, calibration=None) -> dict:
     for name in (LABELLED_FILE, CALIBRATION_FILE):
         if items is None and (rt.dir / name).is_file():
             items, source = calibration_texts(rt.dir / name), f"the deployment's {name}"
+    rt.calibration_items = items  # what graphs calibrated on data are made from (openvino_int8.py)
     digests = {t: rt.bank.digest(t) for t in rt.tasks}
     entry = None if calibration is not None else stored_contract(rt.manifest, rt.backend, rt.precision, digests,
                                                                     rt.spec.family)
@@ -394,22 +315,13 @@ def contract(rt, strict: bool, calibration=None) -> dict:
 def keep_texts(deploy_dir: Path, items: list) -> None:
     """Store calibration items in the deployment: calibration.jsonl where some are labelled rows, else
     calibration.txt (one text per line, as contract() normalises them); the other file is removed."""
-    import os
-    import tempfile
-
-    from promptmux.core.folder import deployment_lock, durable_replace
+    from promptmux.core.durable import write_durably
+    from promptmux.core.folder import deployment_lock
 
     name = LABELLED_FILE if any(isinstance(t, dict) for t in items) else CALIBRATION_FILE
     with deployment_lock(deploy_dir):
-        fd, tmp = tempfile.mkstemp(prefix=".calibration-", dir=deploy_dir)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.writelines(line + "\n" for line in _lines(items))
-            durable_replace(tmp, Path(deploy_dir) / name)
-            (Path(deploy_dir) / (CALIBRATION_FILE if name == LABELLED_FILE else LABELLED_FILE)).unlink(missing_ok=True)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_durably(Path(deploy_dir) / name, "".join(line + "\n" for line in _lines(items)).encode("utf-8"))
+        (Path(deploy_dir) / (CALIBRATION_FILE if name == LABELLED_FILE else LABELLED_FILE)).unlink(missing_ok=True)
 
 
 def enforce(entry: dict, strict: bool) -> None:

@@ -10,8 +10,8 @@ own initializer. Activations and the KV cache stay fp32.
 A classifier's forward over whole sequences is bound by compute instead, and there MatMulNBits was barely faster
 than fp32 (1.04-1.07x at B = 32 on the demo, AMD Zen 4): its graphs get ONNX Runtime's dynamic quantization, int8
 weights with a scale per output channel and int8 activations with a scale per batch (MatMulInteger), 2.4x faster
-than fp32 there (bench/results/int8-classifier-bench-amd-zen4.md). Per channel rather than per tensor: 95.3 % of
-fp32's sentiment predictions kept against 91.6 % (bench/results/int8-classifier-minilm-amd-zen4.json). Whether that is good enough for a deployment is its
+than fp32 there (results/int8-classifier-bench-amd-zen4.md). Per channel rather than per tensor: 95.3 % of
+fp32's sentiment predictions kept against 91.6 % (results/int8-classifier-minilm-amd-zen4.json). Whether that is good enough for a deployment is its
 accuracy contract's to say (runtime/precision.py).
 
 Each quantized graph is written once beside the original (`decoder.int8.onnx`, `model.int8.onnx`, ...) and

@@ -4,7 +4,7 @@ for its size (fp32 classifiers; what `auto` picks for them where OpenVINO is ins
 A batch goes by its positions (rows x width, virtual tokens included); where the engines cross over is measured on
 each CPU kind for each deployment (routing.py). Both compute fp32 and pass the same fidelity tests against PEFT.
 Each engine is made on its first batch, so a process that only sees small batches never compiles OpenVINO. The
-measurements behind the design: studies/cpu_hybrid.py, bench/results/cpu-hybrid*.
+measurements behind the design: studies/cpu_hybrid.py, results/cpu-hybrid*.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from collections import Counter
 
 import numpy as np
 
-from .batch import OnFirstUse
 from .routing import Routing
+from .sessions import OnFirstUse
 
 
 class RoutedSession:

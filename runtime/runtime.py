@@ -13,14 +13,13 @@ import numpy as np
 
 from promptmux.core.archs import arch_for, dims_of, usable_positions
 from promptmux.core.bank import UnknownTaskError
-from promptmux.core.folder import FOLDED_GRAPH, GRAPH, load_base_config, read_bank, read_manifest, update_tasks
+from promptmux.core.folder import load_base_config, read_bank, read_manifest, update_tasks
 from promptmux.core.light_config import LightConfig, runtime_config
 from promptmux.core.overlay import BankOverlay
 from promptmux.core.task import Task, same_prompt, task_name
 
+from .backends import BACKENDS, choose_backend
 from .batch import (
-    CPU_ENGINES,
-    OnFirstUse,
     apply_head,
     fitting_groups,
     label_scores,
@@ -30,10 +29,14 @@ from .batch import (
     task_names,
 )
 from .errors import InputError
+from .fast import resolve as fastest_precision
+from .kv_cache import DEFAULT_KV_CACHE_BYTES
+from .precision import contract, fp32_layers
+from .routing import Routing
+from .routing import resolve as measured_routing
 from .text import load_tokenizer, too_long
 
 PRECOMPUTED_AT_START = 4096  # tasks whose prompt KV is computed as generation starts (while the cache has room)
-BACKENDS = ("auto", "onnxruntime", "openvino", "onnxruntime+openvino", "onnxruntime-cuda", "tensorrt", "torch")
 _ORT_DEVICE = "cuda"  # where backend "onnxruntime-cuda" binds its tensors (tests run the binding path on "cpu")
 log = logging.getLogger("promptmux.runtime")
 __all__ = ["InputError", "Runtime", "UnknownTaskError", "apply_head"]
@@ -68,32 +71,25 @@ class Runtime:
                  precision: str = "fp32", strict: bool = False, calibration: Sequence[str] | None = None,
                  bank_cache_mb: float | None = None, kv_cache_mb: float | None = None,
                  route_positions: int | None = None):
-        from .precision import choose_backend, fp32_layers
-        from .routing import Routing
-        from .routing import resolve as measured_routing
-
         self.dir = Path(deploy_dir)
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
         self.manifest = read_manifest(self.dir)
         self.config = runtime_config(self.dir, self.manifest)  # without transformers where it can (light_config.py)
         self.spec = arch_for(self.config)
         self.dims = dims_of(self.config)
         self.fast = None
         if precision == "fast":
-            from .fast import resolve as fastest_precision
-
-            precision, self.fast = fastest_precision(self.dir, self.manifest, threads, calibration)
+            precision, self.fast = fastest_precision(self.dir, self.manifest, threads, calibration, type(self))
+            if backend == "auto" and self.fast.get("backend"):
+                backend = self.fast["backend"]  # the int8 that won: ONNX Runtime's or OpenVINO's
             self.manifest = read_manifest(self.dir)  # with the contracts and the choice just recorded
             calibration = None  # the chosen precision's contract was measured on it (and the deployment keeps it)
         self.backend, self.backend_reason = choose_backend(backend, precision, self.spec.family)
-        backend = self.backend
         self.precision = precision
         self.int8_fp32_layers = fp32_layers(self.manifest) if precision == "int8" else ()  # accuracy_control.py
         self.device_id = device_id
         cache = None if bank_cache_mb is None else int(bank_cache_mb * 2**20)
-        from .kv_cache import DEFAULT_KV_CACHE_BYTES
-
         self.kv_cache_bytes = DEFAULT_KV_CACHE_BYTES if kv_cache_mb is None else int(kv_cache_mb * 2**20)
         self.bank = read_bank(self.dir, self.manifest, cache)  # opening reads no task (core/bank.py)
         self._lock = threading.Lock()  # serializes task changes, not requests
@@ -106,52 +102,28 @@ class Runtime:
             log.warning("task %r changed since it was folded; serving it from the main graph", folded["task"])
             folded = None
         self.folded_task = folded["task"] if folded else None
-        self._threads = threads
+        self.threads = threads
         self.routing = Routing(route_positions, given=True) if route_positions is not None else Routing()
-        if backend == "tensorrt":
-            from .trt_session import engine_sessions
-
-            self.session, decoder_engine = engine_sessions(self.dir, self.manifest, device_id)
-            self._trt_decoder = decoder_engine
-            self.folded_session = None  # the engine serves every task; folding is an ONNX Runtime CPU option
-            self.folded_task = None
-        elif backend != "torch":
-            noprefix = self.manifest["graph"].get("noprefix")
-            if noprefix and backend in CPU_ENGINES:  # made when a batch without prefix rows comes
-                self.noprefix_session = OnFirstUse(lambda: self._graph_session(self.dir / noprefix["file"]))
-            if self.spec.family == "decoder" or self.noprefix_session is not None:
-                # made on first use: generation needs only the cached decoder graph, and an encoder whose batches
-                # have no prefix rows only the graph without prefix inputs
-                self.session = OnFirstUse(lambda: self._graph_session(self.dir / GRAPH))
-            else:
-                self.session = self._graph_session(self.dir / GRAPH)
-            self.folded_session = self._graph_session(self.dir / FOLDED_GRAPH) if folded else None
-        else:
-            from .sessions import torch_session
-
-            self.session, model = torch_session(Path(base or self.manifest["base"]["path"]), self.hf_config,
-                                                self.spec, threads)
-            self.folded_session = None
-            self.folded_task = None
-            self._torch_model = model
+        self.backend_state: dict = {}  # what the backend keeps for later sessions (backends.py)
+        self.folded_session = None
+        BACKENDS[self.backend].open(self, base)  # session, folded_session, noprefix_session (backends.py)
         # The folded graph has this task's prompt baked in: it serves only batches whose every view holds these
         # very arrays, so a task replaced or removed since goes back to the main graph by itself.
         self._folded_view = self.bank.view(self.folded_task) if self.folded_session is not None else None
         self._generator = None
         self.prepared: list[dict] = []  # what prepare() built, if it ran
         self.contract = None  # a non-exact precision's measured agreement with fp32 (manifest "precision")
-        self.routing_record = measured_routing(self, threads) if backend == "onnxruntime+openvino" else None
+        self.calibration_items = None  # the rows the contract is measured on (None: generated inputs; precision.py)
+        self.routing_record = measured_routing(self, threads) if self.backend == "onnxruntime+openvino" else None
         if precision != "fp32":
-            from .precision import contract
-
             self.contract = contract(self, strict, calibration)
 
-    def _graph_session(self, path: Path):
-        """A session over one ONNX graph of the deployment, for the ONNX Runtime and OpenVINO backends."""
-        from .sessions import graph_session
-
-        return graph_session(path, self.backend, self.precision, self._threads, self.device_id, _ORT_DEVICE,
-                             self.spec.family, self.int8_fp32_layers, self.routing)
+    def graph_session(self, path: Path, precision: str | None = None, keep_fp32: tuple[int, ...] | None = None):
+        """A session over one ONNX graph of the deployment on this runtime's graph backend (backends.py), at its
+        precision unless one is given (accuracy control opens fp32 twins)."""
+        return BACKENDS[self.backend].graph_session(
+            self, path, precision or self.precision, self.int8_fp32_layers if keep_fp32 is None else keep_fp32,
+            _ORT_DEVICE)
 
     def prepare(self, progress=None) -> list[dict]:
         """Build every engine and graph this runtime's routing can pick, and run one small batch through each, so
@@ -301,46 +273,22 @@ class Runtime:
         return self._generator.cached_bytes() if hasattr(self._generator, "cached_bytes") else 0
 
     def _decoder_session(self):
-        if self.backend == "tensorrt":
-            if self._trt_decoder is None:
-                raise InputError(f"{self.dir} has no TensorRT engine for the cached decoder; run promptmux "
-                                 "build-engine again with this promptmux version")
-            return self._trt_decoder
-        if self.backend != "torch":
-            return self._graph_session(self.dir / self.manifest["decoder"]["file"])
-        from .sessions import TorchSession
-
-        if self.spec.family == "seq2seq":
-            from promptmux.core.seq2seq_graph import (
-                DECODER_STEP_INPUTS,
-                cross_names,
-                decoder_step,
-                self_names,
-            )
-
-            step = decoder_step(self._torch_model)
-            return TorchSession(step, [*DECODER_STEP_INPUTS, *self_names(step.layers), *cross_names(step.layers)])
-        from promptmux.core.graph import PromptedDecoder
-        from promptmux.core.io_spec import DECODER_INPUTS, past_names
-
-        return TorchSession(PromptedDecoder(self._torch_model), list(DECODER_INPUTS) + past_names(self.dims.num_layers))
+        return BACKENDS[self.backend].decoder_session(self)
 
     def _generation_inputs(self, inputs, tasks):
         """Text (list of str), token ids (2-D, left padding for batches) or rows of token ids of any lengths
         (padded here) -> ids, mask, task names, is_text."""
         is_text = isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs
                                               and all(isinstance(x, str) for x in inputs))
+        # Causal LMs continue each row's last token: pad on the left. A seq2seq encoder is bidirectional with
+        # relative positions: right padding keeps every row's result independent of the batch. Ragged rows of ids
+        # are padded the same way.
+        side = "right" if self.spec.family == "seq2seq" else "left"
         if is_text:
             texts = [inputs] if isinstance(inputs, str) else list(inputs)
             if any(not t.strip() for t in texts):
                 raise InputError("empty prompt: every input text must contain something to continue")
-            tok = self.tokenizer
-            if tok.pad_token is None:
-                tok.pad_token = tok.eos_token
-            # Causal LMs continue each row's last token: pad on the left. A seq2seq encoder is bidirectional
-            # with relative positions: right padding keeps every row's result independent of the batch.
-            tok.padding_side = "right" if self.spec.family == "seq2seq" else "left"
-            enc = tok(texts, padding=True, return_tensors="np")
+            enc = self.tokenizer(texts, padding=True, padding_side=side, return_tensors="np")
             ids, mask = enc["input_ids"], enc["attention_mask"]
         else:
             ids, mask = (inputs["input_ids"], inputs.get("attention_mask")) if isinstance(inputs, dict) else (inputs,
@@ -349,8 +297,6 @@ class Runtime:
                 raise InputError("empty prompt: a row of input_ids has no tokens")
             if isinstance(ids, np.ndarray) and ids.ndim == 2 and ids.shape[1] == 0:
                 raise InputError("empty prompt: input_ids has no tokens")
-        # Ragged rows of ids are padded as the tokenizer pads text (causal LMs continue each row's last token).
-        side = "right" if self.spec.family == "seq2seq" else "left"
         ids, mask, tasks, _ = self._check_inputs(ids, mask, tasks, None, pad_side=side)
         return ids, mask, tasks, is_text
 
@@ -382,7 +328,7 @@ class Runtime:
         server's scheduler uses too)."""
         from .generate import TextStream
 
-        eos = set(self.generator._eos(params).tolist())
+        eos = set(self.generator.eos_for(params).tolist())
         batch = ids.shape[0]
         texts = [TextStream(self.tokenizer, params.stop) for _ in range(batch)] if is_text else None
         finished = [None] * batch
@@ -449,8 +395,6 @@ class Runtime:
             raise InputError("texts must be a non-empty list of non-empty strings")
         names = task_names(tasks, len(texts)) if tasks is not None else None
         tok = self.tokenizer
-        if tok.pad_token is None:  # GPT-2 style tokenizers: pad with EOS (masked out anyway)
-            tok.pad_token = tok.eos_token
         batch = tok(list(texts))
         rows = [{k: batch[k][i] for k in batch} for i in range(len(texts))]
         dropped = [0] * len(rows)

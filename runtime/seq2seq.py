@@ -54,7 +54,7 @@ class Seq2SeqGenerator:
         gen = generation_config(runtime.dir)
         self.forced_first, self.forced_last = gen.forced_bos_token_id, gen.forced_eos_token_id
 
-    def _eos(self, params: SamplingParams) -> np.ndarray:
+    def eos_for(self, params: SamplingParams) -> np.ndarray:
         return eos_ids(params, self.rt.config)
 
     def stream(self, ids: np.ndarray, mask: np.ndarray, views: list[Task], params: SamplingParams,
@@ -74,7 +74,7 @@ class Seq2SeqGenerator:
         cross_feeds = dict(zip(self.cross_names, cross))
         token = np.full(batch, self.start_token, np.int64)
         rng = np.random.default_rng(params.seed)
-        eos = self._eos(params)
+        eos = self.eos_for(params)
         done = np.zeros(batch, bool)
         pad = pad_id(rt.config)
         for step in range(params.max_new_tokens):

@@ -3,6 +3,7 @@ as the reference."""
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from .errors import BackendUnavailable
 
 # ONNX Runtime's CPU SkipLayerNormalization (which its online optimizer fuses from Add + LayerNormalization) was
 # slower than the two ops it replaces on an AMX Xeon: disabling the fusion took 3-15 % off a MiniLM forward at
-# B = 1, 8 and 32 (python -m studies.ort_fusions; bench/results/ort-fusions-minilm.json). Decomposing the
+# B = 1, 8 and 32 (python -m studies.ort_fusions; results/ort-fusions-minilm.json). Decomposing the
 # graph's Attention nodes into MatMul/Softmax/MatMul for ORT was tried too and was not faster.
 CPU_DISABLED_OPTIMIZERS = ["SkipLayerNormFusion"]
 
@@ -43,6 +44,30 @@ class OrtSession:
 
     def run_all(self, feeds: dict[str, np.ndarray], bank_key=None) -> list[np.ndarray]:
         return self.session.run(None, {n: feeds[n] for n in self.input_names})
+
+
+class OnFirstUse:
+    """A session made when it is first used: a causal LM's full-sequence graph (forward(), full-sequence
+    benchmarks) is not loaded, converted or compiled by a process that only generates."""
+
+    def __init__(self, make):
+        self._make, self._session, self._lock = make, None, threading.Lock()
+
+    def __getattr__(self, name):  # only for what the session has (run, run_all, input_names, ...)
+        if self._session is None:
+            with self._lock:
+                if self._session is None:
+                    self._session = self._make()
+        return getattr(self._session, name)
+
+    @property
+    def made(self) -> bool:
+        return self._session is not None
+
+    def release(self) -> None:
+        """Drop the session made (if any): the next use makes it again."""
+        with self._lock:
+            self._session = None
 
 
 def host(x) -> np.ndarray:
@@ -149,29 +174,6 @@ class TorchSession:
         return [t.float().numpy() for t in (out if isinstance(out, tuple) else (out,))]
 
 
-def graph_session(path: Path, backend: str, precision: str, threads: int | None, device_id: int = 0,
-                  ort_device: str = "cuda", family: str = "encoder", keep_fp32: tuple[int, ...] = (), routing=None):
-    """A session over one ONNX graph for a CPU or ONNX Runtime backend (runtime.py BACKENDS); at precision int8
-    (ONNX Runtime only, precision.py) over the int8 graph made from it (quantize.py; keep_fp32: the layers
-    accuracy control keeps fp32; routing: the onnxruntime+openvino split, routing.py)."""
-    if precision == "int8":
-        from .quantize import int8_graph
-
-        path = int8_graph(path, family, keep_fp32)
-    if backend == "onnxruntime+openvino":
-        from .openvino_session import OpenVinoSession
-        from .routed_session import RoutedSession
-
-        return RoutedSession(lambda: OrtSession(path, threads), lambda: OpenVinoSession(path, "fp32", threads), routing)
-    if backend == "openvino":
-        from .openvino_session import OpenVinoSession
-
-        return OpenVinoSession(path, "bf16" if precision == "bf16" else "fp32", threads)
-    if backend == "onnxruntime-cuda":
-        return OrtBoundSession(path, device=ort_device, device_id=device_id, threads=threads)
-    return OrtSession(path, threads)
-
-
 def torch_session(base: Path, hf_config, spec, threads: int | None):
     """(session, model): the backend "torch", eager PyTorch over the base model folder (the reference)."""
     from promptmux.core.folder import load_base_model
@@ -185,3 +187,16 @@ def torch_session(base: Path, hf_config, spec, threads: int | None):
     model = load_base_model(base, hf_config)
     module = PromptedEncoder(model) if spec.family == "seq2seq" else PromptedBackbone(model)
     return TorchSession(module, input_names(spec), threads), model
+
+
+def torch_decoder_session(model, spec, dims) -> TorchSession:
+    """The cached decoder step in eager PyTorch (backend "torch"), over the model torch_session loaded."""
+    if spec.family == "seq2seq":
+        from promptmux.core.seq2seq_graph import DECODER_STEP_INPUTS, cross_names, decoder_step, self_names
+
+        step = decoder_step(model)
+        return TorchSession(step, [*DECODER_STEP_INPUTS, *self_names(step.layers), *cross_names(step.layers)])
+    from promptmux.core.graph import PromptedDecoder
+    from promptmux.core.io_spec import DECODER_INPUTS, past_names
+
+    return TorchSession(PromptedDecoder(model), list(DECODER_INPUTS) + past_names(dims.num_layers))

@@ -6,12 +6,16 @@ from pathlib import Path
 
 
 def load_tokenizer(deploy_dir: str | Path):
-    """The deployment's tokenizer. Its "Token indices sequence length is longer than ..." warning is turned off:
-    promptmux checks every row against the model's positions itself (see too_long), with the row's task."""
+    """The deployment's tokenizer, set up once for every use: its "Token indices sequence length is longer than
+    ..." warning is turned off (promptmux checks every row against the model's positions itself, see too_long, with
+    the row's task), and a tokenizer without a pad token (GPT-2 style) pads with its end-of-sequence token (padded
+    positions are masked out). The padding side is each caller's: it is passed per call, never set here."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(deploy_dir))
     tok.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True  # "already warned"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
     return tok
 
 

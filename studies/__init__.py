@@ -1,1 +1,1 @@
-"""One-off measurements behind the notes in bench/results/ (not installed; see studies/README.md)."""
+"""One-off measurements behind the notes in results/ (not installed; see studies/README.md)."""

@@ -8,7 +8,7 @@ The workload of issue 24, one process per store (python studies/bank_store.py --
 - one add and one remove, each its own durable transaction (fsync), while the store holds N: p50 / p99;
 - 4 writer processes adding and removing 200 tasks each at once: nothing lost, total time;
 - bytes on disk.
-Prints the results with the machine and the load average; --out writes them as JSON (bench/results/bank-store-*).
+Prints the results with the machine and the load average; --out writes them as JSON (results/bank-store-*).
 LMDB is not a promptmux dependency: pip install lmdb to run this.
 """
 

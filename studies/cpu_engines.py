@@ -14,7 +14,7 @@ process (no thread pool of one engine spinning on the cores of the other), same 
 The bare encoder runs S + virtual-token positions so that every engine does the same attention work.
 
     python -m studies.cpu_engines out/minilm-demo [--batch-sizes 1,8,32] [--seq-len 64] [--threads 2]
-        [--task sentiment] [--out bench/results/cpu-engines.json]
+        [--task sentiment] [--out results/cpu-engines.json]
 """
 
 from __future__ import annotations

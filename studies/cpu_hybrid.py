@@ -9,7 +9,7 @@ Measures, on the deployment's graph for batches without prefix rows, the engine 
 * B=1 on ONNX Runtime right after a B=32 call on OpenVINO, and the reverse.
 
     python -m studies.cpu_hybrid [DEPLOY] [--shapes 1x64,8x64,16x64,32x64,8x256] [--threads 2] [--rounds 15]
-        [--out bench/results/cpu-hybrid.json]
+        [--out results/cpu-hybrid.json]
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="1x64,8x64,16x64,32x64,8x256")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--out", type=Path, default=Path("bench/results/cpu-hybrid.json"))
+    p.add_argument("--out", type=Path, default=Path("results/cpu-hybrid.json"))
     args = p.parse_args(argv)
     from promptmux.runtime.runtime import Runtime
 

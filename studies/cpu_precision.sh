@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The CPU backend x precision results of bench/results/cpu-precision.md, on the demo deployments (2 threads).
+# The CPU backend x precision results of results/cpu-precision.md, on the demo deployments (2 threads).
 # Every system runs in its own process (promptmux bench's default), rounds alternating.
 #   bash studies/cpu_precision.sh           (about 25 minutes on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-R=bench/results
+R=results
 T=${THREADS:-2}
 mkdir -p out
 python -m studies.machine_limits --threads "$T" --out $R/machine-limits.json

@@ -5,7 +5,7 @@ process beside it (the flake needed load). --entry main runs `sys.exit(promptmux
 fixed.
 
     python -m studies.ctrl_c_exit BASE_DIR ADAPTER_DIR [--runs 20] [--load] [--entry entry|main]
-        [--out bench/results/ctrl-c-exit-ENTRY.json]
+        [--out results/ctrl-c-exit-ENTRY.json]
 
 BASE_DIR and ADAPTER_DIR: any small base model and prompt-tuning adapter (the test suite's tiny BERT ones do).
 """
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
               "entry": args.entry, "runs": args.runs, "load": args.load,
               "return_codes": {str(k): v for k, v in codes.items()},
               "stderr_other_than_one_line": sorted({err for _, err in results if err != "promptmux: interrupted\n"})}
-    (args.out or Path(f"bench/results/ctrl-c-exit-{args.entry}.json")).write_text(json.dumps(record, indent=1) + "\n")
+    (args.out or Path(f"results/ctrl-c-exit-{args.entry}.json")).write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps(record))
     return 0 if set(codes) == {130} else 1
 

@@ -1,7 +1,7 @@
 """Does the exporter's graph optimizer earn its time? Export with and without onnxscript's optimizer
 (`torch.onnx.export(optimize=...)`, export/onnx_export.py ONNXSCRIPT_OPTIMIZER), then time both deployments.
 
-    python -m studies.export_optimize minilm|smollm2 [--rounds 5] [--out bench/results/export-optimize-X.json]
+    python -m studies.export_optimize minilm|smollm2 [--rounds 5] [--out results/export-optimize-X.json]
 
 Each export and each timing runs in its own process; timings alternate between the two deployments, round by
 round, and report medians. The graph each timing ran is asserted (Runtime.graph_runs), and the two deployments'

@@ -5,7 +5,7 @@ answer is the first word of 4 greedy tokens, as that script scores it. Every pre
 in mixed-task batches of 16; its tokens are compared with fp32 ONNX Runtime's, row by row.
 
     python -m studies.generation_accuracy out/smollm2-demo [--systems onnxruntime/fp32,onnxruntime/int8]
-        [--out bench/results/generation-accuracy-smollm2.json]
+        [--out results/generation-accuracy-smollm2.json]
 """
 
 from __future__ import annotations

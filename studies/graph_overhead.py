@@ -18,7 +18,7 @@ Variants (all run the same token positions, S tokens + the task's T virtual toke
 * runtime:      Runtime.forward on the deployment (full graph plus the host-side layout and heads).
 
     python -m studies.graph_overhead [DEPLOY] [--batch-sizes 1,8,32] [--seq-len 64] [--threads 2]
-        [--rounds 7] [--work DIR] [--out bench/results/graph-overhead.json]
+        [--rounds 7] [--work DIR] [--out results/graph-overhead.json]
 
 DEPLOY defaults to a MiniLM demo deployment exported into the work folder. Exports are cached there too, and so are
 ORT's optimized graphs (optimized-VARIANT.onnx), summarised by op type in the JSON.
@@ -133,8 +133,8 @@ def export_variants(deploy: Path, work: Path) -> dict[str, Path]:
 
     from promptmux.core.folder import load_base_model
     from promptmux.core.graph import PromptedBackbone
+    from promptmux.core.quiet import quiet_libraries
     from promptmux.export import mpt_function
-    from promptmux.export.deploy import quiet_libraries
     from promptmux.export.onnx_export import dynamic_shapes, example_inputs, rename_axes, save_model, to_onnx
     from studies.cpu_engines import bare_onnx
 

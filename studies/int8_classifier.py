@@ -4,7 +4,7 @@ The bar (issue 12): keep at least 99.5 % of fp32's predictions on both demo task
 deployment's graph with ONNX Runtime and answers the held-out examples in mixed batches, like fp32 does; its
 predictions are compared with fp32's (the same graph unquantized), and the speed of both is timed at B=32.
 
-    python -m studies.int8_classifier out/minilm-demo [--out bench/results/int8-classifier.json]
+    python -m studies.int8_classifier out/minilm-demo [--out results/int8-classifier.json]
 
 Variants: dynamic int8 weights and activations per tensor (quantize_dynamic's defaults), and per channel; and
 weight-only int8 with int8 compute (MatMulNBits, accuracy level 4: activations quantized per row and block).

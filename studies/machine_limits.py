@@ -1,6 +1,6 @@
 """What this machine can do at most: fp32 and bf16 matrix-multiply rates and memory bandwidth.
 
-    python -m studies.machine_limits [--threads N] [--out bench/results/machine-limits.json]
+    python -m studies.machine_limits [--threads N] [--out results/machine-limits.json]
 
 Every benchmark row is then read as a fraction of the limit that bounds it: a classifier's forward is matrix
 work (FLOPs / s against the GEMM rate of its precision), a decoding step reads every weight once (bytes / s
@@ -66,7 +66,7 @@ def measure(threads: int) -> dict:
             "method": __doc__.strip().split("\n\n")[-1].replace("\n", " ")}
 
 
-def load(path: str | Path = Path(__file__).resolve().parents[1] / "bench" / "results" / "machine-limits.json") -> dict:
+def load(path: str | Path = Path(__file__).resolve().parents[1] / "results" / "machine-limits.json") -> dict:
     return json.loads(Path(path).read_text())["limits"]
 
 

@@ -13,7 +13,7 @@ counts the fused RoPE nodes in the compiled graph, and times the ONNX -> IR conv
 (once per deployment).
 
     python -m studies.openvino_cache out/minilm-demo:cls:fp32 out/minilm-demo:cls:bf16 \
-        out/gpt2-small:gen:fp32 out/smollm2-demo:gen:fp32 [--rounds 5] [--out bench/results/openvino-cache.json]
+        out/gpt2-small:gen:fp32 out/smollm2-demo:gen:fp32 [--rounds 5] [--out results/openvino-cache.json]
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("specs", nargs="+", help="DEPLOY:cls|gen:fp32|bf16")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--out", type=Path, default=Path("bench/results/openvino-cache.json"))
+    p.add_argument("--out", type=Path, default=Path("results/openvino-cache.json"))
     args = p.parse_args(argv)
     import openvino as ov
 

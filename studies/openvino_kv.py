@@ -5,7 +5,7 @@ out of the request's memory (what runtime/openvino_session.py did before), "hand
 presents and logits into arrays the generator then owns (what it does now). Greedy tokens must be identical.
 
     python -m studies.openvino_kv [DEPLOY] [--precision fp32|bf16] [--batch 8] [--prompt 64] [--new 32]
-        [--rounds 5] [--out bench/results/openvino-kv-handover-PRECISION.json]
+        [--rounds 5] [--out results/openvino-kv-handover-PRECISION.json]
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
               "tokens_per_s": {m: args.batch * args.new / s for m, s in med.items()},
               "speedup_handover": med["copy"] / med["handover"], "same_tokens": tokens["copy"] == tokens["handover"],
               "load_avg_start_end": load}
-    out = args.out or Path(f"bench/results/openvino-kv-handover-{args.precision}.json")
+    out = args.out or Path(f"results/openvino-kv-handover-{args.precision}.json")
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
     return 0 if result["same_tokens"] else 1

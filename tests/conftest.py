@@ -436,19 +436,19 @@ if FORCED_CPU not in ("", "no-bf16"):
 
 @pytest.fixture(autouse=FORCED_CPU == "no-bf16")
 def _cpu_without_bf16(monkeypatch):
-    from promptmux.runtime import precision
+    from promptmux.runtime import backends
 
-    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(backends, "cpu_has_bf16", lambda: False)
 
 
 @pytest.fixture
 def bf16_cpu():
     """For tests of the bf16 path itself: skips, naming this CPU, where OpenVINO computes no bf16. The refusal
     there is tested on every CPU (test_precision.py: test_bf16_is_refused_where_the_cpu_has_none)."""
-    from promptmux.runtime import precision
+    from promptmux.runtime import backends
     from promptmux.runtime.cpu import describe
 
     if FORCED_CPU == "no-bf16":
         pytest.skip("bf16 forced off (PROMPTMUX_TEST_CPU=no-bf16: as on a CPU without AMX / AVX512-BF16)")
-    if not precision.cpu_has_bf16():
+    if not backends.cpu_has_bf16():
         pytest.skip(f"this CPU has no bf16 (AMX / AVX512-BF16): {describe()}")

@@ -1,5 +1,5 @@
 """The serving load benchmark runs end to end against a tiny deployment and records what it must (no timing is
-asserted: the numbers are recorded by a real run on the demo, bench/results/serve-cpu.md)."""
+asserted: the numbers are recorded by a real run on the demo, results/serve-cpu.md)."""
 
 from __future__ import annotations
 

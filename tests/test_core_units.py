@@ -213,3 +213,16 @@ def test_light_config_reads_as_the_transformers_config(arch):
         assert decoder_sizes(light) == decoder_sizes(config)
     with pytest.raises(AttributeError, match="has no 'no_such_setting'"):
         light.no_such_setting
+
+
+def test_the_backend_table_is_the_one_list_of_backends_and_auto_covers_every_precision_and_family():
+    from promptmux.bench.settings import BACKENDS as BENCH_BACKENDS
+    from promptmux.cli.common import BACKEND_CHOICES
+    from promptmux.runtime.backends import AUTO, BACKENDS, FAMILIES, PRECISION_FAMILIES, PRECISIONS
+
+    assert BACKEND_CHOICES == list(BENCH_BACKENDS) == ["auto", *BACKENDS]
+    for precision in PRECISIONS:  # auto always ends on a row without a condition, on a backend that runs it
+        for family in PRECISION_FAMILIES.get(precision, FAMILIES):
+            rows = [r for r in AUTO if r[0] == precision and family in r[1]]
+            assert rows and rows[-1][2] is None, (precision, family)
+            assert all(precision in BACKENDS[r[3]].precisions and family in BACKENDS[r[3]].families for r in rows)

@@ -5,7 +5,7 @@ tensors resident on the device and leaves a decoder's present key/values on the 
 Here the same binding code runs on the CPU provider (runtime._ORT_DEVICE = "cpu"), so everything but
 the CUDA kernels is checked: outputs equal the plain session's, resident bank tensors are reused and
 refreshed when the bank changes, generation feeds device outputs back in. The CUDA run itself needs
-onnxruntime-gpu and a GPU (bench/results records where it ran).
+onnxruntime-gpu and a GPU (results records where it ran).
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ class CliError(Exception):
 
 
 BACKEND_CHOICES = ["auto", "onnxruntime", "openvino", "onnxruntime+openvino", "onnxruntime-cuda", "tensorrt",
-                   "torch"]  # runtime.BACKENDS
-PRECISION_CHOICES = ["fp32", "bf16", "int8", "fast"]  # runtime.precision.PRECISIONS, and fast (runtime/fast.py)
+                   "torch"]  # "auto" and runtime/backends.py BACKENDS (tests/test_core_units.py checks they agree)
+PRECISION_CHOICES = ["fp32", "bf16", "int8", "fast"]  # runtime/backends.py PRECISIONS, and fast (runtime/fast.py)
 
 
 def open_runtime(args, **kwargs):

@@ -30,7 +30,8 @@ def _add_runtime_options(parser) -> None:
     parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help=BACKEND_HELP)
     parser.add_argument("--precision", default="fp32", choices=PRECISION_CHOICES,
                         help="fp32 (exact, default); bf16 (OpenVINO on AMX/AVX512-BF16 CPUs); int8 (ONNX Runtime, "
-                             "int8 weights and products: classifiers, causal-LM decoding); fast (the fastest of "
+                             "int8 weights and products: classifiers, causal-LM decoding; with --backend openvino: "
+                             "NNCF's static int8, classifiers); fast (the fastest of "
                              "them that meets its contract on this CPU, measured once per CPU kind). A non-exact "
                              "precision is measured against fp32 on first use and the result kept in the manifest")
     parser.add_argument("--strict", action="store_true",
@@ -246,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help=BACKEND_HELP)
     d.add_argument("--precision", default="fp32", choices=PRECISION_CHOICES,
                    help="fp32 (exact), bf16 (OpenVINO on AMX/AVX512-BF16), int8 (ONNX Runtime int8 weights and "
-                        "products), fast (the fastest that meets its contract here); MiniLM measures its labelled "
+                        "products; NNCF's static int8 with --backend openvino), fast (the fastest that meets its "
+                        "contract here); MiniLM measures its labelled "
                         "contract on held-out rows")
     d.set_defaults(func=cmd_demo)
 

