@@ -103,7 +103,7 @@ ARCHS: dict[str, ArchSpec] = {
     "gpt2": ArchSpec(family="decoder"),
     "llama": ArchSpec(family="decoder"),
     "opt": ArchSpec(family="decoder", positions_follow_mask=True),
-    # Relative position bias, no position ids; prefixes go to the decoder (see export/seq2seq.py).
+    # Relative position bias, no position ids; prefixes go to the decoder (see export/seq2seq_export.py).
     "t5": ArchSpec(family="seq2seq"),
     # Learned positions (the encoder counts through the virtual tokens, as PEFT's concatenation does), scaled
     # attention, post-LayerNorm blocks; its own decoder start token (the config's). No token types.

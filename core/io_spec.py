@@ -58,7 +58,7 @@ BANK_INPUTS = frozenset(n for n, i in INPUTS.items() if i.bank)
 PREFIX_INPUTS = tuple(n for n, i in INPUTS.items() if i.group == "prefix")
 LAYOUT_INPUTS = ("attention_mask", "position_ids", "order")
 # A seq2seq model's encoder graph: no position ids (relative position bias) and no prefix inputs (prefixes are
-# the decoder's cache; see export/seq2seq.py).
+# the decoder's cache; see export/seq2seq_export.py).
 SEQ2SEQ_ENCODER_INPUTS = ("input_ids", "attention_mask", "order", *(n for n in PROMPT_INPUTS if n not in PREFIX_INPUTS))
 # The cached decoder graph: every layout and prompt input but the prefixes (the past replaces them), then
 # logits_index and the past.

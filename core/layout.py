@@ -38,33 +38,35 @@ class LayoutBuilder:
         self.input_ids, self.attention_mask, self.token_type_ids = input_ids, attention_mask, token_type_ids
         self.dtype = dtype
         batch, self.seq = input_ids.shape
-        self.tm, self.p_len, self.n_len = slots["mpt"], slots["input"], slots["prefix"]
+        self.mpt_slots, self.prompt_slots, self.prefix_slots = slots["mpt"], slots["input"], slots["prefix"]
         self.has_prefix = spec.supports_prefix
-        length = self.tm + self.p_len + self.seq
+        length = self.mpt_slots + self.prompt_slots + self.seq
         d = dims.hidden_size
         self.feeds: dict[str, np.ndarray] = {
             "input_ids": input_ids.astype(np.int64),
-            "attention_mask": np.zeros((batch, self.n_len + length), np.int64),
+            "attention_mask": np.zeros((batch, self.prefix_slots + length), np.int64),
             "position_ids": np.full((batch, length), position_offset, np.int64),
             "order": np.zeros((batch, length), np.int64),
             "token_type_ids": np.zeros((batch, length), np.int64),
-            "prompt_embeds": np.zeros((batch, self.p_len, d), dtype),
+            "prompt_embeds": np.zeros((batch, self.prompt_slots, d), dtype),
             # MPT's factor table: one zero entry unless an MPT kind fills it (kinds/mpt.py)
             "mpt_task_ids": np.zeros((batch,), np.int64),
             "mpt_shared_ids": np.zeros((1,), np.int64),
-            "mpt_shared": np.zeros((1, self.tm, d), dtype),
-            "mpt_cols": np.zeros((1, self.tm, 1), dtype),
+            "mpt_shared": np.zeros((1, self.mpt_slots, d), dtype),
+            "mpt_cols": np.zeros((1, self.mpt_slots, 1), dtype),
             "mpt_rows": np.zeros((1, 1, d), dtype),
-            "prefix_keys": np.zeros((dims.num_layers, batch, dims.num_kv_heads, self.n_len, dims.head_dim), dtype),
+            "prefix_keys": np.zeros((dims.num_layers, batch, dims.num_kv_heads, self.prefix_slots, dims.head_dim),
+                                    dtype),
         }
         self.feeds["prefix_values"] = np.zeros_like(self.feeds["prefix_keys"])
         self.token_start = np.zeros((batch,), np.int64)
 
     def _tokens(self, i: int, t: int, real: list[int], unused: list[int]) -> None:
-        length = self.tm + self.p_len + self.seq
-        self.feeds["order"][i] = real + list(range(self.tm + self.p_len, length)) + unused
+        length = self.mpt_slots + self.prompt_slots + self.seq
+        self.feeds["order"][i] = real + list(range(self.mpt_slots + self.prompt_slots, length)) + unused
         self.token_start[i] = t
-        self.feeds["attention_mask"][i, self.n_len + t: self.n_len + t + self.seq] = self.attention_mask[i]
+        start = self.prefix_slots + t
+        self.feeds["attention_mask"][i, start: start + self.seq] = self.attention_mask[i]
         if self.token_type_ids is not None:
             self.feeds["token_type_ids"][i, t: t + self.seq] = self.token_type_ids[i]
 
@@ -72,9 +74,9 @@ class LayoutBuilder:
         """Row i's t virtual tokens are the prompt slots [first_slot, first_slot + t) (MPT slots start at 0,
         input-level slots at Tm); positions run through them: k for virtual token k, t + j for token j."""
         real = list(range(first_slot, first_slot + t))
-        unused = list(range(first_slot)) + list(range(first_slot + t, self.tm + self.p_len))
+        unused = list(range(first_slot)) + list(range(first_slot + t, self.mpt_slots + self.prompt_slots))
         self._tokens(i, t, real, unused)
-        self.feeds["attention_mask"][i, self.n_len: self.n_len + t] = 1
+        self.feeds["attention_mask"][i, self.prefix_slots: self.prefix_slots + t] = 1
         self.feeds["position_ids"][i, : t + self.seq] = self.offset + np.arange(t + self.seq)
         if self.spec.positions_follow_mask:  # OPT: padding takes no position; tokens count on after the prompt
             self.feeds["position_ids"][i, t: t + self.seq] = self.offset + t + self.mask_positions(i)
@@ -90,7 +92,7 @@ class LayoutBuilder:
         self.feeds["prefix_keys"][:, i, :, :n] = kv[:, 0]
         self.feeds["prefix_values"][:, i, :, :n] = kv[:, 1]
         self.feeds["attention_mask"][i, :n] = 1
-        self._tokens(i, 0, [], list(range(self.tm + self.p_len)))
+        self._tokens(i, 0, [], list(range(self.mpt_slots + self.prompt_slots)))
         self.feeds["position_ids"][i, : self.seq] = positions
 
     def layout(self) -> Layout:
@@ -121,16 +123,16 @@ def build_layout(spec: ArchSpec, position_offset: int, pad_token_id: int | None,
     slots = {g: max(c, default=min_slots) for g, c in need.items()}
     if not spec.supports_prefix:
         slots["prefix"] = 0
-    b = LayoutBuilder(spec, position_offset, pad_token_id, input_ids, attention_mask, token_type_ids, dims, slots,
+    builder = LayoutBuilder(spec, position_offset, pad_token_id, input_ids, attention_mask, token_type_ids, dims, slots,
                       dtype)
     by_kind: dict[type, tuple] = {}
     for kind, task in zip(kinds, tasks):
         by_kind.setdefault(type(kind), (kind, []))[1].append(task)
     for kind, group in by_kind.values():
-        kind.prepare(group, b)
+        kind.prepare(group, builder)
     for i, (kind, task) in enumerate(zip(kinds, tasks)):
-        kind.place(i, task, b)
-    return b.layout()
+        kind.place(i, task, builder)
+    return builder.layout()
 
 
 def encoder_layout(spec, pad_token_id, ids: np.ndarray, mask: np.ndarray, tasks: list, dims):

@@ -3,7 +3,7 @@ outputs: every decoder layer's cross-attention keys/values) and one cached decod
 own modules (gpt-fast style) so the cache is plain tensors. One step per family (the row's `decoder_step`): T5
 (relative position bias, unscaled attention, pre-LayerNorm) and BART (positions per row, scaled attention; the
 families derived from BART read their differences from the modules: BartDecoderStep). Where each kind's prompt goes is described in
-export/seq2seq.py."""
+export/seq2seq_export.py."""
 
 from __future__ import annotations
 

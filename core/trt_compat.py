@@ -6,7 +6,7 @@ runtime). They differ in what matters here:
 - TensorRT-RTX builds engines ahead of time on a machine without a GPU (CPU-only AOT); TensorRT needs
   a CUDA GPU to build. TensorRT-RTX engines run on the RTX GPUs it supports; it refuses others.
 - TensorRT-RTX networks are always strongly typed (there is no FP16 builder flag): precision comes
-  from the graph's types, which is how export/engine.py does it for both.
+  from the graph's types, which is how export/trt_engine.py does it for both.
 - TensorRT-RTX's ONNX parser, when it imports a node as a plugin, dlopen()s the unversioned
   `libtensorrt_rtx.so`. The pip wheel ships only `libtensorrt_rtx.so.1`, and the parser then aborts the
   whole process ("terminate called without an active exception"). `prepare_plugin_parser()` creates the

@@ -126,7 +126,7 @@ def _write_deployment(base_dir, out_dir: Path, config, spec, dims, model, bank, 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # The exporters' native extensions are imported before the temporary folder exists: a Ctrl-C that lands inside
     # a C++ module's import aborts the process (no Python exception, no cleanup), so it must not leave a folder.
-    from . import onnx_export, seq2seq  # noqa: F401
+    from . import onnx_export, seq2seq_export  # noqa: F401
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -248,7 +248,7 @@ def _export_seq2seq(model, config, dims, bank, tmp: Path, tolerance, bar):
     from promptmux.core.layout import encoder_layout
     from promptmux.core.seq2seq_graph import PromptedEncoder, decoder_step
 
-    from .seq2seq import (
+    from .seq2seq_export import (
         check_against_torch,
         export_decoder_step_onnx,
         export_encoder_onnx,

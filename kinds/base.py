@@ -79,11 +79,11 @@ class PromptKind:
         """(slot group, slots this row needs) in a layout; group None: the row adds no prompt slots."""
         raise NotImplementedError
 
-    def prepare(self, tasks: list[Task], b) -> None:
+    def prepare(self, tasks: list[Task], layout) -> None:
         """Feeds shared by this kind's rows of a batch (MPT's factor table), before the rows are placed."""
 
-    def place(self, i: int, task: Task, b) -> None:
-        """Write row i's prompt, mask, order and positions into the LayoutBuilder b."""
+    def place(self, i: int, task: Task, layout) -> None:
+        """Write row i's prompt, mask, order and positions into the LayoutBuilder layout."""
         raise NotImplementedError
 
     # ---- other views of a task ----------------------------------------------------------------------------
@@ -103,7 +103,7 @@ class InputPromptKind(PromptKind):
     def read_prompt(self, ctx: ReadContext) -> np.ndarray:
         emb = ctx.tensor("prompt_embeddings")
         # Seq2seq adapters with num_transformer_submodules=2 hold 2n rows; PEFT's generate puts the first n in front
-        # of the encoder input and never uses the rest (see export/seq2seq.py), so the bank keeps those n.
+        # of the encoder input and never uses the rest (see export/seq2seq_export.py), so the bank keeps those n.
         expect_shape("prompt_embeddings", emb, (ctx.n * ctx.subs, ctx.dims.hidden_size), ctx.adapter_dir)
         return emb[: ctx.n]
 
@@ -113,10 +113,10 @@ class InputPromptKind(PromptKind):
     def slots(self, task, has_prefix):
         return "input", task.num_virtual_tokens
 
-    def place(self, i, task, b):
+    def place(self, i, task, layout):
         t = task.num_virtual_tokens
-        b.feeds["prompt_embeds"][i, :t] = task.tensors["prompt"]
-        b.virtual_in_front(i, b.tm, t)
+        layout.feeds["prompt_embeds"][i, :t] = task.tensors["prompt"]
+        layout.virtual_in_front(i, layout.mpt_slots, t)
 
     def input_prompt(self, task):
         return task.tensors["prompt"]
@@ -168,20 +168,20 @@ class KVPrefixKind(PromptKind):
     def slots(self, task, has_prefix):
         return ("prefix", task.num_virtual_tokens) if has_prefix else (None, 0)
 
-    def place(self, i, task, b):
-        if not b.has_prefix:  # a seq2seq encoder: the prefix goes to the decoder's cache
-            b.virtual_in_front(i, 0, 0)
+    def place(self, i, task, layout):
+        if not layout.has_prefix:  # a seq2seq encoder: the prefix goes to the decoder's cache
+            layout.virtual_in_front(i, 0, 0)
             return
-        n, seq = task.num_virtual_tokens, b.seq
-        if b.spec.prefix_positions == "roberta":
+        n, seq = task.num_virtual_tokens, layout.seq
+        if layout.spec.prefix_positions == "roberta":
             # PEFT passes input_ids: RobertaEmbeddings.create_position_ids_from_input_ids with past length n.
-            nonpad = (b.input_ids[i] != b.pad_token_id).astype(np.int64)
-            positions = (np.cumsum(nonpad) + n) * nonpad + b.pad_token_id
-        elif b.spec.positions_follow_mask:  # OPT: positions from the mask, the prefix counted first
-            positions = b.offset + n + b.mask_positions(i)
+            nonpad = (layout.input_ids[i] != layout.pad_token_id).astype(np.int64)
+            positions = (np.cumsum(nonpad) + n) * nonpad + layout.pad_token_id
+        elif layout.spec.positions_follow_mask:  # OPT: positions from the mask, the prefix counted first
+            positions = layout.offset + n + layout.mask_positions(i)
         else:
-            positions = b.offset + n + np.arange(seq)
-        b.cache_in_front(i, task.tensors["prefix"], positions)
+            positions = layout.offset + n + np.arange(seq)
+        layout.cache_in_front(i, task.tensors["prefix"], positions)
 
     def kv_prefix(self, task):
         return task.tensors["prefix"]

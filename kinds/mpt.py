@@ -38,7 +38,7 @@ class MultitaskPrompt(PromptKind):
     def slots(self, task, has_prefix):
         return "mpt", task.tensors["shared"].shape[0]
 
-    def prepare(self, tasks, b):
+    def prepare(self, tasks, layout):
         """The batch's distinct MPT tasks as a small local factor table; shared prompts once per distinct array."""
         index: dict[str, int] = {}
         shared_index: dict[int, int] = {}
@@ -54,23 +54,23 @@ class MultitaskPrompt(PromptKind):
             shared_ids.append(shared_index[key])
             cols.append(t.tensors["cols"])
             rows.append(t.tensors["rows"])
-        d, tm = b.dims.hidden_size, b.tm
+        d, slots = layout.dims.hidden_size, layout.mpt_slots
         rank = max(c.shape[1] for c in cols)
-        f = b.feeds
-        f["mpt_shared"] = np.zeros((len(shared), tm, d), b.dtype)
-        f["mpt_cols"] = np.zeros((len(cols), tm, rank), b.dtype)
-        f["mpt_rows"] = np.zeros((len(rows), rank, d), b.dtype)
+        f = layout.feeds
+        f["mpt_shared"] = np.zeros((len(shared), slots, d), layout.dtype)
+        f["mpt_cols"] = np.zeros((len(cols), slots, rank), layout.dtype)
+        f["mpt_rows"] = np.zeros((len(rows), rank, d), layout.dtype)
         for i, s in enumerate(shared):
             f["mpt_shared"][i, : s.shape[0]] = s
         for i, (c, r) in enumerate(zip(cols, rows)):
             f["mpt_cols"][i, : c.shape[0], : c.shape[1]] = c
             f["mpt_rows"][i, : r.shape[0]] = r
         f["mpt_shared_ids"] = np.asarray(shared_ids, np.int64)
-        b.mpt_index = index
+        layout.mpt_index = index
 
-    def place(self, i, task, b):
-        b.feeds["mpt_task_ids"][i] = b.mpt_index[task.name]
-        b.virtual_in_front(i, 0, task.tensors["shared"].shape[0])
+    def place(self, i, task, layout):
+        layout.feeds["mpt_task_ids"][i] = layout.mpt_index[task.name]
+        layout.virtual_in_front(i, 0, task.tensors["shared"].shape[0])
 
     def input_prompt(self, task):
         # PEFT's own composition (MultitaskPromptEmbedding.forward), float32, batched [1, T, r] @ [1, r, d] as PEFT

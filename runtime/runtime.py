@@ -257,7 +257,7 @@ class Runtime:
                 raise InputError(f"{self.dir} has no cached decoder graph; re-export it with this promptmux version")
             decoder = self._decoder_session()
             if self.spec.family == "seq2seq":
-                from .seq2seq import Seq2SeqGenerator
+                from .seq2seq_generate import Seq2SeqGenerator
 
                 self._generator = Seq2SeqGenerator(self, self.session, decoder)
             else:

@@ -182,7 +182,7 @@ def test_io_spec_declares_every_graph_input_and_tensorrt_profiles_cover_its_axes
     profile range (a new input without one fails here, not at an engine build)."""
     from promptmux.core.archs import arch_for
     from promptmux.core.io_spec import INPUTS, dynamic_axes, input_names
-    from promptmux.export.engine import _profile_ranges
+    from promptmux.export.trt_engine import _profile_ranges
 
     for model_type in ("bert", "distilbert", "llama", "t5"):
         assert set(input_names(arch_for(model_type))) <= set(INPUTS)

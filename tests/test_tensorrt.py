@@ -27,7 +27,7 @@ except ImportError as e:
     pytest.skip(f"no TensorRT here: {e}", allow_module_level=True)
 
 from promptmux.core.trt_compat import EngineError  # noqa: E402
-from promptmux.export.engine import (  # noqa: E402
+from promptmux.export.trt_engine import (  # noqa: E402
     PRECISIONS,
     _profile_ranges,
     _retype_graph,

@@ -1,4 +1,4 @@
-"""The `promptmux` command line: `main` runs it (parser: cli.parser; commands: cli.commands, cli.bank)."""
+"""The `promptmux` command line: `main` runs it (parser: cli.parser; commands: cli.commands, cli.tasks)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The commands that export, check, run and serve a deployment (`tasks` and `init-adapter`: cli.bank)."""
+"""The commands that export, check, run and serve a deployment (`tasks` and `init-adapter`: cli.tasks)."""
 
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_build_engine(args) -> int:
-    from promptmux.export.engine import build_deployment_engines
+    from promptmux.export.trt_engine import build_deployment_engines
 
     precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
     for flag in ("max_batch", "max_seq", "max_prompt", "max_past"):

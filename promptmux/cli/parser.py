@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from promptmux.cli.bank import cmd_init_adapter, cmd_tasks
 from promptmux.cli.commands import (
     cmd_bench,
     cmd_build_engine,
@@ -16,6 +15,7 @@ from promptmux.cli.commands import (
     cmd_verify,
 )
 from promptmux.cli.common import BACKEND_CHOICES, PRECISION_CHOICES
+from promptmux.cli.tasks import cmd_init_adapter, cmd_tasks
 
 DEPLOY_HELP = "deployment folder (written by promptmux export)"
 BACKEND_HELP = ("auto (default: the fastest backend measured for the model kind and precision: "

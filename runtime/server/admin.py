@@ -13,9 +13,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from promptmux.core.bank import UnknownTaskError
 
-from .engine import Engine, engine_of, task_page
-from .errors import ADMIN_ERRORS, ApiError, overloaded
+from .api_errors import ADMIN_ERRORS, ApiError, overloaded
 from .options import ServeOptions
+from .replica import Engine, engine_of, task_page
 from .schemas import AddTaskRequest, TaskChange, TaskList, TaskPage, UploadTasksRequest
 
 log = logging.getLogger("promptmux.serve")

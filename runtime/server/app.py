@@ -16,13 +16,13 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 
 from .admin import add_admin_routes, follow_tasks, sync_tasks
-from .engine import Engine, engine_of, task_page
-from .errors import add_error_handlers
+from .api_errors import add_error_handlers
 from .inference import add_model_routes
 from .kserve_http import add_kserve_routes
 from .metrics import Metrics
 from .middleware import BodyLimit, MetricsMiddleware
 from .options import ServeOptions
+from .replica import Engine, engine_of, task_page
 from .schemas import ErrorResponse, Health, ModelList, TaskPage
 
 log = logging.getLogger("promptmux.serve")

@@ -11,10 +11,10 @@ from fastapi.responses import Response
 
 from ..generate import SamplingParams
 from ..scheduler import GenerateJob
-from .engine import ClientGone, await_job, engine_of
-from .errors import ERRORS, ApiError
+from .api_errors import ERRORS, ApiError
 from .metrics import Metrics
 from .options import ServeOptions
+from .replica import ClientGone, await_job, engine_of
 from .schemas import (
     MAX_PROMPTS,
     MAX_STOPS,

@@ -19,7 +19,7 @@ import numpy as np
 
 from promptmux.core.task import Task
 
-from .errors import ApiError
+from .api_errors import ApiError
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2}
 

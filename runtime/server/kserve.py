@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import ApiError
+from .api_errors import ApiError
 from .kserve_tensors import bad, parameters_of
 from .schemas import MAX_TEXTS
 

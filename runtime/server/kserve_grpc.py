@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from .errors import ApiError
+from .api_errors import ApiError
 from .kserve import OUTPUT_TYPES, check_version, infer, metric_task, model_metadata, server_metadata
 from .kserve_tensors import DTYPES, bad, decode_bytes, encode_bytes
 
@@ -98,7 +98,7 @@ def servicer(app, metrics):
     codes = _codes()
 
     def engine():
-        from .engine import engine_ready
+        from .replica import engine_ready
 
         return engine_ready(app)
 

@@ -10,8 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from .engine import ClientGone, await_job, engine_of
-from .errors import ApiError
+from .api_errors import ApiError
 from .inference import completion_job
 from .kserve import (
     OUTPUT_TYPES,
@@ -25,6 +24,7 @@ from .kserve import (
 from .kserve_tensors import HEADER, bad, parse_request, response_body
 from .metrics import Metrics
 from .options import ServeOptions
+from .replica import ClientGone, await_job, engine_of
 from .schemas import CompletionRequest
 from .streaming import CancelOnClose, collect, job_events
 

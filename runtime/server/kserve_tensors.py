@@ -14,7 +14,7 @@ import struct
 
 import numpy as np
 
-from .errors import ApiError
+from .api_errors import ApiError
 
 HEADER = "Inference-Header-Content-Length"
 DTYPES = {"BOOL": np.bool_, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,

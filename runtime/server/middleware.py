@@ -6,7 +6,7 @@ import os
 import socket
 import time
 
-from .errors import error_response
+from .api_errors import error_response
 from .metrics import Metrics
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"

@@ -9,7 +9,7 @@ import time
 from fastapi.responses import StreamingResponse
 
 from ..scheduler import GenerateJob
-from .errors import ApiError, timed_out
+from .api_errors import ApiError, timed_out
 from .metrics import Metrics
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # the scheduler's finish reasons in OpenAI's words

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import ApiError
+from .api_errors import ApiError
 
 
 def read_uploads(items: list[dict], base_config) -> list:

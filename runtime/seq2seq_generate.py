@@ -1,6 +1,6 @@
 """Generation for prompt-tuned seq2seq models (T5, BART families): encode once, then cached decoder steps.
 
-Each row's prompt goes where PEFT's generate puts it (export/seq2seq.py): input-level and MPT
+Each row's prompt goes where PEFT's generate puts it (export/seq2seq_export.py): input-level and MPT
 prompts in front of the encoder input, prefix-tuning prefixes as the decoder's first cache
 entries. The encoder graph returns every decoder layer's cross-attention keys/values, so the
 decoder steps never see the encoder states again.
@@ -21,7 +21,7 @@ from .generate import SamplingParams, eos_ids, pick
 
 
 def decoder_prefix(views: list[Task], layers: int, heads: int, head_dim: int):
-    """Initial self-attention cache and mask: prefixes right-aligned, masked slots in front (see export/seq2seq.py)."""
+    """Initial self-attention cache and mask: prefixes right-aligned, masked slots in front (see export/seq2seq_export.py)."""
     batch = len(views)
     kvs = [kind_of(v).kv_prefix(v) for v in views]
     n_max = max([kv.shape[3] for kv in kvs if kv is not None], default=0)

@@ -13,7 +13,7 @@ from promptmux.core.bank import UnknownTaskError
 
 from ..scheduler import ClassifyJob, JobTimeout, Overloaded, Scheduler
 from ..text import load_tokenizer, too_long
-from .errors import ApiError, overloaded, timed_out
+from .api_errors import ApiError, overloaded, timed_out
 from .metrics import Metrics
 from .options import ServeOptions
 
