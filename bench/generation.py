@@ -48,7 +48,7 @@ from .models import Skip, base_model, default_cache, export_code_hash, log, make
 from .workload import make_batch
 
 MODELS = ("gpt2-small", "smollm2")
-DEFAULT_OUT = Path("results")  # relative to where it runs: the checkout's recorded results when run from its root
+DEFAULT_OUT = Path("promptmux-results")  # in the working directory: recorded results go to results/ by hand, with a row in its index
 
 
 # ---- settings ------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import numpy as np
 
 from .machine import machine_info
 
-DEFAULT_OUT = Path("results")  # relative to where it runs: the checkout's recorded results when run from its root
+DEFAULT_OUT = Path("promptmux-results")  # in the working directory: recorded results go to results/ by hand, with a row in its index
 
 # Made-up inputs in the demo tasks' domains (what the text says does not change the cost much; length does).
 TEXTS = {

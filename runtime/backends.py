@@ -48,7 +48,7 @@ class Backend:
     precisions: tuple[str, ...] = ("fp32",)
     families: tuple[str, ...] = FAMILIES
     cpu_engine: bool = False
-    needs_openvino: bool = False
+    needs: Callable[[str], None] | None = None  # raises BackendUnavailable if what `precision` needs is missing here
     precision_families: dict = field(default_factory=dict)  # a precision it runs for these families only
 
     def check(self, precision: str, family: str) -> None:
@@ -68,13 +68,8 @@ class Backend:
                                      f"{' and '.join(FAMILY_WORDS[f] for f in self.families)} "
                                      f"({', '.join(f + 's' for f in self.families)}), not {FAMILY_WORDS[family]}; "
                                      "pass --backend onnxruntime or openvino")
-        if self.needs_openvino:
-            from .openvino_session import import_openvino
-
-            import_openvino()  # a clear error if it is missing
-            if precision == "bf16" and not cpu_has_bf16():
-                raise BackendUnavailable("precision bf16 needs a CPU with AMX or AVX512-BF16 (OpenVINO reports no "
-                                         "BF16 capability here); use precision fp32")
+        if self.needs:
+            self.needs(precision)
 
     def open(self, rt, base: Path | None) -> None:
         """Make rt.session (the full-sequence graph), rt.folded_session and rt.noprefix_session."""
@@ -83,6 +78,21 @@ class Backend:
     def decoder_session(self, rt):
         """The cached decoder step of a generative deployment."""
         raise NotImplementedError
+
+
+def _openvino_needs(precision: str) -> None:
+    """OpenVINO installed; for bf16 a CPU that computes it; for int8 NNCF (openvino_int8.py), so that a missing one
+    is an error when the Runtime opens, not at its first request."""
+    from .openvino_session import import_openvino
+
+    import_openvino()
+    if precision == "bf16" and not cpu_has_bf16():
+        raise BackendUnavailable("precision bf16 needs a CPU with AMX or AVX512-BF16 (OpenVINO reports no BF16 "
+                                 "capability here); use precision fp32")
+    if precision == "int8":
+        from .openvino_int8 import import_nncf
+
+        import_nncf()
 
 
 def _onnxruntime(rt, path: Path, precision: str, keep_fp32: tuple[int, ...], ort_device: str):
@@ -183,9 +193,9 @@ class TorchBackend(Backend):
 
 BACKENDS = {b.name: b for b in (
     GraphBackend("onnxruntime", precisions=("fp32", "int8"), cpu_engine=True, make=_onnxruntime),
-    GraphBackend("openvino", precisions=("fp32", "bf16", "int8"), cpu_engine=True, needs_openvino=True,
+    GraphBackend("openvino", precisions=("fp32", "bf16", "int8"), cpu_engine=True, needs=_openvino_needs,
                  precision_families={"int8": ("encoder",)}, make=_openvino),
-    GraphBackend("onnxruntime+openvino", families=("encoder",), cpu_engine=True, needs_openvino=True, make=_routed),
+    GraphBackend("onnxruntime+openvino", families=("encoder",), cpu_engine=True, needs=_openvino_needs, make=_routed),
     GraphBackend("onnxruntime-cuda", make=_onnxruntime_cuda),
     TensorRTBackend("tensorrt"),
     TorchBackend("torch"),

@@ -19,6 +19,7 @@ one of them changes.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from promptmux.core.folder import FOLDED_GRAPH, GRAPH
+from promptmux.kinds import kind_of
 
 from .calibration import classifier_batches
 from .derived import graph_key, is_current, write_stamp
@@ -40,6 +42,7 @@ log = logging.getLogger("promptmux.runtime")
 RECIPE = "nncf-ptq-transformer-smoothquant"
 MAX_TASKS = 8  # tasks calibrated on: a deployment of many tasks calibrates on a sample of them
 MAX_BATCHES = 64  # NNCF dataset items (a batch of up to 32 rows each)
+SCAN = 4096  # tasks looked at to find those whose batches run a graph
 
 
 def import_nncf():
@@ -59,37 +62,81 @@ def int8_session(rt, path: Path) -> OpenVinoSession:
     return OpenVinoSession(path, "int8", rt.threads, ir=xml)
 
 
+def recipe() -> str:
+    """The recipe with NNCF's version: a contract measured on an IR another NNCF made is measured again."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{RECIPE}-nncf{version('nncf')}"
+    except PackageNotFoundError:
+        return RECIPE
+
+
 def int8_ir(rt, path: Path) -> Path:
     nncf = import_nncf()
     ov = import_openvino()
     path = path.resolve()
     folder = ir_folder(path.parent)
-    fp32_xml = convert_graph(path, folder)
     items = getattr(rt, "calibration_items", None)
-    tasks = rt.bank.page(MAX_TASKS)[0]
-    identity = {"graph": graph_key(path), "recipe": RECIPE, "nncf": nncf.__version__,
-                "calibration": _digest(items), "tasks": {t: rt.bank.digest(t) for t in tasks}}
+    tasks = calibration_tasks(rt, path)
+    identity = {"graph": graph_key(path), "recipe": recipe(), "calibration": _digest(items),
+                "tasks": {t: rt.bank.digest(t) for t in tasks}}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     xml, stamp = folder / f"{path.stem}.int8.xml", folder / f"{path.stem}.int8.json"
     if is_current(xml, stamp, key):
         return xml
-    log.warning("quantizing %s to int8 with NNCF on %s (once per deployment, calibration and task set)",
-                path.name, "generated inputs" if items is None else f"{len(items)} calibration rows")
-    feeds = calibration_feeds(rt, path, items, tasks)
-    if not feeds:
-        raise BackendUnavailable(f"no calibration batch of tasks {', '.join(tasks)} runs {path.name}; int8 on "
-                                 "openvino needs one (use --backend onnxruntime)")
-    model = ov.Core().read_model(str(fp32_xml))
-    names = [i.any_name for i in model.inputs]
-    dataset = nncf.Dataset(feeds, lambda feed: {n: feed[n] for n in names})
-    quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(feeds))
-    with tempfile.TemporaryDirectory(prefix=".nncf-", dir=folder) as tmp:
-        staged = Path(tmp) / xml.name  # the fp32 IR's weights are memory-mapped: never write over a mapped file
-        ov.save_model(quantized, str(staged), compress_to_fp16=False)
-        for suffix in (".bin", ".xml"):
-            os.replace(staged.with_suffix(suffix), xml.with_suffix(suffix))
-    write_stamp(stamp, key, **identity, batches=len(feeds))
+    # One process makes it; the others wait and find it made (two servers on one deployment, or deployments
+    # sharing a graph): the .bin, .xml and stamp of one quantization, never a mix.
+    with open(folder / f".{path.stem}.int8.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_current(xml, stamp, key):
+            return xml
+        if not tasks:
+            raise BackendUnavailable(f"none of the first {SCAN} tasks runs {path.name}, so there is nothing to "
+                                     "calibrate its int8 on; use --backend onnxruntime for int8")
+        log.warning("quantizing %s to int8 with NNCF on %s (once per deployment, calibration and task set)",
+                    path.name, "generated inputs" if items is None else f"{len(items)} calibration rows")
+        fp32_xml = convert_graph(path, folder)
+        feeds = calibration_feeds(rt, path, items, tasks)
+        model = ov.Core().read_model(str(fp32_xml))
+        names = [i.any_name for i in model.inputs]
+        dataset = nncf.Dataset(feeds, lambda feed: {n: feed[n] for n in names})
+        quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(feeds))
+        stamp.unlink(missing_ok=True)  # a process killed below leaves no stamp: the IR is made again
+        with tempfile.TemporaryDirectory(prefix=".nncf-", dir=folder) as tmp:
+            staged = Path(tmp) / xml.name  # the fp32 IR's weights are memory-mapped: never write over a mapped file
+            ov.save_model(quantized, str(staged), compress_to_fp16=False)
+            for suffix in (".bin", ".xml"):
+                os.replace(staged.with_suffix(suffix), xml.with_suffix(suffix))
+        write_stamp(stamp, key, **identity, batches=len(feeds))
     return xml
+
+
+def calibration_tasks(rt, path: Path) -> list[str]:
+    """Up to MAX_TASKS tasks whose batches run graph `path` (of the first SCAN tasks): the folded task for the
+    folded graph; where the deployment has a graph without prefix inputs, the tasks with a key/value prefix for
+    the main graph and the others for that one; otherwise the first tasks."""
+    if path.name == FOLDED_GRAPH:
+        return [rt.folded_task] if rt.folded_task else []
+    noprefix = (rt.manifest["graph"].get("noprefix") or {}).get("file")
+    if not noprefix:
+        return rt.bank.page(MAX_TASKS)[0]
+    wanted_prefix = path.name != noprefix
+    found, after, more = [], None, True
+    for _ in range(0, SCAN, 256):
+        if not more or len(found) >= MAX_TASKS:
+            break
+        names, more = rt.bank.page(256, after)
+        if not names:
+            break
+        after = names[-1]
+        for name in names:
+            view = rt.bank.view(name)
+            if (kind_of(view).kv_prefix(view) is not None) == wanted_prefix:
+                found.append(name)
+                if len(found) == MAX_TASKS:
+                    break
+    return found
 
 
 def _digest(items) -> str | None:

@@ -197,9 +197,9 @@ def recipe(backend: str, precision: str, family: str) -> str | None:
     if precision != "int8":
         return None
     if backend == "openvino":
-        from .openvino_int8 import RECIPE
+        from .openvino_int8 import recipe as nncf_recipe
 
-        return RECIPE
+        return nncf_recipe()
     from .quantize import RECIPES
 
     return RECIPES.get(family)

@@ -28,7 +28,7 @@ from .batch import (
     run_batch,
     task_names,
 )
-from .errors import InputError
+from .errors import BackendUnavailable, InputError
 from .fast import resolve as fastest_precision
 from .kv_cache import DEFAULT_KV_CACHE_BYTES
 from .precision import contract, fp32_layers
@@ -81,8 +81,13 @@ class Runtime:
         self.fast = None
         if precision == "fast":
             precision, self.fast = fastest_precision(self.dir, self.manifest, threads, calibration, type(self))
-            if backend == "auto" and self.fast.get("backend"):
-                backend = self.fast["backend"]  # the int8 that won: ONNX Runtime's or OpenVINO's
+            chosen = self.fast.get("backend")  # the backend of the precision that won (its int8: two of them)
+            if backend == "auto" and chosen:
+                backend = chosen
+            elif chosen and backend != chosen:
+                raise BackendUnavailable(
+                    f"precision fast chose {precision} on {chosen} on this CPU ({self.fast['reason']}); pass "
+                    f"--backend auto or {chosen} to run it, or a precision (--precision {precision}) for {backend}")
             self.manifest = read_manifest(self.dir)  # with the contracts and the choice just recorded
             calibration = None  # the chosen precision's contract was measured on it (and the deployment keeps it)
         self.backend, self.backend_reason = choose_backend(backend, precision, self.spec.family)

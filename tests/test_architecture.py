@@ -208,11 +208,12 @@ def test_no_private_attribute_is_used_across_modules():
                 mine.add(node.name)
             elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
                 mine.add(node.id)
-            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
-                mine.add(node.attr)
-            elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
-                if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
-                    uses.append((path, node.lineno, ast.unparse(node)[:60], node.attr))
+            elif isinstance(node, ast.Attribute):
+                on_self = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+                if on_self and isinstance(node.ctx, ast.Store):
+                    mine.add(node.attr)  # defined here: set on its own object
+                elif not on_self and node.attr.startswith("_") and not node.attr.startswith("__"):
+                    uses.append((path, node.lineno, ast.unparse(node)[:60], node.attr))  # read or written
     ours = set().union(*defined.values())
     bad = [f"{p.relative_to(ROOT)}:{line} {text}" for p, line, text, attr in uses
            if attr in ours and attr not in defined[p]]

@@ -469,12 +469,13 @@ def test_int8_on_openvino_runs_nncf_static_int8_calibrated_on_the_contract_rows_
 
     import nncf
 
+    from promptmux.kinds import kind_of
     from promptmux.runtime import openvino_int8
 
     deploy = shutil.copytree(deployment.deploy, tmp_path / "deploy")
     texts = [f"calibration text number {i} about {w}" for i, w in enumerate(["films", "news", "sport", "music"] * 8)]
     rt = Runtime(deploy, precision="int8", backend="openvino", calibration=texts)
-    assert (rt.backend, rt.precision) == ("openvino", "int8") and rt.contract["recipe"] == openvino_int8.RECIPE
+    assert (rt.backend, rt.precision) == ("openvino", "int8") and rt.contract["recipe"] == openvino_int8.recipe()
     manifest = json.loads((deploy / "manifest.json").read_text())
     assert manifest["precision"]["openvino/int8"] == rt.contract and rt.contract["calibration"]["rows"] == len(texts)
     ids, mask = random_batch("bert", rows=4, seq=8, seed=1, padding_side="right")
@@ -487,8 +488,12 @@ def test_int8_on_openvino_runs_nncf_static_int8_calibrated_on_the_contract_rows_
     assert rt.graph_runs - before == Counter({"model_noprefix.int8.xml": 1, "model.int8.xml": 1})
     assert rt.noprefix_session.int8_ops > 0 and rt.session.int8_ops > 0
     stamp = json.loads((deploy / "openvino" / "model_noprefix.int8.json").read_text())
-    assert stamp["recipe"] == openvino_int8.RECIPE
-    assert set(stamp["tasks"]) == set(rt.bank.page(openvino_int8.MAX_TASKS)[0])
+    assert stamp["recipe"] == openvino_int8.recipe()
+    # each graph calibrated on the first tasks whose batches run it: prompt-only ones here, key/value prefixes there
+    order = rt.bank.page(len(rt.tasks))[0]
+    prefixed = [t for t in order if kind_of(rt.bank.view(t)).kv_prefix(rt.bank.view(t)) is not None]
+    assert list(stamp["tasks"]) == [t for t in order if t not in prefixed][:openvino_int8.MAX_TASKS]
+    assert list(json.loads((deploy / "openvino" / "model.int8.json").read_text())["tasks"]) == prefixed[:8]
     monkeypatch.setattr(nncf, "quantize", lambda *a, **k: pytest.fail("quantized again"))
     again = Runtime(deploy, precision="int8", backend="openvino")
     assert again.forward(ids, mask, ["prefix", "pt", "mpt/0", "prefix"]) and again.contract == rt.contract
@@ -589,13 +594,18 @@ def test_fast_runs_the_fastest_precision_that_meets_its_contract_and_records_it_
     if record["precision"] == "fp32":
         assert all(s <= 1 for s in passing.values()) and "no non-exact precision" in record["reason"]
     else:
-        assert passing[record["precision"]] == max(passing.values()) > 1 and rt.contract["passed"]
+        assert passing[record["choice"]] == max(passing.values()) > 1 and rt.contract["passed"]
     # the benchmark reports the system under what fast chose, and the record (bench JSON "fast_choices")
     from promptmux.bench.baseline import PromptmuxSystem
 
     system = PromptmuxSystem(rt)
     assert system.fast == record and system.backend == "fast:" + (
         rt.backend if rt.precision == "fp32" else f"{rt.backend}/{rt.precision}")
+    if record["backend"]:  # a backend other than the one fast chose is refused, saying what to pass
+        other = "onnxruntime" if record["backend"] == "openvino" else "openvino"
+        with pytest.raises(BackendUnavailable, match=f"precision fast chose {record['precision']} on "
+                                                     f"{record['backend']} on this CPU"):
+            Runtime(deploy, precision="fast", backend=other)
     # The same CPU again: the recorded choice, nothing measured; another kind of CPU: chosen again there.
     monkeypatch.setattr(fast, "choose", lambda *a, **k: pytest.fail("chose again on the same CPU"))
     assert Runtime(deploy, precision="fast").fast == record

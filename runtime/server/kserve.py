@@ -6,7 +6,7 @@ What a model takes and gives (both over HTTP, here, and over gRPC, kserve_grpc.p
   (INT64 [N]) and `label` (BYTES [N]); a request may ask for a subset. Requests of every task and protocol share
   the scheduler's batches, with the same limits as /v1/classify (texts per request, text length, positions).
 - causal LMs and seq2seq: Triton's generate extension, /v2/models/{task}/generate and generate_stream.
-Errors answer {"error": "FIELD: what is wrong"} (the protocol's error body; errors.py) with 400, 404 (unknown task),
+Errors answer {"error": "FIELD: what is wrong"} (the protocol's error body; api_errors.py) with 400, 404 (unknown task),
 413 (body too large) or 503/504 as on /v1.
 """
 
