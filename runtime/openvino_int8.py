@@ -1,9 +1,10 @@
 """precision="int8" on the openvino backend (classifiers): static int8 made by NNCF's post-training quantization
 (`nncf.quantize`, the transformer preset, SmoothQuant on), calibrated on the deployment's own batches.
 
-Why NNCF and not a hand-written quantizer: it places the quantizers where OpenVINO's CPU plugin fuses them, keeps
-the operations the transformer preset knows to be sensitive (softmax, layer norm) in fp32, and SmoothQuant moves
-activation outliers into the weights. Measured on the demo classifiers (studies/nncf_int8.py,
+Why NNCF and not a hand-written quantizer: it places the quantizers where OpenVINO's CPU plugin fuses them, its
+transformer preset leaves layer norms, element-wise operations and the attention's softmax output unquantized
+(NNCF 3.4: min_max/openvino_backend.py ignored metatypes, IgnoredPatternNames.MULTIHEAD_ATTENTION_OUTPUT), and
+SmoothQuant moves activation outliers into the weights. Measured on the demo classifiers (studies/nncf_int8.py,
 results/nncf-int8-minilm-amd-zen4.json; AMD EPYC Zen 4, 2 threads, each variant in its own process): against
 fp32 ONNX Runtime, NNCF int8 on OpenVINO ran 2.08x / 2.52x / 2.45x at B = 1 / 8 / 32 x 64 tokens, ONNX Runtime's
 dynamic int8 (quantize.py, with accuracy control) 1.79x / 2.05x / 2.07x; on held-out rows not calibrated on, NNCF
@@ -11,8 +12,8 @@ kept 98.1 % / 100 % of fp32's predictions (sentiment / topic; 96.1 % on sentimen
 Runtime's int8 97.0 % / 100 %. Which int8 is faster on another CPU is measured there: precision="fast" times both.
 
 The calibration rows are the contract's (runtime.calibration_items: the user's texts or labelled rows, the
-deployment's calibration file, or generated token ids), run through fp32 ONNX Runtime for up to MAX_TASKS tasks, and
-the feeds the graph received are NNCF's dataset. The IR is kept beside the converted one (openvino/<graph>.int8.xml)
+deployment's calibration file, or generated token ids), run through fp32 ONNX Runtime for up to MAX_TASKS of the
+tasks whose batches run the graph (calibration_tasks), and the feeds the graph received are NNCF's dataset. The IR is kept beside the converted one (openvino/<graph>.int8.xml)
 with a stamp naming the graph, the recipe, the calibration rows and the tasks calibrated on; it is made again when
 one of them changes.
 """
