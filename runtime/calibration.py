@@ -3,9 +3,22 @@ rows NNCF calibrates OpenVINO's int8 on (openvino_int8.py), made the same way fo
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 
 CALIBRATION_ROWS = 256  # generated classifier inputs when the user gives none (one flip in 256 stays above 0.995)
+
+
+def item_lines(items: list) -> list[str]:
+    """Calibration items as the deployment keeps them: a text per line, or a labelled row as a JSON line."""
+    return [t if isinstance(t, str) else json.dumps(t, ensure_ascii=False, sort_keys=True) for t in items]
+
+
+def items_digest(items: list) -> str:
+    """The identity of calibration items: what a contract, and an int8 IR calibrated on them, were made from."""
+    return hashlib.sha256("\n".join(item_lines(items)).encode()).hexdigest()
 
 
 def generated_ids(rt, rows: int, length: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -13,9 +13,9 @@ Runtime's int8 97.0 % / 100 %. Which int8 is faster on another CPU is measured t
 
 The calibration rows are the contract's (runtime.calibration_items: the user's texts or labelled rows, the
 deployment's calibration file, or generated token ids), run through fp32 ONNX Runtime for up to MAX_TASKS of the
-tasks whose batches run the graph (calibration_tasks), and the feeds the graph received are NNCF's dataset. The IR is kept beside the converted one (openvino/<graph>.int8.xml)
-with a stamp naming the graph, the recipe, the calibration rows and the tasks calibrated on; it is made again when
-one of them changes.
+tasks whose batches run the graph (calibration_tasks), and the feeds the graph received are NNCF's dataset. The IR
+is kept beside the converted one (openvino/<graph>.int8.xml) with a stamp naming the graph, the recipe, the
+calibration rows and the tasks calibrated on; it is made again when one of them changes.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 from promptmux.core.folder import FOLDED_GRAPH, GRAPH
 from promptmux.kinds import kind_of
 
-from .calibration import classifier_batches
+from .calibration import classifier_batches, items_digest
 from .derived import graph_key, is_current, write_stamp
 from .errors import BackendUnavailable
 from .openvino_session import OpenVinoSession, convert_graph, import_openvino, ir_folder
@@ -80,7 +80,8 @@ def int8_ir(rt, path: Path) -> Path:
     folder = ir_folder(path.parent)
     items = getattr(rt, "calibration_items", None)
     tasks = calibration_tasks(rt, path)
-    identity = {"graph": graph_key(path), "recipe": recipe(), "calibration": _digest(items),
+    identity = {"graph": graph_key(path), "recipe": recipe(),
+                "calibration": None if items is None else items_digest(items),
                 "tasks": {t: rt.bank.digest(t) for t in tasks}}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     xml, stamp = folder / f"{path.stem}.int8.xml", folder / f"{path.stem}.int8.json"
@@ -138,13 +139,6 @@ def calibration_tasks(rt, path: Path) -> list[str]:
                 if len(found) == MAX_TASKS:
                     break
     return found
-
-
-def _digest(items) -> str | None:
-    if items is None:
-        return None
-    lines = [t if isinstance(t, str) else json.dumps(t, sort_keys=True, ensure_ascii=False) for t in items]
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def calibration_feeds(rt, path: Path, items, tasks: list[str]) -> list[dict[str, np.ndarray]]:

@@ -16,7 +16,6 @@ is missing; nothing falls back silently.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from pathlib import Path
@@ -24,7 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from . import accuracy_control
-from .calibration import CALIBRATION_ROWS, classifier_batches, generated_ids  # noqa: F401 (CALIBRATION_ROWS)
+from .calibration import (  # noqa: F401 (CALIBRATION_ROWS: read here by callers)
+    CALIBRATION_ROWS,
+    classifier_batches,
+    generated_ids,
+    item_lines,
+    items_digest,
+)
 
 log = logging.getLogger("promptmux.runtime")
 
@@ -244,7 +249,7 @@ def calibrate(fast, items: list | None = None, source: str | None = None) -> dic
         calibration = {"source": "generated token ids"}
     else:
         calibration = {"source": source or "texts", "rows": len(items), "labelled_rows": len(labelled or ()),
-                       "sha256": _texts_digest(items)}
+                       "sha256": items_digest(items)}
     return {
         "backend": fast.backend, "precision": fast.precision, "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                         time.gmtime()),
@@ -254,17 +259,6 @@ def calibrate(fast, items: list | None = None, source: str | None = None) -> dic
         **({"recipe": made} if (made := recipe(fast.backend, fast.precision, fast.spec.family)) else {}),
         **({"fp32_layers": list(fast.int8_fp32_layers)} if accuracy_control.applies(fast) else {}), **control,
     }
-
-
-def _lines(items: list) -> list[str]:
-    """Calibration items as the deployment keeps them: a text per line, or a labelled row as a JSON line."""
-    import json
-
-    return [t if isinstance(t, str) else json.dumps(t, ensure_ascii=False, sort_keys=True) for t in items]
-
-
-def _texts_digest(items: list) -> str:
-    return hashlib.sha256("\n".join(_lines(items)).encode()).hexdigest()
 
 
 def _normalise(items) -> list:
@@ -295,7 +289,7 @@ def contract(rt, strict: bool, calibration=None) -> dict:
     digests = {t: rt.bank.digest(t) for t in rt.tasks}
     entry = None if calibration is not None else stored_contract(rt.manifest, rt.backend, rt.precision, digests,
                                                                     rt.spec.family)
-    if entry and items is not None and entry["calibration"].get("sha256") != _texts_digest(items):
+    if entry and items is not None and entry["calibration"].get("sha256") != items_digest(items):
         entry = None  # the calibration file changed (or came) since the contract was measured: measure on it
     if entry is None:
         log.warning("measuring precision %s on %s against fp32 on %s (once per deployment and task set)",
@@ -320,7 +314,7 @@ def keep_texts(deploy_dir: Path, items: list) -> None:
 
     name = LABELLED_FILE if any(isinstance(t, dict) for t in items) else CALIBRATION_FILE
     with deployment_lock(deploy_dir):
-        write_durably(Path(deploy_dir) / name, "".join(line + "\n" for line in _lines(items)).encode("utf-8"))
+        write_durably(Path(deploy_dir) / name, "".join(line + "\n" for line in item_lines(items)).encode("utf-8"))
         (Path(deploy_dir) / (CALIBRATION_FILE if name == LABELLED_FILE else LABELLED_FILE)).unlink(missing_ok=True)
 
 
