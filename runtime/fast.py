@@ -57,8 +57,9 @@ def _timed(runtimes: dict) -> dict[str, float]:
     """Median seconds of each runtime's workload: in each of ROUNDS rounds (the order reversed every other round),
     each runtime in a block of one untimed call and BLOCK timed ones. Blocks, not one call each: ONNX Runtime's
     threads spin on after a call and slow the next engine's call, so alternating single calls charged OpenVINO for
-    them (demo, Zen 4: bf16 1.24x and OpenVINO's int8 1.53x fp32 that way, 1.80x and 2.69x in blocks, ONNX
-    Runtime's int8 2.02x / 2.05x either way; each in its own process: OpenVINO's int8 2.52x, ONNX Runtime's 2.05x)."""
+    them (studies/fast_timing.py, results/fast-timing-minilm-amd-zen4.json; demo, Zen 4: bf16 1.20x and OpenVINO's
+    int8 1.69x fp32 that way, 1.85x and 2.59x in blocks, ONNX Runtime's int8 2.23x / 2.18x either way; each in its
+    own process, studies/nncf_int8.py: OpenVINO's int8 2.52x, ONNX Runtime's 2.05x at B=8)."""
     runs = {name: _workload(rt) for name, rt in runtimes.items()}
     for run in runs.values():
         run()  # warm-up: sessions made, graphs compiled
