@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,8 +25,11 @@ from promptmux.demo.data import DATA, held_out_texts
 
 from .baseline import PeftSystem
 
+if TYPE_CHECKING:  # the annotations only: the runtime is imported where it runs
+    from promptmux.runtime.runtime import Runtime
 
-def demo_tasks(rt) -> list[str]:
+
+def demo_tasks(rt: Runtime) -> list[str]:
     """The deployment's tasks that are the shipped demo adapters (by name and recorded source)."""
     found = []
     for name in rt.tasks:
@@ -53,7 +57,7 @@ def _pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
-def compare_predictions(rt, peft, examples: list[tuple[str, list[int], int]], batch_size: int = 32) -> dict:
+def compare_predictions(rt: Runtime, peft, examples: list[tuple[str, list[int], int]], batch_size: int = 32) -> dict:
     """Deployment (mixed batches, tasks interleaved) vs PEFT (one task per batch) on the same token ids."""
     pad_id = graph_pad_id(rt.config)
     by_task: dict[str, list[int]] = {}
@@ -100,7 +104,7 @@ def compare_predictions(rt, peft, examples: list[tuple[str, list[int], int]], ba
             "speedup": round(theirs_s / ours_s, 3)}
 
 
-def accuracy(s, rt) -> dict:
+def accuracy(s, rt: Runtime) -> dict:
     """The accuracy benchmark on the demo tasks of rt's deployment (settings s: BenchSettings)."""
     import torch
 

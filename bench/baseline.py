@@ -11,10 +11,14 @@ tasks `NAME/k` run adapter NAME with `task_ids = k`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .prompt_kinds import peft_adapter_of, peft_virtual_positions
+
+if TYPE_CHECKING:  # the annotations only: the runtime is imported where it runs
+    from promptmux.runtime.runtime import Runtime
 
 
 def generate_pad_id(config) -> int:
@@ -31,7 +35,7 @@ class PromptmuxSystem:
     grouped = False
     pid = None  # in this process
 
-    def __init__(self, rt, label: str | None = None):
+    def __init__(self, rt: Runtime, label: str | None = None):
         self.rt = rt
         self.precision = rt.precision
         self.fast = rt.fast  # precision "fast": what was chosen on this CPU and why (runtime/fast.py)
@@ -65,7 +69,7 @@ class PeftSystem:
     pid = None
     precision = "fp32"
 
-    def __init__(self, rt, tasks: list[str], base: str | Path | None = None,
+    def __init__(self, rt: Runtime, tasks: list[str], base: str | Path | None = None,
                  adapters: dict[str, str | Path] | None = None, device: str = "cpu", bf16: bool = False):
         import torch
         from peft import PeftModel
@@ -102,7 +106,7 @@ class PeftSystem:
         # head of another size needs another base. Every adapter of a group is loaded into that one model.
         groups: dict[tuple, list[str]] = {}
         for adapter, folder in dirs.items():
-            labels = adapter_num_labels(folder) if self.family == "encoder" else None
+            labels = adapter_num_labels(folder) if self.family.classifies else None
             groups.setdefault((labels, read_adapter_config(folder).get("peft_type")), []).append(adapter)
         self.bases = len(groups)
         self.models: dict[str, object] = {}
@@ -115,7 +119,7 @@ class PeftSystem:
             for name in names[1:]:
                 model.load_adapter(str(dirs[name]), adapter_name=self.peft_names[name])
             model = model.to(device).eval()
-            if self.family != "encoder":  # EOS off, as promptmux's eos_token_id=[]: every row generates n tokens
+            if not self.family.classifies:  # EOS off, as promptmux's eos_token_id=[]: every row generates n tokens
                 model.generation_config.eos_token_id = None
                 model.base_model.generation_config.eos_token_id = None
             for name in names:
@@ -151,10 +155,10 @@ class PeftSystem:
                 out = model.generate(input_ids=x, attention_mask=m, max_new_tokens=new_tokens,
                                      min_new_tokens=new_tokens, do_sample=False, num_beams=1,
                                      pad_token_id=self.pad_id, use_cache=True, **kwargs)
-                start = 1 if self.family == "seq2seq" else ids.shape[1]  # seq2seq: the decoder start token
+                start = 1 if self.family.encoder_decoder else ids.shape[1]  # seq2seq: the decoder start token
                 return out[:, start:].cpu().tolist()
             logits = model(input_ids=x, attention_mask=m, **kwargs).logits.float().cpu().numpy()
-        if self.family == "encoder":
+        if self.family.classifies:
             return list(logits)
         skip = self.skip[task]
         return [logits[i, skip:][mask[i].astype(bool)] for i in range(ids.shape[0])]

@@ -31,6 +31,7 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from promptmux.core.quiet import quiet_libraries
 
@@ -43,10 +44,13 @@ from .scaling import scaling
 from .settings import BenchSettings, settings_from_args, system_pairs
 from .throughput import throughput
 
+if TYPE_CHECKING:  # the annotations only: the runtime is imported where it runs
+    from promptmux.runtime.runtime import Runtime
 
-def deployment_info(rt) -> dict:
+
+def deployment_info(rt: Runtime) -> dict:
     return {"path": str(Path(rt.dir).resolve()), "model": describe_config(rt.config),
-            "family": rt.spec.family, "base": rt.manifest["base"].get("path"),
+            "family": rt.spec.family.name, "base": rt.manifest["base"].get("path"),
             "tasks": [{"name": t, "kind": rt.bank.view(t).kind, "virtual_tokens": rt.bank.view(t).num_virtual_tokens}
                       for t in rt.tasks]}
 

@@ -7,7 +7,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:  # the annotations only: the runtime is imported where it runs
+    from promptmux.runtime.runtime import Runtime
 
 # The scaling benchmark's bank layouts (--scaling-kinds):
 # prompt:       prompt tuning, P virtual tokens per task;
@@ -24,10 +29,11 @@ def check_scaling_kinds(kinds: list[str]) -> None:
             raise ValueError(f"unknown scaling kind {kind!r}; choose from {', '.join(SCALING_KINDS)}")
 
 
-def synthetic_tasks(kind: str, n: int, rt, virtual_tokens: int = 20, rank: int = 1, seed: int = 0,
+def synthetic_tasks(kind: str, n: int, rt: Runtime, virtual_tokens: int = 20, rank: int = 1, seed: int = 0,
                     num_labels: int = 2) -> list:
     """n Task objects of one kind for the deployment's model (random values, trained-prompt scale)."""
-    from promptmux.core.task import Task
+    from promptmux.kinds.mpt import KIND as MPT
+    from promptmux.kinds.prompt import KIND as PROMPT
 
     check_scaling_kinds([kind])
     rng = np.random.default_rng(seed)
@@ -47,9 +53,8 @@ def synthetic_tasks(kind: str, n: int, rt, virtual_tokens: int = 20, rank: int =
     tasks = []
     if kind == "prompt":
         for i in range(n):
-            tasks.append(Task(f"t{i:04d}", "prompt", "PROMPT_TUNING", p,
-                                    {"prompt": (rng.standard_normal((p, d)) * scale).astype(np.float32)},
-                                    head=head(), labels=labels, source="synthetic"))
+            tasks.append(PROMPT.from_prompt(f"t{i:04d}", (rng.standard_normal((p, d)) * scale).astype(np.float32),
+                                            head=head(), labels=labels, source="synthetic"))
         return tasks
     shared = None
     for i in range(n):
@@ -60,12 +65,10 @@ def synthetic_tasks(kind: str, n: int, rt, virtual_tokens: int = 20, rank: int =
         rows = (1.0 + 0.1 * rng.standard_normal((rank, d))).astype(np.float32) / rank
         name = f"m{g:03d}/{k}"
         if kind == "mpt-factors":
-            tasks.append(Task(name, "mpt", "MULTITASK_PROMPT_TUNING", p,
-                                    {"shared": shared, "cols": cols, "rows": rows},
-                                    head=head(), labels=labels, source="synthetic"))
-        else:
-            tasks.append(Task(name, "prompt", "PROMPT_TUNING", p, {"prompt": shared * (cols @ rows)},
-                                    head=head(), labels=labels, source="synthetic"))
+            tasks.append(MPT.from_factors(name, shared, cols, rows, head=head(), labels=labels, source="synthetic"))
+        else:  # composed ahead of time: what the MPT task's prompt is, stored as a plain prompt
+            tasks.append(PROMPT.from_prompt(name, shared * (cols @ rows), head=head(), labels=labels,
+                                            source="synthetic"))
     return tasks
 
 

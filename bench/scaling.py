@@ -26,6 +26,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from promptmux.core.archs import pad_id as graph_pad_id
 from promptmux.runtime.text import too_long
@@ -33,11 +34,13 @@ from promptmux.runtime.text import too_long
 from .baseline import PromptmuxSystem
 from .measure import MB, measure_jobs, progress, rss, summarize, warm_up
 from .prompt_kinds import MPT_TASKS_PER_ADAPTER, check_scaling_kinds, synthetic_tasks
-from .settings import DEFAULT_SEQ_LEN
 from .workload import assign_tasks, make_workload
 
+if TYPE_CHECKING:  # the annotations only: the runtime is imported where it runs
+    from promptmux.runtime.runtime import Runtime
 
-def deployment_with_bank(src: Path, dest: Path, rt, tasks: list) -> dict:
+
+def deployment_with_bank(src: Path, dest: Path, rt: Runtime, tasks: list) -> dict:
     """dest: src's graphs (linked) and files, with a bank of exactly `tasks`. Returns the bank's sizes."""
     from promptmux.core.bank import LEGACY_FILE, STORE_FILE, PromptBank
     from promptmux.core.folder import MANIFEST
@@ -65,14 +68,14 @@ def deployment_with_bank(src: Path, dest: Path, rt, tasks: list) -> dict:
             "bank_head_bytes": head_bytes, "bank_prompt_bytes": task_bytes - head_bytes}
 
 
-def scaling(s, rt) -> dict:
+def scaling(s, rt: Runtime) -> dict:
     """The scaling benchmark on rt's deployment and backend (settings s: BenchSettings)."""
     from promptmux.core.bank import PromptBank
     from promptmux.runtime.runtime import Runtime
 
     check_scaling_kinds(s.scaling_kinds)
-    seq = s.scaling_seq_len or DEFAULT_SEQ_LEN[rt.spec.family]
-    if rt.spec.family == "seq2seq":
+    seq = s.scaling_seq_len or rt.spec.family.bench_seq_len
+    if not rt.spec.family.forward_rows:
         raise ValueError("the scaling benchmark runs full-sequence forwards: encoder or causal LM deployments")
     refused = too_long(seq, s.scaling_virtual_tokens, "synthetic", rt.max_positions)
     if refused:

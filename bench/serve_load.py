@@ -140,8 +140,8 @@ def start_server(deploy: Path, args, admin: tuple[str, Path] | None = None) -> t
     return proc, json.loads(line)["serving"]
 
 
-def request_body(family: str, task: str, text: str, max_tokens: int, smollm2: bool) -> tuple[str, dict]:
-    if family == "encoder":
+def request_body(family, task: str, text: str, max_tokens: int, smollm2: bool) -> tuple[str, dict]:
+    if family.classifies:
         return "/v1/classify", {"task": task, "text": text}
     prompt = text
     if smollm2:
@@ -222,16 +222,16 @@ async def hot_swap(url: str, token: str, adapter: str, make_request, rounds: int
     return served, changes
 
 
-def server_batches(url: str, kind: str) -> dict:
+def server_batches(url: str, queue: str) -> dict:
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
     values = {}
     for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text):
         for s in fam.samples:
-            if s.labels.get("kind") == kind and s.name in ("promptmux_batch_size_sum", "promptmux_batch_size_count"):
+            if s.labels.get("queue") == queue and s.name in ("promptmux_batch_size_sum", "promptmux_batch_size_count"):
                 values[s.name] = s.value
-            if s.labels.get("kind") == kind and s.name == "promptmux_batch_tasks_bucket" and s.labels["le"] == "1.0":
+            if s.labels.get("queue") == queue and s.name == "promptmux_batch_tasks_bucket" and s.labels["le"] == "1.0":
                 values["single_task_batches"] = s.value
     return values
 
@@ -275,7 +275,7 @@ def changes_summary(changes: list[tuple[str, float, int]]) -> dict:
     return out
 
 
-def swap_adapter(args, family: str) -> Path:
+def swap_adapter(args) -> Path:
     """The adapter folder the hot swap adds: --hot-swap ADAPTER, or the embedded demo's first task's adapter."""
     if args.hot_swap:
         path = Path(args.hot_swap).resolve()
@@ -317,7 +317,7 @@ def main(argv=None) -> dict:
 
     family = arch_for(load_base_config(deploy)).family
     smollm2 = args.deploy is None and args.model == "smollm2"
-    name = args.name or ("serve-cpu-smollm2" if family != "encoder" else "serve-cpu")
+    name = args.name or ("serve-cpu" if family.classifies else "serve-cpu-smollm2")
     rng = random.Random(0)
     pool = {t: [x[:args.max_chars] for x in TEXTS.get(t.split("/")[0], TEXTS["sentiment"] + TEXTS["topic"])]
             for t in tasks}
@@ -329,7 +329,7 @@ def main(argv=None) -> dict:
             reqs.append((task, *request_body(family, task, rng.choice(pool[task]), args.max_tokens, smollm2)))
         return reqs
 
-    swap = swap_adapter(args, family) if args.hot_swap is not None else None
+    swap = swap_adapter(args) if args.hot_swap is not None else None
     token = os.urandom(16).hex()
     load_start = [round(x, 2) for x in os.getloadavg()]
     others = busy_processes()
@@ -340,7 +340,7 @@ def main(argv=None) -> dict:
 
     with urllib.request.urlopen(url + "/health", timeout=30) as r:  # what the server's backend "auto" chose
         health = json.loads(r.read())
-    kind = "classify" if family == "encoder" else "generate"
+    queue = "classify" if family.classifies else "generate"
     client = args.client or ("aiohttp" if importlib.util.find_spec("aiohttp") else "httpx")
     plan = [(f"single:{t}", (lambda t=t: t), args.requests, args.concurrency) for t in tasks]
     plan += [("mixed", lambda: rng.choice(tasks), args.requests, args.concurrency),
@@ -364,10 +364,10 @@ def main(argv=None) -> dict:
             asyncio.run(drive(url, make(lambda: rng.choice(tasks), args.warmup), args.concurrency, client))
         for repeat in range(args.repeats):  # interleaved: contention from elsewhere hits every scenario alike
             for label, choose, n, conc in plan:
-                before = server_batches(url, kind)
+                before = server_batches(url, queue)
                 results, wall, changes = asyncio.run(load(make(choose, n), conc, swap is not None and label == "mixed"))
                 server[label]["task_changes"] += changes
-                after = server_batches(url, kind)
+                after = server_batches(url, queue)
                 count = after.get("promptmux_batch_size_count", 0) - before.get("promptmux_batch_size_count", 0)
                 single = after.get("single_task_batches", 0) - before.get("single_task_batches", 0)
                 server[label]["model_calls"] += int(count)
@@ -395,15 +395,15 @@ def main(argv=None) -> dict:
         "machine": {**machine_info(args.threads or os.cpu_count() or 1), "load_average_start": load_start, "other_busy_processes_at_start": others,
                     "load_average_end": [round(x, 2) for x in os.getloadavg()]},
         "deployment": {"path": str(deploy), "model_type": manifest["base"].get("model_type"), "tasks": tasks,
-                       "family": family},
+                       "family": family.name},
         "server_ready_s": ready_s,  # start to the first line (engines prepared, runtime/prepare.py)
         "prepared": health.get("prepared"),
         "settings": {"requests": args.requests, "repeats": args.repeats, "concurrency": args.concurrency,
                      "warmup": args.warmup, "hot_swap": str(swap) if swap else None,
                      "max_batch": args.max_batch, "threads": args.threads, "client": client,
                      "backend": health.get("backend"), "precision": health.get("precision"),
-                     "max_wait_ms": args.max_wait_ms, "max_tokens": args.max_tokens if family != "encoder" else None,
-                     "endpoint": "/v1/classify" if family == "encoder" else "/v1/completions"},
+                     "max_wait_ms": args.max_wait_ms, "max_tokens": None if family.classifies else args.max_tokens,
+                     "endpoint": "/v1/classify" if family.classifies else "/v1/completions"},
         "scenarios": scenarios,
     }
     out = Path(args.out)

@@ -14,7 +14,6 @@ BACKENDS = ("auto", "onnxruntime", "openvino", "onnxruntime+openvino", "onnxrunt
 GPU_BACKENDS = ("onnxruntime-cuda", "tensorrt")
 PRECISIONS = ("fp32", "bf16", "int8", "fast")  # fast: what Runtime(precision="fast") chose on this CPU
 BASELINES = ("peft", "peft-bf16")  # PEFT eager fp32, and PEFT under torch.autocast(bfloat16)
-DEFAULT_SEQ_LEN = {"encoder": 64, "decoder": 32, "seq2seq": 32}
 
 
 @dataclass
@@ -24,7 +23,7 @@ class BenchSettings:
     tasks: list[str] | None = None  # None: every task of the deployment
     mixes: list[str] = field(default_factory=lambda: ["single", "uniform"])
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
-    seq_lens: list[int] | None = None  # None: DEFAULT_SEQ_LEN of the family
+    seq_lens: list[int] | None = None  # None: the family's bench_seq_len (core/families)
     new_tokens: int = 0
     requests: int | None = None  # per round; None: max(32, 4 * B)
     duration: float | None = None  # seconds per system and configuration, split over the rounds

@@ -4,18 +4,23 @@ and mixed / single-task ratios (mixing)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from promptmux.core.archs import pad_id as graph_pad_id
 from promptmux.runtime.text import too_long
 
 from .baseline import compare
 from .machine import device_of
 from .measure import measure_jobs, progress, summarize, warm_up
-from .settings import DEFAULT_SEQ_LEN, BenchSettings, peft_device
+from .settings import BenchSettings, peft_device
 from .systems import build_systems, close_systems, peft_outputs
 from .workload import assign_tasks, make_workload
 
+if TYPE_CHECKING:  # the annotations only: the runtime is imported where it runs
+    from promptmux.runtime.runtime import Runtime
 
-def throughput(s: BenchSettings, rt, env: dict) -> dict:
+
+def throughput(s: BenchSettings, rt: Runtime, env: dict) -> dict:
     """Every (B, S, mix) configuration: each backend at each precision and the PEFT baselines on the same request
     stream. rt: a Runtime of the deployment, for its tasks, bank and config."""
     systems, load_mb, peft = build_systems(s, rt)  # refuses an unrunnable backend before anything else
@@ -25,16 +30,16 @@ def throughput(s: BenchSettings, rt, env: dict) -> dict:
         close_systems(systems)
 
 
-def _configurations(s, rt, env, systems, load_mb, peft) -> dict:
+def _configurations(s, rt: Runtime, env, systems, load_mb, peft) -> dict:
     family = rt.spec.family
-    if family == "seq2seq" and not s.new_tokens:
+    if not family.forward_rows and not s.new_tokens:
         raise ValueError("a seq2seq deployment is benchmarked by generation: pass --new-tokens N (N > 0)")
-    if family == "encoder" and s.new_tokens:
+    if family.generation is None and s.new_tokens:
         raise ValueError("--new-tokens is for causal LM and seq2seq deployments; this one classifies")
     tasks = s.tasks or rt.tasks
     for t in tasks:
         rt.bank.view(t)  # UnknownTaskError names the deployment's tasks
-    seq_lens = s.seq_lens or [DEFAULT_SEQ_LEN[family]]
+    seq_lens = s.seq_lens or [family.bench_seq_len]
     vocab = rt.dims.vocab_size
     cfg = rt.config
     pad_id = graph_pad_id(cfg)

@@ -17,7 +17,8 @@ from promptmux.kinds import BY_PEFT_TYPE
 from promptmux.kinds.base import ReadContext
 
 from .adapter_checks import AdapterError, config_int, expect  # AdapterError: also public here (promptmux.AdapterError)
-from .archs import TASK_TYPE_FOR_FAMILY, ArchSpec, Dims, arch_for, dims_of
+from .archs import ArchSpec, Dims, arch_for, dims_of
+from .families import FAMILIES
 from .task import Task
 
 LABELS_FILE = "labels.json"  # optional promptmux convention: {"id2label": {"0": "neg", ...}}
@@ -184,28 +185,22 @@ def load_adapter(name: str, adapter_dir: str | Path, base_config, root: str | Pa
     spec = arch_for(base_config)
     dims = dims_of(base_config)
 
-    expected_task = TASK_TYPE_FOR_FAMILY[spec.family]
+    family = spec.family
+    expected_task = family.task_type
     if cfg.get("task_type") != expected_task:
         raise AdapterError(
             f"adapter {str(adapter_dir)!r} has task type {cfg.get('task_type')} but the base model "
             f"({base_config.model_type}) is exported for {expected_task}"
         )
-    if spec.family not in kind.families:
+    if family.name not in kind.families:
         raise AdapterError(f"adapter {str(adapter_dir)!r} is {peft_type}, which PEFT supports for "
-                           f"{', '.join(TASK_TYPE_FOR_FAMILY[f] for f in kind.families)} only, not {expected_task}")
+                           f"{', '.join(FAMILIES[f].task_type for f in kind.families)} only, not {expected_task}")
     kind.check_model(spec, base_config, adapter_dir, peft_type)
     n = config_int(cfg, "num_virtual_tokens", adapter_dir, required=True)
     subs = config_int(cfg, "num_transformer_submodules", adapter_dir) or 1
-    if spec.family != "seq2seq" and subs != 1:
-        raise AdapterError(
-            f"adapter {str(adapter_dir)!r} has num_transformer_submodules={subs}; "
-            "encoder-only and decoder-only models use 1"
-        )
-    if spec.family == "seq2seq" and subs not in (1, 2):
-        raise AdapterError(
-            f"adapter {str(adapter_dir)!r} has num_transformer_submodules={subs}; PEFT builds seq2seq adapters with 2 "
-            "(1 is also accepted for input-level prompts). Recreate it with PEFT's default"
-        )
+    refused = family.submodules_message(subs)
+    if refused:
+        raise AdapterError(f"adapter {str(adapter_dir)!r} {refused}")
     _check_recorded_base(cfg, base_config, adapter_dir, root)
     expect("number of layers", cfg.get("num_layers"), dims.num_layers, adapter_dir)
     ctx = ReadContext(name, adapter_dir, cfg, spec, dims, base_config, {}, n, subs)
@@ -216,14 +211,14 @@ def load_adapter(name: str, adapter_dir: str | Path, base_config, root: str | Pa
         raise AdapterError(f"adapter {str(adapter_dir)!r} has no 'prompt_embeddings' tensor")
     ctx.weights = {k: v for k, v in weights.items() if k in kind.tensor_keys}
     others = {k: v for k, v in weights.items() if k not in kind.tensor_keys}
-    head = _head_tensors(others, spec, dims, adapter_dir) if spec.family == "encoder" else {}
-    if spec.family != "encoder" and others:
+    head = _head_tensors(others, spec, dims, adapter_dir) if family.classifies else {}
+    if not family.classifies and others:
         raise AdapterError(
             f"adapter {str(adapter_dir)!r} saves {sorted(others)} (modules_to_save); promptmux serves one frozen "
             "backbone for every language-model task, so retrain without modules_to_save"
         )
     # labels.json names a classification head's outputs; a language-model adapter folder may hold any other file.
-    labels = _read_labels(adapter_dir, head, spec, base_config, root) if spec.family == "encoder" else None
+    labels = _read_labels(adapter_dir, head, spec, base_config, root) if family.classifies else None
     tasks = kind.read(ctx)
     for t in tasks:
         # Absolute: the manifest records it, and a deployment is used from other folders than the export's.

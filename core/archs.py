@@ -15,6 +15,11 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, replace
 
+from .families import Family
+from .families.decoder import FAMILY as DECODER
+from .families.encoder import FAMILY as ENCODER
+from .families.seq2seq import FAMILY as SEQ2SEQ
+
 
 class UnsupportedModelError(ValueError):
     """The base model is of a family or task promptmux cannot export."""
@@ -32,7 +37,7 @@ class HeadLayer:
 
 @dataclass(frozen=True)
 class ArchSpec:
-    family: str  # "encoder" (sequence classification), "decoder" (causal LM) or "seq2seq" (T5-style LM)
+    family: Family  # encoder (sequence classification), decoder (causal LM) or seq2seq (T5-style LM): core/families
     # Added to every position id. RoBERTa counts positions from padding_idx + 1.
     position_offset_from_pad: bool = False
     # How PEFT's prefix-tuning forward positions real tokens (it passes input_ids, not embeddings):
@@ -61,69 +66,67 @@ class ArchSpec:
 
 ARCHS: dict[str, ArchSpec] = {
     "bert": ArchSpec(
-        family="encoder", token_types=True, feature="pooler", head=(HeadLayer("classifier", None),)
+        family=ENCODER, token_types=True, feature="pooler", head=(HeadLayer("classifier", None),)
     ),
     "roberta": ArchSpec(
-        family="encoder",
+        family=ENCODER,
         position_offset_from_pad=True,
         prefix_positions="roberta",
         feature="first",
         head=(HeadLayer("classifier.dense", "tanh"), HeadLayer("classifier.out_proj", None)),
     ),
     "distilbert": ArchSpec(
-        family="encoder",
+        family=ENCODER,
         supports_prefix=False,  # DistilBERT's attention takes no past key/values, so PEFT cannot prefix-tune it
         feature="first",
         head=(HeadLayer("pre_classifier", "relu"), HeadLayer("classifier", None)),
     ),
     # ELECTRA: BERT's embeddings and positions; a two-layer head with GELU on the first token.
     "electra": ArchSpec(
-        family="encoder", token_types=True, feature="first",
+        family=ENCODER, token_types=True, feature="first",
         head=(HeadLayer("classifier.dense", "gelu"), HeadLayer("classifier.out_proj", None)),
     ),
     # MPNet: RoBERTa's positions and head; its attention takes no past key/values (PEFT refuses prefix tuning).
     "mpnet": ArchSpec(
-        family="encoder", position_offset_from_pad=True, supports_prefix=False, feature="first",
+        family=ENCODER, position_offset_from_pad=True, supports_prefix=False, feature="first",
         head=(HeadLayer("classifier.dense", "tanh"), HeadLayer("classifier.out_proj", None)),
     ),
     # DeBERTa-v2/v3: relative positions only, no token types by default; the ContextPooler (first token, dense,
     # GELU) is part of the head but frozen (PEFT saves only the classifier). No past key/values.
     "deberta-v2": ArchSpec(
-        family="encoder", supports_prefix=False, feature="first",
+        family=ENCODER, supports_prefix=False, feature="first",
         head=(HeadLayer("pooler.dense", "gelu"), HeadLayer("classifier", None)),
         requires=(("pooler_hidden_act", "gelu"),),
     ),
     # ModernBERT ("cls" pooling): head = dense, GELU, LayerNorm, then the classifier. No past key/values.
     "modernbert": ArchSpec(
-        family="encoder", supports_prefix=False, feature="first",
+        family=ENCODER, supports_prefix=False, feature="first",
         head=(HeadLayer("head.dense", "gelu"), HeadLayer("head.norm", None, op="layer_norm"),
               HeadLayer("classifier", None)),
         requires=(("classifier_pooling", "cls"), ("classifier_activation", "gelu"), ("norm_eps", 1e-5)),
     ),
-    "gpt2": ArchSpec(family="decoder"),
-    "llama": ArchSpec(family="decoder"),
-    "opt": ArchSpec(family="decoder", positions_follow_mask=True),
+    "gpt2": ArchSpec(family=DECODER),
+    "llama": ArchSpec(family=DECODER),
+    "opt": ArchSpec(family=DECODER, positions_follow_mask=True),
     # Relative position bias, no position ids; prefixes go to the decoder (see export/seq2seq_export.py).
-    "t5": ArchSpec(family="seq2seq"),
+    "t5": ArchSpec(family=SEQ2SEQ),
     # Learned positions (the encoder counts through the virtual tokens, as PEFT's concatenation does), scaled
     # attention, post-LayerNorm blocks; its own decoder start token (the config's). No token types.
     # The generation config's forced first / last tokens are applied as transformers' generate does.
-    "bart": ArchSpec(family="seq2seq", decoder_step="bart"),
-    "mbart": ArchSpec(family="seq2seq", decoder_step="bart"),  # pre-LayerNorm and a final LayerNorm
+    "bart": ArchSpec(family=SEQ2SEQ, decoder_step="bart"),
+    "mbart": ArchSpec(family=SEQ2SEQ, decoder_step="bart"),  # pre-LayerNorm and a final LayerNorm
     # BART's code with sinusoidal positions (M2M100's from padding_idx + 1), pre- or post-LayerNorm, the embedding
     # scale in the encoder's forward (Marian, Pegasus, BlenderbotSmall: PEFT's prompt rows are not scaled there).
-    "marian": ArchSpec(family="seq2seq", decoder_step="bart"),
-    "pegasus": ArchSpec(family="seq2seq", decoder_step="bart"),
-    "m2m_100": ArchSpec(family="seq2seq", decoder_step="bart"),
-    "blenderbot": ArchSpec(family="seq2seq", decoder_step="bart"),
-    "blenderbot-small": ArchSpec(family="seq2seq", decoder_step="bart", embed_norm="before_positions"),
+    "marian": ArchSpec(family=SEQ2SEQ, decoder_step="bart"),
+    "pegasus": ArchSpec(family=SEQ2SEQ, decoder_step="bart"),
+    "m2m_100": ArchSpec(family=SEQ2SEQ, decoder_step="bart"),
+    "blenderbot": ArchSpec(family=SEQ2SEQ, decoder_step="bart"),
+    "blenderbot-small": ArchSpec(family=SEQ2SEQ, decoder_step="bart", embed_norm="before_positions"),
 }
 ARCHS["xlm-roberta"] = ARCHS["roberta"]  # RoBERTa's code under another name (transformers copies it)
 ARCHS["mt5"] = ARCHS["t5"]  # T5's code with another vocabulary
 
-GENERIC_DECODER = ArchSpec(family="decoder", verify_at_export=True)
-
-TASK_TYPE_FOR_FAMILY = {"encoder": "SEQ_CLS", "decoder": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
+GENERIC_DECODER = ArchSpec(family=DECODER, verify_at_export=True)
 
 
 def arch_for(model) -> ArchSpec:
@@ -140,13 +143,13 @@ def arch_for(model) -> ArchSpec:
     if spec is None and config is not None and is_seq2seq_lm(model_type):
         spec = generic_seq2seq(config)
     if spec is None:
-        rows = {f: ", ".join(sorted(t for t, r in ARCHS.items() if r.family == f)) for f in ("encoder", "seq2seq")}
+        rows = {f: ", ".join(sorted(t for t, r in ARCHS.items() if r.family is f)) for f in (ENCODER, SEQ2SEQ)}
         raise UnsupportedModelError(
             f"model type {model_type!r} is not supported: promptmux exports causal LMs of any family transformers "
-            f"knows, sequence classifiers of {rows['encoder']} and of other families whose head it can read, and "
-            f"seq2seq models of {rows['seq2seq']} and of other families whose decoder is BART's or T5's. Please report it, or add a row to core/archs.py (ARCHITECTURE.md: "
+            f"knows, sequence classifiers of {rows[ENCODER]} and of other families whose head it can read, and "
+            f"seq2seq models of {rows[SEQ2SEQ]} and of other families whose decoder is BART's or T5's. Please report it, or add a row to core/archs.py (ARCHITECTURE.md: "
             "'A model family')")
-    if config is not None and spec.family == "decoder" and is_sequence_classifier(config):
+    if config is not None and spec.family.generation == "causal" and is_sequence_classifier(config):
         return causal_classifier(spec)
     return spec
 
@@ -157,7 +160,7 @@ def causal_classifier(spec: ArchSpec) -> ArchSpec:
     the mask, so a row's result does not depend on the padding of its batch: PEFT's result for the row alone (PEFT
     pools the last position of prompt-tuning rows, a pad where a batch is right-padded). The head and pooling are
     the generic rules for every family, so the export verifies them against PEFT."""
-    return replace(spec, family="encoder", feature="last", head=(HeadLayer("score", None),),
+    return replace(spec, family=ENCODER, feature="last", head=(HeadLayer("score", None),),
                    positions_follow_mask=True, verify_at_export=True)
 
 
@@ -225,7 +228,7 @@ def _read_seq2seq(config) -> ArchSpec | None:
     for step, read in readers.items():
         try:
             if all(p is not None for p in read()):
-                return ArchSpec(family="seq2seq", decoder_step=step, verify_at_export=True)
+                return ArchSpec(family=SEQ2SEQ, decoder_step=step, verify_at_export=True)
         except (AttributeError, IndexError, TypeError):
             continue
     return None
@@ -264,7 +267,7 @@ def _read_encoder(config) -> ArchSpec | None:
         layers, feature = (HeadLayer(f"{name}.dense", activation), HeadLayer(f"{name}.out_proj", None)), "first"
     embeddings = getattr(base, "embeddings", None)
     roberta = embeddings is not None and "create_position_ids_from" in inspect.getsource(type(embeddings).forward)
-    return ArchSpec(family="encoder", token_types=(getattr(config, "type_vocab_size", 0) or 0) > 1,
+    return ArchSpec(family=ENCODER, token_types=(getattr(config, "type_vocab_size", 0) or 0) > 1,
                     position_offset_from_pad=roberta, prefix_positions="roberta" if roberta else "arange",
                     supports_prefix="past_key_values" in inspect.signature(base.forward).parameters,
                     feature=feature, head=layers, verify_at_export=True)
@@ -395,6 +398,6 @@ def usable_positions(config) -> int | None:
     table = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     limit = table - position_offset(config) if table else None
     spec = arch_for(config)
-    window = sliding_window(config) if spec.family != "encoder" or spec.feature == "last" else None
+    window = sliding_window(config) if not spec.family.classifies or spec.feature == "last" else None
     return min(limit, window) if window and limit else (window or limit)
 

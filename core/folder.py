@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .archs import ARCHS, arch_for, causal_classifier, check_config, is_causal_lm
 from .durable import durable_replace, write_durably
+from .families import family_of
 
 MANIFEST = "manifest.json"
 GRAPH = "model.onnx"
@@ -49,19 +50,13 @@ def load_base_model(base_dir: str | Path, config=None, num_labels: int | None = 
     num_labels: build the classification head with this many outputs (an adapter's saved head must fit).
     """
     import torch
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSeq2SeqLM,
-        AutoModelForSequenceClassification,
-    )
 
     config = config or load_base_config(base_dir)
     family = arch_for(config).family
-    cls = {"encoder": AutoModelForSequenceClassification, "decoder": AutoModelForCausalLM,
-           "seq2seq": AutoModelForSeq2SeqLM}[family]
+    cls = family.auto_class()
     kwargs = {"num_labels": num_labels} if num_labels is not None else {}
     # T5's SDPA path reshapes a transposed output, which torch.export cannot trace with dynamic shapes.
-    attn = "eager" if family == "seq2seq" else "sdpa"
+    attn = "eager" if family.encoder_decoder else "sdpa"
     try:
         model = cls.from_pretrained(str(base_dir), dtype=torch.float32, attn_implementation=attn, **kwargs)
     except ValueError as e:  # a family without an SDPA path (Gemma2: attention logit soft-capping) runs eager
@@ -182,7 +177,8 @@ def read_bank(deploy_dir: str | Path, manifest: dict | None = None, cache_bytes:
         spec = arch_for(AutoConfig.from_pretrained(str(deploy_dir)))
     else:
         spec = arch_for(model_type)
-    if spec.family == "decoder" and manifest["base"].get("family") == "encoder":  # a causal LM as a classifier
+    recorded = manifest["base"].get("family")
+    if recorded and family_of(recorded).classifies and not spec.family.classifies:  # a causal LM as a classifier
         spec = causal_classifier(spec)
     return PromptBank.load(deploy_dir, spec, DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes)
 

@@ -26,7 +26,7 @@ from transformers import DynamicCache
 from promptmux.kernels.mpt_reference import mpt_prompt_concat
 
 from .archs import arch_for
-from .io_spec import prompt_inputs
+from .io_spec import DECODER_INPUTS, MPT_INPUTS, PREFIX_INPUTS, input_names, prompt_inputs
 
 
 class PromptedBackbone(nn.Module):
@@ -40,33 +40,29 @@ class PromptedBackbone(nn.Module):
         self.embed = model.get_input_embeddings()
         self.eval()  # the wrapper itself too: nn.Module starts in training mode
 
-    def sequence(self, input_ids, order, prompt_embeds, mpt_task_ids, mpt_shared_ids, mpt_shared, mpt_cols, mpt_rows):
+    def sequence(self, inputs: dict):
         """Token embeddings with the input-level and MPT prompts in front, each row reordered by `order`."""
-        tokens = self.embed(input_ids)
-        x = torch.cat([prompt_embeds.to(tokens.dtype), tokens], dim=1)
-        x = mpt_prompt_concat(mpt_task_ids, mpt_shared_ids, mpt_shared, mpt_cols, mpt_rows, x)
-        return torch.gather(x, 1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        tokens = self.embed(inputs["input_ids"])
+        x = torch.cat([inputs["prompt_embeds"].to(tokens.dtype), tokens], dim=1)
+        x = mpt_prompt_concat(*(inputs[n] for n in MPT_INPUTS), x)
+        return torch.gather(x, 1, inputs["order"].unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
     def forward(self, input_ids, *args):
-        if self.spec.token_types:
-            token_type_ids, *args = args
-        else:
-            token_type_ids = None
-        (attention_mask, position_ids, order, prompt_embeds, mpt_task_ids, mpt_shared_ids, mpt_shared,
-         mpt_cols, mpt_rows, *prefix) = args
-
-        x = self.sequence(input_ids, order, prompt_embeds, mpt_task_ids, mpt_shared_ids, mpt_shared, mpt_cols, mpt_rows)
-        kwargs = dict(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids)
-        if prefix:  # prefix tuning: the per-row prefixes are the cache the tokens attend to
-            keys, values = prefix
+        # The graph's inputs in io_spec's order (a graph without prefix inputs stops before them), read by name.
+        inputs = dict(zip(input_names(self.spec), (input_ids, *args)))
+        attention_mask = inputs["attention_mask"]
+        x = self.sequence(inputs)
+        kwargs = dict(inputs_embeds=x, attention_mask=attention_mask, position_ids=inputs["position_ids"])
+        if "prefix_keys" in inputs:  # prefix tuning: the per-row prefixes are the cache the tokens attend to
+            keys, values = inputs["prefix_keys"], inputs["prefix_values"]
             kwargs["past_key_values"] = DynamicCache(
                 [(keys[i].to(x.dtype), values[i].to(x.dtype)) for i in range(self.num_layers)],
                 config=self.model.config,
             )
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
+        if "token_type_ids" in inputs:
+            kwargs["token_type_ids"] = inputs["token_type_ids"]
 
-        if self.spec.family == "decoder":
+        if not self.spec.family.classifies:  # a language model: its logits at every position
             return self.model(**kwargs, return_dict=True).logits
         out = self.model.base_model(**kwargs, return_dict=True)
         if self.spec.feature == "pooler":
@@ -97,18 +93,11 @@ class FoldedBackbone(nn.Module):
         def rows(t):  # per-row prompt tensors are stored for batch 1
             return t.expand(batch, *t.shape[1:])
 
-        prompts = [
-            rows(self.prompt_embeds),
-            self.mpt_task_ids.expand(batch),
-            self.mpt_shared_ids,
-            self.mpt_shared,
-            self.mpt_cols,
-            self.mpt_rows,
-        ]
+        prompts = {"prompt_embeds": rows(self.prompt_embeds), "mpt_task_ids": self.mpt_task_ids.expand(batch)}
         if self.has_prefix:
-            prompts += [self.prefix_keys.expand(-1, batch, -1, -1, -1),
-                        self.prefix_values.expand(-1, batch, -1, -1, -1)]
-        return self.backbone(input_ids, *layout, *prompts)
+            prompts |= {n: getattr(self, n).expand(-1, batch, -1, -1, -1) for n in PREFIX_INPUTS}
+        return self.backbone(input_ids, *layout, *(prompts.get(n, getattr(self, n))
+                                                   for n in prompt_inputs(self.backbone.spec)))
 
 
 class PromptedDecoder(PromptedBackbone):
@@ -121,10 +110,13 @@ class PromptedDecoder(PromptedBackbone):
     the tokens so far; any of them may be empty.
     """
 
-    def forward(self, input_ids, attention_mask, position_ids, order, prompt_embeds, mpt_task_ids, mpt_shared_ids,
-                mpt_shared, mpt_cols, mpt_rows, logits_index, *past):
-        x = self.sequence(input_ids, order, prompt_embeds, mpt_task_ids, mpt_shared_ids, mpt_shared, mpt_cols,
-                          mpt_rows)
+    def forward(self, input_ids, *args):
+        # DECODER_INPUTS in io_spec's order, then the past (past_key_values.{i}.key/value).
+        inputs = dict(zip(DECODER_INPUTS, (input_ids, *args)))
+        past = args[len(DECODER_INPUTS) - 1:]
+        x = self.sequence(inputs)
+        attention_mask, position_ids, logits_index = (inputs[n] for n in ("attention_mask", "position_ids",
+                                                                          "logits_index"))
         cache = DynamicCache([(past[2 * i].to(x.dtype), past[2 * i + 1].to(x.dtype))
                               for i in range(self.num_layers)], config=self.model.config)
         out = self.model.base_model(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids,

@@ -56,6 +56,7 @@ PAST_AXES = ("batch", "kv_heads", "past_length", "head_dim")  # every past_key_v
 PROMPT_INPUTS = tuple(n for n, i in INPUTS.items() if i.group)
 BANK_INPUTS = frozenset(n for n, i in INPUTS.items() if i.bank)
 PREFIX_INPUTS = tuple(n for n, i in INPUTS.items() if i.group == "prefix")
+MPT_INPUTS = tuple(n for n, i in INPUTS.items() if i.group == "mpt")  # mpt_prompt_concat's arguments, in order
 LAYOUT_INPUTS = ("attention_mask", "position_ids", "order")
 # A seq2seq model's encoder graph: no position ids (relative position bias) and no prefix inputs (prefixes are
 # the decoder's cache; see export/seq2seq_export.py).
@@ -74,7 +75,7 @@ def prompt_inputs(spec: ArchSpec) -> list[str]:
 
 def input_names(spec: ArchSpec) -> list[str]:
     """The full-sequence graph's inputs, in PromptedBackbone.forward order."""
-    if spec.family == "seq2seq":
+    if spec.family.encoder_decoder:
         return list(SEQ2SEQ_ENCODER_INPUTS)
     names = ["input_ids"]
     if spec.token_types:
@@ -89,7 +90,7 @@ def layout_inputs(spec: ArchSpec) -> list[str]:
 
 
 def output_name(spec: ArchSpec) -> str:
-    return "features" if spec.family == "encoder" else "logits"
+    return "features" if spec.family.classifies else "logits"
 
 
 def past_names(num_layers: int) -> list[str]:
@@ -107,11 +108,19 @@ def dynamic_axes(name: str) -> dict[int, str]:
     return {a: n for a, n in enumerate(axes) if n not in MODEL_AXES}
 
 
-def example_shape(name: str, dims, sizes: dict[str, int]) -> tuple[int, ...]:
+def input_shape(name: str, dims, sizes: dict[str, int]) -> tuple[int, ...]:
+    """The shape of an input with its named axes at `sizes` (the model's own axes from dims)."""
     model = {"hidden": dims.hidden_size, "layers": dims.num_layers, "kv_heads": dims.num_kv_heads,
              "head_dim": dims.head_dim}
     axes = PAST_AXES if name.startswith("past_key_values.") else INPUTS[name].axes
-    return tuple(model.get(a) or sizes[a] for a in axes)
+    return tuple(model[a] if a in model else sizes[a] for a in axes)
+
+
+def zeros(names, dims, sizes: dict[str, int], float_dtype=np.float32) -> dict[str, np.ndarray]:
+    """Zero-filled inputs, each allocated as the table declares it (its dtype, float ones as float_dtype, and its
+    axes at `sizes`): the layout and the decode step fill them in."""
+    return {n: np.zeros(input_shape(n, dims, sizes), float_dtype if INPUTS[n].dtype == "float32" else np.int64)
+            for n in names}
 
 
 def example_sizes(tm: int, p: int, n: int, past: int = 0) -> dict[str, int]:
@@ -122,16 +131,12 @@ def example_sizes(tm: int, p: int, n: int, past: int = 0) -> dict[str, int]:
     return s
 
 
-def decode_step_feeds(batch: int, hidden: int) -> dict[str, np.ndarray]:
+# The MPT factor table when no row of a batch uses it: one zero entry (rank 1).
+EMPTY_MPT = {"mpt_tasks": 1, "mpt_shared_prompts": 1, "mpt_rank": 1}
+
+
+def decode_step_feeds(batch: int, dims) -> dict[str, np.ndarray]:
     """The cached decoder's non-cache inputs for one new token per row with no prompt in the sequence (every
     prompt is in the past by then): zero-length prompt axes."""
-    return {
-        "order": np.zeros((batch, 1), np.int64),
-        "prompt_embeds": np.zeros((batch, 0, hidden), np.float32),
-        "mpt_task_ids": np.zeros(batch, np.int64),
-        "mpt_shared_ids": np.zeros(1, np.int64),
-        "mpt_shared": np.zeros((1, 0, hidden), np.float32),
-        "mpt_cols": np.zeros((1, 0, 1), np.float32),
-        "mpt_rows": np.zeros((1, 1, hidden), np.float32),
-        "logits_index": np.zeros(batch, np.int64),
-    }
+    names = ("order", *(n for n in PROMPT_INPUTS if n not in PREFIX_INPUTS), "logits_index")
+    return zeros(names, dims, {"batch": batch, "length": 1, "prompt_tokens": 0, "mpt_tokens": 0, **EMPTY_MPT})

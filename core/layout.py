@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .archs import ArchSpec
-from .io_spec import layout_inputs
+from .io_spec import EMPTY_MPT, INPUTS, layout_inputs, zeros
 
 
 @dataclass
@@ -41,24 +41,12 @@ class LayoutBuilder:
         self.mpt_slots, self.prompt_slots, self.prefix_slots = slots["mpt"], slots["input"], slots["prefix"]
         self.has_prefix = spec.supports_prefix
         length = self.mpt_slots + self.prompt_slots + self.seq
-        d = dims.hidden_size
-        self.feeds: dict[str, np.ndarray] = {
-            "input_ids": input_ids.astype(np.int64),
-            "attention_mask": np.zeros((batch, self.prefix_slots + length), np.int64),
-            "position_ids": np.full((batch, length), position_offset, np.int64),
-            "order": np.zeros((batch, length), np.int64),
-            "token_type_ids": np.zeros((batch, length), np.int64),
-            "prompt_embeds": np.zeros((batch, self.prompt_slots, d), dtype),
-            # MPT's factor table: one zero entry unless an MPT kind fills it (kinds/mpt.py)
-            "mpt_task_ids": np.zeros((batch,), np.int64),
-            "mpt_shared_ids": np.zeros((1,), np.int64),
-            "mpt_shared": np.zeros((1, self.mpt_slots, d), dtype),
-            "mpt_cols": np.zeros((1, self.mpt_slots, 1), dtype),
-            "mpt_rows": np.zeros((1, 1, d), dtype),
-            "prefix_keys": np.zeros((dims.num_layers, batch, dims.num_kv_heads, self.prefix_slots, dims.head_dim),
-                                    dtype),
-        }
-        self.feeds["prefix_values"] = np.zeros_like(self.feeds["prefix_keys"])
+        sizes = {"batch": batch, "tokens": self.seq, "length": length, "prefix_plus_length": self.prefix_slots + length,
+                 "prompt_tokens": self.prompt_slots, "mpt_tokens": self.mpt_slots, "prefix_tokens": self.prefix_slots,
+                 **EMPTY_MPT}  # MPT's factor table: one zero entry unless an MPT kind fills it (kinds/mpt.py)
+        self.feeds = zeros([n for n in INPUTS if n not in ("input_ids", "logits_index")], dims, sizes, dtype)
+        self.feeds["input_ids"] = input_ids.astype(np.int64)
+        self.feeds["position_ids"] += position_offset  # every slot's until a placement sets it
         self.token_start = np.zeros((batch,), np.int64)
 
     def _tokens(self, i: int, t: int, real: list[int], unused: list[int]) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 
 from .archs import arch_for, decoder_sizes
 from .graph import PromptedBackbone
+from .io_spec import SEQ2SEQ_ENCODER_INPUTS
 
 DECODER_STEP_INPUTS = ("input_ids", "attention_mask", "encoder_attention_mask")
 
@@ -58,10 +59,10 @@ class PromptedEncoder(PromptedBackbone):
         self.ids_positions = (positions.weights, positions.padding_idx) if hasattr(
             positions, "create_position_ids_from_input_ids") and hasattr(positions, "weights") else None
 
-    def forward(self, input_ids, attention_mask, order, prompt_embeds, mpt_task_ids, mpt_shared_ids, mpt_shared,
-                mpt_cols, mpt_rows):
-        x = self.sequence(input_ids, order, prompt_embeds, mpt_task_ids, mpt_shared_ids, mpt_shared, mpt_cols,
-                          mpt_rows)
+    def forward(self, input_ids, *args):
+        inputs = dict(zip(SEQ2SEQ_ENCODER_INPUTS, (input_ids, *args)))  # io_spec's order, read by name
+        attention_mask, order = inputs["attention_mask"], inputs["order"]
+        x = self.sequence(inputs)
         # PEFT gives the encoder input_ids for rows without virtual tokens (prefix tuning) and embeddings with the
         # prompt for the others; some families treat the two differently. A row's first element is a prompt slot
         # iff it has virtual tokens.

@@ -98,13 +98,15 @@ def export_deployment(
     config = for_task_type(load_base_config(base_dir), _task_type(adapters))
     spec, dims = arch_for(config), dims_of(config)
     tasks = read_adapters(adapters, config)  # validate everything before the slow part
-    if fold is not None and spec.family == "seq2seq":
+    if fold is not None and spec.family.encoder_decoder:
         raise AdapterError("--fold is for encoder and causal LM deployments; a seq2seq deployment has no folded graph")
     if fold is not None and fold not in {t.name for t in tasks}:
         raise AdapterError(f"--fold {fold!r} names no task; tasks are: {', '.join(t.name for t in tasks)}")
 
     quiet_libraries()
-    with StepBar(4 + bool(fold) + (spec.family != "encoder") + spec.verify_at_export, "export", quiet) as bar:
+    noprefix = spec.family.noprefix_graph and spec.supports_prefix and not optimize
+    steps = 4 + bool(fold) + spec.family.decoder_graph + noprefix + spec.verify_at_export
+    with StepBar(steps, "export", quiet) as bar:
         bar.step("loading base model")
         model = load_base_model(base_dir, config)
         bank = PromptBank(spec, base_head_weights(model, config) if spec.head else None)
@@ -130,7 +132,7 @@ def _write_deployment(base_dir, out_dir: Path, config, spec, dims, model, bank, 
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        if spec.family == "seq2seq":
+        if spec.family.encoder_decoder:
             report, decoder = _export_seq2seq(model, config, dims, bank, tmp, tolerance, bar)
         else:
             report, decoder = _export_graphs(model, config, spec, dims, bank, tmp, fold, optimize, tolerance,
@@ -151,12 +153,11 @@ def _write_deployment(base_dir, out_dir: Path, config, spec, dims, model, bank, 
                 "model_type": config.model_type,
                 "config_sha256": config_hash(config),
                 "config": config_record(config),  # read by the runtime without transformers (core/light_config.py)
-                "family": spec.family,
+                "family": spec.family.name,
                 "dims": dims.__dict__,
             },
             "graph": {"file": GRAPH, "inputs": input_names(spec),
-                      "output": {"encoder": "features", "decoder": "logits",
-                                 "seq2seq": "present.{i}.encoder.key/value"}[spec.family],
+                      "output": spec.family.graph_output,
                       "dtype": "float32", **report},
             "folded": folded,
             "decoder": decoder,
@@ -209,7 +210,7 @@ def _export_graphs(model, config, spec, dims, bank, tmp: Path, fold, optimize, t
         report["ort_optimization"] = optimize_onnx(tmp / GRAPH, config, feeds, reference, tolerance)
     bar.update()
 
-    if spec.family == "encoder" and spec.supports_prefix and not optimize:
+    if spec.family.noprefix_graph and spec.supports_prefix and not optimize:  # (the steps count it too)
         # Batches with no prefix row run a graph without prefix inputs: no empty cache concatenated in every layer
         # (3-4 % of a MiniLM forward at B = 32, results/graph-overhead.md). It shares model.onnx's weights.
         bar.step("exporting the graph without prefix inputs")
@@ -224,7 +225,7 @@ def _export_graphs(model, config, spec, dims, bank, tmp: Path, fold, optimize, t
         bar.update()
 
     decoder = None
-    if spec.family == "decoder":
+    if spec.family.decoder_graph:
         bar.step("exporting cached decoder graph")
         export_decoder_onnx(PromptedDecoder(model), config, tmp / DECODER_GRAPH)
         decoder = {"file": DECODER_GRAPH, "cache": "past_key_values.{i}.key/value -> present.{i}.key/value"}

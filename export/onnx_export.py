@@ -17,9 +17,9 @@ from promptmux.core.io_spec import (
     PREFIX_INPUTS,
     PROMPT_INPUTS,
     dynamic_axes,
-    example_shape,
     example_sizes,
     input_names,
+    input_shape,
     output_name,
     prompt_inputs,
 )
@@ -47,7 +47,7 @@ def example_inputs(config, tm: int = 5, p: int = 3, n: int = 4) -> dict[str, tor
     g = torch.Generator().manual_seed(0)
     ex = {}
     for name in input_names(arch_for(config)):
-        shape = example_shape(name, dims, sizes)
+        shape = input_shape(name, dims, sizes)
         if INPUTS[name].dtype == "float32":
             ex[name] = torch.randn(*shape, generator=g)
         elif name == "input_ids":
@@ -272,9 +272,9 @@ def export_decoder_onnx(module, config, path: Path) -> Path:
     names = list(ex)
     auto = torch.export.Dim.AUTO
     shapes = {n: {a: auto for a in dynamic_axes(n)} for n in names}
-    # forward(..., logits_index, *past): the cache shapes nest as one tuple
+    # forward(input_ids, *args): the rest of the inputs, the past last, nest as one tuple
     model = to_onnx(module, tuple(ex.values()), names, ["logits", *present_names(dims.num_layers)],
-                     (*(shapes[n] for n in DECODER_INPUTS), tuple(shapes[n] for n in past_names(dims.num_layers))))
+                     (shapes[names[0]], tuple(shapes[n] for n in names[1:])))
     mpt_function.attach(model)
     rename_axes(model)
     save_model(model, path)

@@ -90,7 +90,9 @@ def export_encoder_onnx(module: PromptedEncoder, config, path: Path) -> Path:
     names["attention_mask"][1] = "length"  # no prefix slots in the encoder
     shapes = {n: {a: auto for a in axes} for n, axes in names.items()}
     layers = len(cross_projections(module.model))
-    return _export(module, ex, tuple(shapes[n] for n in ex), cross_names(layers, "present"), path, names)
+    first, *rest = ex  # forward(input_ids, *args): the other inputs nest as one tuple
+    return _export(module, ex, (shapes[first], tuple(shapes[n] for n in rest)), cross_names(layers, "present"), path,
+                   names)
 
 
 def export_decoder_step_onnx(module: Seq2SeqDecoderStep, config, path: Path) -> Path:

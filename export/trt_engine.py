@@ -30,6 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from promptmux.core.durable import write_durably
+from promptmux.core.families import family_of
 from promptmux.core.trt_compat import EngineError
 from promptmux.kernels.tensorrt_plugin import (
     PLUGIN_NAME,
@@ -331,7 +332,7 @@ def build_deployment_engines(deploy_dir, precision: str = "fp32", max_batch: int
     deploy_dir = Path(deploy_dir)
     manifest = json.loads((deploy_dir / MANIFEST).read_text())
     graphs = {"model": manifest["graph"]["file"]}
-    if decoder and manifest.get("decoder") and manifest["base"]["family"] == "decoder":
+    if decoder and manifest.get("decoder") and family_of(manifest["base"]["family"]).generation == "causal":
         graphs["decoder"] = manifest["decoder"]["file"]
     engines = {}
     for name, graph in graphs.items():

@@ -7,6 +7,7 @@ mixed batch holding the rows of every task. Rows are compared one by one.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,6 +17,9 @@ from promptmux.core.archs import pad_id
 from promptmux.core.folder import load_base_config
 from promptmux.core.quiet import quiet_libraries
 from promptmux.kinds import BY_PEFT_TYPE
+
+if TYPE_CHECKING:  # the annotations only: the runtime is imported where it runs
+    from promptmux.runtime.runtime import Runtime
 
 
 def verification_batch(vocab_size: int, pad_id: int, rows: int, seq: int, padding_side: str, seed: int = 0):
@@ -69,7 +73,7 @@ def peft_outputs(base_dir, adapter_dir, ids: np.ndarray, mask: np.ndarray, confi
     if spec.feature == "last":
         return [run(ids[i:i + 1, mask[i] == 1], mask[i:i + 1, mask[i] == 1])[0] for i in range(ids.shape[0])]
     logits = run(ids, mask)
-    if spec.family == "encoder":
+    if spec.family.classifies:
         return list(logits)
     skip = cfg["num_virtual_tokens"] if BY_PEFT_TYPE[cfg["peft_type"]].in_sequence else 0
     return [logits[i, skip:][mask[i].astype(bool)] for i in range(ids.shape[0])]
@@ -90,7 +94,8 @@ def peft_generate(base_dir, adapter_dir, ids: np.ndarray, mask: np.ndarray, max_
     return out[:, 1:].tolist()  # drop the decoder start token
 
 
-def _verify_generation(rt, base_dir, adapters, plan, ids, mask, tasks, quiet, new_tokens: int = 8, details=None):
+def _verify_generation(rt: Runtime, base_dir, adapters, plan, ids, mask, tasks, quiet, new_tokens: int = 8,
+                       details=None):
     """Seq2seq: greedy tokens of one mixed batch against PEFT's generate, per task the fraction of rows that
     differ (0.0: every row token-identical). PEFT's seq2seq forward and generate place MPT prompts differently,
     and the deployment follows generate, so tokens are what is compared."""
@@ -141,9 +146,9 @@ def verify(deploy_dir, base_dir, adapters: dict[str, str | Path], backend: str =
                              f"{given}: the kinds differ; pass the adapter the task was exported from")
     pad = pad_id(config)
     ids, mask = verification_batch(config.vocab_size, pad, rows_per_task * len(plan), seq,
-                                   "left" if family == "decoder" else "right")
+                                   family.prompt_padding)
     tasks = [plan[i % len(plan)][0] for i in range(ids.shape[0])]
-    if family == "seq2seq":
+    if not family.forward_rows:  # a seq2seq model: verified on the tokens it generates
         return _verify_generation(rt, base_dir, adapters, plan, ids, mask, tasks, quiet, details=details)
     got = rt.forward(ids, mask, tasks)
     worst: dict[str, float] = {}

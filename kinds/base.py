@@ -137,7 +137,7 @@ class KVPrefixKind(PromptKind):
                                "this model")
 
     def check_config(self, ctx: ReadContext) -> None:
-        if ctx.spec.family == "seq2seq":
+        if ctx.spec.family.encoder_decoder:  # the prefix spans the decoder's self and cross attention
             if ctx.subs != 2:
                 raise ctx.fail(f"has num_transformer_submodules={ctx.subs}; PEFT builds seq2seq adapters with 2 "
                                f"({ctx.cfg['peft_type']} needs both). Recreate it with PEFT's default")
@@ -154,7 +154,7 @@ class KVPrefixKind(PromptKind):
         expect_shape(f"{ctx.cfg['peft_type']} prompt_embeddings", emb, (ctx.n, d.num_layers * 2 * d.kv_dim),
                      ctx.adapter_dir)
         per_layer = emb.reshape(ctx.n, 2 * d.num_layers, d.num_kv_heads, d.head_dim)
-        if ctx.spec.family == "seq2seq":
+        if ctx.spec.family.encoder_decoder:
             # get_prompt with 2 submodules: rows doubled [n, 4L, H, hd] -> [4L, H, n, hd], split in chunks of 4 per
             # decoder layer (self K, self V, cross K, cross V); the cross half is discarded.
             per_layer = np.concatenate([per_layer, per_layer], axis=1).transpose(1, 2, 0, 3)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from promptmux.core.adapter_checks import config_int, expect_shape
+from promptmux.core.task import Task
 
 from .base import PromptKind, ReadContext
 
@@ -31,6 +32,12 @@ class MultitaskPrompt(PromptKind):
         shared = np.ascontiguousarray(emb[: ctx.n])
         return [self.task(ctx, {"shared": shared, "cols": cols[t, : ctx.n], "rows": rows[t]}, name=f"{ctx.name}/{t}")
                 for t in range(k)]
+
+    def from_factors(self, name: str, shared: np.ndarray, cols: np.ndarray, rows: np.ndarray, **meta) -> Task:
+        """An MPT task of its shared prompt [T, d] and rank-r factors cols [T, r], rows [r, d], made rather than
+        read from an adapter; tasks given the same `shared` array share it in the bank."""
+        tensors = {"shared": shared, "cols": cols, "rows": rows}
+        return Task(name, self.name, self.peft_types[0], shared.shape[0], tensors, **meta)
 
     def task_names(self, name, cfg):
         return [(f"{name}/{t}", t) for t in range(int(cfg["num_tasks"]))]

@@ -231,17 +231,11 @@ def init_adapter(deploy_dir, base_dir, out_dir, from_task: str | None = None, to
     return written
 
 
-def _load_base(base_dir, family: str, num_labels: int | None):
+def _load_base(base_dir, family, num_labels: int | None):
     """The base model as PEFT trains it (fp32); a classifier head of another size is freshly initialised."""
     import torch
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSeq2SeqLM,
-        AutoModelForSequenceClassification,
-    )
 
-    cls = {"encoder": AutoModelForSequenceClassification, "decoder": AutoModelForCausalLM,
-           "seq2seq": AutoModelForSeq2SeqLM}[family]
+    cls = family.auto_class()
     kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if num_labels is not None else {}
     return cls.from_pretrained(str(base_dir), dtype=torch.float32, **kwargs)
 
@@ -273,17 +267,17 @@ def _write_adapter(base_dir, base_config, folder: Path, kind: str, tensors: dict
     """get_peft_model on the base, set the prompt parameters, save_pretrained: the files PEFT itself writes."""
     import torch
 
-    from promptmux.core.archs import TASK_TYPE_FOR_FAMILY, arch_for, dims_of
+    from promptmux.core.archs import arch_for, dims_of
 
     spec, dims = arch_for(base_config), dims_of(base_config)
     length = int(next(iter(tensors.values())).shape[0])
-    common = dict(task_type=TASK_TYPE_FOR_FAMILY[spec.family], num_virtual_tokens=length, token_dim=dims.hidden_size,
+    common = dict(task_type=spec.family.task_type, num_virtual_tokens=length, token_dim=dims.hidden_size,
                   num_layers=dims.num_layers, num_attention_heads=dims.num_heads, num_transformer_submodules=1)
     torch.manual_seed(seed)  # seeds the freshly initialised classifier head
-    labels = num_labels if spec.family == "encoder" else None
+    labels = num_labels if spec.family.classifies else None
     model = _peft_prompt_model(kind, _load_base(base_dir, spec.family, labels), common, tensors)
     model.save_pretrained(str(folder))
-    if spec.family == "encoder":
+    if spec.family.classifies:
         record["num_labels"] = int(model.base_model.config.num_labels)
     record["peft_type"] = model.peft_config["default"].peft_type.value
 

@@ -21,21 +21,25 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # the annotations only: runtime.py imports this module
+    from promptmux.runtime.runtime import Runtime
 
 log = logging.getLogger("promptmux.runtime")
 
 MAX_FP32_SHARE = 0.25  # at most this share of the weight MatMuls is kept fp32
 
 
-def applies(rt) -> bool:
+def applies(rt: Runtime) -> bool:
     """Whether accuracy control can run for this runtime: int8 classifiers on ONNX Runtime, not folded."""
-    return (rt.precision == "int8" and rt.spec.family == "encoder" and rt.backend == "onnxruntime"
+    return (rt.precision == "int8" and rt.spec.family.classifies and rt.backend == "onnxruntime"
             and rt.folded_session is None)
 
 
-def _graphs(rt) -> dict[str, Path]:
+def _graphs(rt: Runtime) -> dict[str, Path]:
     """The deployment's fp32 graphs an int8 runtime quantizes: attribute name -> file."""
     from promptmux.core.folder import GRAPH
 
@@ -46,7 +50,7 @@ def _graphs(rt) -> dict[str, Path]:
     return out
 
 
-def use_graphs(rt, make) -> None:
+def use_graphs(rt: Runtime, make) -> None:
     """Point rt's sessions at make(fp32 graph path) -> graph file, each made when first used."""
     from .sessions import OnFirstUse
 
@@ -54,13 +58,13 @@ def use_graphs(rt, make) -> None:
         setattr(rt, attr, OnFirstUse(lambda path=path: rt.graph_session(make(path), precision="fp32", keep_fp32=())))
 
 
-def _probabilities(rt, batches, task: str) -> np.ndarray:
+def _probabilities(rt: Runtime, batches, task: str) -> np.ndarray:
     logits = np.concatenate([rt.forward(ids, mask, task, types) for ids, mask, types in batches])
     e = np.exp(logits - logits.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
 
 
-def rank(rt, exact, rows: dict[str, list]) -> list[int]:
+def rank(rt: Runtime, exact, rows: dict[str, list]) -> list[int]:
     """Weight-MatMul indices, most sensitive first: each quantized alone, scored on rows {task: batches}."""
     import onnx
 
@@ -92,7 +96,7 @@ def rank(rt, exact, rows: dict[str, list]) -> list[int]:
     return [int(i) for i in np.argsort(scores)[::-1]]
 
 
-def search(rt, exact, measure_contract, misses, rows: dict[str, list],
+def search(rt: Runtime, exact, measure_contract, misses, rows: dict[str, list],
            all_int8: dict | None = None) -> tuple[tuple[int, ...], dict, dict]:
     """(fp32 layers, task report, what was tried): see the module's docstring. measure_contract() measures the
     whole contract with rt as it stands and returns the task report; misses(report): the tasks that miss it
@@ -108,7 +112,7 @@ def search(rt, exact, measure_contract, misses, rows: dict[str, list],
     tried, k = [], 1
     while True:
         keep = tuple(sorted(order[:k]))
-        use_graphs(rt, lambda path, keep=keep: int8_graph(path, "encoder", keep))
+        use_graphs(rt, lambda path, keep=keep: int8_graph(path, True, keep))
         report = measure_contract()
         tried.append({"fp32_layers": len(keep), "missed": misses(report)})
         if not tried[-1]["missed"]:
@@ -116,8 +120,8 @@ def search(rt, exact, measure_contract, misses, rows: dict[str, list],
         if k >= limit:  # back to every layer int8, made now; its contract measured again only if it never was
             keep = ()
             for path in _graphs(rt).values():
-                int8_graph(path, "encoder", keep)
-            use_graphs(rt, lambda path: int8_graph(path, "encoder", ()))
+                int8_graph(path, True, keep)
+            use_graphs(rt, lambda path: int8_graph(path, True, ()))
             report = all_int8 if all_int8 is not None else measure_contract()
             break
         k = min(2 * k, limit)

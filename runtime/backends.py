@@ -11,17 +11,27 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from promptmux.core.families import FAMILIES as MODEL_FAMILIES
+from promptmux.core.families import family_of
 from promptmux.core.folder import FOLDED_GRAPH, GRAPH
 
 from .errors import BackendUnavailable, InputError
 from .sessions import OnFirstUse
 
-FAMILIES = ("encoder", "decoder", "seq2seq")
-FAMILY_WORDS = {"encoder": "classifiers", "decoder": "causal LMs", "seq2seq": "seq2seq models"}  # for messages
+if TYPE_CHECKING:  # the annotations only: runtime.py imports this module
+    from promptmux.runtime.runtime import Runtime
+
+FAMILIES = tuple(MODEL_FAMILIES)  # by name: the tables below say which families each backend and precision run
 PRECISIONS = ("fp32", "bf16", "int8")
 # Which families a precision's graphs can be made for (int8: runtime/quantize.py has a recipe for these).
 PRECISION_FAMILIES = {"int8": ("encoder", "decoder")}
+
+
+def _words(families) -> str:
+    """Families by name, as a message says them ("classifiers and causal LMs")."""
+    return " and ".join(family_of(f).words for f in families)
 
 
 def openvino_installed() -> bool:
@@ -60,22 +70,22 @@ class Backend:
         only = self.precision_families.get(precision)
         if only and family not in only:
             others = [b.name for b in BACKENDS.values() if precision in b.precisions and b is not self]
-            raise BackendUnavailable(f"precision {precision} on backend {self.name} runs "
-                                     f"{' and '.join(FAMILY_WORDS[f] for f in only)}, not {FAMILY_WORDS[family]}; "
+            raise BackendUnavailable(f"precision {precision} on backend {self.name} runs {_words(only)}, not "
+                                     f"{family_of(family).words}; "
                                      f"pass --backend {' or '.join(others)} (or auto)")
         if family not in self.families:
             raise BackendUnavailable(f"backend {self.name} runs {' or '.join(self.precisions)} "
-                                     f"{' and '.join(FAMILY_WORDS[f] for f in self.families)} "
-                                     f"({', '.join(f + 's' for f in self.families)}), not {FAMILY_WORDS[family]}; "
+                                     f"{_words(self.families)} "
+                                     f"({', '.join(f + 's' for f in self.families)}), not {family_of(family).words}; "
                                      "pass --backend onnxruntime or openvino")
         if self.needs:
             self.needs(precision)
 
-    def open(self, rt, base: Path | None) -> None:
+    def open(self, rt: Runtime, base: Path | None) -> None:
         """Make rt.session (the full-sequence graph), rt.folded_session and rt.noprefix_session."""
         raise NotImplementedError
 
-    def decoder_session(self, rt):
+    def decoder_session(self, rt: Runtime):
         """The cached decoder step of a generative deployment."""
         raise NotImplementedError
 
@@ -95,17 +105,17 @@ def _openvino_needs(precision: str) -> None:
         import_nncf()
 
 
-def _onnxruntime(rt, path: Path, precision: str, keep_fp32: tuple[int, ...], ort_device: str):
+def _onnxruntime(rt: Runtime, path: Path, precision: str, keep_fp32: tuple[int, ...], ort_device: str):
     from .sessions import OrtSession
 
     if precision == "int8":  # the dynamic int8 copy (quantize.py; keep_fp32: the layers accuracy control keeps fp32)
         from .quantize import int8_graph
 
-        path = int8_graph(path, rt.spec.family, keep_fp32)
+        path = int8_graph(path, rt.spec.family.int8_full_sequence, keep_fp32)
     return OrtSession(path, rt.threads)
 
 
-def _openvino(rt, path: Path, precision: str, keep_fp32: tuple[int, ...], ort_device: str):
+def _openvino(rt: Runtime, path: Path, precision: str, keep_fp32: tuple[int, ...], ort_device: str):
     if precision == "int8":  # NNCF's static int8, calibrated on rt's contract rows when first used (openvino_int8.py)
         from .openvino_int8 import int8_session
 
@@ -115,7 +125,7 @@ def _openvino(rt, path: Path, precision: str, keep_fp32: tuple[int, ...], ort_de
     return OpenVinoSession(path, precision, rt.threads)
 
 
-def _routed(rt, path: Path, precision: str, keep_fp32: tuple[int, ...], ort_device: str):
+def _routed(rt: Runtime, path: Path, precision: str, keep_fp32: tuple[int, ...], ort_device: str):
     """Each batch on ONNX Runtime or OpenVINO, whichever this CPU ran faster at its size (routing.py)."""
     from .openvino_session import OpenVinoSession
     from .routed_session import RoutedSession
@@ -125,7 +135,7 @@ def _routed(rt, path: Path, precision: str, keep_fp32: tuple[int, ...], ort_devi
                          rt.routing)
 
 
-def _onnxruntime_cuda(rt, path: Path, precision: str, keep_fp32: tuple[int, ...], ort_device: str):
+def _onnxruntime_cuda(rt: Runtime, path: Path, precision: str, keep_fp32: tuple[int, ...], ort_device: str):
     from .sessions import OrtBoundSession
 
     return OrtBoundSession(path, device=ort_device, device_id=rt.device_id, threads=rt.threads)
@@ -137,15 +147,15 @@ class GraphBackend(Backend):
 
     make: Callable = _onnxruntime
 
-    def graph_session(self, rt, path: Path, precision: str, keep_fp32: tuple[int, ...] = (),
+    def graph_session(self, rt: Runtime, path: Path, precision: str, keep_fp32: tuple[int, ...] = (),
                       ort_device: str = "cuda"):
         return self.make(rt, path, precision, keep_fp32, ort_device)
 
-    def open(self, rt, base: Path | None) -> None:
+    def open(self, rt: Runtime, base: Path | None) -> None:
         noprefix = rt.manifest["graph"].get("noprefix")
         if noprefix and self.cpu_engine:  # made when a batch without prefix rows comes
             rt.noprefix_session = OnFirstUse(lambda: rt.graph_session(rt.dir / noprefix["file"]))
-        if rt.spec.family == "decoder" or rt.noprefix_session is not None:
+        if rt.spec.family.generation == "causal" or rt.noprefix_session is not None:
             # made on first use: generation needs only the cached decoder graph, and an encoder whose batches have
             # no prefix rows only the graph without prefix inputs
             rt.session = OnFirstUse(lambda: rt.graph_session(rt.dir / GRAPH))
@@ -153,21 +163,21 @@ class GraphBackend(Backend):
             rt.session = rt.graph_session(rt.dir / GRAPH)
         rt.folded_session = rt.graph_session(rt.dir / FOLDED_GRAPH) if rt.folded_task else None
 
-    def decoder_session(self, rt):
+    def decoder_session(self, rt: Runtime):
         return rt.graph_session(rt.dir / rt.manifest["decoder"]["file"])
 
 
 class TensorRTBackend(Backend):
     """The engines `promptmux build-engine` wrote (trt_session.py); they serve every task, so nothing is folded."""
 
-    def open(self, rt, base: Path | None) -> None:
+    def open(self, rt: Runtime, base: Path | None) -> None:
         from .trt_session import engine_sessions
 
         rt.session, decoder = engine_sessions(rt.dir, rt.manifest, rt.device_id)
         rt.backend_state = {"decoder": decoder}
         rt.folded_session, rt.folded_task = None, None
 
-    def decoder_session(self, rt):
+    def decoder_session(self, rt: Runtime):
         if rt.backend_state["decoder"] is None:
             raise InputError(f"{rt.dir} has no TensorRT engine for the cached decoder; run promptmux build-engine "
                              "again with this promptmux version")
@@ -177,7 +187,7 @@ class TensorRTBackend(Backend):
 class TorchBackend(Backend):
     """Eager PyTorch over the base model folder recorded at export (or `base`): the reference."""
 
-    def open(self, rt, base: Path | None) -> None:
+    def open(self, rt: Runtime, base: Path | None) -> None:
         from .sessions import torch_session
 
         rt.session, model = torch_session(Path(base or rt.manifest["base"]["path"]), rt.hf_config, rt.spec,
@@ -185,7 +195,7 @@ class TorchBackend(Backend):
         rt.backend_state = {"model": model}
         rt.folded_session, rt.folded_task = None, None
 
-    def decoder_session(self, rt):
+    def decoder_session(self, rt: Runtime):
         from .sessions import torch_decoder_session
 
         return torch_decoder_session(rt.backend_state["model"], rt.spec, rt.dims)
@@ -227,7 +237,7 @@ def choose_backend(backend: str, precision: str, family: str) -> tuple[str, str]
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if family not in PRECISION_FAMILIES.get(precision, FAMILIES):
         raise BackendUnavailable(f"precision {precision} runs "
-                                 f"{' and '.join(FAMILY_WORDS[f] for f in PRECISION_FAMILIES[precision])}; a {family} "
+                                 f"{_words(PRECISION_FAMILIES[precision])}; a {family} "
                                  "deployment stays fp32")
     why = "requested"
     if backend == "auto":

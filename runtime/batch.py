@@ -4,7 +4,7 @@ batch, splitting rows into batches that fit the positions, a session made on fir
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -16,6 +16,9 @@ from promptmux.kinds import kind_of
 
 from .backends import CPU_ENGINES  # their engines take zero-length slot axes
 from .errors import InputError
+
+if TYPE_CHECKING:  # the annotations only: runtime.py imports this module
+    from promptmux.runtime.runtime import Runtime
 
 
 def erf(x: np.ndarray) -> np.ndarray:
@@ -102,7 +105,7 @@ def fitting_groups(lengths: list[int], virtual: list[int], limit: int | None) ->
     return groups
 
 
-def run_batch(rt, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None, views: list[Task],
+def run_batch(rt: Runtime, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None, views: list[Task],
               bank_key=None) -> list[np.ndarray]:
     """One full-sequence batch where row i uses views[i]: its layout, the session that serves it, its outputs.
 
@@ -124,13 +127,14 @@ def run_batch(rt, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None, v
     layout = layout_for(rt, graph, ids, mask, types, views)
     out = session.run(layout.feeds, bank_key=bank_key)
     rt.graph_runs[getattr(session, "graph_file", graph)] += 1  # the file that ran: model.int8.onnx at int8
-    if rt.spec.family == "encoder":
+    if rt.spec.family.classifies:
         return heads(views, out)
     seq = ids.shape[1]
     return [out[i, s: s + seq][mask[i].astype(bool)] for i, s in enumerate(layout.token_start)]
 
 
-def layout_for(rt, graph: str, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None, views: list[Task]):
+def layout_for(rt: Runtime, graph: str, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None,
+               views: list[Task]):
     """The feeds of one batch for one of the deployment's full-sequence graphs (see run_batch)."""
     min_slots = 0 if rt.backend in CPU_ENGINES and graph != FOLDED_GRAPH else 1
     return build_layout(rt.spec, position_offset(rt.config), rt.config.pad_token_id, ids, mask, types, views,

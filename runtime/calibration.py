@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # the annotations only: runtime.py imports this module
+    from promptmux.runtime.runtime import Runtime
 
 CALIBRATION_ROWS = 256  # generated classifier inputs when the user gives none (one flip in 256 stays above 0.995)
 
@@ -21,7 +25,7 @@ def items_digest(items: list) -> str:
     return hashlib.sha256("\n".join(item_lines(items)).encode()).hexdigest()
 
 
-def generated_ids(rt, rows: int, length: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def generated_ids(rt: Runtime, rows: int, length: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Random token ids (avoiding the first ids, where special tokens live) when no texts are given."""
     rng = np.random.default_rng(seed)
     vocab = rt.dims.vocab_size
@@ -30,7 +34,7 @@ def generated_ids(rt, rows: int, length: int, seed: int = 0) -> tuple[np.ndarray
     return ids, np.ones_like(ids)
 
 
-def classifier_batches(rt, texts, task: str, size: int = 32):
+def classifier_batches(rt: Runtime, texts, task: str, size: int = 32):
     """(ids, mask, token types) batches of the calibration texts for one task (cut to fit its positions), or of
     generated ids."""
     if texts is None:

@@ -19,6 +19,7 @@ import logging
 import statistics
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,6 +28,9 @@ from promptmux.core.folder import deployment_lock, write_manifest
 from . import cpu
 from .errors import BackendUnavailable
 from .precision import record_key
+
+if TYPE_CHECKING:  # the annotations only: runtime.py imports this module
+    from promptmux.runtime.runtime import Runtime
 
 log = logging.getLogger("promptmux.runtime")
 
@@ -37,18 +41,17 @@ BLOCK = 3  # timed calls of one runtime in a row (see _timed)
 FAST_KEY = "fast"
 
 
-def _workload(rt):
+def _workload(rt: Runtime):
     """A callable running one representative batch: B=8 x 64 tokens for a classifier, 4 prompts x 16 new tokens
     for a language model (shorter where the model's positions are fewer)."""
     task = rt.tasks[0]
-    encoder = rt.spec.family == "encoder"
-    rows, length, new = (8, 64, 0) if encoder else (4, 16, 16)
+    rows, length, new = (8, 64, 0) if rt.spec.family.classifies else (4, 16, 16)
     if rt.max_positions:
         length = max(1, min(length, rt.max_positions - rt.bank.view(task).num_virtual_tokens - new))
     vocab = rt.dims.vocab_size
     ids = np.random.default_rng(0).integers(min(1000, vocab // 2), vocab, size=(rows, length))
     mask = np.ones_like(ids)
-    if encoder:
+    if rt.spec.family.classifies:
         return lambda: rt.forward(ids, mask, task)
     return lambda: rt.generate({"input_ids": ids, "attention_mask": mask}, task, max_new_tokens=new, eos_token_id=[])
 

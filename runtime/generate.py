@@ -193,7 +193,7 @@ class Generator:
     def step(self, token: np.ndarray, cache_mask: np.ndarray, next_pos: np.ndarray, presents):
         """One decoding step for every row: token [B] at position next_pos [B] over the cache (cache_mask
         already includes the new token's slot). Returns (logits [B, V], presents)."""
-        feeds = decode_step_feeds(token.shape[0], self.rt.dims.hidden_size)
+        feeds = decode_step_feeds(token.shape[0], self.rt.dims)
         feeds.update(input_ids=token[:, None].astype(np.int64), attention_mask=cache_mask,
                      position_ids=next_pos[:, None].astype(np.int64))
         for i in range(self.layers):

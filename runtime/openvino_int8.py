@@ -27,6 +27,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -37,6 +38,9 @@ from .calibration import classifier_batches, items_digest
 from .derived import graph_key, is_current, write_stamp
 from .errors import BackendUnavailable
 from .openvino_session import OpenVinoSession, convert_graph, import_openvino, ir_folder
+
+if TYPE_CHECKING:  # the annotations only: runtime.py imports this module
+    from promptmux.runtime.runtime import Runtime
 
 log = logging.getLogger("promptmux.runtime")
 
@@ -56,7 +60,7 @@ def import_nncf():
     return nncf
 
 
-def int8_session(rt, path: Path) -> OpenVinoSession:
+def int8_session(rt: Runtime, path: Path) -> OpenVinoSession:
     """An OpenVINO session over the NNCF int8 IR of graph `path` of rt's deployment (made first if it is missing
     or stale)."""
     xml = int8_ir(rt, path)
@@ -73,7 +77,7 @@ def recipe() -> str:
         return RECIPE
 
 
-def int8_ir(rt, path: Path) -> Path:
+def int8_ir(rt: Runtime, path: Path) -> Path:
     nncf = import_nncf()
     ov = import_openvino()
     path = path.resolve()
@@ -114,7 +118,7 @@ def int8_ir(rt, path: Path) -> Path:
     return xml
 
 
-def calibration_tasks(rt, path: Path) -> list[str]:
+def calibration_tasks(rt: Runtime, path: Path) -> list[str]:
     """Up to MAX_TASKS tasks whose batches run graph `path` (of the first SCAN tasks): the folded task for the
     folded graph; where the deployment has a graph without prefix inputs, the tasks with a key/value prefix for
     the main graph and the others for that one; otherwise the first tasks."""
@@ -141,7 +145,7 @@ def calibration_tasks(rt, path: Path) -> list[str]:
     return found
 
 
-def calibration_feeds(rt, path: Path, items, tasks: list[str]) -> list[dict[str, np.ndarray]]:
+def calibration_feeds(rt: Runtime, path: Path, items, tasks: list[str]) -> list[dict[str, np.ndarray]]:
     """The feeds graph `path` receives when fp32 ONNX Runtime answers the calibration rows, task by task (a task's
     labelled rows where it has some, else every text, else generated token ids): NNCF's dataset."""
     exact = type(rt)(rt.dir, backend="onnxruntime", threads=rt.threads)

@@ -19,8 +19,11 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from promptmux.core.families import Family
 
 from . import accuracy_control
 from .calibration import (  # noqa: F401 (CALIBRATION_ROWS: read here by callers)
@@ -30,6 +33,9 @@ from .calibration import (  # noqa: F401 (CALIBRATION_ROWS: read here by callers
     item_lines,
     items_digest,
 )
+
+if TYPE_CHECKING:  # the annotations only: runtime.py imports this module
+    from promptmux.runtime.runtime import Runtime
 
 log = logging.getLogger("promptmux.runtime")
 
@@ -81,7 +87,7 @@ def calibration_texts(path: str | Path) -> list:
     return rows
 
 
-def _label_index(rt, row: dict, task_labels: list | None, n_labels: int) -> int:
+def _label_index(rt: Runtime, row: dict, task_labels: list | None, n_labels: int) -> int:
     label = row["label"]
     if isinstance(label, int):
         index = label
@@ -98,11 +104,11 @@ def _label_index(rt, row: dict, task_labels: list | None, n_labels: int) -> int:
 def measure(fast, exact, texts: list[str] | None = None, labelled: list[dict] | None = None) -> dict:
     """Compare the runtime `fast` with the fp32 runtime `exact` on the calibration inputs, task by task (a
     classifier task with labelled rows: on those, with both accuracies)."""
-    family = exact.spec.family
+    classifies = exact.spec.family.classifies
     report = {}
     for task in exact.tasks:
         mine = [r for r in labelled or () if r["task"] == task]
-        if family == "encoder" and mine:
+        if classifies and mine:
             batches = classifier_batches(exact, [r["text"] for r in mine], task)
             want = np.stack([r for ids, mask, types in batches for r in exact.forward(ids, mask, task, types)])
             got = np.stack([r for ids, mask, types in batches for r in fast.forward(ids, mask, task, types)])
@@ -112,7 +118,7 @@ def measure(fast, exact, texts: list[str] | None = None, labelled: list[dict] | 
                             "prediction_agreement": float((got.argmax(-1) == want.argmax(-1)).mean()),
                             "accuracy_fp32": float((want.argmax(-1) == gold).mean()),
                             "accuracy": float((got.argmax(-1) == gold).mean())}
-        elif family == "encoder":
+        elif classifies:
             batches = classifier_batches(exact, texts, task)
             want = np.stack([r for ids, mask, types in batches for r in exact.forward(ids, mask, task, types)])
             got = np.stack([r for ids, mask, types in batches for r in fast.forward(ids, mask, task, types)])
@@ -181,7 +187,7 @@ def record_key(backend: str, precision: str) -> str:
 
 
 def stored_contract(manifest: dict, backend: str, precision: str, digests: dict[str, str],
-                    family: str) -> dict | None:
+                    family: Family) -> dict | None:
     """The manifest's contract for this backend and precision, if it covers exactly the bank's current tasks."""
     entry = (manifest.get("precision") or {}).get(record_key(backend, precision))
     if entry and entry.get("digests") == digests and entry.get("recipe") == recipe(backend, precision, family):
@@ -196,7 +202,7 @@ def fp32_layers(manifest: dict) -> tuple[int, ...]:
     return tuple(int(i) for i in entry.get("fp32_layers", ()))
 
 
-def recipe(backend: str, precision: str, family: str) -> str | None:
+def recipe(backend: str, precision: str, family: Family) -> str | None:
     """How the precision's graphs are made, where promptmux makes them (int8): a contract measured on graphs made
     otherwise does not hold for these."""
     if precision != "int8":
@@ -207,7 +213,7 @@ def recipe(backend: str, precision: str, family: str) -> str | None:
         return nncf_recipe()
     from .quantize import RECIPES
 
-    return RECIPES.get(family)
+    return RECIPES["dynamic" if family.int8_full_sequence else "weight_only"]
 
 
 def write_contract(deploy_dir: Path, backend: str, precision: str, entry: dict) -> None:
@@ -225,7 +231,7 @@ def calibrate(fast, items: list | None = None, source: str | None = None) -> dic
     texts = [t for t in items or () if isinstance(t, str)] or None
     labelled = [r for r in items or () if isinstance(r, dict)] or None
     if labelled:
-        if fast.spec.family != "encoder":
+        if not fast.spec.family.classifies:
             raise ValueError("labelled calibration rows are for classifiers; for a language model give texts, one "
                              "per line")
         unknown = sorted({r["task"] for r in labelled} - set(fast.tasks))
@@ -271,7 +277,7 @@ def _normalise(items) -> list:
     return out
 
 
-def contract(rt, strict: bool, calibration=None) -> dict:
+def contract(rt: Runtime, strict: bool, calibration=None) -> dict:
     """The runtime's precision contract: the manifest's, or measured now (on `calibration`, else the deployment's
     calibration.jsonl or calibration.txt, else generated inputs) when it is missing or the bank's tasks changed
     since. calibration: texts, and/or labelled rows {"task", "text", "label"} (classifiers)."""

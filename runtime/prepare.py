@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from promptmux.kinds import kind_of
 
 from .batch import layout_for
 from .errors import InputError
+
+if TYPE_CHECKING:  # the annotations only: runtime.py imports this module
+    from promptmux.runtime.runtime import Runtime
 
 log = logging.getLogger("promptmux.runtime")
 
@@ -33,7 +37,7 @@ def engines_of(session, backend: str) -> list[tuple[str, object]]:
     return [(name, engine) for name, engine in inner.items() if name in session.routing.picks()]
 
 
-def _probe_ids(rt) -> tuple[np.ndarray, np.ndarray]:
+def _probe_ids(rt: Runtime) -> tuple[np.ndarray, np.ndarray]:
     """One row of one ordinary token id (past the first ids, where special tokens live): it fits beside any task's
     virtual tokens."""
     ids = np.full((1, 1), min(5, rt.dims.vocab_size - 1), dtype=np.int64)
@@ -43,7 +47,7 @@ def _probe_ids(rt) -> tuple[np.ndarray, np.ndarray]:
 PROBED = 256  # tasks looked at for one that runs each graph
 
 
-def _full_sequence_graphs(rt) -> list[tuple[str, object, object]]:
+def _full_sequence_graphs(rt: Runtime) -> list[tuple[str, object, object]]:
     """(graph, session, a task whose row that graph serves, or None) for each full-sequence graph of an encoder."""
     views = [rt.bank.view(t) for t in rt.bank.page(PROBED)[0]]  # not all: a bank may hold a million tasks
     plain = next((v for v in views if kind_of(v).kv_prefix(v) is None), None)
@@ -55,12 +59,12 @@ def _full_sequence_graphs(rt) -> list[tuple[str, object, object]]:
     return graphs
 
 
-def prepare(rt, progress=None) -> list[dict]:
+def prepare(rt: Runtime, progress=None) -> list[dict]:
     """Build and run once everything rt's routing can pick; returns what was prepared, with the seconds each took.
     progress(line): told before each step (the server logs it)."""
     say = progress or (lambda line: log.info("%s", line))
     done = []
-    if rt.spec.family == "encoder":
+    if rt.spec.family.classifies:
         ids, mask = _probe_ids(rt)
         for graph, session, view in _full_sequence_graphs(rt):
             for name, engine in engines_of(session, rt.backend):

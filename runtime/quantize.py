@@ -33,10 +33,11 @@ log = logging.getLogger("promptmux.runtime")
 BITS = 8
 BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4  # int8 activations inside the kernel: the VNNI/AMX path
-# How an int8 graph is made, per model family: part of its stamp's key (a graph made otherwise, as by an earlier
-# promptmux, is made again) and of its accuracy contract (measured again).
-RECIPES = {"decoder": f"matmulnbits-int{BITS}-block{BLOCK_SIZE}-accuracy{ACCURACY_LEVEL}",
-           "encoder": "dynamic-int8-matmul-per-channel"}
+# How an int8 graph is made: weight-only for a language model's decoder step, dynamic for a classifier's
+# full-sequence graphs (Family.int8_full_sequence). Part of its stamp's key (a graph made otherwise, as by an
+# earlier promptmux, is made again) and of its accuracy contract (measured again).
+RECIPES = {"weight_only": f"matmulnbits-int{BITS}-block{BLOCK_SIZE}-accuracy{ACCURACY_LEVEL}",
+           "dynamic": "dynamic-int8-matmul-per-channel"}
 
 
 def untie_lm_head(model) -> int:
@@ -104,7 +105,7 @@ def weight_only_int8(path: Path) -> Path:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    out, stamp, key = _int8_files(path, "decoder")
+    out, stamp, key = _int8_files(path, "weight_only")
     if is_current(out, stamp, key):
         return out
     log.warning("quantizing %s to int8 weights (once per deployment)", path.name)
@@ -128,23 +129,24 @@ def weight_only_int8(path: Path) -> Path:
     return out
 
 
-def _int8_files(path: Path, family: str, keep_fp32: tuple[int, ...] = ()) -> tuple[Path, Path, str]:
+def _int8_files(path: Path, method: str, keep_fp32: tuple[int, ...] = ()) -> tuple[Path, Path, str]:
     """The int8 copy of the graph at `path`, its stamp, and the key the stamp must hold for the copy to be current
-    (the graph's identity, the family's recipe and the weight MatMuls kept in fp32)."""
+    (the graph's identity, the method's recipe and the weight MatMuls kept in fp32)."""
     out = path.with_name(f"{path.stem}.int8.onnx")
     keep = f":fp32={','.join(map(str, keep_fp32))}" if keep_fp32 else ""
-    return out, out.with_suffix(".json"), f"{graph_key(path)}:{RECIPES[family]}{keep}"
+    return out, out.with_suffix(".json"), f"{graph_key(path)}:{RECIPES[method]}{keep}"
 
 
-def int8_graph(path: Path, family: str, keep_fp32: tuple[int, ...] = ()) -> Path:
+def int8_graph(path: Path, full_sequence: bool, keep_fp32: tuple[int, ...] = ()) -> Path:
     """The graph precision int8 runs in place of the deployment's graph at `path`: the int8 copy of a causal LM's
     cached decoder or of a classifier's graphs (keep_fp32: weight MatMuls left fp32, by weight_matmuls index, as
-    accuracy_control.py chose them); anything else (a causal LM's full-sequence graph) as is."""
+    accuracy_control.py chose them); anything else (a causal LM's full-sequence graph) as is. full_sequence: the
+    family's full-sequence graphs run int8 (Family.int8_full_sequence)."""
     from promptmux.core.folder import DECODER_GRAPH
 
     if path.name == DECODER_GRAPH:
         return weight_only_int8(path)
-    return dynamic_int8(path, keep_fp32) if family == "encoder" else path
+    return dynamic_int8(path, keep_fp32) if full_sequence else path
 
 
 def weight_matmuls(graph) -> list[str]:
@@ -162,7 +164,7 @@ def dynamic_int8(path: Path, keep_fp32: tuple[int, ...] = ()) -> Path:
     import onnx
 
     keep_fp32 = tuple(sorted(set(keep_fp32)))
-    out, stamp, key = _int8_files(path, "encoder", keep_fp32)
+    out, stamp, key = _int8_files(path, "dynamic", keep_fp32)
     if is_current(out, stamp, key):
         return out
     log.warning("quantizing %s to int8 (once per deployment)%s", path.name,
@@ -177,7 +179,7 @@ def dynamic_int8(path: Path, keep_fp32: tuple[int, ...] = ()) -> Path:
     else:  # every layer kept fp32 (the quantizer would read an empty list as "all")
         _save_beside(onnx.load(str(path)), out)
     graph = onnx.load(str(out), load_external_data=False).graph
-    write_stamp(stamp, key, graph=path.name, recipe=RECIPES["encoder"], fp32_layers=list(keep_fp32),
+    write_stamp(stamp, key, graph=path.name, recipe=RECIPES["dynamic"], fp32_layers=list(keep_fp32),
                 matmuls_quantized=sum(n.op_type == "MatMulInteger" for n in graph.node))
     return out
 

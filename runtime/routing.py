@@ -14,8 +14,12 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # the annotations only: runtime.py imports this module
+    from promptmux.runtime.runtime import Runtime
 
 log = logging.getLogger("promptmux.runtime")
 
@@ -88,7 +92,7 @@ def key(threads: int | None) -> str:
     return f"{describe()}; threads={threads or default_threads() or 'default'}"
 
 
-def measure(rt) -> dict:
+def measure(rt: Runtime) -> dict:
     """Time both engines of `rt` (a runtime on backend onnxruntime+openvino) on SIZES with its first task."""
     task = rt.tasks[0]
     virtual = rt.bank.view(task).num_virtual_tokens
@@ -121,7 +125,7 @@ def measure(rt) -> dict:
             "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def resolve(rt, threads: int | None) -> dict | None:
+def resolve(rt: Runtime, threads: int | None) -> dict | None:
     """Set rt.routing from the manifest's record for this CPU, or measure it now and record it. Returns the record
     (None where the split was given by hand or the deployment has no task to time)."""
     from promptmux.core.folder import deployment_lock, write_manifest

@@ -39,6 +39,24 @@ from .text import load_tokenizer, too_long
 PRECOMPUTED_AT_START = 4096  # tasks whose prompt KV is computed as generation starts (while the cache has room)
 _ORT_DEVICE = "cuda"  # where backend "onnxruntime-cuda" binds its tensors (tests run the binding path on "cpu")
 log = logging.getLogger("promptmux.runtime")
+
+
+def _causal_generator(rt: Runtime, decoder):
+    from .generate import Generator
+
+    generator = Generator(rt, decoder)
+    # The first tasks' prompt KV now, until the cache is full; the others' on first use.
+    generator.precompute(rt.bank.page(PRECOMPUTED_AT_START)[0], until_full=True)
+    return generator
+
+
+def _seq2seq_generator(rt: Runtime, decoder):
+    from .seq2seq_generate import Seq2SeqGenerator
+
+    return Seq2SeqGenerator(rt, rt.session, decoder)
+
+
+GENERATORS = {"causal": _causal_generator, "seq2seq": _seq2seq_generator}  # by Family.generation (core/families)
 __all__ = ["InputError", "Runtime", "UnknownTaskError", "apply_head"]
 
 
@@ -90,7 +108,7 @@ class Runtime:
                     f"--backend auto or {chosen} to run it, or a precision (--precision {precision}) for {backend}")
             self.manifest = read_manifest(self.dir)  # with the contracts and the choice just recorded
             calibration = None  # the chosen precision's contract was measured on it (and the deployment keeps it)
-        self.backend, self.backend_reason = choose_backend(backend, precision, self.spec.family)
+        self.backend, self.backend_reason = choose_backend(backend, precision, self.spec.family.name)
         self.precision = precision
         self.int8_fp32_layers = fp32_layers(self.manifest) if precision == "int8" else ()  # accuracy_control.py
         self.device_id = device_id
@@ -238,7 +256,7 @@ class Runtime:
         Returns one array per row: classification -> the logits of that task's head [num_labels];
         causal LM -> logits for the row's real tokens [real_tokens, vocab] (virtual tokens excluded).
         """
-        if self.spec.family == "seq2seq":
+        if not self.spec.family.forward_rows:
             raise InputError("forward() serves classifiers and causal LMs; use generate() with a seq2seq deployment")
         ids, mask, tasks, types = self._check_inputs(input_ids, attention_mask, tasks, token_type_ids)
         views = [self.bank.view(t) for t in tasks]
@@ -255,22 +273,12 @@ class Runtime:
     def generator(self):
         """The cached-decoding engine (causal LMs and seq2seq), created on first use."""
         if self._generator is None:
-            if self.spec.family == "encoder":
+            if self.spec.family.generation is None:
                 raise InputError("generation needs a causal LM or seq2seq deployment; this one is sequence "
                                  "classification")
             if not self.manifest.get("decoder"):
                 raise InputError(f"{self.dir} has no cached decoder graph; re-export it with this promptmux version")
-            decoder = self._decoder_session()
-            if self.spec.family == "seq2seq":
-                from .seq2seq_generate import Seq2SeqGenerator
-
-                self._generator = Seq2SeqGenerator(self, self.session, decoder)
-            else:
-                from .generate import Generator
-
-                self._generator = Generator(self, decoder)
-                # The first tasks' prompt KV now, until the cache is full; the others' on first use.
-                self._generator.precompute(self.bank.page(PRECOMPUTED_AT_START)[0], until_full=True)
+            self._generator = GENERATORS[self.spec.family.generation](self, self._decoder_session())
         return self._generator
 
     def prompt_kv_bytes(self) -> int:
@@ -285,10 +293,7 @@ class Runtime:
         (padded here) -> ids, mask, task names, is_text."""
         is_text = isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs
                                               and all(isinstance(x, str) for x in inputs))
-        # Causal LMs continue each row's last token: pad on the left. A seq2seq encoder is bidirectional with
-        # relative positions: right padding keeps every row's result independent of the batch. Ragged rows of ids
-        # are padded the same way.
-        side = "right" if self.spec.family == "seq2seq" else "left"
+        side = self.spec.family.prompt_padding  # ragged rows of ids too (core/families)
         if is_text:
             texts = [inputs] if isinstance(inputs, str) else list(inputs)
             if any(not t.strip() for t in texts):
@@ -321,7 +326,7 @@ class Runtime:
             raise InputError("stop strings need text inputs (token-id inputs stop on EOS or max_new_tokens)")
         bank = self.bank
         views = [bank.view(t) for t in tasks]
-        new_tokens = 0 if self.spec.family == "seq2seq" else max_new_tokens  # seq2seq: new tokens go to the decoder
+        new_tokens = self.spec.family.new_token_room(max_new_tokens)  # seq2seq: new tokens go to the decoder
         for i, v in enumerate(views):
             refused = too_long(int(ids.shape[1]), v.num_virtual_tokens, v.name, self.max_positions, new_tokens)
             if refused:
@@ -435,8 +440,9 @@ class Runtime:
         """Text classification: one {task, label, label_id, scores} per text. A text too long for the model's
         positions with its task's virtual tokens is refused; with truncation=True it is cut to fit, and its result
         says how many tokens were dropped ("truncated_tokens")."""
-        if self.spec.family != "encoder":
-            raise InputError("classify() needs a sequence-classification deployment; this one is a causal LM")
+        if not self.spec.family.classifies:
+            raise InputError(f"classify() needs a sequence-classification deployment; this one is a {self.spec.family}"
+                             " language model: use generate()")
         if isinstance(texts, str):
             texts = [texts]
         names = task_names(tasks, len(texts))

@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,7 +34,13 @@ from .generate import (
     TextStream,
 )
 
+if TYPE_CHECKING:  # the annotations only: the runtime is imported where it runs
+    from promptmux.runtime.runtime import Runtime
+
 log = logging.getLogger("promptmux.serve")
+# How generation requests share steps, by Family.generation: a causal LM's rows join and leave one running batch;
+# a seq2seq model's rows stream one by one.
+BATCHES = {"causal": ContinuousBatch, "seq2seq": StreamedRows}
 
 
 class Overloaded(Exception):
@@ -83,7 +90,7 @@ class GenerateJob:
 
 
 class Scheduler:
-    def __init__(self, rt, max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 1024, metrics=None):
+    def __init__(self, rt: Runtime, max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 1024, metrics=None):
         self.rt = rt
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
@@ -97,9 +104,9 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.positions = rt.max_positions  # the positions a row may use
         self.batch = None
-        if rt.spec.family != "encoder":
+        if rt.spec.family.generation is not None:
             gen = rt.generator  # builds the decoder session and each task's prompt KV now, not at the first request
-            self.batch = StreamedRows(gen) if rt.spec.family == "seq2seq" else ContinuousBatch(gen)
+            self.batch = BATCHES[rt.spec.family.generation](gen)
 
     # ---- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -117,13 +124,15 @@ class Scheduler:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stop
 
-    def depth(self, kind: str) -> int:
-        return self._cls_rows if kind == "classify" else len(self._gen)
+    def depth(self, queue: str) -> int:
+        """Requests waiting in a queue: "classify" (rows) or "generate"."""
+        return self._cls_rows if queue == "classify" else len(self._gen)
 
-    def oldest_wait(self, kind: str) -> float:
-        """Seconds the oldest request still waiting in this kind's queue has waited (0: none waits)."""
+    def oldest_wait(self, queue: str) -> float:
+        """Seconds the oldest request still waiting in this queue ("classify" or "generate") has waited (0: none
+        waits)."""
         with self._cv:
-            if kind == "classify":
+            if queue == "classify":
                 head = next((j for j in self._cls if not j.cancelled), None)
             else:
                 head = next((j for j, _ in self._gen if not j.cancelled), None)

@@ -185,13 +185,13 @@ def torch_session(base: Path, hf_config, spec, threads: int | None):
         raise FileNotFoundError(
             f"the torch backend needs the base model; {base} is missing. Pass base=<folder> (CLI: --base)")
     model = load_base_model(base, hf_config)
-    module = PromptedEncoder(model) if spec.family == "seq2seq" else PromptedBackbone(model)
+    module = PromptedEncoder(model) if spec.family.encoder_decoder else PromptedBackbone(model)
     return TorchSession(module, input_names(spec), threads), model
 
 
 def torch_decoder_session(model, spec, dims) -> TorchSession:
     """The cached decoder step in eager PyTorch (backend "torch"), over the model torch_session loaded."""
-    if spec.family == "seq2seq":
+    if spec.family.encoder_decoder:
         from promptmux.core.seq2seq_graph import DECODER_STEP_INPUTS, cross_names, decoder_step, self_names
 
         step = decoder_step(model)

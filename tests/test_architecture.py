@@ -17,11 +17,21 @@ def _modules():
             yield path, ast.parse(path.read_text(), str(path))
 
 
+def _typing_only(tree) -> set[int]:
+    """ids of the import nodes under `if TYPE_CHECKING:` (annotations only: they never run)."""
+    return {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
+            for stmt in node.body for n in ast.walk(stmt)}
+
+
 def _imports(tree, path: Path):
-    """(absolute module, imported names, line) of every import, relative ones resolved within the package."""
+    """(absolute module, imported names, line) of every import that runs, relative ones resolved within the
+    package."""
     parts = path.relative_to(ROOT).parts
     package = ".".join([PACKAGES[parts[0]], *parts[1:-1]]) if parts[0] != "promptmux" else ".".join(parts[:-1])
+    typing_only = _typing_only(tree)
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.ImportFrom):
             module = node.module or ""
             if node.level:
@@ -76,6 +86,36 @@ def test_nothing_outside_kinds_branches_on_a_task_kind():
             strings = [x.value for x in sides if isinstance(x, ast.Constant) and isinstance(x.value, str)]
             if (on_kind and strings) or any(v in methods for v in strings):
                 bad.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not bad, bad
+
+
+def _reads_a_family(x) -> bool:
+    """`spec.family`, `spec.family.name`, `family`, `manifest["base"]["family"]`."""
+    if isinstance(x, ast.Attribute) and x.attr == "name":
+        x = x.value
+    return ((isinstance(x, ast.Attribute) and x.attr == "family") or (isinstance(x, ast.Name) and x.id == "family")
+            or (isinstance(x, ast.Subscript) and isinstance(x.slice, ast.Constant) and x.slice.value == "family"))
+
+
+def test_nothing_outside_the_family_modules_branches_on_a_family():
+    """No family compared with a string (or a literal tuple of them), and no table indexed by a family, outside
+    core/families: code asks the family (`spec.family.classifies`, ...). A Family compared with a string also
+    raises at run time. Tables of which families a backend or kind runs name them as data, and stay allowed."""
+    def strings(x):
+        items = x.elts if isinstance(x, (ast.Tuple, ast.List, ast.Set)) else [x]
+        return any(isinstance(i, ast.Constant) and isinstance(i.value, str) for i in items)
+
+    bad = []
+    for path, tree in _modules():
+        if path.relative_to(ROOT).parts[:2] == ("core", "families"):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                if any(_reads_a_family(x) for x in sides) and any(strings(x) for x in sides):
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node)[:60]}")
+            elif isinstance(node, ast.Subscript) and _reads_a_family(node.slice):
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node)[:60]} (a table by family)")
     assert not bad, bad
 
 

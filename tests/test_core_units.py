@@ -209,7 +209,7 @@ def test_light_config_reads_as_the_transformers_config(arch):
     assert (position_offset(light), usable_positions(light)) == (position_offset(config), usable_positions(config))
     for name in ("pad_token_id", "eos_token_id", "hidden_size", "num_hidden_layers", "architectures"):
         assert getattr(light, name, None) == getattr(config, name, None), name
-    if arch_for(config).family == "seq2seq":
+    if arch_for(config).family.encoder_decoder:
         assert decoder_sizes(light) == decoder_sizes(config)
     with pytest.raises(AttributeError, match="has no 'no_such_setting'"):
         light.no_such_setting
@@ -226,3 +226,22 @@ def test_the_backend_table_is_the_one_list_of_backends_and_auto_covers_every_pre
             rows = [r for r in AUTO if r[0] == precision and family in r[1]]
             assert rows and rows[-1][2] is None, (precision, family)
             assert all(precision in BACKENDS[r[3]].precisions and family in BACKENDS[r[3]].families for r in rows)
+
+
+def test_each_model_family_is_one_object_that_refuses_comparison_with_a_name():
+    """archs' rows hold the Family objects core/families registers; comparing one with its name (a branch on the
+    family outside core/families) raises instead of being quietly False."""
+    from promptmux.core.families import FAMILIES, family_of
+
+    assert set(FAMILIES) == {"encoder", "decoder", "seq2seq"}
+    assert arch_for("bert").family is family_of("encoder") and str(arch_for("t5").family) == "seq2seq"
+    assert arch_for("gpt2").family is arch_for("llama").family is FAMILIES["decoder"]
+    with pytest.raises(TypeError, match="ask the family"):
+        arch_for("bert").family == "encoder"  # noqa: B015
+    with pytest.raises(ValueError, match="unknown model family 'vision'; promptmux knows"):
+        family_of("vision")
+    # what each decides: a causal LM's prompts pad on the left and share positions with the tokens generated
+    decoder, seq2seq = FAMILIES["decoder"], FAMILIES["seq2seq"]
+    assert (decoder.prompt_padding, decoder.new_token_room(8)) == ("left", 8)
+    assert (seq2seq.prompt_padding, seq2seq.new_token_room(8)) == ("right", 0)
+    assert seq2seq.submodules_message(2) is None and "use 1" in decoder.submodules_message(2)

@@ -64,7 +64,7 @@ def test_a_causal_lm_classifier_gives_each_row_its_result_alone(tmp_path_factory
     right-padded batches give the same scores (PEFT's own result moves with the padding; the rows alone match it,
     test_mixed_batch_of_every_kind_matches_peft), and the export recorded it as a classifier."""
     fx = _family("qwen2-cls", tmp_path_factory)
-    assert fx.rt.spec.family == "encoder" and fx.rt.config.architectures == ["Qwen2ForSequenceClassification"]
+    assert fx.rt.spec.family.classifies and fx.rt.config.architectures == ["Qwen2ForSequenceClassification"]
     names = fx.task_names()
     tasks = [names[i % len(names)] for i in range(2 * len(names))]
     ids, mask = random_batch("qwen2-cls", rows=len(tasks), seq=8, seed=3, padding_side="right")
@@ -95,7 +95,7 @@ def test_a_family_the_generic_rules_do_not_fit_is_refused_with_the_difference(mo
     from promptmux.core.archs import ArchSpec, UnsupportedModelError
 
     fx = _family("qwen2", tmp_path_factory)
-    monkeypatch.setitem(archs.ARCHS, "qwen2", ArchSpec(family="decoder", positions_follow_mask=True,
+    monkeypatch.setitem(archs.ARCHS, "qwen2", ArchSpec(family=archs.DECODER, positions_follow_mask=True,
                                                       verify_at_export=True))
     out = tmp_path / "deploy"
     with pytest.raises(UnsupportedModelError) as e:
@@ -152,7 +152,7 @@ def test_a_seq2seq_family_the_bart_step_does_not_fit_is_refused_with_the_tokens(
     fx = _family("plbart", tmp_path_factory)
     assert fx.rt.manifest["graph"]["verified_against_peft"]  # the right rules were verified
     monkeypatch.setattr(archs, "generic_seq2seq", lambda config: ArchSpec(
-        family="seq2seq", decoder_step="bart", embed_norm="before_positions", verify_at_export=True))
+        family=archs.SEQ2SEQ, decoder_step="bart", embed_norm="before_positions", verify_at_export=True))
     out = tmp_path_factory.mktemp("wrong") / "deploy"
     with pytest.raises(UnsupportedModelError) as e:
         export_deployment(fx.base, {"pt": fx.adapters["pt"]}, out, quiet=True)

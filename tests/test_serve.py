@@ -126,8 +126,8 @@ def test_mixed_task_classification_load_with_hot_swap(text_deployments, bert_ser
     for task, text, r in raced:
         assert check(task, text, r) or (r.status_code == 404 and r.json()["error"]["type"] == "unknown_task"), r.text
     m = _metrics(bert_server.url)
-    batches = _sample(m, "promptmux_batch_tasks_count", kind="classify")
-    single_task = _sample(m, "promptmux_batch_tasks_bucket", kind="classify", le="1.0")
+    batches = _sample(m, "promptmux_batch_tasks_count", queue="classify")
+    single_task = _sample(m, "promptmux_batch_tasks_bucket", queue="classify", le="1.0")
     assert batches > 0 and single_task < batches  # batches really mixed tasks
     assert _sample(m, "promptmux_requests_total", endpoint="/v1/classify", task="pt", status="200") > 0
 
@@ -258,11 +258,11 @@ def test_mixed_task_generation_load_with_hot_swap(text_deployments, gpt2_server)
         "type": "unknown_task", "field": "model",
         "message": "unknown task 'extra'; GET /v1/models lists the tasks served"}
     m = _metrics(gpt2_server.url)
-    steps = _sample(m, "promptmux_batch_size_count", kind="generate")
-    alone = _sample(m, "promptmux_batch_size_bucket", kind="generate", le="1.0")
-    mixed = steps - _sample(m, "promptmux_batch_tasks_bucket", kind="generate", le="1.0")
+    steps = _sample(m, "promptmux_batch_size_count", queue="generate")
+    alone = _sample(m, "promptmux_batch_size_bucket", queue="generate", le="1.0")
+    mixed = steps - _sample(m, "promptmux_batch_tasks_bucket", queue="generate", le="1.0")
     assert alone < steps and mixed > 0  # rows of different tasks shared decoding steps
-    assert _sample(m, "promptmux_running_rows") == 0 and _sample(m, "promptmux_queue_depth", kind="generate") == 0
+    assert _sample(m, "promptmux_running_rows") == 0 and _sample(m, "promptmux_queue_depth", queue="generate") == 0
 
 
 # ---- bad requests --------------------------------------------------------------------------------------------
@@ -558,7 +558,7 @@ def test_timeout_and_client_disconnect(text_deployments):
                 break
             time.sleep(0.1)
         assert _sample(m, "promptmux_requests_total", endpoint="/v1/classify", task="mpt/0", status="499") == 1
-        assert _sample(m, "promptmux_queue_depth", kind="classify") == 0  # its work was dropped
+        assert _sample(m, "promptmux_queue_depth", queue="classify") == 0  # its work was dropped
 
 
 async def _refuses_connections(url: str, within: float = 30.0) -> bool:
@@ -591,7 +591,7 @@ def test_sigterm_drains_in_flight_requests_then_stops(text_deployments):
                 responses = await asyncio.gather(*(s.__aenter__() for s in streams))  # headers in: all admitted
                 assert all(r.status_code == 200 for r in responses)
                 m = _metrics(server.url)
-                waiting = _sample(m, "promptmux_queue_depth", kind="generate") + _sample(m, "promptmux_running_rows")
+                waiting = _sample(m, "promptmux_queue_depth", queue="generate") + _sample(m, "promptmux_running_rows")
                 assert waiting >= len(bodies) - 2  # work is in flight when the signal comes
                 os.kill(server.pid, signal.SIGTERM)
                 assert await _refuses_connections(server.url)  # no new connections while draining

@@ -334,7 +334,7 @@ def test_tensorrt_runtime_serves_mixed_batches_like_onnxruntime(deploy):
     ids, mask = random_batch(ort_rt.config.model_type, rows=len(tasks), seq=7, seed=5, padding_side="left")
     for want, got in zip(ort_rt.forward(ids, mask, tasks), trt_rt.forward(ids, mask, tasks)):
         assert float(np.abs(want - got).max()) < 1e-3
-    if ort_rt.spec.family == "decoder":
+    if ort_rt.spec.family.generation == "causal":
         kw = dict(max_new_tokens=4, eos_token_id=[])
         feeds = {"input_ids": ids, "attention_mask": mask}
         assert [r["token_ids"] for r in trt_rt.generate(feeds, tasks, **kw)] == \

@@ -51,7 +51,7 @@ def cmd_run(args) -> int:
     texts = read_texts(args)
     tasks = tasks_per_row(args.task, len(texts), "texts")
     rt = open_runtime(args, base=args.base)
-    if rt.spec.family == "encoder":
+    if rt.spec.family.classifies:
         results = rt.classify(texts, tasks, truncation=args.truncate)
     else:
         rows, cut = rt.forward_text(texts, tasks, truncation=args.truncate)
@@ -77,7 +77,7 @@ def cmd_verify(args) -> int:
     from promptmux.core.archs import arch_for
     from promptmux.core.folder import load_base_config
 
-    tokens = arch_for(load_base_config(args.deploy)).family == "seq2seq"
+    tokens = not arch_for(load_base_config(args.deploy)).family.forward_rows  # verified on generated tokens
     metric = "rows_with_other_tokens" if tokens else "max_abs_diff"
     failed = {t: d for t, d in worst.items() if not d <= (0.0 if tokens else args.tolerance)}
     for task, diff in worst.items():

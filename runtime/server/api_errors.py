@@ -87,9 +87,9 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
-        kind = {404: ("not_found", "path"), 405: ("method_not_allowed", "method")}.get(e.status_code,
+        code = {404: ("not_found", "path"), 405: ("method_not_allowed", "method")}.get(e.status_code,
                                                                                          ("invalid_request", None))
-        return error_response(request, e.status_code, kind[0], kind[1], str(e.detail), getattr(e, "headers", None))
+        return error_response(request, e.status_code, code[0], code[1], str(e.detail), getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):

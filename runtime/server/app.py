@@ -113,7 +113,7 @@ def _add_probes(app: FastAPI, metrics: Metrics) -> None:
         engine = engine_of(request)
         names, more = task_page(engine.rt.bank, page)
         # The first page starts with the base model's own name (completions with or without their own prompt).
-        ids = ([engine.served_name] if page.after is None and engine.family != "encoder" else []) + names
+        ids = ([engine.served_name] if page.after is None and engine.family.generation else []) + names
         return {"object": "list", "data": [{"id": t} for t in ids], "has_more": more,
                 "last_id": names[-1] if names else None}
 

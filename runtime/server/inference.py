@@ -60,7 +60,7 @@ def inline_view(engine, body, options: ServeOptions):
 
 def completion_job(engine, body: CompletionRequest, options: ServeOptions) -> tuple[GenerateJob, list[list[int]]]:
     """A completion request checked, encoded and made a job (not yet admitted or queued), and its token ids."""
-    if engine.family == "encoder":
+    if engine.family.generation is None:
         raise ApiError(400, "invalid_request", "model", "this deployment classifies: use /v1/classify")
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts or len(prompts) > MAX_PROMPTS:
@@ -70,7 +70,7 @@ def completion_job(engine, body: CompletionRequest, options: ServeOptions) -> tu
         raise ApiError(400, "invalid_request", "max_tokens",
                        f"max_tokens={body.max_tokens} exceeds the model's {engine.max_positions} positions")
     view = inline_view(engine, body, options)
-    room = 0 if engine.family == "seq2seq" else body.max_tokens  # a seq2seq prompt goes to the encoder
+    room = engine.family.new_token_room(body.max_tokens)  # a seq2seq prompt goes to the encoder
     ids, _ = engine.encode(prompts, view, "prompt", isinstance(body.prompt, str), room)
     job = GenerateJob(prompts=ids, view=view, params=params, tokenizer=engine.rt.tokenizer,
                       deadline=time.monotonic() + options.request_timeout, loop=asyncio.get_running_loop())
@@ -82,7 +82,7 @@ def add_model_routes(app: FastAPI, options: ServeOptions, metrics: Metrics) -> N
               summary="classify text(s) with one task; requests of all tasks share batches")
     async def classify(body: ClassifyRequest, request: Request):
         engine = engine_of(request)
-        if engine.family != "encoder":
+        if not engine.family.classifies:
             raise ApiError(400, "invalid_request", "task", "this deployment generates text: use /v1/completions")
         if (body.text is None) == (body.texts is None):
             raise ApiError(400, "invalid_request", "text", "give exactly one of text or texts")

@@ -44,7 +44,7 @@ def check_version(version: str | None) -> None:
 
 def model_metadata(engine, task: str) -> dict:
     view = engine.capture(task, "model_name")
-    if engine.family != "encoder":  # served through the generate extension
+    if not engine.family.classifies:  # served through the generate extension
         inputs = [{"name": "text_input", "datatype": "BYTES", "shape": [1]}]
         outputs = [{"name": "text_output", "datatype": "BYTES", "shape": [1]}]
     else:
@@ -54,7 +54,7 @@ def model_metadata(engine, task: str) -> dict:
         outputs = [{"name": "scores", "datatype": "FP32", "shape": [-1, labels]},
                    {"name": "label_id", "datatype": "INT64", "shape": [-1]},
                    {"name": "label", "datatype": "BYTES", "shape": [-1]}]
-    return {"name": task, "versions": [VERSION], "platform": f"promptmux_{engine.family}", "inputs": inputs,
+    return {"name": task, "versions": [VERSION], "platform": f"promptmux_{engine.family.name}", "inputs": inputs,
             "outputs": outputs}
 
 
@@ -131,7 +131,7 @@ def requested_outputs(request: dict) -> list[tuple[str, bool]]:
 
 async def infer(engine, task: str, arrays: dict[str, np.ndarray], wanted: list[str], wait) -> dict[str, np.ndarray]:
     """Classify one v2 request on the shared scheduler: {output name: array} for the outputs wanted."""
-    if engine.family != "encoder":
+    if not engine.family.classifies:
         raise ApiError(400, "invalid_request", "model_name",
                        "model_name: this deployment generates text: use /v2/models/{task}/generate")
     view = engine.capture(task, "model_name")

@@ -31,13 +31,13 @@ class Metrics:
         self.latency = Histogram("promptmux_request_latency_seconds", "Request latency until the last byte",
                                  ["endpoint", "task"], buckets=_LATENCY, registry=r)
         self.batch_size = Histogram("promptmux_batch_size", "Rows per model call: a classification batch, or the "
-                                    "running rows of a generation step", ["kind"], buckets=_SIZES, registry=r)
+                                    "running rows of a generation step", ["queue"], buckets=_SIZES, registry=r)
         self.batch_task_rows = Histogram("promptmux_batch_task_rows", "Rows of each task in a batch",
-                                         ["kind", "task"], buckets=_SIZES, registry=r)
-        self.batch_tasks = Histogram("promptmux_batch_tasks", "Distinct tasks in a batch", ["kind"],
+                                         ["queue", "task"], buckets=_SIZES, registry=r)
+        self.batch_tasks = Histogram("promptmux_batch_tasks", "Distinct tasks in a batch", ["queue"],
                                      buckets=_SIZES, registry=r)
         self.queue_depth = Gauge("promptmux_queue_depth", "Texts (classify) or prompts (generate) waiting",
-                                 ["kind"], registry=r)
+                                 ["queue"], registry=r)
         self.running = Gauge("promptmux_running_rows", "Rows in the running generation batch", registry=r)
         self.inflight = Gauge("promptmux_inflight_requests", "HTTP requests being answered", registry=r)
         self.tasks = Gauge("promptmux_tasks", "Tasks the deployment serves now", registry=r)
@@ -53,8 +53,8 @@ class Metrics:
         self.tokens = Counter("promptmux_generated_tokens", "Tokens generated", ["task"], registry=r)
 
     def bind(self, scheduler) -> None:
-        for kind in ("classify", "generate"):
-            self.queue_depth.labels(kind).set_function(lambda k=kind: scheduler.depth(k))
+        for queue in ("classify", "generate"):
+            self.queue_depth.labels(queue).set_function(lambda q=queue: scheduler.depth(q))
         self.running.set_function(scheduler.running)
         self.tasks.set_function(lambda: len(scheduler.rt.bank))
 
@@ -69,12 +69,12 @@ class Metrics:
         self.bank["load_seconds"].set_function(lambda: bank().stats["load_seconds"])
         self.prompt_kv.set_function(scheduler.rt.prompt_kv_bytes)
 
-    def observe_batch(self, kind: str, tasks: list[str]) -> None:
+    def observe_batch(self, queue: str, tasks: list[str]) -> None:
         counts = _Count(tasks)
-        self.batch_size.labels(kind).observe(len(tasks))
-        self.batch_tasks.labels(kind).observe(len(counts))
+        self.batch_size.labels(queue).observe(len(tasks))
+        self.batch_tasks.labels(queue).observe(len(counts))
         for task, n in counts.items():
-            self.batch_task_rows.labels(kind, task).observe(n)
+            self.batch_task_rows.labels(queue, task).observe(n)
 
     def record(self, endpoint: str, task: str, status: int, seconds: float, error_type: str | None) -> None:
         self.requests.labels(endpoint, task, str(status)).inc()

@@ -32,7 +32,7 @@ class ServeOptions:
     drain_timeout: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     # Admission (see Engine.admit): beyond either limit a model request gets 503 + Retry-After at once.
     max_inflight: int | None = None  # classify/completions requests being served; None: 4 * max_batch
-    max_queue_wait: float = 1.0  # seconds the oldest queued request of a kind may have waited
+    max_queue_wait: float = 1.0  # seconds the oldest request of a queue (classify, generate) may have waited
     # Slow and abusive clients (http.py): uvicorn only.
     header_timeout: float = 10.0
     body_timeout: float = 30.0

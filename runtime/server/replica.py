@@ -96,15 +96,15 @@ class Engine:
                 raise ApiError(400, "invalid_request", "max_tokens", refused)
         return ids, enc.get("token_type_ids")
 
-    def admit(self, kind: str):
+    def admit(self, queue: str):
         """The admission rule: a model request is admitted while fewer than max_inflight are being served and
-        the oldest request waiting in its kind's queue has waited under max_queue_wait; otherwise it gets 503 +
+        the oldest request waiting in its queue ("classify" or "generate") has waited under max_queue_wait; otherwise it gets 503 +
         Retry-After at once, instead of a latency that grows with the crowd. Returns the release to call when
         the response ends (idempotent)."""
         limit = self.options.max_inflight or 4 * self.options.max_batch
         if self.inflight >= limit:
             raise overloaded(f"{self.inflight} requests in flight; retry later")
-        waited = self.scheduler.oldest_wait(kind)
+        waited = self.scheduler.oldest_wait(queue)
         if waited > self.options.max_queue_wait:
             raise overloaded(f"the oldest queued request has waited {waited:.1f} s; retry later")
         self.inflight += 1
