@@ -76,6 +76,10 @@ def read_adapters(adapters: dict[str, str | Path], config) -> list[Task]:
     return tasks
 
 
+# The manifest's record of a causal LM's cached decoder graph.
+CAUSAL_DECODER = {"file": DECODER_GRAPH, "cache": "past_key_values.{i}.key/value -> present.{i}.key/value"}
+
+
 def export_deployment(
     base_dir: str | Path,
     adapters: dict[str, str | Path],
@@ -85,8 +89,12 @@ def export_deployment(
     optimize: bool = False,
     tolerance: float = 1e-4,
     quiet: bool = False,
+    generation_only: bool = False,
 ) -> Path:
-    """Export the base model once with every adapter's task in the bank. Returns the deployment folder."""
+    """Export the base model once with every adapter's task in the bank. Returns the deployment folder.
+
+    generation_only: a causal LM's cached decoder graph alone, without the full-sequence graph that forward()
+    (logits for every token) runs: half the export time of a causal LM, for deployments that only generate."""
     from promptmux.core.bank import PromptBank
     from promptmux.progress import StepBar
 
@@ -100,12 +108,15 @@ def export_deployment(
     tasks = read_adapters(adapters, config)  # validate everything before the slow part
     if fold is not None and spec.family.encoder_decoder:
         raise AdapterError("--fold is for encoder and causal LM deployments; a seq2seq deployment has no folded graph")
+    if generation_only and (spec.family.generation != "causal" or fold is not None or optimize
+                            or spec.verify_at_export):
+        raise AdapterError(_generation_only_refusal(spec, config, fold, optimize))
     if fold is not None and fold not in {t.name for t in tasks}:
         raise AdapterError(f"--fold {fold!r} names no task; tasks are: {', '.join(t.name for t in tasks)}")
 
     quiet_libraries()
     noprefix = spec.family.noprefix_graph and spec.supports_prefix and not optimize
-    steps = 4 + bool(fold) + spec.family.decoder_graph + noprefix + spec.verify_at_export
+    steps = 4 + bool(fold) + spec.family.decoder_graph + noprefix + spec.verify_at_export - 2 * generation_only
     with StepBar(steps, "export", quiet) as bar:
         bar.step("loading base model")
         model = load_base_model(base_dir, config)
@@ -113,12 +124,23 @@ def export_deployment(
         bank.add(tasks)
         bar.update()
         _write_deployment(base_dir, out_dir, config, spec, dims, model, bank, fold, optimize, tolerance, bar,
-                          adapters)
+                          adapters, generation_only)
     return out_dir
 
 
+def _generation_only_refusal(spec, config, fold, optimize) -> str:
+    if spec.family.generation != "causal":
+        return (f"--generation-only is for causal LMs; {spec.family.words} need their full-sequence graph "
+                f"({'their encoder, to generate' if spec.family.generation else 'it classifies'})")
+    if fold is not None or optimize:
+        return f"--generation-only leaves out the full-sequence graph that {'--fold' if fold else '--ort-optimize'} " \
+               "makes; drop one of them"
+    return (f"--generation-only leaves out the full-sequence graph the export verifies {config.model_type} with (it "
+            "runs on the generic rules, core/archs.py); export without --generation-only")
+
+
 def _write_deployment(base_dir, out_dir: Path, config, spec, dims, model, bank, fold, optimize, tolerance, bar,
-                      adapters):
+                      adapters, generation_only: bool = False):
     """Everything into a temporary folder beside out_dir, renamed into place at the end: an error or Ctrl-C
     (or, for a family on the generic rules, a difference from PEFT) leaves nothing behind."""
     from promptmux import __version__
@@ -136,7 +158,7 @@ def _write_deployment(base_dir, out_dir: Path, config, spec, dims, model, bank, 
             report, decoder = _export_seq2seq(model, config, dims, bank, tmp, tolerance, bar)
         else:
             report, decoder = _export_graphs(model, config, spec, dims, bank, tmp, fold, optimize, tolerance,
-                                                 bar)
+                                             bar, generation_only)
         folded = {"task": fold, "file": FOLDED_GRAPH, "digest": bank.digest(fold)} if fold else None
 
         bar.step("writing bank, tokenizer, manifest")
@@ -156,7 +178,8 @@ def _write_deployment(base_dir, out_dir: Path, config, spec, dims, model, bank, 
                 "family": spec.family.name,
                 "dims": dims.__dict__,
             },
-            "graph": {"file": GRAPH, "inputs": input_names(spec),
+            # generation_only: no full-sequence graph (file null); forward() refuses, generation runs the decoder
+            "graph": {"file": None if generation_only else GRAPH, "inputs": input_names(spec),
                       "output": spec.family.graph_output,
                       "dtype": "float32", **report},
             "folded": folded,
@@ -177,8 +200,9 @@ def _write_deployment(base_dir, out_dir: Path, config, spec, dims, model, bank, 
         raise
 
 
-def _export_graphs(model, config, spec, dims, bank, tmp: Path, fold, optimize, tolerance, bar):
-    """Encoder classifiers and causal LMs: the full-sequence graph (+ cached decoder, + folded graph)."""
+def _export_graphs(model, config, spec, dims, bank, tmp: Path, fold, optimize, tolerance, bar, generation_only=False):
+    """Encoder classifiers and causal LMs: the full-sequence graph (+ cached decoder, + folded graph); a causal LM
+    generation_only: the cached decoder alone."""
     import torch
 
     from promptmux.core.graph import PromptedBackbone, PromptedDecoder
@@ -195,6 +219,11 @@ def _export_graphs(model, config, spec, dims, bank, tmp: Path, fold, optimize, t
         share_weights,
     )
 
+    if generation_only:
+        bar.step("exporting cached decoder graph")
+        export_decoder_onnx(PromptedDecoder(model), config, tmp / DECODER_GRAPH)
+        bar.update()
+        return {"opset": OPSET, "generation_only": True}, dict(CAUSAL_DECODER)
     backbone = PromptedBackbone(model)
     bar.step("exporting ONNX graph")
     export_onnx(backbone, config, tmp / GRAPH)
@@ -228,7 +257,7 @@ def _export_graphs(model, config, spec, dims, bank, tmp: Path, fold, optimize, t
     if spec.family.decoder_graph:
         bar.step("exporting cached decoder graph")
         export_decoder_onnx(PromptedDecoder(model), config, tmp / DECODER_GRAPH)
-        decoder = {"file": DECODER_GRAPH, "cache": "past_key_values.{i}.key/value -> present.{i}.key/value"}
+        decoder = dict(CAUSAL_DECODER)
         bar.update()
 
     if fold is not None:

@@ -331,7 +331,7 @@ def build_deployment_engines(deploy_dir, precision: str = "fp32", max_batch: int
     "engines" ({"model": settings, "decoder": settings}). Returns that dict."""
     deploy_dir = Path(deploy_dir)
     manifest = json.loads((deploy_dir / MANIFEST).read_text())
-    graphs = {"model": manifest["graph"]["file"]}
+    graphs = {"model": manifest["graph"]["file"]} if manifest["graph"]["file"] else {}  # none: generation only
     if decoder and manifest.get("decoder") and family_of(manifest["base"]["family"]).generation == "causal":
         graphs["decoder"] = manifest["decoder"]["file"]
     engines = {}

@@ -258,6 +258,9 @@ class Runtime:
         """
         if not self.spec.family.forward_rows:
             raise InputError("forward() serves classifiers and causal LMs; use generate() with a seq2seq deployment")
+        if not self.manifest["graph"].get("file"):
+            raise InputError(f"{self.dir} was exported for generation only (--generation-only): it has no "
+                             "full-sequence graph for forward(); use generate(), or export again without it")
         ids, mask, tasks, types = self._check_inputs(input_ids, attention_mask, tasks, token_type_ids)
         views = [self.bank.view(t) for t in tasks]
         for i, v in enumerate(views):

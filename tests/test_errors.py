@@ -160,6 +160,13 @@ def test_export_refuses_nonempty_target_and_duplicate_names(bert, tmp_path):
         export_deployment(bert["base"], {"a": bert["pt"]}, tmp_path / "o2", fold="zzz", quiet=True)
 
 
+def test_generation_only_is_refused_for_a_classifier_with_the_reason(bert, tmp_path):
+    with pytest.raises(AdapterError, match="--generation-only is for causal LMs; classifiers need their "
+                                           "full-sequence graph \\(it classifies\\)"):
+        export_deployment(bert["base"], {"a": bert["pt"]}, tmp_path / "o", quiet=True, generation_only=True)
+    assert not (tmp_path / "o").exists()
+
+
 def test_failed_export_leaves_no_folder(bert, tmp_path, monkeypatch):
     from promptmux.export import onnx_export
 

@@ -67,6 +67,27 @@ def test_mixed_task_greedy_matches_peft_generate_row_by_row(deployment, precompu
         assert [got[i]["token_ids"] for i in rows] == peft_generate(deployment, name, ids[rows], mask[rows]), name
 
 
+@pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
+def test_a_generation_only_export_generates_the_same_tokens_and_refuses_forward(deployment, tmp_path):
+    """export_deployment(generation_only=True) writes the cached decoder alone (no model.onnx); its tokens are the
+    full deployment's, and forward() says what is missing."""
+    import json
+
+    from promptmux import export_deployment
+
+    out = export_deployment(deployment.base, deployment.adapters, tmp_path / "gen", quiet=True, generation_only=True)
+    assert not (out / "model.onnx").exists() and json.loads((out / "manifest.json").read_text())["graph"]["file"] is None
+    names = deployment.task_names()
+    ids, mask = random_batch("gpt2", rows=len(names), seq=5, seed=3, padding_side="left")
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    rt = Runtime(out)
+    got = rt.generate(inputs, names, max_new_tokens=4, eos_token_id=[])
+    want = deployment.runtime().generate(inputs, names, max_new_tokens=4, eos_token_id=[])
+    assert [r["token_ids"] for r in got] == [r["token_ids"] for r in want]
+    with pytest.raises(InputError, match="exported for generation only"):
+        rt.forward(ids, mask, names)
+
+
 @pytest.mark.parametrize("deployment", ["llama", "t5"], indirect=True)
 def test_openvino_decode_steps_hand_over_their_kv_without_a_copy(deployment):
     """A decode step's presents are written by OpenVINO into arrays the generator then owns (as ONNX Runtime's

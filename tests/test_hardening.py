@@ -184,8 +184,8 @@ for k in range(n):
         done.append(("remove", name))
 print(json.dumps(done))
 """
-# 8 processes: 320 adds and 160 removes in one store; PROMPTMUX_TEST_CHANGES=1000 runs the issue's full size
-CHANGES_PER_WORKER = int(os.environ.get("PROMPTMUX_TEST_CHANGES", "40"))
+# 8 processes: 160 adds and 80 removes in one store; PROMPTMUX_TEST_CHANGES=1000 runs the issue's full size
+CHANGES_PER_WORKER = int(os.environ.get("PROMPTMUX_TEST_CHANGES", "20"))
 
 
 def test_concurrent_task_changes_from_several_processes_lose_nothing(text_deployments, tmp_path):

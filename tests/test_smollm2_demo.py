@@ -35,7 +35,8 @@ def smollm2(tmp_path_factory):
 
     base = smollm2_base_dir()
     adapters = {t: ADAPTERS / t for t in TASKS}
-    out = export_deployment(base, adapters, tmp_path_factory.mktemp("smollm2") / "deploy", quiet=True)
+    out = export_deployment(base, adapters, tmp_path_factory.mktemp("smollm2") / "deploy", quiet=True,
+                            generation_only=True)  # as the demo exports it
     return base, adapters, out
 
 

@@ -27,7 +27,8 @@ def cmd_export(args) -> int:
     if bad:
         raise CliError(f"--precision takes {', '.join(PRECISION_CHOICES)} (comma-separated), got {', '.join(bad)}")
     out = export_deployment(args.base, parse_pairs(args.adapter, "--adapter"), args.out, fold=args.fold,
-                            overwrite=args.overwrite, optimize=args.ort_optimize, quiet=args.quiet)
+                            overwrite=args.overwrite, optimize=args.ort_optimize, quiet=args.quiet,
+                            generation_only=args.generation_only)
     contracts = {}
     if precisions:
         from promptmux.runtime.runtime import Runtime

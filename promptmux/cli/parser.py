@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="deployment folder to write")
     e.add_argument("--fold", metavar="TASK", help="also write a graph with TASK's prompt baked in")
     e.add_argument("--overwrite", action="store_true", help="replace an existing deployment folder")
+    e.add_argument("--generation-only", action="store_true",
+                   help="causal LMs: only the cached decoder graph (half the export time); forward() and "
+                        "`promptmux run` then refuse, generation and serving work")
     e.add_argument("--ort-optimize", action="store_true",
                    help="apply ONNX Runtime's offline fusions (contrib ops: the graph then runs on ONNX Runtime only, "
                         "and is not faster on CPUs measured so far)")

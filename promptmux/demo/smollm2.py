@@ -160,7 +160,9 @@ def run_generation_demo(out: str | Path = "promptmux-smollm2-demo", quiet: bool 
     base = smollm2_base_dir(cache_dir)
     out = Path(out)
     overwrite = (out / MANIFEST).is_file()  # replace our own earlier output, never an unrelated folder
-    export_deployment(base, {t: ADAPTERS / t for t in TASKS}, out, overwrite=overwrite, quiet=quiet)
+    # It generates only: no full-sequence graph (forward()'s), which would double the export's time.
+    export_deployment(base, {t: ADAPTERS / t for t in TASKS}, out, overwrite=overwrite, quiet=quiet,
+                      generation_only=True)
     tasks, texts = zip(*EXAMPLES)
     with StepBar(3, "demo", quiet) as bar:
         bar.step("loading the deployment")
