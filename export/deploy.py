@@ -108,14 +108,14 @@ def export_deployment(
     tasks = read_adapters(adapters, config)  # validate everything before the slow part
     if fold is not None and spec.family.encoder_decoder:
         raise AdapterError("--fold is for encoder and causal LM deployments; a seq2seq deployment has no folded graph")
-    if generation_only and (spec.family.generation != "causal" or fold is not None or optimize
-                            or spec.verify_at_export):
-        raise AdapterError(_generation_only_refusal(spec, config, fold, optimize))
+    refused = _generation_only_refusal(spec, config, fold, optimize) if generation_only else None
+    if refused:
+        raise AdapterError(refused)
     if fold is not None and fold not in {t.name for t in tasks}:
         raise AdapterError(f"--fold {fold!r} names no task; tasks are: {', '.join(t.name for t in tasks)}")
 
     quiet_libraries()
-    noprefix = spec.family.noprefix_graph and spec.supports_prefix and not optimize
+    noprefix = _writes_noprefix(spec, optimize)
     steps = 4 + bool(fold) + spec.family.decoder_graph + noprefix + spec.verify_at_export - 2 * generation_only
     with StepBar(steps, "export", quiet) as bar:
         bar.step("loading base model")
@@ -128,15 +128,23 @@ def export_deployment(
     return out_dir
 
 
-def _generation_only_refusal(spec, config, fold, optimize) -> str:
+def _writes_noprefix(spec, optimize: bool) -> bool:
+    """Whether the export writes the graph without prefix inputs (the progress bar counts it as a step)."""
+    return spec.family.noprefix_graph and spec.supports_prefix and not optimize
+
+
+def _generation_only_refusal(spec, config, fold, optimize) -> str | None:
+    """Why --generation-only cannot make this deployment, or None."""
     if spec.family.generation != "causal":
         return (f"--generation-only is for causal LMs; {spec.family.words} need their full-sequence graph "
                 f"({'their encoder, to generate' if spec.family.generation else 'it classifies'})")
     if fold is not None or optimize:
         return f"--generation-only leaves out the full-sequence graph that {'--fold' if fold else '--ort-optimize'} " \
                "makes; drop one of them"
-    return (f"--generation-only leaves out the full-sequence graph the export verifies {config.model_type} with (it "
-            "runs on the generic rules, core/archs.py); export without --generation-only")
+    if spec.verify_at_export:
+        return (f"--generation-only leaves out the full-sequence graph the export verifies {config.model_type} with "
+                "(it runs on the generic rules, core/archs.py); export without --generation-only")
+    return None
 
 
 def _write_deployment(base_dir, out_dir: Path, config, spec, dims, model, bank, fold, optimize, tolerance, bar,
@@ -239,7 +247,7 @@ def _export_graphs(model, config, spec, dims, bank, tmp: Path, fold, optimize, t
         report["ort_optimization"] = optimize_onnx(tmp / GRAPH, config, feeds, reference, tolerance)
     bar.update()
 
-    if spec.family.noprefix_graph and spec.supports_prefix and not optimize:  # (the steps count it too)
+    if _writes_noprefix(spec, optimize):
         # Batches with no prefix row run a graph without prefix inputs: no empty cache concatenated in every layer
         # (3-4 % of a MiniLM forward at B = 32, results/graph-overhead.md). It shares model.onnx's weights.
         bar.step("exporting the graph without prefix inputs")

@@ -1,7 +1,7 @@
 """`Family`: what a model family (encoder classifier, causal LM, seq2seq LM) means to promptmux.
 
 A family is data: each field says how one part of promptmux treats the family's models, so that code asks the
-family (`family_of(spec).classifies`, `.prompt_padding`, ...) instead of comparing its name. One module per family
+family (`spec.family.classifies`, `.prompt_padding`, ...) instead of comparing its name. One module per family
 in this package (`encoder.py`, `decoder.py`, `seq2seq.py`), as the prompt kinds are one module each.
 """
 
