@@ -131,7 +131,8 @@ def _initial_tensors(kind: str, bank, plan: list[_Source], weighted: bool, num_v
             init = combine_prompts(prompts, [s.weight for s in plan], length)
         record["resampled"] = [s.task for s, p in zip(plan, prompts) if p.shape[0] != length]
         return {"prompt": init}
-    # mpt-target: factors average only over sources sharing the best source's shared prompt and rank
+    # mpt-target: factors average only over sources sharing the best source's shared prompt (equal arrays: how the
+    # bank stores a shared prompt is its own matter) and rank
     parts = []
     for s in plan:
         view = bank.view(s.task)
@@ -139,9 +140,9 @@ def _initial_tensors(kind: str, bank, plan: list[_Source], weighted: bool, num_v
         if factors is None:
             raise LibraryError(f"--kind mpt-target needs Multitask Prompt Tuning source tasks; {s.task!r} is "
                                f"{view.peft_type}")
-        parts.append((*factors(view), bank.entry(s.task)["tensors"]["shared"]))
-    shared, cols0, _, key0 = parts[0]
-    keep = [i for i, p in enumerate(parts) if p[3] == key0 and p[1].shape == cols0.shape]
+        parts.append(factors(view))
+    shared, cols0, _ = parts[0]
+    keep = [i for i, p in enumerate(parts) if p[1].shape == cols0.shape and np.array_equal(p[0], shared)]
     if len(keep) < len(plan):
         record["dropped"] = {"tasks": [plan[i].task for i in range(len(plan)) if i not in keep],
                              "why": "another shared prompt or rank than the best source"}

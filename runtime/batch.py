@@ -8,13 +8,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from promptmux.core.archs import position_offset
-from promptmux.core.folder import FOLDED_GRAPH, GRAPH, NOPREFIX_GRAPH
-from promptmux.core.layout import build_layout
 from promptmux.core.task import Task, task_name
-from promptmux.kinds import kind_of
 
-from .backends import CPU_ENGINES  # their engines take zero-length slot axes
 from .errors import InputError
 
 if TYPE_CHECKING:  # the annotations only: runtime.py imports this module
@@ -118,27 +113,17 @@ def run_batch(rt: Runtime, ids: np.ndarray, mask: np.ndarray, types: np.ndarray 
     (the dummy slots cost up to 16 % of a MiniLM forward at B=32 on ONNX Runtime; results/graph-overhead.md).
     The folded graph (its prompt sizes are constants) and the GPU engines (TensorRT profiles, CUDA; untested with
     empty axes) keep one slot. A batch with no key/value prefix row runs the graph without prefix inputs where the
-    deployment has one (encoders): no empty cache is concatenated in every layer.
+    deployment has one (encoders): no empty cache is concatenated in every layer. The Runtime picks the graph
+    (`Runtime.graph_for`) and builds its feeds (`Runtime.layout`); this function runs it and reads the outputs.
     """
-    folded = rt.folded_for(views)
-    session, graph = (rt.folded_session, FOLDED_GRAPH) if folded else (rt.session, GRAPH)
-    if not folded and rt.noprefix_session is not None and all(kind_of(v).kv_prefix(v) is None for v in views):
-        session, graph = rt.noprefix_session, NOPREFIX_GRAPH
-    layout = layout_for(rt, graph, ids, mask, types, views)
+    session, graph = rt.graph_for(views)
+    layout = rt.layout(graph, ids, mask, types, views)
     out = session.run(layout.feeds, bank_key=bank_key)
     rt.graph_runs[getattr(session, "graph_file", graph)] += 1  # the file that ran: model.int8.onnx at int8
     if rt.spec.family.classifies:
         return heads(views, out)
     seq = ids.shape[1]
     return [out[i, s: s + seq][mask[i].astype(bool)] for i, s in enumerate(layout.token_start)]
-
-
-def layout_for(rt: Runtime, graph: str, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None,
-               views: list[Task]):
-    """The feeds of one batch for one of the deployment's full-sequence graphs (see run_batch)."""
-    min_slots = 0 if rt.backend in CPU_ENGINES and graph != FOLDED_GRAPH else 1
-    return build_layout(rt.spec, position_offset(rt.config), rt.config.pad_token_id, ids, mask, types, views,
-                        rt.dims, min_slots=min_slots, prefix=False if graph == NOPREFIX_GRAPH else None)
 
 
 def heads(views: list[Task], features: np.ndarray) -> list[np.ndarray]:

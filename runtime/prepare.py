@@ -19,7 +19,6 @@ import numpy as np
 from promptmux.core.folder import FOLDED_GRAPH, GRAPH, NOPREFIX_GRAPH
 from promptmux.kinds import kind_of
 
-from .batch import layout_for
 from .errors import InputError
 
 if TYPE_CHECKING:  # the annotations only: runtime.py imports this module
@@ -73,7 +72,7 @@ def prepare(rt: Runtime, progress=None) -> list[dict]:
                 if view is None:  # no task of the deployment runs this graph yet: build it, nothing to run
                     engine.input_names  # noqa: B018 - makes the engine
                 else:
-                    engine.run(layout_for(rt, graph, ids, mask, None, [view]).feeds)
+                    engine.run(rt.layout(graph, ids, mask, None, [view]).feeds)
                 done.append({"graph": graph, "engine": name, "seconds": round(time.perf_counter() - start, 3),
                              "ran": view is not None})
     else:  # causal LMs and seq2seq serve by generation: the decoder graph, every task's prompt KV, one step

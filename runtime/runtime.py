@@ -11,14 +11,24 @@ from pathlib import Path
 
 import numpy as np
 
-from promptmux.core.archs import arch_for, dims_of, usable_positions
+from promptmux.core.archs import arch_for, dims_of, position_offset, usable_positions
 from promptmux.core.bank import UnknownTaskError
-from promptmux.core.folder import load_base_config, read_bank, read_manifest, update_tasks
+from promptmux.core.folder import (
+    FOLDED_GRAPH,
+    GRAPH,
+    NOPREFIX_GRAPH,
+    load_base_config,
+    read_bank,
+    read_manifest,
+    update_tasks,
+)
+from promptmux.core.layout import build_layout
 from promptmux.core.light_config import LightConfig, runtime_config
 from promptmux.core.overlay import BankOverlay
 from promptmux.core.task import Task, same_prompt, task_name
+from promptmux.kinds import kind_of
 
-from .backends import BACKENDS, choose_backend
+from .backends import BACKENDS, CPU_ENGINES, choose_backend
 from .batch import (
     apply_head,
     fitting_groups,
@@ -214,10 +224,24 @@ class Runtime:
             raise RuntimeError(f"{self.dir} has no tokenizer ({e}); pass token ids to forward()") from None
         return self._tokenizer
 
-    def folded_for(self, views: list[Task]) -> bool:
-        """Whether the folded graph serves a batch of these views (every row is the folded task, unchanged)."""
+    def graph_for(self, views: list[Task]) -> tuple[object, str]:
+        """(session, graph file name) of the full-sequence graph that serves a batch of these views: the folded
+        graph when every row is the folded task, unchanged; the graph without prefix inputs (encoders) when no row
+        has a key/value prefix (no empty cache concatenated in every layer); else the full graph."""
         fv = self._folded_view
-        return fv is not None and all(same_prompt(v, fv) for v in views)
+        if fv is not None and all(same_prompt(v, fv) for v in views):
+            return self.folded_session, FOLDED_GRAPH
+        if self.noprefix_session is not None and all(kind_of(v).kv_prefix(v) is None for v in views):
+            return self.noprefix_session, NOPREFIX_GRAPH
+        return self.session, GRAPH
+
+    def layout(self, graph: str, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None, views: list[Task]):
+        """The feeds of one batch for one of the deployment's full-sequence graphs. The CPU engines (ONNX Runtime,
+        OpenVINO) get zero-length slot axes for the slot groups no row uses (see batch.run_batch); the folded
+        graph (its prompt sizes are constants) and the GPU engines keep one slot."""
+        min_slots = 0 if self.backend in CPU_ENGINES and graph != FOLDED_GRAPH else 1
+        return build_layout(self.spec, position_offset(self.config), self.config.pad_token_id, ids, mask, types,
+                            views, self.dims, min_slots=min_slots, prefix=False if graph == NOPREFIX_GRAPH else None)
 
     def _check_inputs(self, input_ids, attention_mask, tasks, token_type_ids, pad_side: str = "right"):
         input_ids, attention_mask = pad_ragged(input_ids, attention_mask, self.config.pad_token_id, pad_side)

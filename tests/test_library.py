@@ -262,6 +262,25 @@ def test_mpt_target_by_retrieval_and_refusals(lib, tmp_path):
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # nothing half-written left behind
 
 
+def test_mpt_target_averages_only_sources_with_the_best_sources_shared_prompt():
+    """Sources with another shared prompt (equal arrays count as one, however the bank stores them) are dropped,
+    and the factors are the plain mean of those kept."""
+    from promptmux.kinds import get
+    from promptmux.library.adapter_writer import _initial_tensors, _Source
+
+    rng = np.random.default_rng(0)
+    shared, other = rng.normal(size=(2, 4, 8)).astype(np.float32)
+    mpt = get("mpt")
+    tasks = {n: mpt.from_factors(n, s.copy(), rng.normal(size=(4, 2)), rng.normal(size=(2, 8)))
+             for n, s in (("a", shared), ("b", shared), ("c", other))}
+    bank = type("Bank", (), {"view": lambda self, n: tasks[n]})()
+    plan, record = [_Source(n, None, 1 / 3) for n in "abc"], {}
+    out = _initial_tensors("mpt-target", bank, plan, False, None, record)
+    assert record["dropped"]["tasks"] == ["c"] and [s.task for s in plan] == ["a", "b"]
+    np.testing.assert_array_equal(out["shared"], shared)
+    np.testing.assert_allclose(out["cols"], (tasks["a"].tensors["cols"] + tasks["b"].tensors["cols"]) / 2, rtol=1e-6)
+
+
 def test_causal_lm_bank_without_onnx(tmp_path):
     """A bank folder (bank.safetensors + config.json) is enough; decoders get an adapter without a head."""
     from peft import PeftModel
