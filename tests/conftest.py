@@ -345,16 +345,14 @@ def _seconds(group: str) -> float:
     return GROUP_SECONDS.get(group, FAMILY_SECONDS if group.startswith("family-") else 0)
 
 
-# Seconds each slow group took (setup + call, summed from `--durations=0` on a 2-core AMD EPYC, 2026-12-03). Only the
+# Seconds each slow group took (setup + call, summed from `--durations=0` on a 2-core AMD EPYC, 2026-12-04). Only the
 # order matters: pytest-xdist hands the groups out in collection order (with its reordering by test count turned
-# off below), and a long group handed out last keeps one worker busy while the other has finished (SmolLM2's
-# 270 s in 2 tests, among the last by test count, left the suite's end on one core). The families (one group
-# each) come next; the shortest groups fill in the end.
-GROUP_SECONDS = {"test_smollm2_demo": 268, "test_bench": 175, "test_serve": 130, "test_generate": 127,
-                 "test_folding_and_bank": 117, "test_serve_ray": 73, "test_hardening": 69, "test_demo": 61,
-                 "test_serve_fuzz": 58, "test_cli": 57, "test_precision": 56, "test_tensorrt": 50,
-                 "test_library": 40, "test_fidelity": 36}
-FAMILY_SECONDS = 19
+# off below), and a long group handed out last keeps one worker busy while the other has finished. The families
+# (one group each) come next; the shortest groups fill in the end.
+GROUP_SECONDS = {"test_bench": 153, "test_folding_and_bank": 97, "test_serve": 88, "test_smollm2_demo": 83,
+                 "test_generate": 54, "test_serve_ray": 48, "test_hardening": 42, "test_tensorrt": 39,
+                 "test_serve_fuzz": 34, "test_precision": 34, "test_cli": 32, "test_fidelity": 16, "test_demo": 15}
+FAMILY_SECONDS = 12
 
 
 def pytest_configure(config):
