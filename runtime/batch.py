@@ -108,13 +108,8 @@ def run_batch(rt: Runtime, ids: np.ndarray, mask: np.ndarray, types: np.ndarray 
     logits of the row's real tokens [real_tokens, vocab] (virtual tokens and padding excluded). bank_key: device
     sessions keep the prompt inputs resident under it (None when rows come from different bank versions).
 
-    The CPU engines (ONNX Runtime, OpenVINO) get zero-length MPT, prompt and prefix axes for the slot groups no
-    row uses, instead of one masked dummy slot each: every layer then attends over the batch's real positions only
-    (the dummy slots cost up to 16 % of a MiniLM forward at B=32 on ONNX Runtime; results/graph-overhead.md).
-    The folded graph (its prompt sizes are constants) and the GPU engines (TensorRT profiles, CUDA; untested with
-    empty axes) keep one slot. A batch with no key/value prefix row runs the graph without prefix inputs where the
-    deployment has one (encoders): no empty cache is concatenated in every layer. The Runtime picks the graph
-    (`Runtime.graph_for`) and builds its feeds (`Runtime.layout`); this function runs it and reads the outputs.
+    The Runtime picks the graph (`Runtime.graph_for`) and builds its feeds (`Runtime.layout`; both say why);
+    this function runs it and reads the outputs.
     """
     session, graph = rt.graph_for(views)
     layout = rt.layout(graph, ids, mask, types, views)

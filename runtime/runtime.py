@@ -237,8 +237,11 @@ class Runtime:
 
     def layout(self, graph: str, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None, views: list[Task]):
         """The feeds of one batch for one of the deployment's full-sequence graphs. The CPU engines (ONNX Runtime,
-        OpenVINO) get zero-length slot axes for the slot groups no row uses (see batch.run_batch); the folded
-        graph (its prompt sizes are constants) and the GPU engines keep one slot."""
+        OpenVINO) get zero-length MPT, prompt and prefix axes for the slot groups no row uses, instead of one masked
+        dummy slot each: every layer then attends over the batch's real positions only (the dummy slots cost up to
+        16 % of a MiniLM forward at B=32 on ONNX Runtime; results/graph-overhead.md). The folded graph (its prompt
+        sizes are constants) and the GPU engines (TensorRT profiles, CUDA; untested with empty axes) keep one
+        slot."""
         min_slots = 0 if self.backend in CPU_ENGINES and graph != FOLDED_GRAPH else 1
         return build_layout(self.spec, position_offset(self.config), self.config.pad_token_id, ids, mask, types,
                             views, self.dims, min_slots=min_slots, prefix=False if graph == NOPREFIX_GRAPH else None)

@@ -545,6 +545,8 @@ def test_slow_and_abusive_clients_are_bounded(text_deployments):
                                queue="classify") == 2:
                         break
                     await asyncio.sleep(0.025)
+                else:
+                    raise AssertionError("the two held requests never showed in the classify queue")
                 refused = await c.post("/v1/classify", json=body)
                 return refused, await asyncio.gather(*held)
 
