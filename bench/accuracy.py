@@ -120,7 +120,7 @@ def accuracy(s, rt: Runtime) -> dict:
     recorded = {m["task"]: m["held_out_accuracy"] for m in json.loads((ADAPTERS / "metrics.json").read_text())["tasks"]}
     for t, v in result["tasks"].items():
         v["recorded_accuracy_peft"] = recorded.get(t)
-    result["backend"] = rt.backend
+    result["backend"], result["precision"] = rt.backend, rt.precision  # with --backend auto/fast: what fast chose
     result["split"] = ("scripts/train_demo_adapters.py split (seed 1234), held_out_examples from "
                        "promptmux/demo/adapters/metrics.json" + (f", first {s.accuracy_limit} per task"
                                                                 if s.accuracy_limit else ""))

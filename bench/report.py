@@ -20,6 +20,11 @@ GPU_SPEEDUP_B1, GPU_SPEEDUP_B32 = 3.0, 1.5
 SCALING_RATIO = 0.97
 
 
+def _system(acc: dict) -> str:
+    """The system the accuracy ran on: BACKEND/PRECISION (results recorded before the precision was kept: BACKEND)."""
+    return acc["backend"] + (f"/{acc['precision']}" if acc.get("precision") else "")
+
+
 def _fmt(x, digits=1) -> str:
     if x is None:
         return "—"
@@ -196,7 +201,7 @@ def markdown(result: dict, plots: dict[str, str]) -> str:
     acc = result.get("accuracy")
     if acc:
         lines += ["## Held-out accuracy (demo tasks)", "",
-                  f"{acc['split']}. The deployment ({acc['backend']}) answers in mixed batches of both tasks, PEFT "
+                  f"{acc['split']}. The deployment ({_system(acc)}) answers in mixed batches of both tasks, PEFT "
                   f"eager one adapter per batch, batch size {acc['batch_size']}, the same token ids.", "",
                   "| task | examples | promptmux accuracy | PEFT eager accuracy | recorded at training (PEFT) | "
                   "differing predictions | max abs logit diff |", "|---|---|---|---|---|---|---|"]
@@ -293,7 +298,7 @@ def index_page(results: list[dict], title: str = "promptmux bench: results") -> 
             lines += ["", f"Details: [{Path(res['files']['markdown']).name}]({Path(res['files']['markdown']).name})", ""]
         acc = res.get("accuracy")
         if acc:
-            lines += [f"## Held-out accuracy, demo tasks ({acc['backend']}; {'; '.join(res['devices'])}, "
+            lines += [f"## Held-out accuracy, demo tasks ({_system(acc)}; {'; '.join(res['devices'])}, "
                       f"{res['date'][:10]})", "",
                       "| task | examples | promptmux | PEFT eager | differing predictions |", "|---|---|---|---|---|"]
             for t, v in acc["tasks"].items():

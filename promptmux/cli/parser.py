@@ -298,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "measure open, RSS, Zipf-mixed classification, cold misses and changes under load against "
                          "2 tasks (bench/many_tasks.py); writes --out and nothing else runs")
     bn.add_argument("--accuracy", action="store_true",
-                    help="held-out accuracy of the demo tasks through the deployment vs PEFT eager")
+                    help="held-out accuracy of the demo tasks through the deployment (the first --backend entry, at its "
+                         "precision) vs PEFT eager")
     bn.add_argument("--accuracy-limit", type=int, help="first N held-out examples per task")
     bn.add_argument("--base", help="base model folder if it moved since export (PEFT baseline, torch backend)")
     bn.add_argument("--adapter", action="append", metavar="NAME=DIR",
