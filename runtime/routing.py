@@ -3,20 +3,20 @@
 The crossover depends on the CPU and on the model: on the Intel machine the two engines tied at 8 x 64 tokens
 (the first fixed threshold, 1,024 positions, came from there); on an AMD Zen 3 ONNX Runtime was still 25 % faster
 at 8 x 64 and OpenVINO ahead only at 32 x 64 (issue 21). So the first open of a deployment with this backend on a
-CPU kind times both engines of the runtime itself on SIZES (the batches the benchmarks use), alternating, and keeps
-the split that costs least; the measurement goes into the manifest under "routing", keyed by the CPU and the thread
-count, and later opens on the same kind of CPU read it. `Runtime(route_positions=N)` sets the split by hand and
+CPU kind times both engines on SIZES (the batches the benchmarks use), each in a process of its own (timing.py: in
+one process their thread pools distort each other), alternating, and keeps the split that costs least; the
+measurement goes into the manifest under "routing", keyed by the CPU and the thread count, and later opens on the
+same kind of CPU read it. `Runtime(route_positions=N)` sets the split by hand and
 measures nothing.
 """
 
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from typing import TYPE_CHECKING
 
-import numpy as np
+from .timing import CLASSIFIER_SHAPES, time_apart
 
 if TYPE_CHECKING:  # the annotations only: runtime.py imports this module
     from promptmux.runtime.runtime import Runtime
@@ -24,8 +24,8 @@ if TYPE_CHECKING:  # the annotations only: runtime.py imports this module
 log = logging.getLogger("promptmux.runtime")
 
 ROUTING_KEY = "routing"
-SIZES = ((1, 64), (8, 64), (16, 64), (32, 64), (8, 256))  # (rows, tokens) timed on each engine: the benchmarks'
-BLOCK = 2  # timed calls per engine block; two blocks per engine and size, the median of the 4 counts
+SIZES = CLASSIFIER_SHAPES  # (rows, tokens) timed on each engine: the benchmarks' batches
+ROUNDS = 3  # of timing.BLOCK calls per engine and size, the median of the rounds' medians
 MARGIN = 0.05  # OpenVINO takes a size only when it is this much faster there: nearer is within the noise
 ENGINES = ("onnxruntime", "openvino")
 DEFAULT_SMALL_POSITIONS = 1024  # until measured (and where no task can be timed): the Intel machine's tie, 8 x 64 + 12
@@ -93,34 +93,19 @@ def key(threads: int | None) -> str:
 
 
 def measure(rt: Runtime) -> dict:
-    """Time both engines of `rt` (a runtime on backend onnxruntime+openvino) on SIZES with its first task."""
-    task = rt.tasks[0]
-    virtual = rt.bank.view(task).num_virtual_tokens
-    vocab = rt.dims.vocab_size
-    rng = np.random.default_rng(0)
-    sizes, started = [], time.perf_counter()
-    for rows, tokens in SIZES:
-        if rt.max_positions:
-            tokens = min(tokens, rt.max_positions - virtual)
-        if tokens < 1 or any((s["rows"], s["tokens"]) == (rows, tokens) for s in sizes):
-            continue
-        ids = rng.integers(min(1000, vocab // 2), vocab, size=(rows, tokens))
-        mask = np.ones_like(ids)
-        times = {e: [] for e in ENGINES}
-        # Each engine in blocks, a block's first call untimed: right after the other engine a call pays for that
-        # one's threads still spinning (ONNX Runtime's), which says nothing about the engine itself. ABBA order:
-        # a drift in the machine's speed weighs on both.
-        for engine in (*ENGINES, *ENGINES[::-1]):
-            rt.routing.force = engine
-            untimed = 2 if not sizes and not times[engine] else 1  # at the very first, one more builds the engine
-            for call in range(untimed + BLOCK):
-                t = time.perf_counter()
-                rt.forward(ids, mask, task)
-                if call >= untimed:
-                    times[engine].append(time.perf_counter() - t)
-        sizes.append({"rows": rows, "tokens": tokens, "positions": rt.routing.last_positions,
-                      **{f"{e}_ms": round(1e3 * statistics.median(times[e]), 3) for e in ENGINES}})
-    rt.routing.force = None
+    """Time both engines of `rt` (a runtime on backend onnxruntime+openvino) on SIZES with its first task, each
+    engine in a process of its own (timing.py), kept to its engine by a split given by hand."""
+    virtual = rt.bank.view(rt.tasks[0]).num_virtual_tokens
+    shapes = list(dict.fromkeys((rows, min(tokens, rt.max_positions - virtual) if rt.max_positions else tokens)
+                                for rows, tokens in SIZES))
+    shapes = [s for s in shapes if s[1] >= 1]
+    configs = {e: {"backend": "onnxruntime+openvino", "route_positions": 0, "threads": rt.threads, "force": e}
+               for e in ENGINES}
+    started = time.perf_counter()
+    timed = time_apart(rt.dir, configs, shapes, rounds=ROUNDS)
+    sizes = [{"rows": rows, "tokens": tokens, "positions": timed[ENGINES[0]]["positions"][i],
+              **{f"{e}_ms": round(1e3 * timed[e]["seconds"][i], 3) for e in ENGINES}}
+             for i, (rows, tokens) in enumerate(shapes)]
     return {"small_positions": split(sizes), "sizes": sizes, "seconds": round(time.perf_counter() - started, 2),
             "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 

@@ -314,6 +314,26 @@ def test_routing_split_costs_least_relative_to_the_faster_engine_at_each_size():
 
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_timing_runs_each_configuration_in_its_own_process(deployment):
+    """fast.py and routing.py time in child processes (one process's thread pools distort another engine's times):
+    every configuration gets a time per shape, a routed one kept to its engine reports its batches' positions, and a
+    configuration that cannot open fails with its own message."""
+    from promptmux.runtime import timing
+    from promptmux.runtime.timing import time_apart
+
+    rt = Runtime(deployment.deploy, backend="onnxruntime", threads=1)
+    virtual = rt.bank.view(rt.tasks[0]).num_virtual_tokens
+    configs = {"ort": {"backend": "onnxruntime", "threads": 1},
+               "ov": {"backend": "onnxruntime+openvino", "route_positions": 0, "threads": 1, "force": "openvino"}}
+    timed = time_apart(deployment.deploy, configs, [(1, 4), (2, 6)], rounds=1)
+    assert all(s > 0 for t in timed.values() for s in t["seconds"]) and timed["ort"]["tokens"] == [4, 6]
+    assert timed["ov"]["positions"] == [4 + virtual, 2 * (6 + virtual)] and timed["ort"]["positions"] == [0, 0]
+    assert sum(timed["ort"]["graph_runs"].values()) == 2 * (1 + timing.BLOCK)  # the batches the timing ran
+    with pytest.raises(RuntimeError, match="timing bad: ValueError: unknown backend 'nope'"):
+        time_apart(deployment.deploy, {"bad": {"backend": "nope"}}, [(1, 4)], rounds=1)
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
 def test_routing_split_is_measured_once_per_cpu_and_kept_in_the_manifest(deployment, tmp_path, monkeypatch):
     """onnxruntime+openvino times both engines on its first open on a kind of CPU, keeps the split in the manifest
     per CPU (and thread count), and later opens on that CPU read it."""
@@ -335,11 +355,11 @@ def test_routing_split_is_measured_once_per_cpu_and_kept_in_the_manifest(deploym
     assert all(s["onnxruntime_ms"] > 0 and s["openvino_ms"] > 0 for s in record["sizes"])
     assert rt.routing.small_positions == record["small_positions"] == routing.split(record["sizes"])
     assert "measured on this CPU" in rt.backend_reason and rt.graph_runs == Counter()  # timing is not traffic
-    unused = set(routing.ENGINES) - set(rt.routing.picks())  # an engine the split never picks is not kept
-    assert rt.routing.sessions and not any(s.engines[e].made for s in rt.routing.sessions for e in unused)
     ids, mask = random_batch("bert", rows=2, seq=8, seed=3, padding_side="right")
     want = Runtime(deploy, backend="onnxruntime").forward(ids, mask, task)
     assert max(float(np.abs(a - b).max()) for a, b in zip(rt.forward(ids, mask, task), want)) < 1e-5
+    unused = set(routing.ENGINES) - set(rt.routing.picks())  # the engines were timed elsewhere: one the split never
+    assert rt.routing.sessions and not any(s.engines[e].made for s in rt.routing.sessions for e in unused)  # picks
 
     def measured(_rt):
         raise AssertionError("measured again")
@@ -595,6 +615,10 @@ def test_fast_runs_the_fastest_precision_that_meets_its_contract_and_records_it_
         assert all(s <= 1 for s in passing.values()) and "no non-exact precision" in record["reason"]
     else:
         assert passing[record["choice"]] == max(passing.values()) > 1 and rt.contract["passed"]
+    for name, f in record["candidates"].items():  # each candidate's timing ran its own graph, fp32 an fp32 one
+        if "graph_runs" in f:
+            assert f["graph_runs"] and all(("int8" in g) == name.startswith("int8") for g in f["graph_runs"]), f
+    assert not record["fp32_graph_runs"] or not any("int8" in g for g in record["fp32_graph_runs"])
     # the benchmark reports the system under what fast chose, and the record (bench JSON "fast_choices")
     from promptmux.bench.baseline import PromptmuxSystem
 
@@ -614,7 +638,8 @@ def test_fast_runs_the_fastest_precision_that_meets_its_contract_and_records_it_
     # Timed there as: int8 twice as fast as fp32, bf16 1.25x, OpenVINO's int8 1.6x (where they run): ONNX Runtime's
     # int8 wins if its contract holds.
     speed = {"fp32": 1.0, "int8": 0.5, "bf16": 0.8, "int8/openvino": 0.6}
-    monkeypatch.setattr(fast, "_timed", lambda rts: {p: speed[p] for p in rts})
+    monkeypatch.setattr(fast, "_timed", lambda _dir, configs, shapes: {
+        p: {"seconds": [speed[p]] * len(shapes), "graph_runs": {}} for p in configs})
     other = Runtime(deploy, precision="fast")
     passed = [c for c in sorted(speed, key=speed.get) if other.fast["candidates"].get(c, {}).get("contract_passed")]
     want = passed[0] if passed else "fp32"
@@ -623,7 +648,8 @@ def test_fast_runs_the_fastest_precision_that_meets_its_contract_and_records_it_
     assert set(json.loads((deploy / "manifest.json").read_text())["fast"]) == {here, "Another CPU: avx2=yes"}
     # where no candidate beats fp32, fp32 runs on the exact backend auto picks (routed between engines)
     monkeypatch.setattr(cpu, "describe", lambda: "A third CPU: avx2=yes")
-    monkeypatch.setattr(fast, "_timed", lambda rts: {p: 1.0 if p == "fp32" else 2.0 for p in rts})
+    monkeypatch.setattr(fast, "_timed", lambda _dir, configs, shapes: {
+        p: {"seconds": [1.0 if p == "fp32" else 2.0] * len(shapes), "graph_runs": {}} for p in configs})
     third = Runtime(deploy, precision="fast")
     assert third.precision == "fp32" and "no non-exact precision" in third.fast["reason"]
     assert third.backend == "onnxruntime+openvino" and third.routing_record is not None

@@ -1,0 +1,63 @@
+"""One configuration timed in a process of its own (timing.py starts this as `python -m
+promptmux.runtime.timing_worker`).
+
+JSON lines on stdin and stdout: first {"deploy", "kwargs" (Runtime's, plus "force": the engine a routed runtime keeps
+to), "shapes"}, answered {"ok": real tokens per row per shape} once the runtime is open; then {"time": i}, answered
+{"ok": [median seconds of BLOCK calls after an untimed one, positions of the last batch, the full-sequence
+batches each graph file has run so far (Runtime.graph_runs)]}. Errors are answered
+{"error": [type, message, traceback]}. Anything the libraries print goes to stderr, so stdout carries only answers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+from promptmux.runtime.runtime import Runtime
+from promptmux.runtime.timing import BLOCK, SETTLE_S, workload
+
+
+def _answer(out, **message) -> None:
+    out.write(json.dumps(message) + "\n")
+    out.flush()
+
+
+def _error(out, e: BaseException) -> None:
+    _answer(out, error=[type(e).__name__, str(e), traceback.format_exc()])
+
+
+def main() -> None:
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    sys.stdout = sys.stderr  # a library's print must not break the protocol
+    try:
+        setup = json.loads(sys.stdin.readline())
+        kwargs = dict(setup["kwargs"])
+        force = kwargs.pop("force", None)
+        rt = Runtime(setup["deploy"], **kwargs)
+        rt.routing.force = force  # a routed runtime kept on one engine (routing.py)
+        runs = [workload(rt, tuple(shape)) for shape in setup["shapes"]]
+    except Exception as e:  # noqa: BLE001 - the parent raises it with this message
+        _error(out, e)
+        return
+    _answer(out, ok=[tokens for _, tokens in runs])
+    for line in sys.stdin:  # until the parent closes our input
+        try:
+            run = runs[json.loads(line)["time"]][0]
+            time.sleep(SETTLE_S)  # the previous process's threads stop spinning (ONNX Runtime's spin on after a call)
+            run()  # untimed: it warms this shape again
+            block = []
+            for _ in range(BLOCK):
+                t = time.perf_counter()
+                run()
+                block.append(time.perf_counter() - t)
+            _answer(out, ok=[statistics.median(block), rt.routing.last_positions, dict(rt.graph_runs)])
+        except Exception as e:  # noqa: BLE001
+            _error(out, e)
+
+
+if __name__ == "__main__":
+    main()
