@@ -584,7 +584,8 @@ async def _refuses_connections(url: str, within: float = 30.0) -> bool:
         while time.monotonic() < deadline:
             try:
                 await c.get(url + "/health")
-            except httpx.ConnectError:
+            # refused, or accepted from the backlog as the listening socket closed and then closed unanswered
+            except (httpx.ConnectError, httpx.RemoteProtocolError):
                 return True
             await asyncio.sleep(0.05)
     return False
