@@ -491,31 +491,40 @@ def test_openapi_documents_every_endpoint(bert_server):
 
 
 # ---- overload, timeouts, disconnects, drain -------------------------------------------------------------------
-def _concurrent_completions(url: str, body: dict, n: int) -> list:
-    """n copies of one completion request, all in flight at once."""
-    async def main():
-        async with _client(url) as c:
-            return await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(n)))
-
-    return asyncio.run(main())
-
-
 def test_tiny_queue_answers_503_with_retry_after(text_deployments):
+    """--max-queue 1 with one row running: a request that finds the queue full gets 503 + Retry-After at once, the
+    running and the queued one their results. Each step 50 ms slower: the running row takes 2 s, so the queue is
+    full for certain when the refused requests come (they used to race 48 clients against the model)."""
     d = text_deployments["gpt2"]
-    with running_server(d.deploy, "--max-queue", "1", "--max-batch", "1") as server:
+    with running_server(d.deploy, "--max-queue", "1", "--max-batch", "1", step_delay=0.05) as server:
         body = {"model": "pt", "prompt": "abc", "max_tokens": 40, "temperature": 0}
-        responses = _concurrent_completions(server.url, body, 48)
-        codes = [r.status_code for r in responses]
-        assert set(codes) == {200, 503} and codes.count(200) >= 2
-        for r in responses:
-            if r.status_code == 503:
-                assert r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "overloaded"
+
+        async def main():
+            async with _client(server.url) as c:
+                held = [asyncio.ensure_future(c.post("/v1/completions", json=body)) for _ in range(2)]
+                for _ in range(400):  # until one row runs and one waits: an event, with a generous bound
+                    m = await asyncio.to_thread(_metrics, server.url)
+                    if _sample(m, "promptmux_running_rows") == 1 and _sample(
+                            m, "promptmux_queue_depth", queue="generate") == 1:
+                        break
+                    await asyncio.sleep(0.025)
+                else:
+                    raise AssertionError("the two held requests never filled the running batch and the queue")
+                refused = [await c.post("/v1/completions", json=body) for _ in range(3)]
+                return refused, await asyncio.gather(*held)
+
+        refused, answered = asyncio.run(main())
+        for r in refused:
+            assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+            assert r.json()["error"]["type"] == "overloaded"
+        assert [r.status_code for r in answered] == [200, 200]
+        assert answered[0].json()["choices"][0]["text"] == answered[1].json()["choices"][0]["text"]
         # Admin is off without a token.
         r = httpx.get(server.url + "/v1/tasks", headers={"Authorization": "Bearer x"})
         assert r.status_code == 403 and r.json()["error"]["field"] == "authorization"
         m = _metrics(server.url)
-        assert _sample(m, "promptmux_requests_total", endpoint="/v1/completions", task="pt", status="503") == \
-            codes.count(503)
+        assert _sample(m, "promptmux_requests_total", endpoint="/v1/completions", task="pt", status="503") == 3
+        assert _sample(m, "promptmux_requests_total", endpoint="/v1/completions", task="pt", status="200") == 2
 
 
 def test_slow_and_abusive_clients_are_bounded(text_deployments):
