@@ -3,11 +3,11 @@
 Two engines' thread pools in one process distort each other's times (bench/isolated.py says how much). The choices
 promptmux makes by timing were made in one process: on a 2-core AMX Xeon the routing sent 1 x 64 to OpenVINO where
 ONNX Runtime was 5-10 % faster (timed apart and in the benchmark: results/routing-isolated-minilm-intel-amx.md), and
-OpenVINO's bf16 took 3.9 ms at 1 x 64 right after ONNX Runtime's calls, 3.1 ms alone. So fast.py and
-routing.py time here: each configuration (Runtime keyword arguments) opened in a process of its own
-(timing_worker.py), the processes driven in turn from this one, each shape a block of one untimed call (it pays for
-whatever the previous process left spinning) and BLOCK timed ones, the order reversed every other round, the median
-of the rounds.
+OpenVINO's bf16 took 3.9 ms at 1 x 64 right after ONNX Runtime's calls, 3.1 ms alone. So fast.py and routing.py time
+here: each configuration (Runtime keyword arguments) opened in a process of its own (timing_worker.py), the processes
+driven in turn from this one: in each round a process idles SETTLE_S (the previous one's threads stop spinning), then
+runs each shape as one untimed call and BLOCK timed ones; the order of the processes is reversed every other round,
+and each shape's time is the median of the rounds.
 """
 
 from __future__ import annotations
@@ -101,10 +101,10 @@ def time_apart(deploy_dir: str | Path, configs: dict[str, dict], shapes, rounds:
         positions = {c.name: [0] * len(shapes) for c in children}
         graph_runs = {c.name: {} for c in children}
         for r in range(rounds):
-            for i in range(len(shapes)):
-                for child in children if r % 2 == 0 else children[::-1]:
-                    child.send({"time": i})
-                    seconds, positions[child.name][i], graph_runs[child.name] = child.reply()
+            for child in children if r % 2 == 0 else children[::-1]:
+                child.send({"time": True})
+                per_shape, graph_runs[child.name] = child.reply()
+                for i, (seconds, positions[child.name][i]) in enumerate(per_shape):
                     times[child.name][i].append(seconds)
     finally:
         for child in children:

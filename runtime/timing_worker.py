@@ -2,10 +2,11 @@
 promptmux.runtime.timing_worker`).
 
 JSON lines on stdin and stdout: first {"deploy", "kwargs" (Runtime's, plus "force": the engine a routed runtime keeps
-to), "shapes"}, answered {"ok": real tokens per row per shape} once the runtime is open; then {"time": i}, answered
-{"ok": [median seconds of BLOCK calls after an untimed one, positions of the last batch, the full-sequence
-batches each graph file has run so far (Runtime.graph_runs)]}. Errors are answered
-{"error": [type, message, traceback]}. Anything the libraries print goes to stderr, so stdout carries only answers.
+to), "shapes"}, answered {"ok": real tokens per row per shape} once the runtime is open; then {"time": true}: after
+SETTLE_S idle, each shape in turn gets one untimed call and BLOCK timed ones, answered {"ok": [[median seconds,
+positions of the batch] per shape, the full-sequence batches each graph file has run so far (Runtime.graph_runs)]}.
+Errors are answered {"error": [type, message, traceback]}. Anything the libraries print goes to stderr, so stdout
+carries only answers.
 """
 
 from __future__ import annotations
@@ -44,17 +45,19 @@ def main() -> None:
         _error(out, e)
         return
     _answer(out, ok=[tokens for _, tokens in runs])
-    for line in sys.stdin:  # until the parent closes our input
+    for _ in sys.stdin:  # a round; until the parent closes our input
         try:
-            run = runs[json.loads(line)["time"]][0]
             time.sleep(SETTLE_S)  # the previous process's threads stop spinning (ONNX Runtime's spin on after a call)
-            run()  # untimed: it warms this shape again
-            block = []
-            for _ in range(BLOCK):
-                t = time.perf_counter()
-                run()
-                block.append(time.perf_counter() - t)
-            _answer(out, ok=[statistics.median(block), rt.routing.last_positions, dict(rt.graph_runs)])
+            shapes = []
+            for run, _tokens in runs:
+                run()  # untimed: it warms this shape again
+                block = []
+                for _ in range(BLOCK):
+                    t = time.perf_counter()
+                    run()
+                    block.append(time.perf_counter() - t)
+                shapes.append([statistics.median(block), rt.routing.last_positions])
+            _answer(out, ok=[shapes, dict(rt.graph_runs)])
         except Exception as e:  # noqa: BLE001
             _error(out, e)
 
