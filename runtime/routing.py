@@ -6,8 +6,7 @@ at 8 x 64 and OpenVINO ahead only at 32 x 64 (issue 21). So the first open of a 
 CPU kind times both engines on SIZES (the batches the benchmarks use), each in a process of its own (timing.py: in
 one process their thread pools distort each other), alternating, and keeps the split that costs least; the
 measurement goes into the manifest under "routing", keyed by the CPU and the thread count, and later opens on the
-same kind of CPU read it. `Runtime(route_positions=N)` sets the split by hand and
-measures nothing.
+same kind of CPU read it. `Runtime(route_positions=N)` sets the split by hand and measures nothing.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ CLASSIFIER_SHAPES = ((1, 64), (8, 64), (16, 64), (32, 64), (8, 256))
 GENERATION_SHAPES = ((4, 16, 16),)
 ROUNDS = 5
 BLOCK = 3
-SETTLE_S = 0.05  # idle before each block: without it, 1 x 64 on OpenVINO timed 3.9 ms after ONNX Runtime, 3.1 alone
+SETTLE_S = 0.05  # idle before a turn: without it 1 x 64 on OpenVINO timed 3.9 ms after ONNX Runtime, 3.1 alone
 START_TIMEOUT_S = 1800  # opening a configuration may convert a graph for OpenVINO first
 
 

@@ -468,6 +468,13 @@ def test_int8_classifiers_run_dynamic_int8_copies_of_every_graph_under_a_contrac
     again = Runtime(deploy, precision="int8")
     again.forward(ids, mask, ["prefix", "pt", "mpt/0", "prefix"])
     assert {p.name: p.stat().st_mtime_ns for p in deploy.glob("*.int8.*")} == made and again.contract == rt.contract
+    # A copy that gives the files new mtimes (cp -r, an object-store sync) keeps its int8 graphs: the stamps name the
+    # graphs' contents
+    moved = shutil.copytree(deploy, tmp_path / "moved", copy_function=shutil.copy)  # contents and modes, not mtimes
+    copied = {p.name: p.stat().st_mtime_ns for p in moved.glob("*.int8.*")}
+    assert copied and all(copied[n] != made[n] for n in made)
+    Runtime(moved, precision="int8").forward(ids, mask, ["prefix", "pt", "mpt/0", "prefix"])
+    assert {p.name: p.stat().st_mtime_ns for p in moved.glob("*.int8.*")} == copied
     # Graphs and a contract made another way (an earlier promptmux's recipe) are made and measured again.
     stamp = deploy / "model_noprefix.int8.json"
     stamp.write_text(json.dumps({**json.loads(stamp.read_text()), "graph_key": "made-otherwise"}))

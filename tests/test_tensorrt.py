@@ -184,8 +184,11 @@ def test_parser_that_inlines_the_function_is_caught(deploy, monkeypatch):
 def test_optimized_graph_is_exported_again_from_the_base_model(deploy, tmp_path):
     """ONNX Runtime's offline optimization inlines the MPT node and adds contrib ops: the build re-exports a
     portable graph from the recorded base model; without that base it refuses and says what to do."""
+    import gc
+
     from onnx import inliner
 
+    gc.collect()  # earlier tests' runtimes closed now, not mid-copy (their store's -wal/-shm files vanish at close)
     folder = tmp_path / "inlined"
     shutil.copytree(deploy, folder, ignore=shutil.ignore_patterns("*.engine"))
     model = inliner.inline_local_functions(onnx.load(str(folder / "model.onnx"), load_external_data=False))
