@@ -5,8 +5,8 @@ JSON lines on stdin and stdout: first {"deploy", "kwargs" (Runtime's, plus "forc
 to), "shapes"}, answered {"ok": real tokens per row per shape} once the runtime is open; then {"time": true}: after
 SETTLE_S idle, each shape in turn gets one untimed call and BLOCK timed ones, answered {"ok": [[median seconds,
 positions of the batch] per shape, the full-sequence batches each graph file has run so far (Runtime.graph_runs)]}.
-Errors are answered {"error": [type, message, traceback]}. Anything the libraries print goes to stderr, so stdout
-carries only answers.
+Errors are answered {"error": [type, message, traceback]}. Anything else written to stdout goes to stderr, so the
+answers' line stays clean.
 """
 
 from __future__ import annotations
@@ -17,9 +17,6 @@ import statistics
 import sys
 import time
 import traceback
-
-from promptmux.runtime.runtime import Runtime
-from promptmux.runtime.timing import BLOCK, SETTLE_S, workload
 
 
 def _answer(out, **message) -> None:
@@ -32,9 +29,14 @@ def _error(out, e: BaseException) -> None:
 
 
 def main() -> None:
-    out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
-    sys.stdout = sys.stderr  # a library's print must not break the protocol
+    out = os.fdopen(os.dup(1), "w")  # the answers' own copy of stdout
+    os.dup2(2, 1)  # what anything else writes to stdout, Python or a C library, goes to stderr
+    sys.stdout = sys.stderr
     try:
+        # imported only now, so that nothing they print at import reaches the answers
+        from promptmux.runtime.runtime import Runtime
+        from promptmux.runtime.timing import BLOCK, SETTLE_S, workload
+
         setup = json.loads(sys.stdin.readline())
         kwargs = dict(setup["kwargs"])
         force = kwargs.pop("force", None)
