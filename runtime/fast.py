@@ -36,12 +36,6 @@ CANDIDATES = {"bf16": ("bf16", "openvino"), "int8": ("int8", "onnxruntime"), "in
 FAST_KEY = "fast"
 
 
-def _timed(deploy_dir: Path, configs: dict[str, dict], shapes) -> dict[str, dict]:
-    """Each configuration's median seconds per shape and the graphs it ran, each in a process of its own
-    (timing.py)."""
-    return time_apart(deploy_dir, configs, shapes)
-
-
 def _geomean(xs: list[float]) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
@@ -68,8 +62,8 @@ def choose(deploy_dir: Path, threads: int | None, calibration, Runtime) -> dict:
         del rt  # its engines' threads and memory: the timing runs elsewhere
     shapes = CLASSIFIER_SHAPES if classifies else GENERATION_SHAPES
     # fp32 is timed only against a candidate that met its contract
-    timed = _timed(deploy_dir, {"fp32": {"backend": "onnxruntime", "threads": threads}, **passing},
-                   shapes) if passing else {}
+    timed = time_apart(deploy_dir, {"fp32": {"backend": "onnxruntime", "threads": threads}, **passing},
+                       shapes) if passing else {}
     seconds = {name: t["seconds"] for name, t in timed.items()}
     speedups = {name: _geomean([f / s for f, s in zip(seconds["fp32"], ts)]) for name, ts in seconds.items()
                 if name != "fp32"}

@@ -646,7 +646,7 @@ def test_fast_runs_the_fastest_precision_that_meets_its_contract_and_records_it_
     # Timed there as: int8 twice as fast as fp32, bf16 1.25x, OpenVINO's int8 1.6x (where they run): ONNX Runtime's
     # int8 wins if its contract holds.
     speed = {"fp32": 1.0, "int8": 0.5, "bf16": 0.8, "int8/openvino": 0.6}
-    monkeypatch.setattr(fast, "_timed", lambda _dir, configs, shapes: {
+    monkeypatch.setattr(fast, "time_apart", lambda _dir, configs, shapes: {
         p: {"seconds": [speed[p]] * len(shapes), "graph_runs": {}} for p in configs})
     other = Runtime(deploy, precision="fast")
     passed = [c for c in sorted(speed, key=speed.get) if other.fast["candidates"].get(c, {}).get("contract_passed")]
@@ -656,7 +656,7 @@ def test_fast_runs_the_fastest_precision_that_meets_its_contract_and_records_it_
     assert set(json.loads((deploy / "manifest.json").read_text())["fast"]) == {here, "Another CPU: avx2=yes"}
     # where no candidate beats fp32, fp32 runs on the exact backend auto picks (routed between engines)
     monkeypatch.setattr(cpu, "describe", lambda: "A third CPU: avx2=yes")
-    monkeypatch.setattr(fast, "_timed", lambda _dir, configs, shapes: {
+    monkeypatch.setattr(fast, "time_apart", lambda _dir, configs, shapes: {
         p: {"seconds": [1.0 if p == "fp32" else 2.0] * len(shapes), "graph_runs": {}} for p in configs})
     third = Runtime(deploy, precision="fast")
     assert third.precision == "fp32" and "no non-exact precision" in third.fast["reason"]

@@ -40,6 +40,16 @@ def gpt2_server(text_deployments):
     yield from _server(d.deploy, "--admin-token", TOKEN, "--adapter-root", str(d.adapter_root))
 
 
+async def _metrics_show(url: str, check, failure: str) -> None:
+    """Wait (without blocking the event loop that sends the held requests) until the server's metrics pass `check`:
+    an event, polled every 25 ms with a generous bound of 10 s; fails with `failure` if they never do."""
+    for _ in range(400):
+        if check(await asyncio.to_thread(_metrics, url)):
+            return
+        await asyncio.sleep(0.025)
+    raise AssertionError(failure)
+
+
 def _texts(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.sample(WORDS, 2)) + f" {i}" for i in range(n)]
@@ -277,12 +287,8 @@ def test_a_request_of_another_task_joins_the_running_decoding_steps(text_deploym
         async def main():
             async with _client(server.url) as c:
                 running = asyncio.ensure_future(c.post("/v1/completions", json=bodies[0]))
-                for _ in range(400):  # until its row decodes: an event, with a generous bound
-                    if _sample(await asyncio.to_thread(_metrics, server.url), "promptmux_running_rows") == 1:
-                        break
-                    await asyncio.sleep(0.025)
-                else:
-                    raise AssertionError("the first request never started decoding")
+                await _metrics_show(server.url, lambda m: _sample(m, "promptmux_running_rows") == 1,
+                                    "the first request never started decoding")
                 return await asyncio.gather(running, c.post("/v1/completions", json=bodies[1]))
 
         answers = asyncio.run(main())
@@ -530,14 +536,9 @@ def test_tiny_queue_answers_503_with_retry_after(text_deployments):
         async def main():
             async with _client(server.url) as c:
                 held = [asyncio.ensure_future(c.post("/v1/completions", json=body)) for _ in range(2)]
-                for _ in range(400):  # until one row runs and one waits: an event, with a generous bound
-                    m = await asyncio.to_thread(_metrics, server.url)
-                    if _sample(m, "promptmux_running_rows") == 1 and _sample(
-                            m, "promptmux_queue_depth", queue="generate") == 1:
-                        break
-                    await asyncio.sleep(0.025)
-                else:
-                    raise AssertionError("the two held requests never filled the running batch and the queue")
+                await _metrics_show(server.url, lambda m: _sample(m, "promptmux_running_rows") == 1 and _sample(
+                    m, "promptmux_queue_depth", queue="generate") == 1,
+                    "the two held requests never filled the running batch and the queue")
                 refused = [await c.post("/v1/completions", json=body) for _ in range(3)]
                 return refused, await asyncio.gather(*held)
 
@@ -577,13 +578,8 @@ def test_slow_and_abusive_clients_are_bounded(text_deployments):
             body = {"task": "pt", "text": "a"}
             async with _client(server.url) as c:
                 held = [asyncio.ensure_future(c.post("/v1/classify", json=body)) for _ in range(2)]
-                for _ in range(400):  # until both are queued (admitted): an event, with a generous bound
-                    if _sample(await asyncio.to_thread(_metrics, server.url), "promptmux_queue_depth",
-                               queue="classify") == 2:
-                        break
-                    await asyncio.sleep(0.025)
-                else:
-                    raise AssertionError("the two held requests never showed in the classify queue")
+                await _metrics_show(server.url, lambda m: _sample(m, "promptmux_queue_depth", queue="classify") == 2,
+                                    "the two held requests never showed in the classify queue")
                 refused = await c.post("/v1/classify", json=body)
                 return refused, await asyncio.gather(*held)
 
