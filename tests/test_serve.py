@@ -535,10 +535,14 @@ def test_tiny_queue_answers_503_with_retry_after(text_deployments):
 
         async def main():
             async with _client(server.url) as c:
-                held = [asyncio.ensure_future(c.post("/v1/completions", json=body)) for _ in range(2)]
+                # One after the other: sent together, the second can find the first still in the queue of 1
+                held = [asyncio.ensure_future(c.post("/v1/completions", json=body))]
+                await _metrics_show(server.url, lambda m: _sample(m, "promptmux_running_rows") == 1,
+                                    "the first held request never started decoding")
+                held.append(asyncio.ensure_future(c.post("/v1/completions", json=body)))
                 await _metrics_show(server.url, lambda m: _sample(m, "promptmux_running_rows") == 1 and _sample(
                     m, "promptmux_queue_depth", queue="generate") == 1,
-                    "the two held requests never filled the running batch and the queue")
+                    "the second held request never waited in the queue")
                 refused = [await c.post("/v1/completions", json=body) for _ in range(3)]
                 return refused, await asyncio.gather(*held)
 
