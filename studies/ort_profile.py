@@ -43,8 +43,10 @@ def main(argv=None) -> int:
         ids = np.random.default_rng(0).integers(1000, 20000, (args.batch, args.tokens))
         rt.forward(ids, None, [rt.tasks[i % 2] for i in range(args.batch)])
     session, feeds = calls[-1]
-    graph = next(g for g in sorted(Path(args.deploy).glob("*.onnx")) if [i.name for i in ort.InferenceSession(
-        str(g), providers=["CPUExecutionProvider"]).get_inputs()] == session.input_names)
+    # The file the forward ran, as the Runtime counted it: matching graphs by their inputs picked an int8 copy
+    # (model_noprefix.int8.onnx, same inputs, sorted first) in a deployment that `--precision fast` had quantized.
+    assert list(rt.graph_runs) == [session.graph_file], (rt.graph_runs, session.graph_file)
+    graph = Path(args.deploy) / session.graph_file
     so = ort.SessionOptions()
     so.intra_op_num_threads = args.threads
     so.enable_profiling = True

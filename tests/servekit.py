@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +21,10 @@ from conftest import adapter_configs, make_adapter, make_base
 SERVE_ADAPTERS = ("pt", "ptmlp", "prefix", "mpt")  # tasks pt, ptmlp, prefix, mpt/0, mpt/1, mpt/2
 NEWER_ADAPTERS = ("cartridge", "cpt")  # PEFT's newer methods, served where PEFT supports them (CPT: causal LMs)
 EXTRA_ADAPTER = "ptlstm"  # kept out of the deployment: the admin endpoint adds it under load
+# The servers' logs and sitecustomize folders, in one folder per test process removed when it exits (a file per
+# server in /tmp itself had left hundreds behind).
+SCRATCH = tempfile.mkdtemp(prefix="promptmux-serve-")
+atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
 
 
 def char_tokenizer(arch: str):
@@ -69,7 +75,7 @@ class ServerProcess:
     def __init__(self, deploy, *args: str, start_timeout: float = 120.0, step_delay: float = 0.0):
         """step_delay: seconds each generation step of the server sleeps first, so that a test can hold work in
         flight (a tiny model finishes before a test can look); set through a sitecustomize the server imports."""
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="promptmux-serve-", suffix=".log", delete=False)
+        self.log = tempfile.NamedTemporaryFile("w+", dir=SCRATCH, suffix=".log", delete=False)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if step_delay:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [_slow_steps(step_delay), env.get("PYTHONPATH")]))
@@ -119,7 +125,7 @@ class ServerProcess:
 
 def _slow_steps(delay: float) -> str:
     """A folder whose sitecustomize.py makes every Generator.step sleep `delay` seconds first."""
-    folder = tempfile.mkdtemp(prefix="promptmux-slow-steps-")
+    folder = tempfile.mkdtemp(prefix="slow-steps-", dir=SCRATCH)
     Path(folder, "sitecustomize.py").write_text(
         "import time\n"
         "from promptmux.runtime.generate import Generator\n"
