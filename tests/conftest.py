@@ -360,6 +360,16 @@ def pytest_configure(config):
         config.option.loadscopereorder = False
 
 
+def pytest_sessionfinish(session):
+    """Each test process (pytest-xdist's workers too) removes its servers' logs (servekit.SCRATCH) at its end."""
+    import shutil
+    import sys
+
+    servekit = sys.modules.get("servekit")
+    if servekit is not None:
+        shutil.rmtree(servekit.SCRATCH, ignore_errors=True)
+
+
 def pytest_xdist_auto_num_workers(config):
     """-n auto: one worker per core, at most 4 (each holds its own models and graphs, and the builds they share
     are made once whatever the count)."""

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import os
 import selectors
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,10 +19,9 @@ from conftest import adapter_configs, make_adapter, make_base
 SERVE_ADAPTERS = ("pt", "ptmlp", "prefix", "mpt")  # tasks pt, ptmlp, prefix, mpt/0, mpt/1, mpt/2
 NEWER_ADAPTERS = ("cartridge", "cpt")  # PEFT's newer methods, served where PEFT supports them (CPT: causal LMs)
 EXTRA_ADAPTER = "ptlstm"  # kept out of the deployment: the admin endpoint adds it under load
-# The servers' logs and sitecustomize folders, in one folder per test process removed when it exits (a file per
-# server in /tmp itself had left hundreds behind).
+# The servers' logs and sitecustomize folders, in one folder per test process that conftest's pytest_sessionfinish
+# removes (a file per server in /tmp itself had left hundreds behind; pytest-xdist's workers skip atexit handlers).
 SCRATCH = tempfile.mkdtemp(prefix="promptmux-serve-")
-atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
 
 
 def char_tokenizer(arch: str):

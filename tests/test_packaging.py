@@ -1,4 +1,5 @@
-"""A plain (non-editable) `pip install .` imports correctly and installs no top-level export/runtime."""
+"""A plain (non-editable) `pip install .` imports correctly and installs no top-level export/runtime; the onnxscript
+installed still has the rewrite-rule table the export edits."""
 
 from __future__ import annotations
 
@@ -25,3 +26,19 @@ def test_plain_install_imports_every_subpackage(tmp_path):
                          env=env).stdout.splitlines()
     assert out[0].startswith(str(target))
     assert out[1] == "['adapter_model.safetensors', 'adapter_model.safetensors']"  # both demo adapters ship
+
+
+def test_the_export_leaves_the_skipped_rewrite_rules_out_and_puts_them_back():
+    """export/onnx_export.py drops SKIPPED_REWRITE_RULES from onnxscript's default table while it exports. If an
+    onnxscript moves or renames that table or the rules, the skip silently does nothing: this says so."""
+    from onnxscript import rewriter
+
+    from promptmux.export.onnx_export import SKIPPED_REWRITE_RULES, _optimizer_rules
+
+    table = rewriter._DEFAULT_REWRITE_RULES
+    names = {getattr(r, "name", None) for r in table}
+    assert SKIPPED_REWRITE_RULES <= names, f"this onnxscript has no rule named {SKIPPED_REWRITE_RULES - names}"
+    with _optimizer_rules(SKIPPED_REWRITE_RULES):
+        during = {getattr(r, "name", None) for r in rewriter._DEFAULT_REWRITE_RULES}
+    assert during == names - SKIPPED_REWRITE_RULES and len(names) > len(during)
+    assert rewriter._DEFAULT_REWRITE_RULES is table
