@@ -106,15 +106,19 @@ class OrtBoundSession:
                     "pip uninstall onnxruntime && pip install onnxruntime-gpu")
             if hasattr(ort, "preload_dlls"):
                 ort.preload_dlls()  # the CUDA/cuDNN libraries of pip-installed nvidia packages
-            providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+            # use_tf32 0: ONNX Runtime's CUDA provider multiplies fp32 matrices in TF32 by default (10-bit mantissas):
+            # on an H200 that moved a MiniLM-shaped classifier's outputs by up to 6.0e-4 from the CPU session's,
+            # against 8.5e-7 without it (studies/gpu_exactness.py, results/gpu-exactness-h200.json), and the exact
+            # contract is 1e-4 of PEFT. The half-precision graphs do not use TF32 anyway.
+            providers = [("CUDAExecutionProvider", {"device_id": device_id, "use_tf32": 0}), "CPUExecutionProvider"]
         elif device == "cpu":
             providers = ["CPUExecutionProvider"]
         else:
             raise ValueError(f"unknown device {device!r}; use 'cuda' or 'cpu'")
         self.session = ort.InferenceSession(str(path), so, providers=providers)
         if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
-            raise BackendUnavailable(f"ONNX Runtime could not start the CUDA provider ({self.session.get_providers()}); "
-                               "check the CUDA and cuDNN libraries onnxruntime-gpu needs")
+            raise BackendUnavailable(f"ONNX Runtime could not start the CUDA provider ({self.session.get_providers()});"
+                                     " check the CUDA and cuDNN libraries onnxruntime-gpu needs")
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.output_name = self.output_names[0]

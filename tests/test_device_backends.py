@@ -10,6 +10,8 @@ onnxruntime-gpu and a GPU (results records where it ran).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -21,6 +23,11 @@ from promptmux import BackendUnavailable, Runtime
 
 @pytest.fixture
 def bound_on_cpu(monkeypatch):
+    """The binding on the CPU provider; on a GPU machine with onnxruntime-gpu, PROMPTMUX_TEST_CUDA=1 keeps it on the
+    GPU, so these tests compare the CUDA provider's outputs with the CPU session's (studies/gpu_check.sh)."""
+    if os.environ.get("PROMPTMUX_TEST_CUDA") == "1":
+        assert "CUDAExecutionProvider" in ort.get_available_providers(), "PROMPTMUX_TEST_CUDA=1 without onnxruntime-gpu"
+        return
     monkeypatch.setattr(runtime_mod, "_ORT_DEVICE", "cpu")
 
 
