@@ -7,9 +7,12 @@
 # STASH: a folder with onnxruntime-gpu's wheel split into part.* (it travels in pieces under the tool's size limit:
 # `split -b 52M` of onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl, built for CUDA 13) and any other
 # wheels to put in front of the machine's own (*.whl: peft). OUT: where the results go. Each step runs whatever
-# the one before it gave, under its own time limit, and says what it ran.
+# the one before it gave, under its own time limit, and says what it ran. STEPS (default "kernels binding bench")
+# picks steps; "profile" adds ONNX Runtime's CUDA profile by operator (studies.ort_cuda_profile).
 set -u
 STASH=${1:?usage: gpu_check.sh STASH OUT}; OUT=${2:?usage: gpu_check.sh STASH OUT}
+STEPS=" ${STEPS:-kernels binding bench} "
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 step() { echo; echo "== $* ($(date +%T))"; }
 
@@ -23,12 +26,17 @@ python3 -m pip install -q --no-deps --no-index --target /tmp/site "$whl" "$STASH
 python3 -c "import onnxruntime as o, peft, transformers, torch; o.preload_dlls(); print('onnxruntime', o.__version__, \
 o.get_available_providers(), 'peft', peft.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)"
 
-step "the Triton MPT kernel compiled on the GPU (tests/test_kernels.py)"
-timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py 2>&1 | tail -12
-step "kernel against the PyTorch reference, timed (studies.kernels_mpt)"
-timeout 300 python3 -m studies.kernels_mpt --json "$OUT/kernels-mpt-h200.json" 2>&1 | tail -30
-step "onnxruntime-cuda's IO binding on the GPU against the CPU session (tests/test_device_backends.py)"
-PROMPTMUX_TEST_CUDA=1 timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests/test_device_backends.py 2>&1 | tail -15
+if want kernels; then
+  step "the Triton MPT kernel compiled on the GPU (tests/test_kernels.py)"
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py 2>&1 | tail -12
+  step "kernel against the PyTorch reference, timed (studies.kernels_mpt)"
+  timeout 300 python3 -m studies.kernels_mpt --json "$OUT/kernels-mpt-h200.json" 2>&1 | tail -30
+fi
+if want binding; then
+  step "onnxruntime-cuda's IO binding on the GPU against the CPU session (tests/test_device_backends.py)"
+  PROMPTMUX_TEST_CUDA=1 timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests/test_device_backends.py 2>&1 \
+    | tail -15
+fi
 
 step "a MiniLM-shaped encoder (random weights) with two prompt-tuning tasks"
 work=/tmp/gpu-check; rm -rf "$work"; mkdir -p "$work"
@@ -52,10 +60,20 @@ for name, n in (("sentiment", 8), ("topic", 12)):
 PY
 timeout 300 python3 -m promptmux export --quiet --base "$work/base" --adapter sentiment="$work/sentiment" \
   --adapter topic="$work/topic" --out "$work/deploy" 2>&1 | tail -3
-step "exactness on the CUDA provider (studies.gpu_exactness)"
-timeout 200 python3 -m studies.gpu_exactness "$work/deploy" "$OUT/gpu-exactness-h200.json" 2>&1 | tail -8
-step "throughput: onnxruntime-cuda against PEFT on the same GPU (promptmux bench)"
-timeout 400 python3 -m promptmux bench "$work/deploy" --backend onnxruntime-cuda --baseline peft --mix uniform \
-  --batch-sizes 1,8,32 --seq-lens 64,256 --new-tokens 0 --repeats 5 --out "$OUT/bench-cuda-minilm-shape-h200" \
-  2>&1 | tail -25
+if want bench; then
+  step "exactness on the CUDA provider (studies.gpu_exactness)"
+  timeout 200 python3 -m studies.gpu_exactness "$work/deploy" "$OUT/gpu-exactness-h200.json" 2>&1 | tail -8
+  step "throughput: onnxruntime-cuda against PEFT on the same GPU (promptmux bench)"
+  timeout 400 python3 -m promptmux bench "$work/deploy" --backend onnxruntime-cuda --baseline peft --mix uniform \
+    --batch-sizes 1,8,32 --seq-lens 64,256 --new-tokens 0 --repeats 5 --out "$OUT/bench-cuda-minilm-shape-h200" \
+    2>&1 | tail -25
+fi
+if want profile; then
+  for shape in "32 256" "8 64"; do
+    set -- $shape
+    step "ONNX Runtime's CUDA profile by operator at B=$1 x $2 (studies.ort_cuda_profile)"
+    timeout 200 python3 -m studies.ort_cuda_profile "$work/deploy" "$OUT/ort-cuda-profile-h200-b$1-s$2.json" \
+      --batch "$1" --tokens "$2" 2>&1 | grep -v "W:onnxruntime" | tail -14
+  done
+fi
 step done
