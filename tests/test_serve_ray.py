@@ -46,7 +46,16 @@ def test_two_ray_serve_replicas_serve_the_same_api(text_deployments):
 
         results = asyncio.run(main())
         assert [text for text, _ in results] == expected
-        assert len({worker for _, worker in results}) == 2  # both replicas answered
+        workers = {worker for _, worker in results}
+        # Ray's router picks between replicas by the queue lengths they report; a burst can all go to one (1 full
+        # run in 3 here sent all 48 there), so the same burst again until both have answered, at most 4 times more.
+        for _ in range(4):
+            if len(workers) == 2:
+                break
+            again = asyncio.run(main())
+            assert [text for text, _ in again] == expected
+            workers |= {worker for _, worker in again}
+        assert len(workers) == 2  # both replicas answered
         # --multiplex-tasks: a request naming its task in Serve's header goes to the replica that served the task
         # (once the router has heard which replica holds it); one without the header went to both, above.
         routed = {}
