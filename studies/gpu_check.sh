@@ -9,6 +9,11 @@
 # wheels to put in front of the machine's own (*.whl: peft). OUT: where the results go. Each step runs whatever
 # the one before it gave, under its own time limit, and says what it ran. STEPS (default "kernels binding bench")
 # picks steps; "profile" adds ONNX Runtime's CUDA profile by operator (studies.ort_cuda_profile).
+#
+# How it was sent (2026-12-04, results/gpu-check-h200.log): here, `pip download --no-deps --only-binary=:all:
+# --python-version 3.12 --platform manylinux_2_28_x86_64 onnxruntime-gpu==1.31.1 peft==0.21.2`, the ORT wheel split
+# into .device/c_part.NN/ (ignored by git; 5 parts, the PEFT wheel beside the last); one `run` per part, carrying
+# it and copying it to /tmp/stash (the machine keeps /tmp while warm, 30 s), the last one then running this script.
 set -u
 STASH=${1:?usage: gpu_check.sh STASH OUT}; OUT=${2:?usage: gpu_check.sh STASH OUT}
 STEPS=" ${STEPS:-kernels binding bench} "
