@@ -51,13 +51,15 @@ def cpu_has_bf16() -> bool:
 
 @dataclass(frozen=True)
 class Backend:
-    """One backend. precisions and families: what it runs; cpu_engine: it runs on this CPU (it then also runs the
-    graph without prefix inputs, and needs no prefix slot in a prompt-only batch, batch.py)."""
+    """One backend. precisions and families: what it runs; cpu_engine: it runs on this CPU (it then gives the slot
+    groups no row uses zero length, Runtime.layout); noprefix_graph: batches without key/value-prefix rows run the
+    graph without prefix inputs, where the export wrote one (no empty cache concatenated in every layer)."""
 
     name: str
     precisions: tuple[str, ...] = ("fp32",)
     families: tuple[str, ...] = FAMILIES
     cpu_engine: bool = False
+    noprefix_graph: bool = False
     needs: Callable[[str], None] | None = None  # raises BackendUnavailable if what `precision` needs is missing here
     precision_families: dict = field(default_factory=dict)  # a precision it runs for these families only
 
@@ -153,11 +155,12 @@ class GraphBackend(Backend):
 
     def open(self, rt: Runtime, base: Path | None) -> None:
         noprefix = rt.manifest["graph"].get("noprefix")
-        if noprefix and self.cpu_engine:  # made when a batch without prefix rows comes
+        if noprefix and self.noprefix_graph:  # made when a batch without prefix rows comes
             rt.noprefix_session = OnFirstUse(lambda: rt.graph_session(rt.dir / noprefix["file"]))
-        if rt.spec.family.generation == "causal" or rt.noprefix_session is not None:
+        if rt.spec.family.generation == "causal" or (rt.noprefix_session is not None and self.cpu_engine):
             # made on first use: generation needs only the cached decoder graph, and an encoder whose batches have
-            # no prefix rows only the graph without prefix inputs
+            # no prefix rows only the graph without prefix inputs (a GPU backend opens it now all the same, so that
+            # a missing CUDA provider is an error when the Runtime opens, not at its first request)
             rt.session = OnFirstUse(lambda: rt.graph_session(rt.dir / GRAPH))
         else:
             rt.session = rt.graph_session(rt.dir / GRAPH)
@@ -202,11 +205,14 @@ class TorchBackend(Backend):
 
 
 BACKENDS = {b.name: b for b in (
-    GraphBackend("onnxruntime", precisions=("fp32", "int8"), cpu_engine=True, make=_onnxruntime),
-    GraphBackend("openvino", precisions=("fp32", "bf16", "int8"), cpu_engine=True, needs=_openvino_needs,
-                 precision_families={"int8": ("encoder",)}, make=_openvino),
-    GraphBackend("onnxruntime+openvino", families=("encoder",), cpu_engine=True, needs=_openvino_needs, make=_routed),
-    GraphBackend("onnxruntime-cuda", make=_onnxruntime_cuda),
+    GraphBackend("onnxruntime", precisions=("fp32", "int8"), cpu_engine=True, noprefix_graph=True, make=_onnxruntime),
+    GraphBackend("openvino", precisions=("fp32", "bf16", "int8"), cpu_engine=True, noprefix_graph=True,
+                 needs=_openvino_needs, precision_families={"int8": ("encoder",)}, make=_openvino),
+    GraphBackend("onnxruntime+openvino", families=("encoder",), cpu_engine=True, noprefix_graph=True,
+                 needs=_openvino_needs, make=_routed),
+    # On an H200 its forward was launch-bound (studies/ort_cuda_profile.py), and the full graph's empty prefix adds a
+    # Split, Squeezes and Concats in every layer: prompt-only batches take the graph without them. Not yet timed there.
+    GraphBackend("onnxruntime-cuda", noprefix_graph=True, make=_onnxruntime_cuda),
     TensorRTBackend("tensorrt"),
     TorchBackend("torch"),
 )}

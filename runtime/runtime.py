@@ -127,7 +127,7 @@ class Runtime:
         self.bank = read_bank(self.dir, self.manifest, cache)  # opening reads no task (core/bank.py)
         self._lock = threading.Lock()  # serializes task changes, not requests
         self._tokenizer = None
-        self.noprefix_session = None  # encoders: the graph without prefix inputs (CPU engines)
+        self.noprefix_session = None  # encoders: the graph without prefix inputs (backends.py noprefix_graph)
         self.graph_runs: Counter = Counter()  # full-sequence batches run per graph file that ran (model.onnx, ...)
         self.max_positions = usable_positions(self.config)  # virtual and real tokens together (core/archs.py)
         folded = self.manifest.get("folded") if use_folded else None

@@ -40,25 +40,33 @@ def test_bound_session_matches_plain_session_in_mixed_batches(deployment, bound_
     want = plain.forward(ids, mask, tasks)
     got = bound.forward(ids, mask, tasks)
     assert max(float(np.abs(a - b).max()) for a, b in zip(want, got)) < 1e-5
+    # Rows without a key/value prefix run the graph without prefix inputs, as on the CPU engines.
+    prompt_only = [t for t in tasks if bound.graph_for([bound.bank.view(t)])[1] == "model_noprefix.onnx"]
+    assert prompt_only and len(prompt_only) < len(tasks)
+    want = plain.forward(ids[: len(prompt_only)], mask[: len(prompt_only)], prompt_only)
+    got = bound.forward(ids[: len(prompt_only)], mask[: len(prompt_only)], prompt_only)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(want, got)) < 1e-5
+    assert bound.graph_runs == {"model.onnx": 1, "model_noprefix.onnx": 1}
 
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
 def test_bank_tensors_stay_resident_and_follow_bank_changes(deployment, bound_on_cpu):
     rt = Runtime(deployment.deploy, backend="onnxruntime-cuda", use_folded=False)
-    ids, mask = random_batch("bert", 2, 6, seed=4, padding_side="right")
-    rt.forward(ids, mask, ["pt", "mpt/1"])
+    tasks = ["pt", "mpt/1", "prefix"]  # a prefix row: the full graph, with every kind of bank input
+    ids, mask = random_batch("bert", len(tasks), 6, seed=4, padding_side="right")
+    rt.forward(ids, mask, tasks)
     resident = dict(rt.session._bank)
     assert {name for _, name in resident} >= {"prompt_embeds", "mpt_cols", "prefix_keys"}
-    rt.forward(ids, mask, ["pt", "mpt/1"])  # same tasks: the very same device values are bound again
+    rt.forward(ids, mask, tasks)  # same tasks: the very same device values are bound again
     assert all(rt.session._bank[k] is v for k, v in resident.items())
     assert len(rt.session._bank) == len(resident)
 
     # Replacing the task under the same name must not serve the old resident prompt.
     rt.add_task("pt", deployment.adapters["ptmlp"], replace=True)
-    got = rt.forward(ids, mask, ["pt", "mpt/1"])[0]
+    got = rt.forward(ids, mask, tasks)[0]
     plain = Runtime(deployment.deploy, backend="onnxruntime", use_folded=False)
     plain.add_task("pt", deployment.adapters["ptmlp"], replace=True)
-    assert float(np.abs(got - plain.forward(ids, mask, ["pt", "mpt/1"])[0]).max()) < 1e-5
+    assert float(np.abs(got - plain.forward(ids, mask, tasks)[0]).max()) < 1e-5
 
 
 @pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
