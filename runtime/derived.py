@@ -17,7 +17,7 @@ def graph_key(path: Path) -> str:
     the graph with the sizes and mtimes it was read at, so an open hashes only after the files changed or were copied
     (0.15 s for MiniLM's 91 MB on a 2-core Xeon, then 0.1 ms); a read-only folder hashes at each open."""
     files = [f for f in (path, path.with_name(path.name + ".data")) if f.is_file()]
-    seen = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    seen = [[f.name, st.st_size, st.st_mtime_ns] for f, st in ((f, f.stat()) for f in files)]
     kept = path.with_name(f".{path.name}.sha256")
     try:
         record = json.loads(kept.read_text())

@@ -9,7 +9,6 @@ GPU: a forward whose node times add up to about its wall time is bound by launch
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import sys
 import tempfile
@@ -24,7 +23,7 @@ def main(argv=None) -> int:
 
     from promptmux import Runtime
     from promptmux.runtime import sessions
-    from studies.capture import session_calls
+    from studies.capture import node_times, session_calls
 
     p = argparse.ArgumentParser(prog="python -m studies.ort_cuda_profile", description=__doc__.split("\n")[0])
     p.add_argument("deploy")
@@ -38,7 +37,8 @@ def main(argv=None) -> int:
     with session_calls(sessions.OrtBoundSession) as calls:
         rt.forward(ids, None, [rt.tasks[i % len(rt.tasks)] for i in range(args.batch)])
     session, feeds = calls[-1]
-    graph = next(iter(rt.graph_runs))  # the file the forward ran
+    assert len(rt.graph_runs) == 1, rt.graph_runs  # the one file the forward ran: profiled below
+    graph = next(iter(rt.graph_runs))
     so = ort.SessionOptions()
     so.enable_profiling = True
     so.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "ort")
@@ -51,12 +51,7 @@ def main(argv=None) -> int:
     for _ in range(args.runs):
         s.run(None, f)
     wall_ms = (time.perf_counter() - t0) / args.runs * 1e3
-    total, count = collections.Counter(), collections.Counter()
-    for e in json.loads(Path(s.end_profiling()).read_text()):
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            key = (e["args"]["op_name"], e["args"].get("provider", "?"))
-            total[key] += e["dur"]
-            count[key] += 1
+    total, count = node_times(s.end_profiling(), key=lambda args: (args["op_name"], args.get("provider", "?")))
     runs = 5 + args.runs
     result = {"command": "python -m studies.ort_cuda_profile " + " ".join(argv or sys.argv[1:]), "graph": graph,
               "batch": args.batch, "tokens": args.tokens, "wall_ms": wall_ms, "onnxruntime": ort.__version__,

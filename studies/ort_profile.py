@@ -11,7 +11,6 @@ the engine sees, then profiled on ONNX Runtime with promptmux's session options.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from studies.capture import session_calls
+from studies.capture import node_times, session_calls
 
 
 def main(argv=None) -> int:
@@ -62,12 +61,7 @@ def main(argv=None) -> int:
     for _ in range(args.runs):
         s.run(None, f)
     wall_ms = (time.perf_counter() - t0) / args.runs * 1e3
-    events = json.loads(Path(s.end_profiling()).read_text())
-    total, count = collections.Counter(), collections.Counter()
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            total[e["args"]["op_name"]] += e["dur"]
-            count[e["args"]["op_name"]] += 1
+    total, count = node_times(s.end_profiling())
     runs = warm + args.runs
     kernel_ms = sum(total.values()) / runs / 1e3
     # Linear layers of a BERT-style encoder: 4 h^2 (attention projections) + 2 h i (feed-forward) per position.
