@@ -12,6 +12,24 @@ import torch
 
 warnings.filterwarnings("ignore")
 
+
+def _share_the_cores() -> None:
+    """pytest-xdist workers share the cores: each runs its engines and torch on its share (at least one thread), as
+    PROMPTMUX_THREADS tells processes sharing a machine to; the servers and CLI processes tests start inherit it.
+    Left at the engines' defaults (a thread per core in every worker, ONNX Runtime's spinning), two workers on the
+    2-core Intel Xeon of 2026-12-04 took 627 and 657 s with every core oversubscribed; one thread each, 535 s.
+    A PROMPTMUX_THREADS already set is kept."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers < 2 or os.environ.get("PROMPTMUX_THREADS"):
+        return
+    share = str(max(1, len(os.sched_getaffinity(0)) // workers))
+    os.environ["PROMPTMUX_THREADS"] = share
+    os.environ.setdefault("OMP_NUM_THREADS", share)
+    torch.set_num_threads(int(share))
+
+
+_share_the_cores()
+
 VOCAB = 120
 
 
@@ -345,13 +363,14 @@ def _seconds(group: str) -> float:
     return GROUP_SECONDS.get(group, FAMILY_SECONDS if group.startswith("family-") else 0)
 
 
-# Seconds each slow group took (setup + call, summed from `--durations=0` on a 2-core AMD EPYC, 2026-12-04). Only the
-# order matters: pytest-xdist hands the groups out in collection order (with its reordering by test count turned
-# off below), and a long group handed out last keeps one worker busy while the other has finished. The families
-# (one group each) come next; the shortest groups fill in the end.
-GROUP_SECONDS = {"test_bench": 153, "test_folding_and_bank": 97, "test_serve": 88, "test_smollm2_demo": 83,
-                 "test_generate": 54, "test_serve_ray": 48, "test_hardening": 42, "test_tensorrt": 39,
-                 "test_serve_fuzz": 34, "test_precision": 34, "test_cli": 32, "test_fidelity": 16, "test_demo": 15}
+# Seconds each slow group took (setup + call, summed from `--durations=0` on a 2-core Intel Xeon with AMX, 2026-12-04,
+# one engine thread per worker). Only the order matters: pytest-xdist hands the groups out in collection order (with
+# its reordering by test count turned off below), and a long group handed out last keeps one worker busy while the
+# other has finished. The families (one group each) come next; the shortest groups fill in the end.
+GROUP_SECONDS = {"test_bench": 129, "test_folding_and_bank": 88, "test_serve": 80, "test_smollm2_demo": 61,
+                 "test_tensorrt": 51, "test_serve_ray": 48, "test_generate": 32, "test_precision": 31,
+                 "test_serve_fuzz": 31, "test_cli": 27, "test_hardening": 22, "test_demo": 18, "test_fidelity": 13,
+                 "test_errors": 13, "kserve": 12}
 FAMILY_SECONDS = 12
 
 
@@ -371,9 +390,11 @@ def pytest_sessionfinish(session):
 
 
 def pytest_xdist_auto_num_workers(config):
-    """-n auto: one worker per core, at most 4 (each holds its own models and graphs, and the builds they share
-    are made once whatever the count)."""
-    return max(1, min(len(os.sched_getaffinity(0)), 4))
+    """-n auto: one worker more than cores, at most 4 (each holds its own models and graphs, and the builds they
+    share are made once whatever the count), each on one engine thread (_share_the_cores). Many tests wait on a
+    server or a process they started, which leaves a core idle; the extra worker fills it. On the 2-core Intel
+    Xeon of 2026-12-04, one thread per worker: 3 workers ran the suite in 485 s, 2 in 535 s."""
+    return max(1, min(len(os.sched_getaffinity(0)) + 1, 4))
 
 
 def shared_root(tmp_path_factory) -> Path:
