@@ -47,6 +47,11 @@ class PromptmuxSystem:
     def graph_runs(self) -> dict:
         return dict(self.rt.graph_runs)
 
+    def settle(self) -> None:
+        from promptmux.runtime.openvino_session import wait_for_specialisation
+
+        wait_for_specialisation()
+
     def prepare(self, new_tokens: int) -> None:
         if new_tokens:
             self.rt.generator  # noqa: B018 - the decoder session and every task's prompt KV, before timing

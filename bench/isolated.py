@@ -77,6 +77,10 @@ def _child(conn, spec: SystemSpec) -> None:
                 conn.send(("ok", system.prepare(*args)))
             elif op == "run":
                 conn.send(("ok", system.run(*args)))
+            elif op == "settle":  # the shape-specialised OpenVINO models the warm-up started, compiled
+                from promptmux.runtime.openvino_session import wait_for_specialisation
+
+                conn.send(("ok", wait_for_specialisation()))
             elif op == "graph_runs":  # full-sequence batches per graph file that ran (Runtime.graph_runs)
                 conn.send(("ok", dict(getattr(rt, "graph_runs", None) or {})))
             elif op == "timed":
@@ -139,6 +143,9 @@ class IsolatedSystem:
 
     def graph_runs(self) -> dict:
         return self._call("graph_runs")
+
+    def settle(self) -> None:
+        self._call("settle")
 
     def timed(self, ids, mask, tasks, new_tokens) -> float:
         """Seconds the model call took, measured in the worker."""

@@ -132,14 +132,21 @@ def _one_pass(system, w: Workload, batches: list[list[int]], runs: Runs, task_re
 
 
 def warm_up(system, w: Workload) -> None:
-    """Each distinct batch shape once (size, and the task of a single-task batch)."""
+    """Each distinct batch shape (size, and the task of a single-task batch) SPECIALIZE_AFTER times, then the
+    system's shape-specialised OpenVINO models (runtime/openvino_session.py) are awaited: the rounds time the
+    steady state, and graph_runs says which model ran."""
+    from promptmux.runtime.openvino_session import SPECIALIZE_AFTER
+
     seen = set()
     for rows in w.batches(system.grouped):
         tasks = {w.tasks[i] for i in rows}
         key = (len(rows), next(iter(tasks)) if len(tasks) == 1 else "mixed")
         if key not in seen:
             seen.add(key)
-            system.run(w.ids[rows], w.mask[rows], [w.tasks[i] for i in rows], w.new_tokens)
+            for _ in range(SPECIALIZE_AFTER):
+                system.run(w.ids[rows], w.mask[rows], [w.tasks[i] for i in rows], w.new_tokens)
+    if hasattr(system, "settle"):
+        system.settle()
 
 
 def measure_jobs(jobs: list[tuple], repeats: int, duration: float | None, bar=None) -> list[Runs]:

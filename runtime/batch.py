@@ -114,7 +114,9 @@ def run_batch(rt: Runtime, ids: np.ndarray, mask: np.ndarray, types: np.ndarray 
     session, graph = rt.graph_for(views)
     layout = rt.layout(graph, ids, mask, types, views)
     out = session.run(layout.feeds, bank_key=bank_key)
-    rt.graph_runs[getattr(session, "graph_file", graph)] += 1  # the file that ran: model.int8.onnx at int8
+    ran = getattr(session, "graph_file", graph)  # the file that ran: model.int8.onnx at int8
+    # OpenVINO's model compiled for this batch's shape (openvino_session.py) counted apart from the dynamic one
+    rt.graph_runs[f"{ran} (shape-specialised)" if getattr(session, "ran_static", False) else ran] += 1
     if rt.spec.family.classifies:
         return heads(views, out)
     seq = ids.shape[1]

@@ -9,6 +9,7 @@ measurements behind the design: studies/cpu_hybrid.py, results/cpu-hybrid*.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 
 import numpy as np
@@ -25,19 +26,25 @@ class RoutedSession:
         self.routing = routing or Routing()  # the split, shared by a runtime's routed sessions (routing.py)
         self.routing.sessions.append(self)
         self.runs: Counter = Counter()
+        self._last = threading.local()  # the engine of each thread's last batch
 
     def engine_for(self, feeds: dict[str, np.ndarray]) -> str:
         return self.routing.engine_for(*feeds["attention_mask"].shape[:2])
 
     def run(self, feeds: dict[str, np.ndarray], bank_key=None) -> np.ndarray:
-        name = self.engine_for(feeds)
+        name = self._last.engine = self.engine_for(feeds)
         self.runs[name] += 1
         return self.engines[name].run(feeds, bank_key)
 
     def run_all(self, feeds: dict[str, np.ndarray], bank_key=None) -> list[np.ndarray]:
-        name = self.engine_for(feeds)
+        name = self._last.engine = self.engine_for(feeds)
         self.runs[name] += 1
         return self.engines[name].run_all(feeds, bank_key)
+
+    @property
+    def ran_static(self) -> bool:
+        """Whether this thread's last batch ran an OpenVINO model compiled for its shape (openvino_session.py)."""
+        return getattr(self._last, "engine", None) == "openvino" and self.engines["openvino"].ran_static
 
     @property
     def input_names(self) -> list[str]:

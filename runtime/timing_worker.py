@@ -2,7 +2,8 @@
 promptmux.runtime.timing_worker`).
 
 JSON lines on stdin and stdout: first {"deploy", "kwargs" (Runtime's, plus "force": the engine a routed runtime keeps
-to), "shapes"}, answered {"ok": real tokens per row per shape} once the runtime is open; then {"time": true}: after
+to), "shapes"}, answered {"ok": real tokens per row per shape} once the runtime is open and each shape has run on
+the model OpenVINO compiles for it (openvino_session.SPECIALIZE_AFTER); then {"time": true}: after
 SETTLE_S idle, each shape in turn gets one untimed call and BLOCK timed ones, answered {"ok": [[median seconds,
 positions of the batch] per shape, the full-sequence batches each graph file has run so far (Runtime.graph_runs)]}.
 Errors are answered {"error": [type, message, traceback]}. Anything else written to stdout goes to stderr, so the
@@ -43,6 +44,17 @@ def main() -> None:
         rt = Runtime(setup["deploy"], **kwargs)
         rt.routing.force = force  # a routed runtime kept on one engine (routing.py)
         runs = [workload(rt, tuple(shape)) for shape in setup["shapes"]]
+    except Exception as e:  # noqa: BLE001 - the parent raises it with this message
+        _error(out, e)
+        return
+    try:  # each shape into the model OpenVINO compiles for it (openvino_session.py): the rounds time the steady state
+        from promptmux.runtime import openvino_session
+
+        for run, _tokens in runs:
+            for _ in range(openvino_session.SPECIALIZE_AFTER):
+                run()
+        openvino_session.wait_for_specialisation()
+        rt.graph_runs.clear()  # these warm-up batches are not timed
     except Exception as e:  # noqa: BLE001 - the parent raises it with this message
         _error(out, e)
         return
