@@ -36,16 +36,19 @@ OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 INSTALL = "pip install 'promptmux[openvino]'  (or: pip install openvino)"
 
 # Shape-specialised models. OpenVINO's CPU plugin runs a model compiled for one input shape faster than the
-# dynamic-shape one: on an AMX Xeon (studies/openvino_static_shapes.py) the demo classifier in bf16 took 15-23 % less
-# time per batch at B = 1-32 x 64-256 tokens, mostly in attention (its fused MHA kernel), and 5-10 % less in fp32.
+# dynamic-shape one: on an AMX Xeon (studies/openvino_static_shapes.py) the demo classifier in bf16 ran 1.05-1.33x as
+# fast at B = 1-32 x 64-256 tokens (attention, its fused MHA kernel, took most of a bf16 batch at 256 tokens), and
+# fp32 0.99-1.10x.
 # A full-sequence graph's input shape seen SPECIALIZE_AFTER times gets a model compiled for exactly that shape, in
 # a background thread (the dynamic model serves until it is ready). Each holds its own copy of the weights: at most
 # SPECIALIZED_MAX are kept, fewer where they would hold more than STATIC_BYTES of weights together (one at least),
-# least recently used first out. Graphs with a cache (decoder steps) are never specialised: their shapes change
-# every step. STATIC_SHAPES_ENV=0 turns it off.
+# least recently used first out. A session compiles at most COMPILES_PER_SLOT x that many in its life, so traffic with
+# more recurring shapes than it keeps does not recompile forever. Graphs with a cache (decoder steps) are never
+# specialised: their shapes change every step. STATIC_SHAPES_ENV=0 turns it off.
 SPECIALIZE_AFTER = 3
 SPECIALIZED_MAX = 8
 STATIC_BYTES = 1 << 30
+COMPILES_PER_SLOT = 4
 STATIC_SHAPES_ENV = "PROMPTMUX_STATIC_SHAPES"
 
 
@@ -184,6 +187,7 @@ class OpenVinoSession:
         self._seen: collections.Counter = collections.Counter()  # calls per input shape not yet specialised
         self._static: collections.OrderedDict = collections.OrderedDict()  # shape -> its compiled model
         self._compiling: dict = {}  # shape -> the thread compiling it
+        self._compiles_left = COMPILES_PER_SLOT * self._max_static
 
     def _request(self, feeds: dict[str, np.ndarray]):
         """The calling thread's infer request on the model for these feeds' shape (its own compiled model where one
@@ -216,7 +220,8 @@ class OpenVinoSession:
                 self._static.move_to_end(key)
                 return compiled
             self._seen[key] += 1
-            if self._seen[key] == SPECIALIZE_AFTER and key not in self._compiling:
+            if self._seen[key] == SPECIALIZE_AFTER and key not in self._compiling and self._compiles_left > 0:
+                self._compiles_left -= 1
                 thread = threading.Thread(target=self._compile_static, args=(key,), daemon=True,
                                           name="openvino-specialise")
                 self._compiling[key] = thread
@@ -243,7 +248,6 @@ class OpenVinoSession:
             self._static[key] = compiled
             while len(self._static) > self._max_static:
                 self._static.popitem(last=False)
-
 
     def _output_arrays(self, feeds: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
         """Fresh arrays for the outputs whose shapes follow from the feeds (a decoder's logits and presents)."""

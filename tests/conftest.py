@@ -402,6 +402,15 @@ def shared_root(tmp_path_factory) -> Path:
     return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
 
 
+def copy_deployment(src: Path, dst: Path) -> Path:
+    """A copy of a shared deployment to change. Without the task store's write-ahead log and shared-memory index:
+    another worker's Runtime reading the store holds them open and removes them when it closes, possibly midway
+    through the copy; nothing writes to a shared deployment, so they hold no change of their own."""
+    import shutil
+
+    return Path(shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*-wal", "*-shm")))
+
+
 def built_once(tmp_path_factory, name: str, build) -> Path:
     """build(folder) once per test run; returns the folder. A build that failed midway is started again."""
     import shutil

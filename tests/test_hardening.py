@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import servekit
 from brokenkit import build_corrupt
+from conftest import copy_deployment
 
 from promptmux import Runtime
 from promptmux.cli import main as cli
@@ -200,7 +200,7 @@ def test_concurrent_task_changes_from_several_processes_lose_nothing(text_deploy
 
     d = text_deployments["bert"]
     deploy = tmp_path / "deploy"
-    shutil.copytree(d.deploy, deploy)
+    copy_deployment(d.deploy, deploy)
     initial = set(read_bank(deploy).names())
     rt = Runtime(deploy)
     want = {t: rt.forward(*_ids(), [t])[0] for t in sorted(initial)}
@@ -294,7 +294,7 @@ def test_a_writer_killed_mid_change_loses_nothing_it_committed(text_deployments,
 
     d = text_deployments["bert"]
     deploy = tmp_path / "deploy"
-    shutil.copytree(d.deploy, deploy)
+    copy_deployment(d.deploy, deploy)
     initial = set(read_bank(deploy).names())
     proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(deploy), str(d.adapters["pt"])],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -325,7 +325,7 @@ def test_an_old_deployment_opens_serves_and_migrates_on_its_first_change(text_de
 
     d = text_deployments["bert"]
     deploy = tmp_path / "old"
-    shutil.copytree(d.deploy, deploy)
+    copy_deployment(d.deploy, deploy)
     _as_old_deployment(deploy)
     names = [t["name"] for t in json.loads((deploy / "manifest.json").read_text())["tasks"]]
     fresh = Runtime(d.deploy)

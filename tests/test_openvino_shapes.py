@@ -62,3 +62,20 @@ def test_decoder_steps_and_the_switch_never_specialise(deployment, monkeypatch):
     assert OpenVinoSession(deployment.deploy / "model.onnx").specialize is True
     monkeypatch.setenv("PROMPTMUX_STATIC_SHAPES", "0")
     assert OpenVinoSession(deployment.deploy / "model.onnx").specialize is False
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_a_session_stops_compiling_once_its_budget_is_spent(deployment, monkeypatch):
+    """Traffic with more recurring shapes than a session keeps would otherwise recompile without end."""
+    monkeypatch.setattr(openvino_session, "SPECIALIZED_MAX", 1)
+    monkeypatch.setattr(openvino_session, "COMPILES_PER_SLOT", 1)
+    rt = Runtime(deployment.deploy, backend="openvino")
+    first, second = _prompt_only_batch(rt, 2, 7, seed=5), _prompt_only_batch(rt, 3, 7, seed=6)
+    for batch in (first, second):
+        for _ in range(SPECIALIZE_AFTER + 1):
+            rt.forward(*batch)
+        wait_for_specialisation()
+    rt.graph_runs.clear()
+    rt.forward(*first)
+    rt.forward(*second)
+    assert dict(rt.graph_runs) == {SPECIALISED: 1, NOPREFIX_GRAPH: 1}

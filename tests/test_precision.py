@@ -8,7 +8,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from conftest import random_batch
+from conftest import copy_deployment, random_batch
 
 from promptmux import Runtime
 from promptmux.runtime import backends as B
@@ -65,9 +65,8 @@ def test_openvino_restart_converts_nothing(deployment, monkeypatch):
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
 def test_bf16_contract_is_measured_recorded_and_reused(deployment, tmp_path, bf16_cpu):
-    import shutil
 
-    deploy = shutil.copytree(deployment.deploy, tmp_path / "deploy")
+    deploy = copy_deployment(deployment.deploy, tmp_path / "deploy")
     rt = Runtime(deploy, precision="bf16")
     assert (rt.backend, rt.precision) == ("openvino", "bf16")
     entry = json.loads((deploy / "manifest.json").read_text())["precision"]["openvino/bf16"]
@@ -88,9 +87,8 @@ def test_bf16_contract_is_measured_recorded_and_reused(deployment, tmp_path, bf1
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
 def test_strict_refuses_a_missed_contract_and_default_warns(deployment, monkeypatch, caplog, tmp_path, bf16_cpu):
-    import shutil
 
-    deploy = shutil.copytree(deployment.deploy, tmp_path / "deploy")
+    deploy = copy_deployment(deployment.deploy, tmp_path / "deploy")
     monkeypatch.setitem(P.THRESHOLDS, "prediction_agreement", 1.01)  # no precision can meet this
     with pytest.raises(P.PrecisionError, match=r"misses its accuracy contract .*prediction_agreement .* < 1.01.*--strict"):
         Runtime(deploy, precision="bf16", strict=True)
@@ -102,9 +100,8 @@ def test_strict_refuses_a_missed_contract_and_default_warns(deployment, monkeypa
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
 def test_calibration_texts_are_used_and_recorded(deployment, tmp_path, bf16_cpu):
-    import shutil
 
-    deploy = shutil.copytree(deployment.deploy, tmp_path / "deploy")
+    deploy = copy_deployment(deployment.deploy, tmp_path / "deploy")
     path = tmp_path / "calibration.txt"
     _with_tokenizer(deploy, tmp_path)  # the tiny test model has none
     path.write_text("\n".join(" ".join(_word((i * 7 + j) % 115) for j in range(6)) for i in range(40)) + "\n\n")
@@ -141,9 +138,8 @@ def test_labelled_contract_keeps_accuracy_and_most_predictions(deployment, tmp_p
     """With labelled rows a task passes when its accuracy stays within 0.5 point of fp32's and 97 % of fp32's
     predictions are kept: a precision that loses one right answer in 100 misses on accuracy, one that trades two
     right answers for two others misses on the answers kept, though its accuracy is fp32's."""
-    import shutil
 
-    deploy = _with_tokenizer(shutil.copytree(deployment.deploy, tmp_path / "deploy"), tmp_path)
+    deploy = _with_tokenizer(copy_deployment(deployment.deploy, tmp_path / "deploy"), tmp_path)
     exact = Runtime(deploy, backend="onnxruntime")
     texts = [" ".join(_word((i * 7 + j * 3) % 115) for j in range(6)) for i in range(100)]
     enc = exact.encode(texts, "pt")
@@ -201,9 +197,8 @@ def test_labelled_calibration_files_are_read_and_checked(tmp_path):
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
 def test_labelled_calibration_is_measured_with_bf16_and_kept(deployment, tmp_path, bf16_cpu):
-    import shutil
 
-    deploy = _with_tokenizer(shutil.copytree(deployment.deploy, tmp_path / "deploy"), tmp_path)
+    deploy = _with_tokenizer(copy_deployment(deployment.deploy, tmp_path / "deploy"), tmp_path)
     rows = [{"task": "pt", "text": " ".join(_word((i * 5 + j) % 115) for j in range(5)), "label": i % 3}
             for i in range(60)]
     rt = Runtime(deploy, precision="bf16", calibration=rows)
@@ -236,9 +231,8 @@ def test_precision_errors_say_what_is_wrong(monkeypatch):
 def test_bf16_is_refused_where_the_cpu_has_none(deployment, monkeypatch, tmp_path):
     """On a CPU without AMX or AVX512-BF16 (an AMD Zen 3), on any machine: bf16 is refused before anything is
     compiled or measured, with what to use instead, and the deployment is left as it was."""
-    import shutil
 
-    deploy = shutil.copytree(deployment.deploy, tmp_path / "deploy")
+    deploy = copy_deployment(deployment.deploy, tmp_path / "deploy")
     before = (deploy / "manifest.json").read_bytes()
     monkeypatch.setattr(B, "cpu_has_bf16", lambda: False)
     for backend in ("auto", "openvino"):
@@ -337,12 +331,11 @@ def test_timing_runs_each_configuration_in_its_own_process(deployment):
 def test_routing_split_is_measured_once_per_cpu_and_kept_in_the_manifest(deployment, tmp_path, monkeypatch):
     """onnxruntime+openvino times both engines on its first open on a kind of CPU, keeps the split in the manifest
     per CPU (and thread count), and later opens on that CPU read it."""
-    import shutil
 
     from promptmux.core.folder import read_manifest
     from promptmux.runtime import routing
 
-    deploy = shutil.copytree(deployment.deploy, tmp_path / "deploy")
+    deploy = copy_deployment(deployment.deploy, tmp_path / "deploy")
     rt = Runtime(deploy, threads=1)
     keys = set(read_manifest(deploy)["routing"])  # this CPU's (and any the shared deployment had before)
     record = read_manifest(deploy)["routing"][routing.key(1)]
@@ -412,12 +405,11 @@ def test_prepare_builds_every_engine_the_routing_can_pick(deployment, monkeypatc
 
 @pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
 def test_int8_decoding_quantizes_every_matmul_and_the_tied_lm_head(deployment, tmp_path):
-    import shutil
     from collections import Counter
 
     import onnx
 
-    deploy = shutil.copytree(deployment.deploy, tmp_path / "deploy")
+    deploy = copy_deployment(deployment.deploy, tmp_path / "deploy")
     rt = Runtime(deploy, precision="int8")
     assert (rt.backend, rt.precision) == ("onnxruntime", "int8")
     entry = rt.contract
@@ -446,7 +438,7 @@ def test_int8_classifiers_run_dynamic_int8_copies_of_every_graph_under_a_contrac
 
     import onnx
 
-    deploy = shutil.copytree(deployment.deploy, tmp_path / "deploy")
+    deploy = copy_deployment(deployment.deploy, tmp_path / "deploy")
     rt = Runtime(deploy, precision="int8")
     assert (rt.backend, rt.precision) == ("onnxruntime", "int8") and set(rt.contract["tasks"]) == set(rt.tasks)
     assert all(r["rows"] == P.CALIBRATION_ROWS for r in rt.contract["tasks"].values())
@@ -493,14 +485,13 @@ def test_int8_on_openvino_runs_nncf_static_int8_calibrated_on_the_contract_rows_
     """precision int8 on the openvino backend: NNCF quantizes each graph a batch needs, calibrated on the contract's
     rows; the batches run the int8 IR (graph_runs names it, OpenVINO runs int8 operations), the contract is kept
     under openvino/int8 with NNCF's recipe, and opening again quantizes nothing while the rows and tasks stay."""
-    import shutil
 
     import nncf
 
     from promptmux.kinds import kind_of
     from promptmux.runtime import openvino_int8
 
-    deploy = shutil.copytree(deployment.deploy, tmp_path / "deploy")
+    deploy = copy_deployment(deployment.deploy, tmp_path / "deploy")
     texts = [f"calibration text number {i} about {w}" for i, w in enumerate(["films", "news", "sport", "music"] * 8)]
     rt = Runtime(deploy, precision="int8", backend="openvino", calibration=texts)
     assert (rt.backend, rt.precision) == ("openvino", "int8") and rt.contract["recipe"] == openvino_int8.recipe()
@@ -551,11 +542,10 @@ def _fp32_weight_matmuls(path) -> int:
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
 def test_int8_accuracy_control_keeps_the_fewest_sensitive_layers_fp32_that_meet_the_contract(deployment, tmp_path,
                                                                                               monkeypatch):
-    import shutil
 
     from promptmux.runtime import accuracy_control
 
-    deploy = shutil.copytree(deployment.deploy, tmp_path / "deploy")
+    deploy = copy_deployment(deployment.deploy, tmp_path / "deploy")
     _int8_missing_a_tighter_rule(deploy, monkeypatch, 0.7)
     monkeypatch.setattr(accuracy_control, "MAX_FP32_SHARE", 1.0)
     rt = Runtime(deploy, precision="int8", strict=True)  # strict: a miss would raise
@@ -585,11 +575,10 @@ def test_int8_accuracy_control_keeps_the_fewest_sensitive_layers_fp32_that_meet_
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
 def test_int8_accuracy_control_that_finds_nothing_leaves_every_layer_int8_and_reports_the_miss(deployment, tmp_path,
                                                                                                 monkeypatch):
-    import shutil
 
     from promptmux.runtime import accuracy_control
 
-    deploy = shutil.copytree(deployment.deploy, tmp_path / "deploy")
+    deploy = copy_deployment(deployment.deploy, tmp_path / "deploy")
     _int8_missing_a_tighter_rule(deploy, monkeypatch, 0.0)  # only exact outputs pass
     monkeypatch.setattr(accuracy_control, "MAX_FP32_SHARE", 0.1)
     rt = Runtime(deploy, precision="int8")
@@ -607,11 +596,10 @@ def test_int8_accuracy_control_that_finds_nothing_leaves_every_layer_int8_and_re
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
 def test_fast_runs_the_fastest_precision_that_meets_its_contract_and_records_it_per_cpu(deployment, tmp_path,
                                                                                          monkeypatch):
-    import shutil
 
     from promptmux.runtime import cpu, fast
 
-    deploy = shutil.copytree(deployment.deploy, tmp_path / "deploy")
+    deploy = copy_deployment(deployment.deploy, tmp_path / "deploy")
     rt = Runtime(deploy, precision="fast")
     record, here = rt.fast, cpu.describe()
     assert json.loads((deploy / "manifest.json").read_text())["fast"][here] == record

@@ -15,6 +15,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+from conftest import copy_deployment
 from servekit import EXTRA_ADAPTER, raw_exchange, running_server, server_fixture
 
 from promptmux import Runtime
@@ -724,14 +725,13 @@ def test_a_cancelled_generation_leaves_the_running_batch(text_deployments):
 def test_persisted_task_changes_reach_every_server_on_the_store(text_deployments, tmp_path):
     """Two servers on one deployment with --persist-tasks: a task added through one is served by the other at
     once (the store is their log), stays after both stop, and its removal reaches both; the bank's metrics show."""
-    import shutil
     from contextlib import ExitStack
 
     from promptmux.core.folder import read_bank
 
     d = text_deployments["bert"]
     deploy = tmp_path / "deploy"
-    shutil.copytree(d.deploy, deploy)
+    copy_deployment(d.deploy, deploy)
     admin = {"Authorization": f"Bearer {TOKEN}"}
     body = {"task": "extra", "text": "persisted"}
     args = ("--admin-token", TOKEN, "--adapter-root", str(d.adapter_root), "--persist-tasks", "--bank-cache-mb", "1")

@@ -11,6 +11,7 @@ import time
 
 import httpx
 import pytest
+from conftest import copy_deployment
 from servekit import EXTRA_ADAPTER, running_server
 
 from promptmux import Runtime
@@ -109,13 +110,12 @@ def test_ray_replicas_with_persisted_tasks_share_the_store(text_deployments, tmp
     """--persist-tasks: the replicas share the deployment's store instead of a task log. A task added through one
     replica is served by both within a second, and is in the store (it outlives every replica); its removal
     reaches both."""
-    import shutil
 
     from promptmux.core.folder import read_bank
 
     d = text_deployments["gpt2"]
     deploy = tmp_path / "deploy"
-    shutil.copytree(d.deploy, deploy)
+    copy_deployment(d.deploy, deploy)
     admin = {"Authorization": "Bearer t"}
     body = {"model": "shared", "prompt": "ray store", "max_tokens": 4, "temperature": 0}
     with running_server(deploy, "--ray", "--replicas", "2", "--replica-cpus", "1", "--admin-token", "t",
