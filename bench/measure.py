@@ -143,7 +143,7 @@ def warm_up(system, w: Workload) -> None:
         key = (len(rows), next(iter(tasks)) if len(tasks) == 1 else "mixed")
         if key not in seen:
             seen.add(key)
-            for _ in range(SPECIALIZE_AFTER):
+            for _ in range(1 if w.new_tokens else SPECIALIZE_AFTER):  # generation: decoder steps never specialise
                 system.run(w.ids[rows], w.mask[rows], [w.tasks[i] for i in rows], w.new_tokens)
     if hasattr(system, "settle"):
         system.settle()
