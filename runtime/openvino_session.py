@@ -175,10 +175,9 @@ class OpenVinoSession:
         logits = self.compiled.outputs[0].get_partial_shape()
         self._vocab = (logits[1].get_length() if self._past_of and logits.rank.is_static and logits.rank.get_length()
                        == 2 and logits[1].is_static else None)  # [rows, vocab]: one row per gathered position
-        cached = any(n.startswith("present") for n in self.output_names)
         if specialize is None:
-            specialize = not cached and os.environ.get(STATIC_SHAPES_ENV, "1").strip() != "0"
-        self.specialize = specialize and not cached
+            specialize = os.environ.get(STATIC_SHAPES_ENV, "1").strip() != "0"
+        self.specialize = specialize and not any(n.startswith("present") for n in self.output_names)  # no cache
         self._core, self._xml, self._config = core, Path(xml), config
         weights = Path(xml).with_suffix(".bin")
         self._max_static = max(1, min(SPECIALIZED_MAX, STATIC_BYTES // max(1, weights.stat().st_size)
@@ -192,10 +191,9 @@ class OpenVinoSession:
     def _request(self, feeds: dict[str, np.ndarray]):
         """The calling thread's infer request on the model for these feeds' shape (its own compiled model where one
         is ready, else the dynamic one); sets the thread's `static` flag to which it is."""
-        compiled, key = self.compiled, None
+        compiled = self.compiled
         if self.specialize:
-            key = tuple(np.shape(feeds[n]) for n in self.input_names)
-            compiled = self._specialised(key) or self.compiled
+            compiled = self._specialised(tuple(np.shape(feeds[n]) for n in self.input_names)) or self.compiled
         self._local.static = compiled is not self.compiled
         requests = getattr(self._local, "requests", None)
         if requests is None:
@@ -241,8 +239,7 @@ class OpenVinoSession:
         with self._lock:
             del self._compiling[key]
             _COMPILING.discard(threading.current_thread())
-            if compiled is None:
-                self._seen[key] = -(1 << 62)  # never tried again
+            if compiled is None:  # its count is past SPECIALIZE_AFTER now: it is not tried again
                 return
             self._seen.pop(key, None)
             self._static[key] = compiled
