@@ -49,6 +49,14 @@ def _v1(server, task, texts):
     return r.json()["results"]
 
 
+def _same_scores(got, want_scores):
+    """The same batch through another protocol: equal to float32 rounding. Not bit for bit: the third batch of a shape
+    on OpenVINO gets a shape-specialised model, whose kernels round differently in the last bits."""
+    want = np.array(want_scores, np.float32)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert np.abs(got - want).max() < 1e-5, np.abs(got - want).max()
+
+
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_tritonclient_classifies_mixed_tasks_concurrently_with_the_scores_of_v1(server, clients, text_deployments,
                                                                                  protocol):
@@ -75,10 +83,11 @@ def test_tritonclient_classifies_mixed_tasks_concurrently_with_the_scores_of_v1(
         assert np.abs(scores - np.array([r["scores"] for r in want[task]])).max() < 1e-5
         assert result.as_numpy("label_id").tolist() == [r["label_id"] for r in want[task]]
         assert [x.decode() for x in result.as_numpy("label")] == [r["label"] for r in want[task]]
-    # alone, as the /v1 requests were: the same batch, so exactly the same scores (v1's JSON floats are float32's)
+    # alone, as the /v1 requests were: the same batch, so the same scores (v1's JSON floats are float32's), to the
+    # last bits where both ran on one model; a recurring shape may have moved to its OpenVINO shape-specialised model
     for task in tasks[:3]:
         alone = one(task).as_numpy("scores")
-        assert alone.tolist() == np.array([r["scores"] for r in want[task]], dtype=np.float32).tolist()
+        _same_scores(alone, [r["scores"] for r in want[task]])
     # input_ids with a padding mask give the same scores as the text they came from
     from promptmux.runtime.text import load_tokenizer
 
@@ -91,7 +100,7 @@ def test_tritonclient_classifies_mixed_tasks_concurrently_with_the_scores_of_v1(
     got = client.infer("pt", [ids, mask], outputs=[module.InferRequestedOutput("scores")])
     assert got.as_numpy("label_id") is None  # only what was asked for
     pair = _v1(server, "pt", TEXTS[:2])  # the same two rows in one batch
-    assert got.as_numpy("scores").tolist() == np.array([r["scores"] for r in pair], np.float32).tolist()
+    _same_scores(got.as_numpy("scores"), [r["scores"] for r in pair])
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -211,8 +220,7 @@ def test_v2_http_json_and_errors_in_the_protocols_body(server):
     out = {o["name"]: o for o in r.json()["outputs"]}
     want = _v1(server, "pt", TEXTS[:2])
     assert out["label"]["data"] == [w["label"] for w in want] and set(out) == {"label", "scores"}
-    assert np.array(out["scores"]["data"], np.float32).reshape(out["scores"]["shape"]).tolist() == \
-        np.array([w["scores"] for w in want], np.float32).tolist()
+    _same_scores(np.array(out["scores"]["data"], np.float32).reshape(out["scores"]["shape"]), [w["scores"] for w in want])
     for bad, words in (({"inputs": []}, "inputs:"), ({**body, "outputs": [{"name": "logits"}]}, "outputs[0].name"),
                        ({"inputs": [{**body["inputs"][0], "shape": [3]}]}, "2 values for shape [3]")):
         r = httpx.post(server.url + "/v2/models/pt/infer", json=bad)
