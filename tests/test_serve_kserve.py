@@ -220,7 +220,8 @@ def test_v2_http_json_and_errors_in_the_protocols_body(server):
     out = {o["name"]: o for o in r.json()["outputs"]}
     want = _v1(server, "pt", TEXTS[:2])
     assert out["label"]["data"] == [w["label"] for w in want] and set(out) == {"label", "scores"}
-    _same_scores(np.array(out["scores"]["data"], np.float32).reshape(out["scores"]["shape"]), [w["scores"] for w in want])
+    scores = np.array(out["scores"]["data"], np.float32).reshape(out["scores"]["shape"])
+    _same_scores(scores, [w["scores"] for w in want])
     for bad, words in (({"inputs": []}, "inputs:"), ({**body, "outputs": [{"name": "logits"}]}, "outputs[0].name"),
                        ({"inputs": [{**body["inputs"][0], "shape": [3]}]}, "2 values for shape [3]")):
         r = httpx.post(server.url + "/v2/models/pt/infer", json=bad)
