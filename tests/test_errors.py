@@ -272,6 +272,7 @@ def test_vocab_mismatch_via_recorded_base(bert, tmp_path):
 
 
 def test_promptmux_threads_sets_the_default_and_a_bad_value_is_named(rt, monkeypatch):
+    from promptmux.runtime.cpu import default_threads
     from promptmux.runtime.sessions import OrtSession
 
     monkeypatch.setenv("PROMPTMUX_THREADS", "1")
@@ -280,3 +281,6 @@ def test_promptmux_threads_sets_the_default_and_a_bad_value_is_named(rt, monkeyp
     monkeypatch.setenv("PROMPTMUX_THREADS", "two")
     with pytest.raises(InputError, match="PROMPTMUX_THREADS='two': give a whole number of threads, 1 or more"):
         OrtSession(rt.dir / "model.onnx")
+    monkeypatch.delenv("PROMPTMUX_THREADS")  # unset (the test workers set it): each engine's own default
+    assert default_threads() is None and OrtSession(rt.dir / "model.onnx").session.get_session_options(
+    ).intra_op_num_threads == 0
