@@ -25,7 +25,7 @@ from promptmux.core.io_spec import (
     prompt_inputs,
 )
 
-from . import mpt_function
+from . import attention_3d, mpt_function
 
 log = logging.getLogger("promptmux.export")
 
@@ -41,6 +41,9 @@ ONNXSCRIPT_OPTIMIZER = True
 # did not fire even on a bare graph of two halving Slices). The graphs are the same without it
 # (python -m studies.export_rules); one where it would fire keeps its two Slices, which give the same values.
 SKIPPED_REWRITE_RULES = frozenset({"SlicesSplit"})
+# Rules of promptmux's own that the optimizer applies beside its defaults: Attention on 3-D projections (no
+# head transposes; attention_3d.py).
+EXTRA_REWRITE_RULES = attention_3d.RULES
 
 def example_inputs(config, tm: int = 5, p: int = 3, n: int = 4) -> dict[str, torch.Tensor]:
     """Inputs of io_spec's example sizes (pairwise different, so the exporter keeps every axis symbolic).
@@ -108,7 +111,7 @@ def to_onnx(module, args: tuple, input_names: list[str], output_names: list[str]
     the public call, registry rebuilt, if this torch moved the private entry point."""
     options = dict(dynamic_shapes=dynamic_shapes, input_names=input_names, output_names=output_names,
                    optimize=ONNXSCRIPT_OPTIMIZER, verbose=False)
-    with _optimizer_rules(SKIPPED_REWRITE_RULES):
+    with _optimizer_rules(SKIPPED_REWRITE_RULES, EXTRA_REWRITE_RULES):
         try:
             from torch.onnx._internal.exporter import _core
 
@@ -121,9 +124,9 @@ def to_onnx(module, args: tuple, input_names: list[str], output_names: list[str]
 
 
 @contextlib.contextmanager
-def _optimizer_rules(skipped: frozenset[str]):
-    """onnxscript's default rewrite rules without `skipped` while the block runs (its optimizer reads the table at
-    each call); all of them where this onnxscript keeps the table elsewhere."""
+def _optimizer_rules(skipped: frozenset[str], extra: tuple = ()):
+    """onnxscript's default rewrite rules without `skipped`, and with `extra`, while the block runs (its optimizer
+    reads the table at each call); the defaults as they are where this onnxscript keeps the table elsewhere."""
     try:
         from onnxscript import rewriter
 
@@ -131,7 +134,7 @@ def _optimizer_rules(skipped: frozenset[str]):
     except (ImportError, AttributeError):
         yield
         return
-    rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in rules if getattr(r, "name", None) not in skipped)
+    rewriter._DEFAULT_REWRITE_RULES = (*(r for r in rules if getattr(r, "name", None) not in skipped), *extra)
     try:
         yield
     finally:

@@ -113,7 +113,8 @@ def test_token_type_ids_are_honoured_like_peft(deployment):
 @pytest.mark.parametrize("deployment", ["bert", "gpt2"], indirect=True)
 def test_attention_is_one_fused_node_per_layer_in_the_graph_and_in_each_engine(deployment, tmp_path):
     """Opset 23's standard Attention op: one node per layer in model.onnx, which ONNX Runtime keeps as its own
-    kernel and OpenVINO compiles into one fused subgraph per layer (no loose attention MatMul/Softmax left)."""
+    kernel and OpenVINO compiles into one fused subgraph per layer (no loose attention MatMul/Softmax left); in an
+    encoder's graph without prefix inputs, on the 3-D projections, with no head transposes (attention_3d.py)."""
     from collections import Counter
 
     import onnx
@@ -134,6 +135,12 @@ def test_attention_is_one_fused_node_per_layer_in_the_graph_and_in_each_engine(d
     compiled = deployment.runtime("openvino").session.compiled
     kinds = Counter(op.get_rt_info()["layerType"].astype(str) for op in compiled.get_runtime_model().get_ordered_ops())
     assert kinds["Subgraph"] >= layers and kinds["Softmax"] == 0, kinds
+    noprefix = deployment.deploy / "model_noprefix.onnx"
+    assert noprefix.exists() == (deployment.arch == "bert")  # an encoder's graph for batches without a prefix
+    if noprefix.exists():  # its attention on the 3-D projections
+        graph = onnx.load(str(noprefix), load_external_data=False).graph
+        three_d = [n for n in graph.node if n.op_type == "Attention" and "q_num_heads" in {a.name for a in n.attribute}]
+        assert len(three_d) == layers and not [n for n in graph.node if n.op_type == "Transpose"]
 
 
 @pytest.mark.parametrize("deployment", ["roberta", "llama"], indirect=True)

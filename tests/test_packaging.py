@@ -28,17 +28,18 @@ def test_plain_install_imports_every_subpackage(tmp_path):
     assert out[1] == "['adapter_model.safetensors', 'adapter_model.safetensors']"  # both demo adapters ship
 
 
-def test_the_export_leaves_the_skipped_rewrite_rules_out_and_puts_them_back():
-    """export/onnx_export.py drops SKIPPED_REWRITE_RULES from onnxscript's default table while it exports. If an
-    onnxscript moves or renames that table or the rules, the skip silently does nothing: this says so."""
+def test_the_export_swaps_its_rewrite_rules_in_and_puts_the_table_back():
+    """export/onnx_export.py drops SKIPPED_REWRITE_RULES from onnxscript's default table, and adds its own
+    EXTRA_REWRITE_RULES, while it exports. If an onnxscript moves or renames that table or the rules, the swap
+    silently does nothing: this says so."""
     from onnxscript import rewriter
 
-    from promptmux.export.onnx_export import SKIPPED_REWRITE_RULES, _optimizer_rules
+    from promptmux.export.onnx_export import EXTRA_REWRITE_RULES, SKIPPED_REWRITE_RULES, _optimizer_rules
 
     table = rewriter._DEFAULT_REWRITE_RULES
     names = {getattr(r, "name", None) for r in table}
     assert SKIPPED_REWRITE_RULES <= names, f"this onnxscript has no rule named {SKIPPED_REWRITE_RULES - names}"
-    with _optimizer_rules(SKIPPED_REWRITE_RULES):
+    with _optimizer_rules(SKIPPED_REWRITE_RULES, EXTRA_REWRITE_RULES):
         during = {getattr(r, "name", None) for r in rewriter._DEFAULT_REWRITE_RULES}
-    assert during == names - SKIPPED_REWRITE_RULES and len(names) > len(during)
+    assert during == (names - SKIPPED_REWRITE_RULES) | {"PromptmuxAttention3D"}
     assert rewriter._DEFAULT_REWRITE_RULES is table
