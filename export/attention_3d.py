@@ -4,7 +4,7 @@ are, [batch, tokens, heads x head_dim], instead of on copies transposed to [batc
 torch's exporter writes each SDPA call of an encoder as Reshape -> Transpose(0, 2, 1, 3) on Q, K and V, the 4-D
 Attention, then Transpose -> Reshape back. The op takes 3-D inputs when told the head counts (q_num_heads,
 kv_num_heads) and returns 3-D output, so the four Transposes and four Reshapes of every layer go. ONNX Runtime ran
-the demo's graph 3-5 % faster at B = 1, 8 and 32 x 64 with bit-identical outputs; OpenVINO, which folds the
+the demo's graph 4-5 % faster at B = 1, 8 and 32 x 64 with bit-identical outputs; OpenVINO, which folds the
 transposes itself, ran it as fast as before (AMX Xeon; python -m studies.attention_3d). The rule fires only where
 Q, K and V each come straight from such a Reshape -> Transpose (a decoder's keys that are concatenated with a cache
 or rotated do not) and the shapes say the heads; anything else keeps its 4-D form.
