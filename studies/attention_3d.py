@@ -17,7 +17,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -46,22 +45,13 @@ def attention_forms(graph: Path) -> set[str]:
 
 def worker(deploy: str, variant: str, engine: str, batch: int, tokens: int, runs: int, threads: int) -> dict:
     from promptmux import Runtime
-    from promptmux.runtime.openvino_session import SPECIALIZE_AFTER, wait_for_specialisation
+    from studies.openvino_static_shapes import steady_forwards
 
     rt = Runtime(deploy, backend=engine, threads=threads)
     ids = np.random.default_rng(0).integers(1000, 20000, (batch, tokens))
     mask = np.ones_like(ids)
     tasks = [rt.tasks[i % len(rt.tasks)] for i in range(batch)]
-    for _ in range(SPECIALIZE_AFTER):  # OpenVINO's model for this shape (openvino_session.py) is made, as it would be
-        out = rt.forward(ids, mask, tasks)
-    wait_for_specialisation()
-    rt.graph_runs.clear()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        rt.forward(ids, mask, tasks)
-        times.append(time.perf_counter() - t)
-    ran = dict(rt.graph_runs)
+    out, times, ran = steady_forwards(rt, ids, mask, tasks, runs)  # OpenVINO's model for this shape made first
     assert sum(ran.values()) == runs and all(g.split()[0] == "model_noprefix.onnx" for g in ran), ran
     assert attention_forms(Path(deploy) / "model_noprefix.onnx") == {variant}, variant
     return {"ms": 1e3 * float(np.median(times)), "graph_runs": ran,

@@ -20,16 +20,11 @@ from pathlib import Path
 import numpy as np
 
 
-def worker(deploy: str, variant: str, precision: str, batch: int, tokens: int, runs: int, threads: int) -> dict:
-    from promptmux import Runtime
+def steady_forwards(rt, ids, mask, tasks, runs: int):
+    """(the outputs, the seconds of `runs` timed calls, graph_runs of those calls) of rt.forward on one batch, after
+    the warm-up that has OpenVINO compile this shape's own model (openvino_session.py) and the wait for it."""
     from promptmux.runtime.openvino_session import SPECIALIZE_AFTER, wait_for_specialisation
 
-    rt = Runtime(deploy, backend="openvino", precision=precision, threads=threads)
-    ids = np.random.default_rng(0).integers(1000, 20000, (batch, tokens))
-    mask = np.ones_like(ids)
-    for i in range(1, batch):  # varied padding, as a tokenizer pads a batch of texts
-        mask[i, tokens - (i * 7) % (tokens // 2):] = 0
-    tasks = [rt.tasks[i % len(rt.tasks)] for i in range(batch)]
     for _ in range(SPECIALIZE_AFTER):
         out = rt.forward(ids, mask, tasks)
     wait_for_specialisation()
@@ -39,7 +34,19 @@ def worker(deploy: str, variant: str, precision: str, batch: int, tokens: int, r
         t = time.perf_counter()
         rt.forward(ids, mask, tasks)
         times.append(time.perf_counter() - t)
-    ran = dict(rt.graph_runs)
+    return out, times, dict(rt.graph_runs)
+
+
+def worker(deploy: str, variant: str, precision: str, batch: int, tokens: int, runs: int, threads: int) -> dict:
+    from promptmux import Runtime
+
+    rt = Runtime(deploy, backend="openvino", precision=precision, threads=threads)
+    ids = np.random.default_rng(0).integers(1000, 20000, (batch, tokens))
+    mask = np.ones_like(ids)
+    for i in range(1, batch):  # varied padding, as a tokenizer pads a batch of texts
+        mask[i, tokens - (i * 7) % (tokens // 2):] = 0
+    tasks = [rt.tasks[i % len(rt.tasks)] for i in range(batch)]
+    out, times, ran = steady_forwards(rt, ids, mask, tasks, runs)
     assert sum(ran.values()) == runs and all(("shape-specialised" in g) == (variant == "specialised") for g in ran), ran
     exact = Runtime(deploy, backend="onnxruntime", threads=threads).forward(ids, mask, tasks)
     diff = max(float(np.abs(a - b).max()) for a, b in zip(out, exact))
