@@ -78,9 +78,7 @@ def _child(conn, spec: SystemSpec) -> None:
             elif op == "run":
                 conn.send(("ok", system.run(*args)))
             elif op == "settle":  # the shape-specialised OpenVINO models the warm-up started, compiled
-                from promptmux.runtime.openvino_session import wait_for_specialisation
-
-                conn.send(("ok", wait_for_specialisation()))
+                conn.send(("ok", system.settle() if hasattr(system, "settle") else None))
             elif op == "graph_runs":  # full-sequence batches per graph file that ran (Runtime.graph_runs)
                 conn.send(("ok", dict(getattr(rt, "graph_runs", None) or {})))
             elif op == "timed":
