@@ -89,12 +89,15 @@ class _Child:
 
 
 def time_apart(deploy_dir: str | Path, configs: dict[str, dict], shapes, rounds: int = ROUNDS) -> dict:
-    """{name: {"seconds": [median seconds per shape], "tokens": [real tokens per row per shape], "positions": [rows x
-    width per shape, routed runtimes only], "graph_runs": {graph file: batches it ran}}} for each configuration
-    (name -> Runtime keyword arguments, plus "force": an engine a routed runtime keeps to), each opened in a process
-    of its own."""
+    """{name: {"seconds": [median seconds per shape], "rounds": [[seconds in each round] per shape], "tokens": [real
+    tokens per row per shape], "positions": [rows x width per shape, routed runtimes only], "graph_runs": {graph file:
+    batches it ran}}} for each configuration (name -> Runtime keyword arguments, plus "force": an engine a routed
+    runtime keeps to, and "deploy": another deployment than deploy_dir), each opened in a process of its own. Round
+    r of one configuration and round r of another ran next to each other: compare them pairwise to see past the
+    machine's drift between rounds."""
     shapes = [list(s) for s in shapes]
-    children = [_Child(name, Path(deploy_dir), kwargs, shapes) for name, kwargs in configs.items()]
+    children = [_Child(name, Path(kwargs.get("deploy", deploy_dir)),
+                       {k: v for k, v in kwargs.items() if k != "deploy"}, shapes) for name, kwargs in configs.items()]
     try:
         tokens = {c.name: c.reply(timeout=START_TIMEOUT_S) for c in children}
         times = {c.name: [[] for _ in shapes] for c in children}
@@ -109,5 +112,6 @@ def time_apart(deploy_dir: str | Path, configs: dict[str, dict], shapes, rounds:
     finally:
         for child in children:
             child.close()
-    return {name: {"seconds": [statistics.median(ts) for ts in times[name]], "tokens": tokens[name],
-                   "positions": positions[name], "graph_runs": graph_runs[name]} for name in times}
+    return {name: {"seconds": [statistics.median(ts) for ts in times[name]], "rounds": times[name],
+                   "tokens": tokens[name], "positions": positions[name], "graph_runs": graph_runs[name]}
+            for name in times}

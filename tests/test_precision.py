@@ -308,6 +308,15 @@ def test_routing_split_costs_least_relative_to_the_faster_engine_at_each_size():
     # one noisy size does not move the split past where OpenVINO wins by more
     assert split(sizes((3, 4), (10, 11), (20, 19.9), (40, 46), (80, 72))) == 1720
 
+    def won(rows, ahead, rounds=5):  # OpenVINO faster in `ahead` of `rounds` rounds at 608 positions (8 rows)
+        rows[2].update(rounds=rounds, openvino_ahead=ahead)
+        return rows
+
+    # 4 % ahead at 8 rows: within MARGIN, but in every round of 5 it is OpenVINO's (the AMX machine's 8 x 64)
+    assert split(won(sizes((3, 4), (10, 11), (20, 19.2), (40, 37), (80, 72)), 5)) == 430
+    assert split(won(sizes((3, 4), (10, 11), (20, 19.2), (40, 37), (80, 72)), 4)) == 860  # one round lost: a tie
+    assert split(won(sizes((3, 4), (10, 11), (20, 19.2), (40, 37), (80, 72)), 3, rounds=3)) == 860  # too few
+
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
 def test_timing_runs_each_configuration_in_its_own_process(deployment):
@@ -323,10 +332,14 @@ def test_timing_runs_each_configuration_in_its_own_process(deployment):
                "ov": {"backend": "onnxruntime+openvino", "route_positions": 0, "threads": 1, "force": "openvino"}}
     timed = time_apart(deployment.deploy, configs, [(1, 4), (2, 6)], rounds=1)
     assert all(s > 0 for t in timed.values() for s in t["seconds"]) and timed["ort"]["tokens"] == [4, 6]
+    assert all(t["rounds"] == [[s] for s in t["seconds"]] for t in timed.values())  # one round: its own median
     assert timed["ov"]["positions"] == [4 + virtual, 2 * (6 + virtual)] and timed["ort"]["positions"] == [0, 0]
     assert sum(timed["ort"]["graph_runs"].values()) == 2 * (1 + timing.BLOCK)  # the batches the timing ran
     with pytest.raises(RuntimeError, match="timing bad: ValueError: unknown backend 'nope'"):
         time_apart(deployment.deploy, {"bad": {"backend": "nope"}}, [(1, 4)], rounds=1)
+    with pytest.raises(RuntimeError, match="timing elsewhere: .*/not-a-deployment"):  # a configuration's own folder
+        time_apart(deployment.deploy, {"elsewhere": {"deploy": deployment.deploy / "not-a-deployment"}}, [(1, 4)],
+                   rounds=1)
 
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
@@ -348,6 +361,7 @@ def test_routing_split_is_measured_once_per_cpu_and_kept_in_the_manifest(deploym
         (r, t) for (r, _), t in zip(routing.SIZES, tokens)))
     assert record["sizes"][0]["positions"] == tokens[0] + virtual  # rows x width, the virtual tokens included
     assert all(s["onnxruntime_ms"] > 0 and s["openvino_ms"] > 0 for s in record["sizes"])
+    assert all(s["rounds"] == routing.ROUNDS and 0 <= s["openvino_ahead"] <= s["rounds"] for s in record["sizes"])
     assert rt.routing.small_positions == record["small_positions"] == routing.split(record["sizes"])
     assert "measured on this CPU" in rt.backend_reason and rt.graph_runs == Counter()  # timing is not traffic
     ids, mask = random_batch("bert", rows=2, seq=8, seed=3, padding_side="right")
