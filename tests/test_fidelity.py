@@ -143,6 +143,29 @@ def test_attention_is_one_fused_node_per_layer_in_the_graph_and_in_each_engine(d
         assert len(three_d) == layers and not [n for n in graph.node if n.op_type == "Transpose"]
 
 
+@pytest.mark.parametrize("deployment", ["bert", "gpt2"], indirect=True)
+def test_an_encoder_classifier_runs_its_last_layer_on_the_pooled_position_only(deployment):
+    """BERT's head reads position 0: after the last layer's keys and values, its graphs compute that position only
+    (export/pooled_row.py; the output projection and the feed-forward block, and with 3-D attention the query and
+    the attention too). A causal LM's graph, with logits at every position, keeps every position."""
+    from collections import Counter
+
+    import onnx
+
+    from promptmux.export.pooled_row import SUFFIX
+
+    moved = {}
+    for graph in sorted(deployment.deploy.glob("model*.onnx")):
+        nodes = onnx.load(str(graph), load_external_data=False).graph.node
+        moved[graph.name] = Counter(n.op_type for n in nodes if n.output[0].endswith(SUFFIX))
+    if deployment.arch == "gpt2":
+        assert moved == {"model.onnx": Counter()}
+        return
+    assert set(moved) == {"model.onnx", "model_noprefix.onnx"}
+    assert moved["model.onnx"]["MatMul"] == 3 and not moved["model.onnx"]["Attention"]  # 4-D: from the output
+    assert moved["model_noprefix.onnx"]["MatMul"] == 4 and moved["model_noprefix.onnx"]["Attention"] == 1
+
+
 @pytest.mark.parametrize("deployment", ["roberta", "llama"], indirect=True)
 def test_single_kind_batches_on_openvino_match_peft(deployment):
     """A batch of one kind leaves the other slot groups empty: the CPU engines then get zero-length axes instead
