@@ -21,9 +21,9 @@ def _model(nodes, extra_outputs=(), values=()) -> onnx.ModelProto:
     inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in weights.items()]
     inits.append(numpy_helper.from_array(np.array(0, dtype=np.int64), "first"))
     rows = lambda n, k=H: helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "positions", k])  # noqa: E731
+    mask = helper.make_tensor_value_info("mask", TensorProto.BOOL, ["batch", 1, "positions", "positions"])
     graph = helper.make_graph(
-        [*nodes, helper.make_node("Gather", ["normed", "first"], ["pooled"], axis=1)], "g",
-        [rows("hidden"), helper.make_tensor_value_info("mask", TensorProto.BOOL, ["batch", 1, "positions", "positions"])],
+        [*nodes, helper.make_node("Gather", ["normed", "first"], ["pooled"], axis=1)], "g", [rows("hidden"), mask],
         [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", H]), *(rows(o) for o in extra_outputs)],
         inits, value_info=[rows(n, k) for n, k in values])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
