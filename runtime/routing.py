@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,9 @@ ROUNDS = 5  # of timing.BLOCK calls per engine and size, the median of the round
 # ahead, so MARGIN alone kept that size on ONNX Runtime about half the time; in three timings it won 7 of 7, 5 of 7
 # (results/routing-rounds-minilm-intel-amx.json) and 5 of 5 rounds.
 MARGIN = 0.05
+# Every size gets FIRST_ROUNDS; only a size those leave open (OpenVINO ahead in each, by less than MARGIN) gets the
+# rest: elsewhere more rounds could not change the split, and they are most of the time (MiniLM: about 10 s).
+FIRST_ROUNDS = 3
 ENGINES = ("onnxruntime", "openvino")
 DEFAULT_SMALL_POSITIONS = 1024  # until measured (and where no task can be timed): the Intel machine's tie, 8 x 64 + 12
 
@@ -87,7 +91,7 @@ def split(sizes: list[dict]) -> int | None:
     def openvino_ms(s):  # not clearly faster counts as a tie
         ort, ov = s["onnxruntime_ms"], s["openvino_ms"]
         every_round = s.get("rounds", 0) >= ROUNDS and s.get("openvino_ahead") == s["rounds"]
-        return ov if ov < (1 - MARGIN) * ort or (ov < ort and every_round) else max(ov, ort)
+        return ov if _by_margin(s) or (ov < ort and every_round) else max(ov, ort)
 
     def cost(cut):
         return sum((s["onnxruntime_ms"] if cut is None or s["positions"] <= cut else openvino_ms(s))
@@ -99,6 +103,23 @@ def split(sizes: list[dict]) -> int | None:
         return best
     after = next(s["positions"] for s in points if s["positions"] > best)
     return round(math.sqrt(best * after))
+
+
+def _by_margin(s: dict) -> bool:
+    return s["openvino_ms"] < (1 - MARGIN) * s["onnxruntime_ms"]
+
+
+def _open(s: dict) -> bool:
+    """More rounds could still give this size to OpenVINO: it won each so far, by less than MARGIN."""
+    return s["openvino_ahead"] == s["rounds"] < ROUNDS and not _by_margin(s)
+
+
+def _size(rows: int, tokens: int, positions: int, rounds: list[tuple[float, float]]) -> dict:
+    """A size's record from its rounds' (ONNX Runtime, OpenVINO) seconds."""
+    medians = [statistics.median(times) for times in zip(*rounds)]
+    return {"rows": rows, "tokens": tokens, "positions": positions,
+            **{f"{e}_ms": round(1e3 * m, 3) for e, m in zip(ENGINES, medians)},
+            "rounds": len(rounds), "openvino_ahead": sum(ov < ort for ort, ov in rounds)}
 
 
 def key(threads: int | None) -> str:
@@ -118,12 +139,16 @@ def measure(rt: Runtime) -> dict:
     configs = {e: {"backend": "onnxruntime+openvino", "route_positions": 0, "threads": rt.threads, "force": e}
                for e in ENGINES}
     started = time.perf_counter()
-    timed = time_apart(rt.dir, configs, shapes, rounds=ROUNDS)
+    timed = time_apart(rt.dir, configs, shapes, rounds=FIRST_ROUNDS)
+    positions = timed[ENGINES[0]]["positions"]
     rounds = [list(zip(*(timed[e]["rounds"][i] for e in ENGINES))) for i in range(len(shapes))]
-    sizes = [{"rows": rows, "tokens": tokens, "positions": timed[ENGINES[0]]["positions"][i],
-              **{f"{e}_ms": round(1e3 * timed[e]["seconds"][i], 3) for e in ENGINES},
-              "rounds": len(rounds[i]), "openvino_ahead": sum(ov < ort for ort, ov in rounds[i])}
-             for i, (rows, tokens) in enumerate(shapes)]
+    sizes = [_size(*shape, positions[i], rounds[i]) for i, shape in enumerate(shapes)]
+    more = [i for i, s in enumerate(sizes) if _open(s)]
+    if more:
+        timed = time_apart(rt.dir, configs, [shapes[i] for i in more], rounds=ROUNDS - FIRST_ROUNDS)
+        for j, i in enumerate(more):
+            rounds[i] += zip(*(timed[e]["rounds"][j] for e in ENGINES))
+            sizes[i] = _size(*shapes[i], positions[i], rounds[i])
     return {"small_positions": split(sizes), "sizes": sizes, "seconds": round(time.perf_counter() - started, 2),
             "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 

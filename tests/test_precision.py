@@ -318,6 +318,39 @@ def test_routing_split_costs_least_relative_to_the_faster_engine_at_each_size():
     assert split(won(sizes((3, 4), (10, 11), (20, 19.2), (40, 37), (80, 72)), 3, rounds=3)) == 860  # too few
 
 
+def test_routing_times_only_the_sizes_its_first_rounds_leave_open_again(monkeypatch):
+    """Each size gets routing.FIRST_ROUNDS; one where OpenVINO won each of them by less than MARGIN gets the other
+    rounds, and the split then counts all of that size's rounds (time_apart faked: seconds per engine and round)."""
+    from types import SimpleNamespace
+
+    from promptmux.runtime import routing
+
+    # per shape: ONNX Runtime's and OpenVINO's seconds in each of 5 rounds
+    plan = {(1, 64): ([10] * 5, [11] * 5),  # ONNX Runtime ahead: decided
+            (8, 64): ([50] * 5, [48, 49, 48, 47, 48]),  # OpenVINO 4 % ahead in every round: open after 3
+            (16, 64): ([100] * 5, [90] * 5), (32, 64): ([200] * 5, [170] * 5), (8, 256): ([200] * 5, [160] * 5)}
+    calls, served = [], dict.fromkeys(plan, 0)
+
+    def fake(_dir, configs, shapes, rounds):
+        shapes = [tuple(x) for x in shapes]
+        calls.append((shapes, rounds))
+        out = {e: {"rounds": [[t / 1e3 for t in plan[sh][k][served[sh]:served[sh] + rounds]] for sh in shapes],
+                   "positions": [r * (t + 8) for r, t in shapes]} for k, e in enumerate(routing.ENGINES)}
+        served.update({sh: served[sh] + rounds for sh in shapes})
+        return out
+
+    monkeypatch.setattr(routing, "time_apart", fake)
+    view = SimpleNamespace(num_virtual_tokens=8)
+    rt = SimpleNamespace(tasks=["a"], bank=SimpleNamespace(view=lambda _task: view), max_positions=None,
+                         threads=1, dir=".")
+    record = routing.measure(rt)
+    assert calls == [(list(routing.SIZES), routing.FIRST_ROUNDS), ([(8, 64)], routing.ROUNDS - routing.FIRST_ROUNDS)]
+    eight = next(s for s in record["sizes"] if (s["rows"], s["tokens"]) == (8, 64))
+    assert eight["rounds"] == routing.ROUNDS == eight["openvino_ahead"] and eight["openvino_ms"] == 48
+    assert all(s["rounds"] == routing.FIRST_ROUNDS for s in record["sizes"] if s is not eight)
+    assert record["small_positions"] == round((72 * 576) ** 0.5)  # 8 x 64 is OpenVINO's: it won every round
+
+
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
 def test_timing_runs_each_configuration_in_its_own_process(deployment):
     """fast.py and routing.py time in child processes (one process's thread pools distort another engine's times):
@@ -361,7 +394,8 @@ def test_routing_split_is_measured_once_per_cpu_and_kept_in_the_manifest(deploym
         (r, t) for (r, _), t in zip(routing.SIZES, tokens)))
     assert record["sizes"][0]["positions"] == tokens[0] + virtual  # rows x width, the virtual tokens included
     assert all(s["onnxruntime_ms"] > 0 and s["openvino_ms"] > 0 for s in record["sizes"])
-    assert all(s["rounds"] == routing.ROUNDS and 0 <= s["openvino_ahead"] <= s["rounds"] for s in record["sizes"])
+    assert all(s["rounds"] in (routing.FIRST_ROUNDS, routing.ROUNDS) and 0 <= s["openvino_ahead"] <= s["rounds"]
+               for s in record["sizes"])
     assert rt.routing.small_positions == record["small_positions"] == routing.split(record["sizes"])
     assert "measured on this CPU" in rt.backend_reason and rt.graph_runs == Counter()  # timing is not traffic
     ids, mask = random_batch("bert", rows=2, seq=8, seed=3, padding_side="right")
