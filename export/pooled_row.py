@@ -24,7 +24,7 @@ from onnx import helper, numpy_helper
 # Ops that compute each position from that position alone (on the tensors of [batch, positions, ...] among their
 # inputs; their other inputs, weights and biases, are used as they are).
 ROW_WISE = {"Add", "Sub", "Mul", "Div", "MatMul", "Gelu", "Relu", "Tanh", "Erf", "Sigmoid", "Cast", "Identity",
-            "LayerNormalization", "SimplifiedLayerNormalization", "Softmax"}
+            "LayerNormalization", "RMSNormalization", "Softmax"}
 SUFFIX = "__pooled"
 
 
@@ -93,7 +93,7 @@ def keep_pooled_row(model: onnx.ModelProto) -> int:
                     and bool(mask) and len(mask) == 4 and mask[2] in (1, positions))
         if node.op_type not in ROW_WISE or len(node.output) != 1 or not rows(node.output[0]):
             return False
-        if node.op_type in ("LayerNormalization", "SimplifiedLayerNormalization", "Softmax") and not _last_axis(node):
+        if node.op_type in ("LayerNormalization", "RMSNormalization", "Softmax") and not _last_axis(node):
             return False
         if node.op_type == "MatMul":  # rows times a weight
             return rows(node.input[0]) and rank(node.input[1]) == 2
@@ -121,7 +121,7 @@ def keep_pooled_row(model: onnx.ModelProto) -> int:
     if not any(n.op_type == "MatMul" for n in chosen):
         return 0
 
-    index_name = read.output[0] + "_position"
+    index_name = f"{read.output[0]}{SUFFIX}_position"
     graph.initializer.append(numpy_helper.from_array(np.array([int(index)], dtype=np.int64), index_name))
     order = {id(n): i for i, n in enumerate(graph.node)}
     new: list[onnx.NodeProto] = []
@@ -167,6 +167,6 @@ def keep_pooled_row(model: onnx.ModelProto) -> int:
 
 def _scalar_zero(graph: onnx.GraphProto, read: onnx.NodeProto) -> str:
     """The read now takes row 0 of the one row left per sequence."""
-    name = read.output[0] + "_first"
+    name = f"{read.output[0]}{SUFFIX}_first"
     graph.initializer.append(numpy_helper.from_array(np.array(0, dtype=np.int64), name))
     return name
