@@ -160,7 +160,8 @@ def keep_pooled_row(model: onnx.ModelProto) -> int:
     at = next(i for i, n in enumerate(kept) if n is read)
     graph.ClearField("node")
     graph.node.extend(kept[:at] + new + kept[at:])
-    for vi in [v for v in graph.value_info if any(v.name == o for n in chosen for o in n.output)]:
+    gone = {o for n in chosen for o in n.output}
+    for vi in [v for v in graph.value_info if v.name in gone]:
         graph.value_info.remove(vi)
     return len(chosen)
 

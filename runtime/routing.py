@@ -114,8 +114,13 @@ def _open(s: dict) -> bool:
     return s["openvino_ahead"] == s["rounds"] < ROUNDS and not _by_margin(s)
 
 
-def _size(rows: int, tokens: int, positions: int, rounds: list[tuple[float, float]]) -> dict:
-    """A size's record from its rounds' (ONNX Runtime, OpenVINO) seconds."""
+def paired_rounds(timed: dict, i: int) -> list[tuple[float, float]]:
+    """(ONNX Runtime, OpenVINO) seconds in each round of shape i, from time_apart's answer for ENGINES."""
+    return list(zip(*(timed[e]["rounds"][i] for e in ENGINES)))
+
+
+def size_record(rows: int, tokens: int, positions: int, rounds: list[tuple[float, float]]) -> dict:
+    """A size's record from its rounds' (ONNX Runtime, OpenVINO) seconds: what split() reads."""
     medians = [statistics.median(times) for times in zip(*rounds)]
     return {"rows": rows, "tokens": tokens, "positions": positions,
             **{f"{e}_ms": round(1e3 * m, 3) for e, m in zip(ENGINES, medians)},
@@ -141,14 +146,14 @@ def measure(rt: Runtime) -> dict:
     started = time.perf_counter()
     timed = time_apart(rt.dir, configs, shapes, rounds=FIRST_ROUNDS)
     positions = timed[ENGINES[0]]["positions"]
-    rounds = [list(zip(*(timed[e]["rounds"][i] for e in ENGINES))) for i in range(len(shapes))]
-    sizes = [_size(*shape, positions[i], rounds[i]) for i, shape in enumerate(shapes)]
+    rounds = [paired_rounds(timed, i) for i in range(len(shapes))]
+    sizes = [size_record(*shape, positions[i], rounds[i]) for i, shape in enumerate(shapes)]
     more = [i for i, s in enumerate(sizes) if _open(s)]
     if more:
         timed = time_apart(rt.dir, configs, [shapes[i] for i in more], rounds=ROUNDS - FIRST_ROUNDS)
         for j, i in enumerate(more):
-            rounds[i] += zip(*(timed[e]["rounds"][j] for e in ENGINES))
-            sizes[i] = _size(*shapes[i], positions[i], rounds[i])
+            rounds[i] += paired_rounds(timed, j)
+            sizes[i] = size_record(*shapes[i], positions[i], rounds[i])
     return {"small_positions": split(sizes), "sizes": sizes, "seconds": round(time.perf_counter() - started, 2),
             "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 

@@ -38,12 +38,9 @@ def main() -> None:
                                        for g in t["graph_runs"]), (engine, t["graph_runs"])
     sizes = []
     for i, (rows, tokens) in enumerate(shapes):
-        ort, ov = (timed[e]["rounds"][i] for e in routing.ENGINES)
-        ratios = [b / a for a, b in zip(ort, ov)]
-        sizes.append({"rows": rows, "tokens": tokens, "positions": timed["openvino"]["positions"][i],
-                      "onnxruntime_ms": round(1e3 * statistics.median(ort), 3),
-                      "openvino_ms": round(1e3 * statistics.median(ov), 3),
-                      "rounds": len(ratios), "openvino_ahead": sum(r < 1 for r in ratios),
+        rounds = routing.paired_rounds(timed, i)
+        ratios = [ov / ort for ort, ov in rounds]
+        sizes.append({**routing.size_record(rows, tokens, timed["openvino"]["positions"][i], rounds),
                       "openvino_over_onnxruntime": [round(r, 4) for r in ratios],
                       "median_ratio": round(statistics.median(ratios), 4)})
         print(f"{rows} x {tokens}: OpenVINO / ONNX Runtime per round {sizes[-1]['openvino_over_onnxruntime']}, "
