@@ -4,6 +4,7 @@ AVX512-BF16), so benchmarks record these and CI prints them."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 from pathlib import Path
@@ -14,6 +15,23 @@ from .errors import InputError
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
+# The flags each instruction-set cap clears (bench/isa_cap.c: a benchmark or test run as on a CPU without them).
+CAPPED = {"avx2": {"avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"}, "avx512": {"amx_bf16", "amx_int8"}}
+
+
+def isa_cap() -> str | None:
+    """The cap bench/isa_cap.c puts on this process's instruction sets (every library's kernels then see a CPU
+    without the sets above it), or None. Asked of the loaded library itself, so an environment variable alone
+    cannot make promptmux believe in a cap the kernels do not have."""
+    try:
+        query = ctypes.CDLL(None).promptmux_isa_cap
+    except (AttributeError, OSError):
+        return None
+    query.restype = ctypes.c_char_p
+    cap = query()
+    return cap.decode() if cap else None
+
+
 def _cpuinfo() -> list[str]:
     try:
         return Path("/proc/cpuinfo").read_text().splitlines()
@@ -22,17 +40,18 @@ def _cpuinfo() -> list[str]:
 
 
 def cpu_model() -> str:
-    for line in _cpuinfo():
-        if line.lower().startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    """The CPU's model name; under an instruction-set cap, with the cap said."""
+    name = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.lower().startswith("model name")),
+                platform.processor() or platform.machine())
+    cap = isa_cap()
+    return f"{name} (capped to {cap})" if cap else name
 
 
 def cpu_flags() -> dict[str, bool] | None:
     """{flag: present} for FLAGS, or None where the kernel does not list them (not Linux)."""
     for line in _cpuinfo():
         if line.lower().startswith("flags"):
-            present = set(line.split(":", 1)[1].split())
+            present = set(line.split(":", 1)[1].split()) - CAPPED.get(isa_cap(), set())
             return {f: f in present for f in FLAGS}
     return None
 

@@ -1,0 +1,69 @@
+"""bench/isa_cap: a process (and its children) run as on a CPU with fewer instruction sets."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from promptmux.bench import isa_cap
+
+pytestmark = pytest.mark.skipif(bool(isa_cap.unavailable()), reason=str(isa_cap.unavailable()))
+
+PROBE = """
+import json, subprocess, sys
+import openvino, torch
+from promptmux.runtime import cpu
+child = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                       capture_output=True, text=True).stdout.strip()
+print(json.dumps({"cap": cpu.isa_cap(), "flags": cpu.cpu_flags(), "model": cpu.cpu_model(),
+                  "torch": torch.backends.cpu.get_cpu_capability(), "child_torch": child,
+                  "openvino": openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")}))
+"""
+
+
+def capped(cap: str, *command: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "promptmux.bench.isa_cap", cap, "--", *command],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_an_avx2_capped_process_and_its_children_see_no_avx512_bf16_or_amx():
+    done = capped("avx2", sys.executable, "-c", PROBE)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["cap"] == "avx2" and seen["model"].endswith("(capped to avx2)")
+    assert seen["flags"] == {"avx2": True, "avx512f": False, "avx512_vnni": False, "avx512_bf16": False,
+                             "amx_bf16": False, "amx_int8": False}
+    assert seen["torch"] == seen["child_torch"] == "AVX2"  # PyTorch's own cpuid dispatch, here and in a child
+    assert "BF16" not in seen["openvino"]  # OpenVINO's: it then refuses bf16, as on a Zen 3
+
+
+def test_a_real_segfault_under_the_cap_still_reaches_pythons_handler_and_kills_the_process():
+    done = capped("avx2", sys.executable, "-X", "faulthandler", "-c", "import ctypes; ctypes.string_at(0)")
+    assert done.returncode == -11
+    assert "Fatal Python error: Segmentation fault" in done.stderr
+
+
+def test_the_cap_is_believed_only_where_its_library_is_loaded():
+    # The variable alone changes no kernel, so promptmux ignores it: a child without LD_PRELOAD (this suite may
+    # itself run under a cap) reports the host's flags and no cap.
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | {isa_cap.ENV: "avx2"}
+    done = subprocess.run([sys.executable, "-c", "from promptmux.runtime import cpu; print(cpu.isa_cap(), "
+                           "cpu.cpu_flags()['avx512f'], 'capped' in cpu.cpu_model())"],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    host = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    assert done.stdout.split() == ["None", str("avx512f" in host), "False"]
+
+
+def test_unknown_caps_and_commands_are_refused_saying_what_to_give(capsys):
+    with pytest.raises(ValueError, match="choose one of avx2, avx512"):
+        isa_cap.environ("avx3")
+    assert isa_cap.main(["avx3", "--", "true"]) == 2
+    assert "usage" in capsys.readouterr().err
+    assert isa_cap.main(["avx2", "--", "no-such-command-here"]) == 2
+    assert "no command 'no-such-command-here'" in capsys.readouterr().err
+    bad = subprocess.run([sys.executable, "-c", "pass"], capture_output=True, text=True,
+                         env={**isa_cap.environ("avx2"), isa_cap.ENV: "sse"})
+    assert bad.returncode == 2 and "must be avx2 or avx512" in bad.stderr
