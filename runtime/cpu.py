@@ -25,7 +25,7 @@ def isa_cap() -> str | None:
     cannot make promptmux believe in a cap the kernels do not have."""
     try:
         query = ctypes.CDLL(None).promptmux_isa_cap
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # TypeError: Windows has no handle for the process itself
         return None
     query.restype = ctypes.c_char_p
     cap = query()
