@@ -13,13 +13,23 @@ pytestmark = pytest.mark.skipif(bool(isa_cap.unavailable()), reason=str(isa_cap.
 
 PROBE = """
 import json, subprocess, sys
-import openvino, torch
+import numpy as np, onnxruntime as ort, openvino, torch
+from onnx import TensorProto, helper, numpy_helper
 from promptmux.runtime import cpu
 child = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
                        capture_output=True, text=True).stdout.strip()
+# ONNX Runtime's MLAS has no capability to ask, but its kernels differ in a result: uint8 x int8 products summed in
+# pairs saturate at 16 bits in the AVX2 kernel (vpmaddubsw), and do not with VNNI or AMX.
+weight = numpy_helper.from_array(np.full((64, 16), 127, np.int8), "b")
+graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "g",
+                          [helper.make_tensor_value_info("a", TensorProto.UINT8, [16, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.INT32, [16, 16])], [weight])
+session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                               .SerializeToString(), providers=["CPUExecutionProvider"])
+mlas = int(session.run(None, {"a": np.full((16, 64), 255, np.uint8)})[0].max())
 print(json.dumps({"cap": cpu.isa_cap(), "flags": cpu.cpu_flags(), "model": cpu.cpu_model(),
                   "torch": torch.backends.cpu.get_cpu_capability(), "child_torch": child,
-                  "openvino": openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")}))
+                  "openvino": openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"), "mlas": mlas}))
 """
 
 
@@ -37,6 +47,7 @@ def test_an_avx2_capped_process_and_its_children_see_no_avx512_bf16_or_amx():
                              "amx_bf16": False, "amx_int8": False}
     assert seen["torch"] == seen["child_torch"] == "AVX2"  # PyTorch's own cpuid dispatch, here and in a child
     assert "BF16" not in seen["openvino"]  # OpenVINO's: it then refuses bf16, as on a Zen 3
+    assert seen["mlas"] == 32 * 32767  # ONNX Runtime's AVX2 int8 kernel: 32 pairs, each saturated (exact: 32 * 64770)
 
 
 def test_a_real_segfault_under_the_cap_still_reaches_pythons_handler_and_kills_the_process():
