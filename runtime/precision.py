@@ -9,9 +9,12 @@ A non-exact precision is never assumed to be good enough: the first time a deplo
 with --precision), its outputs are compared with fp32 on calibration inputs (the user's own texts, labelled rows
 of classifier tasks, or generated token ids) and the result is written into the manifest under "precision". The
 user's rows are kept in the deployment (calibration.txt, or calibration.jsonl with labels), so that a
-re-measurement after the tasks change uses them again. Below THRESHOLDS (LABELLED for a task measured on labelled
-rows) it warns; with strict=True it refuses. A precision the machine cannot run is an error that says what
-is missing; nothing falls back silently.
+re-measurement after the tasks change uses them again. A contract holds on the kind of CPU it was measured on
+(cpu.describe(): the model and its flags): the same int8 graph computes other numbers where the kernels differ
+(ONNX Runtime's AVX2 int8 kernel saturates pairs of products at 16 bits, its VNNI and AMX kernels do not:
+tests/test_isa_cap.py), so a deployment opened on another kind of CPU measures it again. Below THRESHOLDS
+(LABELLED for a task measured on labelled rows) it warns; with strict=True it refuses. A precision the machine
+cannot run is an error that says what is missing; nothing falls back silently.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 
 from promptmux.core.families import Family
 
-from . import accuracy_control
+from . import accuracy_control, cpu
 from .calibration import (  # noqa: F401 (CALIBRATION_ROWS: read here by callers)
     CALIBRATION_ROWS,
     classifier_batches,
@@ -188,9 +191,11 @@ def record_key(backend: str, precision: str) -> str:
 
 def stored_contract(manifest: dict, backend: str, precision: str, digests: dict[str, str],
                     family: Family) -> dict | None:
-    """The manifest's contract for this backend and precision, if it covers exactly the bank's current tasks."""
+    """The manifest's contract for this backend and precision, if it covers exactly the bank's current tasks and
+    was measured on this kind of CPU."""
     entry = (manifest.get("precision") or {}).get(record_key(backend, precision))
-    if entry and entry.get("digests") == digests and entry.get("recipe") == recipe(backend, precision, family):
+    if entry and entry.get("digests") == digests and entry.get("recipe") == recipe(backend, precision, family) \
+            and entry.get("cpu") == cpu.describe():
         return entry
     return None
 
@@ -262,6 +267,7 @@ def calibrate(fast, items: list | None = None, source: str | None = None) -> dic
         "seconds": round(time.time() - started, 1), "calibration": calibration,
         "thresholds": {**THRESHOLDS, "labelled": dict(LABELLED)},
         "tasks": tasks, "passed": passed(tasks), "digests": {t: fast.bank.digest(t) for t in fast.tasks},
+        "cpu": cpu.describe(),
         **({"recipe": made} if (made := recipe(fast.backend, fast.precision, fast.spec.family)) else {}),
         **({"fp32_layers": list(fast.int8_fp32_layers)} if accuracy_control.applies(fast) else {}), **control,
     }
@@ -298,7 +304,7 @@ def contract(rt: Runtime, strict: bool, calibration=None) -> dict:
     if entry and items is not None and entry["calibration"].get("sha256") != items_digest(items):
         entry = None  # the calibration file changed (or came) since the contract was measured: measure on it
     if entry is None:
-        log.warning("measuring precision %s on %s against fp32 on %s (once per deployment and task set)",
+        log.warning("measuring precision %s on %s against fp32 on %s (once per deployment, task set and kind of CPU)",
                     rt.precision, rt.backend, source if items is not None else "generated inputs")
         entry = calibrate(rt, list(items) if items is not None else None,
                           source=source.removeprefix("the deployment's ") if calibration is None else None)

@@ -479,10 +479,10 @@ def test_int8_decoding_quantizes_every_matmul_and_the_tied_lm_head(deployment, t
 
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
-def test_int8_classifiers_run_dynamic_int8_copies_of_every_graph_under_a_contract(deployment, tmp_path):
+def test_int8_classifiers_run_dynamic_int8_copies_of_every_graph_under_a_contract(deployment, tmp_path, monkeypatch):
     """precision int8 on a classifier: each full-sequence graph gets a dynamic int8 copy (every weight MatMul a
     MatMulInteger), the batches run those copies (graph_runs names the file that ran), the contract is measured and
-    kept, and opening the deployment again quantizes nothing."""
+    kept for this kind of CPU, and opening the deployment again quantizes nothing."""
     import shutil
     from collections import Counter
 
@@ -492,6 +492,7 @@ def test_int8_classifiers_run_dynamic_int8_copies_of_every_graph_under_a_contrac
     rt = Runtime(deploy, precision="int8")
     assert (rt.backend, rt.precision) == ("onnxruntime", "int8") and set(rt.contract["tasks"]) == set(rt.tasks)
     assert all(r["rows"] == P.CALIBRATION_ROWS for r in rt.contract["tasks"].values())
+    assert rt.contract["cpu"] == P.cpu.describe()
     for graph in ("model", "model_noprefix"):
         fp32 = onnx.load(str(deploy / f"{graph}.onnx"), load_external_data=False).graph
         weights = {t.name for t in fp32.initializer}
@@ -527,6 +528,13 @@ def test_int8_classifiers_run_dynamic_int8_copies_of_every_graph_under_a_contrac
     third = Runtime(deploy, precision="int8")
     assert third.contract["recipe"] == P.recipe("onnxruntime", "int8", third.spec.family)  # measured again (made otherwise)
     assert (deploy / "model_noprefix.int8.onnx").stat().st_mtime_ns != made["model_noprefix.int8.onnx"]
+    # Opened on another kind of CPU (whose kernels may compute other numbers: an AVX2 int8 kernel saturates), the
+    # contract is measured again there, once.
+    measured, calibrate = [], P.calibrate
+    monkeypatch.setattr(P, "calibrate", lambda *a, **k: measured.append(1) or calibrate(*a, **k))
+    monkeypatch.setattr(P.cpu, "describe", lambda: "Another CPU: avx2=yes avx512f=no")
+    assert Runtime(deploy, precision="int8").contract["cpu"] == "Another CPU: avx2=yes avx512f=no" and measured == [1]
+    assert Runtime(deploy, precision="int8").contract["cpu"] == "Another CPU: avx2=yes avx512f=no" and measured == [1]
 
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
