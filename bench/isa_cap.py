@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -33,8 +34,8 @@ class CapUnavailable(RuntimeError):
 
 def unavailable() -> str | None:
     """Why caps cannot run here, or None where they can."""
-    if sys.platform != "linux" or os.uname().machine != "x86_64":
-        return f"instruction-set caps need Linux on x86-64 (this is {sys.platform} on {os.uname().machine})"
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return f"instruction-set caps need Linux on x86-64 (this is {sys.platform} on {platform.machine()})"
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
