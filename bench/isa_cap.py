@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from promptmux.runtime.cpu import host_flags
+
 CAPS = ("avx2", "avx512")
 SOURCE = Path(__file__).with_name("isa_cap.c")
 ENV = "PROMPTMUX_ISA_CAP"
@@ -36,11 +38,10 @@ def unavailable() -> str | None:
     """Why caps cannot run here, or None where they can."""
     if sys.platform != "linux" or platform.machine() != "x86_64":
         return f"instruction-set caps need Linux on x86-64 (this is {sys.platform} on {platform.machine()})"
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
+    flags = host_flags()
+    if flags is None:
         return "instruction-set caps need /proc/cpuinfo's flags, which this system does not list"
-    if "cpuid_fault" not in flags.split():
+    if "cpuid_fault" not in flags:
         return ("this CPU or hypervisor cannot fault on cpuid (no cpuid_fault flag in /proc/cpuinfo), which is how "
                 "the cap hides instruction sets; run on a machine that has it")
     if not (shutil.which("cc") or shutil.which("gcc")):

@@ -47,13 +47,22 @@ def cpu_model() -> str:
     return f"{name} (capped to {cap})" if cap else name
 
 
-def cpu_flags() -> dict[str, bool] | None:
-    """{flag: present} for FLAGS, or None where the kernel does not list them (not Linux)."""
+def host_flags() -> set[str] | None:
+    """Every flag the kernel lists for this CPU, before any cap; None where it lists none (not Linux)."""
     for line in _cpuinfo():
         if line.lower().startswith("flags"):
-            present = set(line.split(":", 1)[1].split()) - CAPPED.get(isa_cap(), set())
-            return {f: f in present for f in FLAGS}
+            return set(line.split(":", 1)[1].split())
     return None
+
+
+def cpu_flags() -> dict[str, bool] | None:
+    """{flag: present} for FLAGS, as this process's libraries see them (under a cap, without the capped ones), or
+    None where the kernel does not list them (not Linux)."""
+    present = host_flags()
+    if present is None:
+        return None
+    present -= CAPPED.get(isa_cap(), set())
+    return {f: f in present for f in FLAGS}
 
 
 def describe() -> str:
