@@ -265,3 +265,11 @@ def test_recorded_results_live_outside_the_package_and_each_is_indexed():
     index = (ROOT / "results" / "README.md").read_text()
     unlisted = [p.name for p in (ROOT / "results").iterdir() if p.name != "README.md" and f"({p.name})" not in index]
     assert not inside and not unlisted, (inside, unlisted)
+
+
+def test_the_repository_root_holds_only_the_project_files():
+    """A study's by-products (ONNX Runtime profiles once) belong in results/ or nowhere, not at the root."""
+    project = {".gitignore", "ARCHITECTURE.md", "README.md", "pyproject.toml"}
+    stray = [p.name for p in ROOT.iterdir() if p.is_file() and p.name not in project
+             and not any(p.match(g) for g in ("*.tmp", ".coverage*"))]
+    assert not stray, f"files at the repository root that are not the project's: {stray}"
