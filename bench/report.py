@@ -202,13 +202,14 @@ def markdown(result: dict, plots: dict[str, str]) -> str:
     if acc:
         lines += ["## Held-out accuracy (demo tasks)", "",
                   f"{acc['split']}. The deployment ({_system(acc)}) answers in mixed batches of both tasks, PEFT "
-                  f"eager one adapter per batch, batch size {acc['batch_size']}, the same token ids.", "",
+                  f"eager one adapter per batch, batch size {acc['batch_size']}, the same token ids. Batch changes: "
+                  "the deployment's answers that change when the row runs alone.", "",
                   "| task | examples | promptmux accuracy | PEFT eager accuracy | recorded at training (PEFT) | "
-                  "differing predictions | max abs logit diff |", "|---|---|---|---|---|---|---|"]
+                  "differing predictions | max abs logit diff | batch changes |", "|---|---|---|---|---|---|---|---|"]
         for t, r in acc["tasks"].items():
             lines.append(f"| {t} | {r['examples']} | {r['accuracy_promptmux']:.4f} | {r['accuracy_peft']:.4f} | "
                          f"{_fmt(r['recorded_accuracy_peft'], 4)} | {r['differing_predictions']} | "
-                         f"{r['max_abs_logit_diff']:.1e} |")
+                         f"{r['max_abs_logit_diff']:.1e} | {_fmt(r.get('batch_changes'))} |")
         lines += ["", f"Speed on this pass (real text, padded per batch): promptmux {acc['promptmux_examples_per_s']:.1f} "
                   f"examples/s, PEFT eager {acc['peft_examples_per_s']:.1f} examples/s ({acc['speedup']:.2f}x).", ""]
     if result.get("targets"):  # this project's recorded results only (--render); a user's run has none
@@ -348,9 +349,10 @@ def summary_table(result: dict) -> str:
                              [[r["kind"], r["to_tasks"], r["from_tasks"], f"{r['throughput_ratio']:.3f}"]
                               for r in result["scaling"]["ratios"]]))
     if "accuracy" in result:
-        blocks.append(_table(["task", "examples", "promptmux", "PEFT eager", "differing"],
+        blocks.append(_table(["task", "examples", "promptmux", "PEFT eager", "differing", "batch changes"],
                              [[t, v["examples"], f"{v['accuracy_promptmux']:.4f}", f"{v['accuracy_peft']:.4f}",
-                               v["differing_predictions"]] for t, v in result["accuracy"]["tasks"].items()]))
+                               v["differing_predictions"], v["batch_changes"]]
+                              for t, v in result["accuracy"]["tasks"].items()]))
     files = result["files"]
     blocks.append(f"{'; '.join(result['devices'])}; {result['wall_seconds']} s. Full result: {files['json']} "
                   f"(and {files['markdown']}" + (", plots" if files["plots"] else "") + ")")

@@ -224,6 +224,7 @@ def test_accuracy_comparison_counts_differing_predictions(deployment):
     for v in result["tasks"].values():
         assert v["differing_predictions"] == 0 and v["max_abs_logit_diff"] < 1e-4
         assert v["accuracy_promptmux"] == v["accuracy_peft"]
+        assert v["batch_changes"] == 0  # exact: a row's answer does not depend on its batch
     assert sum(v["examples"] for v in result["tasks"].values()) == 20
 
 

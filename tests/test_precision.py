@@ -154,23 +154,32 @@ def test_labelled_contract_keeps_accuracy_and_most_predictions(deployment, tmp_p
 
         def forward(self, ids, mask, task, types=None):
             out = [np.array(r) for r in exact.forward(ids, mask, task, types)]
-            for r, row_ids in zip(out, ids):
-                target = self.flips.get(tuple(int(x) for x in row_ids))
+            for r, row_ids, row_mask in zip(out, ids, mask):
+                target = self.flips.get(tuple(int(x) for x, m in zip(row_ids, row_mask) if m))
                 if target is not None:
                     r[:] = -10.0
                     r[target] = 10.0
             return out
 
-    def key(i):
-        return tuple(int(x) for x in exact.encode([texts[i]], "pt")["input_ids"][0][: enc["input_ids"].shape[1]])
+    def key(i):  # a row's own tokens
+        return tuple(int(x) for x in exact.encode([texts[i]], "pt")["input_ids"][0])
 
     def report(flips):
         return P.measure(Flipped({key(i): t for i, t in flips.items()}), exact, None, rows)["pt"]
 
     same = report({})
     assert same["labelled"] and same["accuracy_fp32"] == 0.9 and same["accuracy"] == 0.9 and P.misses({"pt": same}) == []
+    assert same["batch_changes"] == 0
     one_lost = report({20: (labels[20] + 1) % want.shape[1]})
     assert one_lost["prediction_agreement"] == 0.99 and one_lost["accuracy"] == pytest.approx(0.89)
+    assert one_lost["batch_changes"] == 0  # the flip is the row's own, batched or alone
+
+    class FlippedAlone(Flipped):  # fp32 in a batch; a row run alone gets its flip (an answer that depends on its batch)
+        def forward(self, ids, mask, task, types=None):
+            return super().forward(ids, mask, task, types) if len(ids) == 1 else exact.forward(ids, mask, task, types)
+
+    alone = P.measure(FlippedAlone({key(20): (labels[20] + 1) % want.shape[1]}), exact, None, rows)["pt"]
+    assert alone["prediction_agreement"] == 1.0 and alone["batch_changes"] == 0.01
     assert [m.split(":")[1].split()[0] for m in P.misses({"pt": one_lost})] == ["accuracy"]
     traded = report({20: (labels[20] + 1) % want.shape[1], 21: (labels[21] + 1) % want.shape[1], 0: labels[0],
                      1: labels[1]})
