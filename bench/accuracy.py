@@ -43,10 +43,12 @@ def demo_tasks(rt: Runtime) -> list[str]:
     return found
 
 
-def held_out(task: str, tokenizer, limit: int | None = None) -> list[tuple[str, list[int], int]]:
-    """(task, token ids, label) of the held-out examples of a demo task after its calibration rows (up to limit)."""
+def held_out(task: str, tokenizer, limit: int | None = None, calibration_rows: bool = False
+             ) -> list[tuple[str, list[int], int]]:
+    """(task, token ids, label) of the held-out examples of a demo task after its calibration rows (with them:
+    calibration_rows=True), up to limit."""
     rows, max_length = held_out_texts(task)
-    rows = rows[CALIBRATION_ROWS:][:limit]
+    rows = rows[0 if calibration_rows else CALIBRATION_ROWS:][:limit]
     texts, labels = zip(*rows)
     enc = tokenizer(list(texts), truncation=True, max_length=max_length)
     return [(task, ids, int(y)) for ids, y in zip(enc["input_ids"], labels)]

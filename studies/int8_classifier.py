@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     from promptmux.runtime.sessions import OrtSession
 
     exact = Runtime(args.deploy, backend="onnxruntime", threads=args.threads)
-    examples = [e for t in demo_tasks(exact) for e in held_out(t, exact.tokenizer)]
+    examples = [e for t in demo_tasks(exact) for e in held_out(t, exact.tokenizer, calibration_rows=True)]
     rng = np.random.default_rng(0)
     order = rng.permutation(len(examples))  # the tasks interleaved: mixed batches, as served
     examples = [examples[i] for i in order]

@@ -182,7 +182,7 @@ def main(argv=None) -> dict:
     load_start = load_average()
     variants = args.variants.split(",")
     exact = Runtime(args.deploy, backend="onnxruntime", threads=args.threads)
-    by_task = {t: held_out(t, exact.tokenizer) for t in demo_tasks(exact)}
+    by_task = {t: held_out(t, exact.tokenizer, calibration_rows=True) for t in demo_tasks(exact)}
     rng = np.random.default_rng(0)
 
     def mixed(rows):  # the tasks interleaved: mixed batches, as served
