@@ -172,6 +172,7 @@ def test_labelled_contract_keeps_accuracy_and_most_predictions(deployment, tmp_p
     assert same["batch_changes"] == 0
     one_lost = report({20: (labels[20] + 1) % want.shape[1]})
     assert one_lost["prediction_agreement"] == 0.99 and one_lost["accuracy"] == pytest.approx(0.89)
+    assert same["agreement_interval_95"][1] == 1.0 and one_lost["agreement_interval_95"] == [0.9455, 0.9982]
     assert one_lost["batch_changes"] == 0  # the flip is the row's own, batched or alone
 
     class FlippedAlone(Flipped):  # fp32 in a batch; a row run alone gets its flip (an answer that depends on its batch)
