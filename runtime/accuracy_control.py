@@ -4,7 +4,7 @@ holds. This is the search NNCF's quantize_with_accuracy_control makes for OpenVI
 quantization (quantize.py), which is what int8 classifiers run here.
 
 1. Rank: each weight MatMul quantized alone (the others fp32), run on the calibration rows of the tasks that
-   missed; its score is the mean absolute change of their class probabilities against fp32.
+   missed (up to RANK_TASKS of them); its score is the mean absolute change of their class probabilities against fp32.
 2. Keep the top 1, 2, 4, ... layers in fp32 (the deployment's int8 graphs made again with them), measuring the
    whole contract after each, up to MAX_FP32_SHARE of the layers (each one kept costs speed).
 3. The first set that passes is recorded in the contract ("fp32_layers") and the graphs stay made with it; if none
@@ -31,6 +31,9 @@ if TYPE_CHECKING:  # the annotations only: runtime.py imports this module
 log = logging.getLogger("promptmux.runtime")
 
 MAX_FP32_SHARE = 0.25  # at most this share of the weight MatMuls is kept fp32
+# The missed tasks whose rows rank the layers: every layer's graph runs them all, so a bank of many similar tasks
+# that missed (per-user prompts) would take minutes per task; the whole contract is still measured after each set.
+RANK_TASKS = 8
 
 
 def applies(rt: Runtime) -> bool:

@@ -9,10 +9,13 @@ A non-exact precision is never assumed to be good enough: the first time a deplo
 with --precision), its outputs are compared with fp32 on calibration inputs (the user's own texts, labelled rows
 of classifier tasks, or generated token ids) and the result is written into the manifest under "precision". The
 user's rows are kept in the deployment (calibration.txt, or calibration.jsonl with labels), so that a
-re-measurement after the tasks change uses them again. A contract holds on the kind of CPU it was measured on
-(cpu.describe(): the model and its flags): the same int8 graph computes other numbers where the kernels differ
-(ONNX Runtime's AVX2 int8 kernel saturates pairs of products at 16 bits, its VNNI and AMX kernels do not:
-tests/test_isa_cap.py), so a deployment opened on another kind of CPU measures it again. Below THRESHOLDS
+re-measurement after the tasks change uses them again. A contract measures up to CONTRACT_TASKS tasks (the
+labelled ones first, contract_tasks): all of a small bank, a sample of a large one; it is measured again when a
+task it measured changes or goes, or when a task joins a bank of no more than CONTRACT_TASKS. A contract holds
+on the kind of CPU it was measured on (cpu.describe(): the model and its flags): the same int8 graph computes
+other numbers where the kernels differ (ONNX Runtime's AVX2 int8 kernel saturates pairs of products at 16 bits,
+its VNNI and AMX kernels do not: tests/test_isa_cap.py), so a deployment opened on another kind of CPU measures
+it again. Below THRESHOLDS
 (LABELLED for a task measured on labelled rows) it warns; with strict=True it refuses. A classifier's contract
 also records the 95 % interval of its share of predictions kept (from its rows) and how many answers change when
 a row runs alone instead of in its batch (batch_changes, on its first ALONE_ROWS rows). A precision the machine
@@ -56,6 +59,7 @@ CALIBRATION_PROMPTS = 32  # generated decoder prompts
 CALIBRATION_NEW_TOKENS = 16
 CALIBRATION_FILE = "calibration.txt"  # the deployment's own calibration texts, one per line
 ALONE_ROWS = 64  # a classifier task's rows also run alone, for batch_changes
+CONTRACT_TASKS = 32  # tasks a contract measures (contract_tasks): all of a bank up to this size, else a sample
 
 
 class PrecisionError(RuntimeError):
@@ -107,12 +111,13 @@ def _label_index(rt: Runtime, row: dict, task_labels: list | None, n_labels: int
     return index
 
 
-def measure(fast, exact, texts: list[str] | None = None, labelled: list[dict] | None = None) -> dict:
-    """Compare the runtime `fast` with the fp32 runtime `exact` on the calibration inputs, task by task (a
-    classifier task with labelled rows: on those, with both accuracies)."""
+def measure(fast, exact, texts: list[str] | None = None, labelled: list[dict] | None = None,
+            tasks: list[str] | None = None) -> dict:
+    """Compare the runtime `fast` with the fp32 runtime `exact` on the calibration inputs, task by task (tasks:
+    contract_tasks, by default; a classifier task with labelled rows: on those, with both accuracies)."""
     classifies = exact.spec.family.classifies
     report = {}
-    for task in exact.tasks:
+    for task in tasks if tasks is not None else contract_tasks(exact.bank, labelled):
         mine = [r for r in labelled or () if r["task"] == task]
         if classifies and mine:
             batches = classifier_batches(exact, [r["text"] for r in mine], task)
@@ -221,13 +226,31 @@ def record_key(backend: str, precision: str) -> str:
     return f"{backend}/{precision}"
 
 
-def stored_contract(manifest: dict, backend: str, precision: str, digests: dict[str, str],
-                    family: Family) -> dict | None:
-    """The manifest's contract for this backend and precision, if it covers exactly the bank's current tasks and
+def contract_tasks(bank, labelled: list[dict] | None = None) -> list[str]:
+    """The tasks a contract measures: every task with labelled rows, then the bank's first tasks (its own order,
+    bank.page), up to CONTRACT_TASKS in all. A bank of per-user prompts holds up to a million tasks of one kind:
+    measuring each (and fingerprinting each at every open) did not finish in 4 minutes on 5,000 tasks, so a large
+    bank's contract is measured on a sample of its tasks, and says so (tasks_measured, tasks_in_bank)."""
+    named = list(dict.fromkeys(r["task"] for r in labelled or ()))
+    first, _ = bank.page(CONTRACT_TASKS)
+    return named + [t for t in first if t not in named][:max(0, CONTRACT_TASKS - len(named))]
+
+
+def covers(entry: dict, bank) -> bool:
+    """Whether a recorded contract still holds for the bank's tasks: every task it measured is there unchanged, and
+    a bank of no more than CONTRACT_TASKS tasks was measured whole (a task added there is measured)."""
+    digests = entry.get("digests") or {}
+    if len(bank) <= CONTRACT_TASKS and set(digests) != set(bank.names()):
+        return False
+    return bool(digests) and all(t in bank and bank.digest(t) == d for t, d in digests.items())
+
+
+def stored_contract(manifest: dict, backend: str, precision: str, bank, family: Family) -> dict | None:
+    """The manifest's contract for this backend and precision, if it still covers the bank's tasks (covers) and
     was measured on this kind of CPU."""
     entry = (manifest.get("precision") or {}).get(record_key(backend, precision))
-    if entry and entry.get("digests") == digests and entry.get("recipe") == recipe(backend, precision, family) \
-            and entry.get("cpu") == cpu.describe():
+    if entry and entry.get("recipe") == recipe(backend, precision, family) and entry.get("cpu") == cpu.describe() \
+            and covers(entry, bank):
         return entry
     return None
 
@@ -271,21 +294,22 @@ def calibrate(fast, items: list | None = None, source: str | None = None) -> dic
         if not fast.spec.family.classifies:
             raise ValueError("labelled calibration rows are for classifiers; for a language model give texts, one "
                              "per line")
-        unknown = sorted({r["task"] for r in labelled} - set(fast.tasks))
+        unknown = sorted({r["task"] for r in labelled if r["task"] not in fast.bank})
         if unknown:
             raise ValueError(f"labelled calibration rows name task(s) {', '.join(map(repr, unknown))} that this "
-                             f"deployment does not serve ({len(fast.tasks)} tasks)")
+                             f"deployment does not serve ({len(fast.bank)} tasks)")
     exact = type(fast)(fast.dir, backend="onnxruntime", precision="fp32", threads=fast.threads)  # a Runtime
     started = time.time()
-    tasks = measure(fast, exact, texts, labelled)
+    names = contract_tasks(fast.bank, labelled)
+    tasks = measure(fast, exact, texts, labelled, names)
     control = {}
     if not passed(tasks) and accuracy_control.applies(fast):
         rows = {}
-        for task in (t for t in tasks if misses({t: tasks[t]})):
+        for task in [t for t in tasks if misses({t: tasks[t]})][:accuracy_control.RANK_TASKS]:
             mine = [r["text"] for r in labelled or () if r["task"] == task]
             rows[task] = classifier_batches(exact, mine or texts, task)
         fast.int8_fp32_layers, tasks, summary = accuracy_control.search(
-            fast, exact, lambda: measure(fast, exact, texts, labelled), misses, rows,
+            fast, exact, lambda: measure(fast, exact, texts, labelled, names), misses, rows,
             all_int8=None if fast.int8_fp32_layers else tasks)
         control = {"accuracy_control": summary}
     if items is None:
@@ -298,7 +322,8 @@ def calibrate(fast, items: list | None = None, source: str | None = None) -> dic
                                                                                         time.gmtime()),
         "seconds": round(time.time() - started, 1), "calibration": calibration,
         "thresholds": {**THRESHOLDS, "labelled": dict(LABELLED)},
-        "tasks": tasks, "passed": passed(tasks), "digests": {t: fast.bank.digest(t) for t in fast.tasks},
+        "tasks": tasks, "passed": passed(tasks), "digests": {t: fast.bank.digest(t) for t in names},
+        "tasks_measured": len(names), "tasks_in_bank": len(fast.bank),
         "cpu": cpu.describe(),
         **({"recipe": made} if (made := recipe(fast.backend, fast.precision, fast.spec.family)) else {}),
         **({"fp32_layers": list(fast.int8_fp32_layers)} if accuracy_control.applies(fast) else {}), **control,
@@ -330,8 +355,7 @@ def contract(rt: Runtime, strict: bool, calibration=None) -> dict:
         if items is None and (rt.dir / name).is_file():
             items, source = calibration_texts(rt.dir / name), f"the deployment's {name}"
     rt.calibration_items = items  # what graphs calibrated on data are made from (openvino_int8.py)
-    digests = {t: rt.bank.digest(t) for t in rt.tasks}
-    entry = None if calibration is not None else stored_contract(rt.manifest, rt.backend, rt.precision, digests,
+    entry = None if calibration is not None else stored_contract(rt.manifest, rt.backend, rt.precision, rt.bank,
                                                                     rt.spec.family)
     if entry and items is not None and entry["calibration"].get("sha256") != items_digest(items):
         entry = None  # the calibration file changed (or came) since the contract was measured: measure on it

@@ -717,3 +717,25 @@ def test_fast_runs_the_fastest_precision_that_meets_its_contract_and_records_it_
     third = Runtime(deploy, precision="fast")
     assert third.precision == "fp32" and "no non-exact precision" in third.fast["reason"]
     assert third.backend == "onnxruntime+openvino" and third.routing_record is not None
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_a_large_banks_contract_measures_a_sample_of_its_tasks(deployment, tmp_path, monkeypatch):
+    """A bank larger than CONTRACT_TASKS (per-user prompts: up to a million) is measured on its first tasks, and
+    says so; a task added leaves the contract standing, a measured task replaced has it measured again. A bank no
+    larger than CONTRACT_TASKS is measured whole (the int8 test above: a task added there is measured)."""
+    deploy = copy_deployment(deployment.deploy, tmp_path / "deploy")
+    monkeypatch.setattr(P, "CONTRACT_TASKS", 2)
+    calls = []
+    calibrate = P.calibrate
+    monkeypatch.setattr(P, "calibrate", lambda *a, **k: calls.append(1) or calibrate(*a, **k))
+    rt = Runtime(deploy, backend="onnxruntime", precision="int8")
+    first, _ = rt.bank.page(2)
+    contract = rt.contract
+    assert len(rt.bank) > 2 and contract["tasks_in_bank"] == len(rt.bank) and contract["tasks_measured"] == 2
+    assert list(contract["tasks"]) == first and set(contract["digests"]) == set(first) and calls == [1]
+    rt.add_task("a_user", deployment.adapters["pt"], persist=True)  # after the sample (the bank's order: oldest first)
+    assert Runtime(deploy, backend="onnxruntime", precision="int8").contract == contract and calls == [1]
+    rt.add_task(first[0], deployment.adapters["prefix"], persist=True, replace=True)  # a measured task replaced
+    again = Runtime(deploy, backend="onnxruntime", precision="int8").contract
+    assert calls == [1, 1] and again["digests"] != contract["digests"] and again["tasks_measured"] == 2
