@@ -15,11 +15,10 @@ task it measured changes or goes, or when a task joins a bank of no more than CO
 on the kind of CPU it was measured on (cpu.describe(): the model and its flags): the same int8 graph computes
 other numbers where the kernels differ (ONNX Runtime's AVX2 int8 kernel saturates pairs of products at 16 bits,
 its VNNI and AMX kernels do not: tests/test_isa_cap.py), so a deployment opened on another kind of CPU measures
-it again. Below THRESHOLDS
-(LABELLED for a task measured on labelled rows) it warns; with strict=True it refuses. A classifier's contract
-also records the 95 % interval of its share of predictions kept (from its rows) and how many answers change when
-a row runs alone instead of in its batch (batch_changes, on its first ALONE_ROWS rows). A precision the machine
-cannot run is an error that says what is missing; nothing falls back silently.
+it again. Below THRESHOLDS (LABELLED for a task measured on labelled rows) it warns; with strict=True it refuses.
+A classifier's contract also records the 95 % interval of its share of predictions kept (from its rows) and how
+many answers change when a row runs alone instead of in its batch (batch_changes, on its first ALONE_ROWS rows).
+A precision the machine cannot run is an error that says what is missing; nothing falls back silently.
 """
 
 from __future__ import annotations
@@ -167,7 +166,7 @@ def batch_changes(fast, batches, task: str, got: np.ndarray) -> float:
     tokens, no padding) instead of in its calibration batch (`got`: the batches' outputs, in order). Recorded, not
     a rule: dynamic int8 quantizes a batch's activations with one scale, so a row's answer can depend on the rows
     it is batched with (results/ort-int8-recipes-minilm-intel-amx.json: 39-47 of 800 held-out sentiment answers).
-    A sample: one call per row, and a contract measures every task."""
+    A sample: one call per row, for each task the contract measures."""
     alone = []
     for ids, mask, types in batches:
         for i in range(min(len(ids), ALONE_ROWS - len(alone))):
