@@ -64,25 +64,36 @@ def _pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
+def deployment_answers(rt: Runtime, examples: list[tuple[str, list[int], int]], batch_size: int = 32
+                       ) -> tuple[list, list, float]:
+    """The deployment's logits per example in mixed batches (the tasks' examples interleaved round-robin, so every
+    batch holds rows of several tasks, as promptmux serves them), the seconds those batches took, and its logits
+    per example run alone (its own tokens, a batch of one)."""
+    by_task: dict[str, list[int]] = {}
+    for i, (task, _, _) in enumerate(examples):
+        by_task.setdefault(task, []).append(i)
+    queues = list(by_task.values())
+    order = [q[j] for j in range(max(len(q) for q in queues)) for q in queues if j < len(q)]
+    pad_id = graph_pad_id(rt.config)
+    batched: list = [None] * len(examples)
+    t = time.perf_counter()
+    for k in range(0, len(order), batch_size):
+        rows = order[k : k + batch_size]
+        ids, mask = _pad([examples[i][1] for i in rows], pad_id)
+        for i, logits in zip(rows, rt.forward(ids, mask, [examples[i][0] for i in rows])):
+            batched[i] = logits
+    seconds = time.perf_counter() - t
+    alone = [rt.forward(np.array([ids]), np.ones((1, len(ids)), np.int64), [task])[0] for task, ids, _ in examples]
+    return batched, alone, seconds
+
+
 def compare_predictions(rt: Runtime, peft, examples: list[tuple[str, list[int], int]], batch_size: int = 32) -> dict:
     """Deployment (mixed batches, tasks interleaved) vs PEFT (one task per batch) on the same token ids."""
     pad_id = graph_pad_id(rt.config)
     by_task: dict[str, list[int]] = {}
     for i, (task, _, _) in enumerate(examples):
         by_task.setdefault(task, []).append(i)
-    # Interleave the tasks' examples round-robin: every deployment batch holds rows of several tasks.
-    queues = [list(v) for v in by_task.values()]
-    order = [q[j] for j in range(max(len(q) for q in queues)) for q in queues if j < len(q)]
-
-    ours: list = [None] * len(examples)
-    t = time.perf_counter()
-    for k in range(0, len(order), batch_size):
-        rows = order[k : k + batch_size]
-        ids, mask = _pad([examples[i][1] for i in rows], pad_id)
-        for i, logits in zip(rows, rt.forward(ids, mask, [examples[i][0] for i in rows])):
-            ours[i] = logits
-    ours_s = time.perf_counter() - t
-    alone = [rt.forward(np.array([ids]), np.ones((1, len(ids)), np.int64), [task])[0] for task, ids, _ in examples]
+    ours, alone, ours_s = deployment_answers(rt, examples, batch_size)
 
     theirs: list = [None] * len(examples)
     t = time.perf_counter()

@@ -151,33 +151,22 @@ def child_time(deploy: str, work: str, variant: str, threads: int) -> dict:
 
 
 def child_accuracy(deploy: str, work: str, variant: str, threads: int) -> dict:
-    from promptmux.bench.accuracy import _pad, demo_tasks, held_out
-    from promptmux.core.archs import pad_id
+    from promptmux.bench.accuracy import demo_tasks, deployment_answers, held_out
 
     rt, graph = _open(deploy, work, variant, threads)
     examples = [e for t in demo_tasks(rt) for e in held_out(t, rt.tokenizer)]
-    queues = {}
-    for i, (task, _, _) in enumerate(examples):
-        queues.setdefault(task, []).append(i)
-    order = [q[j] for j in range(max(map(len, queues.values()))) for q in queues.values() if j < len(q)]
-    batched = [0] * len(examples)
-    for k in range(0, len(order), 32):  # mixed batches, as served
-        rows = order[k:k + 32]
-        ids, mask = _pad([examples[i][1] for i in rows], pad_id(rt.config))
-        for i, logits in zip(rows, rt.forward(ids, mask, [examples[i][0] for i in rows])):
-            batched[i] = int(np.argmax(logits))
-    alone = [int(np.argmax(rt.forward(np.array([ids]), np.ones((1, len(ids)), np.int64), [task])[0]))
-             for task, ids, _ in examples]
+    batched, alone, _ = deployment_answers(rt, examples)  # mixed batches of 32, as served, and each row alone
     assert set(rt.graph_runs) == {graph}, dict(rt.graph_runs)
-    return {"predictions": batched, "alone": alone, "labels": [y for _, _, y in examples],
-            "tasks": [t for t, _, _ in examples]}
+    return {"predictions": [int(np.argmax(x)) for x in batched], "alone": [int(np.argmax(x)) for x in alone],
+            "labels": [y for _, _, y in examples], "tasks": [t for t, _, _ in examples]}
 
 
 def _spawn(cap: str, *args: str) -> dict:
+    from promptmux.bench import isa_cap
+
     command = [sys.executable, "-m", "studies.ort_int8_recipes", "--child", *args]
-    if cap != "none":
-        command = [sys.executable, "-m", "promptmux.bench.isa_cap", cap, "--", *command]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, env=None if cap == "none" else isa_cap.environ(cap), capture_output=True,
+                          text=True)
     if done.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
