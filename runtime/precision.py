@@ -23,6 +23,8 @@ A precision the machine cannot run is an error that says what is missing; nothin
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 import logging
 import time
 from pathlib import Path
@@ -59,6 +61,7 @@ CALIBRATION_NEW_TOKENS = 16
 CALIBRATION_FILE = "calibration.txt"  # the deployment's own calibration texts, one per line
 ALONE_ROWS = 64  # a classifier task's rows also run alone, for batch_changes
 CONTRACT_TASKS = 32  # tasks a contract measures (contract_tasks): all of a bank up to this size, else a sample
+SAMPLE_PAGE = 10_000  # names read from the bank at a time while sampling
 
 
 class PrecisionError(RuntimeError):
@@ -226,13 +229,29 @@ def record_key(backend: str, precision: str) -> str:
 
 
 def contract_tasks(bank, labelled: list[dict] | None = None) -> list[str]:
-    """The tasks a contract measures: every task with labelled rows, then the bank's first tasks (its own order,
-    bank.page), up to CONTRACT_TASKS in all. A bank of per-user prompts holds up to a million tasks of one kind:
+    """The tasks a contract measures: every task with labelled rows, then a sample of the others, up to
+    CONTRACT_TASKS in all, in the bank's order. A bank of per-user prompts holds up to a million tasks of one kind:
     measuring each (and fingerprinting each at every open) did not finish in 4 minutes on 5,000 tasks, so a large
-    bank's contract is measured on a sample of its tasks, and says so (tasks_measured, tasks_in_bank)."""
+    bank's contract is measured on a sample of its tasks, and says so (tasks_measured, tasks_in_bank). The sample
+    is the tasks whose names hash lowest (a bottom-k sample): spread over the whole bank, old prompts and new
+    alike, and the same sample again while its tasks stay (a task joining enters it only by a lower hash)."""
     named = list(dict.fromkeys(r["task"] for r in labelled or ()))
-    first, _ = bank.page(CONTRACT_TASKS)
-    return named + [t for t in first if t not in named][:max(0, CONTRACT_TASKS - len(named))]
+    skip, room = set(named), max(0, CONTRACT_TASKS - len(named))
+    lowest: list[tuple[int, int, str]] = []  # a max-heap of the `room` lowest hashes: (-hash, position, name)
+    after, more, position = None, True, 0
+    while more and room:
+        names, more = bank.page(SAMPLE_PAGE, after)
+        for name in names:
+            position += 1
+            if name in skip:
+                continue
+            key = -int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "big")
+            if len(lowest) < room:
+                heapq.heappush(lowest, (key, position, name))
+            elif key > lowest[0][0]:
+                heapq.heapreplace(lowest, (key, position, name))
+        after = names[-1] if names else None
+    return named + [name for _, _, name in sorted(lowest, key=lambda e: e[1])]
 
 
 def covers(entry: dict, bank) -> bool:
