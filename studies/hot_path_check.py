@@ -8,7 +8,9 @@ import os
 import time
 
 import numpy as np
+
 from promptmux import Runtime
+
 rt = Runtime(os.path.expanduser("~/.cache/promptmux/serve-bench-minilm"), backend="onnxruntime", threads=2)
 out = {}
 for b in (1, 8, 32):
