@@ -29,7 +29,7 @@ from promptmux.core.folder import deployment_lock, write_manifest
 
 from . import cpu
 from .errors import BackendUnavailable
-from .precision import record_key
+from .precision import METHOD, record_key
 from .timing import CLASSIFIER_SHAPES, GENERATION_SHAPES, time_apart
 
 log = logging.getLogger("promptmux.runtime")
@@ -132,11 +132,12 @@ def resolve(deploy_dir: Path, manifest: dict, threads: int | None, calibration, 
 
 
 def _still_holds(manifest: dict, record: dict) -> bool:
-    """The recorded choice holds while the chosen precision's contract is recorded as passed (a change of tasks
-    measures it again at open, which may then miss: the choice is then made again)."""
+    """The recorded choice holds while the chosen precision's contract is recorded as passed, measured the way
+    contracts are measured now (a change of tasks measures it again at open, which may then miss: the choice is then
+    made again)."""
     if record["precision"] == "fp32":
         return True
     chosen = record.get("choice", record["precision"])  # recorded before int8 had two backends: the name
     entry = (manifest.get("precision") or {}).get(record_key(record["candidates"][chosen]["backend"],
                                                               record["precision"]))
-    return bool(entry and entry.get("passed"))
+    return bool(entry and entry.get("passed") and entry.get("method") == METHOD)  # measured as contracts are now
