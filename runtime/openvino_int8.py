@@ -13,7 +13,8 @@ Runtime's int8 97.0 % / 100 %. Which int8 is faster on another CPU is measured t
 
 The calibration rows are the contract's (runtime.calibration_items: the user's texts or labelled rows, the
 deployment's calibration file, or generated token ids), run through fp32 ONNX Runtime for up to MAX_TASKS of the
-tasks whose batches run the graph (calibration_tasks), and the feeds the graph received are NNCF's dataset. The IR
+tasks whose batches run the graph (calibration_tasks; the main graph also gets prompt tasks' rows batched beside a
+prefix task's, as mixed traffic sends them there), and the feeds the graph received are NNCF's dataset. The IR
 is kept beside the converted one (openvino/<graph>.int8.xml) with a stamp naming the graph, the recipe, the
 calibration rows and the tasks calibrated on; it is made again when one of them changes.
 """
@@ -38,6 +39,7 @@ from .calibration import classifier_batches, items_digest
 from .derived import graph_key, is_current, write_stamp
 from .errors import BackendUnavailable
 from .openvino_session import OpenVinoSession, convert_graph, import_openvino, ir_folder
+from .text import too_long
 
 if TYPE_CHECKING:  # the annotations only: runtime.py imports this module
     from promptmux.runtime.runtime import Runtime
@@ -119,35 +121,42 @@ def int8_ir(rt: Runtime, path: Path) -> Path:
 
 
 def calibration_tasks(rt: Runtime, path: Path) -> list[str]:
-    """Up to MAX_TASKS tasks whose batches run graph `path` (of the first SCAN tasks): the folded task for the
-    folded graph; where the deployment has a graph without prefix inputs, the tasks with a key/value prefix for
-    the main graph and the others for that one; otherwise the first tasks."""
+    """The tasks graph `path` is calibrated on (of the first SCAN tasks): the folded task for the folded graph;
+    where the deployment has a graph without prefix inputs, up to MAX_TASKS tasks without a key/value prefix for
+    that one, and for the main graph up to MAX_TASKS tasks with one, then up to MAX_TASKS // 2 without (their rows
+    run there too, batched beside a prefix task's: calibration_feeds); otherwise the first MAX_TASKS tasks."""
     if path.name == FOLDED_GRAPH:
         return [rt.folded_task] if rt.folded_task else []
     noprefix = (rt.manifest["graph"].get("noprefix") or {}).get("file")
     if not noprefix:
         return rt.bank.page(MAX_TASKS)[0]
-    wanted_prefix = path.name != noprefix
-    found, after, more = [], None, True
-    for _ in range(0, SCAN, 256):
-        if not more or len(found) >= MAX_TASKS:
-            break
+    prefixed, plain = _split_tasks(rt)
+    if path.name == noprefix:
+        return plain[:MAX_TASKS]
+    return prefixed[:MAX_TASKS] + plain[:MAX_TASKS // 2] if prefixed else []
+
+
+def _split_tasks(rt: Runtime) -> tuple[list[str], list[str]]:
+    """(tasks with a key/value prefix, tasks without), up to MAX_TASKS of each, among the first SCAN tasks."""
+    prefixed, plain, after, more, seen = [], [], None, True, 0
+    while more and seen < SCAN and (len(prefixed) < MAX_TASKS or len(plain) < MAX_TASKS):
         names, more = rt.bank.page(256, after)
         if not names:
             break
-        after = names[-1]
+        after, seen = names[-1], seen + len(names)
         for name in names:
             view = rt.bank.view(name)
-            if (kind_of(view).kv_prefix(view) is not None) == wanted_prefix:
-                found.append(name)
-                if len(found) == MAX_TASKS:
-                    break
-    return found
+            (prefixed if kind_of(view).kv_prefix(view) is not None else plain).append(name)
+    return prefixed[:MAX_TASKS], plain[:MAX_TASKS]
 
 
 def calibration_feeds(rt: Runtime, path: Path, items, tasks: list[str]) -> list[dict[str, np.ndarray]]:
     """The feeds graph `path` receives when fp32 ONNX Runtime answers the calibration rows, task by task (a task's
-    labelled rows where it has some, else every text, else generated token ids): NNCF's dataset."""
+    labelled rows where it has some, else every text, else generated token ids): NNCF's dataset. On the main graph
+    of a deployment that has one without prefix inputs, a task without a key/value prefix runs its rows in mixed
+    batches, every other row given to the first prefix task: served traffic sends such batches there, and an IR
+    calibrated on prefix tasks alone flipped every near-tied answer of a prompt task in mixed batches (the tiny
+    test model of tests/test_precision.py::test_int8_on_openvino_..., whose contract now measures mixed batches)."""
     exact = type(rt)(rt.dir, backend="onnxruntime", threads=rt.threads)
     noprefix = (rt.manifest["graph"].get("noprefix") or {}).get("file")
     attr = {GRAPH: "session", FOLDED_GRAPH: "folded_session", noprefix: "noprefix_session"}.get(path.name)
@@ -156,10 +165,23 @@ def calibration_feeds(rt: Runtime, path: Path, items, tasks: list[str]) -> list[
         return captured
     setattr(exact, attr, _Capture(getattr(exact, attr), captured))
     texts = [t for t in items or () if isinstance(t, str)] or None
-    for task in tasks:
+    partner = None
+    if noprefix and path.name == GRAPH:
+        partner = next((t for t in tasks if kind_of(rt.bank.view(t)).kv_prefix(rt.bank.view(t)) is not None), None)
+    order = tasks
+    if partner is not None:  # prefix and prompt tasks in turn, so that the batch cap keeps some of each
+        with_prefix = [t for t in tasks if kind_of(rt.bank.view(t)).kv_prefix(rt.bank.view(t)) is not None]
+        without = [t for t in tasks if t not in with_prefix]
+        order = [t for pair in zip(with_prefix, without) for t in pair] + with_prefix[len(without):] + \
+            without[len(with_prefix):]
+    for task in order:
         mine = [r["text"] for r in items or () if isinstance(r, dict) and r["task"] == task]
+        alone = partner is None or kind_of(rt.bank.view(task)).kv_prefix(rt.bank.view(task)) is not None
         for ids, mask, types in classifier_batches(exact, mine or texts, task):
-            exact.forward(ids, mask, task, types)
+            beside = not alone and not too_long(ids.shape[1], exact.bank.view(partner).num_virtual_tokens, partner,
+                                                exact.max_positions)  # else alone: this graph never sees it
+            exact.forward(ids, mask, [task if i % 2 == 0 or not beside else partner for i in range(len(ids))],
+                          types)
             if len(captured) >= MAX_BATCHES:
                 return captured
     return captured

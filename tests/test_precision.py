@@ -585,20 +585,23 @@ def test_int8_on_openvino_runs_nncf_static_int8_calibrated_on_the_contract_rows_
         got, want = rt.forward(ids, mask, tasks), exact.forward(ids, mask, tasks)
         assert max(float(np.abs(a - b).max()) for a, b in zip(got, want)) > 0  # int8 ran, not the fp32 graph
     # how close is the contract's to say (on random tiny models the MPT tasks' logits move most: 0.76 at most here),
-    # in batches of one task. In mixed batches a prompt task's rows run beside prefix tasks, so through the other
-    # graph's int8 (model.int8.xml), calibrated apart: this tokenizer reads every calibration text as the same
-    # tokens, so a near-tie there moves all of a task's rows at once; both figures are recorded.
-    assert all(r["prediction_agreement_by_task"] >= P.THRESHOLDS["prediction_agreement"]
-               and "prediction_agreement_mixed" in r for r in rt.contract["tasks"].values())
+    # in batches of one task and mixed: there a prompt task's rows run beside prefix tasks, through the other
+    # graph's int8 (model.int8.xml), which is calibrated on such batches too (calibrated on prefix tasks alone, it
+    # flipped every "pt" answer in mixed batches: this tokenizer reads each text as the same tokens, a near-tie)
+    assert rt.contract["passed"], P.misses(rt.contract["tasks"])
+    assert all("prediction_agreement_mixed" in r for r in rt.contract["tasks"].values())
     assert rt.graph_runs - before == Counter({"model_noprefix.int8.xml": 1, "model.int8.xml": 1})
     assert rt.noprefix_session.int8_ops > 0 and rt.session.int8_ops > 0
     stamp = json.loads((deploy / "openvino" / "model_noprefix.int8.json").read_text())
     assert stamp["recipe"] == openvino_int8.recipe()
     # each graph calibrated on the first tasks whose batches run it: prompt-only ones here, key/value prefixes there
+    # and, beside them, some prompt-only ones (mixed batches run there)
     order = rt.bank.page(len(rt.tasks))[0]
     prefixed = [t for t in order if kind_of(rt.bank.view(t)).kv_prefix(rt.bank.view(t)) is not None]
-    assert list(stamp["tasks"]) == [t for t in order if t not in prefixed][:openvino_int8.MAX_TASKS]
-    assert list(json.loads((deploy / "openvino" / "model.int8.json").read_text())["tasks"]) == prefixed[:8]
+    plain = [t for t in order if t not in prefixed]
+    assert list(stamp["tasks"]) == plain[:openvino_int8.MAX_TASKS]
+    assert list(json.loads((deploy / "openvino" / "model.int8.json").read_text())["tasks"]) == \
+        prefixed[:openvino_int8.MAX_TASKS] + plain[:openvino_int8.MAX_TASKS // 2]
     monkeypatch.setattr(nncf, "quantize", lambda *a, **k: pytest.fail("quantized again"))
     again = Runtime(deploy, precision="int8", backend="openvino")
     assert again.forward(ids, mask, ["prefix", "pt", "mpt/0", "prefix"]) and again.contract == rt.contract
