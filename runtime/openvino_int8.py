@@ -130,16 +130,17 @@ def calibration_tasks(rt: Runtime, path: Path) -> list[str]:
     noprefix = (rt.manifest["graph"].get("noprefix") or {}).get("file")
     if not noprefix:
         return rt.bank.page(MAX_TASKS)[0]
-    prefixed, plain = _split_tasks(rt)
     if path.name == noprefix:
-        return plain[:MAX_TASKS]
-    return prefixed[:MAX_TASKS] + plain[:MAX_TASKS // 2] if prefixed else []
+        return _split_tasks(rt, 0, MAX_TASKS)[1]
+    prefixed, plain = _split_tasks(rt, MAX_TASKS, MAX_TASKS // 2)
+    return prefixed + plain if prefixed else []
 
 
-def _split_tasks(rt: Runtime) -> tuple[list[str], list[str]]:
-    """(tasks with a key/value prefix, tasks without), up to MAX_TASKS of each, among the first SCAN tasks."""
+def _split_tasks(rt: Runtime, with_prefix: int, without: int) -> tuple[list[str], list[str]]:
+    """(up to `with_prefix` tasks with a key/value prefix, up to `without` tasks without), the first found among
+    the first SCAN tasks; the scan stops once both are found (each task looked at is read from the bank)."""
     prefixed, plain, after, more, seen = [], [], None, True, 0
-    while more and seen < SCAN and (len(prefixed) < MAX_TASKS or len(plain) < MAX_TASKS):
+    while more and seen < SCAN and (len(prefixed) < with_prefix or len(plain) < without):
         names, more = rt.bank.page(256, after)
         if not names:
             break
@@ -147,7 +148,9 @@ def _split_tasks(rt: Runtime) -> tuple[list[str], list[str]]:
         for name in names:
             view = rt.bank.view(name)
             (prefixed if kind_of(view).kv_prefix(view) is not None else plain).append(name)
-    return prefixed[:MAX_TASKS], plain[:MAX_TASKS]
+            if len(prefixed) >= with_prefix and len(plain) >= without:
+                break
+    return prefixed[:with_prefix], plain[:without]
 
 
 def calibration_feeds(rt: Runtime, path: Path, items, tasks: list[str]) -> list[dict[str, np.ndarray]]:
