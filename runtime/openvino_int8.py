@@ -146,11 +146,16 @@ def _split_tasks(rt: Runtime, with_prefix: int, without: int) -> tuple[list[str]
             break
         after, seen = names[-1], seen + len(names)
         for name in names:
-            view = rt.bank.view(name)
-            (prefixed if kind_of(view).kv_prefix(view) is not None else plain).append(name)
+            (prefixed if _has_prefix(rt, name) else plain).append(name)
             if len(prefixed) >= with_prefix and len(plain) >= without:
                 break
     return prefixed[:with_prefix], plain[:without]
+
+
+def _has_prefix(rt: Runtime, task: str) -> bool:
+    """Whether the task's batches need the graph with prefix inputs (a key/value prefix)."""
+    view = rt.bank.view(task)
+    return kind_of(view).kv_prefix(view) is not None
 
 
 def calibration_feeds(rt: Runtime, path: Path, items, tasks: list[str]) -> list[dict[str, np.ndarray]]:
@@ -170,16 +175,16 @@ def calibration_feeds(rt: Runtime, path: Path, items, tasks: list[str]) -> list[
     texts = [t for t in items or () if isinstance(t, str)] or None
     partner = None
     if noprefix and path.name == GRAPH:
-        partner = next((t for t in tasks if kind_of(rt.bank.view(t)).kv_prefix(rt.bank.view(t)) is not None), None)
+        partner = next((t for t in tasks if _has_prefix(rt, t)), None)
     order = tasks
     if partner is not None:  # prefix and prompt tasks in turn, so that the batch cap keeps some of each
-        with_prefix = [t for t in tasks if kind_of(rt.bank.view(t)).kv_prefix(rt.bank.view(t)) is not None]
+        with_prefix = [t for t in tasks if _has_prefix(rt, t)]
         without = [t for t in tasks if t not in with_prefix]
         order = [t for pair in zip(with_prefix, without) for t in pair] + with_prefix[len(without):] + \
             without[len(with_prefix):]
     for task in order:
         mine = [r["text"] for r in items or () if isinstance(r, dict) and r["task"] == task]
-        alone = partner is None or kind_of(rt.bank.view(task)).kv_prefix(rt.bank.view(task)) is not None
+        alone = partner is None or _has_prefix(rt, task)
         for ids, mask, types in classifier_batches(exact, mine or texts, task):
             beside = not alone and not too_long(ids.shape[1], exact.bank.view(partner).num_virtual_tokens, partner,
                                                 exact.max_positions)  # else alone: this graph never sees it
