@@ -26,6 +26,7 @@ import numpy as np
 from promptmux.core.archs import pad_id as graph_pad_id
 from promptmux.demo import ADAPTERS, CALIBRATION_ROWS
 from promptmux.demo.data import DATA, held_out_texts
+from promptmux.runtime.batch import round_robin
 
 from .baseline import PeftSystem
 
@@ -72,8 +73,7 @@ def deployment_answers(rt: Runtime, examples: list[tuple[str, list[int], int]], 
     by_task: dict[str, list[int]] = {}
     for i, (task, _, _) in enumerate(examples):
         by_task.setdefault(task, []).append(i)
-    queues = list(by_task.values())
-    order = [q[j] for j in range(max(len(q) for q in queues)) for q in queues if j < len(q)]
+    order = round_robin(list(by_task.values()))
     pad_id = graph_pad_id(rt.config)
     batched: list = [None] * len(examples)
     t = time.perf_counter()

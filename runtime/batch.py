@@ -86,6 +86,12 @@ def task_names(tasks: str | Sequence[str], rows: int, what: str = "texts") -> li
     return names
 
 
+def round_robin(queues: Sequence[Sequence]) -> list:
+    """One item of each queue in turn until every queue is empty: how mixed traffic is modelled (each batch holds
+    rows of every task) by the contract, OpenVINO's int8 calibration and the accuracy benchmark."""
+    return [q[j] for j in range(max(map(len, queues), default=0)) for q in queues if j < len(q)]
+
+
 def fitting_groups(lengths: list[int], virtual: list[int], limit: int | None) -> list[list[int]]:
     """Rows in order, split into batches whose padded width plus each row's virtual tokens fits limit."""
     groups: list[list[int]] = []

@@ -88,19 +88,18 @@ def choose(deploy_dir: Path, threads: int | None, calibration, Runtime) -> dict:
                              graph_runs=timed[name]["graph_runs"])  # which graph the timing ran (int8: its own)
     faster = {name: x for name, x in speedups.items() if x > 1}
     where = " x ".join(("rows", "tokens", "new tokens")[: len(shapes[0])])
+    over = f"geometric mean over {where} = {', '.join('x'.join(map(str, s)) for s in shapes)}"
     if faster:
         fastest = max(faster, key=faster.get)
         tied = [name for name, x in faster.items() if x >= faster[fastest] * (1 - TIE)]
         chosen = max(tied, key=lambda name: (figures[name]["kept"], faster[name]))
         reason = (f"{chosen} meets its accuracy contract and ran {faster[chosen]:.2f}x faster than fp32 here "
-                  f"(geometric mean over {where} = {', '.join('x'.join(map(str, s)) for s in shapes)}; each "
-                  f"precision in its own process), the fastest of {', '.join(sorted(passing))}")
+                  f"({over}; each precision in its own process), the fastest of {', '.join(sorted(passing))}")
         if chosen != fastest:
             reason = (f"{chosen} meets its accuracy contract and ran {faster[chosen]:.2f}x faster than fp32 here, "
                       f"within {TIE:.0%} of {fastest}'s {faster[fastest]:.2f}x (a tie: timing's own spread), and "
                       f"kept more of fp32's answers on the calibration inputs ({figures[chosen]['kept']:.1%} against "
-                      f"{figures[fastest]['kept']:.1%}, the worst task's); geometric mean over {where} = "
-                      f"{', '.join('x'.join(map(str, s)) for s in shapes)}, each precision in its own process")
+                      f"{figures[fastest]['kept']:.1%}, the worst task's); {over}, each precision in its own process")
     else:
         chosen = "fp32"
         reason = ("no non-exact precision both met its accuracy contract and beat fp32 on this CPU: "

@@ -35,6 +35,7 @@ import numpy as np
 from promptmux.core.folder import FOLDED_GRAPH, GRAPH
 from promptmux.kinds import kind_of
 
+from .batch import round_robin
 from .calibration import classifier_batches, items_digest
 from .derived import graph_key, is_current, write_stamp
 from .errors import BackendUnavailable
@@ -173,18 +174,13 @@ def calibration_feeds(rt: Runtime, path: Path, items, tasks: list[str]) -> list[
         return captured
     setattr(exact, attr, _Capture(getattr(exact, attr), captured))
     texts = [t for t in items or () if isinstance(t, str)] or None
-    partner = None
-    if noprefix and path.name == GRAPH:
-        partner = next((t for t in tasks if _has_prefix(rt, t)), None)
-    order = tasks
-    if partner is not None:  # prefix and prompt tasks in turn, so that the batch cap keeps some of each
-        with_prefix = [t for t in tasks if _has_prefix(rt, t)]
-        without = [t for t in tasks if t not in with_prefix]
-        order = [t for pair in zip(with_prefix, without) for t in pair] + with_prefix[len(without):] + \
-            without[len(with_prefix):]
+    with_prefix = [t for t in tasks if _has_prefix(rt, t)] if noprefix and path.name == GRAPH else []
+    partner = with_prefix[0] if with_prefix else None
+    # prefix and prompt tasks in turn, so that the batch cap keeps some of each
+    order = round_robin([with_prefix, [t for t in tasks if t not in with_prefix]]) if partner else tasks
     for task in order:
         mine = [r["text"] for r in items or () if isinstance(r, dict) and r["task"] == task]
-        alone = partner is None or _has_prefix(rt, task)
+        alone = partner is None or task in with_prefix
         for ids, mask, types in classifier_batches(exact, mine or texts, task):
             beside = not alone and not too_long(ids.shape[1], exact.bank.view(partner).num_virtual_tokens, partner,
                                                 exact.max_positions)  # else alone: this graph never sees it

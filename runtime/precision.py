@@ -130,28 +130,21 @@ def measure(fast, exact, texts: list[str] | None = None, labelled: list[dict] | 
     report, measured = {}, {}
     for task in tasks if tasks is not None else contract_tasks(exact.bank, labelled):
         mine = [r for r in labelled or () if r["task"] == task]
-        if classifies and mine:
-            batches = classifier_batches(exact, [r["text"] for r in mine], task)
-            want = np.stack([r for ids, mask, types in batches for r in exact.forward(ids, mask, task, types)])
-            got = np.stack([r for ids, mask, types in batches for r in fast.forward(ids, mask, task, types)])
-            gold = np.array([_label_index(exact, r, exact.bank.entry(task).get("labels"), want.shape[1])
-                             for r in mine])
-            report[task] = {"rows": len(want), "labelled": True, "max_abs_diff": float(np.abs(got - want).max()),
-                            "prediction_agreement": float((got.argmax(-1) == want.argmax(-1)).mean()),
-                            "agreement_interval_95": interval(got.argmax(-1) == want.argmax(-1)),
-                            "accuracy_fp32": float((want.argmax(-1) == gold).mean()),
-                            "accuracy": float((got.argmax(-1) == gold).mean()),
-                            "batch_changes": batch_changes(fast, batches, task, got)}
-            measured[task] = (batches, want.argmax(-1), gold)
-        elif classifies:
-            batches = classifier_batches(exact, texts, task)
+        if classifies:
+            batches = classifier_batches(exact, [r["text"] for r in mine] if mine else texts, task)
             want = np.stack([r for ids, mask, types in batches for r in exact.forward(ids, mask, task, types)])
             got = np.stack([r for ids, mask, types in batches for r in fast.forward(ids, mask, task, types)])
             report[task] = {"rows": len(want), "max_abs_diff": float(np.abs(got - want).max()),
                             "prediction_agreement": float((got.argmax(-1) == want.argmax(-1)).mean()),
                             "agreement_interval_95": interval(got.argmax(-1) == want.argmax(-1)),
                             "batch_changes": batch_changes(fast, batches, task, got)}
-            measured[task] = (batches, want.argmax(-1), None)
+            gold = None
+            if mine:  # labelled rows: both accuracies too
+                gold = np.array([_label_index(exact, r, exact.bank.entry(task).get("labels"), want.shape[1])
+                                 for r in mine])
+                report[task].update(labelled=True, accuracy_fp32=float((want.argmax(-1) == gold).mean()),
+                                    accuracy=float((got.argmax(-1) == gold).mean()))
+            measured[task] = (batches, want.argmax(-1), gold)
         else:
             if texts is None:
                 ids, mask = generated_ids(exact, CALIBRATION_PROMPTS, 16)
@@ -184,29 +177,31 @@ def mixed(fast, exact, batches: dict[str, list]) -> dict[str, np.ndarray]:
     the demo's 200 sentiment calibration rows capped to AVX2 kept 97.5 % of fp32's answers in batches of their
     own task (the contract then; results/accuracy-fast-minilm-intel-capped-avx2-after-calibration-rows.md) and
     96.0 % in mixed batches of 32 (results/int8-fp32-layers-minilm-intel-capped-avx2.json)."""
-    from .batch import fitting_groups
+    from .batch import fitting_groups, pad_rows, round_robin
 
-    rows = {task: [(ids[i, np.flatnonzero(mask[i])], None if types is None else types[i, np.flatnonzero(mask[i])])
-                   for ids, mask, types in task_batches for i in range(len(ids))]
-            for task, task_batches in batches.items()}
-    order = [(task, j) for j in range(max(map(len, rows.values()))) for task in rows if j < len(rows[task])]
+    rows: dict[str, list[dict]] = {}
+    for task, task_batches in batches.items():  # each row's own tokens, its padding dropped
+        rows[task] = []
+        for ids, mask, types in task_batches:
+            for i in range(len(ids)):
+                cols = np.flatnonzero(mask[i])
+                row = {"input_ids": ids[i, cols], "attention_mask": mask[i, cols]}
+                if types is not None:
+                    row["token_type_ids"] = types[i, cols]
+                rows[task].append(row)
+    order = round_robin([[(task, j) for j in range(len(r))] for task, r in rows.items()])
     virtual = {task: exact.bank.view(task).num_virtual_tokens for task in rows}
     answers = {task: np.zeros(len(r), np.int64) for task, r in rows.items()}
     for k in range(0, len(order), MIXED_BATCH):
         chunk = order[k:k + MIXED_BATCH]
-        for group in fitting_groups([len(rows[t][i][0]) for t, i in chunk], [virtual[t] for t, _ in chunk],
+        for group in fitting_groups([len(rows[t][i]["input_ids"]) for t, i in chunk], [virtual[t] for t, _ in chunk],
                                     exact.max_positions):
             picked = [chunk[g] for g in group]
-            width = max(len(rows[t][i][0]) for t, i in picked)
-            ids = np.full((len(picked), width), pad_id(exact.config), np.int64)
-            mask = np.zeros((len(picked), width), np.int64)
-            types = None if any(rows[t][i][1] is None for t, i in picked) else np.zeros_like(ids)
-            for n, (t, i) in enumerate(picked):
-                row_ids, row_types = rows[t][i]
-                ids[n, :len(row_ids)], mask[n, :len(row_ids)] = row_ids, 1
-                if types is not None:
-                    types[n, :len(row_ids)] = row_types
-            for (t, i), logits in zip(picked, fast.forward(ids, mask, [t for t, _ in picked], types)):
+            keys = set.intersection(*(set(rows[t][i]) for t, i in picked))  # token types only where every row has them
+            feed = pad_rows([{k: v for k, v in rows[t][i].items() if k in keys} for t, i in picked],
+                            pad_id(exact.config), "right")
+            for (t, i), logits in zip(picked, fast.forward(feed["input_ids"], feed["attention_mask"],
+                                                           [t for t, _ in picked], feed.get("token_type_ids"))):
                 answers[t][i] = int(np.argmax(logits))
     return answers
 
