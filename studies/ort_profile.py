@@ -4,8 +4,11 @@ rate its matrix multiplications reach (to read against studies.machine_limits' f
 The batch is a mixed batch of the deployment's first two tasks, run through Runtime.forward once to get the feeds
 the engine sees, then profiled on ONNX Runtime with promptmux's session options.
 
-    python -m studies.ort_profile [DEPLOY] [--batch 8] [--tokens 64] [--threads 2] [--runs 20]
+    python -m studies.ort_profile [DEPLOY] [--batch 8] [--tokens 64] [--threads 2] [--runs 20] [--precision int8]
         [--out results/ort-profile-minilm-b8.json]
+
+--precision int8 profiles the int8 graph the deployment's contract chose (its MatMuls are then MatMulInteger or
+the fused DynamicQuantizeMatMul / MatMulIntegerToFloat, read against the int8 GEMM limit).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--precision", default="fp32", choices=("fp32", "int8"))
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     import onnxruntime as ort
@@ -37,7 +41,7 @@ def main(argv=None) -> int:
     from promptmux.runtime import sessions
     from promptmux.runtime.runtime import Runtime
 
-    rt = Runtime(args.deploy, backend="onnxruntime", threads=args.threads)
+    rt = Runtime(args.deploy, backend="onnxruntime", precision=args.precision, threads=args.threads)
     with session_calls(sessions.OrtSession) as calls:
         ids = np.random.default_rng(0).integers(1000, 20000, (args.batch, args.tokens))
         rt.forward(ids, None, [rt.tasks[i % 2] for i in range(args.batch)])
@@ -69,11 +73,12 @@ def main(argv=None) -> int:
     positions = int(np.prod(feeds["attention_mask"].shape))
     linear_gflop = 2 * positions * c.num_hidden_layers * (4 * c.hidden_size ** 2
                                                           + 2 * c.hidden_size * c.intermediate_size) / 1e9
-    matmul_ms = total["MatMul"] / runs / 1e3
+    matmuls = ("MatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
+    matmul_ms = sum(total.get(op, 0) for op in matmuls) / runs / 1e3
     result = {"command": "python -m studies.ort_profile " + " ".join(argv or sys.argv[1:]), "graph": graph.name,
               "batch": args.batch, "tokens": args.tokens, "positions": positions, "wall_ms": wall_ms,
               "kernel_ms": kernel_ms, "linear_gflop": linear_gflop,
-              "matmul_gflops": linear_gflop / (matmul_ms / 1e3) if matmul_ms else None,
+              "precision": args.precision, "matmul_gflops": linear_gflop / (matmul_ms / 1e3) if matmul_ms else None,
               "ops": {op: {"ms": d / runs / 1e3, "share": d / sum(total.values()), "per_run": count[op] / runs}
                       for op, d in total.most_common()},
               "load_avg": os.getloadavg()[0]}
