@@ -16,6 +16,8 @@ task kept 96.0 % of fp32's predictions with every layer int8, under the labelled
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import shutil
 import tempfile
@@ -34,6 +36,32 @@ MAX_FP32_SHARE = 0.25  # at most this share of the weight MatMuls is kept fp32
 # The missed tasks whose rows rank the layers: every layer's graph runs them all, so a bank of many similar tasks
 # that missed (per-user prompts) would take minutes per task; the whole contract is still measured after each set.
 RANK_TASKS = 8
+
+# precision "fast" opens its candidates with the search deferred (fast.py): it searches only where the all-int8
+# graph, which keeping layers fp32 can only slow, is fast enough to win. On the demo it took 296-338 s of a first
+# open's 8-12 min where another candidate was far faster (AMX Xeon; AMD Zen 4). The contract then records the miss
+# with "deferred"; a later open that is not deferred measures it again, searching.
+_DEFERRED = contextvars.ContextVar("promptmux_accuracy_control_deferred", default=False)
+
+
+@contextlib.contextmanager
+def deferred():
+    """Within this block, an int8 contract that misses records the miss instead of searching."""
+    token = _DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
+
+
+def is_deferred() -> bool:
+    return _DEFERRED.get()
+
+
+def was_deferred(entry: dict) -> bool:
+    """Whether a recorded contract missed with its search deferred (measured again, searching, by an open that is
+    not deferred)."""
+    return bool((entry.get("accuracy_control") or {}).get("deferred"))
 
 
 def applies(rt: Runtime) -> bool:

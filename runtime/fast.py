@@ -9,8 +9,11 @@ for classifiers (results/int8-classifier-bench-amd-zen4.md) and NNCF's int8 beat
 (results/exact-and-fast-minilm-intel-amx.md). So each candidate the CPU can run is opened (its contract measured, or
 read from the manifest), then timed against fp32 ONNX Runtime on the benchmarks' batch sizes (timing.py: each in a
 process of its own, in alternating blocks); a candidate's speed is the geometric mean of its speedups over those
-sizes. The fastest that meets its contract and beats fp32 wins; otherwise fp32 runs (exact). Candidates within
-TIE of the fastest are a tie, which the one that kept most of fp32's answers on the calibration inputs wins (its
+sizes. The fastest that meets its contract and beats fp32 wins; otherwise fp32 runs (exact). An int8 that misses
+its contract with every layer int8 is timed so too, and accuracy control searches for layers to keep fp32 only if
+that speed (the most the candidate can reach: fp32 layers only slow it) could win or tie; the search took 5-6
+minutes of the demo's first open on an AMX Xeon and on an AMD Zen 4, where another candidate was far faster.
+Candidates within TIE of the fastest are a tie, which the one that kept most of fp32's answers on the calibration inputs wins (its
 worst task's share: kept()): on an AMX Xeon bf16 and OpenVINO's int8 ran within 3 % of each other, either ahead
 by the run, while on the demo's calibration rows bf16 kept all of fp32's predictions and the int8 98 %. The choice,
 every candidate's figures and the reason are recorded in the manifest under "fast", keyed by the CPU
@@ -27,7 +30,7 @@ from pathlib import Path
 
 from promptmux.core.folder import deployment_lock, write_manifest
 
-from . import cpu
+from . import accuracy_control, cpu
 from .errors import BackendUnavailable
 from .precision import METHOD, record_key
 from .timing import CLASSIFIER_SHAPES, GENERATION_SHAPES, time_apart
@@ -54,6 +57,20 @@ def kept(contract: dict) -> float:
     return min((x for x in shares if x is not None), default=0.0)
 
 
+def _time(deploy_dir: Path, threads: int | None, configs: dict, shapes) -> tuple[dict, dict]:
+    """({name: seconds per shape}, time_apart's report) for the configurations and fp32 ONNX Runtime, each in a
+    process of its own; nothing where there is nothing to compare (fp32 is timed only against a candidate)."""
+    if not configs:
+        return {}, {}
+    timed = time_apart(deploy_dir, {"fp32": {"backend": "onnxruntime", "threads": threads}, **configs}, shapes)
+    return {name: t["seconds"] for name, t in timed.items()}, timed
+
+
+def _speedups(seconds: dict) -> dict[str, float]:
+    return {name: _geomean([f / s for f, s in zip(seconds["fp32"], ts)]) for name, ts in seconds.items()
+            if name != "fp32"}
+
+
 def recorded(manifest: dict, cpu_kind: str) -> dict | None:
     return ((manifest.get(FAST_KEY) or {}).get(cpu_kind)) or None
 
@@ -62,26 +79,48 @@ def choose(deploy_dir: Path, threads: int | None, calibration, Runtime) -> dict:
     """Measure the candidates (each opened as Runtime(deploy_dir, precision=..., backend=...)) and record the choice;
     returns the record ({"precision", "backend", "reason", ...})."""
     cpu_kind = cpu.describe()
-    passing, figures, classifies = {}, {}, True
-    for name, (precision, backend) in CANDIDATES.items():
-        try:
-            rt = Runtime(deploy_dir, precision=precision, backend=backend, threads=threads, calibration=calibration)
-        except BackendUnavailable as e:
-            figures[name] = {"runs": False, "why": str(e)}
-            continue
-        classifies = rt.spec.family.classifies
-        figures[name] = {"runs": True, "backend": rt.backend, "contract_passed": rt.contract["passed"],
-                         "kept": round(kept(rt.contract), 4)}
-        if rt.contract["passed"]:
-            passing[name] = {"precision": precision, "backend": backend, "threads": threads}
-        del rt  # its engines' threads and memory: the timing runs elsewhere
+    passing, deferred, figures, classifies = {}, {}, {}, True
+    with accuracy_control.deferred():  # int8's search only where it could win (below)
+        for name, (precision, backend) in CANDIDATES.items():
+            try:
+                rt = Runtime(deploy_dir, precision=precision, backend=backend, threads=threads,
+                             calibration=calibration)
+            except BackendUnavailable as e:
+                figures[name] = {"runs": False, "why": str(e)}
+                continue
+            classifies = rt.spec.family.classifies
+            figures[name] = {"runs": True, "backend": rt.backend, "contract_passed": rt.contract["passed"],
+                             "kept": round(kept(rt.contract), 4)}
+            config = {"precision": precision, "backend": backend, "threads": threads}
+            if rt.contract["passed"]:
+                passing[name] = config
+            elif accuracy_control.was_deferred(rt.contract):
+                deferred[name] = {**config, "defer_accuracy_control": True}
+            del rt  # its engines' threads and memory: the timing runs elsewhere
     shapes = CLASSIFIER_SHAPES if classifies else GENERATION_SHAPES
-    # fp32 is timed only against a candidate that met its contract
-    timed = time_apart(deploy_dir, {"fp32": {"backend": "onnxruntime", "threads": threads}, **passing},
-                       shapes) if passing else {}
-    seconds = {name: t["seconds"] for name, t in timed.items()}
-    speedups = {name: _geomean([f / s for f, s in zip(seconds["fp32"], ts)]) for name, ts in seconds.items()
-                if name != "fp32"}
+    seconds, timed = _time(deploy_dir, threads, {**passing, **deferred}, shapes)
+    speedups = _speedups(seconds)
+    best = max((speedups[name] for name in passing), default=1.0)
+    searched = False
+    for name, config in deferred.items():
+        # Keeping layers fp32 only slows the graph: all int8, it is the fastest this candidate can be.
+        bound = speedups.pop(name)
+        figures[name]["all_int8_speedup_vs_fp32"] = round(bound, 3)
+        if bound <= 1 or bound < max(best, 1.0) * (1 - TIE):
+            figures[name]["accuracy_control"] = (f"not searched: with every layer int8 it missed its contract and ran "
+                                                 f"{bound:.2f}x fp32, too slow to win against {best:.2f}x")
+            continue
+        precision, backend = CANDIDATES[name]
+        rt = Runtime(deploy_dir, precision=precision, backend=backend, threads=threads, calibration=calibration)
+        figures[name].update(contract_passed=rt.contract["passed"], kept=round(kept(rt.contract), 4),
+                             accuracy_control="searched: every layer int8 was fast enough to win")
+        if rt.contract["passed"]:
+            passing[name] = {k: v for k, v in config.items() if k != "defer_accuracy_control"}
+            searched = True
+        del rt
+    if searched:  # timed again, all together: its graphs now keep layers fp32
+        seconds, timed = _time(deploy_dir, threads, passing, shapes)
+        speedups = _speedups(seconds)
     for name, speedup in speedups.items():
         figures[name].update(seconds=[round(s, 5) for s in seconds[name]], speedup_vs_fp32=round(speedup, 3),
                              speedups=[round(f / s, 3) for f, s in zip(seconds["fp32"], seconds[name])],
@@ -103,7 +142,8 @@ def choose(deploy_dir: Path, threads: int | None, calibration, Runtime) -> dict:
     else:
         chosen = "fp32"
         reason = ("no non-exact precision both met its accuracy contract and beat fp32 on this CPU: "
-                  + "; ".join(f"{p}: " + (f["why"] if not f["runs"] else "missed its contract"
+                  + "; ".join(f"{p}: " + (f["why"] if not f["runs"] else f.get("accuracy_control",
+                                                                               "missed its contract")
                                           if not f["contract_passed"] else f"{f['speedup_vs_fp32']}x fp32")
                               for p, f in figures.items()))
     precision, backend = CANDIDATES.get(chosen, ("fp32", None))

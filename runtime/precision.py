@@ -316,10 +316,12 @@ def covers(entry: dict, bank) -> bool:
 
 def stored_contract(manifest: dict, backend: str, precision: str, bank, family: Family) -> dict | None:
     """The manifest's contract for this backend and precision, if it still covers the bank's tasks (covers), was
-    measured on this kind of CPU and the way contracts are measured now (METHOD)."""
+    measured on this kind of CPU and the way contracts are measured now (METHOD), and, outside precision fast's
+    deferral, did not skip accuracy control's search (accuracy_control.deferred)."""
     entry = (manifest.get("precision") or {}).get(record_key(backend, precision))
     if entry and entry.get("recipe") == recipe(backend, precision, family) and entry.get("cpu") == cpu.describe() \
-            and entry.get("method") == METHOD and covers(entry, bank):
+            and entry.get("method") == METHOD and covers(entry, bank) \
+            and (accuracy_control.is_deferred() or not accuracy_control.was_deferred(entry)):
         return entry
     return None
 
@@ -372,7 +374,9 @@ def calibrate(fast, items: list | None = None, source: str | None = None) -> dic
     names = contract_tasks(fast.bank, labelled)
     tasks = measure(fast, exact, texts, labelled, names)
     control = {}
-    if not passed(tasks) and accuracy_control.applies(fast):
+    if not passed(tasks) and accuracy_control.applies(fast) and accuracy_control.is_deferred():
+        control = {"accuracy_control": {"deferred": True}}
+    elif not passed(tasks) and accuracy_control.applies(fast):
         rows = {}
         for task in [t for t in tasks if misses({t: tasks[t]})][:accuracy_control.RANK_TASKS]:
             mine = [r["text"] for r in labelled or () if r["task"] == task]
@@ -466,4 +470,7 @@ def enforce(entry: dict, strict: bool) -> None:
            f"({'; '.join(missed)}; calibration: {entry['calibration']['source']})")
     if strict:
         raise PrecisionError(msg + ". Use precision fp32, or drop --strict to accept it")
+    if accuracy_control.was_deferred(entry):  # precision fast's candidate: its search comes if it could win
+        log.info("%s; accuracy control deferred", msg)
+        return
     log.warning("%s", msg)

@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 import traceback
+from contextlib import nullcontext
 
 
 def _answer(out, **message) -> None:
@@ -35,13 +36,15 @@ def main() -> None:
     sys.stdout = sys.stderr
     try:
         # imported only now, so that nothing they print at import reaches the answers
+        from promptmux.runtime import accuracy_control
         from promptmux.runtime.runtime import Runtime
         from promptmux.runtime.timing import BLOCK, SETTLE_S, workload
 
         setup = json.loads(sys.stdin.readline())
         kwargs = dict(setup["kwargs"])
         force = kwargs.pop("force", None)
-        rt = Runtime(setup["deploy"], **kwargs)
+        with accuracy_control.deferred() if kwargs.pop("defer_accuracy_control", False) else nullcontext():
+            rt = Runtime(setup["deploy"], **kwargs)  # a deferred candidate: its recorded miss, not a search
         rt.routing.force = force  # a routed runtime kept on one engine (routing.py)
         runs = [workload(rt, tuple(shape)) for shape in setup["shapes"]]
     except Exception as e:  # noqa: BLE001 - the parent raises it with this message

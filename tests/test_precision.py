@@ -756,6 +756,72 @@ def test_fast_runs_the_fastest_precision_that_meets_its_contract_and_records_it_
 
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_fast_searches_int8_layers_only_where_int8_could_win(deployment, tmp_path, monkeypatch):
+    """fast opens its candidates with accuracy control deferred: an int8 that misses with every layer int8 is timed
+    so, and searched only if that speed (the most it can reach) could win or tie. Its recorded miss says so, and a
+    plain int8 open later measures it again, searching."""
+    from promptmux.core.folder import write_manifest
+    from promptmux.runtime import accuracy_control, cpu, fast
+    from promptmux.runtime.timing import time_apart
+
+    deploy = copy_deployment(deployment.deploy, tmp_path / "deploy")
+    measure = P.measure
+
+    def int8_misses(rt, *a, **k):  # ONNX Runtime's int8 misses with every layer int8, meets it with one fp32
+        tasks = measure(rt, *a, **k)
+        if (rt.backend, rt.precision) == ("onnxruntime", "int8") and not rt.int8_fp32_layers:
+            for r in tasks.values():
+                r["prediction_agreement"] = 0.5
+        return tasks
+
+    searched = []
+
+    def search(rt, exact, measure_contract, misses, rows, all_int8=None):  # keeps layer 0 fp32
+        searched.append(rt.backend)
+        rt.int8_fp32_layers = (0,)
+        return (0,), measure_contract(), {"passed": True}
+
+    monkeypatch.setattr(P, "measure", int8_misses)
+    monkeypatch.setattr(accuracy_control, "search", search)
+    configs_timed = []
+
+    def timing(speed):
+        def fake(_dir, configs, shapes):
+            configs_timed.append(configs)
+            return {p: {"seconds": [speed[p]] * len(shapes), "graph_runs": {}} for p in configs}
+        return fake
+
+    # int8 all-int8 at 1.1x fp32, OpenVINO's int8 2x: nothing to search for
+    monkeypatch.setattr(fast, "time_apart", timing({"fp32": 1.0, "int8": 0.9, "bf16": 0.7, "int8/openvino": 0.5}))
+    record = fast.choose(deploy, None, None, Runtime)
+    int8 = record["candidates"]["int8"]
+    assert searched == [] and not int8["contract_passed"]
+    assert int8["all_int8_speedup_vs_fp32"] == pytest.approx(1 / 0.9, abs=1e-3)
+    assert int8["accuracy_control"].startswith("not searched") and "speedup_vs_fp32" not in int8
+    assert configs_timed[0]["int8"]["defer_accuracy_control"] and record["choice"] != "int8"
+    stored = json.loads((deploy / "manifest.json").read_text())["precision"]["onnxruntime/int8"]
+    assert accuracy_control.was_deferred(stored) and not stored["passed"]
+    # A timing child opens the deferred candidate as it stands: no search there either (it would record a pass).
+    time_apart(deploy, {"int8": {"precision": "int8", "backend": "onnxruntime", "threads": 1,
+                                 "defer_accuracy_control": True}}, [(1, 8)], rounds=1)
+    assert json.loads((deploy / "manifest.json").read_text())["precision"]["onnxruntime/int8"] == stored
+    # A plain int8 open measures it again, searching.
+    rt = Runtime(deploy, backend="onnxruntime", precision="int8")
+    assert searched == ["onnxruntime"] and rt.contract["passed"] and rt.int8_fp32_layers == (0,)
+    assert not accuracy_control.was_deferred(rt.contract)
+    # On another CPU, int8 all-int8 is the fastest: searched within the choice, timed again with its layer fp32.
+    monkeypatch.setattr(cpu, "describe", lambda: "Another CPU: avx2=yes")
+    write_manifest(deploy, lambda m: m["precision"].pop("onnxruntime/int8"))  # measured from every layer int8
+    searched.clear()
+    configs_timed.clear()
+    monkeypatch.setattr(fast, "time_apart", timing({"fp32": 1.0, "int8": 0.4, "bf16": 0.7, "int8/openvino": 0.5}))
+    record = fast.choose(deploy, None, None, Runtime)
+    assert searched == ["onnxruntime"] and record["choice"] == "int8" and len(configs_timed) == 2
+    assert "defer_accuracy_control" not in configs_timed[1]["int8"]
+    assert record["candidates"]["int8"]["accuracy_control"].startswith("searched")
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
 def test_a_large_banks_contract_measures_a_sample_of_its_tasks(deployment, tmp_path, monkeypatch):
     """A bank larger than CONTRACT_TASKS (per-user prompts: up to a million) is measured on a sample of its tasks,
     the ones whose names hash lowest, and says so; a task added leaves the contract standing, a measured task
