@@ -13,10 +13,10 @@ sizes. The fastest that meets its contract and beats fp32 wins; otherwise fp32 r
 its contract with every layer int8 is timed so too, and accuracy control searches for layers to keep fp32 only if
 that speed (the most the candidate can reach: fp32 layers only slow it) could win or tie; the search took 5-6
 minutes of the demo's first open on an AMX Xeon and on an AMD Zen 4, where another candidate was far faster.
-Candidates within TIE of the fastest are a tie, which the one that kept most of fp32's answers on the calibration inputs wins (its
-worst task's share: kept()): on an AMX Xeon bf16 and OpenVINO's int8 ran within 3 % of each other, either ahead
-by the run, while on the demo's calibration rows bf16 kept all of fp32's predictions and the int8 98 %. The choice,
-every candidate's figures and the reason are recorded in the manifest under "fast", keyed by the CPU
+Candidates within TIE of the fastest are a tie, which the one that kept most of fp32's answers on the calibration
+inputs wins (its worst task's share: kept()): on an AMX Xeon bf16 and OpenVINO's int8 ran within 3 % of each other,
+either ahead by the run, while on the demo's calibration rows bf16 kept all of fp32's predictions and the int8 98 %.
+The choice, every candidate's figures and the reason are recorded in the manifest under "fast", keyed by the CPU
 (cpu.describe()), so a deployment copied to another kind of CPU chooses again there; a later open on the same CPU
 reuses the choice while the chosen precision's contract still covers the bank's tasks.
 """
