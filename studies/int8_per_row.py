@@ -10,7 +10,8 @@ rows beside it, and the contract, measured in mixed batches too, needed 4 of 37 
 (README, "int8 answers and the batch"). Here each DynamicQuantizeLinear of the all-int8 graph is replaced by a
 symmetric quantization with a scale per row (its largest magnitude / 127, zero point 128), written with standard
 operators: the MatMulIntegers, weights and weight scales stay as they are. Variants, each in a copy of the
-deployment: per batch (what `int8` runs, no layer kept fp32) and per row. Each is measured against fp32 ONNX Runtime
+deployment: per batch (what `int8` runs, no layer kept fp32), per row with uint8 codes around 128, and per row with
+int8 codes (zero point 0: int8 x int8 products). Each is measured against fp32 ONNX Runtime
 on the calibration rows and on the held-out rows after them (mixed batches of 32, bench/accuracy), with how many
 held-out answers change when their row runs alone, and timed against fp32 with each in a process of its own
 (runtime/timing.time_apart; graph_runs asserted).
