@@ -95,8 +95,9 @@ def _probabilities(rt: Runtime, batches, task: str) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
-def rank(rt: Runtime, exact, rows: dict[str, list]) -> list[int]:
-    """Weight-MatMul indices, most sensitive first: each quantized alone, scored on rows {task: batches}."""
+def rank(rt: Runtime, exact, rows: dict[str, list], scores: list | None = None) -> list[int]:
+    """Weight-MatMul indices, most sensitive first: each quantized alone, scored on rows {task: batches} (the
+    scores, by index, are appended to `scores` where given)."""
     import onnx
 
     from .quantize import quantize_matmuls, weight_matmuls
@@ -107,7 +108,7 @@ def rank(rt: Runtime, exact, rows: dict[str, list]) -> list[int]:
     if any(len(n) != count for n in names.values()):
         raise ValueError("the deployment's graphs list different weight MatMuls; accuracy control cannot map them")
     want = {task: _probabilities(exact, batches, task) for task, batches in rows.items()}
-    scores = []
+    scores = [] if scores is None else scores
     work = Path(tempfile.mkdtemp(prefix="promptmux-accuracy-"))
     try:
         for i in range(count):

@@ -31,6 +31,9 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m studies.int8_fp32_layers", description=__doc__.splitlines()[0])
     p.add_argument("deploy", type=Path)
     p.add_argument("--keep", default="0,1,2,4,9", help="counts of layers kept fp32, most sensitive first")
+    p.add_argument("--order", choices=("sensitivity", "per-weight"), default="sensitivity",
+                   help="sensitivity: accuracy control's ranking; per-weight: its score divided by the layer's weight "
+                        "count (its cost: a feed-forward layer has 4x an attention projection's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -69,8 +72,20 @@ def main(argv=None) -> dict:
         shutil.copytree(args.deploy, ranked)
         rt = Runtime(ranked, backend="onnxruntime", precision="int8", threads=args.threads)
         mine = [r["text"] for r in rows if r["task"] == "sentiment"]
-        order = accuracy_control.rank(rt, exact, {"sentiment": classifier_batches(exact, mine, "sentiment")})
-        result["ranking"] = order
+        scores: list[float] = []
+        order = accuracy_control.rank(rt, exact, {"sentiment": classifier_batches(exact, mine, "sentiment")},
+                                      scores)
+        if args.order == "per-weight":  # the most sensitivity for the least fp32 work first
+            import onnx
+
+            from promptmux.runtime.quantize import weight_matmuls
+
+            graph = onnx.load(str(args.deploy / "model_noprefix.onnx"), load_external_data=False).graph
+            sizes = {t.name: int(np.prod(t.dims)) for t in graph.initializer}
+            nodes = {n.name: n for n in graph.node}
+            weights = [sizes[nodes[name].input[1]] for name in weight_matmuls(graph)]
+            order = sorted(range(len(scores)), key=lambda i: scores[i] / weights[i], reverse=True)
+        result["ranking"], result["order"], result["scores"] = order, args.order, [round(x, 6) for x in scores]
         del rt
         shutil.rmtree(ranked)
         variants, configs = {}, {"fp32": {"backend": "onnxruntime", "precision": "fp32", "threads": args.threads}}
