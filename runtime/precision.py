@@ -374,17 +374,18 @@ def calibrate(fast, items: list | None = None, source: str | None = None) -> dic
     names = contract_tasks(fast.bank, labelled)
     tasks = measure(fast, exact, texts, labelled, names)
     control = {}
-    if not passed(tasks) and accuracy_control.applies(fast) and accuracy_control.is_deferred():
-        control = {"accuracy_control": {"deferred": True}}
-    elif not passed(tasks) and accuracy_control.applies(fast):
-        rows = {}
-        for task in [t for t in tasks if misses({t: tasks[t]})][:accuracy_control.RANK_TASKS]:
-            mine = [r["text"] for r in labelled or () if r["task"] == task]
-            rows[task] = classifier_batches(exact, mine or texts, task)
-        fast.int8_fp32_layers, tasks, summary = accuracy_control.search(
-            fast, exact, lambda: measure(fast, exact, texts, labelled, names), misses, rows,
-            all_int8=None if fast.int8_fp32_layers else tasks)
-        control = {"accuracy_control": summary}
+    if not passed(tasks) and accuracy_control.applies(fast):
+        if accuracy_control.is_deferred():  # precision fast searches only where this int8 could win (fast.py)
+            control = {"accuracy_control": {"deferred": True}}
+        else:
+            rows = {}
+            for task in [t for t in tasks if misses({t: tasks[t]})][:accuracy_control.RANK_TASKS]:
+                mine = [r["text"] for r in labelled or () if r["task"] == task]
+                rows[task] = classifier_batches(exact, mine or texts, task)
+            fast.int8_fp32_layers, tasks, summary = accuracy_control.search(
+                fast, exact, lambda: measure(fast, exact, texts, labelled, names), misses, rows,
+                all_int8=None if fast.int8_fp32_layers else tasks)
+            control = {"accuracy_control": summary}
     if items is None:
         calibration = {"source": "generated token ids"}
     else:

@@ -27,6 +27,23 @@ from pathlib import Path
 SHAPES = ((1, 64), (8, 64), (32, 64), (8, 256))
 
 
+def time_int8_variants(deploy: Path, configs: dict, entries: dict) -> list[float]:
+    """Time each int8 variant in `configs` (and "fp32") on SHAPES, each in a process of its own; each entry gets
+    its speedups over fp32 and the graphs its timing ran (asserted: the int8 graph for a variant, never for fp32).
+    Returns fp32's seconds per shape."""
+    from promptmux.runtime.timing import time_apart
+
+    timed = time_apart(deploy, configs, SHAPES)
+    fp32 = timed["fp32"]["seconds"]
+    for name, entry in entries.items():
+        runs = timed[name]["graph_runs"]
+        assert runs and all(".int8." in g for g in runs), runs  # the int8 graph ran, not the fp32 one
+        entry["speedup_vs_fp32"] = [round(f / s, 3) for f, s in zip(fp32, timed[name]["seconds"])]
+        entry["graph_runs"] = runs
+    assert not any(".int8." in g for g in timed["fp32"]["graph_runs"])
+    return fp32
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m studies.int8_fp32_layers", description=__doc__.splitlines()[0])
     p.add_argument("deploy", type=Path)
@@ -50,7 +67,6 @@ def main(argv=None) -> dict:
     from promptmux.runtime.calibration import classifier_batches
     from promptmux.runtime.precision import LABELLED_FILE, calibration_texts
     from promptmux.runtime.quantize import int8_graph
-    from promptmux.runtime.timing import time_apart
 
     load_start = load_average()
     rows = [r for r in calibration_texts(args.deploy / LABELLED_FILE) if isinstance(r, dict)]
@@ -110,14 +126,7 @@ def main(argv=None) -> dict:
             configs[f"keep {k}"] = {"deploy": str(copy), "backend": "onnxruntime", "precision": "int8",
                                     "threads": args.threads}
             print(f"{k} layers fp32: kept {entry}", flush=True)
-        timed = time_apart(args.deploy, configs, SHAPES)
-        fp32 = timed["fp32"]["seconds"]
-        for name, entry in variants.items():
-            runs = timed[name]["graph_runs"]
-            assert runs and all(".int8." in g for g in runs), runs  # the int8 graph ran, not the fp32 one
-            entry["speedup_vs_fp32"] = [round(f / s, 3) for f, s in zip(fp32, timed[name]["seconds"])]
-            entry["graph_runs"] = runs
-        assert not any(".int8." in g for g in timed["fp32"]["graph_runs"])
+        fp32 = time_int8_variants(args.deploy, configs, variants)
     result.update(variants=variants, fp32_seconds=[round(s, 5) for s in fp32],
                   load_average=[load_start, load_average()])
     for name, entry in variants.items():

@@ -32,7 +32,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-SHAPES = ((1, 64), (8, 64), (32, 64), (8, 256))
+from studies.int8_fp32_layers import SHAPES  # the same four sizes, so the two studies compare
+
 ZERO = 128  # the uint8 zero point of a symmetric quantization: codes 1..255 stand for -127..127 steps
 
 
@@ -137,7 +138,7 @@ def measure(deploy: Path, variants: dict, threads: int, command: str, out: Path 
     from promptmux.runtime import cpu
     from promptmux.runtime.precision import LABELLED_FILE, calibration_texts
     from promptmux.runtime.quantize import int8_graph
-    from promptmux.runtime.timing import time_apart
+    from studies.int8_fp32_layers import time_int8_variants
 
     load_start = load_average()
     rows = [r for r in calibration_texts(deploy / LABELLED_FILE) if isinstance(r, dict)]
@@ -185,14 +186,7 @@ def measure(deploy: Path, variants: dict, threads: int, command: str, out: Path 
             entries[name] = entry
             configs[name] = {"deploy": str(copy), "backend": "onnxruntime", "precision": "int8", "threads": threads}
             print(name, entry, flush=True)
-        timed = time_apart(deploy, configs, SHAPES)
-        fp32 = timed["fp32"]["seconds"]
-        for name, entry in entries.items():
-            runs = timed[name]["graph_runs"]
-            assert runs and all(".int8." in g for g in runs), runs  # the int8 graph ran, not the fp32 one
-            entry["speedup_vs_fp32"] = [round(f / s, 3) for f, s in zip(fp32, timed[name]["seconds"])]
-            entry["graph_runs"] = runs
-        assert not any(".int8." in g for g in timed["fp32"]["graph_runs"])
+        fp32 = time_int8_variants(deploy, configs, entries)
     result.update(variants=entries, fp32_seconds=[round(s, 5) for s in fp32],
                   load_average=[load_start, load_average()])
     for name, entry in entries.items():
