@@ -16,8 +16,8 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -160,8 +160,12 @@ def _write_deployment(base_dir, out_dir: Path, config, spec, dims, model, bank, 
     # a C++ module's import aborts the process (no Python exception, no cleanup), so it must not leave a folder.
     from . import onnx_export, seq2seq_export  # noqa: F401
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    # Made inside the try: a Ctrl-C that lands after mkdtemp's mkdir and before a try is entered left the folder
+    # behind (seen once in CI, 2026-12-05, under load: test_ctrl_c_during_export_...). The random name is chosen
+    # first (uuid4: 122 random bits, so the folder removed on a failure is this export's own).
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex}"
     try:
+        tmp.mkdir(mode=0o700)
         if spec.family.encoder_decoder:
             report, decoder = _export_seq2seq(model, config, dims, bank, tmp, tolerance, bar)
         else:
