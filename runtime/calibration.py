@@ -16,7 +16,7 @@ CALIBRATION_ROWS = 256  # generated classifier inputs when the user gives none (
 
 
 def item_lines(items: list) -> list[str]:
-    """Calibration items as the deployment keeps them: a text per line, or a labelled row as a JSON line."""
+    """Calibration items as the deployment keeps them: a text per line, or a row per task as a JSON line."""
     return [t if isinstance(t, str) else json.dumps(t, ensure_ascii=False, sort_keys=True) for t in items]
 
 

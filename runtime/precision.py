@@ -52,7 +52,8 @@ if TYPE_CHECKING:  # the annotations only: runtime.py imports this module
 log = logging.getLogger("promptmux.runtime")
 
 # The contract: classifiers keep this share of fp32's predictions; decoders this share of fp32's greedy tokens
-# (tokens up to a row's first divergence, averaged over rows).
+# (tokens up to a row's first divergence, averaged over rows; a row ends at the model's end-of-sequence token as in
+# serving, since the tokens after it are never returned).
 THRESHOLDS = {"prediction_agreement": 0.995, "token_agreement": 0.90}
 # With labelled calibration rows (a classifier task's own texts and answers), a task instead keeps its accuracy
 # within this of fp32's and at least this share of fp32's predictions (so a precision that trades many answers for
@@ -64,9 +65,11 @@ CALIBRATION_NEW_TOKENS = 16
 CALIBRATION_FILE = "calibration.txt"  # the deployment's own calibration texts, one per line
 ALONE_ROWS = 64  # a classifier task's rows also run alone, for batch_changes
 MIXED_BATCH = 32  # rows in a mixed batch of every measured task (mixed())
-# How contracts are measured: 2 = a classifier's rows also in mixed batches (measure()). A contract recorded another
-# way is measured again at open.
-METHOD = 2
+# How contracts are measured: 2 = a classifier's rows also in mixed batches (measure()); 3 = a decoder's rows end at
+# end-of-sequence (before, each generated 16 tokens past it: on the SmolLM2 demo's prompts int8 kept 68 % of topic's
+# tokens so and 97 % of those a user gets, results/decoder-contract-eos-smollm2-amd-zen4.json). A contract recorded
+# another way is measured again at open.
+METHOD = 3
 CONTRACT_TASKS = 32  # tasks a contract measures (contract_tasks): all of a bank up to this size, else a sample
 SAMPLE_PAGE = 10_000  # names read from the bank at a time while sampling
 
@@ -78,8 +81,9 @@ class PrecisionError(RuntimeError):
 # ---- the contract ---------------------------------------------------------------------------
 
 def calibration_texts(path: str | Path) -> list:
-    """The user's calibration file: one text per line (blank lines skipped), or JSON Lines of labelled rows,
-    {"task": NAME, "text": TEXT, "label": LABEL} (LABEL: one of the task's labels, or its index), for classifiers."""
+    """The user's calibration file: one text per line (blank lines skipped), or JSON Lines of rows per task,
+    {"task": NAME, "text": TEXT, "label": LABEL}: a classifier's labelled rows (LABEL: one of the task's labels, or
+    its index), or a language model's prompts per task (LABEL optional, not read)."""
     path = Path(path)
     try:
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -98,11 +102,13 @@ def calibration_texts(path: str | Path) -> list:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} line {i}: not JSON ({e.msg}); a labelled calibration file has one "
                              '{"task": ..., "text": ..., "label": ...} per line') from None
+        label = row.get("label") if isinstance(row, dict) else None
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("task", "text")) \
-                or not isinstance(row.get("label"), (str, int)) or isinstance(row.get("label"), bool):
+                or ("label" in row and (not isinstance(label, (str, int)) or isinstance(label, bool))):
             raise ValueError(f"{path} line {i}: give \"task\" and \"text\" as strings and \"label\" as a label "
-                             "name or index")
-        rows.append({"task": row["task"], "text": " ".join(row["text"].split()), "label": row["label"]})
+                             "name or index (a language model's rows need no label)")
+        # as written: JSON keeps a prompt's line breaks, which a language model reads (texts one per line cannot)
+        rows.append({"task": row["task"], "text": row["text"], **({"label": label} if "label" in row else {})})
     return rows
 
 
@@ -145,13 +151,15 @@ def measure(fast, exact, texts: list[str] | None = None, labelled: list[dict] | 
                 report[task].update(labelled=True, accuracy_fp32=float((want.argmax(-1) == gold).mean()),
                                     accuracy=float((got.argmax(-1) == gold).mean()))
             measured[task] = (batches, want.argmax(-1), gold)
-        else:
-            if texts is None:
+        else:  # a language model: the task's own prompts where it has some (rows per task), else the texts
+            if mine:
+                inputs = [r["text"] for r in mine]
+            elif texts is None:
                 ids, mask = generated_ids(exact, CALIBRATION_PROMPTS, 16)
                 inputs = {"input_ids": ids, "attention_mask": mask}
             else:
                 inputs = list(texts)
-            kw = dict(max_new_tokens=CALIBRATION_NEW_TOKENS, eos_token_id=[])
+            kw = dict(max_new_tokens=CALIBRATION_NEW_TOKENS)  # the model's end-of-sequence ends a row, as served
             want = [r["token_ids"] for chunk in _chunks(inputs) for r in exact.generate(chunk, task, **kw)]
             got = [r["token_ids"] for chunk in _chunks(inputs) for r in fast.generate(chunk, task, **kw)]
             report[task] = {"rows": len(want), "token_agreement": _prefix_agreement(got, want),
@@ -358,13 +366,14 @@ def write_contract(deploy_dir: Path, backend: str, precision: str, entry: dict) 
 
 def calibrate(fast, items: list | None = None, source: str | None = None) -> dict:
     """Measure `fast` (a Runtime at a non-exact precision) against fp32 ONNX Runtime and build its contract.
-    items: calibration texts and/or labelled rows ({"task", "text", "label"}); None: generated inputs."""
+    items: calibration texts and/or rows per task ({"task", "text", "label"}: a classifier's labelled rows, a
+    language model's prompts per task, label not read); None: generated inputs."""
     texts = [t for t in items or () if isinstance(t, str)] or None
     labelled = [r for r in items or () if isinstance(r, dict)] or None
     if labelled:
-        if not fast.spec.family.classifies:
-            raise ValueError("labelled calibration rows are for classifiers; for a language model give texts, one "
-                             "per line")
+        if fast.spec.family.classifies and any("label" not in r for r in labelled):
+            raise ValueError("a classifier's calibration rows need a label each ({\"task\", \"text\", \"label\"}); "
+                             "for the unlabelled contract give texts, one per line")
         unknown = sorted({r["task"] for r in labelled if r["task"] not in fast.bank})
         if unknown:
             raise ValueError(f"labelled calibration rows name task(s) {', '.join(map(repr, unknown))} that this "
@@ -389,7 +398,8 @@ def calibrate(fast, items: list | None = None, source: str | None = None) -> dic
     if items is None:
         calibration = {"source": "generated token ids"}
     else:
-        calibration = {"source": source or "texts", "rows": len(items), "labelled_rows": len(labelled or ()),
+        tagged = "labelled_rows" if fast.spec.family.classifies else "task_rows"  # rows that name their task
+        calibration = {"source": source or "texts", "rows": len(items), tagged: len(labelled or ()),
                        "sha256": items_digest(items)}
     return {
         "backend": fast.backend, "precision": fast.precision, "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ",
@@ -405,10 +415,13 @@ def calibrate(fast, items: list | None = None, source: str | None = None) -> dic
 
 
 def _normalise(items) -> list:
+    """Calibration items as the deployment's file gives them back: a text whitespace-normalised (calibration.txt
+    holds one per line), a row per task as written (JSON keeps a prompt's line breaks, which a language model
+    reads: the SmolLM2 demo's prompts end in "\\nAnswer:")."""
     out = []
     for t in items:
         if isinstance(t, dict):
-            out.append({"task": t["task"], "text": " ".join(str(t["text"]).split()), "label": t["label"]})
+            out.append({"task": t["task"], "text": str(t["text"]), **({"label": t["label"]} if "label" in t else {})})
         elif t.strip():
             out.append(" ".join(t.split()))
     return out
@@ -417,7 +430,7 @@ def _normalise(items) -> list:
 def contract(rt: Runtime, strict: bool, calibration=None) -> dict:
     """The runtime's precision contract: the manifest's, or measured now (on `calibration`, else the deployment's
     calibration.jsonl or calibration.txt, else generated inputs) when it is missing or the bank's tasks changed
-    since. calibration: texts, and/or labelled rows {"task", "text", "label"} (classifiers)."""
+    since. calibration: texts, and/or rows per task {"task", "text"[, "label"]} (a classifier's need labels)."""
     from promptmux.core.folder import MANIFEST
 
     if calibration is not None:  # measured exactly as the deployment's file will give them back
@@ -449,7 +462,7 @@ def contract(rt: Runtime, strict: bool, calibration=None) -> dict:
 
 
 def keep_texts(deploy_dir: Path, items: list) -> None:
-    """Store calibration items in the deployment: calibration.jsonl where some are labelled rows, else
+    """Store calibration items in the deployment: calibration.jsonl where some are rows per task, else
     calibration.txt (one text per line, as contract() normalises them); the other file is removed."""
     from promptmux.core.durable import write_durably
     from promptmux.core.folder import deployment_lock

@@ -128,7 +128,8 @@ class Runtime:
         self._lock = threading.Lock()  # serializes task changes, not requests
         self._tokenizer = None
         self.noprefix_session = None  # encoders: the graph without prefix inputs (backends.py noprefix_graph)
-        self.graph_runs: Counter = Counter()  # full-sequence batches run per graph file that ran (model.onnx, ...)
+        # full-sequence batches run per graph file that ran (model.onnx, ...; a language model's prompt batches)
+        self.graph_runs: Counter = Counter()
         self.max_positions = usable_positions(self.config)  # virtual and real tokens together (core/archs.py)
         folded = self.manifest.get("folded") if use_folded else None
         if folded and (folded["task"] not in self.bank or self.bank.digest(folded["task"]) != folded.get("digest")):

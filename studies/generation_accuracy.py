@@ -11,29 +11,21 @@ in mixed-task batches of 16; its tokens are compared with fp32 ONNX Runtime's, r
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_smollm2_adapters.py"
 CALIBRATION = 64  # held-out prompts a non-exact precision's contract is measured on (format_input applied)
-RECIPES = {"sentiment": ("rotten_tomatoes", 200, 320), "topic": ("bbc_news", 200, 320)}  # (data, n_test, n_train)
+TASKS = ("sentiment", "topic")
 
 
 def held_out() -> list[tuple[str, str, str]]:
-    """(task, text, label) of both demo tasks' held-out examples."""
-    spec = importlib.util.spec_from_file_location("promptmux_train_smollm2", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    rows = []
-    for task, (fn, n_test, n_train) in RECIPES.items():
-        data, _labels = getattr(script, fn)()
-        _train, test = script.split(data, n_test, n_train)
-        rows += [(task, text, label) for text, label in test]
-    return rows
+    """(task, text, label) of both demo tasks' held-out examples (promptmux.demo.smollm2.held_out)."""
+    from promptmux.demo.smollm2 import held_out as split
+
+    return split()
 
 
 def answers(rt, examples, batch: int = 16) -> tuple[list[list[int]], list[str], float]:
@@ -82,12 +74,12 @@ def main(argv: list[str] | None = None) -> dict:
             reference = tokens
         correct = np.asarray([w == y for w, y in zip(words, labels)])
         same = np.asarray([a == b for a, b in zip(tokens, reference)])
-        rows.append({"system": system, "accuracy": {t: round(float(correct[tasks == t].mean()), 4) for t in RECIPES},
-                     "rows_identical_to_first": {t: round(float(same[tasks == t].mean()), 4) for t in RECIPES},
+        rows.append({"system": system, "accuracy": {t: round(float(correct[tasks == t].mean()), 4) for t in TASKS},
+                     "rows_identical_to_first": {t: round(float(same[tasks == t].mean()), 4) for t in TASKS},
                      "seconds": round(seconds, 1), "contract": rt.contract})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "contract"}), flush=True)
     result = {"command": "python -m studies.generation_accuracy " + " ".join(argv or []),
-              "machine": machine_info(args.threads), "examples": {t: int((tasks == t).sum()) for t in RECIPES},
+              "machine": machine_info(args.threads), "examples": {t: int((tasks == t).sum()) for t in TASKS},
               "reference": rows[0]["system"], "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -110,3 +110,18 @@ def test_demo_labelled_contract_is_measured_on_held_out_rows(demo, tmp_path, bf1
         assert r["labelled"] and r["rows"] == n and 0.5 < r["accuracy_fp32"] <= 1.0
         assert abs(r["accuracy"] - r["accuracy_fp32"]) <= 2 / n and r["prediction_agreement"] >= 1 - 2 / n
     assert json.loads((deploy / "manifest.json").read_text())["precision"]["openvino/bf16"]["tasks"] == entry["tasks"]
+
+
+def test_smollm2_demo_contract_prompts_are_each_tasks_first_held_out_prompts():
+    """`promptmux demo --model smollm2 --precision int8|fast` measures its contract on real prompts (on generated
+    token ids greedy tokens diverge far sooner): each task on the first of its own held-out texts, as the adapters
+    saw them."""
+    from promptmux.demo.smollm2 import CALIBRATION_PER_TASK, TASKS, calibration_prompts, format_input, held_out
+
+    prompts = calibration_prompts()
+    rows = held_out()
+    assert len(rows) == 400 and prompts is not None and len(prompts) == len(TASKS) * CALIBRATION_PER_TASK
+    for i, task in enumerate(TASKS):
+        mine = prompts[i * CALIBRATION_PER_TASK:(i + 1) * CALIBRATION_PER_TASK]
+        want = [format_input(text) for t, text, _ in rows if t == task][:CALIBRATION_PER_TASK]
+        assert mine == [{"task": task, "text": text} for text in want]

@@ -209,14 +209,28 @@ def test_labelled_calibration_files_are_read_and_checked(tmp_path):
     path = tmp_path / "cal.jsonl"
     path.write_text('{"task": "sentiment", "text": "A  fine film", "label": "positive"}\n\n'
                     '{"task": "topic", "text": "Rates rose", "label": 0}\n')
-    assert P.calibration_texts(path) == [{"task": "sentiment", "text": "A fine film", "label": "positive"},
+    assert P.calibration_texts(path) == [{"task": "sentiment", "text": "A  fine film", "label": "positive"},
                                          {"task": "topic", "text": "Rates rose", "label": 0}]
+    # a language model's prompt: no label, its line break kept (the prompt the adapter was trained on)
+    path.write_text('{"task": "sentiment", "text": "A review\\nAnswer:"}\n')
+    assert P.calibration_texts(path) == [{"task": "sentiment", "text": "A review\nAnswer:"}]
+    path.write_text('{"task": "sentiment", "text": "ok", "label": true}\n')
+    with pytest.raises(ValueError, match="line 1: give"):
+        P.calibration_texts(path)
     path.write_text('{"task": "sentiment", "text": "ok", "label": "positive"}\n{"task": "topic", "text": 3}\n')
     with pytest.raises(ValueError, match="line 2: give \"task\" and \"text\" as strings"):
         P.calibration_texts(path)
     path.write_text('{"task": "sentiment", "text": "ok", "label": "positive"}\nnot json\n')
     with pytest.raises(ValueError, match="line 2: not JSON"):
         P.calibration_texts(path)
+
+
+def test_a_classifiers_calibration_rows_without_labels_are_refused_saying_what_to_give():
+    from types import SimpleNamespace
+
+    classifier = SimpleNamespace(spec=SimpleNamespace(family=SimpleNamespace(classifies=True)))
+    with pytest.raises(ValueError, match=r"need a label each.*give texts, one per line"):
+        P.calibrate(classifier, [{"task": "sentiment", "text": "A fine film"}])
 
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
@@ -490,6 +504,7 @@ def test_int8_decoding_quantizes_every_matmul_and_the_tied_lm_head(deployment, t
     assert set(entry["tasks"]) == set(rt.tasks)
     for r in entry["tasks"].values():
         assert 0.0 <= r["token_agreement"] <= 1.0 and r["rows"] == P.CALIBRATION_PROMPTS
+    assert set(rt.graph_runs) == {"decoder.int8.onnx"}  # the contract's prompts ran the int8 copy
     graph = onnx.load(str(deploy / "decoder.int8.onnx"), load_external_data=False)
     ops = Counter(n.op_type for n in graph.graph.node)
     stamp = json.loads((deploy / "decoder.int8.json").read_text())
@@ -500,6 +515,44 @@ def test_int8_decoding_quantizes_every_matmul_and_the_tied_lm_head(deployment, t
     assert ops["MatMul"] == 0
     head = [n for n in graph.graph.node if n.op_type == "MatMulNBits" and n.input[0] != n.input[1]]
     assert any(dict((a.name, a.i) for a in n.attribute).get("N") == rt.dims.vocab_size for n in head)
+
+
+def test_decoder_contract_compares_tokens_up_to_end_of_sequence_as_served():
+    from types import SimpleNamespace
+
+    EOS = 2
+
+    class Decoder:  # answers [1, EOS]; past its end-of-sequence (never returned when served) `after` tokens
+        spec = SimpleNamespace(family=SimpleNamespace(classifies=False))
+
+        def __init__(self, after: int):
+            self.after = after
+
+        def generate(self, prompts, task, max_new_tokens, eos_token_id=None):
+            ends = eos_token_id is None  # the model's end-of-sequence applies
+            row = [1, EOS] if ends else ([1, EOS] + [self.after] * max_new_tokens)[:max_new_tokens]
+            return [{"token_ids": list(row)} for _ in prompts]
+
+    report = P.measure(Decoder(after=9), Decoder(after=3), texts=["a", "b", "c"], tasks=["t"])
+    assert report["t"]["token_agreement"] == 1.0 and report["t"]["identical_rows"] == 1.0
+
+
+def test_decoder_contract_measures_each_task_on_its_own_prompts():
+    from types import SimpleNamespace
+
+    class Decoder:  # the two engines answer alike on "a" prompts, differently on "b" ones
+        spec = SimpleNamespace(family=SimpleNamespace(classifies=False))
+
+        def __init__(self, b_answer: int):
+            self.b_answer = b_answer
+
+        def generate(self, prompts, task, max_new_tokens, eos_token_id=None):
+            return [{"token_ids": [1 if p.startswith("a") else self.b_answer]} for p in prompts]
+
+    rows = [{"task": "ta", "text": "a1"}, {"task": "ta", "text": "a2"}, {"task": "tb", "text": "b1"}]
+    report = P.measure(Decoder(5), Decoder(6), labelled=rows, tasks=["ta", "tb"])
+    assert report["ta"]["token_agreement"] == 1.0 and report["ta"]["rows"] == 2
+    assert report["tb"]["token_agreement"] == 0.0 and report["tb"]["rows"] == 1
 
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)

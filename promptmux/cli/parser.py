@@ -37,9 +37,10 @@ def _add_runtime_options(parser) -> None:
     parser.add_argument("--strict", action="store_true",
                         help="refuse a non-exact precision that misses its accuracy contract (default: warn)")
     parser.add_argument("--calibration", metavar="FILE",
-                        help="texts (one per line) to measure a non-exact precision on, or classifier rows with "
-                             'labels (JSON Lines: {"task", "text", "label"}: the labelled contract) (default: '
-                             "generated inputs, or what the deployment kept)")
+                        help="texts (one per line) to measure a non-exact precision on, or rows per task (JSON "
+                             'Lines: {"task", "text", "label"}: a classifier\'s labelled contract; a language '
+                             "model's prompts per task need no label) (default: generated inputs, or what the "
+                             "deployment kept)")
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -77,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="non-exact precisions to measure against fp32 now (e.g. bf16 or bf16,int8); the manifest "
                         "records each one's agreement per task")
     e.add_argument("--calibration", metavar="FILE", help="--precision: texts to measure on, one per line, or "
-                                                          'labelled rows (JSON Lines: {"task", "text", "label"}) '
-                                                          "(default: generated inputs)")
+                                                          'rows per task (JSON Lines: {"task", "text"[, "label"]}; '
+                                                          "a classifier's need labels) (default: generated inputs)")
     e.add_argument("--strict", action="store_true", help="--precision: fail if a precision misses its contract")
     e.set_defaults(func=cmd_export)
 

