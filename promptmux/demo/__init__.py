@@ -54,7 +54,7 @@ def run_demo(out: str | Path = "promptmux-demo", quiet: bool = False, backend: s
         "held_out_accuracy": {m["task"]: m["held_out_accuracy"] for m in metrics["tasks"]},
         "mixed_batch": [{"task": r["task"], "text": t, "label": r["label"], "score": round(max(r["scores"]), 4)}
                         for r, t in zip(results, texts)],
-        **({"contract": _contract_summary(rt.contract)} if rt.contract else {}),
+        **({"contract": contract_summary(rt.contract)} if rt.contract else {}),
         **({"fast": {"chose": rt.fast["precision"], "reason": rt.fast["reason"]}} if rt.fast else {}),
     }
 
@@ -79,7 +79,8 @@ def labelled_calibration() -> list[dict] | None:
         return None
 
 
-def _contract_summary(entry: dict) -> dict:
+def contract_summary(entry: dict) -> dict:
+    """What a demo prints of a precision contract: passed, the calibration source, each task's figures (rounded)."""
     return {"passed": entry["passed"], "calibration": entry["calibration"]["source"],
             **({"fp32_layers": len(entry["fp32_layers"])} if "fp32_layers" in entry else {}),
             "tasks": {t: {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}

@@ -202,7 +202,7 @@ def run_generation_demo(out: str | Path = "promptmux-smollm2-demo", quiet: bool 
     from promptmux.progress import StepBar
     from promptmux.runtime.runtime import Runtime
 
-    from . import _contract_summary
+    from . import contract_summary
 
     base = smollm2_base_dir(cache_dir)
     out = Path(out)
@@ -230,7 +230,7 @@ def run_generation_demo(out: str | Path = "promptmux-smollm2-demo", quiet: bool 
         "held_out_accuracy": {m["task"]: m["held_out_accuracy"] for m in metrics["tasks"]},
         "mixed_batch": [{"task": r["task"], "text": t, "generated": r["text"].strip(),
                          "finish_reason": r["finish_reason"]} for r, t in zip(results, texts)],
-        **({"contract": _contract_summary(rt.contract)} if rt.contract else {}),
+        **({"contract": contract_summary(rt.contract)} if rt.contract else {}),
         **({"fast": {"chose": rt.fast["precision"], "reason": rt.fast["reason"]}} if rt.fast else {}),
     }
     return report
