@@ -10,13 +10,17 @@ the deployment:
 - ort-int8: Runtime(precision="int8"), as shipped;
 - nncf-ptq: nncf.quantize(model_type=TRANSFORMER) of the OpenVINO IR of model_noprefix.onnx, calibrated on the
   demo's labelled calibration texts (the first 200 held-out rows of each task: the rows the int8 contract uses);
-- nncf-ptq-no-sq: the same with SmoothQuant off;
+- nncf-ptq-no-sq: the same with SmoothQuant off; nncf-ptq-sq0.5 ... nncf-ptq-sq0.9: SmoothQuant at another MatMul
+  alpha (NNCF's default for the transformer preset is 0.95); nncf-ptq-minmax: activation ranges the min and max over
+  every calibration batch (the preset takes the mean of each batch's) (PTQ below);
 - nncf-accuracy-control: nncf.quantize_with_accuracy_control, validated on the same rows (metric: the share of
   fp32's predictions kept), max_drop 0.005.
 An NNCF variant's IR is written over the copy's converted IR, so Runtime(backend="openvino") compiles it; the study
-asserts that the batches ran model_noprefix (graph_runs) on a compiled model with int8 operations in it. Speed: each
+asserts that the batches ran model_noprefix (graph_runs; OpenVINO's shape-specialised models of it compile from the
+same IR) on a compiled model with int8 operations in it. Speed: each
 variant timed in its own process at B = 1, 8, 32 x 64 tokens, the variants alternating round by round, medians.
-Held-out predictions: every held-out row of both tasks, mixed batches of 32.
+Held-out predictions: the held-out rows of both tasks after the calibration rows (never calibrated on), mixed
+batches of 32.
 """
 
 from __future__ import annotations
@@ -38,6 +42,33 @@ SIZES = ((1, 64), (8, 64), (32, 64))
 VARIANTS = ("fp32-ort", "ort-int8", "nncf-ptq", "nncf-ptq-no-sq", "nncf-accuracy-control")
 
 
+def _advanced(**kwargs) -> dict:
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+
+    return {"advanced_parameters": AdvancedQuantizationParameters(**kwargs)}
+
+
+def _smooth_quant(alpha: float) -> dict:
+    from nncf.quantization.advanced_parameters import AdvancedSmoothQuantParameters
+
+    return _advanced(smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=alpha))
+
+
+def _minmax() -> dict:
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    return _advanced(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)
+
+
+# nncf.quantize's arguments (beyond the transformer preset and the whole dataset) of each post-training variant.
+# Beside what runtime/openvino_int8.py runs (nncf-ptq: SmoothQuant's MatMul alpha 0.95, activation ranges the mean
+# of each batch's min and max, fast bias correction): SmoothQuant off or at a lower alpha, activation ranges the
+# min and max over every batch (rare large rows not clipped). (The full bias correction, fast_bias_correction=False,
+# fails inside NNCF 3.4 on these graphs: "'NoneType' object is not iterable" in BiasCorrection._get_fp_inputs.)
+PTQ = {"nncf-ptq": dict, "nncf-ptq-no-sq": lambda: _smooth_quant(-1), "nncf-ptq-minmax": _minmax,
+       **{f"nncf-ptq-sq{alpha}": (lambda a=alpha: _smooth_quant(a)) for alpha in (0.5, 0.6, 0.7, 0.8, 0.9)}}
+
+
 def open_variant(folder: Path, variant: str, threads: int):
     from promptmux import Runtime
 
@@ -53,6 +84,12 @@ def ran_graph(variant: str) -> str:
     return "model_noprefix.int8.onnx" if variant == "ort-int8" else "model_noprefix.onnx"
 
 
+def ran(rt) -> set[str]:
+    """The graph files rt's batches ran, OpenVINO's shape-specialised models of a graph counted as that graph (they
+    are compiled from the same IR: the variant's, written over the converted one)."""
+    return {name.removesuffix(" (shape-specialised)") for name in rt.graph_runs}
+
+
 def int8_ops(rt) -> int:
     """Operations the compiled OpenVINO model runs in int8 (0 for other backends)."""
     compiled = getattr(rt.noprefix_session, "compiled", None)
@@ -64,21 +101,25 @@ def int8_ops(rt) -> int:
 
 def timed(folder: Path, variant: str, threads: int) -> dict:
     """Median ms per batch at SIZES (this process: one variant)."""
+    from promptmux.runtime.openvino_session import SPECIALIZE_AFTER, wait_for_specialisation
+
     rt = open_variant(folder, variant, threads)
     task = rt.tasks[0]
     out = {}
     for rows, tokens in SIZES:
         ids = np.full((rows, tokens), 1000, np.int64)
         mask = np.ones_like(ids)
-        for _ in range(2):
+        for _ in range(SPECIALIZE_AFTER):
             rt.forward(ids, mask, task)
+        wait_for_specialisation()  # OpenVINO's model for this shape, compiled in the background: not timed
+        rt.forward(ids, mask, task)
         times = []
         for _ in range(7):
             t = time.perf_counter()
             rt.forward(ids, mask, task)
             times.append(time.perf_counter() - t)
         out[f"{rows}x{tokens}"] = 1e3 * statistics.median(times)
-    assert set(rt.graph_runs) == {ran_graph(variant)}, dict(rt.graph_runs)
+    assert ran(rt) == {ran_graph(variant)}, dict(rt.graph_runs)
     return {"ms": out, "int8_ops": int8_ops(rt)}
 
 
@@ -122,7 +163,6 @@ def quantize_nncf(folder: Path, variant: str, calibration, threads: int) -> floa
     """Write the variant's int8 IR over the copy's converted IR of model_noprefix; the seconds NNCF took."""
     import nncf
     import openvino as ov
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
 
     from promptmux import Runtime
     from promptmux.runtime.batch import heads
@@ -135,11 +175,8 @@ def quantize_nncf(folder: Path, variant: str, calibration, threads: int) -> floa
     # NNCF's subset_size counts dataset items, and an item here is a batch of 32 rows: all of them.
     common = {"model_type": nncf.ModelType.TRANSFORMER, "subset_size": len(items)}
     start = time.perf_counter()
-    if variant == "nncf-ptq":
-        q = nncf.quantize(model, dataset, **common)
-    elif variant == "nncf-ptq-no-sq":
-        q = nncf.quantize(model, dataset, advanced_parameters=AdvancedQuantizationParameters(
-            smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1)), **common)
+    if variant in PTQ:
+        q = nncf.quantize(model, dataset, **PTQ[variant](), **common)
     else:
         def accuracy(compiled, data) -> float:  # the labelled contract's metric: held-out accuracy, heads applied
             right = total = 0
@@ -203,7 +240,7 @@ def main(argv=None) -> dict:
             row["quantize_seconds"] = round(quantize_nncf(folder, variant, calibration, args.threads), 1)
         rt = open_variant(folder, variant, args.threads)
         got = predictions(rt, rest)
-        assert set(rt.graph_runs) == {ran_graph(variant)}, dict(rt.graph_runs)  # the graph this variant runs
+        assert ran(rt) == {ran_graph(variant)}, dict(rt.graph_runs)  # the graph this variant runs
         row["int8_ops"] = int8_ops(rt)
         assert row["int8_ops"] > 0 if variant.startswith("nncf") else True, "the NNCF IR did not run in int8"
         row.update({t: {"kept": round(float((got[tasks == t] == want[tasks == t]).mean()), 4),
