@@ -16,8 +16,11 @@ CALIBRATION_ROWS = 256  # generated classifier inputs when the user gives none (
 
 
 def item_lines(items: list) -> list[str]:
-    """Calibration items as the deployment keeps them: a text per line, or a row per task as a JSON line."""
-    return [t if isinstance(t, str) else json.dumps(t, ensure_ascii=False, sort_keys=True) for t in items]
+    """Calibration items as the deployment keeps them: a text per line, or, where some are rows per task, every item
+    a JSON line (a text among them as {"text": ...}, so that the file reads back as it was given)."""
+    rows = any(isinstance(t, dict) for t in items)
+    return [t if not rows else json.dumps(t if isinstance(t, dict) else {"text": t}, ensure_ascii=False, sort_keys=True)
+            for t in items]
 
 
 def items_digest(items: list) -> str:

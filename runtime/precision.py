@@ -102,6 +102,9 @@ def calibration_texts(path: str | Path) -> list:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} line {i}: not JSON ({e.msg}); a labelled calibration file has one "
                              '{"task": ..., "text": ..., "label": ...} per line') from None
+        if isinstance(row, dict) and set(row) == {"text"} and isinstance(row["text"], str):
+            rows.append(" ".join(row["text"].split()))  # a text kept among rows per task (item_lines)
+            continue
         label = row.get("label") if isinstance(row, dict) else None
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("task", "text")) \
                 or ("label" in row and (not isinstance(label, (str, int)) or isinstance(label, bool))):

@@ -217,6 +217,9 @@ def test_labelled_calibration_files_are_read_and_checked(tmp_path):
     path.write_text('{"task": "sentiment", "text": "ok", "label": true}\n')
     with pytest.raises(ValueError, match="line 1: give"):
         P.calibration_texts(path)
+    mixed = [{"task": "sentiment", "text": "A review\nAnswer:"}, "a text for every task"]  # kept, read back as given
+    P.keep_texts(tmp_path, mixed)
+    assert P.calibration_texts(tmp_path / P.LABELLED_FILE) == mixed
     path.write_text('{"task": "sentiment", "text": "ok", "label": "positive"}\n{"task": "topic", "text": 3}\n')
     with pytest.raises(ValueError, match="line 2: give \"task\" and \"text\" as strings"):
         P.calibration_texts(path)
