@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-CALIBRATION = 64  # held-out prompts a non-exact precision's contract is measured on (format_input applied)
 TASKS = ("sentiment", "topic")
 
 
@@ -57,18 +56,17 @@ def main(argv: list[str] | None = None) -> dict:
     examples = held_out()
     order = np.random.default_rng(0).permutation(len(examples))  # the tasks interleaved: mixed batches
     examples = [examples[i] for i in order]
-    from promptmux.demo.smollm2 import format_input
+    from promptmux.demo.smollm2 import calibration_prompts
 
-    prompts = [format_input(t) for _, t, _ in examples]
     tasks = np.asarray([task for task, _, _ in examples])
     labels = [label for _, _, label in examples]
     reference = None
     rows = []
     for system in args.systems.split(","):
         backend, _, precision = system.partition("/")
-        # the held-out prompts are this precision's calibration texts: its contract is measured on real inputs
+        # its contract measured as the demo measures it: each task on its first 32 held-out prompts (rows per task)
         rt = Runtime(args.deploy, backend=backend, precision=precision or "fp32", threads=args.threads,
-                     calibration=prompts[:CALIBRATION] if precision not in ("", "fp32") else None)
+                     calibration=calibration_prompts() if precision not in ("", "fp32") else None)
         tokens, words, seconds = answers(rt, examples)
         if reference is None:
             reference = tokens
