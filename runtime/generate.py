@@ -95,6 +95,8 @@ class Generator:
     def __init__(self, runtime, session):
         self.rt = runtime
         self.session = session
+        # what prefill counts in runtime.graph_runs: the file that runs (decoder.int8.onnx at int8)
+        self.graph_file = getattr(session, "graph_file", None) or runtime.manifest["decoder"]["file"]
         self.layers = runtime.dims.num_layers
         from promptmux.core.archs import position_offset
 
@@ -186,8 +188,7 @@ class Generator:
         # Index of each row's last real token in the reordered sequence.
         last_token = np.array([np.flatnonzero(m)[-1] for m in mask])
         logits, presents = self._run(lay.feeds, lay.token_start + last_token)
-        # Counted by the file that ran (decoder.int8.onnx at int8), so a benchmark or study sees which graph decoded.
-        self.rt.graph_runs[getattr(self.session, "graph_file", None) or self.rt.manifest["decoder"]["file"]] += 1
+        self.rt.graph_runs[self.graph_file] += 1  # so a benchmark or study sees which graph decoded
         # Positions continue after the last real token of each row.
         next_pos = lay.feeds["position_ids"][np.arange(batch), lay.token_start + last_token] + 1
         return logits, list(presents), lay.feeds["attention_mask"], next_pos

@@ -100,7 +100,7 @@ def calibration_texts(path: str | Path) -> list:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {i}: not JSON ({e.msg}); a labelled calibration file has one "
+            raise ValueError(f"{path} line {i}: not JSON ({e.msg}); a calibration file of rows per task has one "
                              '{"task": ..., "text": ..., "label": ...} per line') from None
         if isinstance(row, dict) and set(row) == {"text"} and isinstance(row["text"], str):
             rows.append(" ".join(row["text"].split()))  # a text kept among rows per task (item_lines)
@@ -379,7 +379,7 @@ def calibrate(fast, items: list | None = None, source: str | None = None) -> dic
                              "for the unlabelled contract give texts, one per line")
         unknown = sorted({r["task"] for r in labelled if r["task"] not in fast.bank})
         if unknown:
-            raise ValueError(f"labelled calibration rows name task(s) {', '.join(map(repr, unknown))} that this "
+            raise ValueError(f"calibration rows name task(s) {', '.join(map(repr, unknown))} that this "
                              f"deployment does not serve ({len(fast.bank)} tasks)")
     exact = type(fast)(fast.dir, backend="onnxruntime", precision="fp32", threads=fast.threads)  # a Runtime
     started = time.time()
