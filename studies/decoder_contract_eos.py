@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "fp32_tokens_per_row": {t: round(float(np.mean([len(w) for w in reference[t]])), 2)
                                                  for t in tasks}})
             print(json.dumps(rows[-1]), flush=True)
+        # the decoder graph the system stands for ran (int8: its own copy; graph_runs counts prompt batches)
+        assert rt.graph_runs and all(("int8" in g) == (precision == "int8") for g in rt.graph_runs), rt.graph_runs
     result = {"command": "python -m studies.decoder_contract_eos " + " ".join(sys.argv[1:] if argv is None else argv),
               "machine": machine_info(args.threads), "reference": "onnxruntime/fp32",
               "threshold": P.THRESHOLDS["token_agreement"], "rows": rows, "contracts": contracts}

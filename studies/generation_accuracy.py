@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
         rt = Runtime(args.deploy, backend=backend, precision=precision or "fp32", threads=args.threads,
                      calibration=calibration_prompts() if precision not in ("", "fp32") else None)
         tokens, words, seconds = answers(rt, examples)
+        # the decoder graph the system stands for ran (int8: its own copy; graph_runs counts prompt batches)
+        assert rt.graph_runs and all(("int8" in g) == (precision == "int8") for g in rt.graph_runs), rt.graph_runs
         if reference is None:
             reference = tokens
         correct = np.asarray([w == y for w, y in zip(words, labels)])
