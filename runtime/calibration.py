@@ -1,10 +1,12 @@
-"""The calibration batches of a classifier: the rows a precision's contract is measured on (precision.py) and the
-rows NNCF calibrates OpenVINO's int8 on (openvino_int8.py), made the same way for both."""
+"""Calibration items: the user's file as read (calibration_texts), a language model's answers (gives_answer), and
+the batches of a classifier: the rows a precision's contract is measured on (precision.py) and the rows NNCF
+calibrates OpenVINO's int8 on (openvino_int8.py), made the same way for both."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -48,3 +50,76 @@ def classifier_batches(rt: Runtime, texts, task: str, size: int = 32):
         enc = rt.encode(texts[i:i + size], task, truncation=True)
         batches.append((enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids")))
     return batches
+
+
+def calibration_texts(path: str | Path) -> list:
+    """The user's calibration file: one text per line (blank lines skipped), or JSON Lines of rows per task,
+    {"task": NAME, "text": TEXT, "label": LABEL}: a classifier's labelled rows (LABEL: one of the task's labels, or
+    its index), or a language model's prompts per task (LABEL, optional: the answer's text, gives_answer())."""
+    path = Path(path)
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read the calibration file {path}: {e}") from None
+    if not lines:
+        raise ValueError(f"the calibration file {path} has no text (one text per line)")
+    if not lines[0].startswith("{"):
+        return lines
+    rows = []
+    for i, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {i}: not JSON ({e.msg}); a calibration file of rows per task has one "
+                             '{"task": ..., "text": ..., "label": ...} per line') from None
+        if isinstance(row, dict) and set(row) == {"text"} and isinstance(row["text"], str):
+            rows.append(" ".join(row["text"].split()))  # a text kept among rows per task (item_lines)
+            continue
+        label = row.get("label") if isinstance(row, dict) else None
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("task", "text")) \
+                or ("label" in row and (not isinstance(label, (str, int)) or isinstance(label, bool))):
+            raise ValueError(f"{path} line {i}: give \"task\" and \"text\" as strings and \"label\" as a label "
+                             "name or index (a language model's: the answer's text, or no label)")
+        # as written: JSON keeps a prompt's line breaks, which a language model reads (texts one per line cannot)
+        rows.append({"task": row["task"], "text": row["text"], **({"label": label} if "label" in row else {})})
+    return rows
+
+
+def gives_answer(text: str, label: str) -> bool:
+    """Whether a language model's generated text gives the answer `label`: the text, leading whitespace dropped,
+    starts with the label (case ignored) and the label ends a word there (" Positive." answers "positive",
+    " positively" does not). The answer must come within the contract's new tokens
+    (precision.CALIBRATION_NEW_TOKENS)."""
+    text, label = text.lstrip().casefold(), label.strip().casefold()
+    return text.startswith(label) and (len(text) == len(label) or not text[len(label)].isalnum())
+
+
+def check_answers(rows: list[dict]) -> None:
+    """A language model's labels are answers' texts (gives_answer()), given for all of a task's rows or for none."""
+    by_task: dict[str, list[dict]] = {}
+    for r in rows:
+        by_task.setdefault(r["task"], []).append(r)
+    for task, mine in by_task.items():
+        bad = [r["label"] for r in mine if "label" in r and (not isinstance(r["label"], str) or not r["label"].strip())]
+        if bad:
+            raise ValueError(f"calibration rows of task {task!r}: a language model's label is the text of the answer "
+                             f"its row should generate (as \"positive\"), not {bad[0]!r}")
+        if 0 < sum("label" in r for r in mine) < len(mine):
+            raise ValueError(f"calibration rows of task {task!r}: {sum('label' in r for r in mine)} of {len(mine)} "
+                             "have a label; give every row of a task its answer (the labelled rule), or none")
+
+
+def check_rows(rt: Runtime, items: list | None) -> None:
+    """Refuse calibration rows per task that cannot be measured on this deployment, saying what to give."""
+    rows = [r for r in items or () if isinstance(r, dict)]
+    if not rows:
+        return
+    if rt.spec.family.classifies and any("label" not in r for r in rows):
+        raise ValueError("a classifier's calibration rows need a label each ({\"task\", \"text\", \"label\"}); "
+                         "for the unlabelled contract give texts, one per line")
+    if not rt.spec.family.classifies:
+        check_answers(rows)
+    unknown = sorted({r["task"] for r in rows if r["task"] not in rt.bank})
+    if unknown:
+        raise ValueError(f"calibration rows name task(s) {', '.join(map(repr, unknown))} that this "
+                         f"deployment does not serve ({len(rt.bank)} tasks)")

@@ -32,7 +32,7 @@ from promptmux.core.folder import deployment_lock, write_manifest
 
 from . import accuracy_control, cpu
 from .errors import BackendUnavailable
-from .precision import METHOD, record_key
+from .precision import measured_as_now, misses, record_key
 from .timing import CLASSIFIER_SHAPES, GENERATION_SHAPES, time_apart
 
 log = logging.getLogger("promptmux.runtime")
@@ -52,7 +52,7 @@ def _geomean(xs: list[float]) -> float:
 
 def kept(contract: dict) -> float:
     """The share of fp32's answers a contract's worst task kept: predictions for a classifier, greedy tokens for a
-    language model."""
+    language model (with labelled rows, its rows whose tokens are all fp32's)."""
     shares = [r.get("prediction_agreement", r.get("token_agreement")) for r in contract["tasks"].values()]
     return min((x for x in shares if x is not None), default=0.0)
 
@@ -69,6 +69,16 @@ def _time(deploy_dir: Path, threads: int | None, configs: dict, shapes) -> tuple
 def _speedups(seconds: dict) -> dict[str, float]:
     return {name: _geomean([f / s for f, s in zip(seconds["fp32"], ts)]) for name, ts in seconds.items()
             if name != "fp32"}
+
+
+def _missed(contract: dict) -> dict:
+    """What a candidate's contract missed, figures and all, so that a choice of fp32 says why."""
+    return {"missed": misses(contract["tasks"])} if not contract["passed"] else {}
+
+
+def _why(figures: dict) -> str:
+    missed = "missed its contract" + (f" ({'; '.join(figures['missed'])})" if figures.get("missed") else "")
+    return missed + (f"; accuracy control {figures['accuracy_control']}" if "accuracy_control" in figures else "")
 
 
 def recorded(manifest: dict, cpu_kind: str) -> dict | None:
@@ -90,7 +100,7 @@ def choose(deploy_dir: Path, threads: int | None, calibration, Runtime) -> dict:
                 continue
             classifies = rt.spec.family.classifies
             figures[name] = {"runs": True, "backend": rt.backend, "contract_passed": rt.contract["passed"],
-                             "kept": round(kept(rt.contract), 4)}
+                             "kept": round(kept(rt.contract), 4), **_missed(rt.contract)}
             config = {"precision": precision, "backend": backend, "threads": threads}
             if rt.contract["passed"]:
                 passing[name] = config
@@ -112,8 +122,10 @@ def choose(deploy_dir: Path, threads: int | None, calibration, Runtime) -> dict:
             continue
         precision, backend = CANDIDATES[name]
         rt = Runtime(deploy_dir, precision=precision, backend=backend, threads=threads, calibration=calibration)
+        figures[name].pop("missed", None)
         figures[name].update(contract_passed=rt.contract["passed"], kept=round(kept(rt.contract), 4),
-                             accuracy_control="searched: every layer int8 was fast enough to win")
+                             accuracy_control="searched: every layer int8 was fast enough to win",
+                             **_missed(rt.contract))
         if rt.contract["passed"]:
             passing[name] = {k: v for k, v in config.items() if k != "defer_accuracy_control"}
             searched = True
@@ -142,8 +154,7 @@ def choose(deploy_dir: Path, threads: int | None, calibration, Runtime) -> dict:
     else:
         chosen = "fp32"
         reason = ("no non-exact precision both met its accuracy contract and beat fp32 on this CPU: "
-                  + "; ".join(f"{p}: " + (f["why"] if not f["runs"] else f.get("accuracy_control",
-                                                                               "missed its contract")
+                  + "; ".join(f"{p}: " + (f["why"] if not f["runs"] else _why(f)
                                           if not f["contract_passed"] else f"{f['speedup_vs_fp32']}x fp32")
                               for p, f in figures.items()))
     precision, backend = CANDIDATES.get(chosen, ("fp32", None))
@@ -161,16 +172,18 @@ def choose(deploy_dir: Path, threads: int | None, calibration, Runtime) -> dict:
     return record
 
 
-def resolve(deploy_dir: Path, manifest: dict, threads: int | None, calibration, Runtime) -> tuple[str, dict]:
+def resolve(deploy_dir: Path, manifest: dict, threads: int | None, calibration, Runtime,
+            classifies: bool) -> tuple[str, dict]:
     """(precision to run, its record): the manifest's choice for this CPU while it holds, else measured now, each
-    candidate opened as Runtime(deploy_dir, precision=...) (the caller's class: runtime.py imports this module)."""
+    candidate opened as Runtime(deploy_dir, precision=...) (the caller's class: runtime.py imports this module).
+    classifies: the deployment's family classifies (its contracts' method: precision.measured_as_now)."""
     record = recorded(manifest, cpu.describe())
-    if record is None or calibration is not None or not _still_holds(manifest, record):
+    if record is None or calibration is not None or not _still_holds(manifest, record, classifies):
         record = choose(Path(deploy_dir), threads, calibration, Runtime)
     return record["precision"], record
 
 
-def _still_holds(manifest: dict, record: dict) -> bool:
+def _still_holds(manifest: dict, record: dict, classifies: bool) -> bool:
     """The recorded choice holds while the chosen precision's contract is recorded as passed, measured the way
     contracts are measured now (a change of tasks measures it again at open, which may then miss: the choice is then
     made again)."""
@@ -179,4 +192,4 @@ def _still_holds(manifest: dict, record: dict) -> bool:
     chosen = record.get("choice", record["precision"])  # recorded before int8 had two backends: the name
     entry = (manifest.get("precision") or {}).get(record_key(record["candidates"][chosen]["backend"],
                                                               record["precision"]))
-    return bool(entry and entry.get("passed") and entry.get("method") == METHOD)  # measured as contracts are now
+    return bool(entry and entry.get("passed") and measured_as_now(entry, classifies))

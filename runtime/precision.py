@@ -6,8 +6,8 @@
           LM's cached decoder weight-only int8 (MatMulNBits), LM head included (runtime/quantize.py)
 
 A non-exact precision is never assumed to be good enough: the first time a deployment runs it (or at export
-with --precision), its outputs are compared with fp32 on calibration inputs (the user's own texts, labelled rows
-of classifier tasks, or generated token ids) and the result is written into the manifest under "precision". The
+with --precision), its outputs are compared with fp32 on calibration inputs (the user's own texts, rows per task,
+labelled or not, or generated token ids) and the result is written into the manifest under "precision". The
 user's rows are kept in the deployment (calibration.txt, or calibration.jsonl with labels), so that a
 re-measurement after the tasks change uses them again. A contract measures up to CONTRACT_TASKS tasks (the
 labelled ones first, contract_tasks): all of a small bank, a sample of a large one; it is measured again when a
@@ -38,10 +38,13 @@ from promptmux.core.archs import pad_id
 from promptmux.core.families import Family
 
 from . import accuracy_control, cpu
-from .calibration import (  # noqa: F401 (CALIBRATION_ROWS: read here by callers)
+from .calibration import (  # noqa: F401 (CALIBRATION_ROWS, calibration_texts: read here by callers)
     CALIBRATION_ROWS,
+    calibration_texts,
+    check_rows,
     classifier_batches,
     generated_ids,
+    gives_answer,
     item_lines,
     items_digest,
 )
@@ -55,9 +58,10 @@ log = logging.getLogger("promptmux.runtime")
 # (tokens up to a row's first divergence, averaged over rows; a row ends at the model's end-of-sequence token as in
 # serving, since the tokens after it are never returned).
 THRESHOLDS = {"prediction_agreement": 0.995, "token_agreement": 0.90}
-# With labelled calibration rows (a classifier task's own texts and answers), a task instead keeps its accuracy
-# within this of fp32's and at least this share of fp32's predictions (so a precision that trades many answers for
-# an equal score is not accepted).
+# With labelled calibration rows (a task's own texts and answers), a task instead keeps its accuracy within this of
+# fp32's and at least this share of fp32's predictions (so a precision that trades many answers for an equal score
+# is not accepted). A language model's prediction is the text it generates for a row (kept: the same tokens as
+# fp32's, up to end-of-sequence), right when it starts with the row's label (gives_answer()).
 LABELLED = {"accuracy_drop": 0.005, "prediction_agreement": 0.97}
 LABELLED_FILE = "calibration.jsonl"  # the deployment's own labelled calibration rows
 CALIBRATION_PROMPTS = 32  # generated decoder prompts
@@ -67,9 +71,11 @@ ALONE_ROWS = 64  # a classifier task's rows also run alone, for batch_changes
 MIXED_BATCH = 32  # rows in a mixed batch of every measured task (mixed())
 # How contracts are measured: 2 = a classifier's rows also in mixed batches (measure()); 3 = a decoder's rows end at
 # end-of-sequence (before, each generated 16 tokens past it: on the SmolLM2 demo's prompts int8 kept 68 % of topic's
-# tokens so and 97 % of those a user gets, results/decoder-contract-eos-smollm2-amd-zen4.json). A contract recorded
-# another way is measured again at open.
-METHOD = 3
+# tokens so and 97 % of those a user gets, results/decoder-contract-eos-smollm2-amd-zen4.json); 4 = a language
+# model's labelled rows are scored by the labelled rule (before, their labels were not read). A contract recorded
+# another way is measured again at open (measured_as_now: a classifier's of method 3 stands, measured as now).
+METHOD = 4
+CLASSIFIERS_SINCE = 3  # the method since which a classifier's contract is measured as now
 CONTRACT_TASKS = 32  # tasks a contract measures (contract_tasks): all of a bank up to this size, else a sample
 SAMPLE_PAGE = 10_000  # names read from the bank at a time while sampling
 
@@ -79,41 +85,6 @@ class PrecisionError(RuntimeError):
 
 
 # ---- the contract ---------------------------------------------------------------------------
-
-def calibration_texts(path: str | Path) -> list:
-    """The user's calibration file: one text per line (blank lines skipped), or JSON Lines of rows per task,
-    {"task": NAME, "text": TEXT, "label": LABEL}: a classifier's labelled rows (LABEL: one of the task's labels, or
-    its index), or a language model's prompts per task (LABEL optional, not read)."""
-    path = Path(path)
-    try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read the calibration file {path}: {e}") from None
-    if not lines:
-        raise ValueError(f"the calibration file {path} has no text (one text per line)")
-    if not lines[0].startswith("{"):
-        return lines
-    import json
-
-    rows = []
-    for i, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {i}: not JSON ({e.msg}); a calibration file of rows per task has one "
-                             '{"task": ..., "text": ..., "label": ...} per line') from None
-        if isinstance(row, dict) and set(row) == {"text"} and isinstance(row["text"], str):
-            rows.append(" ".join(row["text"].split()))  # a text kept among rows per task (item_lines)
-            continue
-        label = row.get("label") if isinstance(row, dict) else None
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("task", "text")) \
-                or ("label" in row and (not isinstance(label, (str, int)) or isinstance(label, bool))):
-            raise ValueError(f"{path} line {i}: give \"task\" and \"text\" as strings and \"label\" as a label "
-                             "name or index (a language model's rows need no label)")
-        # as written: JSON keeps a prompt's line breaks, which a language model reads (texts one per line cannot)
-        rows.append({"task": row["task"], "text": row["text"], **({"label": label} if "label" in row else {})})
-    return rows
-
 
 def _label_index(rt: Runtime, row: dict, task_labels: list | None, n_labels: int) -> int:
     label = row["label"]
@@ -132,9 +103,10 @@ def _label_index(rt: Runtime, row: dict, task_labels: list | None, n_labels: int
 def measure(fast, exact, texts: list[str] | None = None, labelled: list[dict] | None = None,
             tasks: list[str] | None = None) -> dict:
     """Compare the runtime `fast` with the fp32 runtime `exact` on the calibration inputs, task by task (tasks:
-    contract_tasks, by default; a classifier task with labelled rows: on those, with both accuracies). A classifier's
-    rows run twice: in batches of one task and in mixed batches of every measured task (mixed()), and a task's
-    figures are the worse of the two."""
+    contract_tasks, by default; a task with rows of its own: on those, with both accuracies where they are labelled:
+    a language model's answers scored by gives_answer, its answers kept the rows whose tokens are fp32's). A
+    classifier's rows run twice: in batches of one task and in mixed batches of every measured task (mixed()), and
+    a task's figures are the worse of the two."""
     classifies = exact.spec.family.classifies
     report, measured = {}, {}
     for task in tasks if tasks is not None else contract_tasks(exact.bank, labelled):
@@ -163,10 +135,20 @@ def measure(fast, exact, texts: list[str] | None = None, labelled: list[dict] | 
             else:
                 inputs = list(texts)
             kw = dict(max_new_tokens=CALIBRATION_NEW_TOKENS)  # the model's end-of-sequence ends a row, as served
-            want = [r["token_ids"] for chunk in _chunks(inputs) for r in exact.generate(chunk, task, **kw)]
-            got = [r["token_ids"] for chunk in _chunks(inputs) for r in fast.generate(chunk, task, **kw)]
-            report[task] = {"rows": len(want), "token_agreement": _prefix_agreement(got, want),
-                            "identical_rows": float(np.mean([g == w for g, w in zip(got, want)]))}
+            want = [r for chunk in _chunks(inputs) for r in exact.generate(chunk, task, **kw)]
+            got = [r for chunk in _chunks(inputs) for r in fast.generate(chunk, task, **kw)]
+            same = [g["token_ids"] == w["token_ids"] for g, w in zip(got, want)]
+            report[task] = {"rows": len(want), "identical_rows": float(np.mean(same)),
+                            "token_agreement": _prefix_agreement([g["token_ids"] for g in got],
+                                                                 [w["token_ids"] for w in want])}
+            if mine and all("label" in r for r in mine):  # labelled rows (calibrate: all or none): the labelled rule
+                gold = [r["label"] for r in mine]
+                report[task].update(labelled=True, prediction_agreement=float(np.mean(same)),
+                                    agreement_interval_95=interval(np.asarray(same)),
+                                    accuracy_fp32=_accuracy(want, gold), accuracy=_accuracy(got, gold))
+                if report[task]["accuracy_fp32"] == 0:
+                    log.warning("task %s: fp32 gives none of its %d calibration rows' answers; are the labels the "
+                                "text the model generates (as \"positive\")?", task, len(mine))
     if len(measured) > 1:
         for task, answers in mixed(fast, exact, {t: b for t, (b, _, _) in measured.items()}).items():
             r, (_, want, gold) = report[task], measured[task]
@@ -242,6 +224,10 @@ def batch_changes(fast, batches, task: str, got: np.ndarray) -> float:
     return float((np.array(alone) != got.argmax(-1)[:len(alone)]).mean())
 
 
+def _accuracy(rows: list[dict], labels: list[str]) -> float:
+    return float(np.mean([gives_answer(r["text"], y) for r, y in zip(rows, labels)]))
+
+
 def _chunks(inputs, size: int = 16):
     """Calibration prompts in batches of `size` (texts, or a dict of token-id arrays)."""
     if isinstance(inputs, dict):
@@ -273,8 +259,9 @@ def misses(tasks: dict) -> list[str]:
                 out.append(f"{task}: accuracy {r['accuracy']:.4f} is {drop:.4f} below fp32's {r['accuracy_fp32']:.4f} "
                            f"(at most {LABELLED['accuracy_drop']})")
             if r["prediction_agreement"] < LABELLED["prediction_agreement"]:
+                what = "labelled rows; rows generating fp32's tokens" if "identical_rows" in r else "labelled rows"
                 out.append(f"{task}: prediction_agreement {r['prediction_agreement']:.4f} < "
-                           f"{LABELLED['prediction_agreement']} (labelled rows)")
+                           f"{LABELLED['prediction_agreement']} ({what})")
             continue
         for metric, floor in THRESHOLDS.items():
             if metric in r and r[metric] < floor:
@@ -331,10 +318,17 @@ def stored_contract(manifest: dict, backend: str, precision: str, bank, family: 
     deferral, did not skip accuracy control's search (accuracy_control.deferred)."""
     entry = (manifest.get("precision") or {}).get(record_key(backend, precision))
     if entry and entry.get("recipe") == recipe(backend, precision, family) and entry.get("cpu") == cpu.describe() \
-            and entry.get("method") == METHOD and covers(entry, bank) \
+            and measured_as_now(entry, family.classifies) and covers(entry, bank) \
             and (accuracy_control.is_deferred() or not accuracy_control.was_deferred(entry)):
         return entry
     return None
+
+
+def measured_as_now(entry: dict, classifies: bool) -> bool:
+    """Whether a recorded contract was measured the way contracts are measured now (METHOD; a classifier's since
+    CLASSIFIERS_SINCE, so that a change to how language models are measured does not measure classifiers again)."""
+    method = entry.get("method")
+    return method == METHOD or (classifies and isinstance(method, int) and CLASSIFIERS_SINCE <= method <= METHOD)
 
 
 def fp32_layers(manifest: dict) -> tuple[int, ...]:
@@ -370,17 +364,10 @@ def write_contract(deploy_dir: Path, backend: str, precision: str, entry: dict) 
 def calibrate(fast, items: list | None = None, source: str | None = None) -> dict:
     """Measure `fast` (a Runtime at a non-exact precision) against fp32 ONNX Runtime and build its contract.
     items: calibration texts and/or rows per task ({"task", "text", "label"}: a classifier's labelled rows, a
-    language model's prompts per task, label not read); None: generated inputs."""
+    language model's prompts per task, with the answer's text as label or without one); None: generated inputs."""
     texts = [t for t in items or () if isinstance(t, str)] or None
     labelled = [r for r in items or () if isinstance(r, dict)] or None
-    if labelled:
-        if fast.spec.family.classifies and any("label" not in r for r in labelled):
-            raise ValueError("a classifier's calibration rows need a label each ({\"task\", \"text\", \"label\"}); "
-                             "for the unlabelled contract give texts, one per line")
-        unknown = sorted({r["task"] for r in labelled if r["task"] not in fast.bank})
-        if unknown:
-            raise ValueError(f"calibration rows name task(s) {', '.join(map(repr, unknown))} that this "
-                             f"deployment does not serve ({len(fast.bank)} tasks)")
+    check_rows(fast, items)
     exact = type(fast)(fast.dir, backend="onnxruntime", precision="fp32", threads=fast.threads)  # a Runtime
     started = time.time()
     names = contract_tasks(fast.bank, labelled)
@@ -401,9 +388,10 @@ def calibrate(fast, items: list | None = None, source: str | None = None) -> dic
     if items is None:
         calibration = {"source": "generated token ids"}
     else:
-        tagged = "labelled_rows" if fast.spec.family.classifies else "task_rows"  # rows that name their task
-        calibration = {"source": source or "texts", "rows": len(items), tagged: len(labelled or ()),
-                       "sha256": items_digest(items)}
+        calibration = {"source": source or "texts", "rows": len(items),
+                       "labelled_rows": sum("label" in r for r in labelled or ()), "sha256": items_digest(items)}
+        if not fast.spec.family.classifies:  # a language model's rows may name their task without an answer
+            calibration["task_rows"] = len(labelled or ())
     return {
         "backend": fast.backend, "precision": fast.precision, "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                         time.gmtime()),
@@ -433,7 +421,8 @@ def _normalise(items) -> list:
 def contract(rt: Runtime, strict: bool, calibration=None) -> dict:
     """The runtime's precision contract: the manifest's, or measured now (on `calibration`, else the deployment's
     calibration.jsonl or calibration.txt, else generated inputs) when it is missing or the bank's tasks changed
-    since. calibration: texts, and/or rows per task {"task", "text"[, "label"]} (a classifier's need labels)."""
+    since. calibration: texts, and/or rows per task {"task", "text"[, "label"]} (a classifier's need labels; a
+    language model's label is the answer's text)."""
     from promptmux.core.folder import MANIFEST
 
     if calibration is not None:  # measured exactly as the deployment's file will give them back
@@ -444,6 +433,11 @@ def contract(rt: Runtime, strict: bool, calibration=None) -> dict:
     for name in (LABELLED_FILE, CALIBRATION_FILE):
         if items is None and (rt.dir / name).is_file():
             items, source = calibration_texts(rt.dir / name), f"the deployment's {name}"
+            try:
+                check_rows(rt, items)
+            except ValueError as e:  # kept by an earlier promptmux, or edited since
+                raise ValueError(f"{rt.dir / name}: {e}. Fix or delete that file, or give calibration rows "
+                                 "(--calibration)") from None
     rt.calibration_items = items  # what graphs calibrated on data are made from (openvino_int8.py)
     entry = None if calibration is not None else stored_contract(rt.manifest, rt.backend, rt.precision, rt.bank,
                                                                     rt.spec.family)

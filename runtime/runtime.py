@@ -108,7 +108,8 @@ class Runtime:
         self.dims = dims_of(self.config)
         self.fast = None
         if precision == "fast":
-            precision, self.fast = fastest_precision(self.dir, self.manifest, threads, calibration, type(self))
+            precision, self.fast = fastest_precision(self.dir, self.manifest, threads, calibration, type(self),
+                                                     self.spec.family.classifies)
             chosen = self.fast.get("backend")  # the backend of the precision that won (its int8: two of them)
             if backend == "auto" and chosen:
                 backend = chosen

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for system in args.systems.split(","):
         backend, _, precision = system.partition("/")
-        # its contract measured as the demo measures it: each task on its first 32 held-out prompts (rows per task)
+        # its contract measured as the demo measures it: each task on its first held-out prompts, with their answers
         rt = Runtime(args.deploy, backend=backend, precision=precision or "fp32", threads=args.threads,
                      calibration=calibration_prompts() if precision not in ("", "fp32") else None)
         tokens, words, seconds = answers(rt, examples)

@@ -304,6 +304,31 @@ def test_generate_prints_the_runtimes_tokens_per_prompt(causal):
         (w["task"], p, w["token_ids"], w["text"]) for w, p in zip(want, prompts)]
 
 
+def test_generate_measures_a_language_models_labelled_contract_from_a_calibration_file(causal, tmp_path):
+    """--calibration rows.jsonl with answers: the labelled rule, the rows kept in the deployment, measured once."""
+    from promptmux import Runtime
+    from promptmux.runtime import precision as P
+
+    deploy = tmp_path / "deploy"
+    shutil.copytree(causal["deploy"], deploy)  # real copies: int8 graphs and the contract are written into it
+    prompts = [f"w{i} w{i + 3} w{2 * i + 1}" for i in range(4, 10)]
+    outs = Runtime(deploy).generate(prompts, "pt", max_new_tokens=P.CALIBRATION_NEW_TOKENS)
+    rows = [{"task": "pt", "text": p, "label": o["text"].split()[0]}
+            for p, o in zip(prompts, outs) if o["text"].split()]
+    assert rows  # fp32's own first words: the answers it gives
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    promptmux("generate", deploy, "--task", "pt", "--prompt", "w4 w4 w8", "--max-new-tokens", 2,
+              "--precision", "int8", "--calibration", tmp_path / "rows.jsonl")
+    entry = json.loads((deploy / "manifest.json").read_text())["precision"]["onnxruntime/int8"]
+    report = entry["tasks"]["pt"]
+    assert report["labelled"] and report["accuracy_fp32"] == 1.0 and report["rows"] == len(rows)
+    assert report["prediction_agreement"] == report["identical_rows"] and "p" in entry["tasks"]  # p: token rule
+    assert "labelled" not in entry["tasks"]["p"]
+    assert entry["calibration"]["labelled_rows"] == entry["calibration"]["task_rows"] == len(rows)
+    assert P.calibration_texts(deploy / P.LABELLED_FILE) == rows  # kept with their answers
+    assert Runtime(deploy, precision="int8").contract == entry  # the same rows: measured once
+
+
 def test_generate_stream_prints_the_same_text(causal):
     from promptmux import Runtime
 

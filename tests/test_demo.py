@@ -115,13 +115,16 @@ def test_demo_labelled_contract_is_measured_on_held_out_rows(demo, tmp_path, bf1
 def test_smollm2_demo_contract_prompts_are_each_tasks_first_held_out_prompts():
     """`promptmux demo --model smollm2 --precision int8|fast` measures its contract on real prompts (on generated
     token ids greedy tokens diverge far sooner): each task on the first of its own held-out texts, as the adapters
-    saw them."""
+    saw them, with their answers (the labelled rule)."""
     from promptmux.demo.smollm2 import CALIBRATION_PER_TASK, TASKS, calibration_prompts, format_input, held_out
+    from promptmux.runtime.calibration import check_answers
 
     prompts = calibration_prompts()
     rows = held_out()
     assert len(rows) == 400 and prompts is not None and len(prompts) == len(TASKS) * CALIBRATION_PER_TASK
     for i, task in enumerate(TASKS):
         mine = prompts[i * CALIBRATION_PER_TASK:(i + 1) * CALIBRATION_PER_TASK]
-        want = [format_input(text) for t, text, _ in rows if t == task][:CALIBRATION_PER_TASK]
-        assert mine == [{"task": task, "text": text} for text in want]
+        want = [(format_input(text), label) for t, text, label in rows if t == task][:CALIBRATION_PER_TASK]
+        assert mine == [{"task": task, "text": text, "label": label} for text, label in want]
+    assert all(isinstance(r["label"], str) for r in prompts)
+    check_answers(prompts)  # what a language model's contract accepts as answers

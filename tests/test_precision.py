@@ -558,6 +558,88 @@ def test_decoder_contract_measures_each_task_on_its_own_prompts():
     assert report["tb"]["token_agreement"] == 0.0 and report["tb"]["rows"] == 1
 
 
+def test_a_language_models_answer_is_the_text_it_starts_with():
+    assert P.gives_answer(" Positive.", "positive") and P.gives_answer("negative", " negative ")
+    assert P.gives_answer(" sci/tech news", "sci/tech")
+    assert not P.gives_answer(" positively", "positive") and not P.gives_answer(" not positive", "positive")
+
+
+def test_a_language_models_labelled_rows_are_held_to_the_labelled_rule():
+    from types import SimpleNamespace
+
+    class Decoder:  # answers "positive" to every prompt but those it gets `wrong`
+        spec = SimpleNamespace(family=SimpleNamespace(classifies=False))
+
+        def __init__(self, wrong: set):
+            self.wrong = wrong
+
+        def generate(self, prompts, task, max_new_tokens, eos_token_id=None):
+            return [{"token_ids": [7] if p in self.wrong else [5], "text": " neutral" if p in self.wrong else
+                     " positive"} for p in prompts]
+
+    rows = [{"task": "t", "text": f"p{i}", "label": "positive" if i < 90 else "negative"} for i in range(100)]
+    report = P.measure(Decoder({"p0", "p1"}), Decoder(set()), labelled=rows, tasks=["t"])["t"]
+    assert report["labelled"] and (report["accuracy_fp32"], report["accuracy"]) == (0.9, 0.88)
+    assert report["prediction_agreement"] == report["identical_rows"] == 0.98
+    assert [m.split(":")[1].split()[0] for m in P.misses({"t": report})] == ["accuracy"]
+    # wrong where fp32 was wrong too: the same accuracy, yet 3 % of answers changed
+    report = P.measure(Decoder({"p95", "p96", "p97"}), Decoder(set()), labelled=rows, tasks=["t"])["t"]
+    assert report["accuracy"] == report["accuracy_fp32"] == 0.9 and report["prediction_agreement"] == 0.97
+    assert P.passed({"t": report})
+    # a task without answers, measured beside a labelled one, keeps the token rule
+    both = P.measure(Decoder({"p0", "p1"}), Decoder(set()), labelled=rows + [{"task": "u", "text": "p0"}],
+                     tasks=["t", "u"])
+    assert both["t"]["labelled"] and "labelled" not in both["u"] and both["u"]["token_agreement"] == 0.0
+    assert [m.split(":")[1].split()[0] for m in P.misses(both)] == ["accuracy", "token_agreement"]
+
+
+def test_a_classifiers_contract_of_the_previous_method_stands_a_language_models_is_measured_again():
+    for method, classifies, stands in ((P.METHOD, False, True), (P.METHOD, True, True), (3, True, True),
+                                       (3, False, False), (2, True, False), (None, True, False)):
+        assert P.measured_as_now({"method": method}, classifies) == stands, (method, classifies)
+
+
+def test_a_deployments_kept_rows_that_no_longer_fit_are_refused_naming_the_file(tmp_path):
+    from types import SimpleNamespace
+
+    # a language model's rows kept by an earlier promptmux, when labels were not read: an index is no answer
+    (tmp_path / P.LABELLED_FILE).write_text('{"task": "t", "text": "a", "label": 1}\n')
+    lm = SimpleNamespace(dir=tmp_path, spec=SimpleNamespace(family=SimpleNamespace(classifies=False)))
+    with pytest.raises(ValueError, match=rf"{P.LABELLED_FILE}: calibration rows of task 't'.*Fix or delete that "
+                                         r"file, or give calibration rows \(--calibration\)"):
+        P.contract(lm, strict=False)
+
+
+def test_fast_choosing_fp32_names_what_each_candidate_missed(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from promptmux.runtime import fast
+
+    (tmp_path / "manifest.json").write_text("{}")
+    tasks = {"sentiment": {"labelled": True, "accuracy_fp32": 0.8, "accuracy": 0.78, "prediction_agreement": 0.99}}
+
+    class Missing:  # every candidate runs and misses its contract
+        def __init__(self, deploy_dir, precision, backend, threads, calibration):
+            self.spec, self.backend = SimpleNamespace(family=SimpleNamespace(classifies=True)), backend
+            self.contract = {"passed": False, "tasks": tasks, "backend": backend, "precision": precision}
+
+    monkeypatch.setattr(fast, "time_apart", lambda *a, **k: pytest.fail("timed a candidate that missed"))
+    record = fast.choose(tmp_path, None, None, Missing)
+    assert record["precision"] == "fp32" and all(f["missed"] for f in record["candidates"].values())
+    assert record["reason"].count("missed its contract (sentiment: accuracy 0.7800 is 0.0200 below fp32's 0.8000") \
+        == len(fast.CANDIDATES)
+
+
+def test_a_language_models_labels_are_answers_given_for_all_of_a_tasks_rows_or_none():
+    from types import SimpleNamespace
+
+    lm = SimpleNamespace(spec=SimpleNamespace(family=SimpleNamespace(classifies=False)))
+    with pytest.raises(ValueError, match=r"task 't'.*the text of the answer.*not 1"):
+        P.calibrate(lm, [{"task": "t", "text": "a", "label": 1}])
+    with pytest.raises(ValueError, match=r"task 't': 1 of 2 have a label; give every row"):
+        P.calibrate(lm, [{"task": "t", "text": "a", "label": "yes"}, {"task": "t", "text": "b"}])
+
+
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
 def test_int8_classifiers_run_dynamic_int8_copies_of_every_graph_under_a_contract(deployment, tmp_path, monkeypatch):
     """precision int8 on a classifier: each full-sequence graph gets a dynamic int8 copy (every weight MatMul a
@@ -751,6 +833,7 @@ def test_fast_runs_the_fastest_precision_that_meets_its_contract_and_records_it_
     assert rt.precision == record["precision"] and set(record["candidates"]) == set(fast.CANDIDATES)
     for f in record["candidates"].values():
         assert f["runs"] or "bf16" in f["why"] or "NNCF" in f["why"]  # a CPU without bf16; NNCF not installed
+        assert not f["runs"] or bool(f.get("missed")) == (not f["contract_passed"])  # a miss names its figures
     passing = {p: f["speedup_vs_fp32"] for p, f in record["candidates"].items() if f.get("contract_passed")}
     if record["precision"] == "fp32":
         assert all(s <= 1 for s in passing.values()) and "no non-exact precision" in record["reason"]
@@ -808,6 +891,8 @@ def test_fast_runs_the_fastest_precision_that_meets_its_contract_and_records_it_
         p: {"seconds": [1.0 if p == "fp32" else 2.0] * len(shapes), "graph_runs": {}} for p in configs})
     third = Runtime(deploy, precision="fast")
     assert third.precision == "fp32" and "no non-exact precision" in third.fast["reason"]
+    for f in third.fast["candidates"].values():  # fp32 chosen: the reason says what each candidate missed
+        assert "accuracy_control" in f or all(m in third.fast["reason"] for m in f.get("missed", ()))
     assert third.backend == "onnxruntime+openvino" and third.routing_record is not None
 
 
@@ -851,7 +936,7 @@ def test_fast_searches_int8_layers_only_where_int8_could_win(deployment, tmp_pat
     monkeypatch.setattr(fast, "time_apart", timing({"fp32": 1.0, "int8": 0.9, "bf16": 0.7, "int8/openvino": 0.5}))
     record = fast.choose(deploy, None, None, Runtime)
     int8 = record["candidates"]["int8"]
-    assert searched == [] and not int8["contract_passed"]
+    assert searched == [] and not int8["contract_passed"] and int8["missed"]  # what it missed, figures and all
     assert int8["all_int8_speedup_vs_fp32"] == pytest.approx(1 / 0.9, abs=1e-3)
     assert int8["accuracy_control"].startswith("not searched") and "speedup_vs_fp32" not in int8
     assert configs_timed[0]["int8"]["defer_accuracy_control"] and record["choice"] != "int8"

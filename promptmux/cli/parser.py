@@ -38,9 +38,9 @@ def _add_runtime_options(parser) -> None:
                         help="refuse a non-exact precision that misses its accuracy contract (default: warn)")
     parser.add_argument("--calibration", metavar="FILE",
                         help="texts (one per line) to measure a non-exact precision on, or rows per task (JSON "
-                             'Lines: {"task", "text", "label"}: a classifier\'s labelled contract; a language '
-                             "model's prompts per task need no label) (default: generated inputs, or what the "
-                             "deployment kept)")
+                             'Lines: {"task", "text", "label"}: the labelled contract; a language model\'s label is '
+                             "the answer's text, and its prompts per task may have none) (default: generated "
+                             "inputs, or what the deployment kept)")
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "records each one's agreement per task")
     e.add_argument("--calibration", metavar="FILE", help="--precision: texts to measure on, one per line, or "
                                                           'rows per task (JSON Lines: {"task", "text"[, "label"]}; '
-                                                          "a classifier's need labels) (default: generated inputs)")
+                                                          "a classifier's need labels; a language model's label "
+                                                          "is the answer's text) (default: generated inputs)")
     e.add_argument("--strict", action="store_true", help="--precision: fail if a precision misses its contract")
     e.set_defaults(func=cmd_export)
 
@@ -252,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--precision", default="fp32", choices=PRECISION_CHOICES,
                    help="fp32 (exact), bf16 (OpenVINO on AMX/AVX512-BF16), int8 (ONNX Runtime int8 weights and "
                         "products; NNCF's static int8 with --backend openvino), fast (the fastest that meets its "
-                        "contract here); MiniLM measures its labelled "
-                        "contract on held-out rows")
+                        "contract here); each demo measures its labelled contract on held-out rows (MiniLM 200 "
+                        "a task, SmolLM2 100 prompts a task with their answers)")
     d.set_defaults(func=cmd_demo)
 
     bn = sub.add_parser("bench", parents=[common], help="throughput per task (requests/s, tokens/s, latency, memory), mixed vs "
