@@ -119,7 +119,7 @@ def check_rows(rt: Runtime, items: list | None) -> None:
                          "for the unlabelled contract give texts, one per line")
     if not rt.spec.family.classifies:
         check_answers(rows)
-    unknown = sorted({r["task"] for r in rows if r["task"] not in rt.bank})
+    unknown = sorted(t for t in {r["task"] for r in rows} if t not in rt.bank)  # one bank lookup a task
     if unknown:
         raise ValueError(f"calibration rows name task(s) {', '.join(map(repr, unknown))} that this "
                          f"deployment does not serve ({len(rt.bank)} tasks)")

@@ -123,8 +123,10 @@ def choose(deploy_dir: Path, threads: int | None, calibration, Runtime) -> dict:
         precision, backend = CANDIDATES[name]
         rt = Runtime(deploy_dir, precision=precision, backend=backend, threads=threads, calibration=calibration)
         figures[name].pop("missed", None)
+        limit = (rt.contract.get("accuracy_control") or {}).get("max_fp32_layers")
         figures[name].update(contract_passed=rt.contract["passed"], kept=round(kept(rt.contract), 4),
-                             accuracy_control="searched: every layer int8 was fast enough to win",
+                             accuracy_control="searched: every layer int8 was fast enough to win" + (
+                                 "" if rt.contract["passed"] else f"; no set of up to {limit} layers fp32 met it"),
                              **_missed(rt.contract))
         if rt.contract["passed"]:
             passing[name] = {k: v for k, v in config.items() if k != "defer_accuracy_control"}

@@ -56,6 +56,8 @@ def _make(deploy: Path, work: Path, spec: str) -> tuple[Path, int]:
     Q.untie_lm_head(model)
     Q.gemms_to_matmuls(model)
     matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
+    layers = json.loads((deploy / "config.json").read_text())["num_hidden_layers"]
+    assert len(matmuls) == PER_LAYER * layers + 1, (len(matmuls), layers)  # seven a layer, then the LM head
     keep = _fp32_nodes(spec, matmuls)
     quantizer = MatMulNBitsQuantizer(model, bits=Q.BITS, block_size=Q.BLOCK_SIZE, is_symmetric=True,
                                      accuracy_level=Q.ACCURACY_LEVEL, nodes_to_exclude=keep)
