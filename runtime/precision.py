@@ -429,21 +429,21 @@ def contract(rt: Runtime, strict: bool, calibration=None) -> dict:
         calibration = _normalise(calibration)
         if not calibration:
             raise ValueError("the calibration texts are all empty; give at least one text (one per line)")
-    items, source = calibration, "the given texts"
+    items, source, kept = calibration, "the given texts", None
     for name in (LABELLED_FILE, CALIBRATION_FILE):
         if items is None and (rt.dir / name).is_file():
-            items, source = calibration_texts(rt.dir / name), f"the deployment's {name}"
-            try:
-                check_rows(rt, items)
-            except ValueError as e:  # kept by an earlier promptmux, or edited since
-                raise ValueError(f"{rt.dir / name}: {e}. Fix or delete that file, or give calibration rows "
-                                 "(--calibration)") from None
+            items, source, kept = calibration_texts(rt.dir / name), f"the deployment's {name}", rt.dir / name
     rt.calibration_items = items  # what graphs calibrated on data are made from (openvino_int8.py)
     entry = None if calibration is not None else stored_contract(rt.manifest, rt.backend, rt.precision, rt.bank,
                                                                     rt.spec.family)
     if entry and items is not None and entry["calibration"].get("sha256") != items_digest(items):
         entry = None  # the calibration file changed (or came) since the contract was measured: measure on it
     if entry is None:
+        try:  # the deployment's own rows may no longer fit it (kept by an earlier promptmux, or edited since)
+            check_rows(rt, items if kept is not None else None)
+        except ValueError as e:
+            raise ValueError(f"{kept}: {e}. Fix or delete that file, or give calibration rows "
+                             "(--calibration)") from None
         log.warning("measuring precision %s on %s against fp32 on %s (once per deployment, task set and kind of CPU)",
                     rt.precision, rt.backend, source if items is not None else "generated inputs")
         entry = calibrate(rt, list(items) if items is not None else None,

@@ -77,15 +77,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     from promptmux import Runtime
     from promptmux.bench.machine import machine_info
-    from promptmux.demo.smollm2 import TASKS, format_input, held_out
+    from promptmux.demo.smollm2 import TASKS, calibration_prompts
     from promptmux.runtime import precision as P
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     exact = Runtime(args.deploy, backend="onnxruntime", threads=args.threads)
-    examples = held_out()
+    every = calibration_prompts(per_task=200)  # each task's held-out prompts with answers, as the demo gives them
+    assert every, "the SmolLM2 held-out data is not here (see promptmux.demo.smollm2.held_out)"
     sets = {"first 100": (0, 100), "next 100": (100, 200)}
-    rows = {name: [{"task": t, "text": format_input(x), "label": y} for t in TASKS
-                   for x, y in [(x, y) for k, x, y in examples if k == t][lo:hi]] for name, (lo, hi) in sets.items()}
+    rows = {name: [r for t in TASKS for r in [x for x in every if x["task"] == t][lo:hi]]
+            for name, (lo, hi) in sets.items()}
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.variants.split(";"):

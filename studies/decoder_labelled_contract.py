@@ -30,13 +30,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     from promptmux import Runtime
     from promptmux.bench.machine import machine_info
-    from promptmux.demo.smollm2 import TASKS, format_input, held_out
+    from promptmux.demo.smollm2 import TASKS, calibration_prompts
     from promptmux.runtime import precision as P
 
     exact = Runtime(args.deploy, backend="onnxruntime", threads=args.threads)
-    examples = held_out()
-    rows = {t: [{"task": t, "text": format_input(text), "label": label} for k, text, label in examples if k == t]
-            for t in TASKS}
+    every = calibration_prompts(per_task=10**9)  # each task's held-out prompts with answers, as the demo gives them
+    assert every, "the SmolLM2 held-out data is not here (see promptmux.demo.smollm2.held_out)"
+    rows = {t: [r for r in every if r["task"] == t] for t in TASKS}
     results = []
     for system in args.systems.split(","):
         backend, _, precision = system.partition("/")

@@ -604,7 +604,8 @@ def test_a_deployments_kept_rows_that_no_longer_fit_are_refused_naming_the_file(
 
     # a language model's rows kept by an earlier promptmux, when labels were not read: an index is no answer
     (tmp_path / P.LABELLED_FILE).write_text('{"task": "t", "text": "a", "label": 1}\n')
-    lm = SimpleNamespace(dir=tmp_path, spec=SimpleNamespace(family=SimpleNamespace(classifies=False)))
+    lm = SimpleNamespace(dir=tmp_path, spec=SimpleNamespace(family=SimpleNamespace(classifies=False)), manifest={},
+                         backend="onnxruntime", precision="int8", bank=None)  # no contract recorded: measured now
     with pytest.raises(ValueError, match=rf"{P.LABELLED_FILE}: calibration rows of task 't'.*Fix or delete that "
                                          r"file, or give calibration rows \(--calibration\)"):
         P.contract(lm, strict=False)
