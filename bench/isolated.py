@@ -19,14 +19,13 @@ START_TIMEOUT_S = 1800  # building a system may export, convert or calibrate fir
 
 @dataclass(frozen=True)
 class SystemSpec:
-    """What to build: system "promptmux" (backend, precision) or "peft" (autocast to bf16 or not)."""
+    """What to build: system "promptmux" (backend, precision) or "peft" (precision fp32, bf16 autocast or int8)."""
 
     system: str
     deploy: str
     threads: int
     backend: str = "onnxruntime"
     precision: str = "fp32"
-    bf16: bool = False
     device: str = "cpu"  # PEFT's device ("cuda" when the promptmux systems run on a GPU)
     tasks: tuple[str, ...] = ()
     base: str | None = None
@@ -47,7 +46,8 @@ def build(spec: SystemSpec, meta=None):
         return PromptmuxSystem(Runtime(spec.deploy, backend=spec.backend, precision=spec.precision,
                                        threads=spec.threads, base=spec.base))
     meta = meta or Runtime(spec.deploy, backend="onnxruntime", threads=1)  # metadata only: bank, config, family
-    return PeftSystem(meta, list(spec.tasks), spec.base, dict(spec.adapters), device=spec.device, bf16=spec.bf16)
+    return PeftSystem(meta, list(spec.tasks), spec.base, dict(spec.adapters), device=spec.device,
+                      precision=spec.precision)
 
 
 def _child(conn, spec: SystemSpec) -> None:

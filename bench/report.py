@@ -136,6 +136,17 @@ def markdown(result: dict, plots: dict[str, str]) -> str:
                          f"| {_fmt(r['requests_per_s'])} | {_fmt(p['requests_per_s']) if p else '—'} | {speedup} | "
                          f"{_fmt(r['tokens_per_s'], 0)} | {_lat(r['latency_ms'])} | "
                          f"{_lat(p['latency_ms']) if p else '—'} | {_fmt(r['memory_mb']['peak_rss'], 0)} |")
+        others = [(key, title) for key, title in OTHER_BASELINES if any(key in c for c in tp["comparisons"])]
+        if others:
+            lines += ["", "Against the other PEFT baselines in the same rounds (" + "; ".join(
+                f"{title.removeprefix('vs ')}: {d.get(_definition(key), 'see the JSON')}" for key, title in others)
+                + "):",
+                "", "| backend | B | S | mix | task | " + " | ".join(f"speedup {t}" for _, t in others) + " |",
+                "|---|---|---|---|---|" + "---|" * len(others)]
+            for c in tp["comparisons"]:
+                lines.append(f"| {c['backend']} | {c['batch_size']} | {c['seq_len']} | {c['mix']} | "
+                             f"{c['task'] or 'all'} | " + " | ".join(f"{c[k]:.2f}x" if k in c else "—"
+                                                                    for k, _ in others) + " |")
         mixed = [r for r in tp["rows"] if r["mix"] != "single"]
         if mixed:
             lines += ["", "Per task within mixed traffic (requests/s of that task's requests; latency of the batches "
@@ -212,6 +223,15 @@ def markdown(result: dict, plots: dict[str, str]) -> str:
                          f"{r['max_abs_logit_diff']:.1e} | {_fmt(r.get('batch_changes'))} |")
         lines += ["", f"Speed on this pass (real text, padded per batch): promptmux {acc['promptmux_examples_per_s']:.1f} "
                   f"examples/s, PEFT eager {acc['peft_examples_per_s']:.1f} examples/s ({acc['speedup']:.2f}x).", ""]
+        if acc.get("baselines"):
+            lines += ["The other PEFT baselines on the same examples, against PEFT eager fp32:", "",
+                      "| baseline | task | accuracy | PEFT eager accuracy | PEFT eager predictions kept | examples/s |",
+                      "|---|---|---|---|---|---|"]
+            for name, b in acc["baselines"].items():
+                for t, r in b["tasks"].items():
+                    lines.append(f"| {name} | {t} | {r['accuracy']:.4f} | {r['accuracy_peft']:.4f} | "
+                                 f"{100 * r['kept']:.2f} % | {b['examples_per_s']:.1f} |")
+            lines.append("")
     if result.get("targets"):  # this project's recorded results only (--render); a user's run has none
         lines += ["## Targets", "", "| target | measured | status |", "|---|---|---|"]
         for t in result["targets"]:
@@ -325,6 +345,15 @@ def index_page(results: list[dict], title: str = "promptmux bench: results") -> 
     return "\n".join(lines)
 
 
+# Comparison keys beside "speedup" (PEFT eager fp32), and their column titles.
+OTHER_BASELINES = (("speedup_vs_peft_bf16", "vs PEFT-bf16"), ("speedup_vs_peft_int8", "vs PEFT-int8"))
+
+
+def _definition(key: str) -> str:
+    """The definitions entry (result["definitions"]) that says what a baseline of OTHER_BASELINES is."""
+    return key.removeprefix("speedup_vs_")
+
+
 # ---- the CLI's summary -----------------------------------------------------------------------
 
 def summary_table(result: dict) -> str:
@@ -339,11 +368,12 @@ def summary_table(result: dict) -> str:
             c = comps.get(tuple(r[k] for k in config), {})
             return f"{c[key]:.2f}x" if key in c else ""
 
+        others = [(key, title) for key, title in OTHER_BASELINES if any(key in c for c in tp["comparisons"])]
         rows = [[*(r[k] for k in config[:-1]), r["task"] or "all", f"{r['requests_per_s']:.1f}", f"{r['tokens_per_s']:.0f}",
-                 f"{r['latency_ms']['p50']:.1f}", ratio(r, "speedup"), ratio(r, "speedup_vs_peft_bf16")]
+                 f"{r['latency_ms']['p50']:.1f}", ratio(r, "speedup"), *(ratio(r, key) for key, _ in others)]
                 for r in tp["rows"]]
         blocks.append(_table(["backend", "B", "S", "mix", "task", "req/s", "tok/s", "p50 ms", "vs PEFT",
-                              "vs PEFT-bf16"], rows))
+                              *(title for _, title in others)], rows))
     if "scaling" in result:
         blocks.append(_table(["kind", "tasks", "vs tasks", "throughput ratio"],
                              [[r["kind"], r["to_tasks"], r["from_tasks"], f"{r['throughput_ratio']:.3f}"]
@@ -353,6 +383,12 @@ def summary_table(result: dict) -> str:
                              [[t, v["examples"], f"{v['accuracy_promptmux']:.4f}", f"{v['accuracy_peft']:.4f}",
                                v["differing_predictions"], v["batch_changes"]]
                               for t, v in result["accuracy"]["tasks"].items()]))
+        if result["accuracy"].get("baselines"):
+            blocks.append(_table(["baseline", "task", "accuracy", "PEFT eager", "kept"],
+                                 [[name, t, f"{v['accuracy']:.4f}", f"{v['accuracy_peft']:.4f}",
+                                   f"{100 * v['kept']:.2f} %"]
+                                  for name, b in result["accuracy"]["baselines"].items()
+                                  for t, v in b["tasks"].items()]))
     files = result["files"]
     blocks.append(f"{'; '.join(result['devices'])}; {result['wall_seconds']} s. Full result: {files['json']} "
                   f"(and {files['markdown']}" + (", plots" if files["plots"] else "") + ")")

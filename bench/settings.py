@@ -13,7 +13,7 @@ BACKENDS = ("auto", "onnxruntime", "openvino", "onnxruntime+openvino", "onnxrunt
             "torch")
 GPU_BACKENDS = ("onnxruntime-cuda", "tensorrt")
 PRECISIONS = ("fp32", "bf16", "int8", "fast")  # fast: what Runtime(precision="fast") chose on this CPU
-BASELINES = ("peft", "peft-bf16")  # PEFT eager fp32, and PEFT under torch.autocast(bfloat16)
+BASELINES = ("peft", "peft-bf16", "peft-int8")  # PEFT eager fp32, under torch.autocast(bfloat16), in PyTorch's int8
 
 
 @dataclass

@@ -3,6 +3,7 @@ default, see isolated.py) and closed after, and the PEFT reference outputs the o
 
 from __future__ import annotations
 
+from .baseline import PEFT_BASELINES
 from .isolated import IsolatedSystem, SystemSpec, build
 from .measure import MB, rss
 from .settings import BenchSettings, peft_device, system_pairs
@@ -17,7 +18,7 @@ def build_systems(s: BenchSettings, meta) -> tuple[list, dict, object | None]:
     tasks = tuple(s.tasks or meta.tasks)
     specs = [SystemSpec("promptmux", s.deploy, s.threads, backend=b, precision=p, base=s.base)
              for b, p in system_pairs(s)]
-    specs += [SystemSpec("peft", s.deploy, s.threads, bf16=b == "peft-bf16", tasks=tasks, base=s.base,
+    specs += [SystemSpec("peft", s.deploy, s.threads, precision=PEFT_BASELINES[b][0], tasks=tasks, base=s.base,
                          adapters=tuple(s.adapters.items()), device=peft_device(s)) for b in s.baselines]
     systems, load_mb = [], {}
     try:

@@ -101,7 +101,7 @@ def _configurations(s, rt: Runtime, env, systems, load_mb, peft) -> dict:
     finally:
         bar.close()
     contracts = {sy.name: getattr(sy, "contract", None) or getattr(getattr(sy, "rt", None), "contract", None)
-                 for sy in systems if sy.precision != "fp32"}
+                 for sy in systems if sy.precision != "fp32" and sy not in baselines}
     chosen = {sy.name: getattr(sy, "backend_reason", None) or getattr(getattr(sy, "rt", None), "backend_reason", None)
               for sy in systems if sy not in baselines}
     # Which graph files ran, per promptmux system: an int8 or folded system that silently ran fp32 shows here.
@@ -117,21 +117,26 @@ def _key(r: dict) -> tuple:
     return (r["batch_size"], r["seq_len"], r["mix"], r["task"])
 
 
+# The baselines a promptmux row is compared with: row system -> suffix of the comparison's keys.
+COMPARED_WITH = {"peft": "", "peft-bf16": "_vs_peft_bf16", "peft-int8": "_vs_peft_int8"}
+
+
 def comparisons(rows: list[dict]) -> list[dict]:
     """promptmux / PEFT throughput for every configuration both ran (same run, same request stream): "speedup"
-    against PEFT eager fp32, "speedup_vs_peft_bf16" against PEFT under bf16 autocast where that ran too."""
-    peft = {_key(r): r for r in rows if r["system"] == "peft"}
-    bf16 = {_key(r): r for r in rows if r["system"] == "peft-bf16"}
+    against PEFT eager fp32, "speedup_vs_peft_bf16" against PEFT under bf16 autocast and "speedup_vs_peft_int8"
+    against PEFT in PyTorch's int8, where those ran too."""
+    bases = {system: {_key(r): r for r in rows if r["system"] == system} for system in COMPARED_WITH}
     out = []
     for r in rows:
-        if r["system"] != "promptmux" or _key(r) not in peft and _key(r) not in bf16:
+        if r["system"] != "promptmux" or not any(_key(r) in b for b in bases.values()):
             continue
         c = {"backend": r["backend"], "precision": r.get("precision", "fp32"), "batch_size": r["batch_size"],
              "seq_len": r["seq_len"], "mix": r["mix"], "task": r["task"], "requests_per_s": r["requests_per_s"]}
-        for key, base in (("", peft.get(_key(r))), ("_vs_peft_bf16", bf16.get(_key(r)))):
+        for system, key in COMPARED_WITH.items():
+            base = bases[system].get(_key(r))
             if base is None:
                 continue
-            prefix = "peft_bf16_" if key else "peft_"
+            prefix = system.replace("-", "_") + "_"
             c[f"{prefix}requests_per_s"] = base["requests_per_s"]
             c[f"speedup{key}"] = round(r["requests_per_s"] / base["requests_per_s"], 3)
             c[f"latency_p50_ratio{key}"] = round(base["latency_ms"]["p50"] / r["latency_ms"]["p50"], 3)

@@ -435,6 +435,14 @@ class PromptBank:
             db.close()
         self.db.close()
 
+    def __del__(self):
+        # sqlite3's connections sit in reference cycles of their own (their statement caches), so a dropped bank's
+        # files stayed open until Python's cycle collector ran: `fast` opens the deployment once per candidate.
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - a half-made bank, or interpreter shutdown
+            pass
+
     @classmethod
     def load(cls, folder: str | Path, spec: ArchSpec, cache_bytes: int = DEFAULT_CACHE_BYTES) -> PromptBank:
         folder = Path(folder)

@@ -83,10 +83,11 @@ def _graphs(rt: Runtime) -> dict[str, Path]:
 
 def use_graphs(rt: Runtime, make) -> None:
     """Point rt's sessions at make(fp32 graph path) -> graph file, each made when first used."""
-    from .sessions import OnFirstUse
+    from .sessions import for_runtime
 
     for attr, path in _graphs(rt).items():
-        setattr(rt, attr, OnFirstUse(lambda path=path: rt.graph_session(make(path), precision="fp32", keep_fp32=())))
+        setattr(rt, attr, for_runtime(rt, lambda owner, path=path: owner.graph_session(make(path), precision="fp32",
+                                                                                      keep_fp32=())))
 
 
 def _probabilities(rt: Runtime, batches, task: str) -> np.ndarray:

@@ -18,7 +18,7 @@ from promptmux.core.families import family_of
 from promptmux.core.folder import FOLDED_GRAPH, GRAPH
 
 from .errors import BackendUnavailable, InputError
-from .sessions import OnFirstUse
+from .sessions import for_runtime
 
 if TYPE_CHECKING:  # the annotations only: runtime.py imports this module
     from promptmux.runtime.runtime import Runtime
@@ -121,7 +121,7 @@ def _openvino(rt: Runtime, path: Path, precision: str, keep_fp32: tuple[int, ...
     if precision == "int8":  # NNCF's static int8, calibrated on rt's contract rows when first used (openvino_int8.py)
         from .openvino_int8 import int8_session
 
-        return OnFirstUse(lambda: int8_session(rt, path))
+        return for_runtime(rt, lambda owner: int8_session(owner, path))
     from .openvino_session import OpenVinoSession
 
     return OpenVinoSession(path, precision, rt.threads)
@@ -133,7 +133,8 @@ def _routed(rt: Runtime, path: Path, precision: str, keep_fp32: tuple[int, ...],
     from .routed_session import RoutedSession
     from .sessions import OrtSession
 
-    return RoutedSession(lambda: OrtSession(path, rt.threads), lambda: OpenVinoSession(path, "fp32", rt.threads),
+    threads = rt.threads  # a value: the session must not hold rt (sessions.for_runtime)
+    return RoutedSession(lambda: OrtSession(path, threads), lambda: OpenVinoSession(path, "fp32", threads),
                          rt.routing)
 
 
@@ -156,12 +157,12 @@ class GraphBackend(Backend):
     def open(self, rt: Runtime, base: Path | None) -> None:
         noprefix = rt.manifest["graph"].get("noprefix")
         if noprefix and self.noprefix_graph:  # made when a batch without prefix rows comes
-            rt.noprefix_session = OnFirstUse(lambda: rt.graph_session(rt.dir / noprefix["file"]))
+            rt.noprefix_session = for_runtime(rt, lambda owner: owner.graph_session(owner.dir / noprefix["file"]))
         if rt.spec.family.generation == "causal" or (rt.noprefix_session is not None and self.cpu_engine):
             # made on first use: generation needs only the cached decoder graph, and an encoder whose batches have
             # no prefix rows only the graph without prefix inputs (a GPU backend opens it now all the same, so that
             # a missing CUDA provider is an error when the Runtime opens, not at its first request)
-            rt.session = OnFirstUse(lambda: rt.graph_session(rt.dir / GRAPH))
+            rt.session = for_runtime(rt, lambda owner: owner.graph_session(owner.dir / GRAPH))
         else:
             rt.session = rt.graph_session(rt.dir / GRAPH)
         rt.folded_session = rt.graph_session(rt.dir / FOLDED_GRAPH) if rt.folded_task else None

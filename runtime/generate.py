@@ -12,6 +12,7 @@ decoding step. Two prefill strategies give the same tokens:
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -89,11 +90,26 @@ def _stop_cut(text: str, stops: Sequence[str]) -> int | None:
     return min(hits) if hits else None
 
 
-class Generator:
+class RuntimeBound:
+    """A runtime's generator: the runtime keeps it, so it holds the runtime weakly (a reference back would be a
+    cycle, whose engines only Python's cycle collector would free; sessions.for_runtime)."""
+
+    def __init__(self, runtime):
+        self._rt = weakref.ref(runtime)
+
+    @property
+    def rt(self):
+        rt = self._rt()
+        if rt is None:
+            raise RuntimeError("this generator's Runtime is gone; open the deployment again")
+        return rt
+
+
+class Generator(RuntimeBound):
     """Runs generation over a Runtime's decoder session and prompt bank."""
 
     def __init__(self, runtime, session):
-        self.rt = runtime
+        super().__init__(runtime)
         self.session = session
         # what prefill counts in runtime.graph_runs: the file that runs (decoder.int8.onnx at int8)
         self.graph_file = getattr(session, "graph_file", None) or runtime.manifest["decoder"]["file"]

@@ -24,7 +24,7 @@ class RoutedSession:
     def __init__(self, make_small, make_large, routing: Routing | None = None):
         self.engines = {"onnxruntime": OnFirstUse(make_small), "openvino": OnFirstUse(make_large)}
         self.routing = routing or Routing()  # the split, shared by a runtime's routed sessions (routing.py)
-        self.routing.sessions.append(self)
+        self.routing.sessions.add(self)
         self.runs: Counter = Counter()
         self._last = threading.local()  # the engine of each thread's last batch
 

@@ -15,6 +15,7 @@ import logging
 import math
 import statistics
 import time
+import weakref
 from typing import TYPE_CHECKING
 
 from .timing import CLASSIFIER_SHAPES, time_apart
@@ -50,7 +51,9 @@ class Routing:
         self.measured: str | None = None  # when the split in use was measured on this CPU
         self.force: str | None = None
         self.last_positions = 0
-        self.sessions: list = []  # the routed sessions that follow this split
+        # the routed sessions that follow this split, held weakly: each holds this split, and a cycle would keep both
+        # engines' memory until Python's cycle collector ran (sessions.for_runtime)
+        self.sessions: weakref.WeakSet = weakref.WeakSet()
 
     def describe(self) -> dict:
         return {"small_positions": self.small_positions, "engines": list(self.picks()), "measured": self.measured}

@@ -17,7 +17,7 @@ from promptmux.core.layout import encoder_layout
 from promptmux.core.task import Task
 from promptmux.kinds import kind_of
 
-from .generate import SamplingParams, eos_ids, pick
+from .generate import RuntimeBound, SamplingParams, eos_ids, pick
 
 
 def decoder_prefix(views: list[Task], layers: int, heads: int, head_dim: int):
@@ -37,11 +37,11 @@ def decoder_prefix(views: list[Task], layers: int, heads: int, head_dim: int):
     return keys, values, mask
 
 
-class Seq2SeqGenerator:
+class Seq2SeqGenerator(RuntimeBound):
     def __init__(self, runtime, encoder_session, decoder_session):
         from promptmux.core.seq2seq_graph import cross_names, self_names
 
-        self.rt = runtime
+        super().__init__(runtime)
         self.encoder = encoder_session
         self.decoder = decoder_session
         cfg = runtime.config

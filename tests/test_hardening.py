@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import servekit
 from brokenkit import build_corrupt
-from conftest import copy_deployment
+from conftest import copy_deployment, random_batch
 
 from promptmux import Runtime
 from promptmux.cli import main as cli
@@ -373,3 +373,38 @@ def _as_old_deployment(deploy):
     (deploy / "manifest.json").write_text(json.dumps(manifest))
     for f in deploy.glob(STORE_FILE + "*"):
         f.unlink()
+
+
+@pytest.mark.parametrize("deployment", ["bert", "gpt2", "t5"], indirect=True)
+def test_a_dropped_runtime_frees_its_engines_at_once(deployment):
+    """No reference cycle runs through a runtime's sessions, generator or bank: dropping it frees its engines and
+    closes its store there and then, without Python's cycle collector (precision fast opens a runtime per
+    candidate; on MiniLM they took its first open to a 5.2 GB peak against 3.3 GB)."""
+    import gc
+    import weakref
+
+    arch = deployment.arch
+    ids, mask = random_batch(arch, rows=24, seq=40, seed=0, padding_side="left" if arch == "gpt2" else "right")
+    gc.collect()
+    gc.disable()
+    try:
+        ways = ({"backend": "onnxruntime"}, {"route_positions": 1024}, {"backend": "openvino"}) if arch == "bert" \
+            else ({"backend": "onnxruntime"},)
+        for kwargs in ways:
+            rt = Runtime(deployment.deploy, **kwargs)
+            tasks = rt.tasks
+            if arch == "bert":
+                rt.forward(ids[:2], mask[:2], ["pt", "prefix"])  # the full graph, on ONNX Runtime where routed
+                rt.forward(ids, mask, ["pt"] * 24)  # the graph without prefix inputs, on OpenVINO where routed
+            else:  # a generator, which the runtime keeps
+                rt.generate({"input_ids": ids[:2, :8], "attention_mask": mask[:2, -8:] * 0 + 1},
+                            [tasks[0], tasks[-1]], max_new_tokens=2, eos_token_id=[])
+            kept = (rt, rt.bank, rt.session, rt.noprefix_session, *(() if arch == "bert" else (rt.generator,)))
+            refs = [weakref.ref(x) for x in kept if x is not None]
+            db = rt.bank.db
+            del rt, kept
+            assert [r() for r in refs] == [None] * len(refs), kwargs
+            with pytest.raises(Exception, match="closed"):
+                db.execute("select 1")
+    finally:
+        gc.enable()

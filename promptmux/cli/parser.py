@@ -280,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--repeats", type=int, default=3, help="measured rounds after the warm-up (median reported)")
     bn.add_argument("--baseline", default="none",
                     help="comma-separated: peft (PEFT eager fp32), peft-bf16 (PEFT under torch.autocast bfloat16), "
+                         "peft-int8 (PEFT after PyTorch's dynamic int8 quantization of its Linear layers, CPU), "
                          "or none; measured on the same requests in the same run (needs the base model and adapters)")
     bn.add_argument("--same-process", action="store_true",
                     help="run every system in this one process instead of one process each (their thread pools "
