@@ -101,14 +101,14 @@ class BenchSettings:
                 a += ["--requests", str(self.requests)]
             if self.precisions != ["fp32"]:
                 a += ["--precision", ",".join(self.precisions)]
-            if self.baselines:
-                a += ["--baseline", ",".join(self.baselines)]
             if not self.isolate:
                 a += ["--same-process"]
             if "zipf" in self.mixes and self.zipf_s != 1.0:
                 a += ["--zipf-s", f"{self.zipf_s:g}"]
         else:
             a += ["--skip-throughput"]
+        if self.baselines and (self.throughput or self.accuracy):  # the accuracy pass reads peft-bf16 / peft-int8
+            a += ["--baseline", ",".join(self.baselines)]
         a += ["--repeats", str(self.repeats)]
         if self.threads:
             a += ["--threads", str(self.threads)]

@@ -23,6 +23,7 @@ import logging
 import sqlite3
 import threading
 import uuid
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ REWRITE_MIN = 4096
 
 class VectorIndex:
     def __init__(self, bank):
-        self.bank = bank
+        self._bank = weakref.ref(bank)  # the bank keeps its index: no cycle back, so a dropped bank closes at once
         self.ids = np.zeros(0, np.int64)  # base rows, ascending
         self.mats: dict[str, np.ndarray] = {}
         self.alive = np.zeros(0, bool)
@@ -49,6 +50,13 @@ class VectorIndex:
         self.dim = 0
         self.loaded = False
         self._lock = threading.Lock()
+
+    @property
+    def bank(self):
+        bank = self._bank()
+        if bank is None:
+            raise RuntimeError("this index's prompt bank is gone; open the deployment again")
+        return bank
 
     @property
     def folder(self) -> Path | None:

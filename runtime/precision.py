@@ -48,6 +48,7 @@ from .calibration import (  # noqa: F401 (CALIBRATION_ROWS, calibration_texts: r
     item_lines,
     items_digest,
 )
+from .sessions import release_full_sequence
 
 if TYPE_CHECKING:  # the annotations only: runtime.py imports this module
     from promptmux.runtime.runtime import Runtime
@@ -448,6 +449,7 @@ def contract(rt: Runtime, strict: bool, calibration=None) -> dict:
                     rt.precision, rt.backend, source if items is not None else "generated inputs")
         entry = calibrate(rt, list(items) if items is not None else None,
                           source=source.removeprefix("the deployment's ") if calibration is None else None)
+        release_full_sequence(rt)  # serving starts from fresh engines, not the calibration's caches
         try:
             if calibration is not None:
                 keep_texts(rt.dir, list(calibration))

@@ -1,13 +1,16 @@
-"""How much memory a process keeps after `precision="fast"` chooses on a deployment's first open.
+"""How much memory a process keeps after a non-exact precision's first open measured its contract (and, for
+`precision="fast"`, every candidate's contract and timing).
 
-    python -m studies.fast_open_memory DEPLOY [--threads 2] [--out results/....json]
+    python -m studies.fast_open_memory DEPLOY [--precision fast|bf16|int8] [--backend auto|openvino|onnxruntime]
+                                              [--threads 2] [--out results/....json]
 
 DEPLOY: a classifier deployment (the demo's). It is copied to a temporary folder with its recorded contracts and
-fast choice removed, so the copy measures every candidate's contract and times them as a first open does (the
-graphs already made are kept, so nothing is quantized again). Reported: the seconds the open took, the process's
-resident memory after it, after Python's cycle collector (gc.collect) and after glibc's malloc_trim, and its
-peak. Memory the collector frees was held by objects in reference cycles: a runtime opened for a candidate and
-dropped, whose engines stayed until the collector next ran.
+fast choice removed, so the copy measures as a first open does (the graphs already made are kept, so nothing is
+quantized again). Reported: the seconds the open took; the process's resident memory after it, after Python's
+cycle collector (gc.collect) and after glibc's malloc_trim; after serving the benchmarks' shapes (1, 8 and 32 x 64
+tokens, 8 x 256; three batches each); its peak. Memory the collector frees was held by objects in reference
+cycles (a runtime opened for a candidate and dropped). Memory a runtime keeps after its open beyond what serving
+needs was grown by the contract's calibration batches.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ def resident_mb() -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m studies.fast_open_memory", description=__doc__.split("\n\n")[0])
     ap.add_argument("deploy", type=Path, help="a classifier deployment (promptmux demo --out DIR)")
+    ap.add_argument("--precision", default="fast", choices=("fast", "bf16", "int8"))
+    ap.add_argument("--backend", default="auto")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, help="write the result JSON here")
     args = ap.parse_args(argv)
@@ -36,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     import gc
     import resource
     import shutil
+
+    import numpy as np
 
     from promptmux import Runtime
     from promptmux.bench.machine import machine_info
@@ -49,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         (deploy / "manifest.json").write_text(json.dumps(manifest, indent=1))
         before = resident_mb()
         started = time.perf_counter()
-        rt = Runtime(deploy, precision="fast", threads=args.threads)
+        rt = Runtime(deploy, precision=args.precision, backend=args.backend, threads=args.threads)
         seconds = time.perf_counter() - started
         result = {"command": "python -m studies.fast_open_memory " + " ".join(argv if argv is not None
                                                                                else sys.argv[1:]),
@@ -60,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         result["rss_mb_after_gc_collect"] = round(resident_mb())
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         result["rss_mb_after_malloc_trim"] = round(resident_mb())
+        rng = np.random.default_rng(0)
+        for rows, tokens in ((1, 64), (8, 64), (32, 64), (8, 256)):
+            ids = rng.integers(1000, 20000, (rows, tokens))
+            for _ in range(3):
+                rt.forward(ids, np.ones_like(ids), [rt.tasks[0]] * rows)
+        result["rss_mb_after_serving"] = round(resident_mb())
+        result["graph_runs"] = dict(rt.graph_runs)  # which graphs the contract and the serving ran
         result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         del rt
     print(json.dumps({k: v for k, v in result.items() if k not in ("command", "machine")}))

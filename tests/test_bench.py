@@ -237,6 +237,7 @@ def test_peft_int8_baseline_is_pytorchs_int8_read_against_peft_fp32(deployment):
     from promptmux import Runtime
     from promptmux.bench.accuracy import compare_predictions
     from promptmux.bench.baseline import PeftSystem
+    from promptmux.core.archs import pad_id as graph_pad_id
 
     rt = Runtime(deployment.deploy)
     tasks = ["pt", "prefix"]
@@ -254,8 +255,21 @@ def test_peft_int8_baseline_is_pytorchs_int8_read_against_peft_fp32(deployment):
     result = compare_predictions(rt, fp32, examples, batch_size=4, others={"peft-int8": int8})
     base = result["baselines"]["peft-int8"]
     assert set(base["tasks"]) == set(tasks) and base["examples_per_s"] > 0
-    for t, v in base["tasks"].items():
-        assert v["examples"] == 6 and 0 <= v["kept"] <= 1
+    pad = graph_pad_id(rt.config)
+    for t in tasks:  # the same batches (4 rows of one task), each side's answers, counted here
+        idx = [i for i, e in enumerate(examples) if e[0] == t]
+        ours, theirs = [], []
+        for k in range(0, len(idx), 4):
+            rows = [examples[i] for i in idx[k:k + 4]]
+            width = max(len(r[1]) for r in rows)
+            ids = np.array([r[1] + [pad] * (width - len(r[1])) for r in rows])
+            mask = np.array([[1] * len(r[1]) + [0] * (width - len(r[1])) for r in rows])
+            ours += [int(np.argmax(x)) for x in int8.run(ids, mask, [t] * len(rows), 0)]
+            theirs += [int(np.argmax(x)) for x in fp32.run(ids, mask, [t] * len(rows), 0)]
+        labels = [examples[i][2] for i in idx]
+        v = base["tasks"][t]
+        assert v["examples"] == 6 and v["kept"] == round(np.mean(np.equal(ours, theirs)), 4)
+        assert v["accuracy"] == round(np.mean(np.equal(ours, labels)), 4)
         assert v["accuracy_peft"] == result["tasks"][t]["accuracy_peft"]
 
 
@@ -270,6 +284,13 @@ def test_speedups_are_reported_against_each_peft_baseline_that_ran():
     (c,) = comparisons([row("promptmux", 30.0, 10.0), row("peft", 10.0, 30.0), row("peft-int8", 20.0, 15.0)])
     assert c["speedup"] == 3.0 and c["speedup_vs_peft_int8"] == 1.5 and c["latency_p50_ratio_vs_peft_int8"] == 1.5
     assert c["peft_int8_requests_per_s"] == 20.0 and "speedup_vs_peft_bf16" not in c
+
+
+def test_the_recorded_command_keeps_the_baselines_an_accuracy_pass_reads():
+    from promptmux.bench.settings import BenchSettings
+
+    s = BenchSettings("deploy/", throughput=False, accuracy=True, baselines=["peft-int8"])
+    assert "--skip-throughput --baseline peft-int8" in s.command()
 
 
 @pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)

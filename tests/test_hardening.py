@@ -396,6 +396,8 @@ def test_a_dropped_runtime_frees_its_engines_at_once(deployment):
             if arch == "bert":
                 rt.forward(ids[:2], mask[:2], ["pt", "prefix"])  # the full graph, on ONNX Runtime where routed
                 rt.forward(ids, mask, ["pt"] * 24)  # the graph without prefix inputs, on OpenVINO where routed
+                if "route_positions" in kwargs:
+                    assert rt.noprefix_session.runs["openvino"] == 1  # both engines made and held
             else:  # a generator, which the runtime keeps
                 rt.generate({"input_ids": ids[:2, :8], "attention_mask": mask[:2, -8:] * 0 + 1},
                             [tasks[0], tasks[-1]], max_new_tokens=2, eos_token_id=[])
@@ -408,3 +410,20 @@ def test_a_dropped_runtime_frees_its_engines_at_once(deployment):
                 db.execute("select 1")
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_a_measured_contract_leaves_no_engine_made_by_its_calibration(deployment, tmp_path):
+    """The engines a precision contract's calibration batches ran are dropped once it is measured (their caches
+    and arenas grew on many shapes); the next batch makes them again, with the same answers."""
+    deploy = copy_deployment(deployment.deploy, tmp_path / "deploy")
+    rt = Runtime(deploy, backend="onnxruntime", precision="int8")
+    assert rt.contract["tasks"] and rt.graph_runs  # measured now, on the int8 graphs
+    assert not rt.session.made and not rt.noprefix_session.made
+    ids, mask = random_batch("bert", rows=3, seq=7, seed=1, padding_side="right")
+    got = rt.forward(ids, mask, ["pt", "prefix", "pt"])
+    assert rt.session.made
+    again = Runtime(deploy, backend="onnxruntime", precision="int8")  # the contract recorded: nothing measured
+    assert not again.graph_runs
+    want = again.forward(ids, mask, ["pt", "prefix", "pt"])
+    assert max(float(np.abs(a - b).max()) for a, b in zip(got, want)) == 0.0
