@@ -115,11 +115,14 @@ def compare_predictions(rt: Runtime, peft, examples: list[tuple[str, list[int], 
     ours, alone, ours_s = deployment_answers(rt, examples, batch_size)
     theirs, theirs_s = peft_answers(peft, examples, by_task, pad_id, batch_size)
 
+    def predicted(logits: list, idx: list[int]) -> np.ndarray:
+        return np.array([int(np.argmax(logits[i])) for i in idx])
+
+    labels = {task: np.array([examples[i][2] for i in idx]) for task, idx in by_task.items()}
+    peft_predicted = {task: predicted(theirs, idx) for task, idx in by_task.items()}
     tasks = {}
     for task, idx in by_task.items():
-        y = np.array([examples[i][2] for i in idx])
-        a = np.array([int(np.argmax(ours[i])) for i in idx])
-        b = np.array([int(np.argmax(theirs[i])) for i in idx])
+        y, a, b = labels[task], predicted(ours, idx), peft_predicted[task]
         tasks[task] = {
             "examples": len(idx),
             "accuracy_promptmux": round(float((a == y).mean()), 4),
@@ -138,12 +141,10 @@ def compare_predictions(rt: Runtime, peft, examples: list[tuple[str, list[int], 
             got, got_s = peft_answers(other, examples, by_task, pad_id, batch_size)
             per_task = {}
             for task, idx in by_task.items():
-                y = np.array([examples[i][2] for i in idx])
-                a = np.array([int(np.argmax(got[i])) for i in idx])
-                b = np.array([int(np.argmax(theirs[i])) for i in idx])
-                per_task[task] = {"examples": len(idx), "accuracy": round(float((a == y).mean()), 4),
-                                  "accuracy_peft": round(float((b == y).mean()), 4),
-                                  "kept": round(float((a == b).mean()), 4)}
+                a = predicted(got, idx)
+                per_task[task] = {"examples": len(idx), "accuracy": round(float((a == labels[task]).mean()), 4),
+                                  "accuracy_peft": tasks[task]["accuracy_peft"],
+                                  "kept": round(float((a == peft_predicted[task]).mean()), 4)}
             result["baselines"][name] = {"tasks": per_task, "examples_per_s": round(n / got_s, 2)}
     return result
 

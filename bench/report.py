@@ -136,7 +136,7 @@ def markdown(result: dict, plots: dict[str, str]) -> str:
                          f"| {_fmt(r['requests_per_s'])} | {_fmt(p['requests_per_s']) if p else '—'} | {speedup} | "
                          f"{_fmt(r['tokens_per_s'], 0)} | {_lat(r['latency_ms'])} | "
                          f"{_lat(p['latency_ms']) if p else '—'} | {_fmt(r['memory_mb']['peak_rss'], 0)} |")
-        others = [(key, title) for key, title in OTHER_BASELINES if any(key in c for c in tp["comparisons"])]
+        others = other_baselines(tp["comparisons"])
         if others:
             lines += ["", "Against the other PEFT baselines in the same rounds (" + "; ".join(
                 f"{title.removeprefix('vs ')}: {d.get(_definition(key), 'see the JSON')}" for key, title in others)
@@ -349,6 +349,11 @@ def index_page(results: list[dict], title: str = "promptmux bench: results") -> 
 OTHER_BASELINES = (("speedup_vs_peft_bf16", "vs PEFT-bf16"), ("speedup_vs_peft_int8", "vs PEFT-int8"))
 
 
+def other_baselines(comparisons: list[dict]) -> list[tuple[str, str]]:
+    """The entries of OTHER_BASELINES that these comparisons report (the baselines that ran)."""
+    return [(key, title) for key, title in OTHER_BASELINES if any(key in c for c in comparisons)]
+
+
 def _definition(key: str) -> str:
     """The definitions entry (result["definitions"]) that says what a baseline of OTHER_BASELINES is."""
     return key.removeprefix("speedup_vs_")
@@ -368,7 +373,7 @@ def summary_table(result: dict) -> str:
             c = comps.get(tuple(r[k] for k in config), {})
             return f"{c[key]:.2f}x" if key in c else ""
 
-        others = [(key, title) for key, title in OTHER_BASELINES if any(key in c for c in tp["comparisons"])]
+        others = other_baselines(tp["comparisons"])
         rows = [[*(r[k] for k in config[:-1]), r["task"] or "all", f"{r['requests_per_s']:.1f}", f"{r['tokens_per_s']:.0f}",
                  f"{r['latency_ms']['p50']:.1f}", ratio(r, "speedup"), *(ratio(r, key) for key, _ in others)]
                 for r in tp["rows"]]

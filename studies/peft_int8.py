@@ -6,9 +6,10 @@ per channel (what `promptmux bench --baseline peft-int8` runs), against PEFT fp3
 
 DEPLOY: the demo deployment (`promptmux demo --out DIR`); its tasks' recorded adapters and base model are loaded as
 `promptmux bench`'s PEFT baseline loads them. The accuracy benchmark's rows (`promptmux bench --accuracy`: the
-held-out rows after the demo's calibration rows), one task per batch of 32, as that benchmark runs PEFT. Per variant and task:
-accuracy, and the share of PEFT fp32's predictions kept, the figures promptmux's labelled contract reads. No
-timing: the speed of the per-channel baseline is `promptmux bench`'s to measure (each system in its own process).
+held-out rows after the demo's calibration rows), one task per batch of 32, as that benchmark runs PEFT. Per
+variant and task: accuracy, and the share of PEFT fp32's predictions kept, the figures promptmux's labelled contract
+reads. No timing: the speed of the per-channel baseline is `promptmux bench`'s to measure (each system in its own
+process).
 """
 
 from __future__ import annotations
