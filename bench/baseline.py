@@ -179,7 +179,8 @@ class PeftSystem:
     def prepare(self, new_tokens: int) -> None:
         pass
 
-    def _model(self, task: str):
+    def model_for(self, task: str):
+        """The PEFT model holding the task's adapter, made active, and the keyword arguments its forward needs."""
         adapter, k = self.plan[task]
         model = self.models[adapter]
         if model.active_adapter != self.peft_names[adapter]:
@@ -193,7 +194,7 @@ class PeftSystem:
         task = tasks[0]
         if any(t != task for t in tasks):
             raise ValueError("PEFT serves one adapter per batch; group the rows by task")
-        model, kwargs = self._model(task)
+        model, kwargs = self.model_for(task)
         if "task_ids" in kwargs:
             kwargs["task_ids"] = kwargs["task_ids"].expand(ids.shape[0])
         x = torch.from_numpy(ids).to(self.device)

@@ -184,8 +184,10 @@ def dynamic_int8(path: Path, keep_fp32: tuple[int, ...] = ()) -> Path:
     return out
 
 
-def quantize_matmuls(path: Path, out: Path, nodes: list[str]) -> None:
-    """ONNX Runtime's dynamic quantization of these MatMul nodes of the graph at `path`, written as `out`."""
+def quantize_matmuls(path: Path, out: Path, nodes: list[str], weights: str = "int8") -> None:
+    """ONNX Runtime's dynamic quantization of these MatMul nodes of the graph at `path`, written as `out`; weights
+    "int8" (symmetric) or "uint8" (a zero point per channel: MLAS multiplies uint8 by uint8 in 16-bit lanes that
+    cannot saturate, where its AVX2 uint8 x int8 kernel saturates pairs of products at 16 bits)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -195,7 +197,8 @@ def quantize_matmuls(path: Path, out: Path, nodes: list[str]) -> None:
     root.addFilter(advice)
     work = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        quantize_dynamic(str(path), str(work), weight_type=QuantType.QInt8, per_channel=True,
+        weight_type = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[weights]
+        quantize_dynamic(str(path), str(work), weight_type=weight_type, per_channel=True,
                          op_types_to_quantize=["MatMul"], use_external_data_format=True,
                          nodes_to_quantize=nodes + [f"{n}_MatMul" for n in nodes],  # a Gemm's name once rewritten
                          extra_options={"MatMulConstBOnly": True})

@@ -6,7 +6,10 @@ answers kept; an answer is the text a row generates, right when it starts with t
 With 32 rows a task one changed answer is 96.9 % kept, under 97 %, and one answer lost is 3.1 points: the rule then
 passes only a precision that changes nothing there. The study shows what more rows decide.
 
-    python -m studies.decoder_labelled_contract out/smollm2-demo [--systems onnxruntime/int8,openvino/bf16]
+A system peft/PRECISION is PEFT itself (bench/baseline.PeftSystem: fp32, bf16 autocast, or PyTorch's dynamic int8),
+read by the same rule: what a user who assembles PEFT and PyTorch would serve, generating up to end-of-sequence.
+
+    python -m studies.decoder_labelled_contract out/smollm2-demo [--systems onnxruntime/int8,openvino/bf16,peft/int8]
         [--rows 32,100,200] [--out results/decoder-labelled-contract-smollm2-....json]
 """
 
@@ -17,6 +20,43 @@ import json
 import sys
 import time
 from pathlib import Path
+
+
+class PeftAnswers:
+    """PEFT (one of bench/baseline's PEFT systems) behind Runtime.generate's signature, as served: greedy, each row
+    ending at the model's end-of-sequence (kept, as the runtime keeps it), its text decoded by the deployment's
+    tokenizer; the prompts tokenized and padded as the runtime pads them."""
+
+    def __init__(self, exact, precision: str, threads: int):
+        import torch
+
+        from promptmux.bench.baseline import PeftSystem
+        from promptmux.runtime.generate import SamplingParams
+
+        torch.set_num_threads(threads)
+        self.exact = exact
+        self.system = PeftSystem(exact, exact.bank.names(), precision=precision)
+        self.eos = [int(x) for x in exact.generator.eos_for(SamplingParams())]
+        self.graph_runs: dict[str, int] = {}  # what ran: the PEFT system's name, once per batch
+
+    def generate(self, prompts: list[str], task: str, max_new_tokens: int) -> list[dict]:
+        torch, system = self.system.torch, self.system
+        enc = self.exact.tokenizer(prompts, padding=True, padding_side=self.exact.spec.family.prompt_padding,
+                                   return_tensors="np")
+        model, kwargs = system.model_for(task)
+        with torch.inference_mode():
+            out = model.generate(input_ids=torch.from_numpy(enc["input_ids"]),
+                                 attention_mask=torch.from_numpy(enc["attention_mask"]), do_sample=False,
+                                 num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=self.eos or None,
+                                 pad_token_id=system.pad_id, use_cache=True, **kwargs)
+        self.graph_runs[system.name] = self.graph_runs.get(system.name, 0) + 1
+        rows = []
+        for new in out[:, enc["input_ids"].shape[1]:].tolist():
+            ends = [i for i, t in enumerate(new) if t in self.eos]
+            new = new[:ends[0] + 1] if ends else new
+            rows.append({"task": task, "token_ids": new,
+                         "text": self.exact.tokenizer.decode(new, skip_special_tokens=True)})
+        return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -40,15 +80,21 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     for system in args.systems.split(","):
         backend, _, precision = system.partition("/")
-        rt = Runtime(args.deploy, backend=backend, precision=precision, threads=args.threads)
-        assert (rt.backend, rt.precision) == (backend, precision), (rt.backend, rt.precision)
+        if backend == "peft":
+            rt = PeftAnswers(exact, precision, args.threads)
+        else:
+            rt = Runtime(args.deploy, backend=backend, precision=precision, threads=args.threads)
+            assert (rt.backend, rt.precision) == (backend, precision), (rt.backend, rt.precision)
         for n in (int(x) for x in args.rows.split(",")):
             started = time.perf_counter()
             before = dict(rt.graph_runs)
             report = P.measure(rt, exact, labelled=[r for t in TASKS for r in rows[t][:n]], tasks=list(TASKS))
             ran = {g: c - before.get(g, 0) for g, c in rt.graph_runs.items() if c > before.get(g, 0)}
             # the decoder graph the system stands for ran (int8: its own copy; graph_runs counts prompt batches)
-            assert ran and all(("int8" in g) == (precision == "int8") for g in ran), ran
+            if backend == "peft":
+                assert list(ran) == [rt.system.name], ran
+            else:
+                assert ran and all(("int8" in g) == (precision == "int8") for g in ran), ran
             results.append({"system": system, "rows_per_task": n, "graph_runs": ran, "passed": P.passed(report),
                             "misses": P.misses(report), "seconds": round(time.perf_counter() - started, 1),
                             "tasks": {t: {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}

@@ -6,7 +6,12 @@
   per tensor fixed at calibration (QDQ; MatMul outputs left fp32, so ONNX Runtime fuses MatMulIntegerToFloat);
 - nncf-static: NNCF's post-training quantization of the ONNX graph (the transformer preset, SmoothQuant on: what the
   OpenVINO int8 runs), its int8 activations moved to uint8 (zero point + 128) so that ONNX Runtime fuses them too,
-  the embeddings' Gather left fp32 (its dequantization ran on every call).
+  the embeddings' Gather left fp32 (its dequantization ran on every call);
+- deployed: the deployment's own model_noprefix.int8.onnx, as `fast` or precision="int8" made it (accuracy control's
+  layers kept fp32, where it kept some);
+- dynamic-u8: dynamic, with uint8 weights (a zero point per channel): MLAS then multiplies in 16-bit lanes that
+  cannot saturate, where its AVX2 uint8 x int8 kernel saturates pairs of products at 16 bits;
+- dynamic-u8-fp32-layers: dynamic, with the layers the deployment keeps fp32 given uint8 weights instead.
 Both static variants are calibrated on the demo's labelled calibration rows (the contract's). Measured on each cap
 (bench/isa_cap.py; "none": this CPU as it is), each variant in its own process: the forward at B x 64 tokens
 (median, variants alternating round by round) and, on the held-out rows after the calibration rows, fp32's
@@ -31,8 +36,9 @@ from pathlib import Path
 import numpy as np
 
 GRAPH = "model_noprefix.onnx"
-VARIANTS = ("fp32", "dynamic", "ort-static", "nncf-static")
-SIZES = ((1, 64), (8, 64), (32, 64))
+VARIANTS = ("fp32", "dynamic", "ort-static", "nncf-static", "deployed", "dynamic-u8", "dynamic-u8-fp32-layers")
+DEFAULT_VARIANTS = ("fp32", "dynamic", "ort-static", "nncf-static")
+SIZES = ((1, 64), (8, 64), (32, 64), (8, 256))
 
 
 def _runtime(deploy: str, threads: int):
@@ -73,8 +79,8 @@ def _activations_to_uint8(model) -> int:
     return len(moved)
 
 
-def make(deploy: Path, work: Path, threads: int) -> dict:
-    """The three int8 graphs in work/, and how long each took to make."""
+def make(deploy: Path, work: Path, threads: int, variants=DEFAULT_VARIANTS) -> dict:
+    """The int8 graphs of these variants in work/, and how long each took to make."""
     import nncf
     import onnx
     import onnx.inliner
@@ -82,6 +88,7 @@ def make(deploy: Path, work: Path, threads: int) -> dict:
 
     from promptmux.demo import labelled_calibration
     from promptmux.runtime.openvino_int8 import calibration_feeds
+    from promptmux.runtime.precision import fp32_layers
     from promptmux.runtime.quantize import _save_beside, quantize_matmuls, weight_matmuls
 
     rt = _runtime(str(deploy), threads)
@@ -91,9 +98,26 @@ def make(deploy: Path, work: Path, threads: int) -> dict:
     names = weight_matmuls(onnx.load(str(deploy / GRAPH), load_external_data=False).graph)
     seconds = {}
 
-    t = time.perf_counter()
-    quantize_matmuls(deploy / GRAPH, work / "dynamic.onnx", names)
-    seconds["dynamic"] = time.perf_counter() - t
+    if "dynamic" in variants:
+        t = time.perf_counter()
+        quantize_matmuls(deploy / GRAPH, work / "dynamic.onnx", names)
+        seconds["dynamic"] = time.perf_counter() - t
+    if "deployed" in variants:
+        int8 = deploy / GRAPH.replace(".onnx", ".int8.onnx")
+        assert int8.is_file(), f"{int8} is missing: open the deployment with precision int8 or fast first"
+        _save_beside(onnx.load(str(int8)), work / "deployed.onnx")
+    if "dynamic-u8" in variants:
+        t = time.perf_counter()
+        quantize_matmuls(deploy / GRAPH, work / "dynamic-u8.onnx", names, weights="uint8")
+        seconds["dynamic-u8"] = time.perf_counter() - t
+    if "dynamic-u8-fp32-layers" in variants:
+        kept = fp32_layers(json.loads((deploy / "manifest.json").read_text()))
+        assert kept, "the deployment keeps no layer fp32 (manifest precision entry): nothing to give uint8 weights"
+        t = time.perf_counter()
+        staged = work / "staged-s8.onnx"
+        quantize_matmuls(deploy / GRAPH, staged, [n for i, n in enumerate(names) if i not in kept])
+        quantize_matmuls(staged, work / "dynamic-u8-fp32-layers.onnx", [names[i] for i in kept], weights="uint8")
+        seconds["dynamic-u8-fp32-layers"] = time.perf_counter() - t
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -102,6 +126,9 @@ def make(deploy: Path, work: Path, threads: int) -> dict:
         def get_next(self):
             return next(self.items, None)
 
+    if "ort-static" not in variants and "nncf-static" not in variants:
+        return {"calibration_batches": len(feeds), "calibration_rows": len(rows),
+                "make_seconds": {k: round(v, 1) for k, v in seconds.items()}}
     t = time.perf_counter()
     staged = work / "staged.onnx"
     quantize_static(str(deploy / GRAPH), str(staged), Reader(), quant_format=QuantFormat.QDQ,
@@ -194,6 +221,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("deploy", type=Path, nargs="?")
     p.add_argument("--caps", default="none,avx2")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"of {', '.join(VARIANTS)} (fp32, the reference, always runs)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, help="where the int8 graphs go (default: a temporary folder)")
@@ -214,17 +243,21 @@ def main(argv=None) -> int:
     started, load_start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), load_average()
     work = args.work or Path(tempfile.mkdtemp(prefix="ort-int8-recipes-"))
     work.mkdir(parents=True, exist_ok=True)
-    made = make(args.deploy.resolve(), work, args.threads)
+    variants = tuple(dict.fromkeys(["fp32", *args.variants.split(",")]))
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    made = make(args.deploy.resolve(), work, args.threads, variants)
     caps = args.caps.split(",")
     result = {"command": " ".join(["python -m studies.ort_int8_recipes", *(argv or sys.argv[1:])]), "date": started,
               "cpu": cpu.describe(), "threads": args.threads, "load_average_start": load_start, **made, "caps": {}}
     for cap in caps:
-        times = {v: {} for v in VARIANTS}
+        times = {v: {} for v in variants}
         for r in range(args.rounds):
-            for variant in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
+            for variant in (variants if r % 2 == 0 else variants[::-1]):
                 for shape, ms in _spawn(cap, "time", str(args.deploy), str(work), variant).items():
                     times[variant].setdefault(shape, []).append(ms)
-        runs = {v: _spawn(cap, "accuracy", str(args.deploy), str(work), v) for v in VARIANTS}
+        runs = {v: _spawn(cap, "accuracy", str(args.deploy), str(work), v) for v in variants}
         medians = {v: {s: round(statistics.median(ms), 2) for s, ms in t.items()} for v, t in times.items()}
         result["caps"][cap] = {
             "ms": medians,

@@ -20,17 +20,21 @@ from promptmux.runtime import cpu
 child = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
                        capture_output=True, text=True).stdout.strip()
 # ONNX Runtime's MLAS has no capability to ask, but its kernels differ in a result: uint8 x int8 products summed in
-# pairs saturate at 16 bits in the AVX2 kernel (vpmaddubsw), and do not with VNNI or AMX.
-weight = numpy_helper.from_array(np.full((64, 16), 127, np.int8), "b")
-graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "g",
-                          [helper.make_tensor_value_info("a", TensorProto.UINT8, [16, 64])],
-                          [helper.make_tensor_value_info("y", TensorProto.INT32, [16, 16])], [weight])
-session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-                               .SerializeToString(), providers=["CPUExecutionProvider"])
-mlas = int(session.run(None, {"a": np.full((16, 64), 255, np.uint8)})[0].max())
+# pairs saturate at 16 bits in the AVX2 kernel (vpmaddubsw), and do not with VNNI or AMX. uint8 x uint8 products
+# (uint8 weights) are multiplied in 16-bit lanes that cannot saturate (studies/ort_int8_recipes: dynamic-u8).
+def product(value, dtype):
+    weight = numpy_helper.from_array(np.full((64, 16), value, dtype), "b")
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "g",
+                              [helper.make_tensor_value_info("a", TensorProto.UINT8, [16, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [16, 16])], [weight])
+    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                                   .SerializeToString(), providers=["CPUExecutionProvider"])
+    return int(session.run(None, {"a": np.full((16, 64), 255, np.uint8)})[0].max())
+mlas, mlas_u8 = product(127, np.int8), product(255, np.uint8)
 print(json.dumps({"cap": cpu.isa_cap(), "flags": cpu.cpu_flags(), "model": cpu.cpu_model(),
                   "torch": torch.backends.cpu.get_cpu_capability(), "child_torch": child,
-                  "openvino": openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"), "mlas": mlas}))
+                  "openvino": openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"), "mlas": mlas,
+                  "mlas_u8": mlas_u8}))
 """
 
 
@@ -49,6 +53,7 @@ def test_an_avx2_capped_process_and_its_children_see_no_avx512_bf16_or_amx():
     assert seen["torch"] == seen["child_torch"] == "AVX2"  # PyTorch's own cpuid dispatch, here and in a child
     assert "BF16" not in seen["openvino"]  # OpenVINO's: it then refuses bf16, as on a Zen 3
     assert seen["mlas"] == 32 * 32767  # ONNX Runtime's AVX2 int8 kernel: 32 pairs, each saturated (exact: 32 * 64770)
+    assert seen["mlas_u8"] == 64 * 255 * 255  # uint8 weights: exact
 
 
 def test_a_real_segfault_under_the_cap_still_reaches_pythons_handler_and_kills_the_process():
