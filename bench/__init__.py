@@ -7,7 +7,8 @@ The harness (`promptmux bench`, harness.run) in layers, each importing only thos
 - measure.py      timing primitives: RSS sampling, percentiles, warm-up, interleaved rounds, summaries;
 - machine.py      the machine and device a result was measured on, quiet library logging;
 - baseline.py, isolated.py, systems.py   the systems measured (promptmux, PEFT eager), in worker processes;
-- throughput.py, scaling.py, accuracy.py the three parts of a run;
+- throughput.py, scaling.py, accuracy.py the three parts of a run (accuracy_lm.py: a language model's demo,
+                                         its answers generated);
 - plots.py, report.py                    JSON, Markdown, PNG, the results page, the CLI summary;
 - harness.py      one run: the parts the settings ask for, then the report.
 

@@ -30,7 +30,7 @@ from promptmux.demo import ADAPTERS, CALIBRATION_ROWS
 from promptmux.demo.data import DATA, held_out_texts
 from promptmux.runtime.batch import round_robin
 
-from .baseline import PEFT_BASELINES, PeftSystem
+from .baseline import PeftSystem, other_peft_systems
 
 if TYPE_CHECKING:  # the annotations only: the runtime is imported where it runs
     from promptmux.runtime.runtime import Runtime
@@ -153,6 +153,10 @@ def accuracy(s, rt: Runtime) -> dict:
     """The accuracy benchmark on the demo tasks of rt's deployment (settings s: BenchSettings)."""
     import torch
 
+    if not rt.spec.family.classifies:  # a language model: its answers are generated text (accuracy_lm.py)
+        from .accuracy_lm import lm_accuracy
+
+        return lm_accuracy(s, rt)
     tasks = demo_tasks(rt)
     if not tasks:
         raise ValueError("the accuracy benchmark knows the held-out data of the demo tasks only (sentiment, topic "
@@ -160,10 +164,7 @@ def accuracy(s, rt: Runtime) -> dict:
     examples = [e for t in tasks for e in held_out(t, rt.tokenizer, s.accuracy_limit)]
     device = "cpu" if rt.backend not in ("onnxruntime-cuda", "tensorrt") else "cuda"
     peft = PeftSystem(rt, tasks, s.base, s.adapters, device=device)
-    # --baseline peft-bf16 / peft-int8: their held-out answers too (a user's own PyTorch bf16 or int8, read as a
-    # contract reads a precision)
-    others = {name: PeftSystem(rt, tasks, s.base, s.adapters, device=device, precision=PEFT_BASELINES[name][0])
-              for name in s.baselines if PEFT_BASELINES[name][0] != "fp32"}
+    others = other_peft_systems(rt, tasks, s.baselines, s.base, s.adapters, device)
     torch.set_num_threads(s.threads)
     result = compare_predictions(rt, peft, examples, others=others)
     recorded = {m["task"]: m["held_out_accuracy"] for m in json.loads((ADAPTERS / "metrics.json").read_text())["tasks"]}

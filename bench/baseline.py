@@ -214,6 +214,38 @@ class PeftSystem:
         return [logits[i, skip:][mask[i].astype(bool)] for i in range(ids.shape[0])]
 
 
+    def answers(self, rt: Runtime, prompts: list[str], task: str, new_tokens: int, eos: list[int]) -> list[dict]:
+        """Greedy answers to one task's prompts as a server returns them: each row's new tokens up to and including
+        its first end-of-sequence token (eos; none: all new_tokens), and their text. The prompts are tokenized and
+        padded as rt pads a batch of prompts."""
+        torch = self.torch
+        enc = rt.tokenizer(prompts, padding=True, padding_side=rt.spec.family.prompt_padding, return_tensors="np")
+        model, kwargs = self.model_for(task)
+        if "task_ids" in kwargs:
+            kwargs["task_ids"] = kwargs["task_ids"].expand(len(prompts))
+        autocast = torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        with torch.inference_mode(), autocast:
+            out = model.generate(input_ids=torch.from_numpy(enc["input_ids"]).to(self.device),
+                                 attention_mask=torch.from_numpy(enc["attention_mask"]).to(self.device),
+                                 max_new_tokens=new_tokens, do_sample=False, num_beams=1,
+                                 eos_token_id=eos or None, pad_token_id=self.pad_id, use_cache=True, **kwargs)
+        start = 1 if self.family.encoder_decoder else enc["input_ids"].shape[1]
+        rows = []
+        for new in out[:, start:].cpu().tolist():
+            end = next((i for i, t in enumerate(new) if t in eos), None)
+            new = new if end is None else new[:end + 1]
+            rows.append({"token_ids": new, "text": rt.tokenizer.decode(new, skip_special_tokens=True)})
+        return rows
+
+
+
+def other_peft_systems(rt: Runtime, tasks: list[str], baselines, base=None, adapters=None,
+                       device: str = "cpu") -> dict:
+    """The non-fp32 PEFT baselines among `baselines` (--baseline peft-bf16 / peft-int8), whose held-out answers the
+    accuracy benchmark reads too (a user's own PyTorch bf16 or int8, read as a contract reads a precision)."""
+    return {name: PeftSystem(rt, tasks, base, adapters, device=device, precision=PEFT_BASELINES[name][0])
+            for name in baselines if PEFT_BASELINES[name][0] != "fp32"}
+
 def compare(ours: list, theirs: list, new_tokens: int) -> dict:
     """Row by row: generated tokens identical (generation), or logits' max abs difference and argmax agreement."""
     if new_tokens:

@@ -211,17 +211,25 @@ def markdown(result: dict, plots: dict[str, str]) -> str:
         lines.append("")
     acc = result.get("accuracy")
     if acc:
-        lines += ["## Held-out accuracy (demo tasks)", "",
-                  f"{acc['split']}. The deployment ({_system(acc)}) answers in mixed batches of both tasks, PEFT "
-                  f"eager one adapter per batch, batch size {acc['batch_size']}, the same token ids. Batch changes: "
-                  "the deployment's answers that change when the row runs alone.", "",
+        how = (f"The deployment ({_system(acc)}) and PEFT eager answer each prompt alone, as the server answers "
+               "it; an answer is the text generated greedily up to end-of-sequence (at most "
+               f"{acc.get('new_tokens')} tokens), right when it starts with the label, and differs when its tokens "
+               f"do. Batch changes: the deployment's answers that change in mixed batches of {acc['batch_size']} "
+               "(a padded batch counts a prompt-tuned row's padding among its positions, as PEFT does)"
+               if acc.get("generation") else
+               f"The deployment ({_system(acc)}) answers in mixed batches of both tasks, PEFT eager one adapter per "
+               f"batch, batch size {acc['batch_size']}, the same token ids. Batch changes: the deployment's answers "
+               "that change when the row runs alone")
+        lines += ["## Held-out accuracy (demo tasks)", "", f"{acc['split']}. {how}.", "",
                   "| task | examples | promptmux accuracy | PEFT eager accuracy | recorded at training (PEFT) | "
                   "differing predictions | max abs logit diff | batch changes |", "|---|---|---|---|---|---|---|---|"]
         for t, r in acc["tasks"].items():
+            diff = r.get("max_abs_logit_diff")
             lines.append(f"| {t} | {r['examples']} | {r['accuracy_promptmux']:.4f} | {r['accuracy_peft']:.4f} | "
                          f"{_fmt(r['recorded_accuracy_peft'], 4)} | {r['differing_predictions']} | "
-                         f"{r['max_abs_logit_diff']:.1e} | {_fmt(r.get('batch_changes'))} |")
-        lines += ["", f"Speed on this pass (real text, padded per batch): promptmux {acc['promptmux_examples_per_s']:.1f} "
+                         f"{'—' if diff is None else f'{diff:.1e}'} | {_fmt(r.get('batch_changes'))} |")
+        pass_ = "each prompt alone, up to end-of-sequence" if acc.get("generation") else "real text, padded per batch"
+        lines += ["", f"Speed on this pass ({pass_}): promptmux {acc['promptmux_examples_per_s']:.1f} "
                   f"examples/s, PEFT eager {acc['peft_examples_per_s']:.1f} examples/s ({acc['speedup']:.2f}x).", ""]
         if acc.get("baselines"):
             lines += ["The other PEFT baselines on the same examples, against PEFT eager fp32:", "",

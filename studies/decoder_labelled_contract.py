@@ -23,9 +23,8 @@ from pathlib import Path
 
 
 class PeftAnswers:
-    """PEFT (one of bench/baseline's PEFT systems) behind Runtime.generate's signature, as served: greedy, each row
-    ending at the model's end-of-sequence (kept, as the runtime keeps it), its text decoded by the deployment's
-    tokenizer; the prompts tokenized and padded as the runtime pads them."""
+    """PEFT (one of bench/baseline's PEFT systems) behind Runtime.generate's signature, answering as served
+    (PeftSystem.answers: greedy, each row ending at the model's end-of-sequence)."""
 
     def __init__(self, exact, precision: str, threads: int):
         import torch
@@ -40,23 +39,8 @@ class PeftAnswers:
         self.graph_runs: dict[str, int] = {}  # what ran: the PEFT system's name, once per batch
 
     def generate(self, prompts: list[str], task: str, max_new_tokens: int) -> list[dict]:
-        torch, system = self.system.torch, self.system
-        enc = self.exact.tokenizer(prompts, padding=True, padding_side=self.exact.spec.family.prompt_padding,
-                                   return_tensors="np")
-        model, kwargs = system.model_for(task)
-        with torch.inference_mode():
-            out = model.generate(input_ids=torch.from_numpy(enc["input_ids"]),
-                                 attention_mask=torch.from_numpy(enc["attention_mask"]), do_sample=False,
-                                 num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=self.eos or None,
-                                 pad_token_id=system.pad_id, use_cache=True, **kwargs)
-        self.graph_runs[system.name] = self.graph_runs.get(system.name, 0) + 1
-        rows = []
-        for new in out[:, enc["input_ids"].shape[1]:].tolist():
-            ends = [i for i, t in enumerate(new) if t in self.eos]
-            new = new[:ends[0] + 1] if ends else new
-            rows.append({"task": task, "token_ids": new,
-                         "text": self.exact.tokenizer.decode(new, skip_special_tokens=True)})
-        return rows
+        self.graph_runs[self.system.name] = self.graph_runs.get(self.system.name, 0) + 1
+        return [{"task": task, **r} for r in self.system.answers(self.exact, prompts, task, max_new_tokens, self.eos)]
 
 
 def main(argv: list[str] | None = None) -> dict:

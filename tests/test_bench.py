@@ -293,6 +293,38 @@ def test_the_recorded_command_keeps_the_baselines_an_accuracy_pass_reads():
     assert "--skip-throughput --baseline peft-int8" in s.command()
 
 
+def test_a_language_models_accuracy_reads_generated_answers_against_pefts(text_deployments):
+    """A causal LM's held-out answers (accuracy_lm): text generated up to end-of-sequence, right when it starts
+    with the label; the deployment's kept when its tokens are PEFT fp32's."""
+    from promptmux import Runtime
+    from promptmux.bench.accuracy_lm import compare_answers
+    from promptmux.bench.baseline import PeftSystem
+    from promptmux.runtime.generate import SamplingParams
+
+    rt = Runtime(text_deployments["gpt2"].deploy)
+    peft = PeftSystem(rt, ["pt", "prefix"])
+    eos = [int(x) for x in rt.generator.eos_for(SamplingParams())]
+    # prompts of one length, so that a batch pads none: PEFT counts a prompt-tuned row's padding among its
+    # positions (the labels below come from a batch of them)
+    candidates = ["".join(chr(97 + (i * k) % 26) for k in range(1, 9)) for i in range(1, 24)]
+    lengths = [len(ids) for ids in rt.tokenizer(candidates)["input_ids"]]
+    prompts = [c for c, n in zip(candidates, lengths) if n == max(set(lengths), key=lengths.count)]
+    said = [r["text"].strip() for r in peft.answers(rt, prompts, "pt", 16, eos)]
+    prompts = [p for p, t in zip(prompts, said) if t][:4]  # rows that say something to read (some end at once)
+    said = [t for t in said if t][:4]
+    assert len(prompts) == 4, said
+    # pt: each prompt labelled with what PEFT says (right); prefix: a label no row says (wrong)
+    examples = [("pt", p, t) for p, t in zip(prompts, said)] + [("prefix", p, "zzzz") for p in prompts]
+    result = compare_answers(rt, peft, examples, batch_size=3, others={"peft-again": PeftSystem(rt, ["pt", "prefix"])})
+    assert result["generation"] and result["new_tokens"] == 16
+    pt, prefix = result["tasks"]["pt"], result["tasks"]["prefix"]
+    assert pt["accuracy_peft"] == pt["accuracy_promptmux"] == 1.0 and prefix["accuracy_peft"] == 0.0
+    for v in (pt, prefix):  # exact, each prompt alone: PEFT's tokens (prompts of one length: no batch changes)
+        assert v["examples"] == 4 and v["differing_predictions"] == 0 and v["batch_changes"] == 0
+    again = result["baselines"]["peft-again"]["tasks"]
+    assert again["pt"]["kept"] == again["prefix"]["kept"] == 1.0 and again["pt"]["accuracy"] == 1.0
+
+
 @pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
 def test_peft_int8_baseline_is_refused_where_pytorchs_int8_does_not_apply(deployment):
     from promptmux import Runtime
