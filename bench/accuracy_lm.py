@@ -34,8 +34,12 @@ def lm_demo_tasks(rt: Runtime) -> list[str]:
     """The deployment's tasks that are the shipped SmolLM2 demo adapters (by name and recorded source)."""
     from promptmux.demo.smollm2 import ADAPTERS, TASKS
 
-    return [name for name in rt.tasks if name in TASKS and rt.bank.view(name).source
-            and Path(rt.bank.view(name).source).resolve() == (ADAPTERS / name).resolve()]
+    found = []
+    for name in rt.tasks:
+        source = rt.bank.view(name).source if name in TASKS else None
+        if source and Path(source).resolve() == (ADAPTERS / name).resolve():
+            found.append(name)
+    return found
 
 
 def held_out_prompts(tasks: list[str], limit: int | None = None) -> list[Example]:

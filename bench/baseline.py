@@ -213,7 +213,6 @@ class PeftSystem:
         skip = self.skip[task]
         return [logits[i, skip:][mask[i].astype(bool)] for i in range(ids.shape[0])]
 
-
     def answers(self, rt: Runtime, prompts: list[str], task: str, new_tokens: int, eos: list[int]) -> list[dict]:
         """Greedy answers to one task's prompts as a server returns them: each row's new tokens up to and including
         its first end-of-sequence token (eos; none: all new_tokens), and their text. The prompts are tokenized and
@@ -238,13 +237,13 @@ class PeftSystem:
         return rows
 
 
-
 def other_peft_systems(rt: Runtime, tasks: list[str], baselines, base=None, adapters=None,
                        device: str = "cpu") -> dict:
     """The non-fp32 PEFT baselines among `baselines` (--baseline peft-bf16 / peft-int8), whose held-out answers the
     accuracy benchmark reads too (a user's own PyTorch bf16 or int8, read as a contract reads a precision)."""
     return {name: PeftSystem(rt, tasks, base, adapters, device=device, precision=PEFT_BASELINES[name][0])
             for name in baselines if PEFT_BASELINES[name][0] != "fp32"}
+
 
 def compare(ours: list, theirs: list, new_tokens: int) -> dict:
     """Row by row: generated tokens identical (generation), or logits' max abs difference and argmax agreement."""

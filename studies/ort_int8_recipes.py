@@ -13,12 +13,13 @@
   cannot saturate, where its AVX2 uint8 x int8 kernel saturates pairs of products at 16 bits;
 - dynamic-u8-fp32-layers: dynamic, with the layers the deployment keeps fp32 given uint8 weights instead.
 Both static variants are calibrated on the demo's labelled calibration rows (the contract's). Measured on each cap
-(bench/isa_cap.py; "none": this CPU as it is), each variant in its own process: the forward at B x 64 tokens
-(median, variants alternating round by round) and, on the held-out rows after the calibration rows, fp32's
-predictions kept, accuracy, and how many answers change when a row runs alone instead of in its mixed batch of 32.
-The runs assert which graph ran (graph_runs).
+(bench/isa_cap.py; "none": this CPU as it is), each variant in its own process: the forward at 1, 8 and 32 x 64
+and 8 x 256 tokens (median, variants alternating round by round) and, on the held-out rows after the calibration
+rows, fp32's predictions kept, accuracy, and how many answers change when a row runs alone instead of in its mixed
+batch of 32. The runs assert which graph ran (graph_runs).
 
-    python -m studies.ort_int8_recipes DEMO_DEPLOY [--caps none,avx2] [--rounds 3] [--threads 2] [--out FILE.json]
+    python -m studies.ort_int8_recipes DEMO_DEPLOY [--caps none,avx2] [--variants fp32,dynamic,...] [--rounds 3]
+        [--threads 2] [--out FILE.json]
 """
 
 from __future__ import annotations
