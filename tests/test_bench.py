@@ -325,6 +325,14 @@ def test_a_language_models_accuracy_reads_generated_answers_against_pefts(text_d
     assert again["pt"]["kept"] == again["prefix"]["kept"] == 1.0 and again["pt"]["accuracy"] == 1.0
 
 
+def test_a_language_models_accuracy_is_refused_without_the_smollm2_demo_saying_what_to_run(text_deployments):
+    from promptmux import Runtime
+    from promptmux.bench.accuracy import accuracy
+
+    with pytest.raises(ValueError, match="promptmux demo --model smollm2"):
+        accuracy(None, Runtime(text_deployments["gpt2"].deploy))  # its tasks are not the demo's adapters
+
+
 @pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
 def test_peft_int8_baseline_is_refused_where_pytorchs_int8_does_not_apply(deployment):
     from promptmux import Runtime
