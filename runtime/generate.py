@@ -222,10 +222,10 @@ class Generator(RuntimeBound):
         return out[0], list(out[1:])
 
     def stream(self, ids: np.ndarray, mask: np.ndarray, views: list[Task], params: SamplingParams,
-               precompute: bool = True) -> Iterator[np.ndarray]:
-        """Yield the next token of every row ([B] int64) once per decoding step."""
+               precompute: bool = True, own_positions: bool = False) -> Iterator[np.ndarray]:
+        """Yield the next token of every row ([B] int64) once per decoding step (own_positions: prefill's)."""
         batch = ids.shape[0]
-        logits, presents, cache_mask, next_pos = self.prefill(ids, mask, views, precompute)
+        logits, presents, cache_mask, next_pos = self.prefill(ids, mask, views, precompute, own_positions)
         rng = np.random.default_rng(params.seed)
         eos = self.eos_for(params)
         done = np.zeros(batch, bool)

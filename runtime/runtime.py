@@ -344,7 +344,8 @@ class Runtime:
 
     def generate_stream(self, inputs, tasks, max_new_tokens: int = 32, *, do_sample: bool = False,
                         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                        stop: Sequence[str] = (), eos_token_id=None, precompute: bool = True):
+                        stop: Sequence[str] = (), eos_token_id=None, precompute: bool = True,
+                        own_positions: bool = False):
         """Yield {"row", "token_id", "text"} as tokens come (text: the newly decoded piece, text inputs only),
         then one {"row", "finish_reason"} per row when it finishes ("eos", "stop" or "length")."""
         from .generate import SamplingParams
@@ -363,9 +364,9 @@ class Runtime:
             refused = too_long(int(ids.shape[1]), v.num_virtual_tokens, v.name, self.max_positions, new_tokens)
             if refused:
                 raise InputError(f"row {i}: {refused}; shorten the prompt")
-        yield from self._stream_rows(ids, mask, views, params, precompute, is_text)
+        yield from self._stream_rows(ids, mask, views, params, precompute, is_text, own_positions)
 
-    def _stream_rows(self, ids, mask, views, params, precompute, is_text):
+    def _stream_rows(self, ids, mask, views, params, precompute, is_text, own_positions=False):
         """The generator's tokens as per-row events; text through generate.TextStream (the one streaming rule the
         server's scheduler uses too)."""
         from .generate import TextStream
@@ -374,7 +375,7 @@ class Runtime:
         batch = ids.shape[0]
         texts = [TextStream(self.tokenizer, params.stop) for _ in range(batch)] if is_text else None
         finished = [None] * batch
-        for step_tokens in self.generator.stream(ids, mask, views, params, precompute):
+        for step_tokens in self.generator.stream(ids, mask, views, params, precompute, own_positions):
             for row, token in enumerate(step_tokens.tolist()):
                 if finished[row]:
                     continue
@@ -405,7 +406,10 @@ class Runtime:
         """Generate for a batch where row i uses task tasks[i]. Text in, text out (through the deployment's
         tokenizer), or token ids in and out. Returns one {"task", "token_ids", "finish_reason"[, "text"]}
         per row. Keyword arguments: do_sample, temperature, top_k, top_p, seed, stop, eos_token_id,
-        precompute (use each task's precomputed prompt key/values; default True)."""
+        precompute (use each task's precomputed prompt key/values; default True), own_positions (default False: a
+        padded batch follows PEFT's generate, which counts a prompt-tuned row's padding among its positions, so
+        a row's tokens depend on the lengths it is batched with; True: every row gets the positions it has alone,
+        as the server's continuous batching gives them; a seq2seq row's never count its padding)."""
         rows: dict[int, dict] = {}
         for event in self.generate_stream(inputs, tasks, max_new_tokens, **kwargs):
             name = task_name(tasks if isinstance(tasks, str) else tasks[event["row"]])

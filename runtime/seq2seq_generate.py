@@ -58,9 +58,10 @@ class Seq2SeqGenerator(RuntimeBound):
         return eos_ids(params, self.rt.config)
 
     def stream(self, ids: np.ndarray, mask: np.ndarray, views: list[Task], params: SamplingParams,
-               precompute: bool = True) -> Iterator[np.ndarray]:
+               precompute: bool = True, own_positions: bool = False) -> Iterator[np.ndarray]:
         """Yield the next token of every row ([B] int64) once per decoding step. `precompute` has nothing to
-        cache here: prompts sit in the (bidirectional) encoder and prefixes already are keys/values."""
+        cache here: prompts sit in the (bidirectional) encoder and prefixes already are keys/values; nor has
+        `own_positions`: the encoder's positions never count a row's padding."""
         rt = self.rt
         batch = ids.shape[0]
         lay = encoder_layout(rt.spec, rt.config.pad_token_id, ids, mask, views, rt.dims)

@@ -54,6 +54,23 @@ def test_rows_joining_and_leaving_each_step_get_their_alone_tokens(deployment):
 
 
 @pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
+def test_generate_with_own_positions_gives_every_padded_row_its_alone_tokens(deployment):
+    """Runtime.generate(own_positions=True): a padded batch answers as the server does, every row as alone; by
+    default it follows PEFT's generate, where a prompt-tuned row's padding shifts its (absolute) positions."""
+    rt = deployment.runtime()
+    names = deployment.task_names()
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(3, 120, size=n).tolist() for n in (2, 7, 3, 5, 4, 6)]
+    tasks = ["pt"] * 3 + [names[k % len(names)] for k in range(3)]
+    params = SamplingParams(max_new_tokens=6, eos_token_id=[])
+    alone = [_alone(rt, ids, task, params)[0] for ids, task in zip(prompts, tasks)]
+    own = rt.generate(prompts, tasks, max_new_tokens=6, eos_token_id=[], own_positions=True)
+    assert [r["token_ids"] for r in own] == alone
+    peft_rule = rt.generate(prompts, tasks, max_new_tokens=6, eos_token_id=[])
+    assert any(r["token_ids"] != a for r, a in zip(peft_rule[:3], alone))  # the option changes padded pt rows
+
+
+@pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
 def test_eos_sampling_and_early_finish_are_per_row(deployment):
     rt = deployment.runtime()
     rng = np.random.default_rng(5)
