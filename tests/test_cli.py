@@ -304,6 +304,17 @@ def test_generate_prints_the_runtimes_tokens_per_prompt(causal):
         (w["task"], p, w["token_ids"], w["text"]) for w, p in zip(want, prompts)]
 
 
+def test_generate_with_own_positions_prints_each_prompts_alone_tokens(causal):
+    from promptmux import Runtime
+
+    prompts = ["w3 w7 w9 w4 w2", "w5"]
+    proc = promptmux("generate", causal["deploy"], "--task", "pt", "--prompt", prompts[0], "--prompt", prompts[1],
+                     "--max-new-tokens", 6, "--own-positions")
+    rt = Runtime(causal["deploy"])
+    alone = [rt.generate(p, "pt", max_new_tokens=6)[0]["token_ids"] for p in prompts]
+    assert [r["token_ids"] for r in json.loads(proc.stdout)] == alone
+
+
 def test_generate_measures_a_language_models_labelled_contract_from_a_calibration_file(causal, tmp_path):
     """--calibration rows.jsonl with answers: the labelled rule, the rows kept in the deployment, measured once."""
     from promptmux import Runtime

@@ -100,7 +100,7 @@ def cmd_generate(args) -> int:
     rt = open_runtime(args, base=args.base, threads=args.threads)
     kwargs = dict(do_sample=args.temperature is not None or args.top_k > 0 or args.top_p < 1.0,
                   temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                  stop=args.stop or (), precompute=not args.no_precompute)
+                  stop=args.stop or (), precompute=not args.no_precompute, own_positions=args.own_positions)
     if args.stream:
         single = len(args.prompt) == 1
         for event in rt.generate_stream(args.prompt, tasks, args.max_new_tokens, **kwargs):

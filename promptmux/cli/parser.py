@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop a row when its text contains this string; repeatable")
     g.add_argument("--no-precompute", action="store_true",
                    help="run the virtual tokens in every prefill instead of the cached prompt key/values")
+    g.add_argument("--own-positions", action="store_true",
+                   help="several prompts: each answered as alone, as the server answers it (default: one padded "
+                        "batch as PEFT's generate, where a prompt-tuned row's padding counts among its positions)")
     g.add_argument("--threads", type=int, help="CPU threads for the runtime (default: $PROMPTMUX_THREADS, else "
                                                     "one per core)")
     _add_runtime_options(g)
