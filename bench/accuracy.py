@@ -150,29 +150,35 @@ def compare_predictions(rt: Runtime, peft, examples: list[tuple[str, list[int], 
 
 
 def accuracy(s, rt: Runtime) -> dict:
-    """The accuracy benchmark on the demo tasks of rt's deployment (settings s: BenchSettings)."""
+    """The accuracy benchmark on the demo tasks of rt's deployment (settings s: BenchSettings): the classifier
+    demo's, or the SmolLM2 demo's, whose answers are generated text (accuracy_lm.py)."""
     import torch
 
-    if not rt.spec.family.classifies:  # a language model: its answers are generated text (accuracy_lm.py)
-        from .accuracy_lm import lm_accuracy
+    if rt.spec.family.classifies:
+        tasks = demo_tasks(rt)
+        if not tasks:
+            raise ValueError("the accuracy benchmark knows the held-out data of the demo tasks only (sentiment, topic "
+                             "exported from promptmux/demo/adapters): benchmark the deployment `promptmux demo` "
+                             "writes")
+        examples = [e for t in tasks for e in held_out(t, rt.tokenizer, s.accuracy_limit)]
+        compare, metrics = compare_predictions, ADAPTERS / "metrics.json"
+        split = ("scripts/train_demo_adapters.py split (seed 1234), held_out_examples from "
+                 f"promptmux/demo/adapters/metrics.json after the {CALIBRATION_ROWS} per task the demo's "
+                 "precision contract calibrates on" + (f", the next {s.accuracy_limit} per task"
+                                                       if s.accuracy_limit else ""))
+    else:
+        from .accuracy_lm import compare_answers, lm_plan
 
-        return lm_accuracy(s, rt)
-    tasks = demo_tasks(rt)
-    if not tasks:
-        raise ValueError("the accuracy benchmark knows the held-out data of the demo tasks only (sentiment, topic "
-                         "exported from promptmux/demo/adapters): benchmark the deployment `promptmux demo` writes")
-    examples = [e for t in tasks for e in held_out(t, rt.tokenizer, s.accuracy_limit)]
+        tasks, examples, metrics, split = lm_plan(rt, s.accuracy_limit)
+        compare = compare_answers
     device = "cpu" if rt.backend not in ("onnxruntime-cuda", "tensorrt") else "cuda"
     peft = PeftSystem(rt, tasks, s.base, s.adapters, device=device)
     others = other_peft_systems(rt, tasks, s.baselines, s.base, s.adapters, device)
     torch.set_num_threads(s.threads)
-    result = compare_predictions(rt, peft, examples, others=others)
-    recorded = {m["task"]: m["held_out_accuracy"] for m in json.loads((ADAPTERS / "metrics.json").read_text())["tasks"]}
+    result = compare(rt, peft, examples, others=others)
+    recorded = {m["task"]: m["held_out_accuracy"] for m in json.loads(metrics.read_text())["tasks"]}
     for t, v in result["tasks"].items():
-        v["recorded_accuracy_peft"] = recorded.get(t)
+        v["recorded_accuracy_peft"] = recorded.get(t)  # at training, on every held-out example
     result["backend"], result["precision"] = rt.backend, rt.precision  # with --backend auto/fast: what fast chose
-    result["split"] = ("scripts/train_demo_adapters.py split (seed 1234), held_out_examples from "
-                       f"promptmux/demo/adapters/metrics.json after the {CALIBRATION_ROWS} per task the demo's "
-                       "precision contract calibrates on" + (f", the next {s.accuracy_limit} per task"
-                                                             if s.accuracy_limit else ""))
+    result["split"] = split
     return result

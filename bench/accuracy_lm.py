@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from promptmux.runtime.batch import round_robin
+from promptmux.runtime.precision import CALIBRATION_NEW_TOKENS
 
 if TYPE_CHECKING:  # the annotations only: the runtime is imported where it runs
     from promptmux.runtime.runtime import Runtime
@@ -51,22 +52,14 @@ def held_out_prompts(tasks: list[str], limit: int | None = None) -> list[Example
             for text, label in [(t, y) for k, t, y in rows if k == task][CALIBRATION_PER_TASK:][:limit]]
 
 
-def _new_tokens() -> int:
-    from promptmux.runtime.precision import CALIBRATION_NEW_TOKENS
-
-    return CALIBRATION_NEW_TOKENS
-
-
-def deployment_answers(rt: Runtime, examples: list[Example], batch_size: int) -> tuple[list, list, float]:
+def deployment_answers(rt: Runtime, examples: list[Example], by_task: dict[str, list[int]], batch_size: int
+                       ) -> tuple[list, list, float]:
     """The deployment's answers ({"token_ids", "text"}) each prompt alone, the seconds they took, and its answers
-    in mixed batches (the tasks' prompts interleaved round-robin)."""
-    n = _new_tokens()
+    in mixed batches (the tasks' prompts, by_task, interleaved round-robin)."""
+    n = CALIBRATION_NEW_TOKENS
     t = time.perf_counter()
     alone = [rt.generate([prompt], [task], max_new_tokens=n)[0] for task, prompt, _ in examples]
     seconds = time.perf_counter() - t
-    by_task: dict[str, list[int]] = {}
-    for i, (task, _, _) in enumerate(examples):
-        by_task.setdefault(task, []).append(i)
     order = round_robin(list(by_task.values()))
     batched: list = [None] * len(examples)
     for k in range(0, len(order), batch_size):
@@ -79,11 +72,8 @@ def deployment_answers(rt: Runtime, examples: list[Example], batch_size: int) ->
 
 def peft_answers(peft, rt: Runtime, examples: list[Example]) -> tuple[list, float]:
     """A PEFT system's answers, each prompt alone, and the seconds they took."""
-    from promptmux.runtime.generate import SamplingParams
-
-    eos = [int(x) for x in rt.generator.eos_for(SamplingParams())]
     t = time.perf_counter()
-    answers = [peft.answers(rt, [prompt], task, _new_tokens(), eos)[0] for task, prompt, _ in examples]
+    answers = [peft.answers(rt, [prompt], task, CALIBRATION_NEW_TOKENS)[0] for task, prompt, _ in examples]
     return answers, time.perf_counter() - t
 
 
@@ -97,7 +87,7 @@ def compare_answers(rt: Runtime, peft, examples: list[Example], batch_size: int 
     by_task: dict[str, list[int]] = {}
     for i, (task, _, _) in enumerate(examples):
         by_task.setdefault(task, []).append(i)
-    ours, batched, ours_s = deployment_answers(rt, examples, batch_size)
+    ours, batched, ours_s = deployment_answers(rt, examples, by_task, batch_size)
     theirs, theirs_s = peft_answers(peft, rt, examples)
 
     def right(answers: list, idx: list[int]) -> float:
@@ -112,7 +102,7 @@ def compare_answers(rt: Runtime, peft, examples: list[Example], batch_size: int 
                     "accuracy_promptmux_batched": right(batched, idx)}
              for task, idx in by_task.items()}
     n = len(examples)
-    result = {"generation": True, "new_tokens": _new_tokens(), "tasks": tasks, "batch_size": batch_size,
+    result = {"generation": True, "new_tokens": CALIBRATION_NEW_TOKENS, "tasks": tasks, "batch_size": batch_size,
               "answered": "each prompt alone (batch_size: the mixed batches of batch_changes)",
               "promptmux_examples_per_s": round(n / ours_s, 2), "peft_examples_per_s": round(n / theirs_s, 2),
               "speedup": round(theirs_s / ours_s, 3)}
@@ -129,33 +119,17 @@ def compare_answers(rt: Runtime, peft, examples: list[Example], batch_size: int 
     return result
 
 
-def lm_accuracy(s, rt: Runtime) -> dict:
-    """The accuracy benchmark on the SmolLM2 demo tasks of rt's deployment (settings s: BenchSettings)."""
-    import json
-
-    import torch
-
+def lm_plan(rt: Runtime, limit: int | None) -> tuple[list[str], list[Example], Path, str]:
+    """What accuracy.accuracy reads for a language model: the SmolLM2 demo's tasks in rt's deployment, their
+    held-out prompts, the adapters' training metrics and the split's description."""
     from promptmux.demo.smollm2 import ADAPTERS, CALIBRATION_PER_TASK
-
-    from .baseline import PeftSystem, other_peft_systems
 
     tasks = lm_demo_tasks(rt)
     if not tasks:
         raise ValueError("the accuracy benchmark knows the held-out data of the demo tasks only; for a language "
                          "model, the SmolLM2 demo's (sentiment, topic exported from promptmux/demo/smollm2_adapters): "
                          "benchmark the deployment `promptmux demo --model smollm2` writes")
-    examples = held_out_prompts(tasks, s.accuracy_limit)
-    device = "cpu" if rt.backend not in ("onnxruntime-cuda", "tensorrt") else "cuda"
-    peft = PeftSystem(rt, tasks, s.base, s.adapters, device=device)
-    others = other_peft_systems(rt, tasks, s.baselines, s.base, s.adapters, device)
-    torch.set_num_threads(s.threads)
-    result = compare_answers(rt, peft, examples, others=others)
-    recorded = {m["task"]: m["held_out_accuracy"] for m in json.loads((ADAPTERS / "metrics.json").read_text())["tasks"]}
-    for t, v in result["tasks"].items():
-        v["recorded_accuracy_peft"] = recorded.get(t)  # at training: on all its held-out prompts, the contract's too
-    result["backend"], result["precision"] = rt.backend, rt.precision
-    result["split"] = ("scripts/train_smollm2_adapters.py split, held_out_examples from "
-                       f"promptmux/demo/smollm2_adapters/metrics.json after the {CALIBRATION_PER_TASK} per task the "
-                       "demo's precision contract measures" + (f", the next {s.accuracy_limit} per task"
-                                                               if s.accuracy_limit else ""))
-    return result
+    split = ("scripts/train_smollm2_adapters.py split, held_out_examples from "
+             f"promptmux/demo/smollm2_adapters/metrics.json after the {CALIBRATION_PER_TASK} per task the demo's "
+             "precision contract measures" + (f", the next {limit} per task" if limit else ""))
+    return tasks, held_out_prompts(tasks, limit), ADAPTERS / "metrics.json", split

@@ -213,11 +213,14 @@ class PeftSystem:
         skip = self.skip[task]
         return [logits[i, skip:][mask[i].astype(bool)] for i in range(ids.shape[0])]
 
-    def answers(self, rt: Runtime, prompts: list[str], task: str, new_tokens: int, eos: list[int]) -> list[dict]:
+    def answers(self, rt: Runtime, prompts: list[str], task: str, new_tokens: int) -> list[dict]:
         """Greedy answers to one task's prompts as a server returns them: each row's new tokens up to and including
-        its first end-of-sequence token (eos; none: all new_tokens), and their text. The prompts are tokenized and
-        padded as rt pads a batch of prompts."""
+        its first end-of-sequence token (the model's, as rt generates by default; none: all new_tokens), and their
+        text. The prompts are tokenized and padded as rt pads a batch of prompts."""
+        from promptmux.runtime.generate import SamplingParams
+
         torch = self.torch
+        eos = [int(x) for x in rt.generator.eos_for(SamplingParams())]
         enc = rt.tokenizer(prompts, padding=True, padding_side=rt.spec.family.prompt_padding, return_tensors="np")
         model, kwargs = self.model_for(task)
         if "task_ids" in kwargs:

@@ -30,17 +30,15 @@ class PeftAnswers:
         import torch
 
         from promptmux.bench.baseline import PeftSystem
-        from promptmux.runtime.generate import SamplingParams
 
         torch.set_num_threads(threads)
         self.exact = exact
         self.system = PeftSystem(exact, exact.bank.names(), precision=precision)
-        self.eos = [int(x) for x in exact.generator.eos_for(SamplingParams())]
         self.graph_runs: dict[str, int] = {}  # what ran: the PEFT system's name, once per batch
 
     def generate(self, prompts: list[str], task: str, max_new_tokens: int) -> list[dict]:
         self.graph_runs[self.system.name] = self.graph_runs.get(self.system.name, 0) + 1
-        return [{"task": task, **r} for r in self.system.answers(self.exact, prompts, task, max_new_tokens, self.eos)]
+        return [{"task": task, **r} for r in self.system.answers(self.exact, prompts, task, max_new_tokens)]
 
 
 def main(argv: list[str] | None = None) -> dict:

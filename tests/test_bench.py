@@ -299,17 +299,15 @@ def test_a_language_models_accuracy_reads_generated_answers_against_pefts(text_d
     from promptmux import Runtime
     from promptmux.bench.accuracy_lm import compare_answers
     from promptmux.bench.baseline import PeftSystem
-    from promptmux.runtime.generate import SamplingParams
 
     rt = Runtime(text_deployments["gpt2"].deploy)
     peft = PeftSystem(rt, ["pt", "prefix"])
-    eos = [int(x) for x in rt.generator.eos_for(SamplingParams())]
     # prompts of one length, so that a batch pads none: PEFT counts a prompt-tuned row's padding among its
     # positions (the labels below come from a batch of them)
     candidates = ["".join(chr(97 + (i * k) % 26) for k in range(1, 9)) for i in range(1, 24)]
     lengths = [len(ids) for ids in rt.tokenizer(candidates)["input_ids"]]
     prompts = [c for c, n in zip(candidates, lengths) if n == max(set(lengths), key=lengths.count)]
-    said = [r["text"].strip() for r in peft.answers(rt, prompts, "pt", 16, eos)]
+    said = [r["text"].strip() for r in peft.answers(rt, prompts, "pt", 16)]
     prompts = [p for p, t in zip(prompts, said) if t][:4]  # rows that say something to read (some end at once)
     said = [t for t in said if t][:4]
     assert len(prompts) == 4, said
@@ -328,9 +326,11 @@ def test_a_language_models_accuracy_reads_generated_answers_against_pefts(text_d
 def test_a_language_models_accuracy_is_refused_without_the_smollm2_demo_saying_what_to_run(text_deployments):
     from promptmux import Runtime
     from promptmux.bench.accuracy import accuracy
+    from promptmux.bench.settings import BenchSettings
 
+    deploy = text_deployments["gpt2"].deploy
     with pytest.raises(ValueError, match="promptmux demo --model smollm2"):
-        accuracy(None, Runtime(text_deployments["gpt2"].deploy))  # its tasks are not the demo's adapters
+        accuracy(BenchSettings(str(deploy), throughput=False, accuracy=True), Runtime(deploy))  # not the demo's
 
 
 @pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
