@@ -531,13 +531,31 @@ def test_decoder_contract_compares_tokens_up_to_end_of_sequence_as_served():
         def __init__(self, after: int):
             self.after = after
 
-        def generate(self, prompts, task, max_new_tokens, eos_token_id=None):
+        def generate(self, prompts, task, max_new_tokens, eos_token_id=None, own_positions=False):
             ends = eos_token_id is None  # the model's end-of-sequence applies
             row = [1, EOS] if ends else ([1, EOS] + [self.after] * max_new_tokens)[:max_new_tokens]
             return [{"token_ids": list(row)} for _ in prompts]
 
     report = P.measure(Decoder(after=9), Decoder(after=3), texts=["a", "b", "c"], tasks=["t"])
     assert report["t"]["token_agreement"] == 1.0 and report["t"]["identical_rows"] == 1.0
+
+
+@pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
+def test_decoder_contract_compares_each_rows_answer_as_served_alone(deployment):
+    """The server answers every prompt with the positions it has alone; so does the contract, though it batches
+    prompts of different lengths (PEFT's padded-batch rule would shift a prompt-tuned row's positions)."""
+    rt = deployment.runtime()
+
+    class Alone:  # the server's answers: one prompt at a time
+        spec = rt.spec
+
+        def generate(self, prompts, task, max_new_tokens, **kw):
+            return [rt.generate([p], task, max_new_tokens)[0] for p in prompts]
+
+    rng = np.random.default_rng(7)  # token ids (the tiny model has no tokenizer)
+    prompts = [rng.integers(3, 120, size=n).tolist() for n in (2, 7, 3, 5, 4, 6, 9, 1)]
+    report = P.measure(Alone(), rt, texts=prompts, tasks=["pt"])["pt"]
+    assert report["rows"] == len(prompts) and report["identical_rows"] == 1.0
 
 
 def test_decoder_contract_measures_each_task_on_its_own_prompts():
@@ -549,7 +567,7 @@ def test_decoder_contract_measures_each_task_on_its_own_prompts():
         def __init__(self, b_answer: int):
             self.b_answer = b_answer
 
-        def generate(self, prompts, task, max_new_tokens, eos_token_id=None):
+        def generate(self, prompts, task, max_new_tokens, own_positions=False):
             return [{"token_ids": [1 if p.startswith("a") else self.b_answer]} for p in prompts]
 
     rows = [{"task": "ta", "text": "a1"}, {"task": "ta", "text": "a2"}, {"task": "tb", "text": "b1"}]
@@ -573,7 +591,7 @@ def test_a_language_models_labelled_rows_are_held_to_the_labelled_rule():
         def __init__(self, wrong: set):
             self.wrong = wrong
 
-        def generate(self, prompts, task, max_new_tokens, eos_token_id=None):
+        def generate(self, prompts, task, max_new_tokens, own_positions=False):
             return [{"token_ids": [7] if p in self.wrong else [5], "text": " neutral" if p in self.wrong else
                      " positive"} for p in prompts]
 
@@ -595,7 +613,8 @@ def test_a_language_models_labelled_rows_are_held_to_the_labelled_rule():
 
 def test_a_classifiers_contract_of_the_previous_method_stands_a_language_models_is_measured_again():
     for method, classifies, stands in ((P.METHOD, False, True), (P.METHOD, True, True), (3, True, True),
-                                       (3, False, False), (2, True, False), (None, True, False)):
+                                       (4, True, True), (4, False, False), (3, False, False), (2, True, False),
+                                       (None, True, False)):
         assert P.measured_as_now({"method": method}, classifies) == stands, (method, classifies)
 
 
