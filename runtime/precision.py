@@ -318,16 +318,22 @@ def covers(entry: dict, bank) -> bool:
     return bool(digests) and all(t in bank and bank.digest(t) == d for t, d in digests.items())
 
 
-def stored_contract(manifest: dict, backend: str, precision: str, bank, family: Family) -> dict | None:
-    """The manifest's contract for this backend and precision, if it still covers the bank's tasks (covers), was
-    measured on this kind of CPU and the way contracts are measured now (METHOD), and, outside precision fast's
-    deferral, did not skip accuracy control's search (accuracy_control.deferred)."""
-    entry = (manifest.get("precision") or {}).get(record_key(backend, precision))
-    if entry and entry.get("recipe") == recipe(backend, precision, family) and entry.get("cpu") == cpu.describe() \
-            and measured_as_now(entry, family.classifies) and covers(entry, bank) \
-            and (accuracy_control.is_deferred() or not accuracy_control.was_deferred(entry)):
-        return entry
-    return None
+def stale(entry: dict | None, backend: str, precision: str, bank, family: Family) -> str | None:
+    """Why the manifest's contract for this backend and precision (`entry`) must be measured again, None where it
+    holds: it covers the bank's tasks (covers), was measured on this kind of CPU, on graphs of this recipe and the way
+    contracts are measured now (METHOD), and, outside precision fast's deferral, did not skip accuracy control's
+    search (accuracy_control.deferred). Said at open, since measuring can take minutes."""
+    if not entry:
+        return "no contract is recorded"
+    was = "the recorded contract was"
+    checks = ((lambda: entry.get("recipe") == recipe(backend, precision, family), f"{was} made on other graphs"),
+              (lambda: entry.get("cpu") == cpu.describe(), f"{was} measured on another CPU ({entry.get('cpu')})"),
+              (lambda: measured_as_now(entry, family.classifies),
+               f"{was} measured by an earlier promptmux's method ({entry.get('method')}, now {METHOD})"),
+              (lambda: covers(entry, bank), "the tasks changed since the contract was measured"),
+              (lambda: accuracy_control.is_deferred() or not accuracy_control.was_deferred(entry),
+               "accuracy control's search was deferred when the contract was measured"))
+    return next((why for holds, why in checks if not holds()), None)
 
 
 def measured_as_now(entry: dict, classifies: bool) -> bool:
@@ -425,10 +431,9 @@ def _normalise(items) -> list:
 
 
 def contract(rt: Runtime, strict: bool, calibration=None) -> dict:
-    """The runtime's precision contract: the manifest's, or measured now (on `calibration`, else the deployment's
-    calibration.jsonl or calibration.txt, else generated inputs) when it is missing or the bank's tasks changed
-    since. calibration: texts, and/or rows per task {"task", "text"[, "label"]} (a classifier's need labels; a
-    language model's label is the answer's text)."""
+    """The runtime's precision contract: the manifest's, or measured now, saying why (stale(), calibration given or
+    changed), on `calibration`, else the deployment's calibration.jsonl or calibration.txt, else generated inputs.
+    calibration: texts, and/or rows {"task", "text"[, "label"]} (a language model's label: the answer's text)."""
     from promptmux.core.folder import MANIFEST
 
     if calibration is not None:  # measured exactly as the deployment's file will give them back
@@ -440,18 +445,19 @@ def contract(rt: Runtime, strict: bool, calibration=None) -> dict:
         if items is None and (rt.dir / name).is_file():
             items, source, kept = calibration_texts(rt.dir / name), f"the deployment's {name}", rt.dir / name
     rt.calibration_items = items  # what graphs calibrated on data are made from (openvino_int8.py)
-    entry = None if calibration is not None else stored_contract(rt.manifest, rt.backend, rt.precision, rt.bank,
-                                                                    rt.spec.family)
-    if entry and items is not None and entry["calibration"].get("sha256") != items_digest(items):
-        entry = None  # the calibration file changed (or came) since the contract was measured: measure on it
-    if entry is None:
+    entry = (rt.manifest.get("precision") or {}).get(record_key(rt.backend, rt.precision))
+    why = "calibration rows were given" if calibration is not None else \
+        stale(entry, rt.backend, rt.precision, rt.bank, rt.spec.family)
+    if why is None and items is not None and entry["calibration"].get("sha256") != items_digest(items):
+        why = "the calibration rows changed since the contract was measured"  # (or came): measured on them
+    if why is not None:
         try:  # the deployment's own rows may no longer fit it (kept by an earlier promptmux, or edited since)
             check_rows(rt, items if kept is not None else None)
         except ValueError as e:
             raise ValueError(f"{kept}: {e}. Fix or delete that file, or give calibration rows "
                              "(--calibration)") from None
-        log.warning("measuring precision %s on %s against fp32 on %s (once per deployment, task set and kind of CPU)",
-                    rt.precision, rt.backend, source if items is not None else "generated inputs")
+        log.warning("measuring precision %s on %s against fp32 on %s, since %s (once per deployment, task set and "
+                    "kind of CPU)", rt.precision, rt.backend, source if items is not None else "generated inputs", why)
         entry = calibrate(rt, list(items) if items is not None else None,
                           source=source.removeprefix("the deployment's ") if calibration is None else None)
         release_full_sequence(rt)  # serving starts from fresh engines, not the calibration's caches

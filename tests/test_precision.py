@@ -1012,3 +1012,34 @@ def test_a_large_banks_contract_measures_a_sample_of_its_tasks(deployment, tmp_p
     rt.add_task(sample[0], deployment.adapters["prefix"], persist=True, replace=True)  # a measured task replaced
     again = Runtime(deploy, backend="onnxruntime", precision="int8").contract
     assert calls == [1, 1] and again["digests"] != contract["digests"] and again["tasks_measured"] == 2
+
+
+def test_a_contract_measured_again_at_open_says_why():
+    from types import SimpleNamespace
+
+    from promptmux.runtime import cpu
+
+    family = SimpleNamespace(classifies=False, int8_full_sequence=False)
+
+    class Bank:  # one task, "a", unchanged since the contract measured it
+        def __len__(self):
+            return 1
+
+        def __contains__(self, task):
+            return task == "a"
+
+        def names(self):
+            return ["a"]
+
+        def digest(self, task):
+            return "d1"
+
+    holds = {"recipe": P.recipe("onnxruntime", "int8", family), "cpu": cpu.describe(), "method": P.METHOD,
+             "digests": {"a": "d1"}}
+    assert P.stale(holds, "onnxruntime", "int8", Bank(), family) is None
+    for entry, why in ((None, "no contract is recorded"), ({**holds, "recipe": "older"}, "made on other graphs"),
+                       ({**holds, "cpu": "Other CPU"}, "on another CPU (Other CPU)"),
+                       ({**holds, "method": P.METHOD - 1}, f"method ({P.METHOD - 1}, now {P.METHOD})"),
+                       ({**holds, "digests": {"a": "d0"}}, "the tasks changed"),
+                       ({**holds, "accuracy_control": {"deferred": True}}, "search was deferred")):
+        assert why in P.stale(entry, "onnxruntime", "int8", Bank(), family), why
