@@ -31,8 +31,9 @@ from pathlib import Path
 from promptmux.core.folder import deployment_lock, write_manifest
 
 from . import accuracy_control, cpu
+from .contract_record import measured_as_now, record_key
 from .errors import BackendUnavailable
-from .precision import measured_as_now, misses, record_key
+from .precision import misses
 from .timing import CLASSIFIER_SHAPES, GENERATION_SHAPES, time_apart
 
 log = logging.getLogger("promptmux.runtime")

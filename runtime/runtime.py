@@ -38,10 +38,11 @@ from .batch import (
     run_batch,
     task_names,
 )
+from .contract_record import fp32_layers
 from .errors import BackendUnavailable, InputError
 from .fast import resolve as fastest_precision
 from .kv_cache import DEFAULT_KV_CACHE_BYTES
-from .precision import contract, fp32_layers
+from .precision import contract
 from .routing import Routing
 from .routing import resolve as measured_routing
 from .text import load_tokenizer, too_long

@@ -991,8 +991,10 @@ def test_a_large_banks_contract_measures_a_sample_of_its_tasks(deployment, tmp_p
     import hashlib
 
     deploy = copy_deployment(deployment.deploy, tmp_path / "deploy")
-    monkeypatch.setattr(P, "CONTRACT_TASKS", 2)
-    monkeypatch.setattr(P, "SAMPLE_PAGE", 2)  # the sample read page by page
+    from promptmux.runtime import contract_record
+
+    monkeypatch.setattr(contract_record, "CONTRACT_TASKS", 2)
+    monkeypatch.setattr(contract_record, "SAMPLE_PAGE", 2)  # the sample read page by page
     calls = []
     calibrate = P.calibrate
     monkeypatch.setattr(P, "calibrate", lambda *a, **k: calls.append(1) or calibrate(*a, **k))
