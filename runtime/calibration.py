@@ -58,7 +58,9 @@ def calibration_texts(path: str | Path) -> list:
     its index), or a language model's prompts per task (LABEL, optional: the answer's text, gives_answer())."""
     path = Path(path)
     try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        # utf-8-sig: a BOM (Notepad, PowerShell) must not hide the first row's "{"; lines end at "\n" alone, since
+        # splitlines() also breaks at U+2028 and U+0085, which JSON keeps raw inside a row's text
+        lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").split("\n") if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read the calibration file {path}: {e}") from None
     if not lines:

@@ -352,7 +352,8 @@ class Runtime:
         from .generate import SamplingParams
 
         params = SamplingParams(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                                top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stop or ()),
+                                top_k=top_k, top_p=top_p, seed=seed,
+                                stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),  # one string: one stop
                                 eos_token_id=eos_token_id)
         params.check(self.max_positions)
         ids, mask, tasks, is_text = self._generation_inputs(inputs, tasks)

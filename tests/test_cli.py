@@ -315,6 +315,25 @@ def test_generate_with_own_positions_prints_each_prompts_alone_tokens(causal):
     assert [r["token_ids"] for r in json.loads(proc.stdout)] == alone
 
 
+def test_generate_at_temperature_0_is_greedy_as_the_server_reads_it(causal):
+    from promptmux import Runtime
+
+    proc = promptmux("generate", causal["deploy"], "--task", "p", "--prompt", "w3 w7 w9", "--max-new-tokens", 8,
+                     "--temperature", "0", "--top-k", "50", "--seed", "1")
+    greedy = Runtime(causal["deploy"]).generate("w3 w7 w9", "p", max_new_tokens=8)[0]["token_ids"]
+    assert json.loads(proc.stdout)[0]["token_ids"] == greedy
+
+
+def test_a_stop_given_as_one_string_is_one_stop_not_its_characters(causal):
+    from promptmux import Runtime
+
+    rt = Runtime(causal["deploy"])
+    free = rt.generate("w3 w7 w9", "p", max_new_tokens=6, eos_token_id=[])[0]
+    stop = free["text"].lstrip()[0] + "\x01"  # its first character does appear; the whole string never does
+    got = rt.generate("w3 w7 w9", "p", max_new_tokens=6, eos_token_id=[], stop=stop)[0]
+    assert (got["text"], got["finish_reason"]) == (free["text"], "length")
+
+
 def test_generate_measures_a_language_models_labelled_contract_from_a_calibration_file(causal, tmp_path):
     """--calibration rows.jsonl with answers: the labelled rule, the rows kept in the deployment, measured once."""
     from promptmux import Runtime

@@ -228,6 +228,17 @@ def test_labelled_calibration_files_are_read_and_checked(tmp_path):
         P.calibration_texts(path)
 
 
+def test_calibration_files_with_a_bom_or_unicode_line_separators_read_as_written(tmp_path):
+    path = tmp_path / "cal.jsonl"
+    row = {"task": "t", "text": "one\u2028two\u0085three", "label": "yes"}  # JSON keeps these raw
+    path.write_text("\ufeff" + json.dumps(row, ensure_ascii=False) + "\r\n", encoding="utf-8")  # as Notepad saves
+    assert P.calibration_texts(path) == [row]
+    P.keep_texts(tmp_path, [row])  # the deployment's own copy reads back too
+    assert P.calibration_texts(tmp_path / P.LABELLED_FILE) == [row]
+    path.write_text("\ufeffa text\r\nanother\r\n", encoding="utf-8")
+    assert P.calibration_texts(path) == ["a text", "another"]
+
+
 def test_a_classifiers_calibration_rows_without_labels_are_refused_saying_what_to_give():
     from types import SimpleNamespace
 

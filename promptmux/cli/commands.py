@@ -98,7 +98,8 @@ def cmd_generate(args) -> int:
         raise CliError("give at least one --prompt TEXT")
     tasks = tasks_per_row(args.task, len(args.prompt), "--prompt")
     rt = open_runtime(args, base=args.base, threads=args.threads)
-    kwargs = dict(do_sample=args.temperature is not None or args.top_k > 0 or args.top_p < 1.0,
+    greedy = args.temperature == 0  # as the server reads it: temperature 0 is greedy, whatever top-k or top-p say
+    kwargs = dict(do_sample=not greedy and (args.temperature is not None or args.top_k > 0 or args.top_p < 1.0),
                   temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                   stop=args.stop or (), precompute=not args.no_precompute, own_positions=args.own_positions)
     if args.stream:

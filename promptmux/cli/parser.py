@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=32, help="most tokens to generate per prompt (default 32)")
     g.add_argument("--stream", action="store_true",
                    help="print tokens as they come (one prompt: plain text; several: one JSON event per line)")
-    g.add_argument("--temperature", type=float, help="sample with this temperature (default: greedy)")
+    g.add_argument("--temperature", type=float, help="sample with this temperature (default, or 0: greedy)")
     g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens")
     g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set reaching mass p")
     g.add_argument("--seed", type=int, help="sampling seed (same seed, same tokens)")
