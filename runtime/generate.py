@@ -467,7 +467,8 @@ class StreamedRows:
 
 class TextStream:
     """A row's text as its tokens come (what Runtime.generate_stream yields for a text row): the new piece per
-    token, held back while it could be the start of a stop string, cut where the first stop string begins."""
+    token, held back while it could be the start of a stop string or ends in part of a character, cut where the
+    first stop string begins."""
 
     def __init__(self, tokenizer, stop: Sequence[str] = ()):
         self.tok = tokenizer
@@ -481,7 +482,9 @@ class TextStream:
         self.tokens.append(token)
         text = self.tok.decode(self.tokens, skip_special_tokens=True)
         cut = _stop_cut(text, self.stop)
-        end = cut if cut is not None else max(self.shown, len(text) - self.hold)
+        # a character split over tokens (byte-level BPE: accents, emoji) decodes as U+FFFD until its last byte comes
+        whole = len(text.rstrip("\ufffd"))
+        end = cut if cut is not None else max(self.shown, min(len(text) - self.hold, whole))
         piece = text[self.shown:end]
         self.shown = end
         self.stopped = cut is not None

@@ -221,6 +221,21 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(deployment):
     assert [r["token_ids"] for r in greedy] == [r["token_ids"] for r in top1]
 
 
+def test_a_character_split_over_tokens_streams_whole():
+    from promptmux.runtime.generate import TextStream
+
+    class Bytes:  # a byte-level tokenizer: a token per byte
+        def decode(self, tokens, skip_special_tokens=True):
+            return bytes(tokens).decode("utf-8", errors="replace")
+
+    for stop in ((), ("zz",)):
+        stream = TextStream(Bytes(), stop)
+        pieces = [stream.add(b) for b in "é€A".encode()] + [stream.flush()]
+        assert "".join(pieces) == "é€A" and "\ufffd" not in "".join(pieces), (stop, pieces)
+    stream = TextStream(Bytes())  # a byte sequence that never completes stays replaced when the row ends
+    assert stream.add(0xC3) + stream.flush() == "\ufffd"
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     from promptmux.runtime.generate import SamplingParams, pick
 
