@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -85,6 +86,34 @@ def calibration_texts(path: str | Path) -> list:
         # as written: JSON keeps a prompt's line breaks, which a language model reads (texts one per line cannot)
         rows.append({"task": row["task"], "text": row["text"], **({"label": label} if "label" in row else {})})
     return rows
+
+
+def given_items(calibration) -> list | None:
+    """Calibration as given to Runtime(calibration=...), as the deployment's file gives it back: a text
+    whitespace-normalised (calibration.txt holds one per line), a row per task as written (JSON keeps a prompt's line
+    breaks, which a language model reads: the SmolLM2 demo's prompts end in "\\nAnswer:"). A path (str or Path)
+    is read as the CLI's --calibration reads it; a lone string naming no file is refused, not measured character
+    by character."""
+    if calibration is None:
+        return None
+    if isinstance(calibration, (str, os.PathLike)):
+        try:
+            is_file = Path(calibration).is_file()
+        except (OSError, ValueError):  # a text too long, or odd, for a path
+            is_file = False
+        if not is_file:
+            raise ValueError(f"calibration {str(calibration)[:60]!r} is one string and no file: give a list of texts "
+                             "or rows, or the path of a calibration file")
+        calibration = calibration_texts(calibration)
+    out = []
+    for t in calibration:
+        if isinstance(t, dict):
+            out.append({"task": t["task"], "text": str(t["text"]), **({"label": t["label"]} if "label" in t else {})})
+        elif t.strip():
+            out.append(" ".join(t.split()))
+    if not out:
+        raise ValueError("the calibration texts are all empty; give at least one text (one per line)")
+    return out
 
 
 def gives_answer(text: str, label: str) -> bool:

@@ -67,11 +67,11 @@ def covers(entry: dict, bank) -> bool:
     return bool(digests) and all(t in bank and bank.digest(t) == d for t, d in digests.items())
 
 
-def stale(entry: dict | None, backend: str, precision: str, bank, family: Family) -> str | None:
+def stale(entry: dict | None, backend: str, precision: str, bank, family: Family, searched: bool = True) -> str | None:
     """Why the manifest's contract for this backend and precision (`entry`) must be measured again, None where it
     holds: it covers the bank's tasks (covers), was measured on this kind of CPU, on graphs of this recipe and the way
     contracts are measured now (METHOD), and, outside precision fast's deferral, did not skip accuracy control's
-    search (accuracy_control.deferred). Said at open, since measuring can take minutes."""
+    search (accuracy_control.deferred; searched=False: not asked). Said at open, since measuring takes minutes."""
     if not entry:
         return "no contract is recorded"
     was = "the recorded contract was"
@@ -80,7 +80,7 @@ def stale(entry: dict | None, backend: str, precision: str, bank, family: Family
               (lambda: measured_as_now(entry, family.classifies),
                f"{was} measured by an earlier promptmux's method ({entry.get('method')}, now {METHOD})"),
               (lambda: covers(entry, bank), "the tasks changed since the contract was measured"),
-              (lambda: accuracy_control.is_deferred() or not accuracy_control.was_deferred(entry),
+              (lambda: not searched or accuracy_control.is_deferred() or not accuracy_control.was_deferred(entry),
                "accuracy control's search was deferred when the contract was measured"))
     return next((why for holds, why in checks if not holds()), None)
 

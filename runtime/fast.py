@@ -31,7 +31,8 @@ from pathlib import Path
 from promptmux.core.folder import deployment_lock, write_manifest
 
 from . import accuracy_control, cpu
-from .contract_record import measured_as_now, record_key
+from .calibration import items_digest
+from .contract_record import record_key, stale
 from .errors import BackendUnavailable
 from .precision import misses
 from .timing import CLASSIFIER_SHAPES, GENERATION_SHAPES, time_apart
@@ -175,24 +176,33 @@ def choose(deploy_dir: Path, threads: int | None, calibration, Runtime) -> dict:
     return record
 
 
-def resolve(deploy_dir: Path, manifest: dict, threads: int | None, calibration, Runtime,
-            classifies: bool) -> tuple[str, dict]:
+def resolve(deploy_dir: Path, manifest: dict, threads: int | None, calibration, Runtime, bank,
+            family) -> tuple[str, dict]:
     """(precision to run, its record): the manifest's choice for this CPU while it holds, else measured now, each
     candidate opened as Runtime(deploy_dir, precision=...) (the caller's class: runtime.py imports this module).
-    classifies: the deployment's family classifies (its contracts' method: precision.measured_as_now)."""
+    bank, family: the deployment's, which the contracts the choice was made from must still cover (_still_holds);
+    calibration: normalised (calibration.given_items)."""
     record = recorded(manifest, cpu.describe())
-    if record is None or calibration is not None or not _still_holds(manifest, record, classifies):
+    if record is None or not _still_holds(manifest, record, bank, family,
+                                          None if calibration is None else items_digest(calibration)):
         record = choose(Path(deploy_dir), threads, calibration, Runtime)
     return record["precision"], record
 
 
-def _still_holds(manifest: dict, record: dict, classifies: bool) -> bool:
-    """The recorded choice holds while the chosen precision's contract is recorded as passed, measured the way
-    contracts are measured now (a change of tasks measures it again at open, which may then miss: the choice is then
-    made again)."""
+def _still_holds(manifest: dict, record: dict, bank, family, digest: str | None) -> bool:
+    """The recorded choice holds while the contracts it was made from hold (contract_record.stale: the bank's tasks,
+    this CPU, the graphs, the method; a candidate left unsearched still counts) and, where calibration is given
+    (`digest`), were measured on it, and the chosen precision's passed. Else a contract measured again at open could
+    miss while fast still ran its precision (or pass, where fp32 was chosen for its miss): the choice is made again."""
+    entries = manifest.get("precision") or {}
+    for name, figures in record["candidates"].items():
+        precision, backend = CANDIDATES.get(name, (name, figures.get("backend")))  # recorded before: the name
+        entry = entries.get(record_key(backend, precision))
+        if figures.get("runs") and (stale(entry, backend, precision, bank, family, searched=False)
+                                    or digest is not None and entry["calibration"].get("sha256") != digest):
+            return False
     if record["precision"] == "fp32":
         return True
-    chosen = record.get("choice", record["precision"])  # recorded before int8 had two backends: the name
-    entry = (manifest.get("precision") or {}).get(record_key(record["candidates"][chosen]["backend"],
-                                                              record["precision"]))
-    return bool(entry and entry.get("passed") and measured_as_now(entry, classifies))
+    chosen = record.get("choice", record["precision"])
+    entry = entries.get(record_key(record["candidates"][chosen]["backend"], record["precision"]))
+    return bool(entry and entry.get("passed"))

@@ -25,6 +25,7 @@ A precision the machine cannot run is an error that says what is missing; nothin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ from .calibration import (  # noqa: F401 (CALIBRATION_ROWS, calibration_texts: r
     check_rows,
     classifier_batches,
     generated_ids,
+    given_items,
     gives_answer,
     item_lines,
     items_digest,
@@ -317,39 +319,31 @@ def calibrate(fast, items: list | None = None, source: str | None = None) -> dic
     }
 
 
-def _normalise(items) -> list:
-    """Calibration items as the deployment's file gives them back: a text whitespace-normalised (calibration.txt
-    holds one per line), a row per task as written (JSON keeps a prompt's line breaks, which a language model
-    reads: the SmolLM2 demo's prompts end in "\\nAnswer:")."""
-    out = []
-    for t in items:
-        if isinstance(t, dict):
-            out.append({"task": t["task"], "text": str(t["text"]), **({"label": t["label"]} if "label" in t else {})})
-        elif t.strip():
-            out.append(" ".join(t.split()))
-    return out
-
-
 def contract(rt: Runtime, strict: bool, calibration=None) -> dict:
     """The runtime's precision contract: the manifest's, or measured now, saying why (stale(), calibration given or
     changed), on `calibration`, else the deployment's calibration.jsonl or calibration.txt, else generated inputs.
     calibration: texts, and/or rows {"task", "text"[, "label"]} (a language model's label: the answer's text)."""
     from promptmux.core.folder import MANIFEST
 
-    if calibration is not None:  # measured exactly as the deployment's file will give them back
-        calibration = _normalise(calibration)
-        if not calibration:
-            raise ValueError("the calibration texts are all empty; give at least one text (one per line)")
+    calibration = given_items(calibration)  # measured exactly as the deployment's file will give them back
     items, source, kept = calibration, "the given texts", None
     for name in (LABELLED_FILE, CALIBRATION_FILE):
         if items is None and (rt.dir / name).is_file():
             items, source, kept = calibration_texts(rt.dir / name), f"the deployment's {name}", rt.dir / name
+    if kept is not None:  # rows the deployment kept for tasks removed since: nothing to measure them on
+        gone = sorted(t for t in {r["task"] for r in items if isinstance(r, dict)} if t not in rt.bank)
+        items = [r for r in items if not (isinstance(r, dict) and r["task"] in gone)] or None
+        if gone:
+            log.info("%s: leaving out the rows of task(s) no longer served: %s", kept.name, ", ".join(gone))
     rt.calibration_items = items  # what graphs calibrated on data are made from (openvino_int8.py)
     entry = (rt.manifest.get("precision") or {}).get(record_key(rt.backend, rt.precision))
-    why = "calibration rows were given" if calibration is not None else \
-        stale(entry, rt.backend, rt.precision, rt.bank, rt.spec.family)
+    why = stale(entry, rt.backend, rt.precision, rt.bank, rt.spec.family)
     if why is None and items is not None and entry["calibration"].get("sha256") != items_digest(items):
-        why = "the calibration rows changed since the contract was measured"  # (or came): measured on them
+        why = "other calibration rows were given" if calibration is not None else \
+            "the calibration rows changed since the contract was measured"  # (or came): measured on them
+    if why is None and calibration is not None and _kept_digest(rt.dir) != items_digest(calibration):
+        with contextlib.suppress(OSError):  # the rows it was measured on, kept again (another's replaced them)
+            keep_texts(rt.dir, calibration)
     if why is not None:
         try:  # the deployment's own rows may no longer fit it (kept by an earlier promptmux, or edited since)
             check_rows(rt, items if kept is not None else None)
@@ -369,6 +363,16 @@ def contract(rt: Runtime, strict: bool, calibration=None) -> dict:
             log.warning("could not record the precision contract in %s: %s", rt.dir / MANIFEST, e)
     enforce(entry, strict)
     return entry
+
+
+def _kept_digest(deploy_dir: Path) -> str | None:
+    for name in (LABELLED_FILE, CALIBRATION_FILE):
+        if (deploy_dir / name).is_file():
+            try:
+                return items_digest(calibration_texts(deploy_dir / name))
+            except ValueError:  # unreadable: kept again
+                return None
+    return None
 
 
 def keep_texts(deploy_dir: Path, items: list) -> None:

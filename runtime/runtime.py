@@ -38,6 +38,7 @@ from .batch import (
     run_batch,
     task_names,
 )
+from .calibration import given_items
 from .contract_record import fp32_layers
 from .errors import BackendUnavailable, InputError
 from .fast import resolve as fastest_precision
@@ -97,7 +98,7 @@ class Runtime:
 
     def __init__(self, deploy_dir: str | Path, backend: str = "auto", threads: int | None = None,
                  base: str | Path | None = None, use_folded: bool = True, device_id: int = 0,
-                 precision: str = "fp32", strict: bool = False, calibration: Sequence[str] | None = None,
+                 precision: str = "fp32", strict: bool = False, calibration: Sequence | str | Path | None = None,
                  bank_cache_mb: float | None = None, kv_cache_mb: float | None = None,
                  route_positions: int | None = None):
         self.dir = Path(deploy_dir)
@@ -108,9 +109,12 @@ class Runtime:
         self.spec = arch_for(self.config)
         self.dims = dims_of(self.config)
         self.fast = None
+        cache = None if bank_cache_mb is None else int(bank_cache_mb * 2**20)
+        self.bank = read_bank(self.dir, self.manifest, cache)  # opening reads no task (core/bank.py)
+        calibration = given_items(calibration)  # texts or rows (a file's path: read)
         if precision == "fast":
             precision, self.fast = fastest_precision(self.dir, self.manifest, threads, calibration, type(self),
-                                                     self.spec.family.classifies)
+                                                     self.bank, self.spec.family)
             chosen = self.fast.get("backend")  # the backend of the precision that won (its int8: two of them)
             if backend == "auto" and chosen:
                 backend = chosen
@@ -124,9 +128,7 @@ class Runtime:
         self.precision = precision
         self.int8_fp32_layers = fp32_layers(self.manifest) if precision == "int8" else ()  # accuracy_control.py
         self.device_id = device_id
-        cache = None if bank_cache_mb is None else int(bank_cache_mb * 2**20)
         self.kv_cache_bytes = DEFAULT_KV_CACHE_BYTES if kv_cache_mb is None else int(kv_cache_mb * 2**20)
-        self.bank = read_bank(self.dir, self.manifest, cache)  # opening reads no task (core/bank.py)
         self._lock = threading.Lock()  # serializes task changes, not requests
         self._tokenizer = None
         self.noprefix_session = None  # encoders: the graph without prefix inputs (backends.py noprefix_graph)

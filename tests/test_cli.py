@@ -359,6 +359,30 @@ def test_generate_measures_a_language_models_labelled_contract_from_a_calibratio
     assert Runtime(deploy, precision="int8").contract == entry  # the same rows: measured once
 
 
+def test_given_calibration_stands_when_given_again_and_kept_rows_outlive_a_removed_task(causal, tmp_path,
+                                                                                          monkeypatch):
+    """The same rows given again (a list, or the file's path) leave the contract standing; removing a task leaves
+    its kept rows out of the next measurement instead of failing every open."""
+    from promptmux import Runtime
+    from promptmux.runtime import precision as P
+
+    deploy = tmp_path / "deploy"
+    shutil.copytree(causal["deploy"], deploy)
+    rows = [{"task": t, "text": f"w{i} w{i + 2} w{i + 5}"} for t in ("p", "pt") for i in range(3, 7)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    entry = Runtime(deploy, precision="int8", calibration=rows).contract
+    assert set(entry["tasks"]) == {"p", "pt"}
+    monkeypatch.setattr(P, "calibrate", lambda *a, **k: pytest.fail("measured the same rows again"))
+    assert Runtime(deploy, precision="int8", calibration=rows).contract == entry
+    assert Runtime(deploy, precision="int8", calibration=str(tmp_path / "rows.jsonl")).contract == entry
+    with pytest.raises(ValueError, match="is one string and no file"):
+        Runtime(deploy, precision="int8", calibration="w3 w5 w8")
+    monkeypatch.undo()
+    Runtime(deploy).remove_task("p", persist=True)
+    again = Runtime(deploy, precision="int8").contract  # the kept rows of "p" left out, "pt"'s measured
+    assert set(again["tasks"]) == {"pt"} and again["tasks"]["pt"]["rows"] == 4
+
+
 def test_generate_stream_prints_the_same_text(causal):
     from promptmux import Runtime
 

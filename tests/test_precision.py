@@ -635,7 +635,7 @@ def test_a_deployments_kept_rows_that_no_longer_fit_are_refused_naming_the_file(
     # a language model's rows kept by an earlier promptmux, when labels were not read: an index is no answer
     (tmp_path / P.LABELLED_FILE).write_text('{"task": "t", "text": "a", "label": 1}\n')
     lm = SimpleNamespace(dir=tmp_path, spec=SimpleNamespace(family=SimpleNamespace(classifies=False)), manifest={},
-                         backend="onnxruntime", precision="int8", bank=None)  # no contract recorded: measured now
+                         backend="onnxruntime", precision="int8", bank={"t"})  # no contract recorded: measured now
     with pytest.raises(ValueError, match=rf"{P.LABELLED_FILE}: calibration rows of task 't'.*Fix or delete that "
                                          r"file, or give calibration rows \(--calibration\)"):
         P.contract(lm, strict=False)
@@ -1025,6 +1025,50 @@ def test_a_large_banks_contract_measures_a_sample_of_its_tasks(deployment, tmp_p
     rt.add_task(sample[0], deployment.adapters["prefix"], persist=True, replace=True)  # a measured task replaced
     again = Runtime(deploy, backend="onnxruntime", precision="int8").contract
     assert calls == [1, 1] and again["digests"] != contract["digests"] and again["tasks_measured"] == 2
+
+
+def test_fasts_choice_is_made_again_when_a_contract_it_was_made_from_no_longer_holds():
+    """Not only the chosen precision's contract being recorded as passed: a task changed (or other calibration
+    given) would have it measured again at open, and maybe miss while fast ran it; where fp32 was chosen for a
+    candidate's miss, that miss no longer stands either. A candidate left unsearched (its miss deferred) counts."""
+    from types import SimpleNamespace
+
+    from promptmux.runtime import cpu, fast
+
+    family = SimpleNamespace(classifies=True, int8_full_sequence=True)
+
+    class Bank:
+        def __init__(self, digest):
+            self.d = digest
+
+        def __len__(self):
+            return 1
+
+        def __contains__(self, task):
+            return task == "a"
+
+        def names(self):
+            return ["a"]
+
+        def digest(self, task):
+            return self.d
+
+    def entry(backend, precision, passed, **more):
+        return {"recipe": P.recipe(backend, precision, family), "cpu": cpu.describe(), "method": P.METHOD,
+                "digests": {"a": "d1"}, "passed": passed, "calibration": {"sha256": "rows1"}, **more}
+
+    manifest = {"precision": {"onnxruntime/int8": entry("onnxruntime", "int8", True),
+                              "openvino/int8": entry("openvino", "int8", False, accuracy_control={"deferred": True})}}
+    record = {"precision": "int8", "choice": "int8",
+              "candidates": {"int8": {"runs": True, "backend": "onnxruntime"},
+                             "int8/openvino": {"runs": True, "backend": "openvino"}, "bf16": {"runs": False}}}
+    assert fast._still_holds(manifest, record, Bank("d1"), family, None)
+    assert fast._still_holds(manifest, record, Bank("d1"), family, "rows1")
+    assert not fast._still_holds(manifest, record, Bank("d2"), family, None)  # the task changed
+    assert not fast._still_holds(manifest, record, Bank("d1"), family, "rows2")  # other calibration given
+    fp32 = {**record, "precision": "fp32", "choice": "fp32"}
+    assert fast._still_holds(manifest, fp32, Bank("d1"), family, None)
+    assert not fast._still_holds(manifest, fp32, Bank("d2"), family, None)
 
 
 def test_a_contract_measured_again_at_open_says_why():
