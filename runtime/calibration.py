@@ -74,7 +74,8 @@ def calibration_texts(path: str | Path) -> list:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} line {i}: not JSON ({e.msg}); a calibration file of rows per task has one "
-                             '{"task": ..., "text": ..., "label": ...} per line') from None
+                             '{"task": ..., "text": ..., "label": ...} per line (its first line starts with "{"; '
+                             'texts of which the first starts with "{" go one {"text": ...} per line)') from None
         if isinstance(row, dict) and set(row) == {"text"} and isinstance(row["text"], str):
             rows.append(" ".join(row["text"].split()))  # a text kept among rows per task (item_lines)
             continue

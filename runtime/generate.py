@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from promptmux.core.archs import pad_id
+from promptmux.core.archs import pad_id, position_offset
 from promptmux.core.io_spec import decode_step_feeds
 from promptmux.core.layout import build_layout
 from promptmux.core.task import Task
@@ -26,62 +26,9 @@ from promptmux.kinds import as_cache, kind_of
 
 from .errors import InputError
 from .kv_cache import DEFAULT_KV_CACHE_BYTES, PromptKVCache
+from .sampling import SamplingParams, pick  # noqa: F401 (callers import them from here too)
 from .sessions import host
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 32
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0  # 0: no top-k filter
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: Sequence[str] = field(default_factory=tuple)  # stop strings (text in/out only)
-    eos_token_id: int | Sequence[int] | None = None  # None: the model's
-
-    def check(self, max_positions: int | None) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if max_positions and self.max_new_tokens > max_positions:
-            raise InputError(
-                f"max_new_tokens={self.max_new_tokens} exceeds the model's {max_positions} positions")
-        if not 0 < self.temperature < float("inf"):
-            raise InputError(f"temperature must be > 0 and finite, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise InputError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
-
-
-def pick(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> np.ndarray:
-    """Next token per row: argmax, or a sample after temperature, top-k and top-p. Never NaN, whatever the
-    parameters: the most likely token always keeps a probability of 1 before normalization."""
-    if not p.do_sample:
-        return logits.argmax(-1)
-    x = logits.astype(np.float64)
-    # Shift before scaling: the best token sits at exactly 0 and every other at -something (or -inf when a
-    # tiny temperature overflows), so exp() below is 1 for the best token and the sum is never 0 or inf.
-    with np.errstate(over="ignore"):
-        x = (x - x.max(-1, keepdims=True)) / p.temperature
-    if p.top_k and p.top_k < x.shape[-1]:
-        kth = np.partition(x, -p.top_k, axis=-1)[:, -p.top_k][:, None]
-        x = np.where(x < kth, -np.inf, x)
-    probs = np.exp(x)
-    probs /= probs.sum(-1, keepdims=True)
-    if p.top_p < 1.0:
-        order = np.argsort(-probs, axis=-1, kind="stable")
-        sorted_p = np.take_along_axis(probs, order, -1)
-        # keep the smallest prefix whose mass reaches top_p, and always the most likely token (a top_p below
-        # its probability would otherwise drop every token); the tolerance stops rounding in the softmax
-        # from admitting one token too many
-        drop_sorted = np.cumsum(sorted_p, -1) - sorted_p >= p.top_p - 1e-6
-        drop_sorted[:, 0] = False
-        drop = np.zeros_like(drop_sorted)
-        np.put_along_axis(drop, order, drop_sorted, -1)
-        probs = np.where(drop, 0.0, probs)
-        probs /= probs.sum(-1, keepdims=True)
-    return np.array([rng.choice(probs.shape[-1], p=row) for row in probs])
+from .text import model_eos
 
 
 def _stop_cut(text: str, stops: Sequence[str]) -> int | None:
@@ -114,9 +61,7 @@ class Generator(RuntimeBound):
         # what prefill counts in runtime.graph_runs: the file that runs (decoder.int8.onnx at int8)
         self.graph_file = getattr(session, "graph_file", None) or runtime.manifest["decoder"]["file"]
         self.layers = runtime.dims.num_layers
-        from promptmux.core.archs import position_offset
-
-        self._offset = position_offset(runtime.config)
+        self._offset, self.model_eos = position_offset(runtime.config), model_eos(runtime.dir, runtime.config)
         self.kv = PromptKVCache(getattr(runtime, "kv_cache_bytes", DEFAULT_KV_CACHE_BYTES))
 
     # ---- prompt key/values ----------------------------------------------------------------
@@ -227,11 +172,14 @@ class Generator(RuntimeBound):
         batch = ids.shape[0]
         logits, presents, cache_mask, next_pos = self.prefill(ids, mask, views, precompute, own_positions)
         rng = np.random.default_rng(params.seed)
+        # own_positions: each row as alone, its samples too (a generator of its own, as the server's rows have)
+        rngs = [np.random.default_rng(params.seed) for _ in range(batch)] if own_positions and params.do_sample else ()
         eos = self.eos_for(params)
         done = np.zeros(batch, bool)
         pad = pad_id(self.rt.config)
         for step in range(params.max_new_tokens):
-            token = pick(logits, params, rng)
+            token = np.concatenate([pick(logits[i:i + 1], params, r) for i, r in enumerate(rngs)]) if rngs else \
+                pick(logits, params, rng)
             token = np.where(done, pad, token)
             yield token
             done |= np.isin(token, eos)
@@ -247,14 +195,12 @@ class Generator(RuntimeBound):
         return as_cache(view, self.prompt_kv(view))
 
     def eos_for(self, params: SamplingParams) -> np.ndarray:
-        return eos_ids(params, self.rt.config)
+        return eos_ids(params, self.model_eos)
 
 
-def eos_ids(params: SamplingParams, config) -> np.ndarray:
-    """The token ids that end a row: the request's, else the model's (none: generate to max_new_tokens)."""
-    eos = params.eos_token_id
-    if eos is None:
-        eos = getattr(config, "eos_token_id", None)
+def eos_ids(params: SamplingParams, model_eos) -> np.ndarray:
+    """The token ids that end a row: the request's, else the model's (text.model_eos; none: to max_new_tokens)."""
+    eos = params.eos_token_id if params.eos_token_id is not None else model_eos
     if eos is None:
         return np.array([], np.int64)
     return np.atleast_1d(np.asarray(eos, np.int64))

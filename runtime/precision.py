@@ -302,7 +302,7 @@ def calibrate(fast, items: list | None = None, source: str | None = None) -> dic
     if items is None:
         calibration = {"source": "generated token ids"}
     else:
-        calibration = {"source": source or "texts", "rows": len(items),
+        calibration = {"source": source or ("given rows" if labelled else "given texts"), "rows": len(items),
                        "labelled_rows": sum("label" in r for r in labelled or ()), "sha256": items_digest(items)}
         if not fast.spec.family.classifies:  # a language model's rows may name their task without an answer
             calibration["task_rows"] = len(labelled or ())

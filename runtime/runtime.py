@@ -46,6 +46,7 @@ from .kv_cache import DEFAULT_KV_CACHE_BYTES
 from .precision import contract
 from .routing import Routing
 from .routing import resolve as measured_routing
+from .seq2seq_generate import decoder_too_long
 from .text import load_tokenizer, too_long
 
 PRECOMPUTED_AT_START = 4096  # tasks whose prompt KV is computed as generation starts (while the cache has room)
@@ -364,10 +365,14 @@ class Runtime:
         bank = self.bank
         views = [bank.view(t) for t in tasks]
         new_tokens = self.spec.family.new_token_room(max_new_tokens)  # seq2seq: new tokens go to the decoder
-        for i, v in enumerate(views):
-            refused = too_long(int(ids.shape[1]), v.num_virtual_tokens, v.name, self.max_positions, new_tokens)
-            if refused:
-                raise InputError(f"row {i}: {refused}; shorten the prompt")
+        own, lengths = own_positions or self.spec.family.encoder_decoder, mask.sum(1)  # positions skip padding
+        for i, v in enumerate(views):  # a row's positions: its own tokens, or (PEFT's padded rule) the batch's width
+            used = int(lengths[i]) if own or kind_of(v).positions_from_mask else int(ids.shape[1])
+            why = too_long(used, v.num_virtual_tokens, v.name, self.max_positions, new_tokens)
+            dec = not why and self.spec.family.encoder_decoder and decoder_too_long(v, max_new_tokens,
+                                                                                     self.max_positions)
+            if why or dec:
+                raise InputError(f"row {i}: {why or dec}; " + ("shorten the prompt" if why else "lower max_new_tokens"))
         yield from self._stream_rows(ids, mask, views, params, precompute, is_text, own_positions)
 
     def _stream_rows(self, ids, mask, views, params, precompute, is_text, own_positions=False):

@@ -37,6 +37,17 @@ def decoder_prefix(views: list[Task], layers: int, heads: int, head_dim: int):
     return keys, values, mask
 
 
+def decoder_too_long(view: Task, new_tokens: int, limit: int | None, new_name: str = "max_new_tokens") -> str | None:
+    """Why a row's decoder does not fit `limit` positions, or None: a prefix-tuning prefix takes the decoder's first
+    positions (its first cache entries), and the tokens generated come after it."""
+    kv = kind_of(view).kv_prefix(view)
+    n = 0 if kv is None else int(kv.shape[3])
+    if not limit or n + new_tokens <= limit:
+        return None
+    return (f"the {n} decoder prefix positions of task {view.name!r} + {new_name}={new_tokens} exceed the model's "
+            f"{limit} positions")
+
+
 class Seq2SeqGenerator(RuntimeBound):
     def __init__(self, runtime, encoder_session, decoder_session):
         from promptmux.core.seq2seq_graph import cross_names, self_names
@@ -53,9 +64,10 @@ class Seq2SeqGenerator(RuntimeBound):
         # The first and last new tokens transformers' generate forces (BART's generation config: EOS last).
         gen = generation_config(runtime.dir)
         self.forced_first, self.forced_last = gen.forced_bos_token_id, gen.forced_eos_token_id
+        self.model_eos = gen.eos_token_id if gen.eos_token_id is not None else getattr(cfg, "eos_token_id", None)
 
     def eos_for(self, params: SamplingParams) -> np.ndarray:
-        return eos_ids(params, self.rt.config)
+        return eos_ids(params, self.model_eos)
 
     def stream(self, ids: np.ndarray, mask: np.ndarray, views: list[Task], params: SamplingParams,
                precompute: bool = True, own_positions: bool = False) -> Iterator[np.ndarray]:

@@ -1,7 +1,9 @@
-"""Text in: the deployment's tokenizer, and the one rule for text that does not fit the model's positions."""
+"""Text in and out: the deployment's tokenizer, the one rule for text that does not fit the model's positions, and
+the token ids that end a row by default (model_eos)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
@@ -29,3 +31,12 @@ def too_long(tokens: int, virtual_tokens: int, task: str, limit: int | None, new
     new = f" + {new_name}={new_tokens}" if new_tokens else ""
     return (f"{tokens} tokens + {virtual_tokens} virtual tokens of task {task!r}{new} exceed the model's {limit} "
             "positions")
+
+
+def model_eos(deploy_dir: str | Path, config):
+    """The token id(s) that end a row by default, as transformers' generate reads them: the generation config's
+    (copied from the base model at export; an instruct model's may add its end of turn, as Llama 3's and Qwen2's
+    do), else the model config's."""
+    path = Path(deploy_dir) / "generation_config.json"
+    eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id") if path.is_file() else None
+    return eos if eos is not None else getattr(config, "eos_token_id", None)

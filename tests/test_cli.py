@@ -260,6 +260,14 @@ def test_verify_with_an_adapter_of_another_kind_says_the_kinds_differ(deployed, 
     assert "is PREFIX_TUNING: the kinds differ" in proc.stderr
 
 
+def test_export_keeps_calibration_given_without_a_precision_for_later_opens(setup, tmp_path):
+    (tmp_path / "cal.txt").write_text("the film was good\nthe  plot was awful\n")
+    out = tmp_path / "o"
+    promptmux("export", "--base", setup["base"], "--adapter", f"pt={setup['adapters']['pt']}", "--out", out,
+              "--calibration", tmp_path / "cal.txt")
+    assert (out / "calibration.txt").read_text().splitlines() == ["the film was good", "the plot was awful"]
+
+
 def test_bad_adapter_flag(setup, tmp_path):
     proc = promptmux("export", "--base", setup["base"], "--adapter", "noequals", "--out", tmp_path / "o", check=False)
     assert proc.returncode == 2 and "--adapter takes NAME=DIR, got 'noequals'" in proc.stderr

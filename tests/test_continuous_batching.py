@@ -71,6 +71,30 @@ def test_generate_with_own_positions_gives_every_padded_row_its_alone_tokens(dep
 
 
 @pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
+def test_seeded_samples_with_own_positions_are_each_rows_samples_alone(deployment):
+    rt = deployment.runtime()
+    prompts, tasks = [[5, 9, 11, 3], [7, 2], [4, 4, 8]], ["pt", "prefix", "pt"]
+    kw = dict(max_new_tokens=6, eos_token_id=[], do_sample=True, temperature=1.5, seed=5)
+    own = rt.generate(prompts, tasks, own_positions=True, **kw)
+    assert [r["token_ids"] for r in own] == [rt.generate([p], t, **kw)[0]["token_ids"] for p, t in zip(prompts, tasks)]
+
+
+@pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
+def test_rows_that_fit_alone_fit_a_batch_with_own_positions(deployment):
+    """The fit check counts a row's own tokens where its positions skip the padding (own_positions): a short row of
+    a task with many virtual tokens beside a long row was refused for the long row's width."""
+    rt = deployment.runtime()
+    n = {t: rt.bank.view(t).num_virtual_tokens for t in deployment.task_names()}
+    few, many = min(n, key=n.get), max(n, key=n.get)
+    assert n[many] > n[few]
+    new = 2
+    prompts = [list(range(3, 3 + rt.max_positions - n[few] - new)), [5, 7]]  # the long row just fits
+    own = rt.generate(prompts, [few, many], max_new_tokens=new, eos_token_id=[], own_positions=True)
+    assert [r["token_ids"] for r in own] == [rt.generate([p], t, max_new_tokens=new, eos_token_id=[])[0]["token_ids"]
+                                             for p, t in zip(prompts, [few, many])]
+
+
+@pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
 def test_eos_sampling_and_early_finish_are_per_row(deployment):
     rt = deployment.runtime()
     rng = np.random.default_rng(5)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import adapter_configs, is_seq2seq, peft_generate, random_batch
+from conftest import adapter_configs, copy_deployment, is_seq2seq, peft_generate, random_batch
 
 from promptmux import InputError, Runtime, UnknownTaskError
 
@@ -178,9 +178,11 @@ def test_prompt_kv_is_computed_when_tasks_load(deployment):
 
 @pytest.mark.parametrize("deployment", ["gpt2", "t5"], indirect=True)
 def test_ragged_rows_of_ids_generate_as_if_each_ran_alone(deployment):
+    """With own_positions (a causal LM's prompt-tuned rows otherwise follow PEFT's padded batch; a seq2seq row's
+    encoder never counts padding)."""
     rt = deployment.runtime()
     rows, tasks = [[5, 6, 7, 8, 9], [11, 12]], deployment.task_names()[:2]
-    got = rt.generate(rows, tasks, max_new_tokens=4, eos_token_id=[])
+    got = rt.generate(rows, tasks, max_new_tokens=4, eos_token_id=[], own_positions=True)
     alone = [rt.generate([r], t, max_new_tokens=4, eos_token_id=[])[0] for r, t in zip(rows, tasks)]
     assert [g["token_ids"] for g in got] == [a["token_ids"] for a in alone]
     with pytest.raises(InputError, match="empty prompt: a row of input_ids has no tokens"):
@@ -219,6 +221,20 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(deployment):
     greedy = rt.generate(inputs, tasks, max_new_tokens=12, eos_token_id=[])
     top1 = rt.generate(inputs, tasks, max_new_tokens=12, eos_token_id=[], do_sample=True, top_k=1, seed=5)
     assert [r["token_ids"] for r in greedy] == [r["token_ids"] for r in top1]
+
+
+@pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
+def test_rows_end_on_the_generation_configs_eos_as_transformers_generate_does(deployment, tmp_path):
+    """An instruct model's generation_config.json may end rows on more tokens than its config's eos_token_id (Llama
+    3's and Qwen2's end of turn): transformers' generate, and so PEFT's, stop on those."""
+    import json
+
+    deploy = copy_deployment(deployment.deploy, tmp_path / "deploy")
+    prompt = [[5, 9, 11]]
+    free = Runtime(deploy).generate(prompt, "pt", max_new_tokens=4, eos_token_id=[])[0]["token_ids"]
+    (deploy / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, free[0]]}))
+    got = Runtime(deploy).generate(prompt, "pt", max_new_tokens=4)[0]
+    assert (got["token_ids"], got["finish_reason"]) == ([free[0]], "eos")
 
 
 def test_a_character_split_over_tokens_streams_whole():
@@ -267,6 +283,10 @@ def test_stream_yields_each_rows_tokens_then_finish(deployment):
     (dict(temperature=0.0, do_sample=True), InputError, "temperature must be > 0"),
     (dict(top_p=1.5), InputError, r"top_p must be in \(0, 1\]"),
     (dict(stop=["x"]), InputError, "stop strings need text inputs"),
+    (dict(max_new_tokens=True), InputError, "max_new_tokens must be a positive integer, got True"),
+    (dict(temperature="0.5", do_sample=True), InputError, "temperature must be > 0 and finite, got '0.5'"),
+    (dict(eos_token_id="a"), InputError, "eos_token_id must be a token id or a list of them"),
+    (dict(stop=[""]), InputError, "a stop string must be a non-empty string"),
 ])
 def test_bad_generation_requests(deployment, kwargs, error, message):
     rt = deployment.runtime()
@@ -275,6 +295,15 @@ def test_bad_generation_requests(deployment, kwargs, error, message):
     args.update(kwargs)
     with pytest.raises(error, match=message):
         rt.generate({"input_ids": ids, "attention_mask": mask}, **args)
+
+
+@pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
+def test_numpy_integers_are_integers_to_generate(deployment):
+    rt = deployment.runtime()
+    free = rt.generate([[5, 9]], "pt", max_new_tokens=np.int64(2), eos_token_id=[])[0]["token_ids"]
+    assert len(free) == 2
+    ends = rt.generate([[5, 9]], "pt", max_new_tokens=2, eos_token_id=np.int64(free[0]))[0]
+    assert (ends["token_ids"], ends["finish_reason"]) == ([free[0]], "eos")
 
 
 @pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
@@ -297,6 +326,20 @@ def test_seq2seq_right_padding_gives_each_row_its_unbatched_tokens(deployment):
         real = ids[i:i + 1, mask[i].astype(bool)]
         alone = rt.generate(real, task, max_new_tokens=NEW, eos_token_id=[])
         assert alone[0]["token_ids"] == batched[i]["token_ids"], task
+
+
+@pytest.mark.parametrize("deployment", ["t5"], indirect=True)
+def test_a_seq2seq_rows_decoder_prefix_and_new_tokens_must_fit_the_positions(deployment):
+    """A prefix-tuning prefix takes the decoder's first positions: with learned positions (BART's) the tokens after
+    it past the model's positions failed inside ONNX Runtime; now refused first, saying what to shorten. T5's
+    relative positions have no such limit, so the test sets one (on a runtime of its own)."""
+    rt = Runtime(deployment.deploy, backend="onnxruntime")
+    n = rt.bank.view("prefix").num_virtual_tokens
+    rt.max_positions = n + 3
+    with pytest.raises(InputError, match=rf"the {n} decoder prefix positions of task 'prefix' \+ max_new_tokens=4 "
+                                         rf"exceed the model's {n + 3} positions"):
+        rt.generate(np.array([[5]]), "prefix", max_new_tokens=4, eos_token_id=[])
+    assert len(rt.generate(np.array([[5]]), "prefix", max_new_tokens=3, eos_token_id=[])[0]["token_ids"]) == 3
 
 
 @pytest.mark.parametrize("deployment", ["t5"], indirect=True)

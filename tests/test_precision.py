@@ -108,7 +108,7 @@ def test_calibration_texts_are_used_and_recorded(deployment, tmp_path, bf16_cpu)
     texts = P.calibration_texts(path)
     assert len(texts) == 40
     rt = Runtime(deploy, precision="bf16", calibration=texts)
-    assert rt.contract["calibration"]["rows"] == 40 and rt.contract["calibration"]["source"] == "texts"
+    assert rt.contract["calibration"]["rows"] == 40 and rt.contract["calibration"]["source"] == "given texts"
     assert all(r["rows"] == 40 for r in rt.contract["tasks"].values())
     # The texts stay with the deployment: a later re-measurement (tasks changed, contract gone) uses them again.
     assert P.calibration_texts(deploy / "calibration.txt") == texts

@@ -30,6 +30,11 @@ def cmd_export(args) -> int:
                             overwrite=args.overwrite, optimize=args.ort_optimize, quiet=args.quiet,
                             generation_only=args.generation_only)
     contracts = {}
+    if texts and not precisions:  # kept for the contracts measured at a later open, as --precision would keep them
+        from promptmux.runtime.calibration import given_items
+        from promptmux.runtime.precision import keep_texts
+
+        keep_texts(out, given_items(texts))
     if precisions:
         from promptmux.runtime.runtime import Runtime
 

@@ -77,10 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", metavar="LIST",
                    help="non-exact precisions to measure against fp32 now (e.g. bf16 or bf16,int8); the manifest "
                         "records each one's agreement per task")
-    e.add_argument("--calibration", metavar="FILE", help="--precision: texts to measure on, one per line, or "
+    e.add_argument("--calibration", metavar="FILE", help="texts to measure a precision on, one per line, or "
                                                           'rows per task (JSON Lines: {"task", "text"[, "label"]}; '
                                                           "a classifier's need labels; a language model's label "
-                                                          "is the answer's text) (default: generated inputs)")
+                                                          "is the answer's text), kept in the deployment for "
+                                                          "--precision now or later (default: generated inputs)")
     e.add_argument("--strict", action="store_true", help="--precision: fail if a precision misses its contract")
     e.set_defaults(func=cmd_export)
 

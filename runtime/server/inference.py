@@ -11,6 +11,7 @@ from fastapi.responses import Response
 
 from ..generate import SamplingParams
 from ..scheduler import GenerateJob
+from ..seq2seq_generate import decoder_too_long
 from .api_errors import ERRORS, ApiError
 from .metrics import Metrics
 from .options import ServeOptions
@@ -71,6 +72,9 @@ def completion_job(engine, body: CompletionRequest, options: ServeOptions) -> tu
                        f"max_tokens={body.max_tokens} exceeds the model's {engine.max_positions} positions")
     view = inline_view(engine, body, options)
     room = engine.family.new_token_room(body.max_tokens)  # a seq2seq prompt goes to the encoder
+    if engine.family.encoder_decoder and (why := decoder_too_long(view, body.max_tokens, engine.max_positions,
+                                                                  "max_tokens")):
+        raise ApiError(400, "invalid_request", "max_tokens", why)
     ids, _ = engine.encode(prompts, view, "prompt", isinstance(body.prompt, str), room)
     job = GenerateJob(prompts=ids, view=view, params=params, tokenizer=engine.rt.tokenizer,
                       deadline=time.monotonic() + options.request_timeout, loop=asyncio.get_running_loop())
