@@ -28,7 +28,7 @@ from .errors import InputError
 from .kv_cache import DEFAULT_KV_CACHE_BYTES, PromptKVCache
 from .sampling import SamplingParams, pick  # noqa: F401 (callers import them from here too)
 from .sessions import host
-from .text import model_eos
+from .text import model_eos, warn_unapplied
 
 
 def _stop_cut(text: str, stops: Sequence[str]) -> int | None:
@@ -62,6 +62,7 @@ class Generator(RuntimeBound):
         self.graph_file = getattr(session, "graph_file", None) or runtime.manifest["decoder"]["file"]
         self.layers = runtime.dims.num_layers
         self._offset, self.model_eos = position_offset(runtime.config), model_eos(runtime.dir, runtime.config)
+        warn_unapplied(runtime.dir)
         self.kv = PromptKVCache(getattr(runtime, "kv_cache_bytes", DEFAULT_KV_CACHE_BYTES))
 
     # ---- prompt key/values ----------------------------------------------------------------

@@ -4,6 +4,7 @@ the token ids that end a row by default (model_eos)."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 
@@ -31,6 +32,23 @@ def too_long(tokens: int, virtual_tokens: int, task: str, limit: int | None, new
     new = f" + {new_name}={new_tokens}" if new_tokens else ""
     return (f"{tokens} tokens + {virtual_tokens} virtual tokens of task {task!r}{new} exceed the model's {limit} "
             "positions")
+
+
+# generation_config.json settings that change greedy tokens in transformers' generate, with their no-op values:
+# promptmux does not apply them, so where one is set its tokens differ from PEFT's generate (the generator warns)
+UNAPPLIED = {"repetition_penalty": 1.0, "num_beams": 1, "no_repeat_ngram_size": 0, "min_new_tokens": None,
+             "min_length": 0, "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None}
+
+
+def warn_unapplied(deploy_dir: str | Path) -> None:
+    """Warn, naming them, where the deployment's generation config sets what promptmux does not apply (UNAPPLIED)."""
+    path = Path(deploy_dir) / "generation_config.json"
+    gen = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    unapplied = {k: gen[k] for k, neutral in UNAPPLIED.items() if gen.get(k, neutral) not in (neutral, None, [])}
+    if unapplied:
+        logging.getLogger("promptmux.runtime").warning(
+            "generation_config.json sets %s, which promptmux does not apply: tokens will differ from transformers' "
+            "(and PEFT's) generate", ", ".join(f"{k}={v!r}" for k, v in unapplied.items()))
 
 
 def model_eos(deploy_dir: str | Path, config):

@@ -237,6 +237,19 @@ def test_rows_end_on_the_generation_configs_eos_as_transformers_generate_does(de
     assert (got["token_ids"], got["finish_reason"]) == ([free[0]], "eos")
 
 
+@pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
+def test_generation_settings_promptmux_does_not_apply_are_named_in_a_warning(deployment, tmp_path, caplog):
+    import json
+
+    deploy = copy_deployment(deployment.deploy, tmp_path / "deploy")
+    (deploy / "generation_config.json").write_text(json.dumps({"eos_token_id": 0, "repetition_penalty": 1.1,
+                                                                "num_beams": 1, "do_sample": True}))
+    with caplog.at_level("WARNING", logger="promptmux.runtime"):
+        Runtime(deploy).generator  # noqa: B018 (made on first use)
+    assert "sets repetition_penalty=1.1, which promptmux does not apply" in caplog.text
+    assert "num_beams" not in caplog.text  # its no-op value
+
+
 def test_a_character_split_over_tokens_streams_whole():
     from promptmux.runtime.generate import TextStream
 
