@@ -307,8 +307,14 @@ class PromptBank:
                 raise
             self.db.execute("COMMIT")
 
-    def add(self, tasks: list[Task], replace: bool = False) -> None:
-        """Add tasks in one transaction (replace=True: tasks of the same names are replaced)."""
+    def adapter_names(self, name: str) -> list[str]:
+        """The tasks of the adapter NAME: NAME, or an MPT adapter's NAME/0 ... (NAME/ up to NAME0, by the index)."""
+        return [r[0] for r in self.db.execute("SELECT name FROM tasks WHERE name = ? OR (name > ? AND name < ?)",
+                                              (name, name + "/", name + "0"))]
+
+    def add(self, tasks: list[Task], replace: bool = False) -> list[str]:
+        """Add tasks in one transaction; replace=True: the tasks of the same adapters are replaced (all of an MPT
+        adapter's, however many the new one has). Returns the names added."""
         from promptmux.kinds import kind_of
 
         records = []
@@ -334,8 +340,8 @@ class PromptBank:
                 entry["num_labels"] = int(probe.layers[-1][0].shape[0])
             records.append((t.name, entry, save_tensors(own), refs, _summaries(t)))
         with self._transaction():
-            clash = [n for n, *_ in records
-                     if self.db.execute("SELECT 1 FROM tasks WHERE name = ?", (n,)).fetchone() is not None]
+            bases = dict.fromkeys(n.split("/")[0] for n, *_ in records)  # the adapters: an MPT one's tasks are NAME/i
+            clash = [n for base in bases for n in self.adapter_names(base)]
             if clash and not replace:
                 raise already_in_bank(clash)
             for name in clash:
@@ -351,17 +357,14 @@ class PromptBank:
                                 (name, json.dumps(entry), data))
                 self._drop(name)
             self._count(len(records) - len(clash))
+        return [name for name, *_ in records]
 
     def remove(self, name: str) -> list[str]:
         """Remove a task, or every task of an MPT adapter (`NAME` removes `NAME/0` ... `NAME/K-1`), in one
         transaction."""
         name = task_name(name)
         with self._transaction():
-            if self.db.execute("SELECT 1 FROM tasks WHERE name = ?", (name,)).fetchone() is not None:
-                names = [name]
-            else:  # the names from NAME/ up to NAME0 ('0' follows '/'): NAME's tasks, by the name index
-                names = [r[0] for r in self.db.execute("SELECT name FROM tasks WHERE name > ? AND name < ?",
-                                                       (name + "/", name + "0"))]
+            names = self.adapter_names(name)
             if not names:
                 raise self.unknown(name)
             for n in names:

@@ -110,19 +110,34 @@ class BankOverlay:
         return self.store.shared_count() + self.own.shared_count()
 
     # ---- changes -------------------------------------------------------------------------
-    def add(self, tasks: list[Task], replace: bool = False) -> None:
-        clash = [t.name for t in tasks if t.name in self]
+    def adapter_names(self, name: str) -> list[str]:
+        """The tasks of the adapter NAME here (PromptBank.adapter_names): the store's not hidden, then our own."""
+        own = self.own.adapter_names(name)
+        return [n for n in self.store.adapter_names(name) if n not in self.hidden and n not in own] + own
+
+    def add(self, tasks: list[Task], replace: bool = False) -> list[str]:
+        bases = dict.fromkeys(t.name.split("/")[0] for t in tasks)  # the adapters: an MPT one's tasks are NAME/i
+        clash = [n for base in bases for n in self.adapter_names(base)]
         if clash and not replace:
             raise already_in_bank(clash)
-        self.own.add(tasks, replace=True)  # checked and written first: a refused task changes nothing
+        added = self.own.add(tasks, replace=True)  # checked and written first: a refused task changes nothing
         self.hidden.update(n for n in clash if n in self.store)
+        for n in set(clash) - set(added):  # an MPT adapter replaced by one of fewer tasks: the others go
+            if n in self.own:
+                self.own.remove(n)
+        return added
+
+    def show_store(self, names: list[str]) -> None:
+        """The store's tasks of these names' adapters show here again, this process's own copies dropped: a change
+        persisted to the store (Runtime._change)."""
+        for base in {n.split("/")[0] for n in names}:
+            for n in self.own.adapter_names(base):
+                self.own.remove(n)
+            self.hidden -= {n for n in self.hidden if n == base or n.startswith(base + "/")}
 
     def remove(self, name: str) -> list[str]:
         name = task_name(name)
-        if name in self:
-            names = [name]
-        else:  # NAME: every task of an MPT adapter, NAME/0 ... NAME/K-1
-            names = [n for n in self.names() if n.startswith(name + "/")]
+        names = [name] if name in self else self.adapter_names(name)  # NAME: an MPT adapter's NAME/0 ... NAME/K-1
         if not names:
             raise self.unknown(name)
         for n in names:
@@ -167,3 +182,25 @@ class _OverlayIndex:
                if n not in self.overlay.hidden and n not in self.overlay.own}
         out.update({i + _ID_SHIFT: n for i, n in self.own.names([i - _ID_SHIFT for i in ids if i >= _ID_SHIFT]).items()})
         return out
+
+
+def change_tasks(bank, deploy_dir, spec, change, persist: bool):
+    """(bank, change(bank)'s result) for a runtime's task change. With persist on the deployment's store (one
+    transaction; other processes' changes are kept, and every runtime on the store sees it at its next lookup of
+    the task). Without, the change stays in the runtime: its own tasks in memory over the store (BankOverlay),
+    which is left as it is. A runtime with changes of its own that persists one changes the store first, so that a
+    refusal there changes nothing, and then shows the store's tasks of that adapter."""
+    from .folder import update_tasks
+
+    if persist and bank.path is not None:
+        return bank, change(bank)  # the runtime reads the deployment's store itself
+    if persist and isinstance(bank, BankOverlay):
+        result = update_tasks(deploy_dir, spec, change)
+        bank.show_store(result)
+        return bank, result
+    if bank.path is not None:
+        bank = BankOverlay(bank)
+    result = change(bank)
+    if persist:  # an old deployment read into memory: its store is written (migrated) too
+        update_tasks(deploy_dir, spec, change)
+    return bank, result

@@ -20,11 +20,10 @@ from promptmux.core.folder import (
     load_base_config,
     read_bank,
     read_manifest,
-    update_tasks,
 )
 from promptmux.core.layout import build_layout
 from promptmux.core.light_config import LightConfig, runtime_config
-from promptmux.core.overlay import BankOverlay
+from promptmux.core.overlay import change_tasks
 from promptmux.core.task import Task, same_prompt, task_name
 from promptmux.kinds import kind_of
 
@@ -200,19 +199,10 @@ class Runtime:
         return removed
 
     def _change(self, change, persist: bool):
-        """change(bank): with persist on the deployment's store (one transaction; other processes' changes are
-        kept, and every runtime on the store sees it at its next lookup of the task). Without persist the change
-        stays in this runtime (core/overlay.py: its own tasks in memory over the store, which is left as it is).
-        A request holds the views it looked up, so it sees each of its tasks as it was or as it is."""
+        """change(bank), as core/overlay.py change_tasks says: on the deployment's store with persist, else in this
+        runtime only. A request holds the views it looked up, so it sees each of its tasks as it was or as it is."""
         with self._lock:
-            if persist and self.bank.path is not None:
-                result = change(self.bank)  # this runtime reads the deployment's store itself
-            else:
-                if self.bank.path is not None:
-                    self.bank = BankOverlay(self.bank)
-                result = change(self.bank)
-                if persist:  # an old deployment read into memory: its store is written (migrated) too
-                    update_tasks(self.dir, self.spec, change)
+            self.bank, result = change_tasks(self.bank, self.dir, self.spec, change, persist)
         return result
 
     @functools.cached_property

@@ -241,3 +241,35 @@ def test_batches_without_prefix_rows_run_the_graph_without_prefix_inputs(deploym
                 want = deployment.reference(t, ids[i:i + 1], mask[i:i + 1])[0]
                 assert float(np.abs(got[i] - want).max()) < TOL, (backend, t)
             rt.graph_runs.clear()
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_replacing_an_adapter_replaces_all_its_tasks(deployment, tmp_path):
+    """An MPT adapter's tasks are NAME/0 ... NAME/K-1: replaced by one of fewer tasks, the others go too (they
+    stayed, mixed with the new adapter's); a plain adapter of that name clashes with them."""
+    folder = copy_deployment(deployment.deploy, tmp_path / "copy")
+    rt = Runtime(folder)
+    with pytest.raises(ValueError, match=r"mpt/0, mpt/1, mpt/2 already in the bank"):
+        rt.add_task("mpt", deployment.adapters["pt"], persist=True)
+    rt.add_task("mpt", deployment.adapters["mpt1"], persist=True, replace=True)
+    assert [t for t in Runtime(folder).tasks if t.split("/")[0] == "mpt"] == ["mpt/0"]
+    mine = Runtime(folder)  # the same in a runtime's own (unpersisted) tasks
+    mine.add_task("mine", deployment.adapters["mpt"])
+    mine.add_task("mine", deployment.adapters["mpt1"], replace=True)
+    assert [t for t in mine.tasks if t.split("/")[0] == "mine"] == ["mine/0"]
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_a_persisted_change_after_changes_of_its_own_is_all_or_nothing(deployment, tmp_path):
+    folder = copy_deployment(deployment.deploy, tmp_path / "copy")
+    rt = Runtime(folder)
+    rt.add_task("x", deployment.adapters["pt"])  # this runtime's own
+    with pytest.raises(UnknownTaskError):
+        rt.remove_task("x", persist=True)  # the store has no x: refused there, and nothing changed here
+    assert "x" in rt.tasks
+    rt.remove_task("pt")
+    with pytest.raises(ValueError, match="already in the bank"):
+        rt.add_task("pt", deployment.adapters["prefix"], persist=True)
+    assert "pt" not in rt.tasks and Runtime(folder).bank.entry("pt")["kind"] == "prompt"
+    rt.add_task("pt", deployment.adapters["prefix"], persist=True, replace=True)
+    assert rt.bank.entry("pt")["kind"] == Runtime(folder).bank.entry("pt")["kind"] != "prompt"
