@@ -17,7 +17,7 @@ from promptmux.kinds import BY_PEFT_TYPE
 from promptmux.kinds.base import ReadContext
 
 from .adapter_checks import AdapterError, config_int, expect  # AdapterError: also public here (promptmux.AdapterError)
-from .archs import ArchSpec, Dims, arch_for, dims_of
+from .archs import ArchSpec, Dims, arch_for, dims_of, usable_positions
 from .families import FAMILIES
 from .task import Task
 
@@ -162,6 +162,14 @@ def _head_tensors(
         first = spec.head[0].module + ".weight"
         if first in head and head[first].shape[1] != dims.hidden_size:
             expect("classification head input size", head[first].shape[1], dims.hidden_size, adapter_dir)
+        size = None  # each layer's bias, and the next layer's input, fit its outputs (else every request failed)
+        for layer in spec.head:
+            w, b = head.get(layer.module + ".weight"), head.get(layer.module + ".bias")
+            if w is not None and size is not None:
+                expect(f"{layer.module} input size", w.shape[1], size, adapter_dir, "the head layer before it")
+            if w is not None and b is not None:
+                expect(f"{layer.module}.bias size", b.shape[0], w.shape[0], adapter_dir, f"{layer.module}.weight")
+            size = w.shape[0] if w is not None else None
     return head
 
 
@@ -171,8 +179,9 @@ def load_adapter(name: str, adapter_dir: str | Path, base_config, root: str | Pa
     if not isinstance(name, str):
         raise AdapterError(f"task name {name!r} is not allowed: a task name is a string")
     name = str(name)  # a numpy string becomes the plain name the bank stores and messages print
-    if not name or "/" in name or name.strip() != name:
-        raise AdapterError(f"task name {name!r} is not allowed: use a non-empty name without '/' or surrounding spaces")
+    if not name or "/" in name or name.strip() != name or not name.isprintable():
+        raise AdapterError(f"task name {name!r} is not allowed: use a non-empty name without '/', control characters "
+                           "(line breaks, tabs) or surrounding spaces")
     adapter_dir, root = _adapter_dir(adapter_dir, root)
     cfg = read_adapter_config(adapter_dir, root)
     peft_type = cfg.get("peft_type")
@@ -206,9 +215,17 @@ def load_adapter(name: str, adapter_dir: str | Path, base_config, root: str | Pa
     ctx = ReadContext(name, adapter_dir, cfg, spec, dims, base_config, {}, n, subs)
     kind.check_config(ctx)
 
+    positions = usable_positions(base_config)
+    if positions and n >= positions:  # no input could follow it
+        raise AdapterError(f"adapter {str(adapter_dir)!r} has {n} virtual tokens, but the base model has {positions} "
+                           "positions for them and the input together; retrain with fewer virtual tokens")
     weights = _load_safetensors(_weights_path(adapter_dir, root), f"{adapter_dir / 'adapter_model.safetensors'}")
     if "prompt_embeddings" not in weights:
         raise AdapterError(f"adapter {str(adapter_dir)!r} has no 'prompt_embeddings' tensor")
+    broken = [k for k, v in weights.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
+    if broken:  # served, it answered NaN (and its similarity scores broke rankings)
+        raise AdapterError(f"adapter {str(adapter_dir)!r} has NaN or infinite values in {', '.join(broken[:5])}; "
+                           "the training diverged: retrain it, or save a checkpoint from before")
     ctx.weights = {k: v for k, v in weights.items() if k in kind.tensor_keys}
     others = {k: v for k, v in weights.items() if k not in kind.tensor_keys}
     head = _head_tensors(others, spec, dims, adapter_dir) if family.classifies else {}
@@ -240,8 +257,10 @@ def _read_labels(adapter_dir: Path, head: dict[str, np.ndarray], spec: ArchSpec,
         raise AdapterError(f"{shown} must be JSON like {{\"id2label\": {{\"0\": \"neg\", \"1\": \"pos\"}}}}: "
                            f"{str(e)[:80]}") from None
     last = spec.head[-1].module + ".weight" if spec.head else None
-    if last in head and head[last].shape[0] != len(labels):
-        raise AdapterError(f"{shown} names {len(labels)} labels but the adapter's head has {head[last].shape[0]} outputs")
+    outputs = head[last].shape[0] if last in head else base_config.num_labels if spec.head else len(labels)
+    if outputs != len(labels):
+        whose = "the adapter's head" if last in head else "the base model's head (the adapter saves none)"
+        raise AdapterError(f"{shown} names {len(labels)} labels but {whose} has {outputs} outputs")
     return labels
 
 

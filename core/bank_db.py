@@ -26,10 +26,17 @@ def connect(path: Path | None) -> sqlite3.Connection:
         return connect_read_only(path)
     db = sqlite3.connect(":memory:" if path is None else str(path), timeout=60, isolation_level=None,
                          check_same_thread=False)
-    if path is not None:
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")  # a committed change survives a power loss, not only a crash
-    db.executescript(SCHEMA)
+    try:
+        if path is not None:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")  # a committed change survives a power loss, not only a crash
+        db.executescript(SCHEMA)
+    except sqlite3.DatabaseError as e:  # a damaged, truncated or foreign file: say which, and what to do
+        db.close()
+        if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
+            raise
+        raise ValueError(f"the task store {path} cannot be read ({e}): restore it from a backup, or export the "
+                         "deployment again") from None
     if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'summaries'").fetchone():
         migrate_summaries(db)
     return db

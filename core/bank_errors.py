@@ -12,13 +12,17 @@ class UnknownTaskError(LookupError):
         return str(self.args[0])
 
 
-def unknown_task(name: str, count: int, names) -> UnknownTaskError:
-    """The error for a task a bank does not hold: its name, and the served ones (names(), read only then) while
-    they are few (a bank of per-user prompts would otherwise put every name into every error)."""
+def served(count: int, names) -> str:
+    """What a deployment serves, for an error: the names (names(), read only then) while they are few, else their
+    count (a bank of per-user prompts would otherwise put every name into every error)."""
     if count <= LISTED_IN_ERRORS:
-        return UnknownTaskError(f"unknown task {name!r}; this deployment serves: {', '.join(names()) or 'none'}")
-    return UnknownTaskError(f"unknown task {name!r}; this deployment serves {count:,} tasks (`promptmux tasks DIR "
-                            "list` or GET /v1/models lists them)")
+        return f"this deployment serves: {', '.join(names()) or 'none'}"
+    return f"this deployment serves {count:,} tasks (`promptmux tasks DIR list` or GET /v1/models lists them)"
+
+
+def unknown_task(name: str, count: int, names) -> UnknownTaskError:
+    """The error for a task a bank does not hold: its name, and what the bank serves (served())."""
+    return UnknownTaskError(f"unknown task {name!r}; {served(count, names)}")
 
 
 def unknown_cursor(after: str) -> UnknownTaskError:

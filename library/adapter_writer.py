@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from promptmux.core.bank_errors import served
 from promptmux.core.task import Task
 from promptmux.kinds import get as get_kind
 from promptmux.kinds import kind_of
@@ -97,9 +98,10 @@ def _named_sources(kind: str, bank, from_task: str) -> list[str]:
     """--from TASK's tasks: TASK itself, or for an mpt-target all tasks NAME/k of an MPT adapter NAME."""
     if from_task in bank:
         return [from_task]
-    if kind == "mpt-target" and any(n.startswith(from_task + "/") for n in bank.names()):
-        return [n for n in bank.names() if n.startswith(from_task + "/")]
-    raise LibraryError(f"--from {from_task!r} names no task of this bank ({', '.join(bank.names()) or 'none'})")
+    group = [n for n in bank.adapter_names(from_task) if n != from_task] if kind == "mpt-target" else []
+    if group:
+        return group
+    raise LibraryError(f"--from {from_task!r} names no task of this bank ({served(len(bank), bank.names)})")
 
 
 def _plans(kind, bank, ranking_config, from_task, top_k, weighted, query, method) -> list[list[_Source]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from promptmux.core.adapters import load_adapter, read_adapter_config
+from promptmux.core.bank_errors import served
 from promptmux.core.task import Task
 from promptmux.library.prompts import (
     LibraryError,
@@ -69,8 +70,8 @@ def _query_prompt(query, bank, config) -> tuple[np.ndarray, str | None]:
                 "and are not comparable with input-level prompts; promptmux ranks prompt-tuning, P-tuning and MPT "
                 "prompts only")
         return task_prompt(tasks[0]), None
-    known = ", ".join(bank.names()) or "none"
-    raise LibraryError(f"query {q!r} is neither a task of this bank ({known}) nor an adapter folder")
+    raise LibraryError(f"query {q!r} is neither a task of this bank ({served(len(bank), bank.names)}) nor an "
+                       "adapter folder")
 
 
 def similar_tasks(deploy_dir_or_bank, query, top_k: int | None = 5, method: str = "avg-cosine") -> list[dict]:

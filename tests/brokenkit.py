@@ -46,7 +46,19 @@ def _header(length: int, header: bytes) -> bytes:
     return struct.pack("<Q", length) + header
 
 
+def _nan(d: Path):
+    from safetensors.numpy import load_file, save_file
+
+    w = load_file(str(d / WEIGHTS))
+    key = next(k for k in w if "prompt_embeddings" in k)
+    w[key] = w[key].copy()
+    w[key].flat[0] = float("nan")  # a diverged training run's checkpoint
+    save_file(w, str(d / WEIGHTS))
+
+
 CORRUPT = {  # name -> (break the copy, a word the message must contain)
+    "st-nan": (_nan, "NaN or infinite values"),
+    "cfg-nvt-over-positions": (_set(num_virtual_tokens=4096), "virtual tokens"),
     "st-random": (_weights(os.urandom(4096)), "safetensors"),
     "st-truncated": (lambda d: (d / WEIGHTS).write_bytes((d / WEIGHTS).read_bytes()[:200]), "safetensors"),
     "st-header-2e62": (_weights(_header(1 << 62, b"{}")), "safetensors"),

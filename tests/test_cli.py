@@ -103,6 +103,16 @@ def test_run_unknown_task_is_a_clear_error(deployed):
     assert "unknown task 'nope'; this deployment serves: pt, prefix, mpt/0, mpt/1, mpt/2, ptmlp" in proc.stderr
 
 
+def test_a_damaged_task_store_is_a_one_line_error(deployed, tmp_path):
+    out, _ = deployed
+    shutil.copytree(out, tmp_path / "d")
+    store = tmp_path / "d" / "tasks.sqlite"
+    store.write_bytes(store.read_bytes()[:3000])  # truncated, as by a full disk or a broken copy
+    proc = promptmux("tasks", tmp_path / "d", "list", check=False)
+    assert proc.returncode == 2 and "cannot be read" in proc.stderr and "restore it from a backup" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_tasks_add_then_remove_without_reexport(deployed, setup, monkeypatch):
     """Either order of action and folder; a relative adapter path is recorded absolute; a clash names --replace."""
     out, _ = deployed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -114,9 +115,38 @@ def test_modules_to_save_outside_the_head_is_refused(bert, tmp_path):
         load_adapter("x", d, bert["config"])
 
 
-def test_bad_task_names(bert):
-    with pytest.raises(AdapterError, match="task name 'a/b' is not allowed"):
-        load_adapter("a/b", bert["pt"], bert["config"])
+@pytest.mark.parametrize("name", ["a/b", "a\nb", "tab\there", " padded"])
+def test_bad_task_names(bert, name):
+    with pytest.raises(AdapterError, match=re.escape(f"task name {name!r} is not allowed")):
+        load_adapter(name, bert["pt"], bert["config"])
+
+
+def _edit_weights(src, dst, change):
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dst)
+    w = load_file(str(dst / "adapter_model.safetensors"))
+    save_file(change(w), str(dst / "adapter_model.safetensors"))
+    return dst
+
+
+def test_a_head_whose_bias_does_not_fit_its_weight_is_refused(bert, tmp_path):
+    def widen(w):
+        key = next(k for k in w if k.endswith("classifier.bias"))
+        return {**w, key: np.zeros(w[key].shape[0] + 2, np.float32)}
+
+    d = _edit_weights(bert["pt"], tmp_path / "bias", widen)
+    with pytest.raises(AdapterError, match=r"classifier.bias size is \d+ in the adapter but \d+ in classifier.weight"):
+        load_adapter("x", d, bert["config"])
+
+
+def test_labels_that_do_not_fit_the_base_head_are_refused_where_the_adapter_saves_none(bert, tmp_path):
+    d = _edit_weights(bert["pt"], tmp_path / "nohead",
+                      lambda w: {k: v for k, v in w.items() if "classifier" not in k})
+    (d / "labels.json").write_text(json.dumps({"id2label": {"0": "only"}}))
+    with pytest.raises(AdapterError, match=r"names 1 labels but the base model's head \(the adapter saves none\) "
+                                           rf"has {bert['config'].num_labels} outputs"):
+        load_adapter("x", d, bert["config"])
 
 
 def test_unsupported_model_family(tmp_path):

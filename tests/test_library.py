@@ -461,3 +461,19 @@ def test_store_of_the_first_store_version_gets_its_retrieval_vectors_migrated(tm
     query = "u3"
     assert [r["task"] for r in top_tasks(old, None, query, "avg-cosine", 4)] == \
         [r["task"] for r in rank_tasks(old, None, query, "avg-cosine")[:4]]
+
+
+def test_an_unknown_query_or_source_in_a_large_bank_is_counted_not_listed(lib, tmp_path):
+    from conftest import copy_deployment
+
+    from promptmux import Runtime
+
+    deploy = copy_deployment(lib["deploy"], tmp_path / "deploy")
+    rt = Runtime(deploy)
+    for i in range(4):  # 12 tasks: past the 10 an error lists
+        rt.add_task(f"user{i}", lib["adapters"]["pt"], persist=True)
+    with pytest.raises(LibraryError, match=r"neither a task of this bank \(this deployment serves 12 tasks") as e:
+        similar_tasks(deploy, "typo")
+    assert "user0" not in str(e.value)
+    with pytest.raises(LibraryError, match=r"--from 'typo' names no task of this bank \(this deployment serves 12"):
+        init_adapter(deploy, lib["base"], tmp_path / "t", from_task="typo")
