@@ -162,6 +162,27 @@ def test_grpc_typed_contents_are_read_like_raw_ones(server):
     assert got == [r["label_id"] for r in _v1(server, "pt", ["new phones", "flat jokes"])]
 
 
+def test_grpc_shape_of_more_elements_than_int64_holds_is_a_bad_request(server):
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as rpc
+
+    tensor = pb.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[1 << 32, 1 << 32])
+    with grpc.insecure_channel(server.grpc) as channel, pytest.raises(grpc.RpcError) as e:
+        rpc.GRPCInferenceServiceStub(channel).ModelInfer(pb.ModelInferRequest(model_name="pt", inputs=[tensor]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "more than a request carries" in e.value.details()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_versioned_model_routes_serve_version_1(server, clients, protocol):
+    module, client = clients[protocol]
+    assert client.is_model_ready("mpt/1", model_version="1") and not client.is_model_ready("pt", model_version="2")
+    md = client.get_model_metadata("pt", model_version="1", **({"as_json": True} if protocol == "grpc" else {}))
+    assert md["name"] == "pt"
+    got = client.infer("pt", [_text_input(module, TEXTS[:1])], model_version="1")
+    assert got.as_numpy("label_id").shape == (1,)
+
+
 LOAD = int(os.environ.get("PROMPTMUX_TEST_V2_LOAD", "1000"))  # the size (about 5 s on 2 cores)
 
 
@@ -221,7 +242,9 @@ def test_v2_http_json_and_errors_in_the_protocols_body(server):
     scores = np.array(out["scores"]["data"], np.float32).reshape(out["scores"]["shape"])
     _same_scores(scores, [w["scores"] for w in want])
     for bad, words in (({"inputs": []}, "inputs:"), ({**body, "outputs": [{"name": "logits"}]}, "outputs[0].name"),
-                       ({"inputs": [{**body["inputs"][0], "shape": [3]}]}, "2 values for shape [3]")):
+                       ({"inputs": [{**body["inputs"][0], "shape": [3]}]}, "2 values for shape [3]"),
+                       ({"inputs": [{**body["inputs"][0], "shape": [1 << 32, 1 << 32], "data": []}]},
+                        "more than a request carries")):  # numpy's product of that shape wraps to 0
         r = httpx.post(server.url + "/v2/models/pt/infer", json=bad)
         assert r.status_code == 400 and words in r.json()["error"], r.text
     r = httpx.post(server.url + "/v2/models/pt/infer", content=b"{not json")

@@ -19,7 +19,7 @@ import numpy as np
 
 from .api_errors import ApiError
 from .kserve import OUTPUT_TYPES, check_version, infer, metric_task, model_metadata, server_metadata
-from .kserve_tensors import DTYPES, bad, decode_bytes, encode_bytes
+from .kserve_tensors import DTYPES, bad, decode_bytes, element_count, encode_bytes
 
 log = logging.getLogger("promptmux.serve")
 
@@ -63,7 +63,7 @@ def _inputs(request) -> dict[str, np.ndarray]:
         shape = list(tensor.shape)
         if any(d < 0 for d in shape):
             raise bad(f"{field}.shape", "give the shape as whole numbers, 0 or more")
-        count = int(np.prod(shape)) if shape else 1
+        count = element_count(shape, field)
         if raw:
             if tensor.datatype == "BYTES":
                 array = decode_bytes(raw[i], count, field)
@@ -135,8 +135,8 @@ def servicer(app, metrics):
 
         async def ModelReady(self, request, context):
             async def work():
-                check_version(request.version)
-                try:
+                try:  # an unknown task or version is a model that is not ready, as over HTTP (a 404 there)
+                    check_version(request.version)
                     engine().capture(request.name, "name")
                 except ApiError as e:
                     if e.status == 404:

@@ -45,15 +45,17 @@ def add_kserve_routes(app: FastAPI, options: ServeOptions, metrics: Metrics) -> 
         engine_of(request)
         return {"ready": True}
 
-    @app.get("/v2/models/{task:path}/versions/{version}/ready", summary="KServe v2: a task's readiness")
+    # The unversioned route is the outer decorator, so registered last: decorators apply from the bottom, and
+    # {task:path} would otherwise take "pt/versions/1" for a task's name (the versioned routes answered 404).
     @app.get("/v2/models/{task:path}/ready", summary="KServe v2: a task's readiness")
+    @app.get("/v2/models/{task:path}/versions/{version}/ready", summary="KServe v2: a task's readiness")
     async def v2_model_ready(task: str, request: Request, version: str | None = None):
         check_version(version)
         engine_of(request).capture(task, "model_name")  # 404 if unknown: a task added at run time is ready at once
         return {"name": task, "ready": True}
 
-    @app.post("/v2/models/{task:path}/versions/{version}/infer", summary="KServe v2: classify")
     @app.post("/v2/models/{task:path}/infer", summary="KServe v2: classify (JSON or binary tensors)")
+    @app.post("/v2/models/{task:path}/versions/{version}/infer", summary="KServe v2: classify")
     async def v2_infer(task: str, request: Request, version: str | None = None):
         check_version(version)
         engine = engine_of(request)
@@ -109,8 +111,8 @@ def add_kserve_routes(app: FastAPI, options: ServeOptions, metrics: Metrics) -> 
         return CancelOnClose(_events(job, task, options.request_timeout, metrics), on_close=on_close,
                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    @app.get("/v2/models/{task:path}/versions/{version}", summary="KServe v2: a task's metadata")
     @app.get("/v2/models/{task:path}", summary="KServe v2: a task's metadata (inputs, outputs)")
+    @app.get("/v2/models/{task:path}/versions/{version}", summary="KServe v2: a task's metadata")
     async def v2_model(task: str, request: Request, version: str | None = None):
         check_version(version)
         return model_metadata(engine_of(request), task)

@@ -10,6 +10,7 @@ request's `parameters.binary_data_output` is true). Every fault raises ApiError(
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import numpy as np
@@ -32,6 +33,15 @@ def _shape(tensor: dict, field: str) -> list[int]:
                                               for d in shape):
         raise bad(f"{field}.shape", "give the shape as a list of whole numbers, 0 or more")
     return shape
+
+
+def element_count(shape: list[int], field: str) -> int:
+    """The elements a shape holds, counted in Python's integers: numpy's product wraps past 2**63 (to 0 for
+    [2**32, 2**32], which then passed the data checks and failed reshaping, a 500)."""
+    count = math.prod(int(d) for d in shape)
+    if count > 1 << 31:
+        raise bad(f"{field}.shape", f"shape {shape} holds {count:,} elements, more than a request carries")
+    return count
 
 
 def decode_bytes(raw: bytes, count: int, field: str) -> np.ndarray:
@@ -121,7 +131,7 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[dict, dict[st
         if dtype not in DTYPES:
             raise bad(f"{field}.datatype", f"unknown datatype {dtype!r}; one of {', '.join(DTYPES)}")
         shape = _shape(tensor, field)
-        count = int(np.prod(shape)) if shape else 1
+        count = element_count(shape, field)
         size = parameters_of(tensor, field).get("binary_data_size")
         if size is None:
             array = _from_json(tensor, dtype, count, field)
