@@ -192,6 +192,7 @@ class Scheduler:
                 log.exception("worker error")
                 jobs[0].resolve(error=e)
             else:  # no request fails another: each job of the batch runs again alone, only the culprit fails
+                log.warning("a batch of %d requests failed (%r); each runs again alone", len(jobs), e)
                 for job in jobs:
                     self._safely(fn, [job])
 
@@ -244,9 +245,10 @@ class Scheduler:
             ids[i, :len(r)] = r
             mask[i, :len(r)] = 1
         types = None
-        if jobs[0].types is not None:
+        if any(j.types is not None for j in jobs):  # rows without (v2 input_ids) have segment 0, as alone
             types = np.zeros_like(ids)
-            for i, r in enumerate(t for j in jobs for t in j.types):
+            rows_types = (t for j in jobs for t in (j.types if j.types is not None else [()] * len(j.ids)))
+            for i, r in enumerate(rows_types):
                 types[i, :len(r)] = r
         # No bank_key: a batch may hold views of different bank versions, so device sessions must not serve
         # it from prompts they keep resident per (version, tasks).

@@ -275,6 +275,30 @@ def test_mixed_task_generation_load_with_hot_swap(text_deployments, gpt2_server)
     assert _sample(m, "promptmux_running_rows") == 0 and _sample(m, "promptmux_queue_depth", queue="generate") == 0
 
 
+def test_a_classify_batch_of_rows_with_and_without_token_types_runs_as_one(text_deployments, monkeypatch):
+    """/v1 text rows carry the tokenizer's token_type_ids, v2 input_ids rows none: one batch, the latter segment 0
+    as alone (it raised, and each request ran again alone, unlogged)."""
+    from promptmux.runtime import scheduler
+    from promptmux.runtime.batch import label_scores, run_batch
+
+    rt = Runtime(text_deployments["bert"].deploy)
+    calls = []
+    monkeypatch.setattr(scheduler, "run_batch", lambda *a, **k: calls.append(1) or run_batch(*a, **k))
+    loop = asyncio.new_event_loop()
+    rows = [([[5, 6, 7]], [[0, 0, 1]], "pt"), ([[8, 9]], None, "prefix")]
+    jobs = [scheduler.ClassifyJob(ids=ids, types=types, view=rt.bank.view(t), deadline=time.monotonic() + 60,
+                                  loop=loop, future=loop.create_future()) for ids, types, t in rows]
+    scheduler.Scheduler(rt)._classify(jobs)
+    loop.run_until_complete(asyncio.sleep(0))
+    assert calls == [1]
+    for job, (ids, types, t) in zip(jobs, rows):
+        alone = rt.forward(np.array(ids), np.ones((1, len(ids[0])), np.int64), t,
+                           None if types is None else np.array(types))
+        assert job.future.result()[0]["label"] == label_scores(job.view, alone[0])["label"]
+        assert np.allclose(job.future.result()[0]["scores"], label_scores(job.view, alone[0])["scores"], atol=1e-5)
+    loop.close()
+
+
 def test_a_request_of_another_task_joins_the_running_decoding_steps(text_deployments):
     """Continuous batching across tasks at the server: a request of one task arrives while another task's row is
     decoding (each step 20 ms slower, so it still is), joins that row's steps, and both get their alone results. Under
