@@ -621,6 +621,21 @@ def test_slow_and_abusive_clients_are_bounded(text_deployments):
         assert httpx.get(server.url + "/openapi.json").status_code == 200
 
 
+def test_a_pipelined_request_slower_than_the_header_timeout_is_answered(text_deployments):
+    """HTTP/1.1 pipelining: the second request, read whole while the first ran, runs once the first is answered;
+    the header timeout is not armed again for it (it was answered 408 after --header-timeout)."""
+    d = text_deployments["bert"]
+    with running_server(d.deploy, "--header-timeout", "1", "--max-batch", "64", "--max-wait-ms", "1500") as server:
+        body = b'{"task": "pt", "text": "a"}'
+
+        def request(connection: bytes) -> bytes:
+            return (b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: "
+                    + connection + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+        out, _ = raw_exchange(server.url, request(b"keep-alive") + request(b"close"), wait=30)
+    assert out.count(b"HTTP/1.1 200") == 2 and b"408" not in out, out[:300]
+
+
 def test_timeout_and_client_disconnect(text_deployments):
     d = text_deployments["bert"]
     # A batch that waits 60 s to fill: the request's 0.5 s timeout answers it, well inside the client's 20 s.

@@ -100,8 +100,9 @@ class GuardedHttpTools(HttpToolsProtocol):
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
+        pipelined = bool(self.pipeline)  # a request read while this one ran starts now: its head came already
         super().on_response_complete()
-        if not self.transport.is_closing():
+        if not self.transport.is_closing() and not pipelined:
             self._await_head()
 
     def connection_lost(self, exc) -> None:
