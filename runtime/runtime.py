@@ -86,8 +86,8 @@ class Runtime:
     precision: "fp32" (exact, the default), "bf16" (OpenVINO on AMX/AVX512-BF16 CPUs), "int8" (ONNX Runtime:
     int8 weights and products, for classifiers and causal-LM decoding) or "fast" (the fastest of them that meets
     its contract on this CPU, measured once per CPU kind; `fast` holds the record; runtime/fast.py). A non-exact
-    precision is measured against fp32 the first time it runs on a deployment (on `calibration`: texts, or
-    generated inputs when None); the result is kept in the manifest (`contract`); a miss warns, or raises
+    precision is measured against fp32 the first time it runs on a deployment (on `calibration`: texts, rows
+    per task, or a calibration file's path; generated inputs when None); the result is kept in the manifest (`contract`); a miss warns, or raises
     PrecisionError with strict=True. See runtime/precision.py.
 
     bank_cache_mb: the task views kept in RAM (least recently used go first; default 256 MB). Tasks are read from
