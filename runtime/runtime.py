@@ -87,8 +87,8 @@ class Runtime:
     int8 weights and products, for classifiers and causal-LM decoding) or "fast" (the fastest of them that meets
     its contract on this CPU, measured once per CPU kind; `fast` holds the record; runtime/fast.py). A non-exact
     precision is measured against fp32 the first time it runs on a deployment (on `calibration`: texts, rows
-    per task, or a calibration file's path; generated inputs when None); the result is kept in the manifest (`contract`); a miss warns, or raises
-    PrecisionError with strict=True. See runtime/precision.py.
+    per task, or a calibration file's path; generated inputs when None); the result is kept in the manifest
+    (`contract`); a miss warns, or raises PrecisionError with strict=True. See runtime/precision.py.
 
     bank_cache_mb: the task views kept in RAM (least recently used go first; default 256 MB). Tasks are read from
     the deployment's store when first used, so a deployment of a million tasks opens as fast as one of two.
@@ -125,6 +125,8 @@ class Runtime:
             self.manifest = read_manifest(self.dir)  # with the contracts and the choice just recorded
             calibration = None  # the chosen precision's contract was measured on it (and the deployment keeps it)
         self.backend, self.backend_reason = choose_backend(backend, precision, self.spec.family.name)
+        if self.fast and self.fast.get("backend") and self.backend_reason == "requested":  # fast's, not the user's
+            self.backend_reason = f"precision fast chose {precision} on it on this CPU"
         self.precision = precision
         self.int8_fp32_layers = fp32_layers(self.manifest) if precision == "int8" else ()  # accuracy_control.py
         self.device_id = device_id

@@ -902,6 +902,7 @@ def test_fast_runs_the_fastest_precision_that_meets_its_contract_and_records_it_
     want = passed[0] if passed else "fp32"
     assert other.fast["choice"] == want
     assert (other.precision, other.backend) == fast.CANDIDATES[want] if passed else other.precision == "fp32"
+    assert not other.fast["backend"] or other.backend_reason.startswith("precision fast chose")  # not "requested"
     assert set(json.loads((deploy / "manifest.json").read_text())["fast"]) == {here, "Another CPU: avx2=yes"}
     # Timed there within fast.TIE of each other (int8 fastest), the candidate that kept most of fp32's answers wins;
     # with equal shares, the fastest (chosen again on that CPU, its contracts as recorded).
