@@ -190,6 +190,10 @@ class VectorIndex:
             with self.bank.lock:
                 if state["store_id"] != self._store_id():  # a snapshot of another store: the folder was reused
                     return False
+                if not self._same_history(state):
+                    log.warning("the retrieval index in %s is ahead of the task store (restored from a backup?); "
+                                "rebuilding it from the store", folder)
+                    return False
             gen = state["generation"]
             ids = np.load(folder / f"{gen}-ids.npy", mmap_mode="r")
             mats = {col: np.load(folder / f"{gen}-{col}.npy", mmap_mode="r") for col in ("avg", "tok")}
@@ -203,6 +207,21 @@ class VectorIndex:
         self.alive = np.ones(len(ids), bool)
         self.last_id, self.last_gone = state["last_id"], state["last_gone"]
         return True
+
+    def _same_history(self, state: dict) -> bool:
+        """Whether the store still holds the rows the snapshot was made from. A store restored from a backup keeps
+        its store_id but goes back in time, and its next rows reuse ids the snapshot already holds: the row at the
+        snapshot's last id must be the one it saw (or removed since), and the store's counters not behind it."""
+        db = self.bank.db
+        seq = dict(db.execute("SELECT name, seq FROM sqlite_sequence WHERE name IN ('vectors', 'vectors_gone')"))
+        if seq.get("vectors", 0) < state["last_id"] or seq.get("vectors_gone", 0) < state["last_gone"]:
+            return False
+        if "last_name" not in state or not state["last_id"]:  # an older snapshot, or an empty one
+            return True
+        row = db.execute("SELECT name FROM vectors WHERE id = ?", (state["last_id"],)).fetchone()
+        if row is not None:
+            return row[0] == state["last_name"]
+        return db.execute("SELECT 1 FROM vectors_gone WHERE id = ?", (state["last_id"],)).fetchone() is not None
 
     def _write_snapshot(self) -> None:
         """Write the base as a new generation of files, then point index.json at it (a rename: readers see the old
@@ -223,8 +242,10 @@ class VectorIndex:
                 np.save(folder / f"{gen}-ids.npy", np.ascontiguousarray(self.ids))
                 for col, m in self.mats.items():
                     np.save(folder / f"{gen}-{col}.npy", np.ascontiguousarray(m))
+                with self.bank.lock:
+                    last = self.bank.db.execute("SELECT name FROM vectors WHERE id = ?", (self.last_id,)).fetchone()
                 state = {"store_id": store_id, "generation": gen, "rows": len(self.ids), "dim": self.dim,
-                         "last_id": self.last_id, "last_gone": self.last_gone}
+                         "last_id": self.last_id, "last_gone": self.last_gone, "last_name": last and last[0]}
                 write_durably(folder / "index.json", json.dumps(state))
                 for p in folder.glob("*.npy"):
                     if not p.name.startswith(gen + "-"):

@@ -437,6 +437,51 @@ def test_retrieval_index_snapshot_follows_other_processes_changes(tmp_path, monk
     assert "ignoring the retrieval index" in caplog.text
 
 
+@pytest.mark.parametrize("added_after_restore", [1, 80])
+def test_a_store_restored_from_a_backup_has_its_retrieval_index_rebuilt(tmp_path, monkeypatch, added_after_restore):
+    """A backup keeps the store's id, and the rows added after the restore reuse ids the snapshot (written before
+    the restore) already holds: a query ranked from it missed them. Fewer or more of them than were lost."""
+    import shutil
+
+    from promptmux.core import vector_index
+    from promptmux.core.archs import arch_for
+    from promptmux.core.bank import PromptBank
+    from promptmux.library.retrieval import top_tasks
+
+    monkeypatch.setattr(vector_index, "SNAPSHOT_MIN", 50)
+    monkeypatch.setattr(vector_index, "REWRITE_MIN", 30)
+    spec = arch_for("llama")
+    PromptBank(spec).save(tmp_path)
+    writer = PromptBank.load(tmp_path, spec)
+    writer.add(_vector_bank(60, 0))
+    query = np.random.default_rng(9).standard_normal((2, 16)).astype(np.float32)
+    reader = PromptBank.load(tmp_path, spec)
+    top_tasks(reader, None, query, "avg-cosine", 3)  # the first snapshot, and the store's id
+    writer.close()
+    reader.close()
+    shutil.copy(tmp_path / "tasks.sqlite", tmp_path / "backup.sqlite")  # the backup, its log checkpointed
+    writer, reader = PromptBank.load(tmp_path, spec), PromptBank.load(tmp_path, spec)
+    top_tasks(reader, None, query, "avg-cosine", 3)
+    writer.add(_vector_bank(40, 1, start=100))
+    top_tasks(reader, None, query, "avg-cosine", 3)  # 40 changes: folded into a new snapshot of 100 rows
+    assert json.loads((tmp_path / "retrieval" / "index.json").read_text())["last_id"] == 100
+    writer.close()
+    reader.close()
+    for suffix in ("", "-wal", "-shm"):  # restored
+        (tmp_path / f"tasks.sqlite{suffix}").unlink(missing_ok=True)
+    shutil.copy(tmp_path / "backup.sqlite", tmp_path / "tasks.sqlite")
+    writer = PromptBank.load(tmp_path, spec)
+    added = _vector_bank(added_after_restore, 2, start=500)
+    writer.add(added)
+    bank = PromptBank.load(tmp_path, spec)
+    top_tasks(bank, None, added[0].tensors["prompt"], "avg-cosine", 1)
+    index = bank.vector_index()  # what every query ranks from: the store's rows, each with its own vector
+    rows = {int(i): np.asarray(index.mats["avg"][k]) for k, i in enumerate(index.ids) if index.alive[k]}
+    rows.update({int(i): v[0] for i, v in index.extra.items()})
+    store = {i: vector_index._f32(avg) for i, avg in bank.db.execute("SELECT id, avg FROM vectors")}
+    assert sorted(rows) == sorted(store) and all(np.allclose(rows[i], store[i]) for i in store)
+
+
 def test_store_of_the_first_store_version_gets_its_retrieval_vectors_migrated(tmp_path):
     """A store written before retrieval vectors had ids (their table was `summaries`) opens with them moved, and
     ranks as before."""
