@@ -381,22 +381,31 @@ def _vector_bank(n, seed, start=0):
             for i in range(start, start + n)]
 
 
+def _store_with_a_snapshot_index(folder, monkeypatch, rows: int):
+    """(spec, a writer bank) on a store of `rows` vector tasks in folder, the retrieval index's thresholds lowered so
+    that it keeps a snapshot from 50 rows (rewritten after 30 changes)."""
+    from promptmux.core import vector_index
+    from promptmux.core.archs import arch_for
+    from promptmux.core.bank import PromptBank
+
+    monkeypatch.setattr(vector_index, "SNAPSHOT_MIN", 50)
+    monkeypatch.setattr(vector_index, "REWRITE_MIN", 30)
+    spec = arch_for("llama")
+    PromptBank(spec).save(folder)
+    writer = PromptBank.load(folder, spec)
+    writer.add(_vector_bank(rows, 0))
+    return spec, writer
+
+
 def test_retrieval_index_snapshot_follows_other_processes_changes(tmp_path, monkeypatch, caplog):
     """The retrieval index kept beside the store (thresholds lowered so 120 tasks get one): a fresh bank ranks from
     the memory-mapped snapshot, catches up with adds, removals and replacements made through another bank, folds
     them into a new snapshot once they are many, ignores a snapshot of another store or a damaged one, and always
     answers as scoring every prompt does."""
-    from promptmux.core import vector_index
-    from promptmux.core.archs import arch_for
     from promptmux.core.bank import PromptBank
     from promptmux.library.retrieval import rank_tasks, top_tasks
 
-    monkeypatch.setattr(vector_index, "SNAPSHOT_MIN", 50)
-    monkeypatch.setattr(vector_index, "REWRITE_MIN", 30)
-    spec = arch_for("llama")
-    PromptBank(spec).save(tmp_path)
-    writer = PromptBank.load(tmp_path, spec)
-    writer.add(_vector_bank(120, 0))
+    spec, writer = _store_with_a_snapshot_index(tmp_path, monkeypatch, 120)
     query = np.random.default_rng(9).standard_normal((2, 16)).astype(np.float32)
 
     def same(bank):
@@ -444,16 +453,10 @@ def test_a_store_restored_from_a_backup_has_its_retrieval_index_rebuilt(tmp_path
     import shutil
 
     from promptmux.core import vector_index
-    from promptmux.core.archs import arch_for
     from promptmux.core.bank import PromptBank
     from promptmux.library.retrieval import top_tasks
 
-    monkeypatch.setattr(vector_index, "SNAPSHOT_MIN", 50)
-    monkeypatch.setattr(vector_index, "REWRITE_MIN", 30)
-    spec = arch_for("llama")
-    PromptBank(spec).save(tmp_path)
-    writer = PromptBank.load(tmp_path, spec)
-    writer.add(_vector_bank(60, 0))
+    spec, writer = _store_with_a_snapshot_index(tmp_path, monkeypatch, 60)
     query = np.random.default_rng(9).standard_normal((2, 16)).astype(np.float32)
     reader = PromptBank.load(tmp_path, spec)
     top_tasks(reader, None, query, "avg-cosine", 3)  # the first snapshot, and the store's id

@@ -1028,6 +1028,25 @@ def test_a_large_banks_contract_measures_a_sample_of_its_tasks(deployment, tmp_p
     assert calls == [1, 1] and again["digests"] != contract["digests"] and again["tasks_measured"] == 2
 
 
+class _OneTaskBank:
+    """A bank of one task, "a", whose prompt has this digest (what a recorded contract's `covers` reads)."""
+
+    def __init__(self, digest: str):
+        self.d = digest
+
+    def __len__(self):
+        return 1
+
+    def __contains__(self, task):
+        return task == "a"
+
+    def names(self):
+        return ["a"]
+
+    def digest(self, task):
+        return self.d
+
+
 def test_fasts_choice_is_made_again_when_a_contract_it_was_made_from_no_longer_holds():
     """Not only the chosen precision's contract being recorded as passed: a task changed (or other calibration
     given) would have it measured again at open, and maybe miss while fast ran it; where fp32 was chosen for a
@@ -1038,22 +1057,6 @@ def test_fasts_choice_is_made_again_when_a_contract_it_was_made_from_no_longer_h
 
     family = SimpleNamespace(classifies=True, int8_full_sequence=True)
 
-    class Bank:
-        def __init__(self, digest):
-            self.d = digest
-
-        def __len__(self):
-            return 1
-
-        def __contains__(self, task):
-            return task == "a"
-
-        def names(self):
-            return ["a"]
-
-        def digest(self, task):
-            return self.d
-
     def entry(backend, precision, passed, **more):
         return {"recipe": P.recipe(backend, precision, family), "cpu": cpu.describe(), "method": P.METHOD,
                 "digests": {"a": "d1"}, "passed": passed, "calibration": {"sha256": "rows1"}, **more}
@@ -1063,13 +1066,13 @@ def test_fasts_choice_is_made_again_when_a_contract_it_was_made_from_no_longer_h
     record = {"precision": "int8", "choice": "int8",
               "candidates": {"int8": {"runs": True, "backend": "onnxruntime"},
                              "int8/openvino": {"runs": True, "backend": "openvino"}, "bf16": {"runs": False}}}
-    assert fast._still_holds(manifest, record, Bank("d1"), family, None)
-    assert fast._still_holds(manifest, record, Bank("d1"), family, "rows1")
-    assert not fast._still_holds(manifest, record, Bank("d2"), family, None)  # the task changed
-    assert not fast._still_holds(manifest, record, Bank("d1"), family, "rows2")  # other calibration given
+    assert fast._still_holds(manifest, record, _OneTaskBank("d1"), family, None)
+    assert fast._still_holds(manifest, record, _OneTaskBank("d1"), family, "rows1")
+    assert not fast._still_holds(manifest, record, _OneTaskBank("d2"), family, None)  # the task changed
+    assert not fast._still_holds(manifest, record, _OneTaskBank("d1"), family, "rows2")  # other calibration given
     fp32 = {**record, "precision": "fp32", "choice": "fp32"}
-    assert fast._still_holds(manifest, fp32, Bank("d1"), family, None)
-    assert not fast._still_holds(manifest, fp32, Bank("d2"), family, None)
+    assert fast._still_holds(manifest, fp32, _OneTaskBank("d1"), family, None)
+    assert not fast._still_holds(manifest, fp32, _OneTaskBank("d2"), family, None)
 
 
 def test_a_contract_measured_again_at_open_says_why():
@@ -1079,25 +1082,12 @@ def test_a_contract_measured_again_at_open_says_why():
 
     family = SimpleNamespace(classifies=False, int8_full_sequence=False)
 
-    class Bank:  # one task, "a", unchanged since the contract measured it
-        def __len__(self):
-            return 1
-
-        def __contains__(self, task):
-            return task == "a"
-
-        def names(self):
-            return ["a"]
-
-        def digest(self, task):
-            return "d1"
-
     holds = {"recipe": P.recipe("onnxruntime", "int8", family), "cpu": cpu.describe(), "method": P.METHOD,
              "digests": {"a": "d1"}}
-    assert P.stale(holds, "onnxruntime", "int8", Bank(), family) is None
+    assert P.stale(holds, "onnxruntime", "int8", _OneTaskBank("d1"), family) is None  # "a" unchanged
     for entry, why in ((None, "no contract is recorded"), ({**holds, "recipe": "older"}, "made on other graphs"),
                        ({**holds, "cpu": "Other CPU"}, "on another CPU (Other CPU)"),
                        ({**holds, "method": P.METHOD - 1}, f"method ({P.METHOD - 1}, now {P.METHOD})"),
                        ({**holds, "digests": {"a": "d0"}}, "the tasks changed"),
                        ({**holds, "accuracy_control": {"deferred": True}}, "search was deferred")):
-        assert why in P.stale(entry, "onnxruntime", "int8", Bank(), family), why
+        assert why in P.stale(entry, "onnxruntime", "int8", _OneTaskBank("d1"), family), why
