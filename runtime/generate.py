@@ -28,7 +28,7 @@ from .errors import InputError
 from .kv_cache import DEFAULT_KV_CACHE_BYTES, PromptKVCache
 from .sampling import SamplingParams, pick  # noqa: F401 (callers import them from here too)
 from .sessions import host
-from .text import model_eos, warn_unapplied
+from .text import generation_defaults
 
 
 def _stop_cut(text: str, stops: Sequence[str]) -> int | None:
@@ -61,8 +61,8 @@ class Generator(RuntimeBound):
         # what prefill counts in runtime.graph_runs: the file that runs (decoder.int8.onnx at int8)
         self.graph_file = getattr(session, "graph_file", None) or runtime.manifest["decoder"]["file"]
         self.layers = runtime.dims.num_layers
-        self._offset, self.model_eos = position_offset(runtime.config), model_eos(runtime.dir, runtime.config)
-        warn_unapplied(runtime.dir)
+        self._offset = position_offset(runtime.config)
+        self.model_eos = generation_defaults(runtime.dir, runtime.config)
         self.kv = PromptKVCache(getattr(runtime, "kv_cache_bytes", DEFAULT_KV_CACHE_BYTES))
 
     # ---- prompt key/values ----------------------------------------------------------------
@@ -200,7 +200,8 @@ class Generator(RuntimeBound):
 
 
 def eos_ids(params: SamplingParams, model_eos) -> np.ndarray:
-    """The token ids that end a row: the request's, else the model's (text.model_eos; none: to max_new_tokens)."""
+    """The token ids that end a row: the request's, else the model's (text.generation_defaults; none: generate to
+    max_new_tokens)."""
     eos = params.eos_token_id if params.eos_token_id is not None else model_eos
     if eos is None:
         return np.array([], np.int64)

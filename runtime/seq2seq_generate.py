@@ -18,7 +18,7 @@ from promptmux.core.task import Task
 from promptmux.kinds import kind_of
 
 from .generate import RuntimeBound, SamplingParams, eos_ids, pick
-from .text import warn_unapplied
+from .text import generation_defaults
 
 
 def decoder_prefix(views: list[Task], layers: int, heads: int, head_dim: int):
@@ -65,8 +65,7 @@ class Seq2SeqGenerator(RuntimeBound):
         # The first and last new tokens transformers' generate forces (BART's generation config: EOS last).
         gen = generation_config(runtime.dir)
         self.forced_first, self.forced_last = gen.forced_bos_token_id, gen.forced_eos_token_id
-        self.model_eos = gen.eos_token_id if gen.eos_token_id is not None else getattr(cfg, "eos_token_id", None)
-        warn_unapplied(runtime.dir)  # BART's summarisation configs: num_beams, no_repeat_ngram_size, min_length
+        self.model_eos = generation_defaults(runtime.dir, cfg)  # and BART's num_beams, min_length... named
 
     def eos_for(self, params: SamplingParams) -> np.ndarray:
         return eos_ids(params, self.model_eos)

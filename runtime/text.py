@@ -1,5 +1,5 @@
 """Text in and out: the deployment's tokenizer, the one rule for text that does not fit the model's positions, and
-the token ids that end a row by default (model_eos)."""
+the token ids that end a row by default (generation_defaults)."""
 
 from __future__ import annotations
 
@@ -40,8 +40,11 @@ UNAPPLIED = {"repetition_penalty": 1.0, "num_beams": 1, "no_repeat_ngram_size": 
              "min_length": 0, "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None}
 
 
-def warn_unapplied(deploy_dir: str | Path) -> None:
-    """Warn, naming them, where the deployment's generation config sets what promptmux does not apply (UNAPPLIED)."""
+def generation_defaults(deploy_dir: str | Path, config):
+    """The token id(s) that end a row by default, as transformers' generate reads them: the generation config's
+    (copied from the base model at export; an instruct model's may add its end of turn, as Llama 3's and Qwen2's
+    do), else the model config's. Read once per generator, which is also when a warning names the settings of the
+    generation config that promptmux does not apply (UNAPPLIED)."""
     path = Path(deploy_dir) / "generation_config.json"
     gen = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     unapplied = {k: gen[k] for k, neutral in UNAPPLIED.items() if gen.get(k, neutral) not in (neutral, None, [])}
@@ -49,12 +52,5 @@ def warn_unapplied(deploy_dir: str | Path) -> None:
         logging.getLogger("promptmux.runtime").warning(
             "generation_config.json sets %s, which promptmux does not apply: tokens will differ from transformers' "
             "(and PEFT's) generate", ", ".join(f"{k}={v!r}" for k, v in unapplied.items()))
-
-
-def model_eos(deploy_dir: str | Path, config):
-    """The token id(s) that end a row by default, as transformers' generate reads them: the generation config's
-    (copied from the base model at export; an instruct model's may add its end of turn, as Llama 3's and Qwen2's
-    do), else the model config's."""
-    path = Path(deploy_dir) / "generation_config.json"
-    eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id") if path.is_file() else None
+    eos = gen.get("eos_token_id")
     return eos if eos is not None else getattr(config, "eos_token_id", None)
