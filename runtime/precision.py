@@ -42,7 +42,6 @@ from .calibration import (  # noqa: F401 (CALIBRATION_ROWS, calibration_texts: r
     check_rows,
     classifier_batches,
     generated_ids,
-    given_items,
     gives_answer,
     item_lines,
     items_digest,
@@ -322,10 +321,10 @@ def calibrate(fast, items: list | None = None, source: str | None = None) -> dic
 def contract(rt: Runtime, strict: bool, calibration=None) -> dict:
     """The runtime's precision contract: the manifest's, or measured now, saying why (stale(), calibration given or
     changed), on `calibration`, else the deployment's calibration.jsonl or calibration.txt, else generated inputs.
-    calibration: texts, and/or rows {"task", "text"[, "label"]} (a language model's label: the answer's text)."""
+    calibration: texts, and/or rows {"task", "text"[, "label"]} (a language model's label: the answer's text), as
+    calibration.given_items() gives them back (Runtime normalises them once, before fast's choice reads them too)."""
     from promptmux.core.folder import MANIFEST
 
-    calibration = given_items(calibration)  # measured exactly as the deployment's file will give them back
     items, source, kept = calibration, "the given texts", None
     for name in (LABELLED_FILE, CALIBRATION_FILE):
         if items is None and (rt.dir / name).is_file():
