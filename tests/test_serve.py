@@ -577,6 +577,9 @@ def test_tiny_queue_answers_503_with_retry_after(text_deployments):
             assert r.json()["error"]["type"] == "overloaded"
         assert [r.status_code for r in answered] == [200, 200]
         assert answered[0].json()["choices"][0]["text"] == answered[1].json()["choices"][0]["text"]
+        # More prompts in one request than the queue holds: refused as a bad request (waiting would not help).
+        r = httpx.post(server.url + "/v1/completions", json={**body, "prompt": ["abc", "abd"]})
+        assert r.status_code == 400 and "--max-queue 1" in r.json()["error"]["message"], r.text
         # Admin is off without a token.
         r = httpx.get(server.url + "/v1/tasks", headers={"Authorization": "Bearer x"})
         assert r.status_code == 403 and r.json()["error"]["field"] == "authorization"

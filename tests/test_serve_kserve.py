@@ -132,6 +132,9 @@ def test_bad_requests_fail_cleanly_naming_what_is_wrong_and_the_server_goes_on(s
     wrong = module.InferInput("input_ids", [1, 3], "FP32")
     wrong.set_data_from_numpy(np.ones((1, 3), np.float32))
     fails("pt", [wrong], code(400), "inputs['input_ids'].datatype")
+    half = module.InferInput("input_ids", [1, 3], "FP16")  # gRPC has no typed field for FP16: raw bytes only
+    half.set_data_from_numpy(np.ones((1, 3), np.float16))
+    fails("pt", [half], code(400), "input_ids are INT64")
     ids = module.InferInput("input_ids", [1, 3], "INT64")
     ids.set_data_from_numpy(np.ones((1, 3), np.int64))
     mask = module.InferInput("attention_mask", [1, 2], "INT64")
@@ -264,6 +267,28 @@ def test_a_task_added_at_run_time_is_a_ready_model_at_once(server, clients):
         httpx.delete(server.url + "/v1/tasks/late", headers=admin)
 
 
+def test_compressed_requests_are_read_and_bounded_once_decompressed(server):
+    import gzip
+
+    http = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+    want = http.infer("pt", [_text_input(httpclient, TEXTS)]).as_numpy("scores")
+    for algorithm in ("gzip", "deflate"):  # tritonclient's request compression
+        got = http.infer("pt", [_text_input(httpclient, TEXTS)], request_compression_algorithm=algorithm)
+        _same_scores(got.as_numpy("scores"), want)
+    http.close()
+    body = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["new phones"]}]})
+    url = server.url + "/v2/models/pt/infer"
+    for raw, encoding, status, words in (
+            (gzip.compress(body.encode())[:-9], "gzip", 400, "cut short"),
+            (b"not gzip", "gzip", 400, "does not decompress"),
+            (gzip.compress(b" " * 70000), "gzip", 413, "once decompressed"),  # small as sent, over the 64 KiB cap
+            (body.encode(), "br", 415, "'br' is not read")):
+        r = httpx.post(url, content=raw, headers={"content-encoding": encoding})
+        assert r.status_code == status and words in r.json()["error"], (encoding, r.text)
+    r = httpx.get(url)  # a POST route asked with GET: not an unknown model named "pt/infer"
+    assert r.status_code == 405 and r.headers["allow"] == "POST", r.text
+
+
 @pytest.fixture(scope="module")
 def lm_server(text_deployments):
     yield from server_fixture(text_deployments["gpt2"].deploy)
@@ -297,3 +322,21 @@ def test_generate_extension_gives_the_tokens_of_v1_completions_streaming_and_not
     r = httpx.post(url + "/v2/models/pt/infer", json={"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1],
                                                                   "data": ["ab"]}]})
     assert r.status_code == 400 and "generate" in r.json()["error"]
+
+
+def test_the_served_name_is_a_ready_model_and_counts_in_a_page_of_models(lm_server, text_deployments):
+    """The base model's name (no prompt) is served by the generate extension, so it is ready and has metadata;
+    /v1/models puts it first and it counts toward the page's limit, pages of one walking every name once."""
+    url = lm_server.url
+    served = text_deployments["gpt2"].deploy.resolve().name
+    assert httpx.get(url + f"/v2/models/{served}/ready").json() == {"name": served, "ready": True}
+    assert [t["name"] for t in httpx.get(url + f"/v2/models/{served}").json()["inputs"]] == ["text_input"]
+    seen, after = [], None
+    while True:
+        page = httpx.get(url + "/v1/models", params={"limit": 1, **({"after": after} if after else {})}).json()
+        assert len(page["data"]) == 1 and page["last_id"] == page["data"][0]["id"], page
+        seen.append(page["last_id"])
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+    assert seen == [served] + text_deployments["gpt2"].tasks

@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="texts per classification batch; rows in the running generation batch")
     sv.add_argument("--max-wait-ms", type=float, default=5.0,
                     help="how long a classification request may wait for a fuller batch")
-    sv.add_argument("--max-queue", type=int, default=1024, help="texts/prompts waiting; more get 503 + Retry-After")
+    sv.add_argument("--max-queue", type=int, default=1024, help="texts/prompts waiting; more get 503 + Retry-After "
+                    "(a single request of more: 400)")
     sv.add_argument("--request-timeout", type=float, default=60.0, help="seconds per request (504 after)")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     sv.add_argument("--max-inflight", type=int, help="classify/completions requests served at once; more get 503 + "

@@ -111,11 +111,17 @@ def _add_probes(app: FastAPI, metrics: Metrics) -> None:
              summary="the tasks served (OpenAI model list: id = task name), a page at a time")
     async def models(request: Request, page: TaskPage = Depends()):
         engine = engine_of(request)
-        names, more = task_page(engine.rt.bank, page)
-        # The first page starts with the base model's own name (completions with or without their own prompt).
-        ids = ([engine.served_name] if page.after is None and engine.family.generation else []) + names
+        served = engine.served_name if engine.family.generation else None
+        if served is not None and page.after is None:
+            # The first page starts with the base model's own name (completions with or without their own prompt)
+            # and it counts toward the limit; as a cursor it means "the tasks from the first" (no task has it).
+            names, more = task_page(engine.rt.bank, TaskPage(page.limit - 1, None))
+            ids = [served] + names
+        else:
+            names, more = task_page(engine.rt.bank, TaskPage(page.limit, None) if page.after == served else page)
+            ids = names
         return {"object": "list", "data": [{"id": t} for t in ids], "has_more": more,
-                "last_id": names[-1] if names else None}
+                "last_id": ids[-1] if ids else None}
 
 
 def _version() -> str:

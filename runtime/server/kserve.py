@@ -42,12 +42,20 @@ def check_version(version: str | None) -> None:
         raise ApiError(404, "unknown_version", "model_version", f"model_version: only version {VERSION} is served")
 
 
+def check_model(engine, task: str, field: str = "model_name") -> None:
+    """404 unless the task is served: a task of the bank, or a generating deployment's served name (its base model,
+    which /v1/completions and the generate extension answer with no prompt)."""
+    if not (engine.family.generation and task == engine.served_name):
+        engine.capture(task, field)
+
+
 def model_metadata(engine, task: str) -> dict:
-    view = engine.capture(task, "model_name")
+    check_model(engine, task)
     if not engine.family.classifies:  # served through the generate extension
         inputs = [{"name": "text_input", "datatype": "BYTES", "shape": [1]}]
         outputs = [{"name": "text_output", "datatype": "BYTES", "shape": [1]}]
     else:
+        view = engine.capture(task, "model_name")
         # the head's last layer has one row per label (weights [out, in], as torch's Linear keeps them)
         labels = len(view.labels) if view.labels else int(view.layers[-1][0].shape[0]) if view.layers else -1
         inputs = CLASSIFIER_INPUTS

@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from .api_errors import ApiError
-from .kserve import OUTPUT_TYPES, check_version, infer, metric_task, model_metadata, server_metadata
+from .kserve import OUTPUT_TYPES, check_model, check_version, infer, metric_task, model_metadata, server_metadata
 from .kserve_tensors import DTYPES, bad, decode_bytes, element_count, encode_bytes
 
 log = logging.getLogger("promptmux.serve")
@@ -58,8 +58,12 @@ def _inputs(request) -> dict[str, np.ndarray]:
     arrays = {}
     for i, tensor in enumerate(request.inputs):
         field = f"inputs[{tensor.name!r}]"
-        if tensor.datatype not in DTYPES or tensor.datatype not in CONTENTS:
-            raise bad(f"{field}.datatype", f"unknown datatype {tensor.datatype!r}; one of {', '.join(CONTENTS)}")
+        if tensor.datatype not in DTYPES:
+            raise bad(f"{field}.datatype", f"unknown datatype {tensor.datatype!r}; one of {', '.join(DTYPES)}")
+        if not raw and tensor.datatype not in CONTENTS:
+            # the protocol has no typed field for FP16 (nor BF16): such tensors come only as raw bytes
+            raise bad(f"{field}.contents", f"{tensor.datatype} has no typed contents field in KServe v2; "
+                                           "send it in raw_input_contents")
         shape = list(tensor.shape)
         if any(d < 0 for d in shape):
             raise bad(f"{field}.shape", "give the shape as whole numbers, 0 or more")
@@ -137,7 +141,7 @@ def servicer(app, metrics):
             async def work():
                 try:  # an unknown task or version is a model that is not ready, as over HTTP (a 404 there)
                     check_version(request.version)
-                    engine().capture(request.name, "name")
+                    check_model(engine(), request.name, "name")
                 except ApiError as e:
                     if e.status == 404:
                         return pb.ModelReadyResponse(ready=False)

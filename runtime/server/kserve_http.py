@@ -14,6 +14,7 @@ from .api_errors import ApiError
 from .inference import completion_job
 from .kserve import (
     OUTPUT_TYPES,
+    check_model,
     check_version,
     infer,
     metric_task,
@@ -28,6 +29,7 @@ from .replica import ClientGone, await_job, engine_of
 from .schemas import CompletionRequest
 from .streaming import CancelOnClose, collect, job_events
 
+POST_ONLY = ("/infer", "/generate", "/generate_stream")
 GENERATE_PARAMETERS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
 
 
@@ -51,7 +53,7 @@ def add_kserve_routes(app: FastAPI, options: ServeOptions, metrics: Metrics) -> 
     @app.get("/v2/models/{task:path}/versions/{version}/ready", summary="KServe v2: a task's readiness")
     async def v2_model_ready(task: str, request: Request, version: str | None = None):
         check_version(version)
-        engine_of(request).capture(task, "model_name")  # 404 if unknown: a task added at run time is ready at once
+        check_model(engine_of(request), task)  # 404 if unknown: a task added at run time is ready at once
         return {"name": task, "ready": True}
 
     @app.post("/v2/models/{task:path}/infer", summary="KServe v2: classify (JSON or binary tensors)")
@@ -114,8 +116,12 @@ def add_kserve_routes(app: FastAPI, options: ServeOptions, metrics: Metrics) -> 
     @app.get("/v2/models/{task:path}", summary="KServe v2: a task's metadata (inputs, outputs)")
     @app.get("/v2/models/{task:path}/versions/{version}", summary="KServe v2: a task's metadata")
     async def v2_model(task: str, request: Request, version: str | None = None):
+        engine = engine_of(request)
+        posted = next((s for s in POST_ONLY if task.endswith(s)), None)
+        if posted and task not in engine.rt.bank:  # GET on a POST route: {task:path} took "pt/infer" for a name
+            raise ApiError(405, "method_not_allowed", "method", f"{posted} takes POST", {"Allow": "POST"})
         check_version(version)
-        return model_metadata(engine_of(request), task)
+        return model_metadata(engine, task)
 
 
 def _completion(task: str, raw: bytes) -> CompletionRequest:

@@ -170,7 +170,7 @@ def response_body(head: dict, outputs: list[tuple[str, str, np.ndarray, bool]]) 
             flat = array.reshape(-1)
             tensor["data"] = [x.decode() if isinstance(x, bytes) else x for x in flat.tolist()]
         tensors.append(tensor)
-    text = json.dumps({**head, "outputs": tensors}, separators=(",", ":")).encode()
+    text = json.dumps({**head, "outputs": tensors}, separators=(",", ":"), allow_nan=False).encode()
     if not blobs:
         return text, {"content-type": "application/json"}
     return text + b"".join(blobs), {"content-type": "application/octet-stream", HEADER: str(len(text))}

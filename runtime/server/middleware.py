@@ -1,10 +1,11 @@
-"""ASGI middleware: the request body cap (413) and the per-response metrics and worker tag."""
+"""ASGI middleware: the request body cap (413) and decompression, and the per-response metrics and worker tag."""
 
 from __future__ import annotations
 
 import os
 import socket
 import time
+import zlib
 
 from .api_errors import error_response
 from .metrics import Metrics
@@ -14,7 +15,8 @@ WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 class BodyLimit:
     """413 for bodies over the limit, by Content-Length or as a chunked body arrives (nothing larger is ever
-    buffered); the body is then replayed to the app, and later receive() calls (disconnect) pass through."""
+    buffered); a gzip or deflate body (Content-Encoding) is decompressed under the same cap; the body is then
+    replayed to the app, and later receive() calls (disconnect) pass through."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -40,6 +42,14 @@ class BodyLimit:
                                       f"request body over {self.limit} bytes")
             return await response(scope, receive, send)
         body = b"".join(m.get("body", b"") for m in chunks if m["type"] == "http.request")
+        encoding = dict(scope["headers"]).get(b"content-encoding", b"identity").strip().lower()
+        if encoding != b"identity":
+            body, refused = self._decoded(encoding, body)
+            if refused:
+                return await error_response(scope, *refused)(scope, receive, send)
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"]
+                                          if k not in (b"content-encoding", b"content-length")]
+                                         + [(b"content-length", str(len(body)).encode())]}
         replay = [{"type": "http.request", "body": body, "more_body": False}]
         if chunks and chunks[-1]["type"] != "http.request":
             replay.append(chunks[-1])
@@ -48,6 +58,24 @@ class BodyLimit:
             return replay.pop(0) if replay else await receive()
 
         return await self.app(scope, replayed, send)
+
+
+    def _decoded(self, encoding: bytes, body: bytes):
+        """(the body decompressed, None) or (b"", the error's arguments). gzip and deflate (tritonclient's
+        request_compression_algorithm) are read; what they unpack to obeys the same limit as a plain body."""
+        if encoding not in (b"gzip", b"x-gzip", b"deflate"):
+            return b"", (415, "unsupported_media_type", "content-encoding",
+                         f"Content-Encoding {encoding.decode('latin-1')!r} is not read; send gzip, deflate or none")
+        unpack = zlib.decompressobj(32 + zlib.MAX_WBITS)  # gzip or zlib framing, told apart by the header
+        try:
+            plain = unpack.decompress(body, self.limit + 1)
+        except zlib.error as e:
+            return b"", (400, "invalid_request", "body", f"the {encoding.decode()} body does not decompress ({e})")
+        if len(plain) > self.limit or unpack.unconsumed_tail:
+            return b"", (413, "too_large", "body", f"request body over {self.limit} bytes once decompressed")
+        if not unpack.eof:
+            return b"", (400, "invalid_request", "body", f"the {encoding.decode()} body is cut short")
+        return plain, None
 
 
 class MetricsMiddleware:

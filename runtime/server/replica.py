@@ -119,7 +119,14 @@ class Engine:
     def submit(self, job) -> None:
         """Queue a ClassifyJob or GenerateJob with the scheduler; a full queue is 503."""
         sched = self.scheduler
-        submit = sched.submit_classify if isinstance(job, ClassifyJob) else sched.submit_generate
+        classify = isinstance(job, ClassifyJob)
+        submit = sched.submit_classify if classify else sched.submit_generate
+        rows = len(job.ids) if classify else len(job.prompts)
+        if rows > sched.max_queue:  # would be refused however long the client waited: not a 503
+            what = "texts" if classify else "prompts"
+            raise ApiError(400, "invalid_request", None, f"{rows} {what} in one request, more than this server "
+                                                         f"queues at once (--max-queue {sched.max_queue}); send at "
+                                                         f"most {sched.max_queue} per request")
         try:
             submit(job)
         except Overloaded as e:
