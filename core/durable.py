@@ -37,3 +37,29 @@ def write_durably(path: str | Path, data: bytes | str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask sets it, racing other threads' file creation)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def as_created(path: str | Path) -> None:
+    """Give a file or folder the mode a plain open() or mkdir() would have (0666 or 0777 less the umask): onnx writes
+    external weights 0600 and a private temporary folder is 0700, which would hide a deployment from a server
+    running as another user."""
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~_umask())
+
+
+def as_created_tree(folder: str | Path) -> None:
+    """as_created for a folder made private while it was written (mkdtemp, mode 0700) and everything in it."""
+    for path in [Path(folder), *Path(folder).rglob("*")]:
+        if not path.is_symlink():
+            as_created(path)

@@ -25,6 +25,7 @@ import numpy as np
 from promptmux.core.adapters import AdapterError, load_adapter
 from promptmux.core.archs import UnsupportedModelError, arch_for, dims_of, for_task_type, position_offset
 from promptmux.core.bank import STORE_FILE
+from promptmux.core.durable import as_created_tree
 from promptmux.core.folder import (
     DECODER_GRAPH,
     FOLDED_GRAPH,
@@ -206,6 +207,7 @@ def _write_deployment(base_dir, out_dir: Path, config, spec, dims, model, bank, 
                                                                          tolerance, bar)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         raise_if_interrupted()  # a Ctrl-C that a callback swallowed still leaves nothing behind
+        as_created_tree(tmp)  # private while written; readable as any folder once in place
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

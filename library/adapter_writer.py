@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from promptmux.core.bank_errors import served
+from promptmux.core.durable import as_created
 from promptmux.core.task import Task
 from promptmux.kinds import get as get_kind
 from promptmux.kinds import kind_of
@@ -218,6 +219,7 @@ def init_adapter(deploy_dir, base_dir, out_dir, from_task: str | None = None, to
         if out_dir.exists():
             shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
         if multi:
+            as_created(tmp_root)  # mkdtemp's 0700, for the folder users will read
             os.replace(tmp_root, out_dir)
             for rel, record in results:
                 record["path"] = str(out_dir / rel)

