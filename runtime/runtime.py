@@ -253,7 +253,8 @@ class Runtime:
                              "than integers, or have different lengths and come with an attention_mask (pad them to "
                              "one length, or give the rows alone and promptmux pads them)") from None
         if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
-            raise InputError(f"input_ids must be a non-empty 2-D array [batch, tokens], got shape {ids.shape}")
+            one_row = " (one row of token ids goes in a list of its own: [[...]])" if ids.ndim == 1 else ""
+            raise InputError(f"input_ids must be a non-empty 2-D array [batch, tokens], got shape {ids.shape}{one_row}")
         if not np.issubdtype(ids.dtype, np.integer):
             raise InputError(f"input_ids must be integers, got {ids.dtype}")
         if ids.min() < 0 or ids.max() >= self.dims.vocab_size:
@@ -322,6 +323,11 @@ class Runtime:
         is_text = isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs
                                               and all(isinstance(x, str) for x in inputs))
         side = self.spec.family.prompt_padding  # ragged rows of ids too (core/families)
+        if not is_text and isinstance(inputs, (list, tuple)):
+            other = next(((i, x) for i, x in enumerate(inputs) if not isinstance(x, str)), None)
+            if other and any(isinstance(x, str) for x in inputs):
+                raise InputError(f"inputs mix texts and other values (item {other[0]} is {type(other[1]).__name__}): "
+                                 "give a list of texts, or a list of rows of token ids")
         if is_text:
             texts = [inputs] if isinstance(inputs, str) else list(inputs)
             if any(not t.strip() for t in texts):

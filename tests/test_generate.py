@@ -187,6 +187,24 @@ def test_ragged_rows_of_ids_generate_as_if_each_ran_alone(deployment):
     assert [g["token_ids"] for g in got] == [a["token_ids"] for a in alone]
     with pytest.raises(InputError, match="empty prompt: a row of input_ids has no tokens"):
         rt.generate([[5, 6], []], tasks, max_new_tokens=2)
+    with pytest.raises(InputError, match=r"inputs mix texts and other values \(item 1 is int\)"):
+        rt.generate(["hi", 5], tasks, max_new_tokens=2)
+    with pytest.raises(InputError, match=r"got shape \(2,\) \(one row of token ids goes in a list of its own"):
+        rt.generate([5, 6], tasks[0], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
+def test_a_right_padded_row_of_ids_continues_its_text_as_alone(deployment):
+    """The README's claim: padding after a row's text (a right-padded batch) is read by the mask; the row gets the
+    tokens it gets alone, for a prompt kind and a prefix kind."""
+    rt = deployment.runtime()
+    ids = np.array([[5, 6, 7, 8, 9, 10], [11, 12, 13, 0, 0, 0]])
+    mask = np.array([[1] * 6, [1, 1, 1, 0, 0, 0]])
+    for task in ("pt", "prefix"):
+        got = rt.generate({"input_ids": ids, "attention_mask": mask}, task, max_new_tokens=4, eos_token_id=[])
+        alone = rt.generate([[11, 12, 13]], task, max_new_tokens=4, eos_token_id=[])[0]["token_ids"]
+        padded_read = rt.generate([[11, 12, 13, 0, 0, 0]], task, max_new_tokens=4, eos_token_id=[])[0]["token_ids"]
+        assert got[1]["token_ids"] == alone != padded_read, task  # padding read as text gives other tokens
 
 
 @pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
