@@ -19,7 +19,7 @@ from promptmux.kinds.base import ReadContext
 from .adapter_checks import AdapterError, config_int, expect  # AdapterError: also public here (promptmux.AdapterError)
 from .archs import ArchSpec, Dims, arch_for, dims_of, usable_positions
 from .families import FAMILIES
-from .task import Task
+from .task import Task, task_name
 
 LABELS_FILE = "labels.json"  # optional promptmux convention: {"id2label": {"0": "neg", ...}}
 
@@ -178,7 +178,7 @@ def load_adapter(name: str, adapter_dir: str | Path, base_config, root: str | Pa
     resolve inside this folder (the server's --adapter-root), and nothing the adapter names outside it is read."""
     if not isinstance(name, str):
         raise AdapterError(f"task name {name!r} is not allowed: a task name is a string")
-    name = str(name)  # a numpy string becomes the plain name the bank stores and messages print
+    name = task_name(name)  # a numpy string becomes the plain name the bank stores and messages print (NFC)
     if not name or "/" in name or name.strip() != name or not name.isprintable():
         raise AdapterError(f"task name {name!r} is not allowed: use a non-empty name without '/', control characters "
                            "(line breaks, tabs) or surrounding spaces")

@@ -10,8 +10,7 @@ LMDB, see ARCHITECTURE.md "The prompt bank"). Tables:
     meta(key, value)                the task count and the base model's head (safetensors bytes)
     vectors(id, name, avg, tok)     input-level tasks: two float16 vectors [d] whose dot products with a query's
                                     are retrieval's two similarities (library/retrieval.py); id only grows
-    vectors_gone(seq, id)           the ids of removed vectors rows, in order: with the growing ids, how
-                                    retrieval's index (core/vector_index.py) catches up with any change
+    vectors_gone(seq, id)           removed vectors rows' ids, in order: how core/vector_index.py catches up
 Every change is one transaction (many readers, one writer, across processes: SQLite's own locking), so a reader
 sees a task as it was or as it is, never half of each, and a writer killed midway leaves the last committed state.
 Readers load one task on demand into a small LRU of views bounded in bytes; a change committed by another process
@@ -20,8 +19,8 @@ the reading thread's own connection (core/bank_db.py) without the bank's lock, s
 go on meanwhile; threads asking for the same cold task wait for one read.
 
 A bank made in memory (the export's, or a runtime's after a change it does not persist) is a SQLite database in
-memory, written to a folder with SQLite's backup API. Deployments written before the store (`bank.safetensors`,
-its index in the file's metadata) open as they are, read into memory, and are migrated to the store by their first
+memory, written to a folder with SQLite's backup API. Deployments written before the store (`bank.safetensors`, its
+index in the file's metadata) open as they are, read into memory, and are migrated to the store by their first
 persisted change (core/folder.py update_tasks).
 """
 
@@ -90,8 +89,9 @@ class PromptBank:
             return [r[0] for r in self.db.execute("SELECT name FROM tasks ORDER BY seq")]
 
     def __contains__(self, name: str) -> bool:
+        key = task_name(name) if isinstance(name, str) else name
         with self.lock:
-            return self.db.execute("SELECT 1 FROM tasks WHERE name = ?", (name,)).fetchone() is not None
+            return self.db.execute("SELECT 1 FROM tasks WHERE name = ?", (key,)).fetchone() is not None
 
     def __len__(self) -> int:
         with self.lock:
@@ -338,7 +338,7 @@ class PromptBank:
                                     {**own, **{r: v for r, (_, v) in refs.items()}})  # the head must be complete
             if self.spec.head:
                 entry["num_labels"] = int(probe.layers[-1][0].shape[0])
-            records.append((t.name, entry, save_tensors(own), refs, _summaries(t)))
+            records.append((task_name(t.name), entry, save_tensors(own), refs, _summaries(t)))  # as looked up: NFC
         with self._transaction():
             bases = dict.fromkeys(n.split("/")[0] for n, *_ in records)  # the adapters: an MPT one's tasks are NAME/i
             clash = [n for base in bases for n in self.adapter_names(base)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,9 +33,11 @@ class Task:
 
 def task_name(name) -> str:
     """A task name as a plain str: names arrive as numpy strings too (a column of a DataFrame, np.array(["pt"])),
-    and a str subclass would carry its repr (np.str_('pt')) into every message and key built from it."""
+    and a str subclass would carry its repr (np.str_('pt')) into every message and key built from it. In Unicode's
+    NFC form: "café" typed with a combining accent (as macOS file names and some keyboards give it) names the same
+    task as with a precomposed é, as a user reads them."""
     if isinstance(name, str):
-        return str(name)
+        return unicodedata.normalize("NFC", str(name))
     if isinstance(name, bytes):
         raise TypeError(f"task names are text, got bytes {name!r}; decode them first")
     raise TypeError(f"a task name must be a string, got {type(name).__name__} {name!r}")

@@ -260,6 +260,25 @@ def test_replacing_an_adapter_replaces_all_its_tasks(deployment, tmp_path):
 
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
+def test_a_name_typed_with_a_combining_accent_names_the_same_task(deployment, tmp_path):
+    """Task names are compared as a user reads them (Unicode NFC): "cafe" + U+0301 and "caf\u00e9" are one task, in the
+    store and in a runtime's own tasks, for adding (a clash), lookup and removal."""
+    decomposed, composed = "cafe\u0301", "caf\u00e9"
+    folder = copy_deployment(deployment.deploy, tmp_path / "copy")
+    rt = Runtime(folder)
+    rt.add_task(decomposed, deployment.adapters["pt"], persist=True)
+    assert composed in Runtime(folder).tasks and decomposed in rt.bank and composed in rt.bank
+    with pytest.raises(ValueError, match="already in the bank"):
+        rt.add_task(composed, deployment.adapters["pt"], persist=True)
+    ids, mask = random_batch("bert", rows=2, seq=6, seed=3, padding_side="right")
+    a, b = rt.forward(ids[[0, 0]], mask[[0, 0]], [decomposed, composed])  # one text, the task by either name
+    assert np.abs(a - b).max() < 1e-6
+    mine = Runtime(folder)
+    mine.add_task("th\u00e9", deployment.adapters["pt"])
+    assert mine.remove_task("the\u0301") == ["th\u00e9"] and mine.remove_task(decomposed) == [composed]
+
+
+@pytest.mark.parametrize("deployment", ["bert"], indirect=True)
 def test_a_persisted_change_after_changes_of_its_own_is_all_or_nothing(deployment, tmp_path):
     folder = copy_deployment(deployment.deploy, tmp_path / "copy")
     rt = Runtime(folder)
