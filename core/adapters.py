@@ -19,7 +19,7 @@ from promptmux.kinds.base import ReadContext
 from .adapter_checks import AdapterError, config_int, expect  # AdapterError: also public here (promptmux.AdapterError)
 from .archs import ArchSpec, Dims, arch_for, dims_of, usable_positions
 from .families import FAMILIES
-from .task import Task, task_name
+from .task import MAX_NAME, Task, task_name
 
 LABELS_FILE = "labels.json"  # optional promptmux convention: {"id2label": {"0": "neg", ...}}
 
@@ -169,6 +169,9 @@ def _head_tensors(
                 expect(f"{layer.module} input size", w.shape[1], size, adapter_dir, "the head layer before it")
             if w is not None and b is not None:
                 expect(f"{layer.module}.bias size", b.shape[0], w.shape[0], adapter_dir, f"{layer.module}.weight")
+            if w is not None and (w.ndim != 2 or 0 in w.shape):
+                raise AdapterError(f"adapter {str(adapter_dir)!r}: {layer.module}.weight has shape {list(w.shape)}; a "
+                                   "head layer has at least one output and one input (a classifier, one label)")
             size = w.shape[0] if w is not None else None
     return head
 
@@ -182,6 +185,8 @@ def load_adapter(name: str, adapter_dir: str | Path, base_config, root: str | Pa
     if not name or "/" in name or name.strip() != name or not name.isprintable():
         raise AdapterError(f"task name {name!r} is not allowed: use a non-empty name without '/', control characters "
                            "(line breaks, tabs) or surrounding spaces")
+    if len(name) > MAX_NAME:
+        raise AdapterError(f"task name {name[:40]!r}... has {len(name)} characters; use at most {MAX_NAME}")
     adapter_dir, root = _adapter_dir(adapter_dir, root)
     cfg = read_adapter_config(adapter_dir, root)
     peft_type = cfg.get("peft_type")

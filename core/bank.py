@@ -41,7 +41,7 @@ from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
 from .archs import ArchSpec
-from .bank_db import connect, connect_reader
+from .bank_db import BUSY_SECONDS, begin_write, connect, connect_reader
 from .bank_errors import (  # noqa: F401 (UnknownTaskError and LISTED_IN_ERRORS re-exported)
     LISTED_IN_ERRORS,
     UnknownTaskError,
@@ -49,12 +49,15 @@ from .bank_errors import (  # noqa: F401 (UnknownTaskError and LISTED_IN_ERRORS 
     unknown_cursor,
     unknown_task,
 )
+from .bank_legacy import LEGACY_FILE  # noqa: F401 (the bank before the store; re-exported)
+from .bank_vectors import prompt_summaries, summaries  # noqa: F401 (prompt_summaries re-exported)
+from .durable import fsync_file
 from .task import Task, task_name
 
 STORE_FILE = "tasks.sqlite"
-LEGACY_FILE = "bank.safetensors"  # the bank before the store: tensors and index in one safetensors file
-LEGACY_INDEX_KEY = "promptmux_tasks"
 DEFAULT_CACHE_BYTES = 256 * 2**20  # hot task views kept in RAM; PromptBank(cache_bytes=...) or --bank-cache-mb
+
+
 class PromptBank:
     """The tasks of one deployment. PromptBank(spec) is an empty bank in memory; PromptBank.load(folder, spec) opens
     a deployment's store (or reads an old deployment's bank.safetensors into memory)."""
@@ -74,7 +77,7 @@ class PromptBank:
         self._index = None
         self._loading: dict[str, threading.Event] = {}  # cold tasks being read, by name
         self._thread = threading.local()  # each thread's reader connection
-        self._readers: list[sqlite3.Connection] = []
+        self._readers: list[tuple[threading.Thread, sqlite3.Connection]] = []
         if base_head:
             with self._transaction():
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('base_head', ?)",
@@ -98,12 +101,20 @@ class PromptBank:
             row = self.db.execute("SELECT value FROM meta WHERE key = 'count'").fetchone()
             return int(row[0]) if row else 0
 
+    def count_of(self, names) -> int:
+        """How many of these names the bank holds: a query per 500 names, not one per name."""
+        names, query = list(names), "SELECT count(*) FROM tasks WHERE name IN ({})"
+        with self.lock:
+            chunks = [names[i:i + 500] for i in range(0, len(names), 500)]
+            return sum(self.db.execute(query.format(",".join("?" * len(c))), c).fetchone()[0] for c in chunks)
+
     def unknown(self, name: str) -> UnknownTaskError:
         return unknown_task(name, len(self), self.names)
 
     def page(self, limit: int, after: str | None = None) -> tuple[list[str], bool]:
-        """Up to `limit` task names in the bank's order after the name `after` (a cursor: the last name of the
-        previous page), and whether more follow. An unknown cursor is an UnknownTaskError."""
+        """Up to `limit` task names in the bank's order (oldest write first: the sample of the first tasks that
+        contracts and calibration take) after the name `after` (a cursor: the last name of the previous page), and
+        whether more follow. An unknown cursor is an UnknownTaskError. Listings use listing()."""
         with self.lock:
             start = 0
             if after is not None:
@@ -113,6 +124,14 @@ class PromptBank:
                 start = row[0]
             names = [r[0] for r in self.db.execute("SELECT name FROM tasks WHERE seq > ? ORDER BY seq LIMIT ?",
                                                    (start, limit + 1))]
+        return names[:limit], len(names) > limit
+
+    def listing(self, limit: int, after: str | None = None) -> tuple[list[str], bool]:
+        """page() for listings: in name order (code points), the cursor may be gone since. A task replaced or removed
+        while a client walks the pages moves nothing, so each task there throughout is listed once."""
+        with self.lock:
+            names = [r[0] for r in self.db.execute("SELECT name FROM tasks WHERE name > ? ORDER BY name LIMIT ?",
+                                                   (after or "", limit + 1))]
         return names[:limit], len(names) > limit
 
     def entry(self, name: str) -> dict:
@@ -172,6 +191,7 @@ class PromptBank:
                 raise self.unknown(name)
             seq, entry, own, shared = read
             with self.lock:  # kept only if still the stored version (a change may have committed meanwhile)
+                version = self._data_version()  # read first: a commit after it makes the next lookup check again
                 if self._stored_version(name) != seq:
                     continue
                 for key, value in shared.items():
@@ -179,7 +199,7 @@ class PromptBank:
                 view = self._make_view(name, seq, entry, own)
                 self.stats["loads"] += 1
                 self.stats["load_seconds"] += time.perf_counter() - started
-                self._keep(view, self._data_version())
+                self._keep(view, version)
                 return view
 
     def _read(self, db: sqlite3.Connection, name: str):
@@ -201,8 +221,11 @@ class PromptBank:
         db = getattr(self._thread, "db", None)
         if db is None:
             db = self._thread.db = connect_reader(self.path)
-            with self.lock:
-                self._readers.append(db)
+            with self.lock:  # threads come and go (one per request, in some apps): the ended ones' connections go
+                for thread, old in self._readers:
+                    if not thread.is_alive():
+                        old.close()
+                self._readers = [r for r in self._readers if r[0].is_alive()] + [(threading.current_thread(), db)]
         return db
 
     def _data_version(self) -> int:
@@ -269,7 +292,10 @@ class PromptBank:
         """One JSON-able row per task (for `promptmux tasks list` and the server's listings); names: only these."""
         rows = []
         for name in self.names() if names is None else names:
-            e = self.entry(name)
+            try:
+                e = self.entry(name)
+            except UnknownTaskError:  # removed since the names were read (a page, while another process changes)
+                continue
             row = {"name": name, "kind": e["kind"], "peft_type": e["peft_type"],
                    "num_virtual_tokens": e["num_virtual_tokens"], "shapes": e["shapes"], "dtype": "float32",
                    "source": e.get("source", "")}
@@ -292,20 +318,33 @@ class PromptBank:
     # ---- changes: each one transaction -----------------------------------------------------
     @contextlib.contextmanager
     def _transaction(self):
-        """One write transaction: BEGIN IMMEDIATE takes the store's write lock at once, so nothing another writer
-        commits falls between what a change reads and what it writes."""
-        with self.lock:
-            if self.path is not None and not os.access(self.path.parent, os.W_OK):
-                raise PermissionError(f"{self.path.parent} is read-only: a persisted task change cannot be written "
-                                      "there; change tasks without persist (they stay in this process), or deploy "
-                                      "the folder writable")
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        """One write transaction: BEGIN IMMEDIATE takes the store's write lock, so nothing another writer commits
+        falls between what a change reads and what it writes. While another process holds that lock (a large add),
+        this one polls for it without holding the bank's lock: its lookups and requests go on meanwhile."""
+        deadline, pause = time.monotonic() + BUSY_SECONDS, 0.001
+        while True:
+            with self.lock:
+                if self.path is not None and not os.access(self.path.parent, os.W_OK):
+                    raise PermissionError(f"{self.path.parent} is read-only: a persisted task change cannot be "
+                                          "written there; change tasks without persist (they stay in this process), "
+                                          "or deploy the folder writable")
+                if begin_write(self.db):
+                    self.lock.acquire()  # held through the change: released below
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the task store {self.path} stayed locked by another process's change for "
+                                   f"{BUSY_SECONDS} s; try again when that change ends")
+            time.sleep(pause)
+            pause = min(2 * pause, 0.05)
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        else:
             self.db.execute("COMMIT")
+        finally:
+            self.lock.release()
 
     def adapter_names(self, name: str) -> list[str]:
         """The tasks of the adapter NAME: NAME, or an MPT adapter's NAME/0 ... (NAME/ up to NAME0, by the index)."""
@@ -338,7 +377,7 @@ class PromptBank:
                                     {**own, **{r: v for r, (_, v) in refs.items()}})  # the head must be complete
             if self.spec.head:
                 entry["num_labels"] = int(probe.layers[-1][0].shape[0])
-            records.append((task_name(t.name), entry, save_tensors(own), refs, _summaries(t)))  # as looked up: NFC
+            records.append((task_name(t.name), entry, save_tensors(own), refs, summaries(t)))  # as looked up: NFC
         with self._transaction():
             bases = dict.fromkeys(n.split("/")[0] for n, *_ in records)  # the adapters: an MPT one's tasks are NAME/i
             clash = [n for base in bases for n in self.adapter_names(base)]
@@ -426,15 +465,11 @@ class PromptBank:
             dest.execute("PRAGMA journal_mode=DELETE")  # one file to rename; readers switch it to WAL
         finally:
             dest.close()
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(path)
         return path
 
     def close(self) -> None:
-        for db in self._readers:
+        for _, db in self._readers:
             db.close()
         self.db.close()
 
@@ -452,48 +487,11 @@ class PromptBank:
         if (folder / STORE_FILE).is_file():
             return cls(spec, path=folder / STORE_FILE, cache_bytes=cache_bytes)
         if (folder / LEGACY_FILE).is_file():
-            return cls.load_legacy(folder, spec, cache_bytes)
+            from .bank_legacy import load_legacy
+
+            return load_legacy(cls, folder, spec, cache_bytes)
         raise FileNotFoundError(f"{folder} has no prompt bank ({STORE_FILE}): it is not a promptmux deployment (run "
                                 "promptmux export)")
-
-    @classmethod
-    def load_legacy(cls, folder: Path, spec: ArchSpec, cache_bytes: int = DEFAULT_CACHE_BYTES) -> PromptBank:
-        """A deployment written before the store: bank.safetensors (tensors, the index in its metadata), in
-        memory."""
-        from safetensors import safe_open
-
-        path = folder / LEGACY_FILE
-        with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-            if LEGACY_INDEX_KEY not in meta:
-                raise ValueError(f"{path} has no task index; it was not written by promptmux")
-            index = json.loads(meta[LEGACY_INDEX_KEY])
-            arrays = {k: f.get_tensor(k) for k in f.keys()}
-        base = {k[len("base/head/"):]: v for k, v in arrays.items() if k.startswith("base/head/")}
-        bank = cls(spec, base, cache_bytes=cache_bytes)
-        bank.add([Task(name, e["kind"], e["peft_type"], e["num_virtual_tokens"],
-                       {role: arrays[key] for role, key in e["tensors"].items()},
-                       head={p: arrays[key] for p, key in e.get("head", {}).items()}, labels=e.get("labels"),
-                       source=e.get("source", "")) for name, e in index.items()])
-        return bank
-
-
-def prompt_summaries(prompt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(unit mean of the rows, mean of the unit rows) of a prompt [T, d]: a query's dot product with them is the
-    avg-cosine and the per-token-cosine similarity (library/prompts.py) exactly."""
-    p = np.asarray(prompt, np.float64)
-    mean = p.mean(0)
-    rows = p / np.where((n := np.linalg.norm(p, axis=1, keepdims=True)) == 0, 1.0, n)
-    return mean / (np.linalg.norm(mean) or 1.0), rows.mean(0)
-
-
-def _summaries(task: Task) -> tuple[bytes, bytes] | None:
-    from promptmux.kinds import kind_of
-
-    prompt = kind_of(task).input_prompt(task)
-    if prompt is None:
-        return None
-    return tuple(v.astype(np.float16).tobytes() for v in prompt_summaries(prompt))
 
 
 def _nbytes(view: Task) -> int:

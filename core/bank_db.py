@@ -19,12 +19,29 @@ CREATE TABLE IF NOT EXISTS vectors_gone (seq INTEGER PRIMARY KEY AUTOINCREMENT, 
 """
 
 
+BUSY_SECONDS = 60  # how long a writer waits for another process's transaction
+
+
+def begin_write(db: sqlite3.Connection) -> bool:
+    """BEGIN IMMEDIATE without waiting: False while another connection holds the store's write lock."""
+    db.execute("PRAGMA busy_timeout = 0")
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        return True
+    except sqlite3.OperationalError as e:
+        if "locked" not in str(e) and "busy" not in str(e):
+            raise
+        return False
+    finally:
+        db.execute(f"PRAGMA busy_timeout = {BUSY_SECONDS * 1000}")
+
+
 def connect(path: Path | None) -> sqlite3.Connection:
     # One connection per bank, shared by the threads of a process under the bank's lock; autocommit mode, with
     # explicit transactions. A writer waits up to a minute for another process's transaction.
     if path is not None and not os.access(path.parent, os.W_OK):
         return connect_read_only(path)
-    db = sqlite3.connect(":memory:" if path is None else str(path), timeout=60, isolation_level=None,
+    db = sqlite3.connect(":memory:" if path is None else str(path), timeout=BUSY_SECONDS, isolation_level=None,
                          check_same_thread=False)
     try:
         if path is not None:

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 
-def _fsync(path: str | Path, directory: bool = False) -> None:
+def fsync_file(path: str | Path, directory: bool = False) -> None:
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:
         os.fsync(fd)
@@ -18,9 +18,9 @@ def _fsync(path: str | Path, directory: bool = False) -> None:
 
 def durable_replace(tmp: str | Path, target: str | Path) -> None:
     """os.replace that survives a crash: the data is on disk before the rename, the rename before we return."""
-    _fsync(tmp)
+    fsync_file(tmp)
     os.replace(tmp, target)
-    _fsync(Path(target).parent, directory=True)
+    fsync_file(Path(target).parent, directory=True)
 
 
 def write_durably(path: str | Path, data: bytes | str) -> None:

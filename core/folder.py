@@ -133,13 +133,14 @@ def migrate_bank(deploy_dir: str | Path, spec) -> None:
     written to a temporary file and renamed into place, then the manifest records it and drops its task list, then
     the old file goes. A migration killed midway leaves the old bank (and a temporary file the next change removes)
     or the new store, which readers prefer."""
-    from .bank import LEGACY_FILE, STORE_FILE, PromptBank
+    from .bank import DEFAULT_CACHE_BYTES, LEGACY_FILE, STORE_FILE, PromptBank
+    from .bank_legacy import load_legacy
 
     deploy_dir = Path(deploy_dir)
     with deployment_lock(deploy_dir):
         if (deploy_dir / STORE_FILE).is_file():
             return  # another process migrated it meanwhile
-        bank = PromptBank.load_legacy(deploy_dir, spec)
+        bank = load_legacy(PromptBank, deploy_dir, spec, DEFAULT_CACHE_BYTES)
         tmp = deploy_dir / f".tasks-{os.getpid()}.tmp"
         try:
             bank.save_as(tmp)
@@ -182,3 +183,26 @@ def read_bank(deploy_dir: str | Path, manifest: dict | None = None, cache_bytes:
         spec = causal_classifier(spec)
     return PromptBank.load(deploy_dir, spec, DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes)
 
+
+def check_out_folder(out_dir: Path, overwrite: bool, inputs: dict[str, str | Path], what: str = "deployment",
+                     flag: str = "--overwrite") -> None:
+    """Refuse an --out that would lose data: a file, a non-empty folder without overwrite, and with it a folder that
+    is not a promptmux deployment (a home folder, a model) or that holds what this command reads."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file; --out names the folder to write the {what} in")
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; choose another --out" +
+                              (f" or pass {flag}" if flag else ""))
+    out = out_dir.resolve()
+    for name, path in inputs.items():
+        if Path(path).resolve().is_relative_to(out):
+            raise FileExistsError(f"--out {out_dir} holds {name} ({path}) that this command reads; {flag} would "
+                                  "delete it: choose another --out")
+    if what == "deployment" and not (out_dir / MANIFEST).is_file():
+        raise FileExistsError(f"{out_dir} is not a promptmux deployment (no {MANIFEST}); {flag} replaces only a "
+                              "deployment: choose another --out, or remove the folder yourself")
+    if what != "deployment" and (out_dir / MANIFEST).is_file():
+        raise FileExistsError(f"{out_dir} is a promptmux deployment; {flag} would replace it with an {what}: choose "
+                              "another --out")

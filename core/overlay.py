@@ -46,7 +46,7 @@ class BankOverlay:
         return self._where(task_name(name)) is not None
 
     def __len__(self) -> int:
-        shadowed = sum(1 for n in self.hidden if n in self.store)
+        shadowed = self.store.count_of(self.hidden)  # a server without --persist-tasks may hide 100,000
         return len(self.store) - shadowed + len(self.own)
 
     def unknown(self, name: str) -> UnknownTaskError:
@@ -68,6 +68,19 @@ class BankOverlay:
             after = None
         own, _ = self.own.page(limit + 1, after) if len(out) <= limit else ([], False)
         out += own
+        return out[:limit], len(out) > limit
+
+    def listing(self, limit: int, after: str | None = None) -> tuple[list[str], bool]:
+        """The store's tasks (without the hidden ones) and this process's own, in name order (PromptBank.listing):
+        the first limit + 1 of each, merged, are the first limit + 1 of all."""
+        stored, cursor = [], after
+        while len(stored) < limit + 1:
+            names, more = self.store.listing(limit + 1, cursor)
+            stored += [n for n in names if n not in self.hidden and n not in self.own]
+            if not more:
+                break
+            cursor = names[-1]
+        out = sorted(stored[:limit + 1] + self.own.listing(limit + 1, after)[0])
         return out[:limit], len(out) > limit
 
     def entry(self, name: str) -> dict:

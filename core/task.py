@@ -31,6 +31,9 @@ class Task:
     version: int = 0  # read from a bank: the version its store stamped when the task was written (0: not stored)
 
 
+MAX_NAME = 128  # characters of a task (adapter) name: every entry point takes it, /v1/classify up to 256 with MPT's /k
+
+
 def task_name(name) -> str:
     """A task name as a plain str: names arrive as numpy strings too (a column of a DataFrame, np.array(["pt"])),
     and a str subclass would carry its repr (np.str_('pt')) into every message and key built from it. In Unicode's

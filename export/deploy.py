@@ -33,6 +33,7 @@ from promptmux.core.folder import (
     GRAPH,
     MANIFEST,
     NOPREFIX_GRAPH,
+    check_out_folder,
     config_hash,
     load_base_config,
     load_base_model,
@@ -100,8 +101,8 @@ def export_deployment(
     from promptmux.progress import StepBar
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite")
+    check_out_folder(out_dir, overwrite, {"the base model": base_dir,
+                                          **{f"adapter {n}": p for n, p in adapters.items()}})
     if not adapters:
         raise AdapterError("no adapters given; pass at least one --adapter NAME=DIR")
     config = for_task_type(load_base_config(base_dir), _task_type(adapters))

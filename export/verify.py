@@ -14,7 +14,7 @@ import torch
 
 from promptmux.core.adapters import read_adapter_config
 from promptmux.core.archs import pad_id
-from promptmux.core.folder import load_base_config
+from promptmux.core.folder import config_hash, load_base_config
 from promptmux.core.quiet import quiet_libraries
 from promptmux.kinds import BY_PEFT_TYPE
 
@@ -127,8 +127,13 @@ def verify(deploy_dir, base_dir, adapters: dict[str, str | Path], backend: str =
 
     quiet_libraries()  # PEFT loads a model per adapter: no loading bars or deprecation warnings in the output
     rt = Runtime(deploy_dir, backend=backend, base=base_dir)
-    load_base_config(base_dir)  # refuses a folder that is no base model, saying so
+    base_config = load_base_config(base_dir)  # refuses a folder that is no base model, saying so
     config = rt.hf_config  # the deployment's: a causal LM's checkpoint may be deployed as a classifier
+    recorded = rt.manifest["base"].get("config_sha256")
+    if base_config.model_type != config.model_type or (recorded and recorded != config_hash(base_config)):
+        raise ValueError(f"--base {str(base_dir)!r} is not the model this deployment was exported from (a "
+                         f"{base_config.model_type} model whose config differs); verify compares with PEFT on that "
+                         "base model: pass it")
     family = arch_for(config).family
     # Which tasks each adapter provides, as named in the deployment.
     plan: list[tuple[str, str, int | None]] = []  # (task, adapter name, mpt task id)

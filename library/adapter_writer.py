@@ -24,6 +24,7 @@ import numpy as np
 
 from promptmux.core.bank_errors import served
 from promptmux.core.durable import as_created
+from promptmux.core.folder import check_out_folder
 from promptmux.core.task import Task
 from promptmux.kinds import get as get_kind
 from promptmux.kinds import kind_of
@@ -49,7 +50,7 @@ class _Source:
     weight: float
 
 
-def _check_request(kind, from_task, top_k, weighted, query, num_virtual_tokens) -> None:
+def _check_request(kind, from_task, top_k, weighted, query, num_virtual_tokens, num_labels=None) -> None:
     if kind not in INIT_KINDS:
         raise LibraryError(f"unknown --kind {kind!r}; use one of {', '.join(INIT_KINDS)}")
     if (from_task is None) == (top_k is None):
@@ -63,6 +64,8 @@ def _check_request(kind, from_task, top_k, weighted, query, num_virtual_tokens) 
         raise LibraryError("--weighted and --query go with --top-k, not with --from")
     if num_virtual_tokens is not None and num_virtual_tokens < 1:
         raise LibraryError(f"number of virtual tokens must be at least 1, got {num_virtual_tokens}")
+    if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1):
+        raise LibraryError(f"--num-labels must be a whole number of at least 1, got {num_labels!r}")
 
 
 def _check_base(config, deploy_dir: Path | None, base_dir: Path) -> object:
@@ -190,10 +193,9 @@ def init_adapter(deploy_dir, base_dir, out_dir, from_task: str | None = None, to
     Returns one dict per adapter written: {"path", "kind", "num_virtual_tokens", "sources": [{"task", "score",
     "weight"}], ...}; the same record is written into each folder as promptmux_init.json.
     """
-    _check_request(kind, from_task, top_k, weighted, query, num_virtual_tokens)
+    _check_request(kind, from_task, top_k, weighted, query, num_virtual_tokens, num_labels)
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite")
+    check_out_folder(out_dir, overwrite, {"the deployment": deploy_dir, "the base model": base_dir}, what="adapter")
 
     bank, config, deploy_path = load_bank(deploy_dir)
     base_config = _check_base(config, deploy_path, Path(base_dir))

@@ -274,21 +274,21 @@ class Runtime:
                 raise InputError(f"token_type_ids has shape {types.shape} but input_ids has {ids.shape}")
         return ids.astype(np.int64), mask.astype(np.int64), tasks, types
 
-    def forward(self, input_ids, attention_mask=None, tasks: str | Sequence[str] = (), token_type_ids=None
-                ) -> list[np.ndarray]:
+    def forward(self, input_ids, attention_mask=None, tasks: str | Sequence[str] = (), token_type_ids=None, *,
+                views: dict | None = None) -> list[np.ndarray]:
         """Run a batch where row i uses task tasks[i]: input_ids [batch, tokens] with attention_mask, or rows of
-        token ids of any lengths (then padded on the right here, with their mask).
+        token ids of any lengths (then padded on the right here, with their mask). views: the tasks as the caller
+        read them ({name: Task}), so that what it reads of them after matches what ran.
 
         Returns one array per row: classification -> the logits of that task's head [num_labels];
-        causal LM -> logits for the row's real tokens [real_tokens, vocab] (virtual tokens excluded).
-        """
+        causal LM -> logits for the row's real tokens [real_tokens, vocab] (virtual tokens excluded)."""
         if not self.spec.family.forward_rows:
             raise InputError("forward() serves classifiers and causal LMs; use generate() with a seq2seq deployment")
         if not self.manifest["graph"].get("file"):
             raise InputError(f"{self.dir} was exported for generation only (--generation-only): it has no "
                              "full-sequence graph for forward(); use generate(), or export again without it")
         ids, mask, tasks, types = self._check_inputs(input_ids, attention_mask, tasks, token_type_ids)
-        views = [self.bank.view(t) for t in tasks]
+        views = [views[t] if views else self.bank.view(t) for t in tasks]
         for i, v in enumerate(views):
             refused = too_long(ids.shape[1], v.num_virtual_tokens, v.name, self.max_positions)
             if refused:
@@ -461,21 +461,22 @@ class Runtime:
                 dropped[i] = len(row["input_ids"]) - len(rows[i]["input_ids"])
         return rows, dropped
 
-    def forward_text(self, texts: Sequence[str], tasks: str | Sequence[str], truncation: bool = False
-                     ) -> tuple[list[np.ndarray], list[int]]:
+    def forward_text(self, texts: Sequence[str], tasks: str | Sequence[str], truncation: bool = False, *,
+                     views: dict | None = None) -> tuple[list[np.ndarray], list[int]]:
         """forward() on text: each row's output, and how many tokens truncation cut from each text (see encode).
 
         A row's positions run through its task's virtual tokens and the batch's padded width, so rows that fit
         alone may not fit padded to a longer row of another task: such rows run in separate batches."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         names = task_names(tasks, len(texts))
+        views = views or {n: self.bank.view(n) for n in dict.fromkeys(names)}  # one read of each task for all rows
         rows, dropped = self._token_rows(texts, names, truncation)
-        virtual = [self.bank.view(t).num_virtual_tokens for t in names]
+        virtual = [views[t].num_virtual_tokens for t in names]
         out: list[np.ndarray | None] = [None] * len(rows)
         for group in fitting_groups([len(r["input_ids"]) for r in rows], virtual, self.max_positions):
             enc = pad_rows([rows[i] for i in group], self.tokenizer.pad_token_id, self.tokenizer.padding_side)
             for i, result in zip(group, self.forward(enc["input_ids"], enc["attention_mask"], [names[i] for i in group],
-                                                     enc.get("token_type_ids"))):
+                                                     enc.get("token_type_ids"), views=views)):
                 out[i] = result
         return out, dropped
 
@@ -489,10 +490,11 @@ class Runtime:
         if isinstance(texts, str):
             texts = [texts]
         names = task_names(tasks, len(texts))
-        logits, dropped = self.forward_text(texts, names, truncation)
+        views = {n: self.bank.view(n) for n in dict.fromkeys(names)}  # labels of the very version that scored
+        logits, dropped = self.forward_text(texts, names, truncation, views=views)
         out = []
         for name, row, cut in zip(names, logits, dropped):
-            out.append({"task": name, **label_scores(self.bank.view(name), row)})
+            out.append({"task": name, **label_scores(views[name], row)})
             if cut:
                 out[-1]["truncated_tokens"] = cut
         return out

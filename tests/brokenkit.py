@@ -56,8 +56,19 @@ def _nan(d: Path):
     save_file(w, str(d / WEIGHTS))
 
 
+def _no_labels(d: Path):
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    w = load_file(str(d / WEIGHTS))
+    for key in [k for k in w if k.endswith(("classifier.weight", "classifier.bias"))]:
+        w[key] = np.zeros((0, *w[key].shape[1:]), np.float32)  # init-adapter --num-labels 0 wrote this
+    save_file(w, str(d / WEIGHTS))
+
+
 CORRUPT = {  # name -> (break the copy, a word the message must contain)
     "st-nan": (_nan, "NaN or infinite values"),
+    "st-head-no-labels": (_no_labels, "at least one output"),
     "cfg-nvt-over-positions": (_set(num_virtual_tokens=4096), "virtual tokens"),
     "st-random": (_weights(os.urandom(4096)), "safetensors"),
     "st-truncated": (lambda d: (d / WEIGHTS).write_bytes((d / WEIGHTS).read_bytes()[:200]), "safetensors"),

@@ -97,13 +97,38 @@ def test_tasks_list_writes_page_by_page_what_one_dump_would(deployed, capsys):
 
     out, _ = deployed
     bank = read_bank(out)
-    rows = bank.describe()
+    rows = bank.describe(sorted(bank.names()))  # listings are in name order
     assert len(rows) > 2
     capsys.readouterr()
     _list(bank, True, page=2)
     assert capsys.readouterr().out == json.dumps(rows, indent=2) + "\n"
     _list(bank, False, page=2)
     assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == [r["name"] for r in rows]
+
+
+def test_an_out_folder_that_would_lose_data_is_refused_before_any_work(deployed, setup, tmp_path):
+    """--out a file; --overwrite of a folder holding the command's own inputs, of a folder that is no deployment, of
+    a deployment by an adapter; --num-labels 0: exit 2 saying why, everything left as it was (export deleted its
+    base model and adapters, init-adapter its source deployment)."""
+    out, _ = deployed
+    adapter = ["--adapter", f"pt={setup['adapters']['pt']}"]
+    (tmp_path / "a-file").write_text("keep")
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes.txt").write_text("keep")
+    for args, words in (
+            (["export", "--base", setup["base"], *adapter, "--out", tmp_path / "a-file"], "is a file"),
+            (["export", "--base", setup["base"], *adapter, "--out", setup["root"], "--overwrite"],
+             "holds the base model"),
+            (["export", "--base", setup["base"], *adapter, "--out", tmp_path / "home", "--overwrite"],
+             "not a promptmux deployment"),
+            (["init-adapter", out, "--base", setup["base"], "--from", "pt", "--out", out, "--overwrite"],
+             "holds the deployment"),
+            (["init-adapter", out, "--base", setup["base"], "--from", "pt", "--out", tmp_path / "x",
+              "--num-labels", "0"], "--num-labels must be a whole number of at least 1")):
+        proc = promptmux(*args, check=False)
+        assert proc.returncode == 2 and words in proc.stderr, (args, proc.stderr)
+    assert (tmp_path / "a-file").read_text() == (tmp_path / "home" / "notes.txt").read_text() == "keep"
+    assert (out / "manifest.json").is_file() and (setup["base"] / "config.json").is_file()
 
 
 def test_run_prints_json_classification(deployed):
@@ -130,6 +155,27 @@ def test_a_damaged_task_store_is_a_one_line_error(deployed, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("error, words", [
+    ("sqlite3.OperationalError('database or disk is full')", "free disk space"),
+    ("sqlite3.OperationalError('attempt to write a readonly database')", "tasks.sqlite writable"),
+    ("OSError(28, 'No space left on device')", "No space left on device"),
+    ("PermissionError('/srv/d is read-only: a persisted task change cannot be written there')", "is read-only"),
+    ("TimeoutError('the task store stayed locked')", "stayed locked")])
+def test_what_the_machine_refuses_is_a_one_line_error(deployed, monkeypatch, capsys, error, words):
+    """A full disk, a read-only folder or store, a store another process holds: exit 2 and what to do, not a
+    traceback (seen on `tasks remove` with a full disk, and `tasks add` on a read-only mount)."""
+    import sqlite3
+
+    from promptmux.core import folder
+
+    def refuse(*a, **k):
+        raise eval(error, {"sqlite3": sqlite3})
+    monkeypatch.setattr(folder, "update_tasks", refuse)
+    assert main(["tasks", str(deployed[0]), "remove", "pt"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("promptmux: error: ") and words in err and err.count("\n") == 1
+
+
 def test_tasks_add_then_remove_without_reexport(deployed, setup, monkeypatch):
     """Either order of action and folder; a relative adapter path is recorded absolute; a clash names --replace."""
     out, _ = deployed
@@ -144,6 +190,16 @@ def test_tasks_add_then_remove_without_reexport(deployed, setup, monkeypatch):
     assert "pt2" in [r["name"] for r in json.loads(promptmux("tasks", "list", out, "--json").stdout)]
     assert json.loads(promptmux("tasks", "remove", out, "pt2").stdout) == {"removed": ["pt2"]}
     assert (out / "model.onnx").stat().st_mtime_ns == graph_before
+
+
+def test_tasks_add_over_an_mpt_adapters_tasks_names_them_and_says_what_it_replaced(deployed, tmp_path):
+    """A plain adapter named like an MPT adapter clashes with all its tasks (the message named none), and replacing
+    them says which went (they went silently)."""
+    copy = shutil.copytree(deployed[0], tmp_path / "d")
+    clash = promptmux("tasks", copy, "add", f"mpt={deployed[0].parent / 'pt'}", check=False)
+    assert clash.returncode == 2 and "task(s) mpt/0, mpt/1, mpt/2 already in the deployment" in clash.stderr
+    done = json.loads(promptmux("tasks", copy, "add", f"mpt={deployed[0].parent / 'pt'}", "--replace").stdout)
+    assert done == {"added": ["mpt"], "replaced": ["mpt/0", "mpt/1", "mpt/2"]}
 
 
 def test_tasks_on_a_folder_that_is_no_deployment(tmp_path):
@@ -201,7 +257,10 @@ def test_version_and_help_on_every_option():
             assert action.help, f"promptmux {name} {'/'.join(action.option_strings) or action.dest} has no help"
 
 
-def test_ctrl_c_during_export_prints_one_line_exits_130_and_leaves_no_folder(setup, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_during_export_prints_one_line_exits_130_and_leaves_no_folder(setup, tmp_path, sig):
+    """Ctrl-C: one line, 130. SIGTERM (a process manager, `timeout`): 143 as the signal would give (130 where a
+    callback swallowed it and the export's next step stopped it). Either way no temporary folder is left."""
     out = tmp_path / "deploy"
     for _ in range(3):  # on a loaded machine this process may look only after the export has finished: again
         shutil.rmtree(out, ignore_errors=True)
@@ -210,17 +269,20 @@ def test_ctrl_c_during_export_prints_one_line_exits_130_and_leaves_no_folder(set
         child = subprocess.Popen([sys.executable, "-m", "promptmux", "export", "--base", setup["base"], "--adapter",
                                   f"pt={setup['adapters']['pt']}", "--out", out, "--quiet"], stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"),
-                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                                 preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT,
+                                                                                                 signal.SIGTERM)])
         deadline = time.monotonic() + 120
         while not list(tmp_path.glob(".deploy.tmp-*")) and child.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)  # interrupt once the export writes its temporary folder
         if child.poll() is None:
             break
         child.communicate()
-    child.send_signal(signal.SIGINT)
+    child.send_signal(sig)
     stdout, stderr = child.communicate(timeout=120)
-    assert child.returncode == 130, stderr
-    assert stderr == "promptmux: interrupted\n"
+    if sig == signal.SIGINT or child.returncode == 130:
+        assert child.returncode == 130 and stderr == "promptmux: interrupted\n", stderr
+    else:
+        assert child.returncode == 143 and "Traceback" not in stderr, stderr
     assert stdout == "" and list(tmp_path.iterdir()) == []
 
 
@@ -285,6 +347,13 @@ def test_verify_with_an_adapter_of_another_kind_says_the_kinds_differ(deployed, 
     assert proc.returncode == 2
     assert "task 'pt' of the deployment is PROMPT_TUNING but adapter" in proc.stderr
     assert "is PREFIX_TUNING: the kinds differ" in proc.stderr
+
+
+def test_verify_against_another_base_model_says_so(deployed, setup, tmp_path):
+    """A GPT-2 base for a BERT deployment: exit 2 naming the base (it was a KeyError traceback inside PEFT)."""
+    other = make_base("gpt2", tmp_path / "gpt2")
+    proc = promptmux("verify", deployed[0], "--base", other, "--adapter", f"pt={setup['adapters']['pt']}", check=False)
+    assert proc.returncode == 2 and "is not the model this deployment was exported from" in proc.stderr, proc.stderr
 
 
 def test_export_keeps_calibration_given_without_a_precision_for_later_opens(setup, tmp_path):

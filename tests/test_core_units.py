@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from promptmux.core.archs import Dims, arch_for
-from promptmux.core.bank import PromptBank
+from promptmux.core.bank import STORE_FILE, PromptBank
 from promptmux.core.layout import build_layout
 from promptmux.core.task import Task, same_prompt
 
@@ -108,6 +108,34 @@ def test_unknown_task_errors_list_a_few_tasks_and_count_many():
     assert bank.page(4, after="user-7") == (["user-8", "user-9", "one-more"], False)
 
 
+def test_a_listing_walks_every_task_once_while_tasks_are_replaced_and_removed(tmp_path):
+    """Listings page in name order with a cursor that may be gone: a replaced task (a new write, last in write order)
+    and a removed cursor move nothing. In a runtime's overlay too, its own tasks merged into the store's."""
+    from promptmux.core.overlay import BankOverlay
+
+    pt = _tasks()["pt"]
+    bank = PromptBank(arch_for("llama"), path=tmp_path / STORE_FILE)
+    bank.add([dataclasses.replace(pt, name=n) for n in ("e", "c", "a", "d", "b")])
+    assert bank.listing(2) == (["a", "b"], True)
+    bank.add([dataclasses.replace(pt, name="b")], replace=True)  # the cursor task moves to the end of write order
+    bank.remove("c")
+    assert bank.listing(2, after="b") == (["d", "e"], False)
+    bank.remove("b")
+    assert bank.listing(9, after="b") == (["d", "e"], False)
+    mine = BankOverlay(bank)
+    mine.add([dataclasses.replace(pt, name=n) for n in ("f", "bb")])
+    mine.remove("d")
+    walked, after = [], None
+    while True:
+        names, more = mine.listing(1, after)
+        walked += names
+        if not more:
+            break
+        after = names[-1]
+    assert walked == ["a", "bb", "e", "f"] and len(mine) == 4  # the store's hidden tasks counted in one query
+    assert bank.count_of(["a", "zz", "e"] * 400) == 800
+
+
 def test_bank_copy_keeps_unchanged_tasks_identical_and_drops_unused_shared(tmp_path):
     bank = PromptBank(arch_for("llama"))
     bank.add(list(_tasks().values()))
@@ -175,6 +203,66 @@ def test_a_reader_that_outlives_the_bank_connection_merges_the_log(tmp_path):
     bank.db.close()  # the bank's own connection first, the reader's last
     bank.close()
     assert not (tmp_path / f"{STORE_FILE}-wal").exists()
+
+
+def _store(tmp_path) -> PromptBank:
+    first = PromptBank(arch_for("llama"), path=tmp_path / STORE_FILE)
+    first.add(list(_tasks().values()))
+    first.close()
+    return PromptBank.load(tmp_path, arch_for("llama"))
+
+
+def test_lookups_go_on_while_another_process_holds_the_stores_write_lock(tmp_path):
+    """A change waiting for another process's transaction (a large add) polls for the write lock without the bank's
+    lock: a lookup meanwhile is answered at once (it waited for the other transaction), and the change then lands."""
+    import sqlite3
+    import threading
+
+    bank = _store(tmp_path)
+    bank.view("pt")
+    other = sqlite3.connect(str(tmp_path / STORE_FILE), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    change = threading.Thread(target=bank.remove, args=("cpt",))
+    change.start()
+    change.join(0.3)
+    assert change.is_alive()  # waiting for the other transaction
+    looked = threading.Thread(target=lambda: (bank.view("pt"), bank.view("prefix"), len(bank)))
+    looked.start()
+    looked.join(10)
+    assert not looked.is_alive() and change.is_alive()  # answered while the change still waits
+    other.execute("ROLLBACK")
+    change.join(10)
+    assert not change.is_alive() and "cpt" not in bank
+
+
+def test_a_replace_committed_while_a_cold_read_is_kept_is_seen_at_the_next_lookup(tmp_path, monkeypatch):
+    """The window between checking a freshly read task's version and recording the store's data version: a replace
+    committed there by another process is seen at the next lookup (it was served stale until any later commit)."""
+    bank = _store(tmp_path)
+    writer = PromptBank.load(tmp_path, arch_for("llama"))
+    stored, hit = bank._stored_version, []
+
+    def then_replaced(name):
+        seq = stored(name)
+        if not hit:
+            hit.append(1)
+            writer.add([dataclasses.replace(_tasks()["pt"], labels=None, source="new")], replace=True)
+        return seq
+    monkeypatch.setattr(bank, "_stored_version", then_replaced)
+    assert bank.view("pt").source != "new" and hit
+    assert bank.view("pt").source == "new"
+
+
+def test_reading_threads_that_ended_leave_no_connection_open(tmp_path):
+    import threading
+
+    bank = _store(tmp_path)
+    for name in ("pt", "cpt", "prefix", "cart", "m/0", "m/1") * 3:
+        bank._views.clear()  # a cold read: the thread's own reader connection
+        t = threading.Thread(target=bank.view, args=(name,))
+        t.start()
+        t.join(10)
+    assert len(bank._readers) == 1  # the last thread's; the others' closed as new ones came
 
 
 def test_io_spec_declares_every_graph_input_and_tensorrt_profiles_cover_its_axes():

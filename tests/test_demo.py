@@ -26,6 +26,31 @@ def test_demo_classifies_a_mixed_batch_of_both_tasks(demo):
     assert set(demo["held_out_accuracy"]) == {"sentiment", "topic"}
 
 
+def test_the_demo_replaces_only_its_own_earlier_output(demo, tmp_path):
+    """A re-run replaces the demo's earlier deployment; a folder of the user's (a deployment of other tasks, any other
+    non-empty folder) is refused before any work, and left as it was."""
+    import shutil
+    from pathlib import Path
+
+    from promptmux.demo import TASKS, base_model_dir, own_earlier_output, run_demo
+
+    assert own_earlier_output(Path(demo["deployment"]), base_model_dir(), TASKS)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    theirs = copy_deployment(Path(demo["deployment"]), tmp_path / "theirs")
+    from promptmux.core.folder import read_bank
+
+    bank = read_bank(theirs)
+    bank.remove("topic")
+    bank.close()
+    for folder in (tmp_path / "mine", theirs):
+        before = sorted(p.name for p in folder.iterdir())
+        with pytest.raises(FileExistsError, match="not this demo's earlier output; choose another --out"):
+            run_demo(folder, quiet=True)
+        assert sorted(p.name for p in folder.iterdir()) == before
+    shutil.rmtree(theirs)
+
+
 def test_demo_deployment_matches_peft_on_real_text(demo):
     """Real weights, real tokenizer: each row of a mixed batch equals PEFT eager for its task."""
     import torch

@@ -121,6 +121,14 @@ def test_bad_task_names(bert, name):
         load_adapter(name, bert["pt"], bert["config"])
 
 
+def test_a_task_name_longer_than_every_entry_point_takes_is_refused(bert):
+    """The server takes names of up to 128 characters (and /v1/classify 256); a longer one added by the CLI or the
+    library could not be classified or paged past there."""
+    assert load_adapter("n" * 128, bert["pt"], bert["config"])[0].name == "n" * 128
+    with pytest.raises(AdapterError, match="has 129 characters; use at most 128"):
+        load_adapter("n" * 129, bert["pt"], bert["config"])
+
+
 def _edit_weights(src, dst, change):
     from safetensors.numpy import load_file, save_file
 

@@ -265,9 +265,10 @@ def test_mixed_task_generation_load_with_hot_swap(text_deployments, gpt2_server)
             assert tokens == sum(n for _, _, n in want)
     assert removed.status_code == 200 and removed.json()["removed"] == ["extra"]
     assert (text, finish) == extra_expected[0][:2]
-    assert after.status_code == 404 and after.json()["error"] == {
-        "type": "unknown_task", "field": "model",
-        "message": "unknown task 'extra'; GET /v1/models lists the tasks served"}
+    error = after.json()["error"]
+    assert after.status_code == 404 and (error["type"], error["field"]) == ("unknown_task", "model")
+    named = error["message"].removeprefix("unknown task 'extra'; this deployment serves: ")  # a few: named
+    assert set(named.split(", ")) >= set(text_deployments["gpt2"].tasks) and "extra" not in named.split(", ")
     m = _metrics(gpt2_server.url)
     steps = _sample(m, "promptmux_batch_size_count", queue="generate")
     alone = _sample(m, "promptmux_batch_size_bucket", queue="generate", le="1.0")
@@ -297,6 +298,31 @@ def test_a_classify_batch_of_rows_with_and_without_token_types_runs_as_one(text_
         assert job.future.result()[0]["label"] == label_scores(job.view, alone[0])["label"]
         assert np.allclose(job.future.result()[0]["scores"], label_scores(job.view, alone[0])["scores"], atol=1e-5)
     loop.close()
+
+
+def test_classify_labels_a_row_with_the_task_version_that_scored_it(text_deployments, monkeypatch):
+    """A task replaced (by another process, say) between the forward pass and the labelling: the result is the old
+    version's whole answer, never its scores with the new version's label names."""
+    import dataclasses
+
+    rt = Runtime(text_deployments["bert"].deploy)
+    old = rt.bank.view("pt")
+    forward_text = Runtime.forward_text
+
+    def then_replaced(self, *a, **k):
+        out = forward_text(self, *a, **k)
+        rt.bank.add([dataclasses.replace(rt.bank.view("pt"), labels=["x", "y", "z"])], replace=True)
+        return out
+    monkeypatch.setattr(Runtime, "forward_text", then_replaced)
+    [got] = rt.classify(["a warm funny film"], "pt")
+    assert rt.bank.view("pt").labels == ["x", "y", "z"] and got["label"] not in ("x", "y", "z")
+    assert got["label"] == label_of(old, got["label_id"])
+
+
+def label_of(view, i: int) -> str:
+    from promptmux.runtime.batch import label_scores
+
+    return label_scores(view, np.eye(len(view.labels) if view.labels else 3, dtype=np.float32)[i])["label"]
 
 
 def test_a_request_of_another_task_joins_the_running_decoding_steps(text_deployments):
@@ -497,7 +523,7 @@ def test_task_listings_page_with_a_cursor_and_one_task_reads_alone(text_deployme
     d = text_deployments["bert"]
     url = bert_server.url
     everything = [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
-    assert everything == d.tasks  # one default page holds them all
+    assert everything == sorted(d.tasks)  # one default page holds them all, in name order
     assert _sample(_metrics(url), "promptmux_tasks") == len(everything)
     seen, after = [], None
     while True:  # pages of 4 with the cursor, as a client walks a million
@@ -509,13 +535,17 @@ def test_task_listings_page_with_a_cursor_and_one_task_reads_alone(text_deployme
             break
         after = page["last_id"]
     assert seen == everything
-    tasks = httpx.get(url + "/v1/tasks", params={"limit": 2, "after": "prefix"}, headers=ADMIN).json()
-    assert [t["name"] for t in tasks["tasks"]] == everything[3:5] and tasks["has_more"] is True
+    tasks = httpx.get(url + "/v1/tasks", params={"limit": 2, "after": "mpt/2"}, headers=ADMIN).json()
+    at = everything.index("mpt/2") + 1
+    assert [t["name"] for t in tasks["tasks"]] == everything[at:at + 2] and tasks["has_more"] is True
     one = httpx.get(url + "/v1/tasks/mpt/1", headers=ADMIN).json()
     assert one["name"] == "mpt/1" and one["kind"] == "mpt" and one["num_labels"] == 3
     missing = httpx.get(url + "/v1/tasks/nope", headers=ADMIN)
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "unknown_task"
-    for params, field in (({"limit": 0}, "limit"), ({"limit": 1001}, "limit"), ({"after": "nope"}, "after")):
+    # a cursor is a place in name order, whether or not a task has that name (it may have been removed since)
+    gone = httpx.get(url + "/v1/models", params={"after": "mpt/1x"}).json()
+    assert [m["id"] for m in gone["data"]] == [t for t in everything if t > "mpt/1x"]
+    for params, field in (({"limit": 0}, "limit"), ({"limit": 1001}, "limit"), ({"after": "x" * 1025}, "after")):
         r = httpx.get(url + "/v1/models", params=params)
         assert r.status_code == 400 and r.json()["error"]["field"] == field, (params, r.text)
 
@@ -525,7 +555,7 @@ def test_the_openai_client_lists_the_tasks_and_completes(text_deployments, bert_
     from openai import OpenAI
 
     listed = [m.id for m in OpenAI(base_url=bert_server.url + "/v1", api_key="-").models.list()]
-    assert listed == text_deployments["bert"].tasks
+    assert listed == sorted(text_deployments["bert"].tasks)
     client = OpenAI(base_url=gpt2_server.url + "/v1", api_key="-", max_retries=0)
     done = client.completions.create(model="pt", prompt="abc", max_tokens=4, temperature=0, seed=1)
     assert done.model == "pt" and done.usage.completion_tokens == 4 and done.choices[0].finish_reason == "length"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -22,17 +23,35 @@ USER_ERRORS = (("promptmux.core.adapters", "AdapterError"), ("promptmux.core.arc
                ("promptmux.runtime.precision", "PrecisionError"))
 
 
+# What the machine refuses (a full disk, a read-only folder, a store another process holds): the user's to fix, not
+# a bug to trace.
+MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def _is_user_error(e: BaseException) -> bool:
-    kinds = [CliError, FileNotFoundError, FileExistsError, ValueError]
+    kinds = [CliError, FileNotFoundError, FileExistsError, ValueError, PermissionError, TimeoutError]
     kinds += [getattr(sys.modules[m], name) for m, name in USER_ERRORS if m in sys.modules]
-    return isinstance(e, tuple(kinds))
+    return isinstance(e, tuple(kinds)) or (isinstance(e, OSError) and e.errno in MACHINE_ERRNOS) or _store_refused(e)
+
+
+def _store_refused(e: BaseException) -> bool:
+    sqlite3 = sys.modules.get("sqlite3")
+    return sqlite3 is not None and isinstance(e, sqlite3.OperationalError) and any(
+        words in str(e) for words in ("disk is full", "readonly database", "database is locked", "unable to open"))
+
+
+def _message(e: BaseException) -> str:
+    if _store_refused(e):
+        return (f"the task store refused the change ({e}); free disk space, make the deployment folder and its "
+                "tasks.sqlite writable, or wait for the other process's change")
+    return str(e)
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # promptmux never downloads: everything is local folders
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.basicConfig(level=logging.WARNING, format="promptmux: %(message)s")
-    previous = _catch_ctrl_c()
+    previous, previous_term = _catch_ctrl_c(), _catch_sigterm()
     try:
         args = build_parser().parse_args(argv)
         check_text_args(args)
@@ -40,15 +59,33 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: an export removes its temporary folder on the way out
         print("promptmux: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `promptmux tasks DIR list | head`: the reader has gone, nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error flushing stdout at exit
+        return 1
     except Exception as e:
         if not _is_user_error(e):
             raise
-        print(f"promptmux: error: {e}", file=sys.stderr)
+        print(f"promptmux: error: {_message(e)}", file=sys.stderr)
         return 2
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
         progress.interrupted.clear()
+
+
+def _catch_sigterm():
+    """SIGTERM (a process manager stopping the command, `timeout`) unwinds like Ctrl-C, so an export removes its
+    temporary folder; it exits 143 as the signal would. The server installs its own (draining) handler over this."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return None
+
+    def on_term(signum, frame):
+        progress.interrupted.set()
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, on_term)
 
 
 def _catch_ctrl_c():

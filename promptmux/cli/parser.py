@@ -25,6 +25,24 @@ BACKEND_HELP = ("auto (default: the fastest backend measured for the model kind 
                 "engine from build-engine) or torch (eager reference, needs the base model)")
 
 
+def _at_least(low, kind=int, high=None):
+    """An argparse type: a number of `kind` from `low` (to `high`), refused at parse time with what to give."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is out of range: give {low} or more" +
+                                             (f" (up to {high})" if high is not None else ""))
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE, PORT = _at_least(1), _at_least(0, int, 65535)
+
+
 def _add_runtime_options(parser) -> None:
     """--backend, --precision, --strict and --calibration, the same on run, generate and serve."""
     parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help=BACKEND_HELP)
@@ -92,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              "the bank or a PEFT adapter folder)")
     t.add_argument("--json", action="store_true", help="list / similar: as JSON")
     t.add_argument("--replace", action="store_true", help="add: replace a task of the same name")
-    t.add_argument("--top-k", type=int, default=5, help="similar: how many tasks to show (default 5)")
+    t.add_argument("--top-k", type=POSITIVE, default=5, help="similar: how many tasks to show (default 5)")
     t.add_argument("--method", choices=["avg-cosine", "per-token-cosine"], default="avg-cosine",
                    help="similar: cosine of the mean prompt tokens (default), or the mean cosine over all token pairs")
     t.set_defaults(func=cmd_tasks)
@@ -153,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--task", action="append", required=True,
                    help="task for every prompt, or repeat once per --prompt (row i uses the i-th task)")
     g.add_argument("--prompt", action="append", required=True, help="text to continue; repeat for a batch")
-    g.add_argument("--max-new-tokens", type=int, default=32, help="most tokens to generate per prompt (default 32)")
+    g.add_argument("--max-new-tokens", type=POSITIVE, default=32,
+                   help="most tokens to generate per prompt (default 32)")
     g.add_argument("--stream", action="store_true",
                    help="print tokens as they come (one prompt: plain text; several: one JSON event per line)")
     g.add_argument("--temperature", type=float, help="sample with this temperature (default, or 0: greedy)")
@@ -166,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--own-positions", action="store_true",
                    help="several prompts: each answered as alone, as the server answers it (default: one padded "
                         "batch as PEFT's generate, where a prompt-tuned row's padding counts among its positions)")
-    g.add_argument("--threads", type=int, help="CPU threads for the runtime (default: $PROMPTMUX_THREADS, else "
+    g.add_argument("--threads", type=POSITIVE, help="CPU threads for the runtime (default: $PROMPTMUX_THREADS, else "
                                                     "one per core)")
     _add_runtime_options(g)
     g.add_argument("--base", help="base model folder (torch backend) if it moved since export")
@@ -178,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     prec = b.add_mutually_exclusive_group()
     prec.add_argument("--fp16", action="store_true", help="allow fp16 kernels (default fp32)")
     prec.add_argument("--bf16", action="store_true", help="allow bf16 kernels")
-    b.add_argument("--max-batch", type=int, default=8, help="largest batch the engine takes")
-    b.add_argument("--max-seq", type=int, default=128, help="most tokens per row")
+    b.add_argument("--max-batch", type=POSITIVE, default=8, help="largest batch the engine takes")
+    b.add_argument("--max-seq", type=POSITIVE, default=128, help="most tokens per row")
     b.add_argument("--max-prompt", type=int, default=64, help="most virtual tokens (prompt, MPT or prefix) per row")
     b.add_argument("--max-past", type=int, default=256, help="cached decoder: longest past (prompt KV + tokens)")
     b.add_argument("--no-plugin", action="store_true",
@@ -192,26 +211,28 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("deploy", help=DEPLOY_HELP)
     _add_runtime_options(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    sv.add_argument("--port", type=int, default=8000, help="0: any free port (printed on stdout)")
-    sv.add_argument("--grpc-port", type=int, help="also serve KServe v2 over gRPC on this port (0: any free port, "
+    sv.add_argument("--port", type=PORT, default=8000, help="0: any free port (printed on stdout)")
+    sv.add_argument("--grpc-port", type=PORT, help="also serve KServe v2 over gRPC on this port (0: any free port, "
                                                   "printed on stdout); needs pip install 'promptmux[grpc]'")
-    sv.add_argument("--max-batch", type=int, default=32,
+    sv.add_argument("--max-batch", type=POSITIVE, default=32,
                     help="texts per classification batch; rows in the running generation batch")
-    sv.add_argument("--max-wait-ms", type=float, default=5.0,
+    sv.add_argument("--max-wait-ms", type=_at_least(0, float), default=5.0,
                     help="how long a classification request may wait for a fuller batch")
-    sv.add_argument("--max-queue", type=int, default=1024, help="texts/prompts waiting; more get 503 + Retry-After "
-                    "(a single request of more: 400)")
-    sv.add_argument("--request-timeout", type=float, default=60.0, help="seconds per request (504 after)")
-    sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
-    sv.add_argument("--max-inflight", type=int, help="classify/completions requests served at once; more get 503 + "
-                                                     "Retry-After (default 4 x --max-batch)")
-    sv.add_argument("--max-queue-wait", type=float, default=1.0,
+    sv.add_argument("--max-queue", type=POSITIVE, default=1024,
+                    help="texts/prompts waiting; more get 503 + Retry-After (a single request of more: 400)")
+    sv.add_argument("--request-timeout", type=_at_least(1e-3, float), default=60.0,
+                    help="seconds per request (504 after)")
+    sv.add_argument("--max-body-bytes", type=POSITIVE, default=1 << 20, help="larger request bodies get 413")
+    sv.add_argument("--max-inflight", type=POSITIVE,
+                    help="classify/completions requests served at once; more get 503 + Retry-After (default 4 x "
+                         "--max-batch)")
+    sv.add_argument("--max-queue-wait", type=_at_least(1e-3, float), default=1.0,
                     help="seconds the oldest queued request may have waited before new ones get 503 + Retry-After")
-    sv.add_argument("--header-timeout", type=float, default=10.0,
+    sv.add_argument("--header-timeout", type=_at_least(1e-3, float), default=10.0,
                     help="seconds a client has to send a request's headers (408 and close after)")
-    sv.add_argument("--body-timeout", type=float, default=30.0,
+    sv.add_argument("--body-timeout", type=_at_least(1e-3, float), default=30.0,
                     help="seconds a client has to send a request's body once its headers are in (408 after)")
-    sv.add_argument("--max-header-bytes", type=int, default=64 * 1024, help="larger request heads get 431")
+    sv.add_argument("--max-header-bytes", type=POSITIVE, default=64 * 1024, help="larger request heads get 431")
     sv.add_argument("--docs", action="store_true", help="serve /docs and /redoc (their scripts load from a "
                                                          "public CDN); /openapi.json is always served")
     sv.add_argument("--admin-token", help="enables GET/POST/DELETE /v1/tasks for this bearer token "
@@ -224,20 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--persist-tasks", action="store_true",
                     help="POST/DELETE /v1/tasks change the deployment's task store (they survive a restart and "
                          "every server or replica on it sees them); off: changes stay in this server")
-    sv.add_argument("--bank-cache-mb", type=float,
+    sv.add_argument("--bank-cache-mb", type=_at_least(0, float),
                     help="MB of task prompts kept in RAM, least recently used dropped first (default 256)")
-    sv.add_argument("--kv-cache-mb", type=float,
+    sv.add_argument("--kv-cache-mb", type=_at_least(0, float),
                     help="causal LMs: MB of precomputed prompt key/values kept, least recently used dropped first "
                          "(default 512)")
-    sv.add_argument("--threads", type=int, help="CPU threads per model call (default: $PROMPTMUX_THREADS, else "
+    sv.add_argument("--threads", type=POSITIVE, help="CPU threads per model call (default: $PROMPTMUX_THREADS, else "
                                                      "one per core)")
-    sv.add_argument("--drain-timeout", type=float, default=30.0,
+    sv.add_argument("--drain-timeout", type=_at_least(0, float), default=30.0,
                     help="SIGTERM: seconds in-flight requests get to finish")
     sv.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                     help="the server's log (default warning)")
     sv.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (RAY_ADDRESS: an existing "
                                                        "cluster; otherwise a local one)")
-    sv.add_argument("--replicas", type=int, default=1, help="--ray: replicas (each loads the engine and bank)")
+    sv.add_argument("--replicas", type=POSITIVE, default=1, help="--ray: replicas (each loads the engine and bank)")
     sv.add_argument("--autoscaling", metavar="JSON", help="--ray: Ray Serve autoscaling_config (replaces --replicas), "
                     "e.g. '{\"min_replicas\": 1, \"max_replicas\": 4, \"target_ongoing_requests\": 32}'")
     sv.add_argument("--replica-cpus", type=float, default=1.0, help="--ray: CPUs Ray reserves per replica")
@@ -282,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     amount = bn.add_mutually_exclusive_group()
     amount.add_argument("--requests", type=int, help="requests per round (default max(32, 4*batch size))")
     amount.add_argument("--duration", type=float, help="seconds per system and configuration (split over rounds)")
-    bn.add_argument("--repeats", type=int, default=3, help="measured rounds after the warm-up (median reported)")
+    bn.add_argument("--repeats", type=POSITIVE, default=3, help="measured rounds after the warm-up (median reported)")
     bn.add_argument("--baseline", default="none",
                     help="comma-separated: peft (PEFT eager fp32), peft-bf16 (PEFT under torch.autocast bfloat16), "
                          "peft-int8 (PEFT after PyTorch's dynamic int8 quantization of its Linear layers, CPU), "
@@ -290,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--same-process", action="store_true",
                     help="run every system in this one process instead of one process each (their thread pools "
                          "then compete: only to reproduce that effect)")
-    bn.add_argument("--threads", type=int, help="threads for ONNX Runtime and torch alike (default: all cores)")
+    bn.add_argument("--threads", type=POSITIVE, help="threads for ONNX Runtime and torch alike (default: all cores)")
     bn.add_argument("--seed", type=int, default=0, help="seed of the request streams (token ids, task mixes)")
     bn.add_argument("--zipf-s", type=float, default=1.0, help="zipf mix exponent")
     bn.add_argument("--skip-throughput", action="store_true", help="only --scaling and/or --accuracy")

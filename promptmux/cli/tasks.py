@@ -45,17 +45,19 @@ def cmd_tasks(args) -> int:
         new = load_adapter(name, path, load_base_config(args.deploy))
 
         def add(b):  # on the store as it is now, in one transaction
+            # the tasks of the same adapter name go (an MPT adapter's NAME/i too, however many the new one has)
+            replaced = [n for base in dict.fromkeys(t.name.split("/")[0] for t in new) for n in b.adapter_names(base)]
             try:
                 b.add(new, replace=args.replace)
             except ValueError as e:
                 if "already in the bank" not in str(e):
                     raise
-                clash = [t.name for t in new if t.name in b]
-                raise CliError(f"task(s) {', '.join(clash)} already in the deployment; pass --replace to replace "
+                raise CliError(f"task(s) {', '.join(replaced)} already in the deployment; pass --replace to replace "
                                "them, or remove them first") from None
+            return replaced
 
-        update_tasks(args.deploy, bank.spec, add)
-        print(json.dumps({"added": [t.name for t in new]}))
+        replaced = update_tasks(args.deploy, bank.spec, add)
+        print(json.dumps({"added": [t.name for t in new], **({"replaced": replaced} if replaced else {})}))
         return 0
     if verb == "remove":
         if len(action) != 2:
@@ -71,7 +73,7 @@ def _list(bank, as_json: bool, page: int = 1000) -> None:
     json.dumps(rows, indent=2) would write, written as it goes."""
     after, first = None, True
     while True:
-        names, more = bank.page(page, after)
+        names, more = bank.listing(page, after)
         for r in bank.describe(names):
             if as_json:
                 sys.stdout.write(("[\n" if first else ",\n") + textwrap.indent(json.dumps(r, indent=2), "  "))

@@ -32,15 +32,31 @@ def base_model_dir() -> Path:
     return Path(get_model_path())
 
 
+def own_earlier_output(out: Path, base: Path, tasks) -> bool:
+    """Whether `out` holds this demo's earlier output (its base model, its tasks), which a re-run replaces; any other
+    non-empty folder is refused: the demo never replaces an unrelated folder or the user's own deployment."""
+    from promptmux.core.folder import MANIFEST, read_bank
+
+    if not out.is_dir() or not any(out.iterdir()):
+        return False
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+        ours = manifest["base"]["path"] == str(Path(base).resolve()) and set(read_bank(out).names()) == set(tasks)
+    except (OSError, ValueError, KeyError, TypeError):
+        ours = False
+    if not ours:
+        raise FileExistsError(f"{out} exists and is not this demo's earlier output; choose another --out (the demo "
+                              "replaces only its own)")
+    return True
+
+
 def run_demo(out: str | Path = "promptmux-demo", quiet: bool = False, backend: str = "auto",
              precision: str = "fp32") -> dict:
-    from promptmux.core.folder import MANIFEST
     from promptmux.export.deploy import export_deployment
     from promptmux.runtime.runtime import Runtime
 
     out = Path(out)
-    # Re-running the demo replaces its own earlier output, never an unrelated folder.
-    overwrite = (out / MANIFEST).is_file()
+    overwrite = own_earlier_output(out, base_model_dir(), TASKS)
     export_deployment(base_model_dir(), {t: ADAPTERS / t for t in TASKS}, out, overwrite=overwrite, quiet=quiet)
     calibration = labelled_calibration() if precision != "fp32" else None
     rt = Runtime(out, backend=backend, precision=precision, calibration=calibration)

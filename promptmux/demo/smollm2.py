@@ -205,16 +205,15 @@ def run_generation_demo(out: str | Path = "promptmux-smollm2-demo", quiet: bool 
     """Export the two shipped SmolLM2 adapters into one deployment and generate for a mixed-task batch.
 
     Returns {"deployment", "held_out_accuracy", "mixed_batch": [...]}; progress bars unless quiet."""
-    from promptmux.core.folder import MANIFEST
     from promptmux.export.deploy import export_deployment
     from promptmux.progress import StepBar
     from promptmux.runtime.runtime import Runtime
 
-    from . import contract_summary
+    from . import contract_summary, own_earlier_output
 
     base = smollm2_base_dir(cache_dir)
     out = Path(out)
-    overwrite = (out / MANIFEST).is_file()  # replace our own earlier output, never an unrelated folder
+    overwrite = own_earlier_output(out, base, TASKS)  # replace our own earlier output, never an unrelated folder
     # It generates only: no full-sequence graph (forward()'s), which would double the export's time.
     export_deployment(base, {t: ADAPTERS / t for t in TASKS}, out, overwrite=overwrite, quiet=quiet,
                       generation_only=True)

@@ -123,11 +123,16 @@ def serve(deploy_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, opt
     options = options or ServeOptions()
     if options.grpc_port is not None:
         options.grpc_host = host
-    app = create_app(deploy_dir, options)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))  # bound here so that --port 0 can report the port it got
+    try:  # before the engine loads (seconds to minutes): a port in use fails at once
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))  # bound here so that --port 0 can report the port it got
+    except (OSError, OverflowError) as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e}); choose another "
+                         "--port (0: any free one) or --host") from None
     bound = sock.getsockname()[1]
+    app = create_app(deploy_dir, options)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fastapi import Request
 
-from promptmux.core.bank import UnknownTaskError
+from promptmux.core.bank import LISTED_IN_ERRORS, UnknownTaskError
 
 from ..scheduler import ClassifyJob, JobTimeout, Overloaded, Scheduler
 from ..text import load_tokenizer, too_long
@@ -65,8 +65,10 @@ class Engine:
         try:
             return bank.view(task)
         except UnknownTaskError:
-            raise ApiError(404, "unknown_task", field, f"unknown task {task!r}; GET /v1/models lists the tasks "
-                                                       "served") from None
+            count = len(bank)  # a few are named (as the CLI and library do); a million are not
+            served = f"this deployment serves: {', '.join(bank.names())}" if count <= LISTED_IN_ERRORS else \
+                "GET /v1/models lists the tasks served"
+            raise ApiError(404, "unknown_task", field, f"unknown task {task!r}; {served}") from None
 
     def check_texts(self, texts: list[str], field: str, single: bool) -> None:
         for i, t in enumerate(texts):
@@ -160,7 +162,7 @@ class Engine:
 def task_page(bank, page) -> tuple[list[str], bool]:
     """One page of the bank's task names (a listing never returns a million names at once)."""
     try:
-        return bank.page(page.limit, page.after)
+        return bank.listing(page.limit, page.after)
     except UnknownTaskError as e:
         raise ApiError(400, "invalid_request", "after", str(e)) from None
 

@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 from fastapi import Query
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from promptmux.core.task import MAX_NAME
+
 MAX_TEXTS = 64  # texts per classification request
 MAX_PROMPTS = 16  # prompts per completion request
 MAX_STOPS = 4  # as OpenAI
@@ -128,16 +130,16 @@ class ModelList(BaseModel):
 
 
 class AddTaskRequest(_Strict):
-    name: Text = Field(min_length=1, max_length=128, description="the new task's name (an MPT adapter with K tasks "
-                                                                "adds NAME/0 ... NAME/K-1)")
+    name: Text = Field(min_length=1, max_length=MAX_NAME,
+                       description="the new task's name (an MPT adapter with K tasks adds NAME/0 ... NAME/K-1)")
     adapter: Text = Field(min_length=1, max_length=1024, description="the PEFT adapter folder, relative to the "
                                                                     "server's --adapter-root")
     replace: bool = Field(False, description="replace a task of the same name")
 
 
 class UploadedAdapter(_Strict):
-    name: Text = Field(min_length=1, max_length=128, description="the task's name (an MPT adapter with K tasks adds "
-                                                                "NAME/0 ... NAME/K-1)")
+    name: Text = Field(min_length=1, max_length=MAX_NAME,
+                       description="the task's name (an MPT adapter with K tasks adds NAME/0 ... NAME/K-1)")
     adapter_config: dict = Field(description="the adapter's adapter_config.json, as JSON")
     adapter_model: str = Field(min_length=1, description="the adapter's adapter_model.safetensors, base64 (standard "
                                                          "alphabet); nothing else is read, nothing is unpickled")
