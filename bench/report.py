@@ -265,6 +265,7 @@ def write_outputs(result: dict, out: Path) -> dict:
         jobs += [("throughput", plot_throughput, result["throughput"]), ("latency", plot_latency, result["throughput"])]
     if result.get("scaling"):
         jobs.append(("scaling", plot_scaling, result["scaling"]))
+    out.write_text(json.dumps(result, indent=2) + "\n")  # the measurements first: a failing plot loses none of them
     try:
         pyplot()
     except ImportError:

@@ -301,8 +301,21 @@ def for_task_type(config, task_type: str | None):
     return config
 
 
+# Configs whose token embeddings are narrower than the hidden size and projected up inside the model (OPT-350m,
+# ELECTRA-small, ALBERT, MobileBERT): a prompt of the model's width joins the embeddings before that projection,
+# which the graphs' prompt inputs (hidden_size wide) do not do yet.
+EMBEDDING_WIDTHS = ("word_embed_proj_dim", "embedding_size")
+
+
 def check_config(config) -> ArchSpec:
     """The config's row, refusing settings the row's rules do not cover."""
+    for attribute in EMBEDDING_WIDTHS:
+        width = getattr(config, attribute, None)
+        if width and width != config.hidden_size:
+            raise UnsupportedModelError(
+                f"{config.model_type} with {attribute}={width} is not supported yet: its token embeddings are "
+                f"projected to hidden_size={config.hidden_size} inside the model, and promptmux feeds prompts at the "
+                "hidden size. Please report it")
     spec = arch_for(config)
     for attribute, value in spec.requires:
         if getattr(config, attribute, value) != value:
@@ -341,16 +354,21 @@ class Dims:
         return self.num_kv_heads * self.head_dim
 
 
+# Key/value heads where a config names them otherwise than num_key_value_heads (as its attention module reads them).
+KV_HEADS = {"falcon": lambda c: c.num_kv_heads if c.new_decoder_architecture or not c.multi_query else 1}
+
+
 def dims_of(config) -> Dims:
     """The sizes, from the config's standard attributes (hidden_size, num_hidden_layers, num_attention_heads,
     num_key_value_heads, head_dim, vocab_size; attribute_map translates n_embd, d_model, n_head, ...)."""
     c = config.get_text_config()  # a multimodal config's language model
     heads = c.num_attention_heads
+    kv_heads = KV_HEADS[c.model_type](c) if c.model_type in KV_HEADS else getattr(c, "num_key_value_heads", None)
     return Dims(
         hidden_size=c.hidden_size,
         num_layers=c.num_hidden_layers,
         num_heads=heads,
-        num_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+        num_kv_heads=kv_heads or heads,
         head_dim=getattr(c, "head_dim", None) or getattr(c, "d_kv", None) or c.hidden_size // heads,
         vocab_size=c.vocab_size,
     )
@@ -377,9 +395,12 @@ def position_offset(config) -> int:
 
 
 def sliding_window(config) -> int | None:
-    """The attention window of a family with sliding-window layers (Mistral, Gemma2, Phi-3), else None."""
+    """The attention window of a family with sliding-window layers (Mistral, Gemma2, Phi-3; GPT-Neo's "local"
+    layers, which name it window_size), else None."""
     window = getattr(config, "sliding_window", None)
     layers = getattr(config, "layer_types", None)
+    if not window and "local" in (getattr(config, "attention_layers", None) or ()):
+        window, layers = getattr(config, "window_size", None), None
     if not window or (layers is not None and "sliding_attention" not in layers):
         return None
     return window if getattr(config, "use_sliding_window", True) is not False else None

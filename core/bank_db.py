@@ -60,15 +60,36 @@ def connect(path: Path | None) -> sqlite3.Connection:
 
 
 def connect_read_only(path: Path) -> sqlite3.Connection:
-    """A store in a folder this process cannot write (a read-only volume, an image layer): WAL mode needs its -shm
-    file beside the store, so it is opened immutable, which is right only if no change is waiting in its log."""
+    """A store in a folder this process cannot write (a read-only volume, an image layer, a serving pod's read-only
+    mount of a folder an admin writes through another path). Read-only but live where its -shm file exists (a
+    writer has the store open: its changes are seen as they commit); else, since WAL mode cannot make that file
+    here, immutable, which is right because no process writes a store without one, and only if no change waits in
+    its log."""
+    try:
+        return _checked(_open_live_read_only(path), path)
+    except sqlite3.DatabaseError:
+        pass
     wal = Path(f"{path}-wal")
     if wal.exists() and wal.stat().st_size > 0:
         raise PermissionError(f"{path.parent} is read-only and its task store has changes not yet merged into it "
                               f"({wal.name}); open the deployment once where it can be written (any promptmux "
                               "command that opens it merges them), then make it read-only")
-    db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, isolation_level=None,
+    return _checked(sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, isolation_level=None,
+                                    check_same_thread=False), path)
+
+
+def _open_live_read_only(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_SECONDS, isolation_level=None,
                          check_same_thread=False)
+    try:
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()  # opens the log: fails without a -shm file
+    except sqlite3.DatabaseError:
+        db.close()
+        raise
+    return db
+
+
+def _checked(db: sqlite3.Connection, path: Path) -> sqlite3.Connection:
     if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'summaries'").fetchone():
         raise PermissionError(f"{path} was written by promptmux before 2026-12-03 and {path.parent} is read-only; "
                               "open the deployment once where it can be written (it is migrated then)")

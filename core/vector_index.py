@@ -18,6 +18,7 @@ query at a million 384-wide tasks, while BLAS reads float32 from the page cache 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import sqlite3
@@ -218,9 +219,9 @@ class VectorIndex:
             return False
         if "last_name" not in state or not state["last_id"]:  # an older snapshot, or an empty one
             return True
-        row = db.execute("SELECT name FROM vectors WHERE id = ?", (state["last_id"],)).fetchone()
-        if row is not None:
-            return row[0] == state["last_name"]
+        row = db.execute("SELECT name, avg FROM vectors WHERE id = ?", (state["last_id"],)).fetchone()
+        if row is not None:  # its name and its vector: a restored store may get the lost tasks' names again, in order
+            return row[0] == state["last_name"] and state.get("last_avg", _digest(row[1])) == _digest(row[1])
         return db.execute("SELECT 1 FROM vectors_gone WHERE id = ?", (state["last_id"],)).fetchone() is not None
 
     def _write_snapshot(self) -> None:
@@ -243,9 +244,11 @@ class VectorIndex:
                 for col, m in self.mats.items():
                     np.save(folder / f"{gen}-{col}.npy", np.ascontiguousarray(m))
                 with self.bank.lock:
-                    last = self.bank.db.execute("SELECT name FROM vectors WHERE id = ?", (self.last_id,)).fetchone()
+                    last = self.bank.db.execute("SELECT name, avg FROM vectors WHERE id = ?",
+                                                (self.last_id,)).fetchone()
                 state = {"store_id": store_id, "generation": gen, "rows": len(self.ids), "dim": self.dim,
-                         "last_id": self.last_id, "last_gone": self.last_gone, "last_name": last and last[0]}
+                         "last_id": self.last_id, "last_gone": self.last_gone, "last_name": last and last[0],
+                         "last_avg": last and _digest(last[1])}
                 write_durably(folder / "index.json", json.dumps(state))
                 for p in folder.glob("*.npy"):
                     if not p.name.startswith(gen + "-"):
@@ -254,6 +257,10 @@ class VectorIndex:
             log.warning("cannot write the retrieval index to %s (%s); it stays in memory", folder, e)
             return
         self._load_snapshot()  # the same base, mapped from the page cache instead of held in this process
+
+
+def _digest(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _f32(blob: bytes) -> np.ndarray:

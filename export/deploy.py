@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import time
+import traceback
 import uuid
 from pathlib import Path
 
@@ -130,6 +131,19 @@ def export_deployment(
     return out_dir
 
 
+def _exporter_failure(e: Exception, config) -> Exception:
+    """An error of torch.onnx's exporter (or onnxscript's passes) as a refusal saying which model it could not trace
+    and why in a line, instead of hundreds of lines of exporter report; anything else as it is."""
+    if type(e).__module__.split(".")[0] not in ("torch", "onnxscript", "onnx_ir", "onnx"):
+        return e
+    text = str(e)
+    summary = text.split("Exception summary", 1)[-1] if "Exception summary" in text else text
+    reason = next((line.strip() for line in summary.splitlines() if line.strip() and "⬆" not in line), "")[:300]
+    return UnsupportedModelError(
+        f"the ONNX exporter cannot trace this {config.model_type} model ({type(e).__name__}: {reason}); promptmux "
+        "cannot serve it yet. Nothing was written. Please report it with the base model's config.")
+
+
 def _writes_noprefix(spec, optimize: bool) -> bool:
     """Whether the export writes the graph without prefix inputs (the progress bar counts it as a step)."""
     return spec.family.noprefix_graph and spec.supports_prefix and not optimize
@@ -168,11 +182,14 @@ def _write_deployment(base_dir, out_dir: Path, config, spec, dims, model, bank, 
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex}"
     try:
         tmp.mkdir(mode=0o700)
-        if spec.family.encoder_decoder:
-            report, decoder = _export_seq2seq(model, config, dims, bank, tmp, tolerance, bar)
-        else:
-            report, decoder = _export_graphs(model, config, spec, dims, bank, tmp, fold, optimize, tolerance,
-                                             bar, generation_only)
+        try:
+            if spec.family.encoder_decoder:
+                report, decoder = _export_seq2seq(model, config, dims, bank, tmp, tolerance, bar)
+            else:
+                report, decoder = _export_graphs(model, config, spec, dims, bank, tmp, fold, optimize, tolerance,
+                                                 bar, generation_only)
+        except Exception as e:
+            raise _exporter_failure(e, config) from e
         folded = {"task": fold, "file": FOLDED_GRAPH, "digest": bank.digest(fold)} if fold else None
 
         bar.step("writing bank, tokenizer, manifest")
@@ -328,7 +345,15 @@ def _verify_generic(deploy: Path, base_dir, adapters, config, tolerance: float, 
     what = "a classifier of a causal LM" if arch_for(config).feature == "last" else f"{config.model_type}"
     bar.step(f"verifying against PEFT ({what} runs on the generic rules)")
     details: dict = {}
-    verify(deploy, base_dir, adapters, rows_per_task=2, seq=8, quiet=True, details=details)
+    try:
+        verify(deploy, base_dir, adapters, rows_per_task=2, seq=8, quiet=True, details=details)
+    except (TypeError, AttributeError, IndexError, KeyError, RuntimeError) as e:
+        if not any("/peft/" in frame.filename for frame in traceback.extract_tb(e.__traceback__)):
+            raise  # not PEFT's own forward failing: a bug to see whole
+        raise UnsupportedModelError(
+            f"model type {config.model_type!r} has no row in promptmux's table, so its deployment is checked against "
+            f"PEFT, and PEFT itself fails on these adapters ({type(e).__name__}: {str(e)[:200]}): there is nothing "
+            "to check it against. Nothing was written. Export the adapter kinds PEFT runs on this model") from e
     bad = {t: d for t, d in details.items() if not d["max_abs_diff"] <= tolerance * max(1.0, d["scale"])}
     if bad:
         worst = "; ".join(f"task {t!r}: greedy tokens differ from PEFT's generate on {int(sum(d['rows']))} of "

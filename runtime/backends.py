@@ -241,7 +241,8 @@ def choose_backend(backend: str, precision: str, family: str) -> tuple[str, str]
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)} or fast (the "
+                         "fastest of them that keeps its accuracy contract here)")
     if family not in PRECISION_FAMILIES.get(precision, FAMILIES):
         raise BackendUnavailable(f"precision {precision} runs "
                                  f"{_words(PRECISION_FAMILIES[precision])}; a {family} "

@@ -140,7 +140,7 @@ def key(threads: int | None) -> str:
 def measure(rt: Runtime) -> dict:
     """Time both engines of `rt` (a runtime on backend onnxruntime+openvino) on SIZES with its first task, each
     engine in a process of its own (timing.py), kept to its engine by a split given by hand."""
-    virtual = rt.bank.view(rt.tasks[0]).num_virtual_tokens
+    virtual = rt.bank.view(rt.bank.page(1)[0][0]).num_virtual_tokens
     shapes = list(dict.fromkeys((rows, min(tokens, rt.max_positions - virtual) if rt.max_positions else tokens)
                                 for rows, tokens in SIZES))
     shapes = [s for s in shapes if s[1] >= 1]
@@ -166,7 +166,7 @@ def resolve(rt: Runtime, threads: int | None) -> dict | None:
     (None where the split was given by hand or the deployment has no task to time)."""
     from promptmux.core.folder import deployment_lock, write_manifest
 
-    if rt.routing.given or not rt.tasks:
+    if rt.routing.given or len(rt.bank) == 0:  # (rt.tasks would read every name of a million-task bank)
         why = "given" if rt.routing.given else "the default: no task to time"
         rt.backend_reason += f"; batches of up to {rt.routing.small_positions} positions on ONNX Runtime ({why})"
         return None
@@ -174,7 +174,8 @@ def resolve(rt: Runtime, threads: int | None) -> dict | None:
     record = (rt.manifest.get(ROUTING_KEY) or {}).get(cpu)
     fresh = record is None
     if fresh:
-        log.warning("timing ONNX Runtime against OpenVINO once on this CPU to route batches by size ...")
+        log.warning("timing ONNX Runtime against OpenVINO once on this CPU to route batches by size (about 25 s on "
+                    "2 cores; kept in the manifest for this kind of CPU) ...")
         record = measure(rt)
         rt.graph_runs.clear()  # the timing batches are not traffic
         try:

@@ -37,7 +37,7 @@ START_TIMEOUT_S = 1800  # opening a configuration may convert a graph for OpenVI
 def workload(rt, shape: tuple[int, ...]):
     """(a callable running one batch of `shape` on rt, its real tokens per row): rows x tokens through forward() for
     a classifier, a generation for a language model; tokens cut to the model's positions."""
-    task = rt.tasks[0]
+    task = rt.bank.page(1)[0][0]  # the first task (rt.tasks reads every name)
     rows, tokens, new = (*shape, 0)[:3]
     if rt.max_positions:
         tokens = max(1, min(tokens, rt.max_positions - rt.bank.view(task).num_virtual_tokens - new))

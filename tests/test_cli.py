@@ -202,6 +202,26 @@ def test_tasks_add_over_an_mpt_adapters_tasks_names_them_and_says_what_it_replac
     assert done == {"added": ["mpt"], "replaced": ["mpt/0", "mpt/1", "mpt/2"]}
 
 
+def test_tasks_backup_holds_every_committed_change_while_the_store_is_in_use(deployed, setup, tmp_path):
+    """A copy of tasks.sqlite alone misses what is still in its write-ahead log (a running server's changes);
+    `tasks DIR backup FILE` (SQLite's backup API) holds them, opens as a store, and never overwrites a file."""
+    from promptmux.core.bank import STORE_FILE, PromptBank
+    from promptmux.core.folder import read_bank
+
+    copy = shutil.copytree(deployed[0], tmp_path / "d")
+    live = read_bank(copy)  # held open, as a server holds it: the change below stays in the log
+    promptmux("tasks", copy, "add", f"late={setup['adapters']['pt']}")
+    assert (copy / f"{STORE_FILE}-wal").stat().st_size > 0
+    done = json.loads(promptmux("tasks", copy, "backup", tmp_path / "bk.sqlite").stdout)
+    assert done["tasks"] == len(live)
+    (tmp_path / "restored").mkdir()
+    shutil.copy(tmp_path / "bk.sqlite", tmp_path / "restored" / STORE_FILE)
+    restored = PromptBank.load(tmp_path / "restored", live.spec)
+    assert restored.names() == live.names() and "late" in restored
+    again = promptmux("tasks", copy, "backup", tmp_path / "bk.sqlite", check=False)
+    assert again.returncode == 2 and "exists; name a new file" in again.stderr
+
+
 def test_tasks_on_a_folder_that_is_no_deployment(tmp_path):
     proc = promptmux("tasks", "list", tmp_path, check=False)
     assert proc.returncode == 2 and f"{tmp_path} is not a promptmux deployment (no manifest.json)" in proc.stderr
@@ -499,7 +519,7 @@ def test_generate_stream_prints_the_same_text(causal):
 @pytest.mark.parametrize("args,message", [
     (["--task", "nope", "--prompt", "w1"], "unknown task 'nope'"),
     (["--task", "p", "--prompt", "   "], "empty prompt"),
-    (["--task", "p", "--prompt", "w1", "--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
+    (["--task", "p", "--prompt", "w1", "--max-new-tokens", "0"], "argument --max-new-tokens: 0 is out of range"),
     (["--task", "p", "--task", "pt", "--task", "p", "--prompt", "w1", "--prompt", "w2"], "got 3 --task for 2 --prompt"),
 ])
 def test_generate_bad_input_is_a_clear_error(causal, args, message):
@@ -532,7 +552,7 @@ def test_build_engine_on_a_default_export_records_the_engine(deployed):
 
 def test_build_engine_rejects_an_empty_profile(deployed):
     proc = promptmux("build-engine", deployed[0], "--max-batch", 0, check=False)
-    assert proc.returncode == 2 and "--max-batch must be at least 1" in proc.stderr
+    assert proc.returncode == 2 and "argument --max-batch: 0 is out of range: give 1 or more" in proc.stderr
 
 
 def test_labels_come_from_the_base_configs_id2label_without_labels_json(setup):
@@ -556,4 +576,4 @@ def test_serve_grpc_port_with_ray_or_out_of_range_is_a_clear_error(deployed):
     r = promptmux("serve", deployed[0], "--grpc-port", "0", "--ray", check=False)
     assert r.returncode == 2 and "--grpc-port serves from one process" in r.stderr
     r = promptmux("serve", deployed[0], "--grpc-port", "70000", check=False)
-    assert r.returncode == 2 and "--grpc-port takes a port from 0" in r.stderr
+    assert r.returncode == 2 and "argument --grpc-port: 70000 is out of range" in r.stderr

@@ -133,7 +133,7 @@ def test_a_listing_walks_every_task_once_while_tasks_are_replaced_and_removed(tm
             break
         after = names[-1]
     assert walked == ["a", "bb", "e", "f"] and len(mine) == 4  # the store's hidden tasks counted in one query
-    assert bank.count_of(["a", "zz", "e"] * 400) == 800
+    assert bank.count_of(["a", "zz", "e"] + [f"n{i}" for i in range(1200)]) == 2  # in chunks of 500
 
 
 def test_bank_copy_keeps_unchanged_tasks_identical_and_drops_unused_shared(tmp_path):
@@ -263,6 +263,26 @@ def test_reading_threads_that_ended_leave_no_connection_open(tmp_path):
         t.start()
         t.join(10)
     assert len(bank._readers) == 1  # the last thread's; the others' closed as new ones came
+
+
+def test_configs_that_name_their_sizes_otherwise_are_read_as_their_modules_read_them():
+    """Falcon's key/value heads (1 for the old architecture's multi-query attention), GPT-Neo's local-attention
+    window (window_size), and embeddings narrower than the hidden size (refused, not a wrong graph)."""
+    from transformers import AlbertConfig, FalconConfig, GPTNeoConfig, OPTConfig
+
+    from promptmux.core.archs import UnsupportedModelError, check_config, dims_of, sliding_window
+
+    falcon = dict(num_attention_heads=4, hidden_size=32, num_hidden_layers=2)
+    assert dims_of(FalconConfig(multi_query=True, new_decoder_architecture=False, **falcon)).num_kv_heads == 1
+    assert dims_of(FalconConfig(multi_query=False, new_decoder_architecture=False, **falcon)).num_kv_heads == 4
+    assert dims_of(FalconConfig(new_decoder_architecture=True, num_kv_heads=2, **falcon)).num_kv_heads == 2
+    local = GPTNeoConfig(window_size=8, attention_types=[[["global", "local"], 1]], num_layers=2)
+    assert sliding_window(local) == 8
+    assert sliding_window(GPTNeoConfig(window_size=8, attention_types=[[["global"], 2]], num_layers=2)) is None
+    for config in (OPTConfig(hidden_size=32, word_embed_proj_dim=16), AlbertConfig(hidden_size=32, embedding_size=16)):
+        with pytest.raises(UnsupportedModelError, match="is not supported yet: its token embeddings are projected"):
+            check_config(config)
+    check_config(OPTConfig(hidden_size=32, word_embed_proj_dim=32))
 
 
 def test_io_spec_declares_every_graph_input_and_tensorrt_profiles_cover_its_axes():

@@ -108,6 +108,51 @@ def test_a_family_the_generic_rules_do_not_fit_is_refused_with_the_difference(mo
     assert not out.exists() and not list(tmp_path.glob(".deploy.tmp-*"))
 
 
+@pytest.mark.xdist_group("family-qwen2")
+def test_adapters_peft_itself_cannot_run_are_refused_saying_so(monkeypatch, tmp_path, tmp_path_factory):
+    """A family on the generic rules is checked against PEFT; where PEFT's own forward fails (RoFormer's prefix
+    tuning: a TypeError inside PEFT), the export says so instead of showing PEFT's traceback."""
+    from promptmux import export_deployment
+    from promptmux.core import archs
+    from promptmux.core.archs import ArchSpec, UnsupportedModelError
+    from promptmux.export import verify
+
+    fx = _family("qwen2", tmp_path_factory)
+    monkeypatch.setitem(archs.ARCHS, "qwen2", ArchSpec(family=archs.DECODER, verify_at_export=True))
+    peft_code = compile("def forward(*a, **k):\n    raise TypeError(\"'DynamicCache' object is not subscriptable\")\n",
+                        "/site-packages/peft/peft_model.py", "exec")
+    namespace: dict = {}
+    exec(peft_code, namespace)
+    monkeypatch.setattr(verify, "peft_outputs", namespace["forward"])
+    out = tmp_path / "deploy"
+    with pytest.raises(UnsupportedModelError, match="PEFT itself fails on these adapters \\(TypeError: 'DynamicCache'"):
+        export_deployment(fx.base, {"pt": fx.adapters["pt"]}, out, quiet=True)
+    assert not out.exists()
+
+
+@pytest.mark.xdist_group("family-qwen2")
+def test_a_model_the_onnx_exporter_cannot_trace_is_refused_in_a_line(monkeypatch, tmp_path, tmp_path_factory):
+    """torch.onnx's failures (Mixtral's grouped MoE, Falcon's multi-query SDPA, dynamic rope scaling) came out as
+    hundreds of lines of exporter report: now a refusal naming the model and the exporter's own reason."""
+    from promptmux import export_deployment
+    from promptmux.core.archs import UnsupportedModelError
+    from promptmux.export import onnx_export
+
+    fx = _family("qwen2", tmp_path_factory)
+    failure = type("ConversionError", (Exception,), {"__module__": "torch.onnx._internal.exporter._errors"})
+
+    def fails(*a, **k):
+        raise failure("Failed to convert the exported program.\n## Exception summary\n\n<class 'AssertionError'>: "
+                      "SDPA (MHA) requires q_num_heads = kv_num_heads\n\u2b06\ufe0f\n(and 300 lines more)")
+    monkeypatch.setattr(onnx_export, "to_onnx", fails)
+    out = tmp_path / "deploy"
+    with pytest.raises(UnsupportedModelError, match=r"the ONNX exporter cannot trace this qwen2 model \("
+                                                    r"ConversionError: <class 'AssertionError'>: SDPA \(MHA\) "
+                                                    r"requires q_num_heads"):
+        export_deployment(fx.base, {"pt": fx.adapters["pt"]}, out, quiet=True)
+    assert not out.exists() and not list(tmp_path.glob(".deploy.tmp-*"))
+
+
 @pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.xdist_group(f"family-{a}"))
                                   for a in ("mistral", "gemma2")])
 def test_sliding_window_families_keep_rows_within_the_window(arch, tmp_path_factory):

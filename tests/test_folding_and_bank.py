@@ -129,11 +129,18 @@ def test_changes_a_runtime_keeps_to_itself_leave_the_store_as_it_is(deployment, 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
 def test_a_read_only_deployment_folder_opens_and_serves(deployment, tmp_path, monkeypatch):
     """A folder the process cannot write (os.access says so; CI runs as root, which chmod does not stop): the store
-    opens immutable and serves the same outputs; a persisted change is refused saying why, one kept in the process
-    works; a store whose log still holds changes is refused, saying how to merge them."""
+    opens read-only and serves the same outputs, live while a writer has it open elsewhere (a serving pod's
+    read-only mount of a folder an admin writes: it served removed prompts and failed as "malformed" when opened
+    immutable); a persisted change is refused saying why, one kept in the process works. Where no -shm file can be
+    made (no writer has the store open), it opens immutable, and a log still holding changes is refused, saying how
+    to merge them."""
     import os
+    import sqlite3
+    import subprocess
+    import sys
     from pathlib import Path
 
+    from promptmux.core import bank_db
     from promptmux.core.bank import PromptBank
 
     folder = tmp_path / "ro"
@@ -146,6 +153,22 @@ def test_a_read_only_deployment_folder_opens_and_serves(deployment, tmp_path, mo
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if mode & os.W_OK and Path(p) == folder
                         else real(p, mode, **kw))
+    live = Runtime(folder)
+    assert "late" in live.bank and live.bank.view("pt").version == writer.view("pt").version
+
+    def elsewhere(change: str):  # another process, which can write the folder (the admin's read-write path)
+        code = ("import dataclasses, sys; from promptmux.core.folder import read_bank; b = read_bank(sys.argv[1]); "
+                + change)
+        subprocess.run([sys.executable, "-c", code, str(folder)], check=True, timeout=120)
+    elsewhere("b.remove('late'); b.add([dataclasses.replace(b.view('pt'), labels=['x', 'y', 'z'])], replace=True)")
+    assert "late" not in live.bank and live.bank.view("pt").labels == ["x", "y", "z"]  # seen as committed
+    elsewhere("b.add([dataclasses.replace(b.view('pt'), name='late')])")
+    assert "late" in live.bank
+    del live
+
+    def no_shm(path):  # a read-only volume where no writer has the store open: no -shm file, none can be made
+        raise sqlite3.OperationalError("unable to open database file")
+    monkeypatch.setattr(bank_db, "_open_live_read_only", no_shm)
     with pytest.raises(PermissionError, match="changes not yet merged into it"):
         Runtime(folder)
     import gc

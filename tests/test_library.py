@@ -446,10 +446,12 @@ def test_retrieval_index_snapshot_follows_other_processes_changes(tmp_path, monk
     assert "ignoring the retrieval index" in caplog.text
 
 
-@pytest.mark.parametrize("added_after_restore", [1, 80])
-def test_a_store_restored_from_a_backup_has_its_retrieval_index_rebuilt(tmp_path, monkeypatch, added_after_restore):
+@pytest.mark.parametrize("added_after_restore, first_name", [(1, 500), (80, 500), (40, 100)])
+def test_a_store_restored_from_a_backup_has_its_retrieval_index_rebuilt(tmp_path, monkeypatch, added_after_restore,
+                                                                      first_name):
     """A backup keeps the store's id, and the rows added after the restore reuse ids the snapshot (written before
-    the restore) already holds: a query ranked from it missed them. Fewer or more of them than were lost."""
+    the restore) already holds: a query ranked from it missed them. Fewer or more of them than were lost, or the
+    lost tasks' very names in their order with new prompts (the row at the snapshot's last id then has its name)."""
     import shutil
 
     from promptmux.core import vector_index
@@ -474,7 +476,7 @@ def test_a_store_restored_from_a_backup_has_its_retrieval_index_rebuilt(tmp_path
         (tmp_path / f"tasks.sqlite{suffix}").unlink(missing_ok=True)
     shutil.copy(tmp_path / "backup.sqlite", tmp_path / "tasks.sqlite")
     writer = PromptBank.load(tmp_path, spec)
-    added = _vector_bank(added_after_restore, 2, start=500)
+    added = _vector_bank(added_after_restore, 2, start=first_name)
     writer.add(added)
     bank = PromptBank.load(tmp_path, spec)
     top_tasks(bank, None, added[0].tensors["prompt"], "avg-cosine", 1)

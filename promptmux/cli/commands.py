@@ -129,6 +129,8 @@ def cmd_build_engine(args) -> int:
     from promptmux.export.trt_engine import build_deployment_engines
 
     precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+    if not (Path(args.deploy) / "manifest.json").is_file():
+        raise CliError(f"{args.deploy} is not a promptmux deployment (no manifest.json); run promptmux export")
     for flag in ("max_batch", "max_seq", "max_prompt", "max_past"):
         if getattr(args, flag) < 1:
             raise CliError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
@@ -224,6 +226,11 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     from promptmux.bench.harness import run_from_args
     from promptmux.bench.report import summary_table
+
+    out = Path(args.out)  # checked before minutes of measuring, not after
+    if out.is_dir() or not out.parent.resolve().is_dir() or not os.access(out.parent.resolve(), os.W_OK):
+        raise CliError(f"--out {args.out}: cannot write a file there (a folder, or a folder that is missing or "
+                       "read-only); name a file in a writable folder")
 
     if args.many_tasks:
         from promptmux.bench.many_tasks import run as many_tasks

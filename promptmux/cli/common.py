@@ -58,11 +58,15 @@ def check_text_args(args) -> None:
 def read_texts(args) -> list[str]:
     """--text (repeatable) and --file (one text per line, blank lines skipped), in that order."""
     texts = list(args.text or [])
+    if any(not t.strip() for t in texts):
+        raise CliError("a --text is empty: give each one something to read")
     if args.file:
         try:
-            lines = Path(args.file).read_text().splitlines()
+            lines = Path(args.file).read_text(encoding="utf-8").splitlines()
         except OSError as e:
             raise CliError(f"--file {args.file}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise CliError(f"--file {args.file} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
         texts += [line for line in lines if line.strip()]
     if not texts:
         raise CliError("give at least one --text TEXT or a --file with one text per line")

@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "tasks most similar to a query (similar QUERY)")
     t.add_argument("deploy", help=DEPLOY_HELP + " (or the action first: tasks list DIR)")
     t.add_argument("action", nargs="*", help="list (default) | add NAME=DIR | remove NAME | similar QUERY (a task of "
-                                             "the bank or a PEFT adapter folder)")
+                                             "the bank or a PEFT adapter folder) | backup FILE (the store, consistent "
+                                             "while it changes)")
     t.add_argument("--json", action="store_true", help="list / similar: as JSON")
     t.add_argument("--replace", action="store_true", help="add: replace a task of the same name")
     t.add_argument("--top-k", type=POSITIVE, default=5, help="similar: how many tasks to show (default 5)")

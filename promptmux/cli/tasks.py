@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
 
 from promptmux.cli.common import CliError, parse_pairs
 
-TASK_ACTIONS = ("list", "add", "remove", "similar")
+TASK_ACTIONS = ("list", "add", "remove", "similar", "backup")
 
 
 def _tasks_action(args) -> list[str]:
@@ -18,7 +19,7 @@ def _tasks_action(args) -> list[str]:
         args.deploy, args.action = args.action[0], [args.deploy, *args.action[1:]]
     if not (Path(args.deploy) / "manifest.json").is_file():
         raise CliError(f"{args.deploy} is not a promptmux deployment (no manifest.json); usage: promptmux tasks DIR "
-                       "[list | add NAME=DIR | remove NAME | similar QUERY]")
+                       "[list | add NAME=DIR | remove NAME | similar QUERY | backup FILE]")
     return args.action or ["list"]
 
 
@@ -59,13 +60,35 @@ def cmd_tasks(args) -> int:
         replaced = update_tasks(args.deploy, bank.spec, add)
         print(json.dumps({"added": [t.name for t in new], **({"replaced": replaced} if replaced else {})}))
         return 0
+    if verb == "backup":
+        if len(action) != 2:
+            raise CliError("usage: promptmux tasks DIR backup FILE")
+        return _backup(bank, Path(action[1]))
     if verb == "remove":
         if len(action) != 2:
             raise CliError("usage: promptmux tasks DIR remove NAME")
         removed = update_tasks(args.deploy, bank.spec, lambda b: b.remove(action[1]))
         print(json.dumps({"removed": removed}))
         return 0
-    raise CliError(f"unknown tasks action {verb!r}; use list, add NAME=DIR, remove NAME or similar QUERY")
+    raise CliError(f"unknown tasks action {verb!r}; use list, add NAME=DIR, remove NAME, similar QUERY or backup FILE")
+
+
+def _backup(bank, dest: Path) -> int:
+    """The store as one file, consistent while servers and other commands change it: SQLite's online backup API
+    (a copy of tasks.sqlite alone misses the changes still in its write-ahead log, tasks.sqlite-wal)."""
+    if dest.exists():
+        raise CliError(f"{dest} exists; name a new file for the backup")
+    if not dest.parent.is_dir():
+        raise CliError(f"{dest.parent} is not a folder")
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        bank.save_as(tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(json.dumps({"backup": str(dest), "tasks": len(bank)}))
+    return 0
 
 
 def _list(bank, as_json: bool, page: int = 1000) -> None:
