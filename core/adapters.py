@@ -160,8 +160,8 @@ def _head_tensors(
         head[name] = value
     if head:
         first = spec.head[0].module + ".weight"
-        if first in head and head[first].shape[1] != dims.hidden_size:
-            expect("classification head input size", head[first].shape[1], dims.hidden_size, adapter_dir)
+        if first in head and head[first].shape[1] != dims.head_input:
+            expect("classification head input size", head[first].shape[1], dims.head_input, adapter_dir)
         size = None  # each layer's bias, and the next layer's input, fit its outputs (else every request failed)
         for layer in spec.head:
             w, b = head.get(layer.module + ".weight"), head.get(layer.module + ".bias")

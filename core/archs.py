@@ -301,21 +301,8 @@ def for_task_type(config, task_type: str | None):
     return config
 
 
-# Configs whose token embeddings are narrower than the hidden size and projected up inside the model (OPT-350m,
-# ELECTRA-small, ALBERT, MobileBERT): a prompt of the model's width joins the embeddings before that projection,
-# which the graphs' prompt inputs (hidden_size wide) do not do yet.
-EMBEDDING_WIDTHS = ("word_embed_proj_dim", "embedding_size")
-
-
 def check_config(config) -> ArchSpec:
     """The config's row, refusing settings the row's rules do not cover."""
-    for attribute in EMBEDDING_WIDTHS:
-        width = getattr(config, attribute, None)
-        if width and width != config.hidden_size:
-            raise UnsupportedModelError(
-                f"{config.model_type} with {attribute}={width} is not supported yet: its token embeddings are "
-                f"projected to hidden_size={config.hidden_size} inside the model, and promptmux feeds prompts at the "
-                "hidden size. Please report it")
     spec = arch_for(config)
     for attribute, value in spec.requires:
         if getattr(config, attribute, value) != value:
@@ -348,12 +335,28 @@ class Dims:
     num_kv_heads: int
     head_dim: int
     vocab_size: int
+    embed_size: int | None = None  # token embeddings narrower than hidden_size, projected up inside the model
+    feature_size: int | None = None  # the features a head reads, where projected back down (OPT-350m)
 
     @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def prompt_width(self) -> int:
+        """The width of input-level prompts: they join the token embeddings, before any projection."""
+        return self.embed_size or self.hidden_size
 
+    @property
+    def head_input(self) -> int:
+        return self.feature_size or self.hidden_size
+
+
+# Token embeddings narrower than the hidden size, projected up inside the model (OPT-350m's project_in, ELECTRA-small's
+# embeddings_project): input-level prompts join them before the projection, at their width (PEFT's token_dim).
+EMBEDDING_WIDTHS = ("word_embed_proj_dim", "embedding_size")
+# ... and projected back down after the last layer (OPT's project_out): what a classification head reads.
+FEATURE_WIDTHS = ("word_embed_proj_dim",)
 # Key/value heads where a config names them otherwise than num_key_value_heads (as its attention module reads them).
 KV_HEADS = {"falcon": lambda c: c.num_kv_heads if c.new_decoder_architecture or not c.multi_query else 1}
 
@@ -364,6 +367,10 @@ def dims_of(config) -> Dims:
     c = config.get_text_config()  # a multimodal config's language model
     heads = c.num_attention_heads
     kv_heads = KV_HEADS[c.model_type](c) if c.model_type in KV_HEADS else getattr(c, "num_key_value_heads", None)
+
+    def width(attributes) -> int | None:  # where it differs from the hidden size
+        w = next((getattr(c, a) for a in attributes if getattr(c, a, None)), None)
+        return w if w and w != c.hidden_size else None
     return Dims(
         hidden_size=c.hidden_size,
         num_layers=c.num_hidden_layers,
@@ -371,6 +378,8 @@ def dims_of(config) -> Dims:
         num_kv_heads=kv_heads or heads,
         head_dim=getattr(c, "head_dim", None) or getattr(c, "d_kv", None) or c.hidden_size // heads,
         vocab_size=c.vocab_size,
+        embed_size=width(EMBEDDING_WIDTHS),
+        feature_size=width(FEATURE_WIDTHS),
     )
 
 

@@ -110,7 +110,7 @@ def dynamic_axes(name: str) -> dict[int, str]:
 
 def input_shape(name: str, dims, sizes: dict[str, int]) -> tuple[int, ...]:
     """The shape of an input with its named axes at `sizes` (the model's own axes from dims)."""
-    model = {"hidden": dims.hidden_size, "layers": dims.num_layers, "kv_heads": dims.num_kv_heads,
+    model = {"hidden": dims.prompt_width, "layers": dims.num_layers, "kv_heads": dims.num_kv_heads,
              "head_dim": dims.head_dim}
     axes = PAST_AXES if name.startswith("past_key_values.") else INPUTS[name].axes
     return tuple(model[a] if a in model else sizes[a] for a in axes)

@@ -59,9 +59,10 @@ class PromptKind:
 
     def check_config(self, ctx: ReadContext) -> None:
         """Sizes in adapter_config.json that must agree with the base model (input-level prompts: the model's
-        attention heads and hidden size)."""
+        attention heads and the width of its token embeddings, the hidden size but where they are projected up)."""
         expect("number of attention heads", ctx.cfg.get("num_attention_heads"), ctx.dims.num_heads, ctx.adapter_dir)
-        expect("hidden size", ctx.cfg.get("token_dim"), ctx.dims.hidden_size, ctx.adapter_dir)
+        expect("token embedding width (token_dim)" if ctx.dims.embed_size else "hidden size", ctx.cfg.get("token_dim"),
+               ctx.dims.prompt_width, ctx.adapter_dir)
 
     def read(self, ctx: ReadContext) -> list[Task]:
         raise NotImplementedError
@@ -104,7 +105,7 @@ class InputPromptKind(PromptKind):
         emb = ctx.tensor("prompt_embeddings")
         # Seq2seq adapters with num_transformer_submodules=2 hold 2n rows; PEFT's generate puts the first n in front
         # of the encoder input and never uses the rest (see export/seq2seq_export.py), so the bank keeps those n.
-        expect_shape("prompt_embeddings", emb, (ctx.n * ctx.subs, ctx.dims.hidden_size), ctx.adapter_dir)
+        expect_shape("prompt_embeddings", emb, (ctx.n * ctx.subs, ctx.dims.prompt_width), ctx.adapter_dir)
         return emb[: ctx.n]
 
     def read(self, ctx: ReadContext) -> list[Task]:

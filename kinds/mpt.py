@@ -26,9 +26,9 @@ class MultitaskPrompt(PromptKind):
         k = config_int(ctx.cfg, "num_tasks", ctx.adapter_dir) or cols.shape[0]
         r = config_int(ctx.cfg, "num_ranks", ctx.adapter_dir) or cols.shape[2]
         saved = ctx.n * ctx.subs  # seq2seq: the encoder half is what generate uses (see kinds/base.py)
-        expect_shape("MPT shared prompt", emb, (saved, ctx.dims.hidden_size), ctx.adapter_dir)
+        expect_shape("MPT shared prompt", emb, (saved, ctx.dims.prompt_width), ctx.adapter_dir)
         expect_shape("MPT prefix_task_cols", cols, (k, saved, r), ctx.adapter_dir)
-        expect_shape("MPT prefix_task_rows", rows, (k, r, ctx.dims.hidden_size), ctx.adapter_dir)
+        expect_shape("MPT prefix_task_rows", rows, (k, r, ctx.dims.prompt_width), ctx.adapter_dir)
         shared = np.ascontiguousarray(emb[: ctx.n])
         return [self.task(ctx, {"shared": shared, "cols": cols[t, : ctx.n], "rows": rows[t]}, name=f"{ctx.name}/{t}")
                 for t in range(k)]
@@ -61,7 +61,7 @@ class MultitaskPrompt(PromptKind):
             shared_ids.append(shared_index[key])
             cols.append(t.tensors["cols"])
             rows.append(t.tensors["rows"])
-        d, slots = layout.dims.hidden_size, layout.mpt_slots
+        d, slots = layout.dims.prompt_width, layout.mpt_slots
         rank = max(c.shape[1] for c in cols)
         f = layout.feeds
         f["mpt_shared"] = np.zeros((len(shared), slots, d), layout.dtype)

@@ -278,7 +278,7 @@ def _write_adapter(base_dir, base_config, folder: Path, kind: str, tensors: dict
 
     spec, dims = arch_for(base_config), dims_of(base_config)
     length = int(next(iter(tensors.values())).shape[0])
-    common = dict(task_type=spec.family.task_type, num_virtual_tokens=length, token_dim=dims.hidden_size,
+    common = dict(task_type=spec.family.task_type, num_virtual_tokens=length, token_dim=dims.prompt_width,
                   num_layers=dims.num_layers, num_attention_heads=dims.num_heads, num_transformer_submodules=1)
     torch.manual_seed(seed)  # seeds the freshly initialised classifier head
     labels = num_labels if spec.family.classifies else None

@@ -84,11 +84,13 @@ FAMILIES = {
     "olmo": ("olmo", _DECODER),
     "granite": ("granite", _DECODER),
     "gpt_neox": ("gpt_neox", _MHA),
-    "opt": ("opt", dict(_MHA, ffn_dim=37, word_embed_proj_dim=32)),
+    # OPT-350m's and ELECTRA-small's layout: token embeddings narrower than the hidden size, projected up inside
+    # the model (OPT's also back down before the head); input-level prompts are that narrow (PEFT's token_dim)
+    "opt": ("opt", dict(_MHA, ffn_dim=37, word_embed_proj_dim=16)),
     "xlm-roberta": ("xlm-roberta", dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                         intermediate_size=37, max_position_embeddings=66, num_labels=3,
                                         pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1)),
-    "electra": ("electra", dict(_ENCODER, embedding_size=32, max_position_embeddings=64, pad_token_id=0)),
+    "electra": ("electra", dict(_ENCODER, embedding_size=16, max_position_embeddings=64, pad_token_id=0)),
     "mpnet": ("mpnet", dict(_ENCODER, max_position_embeddings=66, pad_token_id=1, bos_token_id=0, eos_token_id=2)),
     "deberta-v2": ("deberta-v2", dict(_ENCODER, max_position_embeddings=64, pad_token_id=0, relative_attention=True,
                                       pos_att_type=["p2c", "c2p"], position_buckets=8, max_relative_positions=16,
@@ -174,7 +176,8 @@ def adapter_configs(arch: str) -> dict:
 
     tt = "SEQ_CLS" if is_encoder(arch) else "SEQ_2_SEQ_LM" if is_seq2seq(arch) else "CAUSAL_LM"
     # DistilBERT's config uses other attribute names than PEFT looks for: give the sizes explicitly.
-    dims = dict(token_dim=32, num_layers=2, num_attention_heads=4) if arch == "distilbert" else {}
+    dims = dict(token_dim=32, num_layers=2, num_attention_heads=4) if arch == "distilbert" else \
+        dict(token_dim=16) if arch in NARROW_EMBEDDINGS else {}
     cfgs = {
         "pt": PromptTuningConfig(task_type=tt, num_virtual_tokens=4, **dims),
         "ptmlp": PromptEncoderConfig(task_type=tt, num_virtual_tokens=3, encoder_hidden_size=16,
@@ -190,11 +193,16 @@ def adapter_configs(arch: str) -> dict:
                                                 encoder_hidden_size=24)
         # Cartridges: PEFT serves them like prefix tuning for every task type
         cfgs["cartridge"] = CartridgeConfig(task_type=tt, num_virtual_tokens=3, num_frozen_tokens=1)
-    if tt == "CAUSAL_LM":  # CPT: causal LMs only; its prompt starts from these tokens' embeddings
+    if tt == "CAUSAL_LM" and arch not in NARROW_EMBEDDINGS:  # CPT: causal LMs only; its prompt starts from these
+        # tokens' embeddings (PEFT's CPT resets token_dim to the hidden size: it cannot run on narrow embeddings)
         cfgs["cpt"] = CPTConfig(task_type=tt, cpt_token_ids=[5, 6, 7, 8, 9], cpt_mask=[1] * 5,
                                 cpt_tokens_type_mask=[1, 2, 2, 3, 4])
     return cfgs
 
+
+# Families whose token embeddings are narrower than the hidden size (FAMILIES): PEFT's input-level prompts need
+# token_dim set to that width (its default is the hidden size); prefixes stay at the attention's width.
+NARROW_EMBEDDINGS = ("opt", "electra")
 
 # Families whose attention takes no past key/values: PEFT cannot prefix-tune them (nor serve cartridges).
 NO_PREFIX = ("distilbert", "mpnet", "deberta-v2", "modernbert")

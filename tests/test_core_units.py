@@ -267,10 +267,11 @@ def test_reading_threads_that_ended_leave_no_connection_open(tmp_path):
 
 def test_configs_that_name_their_sizes_otherwise_are_read_as_their_modules_read_them():
     """Falcon's key/value heads (1 for the old architecture's multi-query attention), GPT-Neo's local-attention
-    window (window_size), and embeddings narrower than the hidden size (refused, not a wrong graph)."""
+    window (window_size), and embeddings narrower than the hidden size: prompts at their width, and OPT's head
+    reading its projected-down features (test_families checks both families against PEFT)."""
     from transformers import AlbertConfig, FalconConfig, GPTNeoConfig, OPTConfig
 
-    from promptmux.core.archs import UnsupportedModelError, check_config, dims_of, sliding_window
+    from promptmux.core.archs import dims_of, sliding_window
 
     falcon = dict(num_attention_heads=4, hidden_size=32, num_hidden_layers=2)
     assert dims_of(FalconConfig(multi_query=True, new_decoder_architecture=False, **falcon)).num_kv_heads == 1
@@ -279,10 +280,12 @@ def test_configs_that_name_their_sizes_otherwise_are_read_as_their_modules_read_
     local = GPTNeoConfig(window_size=8, attention_types=[[["global", "local"], 1]], num_layers=2)
     assert sliding_window(local) == 8
     assert sliding_window(GPTNeoConfig(window_size=8, attention_types=[[["global"], 2]], num_layers=2)) is None
-    for config in (OPTConfig(hidden_size=32, word_embed_proj_dim=16), AlbertConfig(hidden_size=32, embedding_size=16)):
-        with pytest.raises(UnsupportedModelError, match="is not supported yet: its token embeddings are projected"):
-            check_config(config)
-    check_config(OPTConfig(hidden_size=32, word_embed_proj_dim=32))
+    narrow = dims_of(OPTConfig(hidden_size=32, word_embed_proj_dim=16, num_attention_heads=4))
+    assert (narrow.prompt_width, narrow.head_input, narrow.hidden_size) == (16, 16, 32)
+    albert = dims_of(AlbertConfig(hidden_size=32, embedding_size=16, num_attention_heads=4))
+    assert (albert.prompt_width, albert.head_input) == (16, 32)
+    plain = dims_of(OPTConfig(hidden_size=32, word_embed_proj_dim=32, num_attention_heads=4))
+    assert (plain.embed_size, plain.feature_size, plain.prompt_width) == (None, None, 32)
 
 
 def test_io_spec_declares_every_graph_input_and_tensorrt_profiles_cover_its_axes():

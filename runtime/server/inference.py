@@ -56,7 +56,7 @@ def inline_view(engine, body, options: ServeOptions):
                                                                 "it with --allow-inline-prompts")
     from .inline import inline_task
 
-    return inline_task(engine.served_name, body.prompt_embeds, engine.rt.dims.hidden_size, engine.max_positions)
+    return inline_task(engine.served_name, body.prompt_embeds, engine.rt.dims.prompt_width, engine.max_positions)
 
 
 def completion_job(engine, body: CompletionRequest, options: ServeOptions) -> tuple[GenerateJob, list[list[int]]]:
