@@ -357,8 +357,11 @@ class Dims:
 EMBEDDING_WIDTHS = ("word_embed_proj_dim", "embedding_size")
 # ... and projected back down after the last layer (OPT's project_out): what a classification head reads.
 FEATURE_WIDTHS = ("word_embed_proj_dim",)
-# Key/value heads where a config names them otherwise than num_key_value_heads (as its attention module reads them).
-KV_HEADS = {"falcon": lambda c: c.num_kv_heads if c.new_decoder_architecture or not c.multi_query else 1}
+# Key/value heads of the cache where a config names them otherwise than num_key_value_heads, as the attention's
+# forward makes them (Falcon: the new architecture broadcasts its groups to every head; the old one's multi-query
+# attention keeps 1).
+KV_HEADS = {"falcon": lambda c: c.num_attention_heads if c.new_decoder_architecture else
+            1 if c.multi_query else c.num_kv_heads}
 
 
 def dims_of(config) -> Dims:

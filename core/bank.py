@@ -181,7 +181,7 @@ class PromptBank:
 
     def _load(self, name: str) -> Task:
         started = time.perf_counter()
-        while True:
+        for attempt in range(100):  # each retry is a change committed meanwhile: bounded, never a spin
             if self.path is None:  # in memory: one connection, the bank's
                 with self.lock:
                     read = self._read(self.db, name)
@@ -192,7 +192,7 @@ class PromptBank:
             seq, entry, own, shared = read
             with self.lock:  # kept only if still the stored version (a change may have committed meanwhile)
                 version = self._data_version()  # read first: a commit after it makes the next lookup check again
-                if self._stored_version(name) != seq:
+                if self._stored_version(name) != seq and attempt < 99:
                     continue
                 for key, value in shared.items():
                     self._shared.setdefault(key, value)
@@ -228,8 +228,8 @@ class PromptBank:
                 self._readers = [r for r in self._readers if r[0].is_alive()] + [(threading.current_thread(), db)]
         return db
 
-    def _data_version(self) -> int:
-        return self.db.execute("PRAGMA data_version").fetchone()[0]
+    def _data_version(self) -> tuple[int, int]:  # a read-only store's connection counts its reopenings too
+        return getattr(self.db, "generation", 0), self.db.execute("PRAGMA data_version").fetchone()[0]
 
     def _shared_tensor(self, key: str) -> np.ndarray:
         if key not in self._shared:

@@ -4,9 +4,13 @@ from disk blocks neither other readers nor the hot path (WAL: readers see a comm
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
+import threading
 from pathlib import Path
+
+log = logging.getLogger("promptmux")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE,
@@ -59,12 +63,62 @@ def connect(path: Path | None) -> sqlite3.Connection:
     return db
 
 
-def connect_read_only(path: Path) -> sqlite3.Connection:
+def connect_read_only(path: Path) -> ReadOnlyConnection:
     """A store in a folder this process cannot write (a read-only volume, an image layer, a serving pod's read-only
-    mount of a folder an admin writes through another path). Read-only but live where its -shm file exists (a
-    writer has the store open: its changes are seen as they commit); else, since WAL mode cannot make that file
-    here, immutable, which is right because no process writes a store without one, and only if no change waits in
-    its log."""
+    mount of a folder an admin writes through another path): see ReadOnlyConnection."""
+    return ReadOnlyConnection(path)
+
+
+def store_stamp(path: Path) -> tuple:
+    """What changes on disk when any process writes the store: its file's and its log's size and mtime, and
+    whether its -shm file exists."""
+    def of(p: str):
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            return None
+        return st.st_size, st.st_mtime_ns
+    return of(str(path)), of(f"{path}-wal"), os.path.exists(f"{path}-shm")
+
+
+class ReadOnlyConnection:
+    """A read-only connection that is opened again whenever the store's files change on disk (store_stamp: two
+    stats and an exists a call), so a writer on another path is seen at the next query. SQLite cannot make a WAL
+    store's -shm file in a read-only folder: where a writer has made one, the connection reads live (mode=ro, the
+    log included); where none exists, no process has the store open and the file is whole, so it is read immutable
+    (no locks, no log) until it changes. A log left with changes and no -shm (a writer killed) is refused at open."""
+
+    def __init__(self, path: Path):
+        self.path, self.generation, self.lock = path, 0, threading.Lock()
+        self.stamp, self.conn = store_stamp(path), _open_read_only(path)
+
+    def execute(self, *args):
+        if store_stamp(self.path) != self.stamp:
+            self._reopen()
+        return self.conn.execute(*args)
+
+    def _reopen(self) -> None:
+        with self.lock:
+            stamp = store_stamp(self.path)
+            if stamp == self.stamp:
+                return
+            try:
+                conn = _open_read_only(self.path)
+            except (PermissionError, sqlite3.DatabaseError) as e:  # caught mid-change: the next query tries again
+                log.warning("the read-only task store %s changed and cannot be read yet (%s)", self.path, e)
+                return
+            old, self.conn, self.stamp = self.conn, conn, stamp
+            self.generation += 1  # the bank's data version: every cached task is checked again
+            old.close()
+
+    def backup(self, *args, **kwargs):
+        return self.conn.backup(*args, **kwargs)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _open_read_only(path: Path) -> sqlite3.Connection:
     try:
         return _checked(_open_live_read_only(path), path)
     except sqlite3.DatabaseError:

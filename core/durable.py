@@ -25,18 +25,36 @@ def durable_replace(tmp: str | Path, target: str | Path) -> None:
 
 def write_durably(path: str | Path, data: bytes | str) -> None:
     """Replace the file `path` with `data` so that readers see the old file or the new one, and a crash leaves one
-    of them: a temporary file beside it (removed if anything fails), durable_replace. A new file is made 0644
-    (mkstemp's 0600 would hide it from other users); an existing one keeps its mode."""
+    of them: a temporary file beside it (removed if anything fails), durable_replace. A new file gets a plain
+    open()'s mode, 0666 less the umask (mkstemp's 0600 would hide it from other users); an existing one keeps its."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
         durable_replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def save_onnx(model, path: str | Path, data_name: str, size_threshold: int = 1024) -> None:
+    """onnx.save_model with every initializer of at least size_threshold bytes in one external file `data_name`
+    beside `path`. onnx's own save_as_external_data refuses when a file of that name exists in the *current*
+    folder (it tests the bare name), so an export run from inside a deployment failed: the tensors are marked here
+    and written by save_model relative to the graph's folder."""
+    import sys
+
+    import onnx
+    from onnx import external_data_helper as ext
+
+    target = Path(path).with_name(data_name)
+    target.unlink(missing_ok=True)  # save_model appends to an existing data file
+    for tensor in ext._get_initializer_tensors(model):
+        if tensor.HasField("raw_data") and sys.getsizeof(tensor.raw_data) >= size_threshold:
+            ext.set_external_data(tensor, data_name)
+    onnx.save_model(model, str(path))
 
 
 def _umask() -> int:

@@ -99,7 +99,7 @@ def deployment_lock(folder: str | Path):
     FOLDER/.promptmux.lock, released by the kernel if the holder dies). On entry nobody else is writing, so
     temp files found then are leftovers of a change killed midway: they are removed."""
     folder = Path(folder)
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask: a group shares the lock
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         for pattern in TEMP_PATTERNS:
@@ -184,25 +184,26 @@ def read_bank(deploy_dir: str | Path, manifest: dict | None = None, cache_bytes:
     return PromptBank.load(deploy_dir, spec, DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes)
 
 
-def check_out_folder(out_dir: Path, overwrite: bool, inputs: dict[str, str | Path], what: str = "deployment",
-                     flag: str = "--overwrite") -> None:
-    """Refuse an --out that would lose data: a file, a non-empty folder without overwrite, and with it a folder that
-    is not a promptmux deployment (a home folder, a model) or that holds what this command reads."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} is a file; --out names the folder to write the {what} in")
-    if not out_dir.exists() or not any(out_dir.iterdir()):
-        return
+def check_out_folder(out_dir: Path, overwrite: bool, inputs: dict[str, str | Path], what: str = "a deployment",
+                     replaceable=None, flag: str = "--overwrite") -> Path:
+    """The folder to write (--out resolved: `.`, `..`, a link to a folder: the folder it names), refusing an --out
+    that would lose data: a file, a link to nothing, a non-empty folder without `flag`, and with it one that holds
+    what this command reads or that is not `what` (replaceable(folder); default: a deployment)."""
+    if out_dir.is_symlink() and not out_dir.exists():
+        raise FileExistsError(f"{out_dir} is a link to nothing ({os.readlink(out_dir)}); --out names a folder")
+    out = out_dir.resolve()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out_dir} is a file; --out names the folder to write {what} in")
+    if not out.exists() or not any(out.iterdir()):
+        return out
     if not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; choose another --out" +
                               (f" or pass {flag}" if flag else ""))
-    out = out_dir.resolve()
     for name, path in inputs.items():
-        if Path(path).resolve().is_relative_to(out):
+        if path is not None and Path(path).resolve().is_relative_to(out):
             raise FileExistsError(f"--out {out_dir} holds {name} ({path}) that this command reads; {flag} would "
                                   "delete it: choose another --out")
-    if what == "deployment" and not (out_dir / MANIFEST).is_file():
-        raise FileExistsError(f"{out_dir} is not a promptmux deployment (no {MANIFEST}); {flag} replaces only a "
-                              "deployment: choose another --out, or remove the folder yourself")
-    if what != "deployment" and (out_dir / MANIFEST).is_file():
-        raise FileExistsError(f"{out_dir} is a promptmux deployment; {flag} would replace it with an {what}: choose "
-                              "another --out")
+    if not (replaceable or (lambda folder: (folder / MANIFEST).is_file()))(out):
+        raise FileExistsError(f"{out_dir} is not {what} written by promptmux; {flag} replaces only that: choose "
+                              "another --out, or remove the folder yourself")
+    return out

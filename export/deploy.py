@@ -101,9 +101,8 @@ def export_deployment(
     from promptmux.core.bank import PromptBank
     from promptmux.progress import StepBar
 
-    out_dir = Path(out_dir)
-    check_out_folder(out_dir, overwrite, {"the base model": base_dir,
-                                          **{f"adapter {n}": p for n, p in adapters.items()}})
+    inputs = {"the base model": base_dir, **{f"adapter {n}": p for n, p in adapters.items()}}
+    out_dir = check_out_folder(Path(out_dir), overwrite, inputs)
     if not adapters:
         raise AdapterError("no adapters given; pass at least one --adapter NAME=DIR")
     config = for_task_type(load_base_config(base_dir), _task_type(adapters))
@@ -127,20 +126,20 @@ def export_deployment(
         bank.add(tasks)
         bar.update()
         _write_deployment(base_dir, out_dir, config, spec, dims, model, bank, fold, optimize, tolerance, bar,
-                          adapters, generation_only)
+                          adapters, generation_only, lambda: check_out_folder(out_dir, overwrite, inputs))
     return out_dir
 
 
 def _exporter_failure(e: Exception, config) -> Exception:
     """An error of torch.onnx's exporter (or onnxscript's passes) as a refusal saying which model it could not trace
     and why in a line, instead of hundreds of lines of exporter report; anything else as it is."""
-    if type(e).__module__.split(".")[0] not in ("torch", "onnxscript", "onnx_ir", "onnx"):
-        return e
+    if type(e).__module__.split(".")[0] not in ("torch", "onnxscript", "onnx_ir", "onnx", "onnxruntime"):
+        return e  # (onnxruntime: the exported graph's check, an operator it lacks for this model)
     text = str(e)
     summary = text.split("Exception summary", 1)[-1] if "Exception summary" in text else text
     reason = next((line.strip() for line in summary.splitlines() if line.strip() and "⬆" not in line), "")[:300]
     return UnsupportedModelError(
-        f"the ONNX exporter cannot trace this {config.model_type} model ({type(e).__name__}: {reason}); promptmux "
+        f"the ONNX export of this {config.model_type} model fails ({type(e).__name__}: {reason}); promptmux "
         "cannot serve it yet. Nothing was written. Please report it with the base model's config.")
 
 
@@ -164,7 +163,7 @@ def _generation_only_refusal(spec, config, fold, optimize) -> str | None:
 
 
 def _write_deployment(base_dir, out_dir: Path, config, spec, dims, model, bank, fold, optimize, tolerance, bar,
-                      adapters, generation_only: bool = False):
+                      adapters, generation_only: bool = False, check_out=lambda: None):
     """Everything into a temporary folder beside out_dir, renamed into place at the end: an error or Ctrl-C
     (or, for a family on the generic rules, a difference from PEFT) leaves nothing behind."""
     from promptmux import __version__
@@ -225,6 +224,7 @@ def _write_deployment(base_dir, out_dir: Path, config, spec, dims, model, bank, 
                                                                          tolerance, bar)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         raise_if_interrupted()  # a Ctrl-C that a callback swallowed still leaves nothing behind
+        check_out()  # again: a folder made at --out meanwhile (another export, a user) is not replaced unasked
         as_created_tree(tmp)  # private while written; readable as any folder once in place
         _replace_dir(tmp, out_dir)
     except BaseException:

@@ -12,6 +12,7 @@ import onnx
 import torch
 
 from promptmux.core.archs import arch_for, dims_of
+from promptmux.core.durable import save_onnx
 from promptmux.core.graph import FoldedBackbone, PromptedBackbone
 from promptmux.core.io_spec import (
     INPUTS,
@@ -174,10 +175,7 @@ def export_onnx(module: torch.nn.Module, config, path: Path, folded: bool = Fals
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:
     """Save with the weights in PATH.data beside the graph (external data keeps large models loadable)."""
-    data = path.with_name(path.name + ".data")
-    data.unlink(missing_ok=True)  # save_model appends to an existing data file
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
+    save_onnx(model, path, path.name + ".data")
 
 
 # ORT's transformer optimizer knows these families under these names.

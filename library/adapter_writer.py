@@ -68,6 +68,15 @@ def _check_request(kind, from_task, top_k, weighted, query, num_virtual_tokens, 
         raise LibraryError(f"--num-labels must be a whole number of at least 1, got {num_labels!r}")
 
 
+def _written_here(folder: Path) -> bool:
+    """Whether init-adapter wrote `folder` (its record in it, or in each of its subfolders: best of top-k), which
+    --overwrite may replace; anything else (the user's adapters, a deployment) it may not."""
+    if (folder / PROVENANCE_FILE).is_file():
+        return True
+    entries = list(folder.iterdir())
+    return bool(entries) and all(e.is_dir() and (e / PROVENANCE_FILE).is_file() for e in entries)
+
+
 def _check_base(config, deploy_dir: Path | None, base_dir: Path) -> object:
     """The base model's config, refused unless it is the model the deployment was exported from."""
     from promptmux.core.folder import MANIFEST, config_hash, load_base_config
@@ -194,8 +203,10 @@ def init_adapter(deploy_dir, base_dir, out_dir, from_task: str | None = None, to
     "weight"}], ...}; the same record is written into each folder as promptmux_init.json.
     """
     _check_request(kind, from_task, top_k, weighted, query, num_virtual_tokens, num_labels)
-    out_dir = Path(out_dir)
-    check_out_folder(out_dir, overwrite, {"the deployment": deploy_dir, "the base model": base_dir}, what="adapter")
+    query_dir = query if isinstance(query, (str, Path)) and Path(query).is_dir() else None
+    out_dir = check_out_folder(Path(out_dir), overwrite, {"the deployment": deploy_dir, "the base model": base_dir,
+                                                          "the --query adapter": query_dir},
+                               what="an adapter folder (or folders)", replaceable=_written_here)
 
     bank, config, deploy_path = load_bank(deploy_dir)
     base_config = _check_base(config, deploy_path, Path(base_dir))

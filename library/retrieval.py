@@ -13,7 +13,7 @@ import numpy as np
 
 from promptmux.core.adapters import load_adapter, read_adapter_config
 from promptmux.core.bank_errors import served
-from promptmux.core.task import Task
+from promptmux.core.task import Task, task_name
 from promptmux.library.prompts import (
     LibraryError,
     check_method,
@@ -52,8 +52,8 @@ def _query_prompt(query, bank, config) -> tuple[np.ndarray, str | None]:
     if isinstance(query, Task):
         return task_prompt(query), None
     q = str(query)
-    if q in bank:
-        return task_prompt(bank.view(q)), q
+    if q in bank:  # the task as stored (NFC), so that it is left out of its own ranking however it was typed
+        return task_prompt(bank.view(q)), task_name(q)
     path = Path(q)
     if path.is_dir():
         if config is None:

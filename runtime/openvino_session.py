@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from promptmux.core.durable import save_onnx
+
 from .cpu import default_threads
 from .derived import graph_key, is_current, write_stamp
 from .errors import BackendUnavailable
@@ -99,8 +101,7 @@ def convert_graph(path: Path, folder: Path, progress=None) -> Path:
     model = onnx.inliner.inline_local_functions(model)
     with tempfile.TemporaryDirectory(prefix=".convert-", dir=folder) as tmp:
         flat = Path(tmp) / path.name
-        onnx.save_model(model, str(flat), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=flat.name + ".data", size_threshold=1024)
+        save_onnx(model, flat, flat.name + ".data")  # (onnx's own refuses where the current folder has that name)
         del model
         converted = ov.convert_model(str(flat))
         staged = Path(tmp) / xml.name

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from promptmux.core.durable import as_created
+from promptmux.core.durable import as_created, save_onnx
 
 from .derived import graph_key, is_current, write_stamp
 
@@ -234,16 +234,16 @@ def _save_beside(model, out: Path) -> None:
     """Write `model` as `out` with its weights in `out`.data: both written whole in a folder of their own beside
     `out`, then renamed into place, the weights first, so that a graph never appears without its weights and a
     running session's files are never written over (it keeps the ones it opened)."""
-    import onnx
 
     data = out.with_name(out.name + ".data")
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.stage-", dir=out.parent) as tmp:
         staged = Path(tmp) / out.name
-        onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
+        save_onnx(model, staged, data.name)
         for made in (staged.with_name(data.name), staged):
-            as_created(made)  # onnx writes the weights 0600
-        os.replace(staged.with_name(data.name), data)
+            if made.exists():  # (no weights file where every tensor is small)
+                as_created(made)  # onnx writes the weights 0600
+        if staged.with_name(data.name).exists():
+            os.replace(staged.with_name(data.name), data)
         os.replace(staged, out)
 
 

@@ -84,6 +84,8 @@ FAMILIES = {
     "olmo": ("olmo", _DECODER),
     "granite": ("granite", _DECODER),
     "gpt_neox": ("gpt_neox", _MHA),
+    # Falcon-40B's layout: the new decoder architecture, grouped key/values broadcast to every head in the cache
+    "falcon": ("falcon", dict(_MHA, new_decoder_architecture=True, num_kv_heads=2, alibi=False, bias=False)),
     # OPT-350m's and ELECTRA-small's layout: token embeddings narrower than the hidden size, projected up inside
     # the model (OPT's also back down before the head); input-level prompts are that narrow (PEFT's token_dim)
     "opt": ("opt", dict(_MHA, ffn_dim=37, word_embed_proj_dim=16)),

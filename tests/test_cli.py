@@ -120,7 +120,7 @@ def test_an_out_folder_that_would_lose_data_is_refused_before_any_work(deployed,
             (["export", "--base", setup["base"], *adapter, "--out", setup["root"], "--overwrite"],
              "holds the base model"),
             (["export", "--base", setup["base"], *adapter, "--out", tmp_path / "home", "--overwrite"],
-             "not a promptmux deployment"),
+             "is not a deployment written by promptmux"),
             (["init-adapter", out, "--base", setup["base"], "--from", "pt", "--out", out, "--overwrite"],
              "holds the deployment"),
             (["init-adapter", out, "--base", setup["base"], "--from", "pt", "--out", tmp_path / "x",
@@ -129,6 +129,51 @@ def test_an_out_folder_that_would_lose_data_is_refused_before_any_work(deployed,
         assert proc.returncode == 2 and words in proc.stderr, (args, proc.stderr)
     assert (tmp_path / "a-file").read_text() == (tmp_path / "home" / "notes.txt").read_text() == "keep"
     assert (out / "manifest.json").is_file() and (setup["base"] / "config.json").is_file()
+    # init-adapter --out . in the user's folder (it deleted the folder's files, then failed), over the user's own
+    # adapters, or over the --query adapter it reads: refused, all kept; a link to nothing is refused too
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    cwd = os.getcwd()
+    os.chdir(tmp_path / "home")
+    try:
+        for args, words in (
+                (["--from", "pt", "--out", ".", "--overwrite"], "is not an adapter folder (or folders) written by"),
+                (["--from", "pt", "--out", setup["adapters"]["pt"].parent, "--overwrite"], "that this command reads"),
+                (["--top-k", "1", "--query", setup["adapters"]["pt"], "--out", setup["adapters"]["pt"],
+                  "--overwrite"], "holds the --query adapter"),
+                (["--from", "pt", "--out", tmp_path / "dangling"], "is a link to nothing")):
+            proc = promptmux("init-adapter", out, "--base", setup["base"], *args, check=False)
+            assert proc.returncode == 2 and words in proc.stderr, (args, proc.stderr)
+    finally:
+        os.chdir(cwd)
+    assert (tmp_path / "home" / "notes.txt").read_text() == "keep"
+    assert (setup["adapters"]["pt"] / "adapter_config.json").is_file()
+
+
+def test_export_from_inside_a_deployment_into_a_link_and_a_folder_made_meanwhile(deployed, setup, tmp_path,
+                                                                                 monkeypatch):
+    """Run from a folder holding a model.onnx.data (onnx tested the bare name in the current folder and refused);
+    --out a link to a folder writes that folder and keeps the link; a folder made at --out while the export runs
+    is not replaced without --overwrite (it was, at the end)."""
+    from promptmux.export import deploy
+
+    monkeypatch.chdir(deployed[0])
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    adapter = ["--adapter", f"pt={setup['adapters']['pt']}"]
+    promptmux("export", "--base", setup["base"], *adapter, "--out", tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "manifest.json").is_file()
+    assert (deployed[0] / "model.onnx.data").stat().st_size > 0
+    graphs = deploy._export_graphs
+
+    def someone_writes_there(*args, **kwargs):
+        (tmp_path / "late").mkdir()
+        (tmp_path / "late" / "notes.txt").write_text("keep")
+        return graphs(*args, **kwargs)
+    monkeypatch.setattr(deploy, "_export_graphs", someone_writes_there)
+    proc = promptmux("export", "--base", setup["base"], *adapter, "--out", tmp_path / "late", check=False)
+    assert proc.returncode == 2 and "exists and is not empty" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "late").iterdir()) == ["notes.txt"]
+    assert not list(tmp_path.glob(".late.tmp-*"))
 
 
 def test_run_prints_json_classification(deployed):

@@ -276,7 +276,7 @@ def test_configs_that_name_their_sizes_otherwise_are_read_as_their_modules_read_
     falcon = dict(num_attention_heads=4, hidden_size=32, num_hidden_layers=2)
     assert dims_of(FalconConfig(multi_query=True, new_decoder_architecture=False, **falcon)).num_kv_heads == 1
     assert dims_of(FalconConfig(multi_query=False, new_decoder_architecture=False, **falcon)).num_kv_heads == 4
-    assert dims_of(FalconConfig(new_decoder_architecture=True, num_kv_heads=2, **falcon)).num_kv_heads == 2
+    assert dims_of(FalconConfig(new_decoder_architecture=True, num_kv_heads=2, **falcon)).num_kv_heads == 4
     local = GPTNeoConfig(window_size=8, attention_types=[[["global", "local"], 1]], num_layers=2)
     assert sliding_window(local) == 8
     assert sliding_window(GPTNeoConfig(window_size=8, attention_types=[[["global"], 2]], num_layers=2)) is None

@@ -146,7 +146,7 @@ def test_a_model_the_onnx_exporter_cannot_trace_is_refused_in_a_line(monkeypatch
                       "SDPA (MHA) requires q_num_heads = kv_num_heads\n\u2b06\ufe0f\n(and 300 lines more)")
     monkeypatch.setattr(onnx_export, "to_onnx", fails)
     out = tmp_path / "deploy"
-    with pytest.raises(UnsupportedModelError, match=r"the ONNX exporter cannot trace this qwen2 model \("
+    with pytest.raises(UnsupportedModelError, match=r"the ONNX export of this qwen2 model fails \("
                                                     r"ConversionError: <class 'AssertionError'>: SDPA \(MHA\) "
                                                     r"requires q_num_heads"):
         export_deployment(fx.base, {"pt": fx.adapters["pt"]}, out, quiet=True)

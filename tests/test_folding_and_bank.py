@@ -168,6 +168,7 @@ def test_a_read_only_deployment_folder_opens_and_serves(deployment, tmp_path, mo
 
     def no_shm(path):  # a read-only volume where no writer has the store open: no -shm file, none can be made
         raise sqlite3.OperationalError("unable to open database file")
+    live_read = bank_db._open_live_read_only
     monkeypatch.setattr(bank_db, "_open_live_read_only", no_shm)
     with pytest.raises(PermissionError, match="changes not yet merged into it"):
         Runtime(folder)
@@ -175,8 +176,16 @@ def test_a_read_only_deployment_folder_opens_and_serves(deployment, tmp_path, mo
 
     writer.close()
     gc.collect()  # the runtimes made above hold connections too: the last one to close merges the log
+    # SQLite on a read-only volume: live only where a writer made the -shm file, else immutable until files change
+    monkeypatch.setattr(bank_db, "_open_live_read_only",
+                        lambda path: live_read(path) if Path(f"{path}-shm").exists() else no_shm(path))
     rt = Runtime(folder)
     assert np.allclose(rt.forward(ids, mask, ["pt", "prefix"]), want, atol=1e-6) and "late" in rt.tasks
+    rt.bank.view("late")  # cached
+    elsewhere("b.remove('late'); b.add([dataclasses.replace(b.view('pt'), name='later')])")  # opened, changed, closed
+    assert "late" not in rt.bank and "later" in rt.bank and rt.bank.view("later").name == "later"
+    with pytest.raises(UnknownTaskError):
+        rt.bank.view("late")  # not the cached view of a task removed on disk
     with pytest.raises(PermissionError, match="is read-only: a persisted task change cannot be written"):
         rt.add_task("again", deployment.adapters["pt"], persist=True)
     assert rt.add_task("again", deployment.adapters["pt"]) == ["again"] and "again" in rt.tasks

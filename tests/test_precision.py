@@ -393,8 +393,8 @@ def test_routing_times_only_the_sizes_its_first_rounds_leave_open_again(monkeypa
 
     monkeypatch.setattr(routing, "time_apart", fake)
     view = SimpleNamespace(num_virtual_tokens=8)
-    rt = SimpleNamespace(tasks=["a"], bank=SimpleNamespace(view=lambda _task: view), max_positions=None,
-                         threads=1, dir=".")
+    rt = SimpleNamespace(bank=SimpleNamespace(view=lambda _task: view, page=lambda n: (["a"], False)),
+                         max_positions=None, threads=1, dir=".")
     record = routing.measure(rt)
     assert calls == [(list(routing.SIZES), routing.FIRST_ROUNDS), ([(8, 64)], routing.ROUNDS - routing.FIRST_ROUNDS)]
     eight = next(s for s in record["sizes"] if (s["rows"], s["tokens"]) == (8, 64))

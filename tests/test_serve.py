@@ -300,12 +300,30 @@ def test_a_classify_batch_of_rows_with_and_without_token_types_runs_as_one(text_
     loop.close()
 
 
-def test_classify_labels_a_row_with_the_task_version_that_scored_it(text_deployments, monkeypatch):
+def test_a_task_named_like_the_served_name_in_any_unicode_form_is_refused():
+    """The served name guards the base model's own name: a task named "modèle" typed with a combining accent (stored
+    as the precomposed name) clashed with nothing, and the next start failed on the served name."""
+    from types import SimpleNamespace
+
+    from promptmux.runtime.server.admin import apply_change
+    from promptmux.runtime.server.api_errors import ApiError
+
+    engine = SimpleNamespace(options=SimpleNamespace(persist_tasks=True), served_name="mod\u00e8le")
+    for op in ({"action": "add", "name": "mode\u0300le"},
+               {"action": "upload", "items": [{"name": "x"}, {"name": "mode\u0300le"}]}):
+        with pytest.raises(ApiError) as e:
+            apply_change(engine, op)
+        assert e.value.status == 409 and "is the served model name" in e.value.message
+
+
+def test_classify_labels_a_row_with_the_task_version_that_scored_it(text_deployments, monkeypatch, tmp_path):
     """A task replaced (by another process, say) between the forward pass and the labelling: the result is the old
     version's whole answer, never its scores with the new version's label names."""
     import dataclasses
 
-    rt = Runtime(text_deployments["bert"].deploy)
+    from conftest import copy_deployment
+
+    rt = Runtime(copy_deployment(text_deployments["bert"].deploy, tmp_path / "d"))  # its store is changed below
     old = rt.bank.view("pt")
     forward_text = Runtime.forward_text
 

@@ -278,7 +278,10 @@ def test_compressed_requests_are_read_and_bounded_once_decompressed(server):
     http.close()
     body = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["new phones"]}]})
     url = server.url + "/v2/models/pt/infer"
+    two = gzip.compress(body[:20].encode()) + gzip.compress(body[20:].encode())  # two members (RFC 1952)
+    assert httpx.post(url, content=two, headers={"content-encoding": "gzip"}).status_code == 200
     for raw, encoding, status, words in (
+            (gzip.compress(body.encode()) + b"GARBAGE", "gzip", 400, "does not decompress"),
             (gzip.compress(body.encode())[:-9], "gzip", 400, "cut short"),
             (b"not gzip", "gzip", 400, "does not decompress"),
             (gzip.compress(b" " * 70000), "gzip", 413, "once decompressed"),  # small as sent, over the 64 KiB cap

@@ -51,9 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # promptmux never downloads: everything is local folders
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.basicConfig(level=logging.WARNING, format="promptmux: %(message)s")
-    previous, previous_term = _catch_ctrl_c(), _catch_sigterm()
+    previous, previous_term = _catch_ctrl_c(), None
     try:
         args = build_parser().parse_args(argv)
+        if getattr(getattr(args, "func", None), "__name__", "") != "cmd_serve":  # serve drains, then re-raises it
+            previous_term = _catch_sigterm()
         check_text_args(args)
         return args.func(args)
     except KeyboardInterrupt:  # Ctrl-C: an export removes its temporary folder on the way out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from promptmux.cli.commands import (
     cmd_bench,
@@ -32,7 +33,7 @@ def _at_least(low, kind=int, high=None):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
-        if value < low or (high is not None and value > high):
+        if not math.isfinite(value) or value < low or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"{value} is out of range: give {low} or more" +
                                              (f" (up to {high})" if high is not None else ""))
         return value

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sqlite3
 import sys
 import textwrap
 from pathlib import Path
@@ -84,10 +86,12 @@ def _backup(bank, dest: Path) -> int:
     tmp.unlink(missing_ok=True)
     try:
         bank.save_as(tmp)
+        with contextlib.closing(sqlite3.connect(str(tmp))) as copy:  # what the file holds, not the live count
+            count = copy.execute("SELECT count(*) FROM tasks").fetchone()[0]
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
-    print(json.dumps({"backup": str(dest), "tasks": len(bank)}))
+    print(json.dumps({"backup": str(dest), "tasks": count}))
     return 0
 
 

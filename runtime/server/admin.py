@@ -108,13 +108,24 @@ def adapter_folder(root: str, rel: str) -> Path:
 
 def apply_change(engine: Engine, op: dict) -> list[str]:
     """Add or remove a task in this engine's bank through the Runtime's add_task / remove_task (a thread:
-    reading an adapter takes a while). Requests in flight keep the views they captured."""
+    reading an adapter takes a while). Requests in flight keep the views they captured. A store that cannot take
+    the change says why: a read-only folder (409), another process's change holding it past the wait (503)."""
+    try:
+        return _apply_change(engine, op)
+    except PermissionError as e:
+        raise ApiError(409, "conflict", None, str(e)) from None
+    except TimeoutError as e:
+        raise ApiError(503, "overloaded", None, str(e), {"Retry-After": "5"}) from None
+
+
+def _apply_change(engine: Engine, op: dict) -> list[str]:
     from promptmux.core.adapters import AdapterError
+    from promptmux.core.task import task_name
 
     persist = engine.options.persist_tasks
     served = getattr(engine, "served_name", None)
-    if served and op["action"] != "remove" and (op.get("name") == served
-                                                or any(i["name"] == served for i in op.get("items", ()))):
+    names = [op.get("name")] + [i["name"] for i in op.get("items", ())]  # compared as stored: NFC
+    if served and op["action"] != "remove" and task_name(served) in [task_name(n) for n in names if n]:
         raise ApiError(409, "conflict", "name", f"{served!r} is the served model name (the base model); give the "
                                                 "task another name")
     if op["action"] == "upload":

@@ -66,15 +66,18 @@ class BodyLimit:
         if encoding not in (b"gzip", b"x-gzip", b"deflate"):
             return b"", (415, "unsupported_media_type", "content-encoding",
                          f"Content-Encoding {encoding.decode('latin-1')!r} is not read; send gzip, deflate or none")
-        unpack = zlib.decompressobj(32 + zlib.MAX_WBITS)  # gzip or zlib framing, told apart by the header
-        try:
-            plain = unpack.decompress(body, self.limit + 1)
-        except zlib.error as e:
-            return b"", (400, "invalid_request", "body", f"the {encoding.decode()} body does not decompress ({e})")
-        if len(plain) > self.limit or unpack.unconsumed_tail:
-            return b"", (413, "too_large", "body", f"request body over {self.limit} bytes once decompressed")
-        if not unpack.eof:
-            return b"", (400, "invalid_request", "body", f"the {encoding.decode()} body is cut short")
+        plain, rest = b"", body
+        while rest:  # gzip allows several members one after the other (RFC 1952); anything else after is an error
+            unpack = zlib.decompressobj(32 + zlib.MAX_WBITS)  # gzip or zlib framing, told apart by the header
+            try:
+                plain += unpack.decompress(rest, self.limit + 1 - len(plain))
+            except zlib.error as e:
+                return b"", (400, "invalid_request", "body", f"the {encoding.decode()} body does not decompress ({e})")
+            if len(plain) > self.limit or unpack.unconsumed_tail:
+                return b"", (413, "too_large", "body", f"request body over {self.limit} bytes once decompressed")
+            if not unpack.eof:
+                return b"", (400, "invalid_request", "body", f"the {encoding.decode()} body is cut short")
+            rest = unpack.unused_data
         return plain, None
 
 
