@@ -239,6 +239,8 @@ class VectorIndex:
             folder.mkdir(exist_ok=True)
             with open(folder / "lock", "a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
+                for stale in folder.glob(".index.json-*"):  # a write killed midway (the only writer holds the lock)
+                    stale.unlink(missing_ok=True)
                 gen = uuid.uuid4().hex[:12]
                 np.save(folder / f"{gen}-ids.npy", np.ascontiguousarray(self.ids))
                 for col, m in self.mats.items():

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from promptmux.core.bank_errors import served
-from promptmux.core.durable import as_created
+from promptmux.core.durable import as_created_tree
 from promptmux.core.folder import check_out_folder
 from promptmux.core.task import Task
 from promptmux.kinds import get as get_kind
@@ -229,10 +229,10 @@ def init_adapter(deploy_dir, base_dir, out_dir, from_task: str | None = None, to
             folder = tmp_root / (f"{rank}-{_task_slug(plan[0].task)}" if multi else "adapter")
             _write_adapter(base_dir, base_config, folder, kind, tensors, num_labels, seed, record)
             results.append((folder.name if multi else None, record))
+        as_created_tree(tmp_root)  # mkdtemp's 0700 and safetensors' 0600, for the folder users will read
         if out_dir.exists():
             shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
         if multi:
-            as_created(tmp_root)  # mkdtemp's 0700, for the folder users will read
             os.replace(tmp_root, out_dir)
             for rel, record in results:
                 record["path"] = str(out_dir / rel)

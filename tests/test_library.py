@@ -154,6 +154,9 @@ def test_init_from_task_writes_a_peft_adapter_with_that_prompt(lib, tmp_path):
     (rec,) = init_adapter(lib["deploy"], lib["base"], out, from_task="near", num_labels=2, seed=3)
     assert rec["path"] == str(out) and rec["num_virtual_tokens"] == 8 and rec["peft_type"] == "PROMPT_TUNING"
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    from promptmux.core.durable import _umask
+
+    assert (out / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~_umask()  # not safetensors' 0600
     model, cfg = _peft(lib["base"], out, trainable=True)
     assert cfg["peft_type"] == "PROMPT_TUNING" and cfg["num_virtual_tokens"] == 8
     want = torch.from_numpy(_bank_prompt(lib, "near").tensors["prompt"])
@@ -438,8 +441,10 @@ def test_retrieval_index_snapshot_follows_other_processes_changes(tmp_path, monk
     same(PromptBank.load(tmp_path, spec))
 
     (snap / "index.json").write_text(json.dumps({**second, "store_id": "another"}))
+    (snap / ".index.json-killed").write_text("{")  # what a snapshot write killed midway leaves
     same(PromptBank.load(tmp_path, spec))
     assert json.loads((snap / "index.json").read_text())["store_id"] != "another"  # rebuilt from the store
+    assert not list(snap.glob(".index.json-*"))  # and the debris went with the rewrite
     (snap / f"{json.loads((snap / 'index.json').read_text())['generation']}-avg.npy").write_bytes(b"damaged")
     with caplog.at_level("WARNING", logger="promptmux"):
         same(PromptBank.load(tmp_path, spec))

@@ -316,6 +316,21 @@ def test_a_task_named_like_the_served_name_in_any_unicode_form_is_refused():
         assert e.value.status == 409 and "is the served model name" in e.value.message
 
 
+def test_a_new_tasks_name_is_capped_in_the_form_the_bank_stores():
+    """The 128-character cap counts characters as stored (NFC): 100 accented letters typed decomposed (200 code
+    points) are a name of 100; 129 characters are refused, naming the field."""
+    import unicodedata
+
+    from pydantic import ValidationError
+
+    from promptmux.runtime.server.schemas import AddTaskRequest
+
+    typed = unicodedata.normalize("NFD", "\u00e9" * 100)
+    assert len(typed) == 200 and AddTaskRequest(name=typed, adapter="a").name == "\u00e9" * 100
+    with pytest.raises(ValidationError, match="at most 128 characters"):
+        AddTaskRequest(name="n" * 129, adapter="a")
+
+
 def test_classify_labels_a_row_with_the_task_version_that_scored_it(text_deployments, monkeypatch, tmp_path):
     """A task replaced (by another process, say) between the forward pass and the labelling: the result is the old
     version's whole answer, never its scores with the new version's label names."""

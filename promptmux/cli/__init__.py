@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _catch_sigterm():
     """SIGTERM (a process manager stopping the command, `timeout`) unwinds like Ctrl-C, so an export removes its
-    temporary folder; it exits 143 as the signal would. The server installs its own (draining) handler over this."""
+    temporary folder; it exits 143 as the signal would. Not for `serve`, whose own handler drains, then re-raises
+    the signal (the process managers' exit status -15)."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         return None
 

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from fastapi import Query
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from promptmux.core.task import MAX_NAME
+from promptmux.core.task import MAX_NAME, task_name
 
 MAX_TEXTS = 64  # texts per classification request
 MAX_PROMPTS = 16  # prompts per completion request
@@ -29,6 +29,18 @@ def _unicode(value: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_unicode)]  # every string a client sends
+
+
+def _task_name(value: str) -> str:
+    """A new task's name as the bank stores it (Unicode NFC), whose length is what the cap counts: "é" typed with a
+    combining accent is one character, as everywhere else."""
+    value = task_name(value)
+    if len(value) > MAX_NAME:
+        raise ValueError(f"at most {MAX_NAME} characters (in Unicode NFC), got {len(value)}")
+    return value
+
+
+Name = Annotated[Text, AfterValidator(_task_name)]  # a task name a client gives to a new task
 
 
 class _Strict(BaseModel):
@@ -130,7 +142,7 @@ class ModelList(BaseModel):
 
 
 class AddTaskRequest(_Strict):
-    name: Text = Field(min_length=1, max_length=MAX_NAME,
+    name: Name = Field(min_length=1, max_length=4 * MAX_NAME,  # (decomposed: up to 4 code points a character)
                        description="the new task's name (an MPT adapter with K tasks adds NAME/0 ... NAME/K-1)")
     adapter: Text = Field(min_length=1, max_length=1024, description="the PEFT adapter folder, relative to the "
                                                                     "server's --adapter-root")
@@ -138,7 +150,7 @@ class AddTaskRequest(_Strict):
 
 
 class UploadedAdapter(_Strict):
-    name: Text = Field(min_length=1, max_length=MAX_NAME,
+    name: Name = Field(min_length=1, max_length=4 * MAX_NAME,
                        description="the task's name (an MPT adapter with K tasks adds NAME/0 ... NAME/K-1)")
     adapter_config: dict = Field(description="the adapter's adapter_config.json, as JSON")
     adapter_model: str = Field(min_length=1, description="the adapter's adapter_model.safetensors, base64 (standard "
