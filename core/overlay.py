@@ -56,16 +56,9 @@ class BankOverlay:
         """The store's tasks (without the hidden ones), then this process's own, `limit` at a time."""
         out: list[str] = []
         if after is None or after not in self.own:
-            cursor = after
             if after is not None and after not in self.store:
                 raise unknown_cursor(after)
-            while len(out) < limit + 1:
-                names, more = self.store.page(limit + 1, cursor)
-                out += [n for n in names if n not in self.hidden and n not in self.own]
-                if not more:
-                    break
-                cursor = names[-1]
-            after = None
+            out, after = self._stored(self.store.page, limit, after), None
         own, _ = self.own.page(limit + 1, after) if len(out) <= limit else ([], False)
         out += own
         return out[:limit], len(out) > limit
@@ -73,15 +66,21 @@ class BankOverlay:
     def listing(self, limit: int, after: str | None = None) -> tuple[list[str], bool]:
         """The store's tasks (without the hidden ones) and this process's own, in name order (PromptBank.listing):
         the first limit + 1 of each, merged, are the first limit + 1 of all."""
-        stored, cursor = [], after
-        while len(stored) < limit + 1:
-            names, more = self.store.listing(limit + 1, cursor)
-            stored += [n for n in names if n not in self.hidden and n not in self.own]
+        stored = self._stored(self.store.listing, limit, after)
+        out = sorted(stored[:limit + 1] + self.own.listing(limit + 1, after)[0])
+        return out[:limit], len(out) > limit
+
+    def _stored(self, fetch, limit: int, cursor: str | None) -> list[str]:
+        """At least limit + 1 of the store's names after `cursor` (or all there are) from fetch (its page or
+        listing), less those this process hid or holds as its own."""
+        out: list[str] = []
+        while len(out) < limit + 1:
+            names, more = fetch(limit + 1, cursor)
+            out += [n for n in names if n not in self.hidden and n not in self.own]
             if not more:
                 break
             cursor = names[-1]
-        out = sorted(stored[:limit + 1] + self.own.listing(limit + 1, after)[0])
-        return out[:limit], len(out) > limit
+        return out
 
     def entry(self, name: str) -> dict:
         bank = self._where(task_name(name))

@@ -3,8 +3,12 @@ unchanged. A JSON stamp beside each records the identity of the graph it was mad
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 from promptmux.core.durable import write_durably
@@ -51,3 +55,20 @@ def is_current(made: Path, stamp: Path, key: str) -> bool:
 
 def write_stamp(stamp: Path, key: str, **facts) -> None:
     stamp.write_text(json.dumps({"graph_key": key, **facts}))
+
+
+@contextlib.contextmanager
+def one_maker(out: Path):
+    """One process makes `out` at a time (two servers opening one deployment); the others wait, then find it made
+    (callers check is_current again inside). Holding the lock, this process is the only one staging `out` (stage()):
+    folders staged by one killed earlier go."""
+    with open(out.with_name(f".{out.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for stale in out.parent.glob(f".{out.name}.stage-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
+
+
+def stage(out: Path) -> tempfile.TemporaryDirectory:
+    """A folder beside `out` to write it in whole before it is renamed into place (one_maker clears leftovers)."""
+    return tempfile.TemporaryDirectory(prefix=f".{out.name}.stage-", dir=out.parent)

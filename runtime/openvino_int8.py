@@ -21,12 +21,10 @@ calibration rows and the tasks calibrated on; it is made again when one of them 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,7 +35,7 @@ from promptmux.kinds import kind_of
 
 from .batch import round_robin
 from .calibration import classifier_batches, items_digest
-from .derived import graph_key, is_current, write_stamp
+from .derived import graph_key, is_current, one_maker, stage, write_stamp
 from .errors import BackendUnavailable
 from .openvino_session import OpenVinoSession, convert_graph, import_openvino, ir_folder
 from .text import too_long
@@ -96,8 +94,7 @@ def int8_ir(rt: Runtime, path: Path) -> Path:
         return xml
     # One process makes it; the others wait and find it made (two servers on one deployment, or deployments
     # sharing a graph): the .bin, .xml and stamp of one quantization, never a mix.
-    with open(folder / f".{path.stem}.int8.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with one_maker(xml):
         if is_current(xml, stamp, key):
             return xml
         if not tasks:
@@ -112,7 +109,7 @@ def int8_ir(rt: Runtime, path: Path) -> Path:
         dataset = nncf.Dataset(feeds, lambda feed: {n: feed[n] for n in names})
         quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(feeds))
         stamp.unlink(missing_ok=True)  # a process killed below leaves no stamp: the IR is made again
-        with tempfile.TemporaryDirectory(prefix=".nncf-", dir=folder) as tmp:
+        with stage(xml) as tmp:
             staged = Path(tmp) / xml.name  # the fp32 IR's weights are memory-mapped: never write over a mapped file
             ov.save_model(quantized, str(staged), compress_to_fp16=False)
             for suffix in (".bin", ".xml"):

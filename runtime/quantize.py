@@ -20,19 +20,15 @@ reused while the original is unchanged and made the same way (RECIPES).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from promptmux.core.durable import as_created, save_onnx
 
-from .derived import graph_key, is_current, write_stamp
+from .derived import graph_key, is_current, one_maker, stage, write_stamp
 
 log = logging.getLogger("promptmux.runtime")
 
@@ -112,7 +108,7 @@ def weight_only_int8(path: Path) -> Path:
     out, stamp, key = _int8_files(path, "weight_only")
     if is_current(out, stamp, key):
         return out
-    with _one_maker(out):
+    with one_maker(out):
         if not is_current(out, stamp, key):  # another process may have made it while this one waited
             _make_weight_only(path, out, stamp, key)
     return out
@@ -180,7 +176,7 @@ def dynamic_int8(path: Path, keep_fp32: tuple[int, ...] = ()) -> Path:
     out, stamp, key = _int8_files(path, "dynamic", keep_fp32)
     if is_current(out, stamp, key):
         return out
-    with _one_maker(out):
+    with one_maker(out):
         if not is_current(out, stamp, key):
             _make_dynamic(path, out, stamp, key, keep_fp32)
     return out
@@ -218,7 +214,7 @@ def quantize_matmuls(path: Path, out: Path, nodes: list[str], weights: str = "in
     advice.filter = lambda record: "pre-processing before quantization" not in record.getMessage()
     root.addFilter(advice)
     try:
-        with tempfile.TemporaryDirectory(prefix=f".{out.name}.stage-", dir=out.parent) as tmp:
+        with stage(out) as tmp:
             work = Path(tmp) / "quantized.onnx"
             weight_type = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[weights]
             quantize_dynamic(str(path), str(work), weight_type=weight_type, per_channel=True,
@@ -236,7 +232,7 @@ def _save_beside(model, out: Path) -> None:
     running session's files are never written over (it keeps the ones it opened)."""
 
     data = out.with_name(out.name + ".data")
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.stage-", dir=out.parent) as tmp:
+    with stage(out) as tmp:
         staged = Path(tmp) / out.name
         save_onnx(model, staged, data.name)
         for made in (staged.with_name(data.name), staged):
@@ -245,14 +241,3 @@ def _save_beside(model, out: Path) -> None:
         if staged.with_name(data.name).exists():
             os.replace(staged.with_name(data.name), data)
         os.replace(staged, out)
-
-
-@contextlib.contextmanager
-def _one_maker(out: Path):
-    """One process makes `out` at a time (two servers opening one deployment); the others wait, then find it made.
-    Holding the lock, this process is the only one staging `out`: folders staged by one killed earlier go."""
-    with open(out.with_name(f".{out.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        for stale in out.parent.glob(f".{out.name}.stage-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        yield

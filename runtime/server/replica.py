@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fastapi import Request
 
-from promptmux.core.bank import LISTED_IN_ERRORS, UnknownTaskError
+from promptmux.core.bank import UnknownTaskError
 
 from ..scheduler import ClassifyJob, JobTimeout, Overloaded, Scheduler
 from ..text import load_tokenizer, too_long
@@ -64,11 +64,8 @@ class Engine:
         bank = self.rt.bank
         try:
             return bank.view(task)
-        except UnknownTaskError:
-            count = len(bank)  # a few are named (as the CLI and library do); a million are not
-            served = f"this deployment serves: {', '.join(bank.names())}" if count <= LISTED_IN_ERRORS else \
-                "GET /v1/models lists the tasks served"
-            raise ApiError(404, "unknown_task", field, f"unknown task {task!r}; {served}") from None
+        except UnknownTaskError as e:  # the bank's own words: a few tasks named, a million counted
+            raise ApiError(404, "unknown_task", field, str(e)) from None
 
     def check_texts(self, texts: list[str], field: str, single: bool) -> None:
         for i, t in enumerate(texts):
