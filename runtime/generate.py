@@ -168,17 +168,25 @@ class Generator(RuntimeBound):
         return out[0], list(out[1:])
 
     def stream(self, ids: np.ndarray, mask: np.ndarray, views: list[Task], params: SamplingParams,
-               precompute: bool = True, own_positions: bool = False) -> Iterator[np.ndarray]:
-        """Yield the next token of every row ([B] int64) once per decoding step (own_positions: prefill's)."""
+               precompute: bool = True, own_positions: bool = False,
+               done: np.ndarray | None = None) -> Iterator[np.ndarray]:
+        """Yield the next token of every row ([B] int64) once per decoding step (own_positions: prefill's).
+
+        done ([B] bool, optional): the caller sets a row's entry to end it early (a stop string); a row also ends
+        on an EOS id. Ended rows yield the pad id and leave the decoder's batch, so they cost nothing more."""
         batch = ids.shape[0]
         logits, presents, cache_mask, next_pos = self.prefill(ids, mask, views, precompute, own_positions)
+        logits = np.array(host(logits), copy=True)  # written row by row below (a session's output may be read-only)
         rng = np.random.default_rng(params.seed)
         # own_positions: each row as alone, its samples too (a generator of its own, as the server's rows have)
         rngs = [np.random.default_rng(params.seed) for _ in range(batch)] if own_positions and params.do_sample else ()
         eos = self.eos_for(params)
-        done = np.zeros(batch, bool)
+        done = np.zeros(batch, bool) if done is None else done
         pad = pad_id(self.rt.config)
+        running = np.arange(batch)  # the rows in the decoder's batch, in order
         for step in range(params.max_new_tokens):
+            # Sampling sees every row's logits (an ended row's are its last), so the shared rng draws as many
+            # numbers whichever rows have ended: a row's samples do not depend on when the others end.
             token = np.concatenate([pick(logits[i:i + 1], params, r) for i, r in enumerate(rngs)]) if rngs else \
                 pick(logits, params, rng)
             token = np.where(done, pad, token)
@@ -186,8 +194,18 @@ class Generator(RuntimeBound):
             done |= np.isin(token, eos)
             if done.all() or step + 1 == params.max_new_tokens:
                 return
-            cache_mask = np.concatenate([cache_mask, np.ones((batch, 1), np.int64)], axis=1)
-            logits, presents = self.step(token, cache_mask, next_pos, presents)
+            keep = np.flatnonzero(~done[running])
+            if len(keep) < len(running):  # rows ended: slice them out, and the past columns no row left attends to
+                running = running[keep]
+                presents = [host(x)[keep] for x in presents]
+                cache_mask, next_pos = cache_mask[keep], next_pos[keep]
+                first = int(cache_mask.any(0).argmax())
+                if first:
+                    presents = [x[:, :, first:] for x in presents]
+                    cache_mask = cache_mask[:, first:]
+            cache_mask = np.concatenate([cache_mask, np.ones((len(running), 1), np.int64)], axis=1)
+            step_logits, presents = self.step(token[running], cache_mask, next_pos, presents)
+            logits[running] = host(step_logits)
             next_pos = next_pos + 1
 
     def _as_prefix(self, view: Task) -> Task:

@@ -28,15 +28,7 @@ from promptmux.core.task import Task, same_prompt, task_name
 from promptmux.kinds import kind_of
 
 from .backends import BACKENDS, CPU_ENGINES, choose_backend
-from .batch import (
-    apply_head,
-    fitting_groups,
-    label_scores,
-    pad_ragged,
-    pad_rows,
-    run_batch,
-    task_names,
-)
+from .batch import apply_head, fitting_groups, label_scores, pad_ragged, pad_rows, run_batch, task_names
 from .calibration import given_items
 from .contract_record import fp32_layers
 from .errors import BackendUnavailable, InputError
@@ -382,7 +374,8 @@ class Runtime:
         batch = ids.shape[0]
         texts = [TextStream(self.tokenizer, params.stop) for _ in range(batch)] if is_text else None
         finished = [None] * batch
-        for step_tokens in self.generator.stream(ids, mask, views, params, precompute, own_positions):
+        ended = np.zeros(batch, bool)  # rows a stop string ends leave the decoder's batch (generate.Generator.stream)
+        for step_tokens in self.generator.stream(ids, mask, views, params, precompute, own_positions, ended):
             for row, token in enumerate(step_tokens.tolist()):
                 if finished[row]:
                     continue
@@ -391,6 +384,7 @@ class Runtime:
                     event["text"] = texts[row].add(token)
                     if texts[row].stopped:
                         finished[row] = "stop"
+                        ended[row] = True
                 yield event
                 if token in eos and not finished[row]:
                     finished[row] = "eos"

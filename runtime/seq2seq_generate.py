@@ -18,6 +18,7 @@ from promptmux.core.task import Task
 from promptmux.kinds import kind_of
 
 from .generate import RuntimeBound, SamplingParams, eos_ids, pick
+from .sessions import host
 from .text import generation_defaults
 
 
@@ -71,10 +72,12 @@ class Seq2SeqGenerator(RuntimeBound):
         return eos_ids(params, self.model_eos)
 
     def stream(self, ids: np.ndarray, mask: np.ndarray, views: list[Task], params: SamplingParams,
-               precompute: bool = True, own_positions: bool = False) -> Iterator[np.ndarray]:
+               precompute: bool = True, own_positions: bool = False,
+               done: np.ndarray | None = None) -> Iterator[np.ndarray]:
         """Yield the next token of every row ([B] int64) once per decoding step. `precompute` has nothing to
         cache here: prompts sit in the (bidirectional) encoder and prefixes already are keys/values; nor has
-        `own_positions`: the encoder's positions never count a row's padding."""
+        `own_positions`: the encoder's positions never count a row's padding. done: as Generator.stream's (rows
+        the caller ends leave the decoder's batch)."""
         rt = self.rt
         batch = ids.shape[0]
         lay = encoder_layout(rt.spec, rt.config.pad_token_id, ids, mask, views, rt.dims)
@@ -89,14 +92,25 @@ class Seq2SeqGenerator(RuntimeBound):
         token = np.full(batch, self.start_token, np.int64)
         rng = np.random.default_rng(params.seed)
         eos = self.eos_for(params)
-        done = np.zeros(batch, bool)
+        done = np.zeros(batch, bool) if done is None else done
         pad = pad_id(rt.config)
+        running = np.arange(batch)  # the rows in the decoder's batch
+        logits = None
         for step in range(params.max_new_tokens):
-            dec_mask = np.concatenate([dec_mask, np.ones((batch, 1), np.int64)], axis=1)
-            feeds = {"input_ids": token[:, None], "attention_mask": dec_mask, "encoder_attention_mask": enc_mask,
+            keep = np.flatnonzero(~done[running])
+            if len(keep) < len(running):  # ended rows leave the batch (their caches with them)
+                running = running[keep]
+                dec_mask, enc_mask = dec_mask[keep], enc_mask[keep]
+                past = {k: host(v)[keep] for k, v in past.items()}
+                cross_feeds = {k: host(v)[keep] for k, v in cross_feeds.items()}
+            dec_mask = np.concatenate([dec_mask, np.ones((len(running), 1), np.int64)], axis=1)
+            feeds = {"input_ids": token[running, None], "attention_mask": dec_mask, "encoder_attention_mask": enc_mask,
                      **past, **cross_feeds}
             out = self.decoder.run_all(feeds)
-            logits = out[0]
+            if logits is None:
+                logits = np.array(host(out[0]), copy=True)
+            else:  # an ended row keeps its last logits: the shared rng draws as many numbers whichever rows ended
+                logits[running] = host(out[0])
             past = dict(zip(self.self_names, out[1:]))
             token = pick(logits, params, rng)
             forced = self.forced_first if step == 0 else None

@@ -503,6 +503,22 @@ def test_a_stop_given_as_one_string_is_one_stop_not_its_characters(causal):
     assert (got["text"], got["finish_reason"]) == (free["text"], "length")
 
 
+def test_a_row_its_stop_string_ends_leaves_the_decoders_batch(causal, monkeypatch):
+    from promptmux import Runtime
+
+    rt = Runtime(causal["deploy"])
+    prompts = ["w3 w7 w9", "w4 w5"]
+    free = rt.generate(prompts, "p", max_new_tokens=6, eos_token_id=[])
+    stop = free[0]["text"].split()[1]  # row 0's second word
+    assert stop not in free[1]["text"]  # it ends row 0 only (the fixture's model is seeded)
+    session, seen = rt.generator.session, []
+    run_all = session.run_all
+    monkeypatch.setattr(session, "run_all", lambda feeds: seen.append(len(feeds["input_ids"])) or run_all(feeds))
+    got = rt.generate(prompts, "p", max_new_tokens=6, eos_token_id=[], stop=stop)
+    assert got[0]["finish_reason"] == "stop" and got[1] == free[1]
+    assert seen[0] == 2 and seen[-1] == 1 and len(seen) == 6, seen  # prefill and 5 steps; row 1 alone at the end
+
+
 def test_generate_measures_a_language_models_labelled_contract_from_a_calibration_file(causal, tmp_path):
     """--calibration rows.jsonl with answers: the labelled rule, the rows kept in the deployment, measured once."""
     from promptmux import Runtime

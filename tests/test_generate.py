@@ -207,21 +207,44 @@ def test_a_right_padded_row_of_ids_continues_its_text_as_alone(deployment):
         assert got[1]["token_ids"] == alone != padded_read, task  # padding read as text gives other tokens
 
 
-@pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
-def test_rows_stop_on_their_own_eos(deployment):
+def _decoder_batches(rt, monkeypatch) -> list[int]:
+    """The batch size of every decoder call rt's generator makes from now on."""
+    session = getattr(rt.generator, "decoder", None) or rt.generator.session
+    seen, run_all = [], session.run_all
+
+    def counted(feeds):
+        seen.append(len(feeds["input_ids"]))
+        return run_all(feeds)
+
+    monkeypatch.setattr(session, "run_all", counted)
+    return seen
+
+
+@pytest.mark.parametrize("deployment", ["gpt2", "t5"], indirect=True)
+@pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])
+def test_rows_stop_on_their_own_eos_and_leave_the_decoders_batch(deployment, sample, monkeypatch):
+    """A row that ends stops costing decoder work, and the other rows' tokens stay those they get without its end
+    (sampled too: the shared seeded generator draws as many numbers whichever rows have ended)."""
     rt = deployment.runtime()
-    ids, mask = random_batch("gpt2", rows=2, seq=5, seed=2, padding_side="left")
+    ids, mask = random_batch(deployment.arch, rows=2, seq=5, seed=2, padding_side="left")
     inputs = {"input_ids": ids, "attention_mask": mask}
-    free = rt.generate(inputs, ["pt", "prefix"], max_new_tokens=6, eos_token_id=[])
-    eos = free[0]["token_ids"][2]  # one of row 0's tokens becomes the EOS
+    kw = dict(max_new_tokens=6, do_sample=sample, temperature=1.5, seed=7)
+    free = rt.generate(inputs, ["pt", "prefix"], eos_token_id=[], **kw)
+    first = free[0]["token_ids"].index(free[0]["token_ids"][1])  # one of row 0's first tokens becomes the EOS
+    eos = free[0]["token_ids"][first]
 
     def until_eos(tokens):  # each row stops at its own first EOS, included
         return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
 
-    got = rt.generate(inputs, ["pt", "prefix"], max_new_tokens=6, eos_token_id=eos)
+    batches = _decoder_batches(rt, monkeypatch)
+    got = rt.generate(inputs, ["pt", "prefix"], eos_token_id=eos, **kw)
     assert got[0]["token_ids"] == until_eos(free[0]["token_ids"]) and got[0]["finish_reason"] == "eos"
     assert got[1]["token_ids"] == until_eos(free[1]["token_ids"])
     assert got[1]["finish_reason"] == ("eos" if eos in free[1]["token_ids"] else "length")
+    steps = len(got[1]["token_ids"])
+    if eos not in free[1]["token_ids"]:  # after the call that gave row 0's EOS, the decoder runs row 1 alone
+        # call k gives every row's token k (a causal LM's call 0 is its prefill)
+        assert batches == [2] * (first + 1) + [1] * (steps - first - 1), (first, batches)
 
 
 @pytest.mark.parametrize("deployment", ["gpt2"], indirect=True)
