@@ -910,6 +910,8 @@ def test_uploaded_adapters_serve_like_the_folder_and_bad_uploads_leave_nothing(b
     listed = httpx.get(url + "/v1/tasks", headers=admin, params={"limit": 1000}).json()["tasks"]
     assert not {t["name"] for t in listed} & {"x1", "x2", "a/b"}
     assert leftovers() == before
+    r = httpx.get(url + "/v1/tasks/upload", headers=admin)  # the POST route asked with GET: not a task "upload"
+    assert r.status_code == 405 and r.headers["allow"] == "POST", r.text
     for name in ("up-pt", "up-prefix"):
         assert httpx.delete(url + f"/v1/tasks/{name}", headers=admin).status_code == 200
 

@@ -269,6 +269,7 @@ def test_a_task_added_at_run_time_is_a_ready_model_at_once(server, clients):
 
 def test_compressed_requests_are_read_and_bounded_once_decompressed(server):
     import gzip
+    import zlib
 
     http = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
     want = http.infer("pt", [_text_input(httpclient, TEXTS)]).as_numpy("scores")
@@ -280,10 +281,15 @@ def test_compressed_requests_are_read_and_bounded_once_decompressed(server):
     url = server.url + "/v2/models/pt/infer"
     two = gzip.compress(body[:20].encode()) + gzip.compress(body[20:].encode())  # two members (RFC 1952)
     assert httpx.post(url, content=two, headers={"content-encoding": "gzip"}).status_code == 200
+    bare = zlib.compressobj(wbits=-zlib.MAX_WBITS)  # deflate without zlib's framing (RFC 1951), as some clients send
+    bare = bare.compress(body.encode()) + bare.flush()
+    assert httpx.post(url, content=bare, headers={"content-encoding": "deflate"}).json() == \
+        httpx.post(url, content=body).json()
     for raw, encoding, status, words in (
             (gzip.compress(body.encode()) + b"GARBAGE", "gzip", 400, "does not decompress"),
             (gzip.compress(body.encode())[:-9], "gzip", 400, "cut short"),
             (b"not gzip", "gzip", 400, "does not decompress"),
+            (bare + b"GARBAGE", "deflate", 400, "data after its end"),
             (gzip.compress(b" " * 70000), "gzip", 413, "once decompressed"),  # small as sent, over the 64 KiB cap
             (body.encode(), "br", 415, "'br' is not read")):
         r = httpx.post(url, content=raw, headers={"content-encoding": encoding})

@@ -48,6 +48,8 @@ def add_admin_routes(app: FastAPI, options: ServeOptions, task_log=None) -> None
              summary="one task in detail (admin)")
     async def get_task(name: str, request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)):
         bank = admin(request, creds).rt.bank
+        if name == "upload" and name not in bank:  # GET on the POST route, not a task named "upload"
+            raise ApiError(405, "method_not_allowed", "method", "/v1/tasks/upload takes POST", {"Allow": "POST"})
         if name not in bank:
             raise ApiError(404, "unknown_task", "name", str(bank.unknown(name)))
         return bank.describe([name])[0]

@@ -67,18 +67,30 @@ class BodyLimit:
             return b"", (415, "unsupported_media_type", "content-encoding",
                          f"Content-Encoding {encoding.decode('latin-1')!r} is not read; send gzip, deflate or none")
         plain, rest = b"", body
+        # HTTP's deflate is zlib-framed (RFC 9110), but some clients send the bare stream (RFC 1951): read both
+        raw = encoding == b"deflate" and not _zlib_framed(body)
         while rest:  # gzip allows several members one after the other (RFC 1952); anything else after is an error
-            unpack = zlib.decompressobj(32 + zlib.MAX_WBITS)  # gzip or zlib framing, told apart by the header
+            unpack = zlib.decompressobj(-zlib.MAX_WBITS if raw else 32 + zlib.MAX_WBITS)  # gzip/zlib: by the header
             try:
                 plain += unpack.decompress(rest, self.limit + 1 - len(plain))
             except zlib.error as e:
+                if encoding == b"deflate" and not raw and not plain:  # a bare stream whose first bytes pass the check
+                    raw, rest = True, body
+                    continue
                 return b"", (400, "invalid_request", "body", f"the {encoding.decode()} body does not decompress ({e})")
             if len(plain) > self.limit or unpack.unconsumed_tail:
                 return b"", (413, "too_large", "body", f"request body over {self.limit} bytes once decompressed")
             if not unpack.eof:
                 return b"", (400, "invalid_request", "body", f"the {encoding.decode()} body is cut short")
             rest = unpack.unused_data
+            if raw and rest:
+                return b"", (400, "invalid_request", "body", "the deflate body has data after its end")
         return plain, None
+
+
+def _zlib_framed(body: bytes) -> bool:
+    """Whether body starts with a zlib header (RFC 1950: method 8, header check a multiple of 31)."""
+    return len(body) >= 2 and body[0] & 0x0F == 8 and (body[0] << 8 | body[1]) % 31 == 0
 
 
 class MetricsMiddleware:
