@@ -126,7 +126,7 @@ class VectorIndex:
                     if at < len(self.ids) and self.ids[at] == i:
                         self.alive[at] = False
         changed = len(self.extra) + int(len(self.ids) - self.alive.sum())
-        if changed >= max(REWRITE_MIN, len(self) // 32) and self._wants_snapshot():
+        if changed >= max(REWRITE_MIN, len(self) // 32):  # a small bank's too: each query stacks the rows added since
             self._compact()
 
     def _build(self) -> None:
@@ -160,7 +160,7 @@ class VectorIndex:
             self._write_snapshot()
 
     def _compact(self) -> None:
-        """Fold the changes into a new base and snapshot it."""
+        """Fold the changes into a new base, and snapshot it where the bank keeps one."""
         keep = self.alive
         ids = [self.ids[keep]]
         mats = {col: [m[keep]] for col, m in self.mats.items()} if len(self.ids) else {"avg": [], "tok": []}
@@ -172,7 +172,8 @@ class VectorIndex:
         self.mats = {col: np.concatenate(m) if m else np.zeros((0, self.dim), np.float32) for col, m in mats.items()}
         self.alive = np.ones(len(self.ids), bool)
         self.extra = {}
-        self._write_snapshot()
+        if self._wants_snapshot():
+            self._write_snapshot()
 
     # ---- the snapshot on disk ------------------------------------------------------------
     def _wants_snapshot(self) -> bool:
@@ -186,24 +187,32 @@ class VectorIndex:
         folder = self.folder
         if folder is None or not (folder / "index.json").is_file():
             return False
-        try:
-            state = json.loads((folder / "index.json").read_text())
-            with self.bank.lock:
-                if state["store_id"] != self._store_id():  # a snapshot of another store: the folder was reused
-                    return False
-                if not self._same_history(state):
-                    log.warning("the retrieval index in %s is ahead of the task store (restored from a backup?); "
-                                "rebuilding it from the store", folder)
-                    return False
-            gen = state["generation"]
-            ids = np.load(folder / f"{gen}-ids.npy", mmap_mode="r")
-            mats = {col: np.load(folder / f"{gen}-{col}.npy", mmap_mode="r") for col in ("avg", "tok")}
-            if any(m.shape != (len(ids), state["dim"]) or m.dtype != np.float32 for m in mats.values()) \
-                    or ids.dtype != np.int64 or len(ids) != state["rows"]:
-                raise ValueError("shapes do not match index.json")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("ignoring the retrieval index in %s (%s); rebuilding it from the store", folder, e)
-            return False
+        for attempt in range(3):
+            state: dict = {}
+            try:
+                state = json.loads((folder / "index.json").read_text())
+                with self.bank.lock:
+                    if state["store_id"] != self._store_id():  # a snapshot of another store: the folder was reused
+                        return False
+                    if not self._same_history(state):
+                        log.warning("the retrieval index in %s is ahead of the task store (restored from a backup?); "
+                                    "rebuilding it from the store", folder)
+                        return False
+                gen = state["generation"]
+                ids = np.load(folder / f"{gen}-ids.npy", mmap_mode="r")
+                mats = {col: np.load(folder / f"{gen}-{col}.npy", mmap_mode="r") for col in ("avg", "tok")}
+                if any(m.shape != (len(ids), state["dim"]) or m.dtype != np.float32 for m in mats.values()) \
+                        or ids.dtype != np.int64 or len(ids) != state["rows"]:
+                    raise ValueError("shapes do not match index.json")
+                break
+            except FileNotFoundError as e:  # another process wrote a newer snapshot and deleted this one meanwhile
+                if attempt < 2 and _generation(folder) not in (None, state.get("generation")):
+                    continue
+                log.warning("ignoring the retrieval index in %s (%s); rebuilding it from the store", folder, e)
+                return False
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("ignoring the retrieval index in %s (%s); rebuilding it from the store", folder, e)
+                return False
         self.ids, self.mats, self.dim = ids, mats, state["dim"]
         self.alive = np.ones(len(ids), bool)
         self.last_id, self.last_gone = state["last_id"], state["last_gone"]
@@ -232,9 +241,10 @@ class VectorIndex:
         try:
             with self.bank.lock:
                 store_id = self._store_id()
-                if store_id is None:
-                    store_id = uuid.uuid4().hex
-                    self.bank.db.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (store_id,))
+            if store_id is None:  # a store's first snapshot names it: a change of the store, waited for as changes are
+                with self.bank._transaction():  # (lookups go on while another process holds the write lock)
+                    self.bank.db.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (uuid.uuid4().hex,))
+                with self.bank.lock:
                     store_id = self._store_id()
             folder.mkdir(exist_ok=True)
             with open(folder / "lock", "a") as lock:
@@ -259,6 +269,14 @@ class VectorIndex:
             log.warning("cannot write the retrieval index to %s (%s); it stays in memory", folder, e)
             return
         self._load_snapshot()  # the same base, mapped from the page cache instead of held in this process
+
+
+def _generation(folder: Path) -> str | None:
+    """The generation index.json points at now, or None."""
+    try:
+        return json.loads((folder / "index.json").read_text()).get("generation")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _digest(blob: bytes) -> str:

@@ -451,6 +451,84 @@ def test_retrieval_index_snapshot_follows_other_processes_changes(tmp_path, monk
     assert "ignoring the retrieval index" in caplog.text
 
 
+def test_a_small_banks_retrieval_index_folds_its_changes_in_memory(tmp_path, monkeypatch):
+    """Below the snapshot's size, many changes are folded into the in-memory base too (each query stacked every row
+    added since the bank opened), and no snapshot is written."""
+    from promptmux.core import vector_index
+    from promptmux.core.bank import PromptBank
+    from promptmux.library.retrieval import rank_tasks, top_tasks
+
+    spec, writer = _store_with_a_snapshot_index(tmp_path, monkeypatch, 20)
+    monkeypatch.setattr(vector_index, "SNAPSHOT_MIN", 1000)
+    query = np.random.default_rng(9).standard_normal((2, 16)).astype(np.float32)
+    reader = PromptBank.load(tmp_path, spec)
+    top_tasks(reader, None, query, "avg-cosine", 3)
+    writer.add(_vector_bank(40, 3, start=1000))
+    got = [r["task"] for r in top_tasks(reader, None, query, "avg-cosine", 5)]
+    assert got == [r["task"] for r in rank_tasks(reader, None, query, "avg-cosine")[:5]]
+    index = reader.vector_index()
+    assert not index.extra and len(index.ids) == 60 and not (tmp_path / "retrieval").exists()
+
+
+def test_a_snapshot_replaced_while_it_is_opened_is_read_again_not_rebuilt(tmp_path, monkeypatch, caplog):
+    """Another process may point index.json at a new generation and delete the old one between this one's reading
+    index.json and mapping its files: the new generation is read instead of the whole store."""
+    from promptmux.core.bank import PromptBank
+    from promptmux.library.retrieval import top_tasks
+
+    spec, writer = _store_with_a_snapshot_index(tmp_path, monkeypatch, 60)
+    query = np.random.default_rng(9).standard_normal((2, 16)).astype(np.float32)
+    want = [r["task"] for r in top_tasks(PromptBank.load(tmp_path, spec), None, query, "avg-cosine", 3)]
+    snap = tmp_path / "retrieval"
+    real_load, moved = np.load, []
+
+    def load_after_a_rewrite(path, *args, **kwargs):  # the other process's rewrite lands just before the first map
+        if not moved:
+            state = json.loads((snap / "index.json").read_text())
+            for col in ("ids", "avg", "tok"):
+                (snap / f"{state['generation']}-{col}.npy").rename(snap / f"newgen-{col}.npy")
+            (snap / "index.json").write_text(json.dumps({**state, "generation": "newgen"}))
+            moved.append(state["generation"])
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(np, "load", load_after_a_rewrite)
+    reader = PromptBank.load(tmp_path, spec)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="promptmux"):
+        assert [r["task"] for r in top_tasks(reader, None, query, "avg-cosine", 3)] == want
+    assert moved and "ignoring the retrieval index" not in caplog.text and "building" not in caplog.text
+    assert isinstance(reader.vector_index().mats["avg"], np.memmap)
+
+
+def test_a_first_snapshot_waits_for_the_stores_write_lock_without_stopping_lookups(tmp_path, monkeypatch):
+    """The first snapshot names the store (a write): while another process holds the store's write lock, it waits
+    as changes do, without the bank's lock, so the bank's lookups go on meanwhile."""
+    import sqlite3
+    import threading
+
+    from promptmux.core.bank import PromptBank
+    from promptmux.library.retrieval import top_tasks
+
+    spec, writer = _store_with_a_snapshot_index(tmp_path, monkeypatch, 60)
+    writer.close()
+    other = sqlite3.connect(tmp_path / "tasks.sqlite", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process's long change
+    reader = PromptBank.load(tmp_path, spec)
+    query = np.random.default_rng(9).standard_normal((2, 16)).astype(np.float32)
+    ranked = threading.Thread(target=top_tasks, args=(reader, None, query, "avg-cosine", 3))
+    ranked.start()
+    try:
+        ranked.join(0.5)
+        assert ranked.is_alive()  # the snapshot waits for the write lock
+        assert reader.lock.acquire(timeout=1.0)  # but not holding the bank's
+        reader.lock.release()
+        assert "u1" in reader
+    finally:
+        other.execute("COMMIT")
+        ranked.join(30)
+    assert json.loads((tmp_path / "retrieval" / "index.json").read_text())["store_id"]
+
+
 @pytest.mark.parametrize("added_after_restore, first_name", [(1, 500), (80, 500), (40, 100)])
 def test_a_store_restored_from_a_backup_has_its_retrieval_index_rebuilt(tmp_path, monkeypatch, added_after_restore,
                                                                       first_name):
