@@ -29,6 +29,7 @@ def test_demo_classifies_a_mixed_batch_of_both_tasks(demo):
 def test_the_demo_replaces_only_its_own_earlier_output(demo, tmp_path):
     """A re-run replaces the demo's earlier deployment; a folder of the user's (a deployment of other tasks, any other
     non-empty folder) is refused before any work, and left as it was."""
+    import dataclasses
     import shutil
     from pathlib import Path
 
@@ -43,12 +44,17 @@ def test_the_demo_replaces_only_its_own_earlier_output(demo, tmp_path):
     bank = read_bank(theirs)
     bank.remove("topic")
     bank.close()
-    for folder in (tmp_path / "mine", theirs):
+    same_names = copy_deployment(Path(demo["deployment"]), tmp_path / "same-names")  # the user's own "topic"
+    bank = read_bank(same_names)
+    bank.add([dataclasses.replace(bank.view("topic"), source=str(tmp_path / "my-topic"))], replace=True)
+    bank.close()
+    for folder in (tmp_path / "mine", theirs, same_names):
         before = sorted(p.name for p in folder.iterdir())
         with pytest.raises(FileExistsError, match="not this demo's earlier output; choose another --out"):
             run_demo(folder, quiet=True)
         assert sorted(p.name for p in folder.iterdir()) == before
     shutil.rmtree(theirs)
+    shutil.rmtree(same_names)
 
 
 def test_demo_deployment_matches_peft_on_real_text(demo):

@@ -41,7 +41,10 @@ def own_earlier_output(out: Path, base: Path, tasks) -> bool:
         return False
     try:
         manifest = json.loads((out / MANIFEST).read_text())
-        ours = manifest["base"]["path"] == str(Path(base).resolve()) and set(read_bank(out).names()) == set(tasks)
+        bank = read_bank(out)
+        # its base model, its tasks, each read from this demo's own adapter (a user's tasks of those names are not)
+        ours = manifest["base"]["path"] == str(Path(base).resolve()) and set(bank.names()) == set(tasks) and all(
+            Path(d["source"]).resolve() == (ADAPTERS / d["name"]).resolve() for d in bank.describe(list(tasks)))
     except (OSError, ValueError, KeyError, TypeError):
         ours = False
     if not ours:
