@@ -143,7 +143,11 @@ def heads(views: list[Task], features: np.ndarray) -> list[np.ndarray]:
 
 
 def label_scores(view: Task, logits: np.ndarray) -> dict:
-    """A classification row as the API gives it: {"label", "label_id", "scores" (softmax, label order)}."""
+    """A classification row as the API gives it: {"label", "label_id", "scores" (softmax, label order)}. A head of
+    one output (transformers' regression, a cross-encoder's relevance) scores its raw value: a softmax over one
+    output is always 1."""
+    if len(logits) == 1:
+        return {"label": view.labels[0] if view.labels else "0", "label_id": 0, "scores": [float(logits[0])]}
     scores = np.exp(logits - logits.max())
     scores /= scores.sum()
     label_id = int(logits.argmax())

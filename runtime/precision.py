@@ -119,6 +119,8 @@ def measure(fast, exact, texts: list[str] | None = None, labelled: list[dict] | 
                             "prediction_agreement": float((got.argmax(-1) == want.argmax(-1)).mean()),
                             "agreement_interval_95": interval(got.argmax(-1) == want.argmax(-1)),
                             "batch_changes": batch_changes(fast, batches, task, got)}
+            if want.shape[1] == 1:  # a regression head's value: its argmax always agrees (misses() says so)
+                report[task]["one_output"] = True
             gold = None
             if mine:  # labelled rows: both accuracies too
                 gold = np.array([_label_index(exact, r, exact.bank.entry(task).get("labels"), want.shape[1])
@@ -254,6 +256,10 @@ def misses(tasks: dict) -> list[str]:
     """What each task missed of its rule: the labelled one where it was measured on labelled rows."""
     out = []
     for task, r in tasks.items():
+        if r.get("one_output"):
+            out.append(f"{task}: its head has one output (a regression value, not labels), which no agreement rule "
+                       f"here checks (max_abs_diff {r['max_abs_diff']:.3g}); serve it at fp32")
+            continue
         if r.get("labelled"):
             drop = r["accuracy_fp32"] - r["accuracy"]
             if drop > LABELLED["accuracy_drop"] + 1e-12:
@@ -286,7 +292,8 @@ def calibrate(fast, items: list | None = None, source: str | None = None) -> dic
     names = contract_tasks(fast.bank, labelled)
     tasks = measure(fast, exact, texts, labelled, names)
     control = {}
-    if not passed(tasks) and accuracy_control.applies(fast):
+    fixable = not any(r.get("one_output") for r in tasks.values())  # no fp32 layer makes a value agree
+    if not passed(tasks) and fixable and accuracy_control.applies(fast):
         if accuracy_control.is_deferred():  # precision fast searches only where this int8 could win (fast.py)
             control = {"accuracy_control": {"deferred": True}}
         else:

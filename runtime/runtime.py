@@ -481,8 +481,9 @@ class Runtime:
         if not self.spec.family.classifies:
             raise InputError(f"classify() needs a sequence-classification deployment; this one is a {self.spec.family}"
                              " language model: use generate()")
-        if isinstance(texts, str):
-            texts = [texts]
+        texts = [texts] if isinstance(texts, str) else texts
+        if isinstance(texts, dict) or not all(isinstance(t, str) for t in texts):  # a dict's keys are no texts
+            raise InputError("classify() takes texts (a string or a list of strings); give token ids to forward()")
         names = task_names(tasks, len(texts))
         views = {n: self.bank.view(n) for n in dict.fromkeys(names)}  # labels of the very version that scored
         logits, dropped = self.forward_text(texts, names, truncation, views=views)

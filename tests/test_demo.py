@@ -26,6 +26,17 @@ def test_demo_classifies_a_mixed_batch_of_both_tasks(demo):
     assert set(demo["held_out_accuracy"]) == {"sentiment", "topic"}
 
 
+def test_classify_takes_texts_and_sends_token_ids_to_forward(demo):
+    """A tokenizer's output given to classify() was read as its keys: the texts "input_ids" and "attention_mask"."""
+    from promptmux import InputError, Runtime
+
+    rt = Runtime(demo["deployment"], backend="onnxruntime")
+    enc = rt.tokenizer(["a warm film"], return_tensors="np")
+    for wrong in (dict(enc), [enc["input_ids"][0]], ["a warm film", 3]):
+        with pytest.raises(InputError, match=r"classify\(\) takes texts .* token ids to forward\(\)"):
+            rt.classify(wrong, "sentiment")
+
+
 def test_the_demo_replaces_only_its_own_earlier_output(demo, tmp_path):
     """A re-run replaces the demo's earlier deployment; a folder of the user's (a deployment of other tasks, any other
     non-empty folder) is refused before any work, and left as it was."""

@@ -1124,3 +1124,34 @@ def test_a_contract_measured_again_at_open_says_why():
                        ({**holds, "digests": {"a": "d0"}}, "the tasks changed"),
                        ({**holds, "accuracy_control": {"deferred": True}}, "search was deferred")):
         assert why in P.stale(entry, "onnxruntime", "int8", _OneTaskBank("d1"), family), why
+
+
+def test_a_one_output_head_scores_its_value_and_no_label_contract_passes_it(tmp_path):
+    """A regression head (transformers' num_labels=1; a cross-encoder's relevance): classify gives the raw value, as
+    PEFT computes it (a softmax over one output is always 1); agreement rules compare labels, which a single output
+    always 'keeps', so a non-exact precision misses its contract on it, saying why."""
+    import torch
+    from conftest import make_adapter, peft_rows, tiny_config
+    from peft import PromptTuningConfig
+    from transformers import AutoModelForSequenceClassification
+
+    from promptmux import export_deployment
+    from promptmux.runtime.batch import label_scores
+
+    torch.manual_seed(0)
+    config = tiny_config("bert")
+    config.num_labels = 1
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "base")
+    adapter = make_adapter("bert", tmp_path / "base", PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3),
+                           tmp_path / "rel", seed=1, train_steps=0)
+    export_deployment(tmp_path / "base", {"rel": adapter}, tmp_path / "deploy")
+    ids, mask = random_batch("bert", rows=3, seq=6, seed=2, padding_side="right")
+    want = peft_rows("bert", tmp_path / "base", adapter, ids, mask)
+    exact = Runtime(tmp_path / "deploy", backend="onnxruntime")
+    got = [label_scores(exact.bank.view("rel"), row) for row in exact.forward(ids, mask, "rel")]  # what classify gives
+    assert np.allclose([r["scores"] for r in got], want, atol=1e-5) and len({r["scores"][0] for r in got}) == 3
+    assert all(r["label_id"] == 0 for r in got)
+    rt = Runtime(tmp_path / "deploy", precision="int8")
+    assert rt.contract["tasks"]["rel"]["one_output"] and not rt.contract["passed"]
+    assert "accuracy_control" not in rt.contract  # no layer kept fp32 can make it pass: no search
+    assert "its head has one output" in P.misses(rt.contract["tasks"])[0]
