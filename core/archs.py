@@ -418,6 +418,28 @@ def sliding_window(config) -> int | None:
     return window if getattr(config, "use_sliding_window", True) is not False else None
 
 
+def windows_off(config):
+    """A copy of a causal LM's config whose sliding-window layers attend to every earlier slot, or config itself where
+    nothing slides (or an encoder's local attention, which its graph keeps).
+
+    Rows stay within the window (usable_positions), where a window changes nothing. transformers counts a window in
+    cache slots, though, and a batch's left padding (or a merged continuous batch's) adds slots that are no positions
+    of the row: a windowed graph pushed a fitting row's first tokens out of its window, or failed outright."""
+    import copy
+
+    spec = arch_for(config)
+    if not sliding_window(config) or (spec.family.classifies and spec.feature != "last"):
+        return config
+    config = copy.deepcopy(config)
+    if getattr(config, "layer_types", None):  # Gemma2/3, Qwen2, Phi-3...: each layer's type (a sliding layer's mask)
+        config.layer_types = ["full_attention" if t == "sliding_attention" else t for t in config.layer_types]
+    elif "local" in (getattr(config, "attention_layers", None) or ()):  # GPT-Neo
+        config.attention_layers = ["global" if t == "local" else t for t in config.attention_layers]
+    else:  # Mistral: one window for every layer
+        config.sliding_window = None
+    return config
+
+
 def usable_positions(config) -> int | None:
     """The positions a row may use, virtual and real tokens together (and, generating, its new tokens).
 

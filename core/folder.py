@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from .archs import ARCHS, arch_for, causal_classifier, check_config, is_causal_lm
+from .archs import ARCHS, arch_for, causal_classifier, check_config, is_causal_lm, windows_off
 from .durable import durable_replace, write_durably
 from .families import family_of
 
@@ -55,6 +55,11 @@ def load_base_model(base_dir: str | Path, config=None, num_labels: int | None = 
     family = arch_for(config).family
     cls = family.auto_class()
     kwargs = {"num_labels": num_labels} if num_labels is not None else {}
+    unwindowed = windows_off(config)  # what the graphs compute: rows fit the window, padding slots must not count
+    if unwindowed is not config:
+        if num_labels is not None:  # given with a config object, from_pretrained would pass it to the model
+            unwindowed.num_labels = kwargs.pop("num_labels")
+        kwargs["config"] = unwindowed
     # T5's SDPA path reshapes a transposed output, which torch.export cannot trace with dynamic shapes.
     attn = "eager" if family.encoder_decoder else "sdpa"
     try:
