@@ -323,9 +323,17 @@ def test_generate_extension_gives_the_tokens_of_v1_completions_streaming_and_not
             ({"text_input": "ab", "parameters": {"max_tokens": 0}}, 400, "parameters.max_tokens"),
             ({"text_input": "ab", "parameters": {"beam_width": 2}}, 400, "parameters.beam_width: unknown parameter"),
             ({"text_input": ["ab"]}, 400, "text_input"),
-            ({"text_input": "ab", "parameters": {"stop": [""]}}, 400, "stop")):
+            ({"text_input": "ab", "parameters": {"stop": [""]}}, 400, "parameters.stop[0]: "),
+            ({"text_input": "ab " * 40}, 400, "text_input: "),  # over the model's positions
+            ({"text_input": "ab", "parameters": {"max_tokens": 60}}, 400, "parameters.max_tokens: ")):
         r = httpx.post(url + "/v2/models/pt/generate", json=body)
         assert r.status_code == status and words in r.json()["error"], r.text
+    r = httpx.post(url + "/v2/models/pt/versions/1/generate", json={"text_input": "ab c", "parameters": params})
+    assert r.json()["model_name"] == "pt", r.text  # Triton's versioned routes too
+    with httpx.stream("POST", url + "/v2/models/pt/versions/1/generate_stream", json={"text_input": "ab c"}) as s:
+        assert s.status_code == 200 and any(line.startswith("data: ") for line in s.iter_lines())
+    r = httpx.post(url + "/v2/models/pt/versions/2/generate", json={"text_input": "ab c"})
+    assert r.status_code == 404 and "only version 1" in r.json()["error"], r.text
     r = httpx.post(url + "/v2/models/nope/generate", json={"text_input": "ab"})
     assert r.status_code == 404 and "unknown task 'nope'" in r.json()["error"]
     r = httpx.post(url + "/v2/models/pt/infer", json={"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1],

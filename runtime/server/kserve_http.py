@@ -77,7 +77,11 @@ def add_kserve_routes(app: FastAPI, options: ServeOptions, metrics: Metrics) -> 
         """A generate request checked, admitted and queued: (engine, job, release)."""
         engine = engine_of(request)
         request.state.task = metric_task(engine, task)
-        job, _ = completion_job(engine, _completion(task, await request.body()), options)
+        try:
+            job, _ = completion_job(engine, _completion(task, await request.body()), options)
+        except ApiError as e:  # the checks /v1/completions shares name its fields: say the generate request's
+            e.field = _v2_field(e.field)
+            raise
         release = engine.admit("generate")
         try:
             engine.submit(job)
@@ -87,7 +91,9 @@ def add_kserve_routes(app: FastAPI, options: ServeOptions, metrics: Metrics) -> 
         return engine, job, release
 
     @app.post("/v2/models/{task:path}/generate", summary="Triton's generate extension: one completion")
-    async def v2_generate(task: str, request: Request):
+    @app.post("/v2/models/{task:path}/versions/{version}/generate", summary="Triton's generate extension")
+    async def v2_generate(task: str, request: Request, version: str | None = None):
+        check_version(version)
         engine, job, release = await queued_generation(task, request)
         try:
             rows = await await_job(request, asyncio.ensure_future(collect(job, options.request_timeout)),
@@ -104,7 +110,9 @@ def add_kserve_routes(app: FastAPI, options: ServeOptions, metrics: Metrics) -> 
 
     @app.post("/v2/models/{task:path}/generate_stream", summary="Triton's generate extension: server-sent events, "
                                                                 "one per token")
-    async def v2_generate_stream(task: str, request: Request):
+    @app.post("/v2/models/{task:path}/versions/{version}/generate_stream", summary="Triton's generate extension")
+    async def v2_generate_stream(task: str, request: Request, version: str | None = None):
+        check_version(version)
         engine, job, release = await queued_generation(task, request)
 
         def on_close():
@@ -122,6 +130,14 @@ def add_kserve_routes(app: FastAPI, options: ServeOptions, metrics: Metrics) -> 
             raise ApiError(405, "method_not_allowed", "method", f"{posted} takes POST", {"Allow": "POST"})
         check_version(version)
         return model_metadata(engine, task)
+
+
+def _v2_field(field: str | None) -> str | None:
+    """A /v1/completions field as the generate request names it: the prompt is text_input, the rest parameters."""
+    base = (field or "").split("[")[0]
+    if base == "prompt":
+        return "text_input"
+    return f"parameters.{field}" if base in GENERATE_PARAMETERS else field
 
 
 def _completion(task: str, raw: bytes) -> CompletionRequest:
