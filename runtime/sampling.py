@@ -39,6 +39,8 @@ class SamplingParams:
             raise InputError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not number(self.top_p) or not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not number(self.seed, numbers.Integral) or self.seed < 0):
+            raise InputError(f"seed must be an integer >= 0 (or None), got {self.seed!r}")
         eos = self.eos_token_id
         if eos is not None and not all(number(e, numbers.Integral) for e in np.atleast_1d(np.asarray(eos, object))):
             raise InputError(f"eos_token_id must be a token id or a list of them ([]: none), got {eos!r}")

@@ -581,6 +581,7 @@ def test_generate_stream_prints_the_same_text(causal):
     (["--task", "nope", "--prompt", "w1"], "unknown task 'nope'"),
     (["--task", "p", "--prompt", "   "], "empty prompt"),
     (["--task", "p", "--prompt", "w1", "--max-new-tokens", "0"], "argument --max-new-tokens: 0 is out of range"),
+    (["--task", "p", "--prompt", "w1", "--seed", "-1"], "argument --seed: -1 is out of range: give 0 or more"),
     (["--task", "p", "--task", "pt", "--task", "p", "--prompt", "w1", "--prompt", "w2"], "got 3 --task for 2 --prompt"),
 ])
 def test_generate_bad_input_is_a_clear_error(causal, args, message):

@@ -341,6 +341,8 @@ def test_stream_yields_each_rows_tokens_then_finish(deployment):
     (dict(temperature="0.5", do_sample=True), InputError, "temperature must be > 0 and finite, got '0.5'"),
     (dict(eos_token_id="a"), InputError, "eos_token_id must be a token id or a list of them"),
     (dict(stop=[""]), InputError, "a stop string must be a non-empty string"),
+    (dict(seed=-1), InputError, r"seed must be an integer >= 0 \(or None\), got -1"),
+    (dict(seed=1.5, do_sample=True), InputError, "seed must be an integer >= 0"),
 ])
 def test_bad_generation_requests(deployment, kwargs, error, message):
     rt = deployment.runtime()

@@ -41,7 +41,7 @@ def _at_least(low, kind=int, high=None):
     return parse
 
 
-POSITIVE, PORT = _at_least(1), _at_least(0, int, 65535)
+POSITIVE, PORT, SEED = _at_least(1), _at_least(0, int, 65535), _at_least(0, int, 2**63 - 1)
 
 
 def _add_runtime_options(parser) -> None:
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "source's; other lengths are linearly resampled)")
     ia.add_argument("--num-labels", type=int, help="classifiers: outputs of the new task's head (default: the base "
                                                    "config's)")
-    ia.add_argument("--seed", type=int, default=0, help="seed of the new head's initialisation")
+    ia.add_argument("--seed", type=SEED, default=0, help="seed of the new head's initialisation")
     ia.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     ia.set_defaults(func=cmd_init_adapter)
 
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, help="sample with this temperature (default, or 0: greedy)")
     g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens")
     g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set reaching mass p")
-    g.add_argument("--seed", type=int, help="sampling seed (same seed, same tokens)")
+    g.add_argument("--seed", type=SEED, help="sampling seed (same seed, same tokens)")
     g.add_argument("--stop", action="append", help="stop a row when its text contains this string; repeatable")
     g.add_argument("--no-precompute", action="store_true",
                    help="run the virtual tokens in every prefill instead of the cached prompt key/values")
@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run every system in this one process instead of one process each (their thread pools "
                          "then compete: only to reproduce that effect)")
     bn.add_argument("--threads", type=POSITIVE, help="threads for ONNX Runtime and torch alike (default: all cores)")
-    bn.add_argument("--seed", type=int, default=0, help="seed of the request streams (token ids, task mixes)")
+    bn.add_argument("--seed", type=SEED, default=0, help="seed of the request streams (token ids, task mixes)")
     bn.add_argument("--zipf-s", type=float, default=1.0, help="zipf mix exponent")
     bn.add_argument("--skip-throughput", action="store_true", help="only --scaling and/or --accuracy")
     bn.add_argument("--scaling", nargs="?", const="1,10,100,1000", metavar="COUNTS",
