@@ -306,6 +306,32 @@ def test_a_character_split_over_tokens_streams_whole():
     assert stream.add(0xC3) + stream.flush() == "\ufffd"
 
 
+def test_a_long_rows_text_streams_from_a_window_of_its_last_tokens():
+    """Each token decodes the last few tokens, not the whole row (a 4,096-token row cost 1.3 s of decoding on the
+    model's thread), and the pieces still add up to the row's text, stop strings found across pieces."""
+    from promptmux.runtime.generate import TextStream
+
+    class Words:  # SentencePiece-like: a word's leading space is dropped at the start of a text
+        decoded = []
+
+        def decode(self, tokens, skip_special_tokens=True):
+            self.decoded.append(len(tokens))
+            return "".join(f" w{t}" for t in tokens).lstrip(" ")
+
+    tok = Words()
+    tokens = [i % 50 for i in range(2000)]
+    stream = TextStream(tok, ("w3 w4 w5",))
+    pieces = []
+    for t in tokens:
+        pieces.append(stream.add(t))
+        if stream.stopped:
+            break
+    assert "".join(pieces) == tok.decode(tokens[:6]).split("w3 w4 w5")[0] and len(pieces) == 6
+    stream, tok.decoded = TextStream(tok), []
+    pieces = [stream.add(t) for t in tokens] + [stream.flush()]
+    assert "".join(pieces) == tok.decode(tokens) and max(tok.decoded[:-1]) <= 2
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     from promptmux.runtime.generate import SamplingParams, pick
 
