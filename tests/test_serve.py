@@ -910,6 +910,10 @@ def test_uploaded_adapters_serve_like_the_folder_and_bad_uploads_leave_nothing(b
     listed = httpx.get(url + "/v1/tasks", headers=admin, params={"limit": 1000}).json()["tasks"]
     assert not {t["name"] for t in listed} & {"x1", "x2", "a/b"}
     assert leftovers() == before
+    r = httpx.post(url + "/v1/tasks/upload", headers=admin, json={"replace": True, "tasks": [
+        _upload_item("up-pt", d.adapters["pt"]), _upload_item("up-new", d.adapters["pt"])]})
+    assert (r.json()["added"], r.json()["replaced"]) == (["up-pt", "up-new"], ["up-pt"]), r.text  # says what went
+    assert httpx.delete(url + "/v1/tasks/up-new", headers=admin).json()["removed"] == ["up-new"]
     r = httpx.get(url + "/v1/tasks/upload", headers=admin)  # the POST route asked with GET: not a task "upload"
     assert r.status_code == 405 and r.headers["allow"] == "POST", r.text
     for name in ("up-pt", "up-prefix"):

@@ -65,10 +65,10 @@ def add_admin_routes(app: FastAPI, options: ServeOptions, task_log=None) -> None
             raise ApiError(400, "invalid_request", "name", "a task name has no '/', surrounding spaces or control "
                                                            "characters")
         folder = adapter_folder(options.adapter_root, body.adapter)
-        added = await change_tasks(engine, task_log, {"action": "add", "name": body.name, "folder": str(folder),
-                                                      "replace": body.replace})
-        log.warning("task(s) %s added from %s", added, body.adapter)
-        return {"added": added, "tasks": len(engine.rt.bank)}
+        change = await change_tasks(engine, task_log, {"action": "add", "name": body.name, "folder": str(folder),
+                                                       "replace": body.replace})
+        log.warning("task(s) %s added from %s", change["added"], body.adapter)
+        return {**change, "tasks": len(engine.rt.bank)}
 
     @app.post("/v1/tasks/upload", response_model=TaskChange, responses=ADMIN_ERRORS,
               summary="add tasks from PEFT adapters sent in the request (admin): one transaction for all")
@@ -76,17 +76,17 @@ def add_admin_routes(app: FastAPI, options: ServeOptions, task_log=None) -> None
                            creds: HTTPAuthorizationCredentials | None = Depends(bearer)):
         engine = admin(request, creds)
         op = {"action": "upload", "items": [t.model_dump() for t in body.tasks], "replace": body.replace}
-        added = await change_tasks(engine, task_log, op)
-        log.warning("%d task(s) added by upload", len(added))
-        return {"added": added, "tasks": len(engine.rt.bank)}
+        change = await change_tasks(engine, task_log, op)
+        log.warning("%d task(s) added by upload", len(change["added"]))
+        return {**change, "tasks": len(engine.rt.bank)}
 
     @app.delete("/v1/tasks/{name:path}", response_model=TaskChange, responses=ADMIN_ERRORS,
                 summary="remove a task (an MPT adapter's NAME removes NAME/0 ...); its requests in flight finish")
     async def remove_task(name: str, request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)):
         engine = admin(request, creds)
-        removed = await change_tasks(engine, task_log, {"action": "remove", "name": name})
-        log.warning("task(s) %s removed", removed)
-        return {"removed": removed, "tasks": len(engine.rt.bank)}
+        change = await change_tasks(engine, task_log, {"action": "remove", "name": name})
+        log.warning("task(s) %s removed", change["removed"])
+        return {**change, "tasks": len(engine.rt.bank)}
 
 
 def adapter_folder(root: str, rel: str) -> Path:
@@ -108,12 +108,21 @@ def adapter_folder(root: str, rel: str) -> Path:
     return path
 
 
-def apply_change(engine: Engine, op: dict) -> list[str]:
+def apply_change(engine: Engine, op: dict) -> dict[str, list[str]]:
     """Add or remove a task in this engine's bank through the Runtime's add_task / remove_task (a thread:
-    reading an adapter takes a while). Requests in flight keep the views they captured. A store that cannot take
-    the change says why: a read-only folder (409), another process's change holding it past the wait (503)."""
+    reading an adapter takes a while): {"added", "replaced"} or {"removed"}. Requests in flight keep the views they
+    captured. A store that cannot take the change says why: a read-only folder (409), another process's change
+    holding it past the wait (503)."""
+    from promptmux.core.task import task_name
+
     try:
-        return _apply_change(engine, op)
+        if op["action"] == "remove":
+            return {"removed": _apply_change(engine, op)}
+        replaced = []  # the tasks of the same adapters, which a replace takes the place of (as the CLI says)
+        if op.get("replace"):
+            names = [op["name"]] if op["action"] == "add" else [i["name"] for i in op["items"]]
+            replaced = [n for a in dict.fromkeys(map(task_name, names)) for n in engine.rt.bank.adapter_names(a)]
+        return {"added": _apply_change(engine, op), "replaced": replaced}
     except PermissionError as e:
         raise ApiError(409, "conflict", None, str(e)) from None
     except TimeoutError as e:
@@ -162,7 +171,7 @@ def _apply_change(engine: Engine, op: dict) -> list[str]:
 _PENDING = object()
 
 
-async def change_tasks(engine: Engine, task_log, op: dict) -> list[str]:
+async def change_tasks(engine: Engine, task_log, op: dict) -> dict[str, list[str]]:
     """Apply op here, or with a task log append it and apply the log up to it (as every replica will)."""
     if task_log is None:
         return await asyncio.to_thread(apply_change, engine, op)

@@ -166,6 +166,7 @@ class UploadTasksRequest(_Strict):
 
 class TaskChange(BaseModel):
     added: list[str] = []
+    replaced: list[str] = Field([], description="replace=true: the tasks of the same adapters, now replaced")
     removed: list[str] = []
     tasks: int = Field(description="how many tasks are served after the change (GET /v1/tasks lists them)")
 
