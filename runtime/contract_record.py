@@ -85,6 +85,17 @@ def stale(entry: dict | None, backend: str, precision: str, bank, family: Family
     return next((why for holds, why in checks if not holds()), None)
 
 
+def rows_changed(entry: dict, backend: str, precision: str, digest: str | None) -> bool:
+    """Whether a contract was measured on other rows than those it would be measured on now (digest: theirs; None:
+    generated inputs). Where the deployment's rows are gone, a contract measured on them still stands, but for
+    OpenVINO's int8, whose model is calibrated on those rows (openvino_int8.py): made again from generated inputs,
+    it is not the model the contract measured."""
+    was = entry["calibration"].get("sha256")
+    if digest is not None:
+        return was != digest
+    return bool(was) and (backend, precision) == ("openvino", "int8")
+
+
 def measured_as_now(entry: dict, classifies: bool) -> bool:
     """Whether a recorded contract was measured the way contracts are measured now (METHOD; a classifier's since
     CLASSIFIERS_SINCE, so that a change to how language models are measured does not measure classifiers again)."""

@@ -32,9 +32,9 @@ from promptmux.core.folder import deployment_lock, write_manifest
 
 from . import accuracy_control, cpu
 from .calibration import items_digest
-from .contract_record import record_key, stale
+from .contract_record import record_key, rows_changed, stale
 from .errors import BackendUnavailable
-from .precision import misses
+from .precision import measured_rows, misses
 from .timing import CLASSIFIER_SHAPES, GENERATION_SHAPES, time_apart
 
 log = logging.getLogger("promptmux.runtime")
@@ -183,23 +183,30 @@ def resolve(deploy_dir: Path, manifest: dict, threads: int | None, calibration, 
     bank, family: the deployment's, which the contracts the choice was made from must still cover (_still_holds);
     calibration: normalised (calibration.given_items)."""
     record = recorded(manifest, cpu.describe())
-    if record is None or not _still_holds(manifest, record, bank, family,
-                                          None if calibration is None else items_digest(calibration)):
+    if record is not None:  # its contracts must have been measured on the rows they would be measured on now
+        try:
+            items = measured_rows(Path(deploy_dir), bank, calibration)[0]
+        except ValueError:  # kept rows that no longer read: the contracts, measured again, say so
+            items = ()
+        if not _still_holds(manifest, record, bank, family, None if items is None else items_digest(items)):
+            record = None
+    if record is None:
         record = choose(Path(deploy_dir), threads, calibration, Runtime)
     return record["precision"], record
 
 
 def _still_holds(manifest: dict, record: dict, bank, family, digest: str | None) -> bool:
     """The recorded choice holds while the contracts it was made from hold (contract_record.stale: the bank's tasks,
-    this CPU, the graphs, the method; a candidate left unsearched still counts) and, where calibration is given
-    (`digest`), were measured on it, and the chosen precision's passed. Else a contract measured again at open could
+    this CPU, the graphs, the method; a candidate left unsearched still counts) and were measured on the rows they
+    would be measured on now (`digest`: the given calibration's, else the deployment's kept rows'; rows_changed), and
+    the chosen precision's passed. Else a contract measured again at open could
     miss while fast still ran its precision (or pass, where fp32 was chosen for its miss): the choice is made again."""
     entries = manifest.get("precision") or {}
     for name, figures in record["candidates"].items():
         precision, backend = CANDIDATES.get(name, (name, figures.get("backend")))  # recorded before: the name
         entry = entries.get(record_key(backend, precision))
         if figures.get("runs") and (stale(entry, backend, precision, bank, family, searched=False)
-                                    or digest is not None and entry["calibration"].get("sha256") != digest):
+                                    or rows_changed(entry, backend, precision, digest)):
             return False
     if record["precision"] == "fp32":
         return True

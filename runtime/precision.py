@@ -53,6 +53,7 @@ from .contract_record import (  # noqa: F401 (METHOD, recipe, stale, measured_as
     measured_as_now,
     recipe,
     record_key,
+    rows_changed,
     stale,
     write_contract,
 )
@@ -332,21 +333,13 @@ def contract(rt: Runtime, strict: bool, calibration=None) -> dict:
     calibration.given_items() gives them back (Runtime normalises them once, before fast's choice reads them too)."""
     from promptmux.core.folder import MANIFEST
 
-    items, source, kept = calibration, "the given texts", None
-    for name in (LABELLED_FILE, CALIBRATION_FILE):
-        if items is None and (rt.dir / name).is_file():
-            items, source, kept = calibration_texts(rt.dir / name), f"the deployment's {name}", rt.dir / name
-    if kept is not None:  # rows the deployment kept for tasks removed since: nothing to measure them on
-        gone = sorted(t for t in {r["task"] for r in items if isinstance(r, dict)} if t not in rt.bank)
-        items = [r for r in items if not (isinstance(r, dict) and r["task"] in gone)] or None
-        if gone:
-            log.info("%s: leaving out the rows of task(s) no longer served: %s", kept.name, ", ".join(gone))
+    items, source, kept = measured_rows(rt.dir, rt.bank, calibration)
     rt.calibration_items = items  # what graphs calibrated on data are made from (openvino_int8.py)
     entry = (rt.manifest.get("precision") or {}).get(record_key(rt.backend, rt.precision))
     why = stale(entry, rt.backend, rt.precision, rt.bank, rt.spec.family)
-    if why is None and items is not None and entry["calibration"].get("sha256") != items_digest(items):
+    if why is None and rows_changed(entry, rt.backend, rt.precision, None if items is None else items_digest(items)):
         why = "other calibration rows were given" if calibration is not None else \
-            "the calibration rows changed since the contract was measured"  # (or came): measured on them
+            "the calibration rows changed since the contract was measured"  # (came, or went): measured on them
     if why is None and calibration is not None and _kept_digest(rt.dir) != items_digest(calibration):
         with contextlib.suppress(OSError):  # the rows it was measured on, kept again (another's replaced them)
             keep_texts(rt.dir, calibration)
@@ -369,6 +362,22 @@ def contract(rt: Runtime, strict: bool, calibration=None) -> dict:
             log.warning("could not record the precision contract in %s: %s", rt.dir / MANIFEST, e)
     enforce(entry, strict)
     return entry
+
+
+def measured_rows(deploy_dir: Path, bank, calibration) -> tuple[list | None, str, Path | None]:
+    """(the rows a contract is measured on, where they come from, the deployment's file they were kept in): the
+    given calibration, else the deployment's kept rows (less those of tasks removed since), else None (generated
+    inputs). Precision fast's recorded choice holds only while its contracts were measured on these (fast.py)."""
+    items, source, kept = calibration, "the given texts", None
+    for name in (LABELLED_FILE, CALIBRATION_FILE):
+        if items is None and (deploy_dir / name).is_file():
+            items, source, kept = calibration_texts(deploy_dir / name), f"the deployment's {name}", deploy_dir / name
+    if kept is not None:  # rows the deployment kept for tasks removed since: nothing to measure them on
+        gone = sorted(t for t in {r["task"] for r in items if isinstance(r, dict)} if t not in bank)
+        items = [r for r in items if not (isinstance(r, dict) and r["task"] in gone)] or None
+        if gone:
+            log.info("%s: leaving out the rows of task(s) no longer served: %s", kept.name, ", ".join(gone))
+    return items, source, kept
 
 
 def _kept_digest(deploy_dir: Path) -> str | None:

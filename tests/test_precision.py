@@ -1155,3 +1155,34 @@ def test_a_one_output_head_scores_its_value_and_no_label_contract_passes_it(tmp_
     assert rt.contract["tasks"]["rel"]["one_output"] and not rt.contract["passed"]
     assert "accuracy_control" not in rt.contract  # no layer kept fp32 can make it pass: no search
     assert "its head has one output" in P.misses(rt.contract["tasks"])[0]
+
+
+def test_fasts_choice_is_made_again_when_its_contracts_were_measured_on_other_rows(tmp_path, monkeypatch):
+    """The recorded choice holds only while its contracts were measured on the rows they would be measured on at
+    this open: the deployment's kept rows, replaced since by another precision's --calibration, made fast run a
+    precision whose contract then missed (and --strict refuse it, where the next open chose again). And where the
+    kept rows are gone, OpenVINO's int8 (its model calibrated on them, made again from generated inputs) must be
+    measured again; a contract of a graph that does not depend on them still stands."""
+    from promptmux.runtime import fast
+    from promptmux.runtime.calibration import items_digest
+
+    rows = [{"task": "pt", "text": "a warm film", "label": 1}]
+    (tmp_path / P.LABELLED_FILE).write_text(json.dumps(rows[0]) + "\n")
+    measured_on = items_digest(P.measured_rows(tmp_path, {"pt"}, None)[0])
+    entries = {f"{b}/{p}": {"calibration": {"sha256": measured_on}, "passed": True} for p, b in fast.CANDIDATES.values()}
+    record = {"precision": "bf16", "choice": "bf16", "candidates": {n: {"runs": True, "backend": b}
+                                                                    for n, (_, b) in fast.CANDIDATES.items()}}
+    manifest = {"precision": entries, fast.FAST_KEY: {fast.cpu.describe(): record}}
+    monkeypatch.setattr(fast, "stale", lambda *a, **k: None)
+    monkeypatch.setattr(fast, "choose", lambda *a: {"precision": "chosen again"})
+
+    def resolved():
+        return fast.resolve(tmp_path, manifest, 1, None, None, {"pt"}, None)[0]
+
+    assert resolved() == "bf16"  # measured on the kept rows: it holds
+    (tmp_path / P.LABELLED_FILE).write_text(json.dumps({**rows[0], "text": "another film"}) + "\n")
+    assert resolved() == "chosen again"
+    (tmp_path / P.LABELLED_FILE).unlink()
+    assert resolved() == "chosen again"  # OpenVINO's int8 model is not the one measured
+    record["candidates"]["int8/openvino"]["runs"] = False
+    assert resolved() == "bf16"
