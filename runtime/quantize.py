@@ -20,6 +20,8 @@ reused while the original is unchanged and made the same way (RECIPES).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 from pathlib import Path
@@ -217,13 +219,29 @@ def quantize_matmuls(path: Path, out: Path, nodes: list[str], weights: str = "in
         with stage(out) as tmp:
             work = Path(tmp) / "quantized.onnx"
             weight_type = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[weights]
-            quantize_dynamic(str(path), str(work), weight_type=weight_type, per_channel=True,
-                             op_types_to_quantize=["MatMul"], use_external_data_format=True,
-                             nodes_to_quantize=nodes + [f"{n}_MatMul" for n in nodes],  # a Gemm's name once rewritten
-                             extra_options={"MatMulConstBOnly": True})
+            with _reading(path):
+                quantize_dynamic(str(path), str(work), weight_type=weight_type, per_channel=True,
+                                 op_types_to_quantize=["MatMul"], use_external_data_format=True,
+                                 nodes_to_quantize=nodes + [f"{n}_MatMul" for n in nodes],  # a Gemm's name rewritten
+                                 extra_options={"MatMulConstBOnly": True})
             _save_beside(onnx.load(str(work)), out)  # the quantizer names the weights' file after its own output
     finally:
         root.removeFilter(advice)
+
+
+@contextlib.contextmanager
+def _reading(path: Path):
+    """One process at a time quantizes from the graph at `path`: the quantizer writes <graph>-inferred.onnx beside
+    it and deletes it after, so another process quantizing the same graph (or accuracy control ranking its layers)
+    deleted this one's midway. (A private copy will not do: onnx refuses weights behind links, hard ones too.)"""
+    try:
+        lock = open(path.with_name(f".{path.name}.quantize.lock"), "w")
+    except OSError:  # a read-only folder: nothing is written beside the graph there either
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _save_beside(model, out: Path) -> None:
