@@ -66,6 +66,13 @@ def calibration_texts(path: str | Path) -> list:
         raise ValueError(f"cannot read the calibration file {path}: {e}") from None
     if not lines:
         raise ValueError(f"the calibration file {path} has no text (one text per line)")
+    if lines[0].startswith("["):  # one JSON array of rows (json.dump's way), else texts of which the first starts "["
+        try:
+            whole = json.loads("\n".join(lines))
+        except json.JSONDecodeError:
+            whole = None
+        if isinstance(whole, list):
+            return [_item(row, f"{path} item {i}") for i, row in enumerate(whole, 1)]
     if not lines[0].startswith("{"):
         return lines
     rows = []
@@ -76,17 +83,26 @@ def calibration_texts(path: str | Path) -> list:
             raise ValueError(f"{path} line {i}: not JSON ({e.msg}); a calibration file of rows per task has one "
                              '{"task": ..., "text": ..., "label": ...} per line (its first line starts with "{"; '
                              'texts of which the first starts with "{" go one {"text": ...} per line)') from None
-        if isinstance(row, dict) and set(row) == {"text"} and isinstance(row["text"], str):
-            rows.append(" ".join(row["text"].split()))  # a text kept among rows per task (item_lines)
-            continue
-        label = row.get("label") if isinstance(row, dict) else None
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("task", "text")) \
-                or ("label" in row and (not isinstance(label, (str, int)) or isinstance(label, bool))):
-            raise ValueError(f"{path} line {i}: give \"task\" and \"text\" as strings and \"label\" as a label "
-                             "name or index (a language model's: the answer's text, or no label)")
-        # as written: JSON keeps a prompt's line breaks, which a language model reads (texts one per line cannot)
-        rows.append({"task": row["task"], "text": row["text"], **({"label": label} if "label" in row else {})})
+        rows.append(_item(row, f"{path} line {i}"))
     return rows
+
+
+def _item(row, where: str):
+    """One calibration item as promptmux keeps it: a text ({"text"} alone, whitespace-normalised) or a row per task
+    {"task" (as the bank names tasks: NFC), "text" (as written: JSON keeps a prompt's line breaks, which a language
+    model reads), "label"}; anything else is refused, saying where and what to give."""
+    from promptmux.core.task import task_name
+
+    if isinstance(row, str):
+        return " ".join(row.split())
+    if isinstance(row, dict) and set(row) == {"text"} and isinstance(row["text"], str):
+        return " ".join(row["text"].split())  # a text kept among rows per task (item_lines)
+    label = row.get("label") if isinstance(row, dict) else None
+    if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("task", "text")) \
+            or ("label" in row and (not isinstance(label, (str, int)) or isinstance(label, bool))):
+        raise ValueError(f"{where}: give a text, or a row with \"task\" and \"text\" as strings and \"label\" as a "
+                         "label name or index (a language model's: the answer's text, or no label)")
+    return {"task": task_name(row["task"]), "text": row["text"], **({"label": label} if "label" in row else {})}
 
 
 def given_items(calibration) -> list | None:
@@ -106,12 +122,8 @@ def given_items(calibration) -> list | None:
             raise ValueError(f"calibration {str(calibration)[:60]!r} is one string and no file: give a list of texts "
                              "or rows, or the path of a calibration file")
         calibration = calibration_texts(calibration)
-    out = []
-    for t in calibration:
-        if isinstance(t, dict):
-            out.append({"task": t["task"], "text": str(t["text"]), **({"label": t["label"]} if "label" in t else {})})
-        elif t.strip():
-            out.append(" ".join(t.split()))
+    out = [_item(t, f"calibration item {i}") for i, t in enumerate(calibration, 1)]
+    out = [t for t in out if not isinstance(t, str) or t]
     if not out:
         raise ValueError("the calibration texts are all empty; give at least one text (one per line)")
     return out

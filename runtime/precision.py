@@ -93,6 +93,8 @@ def _label_index(rt: Runtime, row: dict, task_labels: list | None, n_labels: int
         index = label
     elif task_labels and label in task_labels:
         index = task_labels.index(label)
+    elif not task_labels and isinstance(label, str) and label.isdecimal():  # as classify() names unnamed labels
+        index = int(label)
     else:
         raise ValueError(f"calibration row of task {row['task']!r}: label {label!r} is not one of the task's labels "
                          f"({', '.join(map(str, task_labels or [])) or f'indices 0 to {n_labels - 1}'})")

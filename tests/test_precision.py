@@ -168,6 +168,8 @@ def test_labelled_contract_keeps_accuracy_and_most_predictions(deployment, tmp_p
         return P.measure(Flipped({key(i): t for i, t in flips.items()}), exact, None, rows)["pt"]
 
     same = report({})
+    as_named = [dict(r, label=str(r["label"])) for r in rows]  # unnamed labels as classify() names them: "2"
+    assert P.measure(exact, exact, None, as_named)["pt"]["accuracy_fp32"] == same["accuracy_fp32"] == 0.9
     assert same["labelled"] and same["accuracy_fp32"] == 0.9 and same["accuracy"] == 0.9 and P.misses({"pt": same}) == []
     assert same["batch_changes"] == 0
     one_lost = report({20: (labels[20] + 1) % want.shape[1]})
@@ -221,11 +223,24 @@ def test_labelled_calibration_files_are_read_and_checked(tmp_path):
     P.keep_texts(tmp_path, mixed)
     assert P.calibration_texts(tmp_path / P.LABELLED_FILE) == mixed
     path.write_text('{"task": "sentiment", "text": "ok", "label": "positive"}\n{"task": "topic", "text": 3}\n')
-    with pytest.raises(ValueError, match="line 2: give \"task\" and \"text\" as strings"):
+    with pytest.raises(ValueError, match="line 2: give a text, or a row with \"task\" and \"text\" as strings"):
         P.calibration_texts(path)
     path.write_text('{"task": "sentiment", "text": "ok", "label": "positive"}\nnot json\n')
     with pytest.raises(ValueError, match="line 2: not JSON"):
         P.calibration_texts(path)
+    # one JSON array (json.dump's way) reads as its rows, not as lines of text such as "[" and '"task": "pt",'
+    rows = [{"task": "caf\u00e9", "text": "ok", "label": 1}, {"task": "cafe\u0301", "text": "fine", "label": 0}]
+    path.write_text(json.dumps(rows, indent=1))
+    assert P.calibration_texts(path) == [dict(r, task="caf\u00e9") for r in rows]  # names as the bank keeps them (NFC)
+    path.write_text("[CLS] a text\n[1] another\n")  # texts that start with "[" stay texts
+    assert P.calibration_texts(path) == ["[CLS] a text", "[1] another"]
+    # through the API as through a file: a {"text"} item is a text, a row's fields are checked the same way
+    from promptmux.runtime.calibration import given_items
+
+    assert given_items([{"text": " a  text "}, rows[1]]) == ["a text", dict(rows[1], task="caf\u00e9")]
+    for bad in ({"task": "pt", "text": "ok", "label": True}, 3):
+        with pytest.raises(ValueError, match="calibration item 1: give a text, or a row"):
+            given_items([bad])
 
 
 def test_calibration_files_with_a_bom_or_unicode_line_separators_read_as_written(tmp_path):
