@@ -14,6 +14,7 @@ make the "exact" backend silently inexact. After compiling, the precision that O
 
 from __future__ import annotations
 
+import atexit
 import collections
 import hashlib
 import logging
@@ -116,9 +117,13 @@ _COMPILING: set = set()  # the specialising threads of every session, until they
 
 
 def wait_for_specialisation(timeout: float = 120.0) -> None:
-    """Block until every shape-specialised compilation started so far has finished (timing, tests, studies)."""
+    """Block until every shape-specialised compilation started so far has finished (timing, tests, studies; and at
+    exit: a compilation cut off by the interpreter's shutdown aborts the process, SIGABRT, whatever its status)."""
     for thread in list(_COMPILING):
         thread.join(timeout)
+
+
+atexit.register(wait_for_specialisation)
 
 
 class OpenVinoSession:

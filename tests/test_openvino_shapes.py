@@ -79,3 +79,18 @@ def test_a_session_stops_compiling_once_its_budget_is_spent(deployment, monkeypa
     rt.forward(*first)
     rt.forward(*second)
     assert dict(rt.graph_runs) == {SPECIALISED: 1, NOPREFIX_GRAPH: 1}
+
+
+def test_specialising_compilations_finish_before_the_interpreter_exits(tmp_path):
+    """A shape-specialised compilation still running in its daemon thread when the process ends was cut off by the
+    interpreter's exit, which aborted the process (SIGABRT: a failed contract measurement on OpenVINO exited 134,
+    not 2). Exit now waits for them; here a compilation stands in as a thread that writes a file when done."""
+    import subprocess
+    import sys
+
+    done = tmp_path / "done"
+    code = ("import threading, time; from promptmux.runtime import openvino_session as s\n"
+            f"def compile(): time.sleep(0.5); open({str(done)!r}, 'w').close()\n"
+            "t = threading.Thread(target=compile, daemon=True); s._COMPILING.add(t); t.start()")
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+    assert done.exists()

@@ -40,7 +40,7 @@ def create_app(deploy_dir: str | Path, options: ServeOptions | None = None, task
         try:
             engine = app.state.engine = await asyncio.to_thread(Engine, deploy_dir, options, metrics)
         except Exception as e:  # the reason in one line, before the server's own traceback and exit
-            log.error("promptmux: error: cannot load %s: %s", deploy_dir, e)
+            log.error("error: cannot load %s: %s", deploy_dir, e)  # (the CLI's log lines start "promptmux: ")
             raise
         grpc_server = None
         if options.grpc_port is not None:  # KServe v2 over gRPC: this loop, this engine (kserve_grpc.py)
