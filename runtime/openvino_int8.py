@@ -21,10 +21,12 @@ calibration rows and the tasks calibrated on; it is made again when one of them 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -107,7 +109,8 @@ def int8_ir(rt: Runtime, path: Path) -> Path:
         model = ov.Core().read_model(str(fp32_xml))
         names = [i.any_name for i in model.inputs]
         dataset = nncf.Dataset(feeds, lambda feed: {n: feed[n] for n in names})
-        quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(feeds))
+        with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is the commands' JSON
+            quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(feeds))
         stamp.unlink(missing_ok=True)  # a process killed below leaves no stamp: the IR is made again
         with stage(xml) as tmp:
             staged = Path(tmp) / xml.name  # the fp32 IR's weights are memory-mapped: never write over a mapped file

@@ -780,7 +780,7 @@ def test_int8_classifiers_run_dynamic_int8_copies_of_every_graph_under_a_contrac
 
 @pytest.mark.parametrize("deployment", ["bert"], indirect=True)
 def test_int8_on_openvino_runs_nncf_static_int8_calibrated_on_the_contract_rows_and_keeps_it(deployment, tmp_path,
-                                                                                            monkeypatch):
+                                                                                            monkeypatch, capsys):
     """precision int8 on the openvino backend: NNCF quantizes each graph a batch needs, calibrated on the contract's
     rows; the batches run the int8 IR (graph_runs names it, OpenVINO runs int8 operations), the contract is kept
     under openvino/int8 with NNCF's recipe, and opening again quantizes nothing while the rows and tasks stay."""
@@ -793,6 +793,7 @@ def test_int8_on_openvino_runs_nncf_static_int8_calibrated_on_the_contract_rows_
     deploy = copy_deployment(deployment.deploy, tmp_path / "deploy")
     texts = [f"calibration text number {i} about {w}" for i, w in enumerate(["films", "news", "sport", "music"] * 8)]
     rt = Runtime(deploy, precision="int8", backend="openvino", calibration=texts)
+    assert capsys.readouterr().out == ""  # NNCF's progress bars go to stderr: stdout is the CLI's JSON
     assert (rt.backend, rt.precision) == ("openvino", "int8") and rt.contract["recipe"] == openvino_int8.recipe()
     manifest = json.loads((deploy / "manifest.json").read_text())
     assert manifest["precision"]["openvino/int8"] == rt.contract and rt.contract["calibration"]["rows"] == len(texts)
