@@ -421,6 +421,20 @@ def test_verify_against_another_base_model_says_so(deployed, setup, tmp_path):
     assert proc.returncode == 2 and "is not the model this deployment was exported from" in proc.stderr, proc.stderr
 
 
+def test_export_with_strict_leaves_nothing_where_a_contract_misses(setup, tmp_path, monkeypatch, bf16_cpu):
+    """export --precision P --strict: a missed contract is a failed export, which leaves nothing behind (it left a
+    whole deployment that the same command then refused as "not empty"); without --strict the JSON names the
+    contract by the backend and precision that ran."""
+    from promptmux.runtime import precision as P
+
+    monkeypatch.setitem(P.THRESHOLDS, "prediction_agreement", 1.01)  # no precision can meet this
+    export = ["export", "--base", setup["base"], "--adapter", f"pt={setup['adapters']['pt']}", "--out",
+              tmp_path / "deploy", "--precision", "bf16"]
+    proc = promptmux(*export, "--strict", check=False)
+    assert proc.returncode == 2 and "misses its accuracy contract" in proc.stderr and not (tmp_path / "deploy").exists()
+    assert json.loads(promptmux(*export).stdout)["precision_contracts_passed"] == {"openvino/bf16": False}
+
+
 def test_export_keeps_calibration_given_without_a_precision_for_later_opens(setup, tmp_path):
     (tmp_path / "cal.txt").write_text("the film was good\nthe  plot was awful\n")
     out = tmp_path / "o"

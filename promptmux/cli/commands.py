@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,18 +36,26 @@ def cmd_export(args) -> int:
         from promptmux.runtime.precision import keep_texts
 
         keep_texts(out, given_items(texts))
+    fast = None
     if precisions:
         from promptmux.runtime.runtime import Runtime
 
-        for precision in precisions:  # measured now and recorded in the manifest (a miss warns, or --strict fails)
-            rt = Runtime(out, precision=precision, strict=args.strict, calibration=texts)
-            contracts[f"{rt.backend}/{precision}"] = rt.contract["passed"] if rt.contract else "exact"
+        try:
+            for precision in precisions:  # measured now and recorded in the manifest (a miss warns, --strict fails)
+                rt = Runtime(out, precision=precision, strict=args.strict, calibration=texts)
+                contracts[f"{rt.backend}/{rt.precision}"] = rt.contract["passed"] if rt.contract else "exact"
+                fast = {"chose": rt.fast["precision"], "reason": rt.fast["reason"]} if precision == "fast" else fast
+        except BaseException:  # a failed export leaves nothing behind: --strict refusing a precision included
+            shutil.rmtree(out, ignore_errors=True)
+            raise
     from promptmux.core.folder import read_bank
 
     manifest = json.loads((out / "manifest.json").read_text())
     result = {"deployment": str(out), "tasks": read_bank(out, manifest).names(), "folded": manifest["folded"]}
     if contracts:
-        result["precision_contracts_passed"] = contracts
+        result["precision_contracts_passed"] = contracts  # by the backend and precision that ran
+    if fast:
+        result["fast"] = fast
     print(json.dumps(result, indent=2))
     return 0
 
