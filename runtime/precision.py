@@ -57,6 +57,7 @@ from .contract_record import (  # noqa: F401 (METHOD, recipe, stale, measured_as
     stale,
     write_contract,
 )
+from .errors import InputError
 from .sessions import release_full_sequence
 
 if TYPE_CHECKING:  # the annotations only: runtime.py imports this module
@@ -141,7 +142,12 @@ def measure(fast, exact, texts: list[str] | None = None, labelled: list[dict] | 
                 inputs = list(texts)
             # as served: the model's end-of-sequence ends a row, and every row has the positions it has alone
             kw = dict(max_new_tokens=CALIBRATION_NEW_TOKENS, own_positions=True)
-            want = [r for chunk in _chunks(inputs) for r in exact.generate(chunk, task, **kw)]
+            try:
+                want = [r for chunk in _chunks(inputs) for r in exact.generate(chunk, task, **kw)]
+            except InputError as e:  # said of the calibration, not of the request being served
+                raise ValueError(f"a calibration prompt does not fit task {task!r}: {e} (the contract generates "
+                                 f"{CALIBRATION_NEW_TOKENS} tokens after each); shorten the calibration prompts"
+                                 ) from None
             got = [r for chunk in _chunks(inputs) for r in fast.generate(chunk, task, **kw)]
             same = [g["token_ids"] == w["token_ids"] for g, w in zip(got, want)]
             report[task] = {"rows": len(want), "identical_rows": float(np.mean(same)),

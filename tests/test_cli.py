@@ -556,6 +556,10 @@ def test_generate_measures_a_language_models_labelled_contract_from_a_calibratio
     assert entry["calibration"]["labelled_rows"] == entry["calibration"]["task_rows"] == len(rows)
     assert P.calibration_texts(deploy / P.LABELLED_FILE) == rows  # kept with their answers
     assert Runtime(deploy, precision="int8").contract == entry  # the same rows: measured once
+    (tmp_path / "long.jsonl").write_text(json.dumps({"task": "pt", "text": "w1 " * 200, "label": "w2"}) + "\n")
+    proc = promptmux("generate", deploy, "--task", "pt", "--prompt", "w4", "--max-new-tokens", 2, "--precision",
+                     "int8", "--calibration", tmp_path / "long.jsonl", check=False)  # the calibration, not the prompt
+    assert proc.returncode == 2 and "a calibration prompt does not fit task 'pt'" in proc.stderr, proc.stderr
 
 
 def test_given_calibration_stands_when_given_again_and_kept_rows_outlive_a_removed_task(causal, tmp_path,
