@@ -38,6 +38,7 @@ class PromptmuxSystem:
     def __init__(self, rt: Runtime, label: str | None = None):
         self.rt = rt
         self.precision = rt.precision
+        self.forward_precision = rt.forward_precision  # a language model's int8 is its generation's
         self.fast = rt.fast  # precision "fast": what was chosen on this CPU and why (runtime/fast.py)
         # the label rows are reported under: the backend, the precision where it is not exact, "fast:" if chosen
         self.backend = ("fast:" if rt.fast else "") + (

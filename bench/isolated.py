@@ -64,6 +64,7 @@ def _child(conn, spec: SystemSpec) -> None:
             rt.graph_runs.clear()
         conn.send(("ready", {"name": system.name, "backend": system.backend, "grouped": system.grouped,
                              "precision": getattr(system, "precision", "fp32"),
+                             "forward_precision": getattr(system, "forward_precision", None),
                              "backend_reason": getattr(rt, "backend_reason", None),
                              "contract": getattr(rt, "contract", None), "fast": getattr(rt, "fast", None),
                              "load_rss_mb": round((rss() - before) / 2**20, 1)}))
@@ -112,6 +113,7 @@ class IsolatedSystem:
         info = self._reply(timeout=START_TIMEOUT_S)
         self.name, self.backend, self.grouped = info["name"], info["backend"], info["grouped"]
         self.precision, self.backend_reason = info["precision"], info["backend_reason"]
+        self.forward_precision = info["forward_precision"] or self.precision
         self.contract, self.load_rss_mb, self.fast = info["contract"], info["load_rss_mb"], info["fast"]
 
     def _reply(self, timeout: float | None = None):

@@ -89,9 +89,10 @@ def _configurations(s, rt: Runtime, env, systems, load_mb, peft) -> dict:
             runs = iter(measure_jobs(jobs, s.repeats, s.duration, bar))
             for mix, stream_tasks, single, w in streams:
                 for sy in systems:
-                    baseline = sy in baselines
+                    baseline = sy in baselines  # the precision its rows ran: forward's, or generation's
+                    ran = sy.precision if s.new_tokens else getattr(sy, "forward_precision", sy.precision)
                     row = {"system": ("peft" if sy is peft else sy.backend) if baseline else "promptmux",
-                           "backend": sy.backend, "precision": sy.precision,
+                           "backend": sy.backend, "precision": ran,
                            "device": device_of(("onnxruntime-cuda" if peft_device(s) == "cuda" else "onnxruntime")
                                                if baseline else sy.backend, env),
                            "batch_size": b, "seq_len": sq, "new_tokens": s.new_tokens, "mix": mix, "task": single,

@@ -166,6 +166,11 @@ class Runtime:
         self.prepared = prepare(self, progress)
         return self.prepared
 
+    @property
+    def forward_precision(self) -> str:
+        """The precision forward() runs: a language model's int8 is its cached decoder's (quantize.int8_graph)."""
+        return "fp32" if self.precision == "int8" and not self.spec.family.int8_full_sequence else self.precision
+
     # ---- tasks ---------------------------------------------------------------------------
     @property
     def tasks(self) -> list[str]:

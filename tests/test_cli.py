@@ -555,7 +555,9 @@ def test_generate_measures_a_language_models_labelled_contract_from_a_calibratio
     assert "labelled" not in entry["tasks"]["p"]
     assert entry["calibration"]["labelled_rows"] == entry["calibration"]["task_rows"] == len(rows)
     assert P.calibration_texts(deploy / P.LABELLED_FILE) == rows  # kept with their answers
-    assert Runtime(deploy, precision="int8").contract == entry  # the same rows: measured once
+    again = Runtime(deploy, precision="int8")
+    assert again.contract == entry  # the same rows: measured once
+    assert (again.precision, again.forward_precision) == ("int8", "fp32")  # int8 is the decoder's: said, not hidden
     (tmp_path / "long.jsonl").write_text(json.dumps({"task": "pt", "text": "w1 " * 200, "label": "w2"}) + "\n")
     proc = promptmux("generate", deploy, "--task", "pt", "--prompt", "w4", "--max-new-tokens", 2, "--precision",
                      "int8", "--calibration", tmp_path / "long.jsonl", check=False)  # the calibration, not the prompt

@@ -65,7 +65,7 @@ def cmd_run(args) -> int:
 
     texts = read_texts(args)
     tasks = tasks_per_row(args.task, len(texts), "texts")
-    rt = open_runtime(args, base=args.base)
+    rt = open_runtime(args, forward=True, base=args.base)
     if rt.spec.family.classifies:
         results = rt.classify(texts, tasks, truncation=args.truncate)
     else:

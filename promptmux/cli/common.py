@@ -15,8 +15,9 @@ BACKEND_CHOICES = ["auto", "onnxruntime", "openvino", "onnxruntime+openvino", "o
 PRECISION_CHOICES = ["fp32", "bf16", "int8", "fast"]  # runtime/backends.py PRECISIONS, and fast (runtime/fast.py)
 
 
-def open_runtime(args, **kwargs):
-    """The Runtime the command line asked for; says on stderr which backend and precision run."""
+def open_runtime(args, forward: bool = False, **kwargs):
+    """The Runtime the command line asked for; says on stderr which backend and precision run (forward: the
+    full-sequence graph's, which a language model runs at fp32 where its generation runs int8)."""
     from promptmux.runtime.precision import calibration_texts
     from promptmux.runtime.runtime import Runtime
 
@@ -24,7 +25,9 @@ def open_runtime(args, **kwargs):
     rt = Runtime(args.deploy, backend=args.backend, precision=args.precision, strict=args.strict,
                  calibration=texts, **kwargs)
     if not getattr(args, "quiet", False):
-        print(f"promptmux: backend {rt.backend} ({rt.backend_reason}), precision {rt.precision}", file=sys.stderr)
+        ran = rt.forward_precision if forward else rt.precision
+        note = f" (its generation's is {rt.precision}; the full-sequence graph runs fp32)" if ran != rt.precision else ""
+        print(f"promptmux: backend {rt.backend} ({rt.backend_reason}), precision {ran}{note}", file=sys.stderr)
     return rt
 
 
