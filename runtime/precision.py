@@ -352,17 +352,19 @@ def contract(rt: Runtime, strict: bool, calibration=None) -> dict:
         with contextlib.suppress(OSError):  # the rows it was measured on, kept again (another's replaced them)
             keep_texts(rt.dir, calibration)
     if why is not None:
-        try:
-            try:  # the deployment's own rows may no longer fit it (kept by an earlier promptmux, or edited since)
+        try:  # the deployment's own rows may no longer fit it (kept by an earlier promptmux, edited, or a task
+            try:  # replaced since by one with other labels): said of that file, with what to do
                 check_rows(rt, items if kept is not None else None)
+                log.warning("measuring precision %s on %s against fp32 on %s, since %s (once per deployment, task "
+                            "set and kind of CPU)", rt.precision, rt.backend,
+                            source if items is not None else "generated inputs", why)
+                entry = calibrate(rt, list(items) if items is not None else None,
+                                  source=source.removeprefix("the deployment's ") if calibration is None else None)
             except ValueError as e:
+                if kept is None:
+                    raise
                 raise ValueError(f"{kept}: {e}. Fix or delete that file, or give calibration rows "
                                  "(--calibration)") from None
-            log.warning("measuring precision %s on %s against fp32 on %s, since %s (once per deployment, task set "
-                        "and kind of CPU)", rt.precision, rt.backend,
-                        source if items is not None else "generated inputs", why)
-            entry = calibrate(rt, list(items) if items is not None else None,
-                              source=source.removeprefix("the deployment's ") if calibration is None else None)
         finally:  # serving starts from fresh engines, not the calibration's caches; and a failed measurement leaves
             release_full_sequence(rt)  # no OpenVINO compile running into the interpreter's exit (it aborted there)
         try:

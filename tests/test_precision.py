@@ -644,7 +644,7 @@ def test_a_classifiers_contract_of_the_previous_method_stands_a_language_models_
         assert P.measured_as_now({"method": method}, classifies) == stands, (method, classifies)
 
 
-def test_a_deployments_kept_rows_that_no_longer_fit_are_refused_naming_the_file(tmp_path):
+def test_a_deployments_kept_rows_that_no_longer_fit_are_refused_naming_the_file(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     # a language model's rows kept by an earlier promptmux, when labels were not read: an index is no answer
@@ -653,6 +653,15 @@ def test_a_deployments_kept_rows_that_no_longer_fit_are_refused_naming_the_file(
                          backend="onnxruntime", precision="int8", bank={"t"})  # no contract recorded: measured now
     with pytest.raises(ValueError, match=rf"{P.LABELLED_FILE}: calibration rows of task 't'.*Fix or delete that "
                                          r"file, or give calibration rows \(--calibration\)"):
+        P.contract(lm, strict=False)
+    # a classifier's rows whose labels the task no longer has (replaced since by an adapter of other labels): refused
+    # when measured, naming the file as well (every later open failed without saying which file to fix)
+    (tmp_path / P.LABELLED_FILE).write_text('{"task": "t", "text": "a", "label": "positive"}\n')
+    lm.spec.family.classifies = True
+    monkeypatch.setattr(P, "calibrate", lambda *a, **k: P._label_index(None, {"task": "t", "label": "positive"},
+                                                                        ["business", "tech"], 2))
+    with pytest.raises(ValueError, match=rf"{P.LABELLED_FILE}: calibration row of task 't': label 'positive' is not "
+                                         r"one of the task's labels .*Fix or delete that file"):
         P.contract(lm, strict=False)
 
 
@@ -1115,13 +1124,13 @@ def test_fasts_choice_is_made_again_when_a_contract_it_was_made_from_no_longer_h
     record = {"precision": "int8", "choice": "int8",
               "candidates": {"int8": {"runs": True, "backend": "onnxruntime"},
                              "int8/openvino": {"runs": True, "backend": "openvino"}, "bf16": {"runs": False}}}
-    assert fast._still_holds(manifest, record, _OneTaskBank("d1"), family, None)
     assert fast._still_holds(manifest, record, _OneTaskBank("d1"), family, "rows1")
-    assert not fast._still_holds(manifest, record, _OneTaskBank("d2"), family, None)  # the task changed
+    assert not fast._still_holds(manifest, record, _OneTaskBank("d2"), family, "rows1")  # the task changed
     assert not fast._still_holds(manifest, record, _OneTaskBank("d1"), family, "rows2")  # other calibration given
+    assert not fast._still_holds(manifest, record, _OneTaskBank("d1"), family, None)  # rows gone: OpenVINO's int8
     fp32 = {**record, "precision": "fp32", "choice": "fp32"}
-    assert fast._still_holds(manifest, fp32, _OneTaskBank("d1"), family, None)
-    assert not fast._still_holds(manifest, fp32, _OneTaskBank("d2"), family, None)
+    assert fast._still_holds(manifest, fp32, _OneTaskBank("d1"), family, "rows1")
+    assert not fast._still_holds(manifest, fp32, _OneTaskBank("d2"), family, "rows1")
 
 
 def test_a_contract_measured_again_at_open_says_why():
