@@ -73,8 +73,8 @@ def prepare(rt: Runtime, progress=None) -> list[dict]:
                     engine.input_names  # noqa: B018 - makes the engine
                 else:
                     engine.run(rt.layout(graph, ids, mask, None, [view]).feeds)
-                done.append({"graph": graph, "engine": name, "seconds": round(time.perf_counter() - start, 3),
-                             "ran": view is not None})
+                done.append({"graph": getattr(engine, "graph_file", graph),  # the file it runs: an int8 copy's
+                             "engine": name, "seconds": round(time.perf_counter() - start, 3), "ran": view is not None})
     else:  # causal LMs and seq2seq serve by generation: the decoder graph, every task's prompt KV, one step
         say(f"preparing the cached decoder on {rt.backend}")
         start = time.perf_counter()

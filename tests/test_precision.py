@@ -743,6 +743,7 @@ def test_int8_classifiers_run_dynamic_int8_copies_of_every_graph_under_a_contrac
     assert (rt.backend, rt.precision) == ("onnxruntime", "int8") and set(rt.contract["tasks"]) == set(rt.tasks)
     assert all(r["rows"] == P.CALIBRATION_ROWS for r in rt.contract["tasks"].values())
     assert rt.contract["cpu"] == P.cpu.describe()
+    assert {p["graph"] for p in rt.prepare()} == {"model.int8.onnx", "model_noprefix.int8.onnx"}  # /health's names
     for graph in ("model", "model_noprefix"):
         fp32 = onnx.load(str(deploy / f"{graph}.onnx"), load_external_data=False).graph
         weights = {t.name for t in fp32.initializer}
