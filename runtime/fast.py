@@ -142,6 +142,8 @@ def choose(deploy_dir: Path, threads: int | None, calibration, Runtime) -> dict:
                              speedups=[round(f / s, 3) for f, s in zip(seconds["fp32"], seconds[name])],
                              graph_runs=timed[name]["graph_runs"])  # which graph the timing ran (int8: its own)
     faster = {name: x for name, x in speedups.items() if x > 1}
+    if timed and timed["fp32"].get("tokens"):  # the shapes as they ran: tokens cut to the positions (timing.workload)
+        shapes = [(s[0], int(tokens), *s[2:]) for s, tokens in zip(shapes, timed["fp32"]["tokens"])]
     where = " x ".join(("rows", "tokens", "new tokens")[: len(shapes[0])])
     over = f"geometric mean over {where} = {', '.join('x'.join(map(str, s)) for s in shapes)}"
     if faster:
