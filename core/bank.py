@@ -79,7 +79,7 @@ class PromptBank:
         self._thread = threading.local()  # each thread's reader connection
         self._readers: list[tuple[threading.Thread, sqlite3.Connection]] = []
         if base_head:
-            with self._transaction():
+            with self.transaction():
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('base_head', ?)",
                                 (save_tensors({k: np.ascontiguousarray(v, np.float32) for k, v in base_head.items()}),))
         row = self.db.execute("SELECT value FROM meta WHERE key = 'base_head'").fetchone()
@@ -317,7 +317,7 @@ class PromptBank:
 
     # ---- changes: each one transaction -----------------------------------------------------
     @contextlib.contextmanager
-    def _transaction(self):
+    def transaction(self):
         """One write transaction: BEGIN IMMEDIATE takes the store's write lock, so nothing another writer commits
         falls between what a change reads and what it writes. While another process holds that lock (a large add),
         this one polls for it without holding the bank's lock: its lookups and requests go on meanwhile."""
@@ -378,7 +378,7 @@ class PromptBank:
             if self.spec.head:
                 entry["num_labels"] = int(probe.layers[-1][0].shape[0])
             records.append((task_name(t.name), entry, save_tensors(own), refs, summaries(t)))  # as looked up: NFC
-        with self._transaction():
+        with self.transaction():
             bases = dict.fromkeys(n.split("/")[0] for n, *_ in records)  # the adapters: an MPT one's tasks are NAME/i
             clash = [n for base in bases for n in self.adapter_names(base)]
             if clash and not replace:
@@ -402,7 +402,7 @@ class PromptBank:
         """Remove a task, or every task of an MPT adapter (`NAME` removes `NAME/0` ... `NAME/K-1`), in one
         transaction."""
         name = task_name(name)
-        with self._transaction():
+        with self.transaction():
             names = self.adapter_names(name)
             if not names:
                 raise self.unknown(name)

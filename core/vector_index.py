@@ -242,7 +242,7 @@ class VectorIndex:
             with self.bank.lock:
                 store_id = self._store_id()
             if store_id is None:  # a store's first snapshot names it: a change of the store, waited for as changes are
-                with self.bank._transaction():  # (lookups go on while another process holds the write lock)
+                with self.bank.transaction():  # (lookups go on while another process holds the write lock)
                     self.bank.db.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (uuid.uuid4().hex,))
                 with self.bank.lock:
                     store_id = self._store_id()

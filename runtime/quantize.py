@@ -233,7 +233,8 @@ def quantize_matmuls(path: Path, out: Path, nodes: list[str], weights: str = "in
 def _reading(path: Path):
     """One process at a time quantizes from the graph at `path`: the quantizer writes <graph>-inferred.onnx beside
     it and deletes it after, so another process quantizing the same graph (or accuracy control ranking its layers)
-    deleted this one's midway. (A private copy will not do: onnx refuses weights behind links, hard ones too.)"""
+    deleted this one's midway. (Links in a private folder will not do: onnx refuses weights behind symbolic and hard
+    links alike; a private copy would cost the model's size in writes at every layer accuracy control ranks.)"""
     try:
         lock = open(path.with_name(f".{path.name}.quantize.lock"), "w")
     except OSError:  # a read-only folder: nothing is written beside the graph there either
