@@ -441,6 +441,12 @@ def test_export_keeps_calibration_given_without_a_precision_for_later_opens(setu
     promptmux("export", "--base", setup["base"], "--adapter", f"pt={setup['adapters']['pt']}", "--out", out,
               "--calibration", tmp_path / "cal.txt")
     assert (out / "calibration.txt").read_text().splitlines() == ["the film was good", "the plot was awful"]
+    # rows a later contract would refuse are refused now, not kept to fail every later open: nothing is left
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"task": "nope", "text": "a film", "label": 0}) + "\n")
+    proc = promptmux("export", "--base", setup["base"], "--adapter", f"pt={setup['adapters']['pt']}", "--out",
+                     tmp_path / "o2", "--calibration", tmp_path / "rows.jsonl", check=False)
+    assert proc.returncode == 2 and "task(s) 'nope' that this deployment does not serve" in proc.stderr, proc.stderr
+    assert not (tmp_path / "o2").exists()
 
 
 def test_bad_adapter_flag(setup, tmp_path):

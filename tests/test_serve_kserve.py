@@ -328,10 +328,13 @@ def test_generate_extension_gives_the_tokens_of_v1_completions_streaming_and_not
             ({"text_input": "ab", "parameters": {"max_tokens": 60}}, 400, "parameters.max_tokens: ")):
         r = httpx.post(url + "/v2/models/pt/generate", json=body)
         assert r.status_code == status and words in r.json()["error"], r.text
-    r = httpx.post(url + "/v2/models/pt/versions/1/generate", json={"text_input": "ab c", "parameters": params})
-    assert r.json()["model_name"] == "pt", r.text  # Triton's versioned routes too
-    with httpx.stream("POST", url + "/v2/models/pt/versions/1/generate_stream", json={"text_input": "ab c"}) as s:
-        assert s.status_code == 200 and any(line.startswith("data: ") for line in s.iter_lines())
+    r = httpx.post(url + "/v2/models/pt/versions/1/generate", json={"text_input": "ab c", "parameters": params,
+                                                                    "id": "req-7"})
+    assert (r.json()["model_name"], r.json()["id"]) == ("pt", "req-7"), r.text  # versioned; the id echoed
+    with httpx.stream("POST", url + "/v2/models/pt/versions/1/generate_stream",
+                      json={"text_input": "ab c", "id": "req-8"}) as s:
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+    assert s.status_code == 200 and events and all(e["id"] == "req-8" for e in events)
     r = httpx.post(url + "/v2/models/pt/versions/2/generate", json={"text_input": "ab c"})
     assert r.status_code == 404 and "only version 1" in r.json()["error"], r.text
     r = httpx.post(url + "/v2/models/nope/generate", json={"text_input": "ab"})

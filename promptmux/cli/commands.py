@@ -32,10 +32,17 @@ def cmd_export(args) -> int:
                             generation_only=args.generation_only)
     contracts = {}
     if texts and not precisions:  # kept for the contracts measured at a later open, as --precision would keep them
-        from promptmux.runtime.calibration import given_items
+        from promptmux.runtime.calibration import check_rows, given_items
         from promptmux.runtime.precision import keep_texts
+        from promptmux.runtime.runtime import Runtime
 
-        keep_texts(out, given_items(texts))
+        items = given_items(texts)
+        try:  # checked as a contract would check them (its tasks served, a classifier's rows labelled)
+            check_rows(Runtime(out, backend="onnxruntime"), items)
+        except ValueError as e:  # a failed export leaves nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+            raise CliError(f"{args.calibration}: {e}") from None
+        keep_texts(out, items)
     fast = None
     if precisions:
         from promptmux.runtime.runtime import Runtime

@@ -106,7 +106,8 @@ def add_kserve_routes(app: FastAPI, options: ServeOptions, metrics: Metrics) -> 
         finally:
             release()
         metrics.count_tokens(task, rows[0]["tokens"])
-        return JSONResponse({"model_name": task, "model_version": "1", "text_output": rows[0]["text"]})
+        return JSONResponse({"model_name": task, "model_version": "1", **_request_id(await request.body()),
+                             "text_output": rows[0]["text"]})
 
     @app.post("/v2/models/{task:path}/generate_stream", summary="Triton's generate extension: server-sent events, "
                                                                 "one per token")
@@ -118,7 +119,8 @@ def add_kserve_routes(app: FastAPI, options: ServeOptions, metrics: Metrics) -> 
         def on_close():
             engine.cancel(job)
             release()
-        return CancelOnClose(_events(job, task, options.request_timeout, metrics), on_close=on_close,
+        return CancelOnClose(_events(job, task, options.request_timeout, metrics, _request_id(await request.body())),
+                             on_close=on_close,
                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.get("/v2/models/{task:path}", summary="KServe v2: a task's metadata (inputs, outputs)")
@@ -169,14 +171,22 @@ def _completion(task: str, raw: bytes) -> CompletionRequest:
         raise bad(field, err.get("msg", "invalid value")) from None
 
 
-async def _events(job, task: str, timeout: float, metrics: Metrics):
-    """Server-sent events: one per token, {"model_name", "model_version", "text_output": the token's text}."""
+def _request_id(raw: bytes) -> dict:
+    """{"id": the request's id} where it gave one (echoed as /infer echoes it), else {} (the body is valid JSON
+    here: _completion read it)."""
+    body = json.loads(raw)
+    return {"id": body["id"]} if "id" in body else {}
+
+
+async def _events(job, task: str, timeout: float, metrics: Metrics, rid: dict):
+    """Server-sent events: one per token, {"model_name", "model_version"[, "id"], "text_output": the token's text}."""
     tokens = 0
     try:
         async for event in job_events(job, timeout):
             if event[0] == "token":
                 tokens += event[3] is not None
-                yield "data: " + json.dumps({"model_name": task, "model_version": "1", "text_output": event[2]}) + "\n\n"
+                yield "data: " + json.dumps({"model_name": task, "model_version": "1", **rid,
+                                             "text_output": event[2]}) + "\n\n"
     except ApiError as e:  # the response has started: the error goes in the stream
         yield "data: " + json.dumps({"error": e.message}) + "\n\n"
     finally:
