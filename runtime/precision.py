@@ -26,6 +26,7 @@ A precision the machine cannot run is an error that says what is missing; nothin
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -78,6 +79,7 @@ LABELLED_FILE = "calibration.jsonl"  # the deployment's own labelled calibration
 CALIBRATION_PROMPTS = 32  # generated decoder prompts
 CALIBRATION_NEW_TOKENS = 16
 CALIBRATION_FILE = "calibration.txt"  # the deployment's own calibration texts, one per line
+KEPT_FOR = "calibration_kept"  # manifest: the kept rows' digest and the versions of the tasks they were kept for
 ALONE_ROWS = 64  # a classifier task's rows also run alone, for batch_changes
 MIXED_BATCH = 32  # rows in a mixed batch of every measured task (mixed())
 
@@ -350,7 +352,7 @@ def contract(rt: Runtime, strict: bool, calibration=None) -> dict:
             "the calibration rows changed since the contract was measured"  # (came, or went): measured on them
     if why is None and calibration is not None and _kept_digest(rt.dir) != items_digest(calibration):
         with contextlib.suppress(OSError):  # the rows it was measured on, kept again (another's replaced them)
-            keep_texts(rt.dir, calibration)
+            keep_texts(rt.dir, calibration, rt.bank)
     if why is not None:
         try:  # the deployment's own rows may no longer fit it (kept by an earlier promptmux, edited, or a task
             try:  # replaced since by one with other labels): said of that file, with what to do
@@ -369,7 +371,7 @@ def contract(rt: Runtime, strict: bool, calibration=None) -> dict:
             release_full_sequence(rt)  # no OpenVINO compile running into the interpreter's exit (it aborted there)
         try:
             if calibration is not None:
-                keep_texts(rt.dir, list(calibration))
+                keep_texts(rt.dir, list(calibration), rt.bank)
             write_contract(rt.dir, rt.backend, rt.precision, entry)
         except OSError as e:  # a read-only deployment: the contract still holds for this process
             log.warning("could not record the precision contract in %s: %s", rt.dir / MANIFEST, e)
@@ -390,11 +392,28 @@ def measured_rows(deploy_dir: Path, bank, calibration) -> tuple[list | None, str
         if items is None and (deploy_dir / name).is_file():
             items, source, kept = calibration_texts(deploy_dir / name), f"the deployment's {name}", deploy_dir / name
     if kept is not None:  # rows the deployment kept for tasks removed since: nothing to measure them on
-        gone = sorted(t for t in {r["task"] for r in items if isinstance(r, dict)} if t not in bank)
-        items = [r for r in items if not (isinstance(r, dict) and r["task"] in gone)] or None
+        tasks = {r["task"] for r in items if isinstance(r, dict)}
+        gone = sorted(t for t in tasks if t not in bank)
         if gone:
             log.info("%s: leaving out the rows of task(s) no longer served: %s", kept.name, ", ".join(gone))
+        # and those of tasks replaced since the rows were kept: an index label may name another answer now
+        record = _kept_for(deploy_dir)
+        versions = record.get("versions", {}) if record.get("sha256") == items_digest(items) else {}
+        replaced = sorted(t for t in tasks - set(gone) if t in versions and versions[t] != bank.digest(t))
+        if replaced:
+            log.warning("%s: leaving out the rows of task(s) replaced since the rows were kept (their labels may "
+                        "mean other answers now): %s; give calibration rows for them again (--calibration)",
+                        kept.name, ", ".join(replaced))
+        dropped = set(gone) | set(replaced)
+        items = [r for r in items if not (isinstance(r, dict) and r["task"] in dropped)] or None
     return items, source, kept
+
+
+def _kept_for(deploy_dir: Path) -> dict:
+    try:
+        return json.loads((Path(deploy_dir) / "manifest.json").read_text()).get(KEPT_FOR) or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def _kept_digest(deploy_dir: Path) -> str | None:
@@ -407,16 +426,23 @@ def _kept_digest(deploy_dir: Path) -> str | None:
     return None
 
 
-def keep_texts(deploy_dir: Path, items: list) -> None:
+def keep_texts(deploy_dir: Path, items: list, bank=None) -> None:
     """Store calibration items in the deployment: calibration.jsonl where some are rows per task, else
-    calibration.txt (one text per line, as contract() normalises them); the other file is removed."""
+    calibration.txt (one text per line, as contract() normalises them); the other file is removed. bank: the
+    deployment's, whose tasks' versions (digests) the rows are recorded with in the manifest (KEPT_FOR): a task
+    replaced since may label its answers otherwise (measured_rows)."""
     from promptmux.core.durable import write_durably
-    from promptmux.core.folder import deployment_lock
+    from promptmux.core.folder import deployment_lock, write_manifest
 
     name = LABELLED_FILE if any(isinstance(t, dict) for t in items) else CALIBRATION_FILE
+    tasks = sorted({t["task"] for t in items if isinstance(t, dict)})
+    versions = {t: bank.digest(t) for t in tasks if t in bank} if bank is not None else {}
     with deployment_lock(deploy_dir):
         write_durably(Path(deploy_dir) / name, "".join(line + "\n" for line in item_lines(items)).encode("utf-8"))
         (Path(deploy_dir) / (CALIBRATION_FILE if name == LABELLED_FILE else LABELLED_FILE)).unlink(missing_ok=True)
+        if (Path(deploy_dir) / "manifest.json").is_file():  # (a deployment's: the tests keep rows in bare folders)
+            write_manifest(deploy_dir, lambda m: m.__setitem__(KEPT_FOR, {"sha256": items_digest(items),
+                                                                          "versions": versions}))
 
 
 def enforce(entry: dict, strict: bool) -> None:

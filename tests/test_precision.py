@@ -1214,3 +1214,28 @@ def test_fasts_choice_is_made_again_when_its_contracts_were_measured_on_other_ro
     assert resolved() == "chosen again"  # OpenVINO's int8 model is not the one measured
     record["candidates"]["int8/openvino"]["runs"] = False
     assert resolved() == "bf16"
+
+
+def test_kept_rows_of_a_task_replaced_since_are_left_out_saying_so(tmp_path, caplog):
+    """Rows kept with a task's labels (an index, as the demo keeps them) would be read as another adapter's labels
+    after the task is replaced: the contract measured then recorded fp32 at 27.5 % and passed, with no warning. The
+    kept rows carry the versions of the tasks they were kept for; a replaced task's rows are left out, saying so."""
+    import dataclasses
+
+    from promptmux.core.archs import arch_for
+    from promptmux.core.bank import PromptBank
+    from promptmux.core.task import Task
+
+    (tmp_path / "manifest.json").write_text("{}")
+    bank = PromptBank(arch_for("llama"))
+    rng = np.random.default_rng(0)
+    bank.add([Task(n, "prompt", "PROMPT_TUNING", 2, {"prompt": rng.standard_normal((2, 16)).astype(np.float32)})
+              for n in ("a", "b")])
+    rows = [{"task": t, "text": f"text {i}", "label": 1} for i, t in enumerate("abab")]
+    P.keep_texts(tmp_path, rows, bank)
+    assert P.measured_rows(tmp_path, bank, None)[0] == rows  # nothing changed: all kept rows
+    bank.add([dataclasses.replace(bank.view("a"), tensors={"prompt": np.ones((2, 16), np.float32)})], replace=True)
+    with caplog.at_level("WARNING", logger="promptmux.runtime"):
+        items, _, kept = P.measured_rows(tmp_path, bank, None)
+    assert items == [r for r in rows if r["task"] == "b"] and kept.name == P.LABELLED_FILE
+    assert "replaced since the rows were kept" in caplog.text and ": a;" in caplog.text

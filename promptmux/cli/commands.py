@@ -36,13 +36,13 @@ def cmd_export(args) -> int:
         from promptmux.runtime.precision import keep_texts
         from promptmux.runtime.runtime import Runtime
 
-        items = given_items(texts)
+        items, rt = given_items(texts), Runtime(out, backend="onnxruntime")
         try:  # checked as a contract would check them (its tasks served, a classifier's rows labelled)
-            check_rows(Runtime(out, backend="onnxruntime"), items)
+            check_rows(rt, items)
         except ValueError as e:  # a failed export leaves nothing behind
             shutil.rmtree(out, ignore_errors=True)
             raise CliError(f"{args.calibration}: {e}") from None
-        keep_texts(out, items)
+        keep_texts(out, items, rt.bank)
     fast = None
     if precisions:
         from promptmux.runtime.runtime import Runtime
