@@ -205,12 +205,10 @@ class VectorIndex:
                         or ids.dtype != np.int64 or len(ids) != state["rows"]:
                     raise ValueError("shapes do not match index.json")
                 break
-            except FileNotFoundError as e:  # another process wrote a newer snapshot and deleted this one meanwhile
-                if attempt < 2 and _generation(folder) not in (None, state.get("generation")):
-                    continue
-                log.warning("ignoring the retrieval index in %s (%s); rebuilding it from the store", folder, e)
-                return False
             except (OSError, ValueError, KeyError, TypeError) as e:
+                if isinstance(e, FileNotFoundError) and attempt < 2 \
+                        and _generation(folder) not in (None, state.get("generation")):
+                    continue  # another process wrote a newer snapshot and deleted this one meanwhile
                 log.warning("ignoring the retrieval index in %s (%s); rebuilding it from the store", folder, e)
                 return False
         self.ids, self.mats, self.dim = ids, mats, state["dim"]

@@ -187,7 +187,7 @@ def resolve(deploy_dir: Path, manifest: dict, threads: int | None, calibration, 
     record = recorded(manifest, cpu.describe())
     if record is not None:  # its contracts must have been measured on the rows they would be measured on now
         try:
-            items = measured_rows(Path(deploy_dir), bank, calibration)[0]
+            items = measured_rows(Path(deploy_dir), manifest, bank, calibration)[0]
         except ValueError:  # kept rows that no longer read: the contracts, measured again, say so
             items = ()
         if not _still_holds(manifest, record, bank, family, None if items is None else items_digest(items)):

@@ -26,7 +26,6 @@ A precision the machine cannot run is an error that says what is missing; nothin
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -343,7 +342,7 @@ def contract(rt: Runtime, strict: bool, calibration=None) -> dict:
     calibration.given_items() gives them back (Runtime normalises them once, before fast's choice reads them too)."""
     from promptmux.core.folder import MANIFEST
 
-    items, source, kept = measured_rows(rt.dir, rt.bank, calibration)
+    items, source, kept = measured_rows(rt.dir, rt.manifest, rt.bank, calibration)
     rt.calibration_items = items  # what graphs calibrated on data are made from (openvino_int8.py)
     entry = (rt.manifest.get("precision") or {}).get(record_key(rt.backend, rt.precision))
     why = stale(entry, rt.backend, rt.precision, rt.bank, rt.spec.family)
@@ -354,19 +353,18 @@ def contract(rt: Runtime, strict: bool, calibration=None) -> dict:
         with contextlib.suppress(OSError):  # the rows it was measured on, kept again (another's replaced them)
             keep_texts(rt.dir, calibration, rt.bank)
     if why is not None:
-        try:  # the deployment's own rows may no longer fit it (kept by an earlier promptmux, edited, or a task
-            try:  # replaced since by one with other labels): said of that file, with what to do
-                check_rows(rt, items if kept is not None else None)
-                log.warning("measuring precision %s on %s against fp32 on %s, since %s (once per deployment, task "
-                            "set and kind of CPU)", rt.precision, rt.backend,
-                            source if items is not None else "generated inputs", why)
-                entry = calibrate(rt, list(items) if items is not None else None,
-                                  source=source.removeprefix("the deployment's ") if calibration is None else None)
-            except ValueError as e:
-                if kept is None:
-                    raise
-                raise ValueError(f"{kept}: {e}. Fix or delete that file, or give calibration rows "
-                                 "(--calibration)") from None
+        try:
+            check_rows(rt, items if kept is not None else None)
+            log.warning("measuring precision %s on %s against fp32 on %s, since %s (once per deployment, task set "
+                        "and kind of CPU)", rt.precision, rt.backend,
+                        source if items is not None else "generated inputs", why)
+            entry = calibrate(rt, list(items) if items is not None else None,
+                              source=source.removeprefix("the deployment's ") if calibration is None else None)
+        except ValueError as e:  # the deployment's own rows may no longer fit it (kept by an earlier promptmux,
+            if kept is None:  # edited, or a task replaced since by one with other labels): said of that file
+                raise
+            raise ValueError(f"{kept}: {e}. Fix or delete that file, or give calibration rows "
+                             "(--calibration)") from None
         finally:  # serving starts from fresh engines, not the calibration's caches; and a failed measurement leaves
             release_full_sequence(rt)  # no OpenVINO compile running into the interpreter's exit (it aborted there)
         try:
@@ -383,10 +381,11 @@ def contract(rt: Runtime, strict: bool, calibration=None) -> dict:
     return entry
 
 
-def measured_rows(deploy_dir: Path, bank, calibration) -> tuple[list | None, str, Path | None]:
+def measured_rows(deploy_dir: Path, manifest: dict, bank, calibration) -> tuple[list | None, str, Path | None]:
     """(the rows a contract is measured on, where they come from, the deployment's file they were kept in): the
-    given calibration, else the deployment's kept rows (less those of tasks removed since), else None (generated
-    inputs). Precision fast's recorded choice holds only while its contracts were measured on these (fast.py)."""
+    given calibration, else the deployment's kept rows (less those of tasks removed or, by the manifest's KEPT_FOR,
+    replaced since), else None (generated inputs). Precision fast's recorded choice holds only while its contracts
+    were measured on these (fast.py)."""
     items, source, kept = calibration, "the given texts", None
     for name in (LABELLED_FILE, CALIBRATION_FILE):
         if items is None and (deploy_dir / name).is_file():
@@ -397,7 +396,7 @@ def measured_rows(deploy_dir: Path, bank, calibration) -> tuple[list | None, str
         if gone:
             log.info("%s: leaving out the rows of task(s) no longer served: %s", kept.name, ", ".join(gone))
         # and those of tasks replaced since the rows were kept: an index label may name another answer now
-        record = _kept_for(deploy_dir)
+        record = manifest.get(KEPT_FOR) or {}
         versions = record.get("versions", {}) if record.get("sha256") == items_digest(items) else {}
         replaced = sorted(t for t in tasks - set(gone) if t in versions and versions[t] != bank.digest(t))
         if replaced:
@@ -407,13 +406,6 @@ def measured_rows(deploy_dir: Path, bank, calibration) -> tuple[list | None, str
         dropped = set(gone) | set(replaced)
         items = [r for r in items if not (isinstance(r, dict) and r["task"] in dropped)] or None
     return items, source, kept
-
-
-def _kept_for(deploy_dir: Path) -> dict:
-    try:
-        return json.loads((Path(deploy_dir) / "manifest.json").read_text()).get(KEPT_FOR) or {}
-    except (OSError, ValueError, AttributeError):
-        return {}
 
 
 def _kept_digest(deploy_dir: Path) -> str | None:
@@ -432,7 +424,7 @@ def keep_texts(deploy_dir: Path, items: list, bank=None) -> None:
     deployment's, whose tasks' versions (digests) the rows are recorded with in the manifest (KEPT_FOR): a task
     replaced since may label its answers otherwise (measured_rows)."""
     from promptmux.core.durable import write_durably
-    from promptmux.core.folder import deployment_lock, write_manifest
+    from promptmux.core.folder import MANIFEST, deployment_lock, write_manifest
 
     name = LABELLED_FILE if any(isinstance(t, dict) for t in items) else CALIBRATION_FILE
     tasks = sorted({t["task"] for t in items if isinstance(t, dict)})
@@ -440,7 +432,7 @@ def keep_texts(deploy_dir: Path, items: list, bank=None) -> None:
     with deployment_lock(deploy_dir):
         write_durably(Path(deploy_dir) / name, "".join(line + "\n" for line in item_lines(items)).encode("utf-8"))
         (Path(deploy_dir) / (CALIBRATION_FILE if name == LABELLED_FILE else LABELLED_FILE)).unlink(missing_ok=True)
-        if (Path(deploy_dir) / "manifest.json").is_file():  # (a deployment's: the tests keep rows in bare folders)
+        if (Path(deploy_dir) / MANIFEST).is_file():  # (a deployment's: the tests keep rows in bare folders)
             write_manifest(deploy_dir, lambda m: m.__setitem__(KEPT_FOR, {"sha256": items_digest(items),
                                                                           "versions": versions}))
 

@@ -1196,8 +1196,9 @@ def test_fasts_choice_is_made_again_when_its_contracts_were_measured_on_other_ro
 
     rows = [{"task": "pt", "text": "a warm film", "label": 1}]
     (tmp_path / P.LABELLED_FILE).write_text(json.dumps(rows[0]) + "\n")
-    measured_on = items_digest(P.measured_rows(tmp_path, {"pt"}, None)[0])
-    entries = {f"{b}/{p}": {"calibration": {"sha256": measured_on}, "passed": True} for p, b in fast.CANDIDATES.values()}
+    measured_on = items_digest(P.measured_rows(tmp_path, {}, {"pt"}, None)[0])
+    entries = {f"{b}/{p}": {"calibration": {"sha256": measured_on}, "passed": True}
+               for p, b in fast.CANDIDATES.values()}
     record = {"precision": "bf16", "choice": "bf16", "candidates": {n: {"runs": True, "backend": b}
                                                                     for n, (_, b) in fast.CANDIDATES.items()}}
     manifest = {"precision": entries, fast.FAST_KEY: {fast.cpu.describe(): record}}
@@ -1233,9 +1234,13 @@ def test_kept_rows_of_a_task_replaced_since_are_left_out_saying_so(tmp_path, cap
               for n in ("a", "b")])
     rows = [{"task": t, "text": f"text {i}", "label": 1} for i, t in enumerate("abab")]
     P.keep_texts(tmp_path, rows, bank)
-    assert P.measured_rows(tmp_path, bank, None)[0] == rows  # nothing changed: all kept rows
+
+    def manifest():
+        return json.loads((tmp_path / "manifest.json").read_text())
+
+    assert P.measured_rows(tmp_path, manifest(), bank, None)[0] == rows  # nothing changed: all kept rows
     bank.add([dataclasses.replace(bank.view("a"), tensors={"prompt": np.ones((2, 16), np.float32)})], replace=True)
     with caplog.at_level("WARNING", logger="promptmux.runtime"):
-        items, _, kept = P.measured_rows(tmp_path, bank, None)
+        items, _, kept = P.measured_rows(tmp_path, manifest(), bank, None)
     assert items == [r for r in rows if r["task"] == "b"] and kept.name == P.LABELLED_FILE
     assert "replaced since the rows were kept" in caplog.text and ": a;" in caplog.text

@@ -108,20 +108,24 @@ def adapter_folder(root: str, rel: str) -> Path:
     return path
 
 
+def _names(op: dict) -> list[str]:
+    """The task names an add or upload names, as the bank stores them (NFC)."""
+    from promptmux.core.task import task_name
+
+    return [task_name(n) for n in [op.get("name")] + [i["name"] for i in op.get("items", ())] if n]
+
+
 def apply_change(engine: Engine, op: dict) -> dict[str, list[str]]:
     """Add or remove a task in this engine's bank through the Runtime's add_task / remove_task (a thread:
     reading an adapter takes a while): {"added", "replaced"} or {"removed"}. Requests in flight keep the views they
     captured. A store that cannot take the change says why: a read-only folder (409), another process's change
     holding it past the wait (503)."""
-    from promptmux.core.task import task_name
-
     try:
         if op["action"] == "remove":
             return {"removed": _apply_change(engine, op)}
         replaced = []  # the tasks of the same adapters, which a replace takes the place of (as the CLI says)
         if op.get("replace"):
-            names = [op["name"]] if op["action"] == "add" else [i["name"] for i in op["items"]]
-            replaced = [n for a in dict.fromkeys(map(task_name, names)) for n in engine.rt.bank.adapter_names(a)]
+            replaced = [n for a in dict.fromkeys(_names(op)) for n in engine.rt.bank.adapter_names(a)]
         return {"added": _apply_change(engine, op), "replaced": replaced}
     except PermissionError as e:
         raise ApiError(409, "conflict", None, str(e)) from None
@@ -135,8 +139,7 @@ def _apply_change(engine: Engine, op: dict) -> list[str]:
 
     persist = engine.options.persist_tasks
     served = getattr(engine, "served_name", None)
-    names = [op.get("name")] + [i["name"] for i in op.get("items", ())]  # compared as stored: NFC
-    if served and op["action"] != "remove" and task_name(served) in [task_name(n) for n in names if n]:
+    if served and op["action"] != "remove" and task_name(served) in _names(op):  # compared as stored: NFC
         raise ApiError(409, "conflict", "name", f"{served!r} is the served model name (the base model); give the "
                                                 "task another name")
     if op["action"] == "upload":

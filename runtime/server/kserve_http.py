@@ -74,11 +74,12 @@ def add_kserve_routes(app: FastAPI, options: ServeOptions, metrics: Metrics) -> 
         return Response(body, headers=headers)
 
     async def queued_generation(task: str, request: Request):
-        """A generate request checked, admitted and queued: (engine, job, release)."""
+        """A generate request checked, admitted and queued: (engine, job, release, {"id": its id} or {})."""
         engine = engine_of(request)
         request.state.task = metric_task(engine, task)
+        req, rid = _completion(task, await request.body())
         try:
-            job, _ = completion_job(engine, _completion(task, await request.body()), options)
+            job, _ = completion_job(engine, req, options)
         except ApiError as e:  # the checks /v1/completions shares name its fields: say the generate request's
             e.field = _v2_field(e.field)
             raise
@@ -88,13 +89,13 @@ def add_kserve_routes(app: FastAPI, options: ServeOptions, metrics: Metrics) -> 
         except BaseException:
             release()
             raise
-        return engine, job, release
+        return engine, job, release, rid
 
     @app.post("/v2/models/{task:path}/generate", summary="Triton's generate extension: one completion")
     @app.post("/v2/models/{task:path}/versions/{version}/generate", summary="Triton's generate extension")
     async def v2_generate(task: str, request: Request, version: str | None = None):
         check_version(version)
-        engine, job, release = await queued_generation(task, request)
+        engine, job, release, rid = await queued_generation(task, request)
         try:
             rows = await await_job(request, asyncio.ensure_future(collect(job, options.request_timeout)),
                                    lambda: engine.cancel(job), options.request_timeout + 1)
@@ -106,21 +107,19 @@ def add_kserve_routes(app: FastAPI, options: ServeOptions, metrics: Metrics) -> 
         finally:
             release()
         metrics.count_tokens(task, rows[0]["tokens"])
-        return JSONResponse({"model_name": task, "model_version": "1", **_request_id(await request.body()),
-                             "text_output": rows[0]["text"]})
+        return JSONResponse({"model_name": task, "model_version": "1", **rid, "text_output": rows[0]["text"]})
 
     @app.post("/v2/models/{task:path}/generate_stream", summary="Triton's generate extension: server-sent events, "
                                                                 "one per token")
     @app.post("/v2/models/{task:path}/versions/{version}/generate_stream", summary="Triton's generate extension")
     async def v2_generate_stream(task: str, request: Request, version: str | None = None):
         check_version(version)
-        engine, job, release = await queued_generation(task, request)
+        engine, job, release, rid = await queued_generation(task, request)
 
         def on_close():
             engine.cancel(job)
             release()
-        return CancelOnClose(_events(job, task, options.request_timeout, metrics, _request_id(await request.body())),
-                             on_close=on_close,
+        return CancelOnClose(_events(job, task, options.request_timeout, metrics, rid), on_close=on_close,
                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.get("/v2/models/{task:path}", summary="KServe v2: a task's metadata (inputs, outputs)")
@@ -142,8 +141,9 @@ def _v2_field(field: str | None) -> str | None:
     return f"parameters.{field}" if base in GENERATE_PARAMETERS else field
 
 
-def _completion(task: str, raw: bytes) -> CompletionRequest:
-    """The generate request {"text_input", "parameters": {...}} as the completion request it is."""
+def _completion(task: str, raw: bytes) -> tuple[CompletionRequest, dict]:
+    """The generate request {"text_input", "parameters": {...}[, "id"]} as the completion request it is, and
+    {"id": its id} where it gave one (echoed in the response, as /infer echoes it), else {}."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -163,19 +163,13 @@ def _completion(task: str, raw: bytes) -> CompletionRequest:
         if name not in GENERATE_PARAMETERS:
             raise bad(f"parameters.{name}", f"unknown parameter; one of {', '.join(GENERATE_PARAMETERS)}")
     try:
-        return CompletionRequest.model_validate({"model": task, "prompt": text, **params})
+        return CompletionRequest.model_validate({"model": task, "prompt": text, **params}), (
+            {"id": body["id"]} if "id" in body else {})
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err.get("loc", ()))
         field = "text_input" if where.startswith("prompt") else f"parameters.{where}"
         raise bad(field, err.get("msg", "invalid value")) from None
-
-
-def _request_id(raw: bytes) -> dict:
-    """{"id": the request's id} where it gave one (echoed as /infer echoes it), else {} (the body is valid JSON
-    here: _completion read it)."""
-    body = json.loads(raw)
-    return {"id": body["id"]} if "id" in body else {}
 
 
 async def _events(job, task: str, timeout: float, metrics: Metrics, rid: dict):
