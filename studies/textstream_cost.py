@@ -1,6 +1,7 @@
 """What holding back a character split over tokens costs the text stream, per generated token.
 
-TextStream.add decodes the row's tokens so far and gives out the new piece; since 94c4152 it holds back a trailing
+TextStream.add decoded the row's tokens so far (since ce40f06 a window of the last ones: studies.textstream_window)
+and gives out the new piece; since 94c4152 it holds back a trailing
 U+FFFD (a byte-level BPE character whose last byte has not come) until the next token completes it. This times
 add() as it is against the rule before (no hold-back; no stop strings in either), on the deployment's tokenizer and
 the first 32 tokens of a sentence with an accent and an emoji, median of `--repeats` streams, in alternating rounds.
