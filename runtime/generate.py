@@ -176,7 +176,7 @@ class Generator(RuntimeBound):
         on an EOS id. Ended rows yield the pad id and leave the decoder's batch, so they cost nothing more."""
         batch = ids.shape[0]
         logits, presents, cache_mask, next_pos = self.prefill(ids, mask, views, precompute, own_positions)
-        logits = np.array(host(logits), copy=True)  # written row by row below (a session's output may be read-only)
+        logits = host(logits)
         rng = np.random.default_rng(params.seed)
         # own_positions: each row as alone, its samples too (a generator of its own, as the server's rows have)
         rngs = [np.random.default_rng(params.seed) for _ in range(batch)] if own_positions and params.do_sample else ()
@@ -205,7 +205,7 @@ class Generator(RuntimeBound):
                     cache_mask = cache_mask[:, first:]
             cache_mask = np.concatenate([cache_mask, np.ones((len(running), 1), np.int64)], axis=1)
             step_logits, presents = self.step(token[running], cache_mask, next_pos, presents)
-            logits[running] = host(step_logits)
+            logits = ended_rows_kept(logits, running, host(step_logits))
             next_pos = next_pos + 1
 
     def _as_prefix(self, view: Task) -> Task:
@@ -215,6 +215,16 @@ class Generator(RuntimeBound):
 
     def eos_for(self, params: SamplingParams) -> np.ndarray:
         return eos_ids(params, self.model_eos)
+
+
+def ended_rows_kept(logits: np.ndarray, running: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """Every row's next-token logits after a step that ran only the rows `running` (their logits `step`): an ended
+    row keeps its last (a copy: a session's output may be read-only); while every row runs, the step's own."""
+    if len(running) == len(logits):
+        return step
+    out = np.array(logits, copy=True)
+    out[running] = step
+    return out
 
 
 def eos_ids(params: SamplingParams, model_eos) -> np.ndarray:

@@ -17,7 +17,7 @@ from promptmux.core.layout import encoder_layout
 from promptmux.core.task import Task
 from promptmux.kinds import kind_of
 
-from .generate import RuntimeBound, SamplingParams, eos_ids, pick
+from .generate import RuntimeBound, SamplingParams, ended_rows_kept, eos_ids, pick
 from .sessions import host
 from .text import generation_defaults
 
@@ -107,10 +107,8 @@ class Seq2SeqGenerator(RuntimeBound):
             feeds = {"input_ids": token[running, None], "attention_mask": dec_mask, "encoder_attention_mask": enc_mask,
                      **past, **cross_feeds}
             out = self.decoder.run_all(feeds)
-            if logits is None:
-                logits = np.array(host(out[0]), copy=True)
-            else:  # an ended row keeps its last logits: the shared rng draws as many numbers whichever rows ended
-                logits[running] = host(out[0])
+            # an ended row keeps its last logits: the shared rng draws as many numbers whichever rows ended
+            logits = host(out[0]) if logits is None else ended_rows_kept(logits, running, host(out[0]))
             past = dict(zip(self.self_names, out[1:]))
             token = pick(logits, params, rng)
             forced = self.forced_first if step == 0 else None
